@@ -1,0 +1,31 @@
+# Sourced by scripts/demo and scripts/test: make .venv once, reinstall only when
+# pyproject.toml changes. Idempotent; needs python3 >= 3.11 and network to PyPI.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="${PSPNET_VENV:-$ROOT/.venv}"
+PYTHON="${PYTHON:-python3}"
+
+if ! ldconfig -p 2>/dev/null | grep -q libturbojpeg; then
+    # PyTurboJPEG loads libjpeg-turbo's TurboJPEG library at run time.
+    if command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+        echo "installing libturbojpeg0 (apt)" >&2
+        apt-get update -qq >/dev/null && apt-get install -y -qq libturbojpeg0 >/dev/null
+    else
+        echo "error: libturbojpeg is missing: install libturbojpeg0 (Debian/Ubuntu) or libjpeg-turbo" >&2
+        exit 2
+    fi
+fi
+
+[ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
+STAMP="$VENV/.pspnet-installed"
+WANT="$(cat "$ROOT/pyproject.toml" "$ROOT/scripts/venv.sh" | sha256sum | cut -d' ' -f1)"
+if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$WANT" ]; then
+    echo "installing into $VENV (first run takes a few minutes)" >&2
+    "$VENV/bin/python" -m pip install -q --upgrade pip >/dev/null
+    # CPU torch first: on these machines torch==2.13.0 is a local CPU wheel; an unpinned
+    # torch would pull a multi-GB CUDA build.
+    "$VENV/bin/python" -m pip install -q "torch==${PSPNET_TORCH:-2.13.0}"
+    "$VENV/bin/python" -m pip install -q -e "$ROOT[build,bench,test]"
+    echo "$WANT" > "$STAMP"
+fi
+export PATH="$VENV/bin:$PATH"

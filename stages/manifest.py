@@ -1,0 +1,111 @@
+"""`manifest.json`: everything a consumer of `pspnet build`'s output needs, without mmseg.
+
+Written by build_model, read by every backend, the postprocessors and the daemon.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+MANIFEST_NAME = "manifest.json"
+MANIFEST_FORMAT = 1
+
+VOC_CLASSES = (
+    "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat",
+    "chair", "cow", "diningtable", "dog", "horse", "motorbike", "person", "pottedplant",
+    "sheep", "sofa", "train", "tvmonitor",
+)
+
+
+def voc_palette(n: int = 256) -> list[list[int]]:
+    """The PASCAL VOC colour map (bit-interleaved), n entries of [r, g, b]."""
+    palette = []
+    for index in range(n):
+        r = g = b = 0
+        c = index
+        for shift in range(7, -1, -1):
+            r |= (c & 1) << shift
+            g |= ((c >> 1) & 1) << shift
+            b |= ((c >> 2) & 1) << shift
+            c >>= 3
+        palette.append([r, g, b])
+    return palette
+
+
+@dataclass(frozen=True)
+class ModelFile:
+    """The artifacts for one static batch size (paths relative to the manifest)."""
+
+    onnx: str
+    om: str | None = None          # Ascend OM, present once ATC has run
+    atc: str | None = None         # the ATC command that makes `om` from `onnx`
+
+
+@dataclass(frozen=True)
+class Manifest:
+    input_size: tuple[int, int]                     # (H, W) of the model input
+    head: str                                       # "logits" or "labels"
+    num_classes: int
+    class_names: tuple[str, ...]
+    palette: tuple[tuple[int, int, int], ...]       # per class id, for the mask PNGs
+    mean: tuple[float, float, float]                # RGB, applied inside the graph
+    std: tuple[float, float, float]
+    logits_size: tuple[int, int]                    # (h, w) of the raw logits
+    models: dict[int, ModelFile]                    # batch size -> files
+    torch_program: str | None = None                # torch.export program of the core network
+    opset: int = 18
+    align_corners: bool = False
+    inputs: dict[str, Any] = field(default_factory=lambda: {
+        "image": {"dtype": "uint8", "layout": "NHWC", "color": "RGB",
+                  "note": "letterboxed, centre-padded; pad bytes are ignored"},
+        "box": {"dtype": "int32", "shape": "N x 4",
+                "layout": "top, left, height, width of the valid region"},
+    })
+    pad_rule: str = (
+        "scale = min(H/h, W/w); size = floor(w*scale) x floor(h*scale), bilinear "
+        "(cv2 INTER_LINEAR); pad_top = (H - h') // 2, pad_left = (W - w') // 2; the graph "
+        "multiplies the normalised input by the box mask, so the padding is 0 after "
+        "normalisation as in the reference"
+    )
+    source: dict[str, Any] = field(default_factory=dict)  # config, checkpoint, sha256, versions
+    format: int = MANIFEST_FORMAT
+
+    @property
+    def batch_sizes(self) -> list[int]:
+        return sorted(self.models)
+
+    def write(self, directory: Path) -> Path:
+        doc = asdict(self)
+        doc["models"] = {str(k): asdict(v) for k, v in sorted(self.models.items())}
+        path = Path(directory) / MANIFEST_NAME
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(doc, indent=2) + "\n")
+        tmp.replace(path)
+        return path
+
+    @classmethod
+    def read(cls, directory: Path) -> Manifest:
+        path = Path(directory) / MANIFEST_NAME
+        try:
+            doc = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise FileNotFoundError(
+                f"{path}: no manifest; make the model directory with `pspnet build`"
+            ) from None
+        if doc.get("format") != MANIFEST_FORMAT:
+            raise ValueError(f"{path}: manifest format {doc.get('format')!r}, "
+                             f"this program reads {MANIFEST_FORMAT}")
+        doc["models"] = {int(k): ModelFile(**v) for k, v in doc["models"].items()}
+        for key in ("input_size", "logits_size", "mean", "std", "class_names"):
+            doc[key] = tuple(doc[key])
+        doc["palette"] = tuple(tuple(c) for c in doc["palette"])
+        return cls(**doc)
+
+    def model_file(self, batch_size: int) -> ModelFile:
+        if batch_size not in self.models:
+            raise ValueError(f"no model for batch size {batch_size}; this directory has "
+                             f"{', '.join(map(str, self.batch_sizes))}")
+        return self.models[batch_size]

@@ -1,0 +1,412 @@
+"""The one module that owns the wire format between processes.
+
+Every message is a multipart ZeroMQ message: frame 0 is a msgpack map (the header) with
+`v` (version) and `kind`; large arrays follow as raw frames, described in the header by
+dtype and shape and referenced by position. Nothing is pickled. `decode` validates every
+field before anything else touches it and raises `WireError` on the first problem, so a
+malformed message is dropped (and answered as an error where its id can be read) instead
+of crashing a stage.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgpack
+import numpy as np
+
+WIRE_VERSION = 1
+MAX_HEADER_BYTES = 64 * 1024        # msgpack header frame
+MAX_STRING_CHARS = 4096             # paths, ids, error messages
+MAX_SIDE_PIXELS = 8192              # model input side, output side
+MAX_CLASSES = 1024
+MAX_FRAMES = 4
+MAX_STATS_ENTRIES = 64
+
+# Message kinds: explicit, never inferred from frame counts.
+REQUEST = "request"      # front -> preprocess: one image path to run
+READY = "ready"          # preprocess -> front: credits, "give me this many more"
+IMAGE = "image"          # preprocess -> executor: letterboxed uint8 pixels
+OUTPUT = "output"        # executor -> postprocess: one image's logits or labels
+RESULT = "result"        # any stage -> front: the answer for one request
+STATS = "stats"          # every child -> front, once a second: heartbeat and counters
+SUBMIT = "submit"        # client -> daemon: run these paths
+STATUS = "status"        # client -> daemon: how are things
+REPLY = "reply"          # daemon -> client: answer to submit (accepted/busy) or status
+
+KINDS = (REQUEST, READY, IMAGE, OUTPUT, RESULT, STATS, SUBMIT, STATUS, REPLY)
+OK, ERROR = "ok", "error"
+ARRAY_DTYPES = {"uint8", "int32", "int64", "float16", "float32"}
+
+
+class WireError(ValueError):
+    """A message that does not follow this format. `request_id` is set when it was readable."""
+
+    def __init__(self, message: str, request_id: str | None = None) -> None:
+        super().__init__(message)
+        self.request_id = request_id
+
+
+@dataclass(frozen=True)
+class Request:
+    """One image to segment, as it travels through every stage."""
+
+    id: str
+    path: str
+    ann: str | None = None        # ground-truth palette PNG, for mIoU
+    attempt: int = 0              # bumped when a request is retried after a crash
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where the original image sits inside the model input: what postprocess undoes."""
+
+    orig_h: int
+    orig_w: int
+    scale: float
+    top: int
+    left: int
+    height: int
+    width: int
+
+    def box(self) -> tuple[int, int, int, int]:
+        return (self.top, self.left, self.height, self.width)
+
+
+@dataclass(frozen=True)
+class Image:
+    request: Request
+    placement: Placement
+    pixels: np.ndarray            # uint8 S x S x 3, RGB
+
+
+@dataclass(frozen=True)
+class Output:
+    request: Request
+    placement: Placement
+    head: str                     # "logits" (C x h x w float) or "labels" (S x S uint8)
+    data: np.ndarray
+
+
+@dataclass(frozen=True)
+class Result:
+    id: str
+    attempt: int
+    status: str                   # OK or ERROR
+    path: str = ""
+    mask: str | None = None
+    error: str | None = None
+    stage: str = ""               # which stage answered (errors: which stage refused)
+    areas: np.ndarray | None = None  # int64 4 x C: intersect, union, pred, label (with GT)
+
+
+@dataclass(frozen=True)
+class Ready:
+    worker: int
+    credits: int
+
+
+@dataclass(frozen=True)
+class Stats:
+    """Heartbeat and counters of one child process."""
+
+    stage: str
+    index: int
+    pid: int
+    counters: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Submit:
+    requests: tuple[Request, ...]
+
+
+@dataclass(frozen=True)
+class StatusQuery:
+    pass
+
+
+@dataclass(frozen=True)
+class Reply:
+    """Daemon -> client: `accepted`/`busy`/`error` for a submit, or a status document."""
+
+    status: str
+    ids: tuple[str, ...] = ()
+    message: str = ""
+    body: dict[str, Any] = field(default_factory=dict)
+
+
+Message = Request | Ready | Image | Output | Result | Stats | Submit | StatusQuery | Reply
+
+
+# ---------------------------------------------------------------------------------------
+# encode
+
+
+def encode(msg: Message) -> list[Any]:
+    """Message -> frames. Arrays go out as their own frames (zero-copy when sent so)."""
+    arrays: list[np.ndarray] = []
+    header: dict[str, Any] = {"v": WIRE_VERSION}
+    if isinstance(msg, Request):
+        header |= {"kind": REQUEST, "req": _request_fields(msg)}
+    elif isinstance(msg, Ready):
+        header |= {"kind": READY, "worker": msg.worker, "credits": msg.credits}
+    elif isinstance(msg, Image):
+        header |= {"kind": IMAGE, "req": _request_fields(msg.request),
+                   "place": _placement_fields(msg.placement),
+                   "arrays": [_describe(msg.pixels)]}
+        arrays.append(msg.pixels)
+    elif isinstance(msg, Output):
+        header |= {"kind": OUTPUT, "req": _request_fields(msg.request),
+                   "place": _placement_fields(msg.placement), "head": msg.head,
+                   "arrays": [_describe(msg.data)]}
+        arrays.append(msg.data)
+    elif isinstance(msg, Result):
+        header |= {"kind": RESULT, "id": msg.id, "attempt": msg.attempt, "status": msg.status,
+                   "path": msg.path, "mask": msg.mask, "error": msg.error, "stage": msg.stage,
+                   "arrays": [] if msg.areas is None else [_describe(msg.areas)]}
+        if msg.areas is not None:
+            arrays.append(msg.areas)
+    elif isinstance(msg, Stats):
+        header |= {"kind": STATS, "stage": msg.stage, "index": msg.index, "pid": msg.pid,
+                   "counters": dict(msg.counters)}
+    elif isinstance(msg, Submit):
+        header |= {"kind": SUBMIT, "reqs": [_request_fields(r) for r in msg.requests]}
+    elif isinstance(msg, StatusQuery):
+        header |= {"kind": STATUS}
+    elif isinstance(msg, Reply):
+        header |= {"kind": REPLY, "status": msg.status, "ids": list(msg.ids),
+                   "message": msg.message, "body": msg.body}
+    else:
+        raise TypeError(f"not a wire message: {type(msg).__name__}")
+    frames: list[Any] = [msgpack.packb(header, use_bin_type=True)]
+    frames.extend(np.ascontiguousarray(a).data for a in arrays)
+    return frames
+
+
+def _request_fields(r: Request) -> dict[str, Any]:
+    return {"id": r.id, "path": r.path, "ann": r.ann, "attempt": r.attempt}
+
+
+def _placement_fields(p: Placement) -> list[Any]:
+    return [p.orig_h, p.orig_w, p.scale, p.top, p.left, p.height, p.width]
+
+
+def _describe(a: np.ndarray) -> list[Any]:
+    return [a.dtype.name, list(a.shape)]
+
+
+# ---------------------------------------------------------------------------------------
+# decode
+
+
+def decode(frames: Sequence[Any], max_submit: int = 4096) -> Message:
+    """Frames (bytes or zmq.Frame) -> a validated message, or WireError."""
+    if not frames:
+        raise WireError("empty message")
+    if len(frames) > MAX_FRAMES:
+        raise WireError(f"{len(frames)} frames, at most {MAX_FRAMES}")
+    raw = _buffer(frames[0])
+    if len(raw) > MAX_HEADER_BYTES:
+        raise WireError(f"header of {len(raw)} bytes, at most {MAX_HEADER_BYTES}")
+    try:
+        header = msgpack.unpackb(
+            raw, raw=False, strict_map_key=True, max_str_len=MAX_HEADER_BYTES,
+            max_bin_len=0, max_array_len=max(max_submit, 64), max_map_len=64,
+            max_ext_len=0,
+        )
+    except Exception as exc:  # msgpack raises several unrelated types
+        raise WireError(f"header is not valid msgpack: {exc}") from None
+    if not isinstance(header, dict):
+        raise WireError("header is not a map")
+    if header.get("v") != WIRE_VERSION:
+        raise WireError(f"wire version {header.get('v')!r}, this side speaks {WIRE_VERSION}")
+    kind = header.get("kind")
+    if kind not in KINDS:
+        raise WireError(f"unknown message kind {kind!r}")
+    request_id = _peek_id(header)
+    try:
+        return _DECODERS[kind](header, frames[1:], max_submit)
+    except WireError as exc:
+        raise WireError(f"{kind}: {exc}", exc.request_id or request_id) from None
+
+
+def _peek_id(header: dict[str, Any]) -> str | None:
+    req = header.get("req")
+    rid = req.get("id") if isinstance(req, dict) else header.get("id")
+    return rid if isinstance(rid, str) and 0 < len(rid) <= MAX_STRING_CHARS else None
+
+
+def _buffer(frame: Any) -> memoryview:
+    buf = getattr(frame, "buffer", frame)  # zmq.Frame exposes .buffer
+    return memoryview(buf)
+
+
+def _arrays(header: dict[str, Any], frames: Sequence[Any], expect: int) -> list[np.ndarray]:
+    specs = header.get("arrays")
+    if not isinstance(specs, list) or len(specs) != expect or len(frames) != expect:
+        raise WireError(f"expected {expect} array frame(s)")
+    out = []
+    for spec, frame in zip(specs, frames, strict=True):
+        if not (isinstance(spec, list) and len(spec) == 2):
+            raise WireError("array spec must be [dtype, shape]")
+        dtype, shape = spec
+        if dtype not in ARRAY_DTYPES:
+            raise WireError(f"array dtype {dtype!r} not allowed")
+        if not (isinstance(shape, list) and 1 <= len(shape) <= 4
+                and all(_is_int(d) and 1 <= d <= MAX_SIDE_PIXELS for d in shape)):
+            raise WireError(f"bad array shape {shape!r}")
+        buf = _buffer(frame)
+        need = math.prod(shape) * np.dtype(dtype).itemsize
+        if buf.nbytes != need:
+            raise WireError(f"array frame has {buf.nbytes} bytes, shape needs {need}")
+        out.append(np.frombuffer(buf, dtype=dtype).reshape(shape))
+    return out
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _string(h: dict[str, Any], key: str, optional: bool = False, empty: bool = False) -> Any:
+    value = h.get(key)
+    if value is None and optional:
+        return None
+    if not isinstance(value, str) or len(value) > MAX_STRING_CHARS or (not value and not empty):
+        raise WireError(f"field {key!r} must be a string of 1..{MAX_STRING_CHARS} characters")
+    if "\x00" in value:
+        raise WireError(f"field {key!r} contains a NUL byte")
+    return value
+
+
+def _int(h: dict[str, Any], key: str, lo: int, hi: int) -> int:
+    value = h.get(key)
+    if not _is_int(value) or not lo <= value <= hi:
+        raise WireError(f"field {key!r} must be an integer in [{lo}, {hi}]")
+    return value
+
+
+def _request(h: Any) -> Request:
+    if not isinstance(h, dict):
+        raise WireError("request must be a map")
+    return Request(id=_string(h, "id"), path=_string(h, "path"),
+                   ann=_string(h, "ann", optional=True), attempt=_int(h, "attempt", 0, 100))
+
+
+def _placement(p: Any) -> Placement:
+    if not (isinstance(p, list) and len(p) == 7):
+        raise WireError("placement must be 7 numbers")
+    orig_h, orig_w, scale, top, left, height, width = p
+    ints = (orig_h, orig_w, top, left, height, width)
+    if not all(_is_int(v) and 0 <= v <= 1 << 20 for v in ints):
+        raise WireError("placement sizes must be non-negative integers")
+    if not isinstance(scale, float | int) or not 0 < scale < 1e6:
+        raise WireError("placement scale must be a positive number")
+    if min(orig_h, orig_w, height, width) < 1:
+        raise WireError("placement sizes must be positive")
+    return Placement(orig_h, orig_w, float(scale), top, left, height, width)
+
+
+def _decode_request(h: dict[str, Any], frames: Sequence[Any], _: int) -> Request:
+    _arrays({"arrays": []}, frames, 0)
+    return _request(h.get("req"))
+
+
+def _decode_ready(h: dict[str, Any], frames: Sequence[Any], _: int) -> Ready:
+    _arrays({"arrays": []}, frames, 0)
+    return Ready(worker=_int(h, "worker", 0, 4096), credits=_int(h, "credits", 1, 4096))
+
+
+def _decode_image(h: dict[str, Any], frames: Sequence[Any], _: int) -> Image:
+    request, placement = _request(h.get("req")), _placement(h.get("place"))
+    (pixels,) = _arrays(h, frames, 1)
+    if pixels.dtype != np.uint8 or pixels.ndim != 3 or pixels.shape[2] != 3:
+        raise WireError("pixels must be uint8 H x W x 3", request.id)
+    side_h, side_w = pixels.shape[:2]
+    if placement.top + placement.height > side_h or placement.left + placement.width > side_w:
+        raise WireError("placement box lies outside the pixels", request.id)
+    return Image(request, placement, pixels)
+
+
+def _decode_output(h: dict[str, Any], frames: Sequence[Any], _: int) -> Output:
+    request, placement = _request(h.get("req")), _placement(h.get("place"))
+    head = h.get("head")
+    (data,) = _arrays(h, frames, 1)
+    if head == "logits":
+        if data.ndim != 3 or data.dtype.kind != "f" or data.shape[0] > MAX_CLASSES:
+            raise WireError("logits must be float C x h x w", request.id)
+    elif head == "labels":
+        if data.ndim != 2 or data.dtype != np.uint8:
+            raise WireError("labels must be uint8 H x W", request.id)
+    else:
+        raise WireError(f"unknown head {head!r}", request.id)
+    return Output(request, placement, head, data)
+
+
+def _decode_result(h: dict[str, Any], frames: Sequence[Any], _: int) -> Result:
+    status = h.get("status")
+    if status not in (OK, ERROR):
+        raise WireError(f"result status {status!r}")
+    specs = h.get("arrays")
+    n = len(specs) if isinstance(specs, list) else -1
+    if n not in (0, 1):
+        raise WireError("result carries at most one array")
+    areas = None
+    if n == 1:
+        (areas,) = _arrays(h, frames, 1)
+        if areas.dtype != np.int64 or areas.ndim != 2 or areas.shape[0] != 4:
+            raise WireError("areas must be int64 4 x C")
+    else:
+        _arrays(h, frames, 0)
+    return Result(id=_string(h, "id"), attempt=_int(h, "attempt", 0, 100), status=status,
+                  path=_string(h, "path", empty=True), mask=_string(h, "mask", optional=True),
+                  error=_string(h, "error", optional=True), stage=_string(h, "stage", empty=True),
+                  areas=areas)
+
+
+def _decode_stats(h: dict[str, Any], frames: Sequence[Any], _: int) -> Stats:
+    _arrays({"arrays": []}, frames, 0)
+    counters = h.get("counters")
+    if not isinstance(counters, dict) or len(counters) > MAX_STATS_ENTRIES:
+        raise WireError("counters must be a small map")
+    for k, v in counters.items():
+        if not isinstance(k, str) or len(k) > 64 or not isinstance(v, int | float) \
+                or isinstance(v, bool):
+            raise WireError("counters map names to numbers")
+    return Stats(stage=_string(h, "stage"), index=_int(h, "index", 0, 4096),
+                 pid=_int(h, "pid", 0, 1 << 31), counters=counters)
+
+
+def _decode_submit(h: dict[str, Any], frames: Sequence[Any], max_submit: int) -> Submit:
+    _arrays({"arrays": []}, frames, 0)
+    reqs = h.get("reqs")
+    if not isinstance(reqs, list) or not 1 <= len(reqs) <= max_submit:
+        raise WireError(f"submit carries 1..{max_submit} requests")
+    return Submit(tuple(_request(r) for r in reqs))
+
+
+def _decode_status(h: dict[str, Any], frames: Sequence[Any], _: int) -> StatusQuery:
+    _arrays({"arrays": []}, frames, 0)
+    return StatusQuery()
+
+
+def _decode_reply(h: dict[str, Any], frames: Sequence[Any], _: int) -> Reply:
+    _arrays({"arrays": []}, frames, 0)
+    ids = h.get("ids")
+    body = h.get("body")
+    if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
+        raise WireError("reply ids must be strings")
+    if not isinstance(body, dict):
+        raise WireError("reply body must be a map")
+    return Reply(status=_string(h, "status"), ids=tuple(ids),
+                 message=_string(h, "message", empty=True), body=body)
+
+
+_DECODERS = {
+    REQUEST: _decode_request, READY: _decode_ready, IMAGE: _decode_image,
+    OUTPUT: _decode_output, RESULT: _decode_result, STATS: _decode_stats,
+    SUBMIT: _decode_submit, STATUS: _decode_status, REPLY: _decode_reply,
+}
