@@ -33,11 +33,12 @@ IMAGE = "image"          # preprocess -> executor: letterboxed uint8 pixels
 OUTPUT = "output"        # executor -> postprocess: one image's logits or labels
 RESULT = "result"        # any stage -> front: the answer for one request
 STATS = "stats"          # every child -> front, once a second: heartbeat and counters
+PROGRESS = "progress"    # executor -> front: these requests have left the executor
 SUBMIT = "submit"        # client -> daemon: run these paths
 STATUS = "status"        # client -> daemon: how are things
 REPLY = "reply"          # daemon -> client: answer to submit (accepted/busy) or status
 
-KINDS = (REQUEST, READY, IMAGE, OUTPUT, RESULT, STATS, SUBMIT, STATUS, REPLY)
+KINDS = (REQUEST, READY, IMAGE, OUTPUT, RESULT, STATS, PROGRESS, SUBMIT, STATUS, REPLY)
 OK, ERROR = "ok", "error"
 ARRAY_DTYPES = {"uint8", "int32", "int64", "float16", "float32"}
 
@@ -105,8 +106,20 @@ class Result:
 
 @dataclass(frozen=True)
 class Ready:
+    """Preprocess -> front: room for `credits` more requests; `done` has left this worker."""
+
     worker: int
     credits: int
+    done: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Progress:
+    """Executor -> front: these requests' outputs went downstream (a crash now is not ours)."""
+
+    stage: str
+    index: int
+    ids: tuple[str, ...]
 
 
 @dataclass(frozen=True)
@@ -117,6 +130,7 @@ class Stats:
     index: int
     pid: int
     counters: dict[str, float] = field(default_factory=dict)
+    fatal: str | None = None      # set once by a child that cannot start, just before it exits
 
 
 @dataclass(frozen=True)
@@ -139,7 +153,8 @@ class Reply:
     body: dict[str, Any] = field(default_factory=dict)
 
 
-Message = Request | Ready | Image | Output | Result | Stats | Submit | StatusQuery | Reply
+Message = (Request | Ready | Progress | Image | Output | Result | Stats | Submit | StatusQuery
+           | Reply)
 
 
 # ---------------------------------------------------------------------------------------
@@ -153,7 +168,10 @@ def encode(msg: Message) -> list[Any]:
     if isinstance(msg, Request):
         header |= {"kind": REQUEST, "req": _request_fields(msg)}
     elif isinstance(msg, Ready):
-        header |= {"kind": READY, "worker": msg.worker, "credits": msg.credits}
+        header |= {"kind": READY, "worker": msg.worker, "credits": msg.credits,
+                   "done": list(msg.done)}
+    elif isinstance(msg, Progress):
+        header |= {"kind": PROGRESS, "stage": msg.stage, "index": msg.index, "ids": list(msg.ids)}
     elif isinstance(msg, Image):
         header |= {"kind": IMAGE, "req": _request_fields(msg.request),
                    "place": _placement_fields(msg.placement),
@@ -172,7 +190,7 @@ def encode(msg: Message) -> list[Any]:
             arrays.append(msg.areas)
     elif isinstance(msg, Stats):
         header |= {"kind": STATS, "stage": msg.stage, "index": msg.index, "pid": msg.pid,
-                   "counters": dict(msg.counters)}
+                   "counters": dict(msg.counters), "fatal": msg.fatal}
     elif isinstance(msg, Submit):
         header |= {"kind": SUBMIT, "reqs": [_request_fields(r) for r in msg.requests]}
     elif isinstance(msg, StatusQuery):
@@ -317,7 +335,21 @@ def _decode_request(h: dict[str, Any], frames: Sequence[Any], _: int) -> Request
 
 def _decode_ready(h: dict[str, Any], frames: Sequence[Any], _: int) -> Ready:
     _arrays({"arrays": []}, frames, 0)
-    return Ready(worker=_int(h, "worker", 0, 4096), credits=_int(h, "credits", 1, 4096))
+    return Ready(worker=_int(h, "worker", 0, 4096), credits=_int(h, "credits", 1, 4096),
+                 done=_ids(h, "done"))
+
+
+def _decode_progress(h: dict[str, Any], frames: Sequence[Any], _: int) -> Progress:
+    _arrays({"arrays": []}, frames, 0)
+    return Progress(stage=_string(h, "stage"), index=_int(h, "index", 0, 4096),
+                    ids=_ids(h, "ids"))
+
+
+def _ids(h: dict[str, Any], key: str) -> tuple[str, ...]:
+    ids = h.get(key)
+    if not isinstance(ids, list) or len(ids) > 4096:
+        raise WireError(f"field {key!r} must be a list of ids")
+    return tuple(_string({key: i}, key) for i in ids)
 
 
 def _decode_image(h: dict[str, Any], frames: Sequence[Any], _: int) -> Image:
@@ -377,7 +409,8 @@ def _decode_stats(h: dict[str, Any], frames: Sequence[Any], _: int) -> Stats:
                 or isinstance(v, bool):
             raise WireError("counters map names to numbers")
     return Stats(stage=_string(h, "stage"), index=_int(h, "index", 0, 4096),
-                 pid=_int(h, "pid", 0, 1 << 31), counters=counters)
+                 pid=_int(h, "pid", 0, 1 << 31), counters=counters,
+                 fatal=_string(h, "fatal", optional=True))
 
 
 def _decode_submit(h: dict[str, Any], frames: Sequence[Any], max_submit: int) -> Submit:
@@ -406,7 +439,8 @@ def _decode_reply(h: dict[str, Any], frames: Sequence[Any], _: int) -> Reply:
 
 
 _DECODERS = {
-    REQUEST: _decode_request, READY: _decode_ready, IMAGE: _decode_image,
+    REQUEST: _decode_request, READY: _decode_ready, PROGRESS: _decode_progress,
+    IMAGE: _decode_image,
     OUTPUT: _decode_output, RESULT: _decode_result, STATS: _decode_stats,
     SUBMIT: _decode_submit, STATUS: _decode_status, REPLY: _decode_reply,
 }

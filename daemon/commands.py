@@ -1,0 +1,197 @@
+"""`pspnet serve`, `pspnet submit`, `pspnet status`: arguments and what each runs."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from daemon.endpoint import default_endpoint
+
+EXIT_FAILED, EXIT_USAGE, EXIT_UNAVAILABLE = 1, 2, 4
+
+
+def add_daemon_parsers(sub: argparse._SubParsersAction) -> None:
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+    serve = sub.add_parser(
+        "serve", formatter_class=fmt,
+        help="run the daemon: decode pool -> batched executor -> postprocess",
+        description="Run the segmentation daemon until SIGTERM/Ctrl-C (the first drains every "
+                    "accepted request and exits 0; a second exits at once). Clients reach it "
+                    "with `pspnet submit`; with --watch it also processes every image that "
+                    "lands in a folder.",
+        epilog="example: pspnet serve --model models/r50 --backend ort --out masks/ "
+               "--watch incoming/")
+    add_pipeline_args(serve)
+    serve.add_argument("--endpoint", default=None,
+                       help="where clients connect: ipc://PATH or tcp://HOST:PORT "
+                            "(default: ipc socket in a private 0700 runtime dir, which submit "
+                            "and status find by themselves; env PSPNET_ENDPOINT overrides)")
+    serve.add_argument("--watch", type=Path, default=None, metavar="DIR",
+                       help="also process images already in DIR and each one that lands "
+                            "there later; a record next to the masks makes restarts "
+                            "neither lose nor redo images")
+    serve.add_argument("--max-queue", type=int, default=1024,
+                       help="requests accepted but not answered; beyond it clients are "
+                            "told `busy` and slow down")
+    serve.add_argument("--drain-timeout", type=float, default=120.0, metavar="S",
+                       help="on SIGTERM, wait at most this long for accepted requests")
+    serve.add_argument("--metrics-json", type=Path, default=None, metavar="FILE",
+                       help="write the final status (counts, mIoU) here on exit")
+    serve.add_argument("--allow-root", type=Path, action="append", default=[], metavar="DIR",
+                       help="only read images and ground truths under DIR (repeatable); "
+                            "required when --endpoint is reachable from other hosts")
+    serve.set_defaults(run=run_serve)
+
+    submit = sub.add_parser(
+        "submit", formatter_class=fmt,
+        help="send images to the running daemon; one JSON line per result",
+        description="Send image paths to a running daemon and print one JSON line per image "
+                    "as it finishes: id, path, status (ok|error), mask, error, latency_ms. "
+                    "Exit status 0 only if every image succeeded.",
+        epilog="example: pspnet submit photos/*.jpg --ann gt/*.png")
+    submit.add_argument("paths", nargs="+", type=Path, metavar="PATH", help="images to segment")
+    submit.add_argument("--ann", nargs="+", type=Path, default=None, metavar="GT",
+                        help="ground-truth palette PNGs, one per PATH in the same order "
+                             "(the daemon then keeps a running mIoU)")
+    submit.add_argument("--endpoint", default=None,
+                        help="daemon address (default: the local daemon's ipc socket)")
+    submit.add_argument("--timeout", type=float, default=None, metavar="S",
+                        help="give up on images not answered after S seconds "
+                             "(reported as errors)")
+    submit.set_defaults(run=run_submit)
+
+    status = sub.add_parser(
+        "status", formatter_class=fmt,
+        help="print the daemon's status as JSON",
+        description="Print JSON: per stage (processes alive, queue depth, processed, errors, "
+                    "restarts), images/s over the last 10 s, and the running mIoU when "
+                    "ground truth was given.")
+    status.add_argument("--endpoint", default=None,
+                        help="daemon address (default: the local daemon's ipc socket)")
+    status.set_defaults(run=run_status)
+
+
+def add_pipeline_args(p: argparse.ArgumentParser) -> None:
+    """Flags shared by serve, eval and bench: which model, which backend, how many workers."""
+    p.add_argument("--model", type=Path, required=True, metavar="DIR",
+                   help="a directory made by `pspnet build` (manifest.json + models)")
+    p.add_argument("--backend", choices=("ort", "torch", "acl"), default="ort",
+                   help="ort: ONNX Runtime; torch: PyTorch (CPU or CUDA); acl: Ascend "
+                        "aclruntime + OM (unverified on real hardware)")
+    p.add_argument("--devices", default="cpu",
+                   help="comma list, one executor each: cpu, cuda:0, cuda:1 (torch/ort), "
+                        "or NPU ids 0,1 (acl)")
+    p.add_argument("--precision", choices=("fp32", "fp16", "bf16"), default="fp32",
+                   help="torch backend compute precision")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="static batch size to run (default: 16 if built, else the largest)")
+    p.add_argument("--max-wait-ms", type=float, default=20.0,
+                   help="run a partial batch after waiting this long for it to fill")
+    p.add_argument("--preprocess-workers", type=int, default=2, metavar="K",
+                   help="JPEG decode + letterbox processes")
+    p.add_argument("--postprocess-workers", type=int, default=2, metavar="M",
+                   help="upsample/argmax/mask/mIoU processes")
+    p.add_argument("--out", type=Path, default=None, metavar="MASKDIR",
+                   help="write masks here as palette PNGs named after each image")
+    p.add_argument("--no-masks", action="store_true", help="do not write masks (benches)")
+    p.add_argument("--max-pixels", type=int, default=50_000_000,
+                   help="refuse images with more pixels (read from the header, before "
+                        "decoding)")
+    p.add_argument("--max-inflight", type=int, default=256,
+                   help="requests inside the pipeline at once (bounds memory)")
+    p.add_argument("--backend-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="backend tuning, repeatable: threads=N (ort/torch), cuda_graphs=1, "
+                        "compile=1 (torch)")
+    p.add_argument("--transport", choices=("ipc", "tcp"), default="ipc",
+                   help="between the daemon's own processes")
+    p.add_argument("--tcp-base-port", type=int, default=5550,
+                   help="with --transport tcp: the six internal ports start here")
+    p.add_argument("--log-level", choices=("debug", "info", "warning", "error"),
+                   default="info", help="debug adds per-batch timings")
+    p.add_argument("--log-format", choices=("auto", "json", "console"), default="auto",
+                   help="auto: console lines on a TTY, JSON lines otherwise")
+
+
+def pipeline_config(args: argparse.Namespace) -> object:
+    from stages.config import PipelineConfig
+
+    options = {}
+    for item in args.backend_option:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"pspnet: error: --backend-option wants KEY=VALUE, not {item!r}")
+        options[key] = value
+    return PipelineConfig(
+        model_dir=args.model, backend=args.backend,
+        devices=tuple(d.strip() for d in args.devices.split(",") if d.strip()),
+        precision=args.precision, batch_size=args.batch_size, max_wait_ms=args.max_wait_ms,
+        preprocess_workers=args.preprocess_workers,
+        postprocess_workers=args.postprocess_workers, out_dir=args.out,
+        write_masks=args.out is not None and not args.no_masks, max_pixels=args.max_pixels,
+        max_inflight=args.max_inflight, transport=args.transport,
+        tcp_base_port=args.tcp_base_port, backend_options=options, log_level=args.log_level,
+        log_json={"auto": None, "json": True, "console": False}[args.log_format],
+    )
+
+
+def usage_error(command: str, message: str) -> int:
+    sys.stderr.write(f"pspnet {command}: error: {message}\n")
+    return EXIT_USAGE
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    from daemon.server import ServeConfig, Server, check_exposure
+    from stages.logs import configure_logging
+    from stages.manifest import Manifest
+
+    cfg = pipeline_config(args)
+    configure_logging(cfg.log_level, cfg.log_json)
+    try:
+        Manifest.read(args.model)
+    except (OSError, ValueError) as exc:
+        return usage_error("serve", str(exc))
+    if args.watch is not None and not args.watch.is_dir():
+        return usage_error("serve", f"--watch {args.watch}: not a directory")
+    if args.watch is not None and args.out is None:
+        return usage_error("serve", "--watch needs --out (the record lives next to the masks)")
+    endpoint = args.endpoint or default_endpoint()
+    problem = check_exposure(endpoint, tuple(args.allow_root))
+    if problem:
+        return usage_error("serve", problem)
+    server = Server(ServeConfig(pipeline=cfg, endpoint=endpoint, watch=args.watch,
+                                max_queue=args.max_queue, drain_timeout_s=args.drain_timeout,
+                                metrics_json=args.metrics_json,
+                                allow_roots=tuple(args.allow_root)))
+    return server.serve()
+
+
+def run_submit(args: argparse.Namespace) -> int:
+    from daemon.cli import print_json
+    from daemon.client import Client, DaemonUnavailable
+
+    if args.ann is not None and len(args.ann) != len(args.paths):
+        return usage_error("submit", f"{len(args.paths)} paths but {len(args.ann)} --ann files")
+    failed = 0
+    try:
+        with Client(args.endpoint or default_endpoint()) as client:
+            for answer in client.submit(args.paths, args.ann, timeout_s=args.timeout):
+                failed += answer.status != "ok"
+                print_json(answer.as_dict())
+    except DaemonUnavailable as exc:
+        sys.stderr.write(f"pspnet submit: error: {exc} (is `pspnet serve` running?)\n")
+        return EXIT_UNAVAILABLE
+    return EXIT_FAILED if failed else 0
+
+
+def run_status(args: argparse.Namespace) -> int:
+    from daemon.cli import print_json
+    from daemon.client import Client, DaemonUnavailable
+
+    try:
+        with Client(args.endpoint or default_endpoint()) as client:
+            print_json(client.status())
+    except DaemonUnavailable as exc:
+        sys.stderr.write(f"pspnet status: error: {exc} (is `pspnet serve` running?)\n")
+        return EXIT_UNAVAILABLE
+    return 0

@@ -1,0 +1,259 @@
+"""`pspnet serve`: the supervisor loop around the pipeline, its clients and its signals.
+
+One loop, the same steps each pass: handle recorded signals, let the pipeline dispatch,
+supervise and collect answers, answer clients, feed the watched folder. Signal handlers
+only record the signal. The first SIGTERM/SIGINT stops intake and drains (every accepted
+request is answered, the partial batch flushed), writes the final metrics, exits 0; a
+second one exits at once.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import structlog
+import zmq
+
+from daemon.endpoint import is_local
+from daemon.watch import Record, Watcher
+from stages import wire
+from stages.config import PipelineConfig
+from stages.pipeline import Pipeline, PipelineError
+
+EXIT_OK, EXIT_FORCED, EXIT_CANNOT_START = 0, 1, 3
+LOOP_MS = 50
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    pipeline: PipelineConfig
+    endpoint: str
+    watch: Path | None = None
+    max_queue: int = 1024                    # accepted but unanswered; beyond: "busy"
+    drain_timeout_s: float = 120.0
+    metrics_json: Path | None = None
+    allow_roots: tuple[Path, ...] = field(default_factory=tuple)
+
+
+class Server:
+    def __init__(self, cfg: ServeConfig) -> None:
+        self.cfg = cfg
+        self.log = structlog.get_logger().bind(component="supervisor")
+        self.signals: list[int] = []
+        self.stopping = False
+        self.record: Record | None = None
+        self.watcher: Watcher | None = None
+        self.watched: dict[str, str] = {}     # request id -> file name (watch mode)
+
+    # signal handlers only record
+    def _on_signal(self, signum: int, _frame: object) -> None:
+        self.signals.append(signum)
+
+    def serve(self) -> int:
+        cfg = self.cfg
+        signal.signal(signal.SIGTERM, self._on_signal)
+        signal.signal(signal.SIGINT, self._on_signal)
+        self.log.info("config", endpoint=cfg.endpoint, model=str(cfg.pipeline.model_dir),
+                      backend=cfg.pipeline.backend, devices=list(cfg.pipeline.devices),
+                      out=str(cfg.pipeline.out_dir), watch=str(cfg.watch) if cfg.watch else None,
+                      preprocess=cfg.pipeline.preprocess_workers,
+                      postprocess=cfg.pipeline.postprocess_workers,
+                      batch_size=cfg.pipeline.batch_size, max_queue=cfg.max_queue,
+                      allow_roots=[str(p) for p in cfg.allow_roots])
+        self.pipeline = Pipeline(cfg.pipeline)
+        try:
+            self.pipeline.start()
+        except PipelineError as exc:
+            self.log.error("cannot start", error=str(exc))
+            return EXIT_CANNOT_START
+
+        self.ctx = zmq.Context()
+        self.frontend = self.ctx.socket(zmq.ROUTER)   # clients' DEALERs <-> daemon
+        self.frontend.setsockopt(zmq.LINGER, 0)
+        self.frontend.setsockopt(zmq.ROUTER_MANDATORY, 0)  # a gone client's answers drop
+        self.frontend.bind(cfg.endpoint)
+        if cfg.endpoint.startswith("ipc://"):
+            os.chmod(cfg.endpoint[len("ipc://"):], 0o600)
+        if cfg.watch is not None:
+            self._start_watch()
+        self.log.info("serving", endpoint=cfg.endpoint)
+        try:
+            code = self._loop()
+        except PipelineError as exc:
+            self.log.error("pipeline failed", error=str(exc))
+            code = EXIT_CANNOT_START
+        self._shutdown(drain=code == EXIT_OK)
+        return code
+
+    def _loop(self) -> int:
+        while True:
+            if self.signals:
+                signum = self.signals.pop(0)
+                if self.stopping:
+                    self.log.warning("second signal, exiting now", signal=signum)
+                    return EXIT_FORCED
+                self.log.info("signal, draining", signal=signal.Signals(signum).name,
+                              pending=len(self.pipeline.pending))
+                self.stopping = True
+                self.drain_deadline = time.monotonic() + self.cfg.drain_timeout_s
+                if self.watcher is not None:
+                    self.watcher.stop()
+            answers, ready = self.pipeline.poll(LOOP_MS, extra=[self.frontend])
+            for result, origin in answers:
+                self._deliver(result, origin)
+            if ready:
+                self._read_clients()
+            if self.watcher is not None and not self.stopping:
+                self._feed_watch()
+            if self.stopping and (not self.pipeline.pending
+                                  or time.monotonic() > self.drain_deadline):
+                return EXIT_OK
+
+    # ---- clients -----------------------------------------------------------------------
+
+    def _read_clients(self) -> None:
+        while True:
+            try:
+                identity, *frames = self.frontend.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            client = identity.bytes
+            try:
+                msg = wire.decode(frames, max_submit=1024)
+            except wire.WireError as exc:
+                self.pipeline.totals["malformed"] += 1
+                self._rate_limited_warning(client, str(exc))
+                ids = (exc.request_id,) if exc.request_id else ()
+                self._reply(client, wire.Reply("error", ids, f"malformed message: {exc}"))
+                continue
+            if isinstance(msg, wire.StatusQuery):
+                self._reply(client, wire.Reply("status", body=self.status()))
+            elif isinstance(msg, wire.Submit):
+                self._accept(client, msg.requests)
+            else:
+                self._reply(client, wire.Reply("error", message=f"unexpected {type(msg).__name__}"))
+
+    def _accept(self, client: bytes, requests: tuple[wire.Request, ...]) -> None:
+        ids = tuple(r.id for r in requests)
+        if self.stopping:
+            self._reply(client, wire.Reply("error", ids, "daemon is shutting down"))
+            return
+        if len(self.pipeline.pending) + len(requests) > self.cfg.max_queue:
+            self.pipeline.totals["busy_replies"] += 1
+            self._reply(client, wire.Reply("busy", ids, "queue full, retry later"))
+            return
+        refused, accepted = [], []
+        for r in requests:
+            problem = self._refuse(r)
+            if problem is None and not self.pipeline.submit(
+                    wire.Request(r.id, r.path, r.ann), origin=client):
+                problem = "duplicate request id"
+            (refused if problem else accepted).append((r, problem))
+        if accepted:
+            self._reply(client, wire.Reply("accepted", tuple(r.id for r, _ in accepted)))
+        for r, problem in refused:
+            self.pipeline.totals["refused"] += 1
+            self._send(client, wire.Result(r.id, 0, wire.ERROR, r.path, error=problem,
+                                           stage="front"))
+
+    def _refuse(self, r: wire.Request) -> str | None:
+        if not os.path.isabs(r.path) or (r.ann is not None and not os.path.isabs(r.ann)):
+            return "paths must be absolute"
+        if self.cfg.allow_roots:
+            for p in (r.path, r.ann):
+                if p is not None and not _inside(Path(p), self.cfg.allow_roots):
+                    return f"path outside the allowed input roots: {p}"
+        return None
+
+    def _reply(self, client: bytes, reply: wire.Reply) -> None:
+        self._send(client, reply)
+
+    def _send(self, client: bytes, msg: wire.Message) -> None:
+        try:
+            self.frontend.send_multipart([client, *wire.encode(msg)], zmq.NOBLOCK)
+        except zmq.ZMQError:
+            pass                                  # client gone or stuck: never block the loop
+
+    def _deliver(self, result: wire.Result, origin: Any) -> None:
+        if isinstance(origin, bytes):
+            self._send(origin, result)
+        name = self.watched.pop(result.id, None)
+        if name is not None and self.record is not None:
+            self.record.add(name, id=result.id, status=result.status, mask=result.mask,
+                            error=result.error, attempt=result.attempt)
+
+    _warned: dict[bytes, float] = {}
+
+    def _rate_limited_warning(self, client: bytes, error: str) -> None:
+        now = time.monotonic()
+        if now - self._warned.get(client, -1e9) > 60:
+            self._warned[client] = now
+            self.log.warning("malformed client message", client=client.hex(), error=error)
+
+    # ---- watch mode --------------------------------------------------------------------
+
+    def _start_watch(self) -> None:
+        out_dir = self.cfg.pipeline.out_dir
+        self.record = Record(out_dir)
+        self.watcher = Watcher(self.cfg.watch, self.record)
+        present = self.watcher.start()
+        self.log.info("watching", folder=str(self.cfg.watch), present=len(present),
+                      already_processed=len(self.record.done))
+        self._submit_watched(present)
+
+    def _feed_watch(self) -> None:
+        self._submit_watched(self.watcher.poll())
+
+    def _submit_watched(self, paths: list[Path]) -> None:
+        for path in paths:
+            rid = f"watch-{uuid.uuid4().hex[:12]}"
+            self.watched[rid] = path.name
+            self.pipeline.submit(wire.Request(rid, str(path.absolute())))
+
+    # ---- status and shutdown -----------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        doc = self.pipeline.status()
+        doc["daemon"] = {"pid": os.getpid(), "endpoint": self.cfg.endpoint,
+                         "stopping": self.stopping, "watch": str(self.cfg.watch or "") or None,
+                         "busy_replies": self.pipeline.totals.get("busy_replies", 0),
+                         "refused": self.pipeline.totals.get("refused", 0)}
+        return doc
+
+    def _shutdown(self, drain: bool) -> None:
+        final = self.status()
+        if self.watcher is not None:
+            self.watcher.stop()
+        self.pipeline.close(drain=False)
+        self.frontend.close(0)
+        self.ctx.term()
+        if self.record is not None:
+            self.record.close()
+        if self.cfg.metrics_json is not None:
+            tmp = self.cfg.metrics_json.with_suffix(".tmp")
+            tmp.write_text(json.dumps(final, indent=2) + "\n")
+            tmp.replace(self.cfg.metrics_json)
+        self.log.info("exit", drained=drain, ok=final["front"]["ok"],
+                      errors=final["front"]["errors"], metrics=final["metrics"])
+        sys.stderr.flush()
+
+
+def _inside(path: Path, roots: tuple[Path, ...]) -> bool:
+    resolved = path.resolve()
+    return any(resolved.is_relative_to(root.resolve()) for root in roots)
+
+
+def check_exposure(endpoint: str, allow_roots: tuple[Path, ...]) -> str | None:
+    """A daemon reachable from other hosts must be told which folders it may read."""
+    if not is_local(endpoint) and not allow_roots:
+        return (f"{endpoint} is reachable from other hosts: pass --allow-root DIR for the "
+                "folders clients may name")
+    return None

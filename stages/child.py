@@ -1,0 +1,94 @@
+"""What every stage process does the same way: start-up, heartbeat, fatal exit.
+
+A child is started by the front with (config, addresses, index). It ignores SIGINT (a
+Ctrl-C reaches the whole process group; the front decides when children stop) and dies on
+SIGTERM. A background thread sends a `Stats` heartbeat once a second on its own socket.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import threading
+from collections.abc import Callable
+
+import structlog
+import zmq
+
+from stages import wire
+from stages.config import EXIT_CANNOT_START, PipelineConfig
+from stages.logs import configure_logging
+
+SEND_LINGER_MS = 2000   # on exit, let queued answers reach the front
+
+
+class Child:
+    """Per-process state of one stage worker: its zmq context, counters and heartbeat."""
+
+    def __init__(self, stage: str, index: int, cfg: PipelineConfig, results_addr: str) -> None:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        configure_logging(cfg.log_level, cfg.log_json, stage=stage, index=index, pid=os.getpid())
+        self.stage = stage
+        self.index = index
+        self.cfg = cfg
+        self.results_addr = results_addr
+        self.log = structlog.get_logger()
+        self.ctx = zmq.Context()
+        self.counters: dict[str, float] = {"processed": 0, "errors": 0, "busy_s": 0.0,
+                                           "queue": 0}
+        self.lock = threading.Lock()
+        self._stop = threading.Event()
+        self._gauge: Callable[[], dict[str, float]] | None = None
+        self._parent = os.getppid()
+
+    def count(self, **deltas: float) -> None:
+        with self.lock:
+            for key, delta in deltas.items():
+                self.counters[key] = self.counters.get(key, 0) + delta
+
+    def set_gauges(self, gauge: Callable[[], dict[str, float]]) -> None:
+        """A callable sampled at each heartbeat (e.g. queue depth)."""
+        self._gauge = gauge
+
+    def start_heartbeat(self) -> None:
+        threading.Thread(target=self._heartbeat, name="heartbeat", daemon=True).start()
+
+    def _heartbeat(self) -> None:
+        sender = self.ctx.socket(zmq.PUSH)          # heartbeat -> front's results PULL
+        sender.setsockopt(zmq.LINGER, 0)
+        sender.connect(self.results_addr)
+        while True:
+            with self.lock:
+                counters = dict(self.counters)
+            if self._gauge is not None:
+                counters.update(self._gauge())
+            try:
+                sender.send_multipart(
+                    wire.encode(wire.Stats(self.stage, self.index, os.getpid(), counters)),
+                    flags=zmq.NOBLOCK)
+            except zmq.Again:
+                pass                                 # front busy: the next beat will do
+            if self._stop.wait(self.cfg.heartbeat_s):
+                break
+            if os.getppid() != self._parent:     # the front died (kill -9): so do we
+                self.log.warning("front gone, exiting")
+                os._exit(1)
+        sender.close()
+
+    def fatal(self, message: str) -> None:
+        """Tell the front why this child cannot start, then exit with EXIT_CANNOT_START."""
+        self.log.error("cannot start", error=message)
+        sender = self.ctx.socket(zmq.PUSH)          # one message -> front's results PULL
+        sender.setsockopt(zmq.LINGER, SEND_LINGER_MS)
+        sender.connect(self.results_addr)
+        sender.send_multipart(
+            wire.encode(wire.Stats(self.stage, self.index, os.getpid(), {}, fatal=message)))
+        sender.close()
+        self.ctx.term()
+        sys.exit(EXIT_CANNOT_START)
+
+
+def error_result(request: wire.Request, stage: str, message: str) -> wire.Result:
+    return wire.Result(id=request.id, attempt=request.attempt, status=wire.ERROR,
+                       path=request.path, error=message, stage=stage)

@@ -1,0 +1,165 @@
+"""Executor: one process per device; holds the model and keeps it busy.
+
+Double-buffered: two host slots. The main thread fills a free slot with incoming images
+(up to the static batch size, or fewer after `max_wait_ms`), hands it to the backend's
+`upload` (a device copy where there is a device) and queues it; the runner thread executes
+slots in order and sends each image's output downstream. So the next batch is assembled
+and copied while the current one runs. Filler rows of a partial batch carry an empty box
+and their outputs are never sent.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import threading
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import zmq
+
+from stages import wire
+from stages.backends import open_backend
+from stages.child import Child, error_result
+from stages.config import Addresses, PipelineConfig
+from stages.manifest import Manifest
+
+STAGE = "executor"
+NUM_SLOTS = 2
+POLL_MS = 200
+
+
+@dataclass
+class Slot:
+    """One host batch buffer and the requests whose pixels sit in it."""
+
+    images: np.ndarray        # uint8 B x H x W x 3
+    boxes: np.ndarray         # int32 B x 4; zero rows are filler
+    members: list[tuple[wire.Request, wire.Placement]]
+
+
+def pick_batch_size(manifest: Manifest, wanted: int | None) -> int:
+    if wanted is not None:
+        manifest.model_file(wanted)               # raises with the sizes on offer
+        return wanted
+    return 16 if 16 in manifest.models else max(manifest.models)
+
+
+def main(cfg: PipelineConfig, addrs: Addresses, index: int) -> None:
+    child = Child(STAGE, index, cfg, addrs.results)
+    device = cfg.devices[index] if index < len(cfg.devices) else cfg.devices[-1]
+    try:
+        manifest = Manifest.read(cfg.model_dir)
+        batch = pick_batch_size(manifest, cfg.batch_size)
+        options = dict(cfg.backend_options)
+        if cfg.executor_threads:
+            options.setdefault("threads", str(cfg.executor_threads))
+        backend = open_backend(cfg.backend, cfg.model_dir, batch, device=device,
+                               precision=cfg.precision, options=options)
+    except Exception as exc:  # any start-up failure is "cannot start", not a restart loop
+        child.fatal(f"{cfg.backend} backend on {device}: {exc}")
+    Executor(child, cfg, addrs, backend, manifest).run()
+
+
+class Executor:
+    def __init__(self, child: Child, cfg: PipelineConfig, addrs: Addresses, backend: object,
+                 manifest: Manifest) -> None:
+        self.child, self.cfg, self.addrs = child, cfg, addrs
+        self.backend = backend
+        self.batch = backend.batch_size
+        h, w = manifest.input_size
+        self.slots = [Slot(np.zeros((self.batch, h, w, 3), np.uint8),
+                           np.zeros((self.batch, 4), np.int32), []) for _ in range(NUM_SLOTS)]
+        self.free: queue.Queue[int] = queue.Queue()
+        for i in range(NUM_SLOTS):
+            self.free.put(i)
+        self.ready: queue.Queue[int | None] = queue.Queue()
+        self.waiting = 0                      # images received, not yet in a running batch
+        child.set_gauges(lambda: {"queue": self.waiting})
+
+    def run(self) -> None:
+        receiver = self.child.ctx.socket(zmq.PULL)   # images <- preprocess (via front)
+        receiver.setsockopt(zmq.LINGER, 0)
+        receiver.setsockopt(zmq.RCVHWM, 2 * self.batch)
+        receiver.connect(self.addrs.images_out)
+        runner = threading.Thread(target=self._run_batches, name="runner", daemon=True)
+        runner.start()
+        self.child.start_heartbeat()
+        self.child.log.info("ready", backend=self.backend.name, batch=self.batch,
+                            head=self.backend.head, max_wait_ms=self.cfg.max_wait_ms)
+        while runner.is_alive():
+            slot_index = self.free.get()
+            slot = self.slots[slot_index]
+            self._fill(receiver, slot)
+            self.backend.upload(slot_index, slot.images, slot.boxes)
+            self.ready.put(slot_index)
+
+    def _fill(self, receiver: zmq.Socket, slot: Slot) -> None:
+        """Block for the first image, then take more until full or max_wait_ms has passed."""
+        slot.members.clear()
+        slot.boxes[:] = 0
+        deadline = None
+        while len(slot.members) < self.batch:
+            timeout = POLL_MS if deadline is None else max(0, deadline - time.monotonic()) * 1e3
+            if not receiver.poll(timeout):
+                if deadline is not None:
+                    return
+                continue
+            frames = receiver.recv_multipart(copy=False)
+            try:
+                image = wire.decode(frames)
+                if not isinstance(image, wire.Image):
+                    raise wire.WireError(f"expected an image, got {type(image).__name__}")
+                if image.pixels.shape != slot.images.shape[1:]:
+                    raise wire.WireError(f"pixels {image.pixels.shape}, model takes "
+                                         f"{slot.images.shape[1:]}", image.request.id)
+            except wire.WireError as exc:
+                self.child.log.warning("malformed message dropped", error=str(exc),
+                                       id=exc.request_id)
+                self.child.count(errors=1)
+                continue
+            row = len(slot.members)
+            slot.images[row] = image.pixels
+            slot.boxes[row] = image.placement.box()
+            slot.members.append((image.request, image.placement))
+            self.waiting += 1
+            if deadline is None:
+                deadline = time.monotonic() + self.cfg.max_wait_ms / 1e3
+
+    def _run_batches(self) -> None:
+        sender = self.child.ctx.socket(zmq.PUSH)     # outputs -> postprocess (via front)
+        sender.setsockopt(zmq.LINGER, -1)
+        sender.connect(self.addrs.outputs_in)
+        notes = self.child.ctx.socket(zmq.PUSH)      # progress and errors -> front
+        notes.setsockopt(zmq.LINGER, -1)
+        notes.connect(self.addrs.results)
+        head = self.backend.head
+        while True:
+            slot_index = self.ready.get()
+            slot = self.slots[slot_index]
+            members = list(slot.members)
+            started = time.perf_counter()
+            try:
+                out = self.backend.execute(slot_index)
+            except Exception as exc:
+                self.child.log.exception("batch failed", size=len(members))
+                for request, _ in members:
+                    notes.send_multipart(wire.encode(
+                        error_result(request, STAGE, f"inference failed: {exc}")))
+                self.child.count(errors=len(members))
+                out = None
+            busy = time.perf_counter() - started
+            self.free.put(slot_index)                # host slot may be refilled now
+            self.waiting -= len(members)
+            if out is None:
+                continue
+            for row, (request, placement) in enumerate(members):
+                sender.send_multipart(
+                    wire.encode(wire.Output(request, placement, head, out[row])), copy=False)
+            notes.send_multipart(wire.encode(
+                wire.Progress(STAGE, self.child.index, tuple(r.id for r, _ in members))))
+            self.child.count(processed=len(members), batches=1, busy_s=busy,
+                             filler=self.batch - len(members))
+            self.child.log.debug("batch", size=len(members), ms=round(busy * 1e3, 2),
+                                 pid=os.getpid())

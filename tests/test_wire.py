@@ -1,0 +1,121 @@
+"""The wire format: round trips, strict validation, and a fuzzed decoder that never crashes."""
+
+from __future__ import annotations
+
+import msgpack
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from stages import wire
+
+REQ = wire.Request("r1", "/data/a.jpg", "/data/a.png", 0)
+PLACE = wire.Placement(375, 500, 1.0, 62, 0, 375, 500)
+
+
+def roundtrip(msg: wire.Message) -> wire.Message:
+    return wire.decode([bytes(f) for f in wire.encode(msg)])
+
+
+def test_image_roundtrip_keeps_pixels_and_metadata():
+    pixels = np.random.default_rng(0).integers(0, 256, (500, 500, 3), dtype=np.uint8)
+    out = roundtrip(wire.Image(REQ, PLACE, pixels))
+    assert out.request == REQ and out.placement == PLACE
+    np.testing.assert_array_equal(out.pixels, pixels)
+
+
+def test_output_and_result_roundtrip():
+    logits = np.random.default_rng(1).standard_normal((21, 63, 63)).astype(np.float32)
+    out = roundtrip(wire.Output(REQ, PLACE, "logits", logits))
+    np.testing.assert_array_equal(out.data, logits)
+    areas = np.arange(84, dtype=np.int64).reshape(4, 21)
+    res = roundtrip(wire.Result("r1", 1, wire.OK, "/a", "/m/a.png", None, "post", areas))
+    np.testing.assert_array_equal(res.areas, areas)
+    assert res.attempt == 1 and res.mask == "/m/a.png"
+
+
+@pytest.mark.parametrize("msg", [
+    wire.Request("x", "/p"), wire.Ready(3, 2, ("a", "b")), wire.Progress("executor", 0, ("a",)),
+    wire.Stats("preprocess", 1, 42, {"processed": 3, "busy_s": 0.5}),
+    wire.Submit((REQ, wire.Request("y", "/q"))), wire.StatusQuery(),
+    wire.Reply("accepted", ("a",), "", {"k": 1}),
+])
+def test_small_messages_roundtrip(msg):
+    assert roundtrip(msg) == msg
+
+
+def header(**fields):
+    return msgpack.packb({"v": wire.WIRE_VERSION, **fields})
+
+
+@pytest.mark.parametrize("frames, words", [
+    ([], "empty"),
+    ([b"\xc1"], "msgpack"),
+    ([msgpack.packb([1, 2])], "not a map"),
+    ([msgpack.packb({"v": 99, "kind": "request"})], "version"),
+    ([header(kind="pickle")], "unknown message kind"),
+    ([header(kind="request", req={"id": "a", "path": 5, "attempt": 0})], "path"),
+    ([header(kind="request", req={"id": "", "path": "/x", "attempt": 0})], "id"),
+    ([header(kind="image", req={"id": "a", "path": "/x", "attempt": 0},
+             place=[10, 10, 1.0, 0, 0, 10, 10], arrays=[["uint8", [10, 10, 3]]]), b"\0" * 7],
+     "bytes"),
+    ([header(kind="image", req={"id": "a", "path": "/x", "attempt": 0},
+             place=[10, 10, 1.0, 0, 0, 10, 10], arrays=[["object", [1]]]), b"\0"], "dtype"),
+    ([header(kind="image", req={"id": "a", "path": "/x", "attempt": 0},
+             place=[10, 10, 1.0, 5, 0, 10, 10], arrays=[["uint8", [10, 10, 3]]]),
+      b"\0" * 300], "outside"),
+    ([header(kind="output", req={"id": "a", "path": "/x", "attempt": 0},
+             place=[10, 10, 1.0, 0, 0, 10, 10], head="labels",
+             arrays=[["uint8", [100000, 100000]]]), b""], "shape"),
+    ([b"\0" * (wire.MAX_HEADER_BYTES + 1)], "header of"),
+])
+def test_malformed_messages_are_refused_with_a_reason(frames, words):
+    with pytest.raises(wire.WireError, match=words):
+        wire.decode(frames)
+
+
+def test_wire_error_carries_the_request_id_when_readable():
+    frames = [header(kind="image", req={"id": "abc", "path": "/x", "attempt": 0},
+                     place="nonsense", arrays=[])]
+    with pytest.raises(wire.WireError) as info:
+        wire.decode(frames)
+    assert info.value.request_id == "abc"
+
+
+def test_no_pickle_on_the_wire():
+    import pathlib
+    root = pathlib.Path(wire.__file__).parent.parent
+    runtime = [*root.glob("stages/**/*.py"), *root.glob("daemon/**/*.py")]
+    assert len(runtime) > 10
+    for path in runtime:
+        text = path.read_text()
+        assert "recv_pyobj" not in text and "send_pyobj" not in text, path
+        assert "import pickle" not in text, path
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(st.binary(max_size=512), min_size=0, max_size=5))
+def test_decoder_survives_random_frames(frames):
+    try:
+        wire.decode(frames)
+    except wire.WireError:
+        pass
+
+
+valid = [bytes(f) for f in wire.encode(wire.Image(REQ, PLACE, np.zeros((500, 500, 3), np.uint8)))]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.integers(0, len(valid[0]) - 1), st.integers(0, 255), st.booleans())
+def test_decoder_survives_mutated_headers(position, value, truncate):
+    head = bytearray(valid[0])
+    if truncate:
+        head = head[:position]
+    else:
+        head[position] = value
+    try:
+        msg = wire.decode([bytes(head), valid[1]])
+    except wire.WireError:
+        return
+    assert isinstance(msg, wire.Image)        # a mutation that still parses is a valid image
