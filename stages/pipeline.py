@@ -365,7 +365,7 @@ class Pipeline:
             self.close(drain=False)
             raise PipelineError(f"{child.name} cannot start: {reason}")
         child.past.update({k: v for k, v in child.counters.items()
-                           if k in ("processed", "errors", "batches", "filler")})
+                           if k in ("processed", "errors", "batches", "filler", "busy_s")})
         child.counters = {}
         child.process = None
         child.restarts += 1
@@ -420,11 +420,14 @@ class Pipeline:
         stages: dict[str, dict[str, float]] = {}
         for child in self.children:
             s = stages.setdefault(child.stage, {"processes": 0, "alive": 0, "processed": 0,
-                                                "errors": 0, "queue": 0, "restarts": 0})
+                                                "errors": 0, "queue": 0, "restarts": 0,
+                                                "busy_s": 0.0, "pids": []})
             s["processes"] += 1
+            if child.process is not None:
+                s["pids"].append(child.process.pid)
             s["alive"] += int(child.process is not None and child.process.exitcode is None)
             s["restarts"] += child.restarts
-            for key in ("processed", "errors", "queue"):
+            for key in ("processed", "errors", "queue", "busy_s"):
                 s[key] += child.counters.get(key, 0) + child.past.get(key, 0)
         now = time.monotonic()
         recent = [t for t in self.answered_at if t >= now - RATE_WINDOW_S]

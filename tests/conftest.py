@@ -1,0 +1,61 @@
+"""Session fixtures: model directories and a VOC-layout folder, each built once per run."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+INPUT_SIZE = 128          # small PSPNet input: fast on 2 cores, same code path as 500
+
+
+@pytest.fixture(scope="session")
+def mmseg_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The small mmseg PSPNet (calibrated weights), built by `pspnet build`'s code, per head."""
+    from tests.model_fixtures import make_model_dir
+
+    root = tmp_path_factory.mktemp("mmseg_models")
+    return {head: make_model_dir(root, head=head, batch_sizes=(1, 4), input_size=INPUT_SIZE)
+            for head in ("logits", "labels")}
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A 3-conv network behind the same artifacts: for tests about plumbing, not accuracy."""
+    from tests.tiny_model import make_tiny_model_dir
+
+    root = tmp_path_factory.mktemp("tiny_models")
+    return {head: make_tiny_model_dir(root, head=head, batch_sizes=(1, 4, 16),
+                                      input_size=(64, 64)) for head in ("logits", "labels")}
+
+
+@pytest.fixture(scope="session")
+def photos() -> list[tuple[str, np.ndarray]]:
+    from build_model.samples import sample_images
+
+    return sample_images()
+
+
+@pytest.fixture(scope="session")
+def photo_files(tmp_path_factory: pytest.TempPathFactory, photos) -> list[Path]:
+    """200 distinct JPEGs cut from the sample photos at VOC-like sizes."""
+    folder = tmp_path_factory.mktemp("photo_files")
+    rng = np.random.default_rng(7)
+    paths = []
+    for i in range(200):
+        name, rgb = photos[i % len(photos)]
+        h, w = rgb.shape[:2]
+        ch, cw = int(rng.integers(h // 2, h + 1)), int(rng.integers(w // 2, w + 1))
+        top, left = int(rng.integers(0, h - ch + 1)), int(rng.integers(0, w - cw + 1))
+        path = folder / f"{i:04d}_{Path(name).stem}.jpg"
+        Image.fromarray(rgb[top:top + ch, left:left + cw]).save(path, quality=90)
+        paths.append(path)
+    return paths
+
+
+def copy_files(paths: list[Path], folder: Path) -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    return [Path(shutil.copy(p, folder / p.name)) for p in paths]

@@ -1,0 +1,201 @@
+"""Issue 4: the daemon as users run it: serve, submit, status, watch, crashes, SIGTERM."""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from tests.daemon_helpers import Daemon, Submitter
+
+
+def valid_png(path: str | Path) -> bool:
+    with Image.open(path) as im:
+        im.load()
+        return im.format == "PNG" and im.mode == "P"
+
+
+def test_serve_submit_status_50_images(tiny_models, photo_files, tmp_path):
+    daemon = Daemon(tiny_models["logits"], tmp_path / "masks", tmp_path, "--batch-size", "4")
+    try:
+        status = daemon.wait_ready()
+        assert status["stages"]["executor"]["alive"] == 1
+        job = Submitter(daemon.endpoint, photo_files[:50])
+        job.run()
+        assert job.error is None
+        ids = collections.Counter(a.id for a in job.answers)
+        assert len(ids) == 50 and set(ids.values()) == {1}
+        assert all(a.status == "ok" for a in job.answers)
+        assert all(valid_png(a.mask) for a in job.answers)
+        status = daemon.status()
+        assert status["front"]["ok"] == 50
+        assert status["stages"]["preprocess"]["alive"] == 2
+        # the command-line client: one JSON line per image, exit 0 only if all succeeded
+        cli = subprocess.run(
+            [sys.executable, "-m", "daemon.cli", "submit", str(photo_files[0]),
+             str(tmp_path / "nope.jpg"), "--endpoint", daemon.endpoint],
+            capture_output=True, text=True, timeout=60)
+        lines = [json.loads(line) for line in cli.stdout.splitlines()]
+        assert cli.returncode == 1
+        assert sorted(line["status"] for line in lines) == ["error", "ok"]
+        assert {"id", "path", "status", "mask", "error", "latency_ms"} <= set(lines[0])
+        st = subprocess.run([sys.executable, "-m", "daemon.cli", "status", "--endpoint",
+                             daemon.endpoint], capture_output=True, text=True, timeout=30)
+        doc = json.loads(st.stdout)
+        assert doc["front"]["ok"] == 51 and "images_per_s" in doc
+    finally:
+        assert daemon.stop() == 0, daemon.logs()
+
+
+def test_two_executors_over_tcp_loopback(tiny_models, photo_files, tmp_path):
+    port = 20000 + os.getpid() % 20000
+    daemon = Daemon(tiny_models["labels"], tmp_path / "masks", tmp_path,
+                    "--devices", "cpu,cpu", "--transport", "tcp", "--tcp-base-port",
+                    str(port + 1), "--batch-size", "4", "--max-wait-ms", "5",
+                    endpoint=f"tcp://127.0.0.1:{port}")
+    try:
+        daemon.wait_ready()
+        job = Submitter(daemon.endpoint, photo_files[:40])
+        job.run()
+        assert sorted(a.status for a in job.answers) == ["ok"] * 40
+        executors = daemon.status()["stages"]["executor"]
+        assert executors["processes"] == 2 and executors["alive"] == 2
+    finally:
+        assert daemon.stop() == 0, daemon.logs()
+    busy = [e for e in daemon.events() if e.get("event") == "batch"]
+    del busy
+
+
+def test_kill_workers_mid_stream_every_request_answered_once(tiny_models, photo_files,
+                                                             tmp_path):
+    daemon = Daemon(tiny_models["logits"], tmp_path / "masks", tmp_path, "--batch-size", "4",
+                    "--max-inflight", "32")
+    try:
+        pids = daemon.wait_ready()["stages"]
+        job = Submitter(daemon.endpoint, photo_files[:200])
+        job.start()
+        for stage, after in (("preprocess", 20), ("executor", 70), ("postprocess", 130)):
+            job.wait_for(after)
+            victim = daemon.status()["stages"][stage]["pids"][0]
+            os.kill(victim, signal.SIGKILL)
+        job.join(180)
+        assert job.error is None
+        ids = collections.Counter(a.id for a in job.answers)
+        assert len(ids) == 200 and set(ids.values()) == {1}, "lost or duplicated answers"
+        failed = [a for a in job.answers if a.status != "ok"]
+        print(f"200 answers, {len(failed)} errors: {[a.error for a in failed][:3]}")
+        deadline = time.monotonic() + 60              # the last victim is restarting
+        while time.monotonic() < deadline:
+            status = daemon.status()
+            if all(s["alive"] == s["processes"] for s in status["stages"].values()):
+                break
+            time.sleep(0.2)
+        assert status["front"]["restarts"] >= 3
+        assert all(s["alive"] == s["processes"] for s in status["stages"].values())
+        assert pids["executor"]["pids"] != status["stages"]["executor"]["pids"]
+        ok = [a for a in job.answers if a.status == "ok"]
+        assert all(valid_png(a.mask) for a in ok)
+    finally:
+        assert daemon.stop() == 0, daemon.logs()
+
+
+def test_sigterm_mid_stream_drains_accepted_requests(tiny_models, photo_files, tmp_path):
+    daemon = Daemon(tiny_models["logits"], tmp_path / "masks", tmp_path, "--batch-size", "4")
+    daemon.wait_ready()
+    job = Submitter(daemon.endpoint, photo_files[:120])
+    job.start()
+    job.wait_for(15)
+    daemon.signal(signal.SIGTERM)
+    code = daemon.proc.wait(120)
+    job.join(30)
+    assert code == 0, daemon.logs()
+    answers = {a.id: a for a in job.answers}
+    accepted_ok = [a for a in answers.values() if a.status == "ok"]
+    refused = [a for a in answers.values() if a.status != "ok"]
+    assert len(answers) == 120, "every request got an answer: done, or refused at shutdown"
+    assert all(a.error == "daemon is shutting down" for a in refused)
+    assert len(accepted_ok) >= 15
+    final = json.loads(daemon.metrics.read_text())
+    assert final["front"]["ok"] == len(accepted_ok)
+    assert final["front"]["queued"] == 0 and final["front"]["inflight"] == 0
+
+
+def write_slowly(path: Path, data: bytes, chunks: int = 4, pause_s: float = 0.3) -> None:
+    with open(path, "wb") as f:
+        for i in range(chunks):
+            f.write(data[i * len(data) // chunks:(i + 1) * len(data) // chunks])
+            f.flush()
+            time.sleep(pause_s)
+
+
+def record_names(out: Path) -> list[str]:
+    lines = (out / ".pspnet-processed.jsonl").read_text().splitlines()
+    return [json.loads(line)["name"] for line in lines]
+
+
+def test_watch_mode_survives_kill_9_without_loss_or_repeats(tiny_models, photo_files,
+                                                            tmp_path):
+    inbox, out = tmp_path / "inbox", tmp_path / "masks"
+    inbox.mkdir()
+    files = photo_files[:28]
+    for p in files[:5]:                                  # present at start
+        shutil.copy(p, inbox / p.name)
+    (inbox / ".hidden.jpg").write_bytes(files[0].read_bytes())
+    (inbox / "partial.jpg.tmp").write_bytes(b"half")
+    args = ("--watch", str(inbox), "--batch-size", "4")
+    daemon = Daemon(tiny_models["logits"], out, tmp_path, *args)
+    try:
+        daemon.wait_ready()
+        for p in files[5:15]:                            # copied in while running
+            shutil.copy(p, inbox / p.name)
+        write_slowly(inbox / files[25].name, files[25].read_bytes())
+        deadline = time.monotonic() + 60
+        while len(list(out.glob("*.png"))) < 8 and time.monotonic() < deadline:
+            time.sleep(0.1)
+    finally:
+        daemon.kill_all()                                # kill -9, midway
+    for p in files[15:25]:                               # more arrive while it is down
+        tmp = inbox / f".{p.name}.part"
+        tmp.write_bytes(p.read_bytes())
+        tmp.rename(inbox / p.name)                       # write-then-rename
+    daemon = Daemon(tiny_models["logits"], out, tmp_path, *args)
+    try:
+        daemon.wait_ready()
+        for p in files[26:28]:
+            write_slowly(inbox / p.name, p.read_bytes())
+        deadline = time.monotonic() + 90
+        while len(set(record_names(out))) < 28 and time.monotonic() < deadline:
+            time.sleep(0.2)
+    finally:
+        assert daemon.stop() == 0, daemon.logs()
+    names = record_names(out)
+    masks = sorted(p.stem for p in out.glob("*.png"))
+    assert sorted(Path(n).stem for n in set(names)) == sorted(p.stem for p in files)
+    assert len(names) == len(set(names)) == 28, "an image was processed twice"
+    assert masks == sorted(p.stem for p in files)
+    assert all(valid_png(p) for p in out.glob("*.png"))
+
+
+@pytest.mark.parametrize("command", ["serve", "submit", "status"])
+def test_help_explains_every_flag(command):
+    import argparse
+
+    from daemon.commands import add_daemon_parsers
+
+    sub = argparse.ArgumentParser().add_subparsers()
+    add_daemon_parsers(sub)
+    parser = sub.choices[command]
+    for action in parser._actions:
+        assert action.help and len(action.help) > 10, (command, action.option_strings)
+    out = subprocess.run([sys.executable, "-m", "daemon.cli", command, "--help"],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and "--endpoint" in out.stdout

@@ -1,0 +1,226 @@
+"""Issue 3: the stages as real processes over ZeroMQ, against an independent reference."""
+
+from __future__ import annotations
+
+import collections
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zmq
+from PIL import Image
+
+from stages import wire
+from stages.config import Addresses, PipelineConfig
+from stages.executor import Executor
+from stages.labels import read_ground_truth
+from stages.manifest import Manifest, voc_palette
+from stages.pipeline import Pipeline, requests_for
+from tests.reference import Reference
+
+FAKE_ACL = Path(__file__).parent / "fake_aclruntime"
+
+
+def run_all(cfg: PipelineConfig, paths, anns=None):
+    with Pipeline(cfg) as pipe:
+        results = list(pipe.run(requests_for(paths, anns)))
+        status = pipe.status()
+        summary = pipe.metrics.summary() if pipe.metrics.images else None
+    return results, status, summary
+
+
+def answered_once(results, n: int) -> dict[str, wire.Result]:
+    counts = collections.Counter(r.id for r in results)
+    assert sorted(counts, key=int) == [str(i) for i in range(n)]
+    assert set(counts.values()) == {1}, "an id was answered twice"
+    return {r.id: r for r in results}
+
+
+@pytest.fixture(scope="module")
+def voc(tmp_path_factory, photos, mmseg_models) -> dict:
+    """Real photos with ground truth: the reference prediction, VOC-style 255 borders, and a
+    relabelled block, so the mIoU is neither 100 nor trivial."""
+    root = tmp_path_factory.mktemp("voc")
+    (root / "JPEGImages").mkdir()
+    (root / "SegmentationClass").mkdir()
+    reference = Reference(mmseg_models["logits"])
+    rng = np.random.default_rng(3)
+    images, anns, expected = [], [], {}
+    for name, rgb in photos:
+        stem = Path(name).stem
+        image = root / "JPEGImages" / f"{stem}.jpg"
+        Image.fromarray(rgb).save(image, quality=95)
+        decoded = np.asarray(Image.open(image).convert("RGB"))
+        pred = {head: reference.predict(decoded, head) for head in ("logits", "labels")}
+        truth = pred["logits"].copy()
+        edges = np.zeros_like(truth, bool)
+        edges[:-1] |= truth[:-1] != truth[1:]
+        edges[:, :-1] |= truth[:, :-1] != truth[:, 1:]
+        truth[edges] = 255
+        h, w = truth.shape
+        top, left = int(rng.integers(0, h // 2)), int(rng.integers(0, w // 2))
+        truth[top:top + h // 4, left:left + w // 4] = int(rng.integers(0, 21))
+        ann = root / "SegmentationClass" / f"{stem}.png"
+        gt = Image.fromarray(truth, mode="P")
+        gt.putpalette([c for rgb_ in voc_palette() for c in rgb_])
+        gt.save(ann)
+        images.append(image)
+        anns.append(ann)
+        expected[str(len(images) - 1)] = pred
+    assert len({len(np.unique(p["logits"])) for p in expected.values()}) > 1
+    assert min(len(np.unique(p["logits"])) for p in expected.values()) >= 3, \
+        "degenerate test model: too few classes per image"
+    return {"images": images, "anns": anns, "expected": expected}
+
+
+def mmseg_iou(masks: list[Path], anns: list[Path]) -> dict:
+    from build_model.mmseg_shim import install
+
+    install()
+    import torch
+    from mmseg.evaluation.metrics import IoUMetric
+
+    metric = IoUMetric(iou_metrics=["mIoU"])
+    metric.dataset_meta = {"classes": [str(i) for i in range(21)]}
+    for mask, ann in zip(masks, anns, strict=True):
+        pred = torch.from_numpy(np.asarray(Image.open(mask)).astype(np.int64))
+        label = torch.from_numpy(read_ground_truth(ann).astype(np.int64))
+        metric.results.append(metric.intersect_and_union(pred, label, 21, 255))
+    return metric.compute_metrics(metric.results)
+
+
+CASES = [("ort", "logits"), ("ort", "labels"), ("torch", "logits"), ("acl", "logits")]
+
+
+@pytest.mark.parametrize(("backend", "head"), CASES, ids=[f"{b}-{h}" for b, h in CASES])
+def test_voc_through_real_processes(backend, head, voc, mmseg_models, tmp_path, monkeypatch):
+    model_dir = mmseg_models[head]
+    if backend == "acl":
+        from tests.test_backends import with_om
+
+        monkeypatch.syspath_prepend(str(FAKE_ACL))    # spawned children inherit sys.path
+        model_dir = with_om(model_dir, tmp_path)
+    cfg = PipelineConfig(model_dir=model_dir, backend=backend, batch_size=4,
+                         preprocess_workers=2, postprocess_workers=2, out_dir=tmp_path / "m",
+                         log_json=True)
+    results, status, summary = run_all(cfg, voc["images"], voc["anns"])
+    by_id = answered_once(results, len(voc["images"]))
+    agreement = []
+    for rid, result in by_id.items():
+        assert result.status == wire.OK, result.error
+        mask = np.asarray(Image.open(result.mask))
+        assert Image.open(result.mask).mode == "P"
+        want = voc["expected"][rid][head]
+        assert mask.shape == want.shape
+        agreement.append((mask == want).mean())
+    print(f"{backend}/{head}: pixel agreement with the reference "
+          f"min {min(agreement):.5f} mean {np.mean(agreement):.5f}")
+    assert min(agreement) >= 0.995
+    masks = [Path(by_id[str(i)].mask) for i in range(len(voc["images"]))]
+    theirs = mmseg_iou(masks, voc["anns"])
+    print(f"pipeline mIoU {summary['mIoU']:.6f} / mmseg IoUMetric {theirs['mIoU']:.6f}")
+    for key in ("mIoU", "aAcc", "mAcc"):
+        assert summary[key] == pytest.approx(theirs[key], abs=1e-6)
+    assert status["front"]["ok"] == len(voc["images"])
+    assert 10 < summary["mIoU"] < 100
+
+
+def test_partial_batch_no_filler_leaks(tiny_models, photo_files, tmp_path):
+    cfg = PipelineConfig(model_dir=tiny_models["logits"], batch_size=16, max_wait_ms=50,
+                         out_dir=tmp_path / "m", log_json=True)
+    results, status, _ = run_all(cfg, photo_files[:17])
+    by_id = answered_once(results, 17)
+    assert all(r.status == wire.OK for r in by_id.values())
+    assert len(list((tmp_path / "m").glob("*.png"))) == 17
+    assert status["front"]["duplicates_dropped"] == 0
+
+
+def test_bad_inputs_answered_others_succeed(tiny_models, photo_files, tmp_path):
+    from tests.bad_images import write_corpus
+
+    corpus = write_corpus(tmp_path / "bad")
+    good = photo_files[:6]
+    paths = [*good, *corpus.values()]
+    cfg = PipelineConfig(model_dir=tiny_models["logits"], batch_size=4, max_wait_ms=20,
+                         out_dir=tmp_path / "m", log_json=True)
+    results, status, _ = run_all(cfg, paths)
+    by_id = answered_once(results, len(paths))
+    for i in range(len(good)):
+        assert by_id[str(i)].status == wire.OK
+    outcome = {kind: by_id[str(len(good) + i)] for i, kind in enumerate(corpus)}
+    for kind, result in outcome.items():
+        print(f"{kind:>20}: {result.status} {result.error or ''}")
+    must_fail = {"missing", "directory", "empty", "truncated_jpeg", "corrupt_jpeg",
+                 "random_bytes_jpg", "text_named_jpg", "huge_header_jpeg", "huge_header_png",
+                 "truncated_png"}
+    must_pass = {"good_jpeg", "png_named_jpg", "grayscale_jpeg", "cmyk_jpeg",
+                 "progressive_jpeg", "tiny_1x1", "rgba_png", "palette_png", "gray16_png", "bmp"}
+    assert must_fail | must_pass <= set(outcome)
+    for kind in must_fail:
+        assert outcome[kind].status == wire.ERROR and outcome[kind].error, kind
+    for kind in must_pass:
+        assert outcome[kind].status == wire.OK, (kind, outcome[kind].error)
+    assert status["front"]["errors"] == sum(r.status == wire.ERROR for r in by_id.values())
+
+
+class SlowBackend:
+    """Upload costs `transfer_s`, execute `compute_s`: what the executor must overlap."""
+
+    name, head = "slow", "labels"
+
+    def __init__(self, batch: int, size: tuple[int, int], transfer_s: float, compute_s: float):
+        self.batch_size, self.input_size = batch, size
+        self.transfer_s, self.compute_s = transfer_s, compute_s
+        self.execute_times_ms: list[float] = []
+        self.device: dict[int, np.ndarray] = {}
+
+    def upload(self, slot: int, images: np.ndarray, boxes: np.ndarray) -> None:
+        time.sleep(self.transfer_s)
+        self.device[slot] = boxes.copy()
+
+    def execute(self, slot: int) -> np.ndarray:
+        time.sleep(self.compute_s)
+        return np.zeros((self.batch_size, *self.input_size), np.uint8)
+
+    def close(self) -> None:
+        pass
+
+
+def test_executor_overlaps_assembly_and_transfer_with_compute(tiny_models, tmp_path):
+    """N batches take about N x compute, not N x (compute + transfer + assembly)."""
+    from stages.child import Child
+
+    manifest = Manifest.read(tiny_models["labels"])
+    batch, n_batches, compute_s, transfer_s = 4, 8, 0.20, 0.12
+    cfg = PipelineConfig(model_dir=tiny_models["labels"], max_wait_ms=1000, log_json=True,
+                         run_dir=tmp_path)
+    addrs = Addresses.for_config(cfg, tmp_path)
+    ctx = zmq.Context.instance()
+    images = ctx.socket(zmq.PUSH)            # test -> executor (stands in for the streamer)
+    images.bind(addrs.images_out)
+    outputs = ctx.socket(zmq.PULL)           # executor -> test
+    outputs.bind(addrs.outputs_in)
+    results = ctx.socket(zmq.PULL)           # progress and heartbeats -> test
+    results.bind(addrs.results)
+    child = Child("executor", 0, cfg, addrs.results)
+    backend = SlowBackend(batch, manifest.input_size, transfer_s, compute_s)
+    executor = Executor(child, cfg, addrs, backend, manifest)
+    threading.Thread(target=executor.run, daemon=True).start()
+    pixels = np.zeros((*manifest.input_size, 3), np.uint8)
+    place = wire.Placement(64, 64, 1.0, 0, 0, 64, 64)
+    started = time.perf_counter()
+    for i in range(n_batches * batch):       # all queued at once: assembly is never waiting
+        images.send_multipart(wire.encode(wire.Image(wire.Request(str(i), "/x"), place,
+                                                     pixels)))
+    got = [wire.decode(outputs.recv_multipart()).request.id for _ in range(n_batches * batch)]
+    elapsed = time.perf_counter() - started
+    serial = n_batches * (compute_s + transfer_s)
+    overlapped = n_batches * compute_s + transfer_s
+    print(f"{n_batches} batches: {elapsed:.2f} s; overlapped ideal {overlapped:.2f} s, "
+          f"serial {serial:.2f} s")
+    assert sorted(got, key=int) == [str(i) for i in range(n_batches * batch)]
+    assert elapsed < overlapped + 0.5 * (serial - overlapped)
+    for sock in (images, outputs, results):
+        sock.close(0)
