@@ -22,6 +22,7 @@ from typing import Any
 import structlog
 import zmq
 
+from daemon.cli import json_safe
 from daemon.endpoint import is_local
 from daemon.watch import Record, Watcher
 from stages import wire
@@ -239,7 +240,7 @@ class Server:
             self.record.close()
         if self.cfg.metrics_json is not None:
             tmp = self.cfg.metrics_json.with_suffix(".tmp")
-            tmp.write_text(json.dumps(final, indent=2) + "\n")
+            tmp.write_text(json.dumps(json_safe(final), indent=2) + "\n")
             tmp.replace(self.cfg.metrics_json)
         self.log.info("exit", drained=drain, ok=final["front"]["ok"],
                       errors=final["front"]["errors"], metrics=final["metrics"])

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import time
 
+import cv2
 import zmq
 
 from stages import wire
@@ -29,6 +30,7 @@ def worker_identity(index: int) -> bytes:
 
 def main(cfg: PipelineConfig, addrs: Addresses, index: int) -> None:
     child = Child(STAGE, index, cfg, addrs.results)
+    cv2.setNumThreads(1)                        # one worker = one core; the pool scales out
     try:
         manifest = Manifest.read(cfg.model_dir)
     except (OSError, ValueError) as exc:

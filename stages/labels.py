@@ -1,0 +1,380 @@
+"""Model outputs -> label masks -> mask files and mIoU areas: the postprocess workers' job.
+
+Pure functions; the ZeroMQ loop lives elsewhere.
+
+* `labels_from_logits` undoes the letterbox on logits: bilinear upsample to the padded
+  input, exact crop of the valid box (the reference's crop end `500 - pad_top` took one
+  row/column too many when the padding was odd), bilinear resize to the original size when
+  the letterbox scaled, argmax. Resizing logits before argmax is mmseg's own choice and the
+  more accurate one; the reference resized labels (nearest), which `labels_from_labels`
+  does for executors that already return labels.
+* `intersect_and_union` and `IoUAccumulator` reproduce mmseg 1.2.2's IoUMetric: the same
+  per-image areas (torch.histc semantics: labels equal to `ignore_index` dropped, values
+  outside [0, C-1] not counted) and the same metrics (0/0 -> NaN, NaN-mean over classes).
+  One knowing difference: mmseg sums the per-image float32 histograms in float32, so a
+  split total above 2**24 pixels (VOC's background) is rounded; here the sums are exact
+  int64 and the ratios float64 (the two agree to ~1e-6 relative on VOC val).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+import secrets
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, UnidentifiedImageError
+
+from stages.image_io import (
+    DEFAULT_MAX_PIXELS,
+    ImageError,
+    max_file_bytes,
+    pillow_pixel_limit,
+    read_file,
+)
+from stages.wire import Placement
+
+MAX_LABEL_CLASSES = 255          # ids 0..254 fit uint8 and stay clear of 255 = ignore
+MAX_NAME_BYTES = 200             # mask file stem, leaves room for ".png" and temp names
+GT_FORMATS = ("PNG", "BMP", "TIFF", "GIF", "PPM")
+
+
+class GroundTruthError(ValueError):
+    """A ground-truth file that cannot be scored against; one-line message for the user."""
+
+
+# ---------------------------------------------------------------------------------------
+# model output -> labels at the original size
+
+
+def _check_box(placement: Placement, input_h: int, input_w: int) -> None:
+    p = placement
+    if not (0 <= p.top and 0 <= p.left and p.height >= 1 and p.width >= 1
+            and p.top + p.height <= input_h and p.left + p.width <= input_w
+            and p.orig_h >= 1 and p.orig_w >= 1):
+        raise ValueError(f"placement box {p.box()} does not fit the {input_h}x{input_w} input")
+
+
+def labels_from_logits(
+    logits: np.ndarray, placement: Placement, input_size: tuple[int, int]
+) -> np.ndarray:
+    """C x h x w logits -> orig_h x orig_w uint8 class ids (argmax, first maximum wins).
+
+    Same numbers as `F.interpolate` to `input_size`, crop of the box, `F.interpolate` to
+    the original size (only when the letterbox scaled), `argmax(0)`; but the second resize
+    and the argmax run one class plane at a time, so a large original image never needs a
+    C x orig_h x orig_w float buffer (21 x 50 Mpx would be 4 GB), and the argmax over the
+    channel dimension (slow in torch on CPU) becomes a running maximum in numpy. NaN or
+    infinite logits are refused: they mean a broken model, and argmax would hide it.
+    """
+    if logits.ndim != 3 or logits.dtype.kind != "f":
+        raise ValueError(f"logits must be float C x h x w, got {logits.dtype} {logits.shape}")
+    num_classes = logits.shape[0]
+    if not 1 <= num_classes <= MAX_LABEL_CLASSES:
+        raise ValueError(f"{num_classes} classes do not fit a uint8 label map "
+                         f"(at most {MAX_LABEL_CLASSES})")
+    input_h, input_w = input_size
+    _check_box(placement, input_h, input_w)
+    p = placement
+    with torch.inference_mode():
+        # A frame straight off the wire is read-only; torch wants a writable array.
+        arr = (np.ascontiguousarray(logits, dtype=np.float32) if logits.flags.writeable
+               else np.array(logits, dtype=np.float32))
+        x = torch.from_numpy(arr).unsqueeze(0)
+        if not bool(torch.isfinite(x).all()):
+            raise ValueError("logits contain NaN or infinity")
+        if x.shape[2:] != (input_h, input_w):
+            x = F.interpolate(x, size=(input_h, input_w), mode="bilinear",
+                              align_corners=False)
+        crop = x[0, :, p.top:p.top + p.height, p.left:p.left + p.width]
+        resize = (p.height, p.width) != (p.orig_h, p.orig_w)
+
+        def plane(k: int) -> np.ndarray:
+            if not resize:
+                return crop[k].numpy()
+            return F.interpolate(crop[k][None, None], size=(p.orig_h, p.orig_w),
+                                 mode="bilinear", align_corners=False)[0, 0].numpy()
+
+        # Running argmax in numpy: strict ">" keeps the first maximum, like argmax.
+        best = plane(0).copy()
+        labels = np.zeros((p.orig_h, p.orig_w), np.uint8)
+        better = np.empty((p.orig_h, p.orig_w), np.bool_)
+        for k in range(1, num_classes):
+            value = plane(k)
+            np.greater(value, best, out=better)
+            np.copyto(labels, k, where=better, casting="unsafe")
+            np.maximum(best, value, out=best)
+    return labels
+
+
+def labels_from_labels(labels: np.ndarray, placement: Placement) -> np.ndarray:
+    """S x S uint8 labels from the executor -> orig_h x orig_w: exact crop, nearest resize.
+
+    Nearest is cv2.INTER_NEAREST (source index floor(dst * src / dst_size)), as the
+    reference's postprocess and mmseg's label resizing use.
+    """
+    if labels.ndim != 2 or labels.dtype != np.uint8:
+        raise ValueError(f"labels must be uint8 H x W, got {labels.dtype} {labels.shape}")
+    _check_box(placement, *labels.shape)
+    p = placement
+    crop = labels[p.top:p.top + p.height, p.left:p.left + p.width]
+    if (p.height, p.width) == (p.orig_h, p.orig_w):
+        return np.ascontiguousarray(crop)
+    return cv2.resize(np.ascontiguousarray(crop), (p.orig_w, p.orig_h),
+                      interpolation=cv2.INTER_NEAREST)
+
+
+# ---------------------------------------------------------------------------------------
+# mask files
+
+_UNSAFE = re.compile(r"[^\w.+-]", re.UNICODE)
+
+
+def mask_path(out_dir: Path, name: str) -> Path:
+    """The mask file for an image path or id: `out_dir / <stem>.png`, never outside out_dir.
+
+    Only the base name's stem is kept (either slash counts as a separator), characters
+    other than letters, digits, `_ . + -` become `_`, leading dots are dropped (no hidden
+    files, no `..`), the UTF-8 length is capped. Two inputs with the same stem map to the
+    same mask; the caller decides whether that is a collision. Refuses a symlink at the
+    target, so a planted link cannot redirect the write.
+    """
+    if "\x00" in name:
+        raise ValueError("mask name contains a NUL byte")
+    base = re.split(r"[/\\]", name)[-1]
+    stem, dot, ext = base.rpartition(".")
+    if not dot or not stem.strip("."):
+        stem = base                      # no extension (or a dot file): keep it whole
+    stem = _UNSAFE.sub("_", stem).lstrip(".")
+    encoded = stem.encode("utf-8")[:MAX_NAME_BYTES]
+    stem = encoded.decode("utf-8", errors="ignore")
+    if not stem or stem in (".", ".."):
+        raise ValueError(f"no usable file name in {name!r}")
+    root = Path(out_dir).resolve()
+    target = root / f"{stem}.png"
+    if target.parent != root:
+        raise ValueError(f"mask path for {name!r} leaves the output directory")
+    if target.is_symlink():
+        raise ValueError(f"{target} is a symbolic link; refusing to write through it")
+    return target
+
+
+def write_mask(labels: np.ndarray, path: Path, palette: Sequence[Sequence[int]]) -> None:
+    """Write a palette PNG (pixel = class id) atomically: readers see the old file or the
+    whole new one, never a partial one.
+
+    The PNG is written to a uniquely named temp file in the same directory (created with
+    O_EXCL, so it cannot follow a planted link) and renamed over `path`. No fsync: a crash
+    may lose the newest masks but never leaves a torn one under the final name.
+    """
+    if labels.ndim != 2 or labels.dtype != np.uint8:
+        raise ValueError(f"labels must be uint8 H x W, got {labels.dtype} {labels.shape}")
+    flat = [int(v) for colour in palette for v in colour]
+    if len(flat) % 3 or not 0 < len(flat) <= 768 or not all(0 <= v <= 255 for v in flat):
+        raise ValueError("palette must be 1..256 [r, g, b] entries of 0..255")
+    im = Image.fromarray(np.ascontiguousarray(labels))
+    im.putpalette(flat)                  # L -> P, indices unchanged
+    buf = io.BytesIO()
+    im.save(buf, format="PNG", compress_level=1)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0),
+                 0o644)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(buf.getbuffer())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def read_ground_truth(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """H x W uint8 class ids from a ground-truth image, as mmseg reads it ('unchanged').
+
+    A palette PNG gives its indices (VOC's SegmentationClass), a grayscale image its
+    values; an RGB(A) image is a colour rendering, not class ids, and is refused.
+    """
+    try:
+        data = read_file(path, max_file_bytes(max_pixels))
+    except ImageError as e:
+        raise GroundTruthError(f"ground truth: {e}") from None
+    try:
+        with pillow_pixel_limit(max_pixels), \
+                Image.open(io.BytesIO(data), formats=GT_FORMATS) as im:
+            if im.width * im.height > max_pixels:
+                raise GroundTruthError(
+                    f"ground truth: image is {im.width}x{im.height}, over the "
+                    f"{max_pixels / 1e6:.1f} Mpx limit")
+            if im.mode in ("RGB", "RGBA", "RGBX", "CMYK", "YCbCr", "LA", "PA"):
+                raise GroundTruthError(
+                    f"ground truth is a {im.mode} image; expected a palette (mode P) "
+                    "or grayscale PNG whose pixel values are class ids")
+            if im.mode not in ("P", "L"):
+                raise GroundTruthError(f"ground truth has unsupported mode {im.mode}; "
+                                       "expected a palette or 8-bit grayscale PNG")
+            im.load()
+            labels = np.array(im, dtype=np.uint8)
+    except GroundTruthError:
+        raise
+    except UnidentifiedImageError:
+        raise GroundTruthError("ground truth: not an image (unrecognised format)") from None
+    except Image.DecompressionBombError:
+        raise GroundTruthError(f"ground truth: image is over the {max_pixels / 1e6:.1f} Mpx "
+                               "limit") from None
+    except (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError) as e:
+        raise GroundTruthError(f"ground truth: truncated or corrupt image: {e}") from None
+    return labels
+
+
+# ---------------------------------------------------------------------------------------
+# mIoU
+
+
+def intersect_and_union(
+    pred: np.ndarray, label: np.ndarray, num_classes: int, ignore_index: int = 255
+) -> np.ndarray:
+    """int64 4 x C: area_intersect, area_union, area_pred_label, area_label for one image.
+
+    Exactly mmseg 1.2.2's `IoUMetric.intersect_and_union` (see the module docstring).
+    uint8 maps (the usual case) take one bincount over (label, pred) pairs.
+    """
+    if pred.shape != label.shape:
+        raise GroundTruthError(
+            f"ground truth is {'x'.join(map(str, label.shape))} but the prediction is "
+            f"{'x'.join(map(str, pred.shape))}: ground truth of the wrong size")
+    if pred.dtype.kind not in "iub" or label.dtype.kind not in "iub":
+        raise TypeError(f"label maps must be integer arrays, got {pred.dtype} and "
+                        f"{label.dtype}")
+    if num_classes < 1:
+        raise ValueError("num_classes must be at least 1")
+    if pred.dtype == np.uint8 and label.dtype == np.uint8 and num_classes <= 256:
+        pairs = label.astype(np.uint16).ravel() << 8
+        pairs |= pred.ravel()
+        conf = np.bincount(pairs, minlength=65536).reshape(256, 256)
+        if 0 <= ignore_index <= 255:
+            conf[ignore_index, :] = 0
+        c = num_classes
+        area_intersect = np.diagonal(conf)[:c]
+        area_pred = conf[:, :c].sum(axis=0)
+        area_label = conf[:c, :].sum(axis=1)
+    else:
+        lab = label.astype(np.int64, copy=False).ravel()
+        prd = pred.astype(np.int64, copy=False).ravel()
+        keep = lab != ignore_index
+        lab, prd = lab[keep], prd[keep]
+
+        def hist(v: np.ndarray) -> np.ndarray:
+            return np.bincount(v[(v >= 0) & (v < num_classes)], minlength=num_classes)
+
+        area_intersect = hist(prd[prd == lab])
+        area_pred = hist(prd)
+        area_label = hist(lab)
+    out = np.empty((4, num_classes), np.int64)
+    out[0] = area_intersect
+    out[2] = area_pred
+    out[3] = area_label
+    out[1] = out[2] + out[3] - out[0]
+    return out
+
+
+class IoUAccumulator:
+    """Sums per-image areas (int64, exact) and turns them into mmseg's metrics."""
+
+    def __init__(self, num_classes: int) -> None:
+        if num_classes < 1:
+            raise ValueError("num_classes must be at least 1")
+        self.num_classes = num_classes
+        self.areas = np.zeros((4, num_classes), np.int64)
+        self.images = 0
+
+    def add(self, areas: np.ndarray) -> None:
+        """Add one image's 4 x C areas (from `intersect_and_union`)."""
+        areas = np.asarray(areas)
+        if areas.shape != self.areas.shape or areas.dtype.kind not in "iu":
+            raise ValueError(f"areas must be integer 4 x {self.num_classes}, got "
+                             f"{areas.dtype} {areas.shape}")
+        self.areas += areas
+        self.images += 1
+
+    def merge(self, other: IoUAccumulator) -> None:
+        """Fold in another accumulator (e.g. one per postprocess worker)."""
+        if other.num_classes != self.num_classes:
+            raise ValueError("cannot merge accumulators with different class counts")
+        self.areas += other.areas
+        self.images += other.images
+
+    def per_class(self) -> tuple[np.ndarray, np.ndarray]:
+        """(IoU, Acc) per class as fractions; NaN where the class is absent (0/0)."""
+        inter, union, _, label = self.areas.astype(np.float64)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return inter / union, inter / label
+
+    def summary(self, class_names: Sequence[str] | None = None) -> dict[str, Any]:
+        """aAcc, mIoU, mAcc in percent (unrounded) and per-class IoU/Acc (percent, NaN kept).
+
+        NaN-means as mmseg: a class absent from both prediction and ground truth has no IoU
+        and does not count; a class predicted but absent from the ground truth has IoU 0
+        and no Acc. All-NaN (nothing scored) gives NaN, without a warning.
+        """
+        iou, acc = self.per_class()
+        inter, _, _, label = self.areas
+        total = int(label.sum())
+        names = list(class_names) if class_names is not None else list(
+            range(self.num_classes))
+        if len(names) != self.num_classes:
+            raise ValueError(f"{len(names)} class names for {self.num_classes} classes")
+        return {
+            "aAcc": float(inter.sum() / total * 100) if total else float("nan"),
+            "mIoU": _nanmean(iou) * 100,
+            "mAcc": _nanmean(acc) * 100,
+            "images": self.images,
+            "per_class": [{"class": n, "IoU": float(i * 100), "Acc": float(a * 100)}
+                          for n, i, a in zip(names, iou, acc, strict=True)],
+        }
+
+    def table(self, class_names: Sequence[str]) -> str:
+        """mmseg's per-class table (Class | IoU | Acc, 2 decimals), then aAcc/mIoU/mAcc."""
+        s = self.summary(class_names)
+        rows = [[str(c["class"]), _fmt(c["IoU"]), _fmt(c["Acc"])] for c in s["per_class"]]
+        lines = _pretty_table(["Class", "IoU", "Acc"], rows)
+        return (f"per class results:\n{lines}\n"
+                f"aAcc: {_fmt(s['aAcc'])}  mIoU: {_fmt(s['mIoU'])}  mAcc: {_fmt(s['mAcc'])}")
+
+
+def _nanmean(values: np.ndarray) -> float:
+    finite = values[~np.isnan(values)]
+    return float(finite.mean()) if finite.size else float("nan")
+
+
+def _fmt(value: float) -> str:
+    """A value as mmseg prints it: np.round(x, 2), shown with Python's repr (97.0, nan)."""
+    return str(float(np.round(value, 2)))
+
+
+def _pretty_table(header: list[str], rows: list[list[str]]) -> str:
+    """PrettyTable's default layout (centred, one space of padding), without the package."""
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+
+    def centre(text: str, width: int) -> str:
+        # PrettyTable centres with wcwidth.center, which splits odd padding like str.center.
+        return " " + text.center(width) + " "
+
+    rule = "+" + "+".join("-" * (w + 2) for w in widths) + "+"
+    out = [rule, "|" + "|".join(centre(h, w) for h, w in zip(header, widths, strict=True))
+           + "|", rule]
+    out += ["|" + "|".join(centre(c, w) for c, w in zip(r, widths, strict=True)) + "|"
+            for r in rows]
+    out.append(rule)
+    return "\n".join(out)

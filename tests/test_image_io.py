@@ -1,0 +1,305 @@
+"""stages.image_io: decoding (real photos, bad inputs) and the reference letterbox."""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+import threading
+from fractions import Fraction
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import skimage.data
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from PIL import Image
+
+from stages import image_io
+from stages.image_io import ImageError, decode_bytes, decode_image, letterbox, letterbox_size
+from stages.wire import Placement
+from tests.bad_images import EXPECT, HUGE_SIDE, patch_jpeg_size, write_corpus
+
+PHOTOS = ("astronaut", "chelsea", "coffee", "rocket")
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    return write_corpus(tmp_path_factory.mktemp("bad_images"))
+
+
+def _jpeg(rgb: np.ndarray | Image.Image, **save: object) -> bytes:
+    im = rgb if isinstance(rgb, Image.Image) else Image.fromarray(rgb)
+    buf = io.BytesIO()
+    im.save(buf, "JPEG", **{"quality": 90, **save})
+    return buf.getvalue()
+
+
+def _pillow_rgb(data: bytes) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+
+
+def _max_diff(a: np.ndarray, b: np.ndarray) -> int:
+    assert a.shape == b.shape
+    return int(np.abs(a.astype(np.int16) - b.astype(np.int16)).max())
+
+
+# ---------------------------------------------------------------------------------------
+# decoding real photos
+
+
+@pytest.mark.parametrize("name", PHOTOS)
+@pytest.mark.parametrize("subsampling", [0, 2])  # 4:4:4 and 4:2:0
+def test_jpeg_matches_opencv_and_pillow(tmp_path: Path, name: str, subsampling: int) -> None:
+    photo = getattr(skimage.data, name)()
+    data = _jpeg(photo, subsampling=subsampling)
+    path = tmp_path / f"{name}.jpg"
+    path.write_bytes(data)
+    rgb = decode_image(path)
+    assert rgb.dtype == np.uint8 and rgb.shape == photo.shape and rgb.flags.c_contiguous
+    # The reference reads with OpenCV (BGR); same libjpeg-turbo decoder, same pixels.
+    bgr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+    assert _max_diff(rgb, bgr[:, :, ::-1]) <= 1
+    assert _max_diff(rgb, _pillow_rgb(data)) <= 2
+    assert np.abs(rgb.astype(int) - photo).mean() < 3  # and it is the photo
+
+
+def test_grayscale_jpeg(tmp_path: Path) -> None:
+    gray = skimage.data.camera()
+    data = _jpeg(gray)
+    rgb = decode_bytes(data)
+    assert rgb.shape == gray.shape + (3,)
+    assert np.array_equal(rgb[..., 0], rgb[..., 1]) and np.array_equal(rgb[..., 0], rgb[..., 2])
+    assert _max_diff(rgb[..., 0], np.asarray(Image.open(io.BytesIO(data)))) <= 1
+
+
+def test_progressive_jpeg() -> None:
+    photo = skimage.data.coffee()
+    data = _jpeg(photo, progressive=True)
+    assert _max_diff(decode_bytes(data), _pillow_rgb(data)) <= 2
+
+
+def test_cmyk_jpeg_is_not_inverted() -> None:
+    photo = skimage.data.chelsea()
+    data = _jpeg(Image.fromarray(photo).convert("CMYK"))
+    rgb = decode_bytes(data)
+    assert rgb.shape == photo.shape
+    # Pillow writes Adobe-style CMYK; an inverted decode would be ~128 levels off.
+    assert np.abs(rgb.astype(int) - photo).mean() < 4
+
+
+def test_png_bmp_rgba_palette_16bit(corpus: dict[str, Path]) -> None:
+    photo = skimage.data.chelsea()
+    for kind in ("png_named_jpg", "bmp", "rgba_png"):
+        assert np.array_equal(decode_image(corpus[kind]), photo), kind
+    pal = decode_image(corpus["palette_png"])
+    assert np.array_equal(pal, np.asarray(Image.open(corpus["palette_png"]).convert("RGB")))
+    gray16 = decode_image(corpus["gray16_png"])  # high byte kept, as cv2 does
+    assert np.array_equal(gray16, np.repeat(photo[..., 1:2], 3, axis=2))
+
+
+def test_more_modes() -> None:
+    ramp = np.arange(256, dtype=np.uint8).reshape(16, 16)
+    la = Image.merge("LA", [Image.fromarray(ramp), Image.fromarray(255 - ramp)])
+    one_bit = Image.fromarray(ramp).convert("1")
+    pa = Image.fromarray(255 - ramp)
+    pa.putpalette([255 - i // 3 for i in range(768)])  # P, index i -> grey 255 - i
+    pa.info["transparency"] = 0
+    for im, want in ((la, ramp), (one_bit, np.asarray(one_bit.convert("L"))), (pa, ramp)):
+        buf = io.BytesIO()
+        im.save(buf, "PNG")
+        rgb = decode_bytes(buf.getvalue())
+        assert rgb.shape == (16, 16, 3) and rgb.dtype == np.uint8
+        assert _max_diff(rgb[..., 0], want.astype(np.uint8)) <= 1, im.mode
+
+
+def test_exif_orientation_is_not_applied() -> None:
+    photo = skimage.data.chelsea()  # 300 x 451
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 CW to display"
+    data = _jpeg(Image.fromarray(photo), exif=exif.tobytes())
+    assert decode_bytes(data).shape == photo.shape  # stored pixels, not rotated
+
+
+# ---------------------------------------------------------------------------------------
+# bad inputs
+
+
+@pytest.mark.parametrize("kind", sorted(EXPECT))
+def test_corpus(corpus: dict[str, Path], kind: str) -> None:
+    expected = EXPECT[kind]
+    if kind == "unreadable" and os.geteuid() == 0:
+        pytest.skip("root ignores chmod 000; see test_permission_denied_simulated")
+    if expected is None:
+        rgb = decode_image(corpus[kind])
+        assert rgb.dtype == np.uint8 and rgb.ndim == 3 and rgb.shape[2] == 3
+        assert rgb.flags.c_contiguous
+        canvas, place = letterbox(rgb, (500, 500))
+        assert canvas.shape == (500, 500, 3) and place.orig_h == rgb.shape[0]
+    else:
+        with pytest.raises(ImageError, match=re.escape(expected)) as info:
+            decode_image(corpus[kind])
+        assert "\n" not in str(info.value)
+
+
+def test_permission_denied_simulated(corpus: dict[str, Path],
+                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """Root reads mode-000 files, so the error path is exercised by refusing the open."""
+    def refuse(*_: object, **__: object) -> int:
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(image_io.os, "open", refuse)
+    with pytest.raises(ImageError, match="^permission denied$"):
+        decode_image(corpus["unreadable"])
+
+
+def test_huge_header_refused_before_decoding(corpus: dict[str, Path],
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    tj = image_io._turbojpeg()
+
+    def no_decode(*_: object, **__: object) -> None:
+        raise AssertionError("decoded a file whose header is over the limit")
+
+    monkeypatch.setattr(tj, "decode", no_decode)
+    monkeypatch.setattr(Image.Image, "load", no_decode)
+    with pytest.raises(ImageError) as info:
+        decode_image(corpus["huge_header_jpeg"])
+    assert str(info.value) == (f"image is {HUGE_SIDE}x{HUGE_SIDE} = 400.0 Mpx, over the "
+                               "50.0 Mpx limit (--max-pixels)")
+    with pytest.raises(ImageError, match="over the 50.0 Mpx limit"):
+        decode_image(corpus["huge_header_png"])
+    # Between the limit and Pillow's 2x "bomb" threshold the check is ours, also pre-load.
+    with pytest.raises(ImageError, match="over the 0.1 Mpx limit"):
+        decode_image(corpus["png_named_jpg"], max_pixels=300 * 451 - 1)
+
+
+def test_max_pixels_is_inclusive(corpus: dict[str, Path]) -> None:
+    assert decode_image(corpus["good_jpeg"], max_pixels=300 * 451).shape == (300, 451, 3)
+    with pytest.raises(ImageError, match=r"451x300 = 0.1 Mpx"):
+        decode_image(corpus["good_jpeg"], max_pixels=300 * 451 - 1)
+    cmyk_small = patch_jpeg_size(corpus["cmyk_jpeg"].read_bytes(), 20000, 20000)
+    with pytest.raises(ImageError, match="400.0 Mpx"):  # CMYK: header check before Pillow
+        decode_bytes(cmyk_small)
+
+
+def test_fifo_is_refused_without_blocking(tmp_path: Path) -> None:
+    fifo = tmp_path / "pipe.jpg"
+    os.mkfifo(fifo)
+    result: list[BaseException] = []
+    worker = threading.Thread(target=lambda: _capture(result, fifo), daemon=True)
+    worker.start()
+    worker.join(5)
+    assert not worker.is_alive(), "reading a FIFO blocked"
+    assert isinstance(result[0], ImageError) and "not a regular file" in str(result[0])
+
+
+def _capture(result: list[BaseException], path: Path) -> None:
+    try:
+        decode_image(path)
+    except BaseException as e:  # handed back to the test
+        result.append(e)
+
+
+def test_oversized_file_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "big.jpg"
+    path.write_bytes(b"\xff\xd8\xff" + b"\0" * 5000)
+    with pytest.raises(ImageError, match="MB limit"):
+        image_io.read_file(path, max_bytes=4096)
+
+
+# ---------------------------------------------------------------------------------------
+# letterbox
+
+
+def seed_letterbox(bgr: np.ndarray, target: int = 500) -> tuple[np.ndarray, tuple[int, ...]]:
+    """The reference step, literally: float scale, int() sizes, cv2 bilinear, centre pad."""
+    h, w = bgr.shape[:2]
+    scale = min(target / w, target / h)
+    nw, nh = int(w * scale), int(h * scale)
+    img = cv2.resize(bgr, (nw, nh), interpolation=cv2.INTER_LINEAR)
+    top, left = (target - nh) // 2, (target - nw) // 2
+    out = np.zeros((target, target, 3), np.uint8)
+    out[top:top + nh, left:left + nw] = img
+    return out, (top, left, nh, nw)
+
+
+SIZES = [(375, 500), (500, 375), (500, 333), (427, 640), (1, 1), (10, 1000), (1000, 10),
+         (500, 500), (281, 500), (333, 498), (1024, 768), (37, 53)]
+
+
+@pytest.mark.parametrize(("h", "w"), SIZES)
+def test_letterbox_matches_seed(h: int, w: int) -> None:
+    rng = np.random.default_rng(h * 10007 + w)
+    photo = cv2.resize(skimage.data.astronaut(), (w, h), interpolation=cv2.INTER_AREA)
+    noise = rng.integers(0, 256, (h, w, 3), np.uint8)
+    for rgb in (photo, noise):
+        want, (top, left, nh, nw) = seed_letterbox(np.ascontiguousarray(rgb[:, :, ::-1]))
+        want = want[:, :, ::-1]
+        got, place = letterbox(rgb, (500, 500))
+        assert (place.top, place.left, place.height, place.width) == (top, left, nh, nw)
+        assert (place.orig_h, place.orig_w) == (h, w)
+        assert place.scale == pytest.approx(min(500 / w, 500 / h))
+        assert np.array_equal(got, want)
+
+
+def test_letterbox_reuses_out_and_clears_padding() -> None:
+    out = np.full((500, 500, 3), 77, np.uint8)
+    rgb = skimage.data.rocket()  # 427 x 640 -> 333 x 500, top 83, bottom pad 84
+    canvas, place = letterbox(rgb, (500, 500), out=out)
+    assert canvas is out
+    assert place == Placement(427, 640, 500 / 640, 83, 0, 333, 500)
+    assert not out[:83].any() and not out[416:].any()
+    assert np.array_equal(out, seed_letterbox(np.ascontiguousarray(rgb[:, :, ::-1]))[0][:, :, ::-1])
+    small = np.full((100, 50, 3), 9, np.uint8)   # then a narrow image into the same buffer
+    letterbox(small, (500, 500), out=out)
+    assert not out[:, :125].any() and not out[:, 375:].any() and (out[:, 125:375] == 9).all()
+    with pytest.raises(ValueError, match="out must be"):
+        letterbox(rgb, (500, 500), out=np.empty((500, 400, 3), np.uint8))
+
+
+def test_letterbox_no_op_when_already_target_size() -> None:
+    rgb = cv2.resize(skimage.data.coffee(), (500, 375))
+    canvas, place = letterbox(rgb, (500, 500))
+    assert place == Placement(375, 500, 1.0, 62, 0, 375, 500)
+    assert np.array_equal(canvas[62:437], rgb)
+    square = np.random.default_rng(0).integers(0, 256, (500, 500, 3), np.uint8)
+    canvas, place = letterbox(square, (500, 500))
+    assert np.array_equal(canvas, square) and place.box() == (0, 0, 500, 500)
+
+
+def test_letterbox_non_square_target() -> None:
+    rgb = np.zeros((100, 100, 3), np.uint8)
+    canvas, place = letterbox(rgb, (256, 512))
+    assert canvas.shape == (256, 512, 3)
+    assert place.box() == (0, 128, 256, 256)
+
+
+@pytest.mark.parametrize(("h", "w"), [(375, 500), (500, 375), (3, 1500), (1500, 3)])
+def test_letterbox_sizes_exact(h: int, w: int) -> None:
+    scale, nh, nw = letterbox_size(h, w, (500, 500))
+    assert max(nh, nw) == 500
+    assert (nh, nw) == (max(1, int(Fraction(h * 500, max(h, w)))),
+                        max(1, int(Fraction(w * 500, max(h, w)))))
+    assert scale == min(500 / w, 500 / h)
+
+
+def test_letterbox_size_float_trap() -> None:
+    """w * (T / w) can land just under T in floats; the seed's int() then lost a pixel."""
+    traps = [w for w in range(1, 2000) if int(w * (500 / w)) != 500]
+    assert 499 in traps
+    for w in traps:
+        assert letterbox_size(w // 2 + 1, w, (500, 500))[2] == 500
+    rgb = np.random.default_rng(0).integers(0, 256, (333, 499, 3), np.uint8)
+    assert seed_letterbox(rgb)[1] == (83, 0, 333, 499)       # the seed: one column short
+    assert letterbox(rgb, (500, 500))[1].box() == (83, 0, 333, 500)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.integers(1, 5000), st.integers(1, 5000), st.integers(1, 1000), st.integers(1, 1000))
+def test_letterbox_size_is_exact_floor(h: int, w: int, th: int, tw: int) -> None:
+    scale, nh, nw = letterbox_size(h, w, (th, tw))
+    s = min(Fraction(tw, w), Fraction(th, h))
+    assert nh == max(1, int(h * s)) and nw == max(1, int(w * s))
+    assert nh <= th and nw <= tw and (nh == th or nw == tw)
