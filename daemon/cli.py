@@ -29,7 +29,6 @@ def main(argv: list[str] | None = None) -> int:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     from build_model.cli import add_build_parser
-
     from daemon.commands import add_daemon_parsers
 
     add_build_parser(sub)

@@ -26,7 +26,8 @@ SEND_LINGER_MS = 2000   # on exit, let queued answers reach the front
 class Child:
     """Per-process state of one stage worker: its zmq context, counters and heartbeat."""
 
-    def __init__(self, stage: str, index: int, cfg: PipelineConfig, results_addr: str) -> None:
+    def __init__(self, stage: str, index: int, cfg: PipelineConfig, results_addr: str,
+                 watch_parent: bool = True) -> None:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         configure_logging(cfg.log_level, cfg.log_json, stage=stage, index=index, pid=os.getpid())
         self.stage = stage
@@ -40,7 +41,7 @@ class Child:
         self.lock = threading.Lock()
         self._stop = threading.Event()
         self._gauge: Callable[[], dict[str, float]] | None = None
-        self._parent = os.getppid()
+        self._parent = os.getppid() if watch_parent else None
 
     def count(self, **deltas: float) -> None:
         with self.lock:
@@ -71,7 +72,8 @@ class Child:
                 pass                                 # front busy: the next beat will do
             if self._stop.wait(self.cfg.heartbeat_s):
                 break
-            if os.getppid() != self._parent:     # the front died (kill -9): so do we
+            if self._parent is not None and os.getppid() != self._parent:
+                # the front died (kill -9): so do we
                 self.log.warning("front gone, exiting")
                 os._exit(1)
         sender.close()

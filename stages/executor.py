@@ -46,8 +46,10 @@ def pick_batch_size(manifest: Manifest, wanted: int | None) -> int:
     return 16 if 16 in manifest.models else max(manifest.models)
 
 
-def main(cfg: PipelineConfig, addrs: Addresses, index: int) -> None:
-    child = Child(STAGE, index, cfg, addrs.results)
+def main(cfg: PipelineConfig, addrs: Addresses, index: int, supervised: bool = True,
+         ) -> None:
+    """Run until killed. `supervised`: started by the front, so exit when it is gone."""
+    child = Child(STAGE, index, cfg, addrs.results, watch_parent=supervised)
     device = cfg.devices[index] if index < len(cfg.devices) else cfg.devices[-1]
     try:
         manifest = Manifest.read(cfg.model_dir)

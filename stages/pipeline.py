@@ -122,6 +122,7 @@ class Pipeline:
         self.metrics = IoUAccumulator(self.manifest.num_classes)
         self.totals: collections.Counter = collections.Counter()
         self.answered_at: collections.deque[float] = collections.deque()
+        self.remote: dict[tuple[str, int, int], tuple[float, dict[str, float]]] = {}
         self.started = False
         self._own_run_dir = cfg.run_dir is None
         self._mp = multiprocessing.get_context("spawn")
@@ -324,7 +325,11 @@ class Pipeline:
 
     def _heartbeat(self, stats: wire.Stats) -> None:
         child = self._child(stats.stage, stats.index)
-        if child is None or child.process is None or child.process.pid != stats.pid:
+        if child is None:                        # a worker started elsewhere (`pspnet worker`)
+            self.remote[(stats.stage, stats.index, stats.pid)] = (time.monotonic(),
+                                                                  dict(stats.counters))
+            return
+        if child.process is None or child.process.pid != stats.pid:
             return                               # a previous life's last words
         if stats.fatal:
             child.fatal = stats.fatal
@@ -437,6 +442,10 @@ class Pipeline:
                       **{k: self.totals.get(k, 0) for k in
                          ("submitted", "ok", "errors", "retried", "restarts",
                           "duplicates_dropped", "malformed")}},
+            "remote": [{"stage": stage, "index": index, "pid": pid,
+                        "seen_s_ago": round(now - seen, 1), **counters}
+                       for (stage, index, pid), (seen, counters) in self.remote.items()
+                       if now - seen < 10 * self.cfg.heartbeat_timeout_s],
             "images_per_s": round(len(recent) / RATE_WINDOW_S, 2),
             "metrics": self.metrics.summary() if self.metrics.images else None,
         }

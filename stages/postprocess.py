@@ -30,8 +30,10 @@ STAGE = "postprocess"
 POLL_MS = 500
 
 
-def main(cfg: PipelineConfig, addrs: Addresses, index: int) -> None:
-    child = Child(STAGE, index, cfg, addrs.results)
+def main(cfg: PipelineConfig, addrs: Addresses, index: int, supervised: bool = True,
+         ) -> None:
+    """Run until killed. `supervised`: started by the front, so exit when it is gone."""
+    child = Child(STAGE, index, cfg, addrs.results, watch_parent=supervised)
     torch.set_num_threads(max(1, cfg.worker_threads))
     try:
         manifest = Manifest.read(cfg.model_dir)

@@ -28,8 +28,10 @@ def worker_identity(index: int) -> bytes:
     return f"{STAGE}-{index}-{os.getpid()}".encode()
 
 
-def main(cfg: PipelineConfig, addrs: Addresses, index: int) -> None:
-    child = Child(STAGE, index, cfg, addrs.results)
+def main(cfg: PipelineConfig, addrs: Addresses, index: int, supervised: bool = True,
+         ) -> None:
+    """Run until killed. `supervised`: started by the front, so exit when it is gone."""
+    child = Child(STAGE, index, cfg, addrs.results, watch_parent=supervised)
     cv2.setNumThreads(1)                        # one worker = one core; the pool scales out
     try:
         manifest = Manifest.read(cfg.model_dir)

@@ -56,23 +56,38 @@ def test_serve_submit_status_50_images(tiny_models, photo_files, tmp_path):
         assert daemon.stop() == 0, daemon.logs()
 
 
-def test_two_executors_over_tcp_loopback(tiny_models, photo_files, tmp_path):
+def test_two_executors_over_tcp_loopback_and_a_remote_one(tiny_models, photo_files, tmp_path):
+    """--devices cpu,cpu starts two executors; `pspnet worker` joins a third from outside."""
     port = 20000 + os.getpid() % 20000
-    daemon = Daemon(tiny_models["labels"], tmp_path / "masks", tmp_path,
+    model = tiny_models["labels"]
+    daemon = Daemon(model, tmp_path / "masks", tmp_path,
                     "--devices", "cpu,cpu", "--transport", "tcp", "--tcp-base-port",
                     str(port + 1), "--batch-size", "4", "--max-wait-ms", "5",
                     endpoint=f"tcp://127.0.0.1:{port}")
+    remote = subprocess.Popen(
+        [sys.executable, "-m", "daemon.cli", "worker", "executor", "--front", "127.0.0.1",
+         "--tcp-base-port", str(port + 1), "--model", str(model), "--batch-size", "4",
+         "--max-wait-ms", "5", "--index", "100", "--log-format", "json"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         daemon.wait_ready()
-        job = Submitter(daemon.endpoint, photo_files[:40])
+        deadline = time.monotonic() + 60
+        while not daemon.status()["remote"] and time.monotonic() < deadline:
+            time.sleep(0.2)
+        job = Submitter(daemon.endpoint, photo_files[:60])
         job.run()
-        assert sorted(a.status for a in job.answers) == ["ok"] * 40
-        executors = daemon.status()["stages"]["executor"]
+        assert sorted(a.status for a in job.answers) == ["ok"] * 60
+        time.sleep(1.5)                                   # one more heartbeat
+        status = daemon.status()
+        executors = status["stages"]["executor"]
         assert executors["processes"] == 2 and executors["alive"] == 2
+        (joined,) = [r for r in status["remote"] if r["stage"] == "executor"]
+        print(f"local executors {executors['processed']} images, remote {joined['processed']}")
+        assert joined["processed"] > 0 and executors["processed"] > 0
+        assert executors["processed"] + joined["processed"] == 60
     finally:
+        remote.kill()
         assert daemon.stop() == 0, daemon.logs()
-    busy = [e for e in daemon.events() if e.get("event") == "batch"]
-    del busy
 
 
 def test_kill_workers_mid_stream_every_request_answered_once(tiny_models, photo_files,
