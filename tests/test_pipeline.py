@@ -12,13 +12,13 @@ import pytest
 import zmq
 from PIL import Image
 
+from build_model.reference import Reference
 from stages import wire
 from stages.config import Addresses, PipelineConfig
 from stages.executor import Executor
 from stages.labels import read_ground_truth
 from stages.manifest import Manifest, voc_palette
 from stages.pipeline import Pipeline, requests_for
-from tests.reference import Reference
 
 FAKE_ACL = Path(__file__).parent / "fake_aclruntime"
 
@@ -141,9 +141,7 @@ def test_partial_batch_no_filler_leaks(tiny_models, photo_files, tmp_path):
 
 
 def test_bad_inputs_answered_others_succeed(tiny_models, photo_files, tmp_path):
-    from tests.bad_images import write_corpus
-
-    from tests.bad_images import EXPECT
+    from tests.bad_images import EXPECT, write_corpus
 
     corpus = {k: v for k, v in write_corpus(tmp_path / "bad").items() if k in EXPECT}
     good = photo_files[:6]

@@ -1,5 +1,7 @@
 """The reference prediction the pipeline must reproduce, written independently of stages/.
 
+Used by the tests and by `pspnet demo` (as its stand-in ground truth).
+
 mmseg's own network on the letterboxed input -> bilinear to the input size -> exact crop of
 the valid box -> bilinear to the original size -> argmax (the `logits` head's definition);
 for the `labels` head: argmax at the input size -> exact crop -> nearest to the original.

@@ -1,0 +1,273 @@
+"""torch backend: the exported core program wrapped in ServingModel, on CPU or CUDA.
+
+`manifest.torch_program` is a `torch.export` program of the network alone (float32
+N x 3 x H x W normalised in, logits out, any batch 1..64); ServingModel adds the uint8
+normalisation, box mask and optional argmax, so the bytes on the wire and over PCIe stay
+uint8. On CUDA every slot owns a pinned host buffer and a device buffer: `upload` copies
+on a side stream and records an event, `execute` waits on that event on the compute
+stream, so the copy of one slot overlaps the compute of the other. With `cuda_graphs=1`
+each slot's device buffers are the static inputs of one captured graph.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from stages.backends import (
+    NUM_SLOTS,
+    BackendBase,
+    BackendUnavailable,
+    check_options,
+    option_flag,
+    option_int,
+    parse_device,
+)
+from stages.serving_model import ServingModel
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+OPTIONS = {
+    "threads": "torch.set_num_threads on CPU (process-wide)",
+    "compile": "1: torch.compile the serving model (compile time in compile_seconds)",
+    "compile_mode": "torch.compile mode (default, reduce-overhead, max-autotune...)",
+    "cuda_graphs": "1: capture one CUDA graph per slot and replay it (CUDA only)",
+    "warmup": "warm-up runs per slot at open time (default 2 on CUDA, 1 on CPU)",
+}
+
+# The CPU path hands read-only numpy views (e.g. ZeroMQ frames) to torch.from_numpy; the
+# serving graph never writes its inputs, so torch's warning about that is noise.
+warnings.filterwarnings("ignore", message="The given NumPy array is not writable",
+                        category=UserWarning)
+
+
+class TorchBackend(BackendBase):
+    """ServingModel(torch.export core) in inference mode, eager, compiled or graph-replayed."""
+
+    name = "torch"
+
+    def __init__(
+        self,
+        model_dir: Path,
+        batch_size: int,
+        *,
+        device: str = "cpu",
+        precision: str = "fp32",
+        options: Mapping[str, str] | None = None,
+    ) -> None:
+        super().__init__(model_dir, batch_size)
+        options = dict(options or {})
+        check_options(self.name, options, OPTIONS)
+        kind, index = parse_device(device, ("cpu", "cuda"))
+        self.precision = precision
+        self.dtype = DTYPES[precision]
+        self.cuda_graphs = option_flag(options, "cuda_graphs")
+        self.compiled = option_flag(options, "compile")
+        self.compile_seconds: float | None = None
+        warmup = option_int(options, "warmup")
+        if kind == "cuda":
+            if not torch.cuda.is_available():
+                raise BackendUnavailable(f"device {device!r}: this torch ({torch.__version__})"
+                                         " sees no CUDA device")
+            if index >= torch.cuda.device_count():
+                raise BackendUnavailable(f"device {device!r}: only "
+                                         f"{torch.cuda.device_count()} CUDA device(s)")
+            self.device = torch.device("cuda", index)
+        else:
+            if self.cuda_graphs:
+                raise ValueError("cuda_graphs=1 needs a CUDA device")
+            if precision == "fp16":
+                raise ValueError("precision fp16 on CPU is not supported (slow or missing "
+                                 "kernels); use fp32, or bf16 where the CPU has it")
+            self.device = torch.device("cpu")
+            threads = option_int(options, "threads")
+            if threads:
+                torch.set_num_threads(threads)
+        self._cuda = self.device.type == "cuda"
+
+        self._model = self._load_model()
+        if self.compiled:
+            self._model = torch.compile(self._model, mode=options.get("compile_mode") or None)
+        if self._cuda:
+            self._setup_cuda()
+        self._warm_up(warmup if warmup is not None else (2 if self._cuda else 1))
+        if self.cuda_graphs:
+            self._capture_graphs()
+
+    # -- open time ---------------------------------------------------------------------
+
+    def _load_model(self) -> torch.nn.Module:
+        # one dynamic-batch program, or (when torch could not export that) one per size
+        program = self.manifest.torch_program or \
+            self.manifest.source.get("torch_programs", {}).get(str(self.batch_size))
+        if not program:
+            raise FileNotFoundError(f"{self.model_dir}: the manifest names no torch program; "
+                                    "rebuild the model directory with `pspnet build`")
+        path = self.model_dir / program
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: torch program missing; rebuild the model "
+                                    "directory with `pspnet build`")
+        exported = torch.export.load(str(path))
+        if self._cuda:
+            exported = _move_program(exported, self.device)
+        # The unflattened module shares parameters with `exported`; nothing else uses it.
+        # Never call .eval()/.train() on it: torch.export modules reject them (and the
+        # behaviour is already baked in at export time).
+        core = exported.module().to(self.device)   # a no-op once the pass has moved it
+        if self.dtype != torch.float32:
+            core = core.to(self.dtype)
+        if self._cuda and self.dtype != torch.float32:
+            # the NHWC uint8 input permuted to NCHW is already channels_last-strided
+            core = core.to(memory_format=torch.channels_last)
+        model = ServingModel(core, self.manifest.mean, self.manifest.std, self.head,
+                             compute_dtype=self.dtype).to(self.device)
+        model.requires_grad_(False)
+        return model
+
+    def _setup_cuda(self) -> None:
+        torch.backends.cudnn.benchmark = True       # static shapes: pick the fastest convs
+        with torch.cuda.device(self.device):
+            self._upload_stream = torch.cuda.Stream(self.device)
+            self._compute_stream = torch.cuda.Stream(self.device)
+            self._pinned = [
+                (torch.empty(self.image_shape, dtype=torch.uint8, pin_memory=True),
+                 torch.empty(self.box_shape, dtype=torch.int32, pin_memory=True))
+                for _ in range(NUM_SLOTS)
+            ]
+            # numpy views of the pinned buffers: upload copies into them with np.copyto
+            self._pinned_np = [(img.numpy(), box.numpy()) for img, box in self._pinned]
+            self._inputs = [
+                (torch.zeros(self.image_shape, dtype=torch.uint8, device=self.device),
+                 torch.zeros(self.box_shape, dtype=torch.int32, device=self.device))
+                for _ in range(NUM_SLOTS)
+            ]
+            full = torch.tensor([0, 0, *self.input_size], dtype=torch.int32)
+            for _, box in self._inputs:
+                box.copy_(full.expand(self.batch_size, 4))
+            self._uploaded = [torch.cuda.Event() for _ in range(NUM_SLOTS)]
+            self._consumed = [torch.cuda.Event() for _ in range(NUM_SLOTS)]
+            self._start = torch.cuda.Event(enable_timing=True)
+            self._end = torch.cuda.Event(enable_timing=True)
+            self._graphs: list[Any] = [None] * NUM_SLOTS
+            self._graph_out: list[torch.Tensor | None] = [None] * NUM_SLOTS
+            torch.cuda.synchronize(self.device)
+
+    def _warm_up(self, runs: int) -> None:
+        """Run the graph before the first batch: compiles, cudnn autotune, CPU bf16 check."""
+        if self.compiled or self.dtype != torch.float32:
+            runs = max(runs, 1)
+        started = time.perf_counter()
+        try:
+            with torch.inference_mode():
+                for _ in range(runs):
+                    if self._cuda:
+                        for slot in range(NUM_SLOTS):
+                            with torch.cuda.stream(self._compute_stream):
+                                self._model(*self._inputs[slot])
+                        torch.cuda.synchronize(self.device)
+                    else:
+                        image = torch.zeros(self.image_shape, dtype=torch.uint8)
+                        box = torch.tensor([[0, 0, *self.input_size]] * self.batch_size,
+                                           dtype=torch.int32)
+                        self._model(image, box)
+        except Exception as error:
+            if not self._cuda and self.dtype == torch.bfloat16:
+                raise BackendUnavailable(f"bf16 on this CPU failed ({error}); use fp32") \
+                    from error
+            raise
+        if self.compiled:
+            self.compile_seconds = time.perf_counter() - started
+
+    def _capture_graphs(self) -> None:
+        """One CUDA graph per slot, capturing the slot's device buffers as static inputs."""
+        with torch.cuda.device(self.device), torch.inference_mode():
+            side = torch.cuda.Stream(self.device)
+            side.wait_stream(self._compute_stream)
+            with torch.cuda.stream(side):         # warm-up off the default stream
+                for slot in range(NUM_SLOTS):
+                    for _ in range(3):
+                        self._model(*self._inputs[slot])
+            torch.cuda.synchronize(self.device)
+            for slot in range(NUM_SLOTS):
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph):
+                    out = self._model(*self._inputs[slot])
+                self._graphs[slot] = graph
+                self._graph_out[slot] = out
+            torch.cuda.synchronize(self.device)
+
+    # -- the two hot calls -------------------------------------------------------------
+
+    def upload(self, slot: int, images: np.ndarray, boxes: np.ndarray) -> None:
+        self._check_open()
+        self._check_slot(slot)
+        images, boxes = self._check_batch(images, boxes)
+        if not self._cuda:
+            # host backend: keep zero-copy views; the caller keeps the arrays unchanged
+            self._put(slot, (torch.from_numpy(images), torch.from_numpy(boxes)))
+            return
+        with torch.cuda.device(self.device):
+            # the previous copy out of this slot's pinned buffer must be done before refill
+            self._uploaded[slot].synchronize()
+            pinned_image, pinned_box = self._pinned_np[slot]
+            np.copyto(pinned_image, images)
+            np.copyto(pinned_box, boxes)
+            stream = self._upload_stream
+            with torch.cuda.stream(stream):
+                # and the last compute that read this slot's device buffer must be done
+                stream.wait_event(self._consumed[slot])
+                self._inputs[slot][0].copy_(self._pinned[slot][0], non_blocking=True)
+                self._inputs[slot][1].copy_(self._pinned[slot][1], non_blocking=True)
+                self._uploaded[slot].record(stream)
+        self._put(slot, True)
+
+    def execute(self, slot: int) -> np.ndarray:
+        state = self._take(slot)
+        if not self._cuda:
+            image, box = state  # type: ignore[misc]
+            with torch.inference_mode():
+                start = time.perf_counter()
+                out = self._model(image, box)
+                self.execute_times_ms.append((time.perf_counter() - start) * 1000.0)
+            return out.numpy()      # a new tensor per run: the array is the caller's
+        stream = self._compute_stream
+        with torch.cuda.device(self.device), torch.cuda.stream(stream), \
+                torch.inference_mode():
+            stream.wait_event(self._uploaded[slot])
+            self._start.record(stream)
+            if self.cuda_graphs:
+                self._graphs[slot].replay()
+                out = self._graph_out[slot]
+            else:
+                out = self._model(*self._inputs[slot])
+            self._end.record(stream)
+            self._consumed[slot].record(stream)
+            host = out.to("cpu")    # blocking copy on `stream`: a fresh host tensor
+            self.execute_times_ms.append(self._start.elapsed_time(self._end))
+        return host.numpy()
+
+    def close(self) -> None:
+        if not self._closed:
+            if self._cuda:
+                torch.cuda.synchronize(self.device)
+                self._graphs = [None] * NUM_SLOTS
+                self._graph_out = [None] * NUM_SLOTS
+                self._inputs = []
+                self._pinned = []
+                self._pinned_np = []
+            self._model = None
+        super().close()
+
+
+def _move_program(exported: Any, device: torch.device) -> Any:
+    """Move an ExportedProgram's weights and device constants (not just the module)."""
+    try:
+        from torch.export.passes import move_to_device_pass
+    except ImportError:     # older torch: module-level .to() in _load_model instead
+        return exported
+    return move_to_device_pass(exported, device)

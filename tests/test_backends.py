@@ -1,0 +1,492 @@
+"""The executor backends against eager ServingModel, on tiny models: ort, torch, acl stand-in.
+
+Every backend must give the reference output per slot, also with upload and execute on
+two threads, keep its timings, and fail with a clear message when something is missing.
+The acl backend runs against tests/fake_aclruntime, which enforces aclruntime's contract.
+CUDA tests run only where torch sees a GPU.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import queue
+import shutil
+import sys
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from stages.backends import (
+    KINDS,
+    NUM_SLOTS,
+    Backend,
+    BackendUnavailable,
+    open_backend,
+    throughput,
+)
+from stages.backends.acl import exec_times_ms
+from stages.manifest import Manifest
+from stages.serving_model import ServingModel
+from tests.tiny_model import MEAN, STD, make_tiny_model_dir, random_batch, tiny_core
+
+FAKE_ACL = Path(__file__).parent / "fake_aclruntime"
+BATCH = 4
+SIZE = (64, 64)
+CUDA = torch.cuda.is_available()
+needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
+
+
+# ---- fixtures ---------------------------------------------------------------------------
+
+@pytest.fixture(scope="session")
+def model_dirs(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("models")
+    return {head: make_tiny_model_dir(root, head=head, input_size=SIZE)
+            for head in ("logits", "labels")}
+
+
+@pytest.fixture(scope="session")
+def references() -> dict[str, ServingModel]:
+    core = tiny_core()
+    return {head: ServingModel(core, MEAN, STD, head) for head in ("logits", "labels")}
+
+
+def reference(model: ServingModel, images: np.ndarray, boxes: np.ndarray) -> np.ndarray:
+    with torch.inference_mode():
+        return model(torch.from_numpy(images), torch.from_numpy(boxes)).numpy()
+
+
+@pytest.fixture
+def fake_acl(monkeypatch):
+    """`import aclruntime` gets the stand-in, freshly imported for each test."""
+    monkeypatch.syspath_prepend(str(FAKE_ACL))
+    monkeypatch.delitem(sys.modules, "aclruntime", raising=False)
+    import aclruntime
+    aclruntime.to_device_threads.clear()
+    yield aclruntime
+    sys.modules.pop("aclruntime", None)
+
+
+def with_om(model_dir: Path, dest: Path, *, om_batch: dict[int, int] | None = None) -> Path:
+    """A copy of `model_dir` whose manifest names a (fake) OM per batch size.
+
+    The stand-in runs the `.onnx` beside each `.om`; `om_batch` maps a batch size to the
+    batch size whose ONNX its OM should hold (to fake an OM built for the wrong batch).
+    """
+    out = dest / f"{model_dir.name}_om"
+    shutil.copytree(model_dir, out)
+    manifest = Manifest.read(out)
+    models = {}
+    for n, files in manifest.models.items():
+        source = (om_batch or {}).get(n, n)
+        om = f"fake_bs{n}.om"
+        (out / om).write_bytes(b"fake OM\n")
+        shutil.copyfile(out / f"pspnet_bs{source}.onnx", out / f"fake_bs{n}.onnx")
+        models[n] = dataclasses.replace(files, om=om)
+    dataclasses.replace(manifest, models=models).write(out)
+    return out
+
+
+def open_kind(kind: str, model_dir: Path, tmp_path: Path, batch: int = BATCH,
+              **kwargs) -> Backend:
+    if kind == "acl":
+        return open_backend("acl", with_om(model_dir, tmp_path), batch, device="npu:0",
+                            **kwargs)
+    return open_backend(kind, model_dir, batch, **kwargs)
+
+
+def assert_matches(head: str, got: np.ndarray, want: np.ndarray) -> None:
+    assert got.shape == want.shape
+    if head == "logits":
+        assert got.dtype == np.float32
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+    else:
+        assert got.dtype == np.uint8
+        assert np.mean(got == want) >= 0.999
+
+
+# ---- every backend against the eager graph ---------------------------------------------
+
+@pytest.mark.parametrize("head", ["logits", "labels"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_matches_eager(kind, head, model_dirs, references, tmp_path, request):
+    if kind == "acl":
+        request.getfixturevalue("fake_acl")
+    backend = open_kind(kind, model_dirs[head], tmp_path)
+    assert isinstance(backend, Backend)
+    assert (backend.name, backend.batch_size, backend.head, backend.input_size) == \
+        (kind, BATCH, head, SIZE)
+    kept = []
+    for k in range(4):                      # both slots, each used twice
+        images, boxes = random_batch(BATCH, SIZE, seed=k)
+        backend.upload(k % NUM_SLOTS, images, boxes)
+        kept.append((backend.execute(k % NUM_SLOTS), images, boxes))
+    for out, images, boxes in kept:         # earlier outputs were not overwritten
+        assert_matches(head, out, reference(references[head], images, boxes))
+    assert len(backend.execute_times_ms) == 4
+    assert all(t > 0 for t in backend.execute_times_ms)
+    assert throughput(BATCH, backend.execute_times_ms) > 0
+    backend.close()
+    backend.close()                         # idempotent
+    with pytest.raises(RuntimeError, match="closed"):
+        backend.upload(0, images, boxes)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_two_threads_interleaved(kind, model_dirs, references, tmp_path, request):
+    """The executor's pattern: two host buffers, upload on one thread, execute on another."""
+    if kind == "acl":
+        fake = request.getfixturevalue("fake_acl")
+    backend = open_kind(kind, model_dirs["logits"], tmp_path)
+    batches = [random_batch(BATCH, SIZE, seed=100 + k) for k in range(8)]
+    host = [(np.empty((BATCH, *SIZE, 3), np.uint8), np.empty((BATCH, 4), np.int32))
+            for _ in range(NUM_SLOTS)]
+    free = [threading.Semaphore(1) for _ in range(NUM_SLOTS)]
+    ready: queue.Queue = queue.Queue()
+    results: dict[int, np.ndarray] = {}
+    errors: list[BaseException] = []
+
+    def assemble() -> None:
+        try:
+            for k, (images, boxes) in enumerate(batches):
+                slot = k % NUM_SLOTS
+                assert free[slot].acquire(timeout=30)
+                np.copyto(host[slot][0], images)     # reuse the slot's host buffers
+                np.copyto(host[slot][1], boxes)
+                backend.upload(slot, *host[slot])
+                ready.put((k, slot))
+        except BaseException as error:  # noqa: BLE001  (reported by the main thread)
+            errors.append(error)
+        ready.put(None)
+
+    def run() -> None:
+        try:
+            while (item := ready.get(timeout=30)) is not None:
+                k, slot = item
+                results[k] = backend.execute(slot)
+                host[slot][0].fill(0)                # the caller may reuse it right away
+                free[slot].release()
+        except BaseException as error:  # noqa: BLE001
+            errors.append(error)
+
+    threads = [threading.Thread(target=assemble), threading.Thread(target=run)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert not errors, errors
+    assert sorted(results) == list(range(len(batches)))
+    for k, (images, boxes) in enumerate(batches):
+        assert_matches("logits", results[k], reference(references["logits"], images, boxes))
+    if kind == "acl":               # the host-to-device copy ran on the assembling thread
+        assert set(fake.to_device_threads) == {threads[0].ident}
+    backend.close()
+
+
+# ---- interface and argument errors --------------------------------------------------------
+
+def test_unknown_kind_lists_kinds(model_dirs):
+    with pytest.raises(ValueError, match="ort, torch, acl"):
+        open_backend("tensorflow", model_dirs["logits"], BATCH)
+
+
+@pytest.mark.parametrize("kind", ["ort", "torch"])
+def test_bad_arguments(kind, model_dirs):
+    with pytest.raises(ValueError, match="no model for batch size 3"):
+        open_backend(kind, model_dirs["logits"], 3)
+    with pytest.raises(ValueError, match="unknown .* option"):
+        open_backend(kind, model_dirs["logits"], BATCH, options={"thread": "2"})
+    with pytest.raises(ValueError, match="precision"):
+        open_backend(kind, model_dirs["logits"], BATCH, precision="int8")
+    with pytest.raises(ValueError, match="device"):
+        open_backend(kind, model_dirs["logits"], BATCH, device="gpu0")
+
+
+@pytest.mark.parametrize("kind", ["ort", "torch"])
+def test_upload_checks_batch(kind, model_dirs):
+    backend = open_backend(kind, model_dirs["logits"], BATCH)
+    images, boxes = random_batch(BATCH - 1, SIZE, seed=0)
+    with pytest.raises(ValueError, match="pad a partial batch"):
+        backend.upload(0, images, boxes[:BATCH - 1])
+    images, boxes = random_batch(BATCH, SIZE, seed=0)
+    with pytest.raises(ValueError, match="uint8"):
+        backend.upload(0, images.astype(np.float32), boxes)
+    with pytest.raises(ValueError, match="int32"):
+        backend.upload(0, images, boxes.astype(np.int64))
+    with pytest.raises(ValueError, match="slot"):
+        backend.upload(NUM_SLOTS, images, boxes)
+    with pytest.raises(RuntimeError, match="without a pending upload"):
+        backend.execute(1)
+    backend.upload(1, images[:, ::-1], boxes)       # non-contiguous views are fine
+    assert backend.execute(1).shape[0] == BATCH
+    backend.close()
+
+
+def test_missing_files(model_dirs, tmp_path):
+    with pytest.raises(FileNotFoundError, match="no such model directory"):
+        open_backend("ort", tmp_path / "nowhere", BATCH)
+    broken = tmp_path / "broken"
+    shutil.copytree(model_dirs["logits"], broken)
+    (broken / f"pspnet_bs{BATCH}.onnx").unlink()
+    (broken / "pspnet_core.pt2").unlink()
+    with pytest.raises(FileNotFoundError, match="ONNX model for batch size 4 is missing"):
+        open_backend("ort", broken, BATCH)
+    with pytest.raises(FileNotFoundError, match="torch program missing"):
+        open_backend("torch", broken, BATCH)
+    (broken / "manifest.json").unlink()
+    with pytest.raises(FileNotFoundError, match="no manifest"):
+        open_backend("ort", broken, BATCH)
+
+
+# ---- ort ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("device", ["cuda:0", "tensorrt:0", "cann:0"])
+def test_ort_unavailable_provider(device, model_dirs):
+    import onnxruntime
+
+    provider = {"cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider",
+                "cann": "CANNExecutionProvider"}[device.split(":")[0]]
+    if provider in onnxruntime.get_available_providers():
+        pytest.skip(f"{provider} is available here")
+    with pytest.raises(BackendUnavailable, match=f"{provider}.*CPUExecutionProvider"):
+        open_backend("ort", model_dirs["logits"], BATCH, device=device)
+
+
+def test_ort_threads_and_precision(model_dirs):
+    backend = open_backend("ort", model_dirs["labels"], 2, options={"threads": "1"})
+    assert backend.execute_times_ms == []
+    backend.close()
+    with pytest.raises(ValueError, match="fp16 on tensorrt and cann"):
+        open_backend("ort", model_dirs["labels"], 2, precision="fp16")
+
+
+# ---- torch -------------------------------------------------------------------------------
+
+def test_torch_cpu_rejects_cuda_only_settings(model_dirs):
+    with pytest.raises(ValueError, match="fp16 on CPU"):
+        open_backend("torch", model_dirs["logits"], BATCH, precision="fp16")
+    with pytest.raises(ValueError, match="cuda_graphs=1 needs a CUDA device"):
+        open_backend("torch", model_dirs["logits"], BATCH, options={"cuda_graphs": "1"})
+    if not CUDA:
+        with pytest.raises(BackendUnavailable, match="no CUDA device"):
+            open_backend("torch", model_dirs["logits"], BATCH, device="cuda:0")
+
+
+def test_torch_cpu_bf16(model_dirs, references):
+    try:
+        backend = open_backend("torch", model_dirs["labels"], BATCH, precision="bf16",
+                               options={"threads": "1"})
+    except BackendUnavailable as error:
+        pytest.skip(str(error))
+    images, boxes = random_batch(BATCH, SIZE, seed=7)
+    backend.upload(0, images, boxes)
+    out = backend.execute(0)
+    want = reference(references["labels"], images, boxes)
+    assert out.dtype == np.uint8 and out.shape == want.shape
+    assert np.mean(out == want) >= 0.9              # bf16 flips near-ties only
+    backend.close()
+
+
+@pytest.mark.slow
+def test_torch_cpu_compile(model_dirs, references):
+    pytest.importorskip("torch._inductor")
+    backend = open_backend("torch", model_dirs["logits"], 1, options={"compile": "1"})
+    assert backend.compile_seconds is not None and backend.compile_seconds > 0
+    images, boxes = random_batch(1, SIZE, seed=3)
+    backend.upload(0, images, boxes)
+    assert_matches("logits", backend.execute(0), reference(references["logits"], images,
+                                                           boxes))
+    backend.close()
+
+
+@needs_cuda
+@pytest.mark.parametrize("precision,options", [
+    ("fp32", {}),
+    ("fp32", {"cuda_graphs": "1"}),
+    ("fp16", {}),
+    ("bf16", {"cuda_graphs": "1"}),
+    ("fp16", {"compile": "1"}),
+])
+@pytest.mark.parametrize("head", ["logits", "labels"])
+def test_torch_cuda(head, precision, options, model_dirs, references):
+    backend = open_backend("torch", model_dirs[head], BATCH, device="cuda:0",
+                           precision=precision, options=options)
+    if options.get("compile") == "1":
+        assert backend.compile_seconds is not None
+    kept = []
+    for k in range(6):
+        images, boxes = random_batch(BATCH, SIZE, seed=200 + k)
+        backend.upload(k % NUM_SLOTS, images, boxes)
+        kept.append((backend.execute(k % NUM_SLOTS), images, boxes))
+    for out, images, boxes in kept:
+        want = reference(references[head], images, boxes)
+        assert out.shape == want.shape
+        if precision == "fp32":                     # TF32 convs: not bit-exact
+            if head == "logits":
+                np.testing.assert_allclose(out, want, rtol=1e-2, atol=1e-2)
+            else:
+                assert np.mean(out == want) >= 0.99
+        elif head == "logits":
+            np.testing.assert_allclose(out, want, rtol=5e-2, atol=5e-2)
+        else:
+            assert np.mean(out == want) >= 0.9
+    assert len(backend.execute_times_ms) == 6 and all(t > 0 for t in backend.execute_times_ms)
+    backend.close()
+
+
+@needs_cuda
+@pytest.mark.parametrize("options", [{}, {"cuda_graphs": "1"}])
+def test_torch_cuda_two_threads(options, model_dirs, references, tmp_path, monkeypatch):
+    """Upload on a side stream while the other slot computes: per-slot results stay right."""
+    backend = open_backend("torch", model_dirs["labels"], BATCH, device="cuda",
+                           options=options)
+    batches = [random_batch(BATCH, SIZE, seed=300 + k) for k in range(16)]
+    free = [threading.Semaphore(1) for _ in range(NUM_SLOTS)]
+    ready: queue.Queue = queue.Queue()
+    results: dict[int, np.ndarray] = {}
+
+    def assemble() -> None:
+        for k, (images, boxes) in enumerate(batches):
+            free[k % NUM_SLOTS].acquire()
+            backend.upload(k % NUM_SLOTS, images, boxes)
+            ready.put(k)
+        ready.put(None)
+
+    thread = threading.Thread(target=assemble)
+    thread.start()
+    while (k := ready.get(timeout=60)) is not None:
+        results[k] = backend.execute(k % NUM_SLOTS)
+        free[k % NUM_SLOTS].release()
+    thread.join()
+    for k, (images, boxes) in enumerate(batches):
+        want = reference(references["labels"], images, boxes)
+        assert np.mean(results[k] == want) >= 0.99
+    backend.close()
+
+
+# ---- acl (against the stand-in) ----------------------------------------------------------
+
+def test_acl_missing_aclruntime(model_dirs, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "aclruntime", None)    # import raises ImportError
+    with pytest.raises(BackendUnavailable, match="aclruntime not found: it ships with "
+                                                 "ais_bench"):
+        open_backend("acl", with_om(model_dirs["logits"], tmp_path), BATCH, device="npu:0")
+
+
+def test_acl_missing_om(fake_acl, model_dirs):
+    with pytest.raises(FileNotFoundError, match=r"pspnet_bs4\.atc\.sh"):
+        open_backend("acl", model_dirs["logits"], BATCH, device="npu:0")
+
+
+def test_acl_device_and_precision(fake_acl, model_dirs, tmp_path):
+    model_dir = with_om(model_dirs["logits"], tmp_path)
+    with pytest.raises(ValueError, match="Ascend NPU"):
+        open_backend("acl", model_dir, BATCH)                # the default device is "cpu"
+    with pytest.raises(ValueError, match="precision_mode"):
+        open_backend("acl", model_dir, BATCH, device="npu:0", precision="fp16")
+    with pytest.raises(RuntimeError, match="not available"):
+        open_backend("acl", model_dir, BATCH, device="npu:3")
+
+
+def test_acl_om_of_wrong_batch_is_refused_at_open(fake_acl, model_dirs, tmp_path):
+    model_dir = with_om(model_dirs["logits"], tmp_path, om_batch={BATCH: 2})
+    with pytest.raises(ValueError, match=r"OM input .*expected \[4, 64, 64, 3\].*bytes"):
+        open_backend("acl", model_dir, BATCH, device="npu:0")
+
+
+def test_acl_wrong_batch_upload(fake_acl, model_dirs, tmp_path):
+    backend = open_kind("acl", model_dirs["logits"], tmp_path)
+    images, boxes = random_batch(2, SIZE, seed=0)
+    with pytest.raises(ValueError, match="pad a partial batch"):
+        backend.upload(0, images, boxes)
+    backend.close()
+
+
+@pytest.mark.parametrize("head", ["logits", "labels"])
+def test_acl_stand_in_enforces_contract(fake_acl, head, model_dirs, tmp_path):
+    """What the backend must get right, checked on the stand-in itself."""
+    model_dir = with_om(model_dirs[head], tmp_path)
+    om = str(model_dir / Manifest.read(model_dir).models[BATCH].om)
+    with pytest.raises(TypeError, match="incompatible constructor"):
+        fake_acl.InferenceSession(om, 0, None)
+    with pytest.raises(RuntimeError, match="not an OM"):
+        fake_acl.InferenceSession(om + ".missing", 0, fake_acl.session_options())
+    session = fake_acl.InferenceSession(om, 0, fake_acl.session_options())
+    [out_desc] = session.get_outputs()
+    images, boxes = random_batch(BATCH, SIZE, seed=1)
+    small, small_boxes = random_batch(2, SIZE, seed=1)
+
+    feeds = [fake_acl.Tensor(images), fake_acl.Tensor(boxes)]
+    with pytest.raises(RuntimeError, match="call to_device"):
+        session.run([out_desc.name], feeds)
+    with pytest.raises(TypeError, match="aclruntime.Tensor"):
+        session.run([out_desc.name], [images, boxes])
+    wrong = [fake_acl.Tensor(small), fake_acl.Tensor(small_boxes)]
+    for tensor in wrong:
+        tensor.to_device(0)
+    with pytest.raises(RuntimeError, match=r"in size 24576 needsize 49152 not match"):
+        session.run([out_desc.name], wrong)
+
+    for tensor in feeds:
+        tensor.to_device(0)
+    images[:] = 0                           # Tensor() copied: later changes don't leak in
+    [out] = session.run([out_desc.name], feeds)
+    assert out.device == 0
+    with pytest.raises(RuntimeError, match="tensor is in npu. can't convert to numpy array"):
+        np.array(out)
+    out.to_host()
+    assert np.array(out).shape == tuple(out_desc.shape)
+    assert len(session.sumary().exec_time_list) == 1
+    session.reset_sumaryinfo()
+    assert session.sumary().exec_time_list == []
+
+
+@pytest.mark.parametrize("time_format", ["ms", "pairs"])
+def test_acl_timings_both_formats(fake_acl, time_format, model_dirs, tmp_path, monkeypatch):
+    monkeypatch.setattr(fake_acl, "EXEC_TIME_FORMAT", time_format)
+    backend = open_kind("acl", model_dirs["labels"], tmp_path)
+    for k in range(3):
+        backend.upload(k % NUM_SLOTS, *random_batch(BATCH, SIZE, seed=k))
+        backend.execute(k % NUM_SLOTS)
+    assert len(backend.execute_times_ms) == 3
+    assert all(0 < t < 60_000 for t in backend.execute_times_ms)
+    backend.close()
+
+
+def test_acl_runtime_without_sumary_or_reset(fake_acl, model_dirs, tmp_path, monkeypatch):
+    """Only `summary()`, no `reset_sumaryinfo`: count what was already read; h2d=execute."""
+    monkeypatch.delattr(fake_acl.InferenceSession, "sumary")
+    monkeypatch.delattr(fake_acl.InferenceSession, "reset_sumaryinfo")
+    monkeypatch.delattr(fake_acl.InferenceSession, "free_resource")
+    backend = open_kind("acl", model_dirs["logits"], tmp_path, options={"h2d": "execute"})
+    main = threading.get_ident()
+    for k in range(3):
+        backend.upload(k % NUM_SLOTS, *random_batch(BATCH, SIZE, seed=k))
+        backend.execute(k % NUM_SLOTS)
+    assert len(backend.execute_times_ms) == 3
+    assert set(fake_acl.to_device_threads) == {main}
+    backend.close()
+
+
+def test_acl_options(fake_acl, model_dirs, tmp_path):
+    model_dir = with_om(model_dirs["logits"], tmp_path)
+    with pytest.raises(ValueError, match="h2d"):
+        open_backend("acl", model_dir, BATCH, device="npu:0", options={"h2d": "never"})
+    with pytest.raises(ValueError, match="unknown acl backend option"):
+        open_backend("acl", model_dir, BATCH, device="npu:0", options={"loop": "5"})
+    backend = open_backend("acl", model_dir, BATCH, device="npu",
+                           options={"log_level": "1", "finalize": "1"})
+    assert backend._session._options.log_level == 1
+    session = backend._session
+    backend.close()
+    with pytest.raises(RuntimeError, match="freed"):
+        session.run(["logits"], [])
+
+
+def test_exec_times_formats():
+    assert exec_times_ms([1.5, 2]) == [1.5, 2.0]
+    assert exec_times_ms([(10.0, 12.5), [3, 4]]) == [2.5, 1.0]
+    assert exec_times_ms([]) == []
