@@ -102,7 +102,7 @@ def add_pipeline_args(p: argparse.ArgumentParser) -> None:
                         "aclruntime + OM (unverified on real hardware)")
     p.add_argument("--devices", default="cpu",
                    help="comma list, one executor each: cpu, cuda:0, cuda:1 (torch/ort), "
-                        "or NPU ids 0,1 (acl)")
+                        "or npu:0,npu:1 (acl)")
     p.add_argument("--precision", choices=("fp32", "fp16", "bf16"), default="fp32",
                    help="torch backend compute precision")
     p.add_argument("--batch-size", type=int, default=None,

@@ -28,6 +28,7 @@ from stages.manifest import Manifest
 STAGE = "executor"
 NUM_SLOTS = 2
 POLL_MS = 200
+KEEP_TIMINGS = 10_000
 
 
 @dataclass
@@ -152,6 +153,8 @@ class Executor:
                 self.child.count(errors=len(members))
                 out = None
             busy = time.perf_counter() - started
+            if len(self.backend.execute_times_ms) > KEEP_TIMINGS:   # a daemon runs for weeks
+                del self.backend.execute_times_ms[:-KEEP_TIMINGS // 2]
             self.free.put(slot_index)                # host slot may be refilled now
             self.waiting -= len(members)
             if out is None:

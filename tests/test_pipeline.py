@@ -105,7 +105,8 @@ def test_voc_through_real_processes(backend, head, voc, mmseg_models, tmp_path, 
 
         monkeypatch.syspath_prepend(str(FAKE_ACL))    # spawned children inherit sys.path
         model_dir = with_om(model_dir, tmp_path)
-    cfg = PipelineConfig(model_dir=model_dir, backend=backend, batch_size=4,
+    devices = ("npu:0",) if backend == "acl" else ("cpu",)
+    cfg = PipelineConfig(model_dir=model_dir, backend=backend, devices=devices, batch_size=4,
                          preprocess_workers=2, postprocess_workers=2, out_dir=tmp_path / "m",
                          log_json=True)
     results, status, summary = run_all(cfg, voc["images"], voc["anns"])
