@@ -499,5 +499,6 @@ def requests_for(paths: Iterable[str | Path], anns: Iterable[str | None] | None 
                  ) -> list[wire.Request]:
     """Requests with ids 0..n-1 for a list of paths (and optional ground truths)."""
     anns = list(anns) if anns is not None else None
-    return [wire.Request(str(i), str(Path(p)), None if anns is None else anns[i])
+    return [wire.Request(str(i), str(Path(p)),
+                         None if anns is None or anns[i] is None else str(anns[i]))
             for i, p in enumerate(paths)]

@@ -75,8 +75,11 @@ def voc(tmp_path_factory, photos, mmseg_models) -> dict:
     return {"images": images, "anns": anns, "expected": expected}
 
 
-def mmseg_iou(masks: list[Path], anns: list[Path]) -> dict:
-    """mmseg's IoUMetric on the written masks, unrounded (compute_metrics rounds to 0.01)."""
+def mmseg_iou(masks: list[Path], anns: list[Path], exact_sums: bool = False) -> dict:
+    """mmseg's IoUMetric on the written masks, unrounded (compute_metrics rounds to 0.01).
+
+    mmseg sums the per-image areas in float32; `exact_sums` sums its areas in float64.
+    """
     from build_model.mmseg_shim import install
 
     install()
@@ -88,6 +91,8 @@ def mmseg_iou(masks: list[Path], anns: list[Path]) -> dict:
         pred = torch.from_numpy(np.asarray(Image.open(mask)).astype(np.int64))
         label = torch.from_numpy(read_ground_truth(ann).astype(np.int64))
         areas.append(IoUMetric.intersect_and_union(pred, label, 21, 255))
+    if exact_sums:
+        areas = [[t.double() for t in a] for a in areas]
     totals = [sum(a[k] for a in areas) for k in range(4)]
     metrics = IoUMetric.total_area_to_metrics(*totals, ["mIoU"])
     return {"aAcc": float(metrics["aAcc"]) * 100, "mIoU": float(np.nanmean(metrics["IoU"])) * 100,
@@ -124,9 +129,12 @@ def test_voc_through_real_processes(backend, head, voc, mmseg_models, tmp_path, 
     assert min(agreement) >= 0.995
     masks = [Path(by_id[str(i)].mask) for i in range(len(voc["images"]))]
     theirs = mmseg_iou(masks, voc["anns"])
-    print(f"pipeline mIoU {summary['mIoU']:.6f} / mmseg IoUMetric {theirs['mIoU']:.6f}")
-    for key in ("mIoU", "aAcc", "mAcc"):
-        assert summary[key] == pytest.approx(theirs[key], abs=1e-6)
+    exact = mmseg_iou(masks, voc["anns"], exact_sums=True)
+    print(f"pipeline mIoU {summary['mIoU']:.7f} / mmseg IoUMetric {theirs['mIoU']:.7f} "
+          f"(float64 sums {exact['mIoU']:.7f})")
+    for key in ("mIoU", "aAcc", "mAcc"):   # percent; 1e-6 as mmseg's fractions
+        assert summary[key] / 100 == pytest.approx(theirs[key] / 100, abs=1e-6)
+        assert summary[key] == pytest.approx(exact[key], abs=1e-6)
     assert status["front"]["ok"] == len(voc["images"])
     assert 10 < summary["mIoU"] < 100
 
