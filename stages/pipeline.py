@@ -37,6 +37,7 @@ RESTART_BACKOFF_S = (0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
 STABLE_AFTER_S = 30.0           # a child that lived this long restarts without backoff
 RATE_WINDOW_S = 10.0
 TERM_GRACE_S = 5.0
+CHECK_EVERY_S = 0.1             # supervision and stall checks
 
 
 class PipelineError(RuntimeError):
@@ -123,6 +124,7 @@ class Pipeline:
         self.totals: collections.Counter = collections.Counter()
         self.answered_at: collections.deque[float] = collections.deque()
         self.remote: dict[tuple[str, int, int], tuple[float, dict[str, float]]] = {}
+        self._next_check = 0.0
         self.started = False
         self._own_run_dir = cfg.run_dir is None
         self._mp = multiprocessing.get_context("spawn")
@@ -235,8 +237,11 @@ class Pipeline:
             self._read_credits()
         if self.results in ready:
             self._read_results(answers)
-        self._supervise(answers)
-        self._check_stalls(answers)
+        now = time.monotonic()
+        if now >= self._next_check:           # once per CHECK_EVERY_S, not per message
+            self._next_check = now + CHECK_EVERY_S
+            self._supervise(answers)
+            self._check_stalls(answers)
         self._dispatch()
         return answers, [s for s in extra if s in ready]
 
