@@ -214,3 +214,38 @@ def test_help_explains_every_flag(command):
     out = subprocess.run([sys.executable, "-m", "daemon.cli", command, "--help"],
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 0 and "--endpoint" in out.stdout
+
+
+def test_cannot_start_is_its_own_exit_status_not_a_restart_loop(tiny_models, tmp_path):
+    """A backend that cannot load makes `serve` exit 3 with the reason in the log."""
+    broken = tmp_path / "broken-model"
+    shutil.copytree(tiny_models["logits"], broken)
+    for onnx in broken.glob("*.onnx"):
+        onnx.write_bytes(b"not a model")
+    daemon = Daemon(broken, tmp_path / "masks", tmp_path, "--batch-size", "4")
+    code = daemon.proc.wait(120)
+    assert code == 3, daemon.logs()
+    events = daemon.events()
+    assert any(e.get("event") == "cannot start" and "executor" in str(e.get("error"))
+               for e in events), daemon.logs()
+    assert sum(e.get("event") == "child started" and e.get("child") == "executor-0"
+               for e in events) == 1, "restarted a child that cannot start"
+
+
+def test_serve_refuses_bad_arguments_in_one_line(tmp_path):
+    cases = [
+        (["--model", str(tmp_path / "none")], "manifest"),
+        (["--model", str(tmp_path), "--endpoint", "tcp://0.0.0.0:5999"], "manifest"),
+    ]
+    for extra, words in cases:
+        out = subprocess.run([sys.executable, "-m", "daemon.cli", "serve", *extra],
+                             capture_output=True, text=True, timeout=60)
+        assert out.returncode == 2, out.stderr
+        assert words in out.stderr and len(out.stderr.strip().splitlines()) == 1, out.stderr
+
+
+def test_non_loopback_endpoint_needs_allow_root(tiny_models, tmp_path):
+    out = subprocess.run([sys.executable, "-m", "daemon.cli", "serve", "--model",
+                          str(tiny_models["logits"]), "--endpoint", "tcp://0.0.0.0:5999"],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and "--allow-root" in out.stderr, out.stderr
