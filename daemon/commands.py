@@ -119,8 +119,9 @@ def add_pipeline_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-pixels", type=int, default=50_000_000,
                    help="refuse images with more pixels (read from the header, before "
                         "decoding)")
-    p.add_argument("--max-inflight", type=int, default=256,
-                   help="requests inside the pipeline at once (bounds memory)")
+    p.add_argument("--max-inflight", type=int, default=None,
+                   help="requests inside the pipeline at once (bounds memory; default: four "
+                        "batches per executor, at least 64)")
     p.add_argument("--backend-option", action="append", default=[], metavar="KEY=VALUE",
                    help="backend tuning, repeatable: threads=N (ort/torch), cuda_graphs=1, "
                         "compile=1 (torch)")
@@ -163,13 +164,14 @@ def usage_error(command: str, message: str) -> int:
 
 def run_serve(args: argparse.Namespace) -> int:
     from daemon.server import ServeConfig, Server, check_exposure
+    from stages.executor import pick_batch_size
     from stages.logs import configure_logging
     from stages.manifest import Manifest
 
     cfg = pipeline_config(args)
     configure_logging(cfg.log_level, cfg.log_json)
     try:
-        Manifest.read(args.model)
+        pick_batch_size(Manifest.read(args.model), args.batch_size)
     except (OSError, ValueError) as exc:
         return usage_error("serve", str(exc))
     if args.watch is not None and not args.watch.is_dir():

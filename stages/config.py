@@ -24,7 +24,8 @@ class PipelineConfig:
     out_dir: Path | None = None                # masks go here; None: no masks
     write_masks: bool = True
     max_pixels: int = DEFAULT_MAX_PIXELS
-    max_inflight: int = 256                    # requests between dispatch and answer
+    max_inflight: int | None = None            # dispatched, unanswered; None: 4 batches per
+                                               # executor, at least 64
     stall_timeout_s: float = 600.0             # no answer for this long: retry, then error
     heartbeat_s: float = 1.0                   # children report this often
     heartbeat_timeout_s: float = 30.0          # silent this long: killed and restarted

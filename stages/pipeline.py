@@ -116,6 +116,8 @@ class Pipeline:
         self.cfg = cfg
         self.log = structlog.get_logger().bind(component="front")
         self.manifest = Manifest.read(cfg.model_dir)
+        batch = executor.pick_batch_size(self.manifest, cfg.batch_size)
+        self.max_inflight = cfg.max_inflight or max(64, 4 * batch * len(cfg.devices))
         self.pending: dict[str, Pending] = {}
         self.queue: collections.deque[str] = collections.deque()
         self.credits: dict[bytes, int] = {}
@@ -203,7 +205,7 @@ class Pipeline:
     def run(self, requests: Iterable[wire.Request], backlog: int | None = None,
             ) -> Iterator[wire.Result]:
         """Stream requests through and yield each answer as it comes (not in order)."""
-        backlog = backlog or 2 * self.cfg.max_inflight
+        backlog = backlog or 2 * self.max_inflight
         source = iter(requests)
         exhausted = False
         while True:
@@ -246,7 +248,7 @@ class Pipeline:
         return answers, [s for s in extra if s in ready]
 
     def _dispatch(self) -> None:
-        while self.queue and self.inflight < self.cfg.max_inflight:
+        while self.queue and self.inflight < self.max_inflight:
             worker = next((w for w, n in self.credits.items() if n > 0), None)
             if worker is None:
                 return

@@ -237,6 +237,10 @@ def test_serve_refuses_bad_arguments_in_one_line(tmp_path):
         (["--model", str(tmp_path / "none")], "manifest"),
         (["--model", str(tmp_path), "--endpoint", "tcp://0.0.0.0:5999"], "manifest"),
     ]
+    from tests.tiny_model import make_tiny_model_dir
+
+    model = make_tiny_model_dir(tmp_path, batch_sizes=(1, 2))
+    cases.append((["--model", str(model), "--batch-size", "16"], "no model for batch size 16"))
     for extra, words in cases:
         out = subprocess.run([sys.executable, "-m", "daemon.cli", "serve", *extra],
                              capture_output=True, text=True, timeout=60)
