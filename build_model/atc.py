@@ -1,0 +1,63 @@
+"""Ascend ATC: write the command that turns each ONNX model into an OM, run it if possible.
+
+The script is always written (the build host rarely has the CANN toolkit; the Ascend host
+runs it later). Input is uint8 NHWC, so there is no `--input_fp16_nodes`: the graph
+normalises on the device. `SOC` defaults to the `--soc-version` given at build time.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import stat
+import subprocess
+from pathlib import Path
+
+_log = logging.getLogger(__name__)
+
+
+def atc_script_name(batch_size: int) -> str:
+    return f"pspnet_bs{batch_size}.atc.sh"
+
+
+def om_name(batch_size: int) -> str:
+    return f"pspnet_bs{batch_size}.om"
+
+
+def write_atc_script(
+    out_dir: Path, batch_size: int, input_size: tuple[int, int], soc_version: str
+) -> Path:
+    """Write `pspnet_bs{N}.atc.sh` next to `pspnet_bs{N}.onnx`; return its path."""
+    height, width = input_size
+    n = batch_size
+    text = (
+        "#!/bin/sh\n"
+        f"# ONNX -> Ascend OM for batch size {n}; written by `pspnet build`.\n"
+        "# Run on a host with the CANN toolkit: SOC=Ascend310P3 ./" + atc_script_name(n) + "\n"
+        "set -e\n"
+        'cd "$(dirname "$0")"\n'
+        f'SOC="${{SOC:-{soc_version}}}"\n'
+        f"atc --framework=5 --model=pspnet_bs{n}.onnx --output=pspnet_bs{n} "
+        f'--input_format=ND --input_shape="image:{n},{height},{width},3;box:{n},4" '
+        '--soc_version="${SOC}" --log=error\n'
+    )
+    path = Path(out_dir) / atc_script_name(n)
+    path.write_text(text)
+    path.chmod(path.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
+    return path
+
+
+def atc_available() -> bool:
+    return shutil.which("atc") is not None
+
+
+def run_atc_script(script: Path, soc_version: str) -> Path:
+    """Run one script with `SOC=soc_version`; return the OM path (raises if ATC fails)."""
+    _log.info("running %s", script.name)
+    env = dict(os.environ, SOC=soc_version)
+    subprocess.run(["sh", str(script)], check=True, env=env)
+    om = script.with_name(script.name.replace(".atc.sh", ".om"))
+    if not om.exists():
+        raise FileNotFoundError(f"{script.name} ran but {om.name} is missing")
+    return om

@@ -1,0 +1,61 @@
+"""`pspnet build` as a function: mmseg config + checkpoint -> model directory.
+
+`build` is what the CLI, the demo and the pipeline tests call; `write_artifacts` (re-exported
+here) is the mmseg-free lower level it ends in.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+from build_model.artifacts import DEFAULT_SOC, write_artifacts
+from build_model.network import load_network
+from stages.manifest import Manifest, voc_palette
+
+__all__ = ["DEFAULT_BATCH_SIZES", "build", "write_artifacts"]
+DEFAULT_BATCH_SIZES = (1, 4, 8, 16, 32, 64)
+_log = logging.getLogger(__name__)
+
+
+def build(
+    config: str | Path,
+    checkpoint: str | Path,
+    out_dir: str | Path,
+    batch_sizes: Sequence[int] = DEFAULT_BATCH_SIZES,
+    input_size: int | tuple[int, int] = 500,
+    head: str = "logits",
+    *,
+    trust_checkpoint: bool = False,
+    simplify: bool = True,
+    soc_version: str = DEFAULT_SOC,
+    run_atc: bool | None = None,
+    torch_program: bool = True,
+    verify: bool = False,
+    verify_all: bool = False,
+) -> Manifest:
+    """Load the network, write every artifact and the manifest; optionally verify them.
+
+    Raises BuildError for bad inputs and VerifyError (build_model.verify) when `verify`
+    finds the exported models off by more than the tolerance.
+    """
+    from build_model.artifacts import normalise_batch_sizes, normalise_input_size
+
+    sizes = normalise_batch_sizes(batch_sizes)        # fail fast, before loading anything
+    size = normalise_input_size(input_size)
+    network = load_network(config, checkpoint, trust_checkpoint=trust_checkpoint)
+    manifest = write_artifacts(
+        network.core, Path(out_dir), input_size=size, batch_sizes=sizes, head=head,
+        mean=network.mean, std=network.std, num_classes=network.num_classes,
+        class_names=network.class_names, palette=voc_palette(network.num_classes),
+        source=network.source, simplify=simplify, soc_version=soc_version,
+        run_atc=run_atc, torch_program=torch_program,
+    )
+    if verify or verify_all:
+        from build_model.verify import check, verify_model_dir
+
+        report = verify_model_dir(Path(out_dir), network.segmentor,
+                                  batch_sizes=None if verify_all else sizes[:1])
+        check(report)
+    return manifest

@@ -1,0 +1,51 @@
+"""Real photos for tests, straight from scikit-image and matplotlib (not the package JPEGs).
+
+Why a second set: the package's sample images calibrate the test weights, so parity and
+"non-degenerate" checks should also run on photos the calibration never saw, at awkward
+sizes (odd, portrait, wide, tiny) that exercise the letterbox and the padding mask.
+"""
+
+from __future__ import annotations
+
+from functools import cache
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+
+def sample_photos() -> list[tuple[str, np.ndarray]]:
+    """(name, H x W x 3 RGB uint8, read-only) photos, crops and resizes; same every call."""
+    return list(_photos())
+
+
+@cache
+def _photos() -> tuple[tuple[str, np.ndarray], ...]:
+    import matplotlib
+    import skimage.data as data
+
+    hopper = cv2.imread(str(Path(matplotlib.get_data_path()) / "sample_data" / "grace_hopper.jpg"))
+    hopper = cv2.cvtColor(hopper, cv2.COLOR_BGR2RGB)
+    coffee, rocket = data.coffee(), data.rocket()
+    photos = {
+        "astronaut": data.astronaut(),                                    # 512 x 512
+        "chelsea": data.chelsea(),                                        # 300 x 451
+        "coffee_portrait": coffee[:, 150:417],                            # 400 x 267
+        "rocket": rocket,                                                 # 427 x 640
+        "motorcycle_small": _resize(data.stereo_motorcycle()[0], 247, 167),
+        "ihc_odd": data.immunohistochemistry()[7:340, 11:512],            # 333 x 501
+        "hubble_wide": data.hubble_deep_field()[300:420],                 # 120 x 1000
+        "retina_tiny": _resize(data.retina(), 97, 97),
+        "grace_hopper": hopper,                                           # 600 x 512
+        "rocket_crop_tall": rocket[:, 260:380],                           # 427 x 120
+    }
+    out = []
+    for name, rgb in photos.items():
+        rgb = np.ascontiguousarray(rgb, dtype=np.uint8)
+        rgb.setflags(write=False)
+        out.append((name, rgb))
+    return tuple(out)
+
+
+def _resize(rgb: np.ndarray, width: int, height: int) -> np.ndarray:
+    return cv2.resize(rgb, (width, height), interpolation=cv2.INTER_AREA)

@@ -1,0 +1,65 @@
+"""The real architecture: PSPNet R50-D8 (mmseg's VOC config) at 500x500, batch 1.
+
+Weights are calibrated, not trained (no download here), saved in the official checkpoint
+layout with the auxiliary head, then built exactly as `pspnet build` would and compared
+with mmseg's eager model on one real photo. Slow: R50 at 500x500 is seconds per forward on
+this CPU; calibration runs at 256x256 on three photos to stay within a few minutes.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from build_model.calibrate import make_calibrated_checkpoint
+from build_model.export import build
+from build_model.inputs import box_masks, letterboxed_batch, normalised_batch
+from build_model.network import load_network
+from build_model.verify import (
+    LABEL_AGREEMENT,
+    LOGIT_TOLERANCE,
+    eager_logits,
+    upsampled_labels,
+    verify_model_dir,
+)
+from tests.photos import sample_photos
+
+R50 = "pspnet_r50-d8_4xb4-20k_voc12aug-512x512"
+SIZE = 500
+
+
+@pytest.mark.slow
+def test_r50_builds_and_matches_eager_mmseg(tmp_path):
+    checkpoint = make_calibrated_checkpoint(R50, tmp_path / "pspnet_r50.pth", input_size=256,
+                                            max_photos=3)
+    ckpt = torch.load(str(checkpoint), map_location="cpu", weights_only=True)
+    assert set(ckpt) == {"meta", "state_dict"}
+    assert any(k.startswith("auxiliary_head.") for k in ckpt["state_dict"])
+    del ckpt
+
+    out = tmp_path / "model"
+    manifest = build(R50, checkpoint, out, batch_sizes=(1,), input_size=SIZE, head="logits",
+                     run_atc=False)
+    assert manifest.logits_size == (63, 63)
+    assert manifest.num_classes == 21
+    assert manifest.source["checkpoint_dropped_keys"] == 8
+    assert manifest.source["checkpoint_missing_keys"] == 0
+    assert manifest.torch_program == "pspnet_core.pt2"
+    assert (out / "pspnet_bs1.onnx").stat().st_size > 150e6      # weights inside, one file
+    assert not (out / "pspnet_bs1.onnx.data").exists()
+
+    network = load_network(R50, checkpoint)
+    photo = dict(sample_photos())["grace_hopper"]
+    results = verify_model_dir(out, network.segmentor, [photo])
+    for r in results:
+        print(r.line())
+        assert r.max_logit_diff <= LOGIT_TOLERANCE, r.line()
+        assert r.label_agreement >= LABEL_AGREEMENT, r.line()
+
+    images, boxes = letterboxed_batch([photo], (SIZE, SIZE))
+    x = normalised_batch(images, boxes, network.mean, network.std)
+    labels = upsampled_labels(eager_logits(network.segmentor, x), (SIZE, SIZE))[0]
+    distinct = np.unique(labels[box_masks(boxes, (SIZE, SIZE))[0]])
+    print("distinct classes on the parity photo:", len(distinct))
+    assert len(distinct) >= 5
