@@ -1,0 +1,201 @@
+"""`pspnet bench`: end to end vs executor only vs serial, per batch size, in one run.
+
+Why all three in one run, interleaved repeat by repeat: on a shared machine the load
+drifts; measuring the three modes side by side in each repeat keeps their ratios honest.
+The Pipeline and the backend are opened once per batch size (start-up costs seconds and
+is not what is measured); warm-up batches run through each mode first and are not timed;
+each figure is the median of the repeats, and every repeat is kept in the JSON.
+"""
+
+from __future__ import annotations
+
+import datetime
+import math
+import os
+import statistics
+import sys
+import tempfile
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from bench import executor_only, machine
+from bench.e2e import STAGES, E2ERunner, default_backlog
+from bench.inputs import BenchInputs
+from bench.serial import SerialRunner
+from stages.config import PipelineConfig
+from stages.manifest import Manifest
+
+
+@dataclass(frozen=True)
+class BenchSettings:
+    cfg: PipelineConfig               # batch_size and out_dir are set per batch size
+    batch_sizes: tuple[int, ...]
+    repeats: int = 3
+    warmup: int = 2                   # untimed batches per mode and batch size
+    masks: bool = True
+    mask_root: Path | None = None     # None: a temporary folder, removed afterwards
+    backlog: int | None = None        # None: default_backlog(...)
+    min_images: int = 0               # a pass runs at least this many (cycling the inputs)
+    machine: str = ""
+
+
+def say(message: str) -> None:
+    sys.stderr.write(f"[bench] {message}\n")
+    sys.stderr.flush()
+
+
+def run_bench(settings: BenchSettings, inputs: BenchInputs) -> dict[str, Any]:
+    """Every batch size, every mode; the JSON document (figures in images/s and ms)."""
+    cfg = settings.cfg
+    manifest = Manifest.read(cfg.model_dir)
+    for size in settings.batch_sizes:
+        manifest.model_file(size)     # fail before any work if a size was not built
+    load_start = _loadavg()
+    with tempfile.TemporaryDirectory(prefix="pspnet-bench-") as tmp:
+        root = settings.mask_root or Path(tmp)
+        rows = [bench_batch_size(settings, inputs, manifest, size, root)
+                for size in settings.batch_sizes]
+    name = settings.machine or machine.default_name(cfg.backend, cfg.devices)
+    doc: dict[str, Any] = {
+        **machine.describe(name, cfg.backend, cfg.devices),
+        "backend": cfg.backend, "precision": cfg.precision, "devices": list(cfg.devices),
+        "model": model_info(cfg.model_dir, manifest),
+        "settings": {"batch_sizes": list(settings.batch_sizes), "repeats": settings.repeats,
+                     "warmup_batches": settings.warmup, "masks": settings.masks,
+                     "preprocess_workers": cfg.preprocess_workers,
+                     "postprocess_workers": cfg.postprocess_workers,
+                     "max_wait_ms": cfg.max_wait_ms,
+                     "backend_options": dict(cfg.backend_options),
+                     "statistic": "median of repeats"},
+        "inputs": inputs.describe(),
+        "loadavg": {"start": load_start, "end": _loadavg(),
+                    "note": "1/5/15-min load averages: others' work on a shared host "
+                            "slows e2e (all cores) more than executor or serial (one)"},
+        "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "results": rows,
+    }
+    best = max(rows, key=lambda r: r["e2e_img_s"])
+    doc["best"] = {"batch_size": best["batch_size"], "e2e_img_s": best["e2e_img_s"],
+                   "e2e_over_executor": best["e2e_over_executor"],
+                   "e2e_over_serial": best["e2e_over_serial"],
+                   "meets_0.9x_executor": best["e2e_over_executor"] >= 0.9,
+                   "meets_1.5x_serial": best["e2e_over_serial"] >= 1.5}
+    return doc
+
+
+def bench_batch_size(settings: BenchSettings, inputs: BenchInputs, manifest: Manifest,
+                     size: int, mask_root: Path) -> dict[str, Any]:
+    from stages.backends import open_backend
+    from stages.pipeline import Pipeline
+
+    base = settings.cfg
+    count = max(len(inputs.paths), settings.min_images)
+    paths = [inputs.paths[i % len(inputs.paths)] for i in range(count)]
+    truths = [inputs.truths[i % len(inputs.truths)] for i in range(count)]
+    warm = min(count, settings.warmup * size)
+    n_batches = max(3, math.ceil(count / size))
+    cfg = replace(base, batch_size=size, write_masks=settings.masks,
+                  out_dir=mask_root / f"e2e-bs{size}" if settings.masks else None)
+    options = dict(base.backend_options)
+    if base.executor_threads:
+        options.setdefault("threads", str(base.executor_threads))
+    say(f"batch {size}: opening the {base.backend} backend and starting the pipeline")
+    backend = open_backend(base.backend, base.model_dir, size, device=base.devices[0],
+                           precision=base.precision, options=options)
+    try:
+        serial = SerialRunner(backend, manifest,
+                              mask_root / f"serial-bs{size}" if settings.masks else None,
+                              base.max_pixels, worker_threads=base.worker_threads)
+        batches = executor_only.stage_batches(paths, manifest.input_size, size, count=4)
+        backlog = settings.backlog or default_backlog(size, base.preprocess_workers,
+                                                      base.postprocess_workers)
+        with Pipeline(cfg) as pipe:
+            e2e = E2ERunner(pipe, backlog)
+            if warm:
+                say(f"batch {size}: warm-up ({settings.warmup} batches per mode)")
+                e2e.run(paths[:warm], truths[:warm])
+                executor_only.run_batches(backend, batches, max(1, settings.warmup))
+                serial.run(paths[:warm], truths[:warm])
+            runs: dict[str, list[dict[str, Any]]] = {"e2e": [], "executor": [], "serial": []}
+            for r in range(settings.repeats):
+                runs["e2e"].append(e2e.run(paths, truths))
+                runs["executor"].append(executor_only.measure(backend, batches, n_batches))
+                wall, metrics, errors = serial.run(paths, truths)
+                runs["serial"].append({"img_s": count / wall, "wall_s": wall,
+                                       "errors": errors,
+                                       "mIoU": metrics.summary()["mIoU"]
+                                       if metrics.images else None})
+                say(f"batch {size}: repeat {r + 1}/{settings.repeats}: "
+                    f"e2e {runs['e2e'][-1]['img_s']:.1f}, "
+                    f"executor {runs['executor'][-1]['img_s']:.1f}, "
+                    f"serial {runs['serial'][-1]['img_s']:.1f} img/s")
+    finally:
+        backend.close()
+    return summarise(size, count, runs)
+
+
+def summarise(size: int, count: int, runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
+    """Medians of the repeats, their ratios, and every repeat as measured."""
+    def med(mode: str, key: str) -> float | None:
+        values = [r[key] for r in runs[mode] if r.get(key) is not None]
+        return statistics.median(values) if values else None
+
+    e2e, ex, ser = med("e2e", "img_s"), med("executor", "img_s"), med("serial", "img_s")
+    busy = {s: statistics.median(r["busy"].get(s, 0.0) for r in runs["e2e"]) for s in STAGES}
+    return {
+        "batch_size": size, "images_per_pass": count,
+        "e2e_img_s": e2e, "executor_img_s": ex, "serial_img_s": ser,
+        "e2e_over_executor": e2e / ex if ex else None,
+        "e2e_over_serial": e2e / ser if ser else None,
+        "latency_p50_ms": med("e2e", "latency_p50_ms"),
+        "latency_p99_ms": med("e2e", "latency_p99_ms"),
+        "busy_fraction": busy,
+        "executor_wall_img_s": med("executor", "wall_img_s"),
+        "executor_in_e2e_img_s": med("e2e", "executor_in_e2e_img_s"),
+        "errors": {"e2e": sum(r["errors"] for r in runs["e2e"]),
+                   "serial": sum(r["errors"] for r in runs["serial"])},
+        "mIoU": {"e2e": med("e2e", "mIoU"), "serial": med("serial", "mIoU")},
+        "repeats": runs,
+    }
+
+
+def model_info(model_dir: Path, manifest: Manifest) -> dict[str, Any]:
+    source = manifest.source or {}
+    config = source.get("config") or source.get("note") or ""
+    return {"dir": str(model_dir), "name": Path(str(config)).stem if config else "",
+            "input_size": list(manifest.input_size), "head": manifest.head,
+            "num_classes": manifest.num_classes,
+            "checkpoint_sha256": source.get("checkpoint_sha256")}
+
+
+def table(doc: dict[str, Any]) -> str:
+    """The printed summary: one row per batch size, medians of the repeats."""
+    header = ["batch", "e2e img/s", "executor img/s", "serial img/s", "e2e/executor",
+              "e2e/serial", "p50 ms", "p99 ms", "busy pre/exe/post"]
+    rows = []
+    for r in doc["results"]:
+        busy = "/".join(f"{r['busy_fraction'][s]:.2f}" for s in STAGES)
+        rows.append([str(r["batch_size"]), _f(r["e2e_img_s"]), _f(r["executor_img_s"]),
+                     _f(r["serial_img_s"]), _f(r["e2e_over_executor"], 2),
+                     _f(r["e2e_over_serial"], 2), _f(r["latency_p50_ms"]),
+                     _f(r["latency_p99_ms"]), busy])
+    widths = [max(len(x) for x in col) for col in zip(header, *rows, strict=True)]
+    lines = ["  ".join(h.rjust(w) for h, w in zip(header, widths, strict=True))]
+    lines += ["  ".join(c.rjust(w) for c, w in zip(row, widths, strict=True)) for row in rows]
+    best = doc["best"]
+    lines.append(f"best batch {best['batch_size']}: e2e {_f(best['e2e_img_s'])} img/s = "
+                 f"{_f(best['e2e_over_executor'], 2)} x executor only, "
+                 f"{_f(best['e2e_over_serial'], 2)} x serial")
+    return "\n".join(lines)
+
+
+def _loadavg() -> list[float] | None:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
+
+
+def _f(value: float | None, digits: int = 1) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"

@@ -1,0 +1,258 @@
+"""`pspnet eval` and `pspnet bench`: arguments and what each runs.
+
+Why here and not in daemon/: these commands measure the daemon (accuracy, speed) rather
+than being part of it; `daemon.cli` picks this module up when it is installed. The shared
+flags (model, backend, workers...) come from `daemon.commands.add_pipeline_args`, so eval
+and bench run exactly the configuration `pspnet serve` would.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+from daemon.commands import EXIT_FAILED, EXIT_UNAVAILABLE, add_pipeline_args, usage_error
+
+DEFAULT_BATCH_SIZES = "1,4,8,16,32,64"
+
+EVAL_EPILOG = """\
+output: mmseg's per-class table (IoU, Acc; 2 decimals), then aAcc, mIoU, mAcc, then every
+image that could not be scored (missing/unreadable image or ground truth) with the reason.
+Exit status: 0 when at least one image was scored, 1 when none was, 2 on usage errors,
+4 when --endpoint does not answer.
+
+examples:
+  pspnet eval --voc VOCdevkit/VOC2012 --model models/r50 --batch-size 16 --json voc.json
+  pspnet eval --voc VOCdevkit/VOC2012 --model models/r50 --endpoint ipc:///run/pspnet/front
+      (a running `pspnet serve --out MASKS ...`; --model is read for the class names)"""
+
+BENCH_EPILOG = """\
+modes, measured for each batch size in the same run, repeat by repeat:
+  e2e       JPEG paths in -> masks and running mIoU out, through the real stage processes
+            (one Pipeline per batch size); latency p50/p99 is submit -> answer per image
+  executor  pre-staged batches straight through the backend (upload/execute over two
+            slots): ais_bench's 1000 x batch / mean execute ms, the device's ceiling here
+  serial    decode -> letterbox -> infer -> postprocess, one batch at a time in this
+            process, as the seed's steps run (same backend, batch size, postprocessing)
+Figures are medians of --repeats; warm-up batches are not timed. `busy pre/exe/post` is
+each stage's busy time over the e2e wall time, per process.
+
+examples:
+  pspnet bench --model models/r50 --backend torch --devices cuda:0 --precision fp16 \\
+      --batch-sizes 1,4,8,16,32,64 --synthetic 256 --preprocess-workers 8 \\
+      --json bench/results/nvidia-h100.json --plot bench/results/nvidia-h100.png
+  pspnet bench --model models/small --batch-sizes 1,4,8 --synthetic 48 \\
+      --preprocess-workers 1 --postprocess-workers 1 --backend-option threads=1"""
+
+
+def add_parsers(sub: argparse._SubParsersAction) -> None:
+    ev = sub.add_parser(
+        "eval", formatter_class=_Formatter,
+        help="mIoU of a VOC split through the daemon's pipeline (mmseg's table)",
+        description="Run every image of a VOC split (JPEGImages/, SegmentationClass/, "
+                    "ImageSets/Segmentation/<split>.txt) through the daemon's pipeline, "
+                    "started here, or through a running daemon with --endpoint, and print "
+                    "mmseg's IoUMetric table. A progress line (images/s, ETA) goes to "
+                    "stderr.",
+        epilog=EVAL_EPILOG)
+    ev.add_argument("--voc", type=Path, required=True, metavar="ROOT",
+                    help="the VOC root (the folder holding JPEGImages/ and friends)")
+    ev.add_argument("--split", default="val",
+                    help="which ImageSets/Segmentation/<split>.txt to evaluate")
+    add_pipeline_args(ev)
+    ev.add_argument("--json", type=Path, default=None, metavar="FILE",
+                    help="also write the results as JSON: mIoU, aAcc, mAcc (percent, "
+                         "unrounded), per_class, images (scored), failed")
+    ev.add_argument("--endpoint", default=None, metavar="URL",
+                    help="use the running daemon at URL (ipc://PATH or tcp://HOST:PORT) "
+                         "instead of starting the pipeline here; it must write masks "
+                         "(`serve --out`); they are scored here and copied to --out")
+    ev.set_defaults(run=run_eval, log_level="warning")
+
+    bench = sub.add_parser(
+        "bench", formatter_class=_Formatter,
+        help="images/s per batch size: end to end vs executor only vs serial",
+        description="Measure, for each batch size, the streaming pipeline end to end, "
+                    "the executor alone and the serial baseline; print a table, and write "
+                    "JSON and a plot for bench/results/.",
+        epilog=BENCH_EPILOG)
+    source = bench.add_mutually_exclusive_group(required=True)
+    source.add_argument("--images", type=Path, metavar="DIR",
+                        help="every image file in DIR (no ground truth)")
+    source.add_argument("--voc", type=Path, metavar="ROOT",
+                        help="a VOC root: the --split images with their ground truths")
+    source.add_argument("--synthetic", type=int, metavar="N",
+                        help="N photo-like JPEGs (crops of the sample photos, longest side "
+                             "500) with stand-in ground truths, in a temporary folder")
+    bench.add_argument("--split", default="val", help="with --voc: which split")
+    bench.add_argument("--batch-sizes", default=None, metavar="LIST",
+                       help="comma list of static batch sizes to measure, e.g. "
+                            f"{DEFAULT_BATCH_SIZES} (default: every size the model "
+                            "directory was built with)")
+    bench.add_argument("--repeats", type=int, default=3,
+                       help="timed passes per mode and batch size; figures are medians")
+    bench.add_argument("--warmup", type=int, default=2, metavar="BATCHES",
+                       help="untimed batches through each mode before timing")
+    bench.add_argument("--min-images", type=int, default=0, metavar="N",
+                       help="a pass runs at least N images, cycling the inputs (default: "
+                            "each input once)")
+    bench.add_argument("--backlog", type=int, default=None, metavar="K",
+                       help="e2e: requests kept submitted but unanswered (default: 3 x "
+                            "batch + 2 per worker: every stage busy, bounded queueing)")
+    bench.add_argument("--machine", default=None, metavar="NAME",
+                       help="name of this machine in the results (default: e.g. cpu-2core, "
+                            "or the GPU's name)")
+    bench.add_argument("--json", type=Path, default=None, metavar="FILE",
+                       help="write every figure, every repeat, versions and settings here")
+    bench.add_argument("--plot", type=Path, default=None, metavar="FILE",
+                       help="write a PNG of images/s against batch size, three modes")
+    add_pipeline_args(bench)
+    for action in bench._actions:          # shared flags that mean a little more here
+        if action.dest == "batch_size":    # --batch-sizes replaces it (still honoured)
+            action.help = argparse.SUPPRESS
+        elif action.dest == "out":
+            action.help = ("keep the masks under MASKDIR/e2e-bsN/ and MASKDIR/serial-bsN/ "
+                           "(default: a temporary folder, removed afterwards)")
+        elif action.dest == "no_masks":
+            action.help = "write no masks in e2e and serial (measures the rest)"
+    bench.set_defaults(run=run_bench, log_level="warning")
+
+
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Defaults shown after each flag; the epilog's examples keep their line breaks."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" in text or action.default in (None, False, [], argparse.SUPPRESS):
+            return text                    # says its default itself, or has none
+        return super()._get_help_string(action)
+
+
+# ---- eval ------------------------------------------------------------------------------
+
+def run_eval(args: argparse.Namespace) -> int:
+    from bench.eval import (
+        evaluate_endpoint,
+        evaluate_in_process,
+        print_report,
+        report,
+        write_json,
+    )
+    from bench.progress import Progress
+    from bench.voc import VocLayoutError, read_split
+    from daemon.commands import pipeline_config
+    from stages.logs import configure_logging
+    from stages.manifest import Manifest
+
+    cfg = pipeline_config(args)
+    configure_logging(cfg.log_level, cfg.log_json)
+    try:
+        manifest = Manifest.read(args.model)
+        split = read_split(args.voc, args.split)
+    except (OSError, ValueError, VocLayoutError) as exc:
+        return usage_error("eval", str(exc))
+    if not split.items:
+        return usage_error("eval", f"none of the {split.listed} images of {args.split}.txt "
+                                   f"exists under {args.voc}")
+    progress = Progress(len(split.items), label="eval ")
+    if args.endpoint:
+        from daemon.client import DaemonUnavailable
+
+        try:
+            outcome = evaluate_endpoint(args.endpoint, split, manifest,
+                                        None if args.no_masks else args.out, progress)
+        except DaemonUnavailable as exc:
+            sys.stderr.write(f"pspnet eval: error: {exc}\n")
+            return EXIT_UNAVAILABLE
+    else:
+        from stages.pipeline import PipelineError
+
+        try:
+            outcome = evaluate_in_process(cfg, split, progress)
+        except PipelineError as exc:
+            sys.stderr.write(f"pspnet eval: error: {exc}\n")
+            return EXIT_FAILED
+    progress.close()
+    doc = report(outcome, split, manifest, {
+        "model": str(args.model), "backend": args.backend, "batch_size": args.batch_size,
+        "endpoint": args.endpoint, "masks": str(args.out) if args.out else None})
+    print_report(outcome, doc, manifest)
+    if args.json is not None:
+        write_json(args.json, doc)
+    return 0 if doc["images"] else EXIT_FAILED
+
+
+# ---- bench -----------------------------------------------------------------------------
+
+def run_bench(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    import cv2
+
+    from bench import inputs as sources
+    from bench.bench import BenchSettings, run_bench, table
+    from bench.eval import write_json
+    from bench.plot import plot
+    from daemon.commands import pipeline_config
+    from stages.logs import configure_logging
+    from stages.manifest import Manifest
+    from stages.pipeline import PipelineError
+
+    cfg = pipeline_config(args)
+    configure_logging(cfg.log_level, cfg.log_json)
+    try:
+        manifest = Manifest.read(args.model)
+        sizes = _batch_sizes(args, sorted(manifest.models))
+        for size in sizes:
+            manifest.model_file(size)
+    except (OSError, ValueError) as exc:
+        return usage_error("bench", str(exc))
+    if args.repeats < 1 or args.warmup < 0:
+        return usage_error("bench", "--repeats must be >= 1 and --warmup >= 0")
+    cv2.setNumThreads(1)                   # the serial baseline decodes as a worker does
+    tmp = Path(tempfile.mkdtemp(prefix="pspnet-bench-inputs-"))
+    try:
+        try:
+            if args.images is not None:
+                feed = sources.from_images_dir(args.images)
+            elif args.voc is not None:
+                feed = sources.from_voc(args.voc, args.split)
+            else:
+                feed = sources.synthetic(args.synthetic, tmp)
+        except (OSError, ValueError) as exc:
+            return usage_error("bench", str(exc))
+        settings = BenchSettings(
+            cfg=replace(cfg, batch_size=None), batch_sizes=tuple(sizes),
+            repeats=args.repeats, warmup=args.warmup, masks=not args.no_masks,
+            mask_root=args.out, backlog=args.backlog, min_images=args.min_images,
+            machine=args.machine or "")
+        try:
+            doc = run_bench(settings, feed)
+        except PipelineError as exc:
+            sys.stderr.write(f"pspnet bench: error: {exc}\n")
+            return EXIT_FAILED
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    print(table(doc))
+    if args.json is not None:
+        write_json(args.json, doc)
+    if args.plot is not None:
+        plot(doc, args.plot)
+    return 0
+
+
+def _batch_sizes(args: argparse.Namespace, built: list[int]) -> list[int]:
+    text = args.batch_sizes or (str(args.batch_size) if args.batch_size else None)
+    if text is None:
+        return built
+    try:
+        sizes = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise ValueError(f"--batch-sizes wants a comma list of integers, not {text!r}") \
+            from None
+    if not sizes or min(sizes) < 1:
+        raise ValueError("--batch-sizes needs positive integers")
+    return sizes
