@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import stat
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -15,6 +16,15 @@ def runtime_dir() -> Path:
     base = os.environ.get("XDG_RUNTIME_DIR")
     path = Path(base) / "pspnet" if base else Path(f"/tmp/pspnet-{os.getuid()}")
     path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    # /tmp is shared: a directory planted there by someone else (or a link to one) must not
+    # receive our socket (root's chmod would succeed, and its owner could chmod it back).
+    st = os.lstat(path)
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid():
+        what = "a directory" if stat.S_ISDIR(st.st_mode) else "not a directory"
+        raise PermissionError(
+            f"{path} is {what} owned by uid {st.st_uid}, not a directory of this user's: "
+            "refusing to put the daemon's socket there (set XDG_RUNTIME_DIR, or pass "
+            "--endpoint)")
     os.chmod(path, 0o700)
     return path
 

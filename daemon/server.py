@@ -23,6 +23,7 @@ import structlog
 import zmq
 
 from daemon.cli import json_safe
+from daemon.client import DUPLICATE_ID
 from daemon.endpoint import is_local
 from daemon.watch import Record, Watcher
 from stages import wire
@@ -31,6 +32,13 @@ from stages.pipeline import Pipeline, PipelineError
 
 EXIT_OK, EXIT_FORCED, EXIT_CANNOT_START = 0, 1, 3
 LOOP_MS = 50
+# A client message is one msgpack header (no array frames): a peer announcing a bigger frame
+# is disconnected by ZeroMQ before it is buffered (by default it would allocate whatever
+# size the peer claims and sends).
+MAX_CLIENT_FRAME_BYTES = wire.MAX_HEADER_BYTES
+WARN_EVERY_S = 60.0          # malformed messages: one warning per sender per minute,
+WARN_LINES_PER_MIN = 20      # at most this many per minute over all senders,
+WARN_SENDERS_KEPT = 4096     # and a bounded memory of senders
 
 
 @dataclass(frozen=True)
@@ -53,6 +61,9 @@ class Server:
         self.record: Record | None = None
         self.watcher: Watcher | None = None
         self.watched: dict[str, str] = {}     # request id -> file name (watch mode)
+        self._warned: dict[bytes, float] = {}   # sender -> last warning (monotonic)
+        self._warn_lines: list[float] = []      # every warning line in the last minute
+        self._warn_suppressed = 0
 
     # signal handlers only record
     def _on_signal(self, signum: int, _frame: object) -> None:
@@ -80,7 +91,12 @@ class Server:
         self.frontend = self.ctx.socket(zmq.ROUTER)   # clients' DEALERs <-> daemon
         self.frontend.setsockopt(zmq.LINGER, 0)
         self.frontend.setsockopt(zmq.ROUTER_MANDATORY, 0)  # a gone client's answers drop
-        self.frontend.bind(cfg.endpoint)
+        self.frontend.setsockopt(zmq.MAXMSGSIZE, MAX_CLIENT_FRAME_BYTES)
+        umask = os.umask(0o077)                   # the ipc socket file is 0600 from birth
+        try:
+            self.frontend.bind(cfg.endpoint)
+        finally:
+            os.umask(umask)
         if cfg.endpoint.startswith("ipc://"):
             os.chmod(cfg.endpoint[len("ipc://"):], 0o600)
         if cfg.watch is not None:
@@ -147,16 +163,21 @@ class Server:
         if self.stopping:
             self._reply(client, wire.Reply("error", ids, "daemon is shutting down"))
             return
-        if len(self.pipeline.pending) + len(requests) > self.cfg.max_queue:
+        room = max(0, self.cfg.max_queue - len(self.pipeline.pending))
+        if len(requests) > room:
+            # Take what fits, in order, and say `busy` for the rest: all-or-nothing would
+            # starve a client sending big chunks behind one that sends small ones.
             self.pipeline.totals["busy_replies"] += 1
-            self._reply(client, wire.Reply("busy", ids, "queue full, retry later"))
-            return
+            self._reply(client, wire.Reply("busy", ids[room:], "queue full, retry later"))
+            requests = requests[:room]
+            if not requests:
+                return
         refused, accepted = [], []
         for r in requests:
             problem = self._refuse(r)
             if problem is None and not self.pipeline.submit(
                     wire.Request(r.id, r.path, r.ann), origin=client):
-                problem = "duplicate request id"
+                problem = DUPLICATE_ID              # the client may resend after a restart
             (refused if problem else accepted).append((r, problem))
         if accepted:
             self._reply(client, wire.Reply("accepted", tuple(r.id for r, _ in accepted)))
@@ -191,13 +212,25 @@ class Server:
             self.record.add(name, id=result.id, status=result.status, mask=result.mask,
                             error=result.error, attempt=result.attempt)
 
-    _warned: dict[bytes, float] = {}
-
     def _rate_limited_warning(self, client: bytes, error: str) -> None:
+        """One line per sender per minute, at most WARN_LINES_PER_MIN lines a minute in all
+        (a flood from fresh connections, each a new sender, cannot flood the log)."""
         now = time.monotonic()
-        if now - self._warned.get(client, -1e9) > 60:
-            self._warned[client] = now
-            self.log.warning("malformed client message", client=client.hex(), error=error)
+        if now - self._warned.get(client, -1e9) <= WARN_EVERY_S:
+            return
+        self._warn_lines = [t for t in self._warn_lines if now - t <= 60.0]
+        if len(self._warn_lines) >= WARN_LINES_PER_MIN:
+            self._warn_suppressed += 1
+            return
+        if len(self._warned) >= WARN_SENDERS_KEPT:
+            self._warned = {c: t for c, t in self._warned.items() if now - t <= WARN_EVERY_S}
+            if len(self._warned) >= WARN_SENDERS_KEPT:
+                self._warned.clear()
+        self._warned[client] = now
+        self._warn_lines.append(now)
+        self.log.warning("malformed client message", client=client.hex(), error=error,
+                         suppressed=self._warn_suppressed)
+        self._warn_suppressed = 0
 
     # ---- watch mode --------------------------------------------------------------------
 

@@ -38,6 +38,7 @@ STABLE_AFTER_S = 30.0           # a child that lived this long restarts without 
 RATE_WINDOW_S = 10.0
 TERM_GRACE_S = 5.0
 CHECK_EVERY_S = 0.1             # supervision and stall checks
+HANDOFF_WINDOW_S = 1.0          # a dying child's hand-offs this recent may not have got out
 
 
 class PipelineError(RuntimeError):
@@ -49,6 +50,7 @@ class Pending:
     request: wire.Request
     where: str = QUEUED
     worker: int | None = None          # preprocess worker index while AT_PREPROCESS
+    moved_by: tuple[str, int] | None = None  # the child whose message last moved it on
     since: float = field(default_factory=time.monotonic)     # last progress
     submitted: float = field(default_factory=time.monotonic)
     origin: Any = None                 # who asked (the daemon keeps client identities here)
@@ -282,6 +284,7 @@ class Pipeline:
                 item = self.pending.get(rid)
                 if item is not None and item.where == AT_PREPROCESS:
                     item.where, item.worker, item.since = AT_EXECUTOR, None, time.monotonic()
+                    item.moved_by = ("preprocess", ready.worker)
 
     def _read_results(self, answers: list[tuple[wire.Result, Any]]) -> None:
         while True:
@@ -305,6 +308,7 @@ class Pipeline:
                     item = self.pending.get(rid)
                     if item is not None and item.where in (AT_PREPROCESS, AT_EXECUTOR):
                         item.where, item.since = AT_POSTPROCESS, time.monotonic()
+                        item.moved_by = (msg.stage, msg.index)
             elif isinstance(msg, wire.Stats):
                 self._heartbeat(msg)
 
@@ -387,7 +391,19 @@ class Pipeline:
         child.restart_at = time.monotonic() + delay
         self.log.warning("child died", child=child.name, pid=proc.pid, exitcode=code,
                          lived_s=round(lived, 1), restart_in_s=delay)
+        if child.stage == "executor":
+            self._read_credits()        # images it may hold whose "done" was still queued
         lost = self._held_by(child)
+        # Its data and its hand-off note leave on different sockets: killed in between, the
+        # note may be out and the data not. Retry what it handed on just before dying (a
+        # duplicate answer is dropped; a request stuck until the stall timeout is worse).
+        # Only first attempts: a suspect is more likely fine than lost, so it must not use
+        # up a request's last chance (the stall timeout still covers it).
+        recent = max(child.started, time.monotonic() - HANDOFF_WINDOW_S - CHECK_EVERY_S)
+        held = set(lost)
+        lost += [rid for rid, p in self.pending.items()
+                 if p.moved_by == (child.stage, child.index) and p.since >= recent
+                 and p.where != QUEUED and p.request.attempt == 0 and rid not in held]
         if child.stage == "preprocess":
             for identity in [w for w in self.credits if _worker_index(w) == child.index]:
                 del self.credits[identity]
