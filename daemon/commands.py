@@ -108,7 +108,8 @@ def add_pipeline_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=None,
                    help="static batch size to run (default: 16 if built, else the largest)")
     p.add_argument("--max-wait-ms", type=float, default=20.0,
-                   help="run a partial batch after waiting this long for it to fill")
+                   help="run a partial batch after waiting this long for it to fill, "
+                        "if the device is idle (while a batch runs, keep filling)")
     p.add_argument("--preprocess-workers", type=int, default=2, metavar="K",
                    help="JPEG decode + letterbox processes")
     p.add_argument("--postprocess-workers", type=int, default=2, metavar="M",

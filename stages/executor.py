@@ -1,7 +1,8 @@
 """Executor: one process per device; holds the model and keeps it busy.
 
 Double-buffered: two host slots. The main thread fills a free slot with incoming images
-(up to the static batch size, or fewer after `max_wait_ms`), hands it to the backend's
+(up to the static batch size, or fewer once `max_wait_ms` has passed and the device has
+nothing else to run), hands it to the backend's
 `upload` (a device copy where there is a device) and queues it; the runner thread executes
 slots in order and sends each image's output downstream. So the next batch is assembled
 and copied while the current one runs. Filler rows of a partial batch carry an empty box
@@ -31,6 +32,7 @@ NUM_SLOTS = 2
 POLL_MS = 200
 KEEP_TIMINGS = 10_000
 SWITCH_INTERVAL_S = 0.0005
+IDLE_CHECK_MS = 1                     # past max_wait, how often to look whether the device is free
 
 
 @dataclass
@@ -85,6 +87,8 @@ class Executor:
             self.free.put(i)
         self.ready: queue.Queue[int | None] = queue.Queue()
         self.waiting = 0                      # images received, not yet in a running batch
+        self.on_device = 0                    # batches queued for or inside execute
+        self.lock = threading.Lock()
         child.set_gauges(lambda: {"queue": self.waiting})
 
     def run(self) -> None:
@@ -102,18 +106,28 @@ class Executor:
             slot = self.slots[slot_index]
             self._fill(receiver, slot)
             self.backend.upload(slot_index, slot.images, slot.boxes)
+            with self.lock:
+                self.on_device += 1
             self.ready.put(slot_index)
 
     def _fill(self, receiver: zmq.Socket, slot: Slot) -> None:
-        """Block for the first image, then take more until full or max_wait_ms has passed."""
+        """Block for the first image, then take more until the batch is full, or until
+        max_wait_ms has passed and the device is idle. While another batch runs, a partial
+        batch would only queue behind it and cost as much as a full one: keep filling."""
         slot.members.clear()
         slot.boxes[:] = 0
         deadline = None
         while len(slot.members) < self.batch:
-            timeout = POLL_MS if deadline is None else max(0, deadline - time.monotonic()) * 1e3
+            now = time.monotonic()
+            if deadline is None:
+                timeout = POLL_MS
+            elif now < deadline:
+                timeout = (deadline - now) * 1e3
+            elif self._device_idle():
+                return
+            else:
+                timeout = IDLE_CHECK_MS
             if not receiver.poll(timeout):
-                if deadline is not None:
-                    return
                 continue
             frames = receiver.recv_multipart(copy=False)
             try:
@@ -135,6 +149,10 @@ class Executor:
             self.waiting += 1
             if deadline is None:
                 deadline = time.monotonic() + self.cfg.max_wait_ms / 1e3
+
+    def _device_idle(self) -> bool:
+        with self.lock:
+            return self.on_device == 0
 
     def _run_batches(self) -> None:
         sender = self.child.ctx.socket(zmq.PUSH)     # outputs -> postprocess (via front)
@@ -159,6 +177,8 @@ class Executor:
                 self.child.count(errors=len(members))
                 out = None
             busy = time.perf_counter() - started
+            with self.lock:
+                self.on_device -= 1
             if len(self.backend.execute_times_ms) > KEEP_TIMINGS:   # a daemon runs for weeks
                 del self.backend.execute_times_ms[:-KEEP_TIMINGS // 2]
             self.free.put(slot_index)                # host slot may be refilled now

@@ -16,9 +16,9 @@ from build_model.reference import Reference
 from stages import wire
 from stages.config import Addresses, PipelineConfig
 from stages.executor import Executor
-from stages.labels import read_ground_truth
 from stages.manifest import Manifest, voc_palette
 from stages.pipeline import Pipeline, requests_for
+from tests.mmseg_metric import mmseg_iou
 
 FAKE_ACL = Path(__file__).parent / "fake_aclruntime"
 
@@ -73,30 +73,6 @@ def voc(tmp_path_factory, photos, mmseg_models) -> dict:
     assert min(len(np.unique(p["logits"])) for p in expected.values()) >= 3, \
         "degenerate test model: too few classes per image"
     return {"images": images, "anns": anns, "expected": expected}
-
-
-def mmseg_iou(masks: list[Path], anns: list[Path], exact_sums: bool = False) -> dict:
-    """mmseg's IoUMetric on the written masks, unrounded (compute_metrics rounds to 0.01).
-
-    mmseg sums the per-image areas in float32; `exact_sums` sums its areas in float64.
-    """
-    from build_model.mmseg_shim import install
-
-    install()
-    import torch
-    from mmseg.evaluation.metrics import IoUMetric
-
-    areas = []
-    for mask, ann in zip(masks, anns, strict=True):
-        pred = torch.from_numpy(np.asarray(Image.open(mask)).astype(np.int64))
-        label = torch.from_numpy(read_ground_truth(ann).astype(np.int64))
-        areas.append(IoUMetric.intersect_and_union(pred, label, 21, 255))
-    if exact_sums:
-        areas = [[t.double() for t in a] for a in areas]
-    totals = [sum(a[k] for a in areas) for k in range(4)]
-    metrics = IoUMetric.total_area_to_metrics(*totals, ["mIoU"])
-    return {"aAcc": float(metrics["aAcc"]) * 100, "mIoU": float(np.nanmean(metrics["IoU"])) * 100,
-            "mAcc": float(np.nanmean(metrics["Acc"])) * 100}
 
 
 CASES = [("ort", "logits"), ("ort", "labels"), ("torch", "logits"), ("acl", "logits")]
@@ -187,10 +163,12 @@ class SlowBackend:
         self.transfer_s, self.compute_s = transfer_s, compute_s
         self.execute_times_ms: list[float] = []
         self.device: dict[int, np.ndarray] = {}
+        self.filled: list[int] = []           # real rows per uploaded batch
 
     def upload(self, slot: int, images: np.ndarray, boxes: np.ndarray) -> None:
         time.sleep(self.transfer_s)
         self.device[slot] = boxes.copy()
+        self.filled.append(int((boxes[:, 2] > 0).sum()))
 
     def execute(self, slot: int) -> np.ndarray:
         time.sleep(self.compute_s)
@@ -234,5 +212,45 @@ def test_executor_overlaps_assembly_and_transfer_with_compute(tiny_models, tmp_p
           f"serial {serial:.2f} s")
     assert sorted(got, key=int) == [str(i) for i in range(n_batches * batch)]
     assert elapsed < overlapped + 0.5 * (serial - overlapped)
+    for sock in (images, outputs, results):
+        sock.close(0)
+
+
+def test_executor_keeps_filling_while_the_device_is_busy(tiny_models, tmp_path):
+    """Past max_wait a partial batch runs only if the device is idle: while a batch runs,
+    the next one keeps filling (a partial batch would wait anyway, at full cost)."""
+    from stages.child import Child
+
+    manifest = Manifest.read(tiny_models["labels"])
+    cfg = PipelineConfig(model_dir=tiny_models["labels"], max_wait_ms=20, log_json=True,
+                         run_dir=tmp_path)
+    addrs = Addresses.for_config(cfg, tmp_path)
+    ctx = zmq.Context.instance()
+    images = ctx.socket(zmq.PUSH)            # test -> executor
+    images.bind(addrs.images_out)
+    outputs = ctx.socket(zmq.PULL)           # executor -> test
+    outputs.bind(addrs.outputs_in)
+    results = ctx.socket(zmq.PULL)
+    results.bind(addrs.results)
+    backend = SlowBackend(4, manifest.input_size, transfer_s=0.0, compute_s=0.4)
+    executor = Executor(Child("executor", 0, cfg, addrs.results), cfg, addrs, backend,
+                        manifest)
+    threading.Thread(target=executor.run, daemon=True).start()
+    pixels = np.zeros((*manifest.input_size, 3), np.uint8)
+    place = wire.Placement(64, 64, 1.0, 0, 0, 64, 64)
+
+    def send(i: int) -> None:
+        images.send_multipart(wire.encode(wire.Image(wire.Request(str(i), "/x"), place,
+                                                     pixels)))
+
+    send(0)                                  # alone, device idle: runs after max_wait
+    time.sleep(0.1)
+    for i in range(1, 5):                    # trickle in while that batch runs
+        send(i)
+        time.sleep(0.05)
+    send(5)                                  # device idle again after the second batch
+    got = [wire.decode(outputs.recv_multipart()).request.id for _ in range(6)]
+    assert sorted(got, key=int) == [str(i) for i in range(6)]
+    assert backend.filled == [1, 4, 1], backend.filled
     for sock in (images, outputs, results):
         sock.close(0)
