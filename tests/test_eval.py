@@ -8,36 +8,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
 
 from bench.progress import Progress
 from bench.voc import VocLayoutError, read_split
 from daemon.cli import main
-from stages.labels import read_ground_truth
+from tests.mmseg_metric import mmseg_iou
 from tests.voc_folder import make_voc_folder
 
 JSON_KEYS = {"mIoU", "aAcc", "mAcc", "per_class", "images", "failed"}
-
-
-def mmseg_iou(masks: list[Path], truths: list[Path], exact_sums: bool = False) -> dict:
-    """mmseg 1.2.2's IoUMetric on mask files, unrounded (percent, as eval reports)."""
-    from build_model.mmseg_shim import install
-
-    install()
-    import torch
-    from mmseg.evaluation.metrics import IoUMetric
-
-    areas = []
-    for mask, truth in zip(masks, truths, strict=True):
-        pred = torch.from_numpy(np.asarray(Image.open(mask)).astype(np.int64))
-        label = torch.from_numpy(read_ground_truth(truth).astype(np.int64))
-        areas.append(IoUMetric.intersect_and_union(pred, label, 21, 255))
-    if exact_sums:                      # mmseg itself sums in float32
-        areas = [[t.double() for t in a] for a in areas]
-    totals = [sum(a[k] for a in areas) for k in range(4)]
-    m = IoUMetric.total_area_to_metrics(*totals, ["mIoU"])
-    return {"aAcc": float(m["aAcc"]) * 100, "mIoU": float(np.nanmean(m["IoU"])) * 100,
-            "mAcc": float(np.nanmean(m["Acc"])) * 100, "IoU": np.asarray(m["IoU"]) * 100}
 
 
 def assert_matches_mmseg(doc: dict, voc, mask_dir: Path) -> None:
