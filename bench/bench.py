@@ -119,20 +119,24 @@ def bench_batch_size(settings: BenchSettings, inputs: BenchInputs, manifest: Man
                 serial.run(paths[:warm], truths[:warm])
             runs: dict[str, list[dict[str, Any]]] = {"e2e": [], "executor": [], "serial": []}
             for r in range(settings.repeats):
-                runs["e2e"].append(e2e.run(paths, truths))
-                runs["executor"].append(executor_only.measure(backend, batches, n_batches))
-                wall, metrics, errors = serial.run(paths, truths)
-                runs["serial"].append({"img_s": count / wall, "wall_s": wall,
-                                       "errors": errors,
-                                       "mIoU": metrics.summary()["mIoU"]
-                                       if metrics.images else None})
-                say(f"batch {size}: repeat {r + 1}/{settings.repeats}: "
-                    f"e2e {runs['e2e'][-1]['img_s']:.1f}, "
-                    f"executor {runs['executor'][-1]['img_s']:.1f}, "
-                    f"serial {runs['serial'][-1]['img_s']:.1f} img/s")
+                rep = {"e2e": e2e.run(paths, truths),
+                       "executor": executor_only.measure(backend, batches, n_batches),
+                       "serial": _serial_figures(serial, paths, truths)}
+                for mode, figures in rep.items():
+                    runs[mode].append(figures)
+                say(f"batch {size}: repeat {r + 1}/{settings.repeats}: " + ", ".join(
+                    f"{mode} {figures['img_s']:.1f}" for mode, figures in rep.items())
+                    + " img/s")
     finally:
         backend.close()
     return summarise(size, count, runs)
+
+
+def _serial_figures(serial: SerialRunner, paths: list[Path], truths: list[Path | None],
+                    ) -> dict[str, Any]:
+    wall, metrics, errors = serial.run(paths, truths)
+    return {"img_s": len(paths) / wall, "wall_s": wall, "errors": errors,
+            "mIoU": metrics.summary()["mIoU"] if metrics.images else None}
 
 
 def summarise(size: int, count: int, runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:

@@ -45,7 +45,9 @@ examples:
       --batch-sizes 1,4,8,16,32,64 --synthetic 256 --preprocess-workers 8 \\
       --json bench/results/nvidia-h100.json --plot bench/results/nvidia-h100.png
   pspnet bench --model models/small --batch-sizes 1,4,8 --synthetic 48 \\
-      --preprocess-workers 1 --postprocess-workers 1 --backend-option threads=1"""
+      --preprocess-workers 1 --postprocess-workers 1 --backend-option threads=1 \\
+      --max-wait-ms 1000 --json bench/results/cpu-2core.json --plot bench/results/cpu-2core.png
+  (a max wait near one batch's execute time lets batches fill while the other slot runs)"""
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
