@@ -159,6 +159,8 @@ def record_names(out: Path) -> list[str]:
 
 def test_watch_mode_survives_kill_9_without_loss_or_repeats(tiny_models, photo_files,
                                                             tmp_path):
+    """5 present at start + 20 arriving while it runs (one while it is down) + 3 written
+    slowly in chunks = 28 masks, through a kill -9 and a restart, none processed twice."""
     inbox, out = tmp_path / "inbox", tmp_path / "masks"
     inbox.mkdir()
     files = photo_files[:28]
@@ -178,13 +180,14 @@ def test_watch_mode_survives_kill_9_without_loss_or_repeats(tiny_models, photo_f
             time.sleep(0.1)
     finally:
         daemon.kill_all()                                # kill -9, midway
-    for p in files[15:25]:                               # more arrive while it is down
-        tmp = inbox / f".{p.name}.part"
-        tmp.write_bytes(p.read_bytes())
-        tmp.rename(inbox / p.name)                       # write-then-rename
+    tmp = inbox / f".{files[15].name}.part"              # one arrives while it is down,
+    tmp.write_bytes(files[15].read_bytes())              # written then renamed in
+    tmp.rename(inbox / files[15].name)
     daemon = Daemon(tiny_models["logits"], out, tmp_path, *args)
     try:
         daemon.wait_ready()
+        for p in files[16:25]:                           # copied in while running again
+            shutil.copy(p, inbox / p.name)
         for p in files[26:28]:
             write_slowly(inbox / p.name, p.read_bytes())
         deadline = time.monotonic() + 90
