@@ -34,7 +34,6 @@ figures), 1 if one failed to run.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import math
 import sys
@@ -44,21 +43,9 @@ import traceback
 from pathlib import Path
 
 import numpy as np
+from make_model import strict_fp32  # this folder is on sys.path: run as a script
 
 TARGET_PCT = 99.5
-
-
-@contextlib.contextmanager
-def strict_fp32():
-    import torch
-
-    saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
 def say(message: str) -> None:
