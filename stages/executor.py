@@ -22,7 +22,7 @@ import numpy as np
 import zmq
 
 from stages import wire
-from stages.backends import open_backend
+from stages.backends import Backend, open_backend
 from stages.child import Child, error_result
 from stages.config import Addresses, PipelineConfig
 from stages.manifest import Manifest
@@ -74,7 +74,7 @@ def main(cfg: PipelineConfig, addrs: Addresses, index: int, supervised: bool = T
 
 
 class Executor:
-    def __init__(self, child: Child, cfg: PipelineConfig, addrs: Addresses, backend: object,
+    def __init__(self, child: Child, cfg: PipelineConfig, addrs: Addresses, backend: Backend,
                  manifest: Manifest) -> None:
         self.child, self.cfg, self.addrs = child, cfg, addrs
         self.backend = backend

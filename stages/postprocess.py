@@ -7,6 +7,7 @@ front sums them, so a crashed worker loses no metric state.
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -73,7 +74,7 @@ def main(cfg: PipelineConfig, addrs: Addresses, index: int, supervised: bool = T
                     busy_s=time.perf_counter() - started)
 
 
-def finish(output: wire.Output, manifest: Manifest, out_dir: object) -> wire.Result:
+def finish(output: wire.Output, manifest: Manifest, out_dir: Path | None) -> wire.Result:
     """Labels at the original size, the mask written, the areas counted: one answer."""
     request = output.request
     try:
