@@ -11,9 +11,10 @@ saved in the official mmseg layout, `{"meta": ..., "state_dict": ...}`.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +29,18 @@ RESIDUAL_GAIN = 0.3      # gamma of each residual branch's last BN, as in a trai
 _log = logging.getLogger(__name__)
 
 
+@contextlib.contextmanager
+def strict_fp32() -> Iterator[None]:
+    """TF32 off for CUDA matmuls and cuDNN convolutions inside the block (restored after)."""
+    saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
 def calibrate_segmentor(
     segmentor: nn.Module,
     photos: Sequence[np.ndarray],
@@ -36,27 +49,34 @@ def calibrate_segmentor(
     mean: Sequence[float],
     std: Sequence[float],
     seed: int = 0,
+    device: str = "cpu",
 ) -> list[int]:
-    """Calibrate BN statistics and conv_seg in place; return distinct classes per photo."""
+    """Calibrate BN statistics and conv_seg in place; return distinct classes per photo.
+
+    `device` runs the forward passes there (R50 at 500x500: seconds on a GPU, minutes on
+    a CPU); the PCA runs on the CPU either way, and the segmentor ends on the CPU.
+    """
     from build_model.mmseg_model import SegmentorCore
 
+    dev = torch.device(device)
     images, boxes = letterboxed_batch(photos, input_size)
-    x = normalised_batch(images, boxes, mean, std)
-    core = SegmentorCore(segmentor)
-    _damp_residual_branches(core)
-    _calibrate_batchnorm(core, x)
-    features = _conv_seg_input(core, x)
-    valid = _valid_at(boxes, input_size, features.shape[2:])
-    conv_seg = core.decode_head.conv_seg
-    weight, bias = _principal_classifier(features, valid, conv_seg.out_channels, seed)
-    with torch.no_grad():
-        conv_seg.weight.copy_(weight.view_as(conv_seg.weight))
-        conv_seg.bias.copy_(bias)
-        labels = core(x).argmax(1).numpy()
+    x = normalised_batch(images, boxes, mean, std).to(dev)
+    core = SegmentorCore(segmentor).to(dev)
+    with strict_fp32():
+        _damp_residual_branches(core)
+        _calibrate_batchnorm(core, x)
+        features = _conv_seg_input(core, x).cpu()
+        valid = _valid_at(boxes, input_size, features.shape[2:])
+        conv_seg = core.decode_head.conv_seg
+        weight, bias = _principal_classifier(features, valid, conv_seg.out_channels, seed)
+        with torch.no_grad():
+            conv_seg.weight.copy_(weight.view_as(conv_seg.weight).to(dev))
+            conv_seg.bias.copy_(bias.to(dev))
+            labels = core(x).argmax(1).cpu().numpy()
     counts = [len(np.unique(lab[m])) for lab, m in zip(labels, valid.numpy(), strict=True)]
-    _log.info("calibrated on %d photos at %dx%d: %s distinct classes per photo",
-              len(photos), *input_size, counts)
-    segmentor.eval()
+    _log.info("calibrated on %d photos at %dx%d on %s: %s distinct classes per photo",
+              len(photos), *input_size, device, counts)
+    segmentor.cpu().eval()
     return counts
 
 
@@ -68,6 +88,7 @@ def make_calibrated_checkpoint(
     photos: Sequence[np.ndarray] | None = None,
     max_photos: int | None = None,
     seed: int = 0,
+    device: str = "cpu",
 ) -> Path:
     """Build `config` with random weights, calibrate it, save an official-format checkpoint.
 
@@ -88,14 +109,14 @@ def make_calibrated_checkpoint(
     photos = list(photos)[:max_photos]
     size = (input_size, input_size)
     counts = calibrate_segmentor(segmentor, photos, input_size=size, mean=mean, std=std,
-                                 seed=seed)
+                                 seed=seed, device=device)
     meta = {
         "mmseg_version": mmseg.__version__,
         "config": str(config),
         "note": "random init + BN statistics and conv_seg calibrated on photos "
                 "(build_model.calibrate); not trained",
         "calibration": {"input_size": input_size, "photos": len(photos), "seed": seed,
-                        "classes_per_photo": counts},
+                        "classes_per_photo": counts, "device": device},
     }
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)

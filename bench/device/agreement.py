@@ -43,7 +43,6 @@ import traceback
 from pathlib import Path
 
 import numpy as np
-from make_model import strict_fp32  # this folder is on sys.path: run as a script
 
 TARGET_PCT = 99.5
 
@@ -89,6 +88,7 @@ def reference_logits(model_dir: Path, manifest, images, boxes, device: str,
     """mmseg's core on the device, fp32, TF32 off; float32 N x C x h x w on the host."""
     import torch
 
+    from build_model.calibrate import strict_fp32
     from build_model.inputs import normalised_batch
     from build_model.network import load_network
 

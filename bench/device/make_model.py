@@ -26,7 +26,6 @@ Run with PYTHONPATH holding the repository and the carried wheels (run.sh sets i
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import json
 import logging
@@ -39,102 +38,30 @@ from pathlib import Path
 log = logging.getLogger("make_model")
 
 
-@contextlib.contextmanager
-def strict_fp32():
-    """TF32 off for matmuls and cuDNN convolutions inside the block (restored after)."""
-    import torch
-
-    saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
-
-
 def make_checkpoint(config: str, out: Path, *, input_size: int, device: str, seed: int,
                     fallback_size: int, fallback_photos: int | None) -> dict:
     """Write the calibrated checkpoint; return what was done (for the log and summary)."""
+    from build_model.calibrate import make_calibrated_checkpoint
+
     started = time.perf_counter()
+    where, max_photos = "cpu", None
     if device.startswith("cuda"):
         try:
-            counts = _calibrate_on_gpu(config, out, input_size=input_size, device=device,
-                                       seed=seed)
-            return {"where": device, "input_size": input_size, "classes_per_photo": counts,
-                    "seconds": round(time.perf_counter() - started, 2)}
+            make_calibrated_checkpoint(config, out, input_size=input_size, seed=seed,
+                                       device=device)
+            where = device
         except Exception as exc:  # noqa: BLE001 - any failure: the CPU recipe still works
             log.warning("GPU calibration failed (%s: %s); falling back to the CPU at %d",
                         type(exc).__name__, str(exc).splitlines()[0][:300] if str(exc) else "",
                         fallback_size)
             input_size, max_photos = fallback_size, fallback_photos
-    else:
-        max_photos = None
-    from build_model.calibrate import make_calibrated_checkpoint
-
-    make_calibrated_checkpoint(config, out, input_size=input_size, max_photos=max_photos,
-                               seed=seed)
+    if where == "cpu":
+        make_calibrated_checkpoint(config, out, input_size=input_size, max_photos=max_photos,
+                                   seed=seed)
     meta = _read_meta(out)
-    return {"where": "cpu", "input_size": input_size,
+    return {"where": where, "input_size": input_size,
             "classes_per_photo": meta.get("calibration", {}).get("classes_per_photo"),
             "seconds": round(time.perf_counter() - started, 2)}
-
-
-def _calibrate_on_gpu(config: str, out: Path, *, input_size: int, device: str,
-                      seed: int) -> list[int]:
-    """build_model.calibrate.make_calibrated_checkpoint, with the forward passes on CUDA.
-
-    Same steps, same helpers, same file layout; only where the tensors live differs (the
-    PCA of the decoder features still runs on the CPU in float64, as there).
-    """
-    import numpy as np
-    import torch
-
-    from build_model import calibrate as cal
-    from build_model import mmseg_model
-    from build_model.inputs import letterboxed_batch, normalised_batch
-    from build_model.samples import sample_images
-
-    dev = torch.device(device)
-    mmseg = mmseg_model.import_mmseg()
-    cfg = mmseg_model.load_config(mmseg_model.resolve_config(config))
-    mean, std = mmseg_model.normalisation(cfg)
-    torch.manual_seed(seed)
-    segmentor = mmseg_model.build_segmentor(cfg, keep_auxiliary=True)
-    photos = [rgb for _, rgb in sample_images()]
-    size = (input_size, input_size)
-    images, boxes = letterboxed_batch(photos, size)
-    x = normalised_batch(images, boxes, mean, std).to(dev)
-    core = mmseg_model.SegmentorCore(segmentor).to(dev)
-    with strict_fp32():
-        cal._damp_residual_branches(core)
-        cal._calibrate_batchnorm(core, x)
-        features = cal._conv_seg_input(core, x).cpu()
-        valid = cal._valid_at(boxes, size, features.shape[2:])
-        conv_seg = core.decode_head.conv_seg
-        weight, bias = cal._principal_classifier(features, valid, conv_seg.out_channels, seed)
-        with torch.no_grad():
-            conv_seg.weight.copy_(weight.view_as(conv_seg.weight).to(dev))
-            conv_seg.bias.copy_(bias.to(dev))
-            labels = core(x).argmax(1).cpu().numpy()
-    counts = [int(len(np.unique(lab[m]))) for lab, m in zip(labels, valid.numpy(), strict=True)]
-    log.info("calibrated on %d photos at %dx%d on %s: %s distinct classes per photo",
-             len(photos), *size, device, counts)
-    segmentor = segmentor.cpu().eval()
-    meta = {
-        "mmseg_version": mmseg.__version__,
-        "config": str(config),
-        "note": "random init + BN statistics and conv_seg calibrated on photos "
-                "(build_model.calibrate, forward passes on the GPU); not trained",
-        "calibration": {"input_size": input_size, "photos": len(photos), "seed": seed,
-                        "classes_per_photo": counts, "device": device},
-    }
-    out.parent.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().clone() for k, v in segmentor.state_dict().items()}
-    torch.save({"meta": meta, "state_dict": state}, str(out))
-    del core, x, features
-    torch.cuda.empty_cache()
-    return counts
 
 
 def _read_meta(path: Path) -> dict:
