@@ -131,9 +131,7 @@ class Executor:
                 continue
             frames = receiver.recv_multipart(copy=False)
             try:
-                image = wire.decode(frames)
-                if not isinstance(image, wire.Image):
-                    raise wire.WireError(f"expected an image, got {type(image).__name__}")
+                image = wire.decode_as(frames, wire.Image)
                 if image.pixels.shape != slot.images.shape[1:]:
                     raise wire.WireError(f"pixels {image.pixels.shape}, model takes "
                                          f"{slot.images.shape[1:]}", image.request.id)

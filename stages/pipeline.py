@@ -273,9 +273,7 @@ class Pipeline:
             except zmq.Again:
                 return
             try:
-                ready = wire.decode(frames)
-                if not isinstance(ready, wire.Ready):
-                    raise wire.WireError(f"expected ready, got {type(ready).__name__}")
+                ready = wire.decode_as(frames, wire.Ready)
             except wire.WireError as exc:
                 self._warn_malformed("prep", exc)
                 continue

@@ -60,9 +60,7 @@ def main(cfg: PipelineConfig, addrs: Addresses, index: int, supervised: bool = T
         frames = receiver.recv_multipart(copy=False)
         started = time.perf_counter()
         try:
-            output = wire.decode(frames)
-            if not isinstance(output, wire.Output):
-                raise wire.WireError(f"expected an output, got {type(output).__name__}")
+            output = wire.decode_as(frames, wire.Output)
         except wire.WireError as exc:
             child.log.warning("malformed message dropped", error=str(exc), id=exc.request_id)
             child.count(errors=1)

@@ -58,9 +58,7 @@ def main(cfg: PipelineConfig, addrs: Addresses, index: int, supervised: bool = T
             continue
         frames = dealer.recv_multipart(copy=False)
         try:
-            request = wire.decode(frames)
-            if not isinstance(request, wire.Request):
-                raise wire.WireError(f"expected a request, got {type(request).__name__}")
+            request = wire.decode_as(frames, wire.Request)
         except wire.WireError as exc:
             child.log.warning("malformed message dropped", error=str(exc))
             child.count(errors=1)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import msgpack
 import numpy as np
@@ -153,6 +153,8 @@ class Reply:
     body: dict[str, Any] = field(default_factory=dict)
 
 
+M = TypeVar("M")
+
 Message = (Request | Ready | Progress | Image | Output | Result | Stats | Submit | StatusQuery
            | Reply)
 
@@ -250,6 +252,14 @@ def decode(frames: Sequence[Any], max_submit: int = 4096) -> Message:
         return _DECODERS[kind](header, frames[1:], max_submit)
     except WireError as exc:
         raise WireError(f"{kind}: {exc}", exc.request_id or request_id) from None
+
+
+def decode_as(frames: Sequence[Any], kind: type[M]) -> M:
+    """decode, and refuse any other kind than the one this socket carries."""
+    msg = decode(frames)
+    if not isinstance(msg, kind):
+        raise WireError(f"expected {kind.__name__}, got {type(msg).__name__}")
+    return msg
 
 
 def _peek_id(header: dict[str, Any]) -> str | None:

@@ -119,3 +119,10 @@ def test_decoder_survives_mutated_headers(position, value, truncate):
     except wire.WireError:
         return
     assert isinstance(msg, wire.Image)        # a mutation that still parses is a valid image
+
+
+def test_decode_as_refuses_another_kind():
+    frames = [bytes(f) for f in wire.encode(wire.Request("x", "/p"))]
+    assert wire.decode_as(frames, wire.Request) == wire.Request("x", "/p")
+    with pytest.raises(wire.WireError, match="expected Image, got Request"):
+        wire.decode_as(frames, wire.Image)
