@@ -149,26 +149,26 @@ class Server:
                 self.pipeline.totals["malformed"] += 1
                 self._rate_limited_warning(client, str(exc))
                 ids = (exc.request_id,) if exc.request_id else ()
-                self._reply(client, wire.Reply("error", ids, f"malformed message: {exc}"))
+                self._send(client, wire.Reply("error", ids, f"malformed message: {exc}"))
                 continue
             if isinstance(msg, wire.StatusQuery):
-                self._reply(client, wire.Reply("status", body=self.status()))
+                self._send(client, wire.Reply("status", body=self.status()))
             elif isinstance(msg, wire.Submit):
                 self._accept(client, msg.requests)
             else:
-                self._reply(client, wire.Reply("error", message=f"unexpected {type(msg).__name__}"))
+                self._send(client, wire.Reply("error", message=f"unexpected {type(msg).__name__}"))
 
     def _accept(self, client: bytes, requests: tuple[wire.Request, ...]) -> None:
         ids = tuple(r.id for r in requests)
         if self.stopping:
-            self._reply(client, wire.Reply("error", ids, "daemon is shutting down"))
+            self._send(client, wire.Reply("error", ids, "daemon is shutting down"))
             return
         room = max(0, self.cfg.max_queue - len(self.pipeline.pending))
         if len(requests) > room:
             # Take what fits, in order, and say `busy` for the rest: all-or-nothing would
             # starve a client sending big chunks behind one that sends small ones.
             self.pipeline.totals["busy_replies"] += 1
-            self._reply(client, wire.Reply("busy", ids[room:], "queue full, retry later"))
+            self._send(client, wire.Reply("busy", ids[room:], "queue full, retry later"))
             requests = requests[:room]
             if not requests:
                 return
@@ -180,7 +180,7 @@ class Server:
                 problem = DUPLICATE_ID              # the client may resend after a restart
             (refused if problem else accepted).append((r, problem))
         if accepted:
-            self._reply(client, wire.Reply("accepted", tuple(r.id for r, _ in accepted)))
+            self._send(client, wire.Reply("accepted", tuple(r.id for r, _ in accepted)))
         for r, problem in refused:
             self.pipeline.totals["refused"] += 1
             self._send(client, wire.Result(r.id, 0, wire.ERROR, r.path, error=problem,
@@ -194,9 +194,6 @@ class Server:
                 if p is not None and not _inside(Path(p), self.cfg.allow_roots):
                     return f"path outside the allowed input roots: {p}"
         return None
-
-    def _reply(self, client: bytes, reply: wire.Reply) -> None:
-        self._send(client, reply)
 
     def _send(self, client: bytes, msg: wire.Message) -> None:
         try:
