@@ -144,7 +144,8 @@ class Executor:
             slot.images[row] = image.pixels
             slot.boxes[row] = image.placement.box()
             slot.members.append((image.request, image.placement))
-            self.waiting += 1
+            with self.lock:                   # the runner thread subtracts
+                self.waiting += 1
             if deadline is None:
                 deadline = time.monotonic() + self.cfg.max_wait_ms / 1e3
 
@@ -177,10 +178,10 @@ class Executor:
             busy = time.perf_counter() - started
             with self.lock:
                 self.on_device -= 1
+                self.waiting -= len(members)
             if len(self.backend.execute_times_ms) > KEEP_TIMINGS:   # a daemon runs for weeks
                 del self.backend.execute_times_ms[:-KEEP_TIMINGS // 2]
             self.free.put(slot_index)                # host slot may be refilled now
-            self.waiting -= len(members)
             if out is None:
                 continue
             for row, (request, placement) in enumerate(members):
