@@ -3,8 +3,8 @@
 Why: it is the number ais_bench reports for the seed (1000 x batch / mean execute ms: no
 decode, no transfer, no postprocessing), so e2e / executor says how much of the device the
 streaming pipeline actually delivers. Batches are letterboxed from the bench's own images
-before timing and fed with upload/execute alternating over the backend's two slots, as the
-executor process does.
+before timing and fed through the backend's two slots with upload, launch and collect, as
+the executor process does.
 """
 
 from __future__ import annotations
@@ -44,17 +44,19 @@ def stage_batches(paths: Sequence[Path], input_size: tuple[int, int], batch: int
 
 
 def run_batches(backend: Backend, batches: Sequence[Batch], n: int) -> float:
-    """Push `n` batches (cycling `batches`), two slots in flight; return wall seconds."""
+    """Push `n` batches (cycling `batches`), two slots launched at a time, as the executor
+    does (a device with a queue holds the next batch while one runs); return wall seconds."""
     pending: collections.deque[int] = collections.deque()
     started = time.perf_counter()
     for k in range(n):
         slot = k % NUM_SLOTS
-        backend.upload(slot, *batches[k % len(batches)])
-        pending.append(slot)
         if len(pending) == NUM_SLOTS:
-            backend.execute(pending.popleft())
+            backend.collect(pending.popleft())
+        backend.upload(slot, *batches[k % len(batches)])
+        backend.launch(slot)
+        pending.append(slot)
     while pending:
-        backend.execute(pending.popleft())
+        backend.collect(pending.popleft())
     return time.perf_counter() - started
 
 

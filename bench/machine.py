@@ -26,6 +26,8 @@ def cpu_count() -> int:
 def accelerator(backend: str, devices: tuple[str, ...]) -> str:
     """A human name for what the executor runs on ("none (CPU)" when nothing else)."""
     kinds = {d.split(":")[0].lower() for d in devices}
+    if backend == "sim":
+        return "simulated device (no model)"
     if backend == "acl" or kinds & {"npu", "cann"}:
         return "Ascend NPU (aclruntime)"
     if kinds & {"cuda", "tensorrt"}:
@@ -45,6 +47,8 @@ def default_name(backend: str, devices: tuple[str, ...]) -> str:
     acc = accelerator(backend, devices)
     if acc.startswith("none"):
         return f"cpu-{cpu_count()}core"
+    if backend == "sim":
+        return f"cpu-{cpu_count()}core-sim"
     slug = re.sub(r"[^a-z0-9]+", "-", acc.lower()).strip("-")
     return slug + (f"-x{len(devices)}" if len(devices) > 1 else "")
 

@@ -97,9 +97,11 @@ def add_pipeline_args(p: argparse.ArgumentParser) -> None:
     """Flags shared by serve, eval and bench: which model, which backend, how many workers."""
     p.add_argument("--model", type=Path, required=True, metavar="DIR",
                    help="a directory made by `pspnet build` (manifest.json + models)")
-    p.add_argument("--backend", choices=("ort", "torch", "acl"), default="ort",
+    p.add_argument("--backend", choices=("ort", "torch", "acl", "sim"), default="ort",
                    help="ort: ONNX Runtime; torch: PyTorch (CPU or CUDA); acl: Ascend "
-                        "aclruntime + OM (unverified on real hardware)")
+                        "aclruntime + OM (unverified on real hardware); sim: no model, a "
+                        "simulated device of --backend-option img_s=N speed, to measure "
+                        "the host side (its masks are a fixed pattern)")
     p.add_argument("--devices", default="cpu",
                    help="comma list, one executor each: cpu, cuda:0, cuda:1 (torch/ort), "
                         "or npu:0,npu:1 (acl)")
@@ -125,7 +127,7 @@ def add_pipeline_args(p: argparse.ArgumentParser) -> None:
                         "batches per executor, at least 64)")
     p.add_argument("--backend-option", action="append", default=[], metavar="KEY=VALUE",
                    help="backend tuning, repeatable: threads=N (ort/torch), cuda_graphs=1, "
-                        "compile=1 (torch)")
+                        "compile=1 (torch), img_s=N, sync=1 (sim)")
     p.add_argument("--transport", choices=("ipc", "tcp"), default="ipc",
                    help="between the daemon's own processes")
     p.add_argument("--tcp-base-port", type=int, default=5550,

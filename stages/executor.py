@@ -1,12 +1,13 @@
 """Executor: one process per device; holds the model and keeps it busy.
 
-Double-buffered: two host slots. The main thread fills a free slot with incoming images
-(up to the static batch size, or fewer once `max_wait_ms` has passed and the device has
-nothing else to run), hands it to the backend's
-`upload` (a device copy where there is a device) and queues it; the runner thread executes
-slots in order and sends each image's output downstream. So the next batch is assembled
-and copied while the current one runs. Filler rows of a partial batch carry an empty box
-and their outputs are never sent.
+Double-buffered: two batch slots. The main thread fills a free slot's host buffers (the
+backend's, pinned on CUDA) with incoming images (up to the static batch size, or fewer
+once `max_wait_ms` has passed and the device has nothing else to run), then calls the
+backend's `upload` and `launch`: a device with a queue starts the batch right behind the
+running one. The runner thread collects slots in order and sends each image's output
+downstream. So the next batch is assembled, copied and queued while the current one runs,
+and the device never waits for the host to collect, send and relaunch. Filler rows of a
+partial batch carry an empty box and their outputs are never sent.
 """
 
 from __future__ import annotations
@@ -79,9 +80,8 @@ class Executor:
         self.child, self.cfg, self.addrs = child, cfg, addrs
         self.backend = backend
         self.batch = backend.batch_size
-        h, w = manifest.input_size
-        self.slots = [Slot(np.zeros((self.batch, h, w, 3), np.uint8),
-                           np.zeros((self.batch, 4), np.int32), []) for _ in range(NUM_SLOTS)]
+        self.slots = [Slot(*backend.host_buffers(i), []) for i in range(NUM_SLOTS)]
+        self.launch_errors: dict[int, Exception] = {}    # slot -> why upload/launch failed
         self.free: queue.Queue[int] = queue.Queue()
         for i in range(NUM_SLOTS):
             self.free.put(i)
@@ -105,7 +105,11 @@ class Executor:
             slot_index = self.free.get()
             slot = self.slots[slot_index]
             self._fill(receiver, slot)
-            self.backend.upload(slot_index, slot.images, slot.boxes)
+            try:
+                self.backend.upload(slot_index, slot.images, slot.boxes)
+                self.backend.launch(slot_index)
+            except Exception as exc:          # the runner answers for the batch
+                self.launch_errors[slot_index] = exc
             with self.lock:
                 self.on_device += 1
             self.ready.put(slot_index)
@@ -165,9 +169,14 @@ class Executor:
             slot_index = self.ready.get()
             slot = self.slots[slot_index]
             members = list(slot.members)
+            times = self.backend.execute_times_ms
+            timed = len(times)
             started = time.perf_counter()
             try:
-                out = self.backend.execute(slot_index)
+                failed = self.launch_errors.pop(slot_index, None)
+                if failed is not None:
+                    raise failed
+                out = self.backend.collect(slot_index)
             except Exception as exc:
                 self.child.log.exception("batch failed", size=len(members))
                 for request, _ in members:
@@ -175,12 +184,15 @@ class Executor:
                         error_result(request, STAGE, f"inference failed: {exc}")))
                 self.child.count(errors=len(members))
                 out = None
-            busy = time.perf_counter() - started
+            # device time where the backend measures it (collect of a queued batch also
+            # waits for the one ahead of it), else the wall time of the call
+            busy = sum(times[timed:]) / 1e3 if len(times) > timed else \
+                time.perf_counter() - started
             with self.lock:
                 self.on_device -= 1
                 self.waiting -= len(members)
-            if len(self.backend.execute_times_ms) > KEEP_TIMINGS:   # a daemon runs for weeks
-                del self.backend.execute_times_ms[:-KEEP_TIMINGS // 2]
+            if len(times) > KEEP_TIMINGS:     # a daemon runs for weeks
+                del times[:-KEEP_TIMINGS // 2]
             self.free.put(slot_index)                # host slot may be refilled now
             if out is None:
                 continue

@@ -1,7 +1,7 @@
 """The executor backends against eager ServingModel, on tiny models: ort, torch, acl stand-in.
 
-Every backend must give the reference output per slot, also with upload and execute on
-two threads, keep its timings, and fail with a clear message when something is missing.
+Every backend must give the reference output per slot, also with upload + launch and
+collect on two threads as the executor runs them, keep its timings, and fail with a clear message when something is missing.
 The acl backend runs against tests/fake_aclruntime, which enforces aclruntime's contract.
 CUDA tests run only where torch sees a GPU.
 """
@@ -13,6 +13,7 @@ import queue
 import shutil
 import sys
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +23,7 @@ import torch
 from stages.backends import (
     KINDS,
     NUM_SLOTS,
+    SIMULATED,
     Backend,
     BackendUnavailable,
     open_backend,
@@ -135,15 +137,10 @@ def test_matches_eager(kind, head, model_dirs, references, tmp_path, request):
         backend.upload(0, images, boxes)
 
 
-@pytest.mark.parametrize("kind", KINDS)
-def test_two_threads_interleaved(kind, model_dirs, references, tmp_path, request):
-    """The executor's pattern: two host buffers, upload on one thread, execute on another."""
-    if kind == "acl":
-        fake = request.getfixturevalue("fake_acl")
-    backend = open_kind(kind, model_dirs["logits"], tmp_path)
-    batches = [random_batch(BATCH, SIZE, seed=100 + k) for k in range(8)]
-    host = [(np.empty((BATCH, *SIZE, 3), np.uint8), np.empty((BATCH, 4), np.int32))
-            for _ in range(NUM_SLOTS)]
+def run_like_the_executor(backend: Backend, batches: list[tuple[np.ndarray, np.ndarray]],
+                          ) -> dict[int, np.ndarray]:
+    """The executor's pattern: assemble into the slot's host buffers, upload and launch on
+    one thread; collect in order on another, and only then free the slot."""
     free = [threading.Semaphore(1) for _ in range(NUM_SLOTS)]
     ready: queue.Queue = queue.Queue()
     results: dict[int, np.ndarray] = {}
@@ -153,10 +150,12 @@ def test_two_threads_interleaved(kind, model_dirs, references, tmp_path, request
         try:
             for k, (images, boxes) in enumerate(batches):
                 slot = k % NUM_SLOTS
-                assert free[slot].acquire(timeout=30)
-                np.copyto(host[slot][0], images)     # reuse the slot's host buffers
-                np.copyto(host[slot][1], boxes)
-                backend.upload(slot, *host[slot])
+                assert free[slot].acquire(timeout=60)
+                host_images, host_boxes = backend.host_buffers(slot)
+                np.copyto(host_images, images)       # reuse the slot's host buffers
+                np.copyto(host_boxes, boxes)
+                backend.upload(slot, host_images, host_boxes)
+                backend.launch(slot)
                 ready.put((k, slot))
         except BaseException as error:  # noqa: BLE001  (reported by the main thread)
             errors.append(error)
@@ -164,10 +163,9 @@ def test_two_threads_interleaved(kind, model_dirs, references, tmp_path, request
 
     def run() -> None:
         try:
-            while (item := ready.get(timeout=30)) is not None:
+            while (item := ready.get(timeout=60)) is not None:
                 k, slot = item
-                results[k] = backend.execute(slot)
-                host[slot][0].fill(0)                # the caller may reuse it right away
+                results[k] = backend.collect(slot)
                 free[slot].release()
         except BaseException as error:  # noqa: BLE001
             errors.append(error)
@@ -176,129 +174,81 @@ def test_two_threads_interleaved(kind, model_dirs, references, tmp_path, request
     for thread in threads:
         thread.start()
     for thread in threads:
-        thread.join(timeout=60)
+        thread.join(timeout=120)
     assert not errors, errors
     assert sorted(results) == list(range(len(batches)))
+    return results
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_two_threads_interleaved(kind, model_dirs, references, tmp_path, request):
+    """Every batch right, and every returned array still right after later batches ran."""
+    if kind == "acl":
+        request.getfixturevalue("fake_acl")
+    backend = open_kind(kind, model_dirs["logits"], tmp_path)
+    batches = [random_batch(BATCH, SIZE, seed=100 + k) for k in range(8)]
+    results = run_like_the_executor(backend, batches)
     for k, (images, boxes) in enumerate(batches):
         assert_matches("logits", results[k], reference(references["logits"], images, boxes))
-    if kind == "acl":               # the host-to-device copy ran on the assembling thread
-        assert set(fake.to_device_threads) == {threads[0].ident}
+    for slot in range(NUM_SLOTS):                   # same arrays each time: made once
+        assert backend.host_buffers(slot)[0] is backend.host_buffers(slot)[0]
+    assert backend.host_buffers(0)[0] is not backend.host_buffers(1)[0]
+    assert len(backend.execute_times_ms) == len(batches)
     backend.close()
 
 
-# ---- interface and argument errors --------------------------------------------------------
-
-def test_unknown_kind_lists_kinds(model_dirs):
-    with pytest.raises(ValueError, match="ort, torch, acl"):
-        open_backend("tensorflow", model_dirs["logits"], BATCH)
-
-
-@pytest.mark.parametrize("kind", ["ort", "torch"])
-def test_bad_arguments(kind, model_dirs):
-    with pytest.raises(ValueError, match="no model for batch size 3"):
-        open_backend(kind, model_dirs["logits"], 3)
-    with pytest.raises(ValueError, match="unknown .* option"):
-        open_backend(kind, model_dirs["logits"], BATCH, options={"thread": "2"})
-    with pytest.raises(ValueError, match="precision"):
-        open_backend(kind, model_dirs["logits"], BATCH, precision="int8")
-    with pytest.raises(ValueError, match="device"):
-        open_backend(kind, model_dirs["logits"], BATCH, device="gpu0")
-
-
-@pytest.mark.parametrize("kind", ["ort", "torch"])
-def test_upload_checks_batch(kind, model_dirs):
-    backend = open_backend(kind, model_dirs["logits"], BATCH)
-    images, boxes = random_batch(BATCH - 1, SIZE, seed=0)
-    with pytest.raises(ValueError, match="pad a partial batch"):
-        backend.upload(0, images, boxes[:BATCH - 1])
-    images, boxes = random_batch(BATCH, SIZE, seed=0)
-    with pytest.raises(ValueError, match="uint8"):
-        backend.upload(0, images.astype(np.float32), boxes)
-    with pytest.raises(ValueError, match="int32"):
-        backend.upload(0, images, boxes.astype(np.int64))
-    with pytest.raises(ValueError, match="slot"):
-        backend.upload(NUM_SLOTS, images, boxes)
-    with pytest.raises(RuntimeError, match="without a pending upload"):
-        backend.execute(1)
-    backend.upload(1, images[:, ::-1], boxes)       # non-contiguous views are fine
-    assert backend.execute(1).shape[0] == BATCH
+@pytest.mark.parametrize("kind", [*KINDS, SIMULATED])
+def test_launch_and_collect_out_of_turn(kind, model_dirs, tmp_path, request):
+    if kind == "acl":
+        request.getfixturevalue("fake_acl")
+    backend = open_kind(kind, model_dirs["labels"], tmp_path)
+    with pytest.raises(RuntimeError, match="no batch pending"):
+        backend.collect(0)
+    backend.upload(0, *random_batch(BATCH, SIZE, seed=1))
+    backend.launch(0)
+    assert backend.collect(0).shape == (BATCH, *SIZE)
+    with pytest.raises(RuntimeError, match="no batch pending"):
+        backend.collect(0)
+    with pytest.raises(ValueError, match="slot must be"):
+        backend.launch(NUM_SLOTS)
     backend.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        backend.launch(0)
 
 
-def test_missing_files(model_dirs, tmp_path):
-    with pytest.raises(FileNotFoundError, match="no such model directory"):
-        open_backend("ort", tmp_path / "nowhere", BATCH)
-    broken = tmp_path / "broken"
-    shutil.copytree(model_dirs["logits"], broken)
-    (broken / f"pspnet_bs{BATCH}.onnx").unlink()
-    (broken / "pspnet_core.pt2").unlink()
-    with pytest.raises(FileNotFoundError, match="ONNX model for batch size 4 is missing"):
-        open_backend("ort", broken, BATCH)
-    with pytest.raises(FileNotFoundError, match="torch program missing"):
-        open_backend("torch", broken, BATCH)
-    (broken / "manifest.json").unlink()
-    with pytest.raises(FileNotFoundError, match="no manifest"):
-        open_backend("ort", broken, BATCH)
+# ---- sim: the simulated device the host-side bench runs against --------------------------
 
+@pytest.mark.parametrize("head", ["logits", "labels"])
+@pytest.mark.parametrize("sync", ["0", "1"])
+def test_sim_backend_keeps_a_device_s_timing(head, sync, model_dirs):
+    """A batch costs batch/img_s of device time; queued (sync=0) launches run back to back
+    behind each other, a synchronous one (sync=1) runs inside collect."""
+    backend = open_backend(SIMULATED, model_dirs[head], BATCH,
+                           options={"img_s": "100", "sync": sync})
+    batch_s = BATCH / 100
+    manifest = Manifest.read(model_dirs[head])
+    batches = [random_batch(BATCH, SIZE, seed=k) for k in range(6)]
+    started = time.perf_counter()
+    results = run_like_the_executor(backend, batches)
+    assert time.perf_counter() - started >= len(batches) * batch_s
+    assert backend.execute_times_ms == [pytest.approx(batch_s * 1e3)] * len(batches)
+    out = results[0]
+    assert out.shape == backend.output_shape and out.dtype == backend.output_dtype
+    labels = out[0] if head == "labels" else out[0].argmax(0)
+    # every class as a band, as far as the width allows
+    assert len(np.unique(labels)) == min(manifest.num_classes, labels.shape[1])
 
-# ---- ort ---------------------------------------------------------------------------------
-
-@pytest.mark.parametrize("device", ["cuda:0", "tensorrt:0", "cann:0"])
-def test_ort_unavailable_provider(device, model_dirs):
-    import onnxruntime
-
-    provider = {"cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider",
-                "cann": "CANNExecutionProvider"}[device.split(":")[0]]
-    if provider in onnxruntime.get_available_providers():
-        pytest.skip(f"{provider} is available here")
-    with pytest.raises(BackendUnavailable, match=f"{provider}.*CPUExecutionProvider"):
-        open_backend("ort", model_dirs["logits"], BATCH, device=device)
-
-
-def test_ort_threads_and_precision(model_dirs):
-    backend = open_backend("ort", model_dirs["labels"], 2, options={"threads": "1"})
-    assert backend.execute_times_ms == []
-    backend.close()
-    with pytest.raises(ValueError, match="fp16 on tensorrt and cann"):
-        open_backend("ort", model_dirs["labels"], 2, precision="fp16")
-
-
-# ---- torch -------------------------------------------------------------------------------
-
-def test_torch_cpu_rejects_cuda_only_settings(model_dirs):
-    with pytest.raises(ValueError, match="fp16 on CPU"):
-        open_backend("torch", model_dirs["logits"], BATCH, precision="fp16")
-    with pytest.raises(ValueError, match="cuda_graphs=1 needs a CUDA device"):
-        open_backend("torch", model_dirs["logits"], BATCH, options={"cuda_graphs": "1"})
-    if not CUDA:
-        with pytest.raises(BackendUnavailable, match="no CUDA device"):
-            open_backend("torch", model_dirs["logits"], BATCH, device="cuda:0")
-
-
-def test_torch_cpu_bf16(model_dirs, references):
-    try:
-        backend = open_backend("torch", model_dirs["labels"], BATCH, precision="bf16",
-                               options={"threads": "1"})
-    except BackendUnavailable as error:
-        pytest.skip(str(error))
-    images, boxes = random_batch(BATCH, SIZE, seed=7)
-    backend.upload(0, images, boxes)
-    out = backend.execute(0)
-    want = reference(references["labels"], images, boxes)
-    assert out.dtype == np.uint8 and out.shape == want.shape
-    assert np.mean(out == want) >= 0.9              # bf16 flips near-ties only
-    backend.close()
-
-
-@pytest.mark.slow
-def test_torch_cpu_compile(model_dirs, references):
-    pytest.importorskip("torch._inductor")
-    backend = open_backend("torch", model_dirs["logits"], 1, options={"compile": "1"})
-    assert backend.compile_seconds is not None and backend.compile_seconds > 0
-    images, boxes = random_batch(1, SIZE, seed=3)
-    backend.upload(0, images, boxes)
-    assert_matches("logits", backend.execute(0), reference(references["logits"], images,
-                                                           boxes))
+    backend.upload(0, *batches[0])
+    backend.upload(1, *batches[1])
+    launched = time.perf_counter()
+    backend.launch(0)
+    backend.launch(1)
+    assert time.perf_counter() - launched < batch_s        # launch never waits
+    backend.collect(0)
+    backend.collect(1)
+    assert time.perf_counter() - launched >= 2 * batch_s   # one device: one after the other
+    with pytest.raises(ValueError, match="unknown sim backend option"):
+        open_backend(SIMULATED, model_dirs[head], BATCH, options={"speed": "1"})
     backend.close()
 
 
@@ -339,31 +289,25 @@ def test_torch_cuda(head, precision, options, model_dirs, references):
 
 @needs_cuda
 @pytest.mark.parametrize("options", [{}, {"cuda_graphs": "1"}])
-def test_torch_cuda_two_threads(options, model_dirs, references, tmp_path, monkeypatch):
-    """Upload on a side stream while the other slot computes: per-slot results stay right."""
+def test_torch_cuda_two_threads(options, model_dirs, references):
+    """Pinned host buffers filled in place, upload on a side stream and the next launch
+    queued while the other slot computes: every batch stays right, and a collected array
+    is not overwritten by later batches (ZeroMQ may still be sending it)."""
     backend = open_backend("torch", model_dirs["labels"], BATCH, device="cuda",
                            options=options)
+    images, _ = backend.host_buffers(0)
+    assert torch.from_numpy(images).is_pinned()
     batches = [random_batch(BATCH, SIZE, seed=300 + k) for k in range(16)]
-    free = [threading.Semaphore(1) for _ in range(NUM_SLOTS)]
-    ready: queue.Queue = queue.Queue()
-    results: dict[int, np.ndarray] = {}
-
-    def assemble() -> None:
-        for k, (images, boxes) in enumerate(batches):
-            free[k % NUM_SLOTS].acquire()
-            backend.upload(k % NUM_SLOTS, images, boxes)
-            ready.put(k)
-        ready.put(None)
-
-    thread = threading.Thread(target=assemble)
-    thread.start()
-    while (k := ready.get(timeout=60)) is not None:
-        results[k] = backend.execute(k % NUM_SLOTS)
-        free[k % NUM_SLOTS].release()
-    thread.join()
+    results = run_like_the_executor(backend, batches)
     for k, (images, boxes) in enumerate(batches):
         want = reference(references["labels"], images, boxes)
         assert np.mean(results[k] == want) >= 0.99
+    backend.upload(0, *batches[0])
+    backend.launch(0)
+    with pytest.raises(RuntimeError, match="twice"):
+        backend.upload(0, *batches[0])
+        backend.launch(0)
+    assert np.mean(backend.collect(0) == results[0]) >= 0.99
     backend.close()
 
 

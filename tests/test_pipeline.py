@@ -165,14 +165,24 @@ class SlowBackend:
         self.device: dict[int, np.ndarray] = {}
         self.filled: list[int] = []           # real rows per uploaded batch
 
+    def host_buffers(self, slot: int) -> tuple[np.ndarray, np.ndarray]:
+        return (np.zeros((self.batch_size, *self.input_size, 3), np.uint8),
+                np.zeros((self.batch_size, 4), np.int32))
+
     def upload(self, slot: int, images: np.ndarray, boxes: np.ndarray) -> None:
         time.sleep(self.transfer_s)
         self.device[slot] = boxes.copy()
         self.filled.append(int((boxes[:, 2] > 0).sum()))
 
-    def execute(self, slot: int) -> np.ndarray:
+    def launch(self, slot: int) -> None:
+        pass                                  # a synchronous runtime: collect runs it
+
+    def collect(self, slot: int) -> np.ndarray:
         time.sleep(self.compute_s)
         return np.zeros((self.batch_size, *self.input_size), np.uint8)
+
+    def execute(self, slot: int) -> np.ndarray:
+        return self.collect(slot)
 
     def close(self) -> None:
         pass

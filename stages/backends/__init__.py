@@ -1,11 +1,14 @@
 """Executor backends: one small interface over onnxruntime, torch and Ascend aclruntime.
 
-The executor owns NUM_SLOTS host buffers and drives a backend from two threads: the
-assembling thread calls `upload(slot, ...)` as soon as a batch is complete (a backend with
-a device starts the host-to-device copy there), the runner thread calls `execute(slot)` in
-upload order and gets a fresh host array back. Two slots let the copy of batch k+1 overlap
-the compute of batch k. No backend module is imported here, so `open_backend('ort', ...)`
-never pulls in torch and nothing pulls in aclruntime until an `acl` backend is opened.
+The executor drives a backend from two threads over NUM_SLOTS batch slots. The assembling
+thread fills a slot's `host_buffers` (pinned memory where a device copies from it), then
+calls `upload(slot, ...)` and `launch(slot)`; the runner thread calls `collect(slot)` in
+launch order and gets a fresh host array back. A device with a queue (CUDA) starts the
+batch in `launch`, behind the one that is running, so it never waits for the host to
+collect, send and relaunch; a synchronous runtime (onnxruntime, aclruntime) runs it in
+`collect`. `execute` is launch + collect, for callers with one batch at a time. No
+backend module is imported here, so `open_backend('ort', ...)` never pulls in torch and
+nothing pulls in aclruntime until an `acl` backend is opened.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ if TYPE_CHECKING:
 
 NUM_SLOTS = 2
 KINDS = ("ort", "torch", "acl")
+SIMULATED = "sim"          # no model: a device of a given speed, for measuring the host side
 PRECISIONS = ("fp32", "fp16", "bf16")
 
 
@@ -37,7 +41,10 @@ class Backend(Protocol):
     input_size: tuple[int, int]     # (H, W) of the uint8 NHWC input
     execute_times_ms: list[float]   # pure compute time of each execute, for the bench
 
+    def host_buffers(self, slot: int) -> tuple[np.ndarray, np.ndarray]: ...
     def upload(self, slot: int, images: np.ndarray, boxes: np.ndarray) -> None: ...
+    def launch(self, slot: int) -> None: ...
+    def collect(self, slot: int) -> np.ndarray: ...
     def execute(self, slot: int) -> np.ndarray: ...
     def close(self) -> None: ...
 
@@ -72,7 +79,12 @@ def open_backend(
         from stages.backends.acl import AclBackend
         return AclBackend(model_dir, batch_size, device=device, precision=precision,
                           options=options)
-    raise ValueError(f"unknown backend {kind!r}; choose one of {', '.join(KINDS)}")
+    if kind == SIMULATED:
+        from stages.backends.sim import SimBackend
+        return SimBackend(model_dir, batch_size, device=device, precision=precision,
+                          options=options)
+    raise ValueError(f"unknown backend {kind!r}; choose one of {', '.join(KINDS)} "
+                     f"(or {SIMULATED}: a simulated device)")
 
 
 def throughput(batch_size: int, execute_times_ms: list[float]) -> float:
@@ -87,9 +99,10 @@ def throughput(batch_size: int, execute_times_ms: list[float]) -> float:
 class BackendBase:
     """Slot bookkeeping, argument checks and timing that every backend shares.
 
-    Subclasses set `name`, fill `_slots[slot]` in `upload` and take it in `execute`;
-    `execute_times_ms` grows by one entry per execute (clear it from the caller for long
-    runs: `del backend.execute_times_ms[:]`).
+    Subclasses set `name`, fill `_slots[slot]` in `upload` and take it in `collect` (a
+    synchronous runtime) or in `launch` (a device with a queue); `execute_times_ms` grows
+    by one entry per batch (clear it from the caller for long runs:
+    `del backend.execute_times_ms[:]`).
     """
 
     name = "base"
@@ -108,6 +121,7 @@ class BackendBase:
         self.input_size = (int(self.manifest.input_size[0]), int(self.manifest.input_size[1]))
         self.execute_times_ms: list[float] = []
         self._slots: list[object | None] = [None] * NUM_SLOTS
+        self._host: list[tuple[np.ndarray, np.ndarray]] = []
         self._closed = False
 
     # -- shapes the graph takes and gives, for checks at open time and on upload
@@ -128,6 +142,30 @@ class BackendBase:
     @property
     def output_dtype(self) -> np.dtype:
         return np.dtype(np.uint8 if self.head == "labels" else np.float32)
+
+    def host_buffers(self, slot: int) -> tuple[np.ndarray, np.ndarray]:
+        """The (images, boxes) arrays to assemble batch `slot` in; `upload` of these very
+        arrays copies nothing it need not. Plain memory here, made on first use."""
+        self._check_slot(slot)
+        if not self._host:
+            self._host = [(np.zeros(self.image_shape, np.uint8),
+                           np.zeros(self.box_shape, np.int32)) for _ in range(NUM_SLOTS)]
+        return self._host[slot]
+
+    def launch(self, slot: int) -> None:
+        """Start the uploaded batch. A synchronous runtime has nothing to start: `collect`
+        runs it."""
+        self._check_open()
+        self._check_slot(slot)
+
+    def collect(self, slot: int) -> np.ndarray:
+        """The launched batch's outputs as a fresh host array (waits for it, or runs it)."""
+        raise NotImplementedError
+
+    def execute(self, slot: int) -> np.ndarray:
+        """One batch start to finish: launch, then collect."""
+        self.launch(slot)
+        return self.collect(slot)
 
     def throughput(self) -> float:
         return throughput(self.batch_size, self.execute_times_ms)
@@ -169,12 +207,13 @@ class BackendBase:
         self._check_slot(slot)
         state = self._slots[slot]
         if state is None:
-            raise RuntimeError(f"execute({slot}) without a pending upload({slot})")
+            raise RuntimeError(f"slot {slot}: no batch pending (upload it first)")
         self._slots[slot] = None
         return state
 
     def close(self) -> None:
         self._slots = [None] * NUM_SLOTS
+        self._host = []
         self._closed = True
 
     def __enter__(self) -> BackendBase:
@@ -231,6 +270,7 @@ __all__ = [
     "KINDS",
     "NUM_SLOTS",
     "PRECISIONS",
+    "SIMULATED",
     "Backend",
     "BackendBase",
     "BackendUnavailable",

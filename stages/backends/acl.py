@@ -4,7 +4,7 @@
 backend is opened, never at module import. The calls follow
 /work/shared/reference/aclruntime.md: `Tensor(ndarray)` copies the batch into runtime
 memory and `to_device` moves it to the NPU in `upload` (on the assembling thread),
-`session.run` returns device tensors that `execute` brings back with `to_host()`. Method
+`session.run` returns device tensors that `collect` brings back with `to_host()`. Method
 names changed between releases, so optional ones are probed with hasattr, as ais_bench
 itself does. The OM takes the same uint8 NHWC image + int32 box as the ONNX and needs the
 exact byte size: partial batches must be padded by the caller.
@@ -32,8 +32,8 @@ MISSING_ACLRUNTIME = ("aclruntime not found: it ships with ais_bench on hosts wi
 OPTIONS = {
     "log_level": "aclruntime session log level (1 = debug)",
     "acl_json_path": "acl.json for profiling/dump",
-    "h2d": "upload (default): to_device on the assembling thread; execute: on the runner "
-           "thread, in case this runtime's ACL context is per thread",
+    "h2d": "upload (default): to_device on the assembling thread; execute: in collect, on "
+           "the runner thread, in case this runtime's ACL context is per thread",
     "finalize": "1: call the runtime's finalize() on close (ends ACL for the process)",
 }
 
@@ -130,7 +130,7 @@ class AclBackend(BackendBase):
                 tensor.to_device(self.device_id)
         self._put(slot, tensors)
 
-    def execute(self, slot: int) -> np.ndarray:
+    def collect(self, slot: int) -> np.ndarray:
         tensors: list[Any] = self._take(slot)  # type: ignore[assignment]
         if not self._h2d_on_upload:
             for tensor in tensors:

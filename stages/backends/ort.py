@@ -2,7 +2,7 @@
 
 Inputs go in through one IOBinding per slot: `upload` wraps the batch in OrtValues on the
 execution provider's device (a real host-to-device copy on CUDA/CANN, a zero-copy view on
-CPU), so `execute` only runs the graph and copies the output back to a fresh host array.
+CPU), so `collect` only runs the graph and copies the output back to a fresh host array.
 """
 
 from __future__ import annotations
@@ -130,7 +130,7 @@ class OrtBackend(BackendBase):
         # the OrtValues (and, on CPU, the arrays they view) must outlive the run
         self._put(slot, (image, box))
 
-    def execute(self, slot: int) -> np.ndarray:
+    def collect(self, slot: int) -> np.ndarray:
         values = self._take(slot)
         binding = self._bindings[slot]
         start = time.perf_counter()

@@ -3,10 +3,13 @@
 `manifest.torch_program` is a `torch.export` program of the network alone (float32
 N x 3 x H x W normalised in, logits out, any batch 1..64); ServingModel adds the uint8
 normalisation, box mask and optional argmax, so the bytes on the wire and over PCIe stay
-uint8. On CUDA every slot owns a pinned host buffer and a device buffer: `upload` copies
-on a side stream and records an event, `execute` waits on that event on the compute
-stream, so the copy of one slot overlaps the compute of the other. With `cuda_graphs=1`
-each slot's device buffers are the static inputs of one captured graph.
+uint8. On CUDA every slot owns a pinned host buffer (its `host_buffers`, so the executor
+assembles straight into it) and a device buffer: `upload` copies on a side stream and
+records an event; `launch` queues, on the compute stream, a wait on that event, the
+network and the copy of the outputs into fresh pinned memory, and returns; `collect`
+waits for that copy. So the device runs batch k+1 right behind batch k while the host
+collects and sends k. With `cuda_graphs=1` each slot's device buffers are the static
+inputs of one captured graph.
 """
 
 from __future__ import annotations
@@ -151,8 +154,10 @@ class TorchBackend(BackendBase):
                 box.copy_(full.expand(self.batch_size, 4))
             self._uploaded = [torch.cuda.Event() for _ in range(NUM_SLOTS)]
             self._consumed = [torch.cuda.Event() for _ in range(NUM_SLOTS)]
-            self._start = torch.cuda.Event(enable_timing=True)
-            self._end = torch.cuda.Event(enable_timing=True)
+            self._downloaded = [torch.cuda.Event() for _ in range(NUM_SLOTS)]
+            self._start = [torch.cuda.Event(enable_timing=True) for _ in range(NUM_SLOTS)]
+            self._end = [torch.cuda.Event(enable_timing=True) for _ in range(NUM_SLOTS)]
+            self._launched: list[torch.Tensor | None] = [None] * NUM_SLOTS
             self._graphs: list[Any] = [None] * NUM_SLOTS
             self._graph_out: list[torch.Tensor | None] = [None] * NUM_SLOTS
             torch.cuda.synchronize(self.device)
@@ -201,7 +206,14 @@ class TorchBackend(BackendBase):
                 self._graph_out[slot] = out
             torch.cuda.synchronize(self.device)
 
-    # -- the two hot calls -------------------------------------------------------------
+    # -- the hot calls -----------------------------------------------------------------
+
+    def host_buffers(self, slot: int) -> tuple[np.ndarray, np.ndarray]:
+        if not self._cuda:
+            return super().host_buffers(slot)
+        self._check_open()
+        self._check_slot(slot)
+        return self._pinned_np[slot]
 
     def upload(self, slot: int, images: np.ndarray, boxes: np.ndarray) -> None:
         self._check_open()
@@ -212,11 +224,12 @@ class TorchBackend(BackendBase):
             self._put(slot, (torch.from_numpy(images), torch.from_numpy(boxes)))
             return
         with torch.cuda.device(self.device):
-            # the previous copy out of this slot's pinned buffer must be done before refill
-            self._uploaded[slot].synchronize()
             pinned_image, pinned_box = self._pinned_np[slot]
-            np.copyto(pinned_image, images)
-            np.copyto(pinned_box, boxes)
+            if images is not pinned_image or boxes is not pinned_box:
+                # the previous copy out of this slot's pinned buffer must be done first
+                self._uploaded[slot].synchronize()
+                np.copyto(pinned_image, images)
+                np.copyto(pinned_box, boxes)
             stream = self._upload_stream
             with torch.cuda.stream(stream):
                 # and the last compute that read this slot's device buffer must be done
@@ -226,29 +239,48 @@ class TorchBackend(BackendBase):
                 self._uploaded[slot].record(stream)
         self._put(slot, True)
 
-    def execute(self, slot: int) -> np.ndarray:
-        state = self._take(slot)
+    def launch(self, slot: int) -> None:
         if not self._cuda:
-            image, box = state  # type: ignore[misc]
-            with torch.inference_mode():
-                start = time.perf_counter()
-                out = self._model(image, box)
-                self.execute_times_ms.append((time.perf_counter() - start) * 1000.0)
-            return out.numpy()      # a new tensor per run: the array is the caller's
+            super().launch(slot)             # collect runs it
+            return
+        self._take(slot)
+        if self._launched[slot] is not None:
+            raise RuntimeError(f"launch({slot}) twice without collect({slot})")
         stream = self._compute_stream
         with torch.cuda.device(self.device), torch.cuda.stream(stream), \
                 torch.inference_mode():
             stream.wait_event(self._uploaded[slot])
-            self._start.record(stream)
+            self._start[slot].record(stream)
             if self.cuda_graphs:
                 self._graphs[slot].replay()
                 out = self._graph_out[slot]
             else:
                 out = self._model(*self._inputs[slot])
-            self._end.record(stream)
+            self._end[slot].record(stream)
             self._consumed[slot].record(stream)
-            host = out.to("cpu")    # blocking copy on `stream`: a fresh host tensor
-            self.execute_times_ms.append(self._start.elapsed_time(self._end))
+            # fresh pinned memory from torch's caching host allocator: the caller may hold
+            # the array (ZeroMQ sends it without a copy) while later batches come back
+            host = torch.empty(out.shape, dtype=out.dtype, pin_memory=True)
+            host.copy_(out, non_blocking=True)
+            self._downloaded[slot].record(stream)
+        self._launched[slot] = host
+
+    def collect(self, slot: int) -> np.ndarray:
+        if not self._cuda:
+            image, box = self._take(slot)  # type: ignore[misc]
+            with torch.inference_mode():
+                start = time.perf_counter()
+                out = self._model(image, box)
+                self.execute_times_ms.append((time.perf_counter() - start) * 1000.0)
+            return out.numpy()      # a new tensor per run: the array is the caller's
+        self._check_open()
+        self._check_slot(slot)
+        host = self._launched[slot]
+        if host is None:
+            raise RuntimeError(f"slot {slot}: no batch pending (launch it first)")
+        self._launched[slot] = None
+        self._downloaded[slot].synchronize()
+        self.execute_times_ms.append(self._start[slot].elapsed_time(self._end[slot]))
         return host.numpy()
 
     def close(self) -> None:
@@ -260,6 +292,7 @@ class TorchBackend(BackendBase):
                 self._inputs = []
                 self._pinned = []
                 self._pinned_np = []
+                self._launched = [None] * NUM_SLOTS
             self._model = None
         super().close()
 

@@ -1,0 +1,99 @@
+"""sim backend: a simulated device, to measure the host side where there is no accelerator.
+
+It runs no network and its outputs are a fixed pattern, not predictions (so its mIoU
+means nothing). What it keeps is the timing contract of a device: a batch takes
+1000 x batch / `img_s` ms of device time, during which the host's cores are free. By
+default it is a device with a queue, like CUDA: `launch` queues the batch behind the ones
+already queued and `collect` sleeps until it is done. With `sync=1` it is a synchronous
+runtime instead, like onnxruntime or aclruntime: the batch runs inside `collect`. So
+`pspnet bench --backend sim` shows how much of a device of a given speed this host's
+decode pool, executor loop and postprocess pool deliver, and what launching ahead gains.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+
+from stages.backends import (
+    NUM_SLOTS,
+    BackendBase,
+    check_options,
+    option_flag,
+    option_int,
+    parse_device,
+)
+
+OPTIONS = {
+    "img_s": "the simulated device's speed in images/s (default 1000)",
+    "sync": "1: a synchronous runtime (the batch runs in collect), not a device queue",
+}
+DEFAULT_IMG_S = 1000
+
+
+class SimBackend(BackendBase):
+    """A device that takes a fixed time per batch and answers with a fixed pattern."""
+
+    name = "sim"
+
+    def __init__(
+        self,
+        model_dir: Path,
+        batch_size: int,
+        *,
+        device: str = "sim",
+        precision: str = "fp32",
+        options: Mapping[str, str] | None = None,
+    ) -> None:
+        super().__init__(model_dir, batch_size)
+        options = dict(options or {})
+        check_options(self.name, options, OPTIONS)
+        parse_device(device, ("sim", "cpu"))
+        img_s = option_int(options, "img_s") or DEFAULT_IMG_S
+        self.batch_s = self.batch_size / img_s
+        self.sync = option_flag(options, "sync")
+        self._device_free_at = 0.0
+        self._done_at: list[float | None] = [None] * NUM_SLOTS
+        self._output = np.broadcast_to(self._pattern(), self.output_shape)
+
+    def _pattern(self) -> np.ndarray:
+        """Vertical bands of every class: masks that compress and score like real ones."""
+        classes = self.manifest.num_classes
+        h, w = (self.input_size if self.head == "labels" else self.manifest.logits_size)
+        bands = (np.arange(w) * classes // w).astype(np.uint8)
+        labels = np.broadcast_to(bands, (h, w))
+        if self.head == "labels":
+            return np.ascontiguousarray(labels)
+        return (labels[None] == np.arange(classes)[:, None, None]).astype(np.float32)
+
+    def upload(self, slot: int, images: np.ndarray, boxes: np.ndarray) -> None:
+        self._check_open()
+        self._check_slot(slot)
+        self._check_batch(images, boxes)
+        self._put(slot, True)
+
+    def launch(self, slot: int) -> None:
+        self._take(slot)
+        if self.sync:
+            self._done_at[slot] = 0.0           # collect runs it
+            return
+        start = max(time.perf_counter(), self._device_free_at)
+        self._device_free_at = start + self.batch_s
+        self._done_at[slot] = self._device_free_at
+
+    def collect(self, slot: int) -> np.ndarray:
+        self._check_open()
+        self._check_slot(slot)
+        done_at = self._done_at[slot]
+        if done_at is None:
+            raise RuntimeError(f"slot {slot}: no batch pending (launch it first)")
+        self._done_at[slot] = None
+        if self.sync:
+            time.sleep(self.batch_s)
+        else:
+            time.sleep(max(0.0, done_at - time.perf_counter()))
+        self.execute_times_ms.append(self.batch_s * 1000.0)
+        return self._output          # read-only and never written: safe to hold and send
