@@ -3,8 +3,9 @@
 Why a bounded backlog: with every request submitted at once, the per-image latency would
 be the queueing time of the whole run. Keeping about three batches plus each worker's
 share in flight saturates every stage while the latency stays what a steady client sees.
-Why settle after a run: children report `busy_s` once a second, so the counters are read
-after one more heartbeat, when they include the whole run.
+Why settle after a run: children report `busy_s` and `cpu_s` once a second, so the
+counters are read after one more heartbeat, when they include the whole run. The settle
+wait adds a little idle CPU (heartbeats, polling) to each stage's CPU per image.
 """
 
 from __future__ import annotations
@@ -16,11 +17,13 @@ from typing import Any
 
 import numpy as np
 
+from bench import threads
 from stages import wire
 from stages.labels import IoUAccumulator
 from stages.pipeline import Pipeline
 
 STAGES = ("preprocess", "executor", "postprocess")
+STEADY_TRIM = 0.15             # steady rate: answers 15%..85% of a pass
 
 
 def default_backlog(batch: int, preprocess_workers: int, postprocess_workers: int) -> int:
@@ -41,6 +44,31 @@ def busy_seconds(status: dict[str, Any]) -> dict[str, tuple[float, int]]:
             for s in STAGES if s in stages}
 
 
+def cpu_seconds(status: dict[str, Any]) -> dict[str, float]:
+    """CPU time each stage's processes (all their threads) and the front have used."""
+    stages = status["stages"]
+    out = {s: float(stages[s].get("cpu_s", 0.0)) for s in STAGES if s in stages}
+    out["front"] = float(status["front"].get("cpu_s", 0.0))
+    return out
+
+
+def steady_rate(answered: Sequence[float], trim: float = STEADY_TRIM) -> float | None:
+    """Images/s once the pipeline is full: the slope of answers against time over the
+    middle of a pass. A pass also pays for filling the pipeline (the first batch cannot
+    start before it is decoded, and the first one after idle may run partial) and for
+    draining it; a daemon that runs for hours pays that once. Answers come in bursts of
+    one batch, so the slope is a least-squares fit, not two points."""
+    n = len(answered)
+    lo, hi = int(n * trim), int(n * (1 - trim))
+    if hi - lo < 8:
+        return None
+    times = np.asarray(answered[lo:hi]) - answered[lo]
+    if times[-1] <= 0:
+        return None
+    slope, _ = np.polyfit(times, np.arange(lo, hi, dtype=np.float64), 1)
+    return float(slope)
+
+
 class E2ERunner:
     """Timed passes through one started Pipeline (started once per batch size: start-up
     costs seconds). Keeps the last counter snapshot, so each pass settles only once."""
@@ -49,7 +77,8 @@ class E2ERunner:
         self.pipe = pipe
         self.backlog = backlog
         self.passes = 0
-        self._busy = busy_seconds(settle(pipe))
+        status = settle(pipe)
+        self._busy, self._cpu = busy_seconds(status), cpu_seconds(status)
 
     def run(self, paths: Sequence[Path], truths: Sequence[Path | None]) -> dict[str, Any]:
         """One timed pass over `paths`; ids are unique per pass, so passes never collide."""
@@ -65,14 +94,24 @@ class E2ERunner:
                 submitted[request.id] = time.perf_counter()
                 yield request
 
+        pids = threads.pipeline_pids(pipe.status())
+        cpu_threads = threads.snapshot(pids)
         latencies: list[float] = []
+        answered: list[float] = []
         errors = 0
         started = time.perf_counter()
         for result in pipe.run(stamped(), backlog=self.backlog):
-            latencies.append((time.perf_counter() - submitted[result.id]) * 1e3)
+            answered.append(time.perf_counter())
+            latencies.append((answered[-1] - submitted[result.id]) * 1e3)
             errors += result.status != wire.OK
         wall = time.perf_counter() - started
-        before, self._busy = self._busy, busy_seconds(settle(pipe))
+        busiest = threads.busiest(cpu_threads, threads.snapshot(pids), len(requests))
+        status = settle(pipe)
+        before, self._busy = self._busy, busy_seconds(status)
+        cpu_before, self._cpu = self._cpu, cpu_seconds(status)
+        # what the host pays per image, per stage: cores needed = rate x this / 1000
+        cpu_ms = {s: (used - cpu_before.get(s, 0.0)) * 1e3 / len(requests)
+                  for s, used in self._cpu.items()} if requests else {}
         metrics = IoUAccumulator(pipe.metrics.num_classes)
         metrics.areas = pipe.metrics.areas - before_areas
         metrics.images = pipe.metrics.images - before_images
@@ -83,9 +122,10 @@ class E2ERunner:
         # batches ran slower there (cores shared with the other stages), not that it starved
         executing = spent.get("executor", 0.0)
         return {"img_s": len(requests) / wall, "wall_s": wall, "errors": errors,
+                "steady_img_s": steady_rate(answered),
                 "latency_p50_ms": float(np.percentile(latencies, 50)) if latencies else None,
                 "latency_p99_ms": float(np.percentile(latencies, 99)) if latencies else None,
-                "busy": busy,
+                "busy": busy, "cpu_ms_per_image": cpu_ms, "busiest_threads": busiest,
                 "executor_in_e2e_img_s": (len(requests) - errors) / executing
                 if executing > 0 else None,
                 "mIoU": metrics.summary()["mIoU"] if metrics.images else None}

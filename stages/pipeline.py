@@ -379,7 +379,8 @@ class Pipeline:
             self.close(drain=False)
             raise PipelineError(f"{child.name} cannot start: {reason}")
         child.past.update({k: v for k, v in child.counters.items()
-                           if k in ("processed", "errors", "batches", "filler", "busy_s")})
+                           if k in ("processed", "errors", "batches", "filler", "busy_s",
+                                    "cpu_s")})
         child.counters = {}
         child.process = None
         child.restarts += 1
@@ -447,19 +448,20 @@ class Pipeline:
         for child in self.children:
             s = stages.setdefault(child.stage, {"processes": 0, "alive": 0, "processed": 0,
                                                 "errors": 0, "queue": 0, "restarts": 0,
-                                                "busy_s": 0.0, "pids": []})
+                                                "busy_s": 0.0, "cpu_s": 0.0, "pids": []})
             s["processes"] += 1
             if child.process is not None:
                 s["pids"].append(child.process.pid)
             s["alive"] += int(child.process is not None and child.process.exitcode is None)
             s["restarts"] += child.restarts
-            for key in ("processed", "errors", "queue", "busy_s"):
+            for key in ("processed", "errors", "queue", "busy_s", "cpu_s"):
                 s[key] += child.counters.get(key, 0) + child.past.get(key, 0)
         now = time.monotonic()
         recent = [t for t in self.answered_at if t >= now - RATE_WINDOW_S]
         return {
             "stages": stages,
             "front": {"queued": len(self.queue), "inflight": self.inflight,
+                      "cpu_s": time.process_time(),
                       **{k: self.totals.get(k, 0) for k in
                          ("submitted", "ok", "errors", "retried", "restarts",
                           "duplicates_dropped", "malformed")}},

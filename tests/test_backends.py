@@ -1,7 +1,8 @@
 """The executor backends against eager ServingModel, on tiny models: ort, torch, acl stand-in.
 
 Every backend must give the reference output per slot, also with upload + launch and
-collect on two threads as the executor runs them, keep its timings, and fail with a clear message when something is missing.
+collect on two threads as the executor runs them, keep its timings, and fail with a
+clear message when something is missing.
 The acl backend runs against tests/fake_aclruntime, which enforces aclruntime's contract.
 CUDA tests run only where torch sees a GPU.
 """
@@ -166,6 +167,7 @@ def run_like_the_executor(backend: Backend, batches: list[tuple[np.ndarray, np.n
             while (item := ready.get(timeout=60)) is not None:
                 k, slot = item
                 results[k] = backend.collect(slot)
+                backend.host_buffers(slot)[0].fill(0)    # refilled right away next
                 free[slot].release()
         except BaseException as error:  # noqa: BLE001
             errors.append(error)
@@ -177,6 +179,7 @@ def run_like_the_executor(backend: Backend, batches: list[tuple[np.ndarray, np.n
         thread.join(timeout=120)
     assert not errors, errors
     assert sorted(results) == list(range(len(batches)))
+    run_like_the_executor.assembler = threads[0].ident      # type: ignore[attr-defined]
     return results
 
 
@@ -184,10 +187,12 @@ def run_like_the_executor(backend: Backend, batches: list[tuple[np.ndarray, np.n
 def test_two_threads_interleaved(kind, model_dirs, references, tmp_path, request):
     """Every batch right, and every returned array still right after later batches ran."""
     if kind == "acl":
-        request.getfixturevalue("fake_acl")
+        fake = request.getfixturevalue("fake_acl")
     backend = open_kind(kind, model_dirs["logits"], tmp_path)
     batches = [random_batch(BATCH, SIZE, seed=100 + k) for k in range(8)]
     results = run_like_the_executor(backend, batches)
+    if kind == "acl":               # the host-to-device copy ran on the assembling thread
+        assert set(fake.to_device_threads) == {run_like_the_executor.assembler}
     for k, (images, boxes) in enumerate(batches):
         assert_matches("logits", results[k], reference(references["logits"], images, boxes))
     for slot in range(NUM_SLOTS):                   # same arrays each time: made once
@@ -214,6 +219,122 @@ def test_launch_and_collect_out_of_turn(kind, model_dirs, tmp_path, request):
     backend.close()
     with pytest.raises(RuntimeError, match="closed"):
         backend.launch(0)
+
+
+# ---- interface and argument errors --------------------------------------------------------
+
+def test_unknown_kind_lists_kinds(model_dirs):
+    with pytest.raises(ValueError, match="ort, torch, acl"):
+        open_backend("tensorflow", model_dirs["logits"], BATCH)
+
+
+@pytest.mark.parametrize("kind", ["ort", "torch"])
+def test_bad_arguments(kind, model_dirs):
+    with pytest.raises(ValueError, match="no model for batch size 3"):
+        open_backend(kind, model_dirs["logits"], 3)
+    with pytest.raises(ValueError, match="unknown .* option"):
+        open_backend(kind, model_dirs["logits"], BATCH, options={"thread": "2"})
+    with pytest.raises(ValueError, match="precision"):
+        open_backend(kind, model_dirs["logits"], BATCH, precision="int8")
+    with pytest.raises(ValueError, match="device"):
+        open_backend(kind, model_dirs["logits"], BATCH, device="gpu0")
+
+
+@pytest.mark.parametrize("kind", ["ort", "torch"])
+def test_upload_checks_batch(kind, model_dirs):
+    backend = open_backend(kind, model_dirs["logits"], BATCH)
+    images, boxes = random_batch(BATCH - 1, SIZE, seed=0)
+    with pytest.raises(ValueError, match="pad a partial batch"):
+        backend.upload(0, images, boxes[:BATCH - 1])
+    images, boxes = random_batch(BATCH, SIZE, seed=0)
+    with pytest.raises(ValueError, match="uint8"):
+        backend.upload(0, images.astype(np.float32), boxes)
+    with pytest.raises(ValueError, match="int32"):
+        backend.upload(0, images, boxes.astype(np.int64))
+    with pytest.raises(ValueError, match="slot"):
+        backend.upload(NUM_SLOTS, images, boxes)
+    with pytest.raises(RuntimeError, match="no batch pending"):
+        backend.execute(1)
+    backend.upload(1, images[:, ::-1], boxes)       # non-contiguous views are fine
+    assert backend.execute(1).shape[0] == BATCH
+    backend.close()
+
+
+def test_missing_files(model_dirs, tmp_path):
+    with pytest.raises(FileNotFoundError, match="no such model directory"):
+        open_backend("ort", tmp_path / "nowhere", BATCH)
+    broken = tmp_path / "broken"
+    shutil.copytree(model_dirs["logits"], broken)
+    (broken / f"pspnet_bs{BATCH}.onnx").unlink()
+    (broken / "pspnet_core.pt2").unlink()
+    with pytest.raises(FileNotFoundError, match="ONNX model for batch size 4 is missing"):
+        open_backend("ort", broken, BATCH)
+    with pytest.raises(FileNotFoundError, match="torch program missing"):
+        open_backend("torch", broken, BATCH)
+    (broken / "manifest.json").unlink()
+    with pytest.raises(FileNotFoundError, match="no manifest"):
+        open_backend("ort", broken, BATCH)
+
+
+# ---- ort ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("device", ["cuda:0", "tensorrt:0", "cann:0"])
+def test_ort_unavailable_provider(device, model_dirs):
+    import onnxruntime
+
+    provider = {"cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider",
+                "cann": "CANNExecutionProvider"}[device.split(":")[0]]
+    if provider in onnxruntime.get_available_providers():
+        pytest.skip(f"{provider} is available here")
+    with pytest.raises(BackendUnavailable, match=f"{provider}.*CPUExecutionProvider"):
+        open_backend("ort", model_dirs["logits"], BATCH, device=device)
+
+
+def test_ort_threads_and_precision(model_dirs):
+    backend = open_backend("ort", model_dirs["labels"], 2, options={"threads": "1"})
+    assert backend.execute_times_ms == []
+    backend.close()
+    with pytest.raises(ValueError, match="fp16 on tensorrt and cann"):
+        open_backend("ort", model_dirs["labels"], 2, precision="fp16")
+
+
+# ---- torch -------------------------------------------------------------------------------
+
+def test_torch_cpu_rejects_cuda_only_settings(model_dirs):
+    with pytest.raises(ValueError, match="fp16 on CPU"):
+        open_backend("torch", model_dirs["logits"], BATCH, precision="fp16")
+    with pytest.raises(ValueError, match="cuda_graphs=1 needs a CUDA device"):
+        open_backend("torch", model_dirs["logits"], BATCH, options={"cuda_graphs": "1"})
+    if not CUDA:
+        with pytest.raises(BackendUnavailable, match="no CUDA device"):
+            open_backend("torch", model_dirs["logits"], BATCH, device="cuda:0")
+
+
+def test_torch_cpu_bf16(model_dirs, references):
+    try:
+        backend = open_backend("torch", model_dirs["labels"], BATCH, precision="bf16",
+                               options={"threads": "1"})
+    except BackendUnavailable as error:
+        pytest.skip(str(error))
+    images, boxes = random_batch(BATCH, SIZE, seed=7)
+    backend.upload(0, images, boxes)
+    out = backend.execute(0)
+    want = reference(references["labels"], images, boxes)
+    assert out.dtype == np.uint8 and out.shape == want.shape
+    assert np.mean(out == want) >= 0.9              # bf16 flips near-ties only
+    backend.close()
+
+
+@pytest.mark.slow
+def test_torch_cpu_compile(model_dirs, references):
+    pytest.importorskip("torch._inductor")
+    backend = open_backend("torch", model_dirs["logits"], 1, options={"compile": "1"})
+    assert backend.compile_seconds is not None and backend.compile_seconds > 0
+    images, boxes = random_batch(1, SIZE, seed=3)
+    backend.upload(0, images, boxes)
+    assert_matches("logits", backend.execute(0), reference(references["logits"], images,
+                                                           boxes))
+    backend.close()
 
 
 # ---- sim: the simulated device the host-side bench runs against --------------------------

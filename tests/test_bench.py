@@ -4,6 +4,7 @@ asserted: it depends on the machine and on whoever else shares it)."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,7 +18,8 @@ TOP_KEYS = {"machine", "hostname", "cpu_count", "accelerator", "backend", "preci
             "versions", "model", "settings", "inputs", "results", "best", "created"}
 ROW_KEYS = {"batch_size", "e2e_img_s", "executor_img_s", "serial_img_s", "e2e_over_executor",
             "e2e_over_serial", "latency_p50_ms", "latency_p99_ms", "busy_fraction",
-            "repeats", "errors", "mIoU"}
+            "repeats", "errors", "mIoU", "e2e_steady_img_s", "steady_over_executor",
+            "cpu_ms_per_image", "busiest_threads"}
 
 
 def test_bench_synthetic_on_the_tiny_model(tmp_path, capsys):
@@ -45,6 +47,14 @@ def test_bench_synthetic_on_the_tiny_model(tmp_path, capsys):
         assert {len(v) for v in row["repeats"].values()} == {1}
         assert all(row[k] > 0 for k in ("e2e_img_s", "executor_img_s", "serial_img_s"))
         assert set(row["busy_fraction"]) == {"preprocess", "executor", "postprocess"}
+        cpu = row["cpu_ms_per_image"]
+        assert set(cpu) == {"preprocess", "executor", "postprocess", "front"}
+        assert cpu["preprocess"] > 0 and cpu["front"] > 0      # decoding is never free
+        if Path("/proc/self/task").is_dir():
+            busiest = row["busiest_threads"]
+            assert busiest and {t["process"] for t in busiest} <= {
+                "front", "preprocess-0", "executor-0", "postprocess-0"}
+            assert busiest == sorted(busiest, key=lambda t: -t["ms_per_image"])
         # same backend, same postprocessing: the pipeline and the serial loop agree
         assert row["mIoU"]["e2e"] == pytest.approx(row["mIoU"]["serial"], abs=1e-9)
     assert doc["best"]["batch_size"] in (1, 2)
@@ -76,3 +86,74 @@ def test_executor_only_alternates_the_two_slots(tiny_models, tmp_path):
     assert figures["batches"] == 5
     expected = 1000 * 4 / np.mean(backend.execute_times_ms)
     assert figures["img_s"] == pytest.approx(expected)
+
+
+def test_steady_rate_is_the_slope_without_fill_and_drain():
+    """Bursts of one batch every 0.1 s (160 img/s once full), after a 0.5 s fill and
+    with a slow tail: the steady rate is 160, the whole pass's rate is lower."""
+    from bench.e2e import steady_rate
+
+    batch, period = 16, 0.1
+    answered = [0.5 + k * period + i * 1e-4 for k in range(30) for i in range(batch)]
+    answered[-batch:] = [t + 0.3 for t in answered[-batch:]]       # a slow last batch
+    assert steady_rate(answered) == pytest.approx(batch / period, rel=0.02)
+    assert len(answered) / answered[-1] < 0.85 * batch / period
+    assert steady_rate(answered[:5]) is None                         # too few to fit
+    assert steady_rate([1.0] * 100) is None                          # no time passed
+
+
+def test_bench_against_the_simulated_device(tmp_path, capsys):
+    """The host side against a device of known speed: the executor-only figure is that
+    speed exactly (it is the device's own timing), and the run is labelled simulated."""
+    from tests.tiny_model import make_tiny_model_dir
+
+    model = make_tiny_model_dir(tmp_path, batch_sizes=(4,), head="labels")
+    report = tmp_path / "sim.json"
+    code = main(["bench", "--model", str(model), "--synthetic", "8", "--min-images", "24",
+                 "--batch-sizes", "4", "--repeats", "1", "--warmup", "1",
+                 "--backend", "sim", "--backend-option", "img_s=400",
+                 "--preprocess-workers", "1", "--postprocess-workers", "1", "--no-masks",
+                 "--json", str(report)])
+    out, err = capsys.readouterr()
+    print(out)
+    assert code == 0, err
+    doc = json.loads(report.read_text())
+    assert doc["backend"] == "sim" and doc["accelerator"].startswith("simulated")
+    assert doc["machine"].endswith("-sim")
+    [row] = doc["results"]
+    assert row["executor_img_s"] == pytest.approx(400.0)
+    assert row["errors"] == {"e2e": 0, "serial": 0} and row["e2e_img_s"] > 0
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="reads /proc (Linux)")
+def test_busiest_threads_names_the_thread_that_burns_cpu():
+    import os
+    import threading
+    import time
+
+    from bench import threads
+
+    pids = {"me": os.getpid()}
+    before = threads.snapshot(pids)
+    assert ("me", os.getpid()) in before and before[("me", os.getpid())][0] == "main"
+
+    burnt, leave = threading.Event(), threading.Event()
+
+    def burn() -> None:
+        until = time.thread_time() + 0.3
+        while time.thread_time() < until:
+            pass
+        burnt.set()
+        leave.wait(30)                  # alive until measured: /proc forgets dead threads
+
+    worker = threading.Thread(target=burn)
+    worker.start()
+    assert burnt.wait(30)
+    after = threads.snapshot(pids)
+    leave.set()
+    worker.join()
+    rows = threads.busiest(before, after, images=100)
+    assert rows[0]["process"] == "me" and rows[0]["thread"] != "main"
+    assert rows[0]["ms_per_image"] >= 2.5              # 0.3 s of CPU over 100 images
+    assert rows[0]["max_img_s"] == pytest.approx(1000 / rows[0]["ms_per_image"], rel=1e-3)
+    assert threads.busiest(before, before, images=0) == []

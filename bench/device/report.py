@@ -62,6 +62,8 @@ def merge(parts: list[dict[str, Any]]) -> dict[str, Any] | None:
         ratio_ex, ratio_ser = best.get("e2e_over_executor"), best.get("e2e_over_serial")
         doc["best"] = {"batch_size": best["batch_size"], "e2e_img_s": best["e2e_img_s"],
                        "e2e_over_executor": ratio_ex, "e2e_over_serial": ratio_ser,
+                       "e2e_steady_img_s": best.get("e2e_steady_img_s"),
+                       "steady_over_executor": best.get("steady_over_executor"),
                        "meets_0.9x_executor": ratio_ex is not None and ratio_ex >= 0.9,
                        "meets_1.5x_serial": ratio_ser is not None and ratio_ser >= 1.5}
     return doc
@@ -70,9 +72,10 @@ def merge(parts: list[dict[str, Any]]) -> dict[str, Any] | None:
 def headline(doc: dict[str, Any] | None) -> list[dict[str, Any]]:
     if not doc:
         return []
-    keys = ("batch_size", "e2e_img_s", "executor_img_s", "executor_wall_img_s",
-            "serial_img_s", "e2e_over_executor", "latency_p50_ms", "latency_p99_ms",
-            "busy_fraction")
+    keys = ("batch_size", "e2e_img_s", "e2e_steady_img_s", "executor_img_s",
+            "executor_wall_img_s", "executor_in_e2e_img_s", "serial_img_s",
+            "e2e_over_executor", "steady_over_executor", "latency_p50_ms", "latency_p99_ms",
+            "busy_fraction", "cpu_ms_per_image")
     return [{k: r.get(k) for k in keys} for r in doc.get("results", [])]
 
 

@@ -39,12 +39,15 @@ PRECISION=${PRECISION:-fp16}
 BATCH_SIZES=${BATCH_SIZES:-1,4,8,16,32,64}      # built into the model directory
 BENCH_FIRST=${BENCH_FIRST-32,64,16}            # benched before the agreement check
 BENCH_LATER=${BENCH_LATER-8,4,1}                # after it
-SYNTHETIC=${SYNTHETIC:-1024}                    # images per pass, batch >= 16
+SYNTHETIC=${SYNTHETIC:-1024}                    # distinct images, batch >= 16
+MIN_IMAGES=${MIN_IMAGES:-2048}                  # images per pass (cycling), batch >= 16:
+                                                # a longer pass dilutes fill and drain
 SYNTHETIC_SMALL=${SYNTHETIC_SMALL:-512}         # images per pass, batch < 16
-REPEATS=${REPEATS:-3}
+REPEATS=${REPEATS:-2}
 REPEATS_SMALL=${REPEATS_SMALL:-2}               # batch < 16
 PRE_WORKERS=${PRE_WORKERS:-12}
-POST_WORKERS=${POST_WORKERS:-2}
+POST_WORKERS=${POST_WORKERS:-4}                 # 1.2-1.3 ms of CPU per image each (CPU
+                                                # bench): 1,500 img/s needs 2 busy cores
 HEAD=${HEAD:-labels}                            # labels: upsample + argmax on the device
 if [[ $DEVICE == cuda* ]]; then
     BACKEND_OPTIONS=${BACKEND_OPTIONS-cuda_graphs=1}
@@ -273,8 +276,8 @@ report() {
 # with the torch backend options OPTIONS (comma list, e.g. cuda_graphs=1)
 bench_one() {
     local bs=$1 parts=$2 min=$3 options=$4 max=${5:-$BENCH_MAX_S}
-    local n=$SYNTHETIC repeats=$REPEATS name="bench-bs$bs"
-    if (( bs < 16 )); then n=$SYNTHETIC_SMALL; repeats=$REPEATS_SMALL; fi
+    local n=$SYNTHETIC repeats=$REPEATS name="bench-bs$bs" min_images=$MIN_IMAGES
+    if (( bs < 16 )); then n=$SYNTHETIC_SMALL; repeats=$REPEATS_SMALL; min_images=0; fi
     [[ $parts != "$WORK/parts" ]] && name="$name-$(basename "$parts")"
     mkdir -p "$parts"
     local flags=() opts=()
@@ -283,6 +286,7 @@ bench_one() {
     step "$name" "$max" "$min" \
         "$PY" -m daemon.cli bench --model "$BENCH_MODEL" --backend torch --devices "$DEVICE" \
         --precision "$PRECISION" --batch-sizes "$bs" --synthetic "$n" --repeats "$repeats" \
+        --min-images "$min_images" \
         --no-masks --preprocess-workers "$PRE_WORKERS" --postprocess-workers "$POST_WORKERS" \
         --machine "$MACHINE" --json "$parts/bs$(printf %03d "$bs").json" "${flags[@]}"
     report
@@ -324,10 +328,11 @@ for st in s.get("steps", []):
     print(f"  {st['step']:28s} rc={st['rc']:8s} {st['seconds']}s (limit {st['limit_s']})")
 for r in s.get("bench", []):
     f = lambda v, d=1: "-" if v is None else f"{v:.{d}f}"
-    print(f"  bs {r['batch_size']:3d}: e2e {f(r['e2e_img_s'])} img/s, executor "
-          f"{f(r['executor_img_s'])} (wall {f(r['executor_wall_img_s'])}), serial "
-          f"{f(r['serial_img_s'])}, e2e/executor {f(r['e2e_over_executor'], 2)}, "
-          f"p50 {f(r['latency_p50_ms'])} ms")
+    print(f"  bs {r['batch_size']:3d}: e2e {f(r['e2e_img_s'])} img/s (steady "
+          f"{f(r.get('e2e_steady_img_s'))}), executor {f(r['executor_img_s'])} (wall "
+          f"{f(r['executor_wall_img_s'])}), serial {f(r['serial_img_s'])}, e2e/executor "
+          f"{f(r['e2e_over_executor'], 2)} (steady {f(r.get('steady_over_executor'), 2)}), "
+          f"p50 {f(r['latency_p50_ms'])} ms, cpu ms/img {r.get('cpu_ms_per_image')}")
 for name, rows in (s.get("variants") or {}).items():
     for r in rows:
         print(f"  {name} bs {r['batch_size']}: e2e {r['e2e_img_s']}, executor {r['executor_img_s']}")

@@ -1,0 +1,68 @@
+"""CPU time per thread of the pipeline's processes, read from /proc (Linux only).
+
+Why per thread: a stage's total CPU per image says how many cores it needs, but one
+process of it cannot go faster than its busiest thread allows (a Python thread holds the
+GIL; a ZeroMQ I/O thread copies every frame its sockets carry). So the thread with the
+most CPU per image names the ceiling that more workers or cores will not lift: 1000 / its
+ms per image.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any
+
+Snapshot = dict[tuple[str, int], tuple[str, float]]    # (process, tid) -> (thread, cpu s)
+
+
+def pipeline_pids(status: Mapping[str, Any]) -> dict[str, int]:
+    """'front' (this process) and '<stage>-<k>' for each child alive in `status`."""
+    pids = {"front": os.getpid()}
+    for stage, figures in status["stages"].items():
+        for k, pid in enumerate(figures.get("pids", [])):
+            pids[f"{stage}-{k}"] = int(pid)
+    return pids
+
+
+def snapshot(pids: Mapping[str, int]) -> Snapshot:
+    """User + system CPU seconds of every thread of these processes; {} without /proc."""
+    tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    out: Snapshot = {}
+    for process, pid in pids.items():
+        try:
+            tids = os.listdir(f"/proc/{pid}/task")
+        except OSError:
+            continue                          # not Linux, or the process is gone
+        for tid in tids:
+            try:
+                with open(f"/proc/{pid}/task/{tid}/comm") as f:
+                    name = f.read().strip()
+                with open(f"/proc/{pid}/task/{tid}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except (OSError, IndexError):
+                continue
+            # after the ")" that ends the name: state is field 0, utime 11, stime 12
+            cpu = (int(fields[11]) + int(fields[12])) / tick
+            out[(process, int(tid))] = ("main" if int(tid) == pid else name, cpu)
+    return out
+
+
+def busiest(before: Snapshot, after: Snapshot, images: int, top: int = 8,
+            ) -> list[dict[str, Any]]:
+    """The `top` threads by CPU per image over the interval, with the rate each allows.
+
+    Thread names are the OS's: `main`, `ZMQbg/IO/0` (ZeroMQ's I/O thread), `ZMQbg/Reaper`,
+    and `python` (any other Python thread: the executor's runner, heartbeats, the front's
+    streamers)."""
+    if images <= 0:
+        return []
+    rows = []
+    for key, (name, cpu) in after.items():
+        used = cpu - before.get(key, (name, 0.0))[1]
+        if used > 0:
+            ms = used * 1e3 / images
+            rows.append({"process": key[0], "thread": name, "ms_per_image": round(ms, 4),
+                         "max_img_s": round(1000 / ms, 1)})
+    rows.sort(key=lambda r: -r["ms_per_image"])
+    return rows[:top]
