@@ -50,11 +50,14 @@ def write_artifacts(
     soc_version: str = DEFAULT_SOC,
     run_atc: bool | None = None,
     torch_program: bool = True,
+    onnx: bool = True,
 ) -> Manifest:
     """Export `core` for every batch size into `out_dir` and write its manifest.
 
     `run_atc=None` runs the ATC scripts when `atc` is on PATH; False only writes them.
     `torch_program=False` skips the `.pt2` (the manifest then has no torch program).
+    `onnx=False` skips the ONNX models and their ATC scripts: a directory for the torch
+    backend only (the manifest still names the ONNX files; `source.onnx` says why absent).
     """
     size = normalise_input_size(input_size)
     sizes = normalise_batch_sizes(batch_sizes)
@@ -65,19 +68,25 @@ def write_artifacts(
                          f"{len(palette)} palette entries")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    if not onnx and not torch_program:
+        raise BuildError("nothing to build: both the ONNX models and the torch program "
+                         "are switched off")
     core = core.eval()
     logits_size = measure_logits_size(core, size, num_classes)
     serving = ServingModel(core, mean, std, head).eval()
-    run_atc = atc.atc_available() if run_atc is None else run_atc
-    if not run_atc:
+    if not onnx:
+        _log.info("ONNX export skipped: a model directory for the torch backend only")
+        models = {n: ModelFile(onnx=onnx_name(n)) for n in sizes}
+        source = {**source, "onnx": "not exported (pspnet build --no-onnx): the torch "
+                                    "backend only"}
+        paths: dict[int, Path] = {}
+    else:
+        models = {}
+        paths = _export_onnx(serving, out_dir, size, sizes, head, simplify)
+    run_atc = (atc.atc_available() if run_atc is None else run_atc) and onnx
+    if onnx and not run_atc:
         _log.info("ATC scripts will be written but not run (%s)",
                   "atc is not on PATH" if not atc.atc_available() else "asked not to")
-    _log.info("exporting %s (%dx%d, head %s)", ", ".join(onnx_name(n) for n in sizes),
-              *size, head)
-    paths = export_onnx_batches(
-        serving, lambda n: example_inputs(n, size), {n: out_dir / onnx_name(n) for n in sizes},
-        input_names=("image", "box"), output_names=(head,), simplify=simplify)
-    models = {}
     for n, path in paths.items():
         script = atc.write_atc_script(out_dir, n, size, soc_version)
         if run_atc:
@@ -100,6 +109,15 @@ def write_artifacts(
     path = manifest.write(out_dir)
     _log.info("wrote %s", path)
     return manifest
+
+
+def _export_onnx(serving: torch.nn.Module, out_dir: Path, size: tuple[int, int],
+                 sizes: Sequence[int], head: str, simplify: bool) -> dict[int, Path]:
+    _log.info("exporting %s (%dx%d, head %s)", ", ".join(onnx_name(n) for n in sizes),
+              *size, head)
+    return export_onnx_batches(
+        serving, lambda n: example_inputs(n, size), {n: out_dir / onnx_name(n) for n in sizes},
+        input_names=("image", "box"), output_names=(head,), simplify=simplify)
 
 
 def normalise_input_size(value: int | Sequence[int]) -> tuple[int, int]:

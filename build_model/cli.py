@@ -95,6 +95,11 @@ def add_build_parser(subparsers: Any) -> None:
         "--no-torch-program", action="store_true",
         help="do not write pspnet_core.pt2 for the torch backend (default: write it)")
     p.add_argument(
+        "--no-onnx", action="store_true",
+        help="write only pspnet_core.pt2 and the manifest: a directory for the torch "
+             "backend alone, built in seconds (no ONNX export, no onnxsim, no ATC "
+             "scripts; --verify then checks the torch program only; default: ONNX too)")
+    p.add_argument(
         "-q", "--quiet", action="store_true",
         help="only warnings and errors on stderr (default: progress lines too)")
     p.set_defaults(run=run)
@@ -114,7 +119,7 @@ def run(args: argparse.Namespace) -> int:
               args.head, trust_checkpoint=args.trust_checkpoint,
               simplify=not args.no_simplify, soc_version=args.soc_version,
               run_atc=False if args.no_atc else None,
-              torch_program=not args.no_torch_program,
+              torch_program=not args.no_torch_program, onnx=not args.no_onnx,
               verify=args.verify, verify_all=args.verify_all)
     except BuildError as exc:
         print(f"{PROG_ERROR} {_one_line(exc)}", file=sys.stderr)

@@ -32,6 +32,7 @@ def build(
     soc_version: str = DEFAULT_SOC,
     run_atc: bool | None = None,
     torch_program: bool = True,
+    onnx: bool = True,
     verify: bool = False,
     verify_all: bool = False,
 ) -> Manifest:
@@ -50,12 +51,13 @@ def build(
         mean=network.mean, std=network.std, num_classes=network.num_classes,
         class_names=network.class_names, palette=voc_palette(network.num_classes),
         source=network.source, simplify=simplify, soc_version=soc_version,
-        run_atc=run_atc, torch_program=torch_program,
+        run_atc=run_atc, torch_program=torch_program, onnx=onnx,
     )
     if verify or verify_all:
         from build_model.verify import check, verify_model_dir
 
         report = verify_model_dir(Path(out_dir), network.segmentor,
-                                  batch_sizes=None if verify_all else sizes[:1])
+                                  batch_sizes=(None if verify_all else sizes[:1]) if onnx
+                                  else ())
         check(report)
     return manifest

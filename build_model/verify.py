@@ -59,8 +59,8 @@ def verify_model_dir(
     batch_sizes: Sequence[int] | None = None,
     torch_program: bool = True,
 ) -> list[Parity]:
-    """Compare the ONNX models (`batch_sizes`, default all) and the torch program with
-    `segmentor` on `photos` (default: the package's sample images)."""
+    """Compare the ONNX models (`batch_sizes`, default all; () for none) and the torch
+    program with `segmentor` on `photos` (default: the package's sample images)."""
     from build_model.samples import sample_images
 
     manifest = Manifest.read(model_dir)
@@ -73,7 +73,7 @@ def verify_model_dir(
     eager = eager_logits(segmentor, x)
     eager_labels = upsampled_labels(eager, manifest.input_size)
     results = []
-    for n in batch_sizes or manifest.batch_sizes:
+    for n in manifest.batch_sizes if batch_sizes is None else batch_sizes:
         path = Path(model_dir) / manifest.model_file(n).onnx
         got = run_onnx(path, images, boxes, n)
         results.append(_compare(path.name, manifest, got, eager, eager_labels, valid))

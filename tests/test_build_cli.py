@@ -68,7 +68,8 @@ def test_help_explains_every_flag():
             assert "e.g." in action.help, action.option_strings
     text = build.format_help()
     for flag in ("--config", "--checkpoint", "--batch-sizes", "--out", "--input-size",
-                 "--head", "--verify", "--trust-checkpoint", "--soc-version", "--no-simplify"):
+                 "--head", "--verify", "--trust-checkpoint", "--soc-version", "--no-simplify",
+                 "--no-onnx"):
         assert flag in text
     assert "example:" in text
 
@@ -122,6 +123,34 @@ def test_trusted_checkpoint_builds_and_verifies(weights, tmp_path, capsys):
     assert manifest["input_size"] == [64, 96] and manifest["head"] == "labels"
     assert manifest["torch_program"] is None
     assert (out / "pspnet_bs2.onnx").exists() and (out / "pspnet_bs2.atc.sh").exists()
+
+
+def test_no_onnx_builds_a_torch_only_directory(weights, tmp_path, capsys):
+    """--no-onnx: the torch program and the manifest in seconds, verified; ort says why
+    it cannot open the directory, torch runs it."""
+    from stages.backends import open_backend
+    from tests.tiny_model import random_batch
+
+    out = tmp_path / "out"
+    rc, err = run_cli(["--config", weights["config"], "--checkpoint", weights["good"],
+                       "--out", str(out), "--batch-sizes", "1,2", "--input-size", "64",
+                       "--no-onnx", "--verify"], capsys)
+    assert rc == 0, err
+    assert "ONNX export skipped" in err and "pspnet_core.pt2" in err
+    assert "pspnet_bs" not in err and "simplifying" not in err
+    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "pspnet_core.pt2"]
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert "--no-onnx" in manifest["source"]["onnx"] and manifest["torch_program"]
+    with pytest.raises(FileNotFoundError, match="--no-onnx"):
+        open_backend("ort", out, 2)
+    with open_backend("torch", out, 2) as backend:
+        images, boxes = random_batch(2, (64, 64), seed=0)
+        backend.upload(0, images, boxes)
+        assert backend.execute(0).shape[0] == 2
+    rc, err = run_cli(["--config", weights["config"], "--checkpoint", weights["good"],
+                       "--out", str(tmp_path / "none"), "--no-onnx", "--no-torch-program"],
+                      capsys)
+    assert rc == 2 and "nothing to build" in err
 
 
 def test_bare_state_dict_is_accepted(weights):

@@ -226,6 +226,55 @@ def test_executor_overlaps_assembly_and_transfer_with_compute(tiny_models, tmp_p
         sock.close(0)
 
 
+class LaunchFailsOnce(SlowBackend):
+    """The device refuses the second batch at launch (a CUDA error, say)."""
+
+    launches = 0
+
+    def launch(self, slot: int) -> None:
+        self.launches += 1
+        if self.launches == 2:
+            raise RuntimeError("device refused the batch")
+
+
+def test_a_batch_that_fails_to_launch_is_answered_and_the_executor_goes_on(tiny_models,
+                                                                            tmp_path):
+    from stages.child import Child
+
+    manifest = Manifest.read(tiny_models["labels"])
+    cfg = PipelineConfig(model_dir=tiny_models["labels"], max_wait_ms=1000, log_json=True,
+                         run_dir=tmp_path)
+    addrs = Addresses.for_config(cfg, tmp_path)
+    ctx = zmq.Context.instance()
+    images = ctx.socket(zmq.PUSH)            # test -> executor
+    images.bind(addrs.images_out)
+    outputs = ctx.socket(zmq.PULL)           # executor -> test
+    outputs.bind(addrs.outputs_in)
+    results = ctx.socket(zmq.PULL)           # errors, progress and heartbeats -> test
+    results.bind(addrs.results)
+    backend = LaunchFailsOnce(4, manifest.input_size, transfer_s=0.0, compute_s=0.05)
+    executor = Executor(Child("executor", 0, cfg, addrs.results), cfg, addrs, backend,
+                        manifest)
+    threading.Thread(target=executor.run, daemon=True).start()
+    pixels = np.zeros((*manifest.input_size, 3), np.uint8)
+    place = wire.Placement(64, 64, 1.0, 0, 0, 64, 64)
+    for i in range(12):                      # three full batches; the second fails
+        images.send_multipart(wire.encode(wire.Image(wire.Request(str(i), "/x"), place,
+                                                     pixels)))
+    done = {wire.decode(outputs.recv_multipart()).request.id for _ in range(8)}
+    failed: dict[str, str] = {}
+    while len(failed) < 4:
+        assert results.poll(10_000), failed
+        message = wire.decode(results.recv_multipart())
+        if isinstance(message, wire.Result):
+            failed[message.id] = message.error or ""
+    assert done == {str(i) for i in (0, 1, 2, 3, 8, 9, 10, 11)}
+    assert set(failed) == {"4", "5", "6", "7"}
+    assert all("inference failed: device refused the batch" in e for e in failed.values())
+    for sock in (images, outputs, results):
+        sock.close(0)
+
+
 def test_executor_keeps_filling_while_the_device_is_busy(tiny_models, tmp_path):
     """Past max_wait a partial batch runs only if the device is idle: while a batch runs,
     the next one keeps filling (a partial batch would wait anyway, at full cost)."""

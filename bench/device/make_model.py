@@ -1,21 +1,17 @@
 """The device run's model, made on the device: calibrated checkpoint, then torch-only artifacts.
 
-Why here and not `pspnet build` alone: the R50 model (~190 MB) is over what a device call may
-carry, so it is made there, inside the one timed call; and `pspnet build` exports one ONNX
-model per batch size, which costs a minute or more for R50 and is not needed by the torch
-backend. Everything below goes through the build package's own functions, so the checkpoint
-and the model directory are what `pspnet build` would make, minus the ONNX files.
+Why here: the R50 model (~190 MB) is over what a device call may carry, so it is made
+there, inside the one timed call. run.sh builds the model directory with `pspnet build
+--no-onnx` (the torch backend needs no ONNX, and exporting R50 once per batch size costs a
+minute or more); the checkpoint and the head switch have no CLI of their own.
 
   checkpoint  random init + build_model.calibrate's recipe (BN statistics and conv_seg from
               the sample photos) in the official {"meta", "state_dict"} layout. On CUDA the
               calibration's forward passes run on the GPU (R50 at 500x500 on 10 photos: a
               few seconds instead of minutes on the CPU); anything failing there falls back
               to `make_calibrated_checkpoint` on the CPU (at --fallback-size).
-  artifacts   config + checkpoint -> manifest.json + pspnet_core.pt2 through
-              build_model.artifacts.write_artifacts with the ONNX export step skipped (the
-              manifest still names pspnet_bs{N}.onnx; those files are absent, so only the
-              torch backend can open the directory). Used when `pspnet build` has no flag to
-              skip ONNX.
+  artifacts   config + checkpoint -> manifest.json + pspnet_core.pt2, as `pspnet build
+              --no-onnx` (run.sh falls back to this when the build CLI fails).
   head        copy a model directory's manifest with another head (logits <-> labels): the
               torch program is the network alone and the head is applied by ServingModel,
               so the .pt2 is shared (hard link, else copy).
@@ -75,30 +71,13 @@ def _read_meta(path: Path) -> dict:
 
 def make_artifacts(config: str, checkpoint: Path, out: Path, *, batch_sizes: list[int],
                    input_size: int, head: str) -> dict:
-    """manifest.json + pspnet_core.pt2 via write_artifacts, the ONNX export step skipped."""
-    from build_model import artifacts
-    from build_model.network import load_network
-    from stages.manifest import voc_palette
+    """manifest.json + pspnet_core.pt2: `pspnet build --no-onnx`, for older checkouts'
+    run.sh that call this instead of the CLI."""
+    from build_model.export import build
 
     started = time.perf_counter()
-    network = load_network(config, checkpoint)
-
-    def skip_onnx(module, example_inputs, paths, **kwargs):
-        log.info("ONNX export skipped (device run: the torch backend reads only the .pt2)")
-        return {n: Path(p) for n, p in paths.items()}
-
-    saved = artifacts.export_onnx_batches
-    artifacts.export_onnx_batches = skip_onnx
-    try:
-        manifest = artifacts.write_artifacts(
-            network.core, out, input_size=input_size, batch_sizes=batch_sizes, head=head,
-            mean=network.mean, std=network.std, num_classes=network.num_classes,
-            class_names=network.class_names, palette=voc_palette(network.num_classes),
-            source={**network.source,
-                    "onnx": "not exported (bench/device/make_model.py: torch backend only)"},
-            run_atc=False, torch_program=True)
-    finally:
-        artifacts.export_onnx_batches = saved
+    manifest = build(config, checkpoint, out, batch_sizes=batch_sizes, input_size=input_size,
+                     head=head, run_atc=False, torch_program=True, onnx=False)
     if not manifest.torch_program:      # the backend reads the per-size fallback programs
         log.warning("no dynamic-batch torch program; per batch size: %s",
                     manifest.source.get("torch_programs"))

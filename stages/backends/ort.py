@@ -80,8 +80,10 @@ class OrtBackend(BackendBase):
 
         path = self.model_dir / self.model_file.onnx
         if not path.is_file():
+            why = self.manifest.source.get("onnx")
             raise FileNotFoundError(f"{path}: ONNX model for batch size {batch_size} is "
-                                    "missing; rebuild the model directory with `pspnet build`")
+                                    f"missing{f' ({why})' if why else ''}; rebuild the model "
+                                    "directory with `pspnet build`")
         session_options = ort.SessionOptions()
         threads = option_int(options, "threads")
         if threads:
