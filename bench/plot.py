@@ -10,7 +10,8 @@ from pathlib import Path
 from typing import Any
 
 MODES = (("executor_img_s", "executor only (ceiling)", "--"),
-         ("e2e_img_s", "end to end (pipeline)", "-"),
+         ("e2e_img_s", "end to end (pipeline), whole pass", "-"),
+         ("e2e_steady_img_s", "end to end, steady (pipeline full)", "-."),
          ("serial_img_s", "serial baseline", ":"))
 
 
@@ -25,7 +26,11 @@ def plot(doc: dict[str, Any], path: Path) -> None:
     sizes = [r["batch_size"] for r in rows]
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
     for key, label, style in MODES:
-        ax.plot(sizes, [r[key] for r in rows], style, marker="o", label=label)
+        values = [r.get(key) for r in rows]
+        if all(v is None for v in values):        # older results: no steady figure
+            continue
+        ax.plot(sizes, [float("nan") if v is None else v for v in values], style,
+                marker="o", label=label)
     ax.set_xscale("log", base=2)
     ax.set_xticks(sizes, [str(s) for s in sizes])
     ax.set_xlabel("batch size")

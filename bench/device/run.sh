@@ -11,6 +11,8 @@
 #   model      calibrated R50 checkpoint (GPU), manifest + pspnet_core.pt2 (no ONNX)
 #   bench      pspnet bench, fp16 + CUDA graphs, batch 32, 64, 16 first     ($OUT/<card>.json/png)
 #   agreement  fp32/fp16/bf16 labels vs the fp32 mmseg reference           ($OUT/agreement.json)
+#   host-sim   the same pipeline against a simulated 2,500 img/s device: what the host's
+#              cores can feed, with no GPU work                          ($OUT/<card>-host-sim.json)
 #   variant    compile=1 at batch 64 if 100 s are left (under "variants" in the bench JSON)
 #   bench      batch 8, 4, 1
 #   report     merge, plot, $OUT/summary.json (also after every bench step)
@@ -69,6 +71,11 @@ COMPILE_OPTIONS=${COMPILE_OPTIONS-compile=1}    # the variant's backend options 
                                                 # torch.compile default mode, no CUDA graphs)
 COMPILE_AT=${COMPILE_AT:-before-small}          # before-small: after the agreement, before
                                                 # BENCH_LATER; end: last
+SIM_IMG_S=${SIM_IMG_S-2500}                     # host-sim step: simulated device speed
+SIM_BATCH=${SIM_BATCH:-32}                      # ("" skips the step)
+SIM_IMAGES=${SIM_IMAGES:-4096}
+SIM_MIN_S=${SIM_MIN_S:-30}
+SIM_MAX_S=${SIM_MAX_S:-90}
 INSTALL_WHEELS=${INSTALL_WHEELS:-1}
 SITE=${SITE:-/tmp/site}
 MODELS=${MODELS:-/tmp/models}
@@ -307,6 +314,19 @@ step agreement 150 40 "$PY" bench/device/agreement.py --model "$MODEL" "${AGREE_
     --device "$DEVICE" --precisions "$AGREE_PRECISIONS" --batch-size "$AGREE_BATCH" \
     --images "$AGREE_IMAGES" --json "$OUT/agreement.json" "${OPTION_FLAGS[@]}"
 report
+
+# the host side alone on this machine's cores: the same pipeline against a simulated
+# device faster than the goal (no GPU work); steady/exec says how much of it they feed
+host_sim() {
+    [[ -z $SIM_IMG_S ]] && return 0
+    step host-sim "$SIM_MAX_S" "$SIM_MIN_S" \
+        "$PY" -m daemon.cli bench --model "$BENCH_MODEL" --backend sim \
+        --backend-option "img_s=$SIM_IMG_S" --batch-sizes "$SIM_BATCH" --synthetic "$SYNTHETIC" \
+        --min-images "$SIM_IMAGES" --repeats 1 --warmup 1 --no-masks \
+        --preprocess-workers "$PRE_WORKERS" --postprocess-workers "$POST_WORKERS" \
+        --machine "$MACHINE-host-sim" --json "$OUT/$MACHINE-host-sim.json"
+}
+host_sim
 
 [[ $COMPILE_AT == before-small ]] && compile_variant
 IFS=',' read -r -a LATER <<<"$BENCH_LATER"
