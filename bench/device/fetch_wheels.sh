@@ -29,6 +29,10 @@ WHEELS=(
     ftfy==6.3.1              # mmseg imports it undeclared
     wcwidth==0.9.4           # ftfy, prettytable
     prettytable==3.18.0      # mmseg
+    pytest==9.2.0            # run.sh's cuda-tests step: tests/test_backends.py -k cuda
+    pluggy==1.7.0            # pytest
+    iniconfig==2.3.1         # pytest
+    pytest-timeout==2.4.0    # pyproject's `timeout` option
 )
 "$PY" -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 \

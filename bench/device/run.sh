@@ -11,6 +11,7 @@
 #   model      calibrated R50 checkpoint (GPU), manifest + pspnet_core.pt2 (no ONNX)
 #   bench      pspnet bench, fp16 + CUDA graphs, batch 32, 64, 16 first     ($OUT/<card>.json/png)
 #   agreement  fp32/fp16/bf16 labels vs the fp32 mmseg reference           ($OUT/agreement.json)
+#   cuda-tests pytest tests/test_backends.py -k cuda (carried pytest wheels)
 #   host-sim   the same pipeline against a simulated 2,500 img/s device: what the host's
 #              cores can feed, with no GPU work                          ($OUT/<card>-host-sim.json)
 #   variant    compile=1 at batch 64 if 100 s are left (under "variants" in the bench JSON)
@@ -71,6 +72,8 @@ COMPILE_OPTIONS=${COMPILE_OPTIONS-compile=1}    # the variant's backend options 
                                                 # torch.compile default mode, no CUDA graphs)
 COMPILE_AT=${COMPILE_AT:-before-small}          # before-small: after the agreement, before
                                                 # BENCH_LATER; end: last
+CUDA_TESTS=${CUDA_TESTS-1}                      # "" skips the cuda-tests step
+CUDA_TESTS_MAX_S=${CUDA_TESTS_MAX_S:-120}
 SIM_IMG_S=${SIM_IMG_S-2500}                     # host-sim step: simulated device speed
 SIM_BATCH=${SIM_BATCH:-32}                      # ("" skips the step)
 SIM_IMAGES=${SIM_IMAGES:-4096}
@@ -314,6 +317,13 @@ step agreement 150 40 "$PY" bench/device/agreement.py --model "$MODEL" "${AGREE_
     --device "$DEVICE" --precisions "$AGREE_PRECISIONS" --batch-size "$AGREE_BATCH" \
     --images "$AGREE_IMAGES" --json "$OUT/agreement.json" "${OPTION_FLAGS[@]}"
 report
+
+# the CUDA-only tests, which skip on the development machine: launch/collect with pinned
+# buffers on two threads, CUDA graphs, fp16/bf16, compile, against eager on a tiny model
+cuda_tests() {
+    "$PY" -m pytest -q -x -p no:cacheprovider tests/test_backends.py -k cuda
+}
+[[ $DEVICE == cuda* && -n $CUDA_TESTS ]] && step cuda-tests "$CUDA_TESTS_MAX_S" 30 cuda_tests
 
 # the host side alone on this machine's cores: the same pipeline against a simulated
 # device faster than the goal (no GPU work); steady/exec says how much of it they feed
