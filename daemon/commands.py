@@ -127,7 +127,7 @@ def add_pipeline_args(p: argparse.ArgumentParser) -> None:
                         "batches per executor, at least 64)")
     p.add_argument("--backend-option", action="append", default=[], metavar="KEY=VALUE",
                    help="backend tuning, repeatable: threads=N (ort/torch), cuda_graphs=1, "
-                        "compile=1 (torch), img_s=N, sync=1 (sim)")
+                        "compile=1, compile_cache=DIR (torch), img_s=N, sync=1 (sim)")
     p.add_argument("--transport", choices=("ipc", "tcp"), default="ipc",
                    help="between the daemon's own processes")
     p.add_argument("--tcp-base-port", type=int, default=5550,

@@ -326,10 +326,15 @@ def test_torch_cpu_bf16(model_dirs, references):
 
 
 @pytest.mark.slow
-def test_torch_cpu_compile(model_dirs, references):
+def test_torch_cpu_compile(model_dirs, references, tmp_path, monkeypatch):
     pytest.importorskip("torch._inductor")
-    backend = open_backend("torch", model_dirs["logits"], 1, options={"compile": "1"})
+    # the backend sets it for its process; monkeypatch puts the old value back afterwards
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "not-this-one"))
+    cache = tmp_path / "compile-cache"
+    backend = open_backend("torch", model_dirs["logits"], 1,
+                           options={"compile": "1", "compile_cache": str(cache)})
     assert backend.compile_seconds is not None and backend.compile_seconds > 0
+    assert any(path.is_file() for path in cache.rglob("*"))     # the next start reuses it
     images, boxes = random_batch(1, SIZE, seed=3)
     backend.upload(0, images, boxes)
     assert_matches("logits", backend.execute(0), reference(references["logits"], images,

@@ -68,8 +68,10 @@ RESERVE_S=${RESERVE_S:-20}                      # kept for the final report
 BENCH_MAX_S=${BENCH_MAX_S:-130}                 # one batch size's bench
 COMPILE_MIN_S=${COMPILE_MIN_S:-100}             # the compile variant runs only with this left
 COMPILE_MAX_S=${COMPILE_MAX_S:-170}
-COMPILE_OPTIONS=${COMPILE_OPTIONS-compile=1}    # the variant's backend options (the notes'
-                                                # torch.compile default mode, no CUDA graphs)
+COMPILE_OPTIONS=${COMPILE_OPTIONS-compile=1,compile_cache=$WORK/inductor}
+                                                # the variant's backend options (the notes'
+                                                # torch.compile default mode, no CUDA graphs;
+                                                # the executor reuses the bench's compile)
 COMPILE_AT=${COMPILE_AT:-before-small}          # before-small: after the agreement, before
                                                 # BENCH_LATER; end: last
 CUDA_TESTS=${CUDA_TESTS-1}                      # "" skips the cuda-tests step
