@@ -71,12 +71,12 @@ def main(cfg: PipelineConfig, addrs: Addresses, index: int, supervised: bool = T
     # from the assembling thread; at the default 5 ms switch interval that wait showed up
     # as 10-20% of an 80 ms batch (a sleep-as-device experiment on 2 cores). Hand over faster.
     sys.setswitchinterval(SWITCH_INTERVAL_S)
-    Executor(child, cfg, addrs, backend, manifest).run()
+    Executor(child, cfg, addrs, backend).run()
 
 
 class Executor:
-    def __init__(self, child: Child, cfg: PipelineConfig, addrs: Addresses, backend: Backend,
-                 manifest: Manifest) -> None:
+    def __init__(self, child: Child, cfg: PipelineConfig, addrs: Addresses,
+                 backend: Backend) -> None:
         self.child, self.cfg, self.addrs = child, cfg, addrs
         self.backend = backend
         self.batch = backend.batch_size

@@ -206,7 +206,7 @@ def test_executor_overlaps_assembly_and_transfer_with_compute(tiny_models, tmp_p
     results.bind(addrs.results)
     child = Child("executor", 0, cfg, addrs.results)
     backend = SlowBackend(batch, manifest.input_size, transfer_s, compute_s)
-    executor = Executor(child, cfg, addrs, backend, manifest)
+    executor = Executor(child, cfg, addrs, backend)
     threading.Thread(target=executor.run, daemon=True).start()
     pixels = np.zeros((*manifest.input_size, 3), np.uint8)
     place = wire.Placement(64, 64, 1.0, 0, 0, 64, 64)
@@ -253,8 +253,7 @@ def test_a_batch_that_fails_to_launch_is_answered_and_the_executor_goes_on(tiny_
     results = ctx.socket(zmq.PULL)           # errors, progress and heartbeats -> test
     results.bind(addrs.results)
     backend = LaunchFailsOnce(4, manifest.input_size, transfer_s=0.0, compute_s=0.05)
-    executor = Executor(Child("executor", 0, cfg, addrs.results), cfg, addrs, backend,
-                        manifest)
+    executor = Executor(Child("executor", 0, cfg, addrs.results), cfg, addrs, backend)
     threading.Thread(target=executor.run, daemon=True).start()
     pixels = np.zeros((*manifest.input_size, 3), np.uint8)
     place = wire.Placement(64, 64, 1.0, 0, 0, 64, 64)
@@ -292,8 +291,7 @@ def test_executor_keeps_filling_while_the_device_is_busy(tiny_models, tmp_path):
     results = ctx.socket(zmq.PULL)
     results.bind(addrs.results)
     backend = SlowBackend(4, manifest.input_size, transfer_s=0.0, compute_s=0.4)
-    executor = Executor(Child("executor", 0, cfg, addrs.results), cfg, addrs, backend,
-                        manifest)
+    executor = Executor(Child("executor", 0, cfg, addrs.results), cfg, addrs, backend)
     threading.Thread(target=executor.run, daemon=True).start()
     pixels = np.zeros((*manifest.input_size, 3), np.uint8)
     place = wire.Placement(64, 64, 1.0, 0, 0, 64, 64)
