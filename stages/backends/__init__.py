@@ -159,7 +159,8 @@ class BackendBase:
         self._check_slot(slot)
 
     def collect(self, slot: int) -> np.ndarray:
-        """The launched batch's outputs as a fresh host array (waits for it, or runs it)."""
+        """The launched batch's outputs as a host array the caller may keep (fresh, or
+        never written again); waits for the batch, or runs it."""
         raise NotImplementedError
 
     def execute(self, slot: int) -> np.ndarray:
