@@ -17,6 +17,7 @@ import queue
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -34,6 +35,12 @@ POLL_MS = 200
 KEEP_TIMINGS = 10_000
 SWITCH_INTERVAL_S = 0.0005
 IDLE_CHECK_MS = 1                     # past max_wait, how often to look whether the device is free
+# A device error can poison the process for good (a CUDA error leaves the context unusable):
+# after this many failed batches in a row the executor exits, and the front restarts it
+# with a fresh one (the requests it held are retried once there).
+FAILED_IN_A_ROW_BEFORE_RESTART = 3
+EXIT_DEVICE_FAILED = 1
+ANSWER_LINGER_MS = 2000               # on such an exit, let the error answers reach the front
 
 
 @dataclass
@@ -74,10 +81,20 @@ def main(cfg: PipelineConfig, addrs: Addresses, index: int, supervised: bool = T
     Executor(child, cfg, addrs, backend).run()
 
 
+def exit_for_restart(child: Child, reason: str) -> None:
+    child.log.error("device keeps failing; exiting so that the front restarts this executor",
+                    error=reason)
+    os._exit(EXIT_DEVICE_FAILED)
+
+
 class Executor:
     def __init__(self, child: Child, cfg: PipelineConfig, addrs: Addresses,
-                 backend: Backend) -> None:
+                 backend: Backend, give_up: Callable[[str], None] | None = None) -> None:
+        """`give_up(reason)`: called from the runner thread when the device keeps failing;
+        by default the process exits for the front to restart it."""
         self.child, self.cfg, self.addrs = child, cfg, addrs
+        self.give_up = give_up or (lambda reason: exit_for_restart(child, reason))
+        self.failed_in_a_row = 0
         self.backend = backend
         self.batch = backend.batch_size
         self.slots = [Slot(*backend.host_buffers(i), []) for i in range(NUM_SLOTS)]
@@ -183,7 +200,16 @@ class Executor:
                     notes.send_multipart(wire.encode(
                         error_result(request, STAGE, f"inference failed: {exc}")))
                 self.child.count(errors=len(members))
+                self.failed_in_a_row += 1
+                if self.failed_in_a_row >= FAILED_IN_A_ROW_BEFORE_RESTART:
+                    for sock in (sender, notes):
+                        sock.close(linger=ANSWER_LINGER_MS)
+                    self.give_up(f"{self.failed_in_a_row} batches in a row failed; "
+                                 f"the last: {exc}")
+                    return
                 out = None
+            else:
+                self.failed_in_a_row = 0
             # device time where the backend measures it (collect of a queued batch also
             # waits for the one ahead of it), else the wall time of the call
             busy = sum(times[timed:]) / 1e3 if len(times) > timed else \

@@ -274,6 +274,59 @@ def test_a_batch_that_fails_to_launch_is_answered_and_the_executor_goes_on(tiny_
         sock.close(0)
 
 
+class DeviceBroken(SlowBackend):
+    """Every batch fails on collect, as after a CUDA error that poisons the context."""
+
+    def collect(self, slot: int) -> np.ndarray:
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+
+def test_an_executor_whose_device_keeps_failing_gives_up_to_be_restarted(tiny_models,
+                                                                          tmp_path):
+    """Three failed batches in a row: every image answered with the error, then the
+    executor gives up (in the daemon: exits, and the front restarts it)."""
+    from stages.child import Child
+    from stages.executor import FAILED_IN_A_ROW_BEFORE_RESTART
+
+    manifest = Manifest.read(tiny_models["labels"])
+    cfg = PipelineConfig(model_dir=tiny_models["labels"], max_wait_ms=1000, log_json=True,
+                         run_dir=tmp_path)
+    addrs = Addresses.for_config(cfg, tmp_path)
+    ctx = zmq.Context.instance()
+    images = ctx.socket(zmq.PUSH)            # test -> executor
+    images.bind(addrs.images_out)
+    outputs = ctx.socket(zmq.PULL)           # executor -> test (nothing arrives)
+    outputs.bind(addrs.outputs_in)
+    results = ctx.socket(zmq.PULL)           # errors and heartbeats -> test
+    results.bind(addrs.results)
+    reasons: list[str] = []
+    executor = Executor(Child("executor", 0, cfg, addrs.results), cfg, addrs,
+                        DeviceBroken(4, manifest.input_size, 0.0, 0.0), give_up=reasons.append)
+    threading.Thread(target=executor.run, daemon=True).start()
+    pixels = np.zeros((*manifest.input_size, 3), np.uint8)
+    place = wire.Placement(64, 64, 1.0, 0, 0, 64, 64)
+    n = 4 * FAILED_IN_A_ROW_BEFORE_RESTART
+    for i in range(n):
+        images.send_multipart(wire.encode(wire.Image(wire.Request(str(i), "/x"), place,
+                                                     pixels)))
+    failed = set()
+    while len(failed) < n:
+        assert results.poll(10_000), failed
+        message = wire.decode(results.recv_multipart())
+        if isinstance(message, wire.Result):
+            assert "inference failed: CUDA error" in (message.error or "")
+            failed.add(message.id)
+    deadline = time.monotonic() + 10
+    while not reasons and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert failed == {str(i) for i in range(n)}
+    assert len(reasons) == 1 and f"{FAILED_IN_A_ROW_BEFORE_RESTART} batches in a row" \
+        in reasons[0] and "illegal memory access" in reasons[0]
+    assert not outputs.poll(100)
+    for sock in (images, outputs, results):
+        sock.close(0)
+
+
 def test_executor_keeps_filling_while_the_device_is_busy(tiny_models, tmp_path):
     """Past max_wait a partial batch runs only if the device is idle: while a batch runs,
     the next one keeps filling (a partial batch would wait anyway, at full cost)."""
