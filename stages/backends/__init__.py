@@ -120,7 +120,8 @@ class BackendBase:
         self.head = self.manifest.head
         self.input_size = (int(self.manifest.input_size[0]), int(self.manifest.input_size[1]))
         self.execute_times_ms: list[float] = []
-        self._slots: list[object | None] = [None] * NUM_SLOTS
+        self._slots: list[object | None] = [None] * NUM_SLOTS      # uploaded, not launched
+        self._launched: list[object | None] = [None] * NUM_SLOTS   # launched, not collected
         self._host: list[tuple[np.ndarray, np.ndarray]] = []
         self._closed = False
 
@@ -212,8 +213,24 @@ class BackendBase:
         self._slots[slot] = None
         return state
 
+    def _put_launched(self, slot: int, state: object) -> None:
+        """For a backend whose launch returns before the batch is done: what collect needs."""
+        if self._launched[slot] is not None:
+            raise RuntimeError(f"launch({slot}) twice without collect({slot})")
+        self._launched[slot] = state
+
+    def _take_launched(self, slot: int) -> object:
+        self._check_open()
+        self._check_slot(slot)
+        state = self._launched[slot]
+        if state is None:
+            raise RuntimeError(f"slot {slot}: no batch pending (launch it first)")
+        self._launched[slot] = None
+        return state
+
     def close(self) -> None:
         self._slots = [None] * NUM_SLOTS
+        self._launched = [None] * NUM_SLOTS
         self._host = []
         self._closed = True
 

@@ -19,7 +19,6 @@ from pathlib import Path
 import numpy as np
 
 from stages.backends import (
-    NUM_SLOTS,
     BackendBase,
     check_options,
     option_flag,
@@ -56,7 +55,6 @@ class SimBackend(BackendBase):
         self.batch_s = self.batch_size / img_s
         self.sync = option_flag(options, "sync")
         self._device_free_at = 0.0
-        self._done_at: list[float | None] = [None] * NUM_SLOTS
         self._output = np.broadcast_to(self._pattern(), self.output_shape)
 
     def _pattern(self) -> np.ndarray:
@@ -78,19 +76,14 @@ class SimBackend(BackendBase):
     def launch(self, slot: int) -> None:
         self._take(slot)
         if self.sync:
-            self._done_at[slot] = 0.0           # collect runs it
+            self._put_launched(slot, 0.0)       # collect runs it
             return
         start = max(time.perf_counter(), self._device_free_at)
         self._device_free_at = start + self.batch_s
-        self._done_at[slot] = self._device_free_at
+        self._put_launched(slot, self._device_free_at)
 
     def collect(self, slot: int) -> np.ndarray:
-        self._check_open()
-        self._check_slot(slot)
-        done_at = self._done_at[slot]
-        if done_at is None:
-            raise RuntimeError(f"slot {slot}: no batch pending (launch it first)")
-        self._done_at[slot] = None
+        done_at: float = self._take_launched(slot)  # type: ignore[assignment]
         if self.sync:
             time.sleep(self.batch_s)
         else:

@@ -166,7 +166,6 @@ class TorchBackend(BackendBase):
             self._downloaded = [torch.cuda.Event() for _ in range(NUM_SLOTS)]
             self._start = [torch.cuda.Event(enable_timing=True) for _ in range(NUM_SLOTS)]
             self._end = [torch.cuda.Event(enable_timing=True) for _ in range(NUM_SLOTS)]
-            self._launched: list[torch.Tensor | None] = [None] * NUM_SLOTS
             self._graphs: list[Any] = [None] * NUM_SLOTS
             self._graph_out: list[torch.Tensor | None] = [None] * NUM_SLOTS
             torch.cuda.synchronize(self.device)
@@ -253,8 +252,6 @@ class TorchBackend(BackendBase):
             super().launch(slot)             # collect runs it
             return
         self._take(slot)
-        if self._launched[slot] is not None:
-            raise RuntimeError(f"launch({slot}) twice without collect({slot})")
         stream = self._compute_stream
         with torch.cuda.device(self.device), torch.cuda.stream(stream), \
                 torch.inference_mode():
@@ -272,7 +269,7 @@ class TorchBackend(BackendBase):
             host = torch.empty(out.shape, dtype=out.dtype, pin_memory=True)
             host.copy_(out, non_blocking=True)
             self._downloaded[slot].record(stream)
-        self._launched[slot] = host
+        self._put_launched(slot, host)
 
     def collect(self, slot: int) -> np.ndarray:
         if not self._cuda:
@@ -282,12 +279,7 @@ class TorchBackend(BackendBase):
                 out = self._model(image, box)
                 self.execute_times_ms.append((time.perf_counter() - start) * 1000.0)
             return out.numpy()      # a new tensor per run: the array is the caller's
-        self._check_open()
-        self._check_slot(slot)
-        host = self._launched[slot]
-        if host is None:
-            raise RuntimeError(f"slot {slot}: no batch pending (launch it first)")
-        self._launched[slot] = None
+        host: torch.Tensor = self._take_launched(slot)  # type: ignore[assignment]
         self._downloaded[slot].synchronize()
         self.execute_times_ms.append(self._start[slot].elapsed_time(self._end[slot]))
         return host.numpy()
@@ -301,7 +293,6 @@ class TorchBackend(BackendBase):
                 self._inputs = []
                 self._pinned = []
                 self._pinned_np = []
-                self._launched = [None] * NUM_SLOTS
             self._model = None
         super().close()
 
