@@ -1,4 +1,4 @@
-"""The device run's model, made on the device: calibrated checkpoint, then torch-only artifacts.
+"""The device run's model, made on the device: calibrated checkpoint and head switch.
 
 Why here: the R50 model (~190 MB) is over what a device call may carry, so it is made
 there, inside the one timed call. run.sh builds the model directory with `pspnet build
@@ -10,8 +10,6 @@ minute or more); the checkpoint and the head switch have no CLI of their own.
               calibration's forward passes run on the GPU (R50 at 500x500 on 10 photos: a
               few seconds instead of minutes on the CPU); anything failing there falls back
               to `make_calibrated_checkpoint` on the CPU (at --fallback-size).
-  artifacts   config + checkpoint -> manifest.json + pspnet_core.pt2, as `pspnet build
-              --no-onnx` (run.sh falls back to this when the build CLI fails).
   head        copy a model directory's manifest with another head (logits <-> labels): the
               torch program is the network alone and the head is applied by ServingModel,
               so the .pt2 is shared (hard link, else copy).
@@ -69,24 +67,6 @@ def _read_meta(path: Path) -> dict:
         return {}
 
 
-def make_artifacts(config: str, checkpoint: Path, out: Path, *, batch_sizes: list[int],
-                   input_size: int, head: str) -> dict:
-    """manifest.json + pspnet_core.pt2: `pspnet build --no-onnx`, for older checkouts'
-    run.sh that call this instead of the CLI."""
-    from build_model.export import build
-
-    started = time.perf_counter()
-    manifest = build(config, checkpoint, out, batch_sizes=batch_sizes, input_size=input_size,
-                     head=head, run_atc=False, torch_program=True, onnx=False)
-    if not manifest.torch_program:      # the backend reads the per-size fallback programs
-        log.warning("no dynamic-batch torch program; per batch size: %s",
-                    manifest.source.get("torch_programs"))
-    return {"out": str(out), "torch_program": manifest.torch_program,
-            "batch_sizes": manifest.batch_sizes, "head": manifest.head,
-            "logits_size": list(manifest.logits_size),
-            "seconds": round(time.perf_counter() - started, 2)}
-
-
 def other_head(src: Path, dst: Path, head: str) -> dict:
     """dst = src with the manifest's head replaced; the torch program(s) linked, not rebuilt."""
     from stages.manifest import Manifest
@@ -119,13 +99,6 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--fallback-size", type=int, default=256,
                    help="CPU calibration size if the GPU path fails")
     c.add_argument("--fallback-photos", type=int, default=4)
-    a = sub.add_parser("artifacts", help="manifest + torch program, no ONNX")
-    a.add_argument("--config", required=True)
-    a.add_argument("--checkpoint", type=Path, required=True)
-    a.add_argument("--out", type=Path, required=True)
-    a.add_argument("--batch-sizes", default="1,4,8,16,32,64")
-    a.add_argument("--input-size", type=int, default=500)
-    a.add_argument("--head", default="logits", choices=("logits", "labels"))
     h = sub.add_parser("head", help="same model directory with another head")
     h.add_argument("--src", type=Path, required=True)
     h.add_argument("--out", type=Path, required=True)
@@ -139,10 +112,6 @@ def main(argv: list[str] | None = None) -> int:
                                device=args.device, seed=args.seed,
                                fallback_size=args.fallback_size,
                                fallback_photos=args.fallback_photos)
-    elif args.cmd == "artifacts":
-        sizes = sorted({int(s) for s in args.batch_sizes.split(",") if s.strip()})
-        info = make_artifacts(args.config, args.checkpoint, args.out, batch_sizes=sizes,
-                              input_size=args.input_size, head=args.head)
     else:
         info = other_head(args.src, args.out, args.head)
     print(json.dumps({"make_model": args.cmd, **info}))

@@ -84,8 +84,7 @@ SIM_MAX_S=${SIM_MAX_S:-90}
 INSTALL_WHEELS=${INSTALL_WHEELS:-1}
 SITE=${SITE:-/tmp/site}
 MODELS=${MODELS:-/tmp/models}
-BUILD_ARGS=${BUILD_ARGS-auto}                   # extra `pspnet build` flags; auto: detect
-                                                # a skip-ONNX flag, else make_model.py
+BUILD_ARGS=${BUILD_ARGS-}                       # extra `pspnet build` flags
 
 log() { printf '[%s +%ss] %s\n' "$(date +%H:%M:%S)" "$(( $(date +%s) - T0 ))" "$*" | tee -a "$LOG"; }
 left() { echo $(( BUDGET_S - ($(date +%s) - T0) )); }
@@ -226,30 +225,11 @@ step checkpoint 150 20 "$PY" bench/device/make_model.py checkpoint --config "$CO
     --out "$CKPT" --input-size "$INPUT_SIZE" --device "$DEVICE"
 
 build_artifacts() {
-    local flags=()
-    if [[ $BUILD_ARGS == auto ]]; then
-        local help
-        help=$("$PY" -m daemon.cli build --help 2>&1)
-        if grep -q -- '--no-onnx' <<<"$help"; then flags=(--no-onnx)
-        elif grep -q -- '--torch-only' <<<"$help"; then flags=(--torch-only)
-        elif grep -q -- '--skip-onnx' <<<"$help"; then flags=(--skip-onnx)
-        elif grep -q -- '--formats' <<<"$help"; then flags=(--formats torch)
-        else
-            echo "pspnet build has no flag to skip ONNX: make_model.py artifacts instead"
-            "$PY" bench/device/make_model.py artifacts --config "$CONFIG" --checkpoint "$CKPT" \
-                --out "$MODEL" --batch-sizes "$BATCH_SIZES" --input-size "$INPUT_SIZE" \
-                --head logits
-            return
-        fi
-    else
-        read -r -a flags <<<"$BUILD_ARGS"
-    fi
+    local extra=()
+    read -r -a extra <<<"$BUILD_ARGS"
     "$PY" -m daemon.cli build --config "$CONFIG" --checkpoint "$CKPT" --out "$MODEL" \
         --batch-sizes "$BATCH_SIZES" --input-size "$INPUT_SIZE" --head logits --no-atc \
-        "${flags[@]}" && return
-    echo "pspnet build ${flags[*]} failed: make_model.py artifacts instead"
-    "$PY" bench/device/make_model.py artifacts --config "$CONFIG" --checkpoint "$CKPT" \
-        --out "$MODEL" --batch-sizes "$BATCH_SIZES" --input-size "$INPUT_SIZE" --head logits
+        --no-onnx "${extra[@]}"
 }
 step artifacts 180 20 build_artifacts
 if [[ $HEAD == labels ]]; then
