@@ -188,33 +188,61 @@ class SlowBackend:
         pass
 
 
+class ExecutorAlone:
+    """One Executor on a thread, its three peers played by this test's sockets."""
+
+    def __init__(self, model_dir: Path, tmp_path: Path, backend: object, max_wait_ms: float,
+                 **kwargs: object) -> None:
+        from stages.child import Child
+
+        cfg = PipelineConfig(model_dir=model_dir, max_wait_ms=max_wait_ms, log_json=True,
+                             run_dir=tmp_path)
+        addrs = Addresses.for_config(cfg, tmp_path)
+        ctx = zmq.Context.instance()
+        self.images = ctx.socket(zmq.PUSH)     # test -> executor (stands in for the streamer)
+        self.images.bind(addrs.images_out)
+        self.outputs = ctx.socket(zmq.PULL)    # executor -> test
+        self.outputs.bind(addrs.outputs_in)
+        self.results = ctx.socket(zmq.PULL)    # errors, progress and heartbeats -> test
+        self.results.bind(addrs.results)
+        executor = Executor(Child("executor", 0, cfg, addrs.results), cfg, addrs,
+                            backend, **kwargs)  # type: ignore[arg-type]
+        threading.Thread(target=executor.run, daemon=True).start()
+        self.pixels = np.zeros((*Manifest.read(model_dir).input_size, 3), np.uint8)
+
+    def send(self, i: int) -> None:
+        place = wire.Placement(64, 64, 1.0, 0, 0, 64, 64)
+        self.images.send_multipart(wire.encode(wire.Image(wire.Request(str(i), "/x"), place,
+                                                          self.pixels)))
+
+    def output_ids(self, n: int) -> list[str]:
+        return [wire.decode(self.outputs.recv_multipart()).request.id for _ in range(n)]
+
+    def errors(self, n: int) -> dict[str, str]:
+        """The next `n` error answers (id -> message), skipping heartbeats and progress."""
+        failed: dict[str, str] = {}
+        while len(failed) < n:
+            assert self.results.poll(10_000), failed
+            message = wire.decode(self.results.recv_multipart())
+            if isinstance(message, wire.Result):
+                failed[message.id] = message.error or ""
+        return failed
+
+    def close(self) -> None:
+        for sock in (self.images, self.outputs, self.results):
+            sock.close(0)
+
+
 def test_executor_overlaps_assembly_and_transfer_with_compute(tiny_models, tmp_path):
     """N batches take about N x compute, not N x (compute + transfer + assembly)."""
-    from stages.child import Child
-
     manifest = Manifest.read(tiny_models["labels"])
     batch, n_batches, compute_s, transfer_s = 4, 8, 0.20, 0.12
-    cfg = PipelineConfig(model_dir=tiny_models["labels"], max_wait_ms=1000, log_json=True,
-                         run_dir=tmp_path)
-    addrs = Addresses.for_config(cfg, tmp_path)
-    ctx = zmq.Context.instance()
-    images = ctx.socket(zmq.PUSH)            # test -> executor (stands in for the streamer)
-    images.bind(addrs.images_out)
-    outputs = ctx.socket(zmq.PULL)           # executor -> test
-    outputs.bind(addrs.outputs_in)
-    results = ctx.socket(zmq.PULL)           # progress and heartbeats -> test
-    results.bind(addrs.results)
-    child = Child("executor", 0, cfg, addrs.results)
     backend = SlowBackend(batch, manifest.input_size, transfer_s, compute_s)
-    executor = Executor(child, cfg, addrs, backend)
-    threading.Thread(target=executor.run, daemon=True).start()
-    pixels = np.zeros((*manifest.input_size, 3), np.uint8)
-    place = wire.Placement(64, 64, 1.0, 0, 0, 64, 64)
+    alone = ExecutorAlone(tiny_models["labels"], tmp_path, backend, max_wait_ms=1000)
     started = time.perf_counter()
     for i in range(n_batches * batch):       # all queued at once: assembly is never waiting
-        images.send_multipart(wire.encode(wire.Image(wire.Request(str(i), "/x"), place,
-                                                     pixels)))
-    got = [wire.decode(outputs.recv_multipart()).request.id for _ in range(n_batches * batch)]
+        alone.send(i)
+    got = alone.output_ids(n_batches * batch)
     elapsed = time.perf_counter() - started
     serial = n_batches * (compute_s + transfer_s)
     overlapped = n_batches * compute_s + transfer_s
@@ -222,8 +250,7 @@ def test_executor_overlaps_assembly_and_transfer_with_compute(tiny_models, tmp_p
           f"serial {serial:.2f} s")
     assert sorted(got, key=int) == [str(i) for i in range(n_batches * batch)]
     assert elapsed < overlapped + 0.5 * (serial - overlapped)
-    for sock in (images, outputs, results):
-        sock.close(0)
+    alone.close()
 
 
 class LaunchFailsOnce(SlowBackend):
@@ -239,39 +266,17 @@ class LaunchFailsOnce(SlowBackend):
 
 def test_a_batch_that_fails_to_launch_is_answered_and_the_executor_goes_on(tiny_models,
                                                                             tmp_path):
-    from stages.child import Child
-
     manifest = Manifest.read(tiny_models["labels"])
-    cfg = PipelineConfig(model_dir=tiny_models["labels"], max_wait_ms=1000, log_json=True,
-                         run_dir=tmp_path)
-    addrs = Addresses.for_config(cfg, tmp_path)
-    ctx = zmq.Context.instance()
-    images = ctx.socket(zmq.PUSH)            # test -> executor
-    images.bind(addrs.images_out)
-    outputs = ctx.socket(zmq.PULL)           # executor -> test
-    outputs.bind(addrs.outputs_in)
-    results = ctx.socket(zmq.PULL)           # errors, progress and heartbeats -> test
-    results.bind(addrs.results)
     backend = LaunchFailsOnce(4, manifest.input_size, transfer_s=0.0, compute_s=0.05)
-    executor = Executor(Child("executor", 0, cfg, addrs.results), cfg, addrs, backend)
-    threading.Thread(target=executor.run, daemon=True).start()
-    pixels = np.zeros((*manifest.input_size, 3), np.uint8)
-    place = wire.Placement(64, 64, 1.0, 0, 0, 64, 64)
+    alone = ExecutorAlone(tiny_models["labels"], tmp_path, backend, max_wait_ms=1000)
     for i in range(12):                      # three full batches; the second fails
-        images.send_multipart(wire.encode(wire.Image(wire.Request(str(i), "/x"), place,
-                                                     pixels)))
-    done = {wire.decode(outputs.recv_multipart()).request.id for _ in range(8)}
-    failed: dict[str, str] = {}
-    while len(failed) < 4:
-        assert results.poll(10_000), failed
-        message = wire.decode(results.recv_multipart())
-        if isinstance(message, wire.Result):
-            failed[message.id] = message.error or ""
+        alone.send(i)
+    done = set(alone.output_ids(8))
+    failed = alone.errors(4)
     assert done == {str(i) for i in (0, 1, 2, 3, 8, 9, 10, 11)}
     assert set(failed) == {"4", "5", "6", "7"}
     assert all("inference failed: device refused the batch" in e for e in failed.values())
-    for sock in (images, outputs, results):
-        sock.close(0)
+    alone.close()
 
 
 class DeviceBroken(SlowBackend):
@@ -285,82 +290,41 @@ def test_an_executor_whose_device_keeps_failing_gives_up_to_be_restarted(tiny_mo
                                                                           tmp_path):
     """Three failed batches in a row: every image answered with the error, then the
     executor gives up (in the daemon: exits, and the front restarts it)."""
-    from stages.child import Child
     from stages.executor import FAILED_IN_A_ROW_BEFORE_RESTART
 
     manifest = Manifest.read(tiny_models["labels"])
-    cfg = PipelineConfig(model_dir=tiny_models["labels"], max_wait_ms=1000, log_json=True,
-                         run_dir=tmp_path)
-    addrs = Addresses.for_config(cfg, tmp_path)
-    ctx = zmq.Context.instance()
-    images = ctx.socket(zmq.PUSH)            # test -> executor
-    images.bind(addrs.images_out)
-    outputs = ctx.socket(zmq.PULL)           # executor -> test (nothing arrives)
-    outputs.bind(addrs.outputs_in)
-    results = ctx.socket(zmq.PULL)           # errors and heartbeats -> test
-    results.bind(addrs.results)
     reasons: list[str] = []
-    executor = Executor(Child("executor", 0, cfg, addrs.results), cfg, addrs,
-                        DeviceBroken(4, manifest.input_size, 0.0, 0.0), give_up=reasons.append)
-    threading.Thread(target=executor.run, daemon=True).start()
-    pixels = np.zeros((*manifest.input_size, 3), np.uint8)
-    place = wire.Placement(64, 64, 1.0, 0, 0, 64, 64)
+    alone = ExecutorAlone(tiny_models["labels"], tmp_path,
+                          DeviceBroken(4, manifest.input_size, 0.0, 0.0), max_wait_ms=1000,
+                          give_up=reasons.append)
     n = 4 * FAILED_IN_A_ROW_BEFORE_RESTART
     for i in range(n):
-        images.send_multipart(wire.encode(wire.Image(wire.Request(str(i), "/x"), place,
-                                                     pixels)))
-    failed = set()
-    while len(failed) < n:
-        assert results.poll(10_000), failed
-        message = wire.decode(results.recv_multipart())
-        if isinstance(message, wire.Result):
-            assert "inference failed: CUDA error" in (message.error or "")
-            failed.add(message.id)
+        alone.send(i)
+    failed = alone.errors(n)
+    assert all("inference failed: CUDA error" in e for e in failed.values())
     deadline = time.monotonic() + 10
     while not reasons and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert failed == {str(i) for i in range(n)}
+    assert set(failed) == {str(i) for i in range(n)}
     assert len(reasons) == 1 and f"{FAILED_IN_A_ROW_BEFORE_RESTART} batches in a row" \
         in reasons[0] and "illegal memory access" in reasons[0]
-    assert not outputs.poll(100)
-    for sock in (images, outputs, results):
-        sock.close(0)
+    assert not alone.outputs.poll(100)          # nothing went downstream
+    alone.close()
 
 
 def test_executor_keeps_filling_while_the_device_is_busy(tiny_models, tmp_path):
     """Past max_wait a partial batch runs only if the device is idle: while a batch runs,
     the next one keeps filling (a partial batch would wait anyway, at full cost)."""
-    from stages.child import Child
-
     manifest = Manifest.read(tiny_models["labels"])
-    cfg = PipelineConfig(model_dir=tiny_models["labels"], max_wait_ms=20, log_json=True,
-                         run_dir=tmp_path)
-    addrs = Addresses.for_config(cfg, tmp_path)
-    ctx = zmq.Context.instance()
-    images = ctx.socket(zmq.PUSH)            # test -> executor
-    images.bind(addrs.images_out)
-    outputs = ctx.socket(zmq.PULL)           # executor -> test
-    outputs.bind(addrs.outputs_in)
-    results = ctx.socket(zmq.PULL)
-    results.bind(addrs.results)
     backend = SlowBackend(4, manifest.input_size, transfer_s=0.0, compute_s=0.4)
-    executor = Executor(Child("executor", 0, cfg, addrs.results), cfg, addrs, backend)
-    threading.Thread(target=executor.run, daemon=True).start()
-    pixels = np.zeros((*manifest.input_size, 3), np.uint8)
-    place = wire.Placement(64, 64, 1.0, 0, 0, 64, 64)
-
-    def send(i: int) -> None:
-        images.send_multipart(wire.encode(wire.Image(wire.Request(str(i), "/x"), place,
-                                                     pixels)))
-
-    send(0)                                  # alone, device idle: runs after max_wait
+    alone = ExecutorAlone(tiny_models["labels"], tmp_path, backend, max_wait_ms=20)
+    alone.send(0)                            # alone, device idle: runs after max_wait
     time.sleep(0.1)
     for i in range(1, 5):                    # trickle in while that batch runs
-        send(i)
+        alone.send(i)
         time.sleep(0.05)
-    send(5)                                  # device idle again after the second batch
-    got = [wire.decode(outputs.recv_multipart()).request.id for _ in range(6)]
+    alone.send(5)                            # device idle again after the second batch
+    got = alone.output_ids(6)
     assert sorted(got, key=int) == [str(i) for i in range(6)]
     assert backend.filled == [1, 4, 1], backend.filled
-    for sock in (images, outputs, results):
-        sock.close(0)
+    alone.close()
