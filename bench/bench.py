@@ -37,6 +37,7 @@ class BenchSettings:
     mask_root: Path | None = None     # None: a temporary folder, removed afterwards
     backlog: int | None = None        # None: default_backlog(...)
     min_images: int = 0               # a pass runs at least this many (cycling the inputs)
+    baseline_images: int = 0          # executor-only and serial passes; 0: as many as e2e
     machine: str = ""
 
 
@@ -95,8 +96,14 @@ def bench_batch_size(settings: BenchSettings, inputs: BenchInputs, manifest: Man
     count = max(len(inputs.paths), settings.min_images)
     paths = [inputs.paths[i % len(inputs.paths)] for i in range(count)]
     truths = [inputs.truths[i % len(inputs.truths)] for i in range(count)]
+    # e2e pays for filling and draining the pipeline once per pass, so a long pass is what
+    # makes its figure the daemon's rate; the baselines have no pipeline to fill, and
+    # serial is slow, so they may run fewer images
+    base_count = settings.baseline_images or count
+    base_paths = [inputs.paths[i % len(inputs.paths)] for i in range(base_count)]
+    base_truths = [inputs.truths[i % len(inputs.truths)] for i in range(base_count)]
     warm = min(count, settings.warmup * size)
-    n_batches = max(3, math.ceil(count / size))
+    n_batches = max(3, math.ceil(base_count / size))
     cfg = replace(base, batch_size=size, write_masks=settings.masks,
                   out_dir=mask_root / f"e2e-bs{size}" if settings.masks else None)
     options = dict(base.backend_options)
@@ -123,7 +130,7 @@ def bench_batch_size(settings: BenchSettings, inputs: BenchInputs, manifest: Man
             for r in range(settings.repeats):
                 rep = {"e2e": e2e.run(paths, truths),
                        "executor": executor_only.measure(backend, batches, n_batches),
-                       "serial": _serial_figures(serial, paths, truths)}
+                       "serial": _serial_figures(serial, base_paths, base_truths)}
                 for mode, figures in rep.items():
                     runs[mode].append(figures)
                 say(f"batch {size}: repeat {r + 1}/{settings.repeats}: " + ", ".join(
@@ -131,17 +138,18 @@ def bench_batch_size(settings: BenchSettings, inputs: BenchInputs, manifest: Man
                     + " img/s")
     finally:
         backend.close()
-    return summarise(size, count, runs)
+    return summarise(size, count, runs, base_count)
 
 
 def _serial_figures(serial: SerialRunner, paths: list[Path], truths: list[Path | None],
                     ) -> dict[str, Any]:
     wall, metrics, errors = serial.run(paths, truths)
-    return {"img_s": len(paths) / wall, "wall_s": wall, "errors": errors,
+    return {"img_s": len(paths) / wall, "wall_s": wall, "images": len(paths), "errors": errors,
             "mIoU": metrics.summary()["mIoU"] if metrics.images else None}
 
 
-def summarise(size: int, count: int, runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
+def summarise(size: int, count: int, runs: dict[str, list[dict[str, Any]]],
+              baseline_count: int | None = None) -> dict[str, Any]:
     """Medians of the repeats, their ratios, and every repeat as measured."""
     def med(mode: str, key: str) -> float | None:
         values = [r[key] for r in runs[mode] if r.get(key) is not None]
@@ -154,6 +162,7 @@ def summarise(size: int, count: int, runs: dict[str, list[dict[str, Any]]]) -> d
            for s in (*STAGES, "front")}
     return {
         "batch_size": size, "images_per_pass": count,
+        "baseline_images_per_pass": baseline_count or count,
         "e2e_img_s": e2e, "executor_img_s": ex, "serial_img_s": ser,
         "e2e_over_executor": e2e / ex if ex else None,
         "e2e_steady_img_s": steady,

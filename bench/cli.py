@@ -101,6 +101,12 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     bench.add_argument("--min-images", type=int, default=0, metavar="N",
                        help="a pass runs at least N images, cycling the inputs (default: "
                             "each input once)")
+    bench.add_argument("--baseline-images", type=int, default=0, metavar="N",
+                       help="executor-only and serial passes run N images (cycling). e2e "
+                            "fills and drains the pipeline once per pass, so a long "
+                            "--min-images pass makes its figure the daemon's rate; the "
+                            "baselines need no such length, and serial is slow (default: "
+                            "as many as the e2e pass)")
     bench.add_argument("--backlog", type=int, default=None, metavar="K",
                        help="e2e: requests kept submitted but unanswered (default: 3 x "
                             "batch + 2 per worker: every stage busy, bounded queueing)")
@@ -214,6 +220,8 @@ def run_bench(args: argparse.Namespace) -> int:
         return usage_error("bench", str(exc))
     if args.repeats < 1 or args.warmup < 0:
         return usage_error("bench", "--repeats must be >= 1 and --warmup >= 0")
+    if args.min_images < 0 or args.baseline_images < 0:
+        return usage_error("bench", "--min-images and --baseline-images must be >= 0")
     cv2.setNumThreads(1)                   # the serial baseline decodes as a worker does
     tmp = Path(tempfile.mkdtemp(prefix="pspnet-bench-inputs-"))
     try:
@@ -230,7 +238,7 @@ def run_bench(args: argparse.Namespace) -> int:
             cfg=replace(cfg, batch_size=None), batch_sizes=tuple(sizes),
             repeats=args.repeats, warmup=args.warmup, masks=not args.no_masks,
             mask_root=args.out, backlog=args.backlog, min_images=args.min_images,
-            machine=args.machine or "")
+            baseline_images=args.baseline_images, machine=args.machine or "")
         try:
             doc = run_bench(settings, feed)
         except PipelineError as exc:

@@ -110,7 +110,8 @@ def test_bench_against_the_simulated_device(tmp_path, capsys):
     model = make_tiny_model_dir(tmp_path, batch_sizes=(4,), head="labels")
     report = tmp_path / "sim.json"
     code = main(["bench", "--model", str(model), "--synthetic", "8", "--min-images", "24",
-                 "--batch-sizes", "4", "--repeats", "1", "--warmup", "1",
+                 "--baseline-images", "12", "--batch-sizes", "4", "--repeats", "1",
+                 "--warmup", "1",
                  "--backend", "sim", "--backend-option", "img_s=400",
                  "--preprocess-workers", "1", "--postprocess-workers", "1", "--no-masks",
                  "--json", str(report)])
@@ -123,6 +124,23 @@ def test_bench_against_the_simulated_device(tmp_path, capsys):
     [row] = doc["results"]
     assert row["executor_img_s"] == pytest.approx(400.0)
     assert row["errors"] == {"e2e": 0, "serial": 0} and row["e2e_img_s"] > 0
+    # the e2e pass is long, the baselines short: 24 images against 12 (3 batches of 4)
+    assert row["images_per_pass"] == 24 and row["baseline_images_per_pass"] == 12
+    assert [r["images"] for r in row["repeats"]["serial"]] == [12]
+    assert [r["batches"] for r in row["repeats"]["executor"]] == [3]
+
+
+def test_bench_refuses_bad_counts_before_any_work(tmp_path, capsys):
+    from tests.tiny_model import make_tiny_model_dir
+
+    model = make_tiny_model_dir(tmp_path, batch_sizes=(4,), head="labels")
+    for flags in (["--repeats", "0"], ["--min-images", "-1"], ["--baseline-images", "-5"]):
+        code = main(["bench", "--model", str(model), "--synthetic", "8", "--backend", "sim",
+                     *flags])
+        err = capsys.readouterr().err
+        assert code == 2, flags
+        assert flags[0] in err and "pspnet bench" in err
+        assert "opening" not in err          # refused before a backend or pipeline started
 
 
 @pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="reads /proc (Linux)")
