@@ -373,6 +373,18 @@ def test_sim_backend_keeps_a_device_s_timing(head, sync, model_dirs):
     backend.collect(0)
     backend.collect(1)
     assert time.perf_counter() - launched >= 2 * batch_s   # one device: one after the other
+
+    # a second launch before the first is collected is refused, and its upload stays
+    backend.upload(0, *batches[0])
+    backend.launch(0)
+    backend.upload(0, *batches[1])
+    with pytest.raises(RuntimeError, match=r"launch\(0\) twice without collect\(0\)"):
+        backend.launch(0)
+    backend.collect(0)
+    backend.launch(0)                       # the refused launch's upload, still pending
+    backend.collect(0)
+    with pytest.raises(RuntimeError, match="no batch pending"):
+        backend.launch(0)
     with pytest.raises(ValueError, match="unknown sim backend option"):
         open_backend(SIMULATED, model_dirs[head], BATCH, options={"speed": "1"})
     backend.close()
@@ -430,10 +442,12 @@ def test_torch_cuda_two_threads(options, model_dirs, references):
         assert np.mean(results[k] == want) >= 0.99
     backend.upload(0, *batches[0])
     backend.launch(0)
+    backend.upload(0, *batches[1])
     with pytest.raises(RuntimeError, match="twice"):
-        backend.upload(0, *batches[0])
-        backend.launch(0)
+        backend.launch(0)                   # refused before anything is queued
     assert np.mean(backend.collect(0) == results[0]) >= 0.99
+    backend.launch(0)                       # the refused launch's upload is still there
+    assert np.mean(backend.collect(0) == results[1]) >= 0.99
     backend.close()
 
 

@@ -213,6 +213,15 @@ class BackendBase:
         self._slots[slot] = None
         return state
 
+    def _take_to_launch(self, slot: int) -> object:
+        """The uploaded batch, for a backend whose launch queues it: refused, with the
+        upload left pending, while the slot's last launch is not yet collected."""
+        self._check_open()
+        self._check_slot(slot)
+        if self._launched[slot] is not None:
+            raise RuntimeError(f"launch({slot}) twice without collect({slot})")
+        return self._take(slot)
+
     def _put_launched(self, slot: int, state: object) -> None:
         """For a backend whose launch returns before the batch is done: what collect needs."""
         if self._launched[slot] is not None:

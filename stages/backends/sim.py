@@ -74,7 +74,7 @@ class SimBackend(BackendBase):
         self._put(slot, True)
 
     def launch(self, slot: int) -> None:
-        self._take(slot)
+        self._take_to_launch(slot)
         if self.sync:
             self._put_launched(slot, 0.0)       # collect runs it
             return

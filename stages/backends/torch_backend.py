@@ -251,7 +251,7 @@ class TorchBackend(BackendBase):
         if not self._cuda:
             super().launch(slot)             # collect runs it
             return
-        self._take(slot)
+        self._take_to_launch(slot)
         stream = self._compute_stream
         with torch.cuda.device(self.device), torch.cuda.stream(stream), \
                 torch.inference_mode():
