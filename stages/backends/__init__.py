@@ -223,9 +223,8 @@ class BackendBase:
         return self._take(slot)
 
     def _put_launched(self, slot: int, state: object) -> None:
-        """For a backend whose launch returns before the batch is done: what collect needs."""
-        if self._launched[slot] is not None:
-            raise RuntimeError(f"launch({slot}) twice without collect({slot})")
+        """For a backend whose launch returns before the batch is done: what collect needs.
+        Its launch took the batch with `_take_to_launch`, which refuses a second launch."""
         self._launched[slot] = state
 
     def _take_launched(self, slot: int) -> object:
