@@ -10,6 +10,7 @@ each figure is the median of the repeats, and every repeat is kept in the JSON.
 from __future__ import annotations
 
 import datetime
+import itertools
 import math
 import os
 import statistics
@@ -94,14 +95,13 @@ def bench_batch_size(settings: BenchSettings, inputs: BenchInputs, manifest: Man
 
     base = settings.cfg
     count = max(len(inputs.paths), settings.min_images)
-    paths = [inputs.paths[i % len(inputs.paths)] for i in range(count)]
-    truths = [inputs.truths[i % len(inputs.truths)] for i in range(count)]
+    paths, truths = _cycled(inputs.paths, count), _cycled(inputs.truths, count)
     # e2e pays for filling and draining the pipeline once per pass, so a long pass is what
     # makes its figure the daemon's rate; the baselines have no pipeline to fill, and
     # serial is slow, so they may run fewer images
     base_count = settings.baseline_images or count
-    base_paths = [inputs.paths[i % len(inputs.paths)] for i in range(base_count)]
-    base_truths = [inputs.truths[i % len(inputs.truths)] for i in range(base_count)]
+    base_paths = _cycled(inputs.paths, base_count)
+    base_truths = _cycled(inputs.truths, base_count)
     warm = min(count, settings.warmup * size)
     n_batches = max(3, math.ceil(base_count / size))
     cfg = replace(base, batch_size=size, write_masks=settings.masks,
@@ -139,6 +139,11 @@ def bench_batch_size(settings: BenchSettings, inputs: BenchInputs, manifest: Man
     finally:
         backend.close()
     return summarise(size, count, runs, base_count)
+
+
+def _cycled(items: list[Any], count: int) -> list[Any]:
+    """The first `count` items of `items` repeated end to end."""
+    return list(itertools.islice(itertools.cycle(items), count))
 
 
 def _serial_figures(serial: SerialRunner, paths: list[Path], truths: list[Path | None],
