@@ -42,6 +42,10 @@ class BenchSettings:
     machine: str = ""
 
 
+class BackendOpenError(RuntimeError):
+    """The backend would not open (bad option, missing artifact or device): a user error."""
+
+
 def say(message: str) -> None:
     sys.stderr.write(f"[bench] {message}\n")
     sys.stderr.flush()
@@ -90,7 +94,7 @@ def run_bench(settings: BenchSettings, inputs: BenchInputs) -> dict[str, Any]:
 
 def bench_batch_size(settings: BenchSettings, inputs: BenchInputs, manifest: Manifest,
                      size: int, mask_root: Path) -> dict[str, Any]:
-    from stages.backends import open_backend
+    from stages.backends import BackendUnavailable, open_backend
     from stages.pipeline import Pipeline
 
     base = settings.cfg
@@ -110,8 +114,11 @@ def bench_batch_size(settings: BenchSettings, inputs: BenchInputs, manifest: Man
     if base.executor_threads:
         options.setdefault("threads", str(base.executor_threads))
     say(f"batch {size}: opening the {base.backend} backend and starting the pipeline")
-    backend = open_backend(base.backend, base.model_dir, size, device=base.devices[0],
-                           precision=base.precision, options=options)
+    try:
+        backend = open_backend(base.backend, base.model_dir, size, device=base.devices[0],
+                               precision=base.precision, options=options)
+    except (BackendUnavailable, OSError, ValueError) as exc:
+        raise BackendOpenError(f"cannot open the {base.backend} backend: {exc}") from exc
     try:
         serial = SerialRunner(backend, manifest,
                               mask_root / f"serial-bs{size}" if settings.masks else None,

@@ -14,7 +14,16 @@ import sys
 import tempfile
 from pathlib import Path
 
-from daemon.commands import EXIT_FAILED, EXIT_UNAVAILABLE, add_pipeline_args, usage_error
+from daemon.commands import (
+    EXIT_FAILED,
+    EXIT_UNAVAILABLE,
+    HelpFormatter,
+    add_pipeline_args,
+    non_negative_int,
+    output_problem,
+    positive_int,
+    usage_error,
+)
 
 DEFAULT_BATCH_SIZES = "1,4,8,16,32,64"
 
@@ -46,8 +55,10 @@ examples:
       --json bench/results/nvidia-h100.json --plot bench/results/nvidia-h100.png
   pspnet bench --model models/small --batch-sizes 1,4,8 --synthetic 48 \\
       --preprocess-workers 1 --postprocess-workers 1 --backend-option threads=1 \\
-      --max-wait-ms 1000 --json bench/results/cpu-2core.json --plot bench/results/cpu-2core.png
-  (a max wait near one batch's execute time lets batches fill while the other slot runs)"""
+      --json bench/results/cpu-2core.json --plot bench/results/cpu-2core.png
+  pspnet bench --model models/small --backend sim --backend-option img_s=400 \\
+      --batch-sizes 16,32,64 --synthetic 96 --min-images 1280 --no-masks
+      (the host side alone, against a simulated 400 img/s device)"""
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
@@ -86,7 +97,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                         help="every image file in DIR (no ground truth)")
     source.add_argument("--voc", type=Path, metavar="ROOT",
                         help="a VOC root: the --split images with their ground truths")
-    source.add_argument("--synthetic", type=int, metavar="N",
+    source.add_argument("--synthetic", type=positive_int, metavar="N",
                         help="N photo-like JPEGs (crops of the sample photos, longest side "
                              "500) with stand-in ground truths, in a temporary folder")
     bench.add_argument("--split", default="val", help="with --voc: which split")
@@ -94,20 +105,20 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                        help="comma list of static batch sizes to measure, e.g. "
                             f"{DEFAULT_BATCH_SIZES} (default: every size the model "
                             "directory was built with)")
-    bench.add_argument("--repeats", type=int, default=3,
+    bench.add_argument("--repeats", type=positive_int, default=3,
                        help="timed passes per mode and batch size; figures are medians")
-    bench.add_argument("--warmup", type=int, default=2, metavar="BATCHES",
+    bench.add_argument("--warmup", type=non_negative_int, default=2, metavar="BATCHES",
                        help="untimed batches through each mode before timing")
-    bench.add_argument("--min-images", type=int, default=0, metavar="N",
+    bench.add_argument("--min-images", type=non_negative_int, default=0, metavar="N",
                        help="a pass runs at least N images, cycling the inputs (default: "
                             "each input once)")
-    bench.add_argument("--baseline-images", type=int, default=0, metavar="N",
+    bench.add_argument("--baseline-images", type=non_negative_int, default=0, metavar="N",
                        help="executor-only and serial passes run N images (cycling). e2e "
                             "fills and drains the pipeline once per pass, so a long "
                             "--min-images pass makes its figure the daemon's rate; the "
                             "baselines need no such length, and serial is slow (default: "
                             "as many as the e2e pass)")
-    bench.add_argument("--backlog", type=int, default=None, metavar="K",
+    bench.add_argument("--backlog", type=positive_int, default=None, metavar="K",
                        help="e2e: requests kept submitted but unanswered (default: 3 x "
                             "batch + 2 per worker: every stage busy, bounded queueing)")
     bench.add_argument("--machine", default=None, metavar="NAME",
@@ -129,14 +140,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     bench.set_defaults(run=run_bench, log_level="warning")
 
 
-class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+class _Formatter(HelpFormatter, argparse.RawDescriptionHelpFormatter):
     """Defaults shown after each flag; the epilog's examples keep their line breaks."""
-
-    def _get_help_string(self, action: argparse.Action) -> str:
-        text = action.help or ""
-        if "default" in text or action.default in (None, False, [], argparse.SUPPRESS):
-            return text                    # says its default itself, or has none
-        return super()._get_help_string(action)
 
 
 # ---- eval ------------------------------------------------------------------------------
@@ -152,6 +157,7 @@ def run_eval(args: argparse.Namespace) -> int:
     from bench.progress import Progress
     from bench.voc import VocLayoutError, read_split
     from daemon.commands import pipeline_config
+    from stages.executor import pick_batch_size
     from stages.logs import configure_logging
     from stages.manifest import Manifest
 
@@ -159,12 +165,19 @@ def run_eval(args: argparse.Namespace) -> int:
     configure_logging(cfg.log_level, cfg.log_json)
     try:
         manifest = Manifest.read(args.model)
+        batch = None if args.endpoint else pick_batch_size(manifest, args.batch_size)
         split = read_split(args.voc, args.split)
     except (OSError, ValueError, VocLayoutError) as exc:
         return usage_error("eval", str(exc))
+    for flag, path, directory in (("--json", args.json, False), ("--out", args.out, True)):
+        problem = path is not None and output_problem(path, directory=directory)
+        if problem:                        # found now, not after the whole split
+            return usage_error("eval", f"{flag}: {problem}")
     if not split.items:
-        return usage_error("eval", f"none of the {split.listed} images of {args.split}.txt "
-                                   f"exists under {args.voc}")
+        what = (f"{args.split}.txt lists no images" if not split.listed else
+                f"none of the {split.listed} images of {args.split}.txt exists under "
+                f"{args.voc}")
+        return usage_error("eval", what)
     progress = Progress(len(split.items), label="eval ")
     if args.endpoint:
         from daemon.client import DaemonUnavailable
@@ -185,7 +198,8 @@ def run_eval(args: argparse.Namespace) -> int:
             return EXIT_FAILED
     progress.close()
     doc = report(outcome, split, manifest, {
-        "model": str(args.model), "backend": args.backend, "batch_size": args.batch_size,
+        "model": str(args.model), "backend": None if args.endpoint else args.backend,
+        "batch_size": batch,
         "endpoint": args.endpoint, "masks": str(args.out) if args.out else None})
     print_report(outcome, doc, manifest)
     if args.json is not None:
@@ -201,7 +215,7 @@ def run_bench(args: argparse.Namespace) -> int:
     import cv2
 
     from bench import inputs as sources
-    from bench.bench import BenchSettings, run_bench, table
+    from bench.bench import BackendOpenError, BenchSettings, run_bench, table
     from bench.eval import write_json
     from bench.plot import plot
     from daemon.commands import pipeline_config
@@ -218,10 +232,14 @@ def run_bench(args: argparse.Namespace) -> int:
             manifest.model_file(size)
     except (OSError, ValueError) as exc:
         return usage_error("bench", str(exc))
-    if args.repeats < 1 or args.warmup < 0:
-        return usage_error("bench", "--repeats must be >= 1 and --warmup >= 0")
-    if args.min_images < 0 or args.baseline_images < 0:
-        return usage_error("bench", "--min-images and --baseline-images must be >= 0")
+    for flag, path in (("--json", args.json), ("--plot", args.plot)):
+        problem = path is not None and output_problem(path, directory=False)
+        if problem:                        # found now, not after the whole run
+            return usage_error("bench", f"{flag}: {problem}")
+    if args.out is not None and not args.no_masks:
+        problem = output_problem(args.out, directory=True)
+        if problem:
+            return usage_error("bench", f"--out: {problem}")
     cv2.setNumThreads(1)                   # the serial baseline decodes as a worker does
     tmp = Path(tempfile.mkdtemp(prefix="pspnet-bench-inputs-"))
     try:
@@ -241,7 +259,7 @@ def run_bench(args: argparse.Namespace) -> int:
             baseline_images=args.baseline_images, machine=args.machine or "")
         try:
             doc = run_bench(settings, feed)
-        except PipelineError as exc:
+        except (PipelineError, BackendOpenError) as exc:
             sys.stderr.write(f"pspnet bench: error: {exc}\n")
             return EXIT_FAILED
     finally:

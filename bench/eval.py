@@ -61,7 +61,9 @@ def evaluate_in_process(cfg: PipelineConfig, split: VocSplit,
                 if result.mask:
                     outcome.masks[item.id] = result.mask
             else:
-                blame = item.truth if "ground truth" in (result.error or "") else item.image
+                truth_failed = "ground truth" in (result.error or "")
+                outcome.segmented += truth_failed     # the mask was made, as via --endpoint
+                blame = item.truth if truth_failed else item.image
                 outcome.failed.append({"id": item.id, "path": str(blame),
                                        "reason": f"{result.stage}: {result.error}"})
             if progress is not None:

@@ -4,15 +4,103 @@ from __future__ import annotations
 
 import argparse
 import sys
+import tempfile
 from pathlib import Path
+from typing import Any
 
 from daemon.endpoint import default_endpoint
 
 EXIT_FAILED, EXIT_USAGE, EXIT_UNAVAILABLE = 1, 2, 4
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Defaults shown after each flag, unless its help already says its default."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" in text or action.default in (None, False, [], argparse.SUPPRESS):
+            return text
+        return super()._get_help_string(action)
+
+
+def positive_int(text: str) -> int:
+    """argparse type: 0 or less would stall a stage or mean 'use the default' silently."""
+    return _bounded(text, int, 1, "an integer >= 1")
+
+
+def non_negative_int(text: str) -> int:
+    return _bounded(text, int, 0, "an integer >= 0")
+
+
+def non_negative_float(text: str) -> float:
+    return _bounded(text, float, 0.0, "a number >= 0")
+
+
+def positive_float(text: str) -> float:
+    value = _bounded(text, float, 0.0, "a number > 0")
+    if value == 0:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, not {text!r}")
+    return value
+
+
+def base_port(text: str) -> int:
+    """argparse type: the first of the six internal tcp ports."""
+    value = _bounded(text, int, 1, "a port from 1 to 65530 (six ports start there)")
+    if value > 65530:
+        raise argparse.ArgumentTypeError(
+            f"expected a port from 1 to 65530 (six ports start there), not {text!r}")
+    return value
+
+
+def key_value(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, not {text!r}")
+    return key.strip(), value.strip()
+
+
+def device_list(text: str) -> tuple[str, ...]:
+    devices = tuple(d.strip() for d in text.split(",") if d.strip())
+    if not devices:
+        raise argparse.ArgumentTypeError("expected at least one device, e.g. cpu or cuda:0")
+    return devices
+
+
+def _bounded(text: str, kind: type, low: float, wanted: str) -> Any:
+    try:
+        value = kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {wanted}, not {text!r}") from None
+    if not value >= low:                   # also refuses nan
+        raise argparse.ArgumentTypeError(f"expected {wanted}, not {text!r}")
+    return value
+
+
+def output_problem(path: Path, *, directory: bool) -> str | None:
+    """Why `path` cannot take this run's output, found before any work (None: it can).
+
+    Creates the directory (or the file's parent) as the run would; a run that fails only
+    at its end, after minutes of work, loses what it measured.
+    """
+    folder = path if directory else path.parent
+    if not directory and path.is_dir():
+        return f"{path} is a directory"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        return f"{folder} exists and is not a directory"
+    except OSError as exc:
+        return f"cannot create {folder}: {exc.strerror or exc}"
+    try:                                   # what the run will do: create a file there
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".pspnet-probe-"):
+            pass
+    except OSError as exc:
+        return f"cannot write in {folder}: {exc.strerror or exc}"
+    return None
+
+
 def add_daemon_parsers(sub: argparse._SubParsersAction) -> None:
-    fmt = argparse.ArgumentDefaultsHelpFormatter
+    fmt = HelpFormatter
     serve = sub.add_parser(
         "serve", formatter_class=fmt,
         help="run the daemon: decode pool -> batched executor -> postprocess",
@@ -31,10 +119,10 @@ def add_daemon_parsers(sub: argparse._SubParsersAction) -> None:
                        help="also process images already in DIR and each one that lands "
                             "there later; a record next to the masks makes restarts "
                             "neither lose nor redo images")
-    serve.add_argument("--max-queue", type=int, default=1024,
+    serve.add_argument("--max-queue", type=positive_int, default=1024,
                        help="requests accepted but not answered; beyond it clients are "
                             "told `busy` and slow down")
-    serve.add_argument("--drain-timeout", type=float, default=120.0, metavar="S",
+    serve.add_argument("--drain-timeout", type=non_negative_float, default=120.0, metavar="S",
                        help="on SIGTERM, wait at most this long for accepted requests")
     serve.add_argument("--metrics-json", type=Path, default=None, metavar="FILE",
                        help="write the final status (counts, mIoU) here on exit")
@@ -53,10 +141,11 @@ def add_daemon_parsers(sub: argparse._SubParsersAction) -> None:
     submit.add_argument("paths", nargs="+", type=Path, metavar="PATH", help="images to segment")
     submit.add_argument("--ann", nargs="+", type=Path, default=None, metavar="GT",
                         help="ground-truth palette PNGs, one per PATH in the same order "
-                             "(the daemon then keeps a running mIoU)")
+                             "(the daemon then keeps a running mIoU); put --ann after the "
+                             "images: it takes every path that follows it")
     submit.add_argument("--endpoint", default=None,
                         help="daemon address (default: the local daemon's ipc socket)")
-    submit.add_argument("--timeout", type=float, default=None, metavar="S",
+    submit.add_argument("--timeout", type=positive_float, default=None, metavar="S",
                         help="give up on images not answered after S seconds "
                              "(reported as errors)")
     submit.set_defaults(run=run_submit)
@@ -86,7 +175,7 @@ def add_daemon_parsers(sub: argparse._SubParsersAction) -> None:
                         help="which stage this process runs")
     worker.add_argument("--front", required=True, metavar="HOST",
                         help="host name or address of the daemon (its --transport tcp ports)")
-    worker.add_argument("--index", type=int, default=100,
+    worker.add_argument("--index", type=non_negative_int, default=100,
                         help="this worker's number; keep it apart from the daemon's own "
                              "(0..K-1)")
     add_pipeline_args(worker)
@@ -102,35 +191,37 @@ def add_pipeline_args(p: argparse.ArgumentParser) -> None:
                         "aclruntime + OM (unverified on real hardware); sim: no model, a "
                         "simulated device of --backend-option img_s=N speed, to measure "
                         "the host side (its masks are a fixed pattern)")
-    p.add_argument("--devices", default="cpu",
+    p.add_argument("--devices", type=device_list, default="cpu",
                    help="comma list, one executor each: cpu, cuda:0, cuda:1 (torch/ort), "
                         "or npu:0,npu:1 (acl)")
     p.add_argument("--precision", choices=("fp32", "fp16", "bf16"), default="fp32",
                    help="torch backend compute precision")
-    p.add_argument("--batch-size", type=int, default=None,
+    p.add_argument("--batch-size", type=positive_int, default=None,
                    help="static batch size to run (default: 16 if built, else the largest)")
-    p.add_argument("--max-wait-ms", type=float, default=20.0,
+    p.add_argument("--max-wait-ms", type=non_negative_float, default=20.0,
                    help="run a partial batch after waiting this long for it to fill, "
                         "if the device is idle (while a batch runs, keep filling)")
-    p.add_argument("--preprocess-workers", type=int, default=2, metavar="K",
+    p.add_argument("--preprocess-workers", type=positive_int, default=2, metavar="K",
                    help="JPEG decode + letterbox processes")
-    p.add_argument("--postprocess-workers", type=int, default=2, metavar="M",
+    p.add_argument("--postprocess-workers", type=positive_int, default=2, metavar="M",
                    help="upsample/argmax/mask/mIoU processes")
     p.add_argument("--out", type=Path, default=None, metavar="MASKDIR",
-                   help="write masks here as palette PNGs named after each image")
+                   help="write masks here as palette PNGs named after each image "
+                        "(without --out no mask files are written; answers carry mask null)")
     p.add_argument("--no-masks", action="store_true", help="do not write masks (benches)")
-    p.add_argument("--max-pixels", type=int, default=50_000_000,
+    p.add_argument("--max-pixels", type=positive_int, default=50_000_000,
                    help="refuse images with more pixels (read from the header, before "
                         "decoding)")
-    p.add_argument("--max-inflight", type=int, default=None,
+    p.add_argument("--max-inflight", type=positive_int, default=None,
                    help="requests inside the pipeline at once (bounds memory; default: four "
                         "batches per executor, at least 64)")
-    p.add_argument("--backend-option", action="append", default=[], metavar="KEY=VALUE",
+    p.add_argument("--backend-option", type=key_value, action="append", default=[],
+                   metavar="KEY=VALUE",
                    help="backend tuning, repeatable: threads=N (ort/torch), cuda_graphs=1, "
                         "compile=1, compile_cache=DIR (torch), img_s=N, sync=1 (sim)")
     p.add_argument("--transport", choices=("ipc", "tcp"), default="ipc",
                    help="between the daemon's own processes")
-    p.add_argument("--tcp-base-port", type=int, default=5550,
+    p.add_argument("--tcp-base-port", type=base_port, default=5550,
                    help="with --transport tcp: the six internal ports start here")
     p.add_argument("--log-level", choices=("debug", "info", "warning", "error"),
                    default="info", help="debug adds per-batch timings")
@@ -141,21 +232,15 @@ def add_pipeline_args(p: argparse.ArgumentParser) -> None:
 def pipeline_config(args: argparse.Namespace) -> object:
     from stages.config import PipelineConfig
 
-    options = {}
-    for item in args.backend_option:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise SystemExit(f"pspnet: error: --backend-option wants KEY=VALUE, not {item!r}")
-        options[key] = value
     return PipelineConfig(
-        model_dir=args.model, backend=args.backend,
-        devices=tuple(d.strip() for d in args.devices.split(",") if d.strip()),
+        model_dir=args.model, backend=args.backend, devices=tuple(args.devices),
         precision=args.precision, batch_size=args.batch_size, max_wait_ms=args.max_wait_ms,
         preprocess_workers=args.preprocess_workers,
         postprocess_workers=args.postprocess_workers, out_dir=args.out,
         write_masks=args.out is not None and not args.no_masks, max_pixels=args.max_pixels,
         max_inflight=args.max_inflight, transport=args.transport,
-        tcp_base_port=args.tcp_base_port, backend_options=options, log_level=args.log_level,
+        tcp_base_port=args.tcp_base_port, backend_options=dict(args.backend_option),
+        log_level=args.log_level,
         log_json={"auto": None, "json": True, "console": False}[args.log_format],
     )
 
@@ -166,6 +251,8 @@ def usage_error(command: str, message: str) -> int:
 
 
 def run_serve(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
     from daemon.server import ServeConfig, Server, check_exposure
     from stages.executor import pick_batch_size
     from stages.logs import configure_logging
@@ -174,13 +261,25 @@ def run_serve(args: argparse.Namespace) -> int:
     cfg = pipeline_config(args)
     configure_logging(cfg.log_level, cfg.log_json)
     try:
-        pick_batch_size(Manifest.read(args.model), args.batch_size)
+        batch = pick_batch_size(Manifest.read(args.model), args.batch_size)
     except (OSError, ValueError) as exc:
         return usage_error("serve", str(exc))
+    cfg = replace(cfg, batch_size=batch)     # the logged config says what runs
     if args.watch is not None and not args.watch.is_dir():
         return usage_error("serve", f"--watch {args.watch}: not a directory")
     if args.watch is not None and args.out is None:
         return usage_error("serve", "--watch needs --out (the record lives next to the masks)")
+    if args.watch is not None and args.watch.resolve() == args.out.resolve():
+        return usage_error("serve", "--watch and --out are the same folder: every mask would "
+                                    "come back in as a new image; give masks their own folder")
+    problem = metrics_problem = None
+    if args.out is not None:
+        problem = output_problem(args.out, directory=True)
+    if args.metrics_json is not None:
+        metrics_problem = output_problem(args.metrics_json, directory=False)
+    if problem or metrics_problem:
+        flag = "--out" if problem else "--metrics-json"
+        return usage_error("serve", f"{flag}: {problem or metrics_problem}")
     endpoint = args.endpoint or default_endpoint()
     problem = check_exposure(endpoint, tuple(args.allow_root))
     if problem:
@@ -200,7 +299,11 @@ def run_submit(args: argparse.Namespace) -> int:
         return usage_error("submit", f"{len(args.paths)} paths but {len(args.ann)} --ann files")
     failed = 0
     try:
-        with Client(args.endpoint or default_endpoint()) as client:
+        try:
+            client = Client(args.endpoint or default_endpoint())
+        except ValueError as exc:          # a malformed --endpoint, before any socket
+            return usage_error("submit", str(exc))
+        with client:
             for answer in client.submit(args.paths, args.ann, timeout_s=args.timeout):
                 failed += answer.status != "ok"
                 print_json(answer.as_dict())
@@ -229,7 +332,11 @@ def run_status(args: argparse.Namespace) -> int:
     from daemon.client import Client, DaemonUnavailable
 
     try:
-        with Client(args.endpoint or default_endpoint()) as client:
+        try:
+            client = Client(args.endpoint or default_endpoint())
+        except ValueError as exc:          # a malformed --endpoint, before any socket
+            return usage_error("status", str(exc))
+        with client:
             print_json(client.status())
     except DaemonUnavailable as exc:
         sys.stderr.write(f"pspnet status: error: {exc} (is `pspnet serve` running?)\n")

@@ -95,14 +95,22 @@ class Manifest:
             raise FileNotFoundError(
                 f"{path}: no manifest; make the model directory with `pspnet build`"
             ) from None
-        if doc.get("format") != MANIFEST_FORMAT:
-            raise ValueError(f"{path}: manifest format {doc.get('format')!r}, "
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ValueError(f"{path}: not a JSON manifest ({exc}); rebuild the model "
+                             "directory with `pspnet build`") from None
+        if not isinstance(doc, dict) or doc.get("format") != MANIFEST_FORMAT:
+            found = doc.get("format") if isinstance(doc, dict) else type(doc).__name__
+            raise ValueError(f"{path}: manifest format {found!r}, "
                              f"this program reads {MANIFEST_FORMAT}")
-        doc["models"] = {int(k): ModelFile(**v) for k, v in doc["models"].items()}
-        for key in ("input_size", "logits_size", "mean", "std", "class_names"):
-            doc[key] = tuple(doc[key])
-        doc["palette"] = tuple(tuple(c) for c in doc["palette"])
-        return cls(**doc)
+        try:
+            doc["models"] = {int(k): ModelFile(**v) for k, v in doc["models"].items()}
+            for key in ("input_size", "logits_size", "mean", "std", "class_names"):
+                doc[key] = tuple(doc[key])
+            doc["palette"] = tuple(tuple(c) for c in doc["palette"])
+            return cls(**doc)
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise ValueError(f"{path}: malformed manifest ({type(exc).__name__}: {exc}); "
+                             "rebuild the model directory with `pspnet build`") from None
 
     def model_file(self, batch_size: int) -> ModelFile:
         if batch_size not in self.models:

@@ -135,8 +135,11 @@ def test_bench_refuses_bad_counts_before_any_work(tmp_path, capsys):
 
     model = make_tiny_model_dir(tmp_path, batch_sizes=(4,), head="labels")
     for flags in (["--repeats", "0"], ["--min-images", "-1"], ["--baseline-images", "-5"]):
-        code = main(["bench", "--model", str(model), "--synthetic", "8", "--backend", "sim",
-                     *flags])
+        try:
+            code = main(["bench", "--model", str(model), "--synthetic", "8",
+                         "--backend", "sim", *flags])
+        except SystemExit as exc:            # argparse refuses it while parsing
+            code = exc.code
         err = capsys.readouterr().err
         assert code == 2, flags
         assert flags[0] in err and "pspnet bench" in err

@@ -51,7 +51,11 @@ class SimBackend(BackendBase):
         options = dict(options or {})
         check_options(self.name, options, OPTIONS)
         parse_device(device, ("sim", "cpu"))
-        img_s = option_int(options, "img_s") or DEFAULT_IMG_S
+        img_s = option_int(options, "img_s")
+        if img_s == 0:
+            raise ValueError("option img_s=0: the simulated device needs a speed >= 1 "
+                             "image/s")
+        img_s = img_s or DEFAULT_IMG_S
         self.batch_s = self.batch_size / img_s
         self.sync = option_flag(options, "sync")
         self._device_free_at = 0.0
