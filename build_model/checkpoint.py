@@ -44,8 +44,7 @@ class LoadReport:
 def read_checkpoint(path: str | Path, *, trust: bool = False) -> Checkpoint:
     """Load the file (weights only unless `trust`) and find its state_dict."""
     path = Path(path)
-    if not path.is_file():
-        raise BuildError(f"checkpoint file not found: {path}")
+    check_checkpoint_path(path)
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=not trust)
     except pickle.UnpicklingError as exc:
@@ -55,10 +54,25 @@ def read_checkpoint(path: str | Path, *, trust: bool = False) -> Checkpoint:
                          "can run code); rerun with --trust-checkpoint if you trust its "
                          "source") from exc
     except Exception as exc:
-        raise BuildError(f"cannot read checkpoint {path}: {type(exc).__name__}: "
-                         f"{_first_line(exc)}") from exc
+        raise BuildError(f"cannot read checkpoint {path} (is it a PyTorch .pth file?): "
+                         f"{type(exc).__name__}: {_first_line(exc)}") from exc
     state_dict, meta = _split(obj, path)
     return Checkpoint(state_dict=state_dict, meta=meta, sha256=sha256_file(path))
+
+
+def check_checkpoint_path(path: str | Path) -> None:
+    """Refuse a missing path or a directory before the config and mmseg load."""
+    path = Path(path)
+    if path.is_dir():
+        raise BuildError(f"checkpoint {path} is a directory; name the .pth file")
+    if not path.is_file():
+        raise BuildError(f"checkpoint file not found: {path}")
+    with path.open("rb") as f:
+        head = f.read(4)
+    # torch.save writes a zip archive, or (legacy format) a pickle from protocol 2 on
+    if not (head.startswith(b"PK\x03\x04") or head.startswith(b"\x80")):
+        raise BuildError(f"{path} is not a PyTorch checkpoint (neither torch.save's zip "
+                         "archive nor a pickle); name the .pth file")
 
 
 def describe(path: Path, checkpoint: Checkpoint) -> str:

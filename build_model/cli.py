@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from pathlib import Path
 from typing import Any, NoReturn
 
 PROG_ERROR = "pspnet build: error:"
@@ -110,7 +111,16 @@ def run(args: argparse.Namespace) -> int:
     from build_model.errors import BuildError
     from build_model.export import build
     from build_model.verify import VerifyError
+    from daemon.commands import output_problem
 
+    if args.no_onnx and args.no_torch_program:
+        print(f"{PROG_ERROR} nothing to build: --no-onnx and --no-torch-program together "
+              "leave no model", file=sys.stderr)
+        return EXIT_USAGE
+    problem = output_problem(Path(args.out), directory=True)
+    if problem:                            # before the checkpoint and mmseg load
+        print(f"{PROG_ERROR} --out: {problem}", file=sys.stderr)
+        return EXIT_USAGE
     logger = logging.getLogger("build_model")
     saved = logger.level, logger.propagate
     handler = _log_to_stderr(logger, logging.WARNING if args.quiet else logging.INFO)

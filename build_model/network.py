@@ -15,7 +15,6 @@ from torch import nn
 
 from build_model import checkpoint as ckpt
 from build_model import mmseg_model
-from build_model.errors import BuildError
 from stages.manifest import VOC_CLASSES
 
 _log = logging.getLogger(__name__)
@@ -36,8 +35,7 @@ def load_network(
     config: str | Path, checkpoint: str | Path, *, trust_checkpoint: bool = False
 ) -> Network:
     """Resolve and build the config, load the checkpoint into it (see checkpoint.py)."""
-    if not Path(checkpoint).is_file():
-        raise BuildError(f"checkpoint file not found: {checkpoint}")
+    ckpt.check_checkpoint_path(checkpoint)
     config_path = mmseg_model.resolve_config(config)
     mmseg = mmseg_model.import_mmseg()
     cfg = mmseg_model.load_config(config_path)

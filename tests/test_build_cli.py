@@ -88,16 +88,22 @@ def test_help_explains_every_flag():
     ("missing argument", None),
     ("other class count", ["--checkpoint", "classes19"]),
     ("needs unpickling", ["--checkpoint", "pickled"]),
+    ("checkpoint is a folder", ["--checkpoint", "{tmp}"]),
+    ("checkpoint is not one", ["--checkpoint", "{tmp}/a-file"]),
+    ("out is a file", ["--out", "{tmp}/a-file"]),
+    ("out under a file", ["--out", "{tmp}/a-file/models"]),
+    ("nothing to build", ["--no-onnx", "--no-torch-program"]),
 ])
 def test_user_errors_are_one_line(weights, tmp_path, capsys, case, extra):
     argv = ["--config", weights["config"], "--checkpoint", weights["good"],
             "--out", str(tmp_path / "out")]
+    (tmp_path / "a-file").write_text("neither a checkpoint nor a folder")
     if extra is None:
         argv = argv[:2]
     else:
         if extra[0] == "--checkpoint" and extra[1] in weights:
             extra = ["--checkpoint", weights[extra[1]]]
-        argv += extra
+        argv += [e.format(tmp=tmp_path) for e in extra]
     rc, err = run_cli(argv, capsys)
     lines = err.strip().splitlines()
     assert rc == 2, err
@@ -106,6 +112,10 @@ def test_user_errors_are_one_line(weights, tmp_path, capsys, case, extra):
         assert "--trust-checkpoint" in lines[0]
     if case == "other class count":
         assert "19" in lines[0] and "21" in lines[0]
+    if case.startswith("checkpoint is"):
+        assert ("a directory" if "folder" in case else "not a PyTorch checkpoint") in lines[0]
+    if case.startswith("out"):
+        assert "--out:" in lines[0] and "a-file" in lines[0]
     assert not (tmp_path / "out" / "manifest.json").exists()
 
 
