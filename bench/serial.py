@@ -103,7 +103,7 @@ class SerialRunner:
                     labels = labels_from_labels(out[row], place)
                 if self.out_dir is not None:
                     write_mask(labels, mask_path(self.out_dir, str(paths[row])),
-                               self.manifest.palette)
+                               self.manifest.palette, source=paths[row])  # as postprocess
                 if truths[row] is not None:
                     truth = read_ground_truth(truths[row], self.max_pixels)
                     metrics.add(intersect_and_union(labels, truth,

@@ -206,8 +206,11 @@ def add_pipeline_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--postprocess-workers", type=positive_int, default=2, metavar="M",
                    help="upsample/argmax/mask/mIoU processes")
     p.add_argument("--out", type=Path, default=None, metavar="MASKDIR",
-                   help="write masks here as palette PNGs named after each image "
-                        "(without --out no mask files are written; answers carry mask null)")
+                   help="write masks here as palette PNGs named after each image's "
+                        "stem; an image whose mask name already holds another image's mask "
+                        "(b/x.jpg after a/x.jpg) is answered with an error, the same image "
+                        "again replaces its own (without --out no mask files are written; "
+                        "answers carry mask null)")
     p.add_argument("--no-masks", action="store_true", help="do not write masks (benches)")
     p.add_argument("--max-pixels", type=positive_int, default=50_000_000,
                    help="refuse images with more pixels (read from the header, before "

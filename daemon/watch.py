@@ -4,6 +4,8 @@ watchdog (inotify on Linux) reports a file when it is closed after writing or re
 the folder; a file that only shows up as created is taken once its size stops changing.
 What was processed is appended to a record next to the masks, so a restart (even after
 kill -9) neither loses nor redoes an image: anything not in the record is (re)submitted.
+Errors are recorded too, such as x.png refused because the mask name x.png already holds
+the mask of x.jpg (stages.labels.write_mask): renaming the image makes it a new one.
 """
 
 from __future__ import annotations

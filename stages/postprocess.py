@@ -42,7 +42,9 @@ def main(cfg: PipelineConfig, addrs: Addresses, index: int, supervised: bool = T
         child.fatal(str(exc))
     out_dir = cfg.out_dir if cfg.write_masks else None
     if out_dir is not None:
-        out_dir.mkdir(parents=True, exist_ok=True)
+        problem = prepare_out_dir(out_dir)
+        if problem:
+            child.fatal(problem)
 
     receiver = child.ctx.socket(zmq.PULL)       # outputs <- executors (via front)
     receiver.setsockopt(zmq.LINGER, 0)
@@ -72,6 +74,18 @@ def main(cfg: PipelineConfig, addrs: Addresses, index: int, supervised: bool = T
                     busy_s=time.perf_counter() - started)
 
 
+def prepare_out_dir(out_dir: Path) -> str | None:
+    """Create the mask directory; the reason it cannot be, for a fatal start (every mask
+    would fail, and an exception here would only make the front restart us in a loop)."""
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        if out_dir.exists() and not out_dir.is_dir():
+            return f"mask directory (--out) {out_dir} exists and is not a directory"
+        return f"cannot create the mask directory (--out) {out_dir}: {exc.strerror or exc}"
+    return None
+
+
 def finish(output: wire.Output, manifest: Manifest, out_dir: Path | None) -> wire.Result:
     """Labels at the original size, the mask written, the areas counted: one answer."""
     request = output.request
@@ -83,7 +97,7 @@ def finish(output: wire.Output, manifest: Manifest, out_dir: Path | None) -> wir
         mask = None
         if out_dir is not None:
             target = mask_path(out_dir, request.path)
-            write_mask(labels, target, manifest.palette)
+            write_mask(labels, target, manifest.palette, source=request.path)
             mask = str(target)
         areas = None
         if request.ann:

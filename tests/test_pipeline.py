@@ -17,7 +17,7 @@ from stages import wire
 from stages.config import Addresses, PipelineConfig
 from stages.executor import Executor
 from stages.manifest import Manifest, voc_palette
-from stages.pipeline import Pipeline, requests_for
+from stages.pipeline import Pipeline, PipelineError, requests_for
 from tests.mmseg_metric import mmseg_iou
 
 FAKE_ACL = Path(__file__).parent / "fake_aclruntime"
@@ -151,6 +151,60 @@ def test_bad_inputs_answered_others_succeed(tiny_models, photo_files, tmp_path):
     for kind in must_pass:
         assert outcome[kind].status == wire.OK, (kind, outcome[kind].error)
     assert status["front"]["errors"] == sum(r.status == wire.ERROR for r in by_id.values())
+
+
+def test_images_sharing_a_mask_name_do_not_overwrite_each_other(tiny_models, photo_files,
+                                                                tmp_path):
+    """a/x.jpg, b/x.jpg, a/x.png and "with space.jpg" / "with_space.jpg" each cut down to
+    one mask name: the first image keeps it, the others are answered with an error naming
+    it, and a/x.jpg submitted again replaces its own mask (two postprocess workers)."""
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    names = ["a/x.jpg", "b/x.jpg", "a/x.png", "a/with space.jpg", "a/with_space.jpg"]
+    for name, photo in zip(names, photo_files, strict=False):
+        Image.open(photo).save(tmp_path / name)
+    a, b, png, space, underscore = (str(tmp_path / n) for n in names)
+    out = tmp_path / "m"
+    cfg = PipelineConfig(model_dir=tiny_models["logits"], batch_size=4, max_wait_ms=20,
+                         preprocess_workers=1, postprocess_workers=2, out_dir=out,
+                         log_json=True)
+    with Pipeline(cfg) as pipe:
+        first = {r.id: r for r in pipe.run([wire.Request("a", a), wire.Request("s", space)])}
+        assert all(r.status == wire.OK for r in first.values()), first
+        kept = {p.name: np.asarray(Image.open(p)) for p in out.glob("*.png")}
+        later = {r.id: r for r in pipe.run([
+            wire.Request("b", b), wire.Request("png", png), wire.Request("u", underscore),
+            wire.Request("again", a)])}
+    assert sorted(kept) == ["with_space.png", "x.png"]
+    for rid, holder, mask in (("b", a, "x.png"), ("png", a, "x.png"),
+                              ("u", space, "with_space.png")):
+        assert later[rid].status == wire.ERROR, later[rid]
+        assert later[rid].error == (f"mask name {mask} already holds the mask of {holder}; "
+                                    "rename one of them")
+    assert later["again"].status == wire.OK and later["again"].mask == str(out / "x.png")
+    for name, pixels in kept.items():               # neither was overwritten
+        assert np.array_equal(np.asarray(Image.open(out / name)), pixels)
+    assert sorted(p.name for p in out.iterdir()) == ["with_space.png", "x.png"]
+
+
+def test_a_mask_dir_that_cannot_be_created_stops_the_start(tiny_models, tmp_path, capfd):
+    """--out naming a regular file: the postprocess worker reports a fatal start (one
+    reason, no restart loop), as a model that cannot load does."""
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("a file")
+    cfg = PipelineConfig(model_dir=tiny_models["logits"], batch_size=4, preprocess_workers=1,
+                         postprocess_workers=1, out_dir=blocker, log_json=True,
+                         start_timeout_s=30)
+    started = time.monotonic()
+    with pytest.raises(PipelineError) as caught, Pipeline(cfg):
+        pass
+    assert str(caught.value) == (f"postprocess-0 cannot start: mask directory (--out) "
+                                 f"{blocker} exists and is not a directory")
+    assert time.monotonic() - started < 25
+    captured = capfd.readouterr()
+    logs = captured.out + captured.err
+    assert logs.count("child started") == 3 and "child died" not in logs, logs
+    assert blocker.read_text() == "a file"
 
 
 class SlowBackend:

@@ -1,0 +1,215 @@
+"""Images whose names cut down to the same mask name: the first keeps it, the others are
+told, and the same image processed again still replaces its own mask."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from stages import labels as labels_mod
+from stages.labels import (
+    SOURCE_KEY,
+    MaskNameTaken,
+    mask_path,
+    mask_source,
+    read_ground_truth,
+    recorded_source,
+    write_mask,
+)
+from stages.manifest import voc_palette
+from tests.daemon_helpers import Daemon
+
+PALETTE = voc_palette(21)
+
+
+def labels(value: int, shape: tuple[int, int] = (5, 7)) -> np.ndarray:
+    return np.full(shape, value, np.uint8)
+
+
+def images(tmp_path: Path, *names: str) -> list[Path]:
+    """Empty files standing for images (the mask's source is their real path)."""
+    out = []
+    for name in names:
+        path = tmp_path / "in" / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"")
+        out.append(path)
+    return out
+
+
+@pytest.mark.parametrize("names", [("a/x.jpg", "b/x.jpg"), ("x.jpg", "x.png"),
+                                   ("with space.jpg", "with_space.jpg")])
+def test_a_second_image_with_the_same_mask_name_is_refused(tmp_path: Path, names) -> None:
+    first, second = images(tmp_path, *names)
+    out = tmp_path / "out"
+    target = mask_path(out, str(first))
+    assert mask_path(out, str(second)) == target
+    write_mask(labels(1), target, PALETTE, source=first)
+    with pytest.raises(MaskNameTaken) as caught:
+        write_mask(labels(2), target, PALETTE, source=second)
+    assert str(caught.value) == (f"mask name {target.name} already holds the mask of "
+                                 f"{first.resolve()}; rename one of them")
+    assert (read_ground_truth(target) == 1).all()          # the first mask is untouched
+    assert recorded_source(target) == str(first.resolve())
+    assert sorted(p.name for p in out.iterdir()) == [target.name]   # no temp left behind
+
+
+def test_the_same_image_again_replaces_its_own_mask(tmp_path: Path) -> None:
+    (image,) = images(tmp_path, "x.jpg")
+    target = mask_path(tmp_path / "out", str(image))
+    write_mask(labels(1), target, PALETTE, source=image)
+    write_mask(labels(2), target, PALETTE, source=str(image))
+    assert (read_ground_truth(target) == 2).all()
+    link = tmp_path / "in" / "alias.jpg"                    # another name of the same file
+    link.symlink_to(image)
+    write_mask(labels(3), target, PALETTE, source=link)
+    assert (read_ground_truth(target) == 3).all()
+
+
+def test_the_source_is_a_text_chunk_and_pixels_and_palette_are_unchanged(tmp_path: Path,
+                                                                         ) -> None:
+    (image,) = images(tmp_path, "x.jpg")
+    values = np.random.default_rng(5).integers(0, 21, (37, 53), np.uint8)
+    write_mask(values, tmp_path / "plain.png", PALETTE)
+    write_mask(values, tmp_path / "x.png", PALETTE, source=image)
+    with Image.open(tmp_path / "plain.png") as plain, Image.open(tmp_path / "x.png") as im:
+        assert im.mode == plain.mode == "P"
+        assert im.getpalette() == plain.getpalette()
+        assert np.array_equal(np.asarray(im), np.asarray(plain))
+        assert np.array_equal(np.asarray(im), values)
+        assert im.info[SOURCE_KEY] == str(image.resolve())  # Pillow reads what we wrote
+        assert SOURCE_KEY not in plain.info
+    assert recorded_source(tmp_path / "plain.png") is None
+
+
+def test_a_mask_without_a_source_is_replaced_and_claimed(tmp_path: Path) -> None:
+    """A file that records no source (an older mask, another program's) is overwritten as
+    before; from then on the name belongs to the image written over it."""
+    first, second = images(tmp_path, "a/x.jpg", "b/x.jpg")
+    target = tmp_path / "out" / "x.png"
+    write_mask(labels(1), target, PALETTE)                 # no source recorded
+    write_mask(labels(2), target, PALETTE, source=first)
+    assert (read_ground_truth(target) == 2).all()
+    with pytest.raises(MaskNameTaken):
+        write_mask(labels(3), target, PALETTE, source=second)
+    target.write_bytes(b"not a png")
+    write_mask(labels(4), target, PALETTE, source=second)
+    assert recorded_source(target) == str(second.resolve())
+
+
+def test_workers_racing_for_a_free_name_one_wins(tmp_path: Path) -> None:
+    """No shared state: link(2) lets exactly one of them create the name."""
+    sources = images(tmp_path, *[f"d{i}/x.jpg" for i in range(8)])
+    target = tmp_path / "out" / "x.png"
+    target.parent.mkdir()
+    start = threading.Barrier(len(sources))
+    won: list[Path] = []
+    refused: list[Path] = []
+
+    def write(i: int, source: Path) -> None:
+        start.wait()
+        try:
+            write_mask(labels(i), target, PALETTE, source=source)
+            won.append(source)
+        except MaskNameTaken:
+            refused.append(source)
+
+    threads = [threading.Thread(target=write, args=(i, s)) for i, s in enumerate(sources)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(won) == 1 and len(refused) == len(sources) - 1
+    assert recorded_source(target) == str(won[0].resolve())
+    assert (read_ground_truth(target) == sources.index(won[0])).all()
+    assert sorted(p.name for p in target.parent.iterdir()) == ["x.png"]
+
+
+def test_without_hard_links_the_check_still_refuses(tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_links(_src: object, _dst: object) -> None:
+        raise OSError(errno.EPERM, "Operation not permitted")
+
+    monkeypatch.setattr(labels_mod.os, "link", no_links)
+    first, second = images(tmp_path, "a/x.jpg", "b/x.jpg")
+    target = tmp_path / "out" / "x.png"
+    write_mask(labels(1), target, PALETTE, source=first)
+    write_mask(labels(2), target, PALETTE, source=first)
+    with pytest.raises(MaskNameTaken):
+        write_mask(labels(3), target, PALETTE, source=second)
+    assert (read_ground_truth(target) == 2).all()
+    assert sorted(p.name for p in target.parent.iterdir()) == ["x.png"]
+
+
+def test_a_link_planted_after_the_check_is_replaced_not_followed(tmp_path: Path) -> None:
+    (image,) = images(tmp_path, "x.jpg")
+    secret = tmp_path / "secret.png"
+    write_mask(labels(9), secret, PALETTE, source=tmp_path / "other.jpg")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "x.png").symlink_to(secret)
+    write_mask(labels(1), out / "x.png", PALETTE, source=image)
+    assert not (out / "x.png").is_symlink() and (read_ground_truth(out / "x.png") == 1).all()
+    assert (read_ground_truth(secret) == 9).all()
+
+
+def test_undecodable_file_names_are_recorded_and_compared(tmp_path: Path) -> None:
+    raw = os.fsencode(tmp_path) + b"/in/caf\xe9.jpg"         # Latin-1, not UTF-8
+    os.makedirs(os.path.dirname(raw), exist_ok=True)
+    open(raw, "wb").close()
+    image = os.fsdecode(raw)
+    target = tmp_path / "out" / "x.png"
+    write_mask(labels(1), target, PALETTE, source=image)
+    write_mask(labels(2), target, PALETTE, source=image)
+    assert recorded_source(target) == mask_source(image)
+    assert recorded_source(target).endswith("caf\\xe9.jpg")
+
+
+def record(out: Path) -> list[dict]:
+    return [json.loads(line) for line in
+            (out / ".pspnet-processed.jsonl").read_text().splitlines()]
+
+
+def test_watch_mode_records_the_refused_one_and_does_not_redo_it(tiny_models, photo_files,
+                                                                 tmp_path):
+    """x.jpg and x.png in a watched folder: one mask, one error, both in the record; a
+    restart submits neither again."""
+    inbox, out = tmp_path / "inbox", tmp_path / "masks"
+    inbox.mkdir()
+    shutil.copy(photo_files[0], inbox / "x.jpg")
+    Image.open(photo_files[1]).save(inbox / "x.png")
+    args = ("--watch", str(inbox), "--batch-size", "4", "--preprocess-workers", "1")
+    daemon = Daemon(tiny_models["logits"], out, tmp_path, *args)
+    try:
+        daemon.wait_ready()
+        deadline = time.monotonic() + 60
+        while not (out / ".pspnet-processed.jsonl").exists() or len(record(out)) < 2:
+            assert time.monotonic() < deadline, daemon.logs()
+            time.sleep(0.1)
+    finally:
+        assert daemon.stop() == 0, daemon.logs()
+    entries = {e["name"]: e for e in record(out)}
+    assert sorted(entries) == ["x.jpg", "x.png"]
+    ok = [e for e in entries.values() if e["status"] == "ok"]
+    (refused,) = [e for e in entries.values() if e["status"] == "error"]
+    assert len(ok) == 1 and ok[0]["mask"] == str(out.resolve() / "x.png")
+    assert refused["error"] == (f"mask name x.png already holds the mask of "
+                                f"{(inbox / ok[0]['name']).resolve()}; rename one of them")
+    assert recorded_source(out / "x.png") == str((inbox / ok[0]["name"]).resolve())
+    daemon = Daemon(tiny_models["logits"], out, tmp_path, *args)
+    try:
+        daemon.wait_ready()
+    finally:
+        assert daemon.stop() == 0, daemon.logs()
+    (watching,) = [e for e in daemon.events() if e.get("event") == "watching"]
+    assert watching["present"] == 0 and watching["already_processed"] == 2
+    assert len(record(out)) == 2
