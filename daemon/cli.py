@@ -7,6 +7,8 @@ import json
 import sys
 from pathlib import Path
 
+from stages.logs import json_safe  # also for server/eval: status and JSON files
+
 EXIT_USAGE = 2
 
 EPILOG = """\
@@ -46,17 +48,6 @@ def main(argv: list[str] | None = None) -> int:
 def print_json(doc: object) -> None:
     sys.stdout.write(json.dumps(json_safe(doc), default=str) + "\n")
     sys.stdout.flush()
-
-
-def json_safe(doc: object) -> object:
-    """NaN (a class never seen) -> null: standard JSON has no NaN."""
-    if isinstance(doc, float) and doc != doc:
-        return None
-    if isinstance(doc, dict):
-        return {k: json_safe(v) for k, v in doc.items()}
-    if isinstance(doc, list | tuple):
-        return [json_safe(v) for v in doc]
-    return doc
 
 
 def existing_dir(text: str) -> Path:
