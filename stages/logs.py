@@ -35,7 +35,7 @@ def configure_logging(level: str = "info", json: bool | None = None, **bind: obj
         processors=processors,
         wrapper_class=structlog.make_filtering_bound_logger(
             logging.getLevelNamesMapping()[level.upper()]),
-        logger_factory=structlog.WriteLoggerFactory(file=sys.stderr),
+        logger_factory=structlog.WriteLoggerFactory(file=_CurrentStderr()),
         cache_logger_on_first_use=False,
     )
     structlog.contextvars.clear_contextvars()
@@ -58,3 +58,15 @@ def _finite_floats(_logger: Any, _method: str,
                    event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
     """structlog processor: json_safe on every value, so the JSON renderer never writes NaN."""
     return {k: json_safe(v) for k, v in event_dict.items()}
+
+
+class _CurrentStderr:
+    """The stderr of the moment, looked up on each write: a stream swapped in after
+    configure_logging (a test's capture, a redirect) is the one written to, and a closed
+    one left behind is never written to again."""
+
+    def write(self, text: str) -> int:
+        return sys.stderr.write(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
