@@ -15,6 +15,7 @@ from typing import Any
 
 import zmq
 
+from daemon.endpoint import ABSENT, NOT_A_SOCKET, STALE, ipc_state, parse_endpoint
 from stages import wire
 
 CHUNK = 64                   # requests per submit message
@@ -46,6 +47,7 @@ class Answer:
 
 class Client:
     def __init__(self, endpoint: str) -> None:
+        self.target = parse_endpoint(endpoint)      # ValueError before any socket exists
         self.endpoint = endpoint
         self.resubmitted = 0     # requests sent again because the daemon restarted
         self.ctx = zmq.Context()
@@ -63,7 +65,20 @@ class Client:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    def _check_socket_file(self) -> None:
+        """An ipc socket file that is missing, or that nobody listens on, means no daemon:
+        say so at once instead of after the reply timeout."""
+        path = self.target.socket_file
+        if path is None:
+            return
+        why = {ABSENT: f"{path} does not exist",
+               STALE: f"nothing listens on {path} (a stale socket file)",
+               NOT_A_SOCKET: f"{path} is not a socket"}.get(ipc_state(path))
+        if why is not None:
+            raise DaemonUnavailable(f"no daemon at {self.endpoint}: {why}")
+
     def status(self, timeout_s: float = STATUS_TIMEOUT_S) -> dict[str, Any]:
+        self._check_socket_file()
         self.socket.send_multipart(wire.encode(wire.StatusQuery()))
         deadline = time.monotonic() + timeout_s
         while self.socket.poll(max(0, deadline - time.monotonic()) * 1e3):
@@ -76,6 +91,7 @@ class Client:
                timeout_s: float | None = None, connect_timeout_s: float = 10.0,
                ) -> Iterator[Answer]:
         """Yield one Answer per path, as they finish. Busy replies slow us down, never drop."""
+        self._check_socket_file()
         prefix = uuid.uuid4().hex[:12]
         requests = [wire.Request(f"{prefix}-{i}", str(Path(p).absolute()),
                                  None if not anns or anns[i] is None

@@ -105,7 +105,8 @@ def add_daemon_parsers(sub: argparse._SubParsersAction) -> None:
         "serve", formatter_class=fmt,
         help="run the daemon: decode pool -> batched executor -> postprocess",
         description="Run the segmentation daemon until SIGTERM/Ctrl-C (the first drains every "
-                    "accepted request and exits 0; a second exits at once). Clients reach it "
+                    "accepted request and exits 0; a second, or --drain-timeout running out, "
+                    "answers what is left with an error and exits 1). Clients reach it "
                     "with `pspnet submit`; with --watch it also processes every image that "
                     "lands in a folder.",
         epilog="example: pspnet serve --model models/r50 --backend ort --out masks/ "
@@ -123,7 +124,8 @@ def add_daemon_parsers(sub: argparse._SubParsersAction) -> None:
                        help="requests accepted but not answered; beyond it clients are "
                             "told `busy` and slow down")
     serve.add_argument("--drain-timeout", type=non_negative_float, default=120.0, metavar="S",
-                       help="on SIGTERM, wait at most this long for accepted requests")
+                       help="on SIGTERM, wait at most this long for accepted requests; "
+                            "then answer the rest with an error and exit 1")
     serve.add_argument("--metrics-json", type=Path, default=None, metavar="FILE",
                        help="write the final status (counts, mIoU) here on exit")
     serve.add_argument("--allow-root", type=Path, action="append", default=[], metavar="DIR",

@@ -4,11 +4,17 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import socket
 import stat
+from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
 ENV_ENDPOINT = "PSPNET_ENDPOINT"
+IPC_PATH_MAX = 107              # bytes in a unix socket's name (sun_path, less its NUL)
+PROBE_TIMEOUT_S = 1.0
+# What is at an ipc socket's path (ipc_state)
+ABSENT, STALE, LISTENING, NOT_A_SOCKET = "absent", "stale", "listening", "not a socket"
 
 
 def runtime_dir() -> Path:
@@ -33,14 +39,86 @@ def default_endpoint() -> str:
     return os.environ.get(ENV_ENDPOINT) or f"ipc://{runtime_dir()}/front"
 
 
+@dataclass(frozen=True)
+class Endpoint:
+    """A daemon endpoint, checked: ipc://PATH or tcp://HOST:PORT."""
+
+    url: str
+    scheme: str                  # ipc | tcp
+    path: str | None = None      # ipc: the socket's path ("@name": Linux abstract, no file)
+    host: str | None = None      # tcp: name, address, [IPv6] or * (bind only)
+    port: int | None = None
+
+    @property
+    def socket_file(self) -> Path | None:
+        """The ipc socket's file; None for tcp and for abstract ipc names."""
+        if self.scheme != "ipc" or self.path is None or self.path.startswith("@"):
+            return None
+        return Path(self.path)
+
+
+def parse_endpoint(url: str) -> Endpoint:
+    """Check an endpoint before any socket exists (ZeroMQ's own refusal is a traceback that
+    says only 'Invalid argument'); ValueError says what is wrong."""
+    def bad(why: str = "") -> ValueError:
+        return ValueError(f"endpoints are ipc://PATH or tcp://HOST:PORT, not {url!r}"
+                          + (f" ({why})" if why else ""))
+
+    scheme, sep, rest = url.partition("://")
+    if not sep or scheme not in ("ipc", "tcp"):
+        raise bad()
+    if any(c.isspace() or c == "\x00" for c in rest):
+        raise bad("spaces or NUL")
+    if scheme == "ipc":
+        if not rest:
+            raise bad("no path")
+        if len(rest.encode()) > IPC_PATH_MAX:
+            raise bad(f"the path has {len(rest.encode())} bytes; a unix socket's name holds "
+                      f"at most {IPC_PATH_MAX}")
+        return Endpoint(url, scheme, path=rest)
+    host, colon, port = rest.rpartition(":")
+    if not colon or not host or not (port.isascii() and port.isdigit()) \
+            or not 1 <= int(port) <= 65535:
+        raise bad("a host, then a port from 1 to 65535")
+    if "/" in host or ";" in host or (":" in host and not (host.startswith("[")
+                                                          and host.endswith("]"))):
+        raise bad("an IPv6 address goes in brackets: tcp://[::1]:PORT")
+    return Endpoint(url, scheme, host=host, port=int(port))
+
+
+def ipc_state(path: Path) -> str:
+    """ABSENT, NOT_A_SOCKET, STALE (a socket file nobody listens on: its daemon died) or
+    LISTENING. A plain connect tells at once, refused or taken, without speaking ZeroMQ;
+    anything unclear (no permission, a full backlog) counts as LISTENING: not ours."""
+    try:
+        st = os.stat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return ABSENT
+    except OSError:
+        return LISTENING
+    if not stat.S_ISSOCK(st.st_mode):
+        return NOT_A_SOCKET
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)  # connect only, then closed
+    probe.settimeout(PROBE_TIMEOUT_S)
+    try:
+        probe.connect(str(path))
+    except ConnectionRefusedError:
+        return STALE
+    except FileNotFoundError:
+        return ABSENT
+    except OSError:
+        return LISTENING
+    finally:
+        probe.close()
+    return LISTENING
+
+
 def is_local(endpoint: str) -> bool:
-    """ipc:// and loopback tcp:// are local; anything else is reachable from other hosts."""
-    url = urlparse(endpoint)
-    if url.scheme in ("ipc", "inproc"):
+    """ipc:// and loopback tcp:// are local; anything else is reachable from other hosts.
+    ValueError for a malformed endpoint."""
+    if parse_endpoint(endpoint).scheme == "ipc":
         return True
-    if url.scheme != "tcp":
-        raise ValueError(f"endpoint must be ipc://PATH or tcp://HOST:PORT, not {endpoint!r}")
-    host = url.hostname or ""
+    host = urlparse(endpoint).hostname or ""
     if host == "localhost":
         return True
     try:

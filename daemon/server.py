@@ -1,10 +1,12 @@
 """`pspnet serve`: the supervisor loop around the pipeline, its clients and its signals.
 
-One loop, the same steps each pass: handle recorded signals, let the pipeline dispatch,
-supervise and collect answers, answer clients, feed the watched folder. Signal handlers
-only record the signal. The first SIGTERM/SIGINT stops intake and drains (every accepted
-request is answered, the partial batch flushed), writes the final metrics, exits 0; a
-second one exits at once.
+The client socket is bound first (a taken or malformed endpoint fails before any child
+starts). Then one loop, the same steps each pass: handle recorded signals, let the pipeline
+dispatch, supervise and collect answers, answer clients, feed the watched folder. Signal
+handlers only record the signal. The first SIGTERM/SIGINT stops intake and drains (every
+accepted request is answered, the partial batch flushed), writes the final metrics, exits
+0; a second one, or --drain-timeout running out, exits 1 at once, after answering what is
+left with an error. A signal during start-up stops the children and exits 1.
 """
 
 from __future__ import annotations
@@ -23,15 +25,24 @@ import structlog
 import zmq
 
 from daemon.cli import json_safe
-from daemon.client import DUPLICATE_ID
-from daemon.endpoint import is_local
+from daemon.client import DUPLICATE_ID, Client, DaemonUnavailable
+from daemon.endpoint import (
+    LISTENING,
+    NOT_A_SOCKET,
+    PROBE_TIMEOUT_S,
+    STALE,
+    ipc_state,
+    is_local,
+    parse_endpoint,
+)
 from daemon.watch import Record, Watcher
 from stages import wire
 from stages.config import PipelineConfig
-from stages.pipeline import Pipeline, PipelineError
+from stages.pipeline import Pipeline, PipelineError, StartInterrupted
 
-EXIT_OK, EXIT_FORCED, EXIT_CANNOT_START = 0, 1, 3
+EXIT_OK, EXIT_FORCED, EXIT_USAGE, EXIT_CANNOT_START = 0, 1, 2, 3
 LOOP_MS = 50
+ANSWER_LINGER_MS = 2000      # on exit, the last answers may take this long to leave
 # A client message is one msgpack header (no array frames): a peer announcing a bigger frame
 # is disconnected by ZeroMQ before it is buffered (by default it would allocate whatever
 # size the peer claims and sends).
@@ -64,41 +75,53 @@ class Server:
         self._warned: dict[bytes, float] = {}   # sender -> last warning (monotonic)
         self._warn_lines: list[float] = []      # every warning line in the last minute
         self._warn_suppressed = 0
+        self.frontend: zmq.Socket | None = None
+        self._socket_id: tuple[int, int] | None = None   # our ipc socket file (dev, inode)
+        self._removed_stale: Path | None = None
+        self.stop_reason: str | None = None     # set when exiting before the drain finished
 
     # signal handlers only record
     def _on_signal(self, signum: int, _frame: object) -> None:
         self.signals.append(signum)
 
     def serve(self) -> int:
-        cfg = self.cfg
+        """Claim the endpoint, start the children, serve until a signal. The exit status:
+        0 drained, 1 stopped early (second signal, --drain-timeout ran out, a signal during
+        start-up), 2 endpoint unusable (nothing started), 3 a child cannot start."""
         signal.signal(signal.SIGTERM, self._on_signal)
         signal.signal(signal.SIGINT, self._on_signal)
+        problem = self._bind()          # before any child: a bad or taken endpoint fails fast
+        if problem is not None:
+            sys.stderr.write(f"pspnet serve: error: {problem}\n")
+            sys.stderr.flush()
+            return EXIT_USAGE
+        try:
+            return self._run()
+        finally:
+            self._release_endpoint()
+
+    def _run(self) -> int:
+        cfg = self.cfg
         self.log.info("config", endpoint=cfg.endpoint, model=str(cfg.pipeline.model_dir),
                       backend=cfg.pipeline.backend, devices=list(cfg.pipeline.devices),
                       out=str(cfg.pipeline.out_dir), watch=str(cfg.watch) if cfg.watch else None,
                       preprocess=cfg.pipeline.preprocess_workers,
                       postprocess=cfg.pipeline.postprocess_workers,
                       batch_size=cfg.pipeline.batch_size, max_queue=cfg.max_queue,
+                      drain_timeout_s=cfg.drain_timeout_s,
                       allow_roots=[str(p) for p in cfg.allow_roots])
+        if self._removed_stale is not None:
+            self.log.info("removed a stale socket file", path=str(self._removed_stale))
         self.pipeline = Pipeline(cfg.pipeline)
         try:
-            self.pipeline.start()
+            self.pipeline.start(interrupted=lambda: bool(self.signals))
+        except StartInterrupted:
+            self.log.warning("signal during start-up: children stopped, exiting; nothing was "
+                             "served", signal=signal.Signals(self.signals[0]).name)
+            return EXIT_FORCED
         except PipelineError as exc:
             self.log.error("cannot start", error=str(exc))
             return EXIT_CANNOT_START
-
-        self.ctx = zmq.Context()
-        self.frontend = self.ctx.socket(zmq.ROUTER)   # clients' DEALERs <-> daemon
-        self.frontend.setsockopt(zmq.LINGER, 0)
-        self.frontend.setsockopt(zmq.ROUTER_MANDATORY, 0)  # a gone client's answers drop
-        self.frontend.setsockopt(zmq.MAXMSGSIZE, MAX_CLIENT_FRAME_BYTES)
-        umask = os.umask(0o077)                   # the ipc socket file is 0600 from birth
-        try:
-            self.frontend.bind(cfg.endpoint)
-        finally:
-            os.umask(umask)
-        if cfg.endpoint.startswith("ipc://"):
-            os.chmod(cfg.endpoint[len("ipc://"):], 0o600)
         if cfg.watch is not None:
             self._start_watch()
         self.log.info("serving", endpoint=cfg.endpoint)
@@ -106,16 +129,82 @@ class Server:
             code = self._loop()
         except PipelineError as exc:
             self.log.error("pipeline failed", error=str(exc))
+            self.stop_reason = f"the daemon failed: {exc}"
             code = EXIT_CANNOT_START
-        self._shutdown(drain=code == EXIT_OK)
+        self._shutdown()
         return code
+
+    def _bind(self) -> str | None:
+        """Bind the client socket; or say in one line why not. An ipc socket file that a
+        live process listens on is refused (ZeroMQ would silently take the path over and
+        leave that daemon unreachable); one nobody listens on is left from a crash: removed."""
+        cfg = self.cfg
+        try:
+            target = parse_endpoint(cfg.endpoint)
+        except ValueError as exc:
+            return str(exc)
+        path = target.socket_file
+        if path is not None:
+            state = ipc_state(path)
+            if state == LISTENING:
+                return _in_use(cfg.endpoint, path)
+            if state == NOT_A_SOCKET:
+                return f"{path} exists and is not a socket: not replacing it"
+            if state == STALE:
+                try:
+                    path.unlink(missing_ok=True)
+                except OSError as exc:
+                    return f"cannot remove the stale socket file {path}: {exc.strerror}"
+                self._removed_stale = path
+        self.ctx = zmq.Context()
+        self.frontend = self.ctx.socket(zmq.ROUTER)   # clients' DEALERs <-> daemon
+        self.frontend.setsockopt(zmq.LINGER, ANSWER_LINGER_MS)  # last answers get out
+        self.frontend.setsockopt(zmq.ROUTER_MANDATORY, 0)  # a gone client's answers drop
+        self.frontend.setsockopt(zmq.MAXMSGSIZE, MAX_CLIENT_FRAME_BYTES)
+        umask = os.umask(0o077)                   # the ipc socket file is 0600 from birth
+        try:
+            self.frontend.bind(cfg.endpoint)
+        except zmq.ZMQError as exc:
+            self.frontend.close(0)
+            self.ctx.term()
+            self.frontend = None
+            if exc.errno == zmq.EADDRINUSE:
+                return _in_use(cfg.endpoint, None)
+            return f"cannot listen at {cfg.endpoint}: {exc.strerror}"
+        finally:
+            os.umask(umask)
+        if path is not None:
+            os.chmod(path, 0o600)
+            st = os.stat(path)
+            self._socket_id = (st.st_dev, st.st_ino)
+        return None
+
+    def _release_endpoint(self) -> None:
+        """Close the client socket (answers already sent get ANSWER_LINGER_MS to leave) and
+        remove our ipc socket file: only ours, should another daemon have taken the path."""
+        if self.frontend is not None:
+            self.frontend.close()
+            self.ctx.term()
+            self.frontend = None
+        path = parse_endpoint(self.cfg.endpoint).socket_file
+        if path is None or self._socket_id is None:
+            return
+        try:
+            st = os.stat(path)
+            if (st.st_dev, st.st_ino) == self._socket_id:
+                path.unlink()
+        except FileNotFoundError:
+            pass
 
     def _loop(self) -> int:
         while True:
             if self.signals:
                 signum = self.signals.pop(0)
                 if self.stopping:
-                    self.log.warning("second signal, exiting now", signal=signum)
+                    self.log.warning("second signal, exiting now", signal=signum,
+                                     pending=len(self.pipeline.pending))
+                    self.stop_reason = "daemon stopped before this request finished (a " \
+                                       "second signal: exit at once)"
                     return EXIT_FORCED
                 self.log.info("signal, draining", signal=signal.Signals(signum).name,
                               pending=len(self.pipeline.pending))
@@ -130,9 +219,14 @@ class Server:
                 self._read_clients()
             if self.watcher is not None and not self.stopping:
                 self._feed_watch()
-            if self.stopping and (not self.pipeline.pending
-                                  or time.monotonic() > self.drain_deadline):
+            if self.stopping and not self.pipeline.pending:
                 return EXIT_OK
+            if self.stopping and time.monotonic() > self.drain_deadline:
+                self.log.warning("drain timeout ran out", drain_timeout_s=self.cfg.drain_timeout_s,
+                                 pending=len(self.pipeline.pending))
+                self.stop_reason = ("daemon stopped before this request finished "
+                                    f"(--drain-timeout {self.cfg.drain_timeout_s:g} s ran out)")
+                return EXIT_FORCED
 
     # ---- clients -----------------------------------------------------------------------
 
@@ -259,22 +353,38 @@ class Server:
                          "refused": self.pipeline.totals.get("refused", 0)}
         return doc
 
-    def _shutdown(self, drain: bool) -> None:
+    def _shutdown(self) -> None:
+        """Answer what is still pending (an exit before the drain finished), stop the
+        children, write the final metrics. Every accepted request is answered once."""
+        abandoned = self._abandon() if self.stop_reason else 0
         final = self.status()
+        final["daemon"].update(drained=not self.stop_reason, abandoned=abandoned)
         if self.watcher is not None:
             self.watcher.stop()
         self.pipeline.close(drain=False)
-        self.frontend.close(0)
-        self.ctx.term()
         if self.record is not None:
             self.record.close()
         if self.cfg.metrics_json is not None:
             tmp = self.cfg.metrics_json.with_suffix(".tmp")
             tmp.write_text(json.dumps(json_safe(final), indent=2) + "\n")
             tmp.replace(self.cfg.metrics_json)
-        self.log.info("exit", drained=drain, ok=final["front"]["ok"],
+        self.log.info("exit", drained=not self.stop_reason, abandoned=abandoned,
+                      reason=self.stop_reason, ok=final["front"]["ok"],
                       errors=final["front"]["errors"], metrics=final["metrics"])
         sys.stderr.flush()
+
+    def _abandon(self) -> int:
+        """Answer every pending request with an error saying why the daemon stopped without
+        it. Watched files are not recorded, so the next start processes them."""
+        answers = self.pipeline.abandon(self.stop_reason)
+        for result, origin in answers:
+            if isinstance(origin, bytes):
+                self._send(origin, result)
+            self.watched.pop(result.id, None)
+        if answers:
+            self.log.warning("answered unfinished requests as errors", count=len(answers),
+                             reason=self.stop_reason)
+        return len(answers)
 
 
 def _inside(path: Path, roots: tuple[Path, ...]) -> bool:
@@ -282,9 +392,33 @@ def _inside(path: Path, roots: tuple[Path, ...]) -> bool:
     return any(resolved.is_relative_to(root.resolve()) for root in roots)
 
 
+def _in_use(endpoint: str, path: Path | None) -> str:
+    """Why the endpoint is taken, naming the daemon there when it answers a status query."""
+    if parse_endpoint(endpoint).host == "*":
+        return f"cannot listen at {endpoint}: the port is in use"
+    pid = None
+    try:
+        with Client(endpoint) as client:
+            daemon = client.status(timeout_s=PROBE_TIMEOUT_S).get("daemon")
+        if isinstance(daemon, dict):
+            pid = daemon.get("pid")
+    except (DaemonUnavailable, ValueError, zmq.ZMQError, wire.WireError):
+        pass                                      # not a daemon of ours, or a silent one
+    if pid is not None:
+        return f"a daemon (pid {pid}) already answers at {endpoint}"
+    where = f"on {path}" if path is not None else "there"
+    return (f"{endpoint} is in use: something listens {where} but gave no status within "
+            f"{PROBE_TIMEOUT_S:g} s (another program, or a daemon still starting)")
+
+
 def check_exposure(endpoint: str, allow_roots: tuple[Path, ...]) -> str | None:
-    """A daemon reachable from other hosts must be told which folders it may read."""
-    if not is_local(endpoint) and not allow_roots:
+    """A malformed endpoint is refused; a daemon reachable from other hosts must be told
+    which folders it may read."""
+    try:
+        local = is_local(endpoint)
+    except ValueError as exc:
+        return str(exc)
+    if not local and not allow_roots:
         return (f"{endpoint} is reachable from other hosts: pass --allow-root DIR for the "
                 "folders clients may name")
     return None

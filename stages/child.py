@@ -1,12 +1,17 @@
 """What every stage process does the same way: start-up, heartbeat, fatal exit.
 
-A child is started by the front with (config, addresses, index). It ignores SIGINT (a
-Ctrl-C reaches the whole process group; the front decides when children stop) and dies on
-SIGTERM. A background thread sends a `Stats` heartbeat once a second on its own socket.
+A child is started by the front with (config, addresses, index), through
+`run_supervised`: it ignores SIGINT and SIGTERM, because a Ctrl-C, `timeout` or systemd's
+stop reaches the whole process group or cgroup, and the front, draining, still needs its
+children; the front stops them itself with STOP_SIGNAL, whose default action ends the
+process. A worker started by hand (`pspnet worker`) ignores SIGINT and dies on SIGTERM.
+A background thread sends a `Stats` heartbeat once a second on its own socket.
 """
 
 from __future__ import annotations
 
+import contextlib
+import importlib
 import os
 import signal
 import sys
@@ -22,6 +27,7 @@ from stages.config import EXIT_CANNOT_START, PipelineConfig
 from stages.logs import configure_logging
 
 SEND_LINGER_MS = 2000   # on exit, let queued answers reach the front
+STOP_SIGNAL = signal.SIGUSR1   # the front's "stop now" (no handler: the process ends at once)
 
 
 class Child:
@@ -75,8 +81,10 @@ class Child:
             if self._stop.wait(self.cfg.heartbeat_s):
                 break
             if self._parent is not None and os.getppid() != self._parent:
-                # the front died (kill -9): so do we
-                self.log.warning("front gone, exiting")
+                # the front died (kill -9): so do we. Its stderr may have gone with it (a
+                # closed pipe): a failed log line must not end this thread instead.
+                with contextlib.suppress(OSError):
+                    self.log.warning("front gone, exiting")
                 os._exit(1)
         sender.close()
 
@@ -91,6 +99,14 @@ class Child:
         sender.close()
         self.ctx.term()
         sys.exit(EXIT_CANNOT_START)
+
+
+def run_supervised(module: str, name: str, *args: object) -> None:
+    """A process the front starts: ignore SIGINT/SIGTERM sent to the whole group before the
+    stage's heavy imports (so only the front's STOP_SIGNAL stops it), then run module.name."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    getattr(importlib.import_module(module), name)(*args)
 
 
 def error_result(request: wire.Request, stage: str, message: str) -> wire.Result:

@@ -28,6 +28,7 @@ import structlog
 import zmq
 
 from stages import executor, postprocess, preprocess, wire
+from stages.child import STOP_SIGNAL, run_supervised
 from stages.config import EXIT_CANNOT_START, Addresses, PipelineConfig, private_dir
 from stages.labels import IoUAccumulator
 from stages.manifest import Manifest
@@ -43,6 +44,10 @@ HANDOFF_WINDOW_S = 1.0          # a dying child's hand-offs this recent may not 
 
 class PipelineError(RuntimeError):
     """The pipeline cannot run (a child cannot start); the message says which and why."""
+
+
+class StartInterrupted(RuntimeError):
+    """start() was asked to stop (a signal) before every child had started; all stopped."""
 
 
 @dataclass
@@ -135,8 +140,10 @@ class Pipeline:
 
     # ---- start -------------------------------------------------------------------------
 
-    def start(self) -> None:
-        """Bind, spawn every child, and wait until each has reported once."""
+    def start(self, interrupted: Callable[[], bool] | None = None) -> None:
+        """Bind, spawn every child, and wait until each has reported once. `interrupted` is
+        asked on each pass of that wait (a child that keeps crashing makes it long): when
+        true, every child is stopped and StartInterrupted raised."""
         self.run_dir = private_dir(self.cfg.resolved_run_dir())
         self.addrs = Addresses.for_config(self.cfg, self.run_dir)
         self.ctx = zmq.Context()
@@ -166,6 +173,9 @@ class Pipeline:
             self._spawn(child)
         deadline = time.monotonic() + self.cfg.start_timeout_s
         while any(c.last_beat is None for c in self.children):
+            if interrupted is not None and interrupted():
+                self.close(drain=False)
+                raise StartInterrupted("stopped during start-up")
             self.poll(100)
             if time.monotonic() > deadline:
                 late = [c.name for c in self.children if c.last_beat is None]
@@ -175,9 +185,11 @@ class Pipeline:
         self.log.info("started", pids={c.name: c.process.pid for c in self.children})
 
     def _spawn(self, child: ChildSlot) -> None:
-        child.process = self._mp.Process(target=child.target,
-                                         args=(self.cfg, self.addrs, child.index),
-                                         name=f"pspnet-{child.name}", daemon=True)
+        # by name: the stage's imports (torch...) then run after its signals are set
+        child.process = self._mp.Process(
+            target=run_supervised, name=f"pspnet-{child.name}", daemon=True,
+            args=(child.target.__module__, child.target.__qualname__, self.cfg, self.addrs,
+                  child.index))
         child.process.start()
         child.started = time.monotonic()
         child.last_beat = None
@@ -464,7 +476,7 @@ class Pipeline:
                       "cpu_s": time.process_time(),
                       **{k: self.totals.get(k, 0) for k in
                          ("submitted", "ok", "errors", "retried", "restarts",
-                          "duplicates_dropped", "malformed")}},
+                          "duplicates_dropped", "malformed", "abandoned")}},
             "remote": [{"stage": stage, "index": index, "pid": pid,
                         "seen_s_ago": round(now - seen, 1), **counters}
                        for (stage, index, pid), (seen, counters) in self.remote.items()
@@ -472,6 +484,18 @@ class Pipeline:
             "images_per_s": round(len(recent) / RATE_WINDOW_S, 2),
             "metrics": self.metrics.summary() if self.metrics.images else None,
         }
+
+    def abandon(self, reason: str) -> list[tuple[wire.Result, Any]]:
+        """Answer every pending request with the error `reason` (stopping without them):
+        each is still answered exactly once, and later answers for them are dropped."""
+        answers = [(wire.Result(rid, item.request.attempt, wire.ERROR, item.request.path,
+                                error=reason, stage="front"), item.origin)
+                   for rid, item in self.pending.items()]
+        self.pending.clear()
+        self.queue.clear()
+        self.totals["errors"] += len(answers)
+        self.totals["abandoned"] += len(answers)
+        return answers
 
     def drain(self, timeout_s: float) -> list[tuple[wire.Result, Any]]:
         """Answer everything pending (or give up at the deadline); return those answers."""
@@ -488,9 +512,9 @@ class Pipeline:
             self.drain(timeout_s)
         self.started = False
         procs = [c.process for c in self.children if c.process is not None]
-        for proc in procs:                    # 1. ask politely
+        for proc in procs:                    # 1. ask (they ignore SIGTERM: see stages.child)
             if proc.exitcode is None:
-                proc.terminate()
+                _kill(proc.pid, STOP_SIGNAL)
         deadline = time.monotonic() + TERM_GRACE_S
         for proc in procs:                    # 2. wait, then insist
             proc.join(max(0.0, deadline - time.monotonic()))

@@ -37,7 +37,7 @@ class Daemon:
                 with Client(self.endpoint) as client:
                     return client.status(timeout_s=1)
             except DaemonUnavailable:
-                continue
+                time.sleep(0.05)        # no socket file yet: the client says so at once
         raise TimeoutError(f"daemon not ready:\n{self.logs()}")
 
     def status(self) -> dict:

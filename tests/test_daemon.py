@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import contextlib
 import json
 import os
 import shutil
@@ -15,6 +16,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from daemon.client import Client, DaemonUnavailable
 from tests.daemon_helpers import Daemon, Submitter
 
 
@@ -256,3 +258,120 @@ def test_non_loopback_endpoint_needs_allow_root(tiny_models, tmp_path):
                           str(tiny_models["logits"]), "--endpoint", "tcp://0.0.0.0:5999"],
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 2 and "--allow-root" in out.stderr, out.stderr
+
+
+@pytest.mark.parametrize("cut", ["drain-timeout", "second-signal"])
+def test_drain_cut_short_answers_every_abandoned_request(tiny_models, photo_files, tmp_path,
+                                                         cut):
+    """SIGTERM with more work than --drain-timeout allows, or a second SIGTERM: what is left
+    is answered with an error at once (not after the client's 15 s of silence), exit 1,
+    counted in the metrics."""
+    limit = ("--drain-timeout", "1") if cut == "drain-timeout" else ()
+    daemon = Daemon(tiny_models["logits"], tmp_path / "masks", tmp_path, "--batch-size", "4",
+                    "--preprocess-workers", "1", "--postprocess-workers", "1",
+                    "--backend-option", "img_s=8", *limit, backend="sim")
+    try:
+        daemon.wait_ready()
+        job = Submitter(daemon.endpoint, photo_files[:40])    # 5 s of device time
+        job.start()
+        job.wait_for(4)
+        daemon.signal(signal.SIGTERM)
+        if cut == "second-signal":
+            time.sleep(0.3)
+            daemon.signal(signal.SIGTERM)
+        code = daemon.proc.wait(30)
+        exited = time.monotonic()
+        job.join(10)
+        answered_s = time.monotonic() - exited
+    finally:
+        daemon.stop()
+    assert code == 1, daemon.log_path.read_text()[-3000:]
+    assert job.error is None and not job.is_alive()
+    ids = collections.Counter(a.id for a in job.answers)
+    assert len(ids) == 40 and set(ids.values()) == {1}, "lost or duplicated answers"
+    abandoned = [a for a in job.answers if a.status != "ok"]
+    assert abandoned, "the drain finished: nothing was left to abandon"
+    why = ("--drain-timeout 1 s ran out" if cut == "drain-timeout"
+           else "a second signal: exit at once")
+    assert {a.error for a in abandoned} == {
+        f"daemon stopped before this request finished ({why})"}, {a.error for a in abandoned}
+    assert answered_s < 3, f"the client waited {answered_s:.1f} s after the exit"
+    final = json.loads(daemon.metrics.read_text())
+    assert final["daemon"]["drained"] is False
+    assert final["daemon"]["abandoned"] == final["front"]["abandoned"] == len(abandoned)
+    assert final["front"]["ok"] == 40 - len(abandoned)
+    (exit_line,) = [e for e in daemon.events() if e.get("event") == "exit"]
+    assert exit_line["drained"] is False and exit_line["abandoned"] == len(abandoned)
+    print(f"{cut}: {40 - len(abandoned)} ok, {len(abandoned)} abandoned, answered "
+          f"{answered_s:.1f} s after the exit")
+
+
+def test_sigterm_to_the_process_group_drains_without_killing_children(
+        tiny_models, photo_files, tmp_path):
+    """systemd's stop (and `timeout`, and Ctrl-C) signals every process of the daemon at
+    once: the children stay up for the drain (none dies, none is restarted) and the front
+    stops them at the end."""
+    from tests.reliability_helpers import pid_alive
+
+    daemon = Daemon(tiny_models["logits"], tmp_path / "masks", tmp_path, "--batch-size", "4",
+                    "--preprocess-workers", "1", "--postprocess-workers", "1",
+                    "--backend-option", "img_s=20", backend="sim")
+    try:
+        stages = daemon.wait_ready()["stages"]
+        children = [pid for s in stages.values() for pid in s["pids"]]
+        job = Submitter(daemon.endpoint, photo_files[:40])    # 2 s of device time
+        job.start()
+        job.wait_for(4)
+        os.killpg(daemon.proc.pid, signal.SIGTERM)           # its own session: the group
+        code = daemon.proc.wait(60)
+        job.join(10)
+    finally:
+        daemon.stop()
+    assert code == 0, daemon.log_path.read_text()[-3000:]
+    assert job.error is None and not job.is_alive()
+    assert sorted(a.status for a in job.answers) == ["ok"] * 40
+    died = [e for e in daemon.events() if e.get("event") == "child died"]
+    assert not died, f"children died during the drain: {died}"
+    final = json.loads(daemon.metrics.read_text())
+    assert final["front"]["restarts"] == 0 and final["daemon"]["drained"] is True
+    deadline = time.monotonic() + 10
+    while any(pid_alive(p) for p in children) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not [p for p in children if pid_alive(p)], "children outlived the daemon"
+
+
+def test_children_exit_when_the_front_dies_with_its_stderr_pipe(tiny_models, tmp_path):
+    """kill -9 of the front while its log goes to a pipe nobody reads any more (`serve | tee`
+    killed together, a test harness gone): the children's "front gone" log line fails with
+    a broken pipe; they must exit anyway, not live on as orphans."""
+    from tests.reliability_helpers import pid_alive
+
+    endpoint = f"ipc://{tmp_path}/front"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "daemon.cli", "serve", "--model", str(tiny_models["logits"]),
+         "--batch-size", "4", "--preprocess-workers", "1", "--postprocess-workers", "1",
+         "--endpoint", endpoint, "--log-format", "json"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    children: list[int] = []
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            assert proc.poll() is None and time.monotonic() < deadline, "did not start"
+            try:
+                with Client(endpoint) as client:
+                    stages = client.status(timeout_s=1)["stages"]
+                break
+            except DaemonUnavailable:
+                time.sleep(0.1)
+        children = [pid for s in stages.values() for pid in s["pids"]]
+        proc.stdout.close()                              # nobody reads the log any more
+        proc.kill()
+        proc.wait(10)
+        deadline = time.monotonic() + 10
+        while any(pid_alive(p) for p in children) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not [p for p in children if pid_alive(p)], "children outlived the front"
+    finally:
+        for pid in [proc.pid, *children]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)

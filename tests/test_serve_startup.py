@@ -1,0 +1,215 @@
+"""`pspnet serve` start-up and endpoints: a taken, stale or malformed endpoint, a signal
+while the children start, and clients that find no daemon.
+
+* A second daemon on a live endpoint (ipc or tcp) is refused in one line, exit 2, before
+  any child or run directory exists; the first keeps answering.
+* A malformed endpoint is refused in one line (serve, status, and the library client
+  before it makes a socket).
+* The ipc socket file goes away on an orderly exit; one left by a kill -9 is replaced.
+* A client whose ipc socket file is missing or stale says so at once.
+* SIGTERM while a child keeps crashing during start-up stops the daemon in seconds.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from daemon.client import Client, DaemonUnavailable
+from tests.daemon_helpers import Daemon
+from tests.reliability_helpers import pid_alive
+
+
+def serve(model: Path, tmp_path: Path, endpoint: str, timeout_s: float = 30,
+          ) -> subprocess.CompletedProcess:
+    """`pspnet serve` expected to give up at once; its temp dir is tmp_path/tmp."""
+    tmp = tmp_path / "tmp"
+    tmp.mkdir(exist_ok=True)
+    return subprocess.run(
+        [sys.executable, "-m", "daemon.cli", "serve", "--model", str(model), "--out",
+         str(tmp_path / "masks2"), "--endpoint", endpoint, "--log-format", "json"],
+        capture_output=True, text=True, timeout=timeout_s,
+        env={**os.environ, "TMPDIR": str(tmp)})
+
+
+def run_dirs(tmp_path: Path) -> list[Path]:
+    """The daemon's internal run directories (pspnet-XXXX) under the temp dir serve() gave."""
+    return list((tmp_path / "tmp").glob("pspnet-*"))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def one_line_error(out: subprocess.CompletedProcess) -> str:
+    lines = out.stderr.strip().splitlines()
+    assert out.returncode == 2 and len(lines) == 1, out.stderr
+    assert "Traceback" not in out.stderr
+    return lines[0]
+
+
+@pytest.mark.parametrize("transport", ["ipc", "tcp"])
+def test_second_serve_on_a_live_endpoint_is_refused(tiny_models, tmp_path, transport):
+    endpoint = (f"ipc://{tmp_path}/front" if transport == "ipc"
+                else f"tcp://127.0.0.1:{free_port()}")
+    first = Daemon(tiny_models["logits"], tmp_path / "masks", tmp_path, "--batch-size", "4",
+                   "--preprocess-workers", "1", "--postprocess-workers", "1",
+                   endpoint=endpoint)
+    try:
+        pid = first.wait_ready()["daemon"]["pid"]
+        t = time.monotonic()
+        out = serve(tiny_models["logits"], tmp_path, endpoint)
+        took = time.monotonic() - t
+        line = one_line_error(out)
+        assert line == f"pspnet serve: error: a daemon (pid {pid}) already answers at {endpoint}"
+        assert not run_dirs(tmp_path), "a run directory was made"
+        assert first.status()["daemon"]["pid"] == pid, "the first daemon lost its endpoint"
+        print(f"second serve refused in {took:.1f} s: {line}")
+    finally:
+        assert first.stop() == 0, first.logs()
+
+
+@pytest.mark.parametrize("endpoint", ["tcp://127.0.0.1", "foo://bar", "tcp://127.0.0.1:99999",
+                                      "ipc://"])
+def test_malformed_endpoint_is_refused_in_one_line(tiny_models, tmp_path, endpoint):
+    line = one_line_error(serve(tiny_models["logits"], tmp_path, endpoint))
+    assert line.startswith("pspnet serve: error: ") and "ipc://PATH" in line, line
+    assert not run_dirs(tmp_path), "a run directory was made"
+    status = subprocess.run([sys.executable, "-m", "daemon.cli", "status", "--endpoint",
+                             endpoint], capture_output=True, text=True, timeout=30)
+    assert status.returncode == 2 and "Traceback" not in status.stderr, status.stderr
+
+
+def test_client_refuses_a_malformed_endpoint_before_any_socket(monkeypatch):
+    import daemon.client
+
+    def no_context() -> None:
+        raise AssertionError("a ZeroMQ context was made for a malformed endpoint")
+
+    monkeypatch.setattr(daemon.client.zmq, "Context", no_context)
+    for endpoint in ("tcp://127.0.0.1", "foo://bar", "tcp://host:port", "ipc://",
+                     "ipc:///" + "x" * 120):
+        with pytest.raises(ValueError, match="endpoints are ipc://PATH or tcp://HOST:PORT"):
+            Client(endpoint)
+
+
+def test_client_without_daemon_answers_at_once(tmp_path):
+    missing = tmp_path / "no-such-socket"
+    stale = tmp_path / "stale"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)   # bound, never listening:
+    sock.bind(str(stale))                                      # what a kill -9 leaves
+    sock.close()
+    for path, words in ((missing, "does not exist"), (stale, "nothing listens")):
+        for command in (["status"], ["submit", "/etc/hostname"]):
+            t = time.monotonic()
+            out = subprocess.run([sys.executable, "-m", "daemon.cli", *command,
+                                  "--endpoint", f"ipc://{path}"],
+                                 capture_output=True, text=True, timeout=30)
+            took = time.monotonic() - t
+            assert out.returncode == 4, out.stderr
+            assert str(path) in out.stderr and words in out.stderr, out.stderr
+            assert took < 4, f"{command[0]} took {took:.1f} s to say no daemon answers"
+        with Client(f"ipc://{path}") as client, pytest.raises(DaemonUnavailable, match=words):
+            list(client.submit(["/etc/hostname"]))
+
+
+def test_ipc_socket_file_removed_on_clean_stop_and_a_stale_one_replaced(
+        tiny_models, tmp_path):
+    args = ("--batch-size", "4", "--preprocess-workers", "1", "--postprocess-workers", "1")
+    daemon = Daemon(tiny_models["logits"], tmp_path / "masks", tmp_path, *args)
+    socket_file = Path(daemon.endpoint.removeprefix("ipc://"))
+    daemon.wait_ready()
+    daemon.kill_all()                                  # kill -9: the file stays, stale
+    assert socket_file.is_socket()
+    daemon = Daemon(tiny_models["logits"], tmp_path / "masks", tmp_path, *args)
+    try:
+        daemon.wait_ready()
+        assert any(e.get("event") == "removed a stale socket file" for e in daemon.events())
+    finally:
+        assert daemon.stop() == 0, daemon.logs()
+    assert not socket_file.exists(), "the socket file outlived a clean stop"
+
+
+CRASHING_POSTPROCESS = """\
+import sys
+from pathlib import Path
+
+from daemon.server import ServeConfig, Server
+from stages import postprocess
+from stages.config import PipelineConfig
+from stages.logs import configure_logging
+
+
+def crash(*_args: object) -> None:
+    raise RuntimeError("a postprocess worker that crashes as it starts")
+
+
+if __name__ == "__main__":          # the children (spawned) import this file too
+    configure_logging("info", True)
+    model, endpoint = sys.argv[1:]
+    # every postprocess worker dies young and is restarted with back-off, until the
+    # 120 s start-up timeout: a broken install, say
+    postprocess.main = crash
+    cfg = PipelineConfig(model_dir=Path(model), batch_size=4, preprocess_workers=1,
+                         postprocess_workers=1)
+    sys.exit(Server(ServeConfig(pipeline=cfg, endpoint=endpoint)).serve())
+"""
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_signal_during_start_up_stops_promptly(tiny_models, tmp_path, signum):
+    script = tmp_path / "serve_crashing.py"
+    script.write_text(textwrap.dedent(CRASHING_POSTPROCESS))
+    (tmp_path / "tmp").mkdir()
+    endpoint = f"ipc://{tmp_path}/front"
+    log_path = tmp_path / "daemon.log"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(
+            [sys.executable, str(script), str(tiny_models["logits"]), endpoint],
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            env={**os.environ, "PYTHONUNBUFFERED": "1", "TMPDIR": str(tmp_path / "tmp"),
+                 "PYTHONPATH": str(REPO)})
+    try:
+        def events() -> list[dict]:
+            out = []
+            for line in log_path.read_text().splitlines():
+                try:
+                    out.append(json.loads(line))
+                except ValueError:             # a line being written, a traceback
+                    continue
+            return out
+
+        deadline = time.monotonic() + 60
+        while not any(e.get("event") == "child died" and e.get("child") == "postprocess-0"
+                      for e in events()):
+            assert proc.poll() is None and time.monotonic() < deadline, \
+                log_path.read_text()[-3000:]
+            time.sleep(0.1)
+        children = [e["pid"] for e in events() if e.get("event") == "child started"]
+        proc.send_signal(signum)
+        t = time.monotonic()
+        code = proc.wait(30)
+        took = time.monotonic() - t
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert code == 1, log_path.read_text()[-3000:]
+    assert took < 8, f"{took:.1f} s to stop during start-up"
+    assert any(e.get("event", "").startswith("signal during start-up") for e in events())
+    assert children and not [p for p in children if pid_alive(p)], "children left"
+    assert not run_dirs(tmp_path), "the run directory was left behind"
+    assert not Path(endpoint.removeprefix("ipc://")).exists(), "the socket file was left"
+    print(f"{signal.Signals(signum).name} during a crashing start-up: exit 1 in {took:.1f} s")
