@@ -190,7 +190,10 @@ def test_images_sharing_a_mask_name_do_not_overwrite_each_other(tiny_models, pho
 def test_a_mask_dir_that_cannot_be_created_stops_the_start(tiny_models, tmp_path, capfd):
     """--out naming a regular file: the postprocess worker reports a fatal start (one
     reason, no restart loop), as a model that cannot load does."""
-    blocker = tmp_path / "not-a-dir"
+    from stages.logs import configure_logging
+
+    configure_logging("info", json=True)   # the front logs in this process: not at the
+    blocker = tmp_path / "not-a-dir"       # level an earlier test's command left behind
     blocker.write_text("a file")
     cfg = PipelineConfig(model_dir=tiny_models["logits"], batch_size=4, preprocess_workers=1,
                          postprocess_workers=1, out_dir=blocker, log_json=True,
