@@ -12,8 +12,13 @@ use `run`.
 
 from __future__ import annotations
 
+import atexit
 import collections
 import multiprocessing
+
+# multiprocessing.util registers its exit hook (SIGTERM, then join, daemon children) when
+# imported: here, first, so that Pipeline._stop_children_at_exit runs before it
+import multiprocessing.util  # noqa: F401
 import os
 import shutil
 import signal
@@ -166,23 +171,28 @@ class Pipeline:
                for i in range(self.cfg.postprocess_workers)]
         )
         self.started = True
-        self.log.info("starting", run_dir=str(self.run_dir), addresses=vars(self.addrs),
-                      backend=self.cfg.backend, devices=list(self.cfg.devices),
-                      children=[c.name for c in self.children])
-        for child in self.children:
-            self._spawn(child)
-        deadline = time.monotonic() + self.cfg.start_timeout_s
-        while any(c.last_beat is None for c in self.children):
-            if interrupted is not None and interrupted():
-                self.close(drain=False)
-                raise StartInterrupted("stopped during start-up")
-            self.poll(100)
-            if time.monotonic() > deadline:
-                late = [c.name for c in self.children if c.last_beat is None]
-                self.close(drain=False)
-                raise PipelineError(f"not started within {self.cfg.start_timeout_s:.0f} s: "
-                                    f"{', '.join(late)}")
-        self.log.info("started", pids={c.name: c.process.pid for c in self.children})
+        atexit.register(self._stop_children_at_exit)
+        try:
+            self.log.info("starting", run_dir=str(self.run_dir), addresses=vars(self.addrs),
+                          backend=self.cfg.backend, devices=list(self.cfg.devices),
+                          children=[c.name for c in self.children])
+            for child in self.children:
+                self._spawn(child)
+            deadline = time.monotonic() + self.cfg.start_timeout_s
+            while any(c.last_beat is None for c in self.children):
+                if interrupted is not None and interrupted():
+                    self.close(drain=False)
+                    raise StartInterrupted("stopped during start-up")
+                self.poll(100)
+                if time.monotonic() > deadline:
+                    late = [c.name for c in self.children if c.last_beat is None]
+                    self.close(drain=False)
+                    raise PipelineError(f"not started within {self.cfg.start_timeout_s:.0f} "
+                                        f"s: {', '.join(late)}")
+            self.log.info("started", pids={c.name: c.process.pid for c in self.children})
+        except BaseException:
+            self.close(drain=False)          # whatever failed, no child outlives the start
+            raise
 
     def _spawn(self, child: ChildSlot) -> None:
         # by name: the stage's imports (torch...) then run after its signals are set
@@ -511,6 +521,7 @@ class Pipeline:
         if drain:
             self.drain(timeout_s)
         self.started = False
+        atexit.unregister(self._stop_children_at_exit)
         procs = [c.process for c in self.children if c.process is not None]
         for proc in procs:                    # 1. ask (they ignore SIGTERM: see stages.child)
             if proc.exitcode is None:
@@ -529,6 +540,15 @@ class Pipeline:
         if self._own_run_dir:                 # 4. the private socket directory
             shutil.rmtree(self.run_dir, ignore_errors=True)
         self.log.info("stopped", **{k: self.totals.get(k, 0) for k in ("ok", "errors")})
+
+
+    def _stop_children_at_exit(self) -> None:
+        """The interpreter exits with this pipeline open (an exception skipped close):
+        multiprocessing's own exit hook would SIGTERM the children, which ignore it, and
+        then wait for them for ever. Stop them as close() does."""
+        for child in self.children:
+            if child.process is not None and child.process.exitcode is None:
+                _kill(child.process.pid, STOP_SIGNAL)
 
 
 def _worker_index(identity: bytes) -> int:

@@ -210,6 +210,44 @@ def test_a_mask_dir_that_cannot_be_created_stops_the_start(tiny_models, tmp_path
     assert blocker.read_text() == "a file"
 
 
+LEFT_OPEN = """
+import sys
+from pathlib import Path
+from stages.config import PipelineConfig
+from stages.logs import configure_logging
+from stages.pipeline import Pipeline
+configure_logging("warning")
+pipe = Pipeline(PipelineConfig(model_dir=Path(sys.argv[1]), backend="sim", batch_size=4,
+                               preprocess_workers=1, postprocess_workers=1))
+pipe.start()
+print(" ".join(str(c.process.pid) for c in pipe.children), flush=True)
+raise SystemExit(0)          # no close(): an exception would skip it the same way
+"""
+
+
+def test_a_process_that_exits_with_its_pipeline_open_does_not_hang(tiny_models):
+    """Children ignore SIGTERM (a group signal must not kill them mid-drain), which is what
+    multiprocessing sends daemon children at exit before joining them: without the
+    pipeline's own exit hook the owner waited for ever (seen when a start-up failure
+    skipped close)."""
+    import os
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-c", LEFT_OPEN, str(tiny_models["labels"])],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        pids = [int(p) for p in proc.stdout.readline().split()]
+        assert len(pids) == 3
+        assert proc.wait(timeout=30) == 0
+    finally:
+        proc.kill()
+    time.sleep(0.5)
+    alive = [pid for pid in pids if os.path.exists(f"/proc/{pid}")
+             and "Z" not in Path(f"/proc/{pid}/stat").read_text().split()[2]]
+    assert alive == [], f"children left: {alive}"
+
+
 class SlowBackend:
     """Upload costs `transfer_s`, execute `compute_s`: what the executor must overlap."""
 
