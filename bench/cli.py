@@ -20,7 +20,7 @@ from daemon.commands import (
     HelpFormatter,
     add_pipeline_args,
     non_negative_int,
-    output_problem,
+    outputs_problem,
     positive_int,
     usage_error,
 )
@@ -169,10 +169,9 @@ def run_eval(args: argparse.Namespace) -> int:
         split = read_split(args.voc, args.split)
     except (OSError, ValueError, VocLayoutError) as exc:
         return usage_error("eval", str(exc))
-    for flag, path, directory in (("--json", args.json, False), ("--out", args.out, True)):
-        problem = path is not None and output_problem(path, directory=directory)
-        if problem:                        # found now, not after the whole split
-            return usage_error("eval", f"{flag}: {problem}")
+    problem = outputs_problem(("--json", args.json, False), ("--out", args.out, True))
+    if problem:                            # found now, not after the whole split
+        return usage_error("eval", problem)
     if not split.items:
         what = (f"{args.split}.txt lists no images" if not split.listed else
                 f"none of the {split.listed} images of {args.split}.txt exists under "
@@ -232,14 +231,10 @@ def run_bench(args: argparse.Namespace) -> int:
             manifest.model_file(size)
     except (OSError, ValueError) as exc:
         return usage_error("bench", str(exc))
-    for flag, path in (("--json", args.json), ("--plot", args.plot)):
-        problem = path is not None and output_problem(path, directory=False)
-        if problem:                        # found now, not after the whole run
-            return usage_error("bench", f"{flag}: {problem}")
-    if args.out is not None and not args.no_masks:
-        problem = output_problem(args.out, directory=True)
-        if problem:
-            return usage_error("bench", f"--out: {problem}")
+    problem = outputs_problem(("--json", args.json, False), ("--plot", args.plot, False),
+                              ("--out", None if args.no_masks else args.out, True))
+    if problem:                            # found now, not after the whole run
+        return usage_error("bench", problem)
     cv2.setNumThreads(1)                   # the serial baseline decodes as a worker does
     tmp = Path(tempfile.mkdtemp(prefix="pspnet-bench-inputs-"))
     try:

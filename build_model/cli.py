@@ -111,15 +111,15 @@ def run(args: argparse.Namespace) -> int:
     from build_model.errors import BuildError
     from build_model.export import build
     from build_model.verify import VerifyError
-    from daemon.commands import output_problem
+    from daemon.commands import outputs_problem
 
     if args.no_onnx and args.no_torch_program:
         print(f"{PROG_ERROR} nothing to build: --no-onnx and --no-torch-program together "
               "leave no model", file=sys.stderr)
         return EXIT_USAGE
-    problem = output_problem(Path(args.out), directory=True)
+    problem = outputs_problem(("--out", Path(args.out), True))
     if problem:                            # before the checkpoint and mmseg load
-        print(f"{PROG_ERROR} --out: {problem}", file=sys.stderr)
+        print(f"{PROG_ERROR} {problem}", file=sys.stderr)
         return EXIT_USAGE
     logger = logging.getLogger("build_model")
     saved = logger.level, logger.propagate

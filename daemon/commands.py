@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -25,31 +25,25 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 def positive_int(text: str) -> int:
     """argparse type: 0 or less would stall a stage or mean 'use the default' silently."""
-    return _bounded(text, int, 1, "an integer >= 1")
+    return _checked(text, int, "an integer >= 1", lambda v: v >= 1)
 
 
 def non_negative_int(text: str) -> int:
-    return _bounded(text, int, 0, "an integer >= 0")
+    return _checked(text, int, "an integer >= 0", lambda v: v >= 0)
 
 
 def non_negative_float(text: str) -> float:
-    return _bounded(text, float, 0.0, "a number >= 0")
+    return _checked(text, float, "a number >= 0", lambda v: v >= 0)
 
 
 def positive_float(text: str) -> float:
-    value = _bounded(text, float, 0.0, "a number > 0")
-    if value == 0:
-        raise argparse.ArgumentTypeError(f"expected a number > 0, not {text!r}")
-    return value
+    return _checked(text, float, "a number > 0", lambda v: v > 0)
 
 
 def base_port(text: str) -> int:
     """argparse type: the first of the six internal tcp ports."""
-    value = _bounded(text, int, 1, "a port from 1 to 65530 (six ports start there)")
-    if value > 65530:
-        raise argparse.ArgumentTypeError(
-            f"expected a port from 1 to 65530 (six ports start there), not {text!r}")
-    return value
+    return _checked(text, int, "a port from 1 to 65530 (six ports start there)",
+                    lambda v: 1 <= v <= 65530)
 
 
 def key_value(text: str) -> tuple[str, str]:
@@ -66,36 +60,25 @@ def device_list(text: str) -> tuple[str, ...]:
     return devices
 
 
-def _bounded(text: str, kind: type, low: float, wanted: str) -> Any:
+def _checked(text: str, kind: type, wanted: str, ok: Callable[[Any], bool]) -> Any:
     try:
         value = kind(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected {wanted}, not {text!r}") from None
-    if not value >= low:                   # also refuses nan
+    if not ok(value):                      # comparisons with nan are false: refused too
         raise argparse.ArgumentTypeError(f"expected {wanted}, not {text!r}")
     return value
 
 
-def output_problem(path: Path, *, directory: bool) -> str | None:
-    """Why `path` cannot take this run's output, found before any work (None: it can).
+def outputs_problem(*outputs: tuple[str, Path | None, bool]) -> str | None:
+    """'FLAG: why' for the first (flag, path, is a directory) that cannot take this run's
+    output, found before any work; None when all can (a None path is not asked for)."""
+    from stages.config import output_problem
 
-    Creates the directory (or the file's parent) as the run would; a run that fails only
-    at its end, after minutes of work, loses what it measured.
-    """
-    folder = path if directory else path.parent
-    if not directory and path.is_dir():
-        return f"{path} is a directory"
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except FileExistsError:
-        return f"{folder} exists and is not a directory"
-    except OSError as exc:
-        return f"cannot create {folder}: {exc.strerror or exc}"
-    try:                                   # what the run will do: create a file there
-        with tempfile.NamedTemporaryFile(dir=folder, prefix=".pspnet-probe-"):
-            pass
-    except OSError as exc:
-        return f"cannot write in {folder}: {exc.strerror or exc}"
+    for flag, path, directory in outputs:
+        problem = path is not None and output_problem(path, directory=directory)
+        if problem:
+            return f"{flag}: {problem}"
     return None
 
 
@@ -277,14 +260,10 @@ def run_serve(args: argparse.Namespace) -> int:
     if args.watch is not None and args.watch.resolve() == args.out.resolve():
         return usage_error("serve", "--watch and --out are the same folder: every mask would "
                                     "come back in as a new image; give masks their own folder")
-    problem = metrics_problem = None
-    if args.out is not None:
-        problem = output_problem(args.out, directory=True)
-    if args.metrics_json is not None:
-        metrics_problem = output_problem(args.metrics_json, directory=False)
-    if problem or metrics_problem:
-        flag = "--out" if problem else "--metrics-json"
-        return usage_error("serve", f"{flag}: {problem or metrics_problem}")
+    problem = outputs_problem(("--out", args.out, True),
+                              ("--metrics-json", args.metrics_json, False))
+    if problem:
+        return usage_error("serve", problem)
     endpoint = args.endpoint or default_endpoint()
     problem = check_exposure(endpoint, tuple(args.allow_root))
     if problem:

@@ -76,7 +76,7 @@ class Server:
         self._warn_lines: list[float] = []      # every warning line in the last minute
         self._warn_suppressed = 0
         self.frontend: zmq.Socket | None = None
-        self._socket_id: tuple[int, int] | None = None   # our ipc socket file (dev, inode)
+        self._socket: tuple[Path, int, int] | None = None  # our ipc socket file, dev, inode
         self._removed_stale: Path | None = None
         self.stop_reason: str | None = None     # set when exiting before the drain finished
 
@@ -176,7 +176,7 @@ class Server:
         if path is not None:
             os.chmod(path, 0o600)
             st = os.stat(path)
-            self._socket_id = (st.st_dev, st.st_ino)
+            self._socket = (path, st.st_dev, st.st_ino)
         return None
 
     def _release_endpoint(self) -> None:
@@ -186,12 +186,12 @@ class Server:
             self.frontend.close()
             self.ctx.term()
             self.frontend = None
-        path = parse_endpoint(self.cfg.endpoint).socket_file
-        if path is None or self._socket_id is None:
+        if self._socket is None:
             return
+        path, dev, ino = self._socket
         try:
             st = os.stat(path)
-            if (st.st_dev, st.st_ino) == self._socket_id:
+            if (st.st_dev, st.st_ino) == (dev, ino):
                 path.unlink()
         except FileNotFoundError:
             pass
@@ -295,11 +295,12 @@ class Server:
         except zmq.ZMQError:
             pass                                  # client gone or stuck: never block the loop
 
-    def _deliver(self, result: wire.Result, origin: Any) -> None:
+    def _deliver(self, result: wire.Result, origin: Any, record: bool = True) -> None:
+        """To its client, and (watch mode, `record`) into the record of processed files."""
         if isinstance(origin, bytes):
             self._send(origin, result)
         name = self.watched.pop(result.id, None)
-        if name is not None and self.record is not None:
+        if name is not None and record and self.record is not None:
             self.record.add(name, id=result.id, status=result.status, mask=result.mask,
                             error=result.error, attempt=result.attempt)
 
@@ -378,9 +379,7 @@ class Server:
         it. Watched files are not recorded, so the next start processes them."""
         answers = self.pipeline.abandon(self.stop_reason)
         for result, origin in answers:
-            if isinstance(origin, bytes):
-                self._send(origin, result)
-            self.watched.pop(result.id, None)
+            self._deliver(result, origin, record=False)
         if answers:
             self.log.warning("answered unfinished requests as errors", count=len(answers),
                              reason=self.stop_reason)

@@ -73,3 +73,26 @@ def private_dir(path: Path) -> Path:
     path.mkdir(parents=True, exist_ok=True)
     os.chmod(path, 0o700)
     return path
+
+
+def output_problem(path: Path, *, directory: bool) -> str | None:
+    """Why `path` cannot take a run's output (None: it can): the directory, or the file's
+    parent, is created as the run would, and a file is created in it and removed.
+
+    For a check before any work: a run that fails only at its end loses what it did.
+    """
+    folder = path if directory else path.parent
+    if not directory and path.is_dir():
+        return f"{path} is a directory"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        return f"{folder} exists and is not a directory"
+    except OSError as exc:
+        return f"cannot create {folder}: {exc.strerror or exc}"
+    try:                                   # os.access would not do: root passes it
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".pspnet-probe-"):
+            pass
+    except OSError as exc:
+        return f"cannot write in {folder}: {exc.strerror or exc}"
+    return None

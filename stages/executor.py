@@ -25,7 +25,7 @@ import zmq
 
 from stages import wire
 from stages.backends import Backend, open_backend
-from stages.child import Child, error_result
+from stages.child import SEND_LINGER_MS, Child, error_result
 from stages.config import Addresses, PipelineConfig
 from stages.manifest import Manifest
 
@@ -40,7 +40,6 @@ IDLE_CHECK_MS = 1                     # past max_wait, how often to look whether
 # with a fresh one (the requests it held are retried once there).
 FAILED_IN_A_ROW_BEFORE_RESTART = 3
 EXIT_DEVICE_FAILED = 1
-ANSWER_LINGER_MS = 2000               # on such an exit, let the error answers reach the front
 
 
 @dataclass
@@ -203,7 +202,7 @@ class Executor:
                 self.failed_in_a_row += 1
                 if self.failed_in_a_row >= FAILED_IN_A_ROW_BEFORE_RESTART:
                     for sock in (sender, notes):
-                        sock.close(linger=ANSWER_LINGER_MS)
+                        sock.close(linger=SEND_LINGER_MS)   # the error answers reach the front
                     self.give_up(f"{self.failed_in_a_row} batches in a row failed; "
                                  f"the last: {exc}")
                     return

@@ -181,17 +181,15 @@ class Pipeline:
             deadline = time.monotonic() + self.cfg.start_timeout_s
             while any(c.last_beat is None for c in self.children):
                 if interrupted is not None and interrupted():
-                    self.close(drain=False)
                     raise StartInterrupted("stopped during start-up")
                 self.poll(100)
                 if time.monotonic() > deadline:
                     late = [c.name for c in self.children if c.last_beat is None]
-                    self.close(drain=False)
                     raise PipelineError(f"not started within {self.cfg.start_timeout_s:.0f} "
                                         f"s: {', '.join(late)}")
             self.log.info("started", pids={c.name: c.process.pid for c in self.children})
         except BaseException:
-            self.close(drain=False)          # whatever failed, no child outlives the start
+            self.close(drain=False)          # whatever ended it, no child outlives the start
             raise
 
     def _spawn(self, child: ChildSlot) -> None:
@@ -540,7 +538,6 @@ class Pipeline:
         if self._own_run_dir:                 # 4. the private socket directory
             shutil.rmtree(self.run_dir, ignore_errors=True)
         self.log.info("stopped", **{k: self.totals.get(k, 0) for k in ("ok", "errors")})
-
 
     def _stop_children_at_exit(self) -> None:
         """The interpreter exits with this pipeline open (an exception skipped close):

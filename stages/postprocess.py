@@ -15,7 +15,7 @@ import zmq
 
 from stages import wire
 from stages.child import Child, error_result
-from stages.config import Addresses, PipelineConfig
+from stages.config import Addresses, PipelineConfig, output_problem
 from stages.labels import (
     GroundTruthError,
     intersect_and_union,
@@ -42,9 +42,9 @@ def main(cfg: PipelineConfig, addrs: Addresses, index: int, supervised: bool = T
         child.fatal(str(exc))
     out_dir = cfg.out_dir if cfg.write_masks else None
     if out_dir is not None:
-        problem = prepare_out_dir(out_dir)
-        if problem:
-            child.fatal(problem)
+        problem = output_problem(out_dir, directory=True)
+        if problem:                      # every mask would fail; a crash would only restart us
+            child.fatal(f"mask directory (--out) {problem}")
 
     receiver = child.ctx.socket(zmq.PULL)       # outputs <- executors (via front)
     receiver.setsockopt(zmq.LINGER, 0)
@@ -72,18 +72,6 @@ def main(cfg: PipelineConfig, addrs: Addresses, index: int, supervised: bool = T
         child.count(processed=int(result.status == wire.OK),
                     errors=int(result.status != wire.OK),
                     busy_s=time.perf_counter() - started)
-
-
-def prepare_out_dir(out_dir: Path) -> str | None:
-    """Create the mask directory; the reason it cannot be, for a fatal start (every mask
-    would fail, and an exception here would only make the front restart us in a loop)."""
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        if out_dir.exists() and not out_dir.is_dir():
-            return f"mask directory (--out) {out_dir} exists and is not a directory"
-        return f"cannot create the mask directory (--out) {out_dir}: {exc.strerror or exc}"
-    return None
 
 
 def finish(output: wire.Output, manifest: Manifest, out_dir: Path | None) -> wire.Result:
