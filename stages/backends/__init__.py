@@ -205,13 +205,7 @@ class BackendBase:
         self._slots[slot] = state
 
     def _take(self, slot: int) -> object:
-        self._check_open()
-        self._check_slot(slot)
-        state = self._slots[slot]
-        if state is None:
-            raise RuntimeError(f"slot {slot}: no batch pending (upload it first)")
-        self._slots[slot] = None
-        return state
+        return self._pop(self._slots, slot, "upload")
 
     def _take_to_launch(self, slot: int) -> object:
         """The uploaded batch, for a backend whose launch queues it: refused, with the
@@ -228,12 +222,16 @@ class BackendBase:
         self._launched[slot] = state
 
     def _take_launched(self, slot: int) -> object:
+        return self._pop(self._launched, slot, "launch")
+
+    def _pop(self, states: list[object | None], slot: int, step: str) -> object:
+        """Take the slot's state out of `states`; refused when `step` has not filled it."""
         self._check_open()
         self._check_slot(slot)
-        state = self._launched[slot]
+        state = states[slot]
         if state is None:
-            raise RuntimeError(f"slot {slot}: no batch pending (launch it first)")
-        self._launched[slot] = None
+            raise RuntimeError(f"slot {slot}: no batch pending ({step} it first)")
+        states[slot] = None
         return state
 
     def close(self) -> None:
