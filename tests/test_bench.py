@@ -128,6 +128,9 @@ def test_bench_against_the_simulated_device(tmp_path, capsys):
     assert row["images_per_pass"] == 24 and row["baseline_images_per_pass"] == 12
     assert [r["images"] for r in row["repeats"]["serial"]] == [12]
     assert [r["batches"] for r in row["repeats"]["executor"]] == [3]
+    # start-up cost is part of the record; only torch.compile has a compile share
+    assert row["backend_open_s"] >= 0 and row["compile_s"] is None
+    assert "batch 4: sim backend open in" in err
 
 
 def test_bench_refuses_bad_counts_before_any_work(tmp_path, capsys):

@@ -56,6 +56,10 @@ def test_serve_submit_status_50_images(tiny_models, photo_files, tmp_path):
         assert doc["front"]["ok"] == 51 and "images_per_s" in doc
     finally:
         assert daemon.stop() == 0, daemon.logs()
+    # the executor says how long its backend took to open (a compile's share: none here)
+    (opened,) = [e for e in daemon.events() if e.get("event") == "backend open"]
+    assert opened["backend"] == "ort" and opened["batch"] == 4
+    assert opened["seconds"] > 0 and opened["compile_s"] is None
 
 
 def test_two_executors_over_tcp_loopback_and_a_remote_one(tiny_models, photo_files, tmp_path):
