@@ -51,6 +51,11 @@ OPTIONS = {
 # serving graph never writes its inputs, so torch's warning about that is noise.
 warnings.filterwarnings("ignore", message="The given NumPy array is not writable",
                         category=UserWarning)
+# torch 2.11's torch.export.load reads the .pt2's weights through torch.frombuffer over a
+# read-only buffer and says so, twice per open (12 times in one device run's log); the
+# weights are never written in place.
+warnings.filterwarnings("ignore", message="The given buffer is not writable",
+                        category=UserWarning)
 
 
 class TorchBackend(BackendBase):
