@@ -397,6 +397,7 @@ def test_sim_backend_keeps_a_device_s_timing(head, sync, model_dirs):
     ("fp16", {}),
     ("bf16", {"cuda_graphs": "1"}),
     ("fp16", {"compile": "1"}),
+    ("fp16", {"compile": "1", "cuda_graphs": "1"}),     # inductor's kernels, replayed
 ])
 @pytest.mark.parametrize("head", ["logits", "labels"])
 def test_torch_cuda(head, precision, options, model_dirs, references):
