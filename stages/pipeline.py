@@ -25,7 +25,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -88,20 +88,35 @@ class ChildSlot:
         return f"{self.stage}-{self.index}"
 
 
+def bind(sock: zmq.Socket, addr: str, cfg: PipelineConfig) -> None:
+    """Bind an internal socket, or raise PipelineError naming the address and the flag
+    that chose it (ZeroMQ's own error names neither)."""
+    try:
+        sock.bind(addr)
+    except zmq.ZMQError as exc:
+        why = f"cannot listen at {addr}: {exc.strerror}"
+        if cfg.transport == "tcp":
+            last = cfg.tcp_base_port + len(fields(Addresses)) - 1
+            why += (f" (--transport tcp uses ports {cfg.tcp_base_port}-{last} on "
+                    f"{cfg.tcp_host}; choose another --tcp-base-port)")
+        raise PipelineError(why) from exc
+
+
 class Streamer:
     """PULL -> PUSH forwarding in a thread (zmq.proxy: no Python per message)."""
 
-    def __init__(self, ctx: zmq.Context, name: str, bind_in: str, bind_out: str) -> None:
+    def __init__(self, ctx: zmq.Context, name: str, bind_in: str, bind_out: str,
+                 cfg: PipelineConfig) -> None:
         self.ctx, self.name = ctx, name
         self.control_addr = f"inproc://streamer-{name}-{id(self)}"
         self.control = ctx.socket(zmq.PAIR)       # TERMINATE -> proxy
         self.control.bind(self.control_addr)
         self.frontend = ctx.socket(zmq.PULL)      # <- stage before
         self.frontend.setsockopt(zmq.LINGER, 0)
-        self.frontend.bind(bind_in)
+        bind(self.frontend, bind_in, cfg)
         self.backend = ctx.socket(zmq.PUSH)       # -> stage after
         self.backend.setsockopt(zmq.LINGER, 0)
-        self.backend.bind(bind_out)
+        bind(self.backend, bind_out, cfg)
         self.thread = threading.Thread(target=self._run, name=f"streamer-{name}", daemon=True)
         self.thread.start()
 
@@ -152,17 +167,26 @@ class Pipeline:
         self.run_dir = private_dir(self.cfg.resolved_run_dir())
         self.addrs = Addresses.for_config(self.cfg, self.run_dir)
         self.ctx = zmq.Context()
-        self.prep = self.ctx.socket(zmq.ROUTER)      # requests -> preprocess DEALERs, credits in
-        self.prep.setsockopt(zmq.LINGER, 0)
-        self.prep.setsockopt(zmq.ROUTER_MANDATORY, 1)
-        self.prep.bind(self.addrs.prep)
-        self.results = self.ctx.socket(zmq.PULL)     # answers, progress, heartbeats <- children
-        self.results.setsockopt(zmq.LINGER, 0)
-        self.results.bind(self.addrs.results)
-        self.streamers = [
-            Streamer(self.ctx, "images", self.addrs.images_in, self.addrs.images_out),
-            Streamer(self.ctx, "outputs", self.addrs.outputs_in, self.addrs.outputs_out),
-        ]
+        self.streamers = []
+        try:
+            self.prep = self.ctx.socket(zmq.ROUTER)  # requests -> preprocess DEALERs, credits in
+            self.prep.setsockopt(zmq.LINGER, 0)
+            self.prep.setsockopt(zmq.ROUTER_MANDATORY, 1)
+            bind(self.prep, self.addrs.prep, self.cfg)
+            self.results = self.ctx.socket(zmq.PULL)  # answers, progress, heartbeats <- children
+            self.results.setsockopt(zmq.LINGER, 0)
+            bind(self.results, self.addrs.results, self.cfg)
+            for name, bind_in, bind_out in (
+                    ("images", self.addrs.images_in, self.addrs.images_out),
+                    ("outputs", self.addrs.outputs_in, self.addrs.outputs_out)):
+                self.streamers.append(Streamer(self.ctx, name, bind_in, bind_out, self.cfg))
+        except PipelineError:
+            for streamer in self.streamers:
+                streamer.stop()
+            self.ctx.destroy(linger=0)
+            if self._own_run_dir:
+                shutil.rmtree(self.run_dir, ignore_errors=True)
+            raise
         self.children = (
             [ChildSlot("preprocess", i, preprocess.main)
              for i in range(self.cfg.preprocess_workers)]

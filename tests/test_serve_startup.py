@@ -3,6 +3,8 @@ while the children start, and clients that find no daemon.
 
 * A second daemon on a live endpoint (ipc or tcp) is refused in one line, exit 2, before
   any child or run directory exists; the first keeps answering.
+* An internal tcp port in use (--transport tcp) is "cannot start", exit 3, naming the port
+  and the flag, not a ZeroMQ traceback.
 * A malformed endpoint is refused in one line (serve, status, and the library client
   before it makes a socket).
 * The ipc socket file goes away on an orderly exit; one left by a kill -9 is replaced.
@@ -29,14 +31,14 @@ from tests.daemon_helpers import Daemon
 from tests.reliability_helpers import pid_alive
 
 
-def serve(model: Path, tmp_path: Path, endpoint: str, timeout_s: float = 30,
+def serve(model: Path, tmp_path: Path, endpoint: str, *flags: str, timeout_s: float = 30,
           ) -> subprocess.CompletedProcess:
     """`pspnet serve` expected to give up at once; its temp dir is tmp_path/tmp."""
     tmp = tmp_path / "tmp"
     tmp.mkdir(exist_ok=True)
     return subprocess.run(
         [sys.executable, "-m", "daemon.cli", "serve", "--model", str(model), "--out",
-         str(tmp_path / "masks2"), "--endpoint", endpoint, "--log-format", "json"],
+         str(tmp_path / "masks2"), "--endpoint", endpoint, "--log-format", "json", *flags],
         capture_output=True, text=True, timeout=timeout_s,
         env={**os.environ, "TMPDIR": str(tmp)})
 
@@ -213,3 +215,37 @@ def test_signal_during_start_up_stops_promptly(tiny_models, tmp_path, signum):
     assert not run_dirs(tmp_path), "the run directory was left behind"
     assert not Path(endpoint.removeprefix("ipc://")).exists(), "the socket file was left"
     print(f"{signal.Signals(signum).name} during a crashing start-up: exit 1 in {took:.1f} s")
+
+
+def test_an_internal_tcp_port_in_use_is_named_not_a_traceback(tiny_models, tmp_path):
+    for _ in range(20):                        # six free ports in a row, the third then taken
+        base = free_port()
+        held = []
+        try:
+            for port in range(base, base + 6):
+                s = socket.socket()
+                held.append(s)
+                s.bind(("127.0.0.1", port))
+        except OSError:
+            continue
+        finally:
+            for s in held:
+                s.close()
+        break
+    taken = socket.socket()                    # listening: ZeroMQ's bind gets EADDRINUSE
+    taken.bind(("127.0.0.1", base + 2))
+    taken.listen()
+    try:
+        out = serve(tiny_models["labels"], tmp_path, f"tcp://127.0.0.1:{free_port()}",
+                    "--transport", "tcp", "--tcp-base-port", str(base))
+    finally:
+        taken.close()
+    assert out.returncode == 3, out.stderr
+    assert "Traceback" not in out.stderr, out.stderr
+    events = [json.loads(line) for line in out.stderr.splitlines() if line.startswith("{")]
+    (failed,) = [e for e in events if e.get("event") == "cannot start"]
+    assert f"cannot listen at tcp://127.0.0.1:{base + 2}" in failed["error"]
+    assert f"ports {base}-{base + 5}" in failed["error"]
+    assert "--tcp-base-port" in failed["error"]
+    assert not any(e.get("event") == "child started" for e in events)
+    assert run_dirs(tmp_path) == []
