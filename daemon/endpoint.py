@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import ipaddress
 import os
 import socket
@@ -111,6 +112,62 @@ def ipc_state(path: Path) -> str:
     finally:
         probe.close()
     return LISTENING
+
+
+class EndpointLocked(Exception):
+    """Another serve holds the ipc path's lock: it is starting or serving there."""
+
+    def __init__(self, lock: Path, holder: str) -> None:
+        super().__init__(f"another pspnet serve (pid {holder}) is starting or serving there "
+                         f"(it holds {lock})")
+
+
+def lock_file(socket_file: Path) -> Path:
+    return socket_file.with_name(socket_file.name + ".lock")
+
+
+def lock_socket_file(socket_file: Path) -> int:
+    """Hold SOCKET.lock (flock) while the returned descriptor is open. Without it two serves
+    started in the same instant can both find the path free, and the later bind silently
+    takes it from the earlier. The kernel drops the lock when its holder dies, so a file
+    left by a kill -9 stops nobody. Raises EndpointLocked, or OSError (cannot create it)."""
+    lock = lock_file(socket_file)
+    while True:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise EndpointLocked(lock, holder) from None
+        except OSError:
+            os.close(fd)
+            raise
+        if _same_file(lock, fd):
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()}\n".encode())
+            return fd
+        os.close(fd)       # its last holder removed it as we opened it: lock the new one
+
+
+def unlock_socket_file(socket_file: Path, fd: int) -> None:
+    """Remove the lock file while still holding it (so nobody locks a file on its way
+    out), then let go."""
+    lock = lock_file(socket_file)
+    try:
+        if _same_file(lock, fd):
+            lock.unlink()
+    finally:
+        os.close(fd)
+
+
+def _same_file(path: Path, fd: int) -> bool:
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return False
+    held = os.fstat(fd)
+    return (st.st_dev, st.st_ino) == (held.st_dev, held.st_ino)
 
 
 def is_local(endpoint: str) -> bool:

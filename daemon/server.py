@@ -31,9 +31,13 @@ from daemon.endpoint import (
     NOT_A_SOCKET,
     PROBE_TIMEOUT_S,
     STALE,
+    EndpointLocked,
     ipc_state,
     is_local,
+    lock_file,
+    lock_socket_file,
     parse_endpoint,
+    unlock_socket_file,
 )
 from daemon.watch import Record, Watcher
 from stages import wire
@@ -77,6 +81,7 @@ class Server:
         self._warn_suppressed = 0
         self.frontend: zmq.Socket | None = None
         self._socket: tuple[Path, int, int] | None = None  # our ipc socket file, dev, inode
+        self._lock: tuple[Path, int] | None = None   # that file's path, our lock's descriptor
         self._removed_stale: Path | None = None
         self.stop_reason: str | None = None     # set when exiting before the drain finished
 
@@ -92,6 +97,7 @@ class Server:
         signal.signal(signal.SIGINT, self._on_signal)
         problem = self._bind()          # before any child: a bad or taken endpoint fails fast
         if problem is not None:
+            self._release_endpoint()
             sys.stderr.write(f"pspnet serve: error: {problem}\n")
             sys.stderr.flush()
             return EXIT_USAGE
@@ -145,6 +151,12 @@ class Server:
             return str(exc)
         path = target.socket_file
         if path is not None:
+            try:
+                self._lock = (path, lock_socket_file(path))
+            except EndpointLocked as exc:     # a daemon that answers is named as such
+                return _in_use(cfg.endpoint, path, otherwise=f"{cfg.endpoint}: {exc}")
+            except OSError as exc:
+                return f"cannot lock {lock_file(path)}: {exc.strerror}"
             state = ipc_state(path)
             if state == LISTENING:
                 return _in_use(cfg.endpoint, path)
@@ -186,15 +198,17 @@ class Server:
             self.frontend.close()
             self.ctx.term()
             self.frontend = None
-        if self._socket is None:
-            return
-        path, dev, ino = self._socket
-        try:
-            st = os.stat(path)
-            if (st.st_dev, st.st_ino) == (dev, ino):
-                path.unlink()
-        except FileNotFoundError:
-            pass
+        if self._socket is not None:
+            path, dev, ino = self._socket
+            try:
+                st = os.stat(path)
+                if (st.st_dev, st.st_ino) == (dev, ino):
+                    path.unlink()
+            except FileNotFoundError:
+                pass
+        if self._lock is not None:          # last: the next serve finds the path free
+            unlock_socket_file(*self._lock)
+            self._lock = None
 
     def _loop(self) -> int:
         while True:
@@ -391,8 +405,9 @@ def _inside(path: Path, roots: tuple[Path, ...]) -> bool:
     return any(resolved.is_relative_to(root.resolve()) for root in roots)
 
 
-def _in_use(endpoint: str, path: Path | None) -> str:
-    """Why the endpoint is taken, naming the daemon there when it answers a status query."""
+def _in_use(endpoint: str, path: Path | None, otherwise: str | None = None) -> str:
+    """Why the endpoint is taken, naming the daemon there when it answers a status query;
+    else `otherwise`, if given."""
     if parse_endpoint(endpoint).host == "*":
         return f"cannot listen at {endpoint}: the port is in use"
     pid = None
@@ -405,6 +420,8 @@ def _in_use(endpoint: str, path: Path | None) -> str:
         pass                                      # not a daemon of ours, or a silent one
     if pid is not None:
         return f"a daemon (pid {pid}) already answers at {endpoint}"
+    if otherwise is not None:
+        return otherwise
     where = f"on {path}" if path is not None else "there"
     return (f"{endpoint} is in use: something listens {where} but gave no status within "
             f"{PROBE_TIMEOUT_S:g} s (another program, or a daemon still starting)")

@@ -8,6 +8,8 @@ while the children start, and clients that find no daemon.
 * A malformed endpoint is refused in one line (serve, status, and the library client
   before it makes a socket).
 * The ipc socket file goes away on an orderly exit; one left by a kill -9 is replaced.
+* A serve that is still starting on an ipc path holds SOCKET.lock: a second one is refused
+  in one line; a lock file left by a kill -9 stops nobody.
 * A client whose ipc socket file is missing or stale says so at once.
 * SIGTERM while a child keeps crashing during start-up stops the daemon in seconds.
 """
@@ -27,6 +29,7 @@ from pathlib import Path
 import pytest
 
 from daemon.client import Client, DaemonUnavailable
+from daemon.endpoint import EndpointLocked, lock_file, lock_socket_file, unlock_socket_file
 from tests.daemon_helpers import Daemon
 from tests.reliability_helpers import pid_alive
 
@@ -141,6 +144,48 @@ def test_ipc_socket_file_removed_on_clean_stop_and_a_stale_one_replaced(
     finally:
         assert daemon.stop() == 0, daemon.logs()
     assert not socket_file.exists(), "the socket file outlived a clean stop"
+    assert not lock_file(socket_file).exists(), "the lock file outlived a clean stop"
+
+
+def test_a_serve_starting_on_the_same_ipc_path_is_refused(tiny_models, tmp_path):
+    """Two serves in the same instant: each checks the path, finds it free, binds, and the
+    later bind takes the file from the earlier. The lock makes the check and the bind one
+    step; here this test holds the lock, as a serve still starting would."""
+    socket_file = tmp_path / "front"
+    fd = lock_socket_file(socket_file)
+    try:
+        t = time.monotonic()
+        out = serve(tiny_models["logits"], tmp_path, f"ipc://{socket_file}")
+        took = time.monotonic() - t
+    finally:
+        unlock_socket_file(socket_file, fd)
+    line = one_line_error(out)
+    assert line == (f"pspnet serve: error: ipc://{socket_file}: another pspnet serve (pid "
+                    f"{os.getpid()}) is starting or serving there (it holds "
+                    f"{lock_file(socket_file)})"), line
+    assert not socket_file.exists() and not run_dirs(tmp_path)
+    assert not lock_file(socket_file).exists()
+    with pytest.raises(EndpointLocked):            # and the lock is exclusive in-process too
+        fd = lock_socket_file(socket_file)
+        try:
+            lock_socket_file(socket_file)
+        finally:
+            unlock_socket_file(socket_file, fd)
+    print(f"refused in {took:.1f} s: {line}")
+
+
+def test_a_lock_file_left_by_a_kill_9_stops_nobody(tiny_models, tmp_path):
+    socket_file = tmp_path / "front"
+    lock_file(socket_file).write_text("99999999\n")      # a dead holder's, unlocked
+    daemon = Daemon(tiny_models["logits"], tmp_path / "masks", tmp_path, "--batch-size", "4",
+                    "--preprocess-workers", "1", "--postprocess-workers", "1",
+                    endpoint=f"ipc://{socket_file}")
+    try:
+        pid = daemon.wait_ready()["daemon"]["pid"]
+        assert lock_file(socket_file).read_text() == f"{pid}\n"
+    finally:
+        assert daemon.stop() == 0, daemon.logs()
+    assert not lock_file(socket_file).exists()
 
 
 CRASHING_POSTPROCESS = """\
