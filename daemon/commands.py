@@ -46,6 +46,16 @@ def base_port(text: str) -> int:
                     lambda v: 1 <= v <= 65530)
 
 
+def host_address(text: str) -> str:
+    """argparse type: an IPv4 address the internal ports can be bound on and connected to
+    (not 0.0.0.0: this host's own children connect to the same address)."""
+    import ipaddress
+
+    return str(_checked(text, ipaddress.IPv4Address,
+                        "an IPv4 address of this host, e.g. 10.0.0.5 (not 0.0.0.0)",
+                        lambda a: not (a.is_unspecified or a.is_multicast)))
+
+
 def key_value(text: str) -> tuple[str, str]:
     key, sep, value = text.partition("=")
     if not sep or not key.strip():
@@ -114,6 +124,12 @@ def add_daemon_parsers(sub: argparse._SubParsersAction) -> None:
     serve.add_argument("--allow-root", type=Path, action="append", default=[], metavar="DIR",
                        help="only read images and ground truths under DIR (repeatable); "
                             "required when --endpoint is reachable from other hosts")
+    serve.add_argument("--tcp-host", type=host_address, default="127.0.0.1", metavar="ADDR",
+                       help="with --transport tcp: the address the six internal ports are "
+                            "bound on, and that this host's own children connect to. The "
+                            "default admits this host only; give this host's address on a "
+                            "trusted network to let `pspnet worker --front ADDR` join from "
+                            "others (the internal ports carry no authentication)")
     serve.set_defaults(run=run_serve)
 
     submit = sub.add_parser(
@@ -252,7 +268,10 @@ def run_serve(args: argparse.Namespace) -> int:
         batch = pick_batch_size(Manifest.read(args.model), args.batch_size)
     except (OSError, ValueError) as exc:
         return usage_error("serve", str(exc))
-    cfg = replace(cfg, batch_size=batch)     # the logged config says what runs
+    if args.tcp_host != "127.0.0.1" and args.transport != "tcp":
+        return usage_error("serve", "--tcp-host needs --transport tcp")
+    # the logged config says what runs
+    cfg = replace(cfg, batch_size=batch, tcp_host=args.tcp_host)
     if args.watch is not None and not args.watch.is_dir():
         return usage_error("serve", f"--watch {args.watch}: not a directory")
     if args.watch is not None and args.out is None:

@@ -11,6 +11,7 @@ left with an error. A signal during start-up stops the children and exits 1.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import signal
@@ -115,7 +116,13 @@ class Server:
                       postprocess=cfg.pipeline.postprocess_workers,
                       batch_size=cfg.pipeline.batch_size, max_queue=cfg.max_queue,
                       drain_timeout_s=cfg.drain_timeout_s,
-                      allow_roots=[str(p) for p in cfg.allow_roots])
+                      allow_roots=[str(p) for p in cfg.allow_roots],
+                      transport=cfg.pipeline.transport)
+        pipe = cfg.pipeline
+        if pipe.transport == "tcp" and not ipaddress.ip_address(pipe.tcp_host).is_loopback:
+            self.log.warning("internal ports open to the network, without authentication",
+                             host=pipe.tcp_host,
+                             ports=pipe.tcp_ports)
         if self._removed_stale is not None:
             self.log.info("removed a stale socket file", path=str(self._removed_stale))
         self.pipeline = Pipeline(cfg.pipeline)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 DEFAULT_MAX_PIXELS = 50_000_000        # refuse larger images from the header, before decoding
@@ -39,6 +39,11 @@ class PipelineConfig:
     backend_options: dict[str, str] = field(default_factory=dict)
     log_level: str = "info"
     log_json: bool | None = None               # None: JSON unless stderr is a TTY
+
+    @property
+    def tcp_ports(self) -> str:
+        """'FIRST-LAST' of the internal tcp ports, for messages."""
+        return f"{self.tcp_base_port}-{self.tcp_base_port + len(fields(Addresses)) - 1}"
 
     def resolved_run_dir(self) -> Path:
         if self.run_dir is not None:

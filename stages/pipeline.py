@@ -25,7 +25,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -96,9 +96,8 @@ def bind(sock: zmq.Socket, addr: str, cfg: PipelineConfig) -> None:
     except zmq.ZMQError as exc:
         why = f"cannot listen at {addr}: {exc.strerror}"
         if cfg.transport == "tcp":
-            last = cfg.tcp_base_port + len(fields(Addresses)) - 1
-            why += (f" (--transport tcp uses ports {cfg.tcp_base_port}-{last} on "
-                    f"{cfg.tcp_host}; choose another --tcp-base-port)")
+            why += (f" (--transport tcp uses ports {cfg.tcp_ports} on {cfg.tcp_host}; "
+                    "choose another --tcp-base-port)")
         raise PipelineError(why) from exc
 
 

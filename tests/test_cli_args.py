@@ -63,6 +63,9 @@ def test_shared_pipeline_flags_are_checked_by_every_command(model, tmp_path, cap
 @pytest.mark.parametrize("argv, named", [
     (["serve", "--max-queue", "0"], "--max-queue"),
     (["serve", "--drain-timeout", "-1"], "--drain-timeout"),
+    (["serve", "--transport", "tcp", "--tcp-host", "0.0.0.0"], "--tcp-host"),
+    (["serve", "--transport", "tcp", "--tcp-host", "myhost"], "--tcp-host"),
+    (["serve", "--tcp-host", "10.0.0.5"], "--tcp-host needs --transport tcp"),
     (["bench", "--synthetic", "4", "--backlog", "-1"], "--backlog"),
     (["bench", "--synthetic", "4", "--backlog", "0"], "--backlog"),
     (["bench", "--synthetic", "0"], "--synthetic"),

@@ -63,15 +63,17 @@ def test_serve_submit_status_50_images(tiny_models, photo_files, tmp_path):
 
 
 def test_two_executors_over_tcp_loopback_and_a_remote_one(tiny_models, photo_files, tmp_path):
-    """--devices cpu,cpu starts two executors; `pspnet worker` joins a third from outside."""
+    """--devices cpu,cpu starts two executors; `pspnet worker` joins a third from outside,
+    at the address --tcp-host gave (127.0.0.2 stands in for a LAN address: before that flag
+    the internal ports were on 127.0.0.1 only, and no other host could join)."""
     port = 20000 + os.getpid() % 20000
     model = tiny_models["labels"]
     daemon = Daemon(model, tmp_path / "masks", tmp_path,
-                    "--devices", "cpu,cpu", "--transport", "tcp", "--tcp-base-port",
-                    str(port + 1), "--batch-size", "4", "--max-wait-ms", "5",
-                    endpoint=f"tcp://127.0.0.1:{port}")
+                    "--devices", "cpu,cpu", "--transport", "tcp", "--tcp-host", "127.0.0.2",
+                    "--tcp-base-port", str(port + 1), "--batch-size", "4", "--max-wait-ms",
+                    "5", endpoint=f"tcp://127.0.0.1:{port}")
     remote = subprocess.Popen(
-        [sys.executable, "-m", "daemon.cli", "worker", "executor", "--front", "127.0.0.1",
+        [sys.executable, "-m", "daemon.cli", "worker", "executor", "--front", "127.0.0.2",
          "--tcp-base-port", str(port + 1), "--model", str(model), "--batch-size", "4",
          "--max-wait-ms", "5", "--index", "100", "--log-format", "json"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
