@@ -125,8 +125,8 @@ def bench_batch_size(settings: BenchSettings, inputs: BenchInputs, manifest: Man
     # the compile cache if one is set)
     start_up = {"backend_open_s": time.perf_counter() - opening,
                 "compile_s": getattr(backend, "compile_seconds", None)}
-    say(f"batch {size}: {base.backend} backend open in {start_up['backend_open_s']:.1f} s"
-        + (f" (torch.compile {start_up['compile_s']:.1f} s of it)"
+    say(f"batch {size}: {base.backend} backend open in {start_up['backend_open_s']:.2f} s"
+        + (f" (torch.compile {start_up['compile_s']:.2f} s of it)"
            if start_up["compile_s"] is not None else ""))
     try:
         serial = SerialRunner(backend, manifest,

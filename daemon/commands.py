@@ -8,7 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from daemon.endpoint import default_endpoint
+from daemon.endpoint import default_endpoint, parse_endpoint
 
 EXIT_FAILED, EXIT_USAGE, EXIT_UNAVAILABLE = 1, 2, 4
 
@@ -287,6 +287,11 @@ def run_serve(args: argparse.Namespace) -> int:
     problem = check_exposure(endpoint, tuple(args.allow_root))
     if problem:
         return usage_error("serve", problem)
+    port = parse_endpoint(endpoint).port
+    if cfg.transport == "tcp" and port in cfg.tcp_port_range:
+        return usage_error("serve", f"--endpoint's port {port} is one of the internal ports "
+                                    f"{cfg.tcp_ports} (--tcp-base-port {cfg.tcp_base_port}); "
+                                    "move one of them")
     server = Server(ServeConfig(pipeline=cfg, endpoint=endpoint, watch=args.watch,
                                 max_queue=args.max_queue, drain_timeout_s=args.drain_timeout,
                                 metrics_json=args.metrics_json,

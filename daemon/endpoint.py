@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import ipaddress
 import os
@@ -73,6 +74,8 @@ def parse_endpoint(url: str) -> Endpoint:
     if scheme == "ipc":
         if not rest:
             raise bad("no path")
+        if rest.endswith("/") or Path(rest).name in ("", ".", ".."):
+            raise bad("the path names a directory, not a socket file in one")
         if len(rest.encode()) > IPC_PATH_MAX:
             raise bad(f"the path has {len(rest.encode())} bytes; a unix socket's name holds "
                       f"at most {IPC_PATH_MAX}")
@@ -117,13 +120,14 @@ def ipc_state(path: Path) -> str:
 class EndpointLocked(Exception):
     """Another serve holds the ipc path's lock: it is starting or serving there."""
 
-    def __init__(self, lock: Path, holder: str) -> None:
-        super().__init__(f"another pspnet serve (pid {holder}) is starting or serving there "
+    def __init__(self, lock: Path, holder: int | None) -> None:
+        who = f" (pid {holder})" if holder is not None else ""
+        super().__init__(f"another pspnet serve{who} is starting or serving there "
                          f"(it holds {lock})")
 
 
 def lock_file(socket_file: Path) -> Path:
-    return socket_file.with_name(socket_file.name + ".lock")
+    return Path(f"{socket_file}.lock")
 
 
 def lock_socket_file(socket_file: Path) -> int:
@@ -133,11 +137,14 @@ def lock_socket_file(socket_file: Path) -> int:
     left by a kill -9 stops nobody. Raises EndpointLocked, or OSError (cannot create it)."""
     lock = lock_file(socket_file)
     while True:
-        fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        # never through a link: the pid is written into whatever is opened
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
         try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise OSError(errno.EINVAL, "not a regular file", str(lock))
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+            holder = _live_pid(os.read(fd, 32))
             os.close(fd)
             raise EndpointLocked(lock, holder) from None
         except OSError:
@@ -159,6 +166,19 @@ def unlock_socket_file(socket_file: Path, fd: int) -> None:
             lock.unlink()
     finally:
         os.close(fd)
+
+
+def _live_pid(text: bytes) -> int | None:
+    """The holder's pid, if the file names a live process: it writes it just after it
+    locks, so a loser can read nothing yet, or the pid of a dead earlier holder."""
+    try:
+        pid = int(text.decode().strip())
+        os.kill(pid, 0)
+    except (ValueError, UnicodeDecodeError, ProcessLookupError):
+        return None
+    except PermissionError:       # alive, another user's
+        pass
+    return pid
 
 
 def _same_file(path: Path, fd: int) -> bool:

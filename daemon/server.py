@@ -11,6 +11,7 @@ left with an error. A signal during start-up stops the children and exits 1.
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import json
 import os
@@ -163,7 +164,16 @@ class Server:
             except EndpointLocked as exc:     # a daemon that answers is named as such
                 return _in_use(cfg.endpoint, path, otherwise=f"{cfg.endpoint}: {exc}")
             except OSError as exc:
-                return f"cannot lock {lock_file(path)}: {exc.strerror}"
+                if exc.errno in (errno.ENOENT, errno.ENOTDIR):
+                    return f"cannot listen at {cfg.endpoint}: no directory {path.parent}"
+                if exc.errno == errno.ELOOP:
+                    return (f"cannot listen at {cfg.endpoint}: {lock_file(path)} is a "
+                            "symbolic link; not writing through it")
+                if exc.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+                    return f"cannot listen at {cfg.endpoint}: {lock_file(path)}: " \
+                           f"{exc.strerror}"
+                # not ours to lock (another user's, a read-only folder): the checks below
+                # and the bind say what is there, as they did before the lock existed
             state = ipc_state(path)
             if state == LISTENING:
                 return _in_use(cfg.endpoint, path)

@@ -41,9 +41,14 @@ class PipelineConfig:
     log_json: bool | None = None               # None: JSON unless stderr is a TTY
 
     @property
+    def tcp_port_range(self) -> range:
+        """The internal tcp ports (--transport tcp)."""
+        return range(self.tcp_base_port, self.tcp_base_port + len(fields(Addresses)))
+
+    @property
     def tcp_ports(self) -> str:
         """'FIRST-LAST' of the internal tcp ports, for messages."""
-        return f"{self.tcp_base_port}-{self.tcp_base_port + len(fields(Addresses)) - 1}"
+        return f"{self.tcp_port_range[0]}-{self.tcp_port_range[-1]}"
 
     def resolved_run_dir(self) -> Path:
         if self.run_dir is not None:

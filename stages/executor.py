@@ -77,8 +77,9 @@ def main(cfg: PipelineConfig, addrs: Addresses, index: int, supervised: bool = T
     # a compile or a cold cache makes this the slowest part of a start; say how slow
     compile_s = getattr(backend, "compile_seconds", None)
     child.log.info("backend open", backend=cfg.backend, device=device, batch=batch,
-                   precision=cfg.precision, seconds=round(time.perf_counter() - opening, 2),
-                   compile_s=None if compile_s is None else round(compile_s, 2))
+                   precision=cfg.precision,
+                   backend_open_s=round(time.perf_counter() - opening, 2),
+                   **({} if compile_s is None else {"compile_s": round(compile_s, 2)}))
     # The runner thread waits on the device with the GIL released, then must win it back
     # from the assembling thread; at the default 5 ms switch interval that wait showed up
     # as 10-20% of an 80 ms batch (a sleep-as-device experiment on 2 cores). Hand over faster.

@@ -94,7 +94,7 @@ def bind(sock: zmq.Socket, addr: str, cfg: PipelineConfig) -> None:
     try:
         sock.bind(addr)
     except zmq.ZMQError as exc:
-        why = f"cannot listen at {addr}: {exc.strerror}"
+        why = f"cannot listen at {addr}: {zmq.strerror(exc.errno)}"  # (pyzmq's repeats addr)
         if cfg.transport == "tcp":
             why += (f" (--transport tcp uses ports {cfg.tcp_ports} on {cfg.tcp_host}; "
                     "choose another --tcp-base-port)")

@@ -86,7 +86,7 @@ def test_second_serve_on_a_live_endpoint_is_refused(tiny_models, tmp_path, trans
 
 
 @pytest.mark.parametrize("endpoint", ["tcp://127.0.0.1", "foo://bar", "tcp://127.0.0.1:99999",
-                                      "ipc://"])
+                                      "ipc://", "ipc://.", "ipc:///", "ipc:///tmp/"])
 def test_malformed_endpoint_is_refused_in_one_line(tiny_models, tmp_path, endpoint):
     line = one_line_error(serve(tiny_models["logits"], tmp_path, endpoint))
     assert line.startswith("pspnet serve: error: ") and "ipc://PATH" in line, line
@@ -294,3 +294,37 @@ def test_an_internal_tcp_port_in_use_is_named_not_a_traceback(tiny_models, tmp_p
     assert "--tcp-base-port" in failed["error"]
     assert not any(e.get("event") == "child started" for e in events)
     assert run_dirs(tmp_path) == []
+
+
+def test_the_lock_file_is_never_written_through_a_link(tiny_models, tmp_path):
+    socket_file = tmp_path / "front"
+    victim = tmp_path / "victim.txt"
+    victim.write_text("important data\n")
+    lock_file(socket_file).symlink_to(victim)
+    line = one_line_error(serve(tiny_models["logits"], tmp_path, f"ipc://{socket_file}"))
+    assert line.endswith(f"{lock_file(socket_file)} is a symbolic link; not writing through "
+                         "it"), line
+    assert victim.read_text() == "important data\n"
+    assert not socket_file.exists() and not run_dirs(tmp_path)
+
+
+def test_an_ipc_path_in_a_missing_folder_names_the_folder(tiny_models, tmp_path):
+    endpoint = f"ipc://{tmp_path}/no-such-dir/front"
+    line = one_line_error(serve(tiny_models["logits"], tmp_path, endpoint))
+    assert line == (f"pspnet serve: error: cannot listen at {endpoint}: no directory "
+                    f"{tmp_path}/no-such-dir"), line
+
+
+def test_a_lock_holder_that_has_not_written_its_pid_yet_is_not_misnamed(tmp_path):
+    """The holder writes its pid just after it locks: a loser in between reads an earlier,
+    dead holder's pid (or nothing), and must not name it."""
+    import fcntl
+
+    socket_file = tmp_path / "front"
+    lock_file(socket_file).write_text("999999999\n")        # no such process
+    with open(lock_file(socket_file), "r+") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)                     # locked, pid not yet written
+        with pytest.raises(EndpointLocked) as refused:
+            lock_socket_file(socket_file)
+    assert str(refused.value) == ("another pspnet serve is starting or serving there (it "
+                                  f"holds {lock_file(socket_file)})")
