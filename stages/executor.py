@@ -69,16 +69,14 @@ def main(cfg: PipelineConfig, addrs: Addresses, index: int, supervised: bool = T
         options = dict(cfg.backend_options)
         if cfg.executor_threads:
             options.setdefault("threads", str(cfg.executor_threads))
-        opening = time.perf_counter()
         backend = open_backend(cfg.backend, cfg.model_dir, batch, device=device,
                                precision=cfg.precision, options=options)
     except Exception as exc:  # any start-up failure is "cannot start", not a restart loop
         child.fatal(f"{cfg.backend} backend on {device}: {exc}")
     # a compile or a cold cache makes this the slowest part of a start; say how slow
-    compile_s = getattr(backend, "compile_seconds", None)
+    compile_s = backend.compile_seconds
     child.log.info("backend open", backend=cfg.backend, device=device, batch=batch,
-                   precision=cfg.precision,
-                   backend_open_s=round(time.perf_counter() - opening, 2),
+                   precision=cfg.precision, backend_open_s=round(backend.open_seconds, 2),
                    **({} if compile_s is None else {"compile_s": round(compile_s, 2)}))
     # The runner thread waits on the device with the GIL released, then must win it back
     # from the assembling thread; at the default 5 ms switch interval that wait showed up

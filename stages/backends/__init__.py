@@ -14,6 +14,7 @@ nothing pulls in aclruntime until an `acl` backend is opened.
 from __future__ import annotations
 
 import statistics
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
@@ -40,6 +41,9 @@ class Backend(Protocol):
     head: str                       # "logits" | "labels" (from the manifest)
     input_size: tuple[int, int]     # (H, W) of the uint8 NHWC input
     execute_times_ms: list[float]   # pure compute time of each execute, for the bench
+    open_seconds: float             # what opening took (load, compile, warm-up): set by
+                                    # open_backend; a daemon start pays it before batch one
+    compile_seconds: float | None   # torch.compile's share of it; None: no compile
 
     def host_buffers(self, slot: int) -> tuple[np.ndarray, np.ndarray]: ...
     def upload(self, slot: int, images: np.ndarray, boxes: np.ndarray) -> None: ...
@@ -67,24 +71,22 @@ def open_backend(
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
     model_dir = Path(model_dir)
     options = dict(options or {})
+    cls: type[BackendBase]
     if kind == "ort":
-        from stages.backends.ort import OrtBackend
-        return OrtBackend(model_dir, batch_size, device=device, precision=precision,
-                          options=options)
-    if kind == "torch":
-        from stages.backends.torch_backend import TorchBackend
-        return TorchBackend(model_dir, batch_size, device=device, precision=precision,
-                            options=options)
-    if kind == "acl":
-        from stages.backends.acl import AclBackend
-        return AclBackend(model_dir, batch_size, device=device, precision=precision,
-                          options=options)
-    if kind == SIMULATED:
-        from stages.backends.sim import SimBackend
-        return SimBackend(model_dir, batch_size, device=device, precision=precision,
-                          options=options)
-    raise ValueError(f"unknown backend {kind!r}; choose one of {', '.join(KINDS)} "
-                     f"(or {SIMULATED}: a simulated device)")
+        from stages.backends.ort import OrtBackend as cls
+    elif kind == "torch":
+        from stages.backends.torch_backend import TorchBackend as cls
+    elif kind == "acl":
+        from stages.backends.acl import AclBackend as cls
+    elif kind == SIMULATED:
+        from stages.backends.sim import SimBackend as cls
+    else:
+        raise ValueError(f"unknown backend {kind!r}; choose one of {', '.join(KINDS)} "
+                         f"(or {SIMULATED}: a simulated device)")
+    started = time.perf_counter()
+    backend = cls(model_dir, batch_size, device=device, precision=precision, options=options)
+    backend.open_seconds = time.perf_counter() - started
+    return backend
 
 
 def throughput(batch_size: int, execute_times_ms: list[float]) -> float:
@@ -120,6 +122,8 @@ class BackendBase:
         self.head = self.manifest.head
         self.input_size = (int(self.manifest.input_size[0]), int(self.manifest.input_size[1]))
         self.execute_times_ms: list[float] = []
+        self.open_seconds = 0.0                  # open_backend sets it
+        self.compile_seconds: float | None = None
         self._slots: list[object | None] = [None] * NUM_SLOTS      # uploaded, not launched
         self._launched: list[object | None] = [None] * NUM_SLOTS   # launched, not collected
         self._host: list[tuple[np.ndarray, np.ndarray]] = []

@@ -80,7 +80,6 @@ class TorchBackend(BackendBase):
         self.dtype = DTYPES[precision]
         self.cuda_graphs = option_flag(options, "cuda_graphs")
         self.compiled = option_flag(options, "compile")
-        self.compile_seconds: float | None = None
         warmup = option_int(options, "warmup")
         if kind == "cuda":
             if not torch.cuda.is_available():
