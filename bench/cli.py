@@ -14,16 +14,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-from daemon.commands import (
-    EXIT_FAILED,
-    EXIT_UNAVAILABLE,
-    HelpFormatter,
-    add_pipeline_args,
-    non_negative_int,
-    outputs_problem,
-    positive_int,
-    usage_error,
-)
+from daemon.commands import add_pipeline_args, usage_error
+from stages.cli_args import HelpFormatter, non_negative_int, outputs_problem, positive_int
+from stages.exits import EXIT_FAILED, EXIT_UNAVAILABLE
 
 DEFAULT_BATCH_SIZES = "1,4,8,16,32,64"
 

@@ -14,9 +14,9 @@ import sys
 from pathlib import Path
 from typing import Any, NoReturn
 
+from stages.exits import EXIT_FAILED, EXIT_USAGE
+
 PROG_ERROR = "pspnet build: error:"
-EXIT_USAGE = 2
-EXIT_VERIFY = 1
 MAX_BATCH = 256
 BUILD_EXTRAS = ("mmseg", "mmengine", "mmcv", "onnx", "onnxsim", "onnxscript", "ftfy", "regex")
 
@@ -111,7 +111,7 @@ def run(args: argparse.Namespace) -> int:
     from build_model.errors import BuildError
     from build_model.export import build
     from build_model.verify import VerifyError
-    from daemon.commands import outputs_problem
+    from stages.cli_args import outputs_problem
 
     if args.no_onnx and args.no_torch_program:
         print(f"{PROG_ERROR} nothing to build: --no-onnx and --no-torch-program together "
@@ -136,7 +136,7 @@ def run(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     except VerifyError as exc:
         print(f"{PROG_ERROR} verification failed: {_one_line(exc)}", file=sys.stderr)
-        return EXIT_VERIFY
+        return EXIT_FAILED
     except ModuleNotFoundError as exc:
         if (exc.name or "").split(".")[0] not in BUILD_EXTRAS:
             raise

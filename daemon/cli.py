@@ -9,8 +9,6 @@ from pathlib import Path
 
 from stages.logs import json_safe  # also for server/eval: status and JSON files
 
-EXIT_USAGE = 2
-
 EPILOG = """\
 commands in the order a new user meets them:
   pspnet demo                       the embedded default, end to end (small model, sample photos)

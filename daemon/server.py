@@ -26,7 +26,6 @@ from typing import Any
 import structlog
 import zmq
 
-from daemon.cli import json_safe
 from daemon.client import DUPLICATE_ID, Client, DaemonUnavailable
 from daemon.endpoint import (
     LISTENING,
@@ -44,9 +43,10 @@ from daemon.endpoint import (
 from daemon.watch import Record, Watcher
 from stages import wire
 from stages.config import PipelineConfig
+from stages.exits import EXIT_CANNOT_START, EXIT_FAILED, EXIT_OK, EXIT_USAGE
+from stages.logs import json_safe
 from stages.pipeline import Pipeline, PipelineError, StartInterrupted
 
-EXIT_OK, EXIT_FORCED, EXIT_USAGE, EXIT_CANNOT_START = 0, 1, 2, 3
 LOOP_MS = 50
 ANSWER_LINGER_MS = 2000      # on exit, the last answers may take this long to leave
 # A client message is one msgpack header (no array frames): a peer announcing a bigger frame
@@ -132,7 +132,7 @@ class Server:
         except StartInterrupted:
             self.log.warning("signal during start-up: children stopped, exiting; nothing was "
                              "served", signal=signal.Signals(self.signals[0]).name)
-            return EXIT_FORCED
+            return EXIT_FAILED
         except PipelineError as exc:
             self.log.error("cannot start", error=str(exc))
             return EXIT_CANNOT_START
@@ -236,7 +236,7 @@ class Server:
                                      pending=len(self.pipeline.pending))
                     self.stop_reason = "daemon stopped before this request finished (a " \
                                        "second signal: exit at once)"
-                    return EXIT_FORCED
+                    return EXIT_FAILED
                 self.log.info("signal, draining", signal=signal.Signals(signum).name,
                               pending=len(self.pipeline.pending))
                 self.stopping = True
@@ -257,7 +257,7 @@ class Server:
                                  pending=len(self.pipeline.pending))
                 self.stop_reason = ("daemon stopped before this request finished "
                                     f"(--drain-timeout {self.cfg.drain_timeout_s:g} s ran out)")
-                return EXIT_FORCED
+                return EXIT_FAILED
 
     # ---- clients -----------------------------------------------------------------------
 

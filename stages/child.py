@@ -23,7 +23,8 @@ import structlog
 import zmq
 
 from stages import wire
-from stages.config import EXIT_CANNOT_START, PipelineConfig
+from stages.config import PipelineConfig
+from stages.exits import EXIT_CANNOT_START
 from stages.logs import configure_logging
 
 SEND_LINGER_MS = 2000   # on exit, let queued answers reach the front

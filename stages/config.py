@@ -8,7 +8,6 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 DEFAULT_MAX_PIXELS = 50_000_000        # refuse larger images from the header, before decoding
-EXIT_CANNOT_START = 3                  # a child that cannot start (bad model, no backend)
 
 
 @dataclass(frozen=True)

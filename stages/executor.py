@@ -27,6 +27,7 @@ from stages import wire
 from stages.backends import Backend, open_backend
 from stages.child import SEND_LINGER_MS, Child, error_result
 from stages.config import Addresses, PipelineConfig
+from stages.exits import EXIT_FAILED
 from stages.manifest import Manifest
 
 STAGE = "executor"
@@ -39,7 +40,6 @@ IDLE_CHECK_MS = 1                     # past max_wait, how often to look whether
 # after this many failed batches in a row the executor exits, and the front restarts it
 # with a fresh one (the requests it held are retried once there).
 FAILED_IN_A_ROW_BEFORE_RESTART = 3
-EXIT_DEVICE_FAILED = 1
 
 
 @dataclass
@@ -88,7 +88,7 @@ def main(cfg: PipelineConfig, addrs: Addresses, index: int, supervised: bool = T
 def exit_for_restart(child: Child, reason: str) -> None:
     child.log.error("device keeps failing; exiting so that the front restarts this executor",
                     error=reason)
-    os._exit(EXIT_DEVICE_FAILED)
+    os._exit(EXIT_FAILED)
 
 
 class Executor:

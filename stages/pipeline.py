@@ -34,7 +34,8 @@ import zmq
 
 from stages import executor, postprocess, preprocess, wire
 from stages.child import STOP_SIGNAL, run_supervised
-from stages.config import EXIT_CANNOT_START, Addresses, PipelineConfig, private_dir
+from stages.config import Addresses, PipelineConfig, private_dir
+from stages.exits import EXIT_CANNOT_START
 from stages.labels import IoUAccumulator
 from stages.manifest import Manifest
 
