@@ -150,9 +150,8 @@ def run_eval(args: argparse.Namespace) -> int:
     from bench.progress import Progress
     from bench.voc import VocLayoutError, read_split
     from daemon.commands import pipeline_config
-    from stages.executor import pick_batch_size
     from stages.logs import configure_logging
-    from stages.manifest import Manifest
+    from stages.manifest import Manifest, pick_batch_size
 
     cfg = pipeline_config(args)
     configure_logging(cfg.log_level, cfg.log_json)

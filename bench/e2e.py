@@ -19,7 +19,7 @@ import numpy as np
 
 from bench import threads
 from stages import wire
-from stages.labels import IoUAccumulator
+from stages.metrics import IoUAccumulator
 from stages.pipeline import Pipeline
 
 STAGES = ("preprocess", "executor", "postprocess")

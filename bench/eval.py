@@ -26,12 +26,12 @@ from bench.voc import VocSplit
 from stages.config import PipelineConfig
 from stages.labels import (
     GroundTruthError,
-    IoUAccumulator,
     intersect_and_union,
     mask_path,
     read_ground_truth,
 )
 from stages.manifest import Manifest
+from stages.metrics import IoUAccumulator
 
 
 @dataclass

@@ -19,7 +19,6 @@ from stages.backends import Backend
 from stages.image_io import ImageError, decode_image, letterbox
 from stages.labels import (
     GroundTruthError,
-    IoUAccumulator,
     intersect_and_union,
     labels_from_labels,
     labels_from_logits,
@@ -28,6 +27,7 @@ from stages.labels import (
     write_mask,
 )
 from stages.manifest import Manifest
+from stages.metrics import IoUAccumulator
 from stages.wire import Placement
 
 

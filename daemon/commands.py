@@ -190,9 +190,8 @@ def run_serve(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
     from daemon.server import ServeConfig, Server, check_exposure
-    from stages.executor import pick_batch_size
     from stages.logs import configure_logging
-    from stages.manifest import Manifest
+    from stages.manifest import Manifest, pick_batch_size
 
     cfg = pipeline_config(args)
     configure_logging(cfg.log_level, cfg.log_json)

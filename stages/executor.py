@@ -28,7 +28,7 @@ from stages.backends import Backend, open_backend
 from stages.child import SEND_LINGER_MS, Child, error_result
 from stages.config import Addresses, PipelineConfig
 from stages.exits import EXIT_FAILED
-from stages.manifest import Manifest
+from stages.manifest import Manifest, pick_batch_size
 
 STAGE = "executor"
 NUM_SLOTS = 2
@@ -49,13 +49,6 @@ class Slot:
     images: np.ndarray        # uint8 B x H x W x 3
     boxes: np.ndarray         # int32 B x 4; zero rows are filler
     members: list[tuple[wire.Request, wire.Placement]]
-
-
-def pick_batch_size(manifest: Manifest, wanted: int | None) -> int:
-    if wanted is not None:
-        manifest.model_file(wanted)               # raises with the sizes on offer
-        return wanted
-    return 16 if 16 in manifest.models else max(manifest.models)
 
 
 def main(cfg: PipelineConfig, addrs: Addresses, index: int, supervised: bool = True,

@@ -117,3 +117,12 @@ class Manifest:
             raise ValueError(f"no model for batch size {batch_size}; this directory has "
                              f"{', '.join(map(str, self.batch_sizes))}")
         return self.models[batch_size]
+
+
+def pick_batch_size(manifest: Manifest, wanted: int | None) -> int:
+    """The static batch size to run: `wanted` if built (else ValueError naming those on
+    offer), by default 16 if built, else the largest."""
+    if wanted is not None:
+        manifest.model_file(wanted)               # raises with the sizes on offer
+        return wanted
+    return 16 if 16 in manifest.models else max(manifest.models)

@@ -36,8 +36,8 @@ from stages import executor, postprocess, preprocess, wire
 from stages.child import STOP_SIGNAL, run_supervised
 from stages.config import Addresses, PipelineConfig, private_dir
 from stages.exits import EXIT_CANNOT_START
-from stages.labels import IoUAccumulator
-from stages.manifest import Manifest
+from stages.manifest import Manifest, pick_batch_size
+from stages.metrics import IoUAccumulator
 
 QUEUED, AT_PREPROCESS, AT_EXECUTOR, AT_POSTPROCESS = "queued", "preprocess", "executor", "post"
 RESTART_BACKOFF_S = (0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
@@ -143,7 +143,7 @@ class Pipeline:
         self.cfg = cfg
         self.log = structlog.get_logger().bind(component="front")
         self.manifest = Manifest.read(cfg.model_dir)
-        batch = executor.pick_batch_size(self.manifest, cfg.batch_size)
+        batch = pick_batch_size(self.manifest, cfg.batch_size)
         self.max_inflight = cfg.max_inflight or max(64, 4 * batch * len(cfg.devices))
         self.pending: dict[str, Pending] = {}
         self.queue: collections.deque[str] = collections.deque()

@@ -20,7 +20,6 @@ from stages import labels as labels_mod
 from stages.image_io import letterbox_size
 from stages.labels import (
     GroundTruthError,
-    IoUAccumulator,
     intersect_and_union,
     labels_from_labels,
     labels_from_logits,
@@ -29,6 +28,7 @@ from stages.labels import (
     write_mask,
 )
 from stages.manifest import VOC_CLASSES, voc_palette
+from stages.metrics import IoUAccumulator
 from stages.wire import Placement
 from tests.bad_images import GT_EXPECT, write_corpus
 

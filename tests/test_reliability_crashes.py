@@ -20,7 +20,8 @@ import pytest
 from PIL import Image
 
 from stages import wire
-from stages.labels import IoUAccumulator, intersect_and_union, read_ground_truth
+from stages.labels import intersect_and_union, read_ground_truth
+from stages.metrics import IoUAccumulator
 from tests.reliability_helpers import Daemon, RawClient, ground_truths, kill9, linked_stream
 
 N = 1000

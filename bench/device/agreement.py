@@ -151,7 +151,8 @@ def to_labels(head: str, outputs, places, input_size) -> list[np.ndarray]:
 
 
 def compare(labels, truth, num_classes) -> dict:
-    from stages.labels import IoUAccumulator, intersect_and_union
+    from stages.labels import intersect_and_union
+    from stages.metrics import IoUAccumulator
 
     same = total = 0
     worst = 100.0
