@@ -1,9 +1,9 @@
 """`pspnet eval` and `pspnet bench`: arguments and what each runs.
 
 Why here and not in daemon/: these commands measure the daemon (accuracy, speed) rather
-than being part of it; `daemon.cli` picks this module up when it is installed. The shared
-flags (model, backend, workers...) come from `daemon.commands.add_pipeline_args`, so eval
-and bench run exactly the configuration `pspnet serve` would.
+than being part of it; `pspnet.cli` registers them. The shared flags (model, backend,
+workers...) come from `daemon.commands.add_pipeline_args`, so eval and bench run exactly
+the configuration `pspnet serve` would.
 """
 
 from __future__ import annotations

@@ -160,7 +160,7 @@ def print_report(outcome: EvalOutcome, doc: dict[str, Any], manifest: Manifest) 
 
 
 def write_json(path: Path, doc: dict[str, Any]) -> None:
-    from daemon.cli import json_safe
+    from stages.logs import json_safe
 
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(json_safe(doc), indent=2) + "\n")

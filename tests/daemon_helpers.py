@@ -20,7 +20,7 @@ class Daemon:
         self.endpoint = endpoint or f"ipc://{tmp}/front"
         self.log_path = tmp / f"daemon-{time.monotonic_ns()}.log"
         self.metrics = tmp / "final-metrics.json"
-        cmd = [sys.executable, "-m", "daemon.cli", "serve", "--model", str(model),
+        cmd = [sys.executable, "-m", "pspnet", "serve", "--model", str(model),
                "--backend", backend, "--out", str(out), "--endpoint", self.endpoint,
                "--metrics-json", str(self.metrics), "--log-format", "json", *extra]
         self.log = open(self.log_path, "w")  # noqa: SIM115

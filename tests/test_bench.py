@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from bench import executor_only
-from daemon.cli import main
+from pspnet.cli import main
 from stages.backends import open_backend
 from stages.manifest import Manifest
 

@@ -12,7 +12,7 @@ import torch
 
 from build_model.checkpoint import read_checkpoint
 from build_model.cli import add_build_parser
-from daemon.cli import main
+from pspnet.cli import main
 from tests.model_fixtures import tiny_checkpoint, tiny_config
 
 ERROR = "pspnet build: error:"
@@ -20,7 +20,7 @@ HEAVY = ("mmseg", "mmengine", "mmcv", "onnx", "onnxsim", "onnxscript", "onnxrunt
 
 
 def run_cli(argv: list[str], capsys) -> tuple[int, str]:
-    """daemon.cli.main(["build", ...]) -> (exit status, stderr)."""
+    """pspnet.cli.main(["build", ...]) -> (exit status, stderr)."""
     try:
         rc = main(["build", *argv])
     except SystemExit as exc:      # argparse-level errors exit from inside parse_args
@@ -48,7 +48,7 @@ def weights(tmp_path_factory):
 
 
 def test_import_does_not_load_the_build_stack():
-    code = ("import sys, build_model.cli, daemon.cli; "
+    code = ("import sys, build_model.cli, pspnet.cli; "
             f"print([m for m in {HEAVY!r} if m in sys.modules])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True).stdout

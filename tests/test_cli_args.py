@@ -12,7 +12,7 @@ import json
 
 import pytest
 
-from daemon.cli import main
+from pspnet.cli import main
 from tests.tiny_model import make_tiny_model_dir
 from tests.voc_folder import make_voc_folder
 

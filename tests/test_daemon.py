@@ -43,14 +43,14 @@ def test_serve_submit_status_50_images(tiny_models, photo_files, tmp_path):
         assert status["stages"]["preprocess"]["alive"] == 2
         # the command-line client: one JSON line per image, exit 0 only if all succeeded
         cli = subprocess.run(
-            [sys.executable, "-m", "daemon.cli", "submit", str(photo_files[0]),
+            [sys.executable, "-m", "pspnet", "submit", str(photo_files[0]),
              str(tmp_path / "nope.jpg"), "--endpoint", daemon.endpoint],
             capture_output=True, text=True, timeout=60)
         lines = [json.loads(line) for line in cli.stdout.splitlines()]
         assert cli.returncode == 1
         assert sorted(line["status"] for line in lines) == ["error", "ok"]
         assert {"id", "path", "status", "mask", "error", "latency_ms"} <= set(lines[0])
-        st = subprocess.run([sys.executable, "-m", "daemon.cli", "status", "--endpoint",
+        st = subprocess.run([sys.executable, "-m", "pspnet", "status", "--endpoint",
                              daemon.endpoint], capture_output=True, text=True, timeout=30)
         doc = json.loads(st.stdout)
         assert doc["front"]["ok"] == 51 and "images_per_s" in doc
@@ -73,7 +73,7 @@ def test_two_executors_over_tcp_loopback_and_a_remote_one(tiny_models, photo_fil
                     "--tcp-base-port", str(port + 1), "--batch-size", "4", "--max-wait-ms",
                     "5", endpoint=f"tcp://127.0.0.1:{port}")
     remote = subprocess.Popen(
-        [sys.executable, "-m", "daemon.cli", "worker", "executor", "--front", "127.0.0.2",
+        [sys.executable, "-m", "pspnet", "worker", "executor", "--front", "127.0.0.2",
          "--tcp-base-port", str(port + 1), "--model", str(model), "--batch-size", "4",
          "--max-wait-ms", "5", "--index", "100", "--log-format", "json"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -222,7 +222,7 @@ def test_help_explains_every_flag(command):
     parser = sub.choices[command]
     for action in parser._actions:
         assert action.help and len(action.help) > 10, (command, action.option_strings)
-    out = subprocess.run([sys.executable, "-m", "daemon.cli", command, "--help"],
+    out = subprocess.run([sys.executable, "-m", "pspnet", command, "--help"],
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 0 and "--endpoint" in out.stdout
 
@@ -253,14 +253,14 @@ def test_serve_refuses_bad_arguments_in_one_line(tmp_path):
     model = make_tiny_model_dir(tmp_path, batch_sizes=(1, 2))
     cases.append((["--model", str(model), "--batch-size", "16"], "no model for batch size 16"))
     for extra, words in cases:
-        out = subprocess.run([sys.executable, "-m", "daemon.cli", "serve", *extra],
+        out = subprocess.run([sys.executable, "-m", "pspnet", "serve", *extra],
                              capture_output=True, text=True, timeout=60)
         assert out.returncode == 2, out.stderr
         assert words in out.stderr and len(out.stderr.strip().splitlines()) == 1, out.stderr
 
 
 def test_non_loopback_endpoint_needs_allow_root(tiny_models, tmp_path):
-    out = subprocess.run([sys.executable, "-m", "daemon.cli", "serve", "--model",
+    out = subprocess.run([sys.executable, "-m", "pspnet", "serve", "--model",
                           str(tiny_models["logits"]), "--endpoint", "tcp://0.0.0.0:5999"],
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 2 and "--allow-root" in out.stderr, out.stderr
@@ -354,7 +354,7 @@ def test_children_exit_when_the_front_dies_with_its_stderr_pipe(tiny_models, tmp
 
     endpoint = f"ipc://{tmp_path}/front"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "daemon.cli", "serve", "--model", str(tiny_models["logits"]),
+        [sys.executable, "-m", "pspnet", "serve", "--model", str(tiny_models["logits"]),
          "--batch-size", "4", "--preprocess-workers", "1", "--postprocess-workers", "1",
          "--endpoint", endpoint, "--log-format", "json"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)

@@ -11,7 +11,7 @@ import pytest
 
 from bench.progress import Progress
 from bench.voc import VocLayoutError, read_split
-from daemon.cli import main
+from pspnet.cli import main
 from tests.mmseg_metric import mmseg_iou
 from tests.voc_folder import make_voc_folder
 

@@ -100,7 +100,7 @@ def test_every_bad_input_answered_daemon_keeps_running(tiny_models, photo_files,
         status = daemon.status()
         assert daemon.proc.poll() is None
         # the same counts through the command line
-        cli = subprocess.run([sys.executable, "-m", "daemon.cli", "status", "--endpoint",
+        cli = subprocess.run([sys.executable, "-m", "pspnet", "status", "--endpoint",
                               daemon.endpoint], capture_output=True, text=True, timeout=60)
         assert cli.returncode == 0, cli.stderr
         cli_status = json.loads(cli.stdout)
@@ -163,7 +163,7 @@ def test_only_local_endpoints_may_skip_allow_root(endpoint, exposed):
 
 
 def test_star_endpoint_without_allow_root_refused_at_start(tiny_models):
-    out = subprocess.run([sys.executable, "-m", "daemon.cli", "serve", "--model",
+    out = subprocess.run([sys.executable, "-m", "pspnet", "serve", "--model",
                           str(tiny_models["logits"]), "--endpoint", "tcp://*:5998"],
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 2 and "--allow-root" in out.stderr, out.stderr

@@ -40,7 +40,7 @@ def serve(model: Path, tmp_path: Path, endpoint: str, *flags: str, timeout_s: fl
     tmp = tmp_path / "tmp"
     tmp.mkdir(exist_ok=True)
     return subprocess.run(
-        [sys.executable, "-m", "daemon.cli", "serve", "--model", str(model), "--out",
+        [sys.executable, "-m", "pspnet", "serve", "--model", str(model), "--out",
          str(tmp_path / "masks2"), "--endpoint", endpoint, "--log-format", "json", *flags],
         capture_output=True, text=True, timeout=timeout_s,
         env={**os.environ, "TMPDIR": str(tmp)})
@@ -91,7 +91,7 @@ def test_malformed_endpoint_is_refused_in_one_line(tiny_models, tmp_path, endpoi
     line = one_line_error(serve(tiny_models["logits"], tmp_path, endpoint))
     assert line.startswith("pspnet serve: error: ") and "ipc://PATH" in line, line
     assert not run_dirs(tmp_path), "a run directory was made"
-    status = subprocess.run([sys.executable, "-m", "daemon.cli", "status", "--endpoint",
+    status = subprocess.run([sys.executable, "-m", "pspnet", "status", "--endpoint",
                              endpoint], capture_output=True, text=True, timeout=30)
     assert status.returncode == 2 and "Traceback" not in status.stderr, status.stderr
 
@@ -118,7 +118,7 @@ def test_client_without_daemon_answers_at_once(tmp_path):
     for path, words in ((missing, "does not exist"), (stale, "nothing listens")):
         for command in (["status"], ["submit", "/etc/hostname"]):
             t = time.monotonic()
-            out = subprocess.run([sys.executable, "-m", "daemon.cli", *command,
+            out = subprocess.run([sys.executable, "-m", "pspnet", *command,
                                   "--endpoint", f"ipc://{path}"],
                                  capture_output=True, text=True, timeout=30)
             took = time.monotonic() - t

@@ -233,7 +233,7 @@ step checkpoint 150 20 "$PY" bench/device/make_model.py checkpoint --config "$CO
 build_artifacts() {
     local extra=()
     read -r -a extra <<<"$BUILD_ARGS"
-    "$PY" -m daemon.cli build --config "$CONFIG" --checkpoint "$CKPT" --out "$MODEL" \
+    "$PY" -m pspnet build --config "$CONFIG" --checkpoint "$CKPT" --out "$MODEL" \
         --batch-sizes "$BATCH_SIZES" --input-size "$INPUT_SIZE" --head logits --no-atc \
         --no-onnx "${extra[@]}"
 }
@@ -286,7 +286,7 @@ bench_one() {
     IFS=',' read -r -a opts <<<"$options"
     for o in "${opts[@]}"; do [[ -n $o ]] && flags+=(--backend-option "$o"); done
     step "$name" "$max" "$min" \
-        "$PY" -m daemon.cli bench --model "$BENCH_MODEL" --backend torch --devices "$DEVICE" \
+        "$PY" -m pspnet bench --model "$BENCH_MODEL" --backend torch --devices "$DEVICE" \
         --precision "$PRECISION" --batch-sizes "$bs" --synthetic "$n" --repeats "$repeats" \
         --min-images "$min_images" --baseline-images "$baseline" \
         --no-masks --preprocess-workers "$PRE_WORKERS" --postprocess-workers "$POST_WORKERS" \
@@ -324,7 +324,7 @@ for bs in "${LATER[@]}"; do [[ -n $bs ]] && bench_one "$bs" "$WORK/parts" 35 "$B
 host_sim() {
     [[ -z $SIM_IMG_S ]] && return 0
     step host-sim "$SIM_MAX_S" "$SIM_MIN_S" \
-        "$PY" -m daemon.cli bench --model "$BENCH_MODEL" --backend sim \
+        "$PY" -m pspnet bench --model "$BENCH_MODEL" --backend sim \
         --backend-option "img_s=$SIM_IMG_S" --batch-sizes "$SIM_BATCH" --synthetic "$SYNTHETIC" \
         --min-images "$SIM_IMAGES" --repeats 1 --warmup 1 --no-masks \
         --preprocess-workers "$PRE_WORKERS" --postprocess-workers "$POST_WORKERS" \

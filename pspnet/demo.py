@@ -57,7 +57,7 @@ def run_demo(args: argparse.Namespace) -> int:
     say(f"starting the daemon ({args.backend}); its log: {log_path}")
     with open(log_path, "w") as log:
         daemon = subprocess.Popen(
-            [sys.executable, "-m", "daemon.cli", "serve", "--model", str(model_dir),
+            [sys.executable, "-m", "pspnet", "serve", "--model", str(model_dir),
              "--backend", args.backend, "--out", str(masks_dir), "--endpoint", endpoint,
              "--batch-size", "4", "--metrics-json", str(out / "metrics.json"),
              "--log-format", "json"], stdout=log, stderr=subprocess.STDOUT)

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import json
-import sys
-from pathlib import Path
 
-from stages.logs import json_safe  # also for server/eval: status and JSON files
+from bench.cli import add_parsers as add_bench_parsers
+from build_model.cli import add_build_parser
+from daemon.commands import add_daemon_parsers
+from pspnet.demo import add_parsers as add_demo_parser
+from pspnet.worker import add_worker_parser
 
 EPILOG = """\
 commands in the order a new user meets them:
@@ -28,32 +29,10 @@ def main(argv: list[str] | None = None) -> int:
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    from build_model.cli import add_build_parser
-    from daemon.commands import add_daemon_parsers
-
     add_build_parser(sub)
-    add_daemon_parsers(sub)
-    for extra in ("bench.cli", "daemon.demo"):
-        try:
-            module = __import__(extra, fromlist=["add_parsers"])
-        except ImportError:
-            continue
-        module.add_parsers(sub)
+    add_daemon_parsers(sub)                # serve, submit, status
+    add_worker_parser(sub)
+    add_bench_parsers(sub)                 # eval, bench
+    add_demo_parser(sub)
     args = parser.parse_args(argv)
     return int(args.run(args) or 0)
-
-
-def print_json(doc: object) -> None:
-    sys.stdout.write(json.dumps(json_safe(doc), default=str) + "\n")
-    sys.stdout.flush()
-
-
-def existing_dir(text: str) -> Path:
-    path = Path(text)
-    if not path.is_dir():
-        raise argparse.ArgumentTypeError(f"{text}: not a directory")
-    return path
-
-
-if __name__ == "__main__":
-    sys.exit(main())
