@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from stages.backends import (
+from stages.backends.base import (
     BackendBase,
     BackendUnavailable,
     check_options,

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from stages.backends import (
+from stages.backends.base import (
     BackendBase,
     check_options,
     option_flag,

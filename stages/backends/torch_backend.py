@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from stages.backends import (
+from stages.backends.base import (
     NUM_SLOTS,
     BackendBase,
     BackendUnavailable,
