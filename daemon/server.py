@@ -1,17 +1,21 @@
-"""`pspnet serve`: the supervisor loop around the pipeline, its clients and its signals.
+"""`pspnet serve`: the daemon's one loop around the front, its clients and its signals.
 
-The client socket is bound first (a taken or malformed endpoint fails before any child
-starts). Then one loop, the same steps each pass: handle recorded signals, let the pipeline
-dispatch, supervise and collect answers, answer clients, feed the watched folder. Signal
-handlers only record the signal. The first SIGTERM/SIGINT stops intake and drains (every
-accepted request is answered, the partial batch flushed), writes the final metrics, exits
-0; a second one, or --drain-timeout running out, exits 1 at once, after answering what is
-left with an error. A signal during start-up stops the children and exits 1.
+The client endpoint is claimed first (a taken or malformed endpoint fails before any
+worker starts), then the workers start. Then one loop, the same steps each pass: act on
+recorded signals, wait on the workers' and the clients' sockets, read each (a bounded
+number of messages, so neither side can hold the loop), supervise, deliver answers, feed
+the watched folder, dispatch, check the drain. Signal handlers only record the signal.
+The first SIGTERM, SIGINT or SIGHUP stops intake and drains (every accepted request is
+answered, the partial batch flushed), writes the final metrics, exits 0; a second one, or
+--drain-timeout running out, exits 1 at once, after answering what is left with an error.
+A signal during start-up stops the workers and exits 1. One client's bad message, or one
+request that cannot be handled, costs that message or request an error answer, never
+the daemon.
 """
 
 from __future__ import annotations
 
-import errno
+import dataclasses
 import ipaddress
 import json
 import os
@@ -26,36 +30,23 @@ from typing import Any
 import structlog
 import zmq
 
-from daemon.client import DUPLICATE_ID, Client, DaemonUnavailable
-from daemon.endpoint import (
-    LISTENING,
-    NOT_A_SOCKET,
-    PROBE_TIMEOUT_S,
-    STALE,
-    EndpointLocked,
-    ipc_state,
-    is_local,
-    lock_file,
-    lock_socket_file,
-    parse_endpoint,
-    unlock_socket_file,
-)
+from daemon.door import Door
+from daemon.endpoint import is_local
+from daemon.front import Front, PipelineError, StartInterrupted
 from daemon.watch import Record, Watcher
 from stages import wire
 from stages.config import PipelineConfig
 from stages.exits import EXIT_CANNOT_START, EXIT_FAILED, EXIT_OK, EXIT_USAGE
 from stages.logs import json_safe
-from stages.pipeline import Pipeline, PipelineError, StartInterrupted
 
 LOOP_MS = 50
-ANSWER_LINGER_MS = 2000      # on exit, the last answers may take this long to leave
-# A client message is one msgpack header (no array frames): a peer announcing a bigger frame
-# is disconnected by ZeroMQ before it is buffered (by default it would allocate whatever
-# size the peer claims and sends).
-MAX_CLIENT_FRAME_BYTES = wire.MAX_HEADER_BYTES
+CLIENT_READS_PER_TURN = 64   # per loop turn; ROUTER queues fairly between clients
+STATUS_CACHE_S = 0.1         # a status flood is answered from one document per 0.1 s
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 WARN_EVERY_S = 60.0          # malformed messages: one warning per sender per minute,
 WARN_LINES_PER_MIN = 20      # at most this many per minute over all senders,
 WARN_SENDERS_KEPT = 4096     # and a bounded memory of senders
+WATCH = "watch"              # the origin of watched files' requests
 
 
 @dataclass(frozen=True)
@@ -75,16 +66,18 @@ class Server:
         self.log = structlog.get_logger().bind(component="supervisor")
         self.signals: list[int] = []
         self.stopping = False
+        self.drain_deadline = 0.0
         self.record: Record | None = None
         self.watcher: Watcher | None = None
-        self.watched: dict[str, str] = {}     # request id -> file name (watch mode)
+        self.watched: dict[str, str] = {}     # watch request id -> file name
+        self.door = Door(cfg.endpoint)
+        self.counts: dict[str, int] = {"busy_replies": 0, "refused": 0, "malformed": 0,
+                                       "client_errors": 0, "bytes_in": 0, "bytes_out": 0}
         self._warned: dict[bytes, float] = {}   # sender -> last warning (monotonic)
         self._warn_lines: list[float] = []      # every warning line in the last minute
         self._warn_suppressed = 0
-        self.frontend: zmq.Socket | None = None
-        self._socket: tuple[Path, int, int] | None = None  # our ipc socket file, dev, inode
-        self._lock: tuple[Path, int] | None = None   # that file's path, our lock's descriptor
-        self._removed_stale: Path | None = None
+        self._status: tuple[float, list[Any]] = (0.0, [])   # built at, encoded frames
+        self.failure: str | None = None         # a thread of the front died: why
         self.stop_reason: str | None = None     # set when exiting before the drain finished
 
     # signal handlers only record
@@ -92,43 +85,41 @@ class Server:
         self.signals.append(signum)
 
     def serve(self) -> int:
-        """Claim the endpoint, start the children, serve until a signal. The exit status:
+        """Claim the endpoint, start the workers, serve until a signal. The exit status:
         0 drained, 1 stopped early (second signal, --drain-timeout ran out, a signal during
-        start-up), 2 endpoint unusable (nothing started), 3 a child cannot start."""
-        signal.signal(signal.SIGTERM, self._on_signal)
-        signal.signal(signal.SIGINT, self._on_signal)
-        problem = self._bind()          # before any child: a bad or taken endpoint fails fast
+        start-up, a thread of the front died), 2 endpoint unusable (nothing started),
+        3 a worker cannot start."""
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, self._on_signal)
+        problem = self.door.claim()        # before any worker: a bad endpoint fails fast
         if problem is not None:
-            self._release_endpoint()
             sys.stderr.write(f"pspnet serve: error: {problem}\n")
             sys.stderr.flush()
             return EXIT_USAGE
         try:
             return self._run()
         finally:
-            self._release_endpoint()
+            self.door.release()
 
     def _run(self) -> int:
-        cfg = self.cfg
-        self.log.info("config", endpoint=cfg.endpoint, model=str(cfg.pipeline.model_dir),
-                      backend=cfg.pipeline.backend, devices=list(cfg.pipeline.devices),
-                      out=str(cfg.pipeline.out_dir), watch=str(cfg.watch) if cfg.watch else None,
-                      preprocess=cfg.pipeline.preprocess_workers,
-                      postprocess=cfg.pipeline.postprocess_workers,
-                      batch_size=cfg.pipeline.batch_size, max_queue=cfg.max_queue,
+        cfg, pipe = self.cfg, self.cfg.pipeline
+        self.log.info("config", endpoint=cfg.endpoint, model=str(pipe.model_dir),
+                      backend=pipe.backend, devices=list(pipe.devices),
+                      out=str(pipe.out_dir), watch=str(cfg.watch) if cfg.watch else None,
+                      preprocess=pipe.preprocess_workers, postprocess=pipe.postprocess_workers,
+                      batch_size=pipe.batch_size, max_queue=cfg.max_queue,
                       drain_timeout_s=cfg.drain_timeout_s,
-                      allow_roots=[str(p) for p in cfg.allow_roots],
-                      transport=cfg.pipeline.transport)
-        pipe = cfg.pipeline
+                      liveness_timeout_s=pipe.liveness_timeout_s,
+                      allow_roots=[str(p) for p in cfg.allow_roots], transport=pipe.transport,
+                      client_connections_cap=self.door.cap)
         if pipe.transport == "tcp" and not ipaddress.ip_address(pipe.tcp_host).is_loopback:
             self.log.warning("internal ports open to the network, without authentication",
-                             host=pipe.tcp_host,
-                             ports=pipe.tcp_ports)
-        if self._removed_stale is not None:
-            self.log.info("removed a stale socket file", path=str(self._removed_stale))
-        self.pipeline = Pipeline(cfg.pipeline)
+                             host=pipe.tcp_host, port=pipe.tcp_ports)
+        if self.door.removed_stale is not None:
+            self.log.info("removed a stale socket file", path=str(self.door.removed_stale))
+        self.front = Front(pipe, around_spawn=self.door.reserve)
         try:
-            self.pipeline.start(interrupted=lambda: bool(self.signals))
+            self.front.start(interrupted=lambda: bool(self.signals))
         except StartInterrupted:
             self.log.warning("signal during start-up: children stopped, exiting; nothing was "
                              "served", signal=signal.Signals(self.signals[0]).name)
@@ -148,189 +139,182 @@ class Server:
         self._shutdown()
         return code
 
-    def _bind(self) -> str | None:
-        """Bind the client socket; or say in one line why not. An ipc socket file that a
-        live process listens on is refused (ZeroMQ would silently take the path over and
-        leave that daemon unreachable); one nobody listens on is left from a crash: removed."""
-        cfg = self.cfg
-        try:
-            target = parse_endpoint(cfg.endpoint)
-        except ValueError as exc:
-            return str(exc)
-        path = target.socket_file
-        if path is not None:
-            try:
-                self._lock = (path, lock_socket_file(path))
-            except EndpointLocked as exc:     # a daemon that answers is named as such
-                return _in_use(cfg.endpoint, path, otherwise=f"{cfg.endpoint}: {exc}")
-            except OSError as exc:
-                if exc.errno in (errno.ENOENT, errno.ENOTDIR):
-                    return f"cannot listen at {cfg.endpoint}: no directory {path.parent}"
-                if exc.errno == errno.ELOOP:
-                    return (f"cannot listen at {cfg.endpoint}: {lock_file(path)} is a "
-                            "symbolic link; not writing through it")
-                if exc.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
-                    return f"cannot listen at {cfg.endpoint}: {lock_file(path)}: " \
-                           f"{exc.strerror}"
-                # not ours to lock (another user's, a read-only folder): the checks below
-                # and the bind say what is there, as they did before the lock existed
-            state = ipc_state(path)
-            if state == LISTENING:
-                return _in_use(cfg.endpoint, path)
-            if state == NOT_A_SOCKET:
-                return f"{path} exists and is not a socket: not replacing it"
-            if state == STALE:
-                try:
-                    path.unlink(missing_ok=True)
-                except OSError as exc:
-                    return f"cannot remove the stale socket file {path}: {exc.strerror}"
-                self._removed_stale = path
-        self.ctx = zmq.Context()
-        self.frontend = self.ctx.socket(zmq.ROUTER)   # clients' DEALERs <-> daemon
-        self.frontend.setsockopt(zmq.LINGER, ANSWER_LINGER_MS)  # last answers get out
-        self.frontend.setsockopt(zmq.ROUTER_MANDATORY, 0)  # a gone client's answers drop
-        self.frontend.setsockopt(zmq.MAXMSGSIZE, MAX_CLIENT_FRAME_BYTES)
-        umask = os.umask(0o077)                   # the ipc socket file is 0600 from birth
-        try:
-            self.frontend.bind(cfg.endpoint)
-        except zmq.ZMQError as exc:
-            self.frontend.close(0)
-            self.ctx.term()
-            self.frontend = None
-            if exc.errno == zmq.EADDRINUSE:
-                return _in_use(cfg.endpoint, None)
-            return f"cannot listen at {cfg.endpoint}: {exc.strerror}"
-        finally:
-            os.umask(umask)
-        if path is not None:
-            os.chmod(path, 0o600)
-            st = os.stat(path)
-            self._socket = (path, st.st_dev, st.st_ino)
-        return None
-
-    def _release_endpoint(self) -> None:
-        """Close the client socket (answers already sent get ANSWER_LINGER_MS to leave) and
-        remove our ipc socket file: only ours, should another daemon have taken the path."""
-        if self.frontend is not None:
-            self.frontend.close()
-            self.ctx.term()
-            self.frontend = None
-        if self._socket is not None:
-            path, dev, ino = self._socket
-            try:
-                st = os.stat(path)
-                if (st.st_dev, st.st_ino) == (dev, ino):
-                    path.unlink()
-            except FileNotFoundError:
-                pass
-        if self._lock is not None:          # last: the next serve finds the path free
-            unlock_socket_file(*self._lock)
-            self._lock = None
+    # ---- the loop ----------------------------------------------------------------------
 
     def _loop(self) -> int:
+        front, clients = self.front, self.door.socket
+        poller = zmq.Poller()
+        poller.register(front.control, zmq.POLLIN)   # workers: notes, answers, heartbeats
+        poller.register(clients, zmq.POLLIN)         # clients: submits, status queries
         while True:
-            if self.signals:
-                signum = self.signals.pop(0)
-                if self.stopping:
-                    self.log.warning("second signal, exiting now", signal=signum,
-                                     pending=len(self.pipeline.pending))
-                    self.stop_reason = "daemon stopped before this request finished (a " \
-                                       "second signal: exit at once)"
-                    return EXIT_FAILED
-                self.log.info("signal, draining", signal=signal.Signals(signum).name,
-                              pending=len(self.pipeline.pending))
-                self.stopping = True
-                self.drain_deadline = time.monotonic() + self.cfg.drain_timeout_s
-                if self.watcher is not None:
-                    self.watcher.stop()
-            answers, ready = self.pipeline.poll(LOOP_MS, extra=[self.frontend])
-            for result, origin in answers:
-                self._deliver(result, origin)
-            if ready:
+            code = self._handle_signals()
+            if code is not None:
+                return code
+            ready = dict(poller.poll(LOOP_MS))
+            if front.control in ready:
+                front.read()
+            if clients in ready:
                 self._read_clients()
-            if self.watcher is not None and not self.stopping:
-                self._feed_watch()
-            if self.stopping and not self.pipeline.pending:
-                return EXIT_OK
-            if self.stopping and time.monotonic() > self.drain_deadline:
-                self.log.warning("drain timeout ran out", drain_timeout_s=self.cfg.drain_timeout_s,
-                                 pending=len(self.pipeline.pending))
-                self.stop_reason = ("daemon stopped before this request finished "
-                                    f"(--drain-timeout {self.cfg.drain_timeout_s:g} s ran out)")
+            front.supervise()
+            self._check_threads()
+            for result, origin in front.take_answers():
+                self._deliver(result, origin)
+            self._feed_watch()
+            front.dispatch()
+            code = self._drain_check()
+            if code is not None:
+                return code
+
+    def _handle_signals(self) -> int | None:
+        while self.signals:
+            signum = self.signals.pop(0)
+            name = signal.Signals(signum).name
+            if self.stopping:
+                self.log.warning("second signal, exiting now", signal=name,
+                                 pending=self.front.pending)
+                self.stop_reason = "daemon stopped before this request finished (a " \
+                                   "second signal: exit at once)"
                 return EXIT_FAILED
+            self.log.info("signal, draining", signal=name, pending=self.front.pending)
+            self._begin_drain()
+        return None
+
+    def _begin_drain(self) -> None:
+        self.stopping = True
+        self.drain_deadline = time.monotonic() + self.cfg.drain_timeout_s
+        if self.watcher is not None:
+            self.watcher.stop()
+
+    def _drain_check(self) -> int | None:
+        if not self.stopping:
+            return None
+        if not self.front.pending:
+            return EXIT_OK if self.failure is None else EXIT_FAILED
+        if time.monotonic() > self.drain_deadline:
+            self.log.warning("drain timeout ran out", drain_timeout_s=self.cfg.drain_timeout_s,
+                             pending=self.front.pending)
+            self.stop_reason = ("daemon stopped before this request finished "
+                                f"(--drain-timeout {self.cfg.drain_timeout_s:g} s ran out)")
+            return EXIT_FAILED
+        return None
+
+    def _check_threads(self) -> None:
+        """A thread of the front that died stops the daemon (drained, exit 1), loudly."""
+        if self.failure is not None:
+            return
+        dead = None
+        if not self.door.monitor_alive:
+            dead = "the client connection monitor thread died"
+        elif self.watcher is not None and not self.stopping and not self.watcher.alive:
+            dead = f"the watch thread died: {self.watcher.error or 'no error recorded'}"
+        if dead is not None:
+            self.failure = dead
+            self.log.error("a thread of the front died; draining and exiting", error=dead)
+            if not self.stopping:
+                self._begin_drain()
 
     # ---- clients -----------------------------------------------------------------------
 
     def _read_clients(self) -> None:
-        while True:
+        for _ in range(CLIENT_READS_PER_TURN):
             try:
-                identity, *frames = self.frontend.recv_multipart(zmq.NOBLOCK, copy=False)
+                identity, *frames = self.door.socket.recv_multipart(zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 return
+            self.counts["bytes_in"] += len(identity) + sum(len(f) for f in frames)
             client = identity.bytes
             try:
-                msg = wire.decode(frames, max_submit=1024)
-            except wire.WireError as exc:
-                self.pipeline.totals["malformed"] += 1
-                self._rate_limited_warning(client, str(exc))
-                ids = (exc.request_id,) if exc.request_id else ()
-                self._send(client, wire.Reply("error", ids, f"malformed message: {exc}"))
-                continue
-            if isinstance(msg, wire.StatusQuery):
-                self._send(client, wire.Reply("status", body=self.status()))
-            elif isinstance(msg, wire.Submit):
-                self._accept(client, msg.requests)
-            else:
-                self._send(client, wire.Reply("error", message=f"unexpected {type(msg).__name__}"))
+                self._client_message(client, frames)
+            except Exception as exc:        # one message costs an error answer, not the daemon
+                self.counts["client_errors"] += 1
+                self.log.exception("client message not handled", client=client.hex())
+                self._send(client, wire.Reply("error", message=f"internal error: {exc}"))
+
+    def _client_message(self, client: bytes, frames: list[zmq.Frame]) -> None:
+        try:
+            msg = wire.decode(frames, max_submit=1024)
+        except wire.WireError as exc:
+            self.counts["malformed"] += 1
+            self._rate_limited_warning(client, str(exc))
+            ids = (exc.request_id,) if exc.request_id else ()
+            self._send(client, wire.Reply("error", ids, f"malformed message: {exc}"))
+            return
+        if isinstance(msg, wire.StatusQuery):
+            self._send_frames(client, self._status_frames())
+        elif isinstance(msg, wire.Submit):
+            self._accept(client, msg.requests)
+        else:
+            self._send(client, wire.Reply("error", message=f"unexpected {type(msg).__name__}"))
 
     def _accept(self, client: bytes, requests: tuple[wire.Request, ...]) -> None:
         ids = tuple(r.id for r in requests)
         if self.stopping:
             self._send(client, wire.Reply("error", ids, "daemon is shutting down"))
             return
-        room = max(0, self.cfg.max_queue - len(self.pipeline.pending))
+        room = max(0, self.cfg.max_queue - self.front.pending)
         if len(requests) > room:
             # Take what fits, in order, and say `busy` for the rest: all-or-nothing would
             # starve a client sending big chunks behind one that sends small ones.
-            self.pipeline.totals["busy_replies"] += 1
+            self.counts["busy_replies"] += 1
             self._send(client, wire.Reply("busy", ids[room:], "queue full, retry later"))
             requests = requests[:room]
             if not requests:
                 return
-        refused, accepted = [], []
+        accepted: list[str] = []
         for r in requests:
-            problem = self._refuse(r)
-            if problem is None and not self.pipeline.submit(
-                    wire.Request(r.id, r.path, r.ann), origin=client):
-                problem = DUPLICATE_ID              # the client may resend after a restart
-            (refused if problem else accepted).append((r, problem))
+            try:
+                problem = self._admit(client, r)
+            except Exception as exc:        # e.g. a path the checks choke on
+                self.log.exception("request not handled", id=r.id)
+                problem = f"internal error: {type(exc).__name__}: {exc}"
+            if problem is None:
+                accepted.append(r.id)
+            elif problem == REPEAT_ELSEWHERE:
+                self._send(client, wire.Reply(
+                    "error", (r.id,), f"request id {r.id} is already in use for another "
+                                      "image; its first request stays"))
+            else:
+                self.counts["refused"] += 1
+                self._send(client, wire.Result(r.id, 0, wire.ERROR, r.path, error=problem,
+                                               stage="front"))
         if accepted:
-            self._send(client, wire.Reply("accepted", tuple(r.id for r, _ in accepted)))
-        for r, problem in refused:
-            self.pipeline.totals["refused"] += 1
-            self._send(client, wire.Result(r.id, 0, wire.ERROR, r.path, error=problem,
-                                           stage="front"))
+            self._send(client, wire.Reply("accepted", tuple(accepted)))
 
-    def _refuse(self, r: wire.Request) -> str | None:
-        if not os.path.isabs(r.path) or (r.ann is not None and not os.path.isabs(r.ann)):
-            return "paths must be absolute"
-        if self.cfg.allow_roots:
-            for p in (r.path, r.ann):
-                if p is not None and not _inside(Path(p), self.cfg.allow_roots):
-                    return f"path outside the allowed input roots: {p}"
-        return None
+    def _admit(self, client: bytes, r: wire.Request) -> str | None:
+        """None: accepted (a repeat of a pending id for the same image is the same
+        request: one answer); else why not."""
+        pending = self.front.ledger.find(client, r.id)
+        if pending is not None:
+            same = (pending.request.path, pending.request.ann) == (r.path, r.ann)
+            return None if same else REPEAT_ELSEWHERE
+        problem = refusal(r, self.cfg.allow_roots)
+        if problem is None:
+            self.front.submit(wire.Request(r.id, r.path, r.ann), origin=client)
+        return problem
+
+    def _status_frames(self) -> list[Any]:
+        built, frames = self._status
+        now = time.monotonic()
+        if now - built > STATUS_CACHE_S:
+            frames = wire.encode(wire.Reply("status", body=json_safe(self.status())))
+            self._status = (now, frames)
+        return frames
 
     def _send(self, client: bytes, msg: wire.Message) -> None:
+        self._send_frames(client, wire.encode(msg))
+
+    def _send_frames(self, client: bytes, frames: list[Any]) -> None:
         try:
-            self.frontend.send_multipart([client, *wire.encode(msg)], zmq.NOBLOCK)
+            self.door.socket.send_multipart([client, *frames], zmq.NOBLOCK)
         except zmq.ZMQError:
-            pass                                  # client gone or stuck: never block the loop
+            return                              # client gone or stuck: never block the loop
+        self.counts["bytes_out"] += len(client) + sum(len(f) for f in frames)
 
     def _deliver(self, result: wire.Result, origin: Any, record: bool = True) -> None:
         """To its client, and (watch mode, `record`) into the record of processed files."""
         if isinstance(origin, bytes):
-            self._send(origin, result)
-        name = self.watched.pop(result.id, None)
+            self._send(origin, dataclasses.replace(result, areas=None))   # the front's
+        name = self.watched.pop(result.id, None) if origin == WATCH else None
         if name is not None and record and self.record is not None:
             self.record.add(name, id=result.id, status=result.status, mask=result.mask,
                             error=result.error, attempt=result.attempt)
@@ -367,33 +351,37 @@ class Server:
         self._submit_watched(present)
 
     def _feed_watch(self) -> None:
-        self._submit_watched(self.watcher.poll())
+        if self.watcher is not None and not self.stopping:
+            self._submit_watched(self.watcher.poll())
 
     def _submit_watched(self, paths: list[Path]) -> None:
         for path in paths:
             rid = f"watch-{uuid.uuid4().hex[:12]}"
             self.watched[rid] = path.name
-            self.pipeline.submit(wire.Request(rid, str(path.absolute())))
+            self.front.submit(wire.Request(rid, str(path.absolute())), origin=WATCH)
 
     # ---- status and shutdown -----------------------------------------------------------
 
     def status(self) -> dict[str, Any]:
-        doc = self.pipeline.status()
+        doc = self.front.status()
         doc["daemon"] = {"pid": os.getpid(), "endpoint": self.cfg.endpoint,
                          "stopping": self.stopping, "watch": str(self.cfg.watch or "") or None,
-                         "busy_replies": self.pipeline.totals.get("busy_replies", 0),
-                         "refused": self.pipeline.totals.get("refused", 0)}
+                         "client_connections": self.door.state.connections,
+                         "accepting_connections": self.door.state.open,
+                         "client_connections_cap": self.door.cap,
+                         **self.counts}
         return doc
 
     def _shutdown(self) -> None:
         """Answer what is still pending (an exit before the drain finished), stop the
-        children, write the final metrics. Every accepted request is answered once."""
+        workers, write the final metrics. Every accepted request is answered once."""
         abandoned = self._abandon() if self.stop_reason else 0
         final = self.status()
-        final["daemon"].update(drained=not self.stop_reason, abandoned=abandoned)
+        final["daemon"].update(drained=not self.stop_reason, abandoned=abandoned,
+                               failure=self.failure)
         if self.watcher is not None:
             self.watcher.stop()
-        self.pipeline.close(drain=False)
+        self.front.close()
         if self.record is not None:
             self.record.close()
         if self.cfg.metrics_json is not None:
@@ -401,14 +389,14 @@ class Server:
             tmp.write_text(json.dumps(json_safe(final), indent=2) + "\n")
             tmp.replace(self.cfg.metrics_json)
         self.log.info("exit", drained=not self.stop_reason, abandoned=abandoned,
-                      reason=self.stop_reason, ok=final["front"]["ok"],
+                      reason=self.stop_reason or self.failure, ok=final["front"]["ok"],
                       errors=final["front"]["errors"], metrics=final["metrics"])
         sys.stderr.flush()
 
     def _abandon(self) -> int:
         """Answer every pending request with an error saying why the daemon stopped without
         it. Watched files are not recorded, so the next start processes them."""
-        answers = self.pipeline.abandon(self.stop_reason)
+        answers = self.front.abandon(self.stop_reason)
         for result, origin in answers:
             self._deliver(result, origin, record=False)
         if answers:
@@ -417,41 +405,52 @@ class Server:
         return len(answers)
 
 
-def _inside(path: Path, roots: tuple[Path, ...]) -> bool:
-    resolved = path.resolve()
-    return any(resolved.is_relative_to(root.resolve()) for root in roots)
+REPEAT_ELSEWHERE = "repeat elsewhere"   # _admit: a pending id reused for another image
 
 
-def _in_use(endpoint: str, path: Path | None, otherwise: str | None = None) -> str:
-    """Why the endpoint is taken, naming the daemon there when it answers a status query;
-    else `otherwise`, if given."""
-    if parse_endpoint(endpoint).host == "*":
-        return f"cannot listen at {endpoint}: the port is in use"
-    pid = None
+def refusal(r: wire.Request, allow_roots: tuple[Path, ...]) -> str | None:
+    """Why a request is refused at the door, before any file is opened; None: it is not."""
+    if not os.path.isabs(r.path) or (r.ann is not None and not os.path.isabs(r.ann)):
+        return "paths must be absolute"
+    for p in (r.path, r.ann) if allow_roots else ():
+        if p is None:
+            continue
+        resolved = _resolve(p)
+        if resolved is None:
+            return f"symbolic link loop: {p}"
+        if not any(resolved.is_relative_to(root) for root in _roots(allow_roots)):
+            return f"path outside the allowed input roots: {p}"
+    return None
+
+
+def _resolve(path: str) -> Path | None:
+    """The path with every link followed; None for a link loop (os.path.realpath would
+    stop there quietly, Path.resolve raise)."""
     try:
-        with Client(endpoint) as client:
-            daemon = client.status(timeout_s=PROBE_TIMEOUT_S).get("daemon")
-        if isinstance(daemon, dict):
-            pid = daemon.get("pid")
-    except (DaemonUnavailable, ValueError, zmq.ZMQError, wire.WireError):
-        pass                                      # not a daemon of ours, or a silent one
-    if pid is not None:
-        return f"a daemon (pid {pid}) already answers at {endpoint}"
-    if otherwise is not None:
-        return otherwise
-    where = f"on {path}" if path is not None else "there"
-    return (f"{endpoint} is in use: something listens {where} but gave no status within "
-            f"{PROBE_TIMEOUT_S:g} s (another program, or a daemon still starting)")
+        return Path(os.path.realpath(path, strict=True))
+    except FileNotFoundError:
+        return Path(os.path.realpath(path))       # missing: preprocess says so
+    except OSError:
+        return None                               # ELOOP, or another failure to resolve
+
+
+def _roots(allow_roots: tuple[Path, ...]) -> list[Path]:
+    return [Path(os.path.realpath(root)) for root in allow_roots]
 
 
 def check_exposure(endpoint: str, allow_roots: tuple[Path, ...]) -> str | None:
-    """A malformed endpoint is refused; a daemon reachable from other hosts must be told
-    which folders it may read."""
+    """A malformed endpoint is refused; a daemon reachable by others must be told which
+    folders it may read (other hosts over tcp; other local users on an abstract ipc name,
+    which has no file permissions)."""
     try:
         local = is_local(endpoint)
     except ValueError as exc:
         return str(exc)
     if not local and not allow_roots:
+        if endpoint.startswith("ipc://@"):
+            return (f"{endpoint} is an abstract socket that every local user can reach: "
+                    "pass --allow-root DIR for the folders clients may name, or use an ipc "
+                    "path (its file permissions keep others out)")
         return (f"{endpoint} is reachable from other hosts: pass --allow-root DIR for the "
                 "folders clients may name")
     return None

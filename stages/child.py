@@ -1,113 +1,150 @@
-"""What every stage process does the same way: start-up, heartbeat, fatal exit.
+"""What every stage process does the same way: its control socket, liveness, fatal exit.
 
-A child is started by the front with (config, addresses, index), through
-`run_supervised`: it ignores SIGINT and SIGTERM, because a Ctrl-C, `timeout` or systemd's
-stop reaches the whole process group or cgroup, and the front, draining, still needs its
-children; the front stops them itself with STOP_SIGNAL, whose default action ends the
-process. A worker started by hand (`pspnet worker`) ignores SIGINT and dies on SIGTERM.
-A background thread sends a `Stats` heartbeat once a second on its own socket.
+A worker is started by the front (`stages.worker`) or by hand (`pspnet worker`). It talks
+to the front over one DEALER (work and peer lists in; notes, answers and heartbeats out);
+pixels and outputs go straight to the next stage on sockets of their own.
+
+Liveness comes from the loop that does the work: it calls `tick()` on every turn (its
+polls time out at least every POLL_S), and the heartbeat leaves from there. A loop that
+stops turning (a hung call, SIGSTOP) sends nothing, and the front stops the process after
+--liveness-timeout. A helper thread the loop depends on (the executor's runner) is
+`watch`ed: the heartbeat reports it "stuck" once it has spent longer in one call than it
+may, and the process exits when it has died, so the front restarts it either way.
 """
 
 from __future__ import annotations
 
-import contextlib
-import importlib
 import os
-import signal
 import sys
 import threading
 import time
-from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import NoReturn
 
 import structlog
 import zmq
 
 from stages import wire
-from stages.config import PipelineConfig
-from stages.exits import EXIT_CANNOT_START
+from stages.config import Addresses, PipelineConfig
+from stages.exits import EXIT_CANNOT_START, EXIT_FAILED
 from stages.logs import configure_logging
 
 SEND_LINGER_MS = 2000   # on exit, let queued answers reach the front
-STOP_SIGNAL = signal.SIGUSR1   # the front's "stop now" (no handler: the process ends at once)
+POLL_S = 0.2            # a work loop waits at most this long before it turns again
 
 
+@dataclass
+class Watched:
+    """A helper thread whose progress the heartbeat vouches for."""
+
+    name: str
+    thread: threading.Thread | None = None
+    busy_since: float | None = None    # inside one call since (monotonic)
+    allowance_s: float = 0.0           # how long that call may take
+    error: str | None = None           # why it ended, when it did
+
+    def busy(self, allowance_s: float) -> None:
+        self.allowance_s = allowance_s
+        self.busy_since = time.monotonic()
+
+    def idle(self) -> None:
+        self.busy_since = None
+
+    def stuck(self, now: float) -> str | None:
+        since = self.busy_since
+        if since is None or now - since <= self.allowance_s:
+            return None
+        return (f"{self.name} thread inside one call for {now - since:.1f} s "
+                f"(allowed {self.allowance_s:.1f} s)")
+
+
+@dataclass
 class Child:
-    """Per-process state of one stage worker: its zmq context, counters and heartbeat."""
+    """Per-process state of one stage worker: its name, control socket, counters, liveness.
 
-    def __init__(self, stage: str, index: int, cfg: PipelineConfig, results_addr: str,
-                 watch_parent: bool = True) -> None:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        configure_logging(cfg.log_level, cfg.log_json, stage=stage, index=index, pid=os.getpid())
-        self.stage = stage
-        self.index = index
-        self.cfg = cfg
-        self.results_addr = results_addr
+    `inputs`, `outputs`, `capacity` and `batch` are what the front routes by; the stage
+    sets them before its first `tick()`, which introduces the worker to the front."""
+
+    stage: str
+    index: int
+    cfg: PipelineConfig
+    addrs: Addresses
+    supervised: bool = True
+    inputs: str = ""
+    outputs: str = ""
+    capacity: int = 0
+    batch: int = 0
+    counters: dict[str, float] = field(default_factory=dict)
+    watched: list[Watched] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.pid = os.getpid()
+        self.name = f"{self.stage}-{self.index}-{self.pid}"
+        configure_logging(self.cfg.log_level, self.cfg.log_json, stage=self.stage,
+                          index=self.index, pid=self.pid)
         self.log = structlog.get_logger()
         self.ctx = zmq.Context()
-        self.counters: dict[str, float] = {"processed": 0, "errors": 0, "busy_s": 0.0,
-                                           "queue": 0}
-        self.lock = threading.Lock()
-        self._stop = threading.Event()
-        self._gauge: Callable[[], dict[str, float]] | None = None
-        self._parent = os.getppid() if watch_parent else None
+        self.control = self.connect_control(self.name)
+        self.counters.update(processed=0, errors=0, busy_s=0.0, queue=0)
+        self.lock = threading.Lock()       # counters: the executor's runner counts too
+        self._next_beat = 0.0
+        self._parent = os.getppid() if self.supervised else None
+
+    def connect_control(self, identity: str) -> zmq.Socket:
+        """A DEALER to the front's control ROUTER; one per thread that talks to the front."""
+        sock = self.ctx.socket(zmq.DEALER)   # <-> front ROUTER: work in; notes, answers out
+        sock.setsockopt(zmq.IDENTITY, identity.encode())
+        sock.setsockopt(zmq.LINGER, SEND_LINGER_MS)
+        sock.setsockopt(zmq.SNDHWM, 0)       # notes are bounded by the work the front routes
+        sock.connect(self.addrs.control)
+        return sock
+
+    def send(self, msg: wire.Message) -> None:
+        """To the front, on the main thread's control socket."""
+        self.control.send_multipart(wire.encode(msg))
 
     def count(self, **deltas: float) -> None:
         with self.lock:
             for key, delta in deltas.items():
                 self.counters[key] = self.counters.get(key, 0) + delta
 
-    def set_gauges(self, gauge: Callable[[], dict[str, float]]) -> None:
-        """A callable sampled at each heartbeat (e.g. queue depth)."""
-        self._gauge = gauge
+    def watch(self, name: str) -> Watched:
+        """Register a helper thread (set `.thread` once it is made)."""
+        watched = Watched(name)
+        self.watched.append(watched)
+        return watched
 
-    def start_heartbeat(self) -> None:
-        threading.Thread(target=self._heartbeat, name="heartbeat", daemon=True).start()
+    def tick(self, queue: int | None = None) -> None:
+        """Called by the work loop on every turn: heartbeat when due, helper threads
+        checked, and the front checked where it started us."""
+        now = time.monotonic()
+        if now < self._next_beat:
+            return
+        self._next_beat = now + self.cfg.heartbeat_s
+        for w in self.watched:
+            if w.thread is not None and not w.thread.is_alive():
+                self.log.error("thread died; exiting so that the front restarts this worker",
+                               thread=w.name, error=w.error)
+                os._exit(EXIT_FAILED)    # the front restarts it
+        if self._parent is not None and os.getppid() != self._parent:
+            self.log.warning("front gone, exiting")
+            os._exit(EXIT_FAILED)
+        stuck = next((why for w in self.watched if (why := w.stuck(now))), None)
+        with self.lock:
+            if queue is not None:
+                self.counters["queue"] = queue
+            counters = dict(self.counters)
+        counters["cpu_s"] = time.process_time()     # every thread: what the host pays
+        self.control.send_multipart(wire.encode(wire.Heartbeat(
+            self.stage, self.index, self.pid, counters, inputs=self.inputs,
+            outputs=self.outputs, capacity=self.capacity, batch=self.batch, stuck=stuck)))
 
-    def _heartbeat(self) -> None:
-        sender = self.ctx.socket(zmq.PUSH)          # heartbeat -> front's results PULL
-        sender.setsockopt(zmq.LINGER, 0)
-        sender.connect(self.results_addr)
-        while True:
-            with self.lock:
-                counters = dict(self.counters)
-            counters["cpu_s"] = time.process_time()  # every thread: what the host pays
-            if self._gauge is not None:
-                counters.update(self._gauge())
-            try:
-                sender.send_multipart(
-                    wire.encode(wire.Stats(self.stage, self.index, os.getpid(), counters)),
-                    flags=zmq.NOBLOCK)
-            except zmq.Again:
-                pass                                 # front busy: the next beat will do
-            if self._stop.wait(self.cfg.heartbeat_s):
-                break
-            if self._parent is not None and os.getppid() != self._parent:
-                # the front died (kill -9): so do we. Its stderr may have gone with it (a
-                # closed pipe): a failed log line must not end this thread instead.
-                with contextlib.suppress(OSError):
-                    self.log.warning("front gone, exiting")
-                os._exit(1)
-        sender.close()
-
-    def fatal(self, message: str) -> None:
-        """Tell the front why this child cannot start, then exit with EXIT_CANNOT_START."""
+    def fatal(self, message: str) -> NoReturn:
+        """Tell the front why this worker cannot start, then exit with EXIT_CANNOT_START."""
         self.log.error("cannot start", error=message)
-        sender = self.ctx.socket(zmq.PUSH)          # one message -> front's results PULL
-        sender.setsockopt(zmq.LINGER, SEND_LINGER_MS)
-        sender.connect(self.results_addr)
-        sender.send_multipart(
-            wire.encode(wire.Stats(self.stage, self.index, os.getpid(), {}, fatal=message)))
-        sender.close()
-        self.ctx.term()
+        self.send(wire.Heartbeat(self.stage, self.index, self.pid, {}, fatal=message))
+        self.ctx.destroy(linger=SEND_LINGER_MS)
         sys.exit(EXIT_CANNOT_START)
-
-
-def run_supervised(module: str, name: str, *args: object) -> None:
-    """A process the front starts: ignore SIGINT/SIGTERM sent to the whole group before the
-    stage's heavy imports (so only the front's STOP_SIGNAL stops it), then run module.name."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    getattr(importlib.import_module(module), name)(*args)
 
 
 def error_result(request: wire.Request, stage: str, message: str) -> wire.Result:

@@ -1,17 +1,22 @@
 """Executor: one process per device; holds the model and keeps it busy.
 
-Double-buffered: two batch slots. The main thread fills a free slot's host buffers (the
-backend's, pinned on CUDA) with incoming images (up to the static batch size, or fewer
-once `max_wait_ms` has passed and the device has nothing else to run), then calls the
-backend's `upload` and `launch`: a device with a queue starts the batch right behind the
-running one. The runner thread collects slots in order and sends each image's output
-downstream. So the next batch is assembled, copied and queued while the current one runs,
-and the device never waits for the host to collect, send and relaunch. Filler rows of a
-partial batch carry an empty box and their outputs are never sent.
+Images come straight from the preprocess workers to a PULL socket the executor binds; the
+front routes it no more than its room (`capacity`: two batches), so a slow device is never
+sent more than it can take and a fast one asks for more as it goes. Double-buffered: two
+batch slots. The main thread fills a free slot's host buffers (the backend's, pinned on
+CUDA) with incoming images (up to the static batch size, or fewer once `max_wait_ms` has
+passed and the device has nothing else to run), calls the backend's `upload` and `launch`
+(a device with a queue starts the batch right behind the running one), and tells the front
+which requests it took: that room is free again. The runner thread collects slots in
+order and sends each image's output to a postprocess worker that has room for it (credits,
+on a ROUTER the executor binds), then tells the front where each went. So the next batch
+is assembled, copied and queued while the current one runs. Filler rows of a partial
+batch carry an empty box and their outputs are never sent.
 """
 
 from __future__ import annotations
 
+import collections
 import os
 import queue
 import sys
@@ -25,17 +30,18 @@ import zmq
 
 from stages import wire
 from stages.backends import Backend, open_backend
-from stages.child import SEND_LINGER_MS, Child, error_result
-from stages.config import Addresses, PipelineConfig
+from stages.child import POLL_S, Child, error_result
 from stages.exits import EXIT_FAILED
 from stages.manifest import Manifest, pick_batch_size
 
 STAGE = "executor"
 NUM_SLOTS = 2
-POLL_MS = 200
+ROOM_BATCHES = 2                      # images routed here and not yet taken: two batches
 KEEP_TIMINGS = 10_000
 SWITCH_INTERVAL_S = 0.0005
 IDLE_CHECK_MS = 1                     # past max_wait, how often to look whether the device is free
+SLOW_CALL_FACTOR = 4                  # a device call may take this x the slowest batch seen
+CREDIT_READS_PER_TURN = 256
 # A device error can poison the process for good (a CUDA error leaves the context unusable):
 # after this many failed batches in a row the executor exits, and the front restarts it
 # with a fresh one (the requests it held are retried once there).
@@ -51,11 +57,10 @@ class Slot:
     members: list[tuple[wire.Request, wire.Placement]]
 
 
-def main(cfg: PipelineConfig, addrs: Addresses, index: int, supervised: bool = True,
-         ) -> None:
-    """Run until killed. `supervised`: started by the front, so exit when it is gone."""
-    child = Child(STAGE, index, cfg, addrs.results, watch_parent=supervised)
-    device = cfg.devices[index] if index < len(cfg.devices) else cfg.devices[-1]
+def main(child: Child) -> None:
+    """Run until stopped."""
+    cfg = child.cfg
+    device = cfg.devices[child.index] if child.index < len(cfg.devices) else cfg.devices[-1]
     try:
         manifest = Manifest.read(cfg.model_dir)
         batch = pick_batch_size(manifest, cfg.batch_size)
@@ -75,7 +80,7 @@ def main(cfg: PipelineConfig, addrs: Addresses, index: int, supervised: bool = T
     # from the assembling thread; at the default 5 ms switch interval that wait showed up
     # as 10-20% of an 80 ms batch (a sleep-as-device experiment on 2 cores). Hand over faster.
     sys.setswitchinterval(SWITCH_INTERVAL_S)
-    Executor(child, cfg, addrs, backend).run()
+    Executor(child, backend).run()
 
 
 def exit_for_restart(child: Child, reason: str) -> None:
@@ -84,12 +89,23 @@ def exit_for_restart(child: Child, reason: str) -> None:
     os._exit(EXIT_FAILED)
 
 
+def bind(child: Child, sock: zmq.Socket, kind: str) -> str:
+    """Bind a data socket where the front's addressing says; the endpoint actually bound
+    (tcp: the port the system chose), or fatal."""
+    where = child.addrs.data(STAGE, child.index, kind)
+    try:
+        sock.bind(where)
+    except zmq.ZMQError as exc:
+        child.fatal(f"cannot listen at {where}: {zmq.strerror(exc.errno)}")
+    return sock.getsockopt_string(zmq.LAST_ENDPOINT)
+
+
 class Executor:
-    def __init__(self, child: Child, cfg: PipelineConfig, addrs: Addresses,
-                 backend: Backend, give_up: Callable[[str], None] | None = None) -> None:
+    def __init__(self, child: Child, backend: Backend,
+                 give_up: Callable[[str], None] | None = None) -> None:
         """`give_up(reason)`: called from the runner thread when the device keeps failing;
         by default the process exits for the front to restart it."""
-        self.child, self.cfg, self.addrs = child, cfg, addrs
+        self.child, self.cfg = child, child.cfg
         self.give_up = give_up or (lambda reason: exit_for_restart(child, reason))
         self.failed_in_a_row = 0
         self.backend = backend
@@ -99,26 +115,36 @@ class Executor:
         self.free: queue.Queue[int] = queue.Queue()
         for i in range(NUM_SLOTS):
             self.free.put(i)
-        self.ready: queue.Queue[int | None] = queue.Queue()
+        self.ready: queue.Queue[int] = queue.Queue()
         self.waiting = 0                      # images received, not yet in a running batch
         self.on_device = 0                    # batches queued for or inside execute
+        self.slowest_s: float | None = None   # the longest collect so far
         self.lock = threading.Lock()
-        child.set_gauges(lambda: {"queue": self.waiting})
+        self.images = child.ctx.socket(zmq.PULL)     # <- preprocess PUSHes: pixels
+        self.images.setsockopt(zmq.LINGER, 0)
+        self.outputs = child.ctx.socket(zmq.ROUTER)  # <-> postprocess DEALERs: credits in,
+        self.outputs.setsockopt(zmq.LINGER, -1)      # outputs out (the runner thread's)
+        self.outputs.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        child.inputs = bind(child, self.images, "in")
+        child.outputs = bind(child, self.outputs, "out")
+        child.capacity, child.batch = ROOM_BATCHES * self.batch, self.batch
+        self.runner = child.watch("runner")
 
     def run(self) -> None:
-        receiver = self.child.ctx.socket(zmq.PULL)   # images <- preprocess (via front)
-        receiver.setsockopt(zmq.LINGER, 0)
-        receiver.setsockopt(zmq.RCVHWM, 2 * self.batch)
-        receiver.connect(self.addrs.images_out)
-        runner = threading.Thread(target=self._run_batches, name="runner", daemon=True)
-        runner.start()
-        self.child.start_heartbeat()
+        thread = threading.Thread(target=self._runner_main, name="runner", daemon=True)
+        self.runner.thread = thread
+        thread.start()
         self.child.log.info("ready", backend=self.backend.name, batch=self.batch,
-                            head=self.backend.head, max_wait_ms=self.cfg.max_wait_ms)
-        while runner.is_alive():
-            slot_index = self.free.get()
+                            head=self.backend.head, max_wait_ms=self.cfg.max_wait_ms,
+                            images=self.child.inputs, outputs=self.child.outputs)
+        while True:
+            self.child.tick(queue=self.waiting)
+            try:
+                slot_index = self.free.get(timeout=POLL_S)
+            except queue.Empty:
+                continue                      # both slots on the device: keep beating
             slot = self.slots[slot_index]
-            self._fill(receiver, slot)
+            self._fill(slot)
             try:
                 self.backend.upload(slot_index, slot.images, slot.boxes)
                 self.backend.launch(slot_index)
@@ -126,9 +152,10 @@ class Executor:
                 self.launch_errors[slot_index] = exc
             with self.lock:
                 self.on_device += 1
+            self.child.send(wire.Took(tuple(r.id for r, _ in slot.members)))
             self.ready.put(slot_index)
 
-    def _fill(self, receiver: zmq.Socket, slot: Slot) -> None:
+    def _fill(self, slot: Slot) -> None:
         """Block for the first image, then take more until the batch is full, or until
         max_wait_ms has passed and the device is idle. While another batch runs, a partial
         batch would only queue behind it and cost as much as a full one: keep filling."""
@@ -136,27 +163,20 @@ class Executor:
         slot.boxes[:] = 0
         deadline = None
         while len(slot.members) < self.batch:
+            self.child.tick(queue=self.waiting)
             now = time.monotonic()
             if deadline is None:
-                timeout = POLL_MS
+                timeout = POLL_S * 1e3
             elif now < deadline:
-                timeout = (deadline - now) * 1e3
+                timeout = min(POLL_S, deadline - now) * 1e3
             elif self._device_idle():
                 return
             else:
                 timeout = IDLE_CHECK_MS
-            if not receiver.poll(timeout):
+            if not self.images.poll(timeout):
                 continue
-            frames = receiver.recv_multipart(copy=False)
-            try:
-                image = wire.decode_as(frames, wire.Image)
-                if image.pixels.shape != slot.images.shape[1:]:
-                    raise wire.WireError(f"pixels {image.pixels.shape}, model takes "
-                                         f"{slot.images.shape[1:]}", image.request.id)
-            except wire.WireError as exc:
-                self.child.log.warning("malformed message dropped", error=str(exc),
-                                       id=exc.request_id)
-                self.child.count(errors=1)
+            image = self._receive(slot)
+            if image is None:
                 continue
             row = len(slot.members)
             slot.images[row] = image.pixels
@@ -167,64 +187,137 @@ class Executor:
             if deadline is None:
                 deadline = time.monotonic() + self.cfg.max_wait_ms / 1e3
 
+    def _receive(self, slot: Slot) -> wire.Image | None:
+        frames = self.images.recv_multipart(copy=False)
+        try:
+            image = wire.decode_as(frames, wire.Image)
+            if image.pixels.shape != slot.images.shape[1:]:
+                raise wire.WireError(f"pixels {image.pixels.shape}, model takes "
+                                     f"{slot.images.shape[1:]}", image.request.id)
+        except wire.WireError as exc:
+            self.child.log.warning("malformed message dropped", error=str(exc),
+                                   id=exc.request_id)
+            self.child.count(errors=1)
+            return None
+        if image.to != self.child.name:       # meant for this executor's previous life:
+            self.child.count(stale_dropped=1)  # the front has retried it already
+            return None
+        return image
+
     def _device_idle(self) -> bool:
         with self.lock:
             return self.on_device == 0
 
+    def _allowance_s(self) -> float:
+        """How long one device call may take before the heartbeat calls it stuck: the
+        first batch may compile or warm caches; later ones, a few times the slowest."""
+        if self.slowest_s is None:
+            return max(self.cfg.liveness_timeout_s, self.cfg.start_timeout_s)
+        return max(self.cfg.liveness_timeout_s, SLOW_CALL_FACTOR * self.slowest_s)
+
+    # ---- the runner thread ---------------------------------------------------------------
+
+    def _runner_main(self) -> None:
+        try:
+            self._run_batches()
+        except BaseException as exc:          # the heartbeat sees the thread gone; say why
+            self.runner.error = f"{type(exc).__name__}: {exc}"
+            raise
+
     def _run_batches(self) -> None:
-        sender = self.child.ctx.socket(zmq.PUSH)     # outputs -> postprocess (via front)
-        sender.setsockopt(zmq.LINGER, -1)
-        sender.connect(self.addrs.outputs_in)
-        notes = self.child.ctx.socket(zmq.PUSH)      # progress and errors -> front
-        notes.setsockopt(zmq.LINGER, -1)
-        notes.connect(self.addrs.results)
-        head = self.backend.head
+        notes = self.child.connect_control(f"{self.child.name}/runner")  # -> front ROUTER
+        credits: dict[bytes, int] = {}        # postprocess identity -> outputs it can take
         while True:
             slot_index = self.ready.get()
             slot = self.slots[slot_index]
             members = list(slot.members)
-            times = self.backend.execute_times_ms
-            timed = len(times)
-            started = time.perf_counter()
-            try:
-                failed = self.launch_errors.pop(slot_index, None)
-                if failed is not None:
-                    raise failed
-                out = self.backend.collect(slot_index)
-            except Exception as exc:
-                self.child.log.exception("batch failed", size=len(members))
-                for request, _ in members:
-                    notes.send_multipart(wire.encode(
-                        error_result(request, STAGE, f"inference failed: {exc}")))
-                self.child.count(errors=len(members))
-                self.failed_in_a_row += 1
-                if self.failed_in_a_row >= FAILED_IN_A_ROW_BEFORE_RESTART:
-                    for sock in (sender, notes):
-                        sock.close(linger=SEND_LINGER_MS)   # the error answers reach the front
-                    self.give_up(f"{self.failed_in_a_row} batches in a row failed; "
-                                 f"the last: {exc}")
-                    return
-                out = None
-            else:
-                self.failed_in_a_row = 0
-            # device time where the backend measures it (collect of a queued batch also
-            # waits for the one ahead of it), else the wall time of the call
-            busy = sum(times[timed:]) / 1e3 if len(times) > timed else \
-                time.perf_counter() - started
+            out = self._collect(slot_index, members, notes)
             with self.lock:
                 self.on_device -= 1
                 self.waiting -= len(members)
-            if len(times) > KEEP_TIMINGS:     # a daemon runs for weeks
-                del times[:-KEEP_TIMINGS // 2]
             self.free.put(slot_index)                # host slot may be refilled now
-            if out is None:
+            if out is not None:
+                self._send_outputs(members, out, notes, credits)
+
+    def _collect(self, slot_index: int, members: list[tuple[wire.Request, wire.Placement]],
+                 notes: zmq.Socket) -> np.ndarray | None:
+        """The slot's outputs, or None after answering its images with the error."""
+        times = self.backend.execute_times_ms
+        timed = len(times)
+        started = time.perf_counter()
+        self.runner.busy(self._allowance_s())
+        try:
+            failed = self.launch_errors.pop(slot_index, None)
+            if failed is not None:
+                raise failed
+            out = self.backend.collect(slot_index)
+        except Exception as exc:
+            self.runner.idle()
+            self.child.log.exception("batch failed", size=len(members))
+            for request, _ in members:
+                notes.send_multipart(wire.encode(
+                    error_result(request, STAGE, f"inference failed: {exc}")))
+            self.child.count(errors=len(members))
+            self.failed_in_a_row += 1
+            if self.failed_in_a_row >= FAILED_IN_A_ROW_BEFORE_RESTART:
+                time.sleep(0.2)                       # let the error answers leave
+                self.give_up(f"{self.failed_in_a_row} batches in a row failed; "
+                             f"the last: {exc}")
+                self.failed_in_a_row = 0
+            return None
+        self.runner.idle()
+        self.failed_in_a_row = 0
+        wall = time.perf_counter() - started
+        self.slowest_s = max(self.slowest_s or 0.0, wall)
+        # device time where the backend measures it (collect of a queued batch also
+        # waits for the one ahead of it), else the wall time of the call
+        busy = sum(times[timed:]) / 1e3 if len(times) > timed else wall
+        if len(times) > KEEP_TIMINGS:         # a daemon runs for weeks
+            del times[:-KEEP_TIMINGS // 2]
+        self.child.count(processed=len(members), batches=1, busy_s=busy,
+                         filler=self.batch - len(members))
+        self.child.log.debug("batch", size=len(members), ms=round(busy * 1e3, 2))
+        return out
+
+    def _send_outputs(self, members: list[tuple[wire.Request, wire.Placement]],
+                      out: np.ndarray, notes: zmq.Socket, credits: dict[bytes, int]) -> None:
+        """Each output to a postprocess worker with room, then one note per worker."""
+        head = self.backend.head
+        sent: dict[bytes, list[str]] = collections.defaultdict(list)
+        for row, (request, placement) in enumerate(members):
+            frames = wire.encode(wire.Output(request, placement, head, out[row]))
+            while True:
+                worker = self._take_credit(credits)
+                try:
+                    self.outputs.send_multipart([worker, *frames], flags=zmq.NOBLOCK,
+                                                copy=False)
+                except zmq.ZMQError:          # gone (ROUTER_MANDATORY) or not reading
+                    credits.pop(worker, None)
+                    continue
+                sent[worker].append(request.id)
+                break
+        for worker, ids in sent.items():
+            notes.send_multipart(wire.encode(wire.Handed(tuple(ids), worker.decode())))
+
+    def _take_credit(self, credits: dict[bytes, int]) -> bytes:
+        """The postprocess worker with the most room; waits for one when none has any
+        (the device then stops being fed: backpressure, not a fault)."""
+        self._read_credits(credits, timeout_ms=0)
+        while not any(n > 0 for n in credits.values()):
+            self._read_credits(credits, timeout_ms=POLL_S * 1e3)
+        worker = max(credits, key=credits.__getitem__)
+        credits[worker] -= 1
+        return worker
+
+    def _read_credits(self, credits: dict[bytes, int], timeout_ms: float) -> None:
+        for _ in range(CREDIT_READS_PER_TURN):
+            if not self.outputs.poll(timeout_ms):
+                return
+            timeout_ms = 0
+            worker, *frames = self.outputs.recv_multipart()
+            try:
+                credit = wire.decode_as(frames, wire.Credit)
+            except wire.WireError as exc:
+                self.child.log.warning("malformed credit dropped", error=str(exc))
                 continue
-            for row, (request, placement) in enumerate(members):
-                sender.send_multipart(
-                    wire.encode(wire.Output(request, placement, head, out[row])), copy=False)
-            notes.send_multipart(wire.encode(
-                wire.Progress(STAGE, self.child.index, tuple(r.id for r, _ in members))))
-            self.child.count(processed=len(members), batches=1, busy_s=busy,
-                             filler=self.batch - len(members))
-            self.child.log.debug("batch", size=len(members), ms=round(busy * 1e3, 2),
-                                 pid=os.getpid())
+            credits[worker] = credits.get(worker, 0) + credit.credits

@@ -1,7 +1,10 @@
 """Postprocess worker: one image's logits or labels -> mask PNG and IoU areas.
 
-The areas (intersect, union, pred, label per class) travel back with the answer and the
-front sums them, so a crashed worker loses no metric state.
+It asks each executor for work: one DEALER per executor (the front's `Peers` list says
+where they listen), and credits on it for as many outputs as it can hold; each output
+done returns one credit to the executor it came from. So a slow worker is never sent more
+than it can take, and the answer (with the areas: intersect, union, pred, label per class)
+goes to the front, which sums them, so a crashed worker loses no metric state.
 """
 
 from __future__ import annotations
@@ -14,8 +17,8 @@ import torch
 import zmq
 
 from stages import wire
-from stages.child import Child, error_result
-from stages.config import Addresses, PipelineConfig, output_problem
+from stages.child import POLL_S, Child, error_result
+from stages.config import output_problem
 from stages.labels import (
     GroundTruthError,
     intersect_and_union,
@@ -28,13 +31,11 @@ from stages.labels import (
 from stages.manifest import Manifest
 
 STAGE = "postprocess"
-POLL_MS = 500
 
 
-def main(cfg: PipelineConfig, addrs: Addresses, index: int, supervised: bool = True,
-         ) -> None:
-    """Run until killed. `supervised`: started by the front, so exit when it is gone."""
-    child = Child(STAGE, index, cfg, addrs.results, watch_parent=supervised)
+def main(child: Child) -> None:
+    """Run until stopped."""
+    cfg = child.cfg
     torch.set_num_threads(max(1, cfg.worker_threads))
     try:
         manifest = Manifest.read(cfg.model_dir)
@@ -45,33 +46,73 @@ def main(cfg: PipelineConfig, addrs: Addresses, index: int, supervised: bool = T
         problem = output_problem(out_dir, directory=True)
         if problem:                      # every mask would fail; a crash would only restart us
             child.fatal(f"mask directory (--out) {problem}")
-
-    receiver = child.ctx.socket(zmq.PULL)       # outputs <- executors (via front)
-    receiver.setsockopt(zmq.LINGER, 0)
-    receiver.setsockopt(zmq.RCVHWM, 8)          # hold little: a crash loses little
-    receiver.connect(addrs.outputs_out)
-    results = child.ctx.socket(zmq.PUSH)        # answers -> front
-    results.setsockopt(zmq.LINGER, -1)
-    results.connect(addrs.results)
-
-    child.start_heartbeat()
+    inboxes = Inboxes(child)
     child.log.info("ready", masks=str(out_dir) if out_dir else None)
     while True:
-        if not receiver.poll(POLL_MS):
-            continue
-        frames = receiver.recv_multipart(copy=False)
-        started = time.perf_counter()
+        child.tick()
+        ready = inboxes.poll(POLL_S * 1e3)
+        if child.control in ready:
+            inboxes.read_peers()            # may close an inbox that was ready
+        for sock in ready:                  # one output per executor per turn: fair
+            if sock not in inboxes.open:
+                continue
+            frames = sock.recv_multipart(copy=False)
+            started = time.perf_counter()
+            try:
+                output = wire.decode_as(frames, wire.Output)
+            except wire.WireError as exc:
+                child.log.warning("malformed message dropped", error=str(exc),
+                                  id=exc.request_id)
+                child.count(errors=1)
+                sock.send_multipart(wire.encode(wire.Credit(1)))
+                continue
+            result = finish(output, manifest, out_dir)
+            child.send(result)
+            sock.send_multipart(wire.encode(wire.Credit(1)))
+            child.count(processed=int(result.status == wire.OK),
+                        errors=int(result.status != wire.OK),
+                        busy_s=time.perf_counter() - started)
+
+
+class Inboxes:
+    """One DEALER per executor, kept in step with the front's Peers list."""
+
+    def __init__(self, child: Child) -> None:
+        self.child = child
+        self.by_executor: dict[str, zmq.Socket] = {}
+        self.poller = zmq.Poller()
+        self.poller.register(child.control, zmq.POLLIN)
+
+    @property
+    def open(self) -> list[zmq.Socket]:
+        return list(self.by_executor.values())
+
+    def poll(self, timeout_ms: float) -> list[zmq.Socket]:
+        return [sock for sock, _ in self.poller.poll(timeout_ms)]
+
+    def read_peers(self) -> None:
+        frames = self.child.control.recv_multipart(copy=False)
         try:
-            output = wire.decode_as(frames, wire.Output)
+            peers = wire.decode_as(frames, wire.Peers)
         except wire.WireError as exc:
-            child.log.warning("malformed message dropped", error=str(exc), id=exc.request_id)
-            child.count(errors=1)
-            continue
-        result = finish(output, manifest, out_dir)
-        results.send_multipart(wire.encode(result))
-        child.count(processed=int(result.status == wire.OK),
-                    errors=int(result.status != wire.OK),
-                    busy_s=time.perf_counter() - started)
+            self.child.log.warning("malformed message dropped", error=str(exc))
+            return
+        wanted = dict(peers.executors)
+        for name in [n for n in self.by_executor if n not in wanted]:
+            sock = self.by_executor.pop(name)
+            self.poller.unregister(sock)
+            sock.close(0)                       # what it still held is retried by the front
+        for name, address in wanted.items():
+            if name in self.by_executor:
+                continue
+            sock = self.child.ctx.socket(zmq.DEALER)  # credits out, outputs in <-> executor
+            sock.setsockopt(zmq.IDENTITY, self.child.name.encode())
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.connect(address)
+            sock.send_multipart(wire.encode(wire.Credit(peers.credits)))
+            self.by_executor[name] = sock
+            self.poller.register(sock, zmq.POLLIN)
+        self.child.log.info("executors", executors=sorted(wanted))
 
 
 def finish(output: wire.Output, manifest: Manifest, out_dir: Path | None) -> wire.Result:

@@ -18,27 +18,34 @@ from typing import Any, TypeVar
 import msgpack
 import numpy as np
 
-WIRE_VERSION = 1
+WIRE_VERSION = 2
 MAX_HEADER_BYTES = 64 * 1024        # msgpack header frame
 MAX_STRING_CHARS = 4096             # paths, ids, error messages
+MAX_NAME_CHARS = 64                 # a worker's name: stage-index-pid
 MAX_SIDE_PIXELS = 8192              # model input side, output side
 MAX_CLASSES = 1024
 MAX_FRAMES = 4
 MAX_STATS_ENTRIES = 64
+MAX_IDS = 4096                      # ids in one note
+MAX_PEERS = 256                     # executors in one peers message
 
-# Message kinds: explicit, never inferred from frame counts.
-REQUEST = "request"      # front -> preprocess: one image path to run
-READY = "ready"          # preprocess -> front: credits, "give me this many more"
+# Message kinds: explicit, never inferred from frame counts. Pixels and outputs flow between
+# the stage processes (DISPATCH names where to send them); the front carries control only.
+DISPATCH = "dispatch"    # front -> preprocess: decode this, send the pixels to executor `to`
 IMAGE = "image"          # preprocess -> executor: letterboxed uint8 pixels
 OUTPUT = "output"        # executor -> postprocess: one image's logits or labels
-RESULT = "result"        # any stage -> front: the answer for one request
-STATS = "stats"          # every child -> front, once a second: heartbeat and counters
-PROGRESS = "progress"    # executor -> front: these requests have left the executor
+CREDIT = "credit"        # postprocess -> executor: room for this many more outputs
+TOOK = "took"            # executor -> front: these requests are in a batch (room again)
+HANDED = "handed"        # preprocess / executor -> front: these requests left me for `to`
+RESULT = "result"        # a stage -> front, front -> client: the answer for one request
+HEARTBEAT = "heartbeat"  # every worker -> front, from its work loop: alive, where, counters
+PEERS = "peers"          # front -> postprocess: the executors' output addresses
 SUBMIT = "submit"        # client -> daemon: run these paths
 STATUS = "status"        # client -> daemon: how are things
 REPLY = "reply"          # daemon -> client: answer to submit (accepted/busy) or status
 
-KINDS = (REQUEST, READY, IMAGE, OUTPUT, RESULT, STATS, PROGRESS, SUBMIT, STATUS, REPLY)
+KINDS = (DISPATCH, IMAGE, OUTPUT, CREDIT, TOOK, HANDED, RESULT, HEARTBEAT, PEERS, SUBMIT,
+         STATUS, REPLY)
 OK, ERROR = "ok", "error"
 ARRAY_DTYPES = {"uint8", "int32", "int64", "float16", "float32"}
 
@@ -78,9 +85,20 @@ class Placement:
 
 
 @dataclass(frozen=True)
+class Dispatch:
+    """Front -> preprocess: one request, and the executor (`to`, listening at `address`)
+    whose room the front has set aside for its pixels."""
+
+    request: Request
+    to: str                       # the executor's name, stage-index-pid
+    address: str                  # where that executor receives images
+
+
+@dataclass(frozen=True)
 class Image:
     request: Request
     placement: Placement
+    to: str                       # the executor meant: one restarted since drops it
     pixels: np.ndarray            # uint8 S x S x 3, RGB
 
 
@@ -90,6 +108,13 @@ class Output:
     placement: Placement
     head: str                     # "logits" (C x h x w float) or "labels" (S x S uint8)
     data: np.ndarray
+
+
+@dataclass(frozen=True)
+class Credit:
+    """Postprocess -> executor: room for `credits` more outputs from that executor."""
+
+    credits: int
 
 
 @dataclass(frozen=True)
@@ -105,32 +130,44 @@ class Result:
 
 
 @dataclass(frozen=True)
-class Ready:
-    """Preprocess -> front: room for `credits` more requests; `done` has left this worker."""
+class Took:
+    """Executor -> front: these requests are in a batch now, so that room is free again."""
 
-    worker: int
-    credits: int
-    done: tuple[str, ...] = ()
-
-
-@dataclass(frozen=True)
-class Progress:
-    """Executor -> front: these requests' outputs went downstream (a crash now is not ours)."""
-
-    stage: str
-    index: int
     ids: tuple[str, ...]
 
 
 @dataclass(frozen=True)
-class Stats:
-    """Heartbeat and counters of one child process."""
+class Handed:
+    """Preprocess / executor -> front: these requests' data left me for worker `to`."""
+
+    ids: tuple[str, ...]
+    to: str
+
+
+@dataclass(frozen=True)
+class Heartbeat:
+    """Worker -> front, from its work loop: alive and making progress, where it receives
+    data, how much it can hold, its counters. The first one introduces a worker."""
 
     stage: str
     index: int
     pid: int
     counters: dict[str, float] = field(default_factory=dict)
-    fatal: str | None = None      # set once by a child that cannot start, just before it exits
+    inputs: str = ""              # executor: where preprocess sends images
+    outputs: str = ""             # executor: where postprocess asks for outputs
+    capacity: int = 0             # requests the front may route to it beyond what it runs
+    batch: int = 0                # executor: its static batch size
+    stuck: str | None = None      # a thread of its work loop stopped making progress: why
+    fatal: str | None = None      # set once by a worker that cannot start, just before exit
+
+
+@dataclass(frozen=True)
+class Peers:
+    """Front -> postprocess: every executor's name and output address, and the credits to
+    give each (its room for that executor's outputs)."""
+
+    executors: tuple[tuple[str, str], ...]
+    credits: int
 
 
 @dataclass(frozen=True)
@@ -155,8 +192,8 @@ class Reply:
 
 M = TypeVar("M")
 
-Message = (Request | Ready | Progress | Image | Output | Result | Stats | Submit | StatusQuery
-           | Reply)
+Message = (Dispatch | Image | Output | Credit | Result | Took | Handed | Heartbeat | Peers
+           | Submit | StatusQuery | Reply)
 
 
 # ---------------------------------------------------------------------------------------
@@ -167,16 +204,12 @@ def encode(msg: Message) -> list[Any]:
     """Message -> frames. Arrays go out as their own frames (zero-copy when sent so)."""
     arrays: list[np.ndarray] = []
     header: dict[str, Any] = {"v": WIRE_VERSION}
-    if isinstance(msg, Request):
-        header |= {"kind": REQUEST, "req": _request_fields(msg)}
-    elif isinstance(msg, Ready):
-        header |= {"kind": READY, "worker": msg.worker, "credits": msg.credits,
-                   "done": list(msg.done)}
-    elif isinstance(msg, Progress):
-        header |= {"kind": PROGRESS, "stage": msg.stage, "index": msg.index, "ids": list(msg.ids)}
+    if isinstance(msg, Dispatch):
+        header |= {"kind": DISPATCH, "req": _request_fields(msg.request), "to": msg.to,
+                   "address": msg.address}
     elif isinstance(msg, Image):
         header |= {"kind": IMAGE, "req": _request_fields(msg.request),
-                   "place": _placement_fields(msg.placement),
+                   "place": _placement_fields(msg.placement), "to": msg.to,
                    "arrays": [_describe(msg.pixels)]}
         arrays.append(msg.pixels)
     elif isinstance(msg, Output):
@@ -184,15 +217,26 @@ def encode(msg: Message) -> list[Any]:
                    "place": _placement_fields(msg.placement), "head": msg.head,
                    "arrays": [_describe(msg.data)]}
         arrays.append(msg.data)
+    elif isinstance(msg, Credit):
+        header |= {"kind": CREDIT, "credits": msg.credits}
     elif isinstance(msg, Result):
         header |= {"kind": RESULT, "id": msg.id, "attempt": msg.attempt, "status": msg.status,
                    "path": msg.path, "mask": msg.mask, "error": msg.error, "stage": msg.stage,
                    "arrays": [] if msg.areas is None else [_describe(msg.areas)]}
         if msg.areas is not None:
             arrays.append(msg.areas)
-    elif isinstance(msg, Stats):
-        header |= {"kind": STATS, "stage": msg.stage, "index": msg.index, "pid": msg.pid,
-                   "counters": dict(msg.counters), "fatal": msg.fatal}
+    elif isinstance(msg, Took):
+        header |= {"kind": TOOK, "ids": list(msg.ids)}
+    elif isinstance(msg, Handed):
+        header |= {"kind": HANDED, "ids": list(msg.ids), "to": msg.to}
+    elif isinstance(msg, Heartbeat):
+        header |= {"kind": HEARTBEAT, "stage": msg.stage, "index": msg.index, "pid": msg.pid,
+                   "counters": dict(msg.counters), "inputs": msg.inputs,
+                   "outputs": msg.outputs, "capacity": msg.capacity, "batch": msg.batch,
+                   "stuck": msg.stuck, "fatal": msg.fatal}
+    elif isinstance(msg, Peers):
+        header |= {"kind": PEERS, "executors": [list(e) for e in msg.executors],
+                   "credits": msg.credits}
     elif isinstance(msg, Submit):
         header |= {"kind": SUBMIT, "reqs": [_request_fields(r) for r in msg.requests]}
     elif isinstance(msg, StatusQuery):
@@ -338,39 +382,58 @@ def _placement(p: Any) -> Placement:
     return Placement(orig_h, orig_w, float(scale), top, left, height, width)
 
 
-def _decode_request(h: dict[str, Any], frames: Sequence[Any], _: int) -> Request:
+def _no_arrays(frames: Sequence[Any]) -> None:
     _arrays({"arrays": []}, frames, 0)
-    return _request(h.get("req"))
 
 
-def _decode_ready(h: dict[str, Any], frames: Sequence[Any], _: int) -> Ready:
-    _arrays({"arrays": []}, frames, 0)
-    return Ready(worker=_int(h, "worker", 0, 4096), credits=_int(h, "credits", 1, 4096),
-                 done=_ids(h, "done"))
+def _name(h: dict[str, Any], key: str, empty: bool = False) -> str:
+    """A worker's name (stage-index-pid): short, printable."""
+    value = h.get(key)
+    if not isinstance(value, str) or len(value) > MAX_NAME_CHARS or (not value and not empty) \
+            or not value.isprintable():
+        raise WireError(f"field {key!r} must be a worker name of 1..{MAX_NAME_CHARS} "
+                        "printable characters")
+    return value
 
 
-def _decode_progress(h: dict[str, Any], frames: Sequence[Any], _: int) -> Progress:
-    _arrays({"arrays": []}, frames, 0)
-    return Progress(stage=_string(h, "stage"), index=_int(h, "index", 0, 4096),
-                    ids=_ids(h, "ids"))
+def _decode_dispatch(h: dict[str, Any], frames: Sequence[Any], _: int) -> Dispatch:
+    _no_arrays(frames)
+    return Dispatch(_request(h.get("req")), to=_name(h, "to"),
+                    address=_string(h, "address"))
+
+
+def _decode_credit(h: dict[str, Any], frames: Sequence[Any], _: int) -> Credit:
+    _no_arrays(frames)
+    return Credit(credits=_int(h, "credits", 1, MAX_IDS))
+
+
+def _decode_took(h: dict[str, Any], frames: Sequence[Any], _: int) -> Took:
+    _no_arrays(frames)
+    return Took(ids=_ids(h, "ids"))
+
+
+def _decode_handed(h: dict[str, Any], frames: Sequence[Any], _: int) -> Handed:
+    _no_arrays(frames)
+    return Handed(ids=_ids(h, "ids"), to=_name(h, "to"))
 
 
 def _ids(h: dict[str, Any], key: str) -> tuple[str, ...]:
     ids = h.get(key)
-    if not isinstance(ids, list) or len(ids) > 4096:
+    if not isinstance(ids, list) or len(ids) > MAX_IDS:
         raise WireError(f"field {key!r} must be a list of ids")
     return tuple(_string({key: i}, key) for i in ids)
 
 
 def _decode_image(h: dict[str, Any], frames: Sequence[Any], _: int) -> Image:
     request, placement = _request(h.get("req")), _placement(h.get("place"))
+    to = _name(h, "to")
     (pixels,) = _arrays(h, frames, 1)
     if pixels.dtype != np.uint8 or pixels.ndim != 3 or pixels.shape[2] != 3:
         raise WireError("pixels must be uint8 H x W x 3", request.id)
     side_h, side_w = pixels.shape[:2]
     if placement.top + placement.height > side_h or placement.left + placement.width > side_w:
         raise WireError("placement box lies outside the pixels", request.id)
-    return Image(request, placement, pixels)
+    return Image(request, placement, to, pixels)
 
 
 def _decode_output(h: dict[str, Any], frames: Sequence[Any], _: int) -> Output:
@@ -409,8 +472,8 @@ def _decode_result(h: dict[str, Any], frames: Sequence[Any], _: int) -> Result:
                   areas=areas)
 
 
-def _decode_stats(h: dict[str, Any], frames: Sequence[Any], _: int) -> Stats:
-    _arrays({"arrays": []}, frames, 0)
+def _decode_heartbeat(h: dict[str, Any], frames: Sequence[Any], _: int) -> Heartbeat:
+    _no_arrays(frames)
     counters = h.get("counters")
     if not isinstance(counters, dict) or len(counters) > MAX_STATS_ENTRIES:
         raise WireError("counters must be a small map")
@@ -418,13 +481,30 @@ def _decode_stats(h: dict[str, Any], frames: Sequence[Any], _: int) -> Stats:
         if not isinstance(k, str) or len(k) > 64 or not isinstance(v, int | float) \
                 or isinstance(v, bool):
             raise WireError("counters map names to numbers")
-    return Stats(stage=_string(h, "stage"), index=_int(h, "index", 0, 4096),
-                 pid=_int(h, "pid", 0, 1 << 31), counters=counters,
-                 fatal=_string(h, "fatal", optional=True))
+    return Heartbeat(stage=_string(h, "stage"), index=_int(h, "index", 0, 4096),
+                     pid=_int(h, "pid", 0, 1 << 31), counters=counters,
+                     inputs=_string(h, "inputs", empty=True),
+                     outputs=_string(h, "outputs", empty=True),
+                     capacity=_int(h, "capacity", 0, MAX_IDS), batch=_int(h, "batch", 0, 4096),
+                     stuck=_string(h, "stuck", optional=True),
+                     fatal=_string(h, "fatal", optional=True))
+
+
+def _decode_peers(h: dict[str, Any], frames: Sequence[Any], _: int) -> Peers:
+    _no_arrays(frames)
+    executors = h.get("executors")
+    if not isinstance(executors, list) or len(executors) > MAX_PEERS:
+        raise WireError(f"field 'executors' must be a list of at most {MAX_PEERS} peers")
+    peers = []
+    for e in executors:
+        if not (isinstance(e, list) and len(e) == 2):
+            raise WireError("a peer is [name, address]")
+        peers.append((_name({"name": e[0]}, "name"), _string({"address": e[1]}, "address")))
+    return Peers(executors=tuple(peers), credits=_int(h, "credits", 1, MAX_IDS))
 
 
 def _decode_submit(h: dict[str, Any], frames: Sequence[Any], max_submit: int) -> Submit:
-    _arrays({"arrays": []}, frames, 0)
+    _no_arrays(frames)
     reqs = h.get("reqs")
     if not isinstance(reqs, list) or not 1 <= len(reqs) <= max_submit:
         raise WireError(f"submit carries 1..{max_submit} requests")
@@ -432,12 +512,12 @@ def _decode_submit(h: dict[str, Any], frames: Sequence[Any], max_submit: int) ->
 
 
 def _decode_status(h: dict[str, Any], frames: Sequence[Any], _: int) -> StatusQuery:
-    _arrays({"arrays": []}, frames, 0)
+    _no_arrays(frames)
     return StatusQuery()
 
 
 def _decode_reply(h: dict[str, Any], frames: Sequence[Any], _: int) -> Reply:
-    _arrays({"arrays": []}, frames, 0)
+    _no_arrays(frames)
     ids = h.get("ids")
     body = h.get("body")
     if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
@@ -449,8 +529,8 @@ def _decode_reply(h: dict[str, Any], frames: Sequence[Any], _: int) -> Reply:
 
 
 _DECODERS = {
-    REQUEST: _decode_request, READY: _decode_ready, PROGRESS: _decode_progress,
-    IMAGE: _decode_image,
-    OUTPUT: _decode_output, RESULT: _decode_result, STATS: _decode_stats,
-    SUBMIT: _decode_submit, STATUS: _decode_status, REPLY: _decode_reply,
+    DISPATCH: _decode_dispatch, IMAGE: _decode_image, OUTPUT: _decode_output,
+    CREDIT: _decode_credit, RESULT: _decode_result, TOOK: _decode_took, HANDED: _decode_handed,
+    HEARTBEAT: _decode_heartbeat, PEERS: _decode_peers, SUBMIT: _decode_submit,
+    STATUS: _decode_status, REPLY: _decode_reply,
 }

@@ -12,6 +12,8 @@ decode pool, executor loop and postprocess pool deliver, and what launching ahea
 
 from __future__ import annotations
 
+import os
+import threading
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -29,7 +31,14 @@ from stages.backends.base import (
 OPTIONS = {
     "img_s": "the simulated device's speed in images/s (default 1000)",
     "sync": "1: a synchronous runtime (the batch runs in collect), not a device queue",
+    "fault": "for reliability tests: hang (a collect that never returns: a stuck device "
+             "call) or thread_exit (the collecting thread ends, as if a native crash "
+             "killed it)",
+    "fault_after": "the fault fires at this batch (default 1)",
+    "fault_flag": "a file: the fault fires only in the process that first creates it, so "
+                  "the restarted executor runs clean",
 }
+FAULTS = ("hang", "thread_exit")
 DEFAULT_IMG_S = 1000
 
 
@@ -58,8 +67,25 @@ class SimBackend(BackendBase):
         img_s = img_s or DEFAULT_IMG_S
         self.batch_s = self.batch_size / img_s
         self.sync = option_flag(options, "sync")
+        self.fault = options.get("fault")
+        if self.fault is not None and self.fault not in FAULTS:
+            raise ValueError(f"option fault={self.fault}: choose one of {', '.join(FAULTS)}")
+        self.fault_after = option_int(options, "fault_after") or 1
+        self.fault_flag = options.get("fault_flag")
+        self._collected = 0
         self._device_free_at = 0.0
         self._output = np.broadcast_to(self._pattern(), self.output_shape)
+
+    def _fault_fires(self) -> bool:
+        if self.fault is None:
+            return False
+        if self.fault_flag is None:
+            return True
+        try:
+            os.close(os.open(self.fault_flag, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+        except FileExistsError:
+            return False                        # an earlier life had the fault
+        return True
 
     def _pattern(self) -> np.ndarray:
         """Vertical bands of every class: masks that compress and score like real ones."""
@@ -88,6 +114,11 @@ class SimBackend(BackendBase):
 
     def collect(self, slot: int) -> np.ndarray:
         done_at: float = self._take_launched(slot)  # type: ignore[assignment]
+        self._collected += 1
+        if self._collected == self.fault_after and self._fault_fires():
+            if self.fault == "hang":
+                threading.Event().wait()        # never returns
+            raise SystemExit("simulated fault: the collecting thread ends")
         if self.sync:
             time.sleep(self.batch_s)
         else:

@@ -1,0 +1,451 @@
+"""The front: the control plane of one node.
+
+It binds one ROUTER that every worker's DEALER connects to (stable end binds; restarted or
+remote workers find it), and owns the ledger (where each request is) and the supervisor
+(its own worker processes). It hands a request to a preprocess worker with room, naming
+the executor with the most room as the destination of its pixels; it hears notes
+("handed", "took"), answers and heartbeats, and tells postprocess workers where the
+executors are. Pixels and outputs never pass through it: per image it sees a few hundred
+bytes of control. Answers come out of `take_answers`; the daemon's `Server` drives the
+steps (`read`, `supervise`, `dispatch`) from its loop, and `run` drives them for callers
+in the same process (bench, eval, tests).
+"""
+
+from __future__ import annotations
+
+import collections
+import math
+import re
+import shutil
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import structlog
+import zmq
+
+from daemon.ledger import Ledger
+from daemon.supervisor import STAGES, CannotStart, Supervisor
+from stages import wire
+from stages.config import Addresses, PipelineConfig, private_dir, start_document
+from stages.manifest import Manifest, pick_batch_size
+from stages.metrics import IoUAccumulator
+
+CHECK_EVERY_S = 0.1             # supervision, liveness and stall checks
+RATE_WINDOW_S = 10.0
+CONTROL_READS_PER_TURN = 1024   # bounded: the loop also serves clients and supervision
+POST_CREDIT_BATCHES = 2         # postprocess room per executor: two of its batches in all
+NAME = re.compile(r"^(preprocess|executor|postprocess)-(\d{1,4})-(\d{1,10})$")
+DEAD_COUNTERS = ("processed", "errors", "batches", "filler", "busy_s", "cpu_s")
+
+
+class PipelineError(RuntimeError):
+    """The pipeline cannot run (a worker cannot start); the message says which and why."""
+
+
+class StartInterrupted(RuntimeError):
+    """start() was asked to stop (a signal) before every worker had started; all stopped."""
+
+
+@dataclass
+class Worker:
+    """A worker the front has heard from: one of its own, or one started elsewhere."""
+
+    name: str
+    stage: str
+    index: int
+    pid: int
+    local: bool
+    inputs: str = ""
+    outputs: str = ""
+    capacity: int = 0
+    batch: int = 0
+    seen: float = 0.0
+    counters: dict[str, float] = field(default_factory=dict)
+    reachable: bool = True              # false after a send to it failed, until it beats
+
+
+class Front:
+    def __init__(self, cfg: PipelineConfig) -> None:
+        self.cfg = cfg
+        self.log = structlog.get_logger().bind(component="front")
+        self.manifest = Manifest.read(cfg.model_dir)
+        batch = pick_batch_size(self.manifest, cfg.batch_size)
+        self.max_inflight = cfg.max_inflight or max(64, 4 * batch * len(cfg.devices))
+        self.ledger = Ledger()
+        self.workers: dict[str, Worker] = {}
+        self.past: collections.Counter[tuple[str, str]] = collections.Counter()
+        self.metrics = IoUAccumulator(self.manifest.num_classes)
+        self.totals: collections.Counter[str] = collections.Counter()
+        self.answers: list[tuple[wire.Result, Any]] = []
+        self.answered_at: collections.deque[float] = collections.deque()
+        self.bytes_in = self.bytes_out = 0
+        self.started = False
+        self._next_check = 0.0
+        self._own_run_dir = cfg.run_dir is None
+
+    # ---- start and stop ----------------------------------------------------------------
+
+    def start(self, interrupted: Callable[[], bool] | None = None) -> None:
+        """Bind, start every worker, wait until each has reported once. `interrupted` is
+        asked on each pass of that wait: when true, everything is stopped and
+        StartInterrupted raised."""
+        self.run_dir = private_dir(self.cfg.resolved_run_dir()) \
+            if self.cfg.transport == "ipc" else None
+        self.addrs = Addresses.for_config(self.cfg, self.run_dir)
+        self.ctx = zmq.Context()
+        self.control = self.ctx.socket(zmq.ROUTER)   # <-> every worker's DEALER: work and
+        self.control.setsockopt(zmq.LINGER, 0)       # peers out; notes, answers, beats in
+        self.control.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        self.control.setsockopt(zmq.SNDHWM, 0)       # bounded by credits, not by ZeroMQ
+        self.control.setsockopt(zmq.RCVHWM, 0)
+        try:
+            self.control.bind(self.addrs.control)
+        except zmq.ZMQError as exc:
+            self.ctx.destroy(linger=0)
+            self._remove_run_dir()
+            why = f"cannot listen at {self.addrs.control}: {zmq.strerror(exc.errno)}"
+            if self.cfg.transport == "tcp":
+                why += (f" (--transport tcp uses port {self.cfg.tcp_ports} on "
+                        f"{self.cfg.tcp_host}; choose another --tcp-base-port)")
+            raise PipelineError(why) from exc
+        self.supervisor = Supervisor(self.cfg, self.addrs, start_document(self.cfg, self.addrs))
+        self.started = True
+        try:
+            self.log.info("starting", run_dir=str(self.run_dir), control=self.addrs.control,
+                          backend=self.cfg.backend, devices=list(self.cfg.devices),
+                          children=[s.label for s in self.supervisor.slots])
+            self.supervisor.spawn_all()
+            while any(s.heard is None for s in self.supervisor.slots):
+                if interrupted is not None and interrupted():
+                    raise StartInterrupted("stopped during start-up")
+                self.poll(100, starting=True)
+            self.log.info("started", pids={s.label: s.proc.pid for s in self.supervisor.slots})
+        except BaseException:
+            self.close()                  # whatever ended it, no worker outlives the start
+            raise
+
+    def close(self) -> None:
+        """Stop every worker (no drain: the caller drains first), close, clean up."""
+        if not self.started:
+            return
+        self.started = False
+        self.supervisor.stop_all()
+        self.control.close(0)
+        self.ctx.term()
+        self._remove_run_dir()
+        self.log.info("stopped", **{k: self.totals.get(k, 0) for k in ("ok", "errors")})
+
+    def _remove_run_dir(self) -> None:
+        if self._own_run_dir and self.run_dir is not None:
+            shutil.rmtree(self.run_dir, ignore_errors=True)
+
+    def __enter__(self) -> Front:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ---- the in-process API ------------------------------------------------------------
+
+    def submit(self, request: wire.Request, origin: Any = None) -> bool:
+        """Queue one request; False if this origin already has one pending under its id."""
+        if self.ledger.find(origin, request.id) is not None:
+            return False
+        self.ledger.add(request.id, request.path, request.ann, origin)
+        self.totals["submitted"] += 1
+        return True
+
+    def run(self, requests: Iterable[wire.Request], backlog: int | None = None,
+            ) -> Iterator[wire.Result]:
+        """Stream requests through and yield each answer as it comes (not in order)."""
+        backlog = backlog or 2 * self.max_inflight
+        source = iter(requests)
+        exhausted = False
+        while True:
+            while not exhausted and self.ledger.pending < backlog:
+                request = next(source, None)
+                if request is None:
+                    exhausted = True
+                else:
+                    self.submit(request)
+            if exhausted and not self.ledger.pending:
+                return
+            for result, _origin in self.poll(50):
+                yield result
+
+    def poll(self, timeout_ms: float, starting: bool = False,
+             ) -> list[tuple[wire.Result, Any]]:
+        """One turn without clients: wait for workers, read, supervise, dispatch."""
+        if self.control.poll(timeout_ms):
+            self.read()
+        self.supervise(starting=starting)
+        self.dispatch()
+        return self.take_answers()
+
+    def take_answers(self) -> list[tuple[wire.Result, Any]]:
+        answers, self.answers = self.answers, []
+        return answers
+
+    @property
+    def pending(self) -> int:
+        return self.ledger.pending
+
+    # ---- reading workers -----------------------------------------------------------------
+
+    def read(self, budget: int = CONTROL_READS_PER_TURN) -> int:
+        """Up to `budget` messages from workers. One that cannot be handled is logged and
+        dropped; it never ends the daemon."""
+        for n in range(budget):
+            try:
+                identity, *frames = self.control.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return n
+            self.bytes_in += len(identity) + sum(len(f) for f in frames)
+            try:
+                self._handle(identity.bytes.split(b"/", 1)[0].decode("ascii", "replace"),
+                             frames)
+            except wire.WireError as exc:
+                self._malformed(exc)
+            except Exception:              # a bug must cost one message, not the daemon
+                self.totals["malformed"] += 1
+                self.log.exception("internal message not handled")
+        return budget
+
+    def _handle(self, name: str, frames: list[zmq.Frame]) -> None:
+        match = NAME.match(name)
+        if match is None:
+            raise wire.WireError(f"a peer that is not a worker: {name[:80]!r}")
+        stage, index, pid = match[1], int(match[2]), int(match[3])
+        now = time.monotonic()
+        msg = wire.decode(frames)
+        if isinstance(msg, wire.Heartbeat):       # only the work loop's beat is liveness
+            slot = self.supervisor.heard(pid, now)
+            self._heartbeat(name, stage, index, pid, msg, slot is not None, now)
+        elif isinstance(msg, wire.Result):
+            self._answer(msg)
+        elif isinstance(msg, wire.Took):
+            self.ledger.took(name, msg.ids)
+        elif isinstance(msg, wire.Handed):
+            self.ledger.handed(name, msg.ids, msg.to)
+        else:
+            raise wire.WireError(f"{type(msg).__name__} is not a message for the front")
+
+    def _heartbeat(self, name: str, stage: str, index: int, pid: int, hb: wire.Heartbeat,
+                   local: bool, now: float) -> None:
+        if (hb.stage, hb.index, hb.pid) != (stage, index, pid):
+            raise wire.WireError(f"heartbeat of {hb.stage}-{hb.index}-{hb.pid} from {name}")
+        if hb.fatal:
+            slot = self.supervisor.by_pid(pid)
+            if slot is not None:
+                slot.fatal = hb.fatal
+            else:
+                self.log.error("remote worker cannot start", worker=name, error=hb.fatal)
+            return
+        worker = self.workers.get(name)
+        new = worker is None
+        if worker is None:
+            worker = self.workers[name] = Worker(name, stage, index, pid, local)
+            if not local:
+                self.log.info("remote worker joined", worker=name, inputs=hb.inputs or None)
+        moved = (hb.inputs, hb.outputs) != (worker.inputs, worker.outputs)
+        worker.inputs, worker.outputs = hb.inputs, hb.outputs
+        worker.capacity, worker.batch = hb.capacity, hb.batch
+        worker.counters, worker.seen, worker.reachable = dict(hb.counters), now, True
+        if hb.stuck:
+            self._stuck(worker, hb.stuck)
+        elif stage == "executor" and moved:       # a new executor, or a new address
+            self._send_peers(self._stage_workers("postprocess"))
+        elif stage == "postprocess" and new:
+            self._send_peers([worker])
+
+    def _stuck(self, worker: Worker, why: str) -> None:
+        slot = self.supervisor.by_pid(worker.pid) if worker.local else None
+        if slot is not None:
+            self.supervisor.stop(slot, why)
+        else:
+            self.log.warning("remote worker stuck; routing around it", worker=worker.name,
+                             reason=why)
+            self._forget(worker.name, why)
+
+    def _answer(self, result: wire.Result) -> None:
+        entry = self.ledger.answer(result.id)
+        if entry is None:
+            self.totals["duplicates_dropped"] += 1
+            return
+        self._deliver(entry, result.status, result.mask, result.error, result.stage,
+                      result.areas)
+
+    def _deliver(self, entry: Any, status: str, mask: str | None, error: str | None,
+                 stage: str, areas: Any = None) -> None:
+        """One answer for one accepted request, under the id its client gave."""
+        if status == wire.OK and areas is not None:
+            self.metrics.add(areas)
+        self.totals["ok" if status == wire.OK else "errors"] += 1
+        now = time.monotonic()
+        self.answered_at.append(now)
+        while self.answered_at and self.answered_at[0] < now - RATE_WINDOW_S:
+            self.answered_at.popleft()
+        if status != wire.OK:
+            self.log.info("request failed", id=entry.client_id, path=entry.request.path,
+                          stage=stage, error=error)
+        self.answers.append((wire.Result(entry.client_id, entry.request.attempt, status,
+                                         entry.request.path, mask=mask, error=error,
+                                         stage=stage, areas=areas), entry.origin))
+
+    def _malformed(self, exc: wire.WireError) -> None:
+        self.totals["malformed"] += 1
+        self.log.warning("malformed message dropped", socket="control", error=str(exc))
+        entry = self.ledger.answer(exc.request_id) if exc.request_id else None
+        if entry is not None:
+            self._deliver(entry, wire.ERROR, None, f"internal message malformed: {exc}",
+                          "front")
+
+    # ---- routing ---------------------------------------------------------------------
+
+    def _stage_workers(self, stage: str) -> list[Worker]:
+        return [w for w in self.workers.values() if w.stage == stage]
+
+    def _room(self, worker: Worker) -> int:
+        return worker.capacity - self.ledger.load.get(worker.name, 0)
+
+    def dispatch(self) -> None:
+        """Queued requests to preprocess workers with room, each bound for the executor
+        with the most room: a slow device is sent no more than it can take."""
+        ledger = self.ledger
+        while ledger.queue and ledger.inflight < self.max_inflight:
+            preps = [w for w in self._stage_workers("preprocess")
+                     if w.reachable and self._room(w) > 0]
+            executors = [w for w in self._stage_workers("executor")
+                         if w.reachable and w.inputs and self._room(w) > 0]
+            if not preps or not executors:
+                return
+            prep = max(preps, key=self._room)
+            executor = max(executors, key=self._room)
+            entry = ledger.next_queued()
+            frames = wire.encode(wire.Dispatch(entry.request, executor.name, executor.inputs))
+            try:
+                self.control.send_multipart([prep.name.encode(), *frames], zmq.NOBLOCK)
+            except zmq.ZMQError:            # gone (ROUTER_MANDATORY): until it beats again
+                prep.reachable = False
+                continue
+            self.bytes_out += len(prep.name) + sum(len(f) for f in frames)
+            ledger.dispatched(entry, prep.name, executor.name)
+
+    def _send_peers(self, to: list[Worker]) -> None:
+        """Tell postprocess workers where every executor hands out outputs, and how many to
+        ask each for (two of its batches over all postprocess workers)."""
+        executors = [w for w in self._stage_workers("executor") if w.outputs]
+        batch = max((w.batch for w in executors), default=1)
+        posts = max(1, len(self._stage_workers("postprocess")))
+        credits = max(2, math.ceil(POST_CREDIT_BATCHES * batch / posts))
+        frames = wire.encode(wire.Peers(tuple((w.name, w.outputs) for w in executors),
+                                        credits))
+        for worker in to:
+            try:
+                self.control.send_multipart([worker.name.encode(), *frames], zmq.NOBLOCK)
+                self.bytes_out += len(worker.name) + sum(len(f) for f in frames)
+            except zmq.ZMQError:
+                worker.reachable = False
+
+    # ---- supervision -------------------------------------------------------------------
+
+    def supervise(self, starting: bool = False) -> None:
+        """Once per CHECK_EVERY_S: deaths, silent or stuck workers, stalled requests."""
+        now = time.monotonic()
+        if now < self._next_check:
+            return
+        self._next_check = now + CHECK_EVERY_S
+        try:
+            deaths = self.supervisor.check(now, starting=starting)
+        except CannotStart as exc:
+            self.read()                    # its last words may say why
+            raise PipelineError(self._cannot_start_reason(exc)) from exc
+        for death in deaths:
+            self._forget(death.name, f"{death.slot.label} died (exit status {death.exitcode})")
+        for worker in [w for w in self.workers.values() if not w.local]:
+            if now - worker.seen > self.cfg.liveness_timeout_s:
+                self.log.warning("remote worker silent; routing around it", worker=worker.name,
+                                 silent_s=round(now - worker.seen, 1))
+                self._forget(worker.name, f"remote {worker.name} went silent")
+        self._retried(*self.ledger.stalled(self.cfg.stall_timeout_s),
+                      f"no progress for {self.cfg.stall_timeout_s:.0f} s")
+
+    def _cannot_start_reason(self, exc: CannotStart) -> str:
+        fatal = next((s for s in self.supervisor.slots if s.fatal), None)
+        if fatal is not None:
+            return f"{fatal.label} cannot start: {fatal.fatal}"
+        return str(exc)
+
+    def _forget(self, name: str, reason: str) -> None:
+        """A worker is gone: keep its counts, retry what it held, re-route."""
+        worker = self.workers.pop(name, None)
+        if worker is not None and worker.local:
+            for key in DEAD_COUNTERS:
+                self.past[(worker.stage, key)] += worker.counters.get(key, 0)
+        self._retried(*self.ledger.lost(name), reason)
+        if worker is not None and worker.stage == "executor":
+            self._send_peers(self._stage_workers("postprocess"))
+
+    def _retried(self, retried: list[Any], given_up: list[Any], reason: str) -> None:
+        self.totals["retried"] += len(retried)
+        for entry in given_up:
+            self._deliver(entry, wire.ERROR, None, f"given up after a retry: {reason}",
+                          "front")
+
+    # ---- status and shutdown -----------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        stages: dict[str, dict[str, Any]] = {}
+        for stage in STAGES:
+            slots = [s for s in self.supervisor.slots if s.stage == stage]
+            workers = [w for w in self.workers.values() if w.stage == stage and w.local]
+            figures: dict[str, Any] = {
+                "processes": len(slots), "alive": sum(s.alive for s in slots),
+                "restarts": sum(s.restarts for s in slots),
+                "pids": [s.proc.pid for s in slots if s.proc is not None]}
+            for key in ("processed", "errors", "queue", "busy_s", "cpu_s"):
+                figures[key] = sum(w.counters.get(key, 0) for w in workers) \
+                    + self.past[(stage, key)]
+            stages[stage] = figures
+        now = time.monotonic()
+        recent = [t for t in self.answered_at if t >= now - RATE_WINDOW_S]
+        answered = self.totals.get("ok", 0) + self.totals.get("errors", 0)
+        return {
+            "stages": stages,
+            "front": {"queued": len(self.ledger.queue), "inflight": self.ledger.inflight,
+                      "cpu_s": time.process_time(), "bytes_in": self.bytes_in,
+                      "bytes_out": self.bytes_out,
+                      "bytes_per_image": round((self.bytes_in + self.bytes_out) / answered, 1)
+                      if answered else None,
+                      "restarts": self.supervisor.restarts,
+                      **{k: self.totals.get(k, 0) for k in
+                         ("submitted", "ok", "errors", "retried", "duplicates_dropped",
+                          "malformed", "abandoned")}},
+            "remote": [{"stage": w.stage, "index": w.index, "pid": w.pid,
+                        "seen_s_ago": round(now - w.seen, 1), **w.counters}
+                       for w in self.workers.values() if not w.local],
+            "images_per_s": round(len(recent) / RATE_WINDOW_S, 2),
+            "metrics": self.metrics.summary() if self.metrics.images else None,
+        }
+
+    def abandon(self, reason: str) -> list[tuple[wire.Result, Any]]:
+        """Answer every pending request with the error `reason` (stopping without them):
+        each is still answered exactly once, and later answers for them are dropped."""
+        entries = self.ledger.abandon()
+        for entry in entries:
+            self._deliver(entry, wire.ERROR, None, reason, "front")
+        self.totals["abandoned"] += len(entries)
+        return self.take_answers()
+
+
+def requests_for(paths: Iterable[str | Path], anns: Iterable[str | None] | None = None,
+                 ) -> list[wire.Request]:
+    """Requests with ids 0..n-1 for a list of paths (and optional ground truths)."""
+    anns = list(anns) if anns is not None else None
+    return [wire.Request(str(i), str(Path(p)),
+                         None if anns is None or anns[i] is None else str(anns[i]))
+            for i, p in enumerate(paths)]

@@ -1,0 +1,199 @@
+"""The request ledger: where each accepted request is, and whose death would lose it.
+
+Pure bookkeeping, no sockets and no processes: the front tells it what it hears, and it
+says what to retry and whom each worker's room is taken by. A request moves
+
+    QUEUED -> PREPROCESS -> TO_EXECUTOR -> EXECUTOR -> TO_POSTPROCESS -> answered
+
+and at each step it names its holders, the workers whose death would lose it: the one that
+works on it and, while it travels between two workers (sent, not yet taken), both ends,
+since its bytes may still sit in the sender's queue when the sender is killed. From
+dispatch on it also names the executor whose room it takes. When a holder dies, its
+requests are retried once and then answered as errors; the first answer for a request is
+its only one.
+"""
+
+from __future__ import annotations
+
+import collections
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from stages import wire
+
+QUEUED, PREPROCESS, TO_EXECUTOR, EXECUTOR, TO_POSTPROCESS = (
+    "queued", "preprocess", "to-executor", "executor", "to-postprocess")
+STATES = (QUEUED, PREPROCESS, TO_EXECUTOR, EXECUTOR, TO_POSTPROCESS)
+RETRIES = 1
+
+
+@dataclass
+class Entry:
+    """One accepted request. `request.id` is the front's own id (unique, short); the
+    client's id and who asked (`origin`) are kept for the answer."""
+
+    request: wire.Request
+    client_id: str
+    origin: Any
+    state: str = QUEUED
+    holders: tuple[str, ...] = ()       # workers whose death would lose it
+    executor: str | None = None         # whose room it takes, from dispatch on
+    since: float = 0.0                  # last move (monotonic)
+    accepted: float = 0.0
+
+    @property
+    def rid(self) -> str:
+        return self.request.id
+
+
+@dataclass
+class Ledger:
+    clock: Callable[[], float] = time.monotonic
+    entries: dict[str, Entry] = field(default_factory=dict)
+    queue: collections.deque[str] = field(default_factory=collections.deque)
+    load: collections.Counter[str] = field(default_factory=collections.Counter)
+    retried: int = 0
+    _by_client: dict[tuple[Any, str], str] = field(default_factory=dict)
+    _next_id: int = 0
+
+    # ---- intake ------------------------------------------------------------------------
+
+    def find(self, origin: Any, client_id: str) -> Entry | None:
+        """The pending request this client sent under this id, if any."""
+        rid = self._by_client.get((origin, client_id))
+        return None if rid is None else self.entries.get(rid)
+
+    def add(self, client_id: str, path: str, ann: str | None, origin: Any) -> Entry:
+        """Accept a request (the caller has checked `find` for a repeat)."""
+        self._next_id += 1
+        rid = format(self._next_id, "x")
+        now = self.clock()
+        entry = Entry(wire.Request(rid, path, ann), client_id, origin, since=now,
+                      accepted=now)
+        self.entries[rid] = entry
+        self._by_client[(origin, client_id)] = rid
+        self.queue.append(rid)
+        return entry
+
+    # ---- moves -------------------------------------------------------------------------
+
+    def next_queued(self) -> Entry | None:
+        return self.entries[self.queue[0]] if self.queue else None
+
+    def dispatched(self, entry: Entry, preprocess: str, executor: str) -> None:
+        """The head of the queue went to `preprocess`, its pixels bound for `executor`."""
+        rid = self.queue.popleft()
+        assert rid == entry.rid, "dispatch takes the head of the queue"
+        self._move(entry, PREPROCESS, (preprocess, executor), executor)
+
+    def handed(self, worker: str, rids: Iterable[str], to: str) -> None:
+        """`worker` sent these requests' data on to `to`."""
+        for entry in self._held(rids, worker):
+            if entry.state == PREPROCESS and entry.holders[0] == worker:
+                self._move(entry, TO_EXECUTOR, (worker, entry.executor or to), entry.executor)
+            elif entry.executor == worker and entry.state in (PREPROCESS, TO_EXECUTOR,
+                                                               EXECUTOR):
+                # from the executor (its "took" may still be on its way: another socket)
+                self._move(entry, TO_POSTPROCESS, (worker, to), worker)
+
+    def took(self, executor: str, rids: Iterable[str]) -> None:
+        """`executor` put these requests into a batch: its room is free again."""
+        for entry in self._held(rids, executor):
+            if entry.executor == executor and entry.state in (PREPROCESS, TO_EXECUTOR):
+                self._move(entry, EXECUTOR, (executor,), executor)
+
+    def answer(self, rid: str) -> Entry | None:
+        """The request answered: removed. None when it was answered already (or unknown):
+        the first answer wins, later ones are dropped."""
+        entry = self.entries.pop(rid, None)
+        if entry is None:
+            return None
+        self._unload(entry)
+        if entry.state == QUEUED:
+            self.queue.remove(rid)
+        self._by_client.pop((entry.origin, entry.client_id), None)
+        return entry
+
+    # ---- losses ------------------------------------------------------------------------
+
+    def lost(self, worker: str) -> tuple[list[Entry], list[Entry]]:
+        """`worker` died: (retried, given up). Given-up entries are removed; the caller
+        answers them with an error."""
+        return self._retry([e for e in self.entries.values() if worker in e.holders])
+
+    def stalled(self, timeout_s: float) -> tuple[list[Entry], list[Entry]]:
+        """Requests out of the queue that have not moved for `timeout_s`."""
+        limit = self.clock() - timeout_s
+        return self._retry([e for e in self.entries.values()
+                            if e.state != QUEUED and e.since < limit])
+
+    def abandon(self) -> list[Entry]:
+        """Every pending request, removed (the daemon stops without them)."""
+        entries = list(self.entries.values())
+        self.entries.clear()
+        self.queue.clear()
+        self.load.clear()
+        self._by_client.clear()
+        return entries
+
+    # ---- counts ------------------------------------------------------------------------
+
+    @property
+    def pending(self) -> int:
+        return len(self.entries)
+
+    @property
+    def inflight(self) -> int:
+        return len(self.entries) - len(self.queue)
+
+    def in_state(self, state: str) -> int:
+        return sum(1 for e in self.entries.values() if e.state == state)
+
+    # ---- inside --------------------------------------------------------------------------
+
+    def _held(self, rids: Iterable[str], worker: str) -> Iterator[Entry]:
+        for rid in rids:
+            entry = self.entries.get(rid)
+            if entry is not None and worker in entry.holders:
+                yield entry
+
+    def _retry(self, entries: list[Entry]) -> tuple[list[Entry], list[Entry]]:
+        retried, given_up = [], []
+        for entry in entries:
+            if entry.request.attempt >= RETRIES:
+                self.answer(entry.rid)
+                given_up.append(entry)
+                continue
+            r = entry.request
+            entry.request = wire.Request(r.id, r.path, r.ann, r.attempt + 1)
+            self._move(entry, QUEUED, (), None)
+            self.queue.appendleft(entry.rid)
+            retried.append(entry)
+        self.retried += len(retried)
+        return retried, given_up
+
+    def _move(self, entry: Entry, state: str, holders: tuple[str, ...],
+              executor: str | None) -> None:
+        self._unload(entry)
+        entry.state, entry.holders, entry.executor = state, holders, executor
+        entry.since = self.clock()
+        for worker in _room_taken(entry):
+            self.load[worker] += 1
+
+    def _unload(self, entry: Entry) -> None:
+        for worker in _room_taken(entry):
+            self.load[worker] -= 1
+            if self.load[worker] <= 0:
+                del self.load[worker]
+
+
+def _room_taken(entry: Entry) -> tuple[str, ...]:
+    """Whose room the request takes: the preprocess worker while it decodes, and the
+    executor until the executor has taken it into a batch."""
+    if entry.state == PREPROCESS:
+        return entry.holders
+    if entry.state == TO_EXECUTOR and entry.executor is not None:
+        return (entry.executor,)
+    return ()

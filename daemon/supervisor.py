@@ -1,0 +1,197 @@
+"""The supervisor: the front's own worker processes, started, watched and restarted.
+
+gunicorn's arbiter is the model. Each worker is a plain process (`python -m stages.worker
+STAGE INDEX`, its start-up document on stdin), started in plain sight. `check` runs the
+same steps each time: reap the dead (restart after a back-off that grows while a worker
+keeps dying young), stop the silent and the stuck (STOP_SIGNAL, then SIGKILL after a
+grace), start what is due. A worker that cannot start (bad model, missing backend) says
+so and exits with EXIT_CANNOT_START: the daemon stops instead of restarting it for ever.
+Liveness is the worker's work loop speaking (`heard`), not its pid existing.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+
+import structlog
+
+from stages.config import STOP_SIGNAL, Addresses, PipelineConfig
+from stages.exits import EXIT_CANNOT_START
+
+RESTART_BACKOFF_S = (0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
+STABLE_AFTER_S = 30.0           # a worker that lived this long restarts without back-off
+STOP_GRACE_S = 1.0              # STOP_SIGNAL, then SIGKILL after this
+STAGES = ("preprocess", "executor", "postprocess")
+
+
+class CannotStart(RuntimeError):
+    """A worker cannot start; the message says which and why."""
+
+
+@dataclass
+class Slot:
+    """One supervised worker: which stage and index, its current process, its history."""
+
+    stage: str
+    index: int
+    proc: subprocess.Popen | None = None
+    started: float = 0.0
+    heard: float | None = None          # last message from this life; None: not started
+    restarts: int = 0
+    failures: int = 0                   # consecutive short lives
+    restart_at: float | None = None
+    stop_sent: float | None = None      # when STOP_SIGNAL went out
+    fatal: str | None = None
+
+    @property
+    def label(self) -> str:
+        return f"{self.stage}-{self.index}"
+
+    @property
+    def name(self) -> str | None:
+        """The current life's name, as the worker calls itself (stage-index-pid)."""
+        return None if self.proc is None else f"{self.label}-{self.proc.pid}"
+
+    @property
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+
+@dataclass(frozen=True)
+class Death:
+    """A worker's life ended: the front retries what it held."""
+
+    slot: Slot
+    name: str
+    exitcode: int
+    lived_s: float
+
+
+class Supervisor:
+    def __init__(self, cfg: PipelineConfig, addrs: Addresses, start_document: str) -> None:
+        self.cfg = cfg
+        self.addrs = addrs
+        self.start_document = start_document
+        self.log = structlog.get_logger().bind(component="supervisor")
+        counts = {"preprocess": cfg.preprocess_workers, "executor": len(cfg.devices),
+                  "postprocess": cfg.postprocess_workers}
+        self.slots = [Slot(stage, i) for stage in STAGES for i in range(counts[stage])]
+        self.restarts = 0
+
+    def by_pid(self, pid: int) -> Slot | None:
+        return next((s for s in self.slots if s.proc is not None and s.proc.pid == pid), None)
+
+    def heard(self, pid: int, now: float) -> Slot | None:
+        slot = self.by_pid(pid)
+        if slot is not None:
+            slot.heard = now
+        return slot
+
+    # ---- start and stop --------------------------------------------------------------
+
+    def spawn(self, slot: Slot) -> None:
+        # the stage's imports (torch, cv2) happen in the worker, never in the front
+        slot.proc = subprocess.Popen(
+            [sys.executable, "-m", "stages.worker", slot.stage, str(slot.index)],
+            stdin=subprocess.PIPE, close_fds=True)
+        try:
+            slot.proc.stdin.write(self.start_document.encode())
+            slot.proc.stdin.close()
+        except OSError:
+            pass                                # it died at once: reaped by check()
+        slot.started = time.monotonic()
+        slot.heard = slot.restart_at = slot.stop_sent = None
+        self.log.info("child started", child=slot.label, pid=slot.proc.pid,
+                      restarts=slot.restarts)
+
+    def spawn_all(self) -> None:
+        for slot in self.slots:
+            self.spawn(slot)
+
+    def stop(self, slot: Slot, reason: str) -> None:
+        """The polite step: SIGCONT (a stopped process acts on nothing else), then
+        STOP_SIGNAL, whose default action ends it; SIGKILL follows in check()."""
+        if slot.proc is None or slot.stop_sent is not None or not slot.alive:
+            return
+        self.log.warning("stopping child", child=slot.label, pid=slot.proc.pid, reason=reason)
+        _kill(slot.proc.pid, signal.SIGCONT)
+        _kill(slot.proc.pid, STOP_SIGNAL)
+        slot.stop_sent = time.monotonic()
+
+    def stop_all(self, grace_s: float = 5.0) -> None:
+        """Every worker: STOP_SIGNAL, then SIGKILL for those left at one deadline."""
+        procs = [s.proc for s in self.slots if s.proc is not None]
+        for proc in procs:
+            if proc.poll() is None:
+                _kill(proc.pid, signal.SIGCONT)
+                _kill(proc.pid, STOP_SIGNAL)
+        deadline = time.monotonic() + grace_s
+        for proc in procs:
+            try:
+                proc.wait(max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                _kill(proc.pid, signal.SIGKILL)
+                proc.wait(5)
+
+    # ---- one pass ----------------------------------------------------------------------
+
+    def check(self, now: float, starting: bool = False) -> list[Death]:
+        """Reap, stop the silent, kill what did not stop, start what is due. Raises
+        CannotStart for a worker that cannot start (and, `starting`, one that did not
+        report within the start-up timeout)."""
+        deaths = []
+        for slot in self.slots:
+            if slot.proc is None:
+                if slot.restart_at is not None and now >= slot.restart_at:
+                    self.spawn(slot)
+                continue
+            code = slot.proc.poll()
+            if code is not None:
+                deaths.append(self._died(slot, code, now))
+                continue
+            self._watch(slot, now, starting)
+        return deaths
+
+    def _watch(self, slot: Slot, now: float, starting: bool) -> None:
+        if slot.stop_sent is not None:
+            if now - slot.stop_sent > STOP_GRACE_S:
+                _kill(slot.proc.pid, signal.SIGKILL)
+            return
+        if slot.heard is None:
+            if now - slot.started > self.cfg.start_timeout_s:
+                why = f"not started within {self.cfg.start_timeout_s:.0f} s"
+                if starting:
+                    raise CannotStart(f"{slot.label} {why}")
+                self.stop(slot, why)
+            return
+        silent = now - slot.heard
+        if silent > self.cfg.liveness_timeout_s:
+            self.stop(slot, f"silent for {silent:.1f} s (--liveness-timeout "
+                            f"{self.cfg.liveness_timeout_s:g} s)")
+
+    def _died(self, slot: Slot, code: int, now: float) -> Death:
+        name, lived = slot.name, now - slot.started
+        if code == EXIT_CANNOT_START or slot.fatal:
+            raise CannotStart(f"{slot.label} cannot start: {slot.fatal or f'exit status {code}'}")
+        slot.proc = None
+        slot.restarts += 1
+        self.restarts += 1
+        slot.failures = 0 if lived > STABLE_AFTER_S else slot.failures + 1
+        delay = RESTART_BACKOFF_S[min(slot.failures, len(RESTART_BACKOFF_S) - 1)]
+        slot.restart_at = now + delay
+        self.log.warning("child died", child=slot.label, pid=int(name.rsplit("-", 1)[1]),
+                         exitcode=code, lived_s=round(lived, 1), restart_in_s=delay)
+        return Death(slot, name, code, lived)
+
+
+def _kill(pid: int, sig: int) -> None:
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        pass
+

@@ -1,0 +1,57 @@
+"""A stage worker process, started by the front or by hand.
+
+The front starts `python -m stages.worker STAGE INDEX` and writes the worker's start-up
+document (config and addresses, JSON) to its stdin: no pickle, and nothing of the front's
+state. `pspnet worker` calls `run` directly, joining a daemon over tcp from another host.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import sys
+
+from stages.child import Child
+from stages.config import Addresses, PipelineConfig, read_start_document
+
+STAGES = ("preprocess", "executor", "postprocess")
+PR_SET_PDEATHSIG = 1
+
+
+def run(stage: str, index: int, cfg: PipelineConfig, addrs: Addresses,
+        supervised: bool) -> None:
+    """Run one worker until it is stopped."""
+    child = Child(stage, index, cfg, addrs, supervised=supervised)
+    if stage == "preprocess":
+        from stages import preprocess
+        preprocess.main(child)
+    elif stage == "executor":
+        from stages import executor
+        executor.main(child)
+    elif stage == "postprocess":
+        from stages import postprocess
+        postprocess.main(child)
+    else:
+        raise ValueError(f"stage must be one of {', '.join(STAGES)}, not {stage!r}")
+
+
+def main() -> None:
+    """A worker the front started. A Ctrl-C, `timeout` or systemd stop reaches the whole
+    process group; the draining front still needs its workers, so they ignore it and the
+    front stops them itself (STOP_SIGNAL). If the front dies, the kernel ends them."""
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_IGN)
+    stage, index = sys.argv[1], int(sys.argv[2])
+    cfg, addrs, front_pid = read_start_document(sys.stdin.read())
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):
+        pass                           # not Linux: Child.tick's parent check still holds
+    if os.getppid() != front_pid:
+        sys.exit(1)                    # the front died before the prctl took hold
+    run(stage, index, cfg, addrs, supervised=True)
+
+
+if __name__ == "__main__":
+    main()
