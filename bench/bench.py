@@ -2,7 +2,7 @@
 
 Why all three in one run, interleaved repeat by repeat: on a shared machine the load
 drifts; measuring the three modes side by side in each repeat keeps their ratios honest.
-The Pipeline and the backend are opened once per batch size (start-up costs seconds and
+The front (its workers) and the backend are opened once per batch size (start-up costs seconds and
 is not what is measured); warm-up batches run through each mode first and are not timed;
 each figure is the median of the repeats, and every repeat is kept in the JSON.
 """
@@ -94,8 +94,8 @@ def run_bench(settings: BenchSettings, inputs: BenchInputs) -> dict[str, Any]:
 
 def bench_batch_size(settings: BenchSettings, inputs: BenchInputs, manifest: Manifest,
                      size: int, mask_root: Path) -> dict[str, Any]:
+    from daemon.front import Front
     from stages.backends import BackendUnavailable, open_backend
-    from stages.pipeline import Pipeline
 
     base = settings.cfg
     count = max(len(inputs.paths), settings.min_images)
@@ -132,7 +132,7 @@ def bench_batch_size(settings: BenchSettings, inputs: BenchInputs, manifest: Man
         batches = executor_only.stage_batches(paths, manifest.input_size, size, count=4)
         backlog = settings.backlog or default_backlog(size, base.preprocess_workers,
                                                       base.postprocess_workers)
-        with Pipeline(cfg) as pipe:
+        with Front(cfg) as pipe:
             e2e = E2ERunner(pipe, backlog)
             if warm:
                 say(f"batch {size}: warm-up ({settings.warmup} batches per mode)")
@@ -191,6 +191,7 @@ def summarise(size: int, count: int, runs: dict[str, list[dict[str, Any]]],
         "busy_fraction": busy,
         "cpu_ms_per_image": cpu,
         "busiest_threads": runs["e2e"][-1].get("busiest_threads", []),   # the last repeat
+        "front_bytes_per_image": med("e2e", "front_bytes_per_image"),
         "executor_wall_img_s": med("executor", "wall_img_s"),
         "executor_in_e2e_img_s": med("e2e", "executor_in_e2e_img_s"),
         "errors": {"e2e": sum(r["errors"] for r in runs["e2e"]),

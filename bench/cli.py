@@ -34,7 +34,7 @@ examples:
 BENCH_EPILOG = """\
 modes, measured for each batch size in the same run, repeat by repeat:
   e2e       JPEG paths in -> masks and running mIoU out, through the real stage processes
-            (one Pipeline per batch size); latency p50/p99 is submit -> answer per image
+            (one front per batch size); latency p50/p99 is submit -> answer per image
   executor  pre-staged batches straight through the backend (upload/execute over two
             slots): ais_bench's 1000 x batch / mean execute ms, the device's ceiling here
   serial    decode -> letterbox -> infer -> postprocess, one batch at a time in this
@@ -180,7 +180,7 @@ def run_eval(args: argparse.Namespace) -> int:
             sys.stderr.write(f"pspnet eval: error: {exc}\n")
             return EXIT_UNAVAILABLE
     else:
-        from stages.pipeline import PipelineError
+        from daemon.front import PipelineError
 
         try:
             outcome = evaluate_in_process(cfg, split, progress)
@@ -210,9 +210,9 @@ def run_bench(args: argparse.Namespace) -> int:
     from bench.eval import write_json
     from bench.plot import plot
     from daemon.commands import pipeline_config
+    from daemon.front import PipelineError
     from stages.logs import configure_logging
     from stages.manifest import Manifest
-    from stages.pipeline import PipelineError
 
     cfg = pipeline_config(args)
     configure_logging(cfg.log_level, cfg.log_json)

@@ -1,4 +1,4 @@
-"""End to end: JPEG paths into a running Pipeline, masks and mIoU areas out.
+"""End to end: JPEG paths into a running front and its workers, masks and mIoU areas out.
 
 Why a bounded backlog: with every request submitted at once, the per-image latency would
 be the queueing time of the whole run. Keeping about three batches plus each worker's
@@ -18,9 +18,9 @@ from typing import Any
 import numpy as np
 
 from bench import threads
+from daemon.front import Front
 from stages import wire
 from stages.metrics import IoUAccumulator
-from stages.pipeline import Pipeline
 
 STAGES = ("preprocess", "executor", "postprocess")
 STEADY_TRIM = 0.15             # steady rate: answers 15%..85% of a pass
@@ -30,7 +30,7 @@ def default_backlog(batch: int, preprocess_workers: int, postprocess_workers: in
     return 3 * batch + 2 * (preprocess_workers + postprocess_workers)
 
 
-def settle(pipe: Pipeline) -> dict[str, Any]:
+def settle(pipe: Front) -> dict[str, Any]:
     """Wait one heartbeat (plus a margin) so every child's counters are current."""
     until = time.monotonic() + pipe.cfg.heartbeat_s * 1.3 + 0.1
     while time.monotonic() < until:
@@ -52,6 +52,11 @@ def cpu_seconds(status: dict[str, Any]) -> dict[str, float]:
     return out
 
 
+def front_bytes(status: dict[str, Any]) -> int:
+    """Bytes the front has received and sent on its control socket (heartbeats included)."""
+    return int(status["front"]["bytes_in"]) + int(status["front"]["bytes_out"])
+
+
 def steady_rate(answered: Sequence[float], trim: float = STEADY_TRIM) -> float | None:
     """Images/s once the pipeline is full: the slope of answers against time over the
     middle of a pass. A pass also pays for filling the pipeline (the first batch cannot
@@ -70,10 +75,10 @@ def steady_rate(answered: Sequence[float], trim: float = STEADY_TRIM) -> float |
 
 
 class E2ERunner:
-    """Timed passes through one started Pipeline (started once per batch size: start-up
+    """Timed passes through one started Front (started once per batch size: start-up
     costs seconds). Keeps the last counter snapshot, so each pass settles only once."""
 
-    def __init__(self, pipe: Pipeline, backlog: int) -> None:
+    def __init__(self, pipe: Front, backlog: int) -> None:
         self.pipe = pipe
         self.backlog = backlog
         self.passes = 0
@@ -89,7 +94,7 @@ class E2ERunner:
         submitted: dict[str, float] = {}
 
         def stamped() -> Iterator[wire.Request]:
-            for request in requests:      # Pipeline.run pulls one right before submitting
+            for request in requests:      # Front.run pulls one right before submitting
                 submitted[request.id] = time.perf_counter()
                 yield request
 
@@ -97,6 +102,7 @@ class E2ERunner:
         # in this process (the front's), which must not count as the front's work
         status = pipe.status()
         cpu_before = cpu_seconds(status)
+        bytes_before = front_bytes(status)
         pids = threads.pipeline_pids(status)
         cpu_threads = threads.snapshot(pids)
         latencies: list[float] = []
@@ -113,6 +119,7 @@ class E2ERunner:
         status = settle(pipe)
         before, self._busy = self._busy, busy_seconds(status)
         cpu_after = cpu_seconds(status) | {"front": front_cpu}
+        moved = front_bytes(status) - bytes_before
         # what the host pays per image, per stage: cores needed = rate x this / 1000
         cpu_ms = {s: (used - cpu_before.get(s, 0.0)) * 1e3 / len(requests)
                   for s, used in cpu_after.items()} if requests else {}
@@ -130,6 +137,7 @@ class E2ERunner:
                 "latency_p50_ms": float(np.percentile(latencies, 50)) if latencies else None,
                 "latency_p99_ms": float(np.percentile(latencies, 99)) if latencies else None,
                 "busy": busy, "cpu_ms_per_image": cpu_ms, "busiest_threads": busiest,
+                "front_bytes_per_image": moved / len(requests) if requests else None,
                 "executor_in_e2e_img_s": (len(requests) - errors) / executing
                 if executing > 0 else None,
                 "mIoU": metrics.summary()["mIoU"] if metrics.images else None}

@@ -46,11 +46,11 @@ class EvalOutcome:
 def evaluate_in_process(cfg: PipelineConfig, split: VocSplit,
                         progress: Progress | None = None) -> EvalOutcome:
     """Start the pipeline, run the split through it, keep its exact area sums."""
-    from stages.pipeline import Pipeline, requests_for
+    from daemon.front import Front, requests_for
 
     manifest = Manifest.read(cfg.model_dir)
     outcome = EvalOutcome(IoUAccumulator(manifest.num_classes))
-    with Pipeline(cfg) as pipe:
+    with Front(cfg) as pipe:
         started = time.monotonic()
         if progress is not None:
             progress.restart()                 # the rate counts from here, not start-up

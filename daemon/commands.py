@@ -57,8 +57,9 @@ def add_daemon_parsers(sub: argparse._SubParsersAction) -> None:
                        help="only read images and ground truths under DIR (repeatable); "
                             "required when --endpoint is reachable from other hosts")
     serve.add_argument("--tcp-host", type=host_address, default="127.0.0.1", metavar="ADDR",
-                       help="with --transport tcp: the address the six internal ports are "
-                            "bound on, and that this host's own children connect to. The "
+                       help="with --transport tcp: the address the front's control port and "
+                            "the workers' data ports are bound on, and that this host's own "
+                            "workers connect to. The "
                             "default admits this host only; give this host's address on a "
                             "trusted network to let `pspnet worker --front ADDR` join from "
                             "others (the internal ports carry no authentication)")
@@ -133,11 +134,18 @@ def add_pipeline_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend-option", type=key_value, action="append", default=[],
                    metavar="KEY=VALUE",
                    help="backend tuning, repeatable: threads=N (ort/torch), cuda_graphs=1, "
-                        "compile=1, compile_cache=DIR (torch), img_s=N, sync=1 (sim)")
+                        "compile=1, compile_cache=DIR (torch), img_s=N, sync=1 (sim; and "
+                        "fault=hang|thread_exit, fault_after=N, fault_flag=FILE to simulate "
+                        "a stuck or broken device in reliability tests)")
+    p.add_argument("--liveness-timeout", type=positive_float, default=5.0, metavar="S",
+                   help="a worker whose work loop has not reported progress for S seconds "
+                        "(hung, stopped, a device call stuck past its allowance) is "
+                        "stopped and restarted, and what it held is retried once")
     p.add_argument("--transport", choices=("ipc", "tcp"), default="ipc",
                    help="between the daemon's own processes")
     p.add_argument("--tcp-base-port", type=base_port, default=5550,
-                   help="with --transport tcp: the six internal ports start here")
+                   help="with --transport tcp: the front's control port (workers' data "
+                        "ports are chosen by the system and reported to the front)")
     p.add_argument("--log-level", choices=("debug", "info", "warning", "error"),
                    default="info", help="debug adds per-batch timings")
     p.add_argument("--log-format", choices=("auto", "json", "console"), default="auto",
@@ -155,7 +163,7 @@ def pipeline_config(args: argparse.Namespace) -> object:
         write_masks=args.out is not None and not args.no_masks, max_pixels=args.max_pixels,
         max_inflight=args.max_inflight, transport=args.transport,
         tcp_base_port=args.tcp_base_port, backend_options=dict(args.backend_option),
-        log_level=args.log_level,
+        liveness_timeout_s=args.liveness_timeout, log_level=args.log_level,
         log_json={"auto": None, "json": True, "console": False}[args.log_format],
     )
 
@@ -199,9 +207,8 @@ def run_serve(args: argparse.Namespace) -> int:
         return usage_error("serve", problem)
     port = parse_endpoint(endpoint).port
     if cfg.transport == "tcp" and port in cfg.tcp_port_range:
-        return usage_error("serve", f"--endpoint's port {port} is one of the internal ports "
-                                    f"{cfg.tcp_ports} (--tcp-base-port {cfg.tcp_base_port}); "
-                                    "move one of them")
+        return usage_error("serve", f"--endpoint's port {port} is the internal control port "
+                                    f"(--tcp-base-port {cfg.tcp_base_port}); move one of them")
     server = Server(ServeConfig(pipeline=cfg, endpoint=endpoint, watch=args.watch,
                                 max_queue=args.max_queue, drain_timeout_s=args.drain_timeout,
                                 metrics_json=args.metrics_json,

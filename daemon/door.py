@@ -22,10 +22,10 @@ import errno
 import os
 import resource
 import threading
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import structlog
 import zmq

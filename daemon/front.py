@@ -19,6 +19,7 @@ import re
 import shutil
 import time
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -68,8 +69,13 @@ class Worker:
 
 
 class Front:
-    def __init__(self, cfg: PipelineConfig) -> None:
+    def __init__(self, cfg: PipelineConfig,
+                 around_spawn: Callable[[], AbstractContextManager[None]] = nullcontext,
+                 ) -> None:
+        """`around_spawn`: entered around each worker start (the daemon's door lends it
+        the descriptors it keeps in reserve)."""
         self.cfg = cfg
+        self.around_spawn = around_spawn
         self.log = structlog.get_logger().bind(component="front")
         self.manifest = Manifest.read(cfg.model_dir)
         batch = pick_batch_size(self.manifest, cfg.batch_size)
@@ -111,7 +117,8 @@ class Front:
                 why += (f" (--transport tcp uses port {self.cfg.tcp_ports} on "
                         f"{self.cfg.tcp_host}; choose another --tcp-base-port)")
             raise PipelineError(why) from exc
-        self.supervisor = Supervisor(self.cfg, self.addrs, start_document(self.cfg, self.addrs))
+        self.supervisor = Supervisor(self.cfg, start_document(self.cfg, self.addrs),
+                                     self.around_spawn)
         self.started = True
         try:
             self.log.info("starting", run_dir=str(self.run_dir), control=self.addrs.control,
@@ -222,9 +229,8 @@ class Front:
         stage, index, pid = match[1], int(match[2]), int(match[3])
         now = time.monotonic()
         msg = wire.decode(frames)
-        if isinstance(msg, wire.Heartbeat):       # only the work loop's beat is liveness
-            slot = self.supervisor.heard(pid, now)
-            self._heartbeat(name, stage, index, pid, msg, slot is not None, now)
+        if isinstance(msg, wire.Heartbeat):
+            self._heartbeat(name, stage, index, pid, msg, now)
         elif isinstance(msg, wire.Result):
             self._answer(msg)
         elif isinstance(msg, wire.Took):
@@ -235,16 +241,19 @@ class Front:
             raise wire.WireError(f"{type(msg).__name__} is not a message for the front")
 
     def _heartbeat(self, name: str, stage: str, index: int, pid: int, hb: wire.Heartbeat,
-                   local: bool, now: float) -> None:
+                   now: float) -> None:
         if (hb.stage, hb.index, hb.pid) != (stage, index, pid):
             raise wire.WireError(f"heartbeat of {hb.stage}-{hb.index}-{hb.pid} from {name}")
+        slot = self.supervisor.by_pid(pid)
+        local = slot is not None
         if hb.fatal:
-            slot = self.supervisor.by_pid(pid)
             if slot is not None:
                 slot.fatal = hb.fatal
             else:
                 self.log.error("remote worker cannot start", worker=name, error=hb.fatal)
             return
+        if slot is not None:
+            slot.heard = now                # only the work loop's beat is liveness
         worker = self.workers.get(name)
         new = worker is None
         if worker is None:

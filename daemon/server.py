@@ -364,6 +364,7 @@ class Server:
 
     def status(self) -> dict[str, Any]:
         doc = self.front.status()
+        doc["front"]["malformed"] += self.counts["malformed"]     # workers' and clients'
         doc["daemon"] = {"pid": os.getpid(), "endpoint": self.cfg.endpoint,
                          "stopping": self.stopping, "watch": str(self.cfg.watch or "") or None,
                          "client_connections": self.door.state.connections,

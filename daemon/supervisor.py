@@ -16,11 +16,13 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
 import structlog
 
-from stages.config import STOP_SIGNAL, Addresses, PipelineConfig
+from stages.config import STOP_SIGNAL, PipelineConfig
 from stages.exits import EXIT_CANNOT_START
 
 RESTART_BACKOFF_S = (0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
@@ -73,10 +75,12 @@ class Death:
 
 
 class Supervisor:
-    def __init__(self, cfg: PipelineConfig, addrs: Addresses, start_document: str) -> None:
+    def __init__(self, cfg: PipelineConfig, start_document: str,
+                 around_spawn: Callable[[], AbstractContextManager[None]] = nullcontext,
+                 ) -> None:
         self.cfg = cfg
-        self.addrs = addrs
         self.start_document = start_document
+        self.around_spawn = around_spawn
         self.log = structlog.get_logger().bind(component="supervisor")
         counts = {"preprocess": cfg.preprocess_workers, "executor": len(cfg.devices),
                   "postprocess": cfg.postprocess_workers}
@@ -86,19 +90,14 @@ class Supervisor:
     def by_pid(self, pid: int) -> Slot | None:
         return next((s for s in self.slots if s.proc is not None and s.proc.pid == pid), None)
 
-    def heard(self, pid: int, now: float) -> Slot | None:
-        slot = self.by_pid(pid)
-        if slot is not None:
-            slot.heard = now
-        return slot
-
     # ---- start and stop --------------------------------------------------------------
 
     def spawn(self, slot: Slot) -> None:
         # the stage's imports (torch, cv2) happen in the worker, never in the front
-        slot.proc = subprocess.Popen(
-            [sys.executable, "-m", "stages.worker", slot.stage, str(slot.index)],
-            stdin=subprocess.PIPE, close_fds=True)
+        with self.around_spawn():
+            slot.proc = subprocess.Popen(
+                [sys.executable, "-m", "stages.worker", slot.stage, str(slot.index)],
+                stdin=subprocess.PIPE, close_fds=True)
         try:
             slot.proc.stdin.write(self.start_document.encode())
             slot.proc.stdin.close()

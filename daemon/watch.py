@@ -60,8 +60,19 @@ class Record:
 
 
 class _Events(FileSystemEventHandler):
+    """Runs on watchdog's thread: only queues what it sees. Its errors are kept (the
+    front's loop logs them and stops when the thread dies), never lost in that thread."""
+
     def __init__(self, sink: queue.SimpleQueue) -> None:
         self.sink = sink
+        self.error: str | None = None
+
+    def dispatch(self, event: FileSystemEvent) -> None:
+        try:
+            super().dispatch(event)
+        except Exception as exc:
+            self.error = f"{type(exc).__name__}: {exc}"
+            raise
 
     def on_closed(self, event: FileSystemEvent) -> None:
         if not event.is_directory:
@@ -88,7 +99,8 @@ class Watcher:
         self.record = record
         self.events: queue.SimpleQueue = queue.SimpleQueue()
         self.observer = Observer()
-        self.observer.schedule(_Events(self.events), str(folder), recursive=False)
+        self.handler = _Events(self.events)
+        self.observer.schedule(self.handler, str(folder), recursive=False)
         self.settling: dict[Path, tuple[int, float]] = {}   # created, not yet closed
         self.taken: set[str] = set()
 
@@ -130,6 +142,15 @@ class Watcher:
             return False
         self.taken.add(path.name)
         return True
+
+    @property
+    def alive(self) -> bool:
+        """The observer and its emitter threads are running."""
+        return self.observer.is_alive() and all(e.is_alive() for e in self.observer.emitters)
+
+    @property
+    def error(self) -> str | None:
+        return self.handler.error
 
     def stop(self) -> None:
         self.observer.stop()

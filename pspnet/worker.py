@@ -7,10 +7,12 @@ daemon; it shares serve's pipeline flags so a worker runs what the daemon's own 
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
+import signal
+import socket
+from dataclasses import replace
 
-from daemon.commands import add_pipeline_args, pipeline_config
-from stages.cli_args import HelpFormatter, non_negative_int
+from daemon.commands import add_pipeline_args, pipeline_config, usage_error
+from stages.cli_args import HelpFormatter, host_address, non_negative_int
 
 
 def add_worker_parser(sub: argparse._SubParsersAction) -> None:
@@ -19,16 +21,22 @@ def add_worker_parser(sub: argparse._SubParsersAction) -> None:
         help="run one stage process on this host for a daemon elsewhere (tcp)",
         description="Join a daemon started with `--transport tcp` on another host: run one "
                     "preprocess, executor or postprocess process here, connected to that "
-                    "daemon's internal ports. The daemon hands it work like its own children "
+                    "daemon's control port. The daemon hands it work like its own children "
                     "and lists it under `remote` in `pspnet status`; it does not restart it "
-                    "(run it under systemd or similar). Requests it holds when it dies are "
-                    "retried after the daemon's stall timeout.",
+                    "(run it under systemd or similar). An executor here listens for "
+                    "images and hands out outputs on ports of this host (--host), which the "
+                    "daemon's other workers connect to. If this worker dies or stays silent "
+                    "for --liveness-timeout, the daemon retries what it held elsewhere.",
         epilog="example: pspnet worker executor --front 10.0.0.5 --tcp-base-port 5550 "
                "--model models/r50 --backend torch --devices cuda:0 --index 100")
     worker.add_argument("stage", choices=("preprocess", "executor", "postprocess"),
                         help="which stage this process runs")
     worker.add_argument("--front", required=True, metavar="HOST",
-                        help="host name or address of the daemon (its --transport tcp ports)")
+                        help="host name or address of the daemon (its --transport tcp port)")
+    worker.add_argument("--host", type=host_address, default=None, metavar="ADDR",
+                        help="this host's address that the daemon's workers can reach, for "
+                             "an executor's data ports (default: the address this host "
+                             "uses to reach --front)")
     worker.add_argument("--index", type=non_negative_int, default=100,
                         help="this worker's number; keep it apart from the daemon's own "
                              "(0..K-1)")
@@ -37,14 +45,22 @@ def add_worker_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run_worker(args: argparse.Namespace) -> int:
-    from dataclasses import replace
-
-    from stages import executor, postprocess, preprocess
     from stages.config import Addresses
+    from stages.worker import run
 
+    try:
+        host = args.host or local_address_towards(args.front, args.tcp_base_port)
+    except OSError as exc:
+        return usage_error("worker", f"--front {args.front}: {exc.strerror or exc}")
+    signal.signal(signal.SIGINT, signal.SIG_DFL)      # Ctrl-C ends it, quietly
     cfg = replace(pipeline_config(args), transport="tcp", tcp_host=args.front)
-    addrs = Addresses.for_config(cfg, Path("."))
-    stage_main = {"preprocess": preprocess.main, "executor": executor.main,
-                  "postprocess": postprocess.main}[args.stage]
-    stage_main(cfg, addrs, args.index, supervised=False)
+    addrs = Addresses(f"tcp://{args.front}:{args.tcp_base_port}", host, None)
+    run(args.stage, args.index, cfg, addrs, supervised=False)
     return 0
+
+
+def local_address_towards(front: str, port: int) -> str:
+    """The address of this host's interface that routes to `front` (no packet is sent)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        probe.connect((front, port))
+        return probe.getsockname()[0]

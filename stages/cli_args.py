@@ -41,9 +41,8 @@ def positive_float(text: str) -> float:
 
 
 def base_port(text: str) -> int:
-    """argparse type: the first of the six internal tcp ports."""
-    return _checked(text, int, "a port from 1 to 65530 (six ports start there)",
-                    lambda v: 1 <= v <= 65530)
+    """argparse type: the front's internal tcp control port."""
+    return _checked(text, int, "a port from 1 to 65535", lambda v: 1 <= v <= 65535)
 
 
 def host_address(text: str) -> str:

@@ -45,7 +45,7 @@ PIPELINE_FLAGS = [
     (["--devices", ","], "--devices"),
     (["--backend-option", "threads"], "--backend-option"),
     (["--backend-option", "=1"], "--backend-option"),
-    (["--tcp-base-port", "65531"], "--tcp-base-port"),
+    (["--tcp-base-port", "65536"], "--tcp-base-port"),
 ]
 
 
@@ -66,8 +66,8 @@ def test_shared_pipeline_flags_are_checked_by_every_command(model, tmp_path, cap
     (["serve", "--transport", "tcp", "--tcp-host", "0.0.0.0"], "--tcp-host"),
     (["serve", "--transport", "tcp", "--tcp-host", "myhost"], "--tcp-host"),
     (["serve", "--tcp-host", "10.0.0.5"], "--tcp-host needs --transport tcp"),
-    (["serve", "--transport", "tcp", "--endpoint", "tcp://127.0.0.1:5553"],
-     "--endpoint's port 5553 is one of the internal ports 5550-5555"),
+    (["serve", "--transport", "tcp", "--endpoint", "tcp://127.0.0.1:5550"],
+     "--endpoint's port 5550 is the internal control port"),
     (["bench", "--synthetic", "4", "--backlog", "-1"], "--backlog"),
     (["bench", "--synthetic", "4", "--backlog", "0"], "--backlog"),
     (["bench", "--synthetic", "0"], "--synthetic"),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import os
 import threading
 import time
 from pathlib import Path
@@ -13,18 +14,18 @@ import zmq
 from PIL import Image
 
 from build_model.reference import Reference
+from daemon.front import Front, PipelineError, requests_for
 from stages import wire
 from stages.config import Addresses, PipelineConfig
 from stages.executor import Executor
 from stages.manifest import Manifest, voc_palette
-from stages.pipeline import Pipeline, PipelineError, requests_for
 from tests.mmseg_metric import mmseg_iou
 
 FAKE_ACL = Path(__file__).parent / "fake_aclruntime"
 
 
 def run_all(cfg: PipelineConfig, paths, anns=None):
-    with Pipeline(cfg) as pipe:
+    with Front(cfg) as pipe:
         results = list(pipe.run(requests_for(paths, anns)))
         status = pipe.status()
         summary = pipe.metrics.summary() if pipe.metrics.images else None
@@ -84,7 +85,9 @@ def test_voc_through_real_processes(backend, head, voc, mmseg_models, tmp_path, 
     if backend == "acl":
         from tests.test_backends import with_om
 
-        monkeypatch.syspath_prepend(str(FAKE_ACL))    # spawned children inherit sys.path
+        # the workers are fresh interpreters: they find the stand-in through PYTHONPATH
+        monkeypatch.setenv("PYTHONPATH", os.pathsep.join(
+            [str(FAKE_ACL), *filter(None, [os.environ.get("PYTHONPATH")])]))
         model_dir = with_om(model_dir, tmp_path)
     devices = ("npu:0",) if backend == "acl" else ("cpu",)
     cfg = PipelineConfig(model_dir=model_dir, backend=backend, devices=devices, batch_size=4,
@@ -168,7 +171,7 @@ def test_images_sharing_a_mask_name_do_not_overwrite_each_other(tiny_models, pho
     cfg = PipelineConfig(model_dir=tiny_models["logits"], batch_size=4, max_wait_ms=20,
                          preprocess_workers=1, postprocess_workers=2, out_dir=out,
                          log_json=True)
-    with Pipeline(cfg) as pipe:
+    with Front(cfg) as pipe:
         first = {r.id: r for r in pipe.run([wire.Request("a", a), wire.Request("s", space)])}
         assert all(r.status == wire.OK for r in first.values()), first
         kept = {p.name: np.asarray(Image.open(p)) for p in out.glob("*.png")}
@@ -199,7 +202,7 @@ def test_a_mask_dir_that_cannot_be_created_stops_the_start(tiny_models, tmp_path
                          postprocess_workers=1, out_dir=blocker, log_json=True,
                          start_timeout_s=30)
     started = time.monotonic()
-    with pytest.raises(PipelineError) as caught, Pipeline(cfg):
+    with pytest.raises(PipelineError) as caught, Front(cfg):
         pass
     assert str(caught.value) == (f"postprocess-0 cannot start: mask directory (--out) "
                                  f"{blocker} exists and is not a directory")
@@ -214,13 +217,13 @@ LEFT_OPEN = """
 import sys
 from pathlib import Path
 from stages.config import PipelineConfig
+from daemon.front import Front
 from stages.logs import configure_logging
-from stages.pipeline import Pipeline
 configure_logging("warning")
-pipe = Pipeline(PipelineConfig(model_dir=Path(sys.argv[1]), backend="sim", batch_size=4,
-                               preprocess_workers=1, postprocess_workers=1))
+pipe = Front(PipelineConfig(model_dir=Path(sys.argv[1]), backend="sim", batch_size=4,
+                            preprocess_workers=1, postprocess_workers=1))
 pipe.start()
-print(" ".join(str(c.process.pid) for c in pipe.children), flush=True)
+print(" ".join(str(s.proc.pid) for s in pipe.supervisor.slots), flush=True)
 raise SystemExit(0)          # no close(): an exception would skip it the same way
 """
 
@@ -284,47 +287,65 @@ class SlowBackend:
 
 
 class ExecutorAlone:
-    """One Executor on a thread, its three peers played by this test's sockets."""
+    """One Executor on a thread, its peers played by this test's sockets: the front (a
+    ROUTER its notes, errors and heartbeats reach), a preprocess worker (a PUSH to its
+    images socket) and a postprocess worker (a DEALER asking for its outputs)."""
 
     def __init__(self, model_dir: Path, tmp_path: Path, backend: object, max_wait_ms: float,
-                 **kwargs: object) -> None:
+                 credits: int = 1000, **kwargs: object) -> None:
         from stages.child import Child
 
         cfg = PipelineConfig(model_dir=model_dir, max_wait_ms=max_wait_ms, log_json=True,
                              run_dir=tmp_path)
         addrs = Addresses.for_config(cfg, tmp_path)
         ctx = zmq.Context.instance()
-        self.images = ctx.socket(zmq.PUSH)     # test -> executor (stands in for the streamer)
-        self.images.bind(addrs.images_out)
-        self.outputs = ctx.socket(zmq.PULL)    # executor -> test
-        self.outputs.bind(addrs.outputs_in)
-        self.results = ctx.socket(zmq.PULL)    # errors, progress and heartbeats -> test
-        self.results.bind(addrs.results)
-        executor = Executor(Child("executor", 0, cfg, addrs.results), cfg, addrs,
-                            backend, **kwargs)  # type: ignore[arg-type]
+        self.front = ctx.socket(zmq.ROUTER)     # executor's notes, errors, heartbeats -> test
+        self.front.bind(addrs.control)
+        child = Child("executor", 0, cfg, addrs, supervised=False)
+        self.name = child.name
+        executor = Executor(child, backend, **kwargs)  # type: ignore[arg-type]
+        self.images = ctx.socket(zmq.PUSH)      # test (as preprocess) -> executor
+        self.images.connect(child.inputs)
+        self.outputs = ctx.socket(zmq.DEALER)   # executor -> test (as postprocess)
+        self.outputs.setsockopt(zmq.IDENTITY, b"postprocess-0-1")
+        self.outputs.connect(child.outputs)
+        self.outputs.send_multipart(wire.encode(wire.Credit(credits)))
+        self.notes: list[wire.Message] = []
         threading.Thread(target=executor.run, daemon=True).start()
         self.pixels = np.zeros((*Manifest.read(model_dir).input_size, 3), np.uint8)
 
-    def send(self, i: int) -> None:
+    def send(self, i: int, to: str | None = None) -> None:
         place = wire.Placement(64, 64, 1.0, 0, 0, 64, 64)
-        self.images.send_multipart(wire.encode(wire.Image(wire.Request(str(i), "/x"), place,
-                                                          self.pixels)))
+        self.images.send_multipart(wire.encode(wire.Image(
+            wire.Request(str(i), "/x"), place, to or self.name, self.pixels)))
 
     def output_ids(self, n: int) -> list[str]:
         return [wire.decode(self.outputs.recv_multipart()).request.id for _ in range(n)]
 
+    def next_note(self, kind: type, timeout_s: float = 10) -> wire.Message:
+        """The first note of this kind not yet taken (notes from the two threads of the
+        executor travel on two sockets: they may arrive in either order)."""
+        for i, message in enumerate(self.notes):
+            if isinstance(message, kind):
+                return self.notes.pop(i)
+        deadline = time.monotonic() + timeout_s
+        while True:
+            assert self.front.poll(max(0.0, deadline - time.monotonic()) * 1e3), kind
+            message = wire.decode(self.front.recv_multipart()[1:])
+            if isinstance(message, kind):
+                return message
+            self.notes.append(message)
+
     def errors(self, n: int) -> dict[str, str]:
-        """The next `n` error answers (id -> message), skipping heartbeats and progress."""
+        """The next `n` error answers (id -> message), skipping heartbeats and notes."""
         failed: dict[str, str] = {}
         while len(failed) < n:
-            assert self.results.poll(10_000), failed
-            message = wire.decode(self.results.recv_multipart())
-            if isinstance(message, wire.Result):
-                failed[message.id] = message.error or ""
+            message = self.next_note(wire.Result)
+            failed[message.id] = message.error or ""
         return failed
 
     def close(self) -> None:
-        for sock in (self.images, self.outputs, self.results):
+        for sock in (self.images, self.outputs, self.front):
             sock.close(0)
 
 
@@ -422,4 +443,27 @@ def test_executor_keeps_filling_while_the_device_is_busy(tiny_models, tmp_path):
     got = alone.output_ids(6)
     assert sorted(got, key=int) == [str(i) for i in range(6)]
     assert backend.filled == [1, 4, 1], backend.filled
+    alone.close()
+
+
+def test_executor_takes_only_images_meant_for_this_life_and_says_what_it_took(tiny_models,
+                                                                               tmp_path):
+    """An image addressed to a previous life of this executor (left in a preprocess
+    worker's queue when it was restarted: the front has retried it already) is dropped; the
+    others are taken, and the front hears which, batch by batch."""
+    manifest = Manifest.read(tiny_models["labels"])
+    backend = SlowBackend(4, manifest.input_size, transfer_s=0.0, compute_s=0.0)
+    alone = ExecutorAlone(tiny_models["labels"], tmp_path, backend, max_wait_ms=1000)
+    alone.send(100, to="executor-0-1")            # stale: another pid
+    for i in range(4):
+        alone.send(i)
+    assert sorted(alone.output_ids(4), key=int) == ["0", "1", "2", "3"]
+    took = alone.next_note(wire.Took)
+    handed = alone.next_note(wire.Handed)
+    assert sorted(took.ids, key=int) == ["0", "1", "2", "3"]
+    assert sorted(handed.ids, key=int) == ["0", "1", "2", "3"]
+    assert handed.to == "postprocess-0-1"
+    beat = alone.next_note(wire.Heartbeat, timeout_s=5)
+    assert beat.inputs.startswith("ipc://") and beat.capacity == 8 and beat.batch == 4
+    assert not alone.outputs.poll(300)           # the stale image never went out
     alone.close()

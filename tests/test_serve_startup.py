@@ -22,7 +22,6 @@ import signal
 import socket
 import subprocess
 import sys
-import textwrap
 import time
 from pathlib import Path
 
@@ -188,46 +187,35 @@ def test_a_lock_file_left_by_a_kill_9_stops_nobody(tiny_models, tmp_path):
     assert not lock_file(socket_file).exists()
 
 
+# Loaded by every Python process that finds it on PYTHONPATH: the daemon's postprocess
+# workers (`python -m stages.worker postprocess I`) die as they start, a broken install,
+# say, and are restarted with back-off until the 120 s start-up timeout.
 CRASHING_POSTPROCESS = """\
+import os
 import sys
-from pathlib import Path
 
-from daemon.server import ServeConfig, Server
-from stages import postprocess
-from stages.config import PipelineConfig
-from stages.logs import configure_logging
-
-
-def crash(*_args: object) -> None:
-    raise RuntimeError("a postprocess worker that crashes as it starts")
-
-
-if __name__ == "__main__":          # the children (spawned) import this file too
-    configure_logging("info", True)
-    model, endpoint = sys.argv[1:]
-    # every postprocess worker dies young and is restarted with back-off, until the
-    # 120 s start-up timeout: a broken install, say
-    postprocess.main = crash
-    cfg = PipelineConfig(model_dir=Path(model), batch_size=4, preprocess_workers=1,
-                         postprocess_workers=1)
-    sys.exit(Server(ServeConfig(pipeline=cfg, endpoint=endpoint)).serve())
+if sys.argv[1:2] == ["postprocess"]:
+    os._exit(1)
 """
 REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_signal_during_start_up_stops_promptly(tiny_models, tmp_path, signum):
-    script = tmp_path / "serve_crashing.py"
-    script.write_text(textwrap.dedent(CRASHING_POSTPROCESS))
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(CRASHING_POSTPROCESS)
     (tmp_path / "tmp").mkdir()
     endpoint = f"ipc://{tmp_path}/front"
     log_path = tmp_path / "daemon.log"
     with open(log_path, "w") as log:
         proc = subprocess.Popen(
-            [sys.executable, str(script), str(tiny_models["logits"]), endpoint],
+            [sys.executable, "-m", "pspnet", "serve", "--model", str(tiny_models["logits"]),
+             "--endpoint", endpoint, "--batch-size", "4", "--preprocess-workers", "1",
+             "--postprocess-workers", "1", "--log-format", "json"],
             stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
             env={**os.environ, "PYTHONUNBUFFERED": "1", "TMPDIR": str(tmp_path / "tmp"),
-                 "PYTHONPATH": str(REPO)})
+                 "PYTHONPATH": f"{hook}{os.pathsep}{REPO}"})
     try:
         def events() -> list[dict]:
             out = []
@@ -263,22 +251,11 @@ def test_signal_during_start_up_stops_promptly(tiny_models, tmp_path, signum):
 
 
 def test_an_internal_tcp_port_in_use_is_named_not_a_traceback(tiny_models, tmp_path):
-    for _ in range(20):                        # six free ports in a row, the third then taken
-        base = free_port()
-        held = []
-        try:
-            for port in range(base, base + 6):
-                s = socket.socket()
-                held.append(s)
-                s.bind(("127.0.0.1", port))
-        except OSError:
-            continue
-        finally:
-            for s in held:
-                s.close()
-        break
+    """--transport tcp: the front's control port (--tcp-base-port) taken by another
+    program is "cannot start" naming the port and the flag, before any worker starts."""
+    base = free_port()
     taken = socket.socket()                    # listening: ZeroMQ's bind gets EADDRINUSE
-    taken.bind(("127.0.0.1", base + 2))
+    taken.bind(("127.0.0.1", base))
     taken.listen()
     try:
         out = serve(tiny_models["labels"], tmp_path, f"tcp://127.0.0.1:{free_port()}",
@@ -289,8 +266,8 @@ def test_an_internal_tcp_port_in_use_is_named_not_a_traceback(tiny_models, tmp_p
     assert "Traceback" not in out.stderr, out.stderr
     events = [json.loads(line) for line in out.stderr.splitlines() if line.startswith("{")]
     (failed,) = [e for e in events if e.get("event") == "cannot start"]
-    assert f"cannot listen at tcp://127.0.0.1:{base + 2}" in failed["error"]
-    assert f"ports {base}-{base + 5}" in failed["error"]
+    assert f"cannot listen at tcp://127.0.0.1:{base}" in failed["error"]
+    assert f"uses port {base} on 127.0.0.1" in failed["error"]
     assert "--tcp-base-port" in failed["error"]
     assert not any(e.get("event") == "child started" for e in events)
     assert run_dirs(tmp_path) == []

@@ -20,8 +20,8 @@ def roundtrip(msg: wire.Message) -> wire.Message:
 
 def test_image_roundtrip_keeps_pixels_and_metadata():
     pixels = np.random.default_rng(0).integers(0, 256, (500, 500, 3), dtype=np.uint8)
-    out = roundtrip(wire.Image(REQ, PLACE, pixels))
-    assert out.request == REQ and out.placement == PLACE
+    out = roundtrip(wire.Image(REQ, PLACE, "executor-0-42", pixels))
+    assert out.request == REQ and out.placement == PLACE and out.to == "executor-0-42"
     np.testing.assert_array_equal(out.pixels, pixels)
 
 
@@ -36,8 +36,13 @@ def test_output_and_result_roundtrip():
 
 
 @pytest.mark.parametrize("msg", [
-    wire.Request("x", "/p"), wire.Ready(3, 2, ("a", "b")), wire.Progress("executor", 0, ("a",)),
-    wire.Stats("preprocess", 1, 42, {"processed": 3, "busy_s": 0.5}),
+    wire.Dispatch(REQ, "executor-0-42", "ipc:///run/exec0-in"), wire.Credit(3),
+    wire.Took(("a", "b")), wire.Handed(("a",), "postprocess-1-43"),
+    wire.Heartbeat("preprocess", 1, 42, {"processed": 3, "busy_s": 0.5}),
+    wire.Heartbeat("executor", 0, 44, {}, inputs="tcp://10.0.0.5:40001",
+                   outputs="tcp://10.0.0.5:40002", capacity=32, batch=16,
+                   stuck="runner thread inside one call for 12.0 s (allowed 10.0 s)"),
+    wire.Peers((("executor-0-44", "tcp://10.0.0.5:40002"),), 8),
     wire.Submit((REQ, wire.Request("y", "/q"))), wire.StatusQuery(),
     wire.Reply("accepted", ("a",), "", {"k": 1}),
 ])
@@ -53,16 +58,25 @@ def header(**fields):
     ([], "empty"),
     ([b"\xc1"], "msgpack"),
     ([msgpack.packb([1, 2])], "not a map"),
-    ([msgpack.packb({"v": 99, "kind": "request"})], "version"),
+    ([msgpack.packb({"v": 99, "kind": "dispatch"})], "version"),
     ([header(kind="pickle")], "unknown message kind"),
-    ([header(kind="request", req={"id": "a", "path": 5, "attempt": 0})], "path"),
-    ([header(kind="request", req={"id": "", "path": "/x", "attempt": 0})], "id"),
-    ([header(kind="image", req={"id": "a", "path": "/x", "attempt": 0},
+    ([header(kind="dispatch", req={"id": "a", "path": 5, "attempt": 0}, to="e-0-1",
+             address="ipc:///x")], "path"),
+    ([header(kind="dispatch", req={"id": "", "path": "/x", "attempt": 0}, to="e-0-1",
+             address="ipc:///x")], "id"),
+    ([header(kind="dispatch", req={"id": "a", "path": "/x", "attempt": 0}, to="x" * 65,
+             address="ipc:///x")], "worker name"),
+    ([header(kind="took", ids="a")], "list of ids"),
+    ([header(kind="credit", credits=0)], "credits"),
+    ([header(kind="peers", executors=[["e-0-1"]], credits=2)], "name, address"),
+    ([header(kind="heartbeat", stage="executor", index=0, pid=1, counters={},
+             inputs="", outputs="", capacity=-1, batch=0)], "capacity"),
+    ([header(kind="image", req={"id": "a", "path": "/x", "attempt": 0}, to="e-0-1",
              place=[10, 10, 1.0, 0, 0, 10, 10], arrays=[["uint8", [10, 10, 3]]]), b"\0" * 7],
      "bytes"),
-    ([header(kind="image", req={"id": "a", "path": "/x", "attempt": 0},
+    ([header(kind="image", req={"id": "a", "path": "/x", "attempt": 0}, to="e-0-1",
              place=[10, 10, 1.0, 0, 0, 10, 10], arrays=[["object", [1]]]), b"\0"], "dtype"),
-    ([header(kind="image", req={"id": "a", "path": "/x", "attempt": 0},
+    ([header(kind="image", req={"id": "a", "path": "/x", "attempt": 0}, to="e-0-1",
              place=[10, 10, 1.0, 5, 0, 10, 10], arrays=[["uint8", [10, 10, 3]]]),
       b"\0" * 300], "outside"),
     ([header(kind="output", req={"id": "a", "path": "/x", "attempt": 0},
@@ -103,7 +117,8 @@ def test_decoder_survives_random_frames(frames):
         pass
 
 
-valid = [bytes(f) for f in wire.encode(wire.Image(REQ, PLACE, np.zeros((500, 500, 3), np.uint8)))]
+valid = [bytes(f) for f in wire.encode(wire.Image(REQ, PLACE, "executor-0-42",
+                                                   np.zeros((500, 500, 3), np.uint8)))]
 
 
 @settings(max_examples=300, deadline=None)
@@ -122,7 +137,7 @@ def test_decoder_survives_mutated_headers(position, value, truncate):
 
 
 def test_decode_as_refuses_another_kind():
-    frames = [bytes(f) for f in wire.encode(wire.Request("x", "/p"))]
-    assert wire.decode_as(frames, wire.Request) == wire.Request("x", "/p")
-    with pytest.raises(wire.WireError, match="expected Image, got Request"):
+    frames = [bytes(f) for f in wire.encode(wire.Took(("x",)))]
+    assert wire.decode_as(frames, wire.Took) == wire.Took(("x",))
+    with pytest.raises(wire.WireError, match="expected Image, got Took"):
         wire.decode_as(frames, wire.Image)

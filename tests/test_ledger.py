@@ -1,0 +1,196 @@
+"""The request ledger alone: pure logic, no processes, sockets or monkeypatching.
+
+Each test walks requests through the moves the front hears of (dispatch, "handed",
+"took", answers, a worker's death) and checks where they are, whose room they take, and
+what a death retries or gives up. Worker names are as the workers call themselves.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+
+from daemon.ledger import (
+    EXECUTOR,
+    PREPROCESS,
+    QUEUED,
+    RETRIES,
+    TO_EXECUTOR,
+    TO_POSTPROCESS,
+    Ledger,
+)
+
+P0, P1 = "preprocess-0-100", "preprocess-1-101"
+E0, E1 = "executor-0-200", "executor-1-201"
+Q0, Q1 = "postprocess-0-300", "postprocess-1-301"
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+def ledger(clock: Clock) -> Ledger:
+    return Ledger(clock=clock)
+
+
+def accept(ledger: Ledger, n: int, origin: object = "client-a") -> list[str]:
+    return [ledger.add(f"c{i}", f"/img/{i}.jpg", None, origin).rid for i in range(n)]
+
+
+def dispatch(ledger: Ledger, preprocess: str, executor: str) -> str:
+    entry = ledger.next_queued()
+    ledger.dispatched(entry, preprocess, executor)
+    return entry.rid
+
+
+def test_a_request_walks_every_state_and_rooms_are_taken_and_freed(ledger):
+    (rid,) = accept(ledger, 1)
+    entry = ledger.entries[rid]
+    assert entry.state == QUEUED and ledger.inflight == 0 and not ledger.load
+    dispatch(ledger, P0, E0)
+    assert (entry.state, entry.holders) == (PREPROCESS, (P0, E0))
+    assert ledger.load == {P0: 1, E0: 1}          # decoding at P0, bound for E0's room
+    ledger.handed(P0, [rid], E0)
+    assert (entry.state, entry.holders) == (TO_EXECUTOR, (P0, E0))
+    assert ledger.load == {E0: 1}                 # P0 is free; E0's room still taken
+    ledger.took(E0, [rid])
+    assert (entry.state, entry.holders) == (EXECUTOR, (E0,))
+    assert not ledger.load                        # in a batch: E0's room is free again
+    ledger.handed(E0, [rid], Q1)
+    assert (entry.state, entry.holders) == (TO_POSTPROCESS, (E0, Q1))
+    answered = ledger.answer(rid)
+    assert answered is entry and ledger.pending == 0 and not ledger.load
+    assert ledger.answer(rid) is None, "a second answer is dropped"
+
+
+def test_notes_that_overtake_each_other_still_land_right(ledger):
+    """The executor's "took" and "handed" leave on two sockets, and the preprocess
+    worker's "handed" on a third: any order at the front ends in the same state."""
+    for order in itertools.permutations(["p-handed", "e-took", "e-handed"]):
+        ledger = Ledger()
+        (rid,) = accept(ledger, 1)
+        dispatch(ledger, P0, E0)
+        for note in order:
+            if note == "p-handed":
+                ledger.handed(P0, [rid], E0)
+            elif note == "e-took":
+                ledger.took(E0, [rid])
+            else:
+                ledger.handed(E0, [rid], Q0)
+        entry = ledger.entries[rid]
+        assert (entry.state, entry.holders) == (TO_POSTPROCESS, (E0, Q0)), order
+        assert not ledger.load, order
+
+
+@pytest.mark.parametrize("victim, state_before", [
+    (P0, PREPROCESS), (E0, PREPROCESS),           # decoding; or its executor died
+    (P0, TO_EXECUTOR), (E0, TO_EXECUTOR),         # sent, still in the sender's queue?
+    (E0, EXECUTOR),                               # in a batch
+    (E0, TO_POSTPROCESS), (Q0, TO_POSTPROCESS),   # sent on to postprocess
+])
+def test_a_holders_death_retries_what_it_could_have_lost(ledger, victim, state_before):
+    (rid,) = accept(ledger, 1)
+    dispatch(ledger, P0, E0)
+    moves = {TO_EXECUTOR: [lambda: ledger.handed(P0, [rid], E0)],
+             EXECUTOR: [lambda: ledger.took(E0, [rid])],
+             TO_POSTPROCESS: [lambda: ledger.took(E0, [rid]),
+                              lambda: ledger.handed(E0, [rid], Q0)]}
+    for move in moves.get(state_before, []):
+        move()
+    assert ledger.entries[rid].state == state_before
+    retried, given_up = ledger.lost(victim)
+    assert [e.rid for e in retried] == [rid] and given_up == []
+    entry = ledger.entries[rid]
+    assert (entry.state, entry.holders, entry.request.attempt) == (QUEUED, (), 1)
+    assert ledger.queue[0] == rid and not ledger.load
+
+
+def test_a_death_does_not_touch_what_others_hold(ledger):
+    rids = accept(ledger, 3)
+    dispatch(ledger, P0, E0)
+    dispatch(ledger, P1, E1)
+    ledger.took(E0, [rids[0]])
+    ledger.handed(P1, [rids[1]], E1)
+    ledger.took(E1, [rids[1]])
+    ledger.handed(E1, [rids[1]], Q1)
+    assert ledger.lost(P0) == ([], [])            # rid 0 is past P0: E0 holds it alone
+    assert ledger.lost(Q0) == ([], [])
+    assert ledger.lost("postprocess-1-999") == ([], [])   # another life of Q1's slot
+    assert ledger.entries[rids[0]].state == EXECUTOR
+    assert ledger.entries[rids[2]].state == QUEUED
+
+
+def test_retried_once_then_answered_as_given_up(ledger):
+    (rid,) = accept(ledger, 1)
+    for attempt in range(RETRIES):
+        dispatch(ledger, P0, E0)
+        retried, given_up = ledger.lost(E0)
+        assert [e.rid for e in retried] == [rid] and not given_up
+        assert ledger.entries[rid].request.attempt == attempt + 1
+    dispatch(ledger, P0, E0)
+    retried, given_up = ledger.lost(E0)
+    assert not retried and [e.rid for e in given_up] == [rid]
+    assert ledger.pending == 0 and not ledger.queue and not ledger.load
+    assert ledger.answer(rid) is None, "given up is answered: nothing later may answer it"
+
+
+def test_an_answer_of_an_earlier_attempt_still_answers(ledger):
+    """The first answer wins, whichever attempt it comes from: a worker that was only
+    suspected (it died after passing the request on) may still deliver."""
+    (rid,) = accept(ledger, 1)
+    dispatch(ledger, P0, E0)
+    ledger.handed(P0, [rid], E0)
+    ledger.lost(P0)                               # sender died: retried, attempt 1
+    assert ledger.answer(rid) is not None         # ...but E0 had it and answered
+    assert ledger.pending == 0
+
+
+def test_notes_from_a_worker_that_does_not_hold_a_request_are_ignored(ledger):
+    (rid,) = accept(ledger, 1)
+    dispatch(ledger, P0, E0)
+    ledger.took(E1, [rid])                        # another executor: a stale queue
+    ledger.handed(P1, [rid], E0)
+    ledger.handed(E1, [rid], Q0)
+    ledger.took(E0, ["no-such-id"])
+    entry = ledger.entries[rid]
+    assert (entry.state, entry.holders) == (PREPROCESS, (P0, E0))
+
+
+def test_stalled_requests_are_retried_and_the_queue_is_not(ledger, clock):
+    rids = accept(ledger, 3)
+    dispatch(ledger, P0, E0)
+    clock.now += 100
+    dispatch(ledger, P1, E0)
+    clock.now += 550
+    retried, given_up = ledger.stalled(600.0)
+    assert [e.rid for e in retried] == [rids[0]] and not given_up
+    assert ledger.entries[rids[1]].state == PREPROCESS
+    assert ledger.entries[rids[2]].state == QUEUED
+
+
+def test_one_client_id_is_one_request_while_pending(ledger):
+    (rid,) = accept(ledger, 1, origin="client-a")
+    assert ledger.find("client-a", "c0").rid == rid
+    assert ledger.find("client-b", "c0") is None  # ids are per client
+    other = ledger.add("c0", "/img/other.jpg", None, "client-b")
+    assert other.rid != rid and ledger.pending == 2
+    ledger.answer(rid)
+    assert ledger.find("client-a", "c0") is None  # answered: the id is free again
+
+
+def test_abandon_empties_everything(ledger):
+    accept(ledger, 4)
+    dispatch(ledger, P0, E0)
+    entries = ledger.abandon()
+    assert len(entries) == 4 and ledger.pending == 0 and not ledger.queue and not ledger.load
