@@ -16,6 +16,7 @@ import ctypes
 import functools
 import os
 import resource
+import shutil
 import signal
 import subprocess
 import sys
@@ -165,14 +166,18 @@ class Daemon(daemon_helpers.Daemon):
         return "\n".join(self.log_path.read_text().splitlines()[-lines:])
 
     def kill_group(self) -> None:
-        """kill -9 the front and every child at once (it runs in its own session): for a
-        test's clean-up, where a child may be stopped or the front hung."""
+        """kill -9 the front and every child at once (it runs in its own session), and
+        remove the private run directory a killed front leaves: for a test's clean-up,
+        where a child may be stopped or the front hung."""
         try:
             os.killpg(self.proc.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
         self.proc.wait(10)
         self.log.close()
+        for event in self.events():
+            if event.get("event") == "starting" and event.get("run_dir"):
+                shutil.rmtree(event["run_dir"], ignore_errors=True)
 
     def child_pids(self) -> list[int]:
         return [pid for s in self.status()["stages"].values() for pid in s["pids"]]

@@ -98,9 +98,11 @@ def test_an_executor_whose_work_loop_stops_is_restarted(tiny_models, photo_files
     settings it is restarted within 10 s of the fault, and each of the 200 requests is
     answered exactly once, ok (what it held is retried on the new executor).
 
-    Before the redesign: the sim backend refused the unknown options ("unknown option
-    fault"), the executor could not start and the daemon exited 3 before serving; the
-    front had no liveness but the heartbeat, so such an executor was never restarted."""
+    Before the redesign: the daemon exited 3 before serving (executor-0 cannot start:
+    "unknown sim backend option(s) fault, fault_after, fault_flag"). And the front's only
+    liveness was the heartbeat, which its own thread keeps sending from such an executor:
+    its requests would wait for the 600 s stall timeout, then be retried into the same
+    stuck executor (read from the code; not run)."""
     flag = tmp_path / "fault-fired"
     daemon = daemons(tiny_models["logits"], tmp_path / "masks", tmp_path, *ARGS,
                      "--backend-option", f"fault={fault}", "--backend-option", "fault_after=3",
@@ -134,8 +136,9 @@ def test_a_stopped_child_is_restarted(tiny_models, photo_files, tmp_path, daemon
     killed and restarted within 10 s, and each of the 200 requests is answered exactly
     once, ok.
 
-    Before the redesign: the front killed a silent child only after its 30 s heartbeat
-    timeout, so no restart came within the test's 15 s."""
+    Before the redesign: the front kills a silent child after its 30 s heartbeat timeout:
+    no restart 11 s after the SIGSTOP (preprocess: 103 of 200 answered by then, the
+    stream stuck; executor: 40 of 200)."""
     daemon = daemons(tiny_models["logits"], tmp_path / "masks", tmp_path, *ARGS,
                      backend="sim")
     pids = daemon.wait_ready()["stages"][stage]["pids"]
@@ -173,7 +176,7 @@ def test_a_stopped_child_is_restarted(tiny_models, photo_files, tmp_path, daemon
 def test_liveness_timeout_is_a_documented_serve_flag():
     """`pspnet serve --help` teaches the new flag and its default (5 s).
 
-    Before the redesign: no such flag."""
+    Before the redesign: no such flag in the help."""
     out = subprocess.run([sys.executable, "-m", "daemon.cli", "serve", "--help"],
                          capture_output=True, text=True, timeout=60,
                          cwd=Path(__file__).resolve().parent.parent)
