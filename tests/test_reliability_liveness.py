@@ -27,7 +27,13 @@ from pathlib import Path
 import pytest
 
 from stages import wire
-from tests.reliability_helpers import Daemon, RawClient, linked_stream
+from tests.reliability_helpers import (
+    Daemon,
+    RawClient,
+    kill9,
+    linked_stream,
+    proc_status_field,
+)
 
 N = 200
 RESTART_BOUND_S = 10.0           # default settings: a hung or broken child back within this
@@ -157,10 +163,8 @@ def test_a_stopped_child_is_restarted(tiny_models, photo_files, tmp_path, daemon
                                          "SIGSTOP")
     finally:
         raw.close()
-        try:
-            os.kill(victim, signal.SIGKILL)        # a failure must not leave it stopped
-        except ProcessLookupError:
-            pass
+        if proc_status_field(victim, "PPid") == str(daemon.proc.pid):
+            kill9(victim)                          # a failure must not leave it stopped
     logged = started_events(daemon, stage, stopped_at[0])
     print(f"\nFIGURE liveness, {stage} SIGSTOP after 40 answers: restarted "
           f"{seen_at - stopped_at[0]:.1f} s after the stop (first status with a new pid"
