@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -59,3 +60,22 @@ def photo_files(tmp_path_factory: pytest.TempPathFactory, photos) -> list[Path]:
 def copy_files(paths: list[Path], folder: Path) -> list[Path]:
     folder.mkdir(parents=True, exist_ok=True)
     return [Path(shutil.copy(p, folder / p.name)) for p in paths]
+
+
+@pytest.fixture
+def daemons() -> Iterator[Callable[..., object]]:
+    """Start `pspnet serve` through this (tests.reliability_helpers.Daemon's arguments):
+    whatever still runs when the test ends (a failure midway, a child left stopped) is
+    killed with its whole process group, so one failure is not left to the next test."""
+    from tests.reliability_helpers import Daemon
+
+    started: list[Daemon] = []
+
+    def start(*args: object, **kwargs: object) -> Daemon:
+        daemon = Daemon(*args, **kwargs)
+        started.append(daemon)
+        return daemon
+
+    yield start
+    for daemon in started:
+        daemon.kill_group()

@@ -4,7 +4,8 @@
   daemon sends, so a test sees duplicates the library client would hide.
 * `MemoryWatch`: resident memory of the daemon and each of its children, from /proc.
 * `Daemon`: tests.daemon_helpers.Daemon, optionally started without root's permission
-  override (so an unreadable file is unreadable even when the suite runs as root, as CI does).
+  override (so an unreadable file is unreadable even when the suite runs as root, as CI does),
+  or with a lower limit on open files (RLIMIT_NOFILE), as a service manager may set it.
 * `linked_stream`: n distinct file names for a few real photos (hard links), with ground truth.
 """
 
@@ -12,7 +13,10 @@ from __future__ import annotations
 
 import collections
 import ctypes
+import functools
 import os
+import resource
+import shutil
 import signal
 import subprocess
 import sys
@@ -113,6 +117,11 @@ def _drop_dac() -> None:  # runs in the child between fork and exec
             raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP)")
 
 
+def _run_all(steps: list) -> None:  # runs in the child between fork and exec
+    for step in steps:
+        step()
+
+
 def permissions_apply_to_daemon() -> bool:
     """True when a daemon started by `Daemon(..., drop_dac=True)` cannot read a mode-000
     file: always for a normal user, and for root when its bounding set can be reduced."""
@@ -130,11 +139,13 @@ def permissions_apply_to_daemon() -> bool:
 class Daemon(daemon_helpers.Daemon):
     """`pspnet serve` as a process (see tests.daemon_helpers.Daemon). With `drop_dac`, a
     daemon started by root loses CAP_DAC_OVERRIDE/CAP_DAC_READ_SEARCH, so file modes apply
-    to it as to any user."""
+    to it as to any user. With `nofile` (soft, hard), it starts with that RLIMIT_NOFILE
+    (its children inherit it)."""
 
     def __init__(self, model: Path, out: Path, tmp: Path, *extra: str, backend: str = "ort",
                  endpoint: str | None = None, drop_dac: bool = False,
-                 env: dict[str, str] | None = None) -> None:
+                 env: dict[str, str] | None = None,
+                 nofile: tuple[int, int] | None = None) -> None:
         self.endpoint = endpoint or f"ipc://{tmp}/front"
         self.log_path = tmp / f"daemon-{time.monotonic_ns()}.log"
         self.metrics = tmp / f"final-metrics-{time.monotonic_ns()}.json"
@@ -142,10 +153,31 @@ class Daemon(daemon_helpers.Daemon):
                "--backend", backend, "--out", str(out), "--endpoint", self.endpoint,
                "--metrics-json", str(self.metrics), "--log-format", "json", *extra]
         self.log = open(self.log_path, "w")  # noqa: SIM115
-        preexec = _drop_dac if drop_dac and os.geteuid() == 0 else None
+        steps = [_drop_dac] if drop_dac and os.geteuid() == 0 else []
+        if nofile is not None:
+            steps.append(functools.partial(resource.setrlimit, resource.RLIMIT_NOFILE, nofile))
+        preexec = functools.partial(_run_all, steps) if steps else None
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT,
                                      env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
                                      start_new_session=True, preexec_fn=preexec)
+
+    def tail(self, lines: int = 6) -> str:
+        """The last lines of its log, for a failure message."""
+        return "\n".join(self.log_path.read_text().splitlines()[-lines:])
+
+    def kill_group(self) -> None:
+        """kill -9 the front and every child at once (it runs in its own session), and
+        remove the private run directory a killed front leaves: for a test's clean-up,
+        where a child may be stopped or the front hung."""
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.proc.wait(10)
+        self.log.close()
+        for event in self.events():
+            if event.get("event") == "starting" and event.get("run_dir"):
+                shutil.rmtree(event["run_dir"], ignore_errors=True)
 
     def child_pids(self) -> list[int]:
         return [pid for s in self.status()["stages"].values() for pid in s["pids"]]

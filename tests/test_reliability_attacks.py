@@ -1,0 +1,536 @@
+"""Issue 14: attacks on the daemon's front, made as an outside user would make them.
+
+Each test is the behaviour the rewritten front must have, against `pspnet serve` as a real
+process (tiny model, ort backend, real sockets): a symbolic-link loop under --allow-root, a
+flood of status queries and garbage from one connection, running the daemon out of file
+descriptors, SIGHUP, a request id repeated, an abstract ipc endpoint. Each docstring says
+what the test proves and how the front before the redesign failed it.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import resource
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import zmq
+
+from daemon.client import Client, DaemonUnavailable
+from stages import wire
+from tests.reliability_helpers import Daemon, RawClient, kill9, linked_stream
+
+ROOT = Path(__file__).resolve().parent.parent
+ARGS = ("--batch-size", "4", "--preprocess-workers", "1", "--postprocess-workers", "1")
+FLOOD_S = 20.0                  # the issue's flood
+FLOOD_GARBAGE_EVERY = 10        # one message in ten is a malformed frame
+FLOOD_SLOWDOWN_BOUND = 10.0     # liveness bound on 20 images during the flood vs quiet,
+FLOOD_BOUND_FLOOR_S = 5.0       # and never under this: quiet takes a few tenths of a second
+FLOOD_GOAL = 3.0                # the issue's goal: reported, not asserted
+ANSWER_WAIT_S = 15.0            # for the status replies of many connections
+
+
+# ---------------------------------------------------------------------------------------
+# helpers
+
+
+def exit_text(code: int | None) -> str:
+    if code is None:
+        return "still running"
+    if code < 0:
+        return f"killed by {signal.Signals(-code).name}"
+    return f"exited {code}"
+
+
+def drive(daemon: Daemon, clients: list[RawClient], done: Callable[[], bool],
+          timeout_s: float, since: float, what: str) -> None:
+    """Step every client until done(); fail at once when the daemon exits, or at the
+    deadline, saying what each client has been answered."""
+    deadline = time.monotonic() + timeout_s
+    while not done():
+        for client in clients:
+            client.step(10)
+        code = daemon.proc.poll()
+        if code is not None:
+            pytest.fail(f"daemon {exit_text(code)} {time.monotonic() - since:.1f} s after "
+                        f"{what}; answered so far: {[c.answered for c in clients]} of "
+                        f"{[len(c.by_id) for c in clients]}\n{daemon.tail()}")
+        if time.monotonic() > deadline:
+            pytest.fail(f"not done {timeout_s:.0f} s after {what}: answered "
+                        f"{[c.answered for c in clients]} of {[len(c.by_id) for c in clients]}")
+
+
+def fd_count(pid: int) -> int | None:
+    try:
+        return len(os.listdir(f"/proc/{pid}/fd"))
+    except FileNotFoundError:
+        return None
+
+
+def requests(prefix: str, paths: list[Path]) -> list[wire.Request]:
+    return [wire.Request(f"{prefix}-{i}", str(p)) for i, p in enumerate(paths)]
+
+
+def submit_all(endpoint: str, paths: list[Path], timeout_s: float) -> tuple[list, float]:
+    """The library client, as a user runs it: every answer and the seconds it took."""
+    started = time.monotonic()
+    with Client(endpoint) as client:
+        answers = list(client.submit(paths, timeout_s=timeout_s))
+    return answers, time.monotonic() - started
+
+
+# ---------------------------------------------------------------------------------------
+# 1. a symbolic-link loop under --allow-root
+
+
+def test_symlink_loop_under_allow_root_is_one_error_not_a_crash(tiny_models, photo_files,
+                                                                tmp_path, daemons):
+    """A client names R/a where `ln -s b R/a; ln -s a R/b`, while another streams 150
+    images from R: the daemon stays up, the loop is answered once with an error naming
+    the path, and every image of the other client is answered once, ok.
+
+    Before the redesign: Path.resolve() in the front's --allow-root check raised
+    RuntimeError ("Symlink loop from '.../allowed/a'") out of the loop: the daemon exited
+    1, 0.9 s after B's submit (the issue: 0.7 s), A answered 21-24 of 150."""
+    allowed = tmp_path / "allowed"
+    paths = linked_stream(photo_files, allowed, 150)
+    os.symlink("b", allowed / "a")
+    os.symlink("a", allowed / "b")
+    loop = allowed / "a"
+    daemon = daemons(tiny_models["logits"], tmp_path / "masks", tmp_path, *ARGS,
+                     "--allow-root", str(allowed))
+    daemon.wait_ready()
+    a, b = RawClient(daemon.endpoint), RawClient(daemon.endpoint)
+    try:
+        a.offer(requests("a", paths))
+        drive(daemon, [a], lambda: a.answered >= 20, 60, time.monotonic(), "A's first submit")
+        b.offer([wire.Request("loop", str(loop))])
+        sent_at = time.monotonic()
+        drive(daemon, [a, b], lambda: a.answered == 150 and b.answered == 1, 60, sent_at,
+              f"B's submit of {loop} (a symlink loop)")
+        a.pump(300)                               # a late duplicate would show here
+        b.pump(300)
+        assert daemon.proc.poll() is None, exit_text(daemon.proc.returncode)
+        assert b.result_count == {"loop": 1}, b.result_count
+        answer = b.results["loop"]
+        assert answer.status == wire.ERROR and str(loop) in (answer.error or ""), answer
+        assert set(a.result_count.values()) == {1} and len(a.result_count) == 150
+        bad = {i: r.error for i, r in a.results.items() if r.status != wire.OK}
+        assert not bad, bad
+        print(f"\nFIGURE symlink loop: daemon alive; B answered once: {answer.error!r}; "
+              f"A 150/150 ok, each once")
+    finally:
+        a.close()
+        b.close()
+    assert daemon.stop() == 0, daemon.tail()
+
+
+# ---------------------------------------------------------------------------------------
+# 2. a flood of status queries and garbage from one connection
+
+FLOODER = """
+import json, sys, time
+import zmq
+from stages import wire
+
+endpoint, seconds, garbage_every = sys.argv[1], float(sys.argv[2]), int(sys.argv[3])
+ctx = zmq.Context()
+sock = ctx.socket(zmq.DEALER)        # status queries and garbage -> daemon ROUTER
+sock.setsockopt(zmq.LINGER, 0)
+sock.setsockopt(zmq.SNDTIMEO, 100)   # a full pipe must not keep us past the end
+sock.connect(endpoint)
+query, garbage = wire.encode(wire.StatusQuery()), [b"\\xc1 not msgpack"]
+sent = garbage_sent = replies = 0
+print("flooding", flush=True)
+started = time.monotonic()
+end = started + seconds
+while time.monotonic() < end:
+    frames = garbage if sent % garbage_every == garbage_every - 1 else query
+    try:
+        sock.send_multipart(frames)
+    except zmq.Again:
+        continue
+    sent += 1
+    garbage_sent += frames is garbage
+    if sent % 100 == 0:
+        while sock.poll(0):
+            sock.recv_multipart()
+            replies += 1
+print(json.dumps({"sent": sent, "garbage": garbage_sent, "replies": replies,
+                  "seconds": time.monotonic() - started}), flush=True)
+"""
+
+
+def test_status_flood_from_one_connection_does_not_starve_clients(tiny_models, photo_files,
+                                                                  tmp_path, daemons):
+    """Another process floods the client endpoint from one DEALER for 20 s: status queries
+    as fast as it can, one message in ten a garbage frame. A library client's 20 images
+    meanwhile take less than 10 x what they take with the daemon quiet (or 5 s, if more), all
+    ok (the issue's goal, under 3 x, is in the FIGURE line, not asserted).
+
+    Before the redesign: the front read client messages until none was left, so the flood
+    kept it from the pipeline. Here: quiet 0.2-0.4 s; during the flood none of the 20 was
+    answered before the 5 s bound (20 x "timed out after 5.0 s"); with no bound they took
+    19.3 s, until the flood ended (the issue: 1.1 s quiet, 58.8 s flooded). The flooder
+    sent 11,000-20,000 messages/s."""
+    paths = photo_files[:20]
+    daemon = daemons(tiny_models["logits"], tmp_path / "masks", tmp_path, *ARGS)
+    daemon.wait_ready()
+    submit_all(daemon.endpoint, photo_files[20:24], timeout_s=60)      # warm every stage
+    quiet, quiet_s = submit_all(daemon.endpoint, paths, timeout_s=60)
+    assert [a.status for a in quiet] == ["ok"] * 20, [a.error for a in quiet][:3]
+    bound_s = max(FLOOD_SLOWDOWN_BOUND * quiet_s, FLOOD_BOUND_FLOOR_S)
+    flooder = subprocess.Popen(
+        [sys.executable, "-c", FLOODER, daemon.endpoint, str(FLOOD_S), str(FLOOD_GARBAGE_EVERY)],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert flooder.stdout.readline().strip() == "flooding", flooder.stderr.read()
+        time.sleep(1.0)                                                 # flood under way
+        flooded, flood_s = submit_all(daemon.endpoint, paths, timeout_s=bound_s)
+        alive = daemon.proc.poll() is None
+        out, err = flooder.communicate(timeout=FLOOD_S + 30)
+    finally:
+        if flooder.poll() is None:
+            flooder.kill()
+            flooder.wait(10)
+    assert flooder.returncode == 0, err
+    counts = json.loads(out.splitlines()[-1])
+    ok = sum(a.status == "ok" for a in flooded)
+    print(f"\nFIGURE status flood: 20 images quiet {quiet_s:.2f} s, during the flood "
+          f"{flood_s:.2f} s ({ok}/20 ok{'' if ok == 20 else f', cut at {bound_s:.1f} s'}), "
+          f"ratio {flood_s / quiet_s:.1f} (goal < {FLOOD_GOAL:g}, bound "
+          f"{bound_s:.1f} s); flooder sent {counts['sent'] / counts['seconds']:,.0f} "
+          f"messages/s ({counts['sent']:,} in {counts['seconds']:.1f} s, {counts['garbage']:,} "
+          f"garbage), {counts['replies']:,} replies read")
+    assert alive, f"daemon {exit_text(daemon.proc.returncode)} during the flood"
+    assert len(flooded) == 20 and len({a.id for a in flooded}) == 20
+    assert ok == 20, collections.Counter(a.error for a in flooded if a.status != "ok")
+    assert flood_s < bound_s
+    assert daemon.stop() == 0, daemon.tail()
+
+
+# ---------------------------------------------------------------------------------------
+# 3. running the daemon out of file descriptors
+
+
+def open_connections(ctx: zmq.Context, endpoint: str, n: int) -> list[zmq.Socket]:
+    """n connections, each a DEALER that sends one status query (so its handshake is
+    made and the daemon holds a descriptor for it)."""
+    query = wire.encode(wire.StatusQuery())
+    sockets = []
+    for _ in range(n):
+        sock = ctx.socket(zmq.DEALER)             # one connection -> daemon ROUTER
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.connect(endpoint)
+        sock.send_multipart(query)
+        sockets.append(sock)
+    return sockets
+
+
+def await_replies(daemon: Daemon, sockets: list[zmq.Socket], wait_s: float,
+                  ) -> tuple[list[zmq.Socket], int]:
+    """The connections answered within wait_s (or until the daemon exits), and the most
+    descriptors the daemon's front held meanwhile (/proc/PID/fd)."""
+    poller = zmq.Poller()
+    for sock in sockets:
+        poller.register(sock, zmq.POLLIN)
+    answered: list[zmq.Socket] = []
+    peak_fds = fd_count(daemon.proc.pid) or 0
+    deadline = time.monotonic() + wait_s
+    while len(answered) < len(sockets) and time.monotonic() < deadline \
+            and daemon.proc.poll() is None:
+        for sock, _ in poller.poll(200):
+            sock.recv_multipart()
+            poller.unregister(sock)
+            answered.append(sock)
+        peak_fds = max(peak_fds, fd_count(daemon.proc.pid) or 0)
+    return answered, peak_fds
+
+
+def status_over(sock: zmq.Socket, timeout_s: float = 10) -> dict:
+    """A status query on a connection that is already made (a new one may be refused)."""
+    while sock.poll(0):
+        sock.recv_multipart()
+    sock.send_multipart(wire.encode(wire.StatusQuery()))
+    deadline = time.monotonic() + timeout_s
+    while sock.poll(max(0.0, deadline - time.monotonic()) * 1e3):
+        msg = wire.decode(sock.recv_multipart())
+        if isinstance(msg, wire.Reply) and msg.status == "status":
+            return msg.body
+    raise TimeoutError("no status reply")
+
+
+def wait_restarted(status: Callable[[], dict], stage: str, old_pid: int,
+                   timeout_s: float = 20) -> tuple[int, float]:
+    """The new pid of `stage`'s first process once it is back and alive, and how long."""
+    started = time.monotonic()
+    while time.monotonic() - started < timeout_s:
+        s = status()["stages"][stage]
+        if s["pids"] and old_pid not in s["pids"] and s["alive"] == s["processes"]:
+            return s["pids"][0], time.monotonic() - started
+        time.sleep(0.2)
+    raise AssertionError(f"{stage} (pid {old_pid}) not restarted within {timeout_s:.0f} s")
+
+
+@pytest.fixture
+def own_fd_limit_raised() -> Iterator[None]:
+    """This process opens over a thousand connections: soft limit up to the hard one."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    yield
+    resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+@pytest.mark.usefixtures("own_fd_limit_raised")
+def test_more_connections_than_the_soft_descriptor_limit(tiny_models, photo_files, tmp_path,
+                                                         daemons):
+    """The daemon starts with a soft RLIMIT_NOFILE of 1024 (hard limit as it is) on an ipc
+    endpoint; 1,100 connections are opened, each sends a status query. The daemon stays
+    up, a normal client's 20 images are answered ok meanwhile, and once the connections
+    are closed a postprocess child killed with -9 is restarted.
+
+    Before the redesign: ZeroMQ's ipc listener aborts when accept() fails with EMFILE
+    ("Too many open files (src/ipc_listener.cpp:297)"): the front died of SIGABRT after
+    901-959 of the 1,100 connections were answered (51 descriptors idle, 1,024 at the
+    end)."""
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    daemon = daemons(tiny_models["logits"], tmp_path / "masks", tmp_path, *ARGS,
+                     nofile=(1024, hard))
+    daemon.wait_ready()
+    idle_fds = fd_count(daemon.proc.pid)
+    ctx = zmq.Context()
+    ctx.set(zmq.MAX_SOCKETS, 4096)
+    sockets: list[zmq.Socket] = []
+    try:
+        sockets = open_connections(ctx, daemon.endpoint, 1100)
+        answered, peak_fds = await_replies(daemon, sockets, ANSWER_WAIT_S)
+        print(f"\nFIGURE descriptors (soft 1024, hard {hard}): 1,100 connections opened, "
+              f"{len(answered)} answered; daemon front fds idle {idle_fds}, peak "
+              f"{peak_fds} during the flood")
+        assert daemon.proc.poll() is None, (
+            f"daemon {exit_text(daemon.proc.returncode)} after {len(answered)} connections "
+            f"were answered\n{daemon.tail()}")
+        answers, took_s = submit_all(daemon.endpoint, photo_files[:20], timeout_s=30)
+        assert [a.status for a in answers] == ["ok"] * 20, [a.error for a in answers][:3]
+    finally:
+        for sock in sockets:
+            sock.close(0)
+        ctx.term()
+    time.sleep(0.5)
+    old = daemon.status()["stages"]["postprocess"]["pids"][0]
+    kill9(old)
+    new, restart_s = wait_restarted(daemon.status, "postprocess", old)
+    print(f"FIGURE descriptors: 20 images ok in {took_s:.1f} s with the 1,100 open; after "
+          f"closing them, postprocess kill -9 (pid {old}) -> restarted as pid {new} in "
+          f"{restart_s:.1f} s")
+    assert daemon.stop() == 0, daemon.tail()
+
+
+@pytest.mark.usefixtures("own_fd_limit_raised")
+def test_connections_beyond_a_hard_descriptor_limit(tiny_models, photo_files, tmp_path,
+                                                    daemons):
+    """soft = hard = 256 for the daemon (so it cannot raise it), 400 connections: the
+    daemon stays up and some connection is refused or left unanswered; a child killed
+    with -9 meanwhile is restarted (a restart must not fail for lack of descriptors); once
+    the 400 are closed, a normal client's 20 images are answered ok.
+
+    Before the redesign: the front died of SIGABRT ("Too many open files
+    (src/ipc_listener.cpp:297)") after 14-78 of the 400 connections were answered (it
+    held 251-256 descriptors)."""
+    daemon = daemons(tiny_models["logits"], tmp_path / "masks", tmp_path, *ARGS,
+                     nofile=(256, 256))
+    daemon.wait_ready()
+    idle_fds = fd_count(daemon.proc.pid)
+    ctx = zmq.Context()
+    ctx.set(zmq.MAX_SOCKETS, 4096)
+    control = ctx.socket(zmq.DEALER)       # a connection made before the flood -> daemon
+    control.setsockopt(zmq.LINGER, 0)
+    control.connect(daemon.endpoint)
+    sockets: list[zmq.Socket] = []
+    try:
+        old = status_over(control)["stages"]["postprocess"]["pids"][0]
+        sockets = open_connections(ctx, daemon.endpoint, 400)
+        answered, peak_fds = await_replies(daemon, sockets, ANSWER_WAIT_S)
+        print(f"\nFIGURE descriptors (soft = hard = 256): 400 connections attempted, "
+              f"{len(answered)} answered, {400 - len(answered)} refused or unanswered; "
+              f"daemon front fds idle {idle_fds}, peak {peak_fds} during the flood")
+        assert daemon.proc.poll() is None, (
+            f"daemon {exit_text(daemon.proc.returncode)} after {len(answered)} connections "
+            f"were answered\n{daemon.tail()}")
+        assert len(answered) < 400, "every connection answered: the limit was never reached"
+        kill9(old)
+        new, restart_s = wait_restarted(lambda: status_over(control), "postprocess", old)
+        print(f"FIGURE descriptors: with the 400 open, postprocess kill -9 (pid {old}) -> "
+              f"restarted as pid {new} in {restart_s:.1f} s")
+    finally:
+        for sock in sockets:
+            sock.close(0)
+        control.close(0)
+        ctx.term()
+    answers, took_s = submit_all(daemon.endpoint, photo_files[:20], timeout_s=30)
+    assert [a.status for a in answers] == ["ok"] * 20, [a.error for a in answers][:3]
+    print(f"FIGURE descriptors: after closing the 400, 20 images ok in {took_s:.1f} s")
+    assert daemon.stop() == 0, daemon.tail()
+
+
+# ---------------------------------------------------------------------------------------
+# 4. SIGHUP
+
+
+@pytest.mark.parametrize("to", ["front", "process-group"])
+def test_sighup_drains_like_sigterm(tiny_models, photo_files, tmp_path, daemons, to):
+    """SIGHUP (a closed terminal, `kill -HUP`) mid-stream, to the daemon or to its whole
+    process group: it drains like SIGTERM: each of the 100 accepted requests answered once
+    and ok, exit status 0, no child killed during the drain.
+
+    Before the redesign: SIGHUP's default action ended the front at once (killed by
+    SIGHUP, status -1), to the front or to the group: 5-10 of 100 answered when signalled,
+    the other 90-95 accepted requests never answered (the issue: 92)."""
+    paths = linked_stream(photo_files, tmp_path / "in", 100)
+    daemon = daemons(tiny_models["logits"], tmp_path / "masks", tmp_path, *ARGS)
+    daemon.wait_ready()
+    raw = RawClient(daemon.endpoint, chunk=100)
+    try:
+        raw.offer(requests("hup", paths))
+        drive(daemon, [raw], lambda: (len(raw.accepted) == 100 and raw.answered >= 5)
+              or bool(raw.error_replies), 30, time.monotonic(), "the submit")
+        assert len(raw.accepted) == 100, raw.error_replies
+        before = raw.answered
+        if to == "front":
+            daemon.signal(signal.SIGHUP)
+        else:
+            os.killpg(daemon.proc.pid, signal.SIGHUP)        # its own session: the group
+        signalled = time.monotonic()
+        while daemon.proc.poll() is None and time.monotonic() - signalled < 60:
+            raw.step(20)
+        code, exit_s = daemon.proc.poll(), time.monotonic() - signalled
+        raw.pump(500)
+    finally:
+        raw.close()
+    unanswered = len(raw.accepted - set(raw.results))
+    died = [e for e in daemon.events() if e.get("event") == "child died"]
+    print(f"\nFIGURE SIGHUP to the {to}: {before} of 100 answered when signalled; daemon "
+          f"{exit_text(code)} after {exit_s:.1f} s; {unanswered} "
+          f"accepted requests unanswered; {len(died)} children died during the drain")
+    assert before < 100, "the stream was over before the signal: nothing to drain"
+    assert code == 0, f"daemon {exit_text(code)}; {unanswered} of 100 accepted unanswered"
+    assert set(raw.result_count) == raw.accepted and set(raw.result_count.values()) == {1}
+    bad = {i: r.error for i, r in raw.results.items() if r.status != wire.OK}
+    assert not bad, bad
+    assert not died, died
+    final = json.loads(daemon.metrics.read_text())
+    assert final["front"]["restarts"] == 0 and final["daemon"]["drained"] is True, final
+
+
+# ---------------------------------------------------------------------------------------
+# 5. a request id used twice
+
+
+def test_a_repeated_request_id_gets_one_result(tiny_models, photo_files, tmp_path, daemons):
+    """Ids are the client's: the same id twice in one submit, or again while it is pending
+    (same path), is one request with one Result. An id reused while pending for another
+    path is refused with an error Reply naming the id, never a second Result, and the
+    first request's Result comes once.
+
+    Before the redesign: each repeat got its own Result, the error "duplicate request id"
+    (sent first), besides the request's ok: Results per id {'twice': 2, 'pending': 2,
+    'reused': 2}, and no error Reply for the reuse."""
+    paths = linked_stream(photo_files, tmp_path / "in", 130)
+    target, other = str(paths[0]), str(paths[1])
+    daemon = daemons(tiny_models["logits"], tmp_path / "masks", tmp_path, *ARGS)
+    daemon.wait_ready()
+    raw = RawClient(daemon.endpoint)
+
+    def submit(*reqs: wire.Request) -> None:
+        for r in reqs:
+            raw.by_id[r.id] = r
+        raw.send_raw(wire.encode(wire.Submit(reqs)))
+
+    def settle(ids: set[str]) -> None:
+        drive(daemon, [raw], lambda: ids <= set(raw.results), 60, time.monotonic(),
+              f"submitting {sorted(ids)[:3]}...")
+        raw.pump(300)                              # a second Result would show here
+
+    try:
+        submit(wire.Request("twice", target), wire.Request("twice", target))
+        settle({"twice"})
+        # pending: queued behind 60 others when the repeat arrives
+        backlog = requests("fill1", paths[2:62])
+        submit(*backlog, wire.Request("pending", target))
+        submit(wire.Request("pending", target))
+        settle({"pending", *(r.id for r in backlog)})
+        backlog = requests("fill2", paths[62:122])
+        submit(*backlog, wire.Request("reused", target))
+        submit(wire.Request("reused", other))
+        settle({"reused", *(r.id for r in backlog)})
+    finally:
+        raw.close()
+    counts = {i: raw.result_count[i] for i in ("twice", "pending", "reused")}
+    refusals = [r for r in raw.error_replies
+                if "reused" in r.ids or "reused" in (r.message or "")]
+    print(f"\nFIGURE repeated ids: Results per id {counts}; refusal of the reused id: "
+          f"{[(r.status, r.ids, r.message) for r in refusals]}; errors "
+          f"{ {i: raw.results[i].error for i in counts if raw.results[i].status != wire.OK} }")
+    assert counts == {"twice": 1, "pending": 1, "reused": 1}, counts
+    for rid in counts:
+        assert raw.results[rid].status == wire.OK, raw.results[rid]
+    assert raw.results["reused"].path == target, "the reused id answered for the other path"
+    assert [r.status for r in refusals] == [wire.ERROR], raw.error_replies
+    assert daemon.proc.poll() is None
+    assert daemon.stop() == 0, daemon.tail()
+
+
+# ---------------------------------------------------------------------------------------
+# 6. an abstract ipc endpoint
+
+
+def serving_or_exited(daemon: Daemon, timeout_s: float = 60) -> int | None:
+    """The exit status if the daemon exits first; None once it answers a status query."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if daemon.proc.poll() is not None:
+            return daemon.proc.returncode
+        try:
+            with Client(daemon.endpoint) as client:
+                client.status(timeout_s=0.5)
+            return None
+        except DaemonUnavailable:
+            continue
+    raise TimeoutError(f"neither served nor exited within {timeout_s:.0f} s")
+
+
+def test_abstract_ipc_endpoint_needs_allow_root(tiny_models, photo_files, tmp_path, daemons):
+    """`ipc://@name` is a Linux abstract socket: no file, no permissions, so any local user
+    can connect. Without --allow-root it is refused like a non-loopback tcp endpoint (exit
+    status 2, one line saying so); with --allow-root it serves.
+
+    Before the redesign: it counted as local (every ipc endpoint did): the daemon started
+    without --allow-root and answered a status query there."""
+    endpoint = f"ipc://@pspnet-test-{uuid.uuid4().hex[:12]}"
+    refused = daemons(tiny_models["logits"], tmp_path / "masks", tmp_path, endpoint=endpoint)
+    code = serving_or_exited(refused)
+    if code is None:
+        refused.stop()
+        pytest.fail(f"the daemon served {endpoint} without --allow-root: any local user "
+                    "can reach it")
+    lines = [line for line in refused.log_path.read_text().splitlines() if line.strip()]
+    print(f"\nFIGURE abstract endpoint without --allow-root: exit {code}: {lines}")
+    assert code == 2, lines
+    assert len(lines) == 1 and "--allow-root" in lines[0] and "user" in lines[0], lines
+
+    allowed = tmp_path / "allowed"
+    (photo,) = linked_stream(photo_files, allowed, 1)
+    daemon = daemons(tiny_models["logits"], tmp_path / "masks", tmp_path, *ARGS,
+                     "--allow-root", str(allowed), endpoint=endpoint)
+    assert serving_or_exited(daemon) is None, daemon.tail()
+    (answer,), _ = submit_all(endpoint, [photo], timeout_s=30)
+    assert answer.status == "ok", answer.error
+    assert daemon.stop() == 0, daemon.tail()
