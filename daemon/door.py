@@ -6,14 +6,16 @@ and leave that daemon unreachable), one nobody listens on (left by a crash) is r
 and `SOCKET.lock` is held from the check until the file is removed at exit, so two serves
 started at once cannot both take the path.
 
-Descriptors: the soft RLIMIT_NOFILE is raised to the hard limit, and client connections are
-counted (a ZeroMQ monitor, read by a thread of its own so that a burst is seen at once).
-Near the limit the door closes for new connections, keeping a reserve for the daemon's own
-sockets and worker restarts: libzmq aborts the whole process when an ipc accept meets
-EMFILE. On ipc the door closes by removing the path clients connect to (a hard link to the
-socket ZeroMQ bound under a hidden name): connected clients are untouched. On tcp, where
-libzmq survives EMFILE, the reserve is kept as open placeholder descriptors that are let
-go only to start a worker.
+Descriptors: the soft RLIMIT_NOFILE is raised to the hard limit. A thread of its own reads
+a ZeroMQ monitor of the client socket, so each accepted connection is seen at once; when the
+process's open descriptors come within RESERVE_FDS of the limit, the door closes for new
+connections, and opens again once they are back under it with room to spare. The reserve
+is for the daemon's own sockets, files and worker restarts, and for the connections already
+in the listen backlog (kept short): libzmq aborts the whole process when an ipc accept
+meets EMFILE. On ipc the door closes by removing the path clients connect to (a hard link to
+the socket ZeroMQ bound under a hidden name): connected clients are untouched. On tcp,
+where libzmq survives EMFILE, the door cannot close, and a few placeholder descriptors are
+held that are let go only to start a worker, so a restart never fails for lack of one.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from __future__ import annotations
 import errno
 import os
 import resource
+import sys
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -51,15 +54,18 @@ ANSWER_LINGER_MS = 2000      # on exit, the last answers may take this long to l
 # is disconnected by ZeroMQ before it is buffered (by default it would allocate whatever
 # size the peer claims and sends).
 MAX_CLIENT_FRAME_BYTES = wire.MAX_HEADER_BYTES
-RESERVE_FDS = 64             # kept free for the daemon's own sockets, files and restarts
-REOPEN_FRACTION = 0.9        # a closed door opens again below this share of the cap
+RESERVE_FDS = 64             # kept free: own sockets, files, restarts, the backlog, a burst
+REOPEN_FDS = 32              # a closed door opens again this far under its threshold
+BACKLOG = 8                  # connections the kernel queues for the client socket
+SPAWN_FDS = 16               # placeholders let go to start a worker (pipes, its socket)
 HIDDEN_SUFFIX = ".bound"     # ipc: the name ZeroMQ binds; clients use the hard link
+SWITCH_INTERVAL_S = 0.0005
 
 
 @dataclass
 class DoorState:
     connections: int = 0
-    refused_bursts: int = 0          # times the door closed
+    closings: int = 0                # times the door closed
     open: bool = True
 
 
@@ -78,7 +84,8 @@ class Door:
         self._monitor: threading.Thread | None = None
         self._stop = threading.Event()
         self._placeholders: list[int] = []
-        self.cap = 0
+        self.fd_threshold = 0                   # open descriptors at which the door closes
+        self.cap = 0                            # about as many client connections
 
     # ---- claim and bind ----------------------------------------------------------------
 
@@ -104,6 +111,7 @@ class Door:
         sock.setsockopt(zmq.LINGER, ANSWER_LINGER_MS)   # last answers get out
         sock.setsockopt(zmq.ROUTER_MANDATORY, 0)        # a gone client's answers drop
         sock.setsockopt(zmq.MAXMSGSIZE, MAX_CLIENT_FRAME_BYTES)
+        sock.setsockopt(zmq.BACKLOG, BACKLOG)          # what can slip in once it closes
         where = self.endpoint
         if path is not None:
             self._public, self._bound = path, Path(f"{path}{HIDDEN_SUFFIX}")
@@ -195,8 +203,12 @@ class Door:
             self.log.info("raised the open-files limit", was=soft, now=hard)
             soft = hard
         limit = soft if soft != resource.RLIM_INFINITY else 1 << 20
-        self.cap = max(1, limit - _open_fds() - 2 * RESERVE_FDS)
-        self._placeholders = [os.open(os.devnull, os.O_RDONLY) for _ in range(RESERVE_FDS)]
+        self._placeholders = [os.open(os.devnull, os.O_RDONLY) for _ in range(SPAWN_FDS)]
+        self.fd_threshold = limit - RESERVE_FDS
+        self.cap = max(0, self.fd_threshold - _open_fds())
+        # during a burst of connections this thread must get the GIL within a fraction of
+        # a millisecond, not the default 5 ms, or the burst outruns the reserve
+        sys.setswitchinterval(SWITCH_INTERVAL_S)
         monitor = self.socket.get_monitor_socket(zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED)
         self._monitor = threading.Thread(target=self._count, args=(monitor,),
                                          name="door-monitor", daemon=True)
@@ -208,6 +220,8 @@ class Door:
         try:
             while not self._stop.is_set():
                 if not monitor.poll(100):
+                    if not self.state.open:
+                        self._steer()          # descriptors freed by something else
                     continue
                 event = recv_monitor_message(monitor)["event"]
                 if event == zmq.EVENT_ACCEPTED:
@@ -219,23 +233,24 @@ class Door:
             monitor.close(0)
 
     def _steer(self) -> None:
-        count = self.state.connections
-        if self.state.open and count >= self.cap:
+        if self._public is None:
+            return                      # tcp: libzmq refuses at EMFILE and lives on
+        fds = _open_fds()
+        if self.state.open and fds >= self.fd_threshold:
+            self._public.unlink(missing_ok=True)
             self.state.open = False
-            self.state.refused_bursts += 1
-            if self._public is not None:
-                self._public.unlink(missing_ok=True)
-            self.log.warning("too many client connections: refusing new ones",
-                             connections=count, cap=self.cap)
-        elif not self.state.open and count < REOPEN_FRACTION * self.cap:
+            self.state.closings += 1
+            self.log.warning("near the open-files limit: refusing new client connections",
+                             connections=self.state.connections, open_fds=fds,
+                             threshold=self.fd_threshold)
+        elif not self.state.open and fds < self.fd_threshold - REOPEN_FDS:
+            try:
+                os.link(self._bound, self._public)
+            except FileExistsError:
+                pass
             self.state.open = True
-            if self._public is not None:
-                try:
-                    os.link(self._bound, self._public)
-                except FileExistsError:
-                    pass
-            self.log.info("client connections back under the cap: accepting again",
-                          connections=count, cap=self.cap)
+            self.log.info("client connections back under the limit: accepting again",
+                          connections=self.state.connections, open_fds=fds)
 
     @property
     def monitor_alive(self) -> bool:

@@ -191,10 +191,12 @@ def _same_file(path: Path, fd: int) -> bool:
 
 
 def is_local(endpoint: str) -> bool:
-    """ipc:// and loopback tcp:// are local; anything else is reachable from other hosts.
-    ValueError for a malformed endpoint."""
-    if parse_endpoint(endpoint).scheme == "ipc":
-        return True
+    """An ipc path (its file's permissions keep other users out) and loopback tcp:// are
+    local; an abstract ipc name (ipc://@name: no file, any local user may connect) and
+    anything else reachable from other hosts is not. ValueError for a malformed endpoint."""
+    target = parse_endpoint(endpoint)
+    if target.scheme == "ipc":
+        return target.socket_file is not None
     host = urlparse(endpoint).hostname or ""
     if host == "localhost":
         return True

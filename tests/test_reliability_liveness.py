@@ -181,7 +181,7 @@ def test_liveness_timeout_is_a_documented_serve_flag():
     """`pspnet serve --help` teaches the new flag and its default (5 s).
 
     Before the redesign: no such flag in the help."""
-    out = subprocess.run([sys.executable, "-m", "daemon.cli", "serve", "--help"],
+    out = subprocess.run([sys.executable, "-m", "pspnet", "serve", "--help"],
                          capture_output=True, text=True, timeout=60,
                          cwd=Path(__file__).resolve().parent.parent)
     assert out.returncode == 0, out.stderr
