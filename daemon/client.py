@@ -24,7 +24,6 @@ BUSY_BACKOFF_S = 0.2         # wait this long before resending what the daemon c
 STATUS_TIMEOUT_S = 5.0
 SILENCE_S = 5.0              # nothing heard this long with requests open: ask for status
 PING_TIMEOUT_S = 10.0        # no status reply this long after asking: the daemon is gone
-DUPLICATE_ID = "duplicate request id"   # the daemon's refusal of an id it already holds
 
 
 class DaemonUnavailable(RuntimeError):
@@ -116,7 +115,6 @@ class Client:
         # pid) lost the ones it had accepted, so they are sent again.
         self.socket.send_multipart(wire.encode(wire.StatusQuery()))
         daemon_pid, last_heard, ping_at = None, start, None
-        resent: set[str] = set()      # sent again after a restart: the new daemon may hold them
         while open_ids:
             now = time.monotonic()
             if timeout_s is not None and now - start > timeout_s:
@@ -158,7 +156,6 @@ class Client:
                     queued = {r.id for r in to_send}
                     again = [r for r in requests if r.id in open_ids and r.id not in queued]
                     self.resubmitted += len(again)
-                    resent.update(r.id for r in again)
                     to_send = collections.deque(sorted([*again, *to_send],
                                                        key=lambda r: order[r.id]))
                     unacked.clear()
@@ -177,9 +174,6 @@ class Client:
                             yield Answer(rid, by_id[rid].path, wire.ERROR, None, msg.message,
                                          (time.monotonic() - sent_at[rid]) * 1e3)
             elif isinstance(msg, wire.Result) and msg.id in open_ids:
-                if msg.id in resent and msg.stage == "front" and msg.error == DUPLICATE_ID:
-                    unacked.discard(msg.id)        # it already has it: its answer will come
-                    continue
                 open_ids.discard(msg.id)
                 unacked.discard(msg.id)
                 yield Answer(msg.id, by_id[msg.id].path, msg.status, msg.mask, msg.error,

@@ -237,6 +237,8 @@ class Front:
             self.ledger.took(name, msg.ids)
         elif isinstance(msg, wire.Handed):
             self.ledger.handed(name, msg.ids, msg.to)
+            if msg.to not in self.workers:        # gone before this note came: what it
+                self._retried(*self.ledger.lost(msg.to), f"{msg.to} is gone")   # got, lost
         else:
             raise wire.WireError(f"{type(msg).__name__} is not a message for the front")
 
@@ -426,6 +428,7 @@ class Front:
         return {
             "stages": stages,
             "front": {"queued": len(self.ledger.queue), "inflight": self.ledger.inflight,
+                      "at": self.ledger.by_state(),
                       "cpu_s": time.process_time(), "bytes_in": self.bytes_in,
                       "bytes_out": self.bytes_out,
                       "bytes_per_image": round((self.bytes_in + self.bytes_out) / answered, 1)

@@ -148,8 +148,9 @@ class Ledger:
     def inflight(self) -> int:
         return len(self.entries) - len(self.queue)
 
-    def in_state(self, state: str) -> int:
-        return sum(1 for e in self.entries.values() if e.state == state)
+    def by_state(self) -> dict[str, int]:
+        counts = collections.Counter(e.state for e in self.entries.values())
+        return {state: counts.get(state, 0) for state in STATES}
 
     # ---- inside --------------------------------------------------------------------------
 

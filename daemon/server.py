@@ -15,7 +15,6 @@ the daemon.
 
 from __future__ import annotations
 
-import dataclasses
 import ipaddress
 import json
 import os
@@ -313,7 +312,7 @@ class Server:
     def _deliver(self, result: wire.Result, origin: Any, record: bool = True) -> None:
         """To its client, and (watch mode, `record`) into the record of processed files."""
         if isinstance(origin, bytes):
-            self._send(origin, dataclasses.replace(result, areas=None))   # the front's
+            self._send(origin, result)
         name = self.watched.pop(result.id, None) if origin == WATCH else None
         if name is not None and record and self.record is not None:
             self.record.add(name, id=result.id, status=result.status, mask=result.mask,

@@ -194,3 +194,11 @@ def test_abandon_empties_everything(ledger):
     dispatch(ledger, P0, E0)
     entries = ledger.abandon()
     assert len(entries) == 4 and ledger.pending == 0 and not ledger.queue and not ledger.load
+
+
+def test_counts_by_state(ledger):
+    rids = accept(ledger, 3)
+    dispatch(ledger, P0, E0)
+    ledger.took(E0, [rids[0]])
+    assert ledger.by_state() == {QUEUED: 2, PREPROCESS: 0, TO_EXECUTOR: 0, EXECUTOR: 1,
+                                 TO_POSTPROCESS: 0}
