@@ -40,7 +40,7 @@ from stages.logs import json_safe
 
 LOOP_MS = 50
 CLIENT_READS_PER_TURN = 64   # per loop turn; ROUTER queues fairly between clients
-STATUS_CACHE_S = 0.1         # a status flood is answered from one document per 0.1 s
+                             # (a status flood's replies share one document per turn)
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 WARN_EVERY_S = 60.0          # malformed messages: one warning per sender per minute,
 WARN_LINES_PER_MIN = 20      # at most this many per minute over all senders,
@@ -75,7 +75,7 @@ class Server:
         self._warned: dict[bytes, float] = {}   # sender -> last warning (monotonic)
         self._warn_lines: list[float] = []      # every warning line in the last minute
         self._warn_suppressed = 0
-        self._status: tuple[float, list[Any]] = (0.0, [])   # built at, encoded frames
+        self._status: list[Any] | None = None   # encoded status reply, until anything moves
         self.failure: str | None = None         # a thread of the front died: why
         self.stop_reason: str | None = None     # set when exiting before the drain finished
 
@@ -150,6 +150,7 @@ class Server:
             if code is not None:
                 return code
             ready = dict(poller.poll(LOOP_MS))
+            self._status = None                      # anything may have moved since
             if front.control in ready:
                 front.read()
             if clients in ready:
@@ -225,6 +226,7 @@ class Server:
             try:
                 self._client_message(client, frames)
             except Exception as exc:        # one message costs an error answer, not the daemon
+                self._status = None
                 self.counts["client_errors"] += 1
                 self.log.exception("client message not handled", client=client.hex())
                 self._send(client, wire.Reply("error", message=f"internal error: {exc}"))
@@ -233,6 +235,7 @@ class Server:
         try:
             msg = wire.decode(frames, max_submit=1024)
         except wire.WireError as exc:
+            self._status = None
             self.counts["malformed"] += 1
             self._rate_limited_warning(client, str(exc))
             ids = (exc.request_id,) if exc.request_id else ()
@@ -240,7 +243,9 @@ class Server:
             return
         if isinstance(msg, wire.StatusQuery):
             self._send_frames(client, self._status_frames())
-        elif isinstance(msg, wire.Submit):
+            return
+        self._status = None                          # a reply after this one sees it
+        if isinstance(msg, wire.Submit):
             self._accept(client, msg.requests)
         else:
             self._send(client, wire.Reply("error", message=f"unexpected {type(msg).__name__}"))
@@ -292,12 +297,11 @@ class Server:
         return problem
 
     def _status_frames(self) -> list[Any]:
-        built, frames = self._status
-        now = time.monotonic()
-        if now - built > STATUS_CACHE_S:
-            frames = wire.encode(wire.Reply("status", body=json_safe(self.status())))
-            self._status = (now, frames)
-        return frames
+        """A flood of status queries costs one document per loop turn: the reply is
+        built again only once anything has moved (a new turn, another message)."""
+        if self._status is None:
+            self._status = wire.encode(wire.Reply("status", body=json_safe(self.status())))
+        return self._status
 
     def _send(self, client: bytes, msg: wire.Message) -> None:
         self._send_frames(client, wire.encode(msg))
