@@ -96,88 +96,127 @@ class Client:
                                  None if not anns or anns[i] is None
                                  else str(Path(anns[i]).absolute()))
                     for i, p in enumerate(paths)]
-        by_id = {r.id: r for r in requests}
-        open_ids = set(by_id)
-        start = time.monotonic()
-        order = {r.id: i for i, r in enumerate(requests)}
-        for r in requests:                       # the daemon would refuse the whole chunk
+        run = _Submission(self.socket, requests)
+        yield from run.refuse_unsendable()      # the daemon would refuse the whole chunk
+        self.socket.send_multipart(wire.encode(wire.StatusQuery()))   # who answers: its pid
+        while run.open_ids:
+            now = time.monotonic()
+            if timeout_s is not None and now - run.start > timeout_s:
+                yield from run.fail_open(f"timed out after {timeout_s} s", now, run.start)
+                return
+            if not run.heard and now - run.start > connect_timeout_s:
+                raise DaemonUnavailable(f"no daemon answered at {self.endpoint}")
+            if run.daemon_gone(now):
+                yield from run.fail_open(
+                    f"the daemon stopped answering (no reply for {now - run.last_heard:.0f} "
+                    "s): not processed, or its result was lost", now, None)
+                return
+            run.send_next_chunk(now)
+            if self.socket.poll(100):
+                yield from run.handle(wire.decode(self.socket.recv_multipart()))
+        self.resubmitted += run.resubmitted
+
+
+class _Submission:
+    """One `submit` call's state: what is open, sent, acknowledged, and who answers.
+
+    Liveness: a daemon that died leaves requests open forever, so after SILENCE_S without
+    a word a status query goes out, and no reply within PING_TIMEOUT_S ends the wait; a
+    reply from another pid (a restarted daemon, which lost what it had accepted) sends
+    every open request again."""
+
+    def __init__(self, socket: zmq.Socket, requests: list[wire.Request]) -> None:
+        self.socket = socket
+        self.by_id = {r.id: r for r in requests}
+        self.order = {r.id: i for i, r in enumerate(requests)}
+        self.open_ids = set(self.by_id)
+        self.to_send = collections.deque(requests)
+        self.sent_at: dict[str, float] = {}
+        self.unacked: set[str] = set()        # sent, no accepted/busy/error reply yet
+        self.resend_after = 0.0
+        self.start = self.last_heard = time.monotonic()
+        self.heard = False
+        self.ping_at: float | None = None
+        self.daemon_pid: int | None = None
+        self.resubmitted = 0
+
+    def refuse_unsendable(self) -> Iterator[Answer]:
+        for r in list(self.to_send):
             problem = _unsendable(r)
             if problem is not None:
-                open_ids.discard(r.id)
+                self.open_ids.discard(r.id)
+                self.to_send.remove(r)
                 yield Answer(r.id, r.path, wire.ERROR, None, problem, 0.0)
-        to_send = collections.deque(r for r in requests if r.id in open_ids)
-        sent_at: dict[str, float] = {}
-        unacked: set[str] = set()
-        heard = False
-        resend_after = 0.0
-        # Liveness: who answers (its pid), when we last heard, whether a ping is out. A
-        # daemon that died leaves our requests open forever; one that restarted (another
-        # pid) lost the ones it had accepted, so they are sent again.
-        self.socket.send_multipart(wire.encode(wire.StatusQuery()))
-        daemon_pid, last_heard, ping_at = None, start, None
-        while open_ids:
-            now = time.monotonic()
-            if timeout_s is not None and now - start > timeout_s:
-                for rid in sorted(open_ids, key=order.__getitem__):
-                    yield Answer(rid, by_id[rid].path, wire.ERROR, None,
-                                 f"timed out after {timeout_s} s", (now - start) * 1e3)
-                return
-            if not heard and now - start > connect_timeout_s:
-                raise DaemonUnavailable(f"no daemon answered at {self.endpoint}")
-            if heard and ping_at is None and now - last_heard > SILENCE_S:
-                self.socket.send_multipart(wire.encode(wire.StatusQuery()))
-                ping_at = now
-            if ping_at is not None and now - ping_at > PING_TIMEOUT_S:
-                for rid in sorted(open_ids, key=order.__getitem__):
-                    yield Answer(rid, by_id[rid].path, wire.ERROR, None,
-                                 f"the daemon stopped answering (no reply for "
-                                 f"{now - last_heard:.0f} s): not processed, or its result "
-                                 "was lost", (now - sent_at.get(rid, start)) * 1e3)
-                return
-            if to_send and not unacked and now >= resend_after:
-                chunk = [to_send.popleft()]
-                size = _wire_size(chunk[0])
-                while to_send and len(chunk) < CHUNK and \
-                        size + _wire_size(to_send[0]) <= CHUNK_BYTES:
-                    size += _wire_size(to_send[0])
-                    chunk.append(to_send.popleft())
-                self.socket.send_multipart(wire.encode(wire.Submit(tuple(chunk))))
-                for r in chunk:
-                    sent_at.setdefault(r.id, now)
-                    unacked.add(r.id)
-            if not self.socket.poll(100):
-                continue
-            heard = True
-            last_heard, ping_at = time.monotonic(), None
-            msg = wire.decode(self.socket.recv_multipart())
-            if isinstance(msg, wire.Reply) and msg.status == "status":
-                pid = (msg.body.get("daemon") or {}).get("pid")
-                if daemon_pid is not None and pid != daemon_pid:
-                    queued = {r.id for r in to_send}
-                    again = [r for r in requests if r.id in open_ids and r.id not in queued]
-                    self.resubmitted += len(again)
-                    to_send = collections.deque(sorted([*again, *to_send],
-                                                       key=lambda r: order[r.id]))
-                    unacked.clear()
-                daemon_pid = pid
-            elif isinstance(msg, wire.Reply):
-                unacked.difference_update(msg.ids)
-                if msg.status == "busy":           # back off, then resend these
-                    to_send.extendleft(reversed([by_id[i] for i in msg.ids if i in by_id]))
-                    resend_after = time.monotonic() + BUSY_BACKOFF_S
-                elif msg.status == "error":
-                    # without ids (a malformed submit) it is about the chunk in flight
-                    for rid in msg.ids or tuple(unacked):
-                        unacked.discard(rid)
-                        if rid in open_ids:
-                            open_ids.discard(rid)
-                            yield Answer(rid, by_id[rid].path, wire.ERROR, None, msg.message,
-                                         (time.monotonic() - sent_at[rid]) * 1e3)
-            elif isinstance(msg, wire.Result) and msg.id in open_ids:
-                open_ids.discard(msg.id)
-                unacked.discard(msg.id)
-                yield Answer(msg.id, by_id[msg.id].path, msg.status, msg.mask, msg.error,
-                             (time.monotonic() - sent_at.get(msg.id, start)) * 1e3)
+
+    def fail_open(self, error: str, now: float, since: float | None) -> Iterator[Answer]:
+        """Every open request answered with `error`; latency from `since`, else from when
+        each was sent."""
+        for rid in sorted(self.open_ids, key=self.order.__getitem__):
+            began = since if since is not None else self.sent_at.get(rid, self.start)
+            yield Answer(rid, self.by_id[rid].path, wire.ERROR, None, error,
+                         (now - began) * 1e3)
+        self.open_ids.clear()
+
+    def daemon_gone(self, now: float) -> bool:
+        if self.heard and self.ping_at is None and now - self.last_heard > SILENCE_S:
+            self.socket.send_multipart(wire.encode(wire.StatusQuery()))
+            self.ping_at = now
+        return self.ping_at is not None and now - self.ping_at > PING_TIMEOUT_S
+
+    def send_next_chunk(self, now: float) -> None:
+        """One chunk at a time (up to CHUNK requests, CHUNK_BYTES of header), once the
+        previous one was acknowledged and any busy back-off has passed."""
+        if not self.to_send or self.unacked or now < self.resend_after:
+            return
+        chunk = [self.to_send.popleft()]
+        size = _wire_size(chunk[0])
+        while self.to_send and len(chunk) < CHUNK and \
+                size + _wire_size(self.to_send[0]) <= CHUNK_BYTES:
+            size += _wire_size(self.to_send[0])
+            chunk.append(self.to_send.popleft())
+        self.socket.send_multipart(wire.encode(wire.Submit(tuple(chunk))))
+        for r in chunk:
+            self.sent_at.setdefault(r.id, now)
+            self.unacked.add(r.id)
+
+    def handle(self, msg: wire.Message) -> Iterator[Answer]:
+        self.heard, self.last_heard, self.ping_at = True, time.monotonic(), None
+        if isinstance(msg, wire.Reply) and msg.status == "status":
+            self._status(msg.body)
+        elif isinstance(msg, wire.Reply):
+            yield from self._reply(msg)
+        elif isinstance(msg, wire.Result) and msg.id in self.open_ids:
+            self.open_ids.discard(msg.id)
+            self.unacked.discard(msg.id)
+            yield Answer(msg.id, self.by_id[msg.id].path, msg.status, msg.mask, msg.error,
+                         (time.monotonic() - self.sent_at.get(msg.id, self.start)) * 1e3)
+
+    def _status(self, body: dict[str, Any]) -> None:
+        pid = (body.get("daemon") or {}).get("pid")
+        if self.daemon_pid is not None and pid != self.daemon_pid:
+            queued = {r.id for r in self.to_send}
+            again = [r for rid, r in self.by_id.items()
+                     if rid in self.open_ids and rid not in queued]
+            self.resubmitted += len(again)
+            self.to_send = collections.deque(sorted([*again, *self.to_send],
+                                                    key=lambda r: self.order[r.id]))
+            self.unacked.clear()
+        self.daemon_pid = pid
+
+    def _reply(self, msg: wire.Reply) -> Iterator[Answer]:
+        self.unacked.difference_update(msg.ids)
+        if msg.status == "busy":               # back off, then resend these
+            self.to_send.extendleft(reversed([self.by_id[i] for i in msg.ids
+                                              if i in self.by_id]))
+            self.resend_after = time.monotonic() + BUSY_BACKOFF_S
+        elif msg.status == "error":
+            # without ids (a malformed submit) it is about the chunk in flight
+            for rid in msg.ids or tuple(self.unacked):
+                self.unacked.discard(rid)
+                if rid in self.open_ids:
+                    self.open_ids.discard(rid)
+                    yield Answer(rid, self.by_id[rid].path, wire.ERROR, None, msg.message,
+                                 (time.monotonic() - self.sent_at[rid]) * 1e3)
 
 
 def _wire_size(r: wire.Request) -> int:

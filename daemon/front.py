@@ -14,13 +14,11 @@ in the same process (bench, eval, tests).
 from __future__ import annotations
 
 import collections
-import math
 import re
 import shutil
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +27,7 @@ import zmq
 
 from daemon.ledger import Ledger
 from daemon.supervisor import STAGES, CannotStart, Supervisor
+from daemon.workers import Worker, Workers
 from stages import wire
 from stages.config import Addresses, PipelineConfig, private_dir, start_document
 from stages.manifest import Manifest, pick_batch_size
@@ -37,7 +36,6 @@ from stages.metrics import IoUAccumulator
 CHECK_EVERY_S = 0.1             # supervision, liveness and stall checks
 RATE_WINDOW_S = 10.0
 CONTROL_READS_PER_TURN = 1024   # bounded: the loop also serves clients and supervision
-POST_CREDIT_BATCHES = 2         # postprocess room per executor: two of its batches in all
 NAME = re.compile(r"^(preprocess|executor|postprocess)-(\d{1,4})-(\d{1,10})$")
 DEAD_COUNTERS = ("processed", "errors", "batches", "filler", "busy_s", "cpu_s")
 
@@ -48,24 +46,6 @@ class PipelineError(RuntimeError):
 
 class StartInterrupted(RuntimeError):
     """start() was asked to stop (a signal) before every worker had started; all stopped."""
-
-
-@dataclass
-class Worker:
-    """A worker the front has heard from: one of its own, or one started elsewhere."""
-
-    name: str
-    stage: str
-    index: int
-    pid: int
-    local: bool
-    inputs: str = ""
-    outputs: str = ""
-    capacity: int = 0
-    batch: int = 0
-    seen: float = 0.0
-    counters: dict[str, float] = field(default_factory=dict)
-    reachable: bool = True              # false after a send to it failed, until it beats
 
 
 class Front:
@@ -81,7 +61,7 @@ class Front:
         batch = pick_batch_size(self.manifest, cfg.batch_size)
         self.max_inflight = cfg.max_inflight or max(64, 4 * batch * len(cfg.devices))
         self.ledger = Ledger()
-        self.workers: dict[str, Worker] = {}
+        self.workers = Workers()
         self.past: collections.Counter[tuple[str, str]] = collections.Counter()
         self.metrics = IoUAccumulator(self.manifest.num_classes)
         self.totals: collections.Counter[str] = collections.Counter()
@@ -256,20 +236,13 @@ class Front:
             return
         if slot is not None:
             slot.heard = now                # only the work loop's beat is liveness
-        worker = self.workers.get(name)
-        new = worker is None
-        if worker is None:
-            worker = self.workers[name] = Worker(name, stage, index, pid, local)
-            if not local:
-                self.log.info("remote worker joined", worker=name, inputs=hb.inputs or None)
-        moved = (hb.inputs, hb.outputs) != (worker.inputs, worker.outputs)
-        worker.inputs, worker.outputs = hb.inputs, hb.outputs
-        worker.capacity, worker.batch = hb.capacity, hb.batch
-        worker.counters, worker.seen, worker.reachable = dict(hb.counters), now, True
+        worker, new, moved = self.workers.heard(name, stage, index, pid, hb, local, now)
+        if new and not local:
+            self.log.info("remote worker joined", worker=name, inputs=hb.inputs or None)
         if hb.stuck:
             self._stuck(worker, hb.stuck)
         elif stage == "executor" and moved:       # a new executor, or a new address
-            self._send_peers(self._stage_workers("postprocess"))
+            self._send_peers(self.workers.of("postprocess"))
         elif stage == "postprocess" and new:
             self._send_peers([worker])
 
@@ -317,25 +290,15 @@ class Front:
 
     # ---- routing ---------------------------------------------------------------------
 
-    def _stage_workers(self, stage: str) -> list[Worker]:
-        return [w for w in self.workers.values() if w.stage == stage]
-
-    def _room(self, worker: Worker) -> int:
-        return worker.capacity - self.ledger.load.get(worker.name, 0)
-
     def dispatch(self) -> None:
         """Queued requests to preprocess workers with room, each bound for the executor
         with the most room: a slow device is sent no more than it can take."""
         ledger = self.ledger
         while ledger.queue and ledger.inflight < self.max_inflight:
-            preps = [w for w in self._stage_workers("preprocess")
-                     if w.reachable and self._room(w) > 0]
-            executors = [w for w in self._stage_workers("executor")
-                         if w.reachable and w.inputs and self._room(w) > 0]
-            if not preps or not executors:
+            prep = self.workers.with_most_room("preprocess", ledger.load)
+            executor = self.workers.with_most_room("executor", ledger.load)
+            if prep is None or executor is None:
                 return
-            prep = max(preps, key=self._room)
-            executor = max(executors, key=self._room)
             entry = ledger.next_queued()
             frames = wire.encode(wire.Dispatch(entry.request, executor.name, executor.inputs))
             try:
@@ -347,14 +310,8 @@ class Front:
             ledger.dispatched(entry, prep.name, executor.name)
 
     def _send_peers(self, to: list[Worker]) -> None:
-        """Tell postprocess workers where every executor hands out outputs, and how many to
-        ask each for (two of its batches over all postprocess workers)."""
-        executors = [w for w in self._stage_workers("executor") if w.outputs]
-        batch = max((w.batch for w in executors), default=1)
-        posts = max(1, len(self._stage_workers("postprocess")))
-        credits = max(2, math.ceil(POST_CREDIT_BATCHES * batch / posts))
-        frames = wire.encode(wire.Peers(tuple((w.name, w.outputs) for w in executors),
-                                        credits))
+        """Tell postprocess workers where the executors hand out outputs."""
+        frames = wire.encode(self.workers.peers())
         for worker in to:
             try:
                 self.control.send_multipart([worker.name.encode(), *frames], zmq.NOBLOCK)
@@ -377,7 +334,7 @@ class Front:
             raise PipelineError(self._cannot_start_reason(exc)) from exc
         for death in deaths:
             self._forget(death.name, f"{death.slot.label} died (exit status {death.exitcode})")
-        for worker in [w for w in self.workers.values() if not w.local]:
+        for worker in [w for w in self.workers if not w.local]:
             if now - worker.seen > self.cfg.liveness_timeout_s:
                 self.log.warning("remote worker silent; routing around it", worker=worker.name,
                                  silent_s=round(now - worker.seen, 1))
@@ -393,13 +350,13 @@ class Front:
 
     def _forget(self, name: str, reason: str) -> None:
         """A worker is gone: keep its counts, retry what it held, re-route."""
-        worker = self.workers.pop(name, None)
+        worker = self.workers.forget(name)
         if worker is not None and worker.local:
             for key in DEAD_COUNTERS:
                 self.past[(worker.stage, key)] += worker.counters.get(key, 0)
         self._retried(*self.ledger.lost(name), reason)
         if worker is not None and worker.stage == "executor":
-            self._send_peers(self._stage_workers("postprocess"))
+            self._send_peers(self.workers.of("postprocess"))
 
     def _retried(self, retried: list[Any], given_up: list[Any], reason: str) -> None:
         self.totals["retried"] += len(retried)
@@ -413,7 +370,7 @@ class Front:
         stages: dict[str, dict[str, Any]] = {}
         for stage in STAGES:
             slots = [s for s in self.supervisor.slots if s.stage == stage]
-            workers = [w for w in self.workers.values() if w.stage == stage and w.local]
+            workers = [w for w in self.workers.of(stage) if w.local]
             figures: dict[str, Any] = {
                 "processes": len(slots), "alive": sum(s.alive for s in slots),
                 "restarts": sum(s.restarts for s in slots),
@@ -439,7 +396,7 @@ class Front:
                           "malformed", "abandoned")}},
             "remote": [{"stage": w.stage, "index": w.index, "pid": w.pid,
                         "seen_s_ago": round(now - w.seen, 1), **w.counters}
-                       for w in self.workers.values() if not w.local],
+                       for w in self.workers if not w.local],
             "images_per_s": round(len(recent) / RATE_WINDOW_S, 2),
             "metrics": self.metrics.summary() if self.metrics.images else None,
         }

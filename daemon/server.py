@@ -29,6 +29,7 @@ from typing import Any
 import structlog
 import zmq
 
+from daemon.clients import Clients
 from daemon.door import Door
 from daemon.endpoint import is_local
 from daemon.front import Front, PipelineError, StartInterrupted
@@ -39,12 +40,7 @@ from stages.exits import EXIT_CANNOT_START, EXIT_FAILED, EXIT_OK, EXIT_USAGE
 from stages.logs import json_safe
 
 LOOP_MS = 50
-CLIENT_READS_PER_TURN = 64   # per loop turn; ROUTER queues fairly between clients
-                             # (a status flood's replies share one document per turn)
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
-WARN_EVERY_S = 60.0          # malformed messages: one warning per sender per minute,
-WARN_LINES_PER_MIN = 20      # at most this many per minute over all senders,
-WARN_SENDERS_KEPT = 4096     # and a bounded memory of senders
 WATCH = "watch"              # the origin of watched files' requests
 
 
@@ -70,12 +66,6 @@ class Server:
         self.watcher: Watcher | None = None
         self.watched: dict[str, str] = {}     # watch request id -> file name
         self.door = Door(cfg.endpoint)
-        self.counts: dict[str, int] = {"busy_replies": 0, "refused": 0, "malformed": 0,
-                                       "client_errors": 0, "bytes_in": 0, "bytes_out": 0}
-        self._warned: dict[bytes, float] = {}   # sender -> last warning (monotonic)
-        self._warn_lines: list[float] = []      # every warning line in the last minute
-        self._warn_suppressed = 0
-        self._status: list[Any] | None = None   # encoded status reply, until anything moves
         self.failure: str | None = None         # a thread of the front died: why
         self.stop_reason: str | None = None     # set when exiting before the drain finished
 
@@ -126,6 +116,8 @@ class Server:
         except PipelineError as exc:
             self.log.error("cannot start", error=str(exc))
             return EXIT_CANNOT_START
+        self.clients = Clients(self.door.socket, self.front, cfg.max_queue, cfg.allow_roots,
+                               self.status)
         if cfg.watch is not None:
             self._start_watch()
         self.log.info("serving", endpoint=cfg.endpoint)
@@ -141,20 +133,20 @@ class Server:
     # ---- the loop ----------------------------------------------------------------------
 
     def _loop(self) -> int:
-        front, clients = self.front, self.door.socket
+        front, clients = self.front, self.clients
         poller = zmq.Poller()
         poller.register(front.control, zmq.POLLIN)   # workers: notes, answers, heartbeats
-        poller.register(clients, zmq.POLLIN)         # clients: submits, status queries
+        poller.register(clients.socket, zmq.POLLIN)  # clients: submits, status queries
         while True:
             code = self._handle_signals()
             if code is not None:
                 return code
             ready = dict(poller.poll(LOOP_MS))
-            self._status = None                      # anything may have moved since
+            clients.new_turn()
             if front.control in ready:
                 front.read()
-            if clients in ready:
-                self._read_clients()
+            if clients.socket in ready:
+                clients.read()
             front.supervise()
             self._check_threads()
             for result, origin in front.take_answers():
@@ -180,7 +172,7 @@ class Server:
         return None
 
     def _begin_drain(self) -> None:
-        self.stopping = True
+        self.stopping = self.clients.stopping = True
         self.drain_deadline = time.monotonic() + self.cfg.drain_timeout_s
         if self.watcher is not None:
             self.watcher.stop()
@@ -213,136 +205,16 @@ class Server:
             if not self.stopping:
                 self._begin_drain()
 
-    # ---- clients -----------------------------------------------------------------------
-
-    def _read_clients(self) -> None:
-        for _ in range(CLIENT_READS_PER_TURN):
-            try:
-                identity, *frames = self.door.socket.recv_multipart(zmq.NOBLOCK, copy=False)
-            except zmq.Again:
-                return
-            self.counts["bytes_in"] += len(identity) + sum(len(f) for f in frames)
-            client = identity.bytes
-            try:
-                self._client_message(client, frames)
-            except Exception as exc:        # one message costs an error answer, not the daemon
-                self._status = None
-                self.counts["client_errors"] += 1
-                self.log.exception("client message not handled", client=client.hex())
-                self._send(client, wire.Reply("error", message=f"internal error: {exc}"))
-
-    def _client_message(self, client: bytes, frames: list[zmq.Frame]) -> None:
-        try:
-            msg = wire.decode(frames, max_submit=1024)
-        except wire.WireError as exc:
-            self._status = None
-            self.counts["malformed"] += 1
-            self._rate_limited_warning(client, str(exc))
-            ids = (exc.request_id,) if exc.request_id else ()
-            self._send(client, wire.Reply("error", ids, f"malformed message: {exc}"))
-            return
-        if isinstance(msg, wire.StatusQuery):
-            self._send_frames(client, self._status_frames())
-            return
-        self._status = None                          # a reply after this one sees it
-        if isinstance(msg, wire.Submit):
-            self._accept(client, msg.requests)
-        else:
-            self._send(client, wire.Reply("error", message=f"unexpected {type(msg).__name__}"))
-
-    def _accept(self, client: bytes, requests: tuple[wire.Request, ...]) -> None:
-        ids = tuple(r.id for r in requests)
-        if self.stopping:
-            self._send(client, wire.Reply("error", ids, "daemon is shutting down"))
-            return
-        room = max(0, self.cfg.max_queue - self.front.pending)
-        if len(requests) > room:
-            # Take what fits, in order, and say `busy` for the rest: all-or-nothing would
-            # starve a client sending big chunks behind one that sends small ones.
-            self.counts["busy_replies"] += 1
-            self._send(client, wire.Reply("busy", ids[room:], "queue full, retry later"))
-            requests = requests[:room]
-            if not requests:
-                return
-        accepted: list[str] = []
-        for r in requests:
-            try:
-                problem = self._admit(client, r)
-            except Exception as exc:        # e.g. a path the checks choke on
-                self.log.exception("request not handled", id=r.id)
-                problem = f"internal error: {type(exc).__name__}: {exc}"
-            if problem is None:
-                accepted.append(r.id)
-            elif problem == REPEAT_ELSEWHERE:
-                self._send(client, wire.Reply(
-                    "error", (r.id,), f"request id {r.id} is already in use for another "
-                                      "image; its first request stays"))
-            else:
-                self.counts["refused"] += 1
-                self._send(client, wire.Result(r.id, 0, wire.ERROR, r.path, error=problem,
-                                               stage="front"))
-        if accepted:
-            self._send(client, wire.Reply("accepted", tuple(accepted)))
-
-    def _admit(self, client: bytes, r: wire.Request) -> str | None:
-        """None: accepted (a repeat of a pending id for the same image is the same
-        request: one answer); else why not."""
-        pending = self.front.ledger.find(client, r.id)
-        if pending is not None:
-            same = (pending.request.path, pending.request.ann) == (r.path, r.ann)
-            return None if same else REPEAT_ELSEWHERE
-        problem = refusal(r, self.cfg.allow_roots)
-        if problem is None:
-            self.front.submit(wire.Request(r.id, r.path, r.ann), origin=client)
-        return problem
-
-    def _status_frames(self) -> list[Any]:
-        """A flood of status queries costs one document per loop turn: the reply is
-        built again only once anything has moved (a new turn, another message)."""
-        if self._status is None:
-            self._status = wire.encode(wire.Reply("status", body=json_safe(self.status())))
-        return self._status
-
-    def _send(self, client: bytes, msg: wire.Message) -> None:
-        self._send_frames(client, wire.encode(msg))
-
-    def _send_frames(self, client: bytes, frames: list[Any]) -> None:
-        try:
-            self.door.socket.send_multipart([client, *frames], zmq.NOBLOCK)
-        except zmq.ZMQError:
-            return                              # client gone or stuck: never block the loop
-        self.counts["bytes_out"] += len(client) + sum(len(f) for f in frames)
+    # ---- answers and watch mode ---------------------------------------------------------
 
     def _deliver(self, result: wire.Result, origin: Any, record: bool = True) -> None:
         """To its client, and (watch mode, `record`) into the record of processed files."""
         if isinstance(origin, bytes):
-            self._send(origin, result)
+            self.clients.send(origin, result)
         name = self.watched.pop(result.id, None) if origin == WATCH else None
         if name is not None and record and self.record is not None:
             self.record.add(name, id=result.id, status=result.status, mask=result.mask,
                             error=result.error, attempt=result.attempt)
-
-    def _rate_limited_warning(self, client: bytes, error: str) -> None:
-        """One line per sender per minute, at most WARN_LINES_PER_MIN lines a minute in all
-        (a flood from fresh connections, each a new sender, cannot flood the log)."""
-        now = time.monotonic()
-        if now - self._warned.get(client, -1e9) <= WARN_EVERY_S:
-            return
-        self._warn_lines = [t for t in self._warn_lines if now - t <= 60.0]
-        if len(self._warn_lines) >= WARN_LINES_PER_MIN:
-            self._warn_suppressed += 1
-            return
-        if len(self._warned) >= WARN_SENDERS_KEPT:
-            self._warned = {c: t for c, t in self._warned.items() if now - t <= WARN_EVERY_S}
-            if len(self._warned) >= WARN_SENDERS_KEPT:
-                self._warned.clear()
-        self._warned[client] = now
-        self._warn_lines.append(now)
-        self.log.warning("malformed client message", client=client.hex(), error=error,
-                         suppressed=self._warn_suppressed)
-        self._warn_suppressed = 0
-
-    # ---- watch mode --------------------------------------------------------------------
 
     def _start_watch(self) -> None:
         out_dir = self.cfg.pipeline.out_dir
@@ -367,13 +239,13 @@ class Server:
 
     def status(self) -> dict[str, Any]:
         doc = self.front.status()
-        doc["front"]["malformed"] += self.counts["malformed"]     # workers' and clients'
+        doc["front"]["malformed"] += self.clients.counts["malformed"]     # workers' and clients'
         doc["daemon"] = {"pid": os.getpid(), "endpoint": self.cfg.endpoint,
                          "stopping": self.stopping, "watch": str(self.cfg.watch or "") or None,
                          "client_connections": self.door.state.connections,
                          "accepting_connections": self.door.state.open,
                          "client_connections_cap": self.door.cap,
-                         **self.counts}
+                         **self.clients.counts}
         return doc
 
     def _shutdown(self) -> None:
@@ -407,39 +279,6 @@ class Server:
             self.log.warning("answered unfinished requests as errors", count=len(answers),
                              reason=self.stop_reason)
         return len(answers)
-
-
-REPEAT_ELSEWHERE = "repeat elsewhere"   # _admit: a pending id reused for another image
-
-
-def refusal(r: wire.Request, allow_roots: tuple[Path, ...]) -> str | None:
-    """Why a request is refused at the door, before any file is opened; None: it is not."""
-    if not os.path.isabs(r.path) or (r.ann is not None and not os.path.isabs(r.ann)):
-        return "paths must be absolute"
-    for p in (r.path, r.ann) if allow_roots else ():
-        if p is None:
-            continue
-        resolved = _resolve(p)
-        if resolved is None:
-            return f"symbolic link loop: {p}"
-        if not any(resolved.is_relative_to(root) for root in _roots(allow_roots)):
-            return f"path outside the allowed input roots: {p}"
-    return None
-
-
-def _resolve(path: str) -> Path | None:
-    """The path with every link followed; None for a link loop (os.path.realpath would
-    stop there quietly, Path.resolve raise)."""
-    try:
-        return Path(os.path.realpath(path, strict=True))
-    except FileNotFoundError:
-        return Path(os.path.realpath(path))       # missing: preprocess says so
-    except OSError:
-        return None                               # ELOOP, or another failure to resolve
-
-
-def _roots(allow_roots: tuple[Path, ...]) -> list[Path]:
-    return [Path(os.path.realpath(root)) for root in allow_roots]
 
 
 def check_exposure(endpoint: str, allow_roots: tuple[Path, ...]) -> str | None:

@@ -33,8 +33,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
+from daemon import clients as clients_module
 from daemon import door as door_module
-from daemon import server as server_module
 from daemon.client import Client
 from stages import wire
 from stages.labels import mask_path, write_mask
@@ -452,9 +452,9 @@ def attack(hostile: dict, ctx: zmq.Context) -> None:
     minutes = int(elapsed // 60) + 1
     assert 1 <= per_sender.get(b"fuzzer-1".hex(), 0) <= minutes, per_sender
     assert per_sender.get(b"nasty-1".hex(), 0) <= minutes, per_sender
-    assert len(lines) <= server_module.WARN_LINES_PER_MIN * minutes, len(lines)
+    assert len(lines) <= clients_module.WARN_LINES_PER_MIN * minutes, len(lines)
     senders = 2 + 2 + flood                        # fuzzer, nasty, REQ, ROUTER, the flood
-    assert senders > server_module.WARN_LINES_PER_MIN
+    assert senders > clients_module.WARN_LINES_PER_MIN
     peaks = hostile["watch"].peaks
     front_peak = max(peaks.get("front", 0), proc_kb(daemon.proc.pid, "VmHWM") / 1024)
     growth = front_peak - hostile["idle_front_mb"]

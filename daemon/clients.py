@@ -1,0 +1,201 @@
+"""The daemon's side of its clients: their messages read, checked, accepted or refused,
+and their answers sent.
+
+A bounded number of messages per loop turn (the ROUTER queues fairly between clients), so
+one noisy client cannot hold the loop. One message, or one request in it, that cannot be
+handled costs it an error answer, never the daemon. A request id repeated while pending is
+the same request (one answer); reused for another image it is refused with an error reply.
+A flood of status queries is answered from one document per loop turn.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import structlog
+import zmq
+
+from daemon.front import Front
+from stages import wire
+from stages.logs import json_safe
+
+READS_PER_TURN = 64          # client messages per loop turn
+WARN_EVERY_S = 60.0          # malformed messages: one warning per sender per minute,
+WARN_LINES_PER_MIN = 20      # at most this many per minute over all senders,
+WARN_SENDERS_KEPT = 4096     # and a bounded memory of senders
+REPEAT_ELSEWHERE = "repeat elsewhere"   # a pending id reused for another image
+
+
+class Clients:
+    def __init__(self, socket: zmq.Socket, front: Front, max_queue: int,
+                 allow_roots: tuple[Path, ...], status: Callable[[], dict[str, Any]]) -> None:
+        self.socket = socket                  # the door's ROUTER: clients' DEALERs
+        self.front = front
+        self.max_queue = max_queue
+        self.allow_roots = allow_roots
+        self.status = status
+        self.stopping = False                 # set by the server: intake closed
+        self.log = structlog.get_logger().bind(component="supervisor")
+        self.counts: dict[str, int] = {"busy_replies": 0, "refused": 0, "malformed": 0,
+                                       "client_errors": 0, "bytes_in": 0, "bytes_out": 0}
+        self._warned: dict[bytes, float] = {}   # sender -> last warning (monotonic)
+        self._warn_lines: list[float] = []      # every warning line in the last minute
+        self._warn_suppressed = 0
+        self._status: list[Any] | None = None   # encoded status reply, until anything moves
+
+    def new_turn(self) -> None:
+        """Anything may have moved since the last status reply was built."""
+        self._status = None
+
+    def read(self) -> None:
+        for _ in range(READS_PER_TURN):
+            try:
+                identity, *frames = self.socket.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            self.counts["bytes_in"] += len(identity) + sum(len(f) for f in frames)
+            client = identity.bytes
+            try:
+                self._message(client, frames)
+            except Exception as exc:        # one message costs an error answer, not the daemon
+                self._status = None
+                self.counts["client_errors"] += 1
+                self.log.exception("client message not handled", client=client.hex())
+                self.send(client, wire.Reply("error", message=f"internal error: {exc}"))
+
+    def send(self, client: bytes, msg: wire.Message) -> None:
+        self._send_frames(client, wire.encode(msg))
+
+    # ---- inside ------------------------------------------------------------------------
+
+    def _message(self, client: bytes, frames: list[zmq.Frame]) -> None:
+        try:
+            msg = wire.decode(frames, max_submit=1024)
+        except wire.WireError as exc:
+            self._status = None
+            self.counts["malformed"] += 1
+            self._rate_limited_warning(client, str(exc))
+            ids = (exc.request_id,) if exc.request_id else ()
+            self.send(client, wire.Reply("error", ids, f"malformed message: {exc}"))
+            return
+        if isinstance(msg, wire.StatusQuery):
+            self._send_frames(client, self._status_frames())
+            return
+        self._status = None                          # a reply after this one sees it
+        if isinstance(msg, wire.Submit):
+            self._accept(client, msg.requests)
+        else:
+            self.send(client, wire.Reply("error", message=f"unexpected {type(msg).__name__}"))
+
+    def _accept(self, client: bytes, requests: tuple[wire.Request, ...]) -> None:
+        ids = tuple(r.id for r in requests)
+        if self.stopping:
+            self.send(client, wire.Reply("error", ids, "daemon is shutting down"))
+            return
+        room = max(0, self.max_queue - self.front.pending)
+        if len(requests) > room:
+            # Take what fits, in order, and say `busy` for the rest: all-or-nothing would
+            # starve a client sending big chunks behind one that sends small ones.
+            self.counts["busy_replies"] += 1
+            self.send(client, wire.Reply("busy", ids[room:], "queue full, retry later"))
+            requests = requests[:room]
+            if not requests:
+                return
+        accepted: list[str] = []
+        for r in requests:
+            try:
+                problem = self._admit(client, r)
+            except Exception as exc:        # e.g. a path the checks choke on
+                self.log.exception("request not handled", id=r.id)
+                problem = f"internal error: {type(exc).__name__}: {exc}"
+            if problem is None:
+                accepted.append(r.id)
+            elif problem == REPEAT_ELSEWHERE:
+                self.send(client, wire.Reply(
+                    "error", (r.id,), f"request id {r.id} is already in use for another "
+                                      "image; its first request stays"))
+            else:
+                self.counts["refused"] += 1
+                self.send(client, wire.Result(r.id, 0, wire.ERROR, r.path, error=problem,
+                                              stage="front"))
+        if accepted:
+            self.send(client, wire.Reply("accepted", tuple(accepted)))
+
+    def _admit(self, client: bytes, r: wire.Request) -> str | None:
+        """None: accepted (a repeat of a pending id for the same image is the same
+        request: one answer); else why not."""
+        pending = self.front.ledger.find(client, r.id)
+        if pending is not None:
+            same = (pending.request.path, pending.request.ann) == (r.path, r.ann)
+            return None if same else REPEAT_ELSEWHERE
+        problem = refusal(r, self.allow_roots)
+        if problem is None:
+            self.front.submit(wire.Request(r.id, r.path, r.ann), origin=client)
+        return problem
+
+    def _status_frames(self) -> list[Any]:
+        """Built again only once anything has moved (a new turn, another message)."""
+        if self._status is None:
+            self._status = wire.encode(wire.Reply("status", body=json_safe(self.status())))
+        return self._status
+
+    def _send_frames(self, client: bytes, frames: list[Any]) -> None:
+        try:
+            self.socket.send_multipart([client, *frames], zmq.NOBLOCK)
+        except zmq.ZMQError:
+            return                              # client gone or stuck: never block the loop
+        self.counts["bytes_out"] += len(client) + sum(len(f) for f in frames)
+
+    def _rate_limited_warning(self, client: bytes, error: str) -> None:
+        """One line per sender per minute, at most WARN_LINES_PER_MIN lines a minute in all
+        (a flood from fresh connections, each a new sender, cannot flood the log)."""
+        now = time.monotonic()
+        if now - self._warned.get(client, -1e9) <= WARN_EVERY_S:
+            return
+        self._warn_lines = [t for t in self._warn_lines if now - t <= 60.0]
+        if len(self._warn_lines) >= WARN_LINES_PER_MIN:
+            self._warn_suppressed += 1
+            return
+        if len(self._warned) >= WARN_SENDERS_KEPT:
+            self._warned = {c: t for c, t in self._warned.items() if now - t <= WARN_EVERY_S}
+            if len(self._warned) >= WARN_SENDERS_KEPT:
+                self._warned.clear()
+        self._warned[client] = now
+        self._warn_lines.append(now)
+        self.log.warning("malformed client message", client=client.hex(), error=error,
+                         suppressed=self._warn_suppressed)
+        self._warn_suppressed = 0
+
+
+def refusal(r: wire.Request, allow_roots: tuple[Path, ...]) -> str | None:
+    """Why a request is refused at the door, before any file is opened; None: it is not."""
+    if not os.path.isabs(r.path) or (r.ann is not None and not os.path.isabs(r.ann)):
+        return "paths must be absolute"
+    for p in (r.path, r.ann) if allow_roots else ():
+        if p is None:
+            continue
+        resolved = _resolve(p)
+        if resolved is None:
+            return f"symbolic link loop: {p}"
+        if not any(resolved.is_relative_to(root) for root in _roots(allow_roots)):
+            return f"path outside the allowed input roots: {p}"
+    return None
+
+
+def _resolve(path: str) -> Path | None:
+    """The path with every link followed; None for a link loop (os.path.realpath would
+    stop there quietly, Path.resolve raise)."""
+    try:
+        return Path(os.path.realpath(path, strict=True))
+    except FileNotFoundError:
+        return Path(os.path.realpath(path))       # missing: preprocess says so
+    except OSError:
+        return None                               # ELOOP, or another failure to resolve
+
+
+def _roots(allow_roots: tuple[Path, ...]) -> list[Path]:
+    return [Path(os.path.realpath(root)) for root in allow_roots]

@@ -1,0 +1,85 @@
+"""The workers the front has heard from, and which of them has room.
+
+A worker introduces itself with its first heartbeat (its name is stage-index-pid, so each
+life is a new worker), and every beat says where it receives data and how many requests
+may be routed to it beyond what it runs (`capacity`). Its room is that capacity less the
+ledger's count of requests routed to it and not yet taken (`load`): the front routes by
+room, so a slow worker is never sent more than it can take.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+
+from stages import wire
+
+POST_CREDIT_BATCHES = 2         # postprocess room per executor: two of its batches in all
+
+
+@dataclass
+class Worker:
+    """A worker the front has heard from: one of its own, or one started elsewhere."""
+
+    name: str
+    stage: str
+    index: int
+    pid: int
+    local: bool
+    inputs: str = ""
+    outputs: str = ""
+    capacity: int = 0
+    batch: int = 0
+    seen: float = 0.0
+    counters: dict[str, float] = field(default_factory=dict)
+    reachable: bool = True              # false after a send to it failed, until it beats
+
+
+class Workers:
+    def __init__(self) -> None:
+        self.by_name: dict[str, Worker] = {}
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.by_name
+
+    def __iter__(self) -> Iterator[Worker]:
+        return iter(list(self.by_name.values()))
+
+    def of(self, stage: str) -> list[Worker]:
+        return [w for w in self.by_name.values() if w.stage == stage]
+
+    def heard(self, name: str, stage: str, index: int, pid: int, hb: wire.Heartbeat,
+              local: bool, now: float) -> tuple[Worker, bool, bool]:
+        """Record a heartbeat: (the worker, new, its addresses changed)."""
+        worker = self.by_name.get(name)
+        new = worker is None
+        if worker is None:
+            worker = self.by_name[name] = Worker(name, stage, index, pid, local)
+        moved = (hb.inputs, hb.outputs) != (worker.inputs, worker.outputs)
+        worker.inputs, worker.outputs = hb.inputs, hb.outputs
+        worker.capacity, worker.batch = hb.capacity, hb.batch
+        worker.counters, worker.seen, worker.reachable = dict(hb.counters), now, True
+        return worker, new, moved
+
+    def forget(self, name: str) -> Worker | None:
+        return self.by_name.pop(name, None)
+
+    def with_most_room(self, stage: str, load: Mapping[str, int]) -> Worker | None:
+        """The reachable worker of `stage` with the most room, if any has room (an
+        executor also needs an address to be sent images)."""
+        def room(w: Worker) -> int:
+            return w.capacity - load.get(w.name, 0)
+
+        ready = [w for w in self.of(stage) if w.reachable and room(w) > 0
+                 and (stage != "executor" or w.inputs)]
+        return max(ready, key=room, default=None)
+
+    def peers(self) -> wire.Peers:
+        """What postprocess workers are told: where every executor hands out outputs, and
+        how many to ask each for (two of its batches over all postprocess workers)."""
+        executors = [w for w in self.of("executor") if w.outputs]
+        batch = max((w.batch for w in executors), default=1)
+        posts = max(1, len(self.of("postprocess")))
+        credits = max(2, math.ceil(POST_CREDIT_BATCHES * batch / posts))
+        return wire.Peers(tuple((w.name, w.outputs) for w in executors), credits)

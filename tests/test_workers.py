@@ -1,0 +1,63 @@
+"""The front's registry of workers: who is heard, who has room, what postprocess is told."""
+
+from __future__ import annotations
+
+from daemon.workers import Workers
+from stages import wire
+
+
+def beat(stage: str, index: int, pid: int, **fields: object) -> wire.Heartbeat:
+    return wire.Heartbeat(stage, index, pid, {}, **fields)
+
+
+def test_room_is_capacity_less_load_and_the_roomiest_is_picked():
+    workers = Workers()
+    for i, capacity in enumerate((8, 8)):
+        workers.heard(f"executor-{i}-{100 + i}", "executor", i, 100 + i,
+                      beat("executor", i, 100 + i, inputs=f"ipc:///r/exec{i}-in",
+                           outputs=f"ipc:///r/exec{i}-out", capacity=capacity, batch=4),
+                      True, 0.0)
+    load = {"executor-0-100": 7, "executor-1-101": 2}
+    assert workers.with_most_room("executor", load).name == "executor-1-101"
+    load["executor-1-101"] = 8                      # full: the other one, with 1 left
+    assert workers.with_most_room("executor", load).name == "executor-0-100"
+    load["executor-0-100"] = 8
+    assert workers.with_most_room("executor", load) is None
+
+
+def test_an_executor_without_an_address_or_unreachable_gets_nothing():
+    workers = Workers()
+    workers.heard("executor-0-1", "executor", 0, 1, beat("executor", 0, 1, capacity=8),
+                  True, 0.0)
+    assert workers.with_most_room("executor", {}) is None      # no inputs address yet
+    worker, new, moved = workers.heard(
+        "executor-0-1", "executor", 0, 1,
+        beat("executor", 0, 1, inputs="tcp://10.0.0.5:40001", capacity=8), True, 1.0)
+    assert not new and moved and workers.with_most_room("executor", {}) is worker
+    worker.reachable = False                                    # a send to it failed
+    assert workers.with_most_room("executor", {}) is None
+
+
+def test_a_new_life_is_a_new_worker_and_forget_removes_it():
+    workers = Workers()
+    _, new, _ = workers.heard("preprocess-0-10", "preprocess", 0, 10,
+                              beat("preprocess", 0, 10, capacity=2), True, 0.0)
+    assert new
+    _, new, _ = workers.heard("preprocess-0-11", "preprocess", 0, 11,
+                              beat("preprocess", 0, 11, capacity=2), True, 0.0)
+    assert new and len(workers.of("preprocess")) == 2
+    assert workers.forget("preprocess-0-10").pid == 10
+    assert "preprocess-0-10" not in workers and workers.forget("preprocess-0-10") is None
+
+
+def test_postprocess_is_told_every_executor_and_two_batches_of_credits_in_all():
+    workers = Workers()
+    workers.heard("executor-0-1", "executor", 0, 1,
+                  beat("executor", 0, 1, inputs="ipc:///r/e0-in", outputs="ipc:///r/e0-out",
+                       capacity=128, batch=64), True, 0.0)
+    for i in range(4):
+        workers.heard(f"postprocess-{i}-{10 + i}", "postprocess", i, 10 + i,
+                      beat("postprocess", i, 10 + i), True, 0.0)
+    peers = workers.peers()
+    assert peers.executors == (("executor-0-1", "ipc:///r/e0-out"),)
+    assert peers.credits == 32                      # 2 x 64 over 4 workers
