@@ -59,8 +59,15 @@ def rewrite_core(
         return core, record
     new = copy.deepcopy(core).eval()
     if fold_bn:
-        pairs = fold_batchnorm(new, x)
-        record["bn_fold"] = {"applied": bool(pairs), "folded": len(pairs)}
+        try:
+            pairs = fold_batchnorm(new, x)
+        except Exception as exc:  # noqa: BLE001 - an untraceable network keeps its BN
+            why = f"torch.export could not trace the network: {type(exc).__name__}"
+            _log.warning("BatchNorm not folded (%s: %s)", why, str(exc).splitlines()[0][:200]
+                         if str(exc) else "")
+            record["bn_fold"] = {"applied": False, "why": why}
+        else:
+            record["bn_fold"] = {"applied": bool(pairs), "folded": len(pairs)}
     if psp_rewrite:
         feature_size = (int(reference.shape[-2]), int(reference.shape[-1]))
         record["psp_bottleneck"] = rewrite_psp_head(new, feature_size)

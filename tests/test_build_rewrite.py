@@ -157,6 +157,30 @@ def test_fold_batchnorm_follows_the_data_flow():
     assert torch.allclose(got, want, atol=1e-5, rtol=1e-5)
 
 
+class Untraceable(nn.Module):
+    """A Python branch on a tensor's value: torch.export cannot trace it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.bn(self.conv(x))
+        return -y if float(y.mean()) > 1e9 else y
+
+
+def test_a_network_export_cannot_trace_keeps_its_batchnorm():
+    net = Untraceable().eval()
+    core, record = rewrite_core(net, (16, 16))
+    assert record["bn_fold"]["applied"] is False
+    assert "torch.export could not trace" in record["bn_fold"]["why"]
+    assert record["psp_bottleneck"] == {"applied": False,
+                                        "why": "the network has no decode head"}
+    assert isinstance(core.bn, nn.BatchNorm2d)
+    assert record["self_check"]["max_abs_logit_diff"] == 0.0
+
+
 def test_rewrite_core_leaves_the_original_alone_and_counts_macs(weights):
     network = load_network(*weights)
     before = {k: v.clone() for k, v in network.core.state_dict().items()}

@@ -9,7 +9,9 @@ records an event; `launch` queues, on the compute stream, a wait on that event, 
 network and the copy of the outputs into fresh pinned memory, and returns; `collect`
 waits for that copy. So the device runs batch k+1 right behind batch k while the host
 collects and sends k. With `cuda_graphs=1` each slot's device buffers are the static
-inputs of one captured graph.
+inputs of one captured graph. With `fused_conv=1` (or `auto`, when it times faster at open)
+the program's conv + bias (+ residual add) + ReLU chains run as single cuDNN calls
+(stages/backends/conv_fusion.py; BN is folded at build).
 """
 
 from __future__ import annotations
