@@ -51,6 +51,7 @@ def write_artifacts(
     run_atc: bool | None = None,
     torch_program: bool = True,
     onnx: bool = True,
+    rewrites: Mapping[str, Any] | None = None,
 ) -> Manifest:
     """Export `core` for every batch size into `out_dir` and write its manifest.
 
@@ -58,6 +59,7 @@ def write_artifacts(
     `torch_program=False` skips the `.pt2` (the manifest then has no torch program).
     `onnx=False` skips the ONNX models and their ATC scripts: a directory for the torch
     backend only (the manifest still names the ONNX files; `source.onnx` says why absent).
+    `rewrites` is what was done to `core` before (build_model.rewrites), for the manifest.
     """
     size = normalise_input_size(input_size)
     sizes = normalise_batch_sizes(batch_sizes)
@@ -88,7 +90,7 @@ def write_artifacts(
         _log.info("ATC scripts will be written but not run (%s)",
                   "atc is not on PATH" if not atc.atc_available() else "asked not to")
     for n, path in paths.items():
-        script = atc.write_atc_script(out_dir, n, size, soc_version)
+        script = atc.write_atc_script(out_dir, n, size, soc_version, rewrites)
         if run_atc:
             om = atc.run_atc_script(script, soc_version).name
             _log.info("wrote %s and ran it: %s", script, om)
@@ -103,7 +105,7 @@ def write_artifacts(
         palette=tuple(tuple(int(v) for v in c) for c in palette[:num_classes]),
         mean=tuple(float(v) for v in mean), std=tuple(float(v) for v in std),
         logits_size=logits_size, models=models,
-        torch_program=_single_program(programs), opset=OPSET,
+        torch_program=_single_program(programs), opset=OPSET, rewrites=dict(rewrites or {}),
         source={**source, **_program_note(programs)},
     )
     path = manifest.write(out_dir)

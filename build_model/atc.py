@@ -12,7 +12,9 @@ import os
 import shutil
 import stat
 import subprocess
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 _log = logging.getLogger(__name__)
 
@@ -26,7 +28,8 @@ def om_name(batch_size: int) -> str:
 
 
 def write_atc_script(
-    out_dir: Path, batch_size: int, input_size: tuple[int, int], soc_version: str
+    out_dir: Path, batch_size: int, input_size: tuple[int, int], soc_version: str,
+    rewrites: Mapping[str, Any] | None = None,
 ) -> Path:
     """Write `pspnet_bs{N}.atc.sh` next to `pspnet_bs{N}.onnx`; return its path."""
     height, width = input_size
@@ -34,6 +37,7 @@ def write_atc_script(
     text = (
         "#!/bin/sh\n"
         f"# ONNX -> Ascend OM for batch size {n}; written by `pspnet build`.\n"
+        + "".join(f"# {line}\n" for line in describe_rewrites(rewrites or {})) +
         "# Run on a host with the CANN toolkit: SOC=Ascend310P3 ./" + atc_script_name(n) + "\n"
         "set -e\n"
         'cd "$(dirname "$0")"\n'
@@ -46,6 +50,24 @@ def write_atc_script(
     path.write_text(text)
     path.chmod(path.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
     return path
+
+
+def describe_rewrites(rewrites: Mapping[str, Any]) -> list[str]:
+    """One comment line per rewrite the ONNX model carries (the OM inherits them)."""
+    lines = []
+    fold = rewrites.get("bn_fold") or {}
+    if fold.get("applied"):
+        lines.append(f"The ONNX has BatchNorm folded into {fold.get('folded')} convolutions.")
+    psp = rewrites.get("psp_bottleneck") or {}
+    if psp.get("applied"):
+        lines.append("The ONNX has the exact PSP bottleneck rewrite (Conv + MatMul; "
+                     "manifest.json, rewrites).")
+    macs = rewrites.get("macs_per_image") or {}
+    if macs.get("built"):
+        before = macs.get("network") or macs["built"]
+        lines.append(f"{macs['built'] / 1e9:.2f} GMAC per image" + (
+            f" ({before / 1e9:.2f} before the rewrites)." if before != macs["built"] else "."))
+    return lines
 
 
 def atc_available() -> bool:

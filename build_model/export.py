@@ -35,19 +35,26 @@ def build(
     onnx: bool = True,
     verify: bool = False,
     verify_all: bool = False,
+    psp_rewrite: bool = True,
+    fold_bn: bool = True,
 ) -> Manifest:
     """Load the network, write every artifact and the manifest; optionally verify them.
 
+    `psp_rewrite` and `fold_bn` (build_model.rewrites) change how the network computes,
+    not what: every artifact gets them, and `verify` compares with mmseg's own model.
     Raises BuildError for bad inputs and VerifyError (build_model.verify) when `verify`
     finds the exported models off by more than the tolerance.
     """
     from build_model.artifacts import normalise_batch_sizes, normalise_input_size
+    from build_model.rewrites import rewrite_core
 
     sizes = normalise_batch_sizes(batch_sizes)        # fail fast, before loading anything
     size = normalise_input_size(input_size)
     network = load_network(config, checkpoint, trust_checkpoint=trust_checkpoint)
+    core, rewrites = rewrite_core(network.core, size, psp_rewrite=psp_rewrite,
+                                  fold_bn=fold_bn)
     manifest = write_artifacts(
-        network.core, Path(out_dir), input_size=size, batch_sizes=sizes, head=head,
+        core, Path(out_dir), input_size=size, batch_sizes=sizes, head=head, rewrites=rewrites,
         mean=network.mean, std=network.std, num_classes=network.num_classes,
         class_names=network.class_names, palette=voc_palette(network.num_classes),
         source=network.source, simplify=simplify, soc_version=soc_version,

@@ -39,6 +39,11 @@ class Parity:
     images: int
     max_logit_diff: float | None      # None for a labels head
     label_agreement: float            # fraction of valid pixels with the same label
+    # the same over the pixels a logit error of at most `tie_tolerance` cannot flip (see
+    # decided_pixels), and how many valid pixels are ties at that tolerance; None for labels
+    decided_agreement: float | None = None
+    ties: int | None = None
+    tie_tolerance: float = LOGIT_TOLERANCE
 
     def ok(self, logit_tol: float = LOGIT_TOLERANCE, agreement: float = LABEL_AGREEMENT) -> bool:
         logits_ok = self.max_logit_diff is None or self.max_logit_diff <= logit_tol
@@ -47,8 +52,11 @@ class Parity:
     def line(self) -> str:
         diff = self.max_logit_diff
         diff = "" if diff is None else f"max |logit diff| {diff:.2e}, "
+        ties = "" if self.ties is None else (
+            f" ({100 * self.decided_agreement:.3f}% outside the {self.ties} pixels whose "
+            f"top-2 logits are within {2 * self.tie_tolerance:g})")
         return (f"{self.artifact}: {self.images} images, {diff}"
-                f"label agreement {100 * self.label_agreement:.3f}%")
+                f"label agreement {100 * self.label_agreement:.4f}%{ties}")
 
 
 def verify_model_dir(
@@ -58,9 +66,13 @@ def verify_model_dir(
     *,
     batch_sizes: Sequence[int] | None = None,
     torch_program: bool = True,
+    eager: np.ndarray | None = None,
+    tie_tolerance: float = LOGIT_TOLERANCE,
 ) -> list[Parity]:
     """Compare the ONNX models (`batch_sizes`, default all; () for none) and the torch
-    program with `segmentor` on `photos` (default: the package's sample images)."""
+    program with `segmentor` on `photos` (default: the package's sample images).
+    `eager`: the segmentor's logits on these photos when the caller has them already;
+    `tie_tolerance`: the logit error under which a pixel's label counts as a tie."""
     from build_model.samples import sample_images
 
     manifest = Manifest.read(model_dir)
@@ -70,20 +82,21 @@ def verify_model_dir(
     x = normalised_batch(images, boxes, manifest.mean, manifest.std)
     valid = box_masks(boxes, manifest.input_size)
     _log.info("verifying against eager mmseg on %d photos", len(photos))
-    eager = eager_logits(segmentor, x)
+    eager = eager_logits(segmentor, x) if eager is None else eager
     eager_labels = upsampled_labels(eager, manifest.input_size)
     results = []
     for n in manifest.batch_sizes if batch_sizes is None else batch_sizes:
         path = Path(model_dir) / manifest.model_file(n).onnx
         got = run_onnx(path, images, boxes, n)
-        results.append(_compare(path.name, manifest, got, eager, eager_labels, valid))
+        results.append(_compare(path.name, manifest, got, eager, eager_labels, valid,
+                                tie_tolerance))
         _log.info("%s", results[-1].line())
     if torch_program and manifest.torch_program:
         program = torch.export.load(str(Path(model_dir) / manifest.torch_program)).module()
         with torch.no_grad():
             got = torch.cat([program(c) for c in x.split(EAGER_CHUNK)]).numpy()
         results.append(_compare(manifest.torch_program, manifest, got, eager, eager_labels,
-                                valid, labels_head=False))
+                                valid, tie_tolerance, labels_head=False))
         _log.info("%s", results[-1].line())
     return results
 
@@ -110,6 +123,17 @@ def upsampled_labels(logits: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return up.argmax(1).to(torch.uint8).numpy()
 
 
+def decided_pixels(eager: np.ndarray, size: tuple[int, int], tolerance: float) -> np.ndarray:
+    """Boolean N x H x W: pixels whose label no logit error of at most `tolerance` can
+    change (the upsampled eager top-2 margin is over 2 x tolerance; bilinear upsampling
+    never enlarges an error). Float32 ties elsewhere flip under any reordering of sums,
+    even between two runs of the same eager model at different batch sizes."""
+    up = F.interpolate(torch.from_numpy(eager), size=tuple(size), mode="bilinear",
+                       align_corners=False)
+    top2 = up.topk(2, dim=1).values
+    return ((top2[:, 0] - top2[:, 1]) > 2 * tolerance).numpy()
+
+
 def run_onnx(path: Path, images: np.ndarray, boxes: np.ndarray, batch_size: int) -> np.ndarray:
     """Run a static-batch model over all images; the last batch is filled with repeats."""
     import onnxruntime as ort
@@ -123,12 +147,20 @@ def run_onnx(path: Path, images: np.ndarray, boxes: np.ndarray, batch_size: int)
     return np.concatenate(outputs)
 
 
-def _compare(name, manifest, got, eager, eager_labels, valid, labels_head=None) -> Parity:
+def _compare(name, manifest, got, eager, eager_labels, valid, tie_tolerance,
+             labels_head=None) -> Parity:
     labels_head = manifest.head == "labels" if labels_head is None else labels_head
     if labels_head:
         diff, labels = None, got
     else:
         diff = float(np.abs(got - eager).max())
         labels = upsampled_labels(got, manifest.input_size)
-    agreement = float((labels == eager_labels)[valid].mean())
-    return Parity(artifact=name, images=len(got), max_logit_diff=diff, label_agreement=agreement)
+    same = labels == eager_labels
+    agreement = float(same[valid].mean())
+    decided_agreement = ties = None
+    if not labels_head:
+        decided = decided_pixels(eager, manifest.input_size, tie_tolerance) & valid
+        decided_agreement = float(same[decided].mean()) if decided.any() else 1.0
+        ties = int(valid.sum() - decided.sum())
+    return Parity(artifact=name, images=len(got), max_logit_diff=diff, label_agreement=agreement,
+                  decided_agreement=decided_agreement, ties=ties, tie_tolerance=tie_tolerance)

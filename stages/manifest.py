@@ -70,6 +70,9 @@ class Manifest:
         "multiplies the normalised input by the box mask, so the padding is 0 after "
         "normalisation as in the reference"
     )
+    # what `pspnet build` did to the network (BN folding, the PSP bottleneck rewrite), the
+    # MACs per image before and after, and the rewrite's self-check; {} in older manifests
+    rewrites: dict[str, Any] = field(default_factory=dict)
     source: dict[str, Any] = field(default_factory=dict)  # config, checkpoint, sha256, versions
     format: int = MANIFEST_FORMAT
 

@@ -9,7 +9,7 @@ the main results. summary.json: every step's status and time, the headline figur
 
   python3 bench/device/report.py --parts DIR --variant-parts DIR --json OUT/h100.json \
       --plot OUT/h100.png --steps STEPS.tsv --agreement OUT/agreement.json \
-      --summary OUT/summary.json
+      --summary OUT/summary.json --variants OUT/h100-variants.json
 
 Never raises for a missing or broken piece: it reports what it found.
 """
@@ -110,6 +110,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=Path, default=None)
     p.add_argument("--agreement", type=Path, default=None)
     p.add_argument("--summary", type=Path, default=None)
+    p.add_argument("--variants", type=Path, default=None,
+                   help="variants.py's table JSON: its rows go into the summary")
     p.add_argument("--extra", action="append", default=[], metavar="KEY=VALUE",
                    help="added to summary.json as is")
     args = p.parse_args(argv)
@@ -153,6 +155,11 @@ def main(argv: list[str] | None = None) -> int:
             summary["agreement_errors"] = agreement.get("errors")
         except (OSError, ValueError) as exc:
             summary["agreement_error"] = str(exc)
+    if args.variants is not None and args.variants.is_file():
+        try:
+            summary["variants_executor"] = json.loads(args.variants.read_text()).get("rows")
+        except (OSError, ValueError) as exc:
+            summary["variants_error"] = str(exc)
     text = json.dumps(summary, indent=1, default=str)
     if args.summary is not None:
         args.summary.parent.mkdir(parents=True, exist_ok=True)

@@ -1,14 +1,30 @@
 #!/usr/bin/env bash
-# Issue 6's one device run: PSPNet R50-D8 through the torch backend on one H100/H200.
+# The device run: PSPNet R50-D8 through the torch backend on one H100/H200, one call.
 #
 #   bash bench/device/run.sh          (device tool: carry [".whl"], timeout_s 590)
 #
 # Every step is timed, logged to $OUT/device.log and guarded: a failing or slow step is
 # recorded and the next one still runs. A wall-clock budget (BUDGET_S, default 545 s) caps
 # each step's timeout so the whole script ends inside the call's limit; steps that no
-# longer fit are skipped, most important first:
+# longer fit are skipped, most important first. Two plans (PLAN):
+#
+# PLAN=rewrite (default; issue 16): the same network with less work
 #   setup      wheels -> /tmp/site, libturbojpeg, versions, nvidia-smi     ($OUT/env.txt)
-#   model      calibrated R50 checkpoint (GPU), manifest + pspnet_core.pt2 (no ONNX)
+#   model      calibrated R50 checkpoint (GPU); two builds with --no-onnx: `plain`
+#              (--no-psp-rewrite --no-bn-fold) and `rewrite` (pspnet build's default:
+#              BN folded, exact PSP bottleneck rewrite), batch 64 and 128, labels heads
+#   reference  strict fp32 (TF32 off) labels of 128 staged photos from the plain build
+#   variants   one process per configuration, batch 128 and 64: executor-only img/s and
+#              labels agreement with strict fp32 (bench/device/variants.py):
+#              default / rewrite / rewrite + fused convs, CUDA graphs (VARIANTS_FIRST)
+#   e2e        pspnet bench of the fastest of those                   ($OUT/<card>.json)
+#   variants   compile=1,cuda_graphs=1 / compile=1 on the rewrite, then on the plain
+#              build (VARIANTS_LATER)                          ($OUT/<card>-variants.json)
+#   e2e        pspnet bench of the fastest compiled one
+#   cuda-tests pytest tests/test_conv_fusion.py -k cuda (the fused path on a tiny model)
+#   report     merge, plot, $OUT/summary.json (also after every step that measures)
+#
+# PLAN=sweep (issue 6): the batch sweep of the 2026-11-26 H200 run
 #   bench      pspnet bench, fp16 + CUDA graphs, batch 32, 64, 16 first     ($OUT/<card>.json/png)
 #   agreement  fp32/fp16/bf16 labels vs the fp32 mmseg reference           ($OUT/agreement.json)
 #   variant    compile=1 at batch 64 if 100 s are left (under "variants" in the bench JSON)
@@ -16,7 +32,6 @@
 #   host-sim   the same pipeline against a simulated 2,500 img/s device: what the host's
 #              cores can feed, with no GPU work                          ($OUT/<card>-host-sim.json)
 #   cuda-tests pytest tests/test_backends.py -k cuda (carried pytest wheels)
-#   report     merge, plot, $OUT/summary.json (also after every bench step)
 # Knobs (environment): see the block below; bench/device/README.md has the CPU dry run.
 set -u
 set -a            # every variable below is exported: steps run shell functions in `bash -c`
@@ -35,11 +50,16 @@ STEPS=$WORK/steps.tsv
 : >"$STEPS"
 
 PY=${PY:-python3}
+PLAN=${PLAN:-rewrite}                           # rewrite (issue 16) or sweep (issue 6)
 CONFIG=${CONFIG:-pspnet_r50-d8_4xb4-20k_voc12aug-512x512}
 INPUT_SIZE=${INPUT_SIZE:-500}
 DEVICE=${DEVICE:-cuda:0}
 PRECISION=${PRECISION:-fp16}
-BATCH_SIZES=${BATCH_SIZES:-1,4,8,16,32,64}      # built into the model directory
+if [[ $PLAN == sweep ]]; then
+    BATCH_SIZES=${BATCH_SIZES:-1,4,8,16,32,64}  # built into the model directory
+else
+    BATCH_SIZES=${BATCH_SIZES:-64,128}
+fi
 BENCH_FIRST=${BENCH_FIRST-32,64,16}            # benched before the agreement check
 BENCH_LATER=${BENCH_LATER-8,4,1}                # after it
 SYNTHETIC=${SYNTHETIC:-1024}                    # distinct images, batch >= 16
@@ -91,6 +111,34 @@ INSTALL_WHEELS=${INSTALL_WHEELS:-1}
 SITE=${SITE:-/tmp/site}
 MODELS=${MODELS:-/tmp/models}
 BUILD_ARGS=${BUILD_ARGS-}                       # extra `pspnet build` flags
+# PLAN=rewrite: configurations, one per line: NAME BUILD OPTIONS [PRECISION], BUILD plain or
+# rewrite, OPTIONS a comma list of torch backend options or -; each is measured at every
+# VARIANT_BATCHES size (in that order) as one step
+VARIANT_BATCHES=${VARIANT_BATCHES:-128,64}
+STAGED=${STAGED:-128}                           # staged photos: timing and agreement inputs
+REF_BATCH=${REF_BATCH:-16}                      # the strict fp32 reference's batch size
+VARIANT_MAX_S=${VARIANT_MAX_S:-60}              # one eager configuration (load, capture,
+VARIANT_MIN_S=${VARIANT_MIN_S:-20}              # 3 x 20 timed batches, agreement)
+COMPILE_VARIANT_MAX_S=${COMPILE_VARIANT_MAX_S:-120}
+COMPILE_VARIANT_MIN_S=${COMPILE_VARIANT_MIN_S:-45}
+E2E=${E2E-1}                                    # "" skips the e2e benches of the fastest
+E2E_MIN_S=${E2E_MIN_S:-45}
+INDUCTOR=$WORK/inductor
+if [[ $DEVICE == cuda* ]]; then
+    VARIANTS_FIRST=${VARIANTS_FIRST-"default plain cuda_graphs=1
+rewrite rewrite cuda_graphs=1
+rewrite-fused rewrite cuda_graphs=1,fused_conv=1"}
+    VARIANTS_LATER=${VARIANTS_LATER-"rewrite-compile-graphs rewrite compile=1,cuda_graphs=1,compile_cache=$INDUCTOR
+rewrite-compile rewrite compile=1,compile_cache=$INDUCTOR
+default-compile plain compile=1,compile_cache=$INDUCTOR
+default-compile-graphs plain compile=1,cuda_graphs=1,compile_cache=$INDUCTOR
+rewrite-fp32 rewrite cuda_graphs=1 fp32"}
+else
+    VARIANTS_FIRST=${VARIANTS_FIRST-"default plain -
+rewrite rewrite -
+rewrite-fused-auto rewrite fused_conv=auto"}
+    VARIANTS_LATER=${VARIANTS_LATER-"rewrite-compile rewrite compile=1,compile_cache=$INDUCTOR"}
+fi
 
 log() { printf '[%s +%ss] %s\n' "$(date +%H:%M:%S)" "$(( $(date +%s) - T0 ))" "$*" | tee -a "$LOG"; }
 left() { echo $(( BUDGET_S - ($(date +%s) - T0) )); }
@@ -112,9 +160,10 @@ step() {
     local start rc
     start=$(date +%s.%N)
     if declare -F "$1" >/dev/null; then     # a shell function: `timeout` needs a program
-        timeout -k 10 "$limit" bash -c "$(declare -f "$1")"'; "$@"' _ "$@" 2>&1 | tee -a "$LOG"
+        timeout -k 10 "$limit" bash -c "$(declare -f "$1")"'; "$@"' _ "$@" </dev/null 2>&1 \
+            | tee -a "$LOG"
     else
-        timeout -k 10 "$limit" "$@" 2>&1 | tee -a "$LOG"
+        timeout -k 10 "$limit" "$@" </dev/null 2>&1 | tee -a "$LOG"
     fi
     rc=${PIPESTATUS[0]}
     local took
@@ -224,26 +273,36 @@ log "machine name for the results: $MACHINE"
 
 # ---- model -----------------------------------------------------------------------------
 CKPT=$MODELS/checkpoint.pth
-MODEL=$MODELS/r50-logits
+MODEL=$MODELS/r50-logits                  # pspnet build's default: BN folded, PSP rewrite
 MODEL_LABELS=$MODELS/r50-labels
+MODEL_PLAIN=$MODELS/r50-plain-logits      # --no-psp-rewrite --no-bn-fold: mmseg's graph
+MODEL_PLAIN_LABELS=$MODELS/r50-plain-labels
 mkdir -p "$MODELS"
 step checkpoint 150 20 "$PY" bench/device/make_model.py checkpoint --config "$CONFIG" \
     --out "$CKPT" --input-size "$INPUT_SIZE" --device "$DEVICE"
 
+# build_artifacts OUT [FLAGS...]: the torch program + manifest (the build's log has the
+# rewrites and the MACs per image; manifest.json's `rewrites` too)
 build_artifacts() {
-    local extra=()
+    local out=$1 extra=()
+    shift
     read -r -a extra <<<"$BUILD_ARGS"
-    "$PY" -m pspnet build --config "$CONFIG" --checkpoint "$CKPT" --out "$MODEL" \
+    "$PY" -m pspnet build --config "$CONFIG" --checkpoint "$CKPT" --out "$out" \
         --batch-sizes "$BATCH_SIZES" --input-size "$INPUT_SIZE" --head logits --no-atc \
-        --no-onnx "${extra[@]}"
+        --no-onnx "$@" "${extra[@]}"
 }
-step artifacts 180 20 build_artifacts
+step artifacts 180 20 build_artifacts "$MODEL"
 if [[ $HEAD == labels ]]; then
     step labels-head 30 3 "$PY" bench/device/make_model.py head --src "$MODEL" \
         --out "$MODEL_LABELS" --head labels
     BENCH_MODEL=$MODEL_LABELS
 else
     BENCH_MODEL=$MODEL
+fi
+if [[ $PLAN != sweep ]]; then
+    step artifacts-plain 180 20 build_artifacts "$MODEL_PLAIN" --no-psp-rewrite --no-bn-fold
+    step labels-head-plain 30 3 "$PY" bench/device/make_model.py head --src "$MODEL_PLAIN" \
+        --out "$MODEL_PLAIN_LABELS" --head labels
 fi
 ls -la "$MODELS" "$MODEL" "$BENCH_MODEL" >>"$LOG" 2>&1
 
@@ -265,15 +324,16 @@ report() {
     "$PY" bench/device/report.py --parts "$WORK/parts" "${variants[@]}" \
         --json "$OUT/$MACHINE.json" --plot "$OUT/$MACHINE.png" --steps "$STEPS" \
         --agreement "$OUT/agreement.json" --summary "$OUT/summary.json" \
+        --variants "$OUT/$MACHINE-variants.json" \
         --extra "machine=$MACHINE" --extra "config=$CONFIG" --extra "head=$HEAD" \
         --extra "precision=$PRECISION" --extra "backend_options=$BACKEND_OPTIONS" \
         --extra "elapsed_s=$(( $(date +%s) - T0 ))" --extra "budget_s=$BUDGET_S" >/dev/null
 }
 
-# bench_one BS PARTS_DIR MIN_S OPTIONS [MAX_S]: one `pspnet bench` call for one batch size,
-# with the torch backend options OPTIONS (comma list, e.g. cuda_graphs=1)
+# bench_one BS PARTS_DIR MIN_S OPTIONS [MAX_S] [MODEL]: one `pspnet bench` call for one
+# batch size, with the torch backend options OPTIONS (comma list, e.g. cuda_graphs=1)
 bench_one() {
-    local bs=$1 parts=$2 min=$3 options=$4 max=${5:-$BENCH_MAX_S}
+    local bs=$1 parts=$2 min=$3 options=$4 max=${5:-$BENCH_MAX_S} model=${6:-$BENCH_MODEL}
     local n=$SYNTHETIC repeats=$REPEATS name="bench-bs$bs" min_images=$MIN_IMAGES
     local baseline=$BASELINE_IMAGES
     (( PASS_BATCHES * bs > min_images )) && min_images=$(( PASS_BATCHES * bs ))
@@ -286,7 +346,7 @@ bench_one() {
     IFS=',' read -r -a opts <<<"$options"
     for o in "${opts[@]}"; do [[ -n $o ]] && flags+=(--backend-option "$o"); done
     step "$name" "$max" "$min" \
-        "$PY" -m pspnet bench --model "$BENCH_MODEL" --backend torch --devices "$DEVICE" \
+        "$PY" -m pspnet bench --model "$model" --backend torch --devices "$DEVICE" \
         --precision "$PRECISION" --batch-sizes "$bs" --synthetic "$n" --repeats "$repeats" \
         --min-images "$min_images" --baseline-images "$baseline" \
         --no-masks --preprocess-workers "$PRE_WORKERS" --postprocess-workers "$POST_WORKERS" \
@@ -300,25 +360,6 @@ compile_variant() {
         "$COMPILE_MIN_S" "$COMPILE_OPTIONS" "$COMPILE_MAX_S"
 }
 
-IFS=',' read -r -a FIRST <<<"$BENCH_FIRST"
-for bs in "${FIRST[@]}"; do [[ -n $bs ]] && bench_one "$bs" "$WORK/parts" 35 "$BACKEND_OPTIONS"; done
-
-AGREE_LABELS=()
-[[ $HEAD == labels ]] && AGREE_LABELS=(--labels-model "$MODEL_LABELS")
-step agreement 150 40 "$PY" bench/device/agreement.py --model "$MODEL" "${AGREE_LABELS[@]}" \
-    --device "$DEVICE" --precisions "$AGREE_PRECISIONS" --batch-size "$AGREE_BATCH" \
-    --images "$AGREE_IMAGES" --json "$OUT/agreement.json" "${OPTION_FLAGS[@]}"
-report
-
-[[ $COMPILE_AT == before-small ]] && compile_variant
-
-# the small batch sizes: the issue's table wants all six from one call. On the first H200
-# run (2026-11-26) they came after cuda-tests and host-sim, and the budget ran out at batch 8
-IFS=',' read -r -a LATER <<<"$BENCH_LATER"
-for bs in "${LATER[@]}"; do [[ -n $bs ]] && bench_one "$bs" "$WORK/parts" 35 "$BACKEND_OPTIONS"; done
-[[ $COMPILE_AT == end ]] && compile_variant
-
-
 # the host side alone on this machine's cores: the same pipeline against a simulated
 # device faster than the goal (no GPU work); steady/exec says how much of it they feed
 host_sim() {
@@ -330,20 +371,114 @@ host_sim() {
         --preprocess-workers "$PRE_WORKERS" --postprocess-workers "$POST_WORKERS" \
         --machine "$MACHINE-host-sim" --json "$OUT/$MACHINE-host-sim.json"
 }
-host_sim
 
 # the CUDA-only tests, which skip on the development machine: launch/collect with pinned
-# buffers on two threads, CUDA graphs, fp16/bf16, compile, against eager on a tiny model
+# buffers on two threads, CUDA graphs, fp16/bf16, compile, the fused convolutions, against
+# eager on tiny models
 cuda_tests() {
-    "$PY" -m pytest -q -x -p no:cacheprovider tests/test_backends.py -k cuda
+    "$PY" -m pytest -q -x -p no:cacheprovider "$@"
 }
-[[ $DEVICE == cuda* && -n $CUDA_TESTS ]] && step cuda-tests "$CUDA_TESTS_MAX_S" 30 cuda_tests
+
+sweep_plan() {
+    IFS=',' read -r -a FIRST <<<"$BENCH_FIRST"
+    for bs in "${FIRST[@]}"; do [[ -n $bs ]] && bench_one "$bs" "$WORK/parts" 35 "$BACKEND_OPTIONS"; done
+
+    AGREE_LABELS=()
+    [[ $HEAD == labels ]] && AGREE_LABELS=(--labels-model "$MODEL_LABELS")
+    step agreement 150 40 "$PY" bench/device/agreement.py --model "$MODEL" "${AGREE_LABELS[@]}" \
+        --device "$DEVICE" --precisions "$AGREE_PRECISIONS" --batch-size "$AGREE_BATCH" \
+        --images "$AGREE_IMAGES" --json "$OUT/agreement.json" "${OPTION_FLAGS[@]}"
+    report
+
+    [[ $COMPILE_AT == before-small ]] && compile_variant
+
+    # the small batch sizes: the issue's table wants all six from one call. On the first H200
+    # run (2026-11-26) they came after cuda-tests and host-sim, and the budget ran out at batch 8
+    IFS=',' read -r -a LATER <<<"$BENCH_LATER"
+    for bs in "${LATER[@]}"; do [[ -n $bs ]] && bench_one "$bs" "$WORK/parts" 35 "$BACKEND_OPTIONS"; done
+    [[ $COMPILE_AT == end ]] && compile_variant
+
+    host_sim
+    [[ $DEVICE == cuda* && -n $CUDA_TESTS ]] && step cuda-tests "$CUDA_TESTS_MAX_S" 30 \
+        cuda_tests tests/test_backends.py -k cuda
+}
+
+# ---- PLAN=rewrite: default vs rewrite vs fused, eager graphs vs compiled ----------------
+VARIANTS=$WORK/variants
+STAGED_NPZ=$WORK/staged.npz
+REFERENCE=$WORK/reference.npy
+
+variants_table() {
+    "$PY" bench/device/variants.py table --dir "$VARIANTS" --json "$OUT/$MACHINE-variants.json"
+}
+
+# measure_variants LINES MAX_S MIN_S: every "NAME BUILD OPTIONS [PRECISION]" line at every
+# VARIANT_BATCHES size, one step each
+measure_variants() {
+    local lines=$1 max=$2 min=$3 bs name build options precision model
+    local sizes=()
+    IFS=',' read -r -a sizes <<<"$VARIANT_BATCHES"
+    while read -r name build options precision; do
+        [[ -z $name ]] && continue
+        [[ $options == - ]] && options=
+        model=$MODEL_LABELS
+        [[ $build == plain ]] && model=$MODEL_PLAIN_LABELS
+        for bs in "${sizes[@]}"; do
+            [[ -z $bs ]] && continue
+            step "v-$name-bs$bs" "$max" "$min" "$PY" bench/device/variants.py measure \
+                --name "$name" --model "$model" --options "$options" --batch-size "$bs" \
+                --precision "${precision:-$PRECISION}" --device "$DEVICE" \
+                --staged "$STAGED_NPZ" --reference "$REFERENCE" \
+                --json "$VARIANTS/$name-bs$(printf %03d "$bs").json"
+            variants_table >/dev/null 2>&1
+        done
+    done <<<"$lines"
+}
+
+# e2e_best MATCH MAX_S: `pspnet bench` of the fastest measured variant whose name matches
+e2e_best() {
+    local match=$1 max=$2 name bs model options
+    [[ -z $E2E ]] && return 0
+    read -r name bs model options < <("$PY" bench/device/variants.py best --dir "$VARIANTS" \
+        --match "$match")
+    if [[ -z ${name:-} ]]; then
+        log "e2e: no finished variant matches $match"
+        return 0
+    fi
+    [[ $options == - ]] && options=
+    log "e2e: the fastest variant matching $match is $name at batch $bs ($options)"
+    bench_one "$bs" "$WORK/variant-e2e-$name" "$E2E_MIN_S" "$options" "$max" "$model"
+}
+
+rewrite_plan() {
+    mkdir -p "$VARIANTS"
+    step stage 60 5 "$PY" bench/device/variants.py stage --images "$STAGED" \
+        --input-size "$INPUT_SIZE" --out "$STAGED_NPZ"
+    step reference 90 10 "$PY" bench/device/variants.py reference --model "$MODEL_PLAIN_LABELS" \
+        --staged "$STAGED_NPZ" --batch-size "$REF_BATCH" --device "$DEVICE" --out "$REFERENCE"
+    measure_variants "$VARIANTS_FIRST" "$VARIANT_MAX_S" "$VARIANT_MIN_S"
+    e2e_best '^(?!.*compile)' "$BENCH_MAX_S"    # names without "compile"
+    measure_variants "$VARIANTS_LATER" "$COMPILE_VARIANT_MAX_S" "$COMPILE_VARIANT_MIN_S"
+    e2e_best 'compile' "$COMPILE_MAX_S"
+    [[ $DEVICE == cuda* && -n $CUDA_TESTS ]] && step cuda-tests "$CUDA_TESTS_MAX_S" 30 \
+        cuda_tests tests/test_conv_fusion.py -k cuda
+}
+
+if [[ $PLAN == sweep ]]; then
+    sweep_plan
+else
+    rewrite_plan
+fi
 
 
 # ---- report ----------------------------------------------------------------------------
 if [[ -n $DMON_PID ]]; then
     kill "$DMON_PID" 2>/dev/null
     { echo "## nvidia-smi dmon (1 s samples during bench/agreement)"; cat "$WORK/dmon.txt"; } >>"$LOG"
+fi
+if [[ $PLAN != sweep ]]; then
+    log "variants (executor-only img/s, labels vs strict fp32):"
+    variants_table 2>&1 | tee -a "$LOG"
 fi
 report                      # never skipped: it is quick and the summary must exist
 log "summary:"

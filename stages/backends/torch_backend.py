@@ -9,11 +9,14 @@ records an event; `launch` queues, on the compute stream, a wait on that event, 
 network and the copy of the outputs into fresh pinned memory, and returns; `collect`
 waits for that copy. So the device runs batch k+1 right behind batch k while the host
 collects and sends k. With `cuda_graphs=1` each slot's device buffers are the static
-inputs of one captured graph.
+inputs of one captured graph. With `fused_conv=1` (or `auto`, when it times faster at open)
+the program's conv + bias (+ residual add) + ReLU chains run as single cuDNN calls
+(stages/backends/conv_fusion.py; BN is folded at build).
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 import warnings
@@ -33,6 +36,7 @@ from stages.backends.base import (
     option_int,
     parse_device,
 )
+from stages.backends.conv_fusion import fused_copy
 from stages.serving_model import ServingModel
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -45,7 +49,13 @@ OPTIONS = {
                      "finds them compiles in seconds",
     "cuda_graphs": "1: capture one CUDA graph per slot and replay it (CUDA only)",
     "warmup": "warm-up runs per slot at open time (default 2 on CUDA, 1 on CPU)",
+    "fused_conv": "1: each conv + bias (+ residual add) + ReLU as one cuDNN call (CUDA, "
+                  "eager or cuda_graphs; BN folded at build); auto: time both at open and "
+                  "keep the faster; 0 (default): off",
 }
+FUSION_TIMED_RUNS = 5          # fused_conv=auto: timed batches per variant at open
+
+_log = logging.getLogger(__name__)
 
 # The CPU path hands read-only numpy views (e.g. ZeroMQ frames) to torch.from_numpy; the
 # serving graph never writes its inputs, so torch's warning about that is noise.
@@ -80,6 +90,14 @@ class TorchBackend(BackendBase):
         self.dtype = DTYPES[precision]
         self.cuda_graphs = option_flag(options, "cuda_graphs")
         self.compiled = option_flag(options, "compile")
+        fused = str(options.get("fused_conv", "0")).strip().lower()
+        self.fused_conv = "auto" if fused == "auto" else option_flag(options, "fused_conv")
+        # what the fused-convolution path did at open (bench and the device script read it)
+        self.fusion: dict[str, Any] = {"fused_conv": fused or "0", "active": False}
+        if self.fused_conv is True and self.compiled:
+            raise ValueError("fused_conv=1 and compile=1 do not combine: the cuDNN fused "
+                             "ops have no fake-tensor kernels for torch.compile to trace "
+                             "(inductor fuses bias, add and ReLU itself)")
         warmup = option_int(options, "warmup")
         if kind == "cuda":
             if not torch.cuda.is_available():
@@ -92,6 +110,9 @@ class TorchBackend(BackendBase):
         else:
             if self.cuda_graphs:
                 raise ValueError("cuda_graphs=1 needs a CUDA device")
+            if self.fused_conv is True:
+                raise ValueError("fused_conv=1 needs a CUDA device (the fused ops are "
+                                 "cuDNN's)")
             if precision == "fp16":
                 raise ValueError("precision fp16 on CPU is not supported (slow or missing "
                                  "kernels); use fp32, or bf16 where the CPU has it")
@@ -111,6 +132,8 @@ class TorchBackend(BackendBase):
             self._model = torch.compile(self._model, mode=options.get("compile_mode") or None)
         if self._cuda:
             self._setup_cuda()
+            if self._fused is not None:
+                self._choose_fusion()
         self._warm_up(warmup if warmup is not None else (2 if self._cuda else 1))
         if self.cuda_graphs:
             self._capture_graphs()
@@ -140,10 +163,67 @@ class TorchBackend(BackendBase):
         if self._cuda and self.dtype != torch.float32:
             # the NHWC uint8 input permuted to NCHW is already channels_last-strided
             core = core.to(memory_format=torch.channels_last)
+        model = self._serving(core)
+        self._fused = None              # (fused ServingModel, its FusionReport) to choose
+        if self._cuda and self.fused_conv and not self.compiled:
+            fused_core, report = fused_copy(core)
+            self.fusion.update(report.as_dict())
+            _log.info("fused_conv=%s: %s", self.fusion["fused_conv"], report.line())
+            if report.conv_relu + report.conv_add_relu == 0:
+                self.fusion["why"] = "no conv + ReLU chain in the graph (BN not folded?)"
+            else:
+                self._fused = (self._serving(fused_core), report)
+        elif self.fused_conv:
+            self.fusion["why"] = ("compile=1: inductor fuses instead" if self.compiled
+                                  else "CPU: the fused ops are cuDNN's")
+        return model
+
+    def _serving(self, core: torch.nn.Module) -> torch.nn.Module:
         model = ServingModel(core, self.manifest.mean, self.manifest.std, self.head,
                              compute_dtype=self.dtype).to(self.device)
         model.requires_grad_(False)
         return model
+
+    def _choose_fusion(self) -> None:
+        """fused_conv=1: run the fused graph (cuDNN refusing it is an error); auto: time
+        both graphs on slot 0's buffers and keep the faster (a refusal keeps the plain)."""
+        fused, _ = self._fused
+        self._fused = None
+        candidates = {"plain": self._model, "fused": fused}
+        ms: dict[str, float] = {}
+        for name, model in candidates.items():
+            if self.fused_conv is True and name == "plain":
+                continue
+            try:
+                ms[name] = self._time_model(model)
+            except RuntimeError as error:
+                if name == "plain" or self.fused_conv is True:
+                    raise BackendUnavailable(f"fused_conv={self.fusion['fused_conv']}: the "
+                                             f"fused graph failed ({_first_line(error)}); "
+                                             "use fused_conv=0") from error
+                self.fusion["why"] = f"fused graph failed: {_first_line(error)}"
+        best = min(ms, key=ms.get)
+        self.fusion.update(active=best == "fused", ms_per_batch={k: round(v, 3) for k, v in
+                                                                 ms.items()})
+        _log.info("fused_conv=%s: %s (%s ms per batch)", self.fusion["fused_conv"],
+                  "fused" if best == "fused" else "plain",
+                  ", ".join(f"{k} {v:.2f}" for k, v in ms.items()))
+        self._model = candidates[best]
+
+    def _time_model(self, model: torch.nn.Module) -> float:
+        """Mean ms per batch on slot 0's device buffers, after two untimed runs."""
+        stream = self._compute_stream
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        with torch.cuda.device(self.device), torch.cuda.stream(stream), torch.inference_mode():
+            for _ in range(2):
+                model(*self._inputs[0])
+            start.record(stream)
+            runs = FUSION_TIMED_RUNS if self.fused_conv == "auto" else 1
+            for _ in range(runs):
+                model(*self._inputs[0])
+            end.record(stream)
+        end.synchronize()
+        return start.elapsed_time(end) / runs
 
     def _setup_cuda(self) -> None:
         torch.backends.cudnn.benchmark = True       # static shapes: pick the fastest convs
@@ -299,6 +379,11 @@ class TorchBackend(BackendBase):
                 self._pinned_np = []
             self._model = None
         super().close()
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0][:200] if text else type(error).__name__
 
 
 def _move_program(exported: Any, device: torch.device) -> Any:
