@@ -178,29 +178,47 @@ def check_imports(python: str, tree: Tree) -> None:
 
 # ---- the simulated device's model directory --------------------------------------------
 
-def build_sim_model(out: Path, head: str) -> Path:
+# Run by the OLD tree's Python: newer readers accept older manifests, not the reverse (a
+# field added later, e.g. `rewrites`, would make the old bench refuse the directory).
+BUILD_SIM_MODEL = """
+import sys
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from build_model.artifacts import write_artifacts
+from stages.manifest import VOC_CLASSES, voc_palette
+
+out, head, size, classes = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+batch_sizes = [int(b) for b in sys.argv[5].split(",")]
+torch.manual_seed(0)
+core = nn.Sequential(
+    nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.ReLU(),
+    nn.Conv2d(8, 8, 3, stride=2, padding=1), nn.ReLU(),
+    nn.Conv2d(8, classes, 3, stride=2, padding=1),
+).eval()
+write_artifacts(core, out, input_size=size, batch_sizes=batch_sizes, head=head,
+                mean=(123.675, 116.28, 103.53), std=(58.395, 57.12, 57.375),
+                num_classes=classes, class_names=VOC_CLASSES, palette=voc_palette(classes),
+                simplify=False, run_atc=False, torch_program=False,
+                source={"note": "bench/front_compare.py: a stride-8 stand-in for the sim "
+                                "backend (it reads only this manifest)"})
+"""
+
+
+def build_sim_model(python: str, tree: Tree, out: Path, head: str) -> Path:
     """A real model directory (build_model's export path, a 3-conv network) at 500 x 500,
-    stride 8 like PSPNet R50 (logits 21 x 63 x 63), batch sizes 16 and 64. The sim backend
-    reads only its manifest; the network just makes the manifest honest. ~4 s."""
-    import torch
-    from torch import nn
-
-    from build_model.artifacts import write_artifacts
-    from stages.manifest import VOC_CLASSES, voc_palette
-
-    torch.manual_seed(0)
-    core = nn.Sequential(
-        nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.ReLU(),
-        nn.Conv2d(8, 8, 3, stride=2, padding=1), nn.ReLU(),
-        nn.Conv2d(8, NUM_CLASSES, 3, stride=2, padding=1),
-    ).eval()
-    write_artifacts(core, out, input_size=VOC_INPUT_SIZE, batch_sizes=SIM_BATCH_SIZES,
-                    head=head, mean=(123.675, 116.28, 103.53), std=(58.395, 57.12, 57.375),
-                    num_classes=NUM_CLASSES, class_names=VOC_CLASSES,
-                    palette=voc_palette(NUM_CLASSES), simplify=False, run_atc=False,
-                    torch_program=False,
-                    source={"note": "bench/front_compare.py: a stride-8 stand-in for the "
-                                    "sim backend (it reads only this manifest)"})
+    stride 8 like PSPNet R50 (logits 21 x 63 x 63), batch sizes 16 and 64, written by
+    `tree`'s code. The sim backend reads only its manifest; the network just makes the
+    manifest honest. ~4 s."""
+    done = subprocess.run(
+        [python, "-c", BUILD_SIM_MODEL, str(out), head, str(VOC_INPUT_SIZE), str(NUM_CLASSES),
+         ",".join(map(str, SIM_BATCH_SIZES))],
+        cwd=tree.path, env=tree_env(tree.path), capture_output=True, text=True, timeout=300)
+    if done.returncode != 0:
+        raise HarnessError(f"building the model with the {tree.label} tree failed: "
+                           f"{done.stderr.strip()[-500:]}")
     return out
 
 
@@ -597,7 +615,7 @@ def compare(args: argparse.Namespace) -> dict[str, Any]:
             if args.model is None:
                 say(f"building a {args.head} model directory at {VOC_INPUT_SIZE}x"
                     f"{VOC_INPUT_SIZE}, batch sizes {','.join(map(str, SIM_BATCH_SIZES))}")
-                model = build_sim_model(Path(tmp) / "model", args.head)
+                model = build_sim_model(args.python, old, Path(tmp) / "model", args.head)
             else:
                 model = args.model.resolve()
             runs: dict[tuple[str, str], list[dict[str, Any]]] = {}
