@@ -35,7 +35,7 @@ from stages.manifest import Manifest
 from stages.serving_model import ServingModel
 from tests.tiny_model import MEAN, STD, make_tiny_model_dir, random_batch, tiny_core
 
-FAKE_ACL = Path(__file__).parent / "fake_aclruntime"
+FAKE_ACL = Path(__file__).parents[1] / "fake_aclruntime"
 BATCH = 4
 SIZE = (64, 64)
 CUDA = torch.cuda.is_available()

@@ -197,7 +197,7 @@ import sys
 if sys.argv[1:2] == ["postprocess"]:
     os._exit(1)
 """
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])

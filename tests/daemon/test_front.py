@@ -21,7 +21,7 @@ from stages.executor import Executor
 from stages.manifest import Manifest, voc_palette
 from tests.mmseg_metric import mmseg_iou
 
-FAKE_ACL = Path(__file__).parent / "fake_aclruntime"
+FAKE_ACL = Path(__file__).parents[1] / "fake_aclruntime"
 
 
 def run_all(cfg: PipelineConfig, paths, anns=None):
@@ -83,7 +83,7 @@ CASES = [("ort", "logits"), ("ort", "labels"), ("torch", "logits"), ("acl", "log
 def test_voc_through_real_processes(backend, head, voc, mmseg_models, tmp_path, monkeypatch):
     model_dir = mmseg_models[head]
     if backend == "acl":
-        from tests.test_backends import with_om
+        from tests.stages.test_backends import with_om
 
         # the workers are fresh interpreters: they find the stand-in through PYTHONPATH
         monkeypatch.setenv("PYTHONPATH", os.pathsep.join(

@@ -6,7 +6,7 @@ with requests in flight in every stage). A raw wire client counts every result f
 duplicate sent by the daemon would be seen here even though the library client drops them.
 
 The front is the supervisor itself, not a separate process: killing it is killing the
-daemon (tests/test_reliability_shutdown.py: watch-mode kill -9 and restart; a client
+daemon (tests/reliability/test_shutdown.py: watch-mode kill -9 and restart; a client
 whose daemon dies gets error answers, or its requests resubmitted to a restarted daemon).
 """
 

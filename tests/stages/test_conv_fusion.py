@@ -4,7 +4,7 @@ that the rewritten graph computes what the program did.
 The cuDNN ops run only on CUDA; here the graph surgery runs with reference ops (plain
 conv + add + ReLU, what the cuDNN ops compute), on small blocks and on the tiny mmseg
 PSPNet's torch program as `pspnet build` writes it (BN folded, PSP rewrite). The CUDA
-cases skip without a device, like tests/test_backends.py's; the device script runs them.
+cases skip without a device, like tests/stages/test_backends.py's; the device script runs them.
 """
 
 from __future__ import annotations

@@ -28,7 +28,7 @@ from daemon.client import Client, DaemonUnavailable
 from stages import wire
 from tests.reliability_helpers import Daemon, RawClient, kill9, linked_stream
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 ARGS = ("--batch-size", "4", "--preprocess-workers", "1", "--postprocess-workers", "1")
 FLOOD_S = 20.0                  # the flood
 FLOOD_GARBAGE_EVERY = 10        # one message in ten is a malformed frame

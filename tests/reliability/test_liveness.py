@@ -183,7 +183,7 @@ def test_liveness_timeout_is_a_documented_serve_flag():
     Before the redesign: no such flag in the help."""
     out = subprocess.run([sys.executable, "-m", "pspnet", "serve", "--help"],
                          capture_output=True, text=True, timeout=60,
-                         cwd=Path(__file__).resolve().parent.parent)
+                         cwd=Path(__file__).resolve().parents[2])
     assert out.returncode == 0, out.stderr
     text = " ".join(out.stdout.split())
     assert "--liveness-timeout S" in text, "no --liveness-timeout in serve --help"

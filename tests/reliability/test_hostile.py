@@ -41,7 +41,7 @@ from stages.labels import mask_path, write_mask
 from stages.manifest import voc_palette
 from tests.reliability_helpers import Daemon, MemoryWatch, proc_kb
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 FIELDS = ["v", "kind", "req", "reqs", "id", "path", "ann", "attempt", "arrays", "place", "head",
           "status", "ids", "body", "message", "to", "address", "credits", "stage", "index",
           "pid", "counters", "inputs", "outputs", "capacity", "batch", "stuck", "fatal",
@@ -152,7 +152,7 @@ def test_nasty_headers_are_refused_without_allocating():
     script = textwrap.dedent(f"""
         import sys
         sys.path.insert(0, {str(ROOT)!r})
-        from tests.test_reliability_hostile import nasty_frames
+        from tests.reliability.test_hostile import nasty_frames
         from stages import wire
         cases = nasty_frames()
         def hwm():
