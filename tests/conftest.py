@@ -64,10 +64,10 @@ def copy_files(paths: list[Path], folder: Path) -> list[Path]:
 
 @pytest.fixture
 def daemons() -> Iterator[Callable[..., object]]:
-    """Start `pspnet serve` through this (tests.reliability_helpers.Daemon's arguments):
-    whatever still runs when the test ends (a failure midway, a child left stopped) is
-    killed with its whole process group, so one failure is not left to the next test."""
-    from tests.reliability_helpers import Daemon
+    """Start `pspnet serve` through this (tests.kit.Daemon's arguments): whatever still
+    runs when the test ends (a failure midway, a child left stopped) is killed with its
+    whole process group, so one failure is not left to the next test."""
+    from tests.kit import Daemon
 
     started: list[Daemon] = []
 

@@ -20,9 +20,8 @@ from daemon.front import Front, PipelineError, requests_for
 from stages import wire
 from stages.config import PipelineConfig
 from stages.manifest import voc_palette
+from tests.kit import FAKE_ACL, mask_pixels, with_om
 from tests.mmseg_metric import mmseg_iou
-
-FAKE_ACL = Path(__file__).parents[1] / "fake_aclruntime"
 
 
 def run_all(cfg: PipelineConfig, paths, anns=None):
@@ -84,8 +83,6 @@ CASES = [("ort", "logits"), ("ort", "labels"), ("torch", "logits"), ("acl", "log
 def test_voc_through_real_processes(backend, head, voc, mmseg_models, tmp_path, monkeypatch):
     model_dir = mmseg_models[head]
     if backend == "acl":
-        from tests.stages.test_backends import with_om
-
         # the workers are fresh interpreters: they find the stand-in through PYTHONPATH
         monkeypatch.setenv("PYTHONPATH", os.pathsep.join(
             [str(FAKE_ACL), *filter(None, [os.environ.get("PYTHONPATH")])]))
@@ -99,8 +96,7 @@ def test_voc_through_real_processes(backend, head, voc, mmseg_models, tmp_path, 
     agreement = []
     for rid, result in by_id.items():
         assert result.status == wire.OK, result.error
-        mask = np.asarray(Image.open(result.mask))
-        assert Image.open(result.mask).mode == "P"
+        mask = mask_pixels(result.mask)
         want = voc["expected"][rid][head]
         assert mask.shape == want.shape
         agreement.append((mask == want).mean())

@@ -14,20 +14,13 @@ import time
 from pathlib import Path
 
 import pytest
-from PIL import Image
 
 from daemon.client import Client, DaemonUnavailable
-from tests.daemon_helpers import Daemon, Submitter
+from tests.kit import Submitter, mask_pixels, wait_dead, watch_record, write_slowly
 
 
-def valid_png(path: str | Path) -> bool:
-    with Image.open(path) as im:
-        im.load()
-        return im.format == "PNG" and im.mode == "P"
-
-
-def test_serve_submit_status_50_images(tiny_models, photo_files, tmp_path):
-    daemon = Daemon(tiny_models["logits"], tmp_path / "masks", tmp_path, "--batch-size", "4")
+def test_serve_submit_status_50_images(tiny_models, photo_files, tmp_path, daemons):
+    daemon = daemons(tiny_models["logits"], tmp_path / "masks", tmp_path, "--batch-size", "4")
     try:
         status = daemon.wait_ready()
         assert status["stages"]["executor"]["alive"] == 1
@@ -37,7 +30,8 @@ def test_serve_submit_status_50_images(tiny_models, photo_files, tmp_path):
         ids = collections.Counter(a.id for a in job.answers)
         assert len(ids) == 50 and set(ids.values()) == {1}
         assert all(a.status == "ok" for a in job.answers)
-        assert all(valid_png(a.mask) for a in job.answers)
+        for a in job.answers:
+            mask_pixels(a.mask)
         status = daemon.status()
         assert status["front"]["ok"] == 50
         assert status["stages"]["preprocess"]["alive"] == 2
@@ -62,16 +56,17 @@ def test_serve_submit_status_50_images(tiny_models, photo_files, tmp_path):
     assert opened["backend_open_s"] > 0 and "compile_s" not in opened
 
 
-def test_two_executors_over_tcp_loopback_and_a_remote_one(tiny_models, photo_files, tmp_path):
+def test_two_executors_over_tcp_loopback_and_a_remote_one(tiny_models, photo_files, tmp_path,
+                                                          daemons):
     """--devices cpu,cpu starts two executors; `pspnet worker` joins a third from outside,
     at the address --tcp-host gave (127.0.0.2 stands in for a LAN address: before that flag
     the internal ports were on 127.0.0.1 only, and no other host could join)."""
     port = 20000 + os.getpid() % 20000
     model = tiny_models["labels"]
-    daemon = Daemon(model, tmp_path / "masks", tmp_path,
-                    "--devices", "cpu,cpu", "--transport", "tcp", "--tcp-host", "127.0.0.2",
-                    "--tcp-base-port", str(port + 1), "--batch-size", "4", "--max-wait-ms",
-                    "5", endpoint=f"tcp://127.0.0.1:{port}")
+    daemon = daemons(model, tmp_path / "masks", tmp_path,
+                     "--devices", "cpu,cpu", "--transport", "tcp", "--tcp-host", "127.0.0.2",
+                     "--tcp-base-port", str(port + 1), "--batch-size", "4", "--max-wait-ms",
+                     "5", endpoint=f"tcp://127.0.0.1:{port}")
     remote = subprocess.Popen(
         [sys.executable, "-m", "pspnet", "worker", "executor", "--front", "127.0.0.2",
          "--tcp-base-port", str(port + 1), "--model", str(model), "--batch-size", "4",
@@ -99,9 +94,9 @@ def test_two_executors_over_tcp_loopback_and_a_remote_one(tiny_models, photo_fil
 
 
 def test_kill_workers_mid_stream_every_request_answered_once(tiny_models, photo_files,
-                                                             tmp_path):
-    daemon = Daemon(tiny_models["logits"], tmp_path / "masks", tmp_path, "--batch-size", "4",
-                    "--max-inflight", "32")
+                                                             tmp_path, daemons):
+    daemon = daemons(tiny_models["logits"], tmp_path / "masks", tmp_path, "--batch-size", "4",
+                     "--max-inflight", "32")
     try:
         pids = daemon.wait_ready()["stages"]
         job = Submitter(daemon.endpoint, photo_files[:200])
@@ -126,13 +121,15 @@ def test_kill_workers_mid_stream_every_request_answered_once(tiny_models, photo_
         assert all(s["alive"] == s["processes"] for s in status["stages"].values())
         assert pids["executor"]["pids"] != status["stages"]["executor"]["pids"]
         ok = [a for a in job.answers if a.status == "ok"]
-        assert all(valid_png(a.mask) for a in ok)
+        for a in ok:
+            mask_pixels(a.mask)
     finally:
         assert daemon.stop() == 0, daemon.logs()
 
 
-def test_sigterm_mid_stream_drains_accepted_requests(tiny_models, photo_files, tmp_path):
-    daemon = Daemon(tiny_models["logits"], tmp_path / "masks", tmp_path, "--batch-size", "4")
+def test_sigterm_mid_stream_drains_accepted_requests(tiny_models, photo_files, tmp_path,
+                                                     daemons):
+    daemon = daemons(tiny_models["logits"], tmp_path / "masks", tmp_path, "--batch-size", "4")
     daemon.wait_ready()
     job = Submitter(daemon.endpoint, photo_files[:120])
     job.start()
@@ -152,21 +149,12 @@ def test_sigterm_mid_stream_drains_accepted_requests(tiny_models, photo_files, t
     assert final["front"]["queued"] == 0 and final["front"]["inflight"] == 0
 
 
-def write_slowly(path: Path, data: bytes, chunks: int = 4, pause_s: float = 0.3) -> None:
-    with open(path, "wb") as f:
-        for i in range(chunks):
-            f.write(data[i * len(data) // chunks:(i + 1) * len(data) // chunks])
-            f.flush()
-            time.sleep(pause_s)
-
-
 def record_names(out: Path) -> list[str]:
-    lines = (out / ".pspnet-processed.jsonl").read_text().splitlines()
-    return [json.loads(line)["name"] for line in lines]
+    return [e["name"] for e in watch_record(out)]
 
 
 def test_watch_mode_survives_kill_9_without_loss_or_repeats(tiny_models, photo_files,
-                                                            tmp_path):
+                                                            tmp_path, daemons):
     """5 present at start + 20 arriving while it runs (one while it is down) + 3 written
     slowly in chunks = 28 masks, through a kill -9 and a restart, none processed twice."""
     inbox, out = tmp_path / "inbox", tmp_path / "masks"
@@ -177,7 +165,7 @@ def test_watch_mode_survives_kill_9_without_loss_or_repeats(tiny_models, photo_f
     (inbox / ".hidden.jpg").write_bytes(files[0].read_bytes())
     (inbox / "partial.jpg.tmp").write_bytes(b"half")
     args = ("--watch", str(inbox), "--batch-size", "4")
-    daemon = Daemon(tiny_models["logits"], out, tmp_path, *args)
+    daemon = daemons(tiny_models["logits"], out, tmp_path, *args)
     try:
         daemon.wait_ready()
         for p in files[5:15]:                            # copied in while running
@@ -187,11 +175,11 @@ def test_watch_mode_survives_kill_9_without_loss_or_repeats(tiny_models, photo_f
         while len(list(out.glob("*.png"))) < 8 and time.monotonic() < deadline:
             time.sleep(0.1)
     finally:
-        daemon.kill_all()                                # kill -9, midway
+        daemon.kill_front()                              # kill -9, midway
     tmp = inbox / f".{files[15].name}.part"              # one arrives while it is down,
     tmp.write_bytes(files[15].read_bytes())              # written then renamed in
     tmp.rename(inbox / files[15].name)
-    daemon = Daemon(tiny_models["logits"], out, tmp_path, *args)
+    daemon = daemons(tiny_models["logits"], out, tmp_path, *args)
     try:
         daemon.wait_ready()
         for p in files[16:25]:                           # copied in while running again
@@ -208,7 +196,8 @@ def test_watch_mode_survives_kill_9_without_loss_or_repeats(tiny_models, photo_f
     assert sorted(Path(n).stem for n in set(names)) == sorted(p.stem for p in files)
     assert len(names) == len(set(names)) == 28, "an image was processed twice"
     assert masks == sorted(p.stem for p in files)
-    assert all(valid_png(p) for p in out.glob("*.png"))
+    for p in out.glob("*.png"):
+        mask_pixels(p)
 
 
 @pytest.mark.parametrize("command", ["serve", "submit", "status"])
@@ -227,13 +216,14 @@ def test_help_explains_every_flag(command):
     assert out.returncode == 0 and "--endpoint" in out.stdout
 
 
-def test_cannot_start_is_its_own_exit_status_not_a_restart_loop(tiny_models, tmp_path):
+def test_cannot_start_is_its_own_exit_status_not_a_restart_loop(tiny_models, tmp_path,
+                                                                daemons):
     """A backend that cannot load makes `serve` exit 3 with the reason in the log."""
     broken = tmp_path / "broken-model"
     shutil.copytree(tiny_models["logits"], broken)
     for onnx in broken.glob("*.onnx"):
         onnx.write_bytes(b"not a model")
-    daemon = Daemon(broken, tmp_path / "masks", tmp_path, "--batch-size", "4")
+    daemon = daemons(broken, tmp_path / "masks", tmp_path, "--batch-size", "4")
     code = daemon.proc.wait(120)
     assert code == 3, daemon.logs()
     events = daemon.events()
@@ -268,14 +258,14 @@ def test_non_loopback_endpoint_needs_allow_root(tiny_models, tmp_path):
 
 @pytest.mark.parametrize("cut", ["drain-timeout", "second-signal"])
 def test_drain_cut_short_answers_every_abandoned_request(tiny_models, photo_files, tmp_path,
-                                                         cut):
+                                                         cut, daemons):
     """SIGTERM with more work than --drain-timeout allows, or a second SIGTERM: what is left
     is answered with an error at once (not after the client's 15 s of silence), exit 1,
     counted in the metrics."""
     limit = ("--drain-timeout", "1") if cut == "drain-timeout" else ()
-    daemon = Daemon(tiny_models["logits"], tmp_path / "masks", tmp_path, "--batch-size", "4",
-                    "--preprocess-workers", "1", "--postprocess-workers", "1",
-                    "--backend-option", "img_s=8", *limit, backend="sim")
+    daemon = daemons(tiny_models["logits"], tmp_path / "masks", tmp_path, "--batch-size", "4",
+                     "--preprocess-workers", "1", "--postprocess-workers", "1",
+                     "--backend-option", "img_s=8", *limit, backend="sim")
     try:
         daemon.wait_ready()
         job = Submitter(daemon.endpoint, photo_files[:40])    # 5 s of device time
@@ -313,15 +303,13 @@ def test_drain_cut_short_answers_every_abandoned_request(tiny_models, photo_file
 
 
 def test_sigterm_to_the_process_group_drains_without_killing_children(
-        tiny_models, photo_files, tmp_path):
+        tiny_models, photo_files, tmp_path, daemons):
     """systemd's stop (and `timeout`, and Ctrl-C) signals every process of the daemon at
     once: the children stay up for the drain (none dies, none is restarted) and the front
     stops them at the end."""
-    from tests.reliability_helpers import pid_alive
-
-    daemon = Daemon(tiny_models["logits"], tmp_path / "masks", tmp_path, "--batch-size", "4",
-                    "--preprocess-workers", "1", "--postprocess-workers", "1",
-                    "--backend-option", "img_s=20", backend="sim")
+    daemon = daemons(tiny_models["logits"], tmp_path / "masks", tmp_path, "--batch-size", "4",
+                     "--preprocess-workers", "1", "--postprocess-workers", "1",
+                     "--backend-option", "img_s=20", backend="sim")
     try:
         stages = daemon.wait_ready()["stages"]
         children = [pid for s in stages.values() for pid in s["pids"]]
@@ -340,18 +328,13 @@ def test_sigterm_to_the_process_group_drains_without_killing_children(
     assert not died, f"children died during the drain: {died}"
     final = json.loads(daemon.metrics.read_text())
     assert final["front"]["restarts"] == 0 and final["daemon"]["drained"] is True
-    deadline = time.monotonic() + 10
-    while any(pid_alive(p) for p in children) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert not [p for p in children if pid_alive(p)], "children outlived the daemon"
+    assert wait_dead(children) == [], "children outlived the daemon"
 
 
 def test_children_exit_when_the_front_dies_with_its_stderr_pipe(tiny_models, tmp_path):
     """kill -9 of the front while its log goes to a pipe nobody reads any more (`serve | tee`
     killed together, a test harness gone): the children's "front gone" log line fails with
     a broken pipe; they must exit anyway, not live on as orphans."""
-    from tests.reliability_helpers import pid_alive
-
     endpoint = f"ipc://{tmp_path}/front"
     proc = subprocess.Popen(
         [sys.executable, "-m", "pspnet", "serve", "--model", str(tiny_models["logits"]),
@@ -373,10 +356,7 @@ def test_children_exit_when_the_front_dies_with_its_stderr_pipe(tiny_models, tmp
         proc.stdout.close()                              # nobody reads the log any more
         proc.kill()
         proc.wait(10)
-        deadline = time.monotonic() + 10
-        while any(pid_alive(p) for p in children) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert not [p for p in children if pid_alive(p)], "children outlived the front"
+        assert wait_dead(children) == [], "children outlived the front"
     finally:
         for pid in [proc.pid, *children]:
             with contextlib.suppress(ProcessLookupError):

@@ -19,16 +19,25 @@ import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from pathlib import Path
 
 import pytest
 import zmq
 
 from daemon.client import Client, DaemonUnavailable
 from stages import wire
-from tests.reliability_helpers import Daemon, RawClient, kill9, linked_stream
+from tests.kit import (
+    REPO,
+    Daemon,
+    RawClient,
+    dealer,
+    fd_count,
+    kill9,
+    linked_stream,
+    requests,
+    status_over,
+    submit_all,
+)
 
-ROOT = Path(__file__).resolve().parents[2]
 ARGS = ("--batch-size", "4", "--preprocess-workers", "1", "--postprocess-workers", "1")
 FLOOD_S = 20.0                  # the issue's flood
 FLOOD_GARBAGE_EVERY = 10        # one message in ten is a malformed frame
@@ -66,25 +75,6 @@ def drive(daemon: Daemon, clients: list[RawClient], done: Callable[[], bool],
         if time.monotonic() > deadline:
             pytest.fail(f"not done {timeout_s:.0f} s after {what}: answered "
                         f"{[c.answered for c in clients]} of {[len(c.by_id) for c in clients]}")
-
-
-def fd_count(pid: int) -> int | None:
-    try:
-        return len(os.listdir(f"/proc/{pid}/fd"))
-    except FileNotFoundError:
-        return None
-
-
-def requests(prefix: str, paths: list[Path]) -> list[wire.Request]:
-    return [wire.Request(f"{prefix}-{i}", str(p)) for i, p in enumerate(paths)]
-
-
-def submit_all(endpoint: str, paths: list[Path], timeout_s: float) -> tuple[list, float]:
-    """The library client, as a user runs it: every answer and the seconds it took."""
-    started = time.monotonic()
-    with Client(endpoint) as client:
-        answers = list(client.submit(paths, timeout_s=timeout_s))
-    return answers, time.monotonic() - started
 
 
 # ---------------------------------------------------------------------------------------
@@ -190,7 +180,7 @@ def test_status_flood_from_one_connection_does_not_starve_clients(tiny_models, p
     bound_s = max(FLOOD_SLOWDOWN_BOUND * quiet_s, FLOOD_BOUND_FLOOR_S)
     flooder = subprocess.Popen(
         [sys.executable, "-c", FLOODER, daemon.endpoint, str(FLOOD_S), str(FLOOD_GARBAGE_EVERY)],
-        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         assert flooder.stdout.readline().strip() == "flooding", flooder.stderr.read()
         time.sleep(1.0)                                                 # flood under way
@@ -227,9 +217,7 @@ def open_connections(ctx: zmq.Context, endpoint: str, n: int) -> list[zmq.Socket
     query = wire.encode(wire.StatusQuery())
     sockets = []
     for _ in range(n):
-        sock = ctx.socket(zmq.DEALER)             # one connection -> daemon ROUTER
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.connect(endpoint)
+        sock = dealer(ctx, endpoint)
         sock.send_multipart(query)
         sockets.append(sock)
     return sockets
@@ -253,19 +241,6 @@ def await_replies(daemon: Daemon, sockets: list[zmq.Socket], wait_s: float,
             answered.append(sock)
         peak_fds = max(peak_fds, fd_count(daemon.proc.pid) or 0)
     return answered, peak_fds
-
-
-def status_over(sock: zmq.Socket, timeout_s: float = 10) -> dict:
-    """A status query on a connection that is already made (a new one may be refused)."""
-    while sock.poll(0):
-        sock.recv_multipart()
-    sock.send_multipart(wire.encode(wire.StatusQuery()))
-    deadline = time.monotonic() + timeout_s
-    while sock.poll(max(0.0, deadline - time.monotonic()) * 1e3):
-        msg = wire.decode(sock.recv_multipart())
-        if isinstance(msg, wire.Reply) and msg.status == "status":
-            return msg.body
-    raise TimeoutError("no status reply")
 
 
 def wait_restarted(status: Callable[[], dict], stage: str, old_pid: int,
@@ -351,9 +326,7 @@ def test_connections_beyond_a_hard_descriptor_limit(tiny_models, photo_files, tm
     idle_fds = fd_count(daemon.proc.pid)
     ctx = zmq.Context()
     ctx.set(zmq.MAX_SOCKETS, 4096)
-    control = ctx.socket(zmq.DEALER)       # a connection made before the flood -> daemon
-    control.setsockopt(zmq.LINGER, 0)
-    control.connect(daemon.endpoint)
+    control = dealer(ctx, daemon.endpoint)      # a connection made before the flood
     sockets: list[zmq.Socket] = []
     try:
         old = status_over(control)["stages"]["postprocess"]["pids"][0]

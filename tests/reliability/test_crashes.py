@@ -17,12 +17,11 @@ import time
 
 import numpy as np
 import pytest
-from PIL import Image
 
 from stages import wire
 from stages.labels import intersect_and_union, read_ground_truth
 from stages.metrics import IoUAccumulator
-from tests.reliability_helpers import Daemon, RawClient, ground_truths, kill9, linked_stream
+from tests.kit import RawClient, ground_truths, kill9, linked_stream, mask_pixels
 
 N = 1000
 VICTIMS = [("preprocess", 0), ("preprocess", 1), ("executor", 0), ("postprocess", 0),
@@ -45,23 +44,17 @@ def miou(results: dict[str, wire.Result], requests: dict[str, wire.Request],
          ids: list[str]) -> float:
     acc = IoUAccumulator(21)
     for rid in ids:
-        mask = np.asarray(Image.open(results[rid].mask))
+        mask = mask_pixels(results[rid].mask)
         acc.add(intersect_and_union(mask, read_ground_truth(requests[rid].ann), 21))
     return acc.summary()["mIoU"]
 
 
-def valid_mask(path: str) -> np.ndarray:
-    with Image.open(path) as im:
-        im.load()
-        assert im.format == "PNG" and im.mode == "P", path
-        return np.asarray(im)
-
-
-def test_kill_9_each_stage_process_during_1000_images(tiny_models, stream, tmp_path):
+def test_kill_9_each_stage_process_during_1000_images(tiny_models, stream, tmp_path,
+                                                       daemons):
     requests = {r.id: r for r in stream}
     # --- the clean run ------------------------------------------------------------------
     started = time.monotonic()
-    clean_daemon = Daemon(tiny_models["logits"], tmp_path / "clean", tmp_path, *ARGS)
+    clean_daemon = daemons(tiny_models["logits"], tmp_path / "clean", tmp_path, *ARGS)
     try:
         clean_daemon.wait_ready()
         clean = RawClient(clean_daemon.endpoint)
@@ -77,7 +70,7 @@ def test_kill_9_each_stage_process_during_1000_images(tiny_models, stream, tmp_p
 
     # --- the crash run ------------------------------------------------------------------
     started = time.monotonic()
-    daemon = Daemon(tiny_models["logits"], tmp_path / "crash", tmp_path, *ARGS)
+    daemon = daemons(tiny_models["logits"], tmp_path / "crash", tmp_path, *ARGS)
     kills = []
     try:
         daemon.wait_ready()
@@ -126,8 +119,8 @@ def test_kill_9_each_stage_process_during_1000_images(tiny_models, stream, tmp_p
 
     # masks complete, valid, and the same as the clean run's
     for rid in ok:
-        np.testing.assert_array_equal(valid_mask(client.results[rid].mask),
-                                      valid_mask(clean.results[rid].mask), err_msg=rid)
+        np.testing.assert_array_equal(mask_pixels(client.results[rid].mask),
+                                      mask_pixels(clean.results[rid].mask), err_msg=rid)
 
     # the daemon's running mIoU equals the clean run's on the images that succeeded
     clean_all = miou(clean.results, requests, sorted(requests))

@@ -27,13 +27,7 @@ from pathlib import Path
 import pytest
 
 from stages import wire
-from tests.reliability_helpers import (
-    Daemon,
-    RawClient,
-    kill9,
-    linked_stream,
-    proc_status_field,
-)
+from tests.kit import Daemon, RawClient, kill9, linked_stream, proc_status_field, requests
 
 N = 200
 RESTART_BOUND_S = 10.0           # default settings: a hung or broken child back within this
@@ -116,8 +110,7 @@ def test_an_executor_whose_work_loop_stops_is_restarted(tiny_models, photo_files
     before = set(daemon.wait_ready()["stages"]["executor"]["pids"])
     raw = RawClient(daemon.endpoint)
     try:
-        raw.offer([wire.Request(f"r{i}", str(p))
-                   for i, p in enumerate(linked_stream(photo_files, tmp_path / "in", N))])
+        raw.offer(requests("r", linked_stream(photo_files, tmp_path / "in", N)))
         seen_at = stream_until_restarted(
             daemon, raw, "executor", before,
             lambda: flag.stat().st_mtime if flag.exists() else None, f"fault ({fault})")
@@ -152,8 +145,7 @@ def test_a_stopped_child_is_restarted(tiny_models, photo_files, tmp_path, daemon
     raw = RawClient(daemon.endpoint)
     stopped_at: list[float] = []
     try:
-        raw.offer([wire.Request(f"r{i}", str(p))
-                   for i, p in enumerate(linked_stream(photo_files, tmp_path / "in", N))])
+        raw.offer(requests("r", linked_stream(photo_files, tmp_path / "in", N)))
         while raw.answered < 40:
             raw.step(20)
             assert daemon.proc.poll() is None, daemon.tail()

@@ -21,12 +21,9 @@ import threading
 import time
 from pathlib import Path
 
-import pytest
-from PIL import Image
-
-from daemon.client import PING_TIMEOUT_S, SILENCE_S, Client
+from daemon.client import PING_TIMEOUT_S, SILENCE_S
 from stages import wire
-from tests.reliability_helpers import Daemon, RawClient, linked_stream, pid_alive
+from tests.kit import RawClient, Submitter, linked_stream, mask_pixels, wait_dead, watch_record
 
 WATCH_ARRIVALS = 300
 WATCH_KILLS = 3
@@ -34,70 +31,16 @@ ARRIVALS_PER_S = 8
 KILL_AT_ARRIVALS = (40, 120, 200)   # and at least 2 s after the daemon came up
 
 
-@pytest.fixture(autouse=True)
-def _no_daemon_left_behind(monkeypatch):
-    """These tests start, kill and restart daemons by hand: whatever is still running when
-    a test ends (a failed assertion midway) is killed, not left to the next test."""
-    started: list[Daemon] = []
-    init = Daemon.__init__
-
-    def tracked(self, *args, **kwargs):
-        init(self, *args, **kwargs)
-        started.append(self)
-
-    monkeypatch.setattr(Daemon, "__init__", tracked)
-    yield
-    for daemon in started:
-        if daemon.proc.poll() is None:
-            daemon.kill_all()
-
-
-def wait_dead(pids: list[int], timeout_s: float = 10) -> list[int]:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        alive = [p for p in pids if pid_alive(p)]
-        if not alive:
-            return []
-        time.sleep(0.1)
-    return [p for p in pids if pid_alive(p)]
-
-
-class Submit(threading.Thread):
-    """The library client in the background; keeps its answers and its Client."""
-
-    def __init__(self, endpoint: str, paths: list[Path]) -> None:
-        super().__init__(daemon=True)
-        self.endpoint, self.paths = endpoint, paths
-        self.answers: list = []
-        self.error: BaseException | None = None
-        self.resubmitted = 0
-
-    def run(self) -> None:
-        try:
-            with Client(self.endpoint) as client:
-                for answer in client.submit(self.paths):
-                    self.answers.append(answer)
-                self.resubmitted = client.resubmitted
-        except BaseException as exc:  # surfaced by the test
-            self.error = exc
-
-    def wait_for(self, n: int, timeout_s: float = 120) -> None:
-        deadline = time.monotonic() + timeout_s
-        while len(self.answers) < n and self.is_alive():
-            assert time.monotonic() < deadline, f"{len(self.answers)} answers"
-            time.sleep(0.02)
-
-
 def test_sigterm_mid_stream_answers_every_accepted_request(tiny_models, photo_files,
-                                                           tmp_path):
+                                                           tmp_path, daemons):
     paths = linked_stream(photo_files, tmp_path / "in", 600)
-    daemon = Daemon(tiny_models["logits"], tmp_path / "masks", tmp_path, "--batch-size", "16",
-                    "--max-inflight", "64", "--max-queue", "256")
+    daemon = daemons(tiny_models["logits"], tmp_path / "masks", tmp_path, "--batch-size", "16",
+                     "--max-inflight", "64", "--max-queue", "256")
     daemon.wait_ready()
     children = daemon.child_pids()
     raw = RawClient(daemon.endpoint)
     raw.offer([wire.Request(f"raw-{i}", str(p)) for i, p in enumerate(paths[:400])])
-    lib = Submit(daemon.endpoint, paths[400:])
+    lib = Submitter(daemon.endpoint, paths[400:])
     lib.start()
     while raw.answered < 50:
         raw.step(20)
@@ -143,10 +86,10 @@ def test_sigterm_mid_stream_answers_every_accepted_request(tiny_models, photo_fi
     raw.close()
 
 
-def test_second_sigterm_exits_at_once(tiny_models, photo_files, tmp_path):
+def test_second_sigterm_exits_at_once(tiny_models, photo_files, tmp_path, daemons):
     paths = linked_stream(photo_files, tmp_path / "in", 500)
-    daemon = Daemon(tiny_models["logits"], tmp_path / "masks", tmp_path, "--batch-size", "16",
-                    "--max-queue", "1024")
+    daemon = daemons(tiny_models["logits"], tmp_path / "masks", tmp_path, "--batch-size", "16",
+                     "--max-queue", "1024")
     daemon.wait_ready()
     children = daemon.child_pids()
     raw = RawClient(daemon.endpoint)
@@ -168,19 +111,19 @@ def test_second_sigterm_exits_at_once(tiny_models, photo_files, tmp_path):
 
 
 def test_front_killed_client_resends_to_restarted_daemon_or_gets_errors(
-        tiny_models, photo_files, tmp_path):
+        tiny_models, photo_files, tmp_path, daemons):
     model, out = tiny_models["logits"], tmp_path / "masks"
     args = ("--batch-size", "16", "--max-inflight", "64")
     paths = linked_stream(photo_files, tmp_path / "in", 600)
-    first = Daemon(model, out, tmp_path, *args)
+    first = daemons(model, out, tmp_path, *args)
     first.wait_ready()
     children = first.child_pids()
-    job = Submit(first.endpoint, paths[:300])
+    job = Submitter(first.endpoint, paths[:300])
     job.start()
     job.wait_for(30)
-    first.kill_all()                                   # kill -9 the front, mid-stream
+    first.kill_front()                                   # kill -9 the front, mid-stream
     assert wait_dead(children) == [], "children outlived the killed front"
-    second = Daemon(model, out, tmp_path, *args)       # same endpoint, a new pid
+    second = daemons(model, out, tmp_path, *args)       # same endpoint, a new pid
     try:
         second.wait_ready()
         job.join(120)
@@ -190,14 +133,15 @@ def test_front_killed_client_resends_to_restarted_daemon_or_gets_errors(
         assert all(a.status == "ok" for a in job.answers), \
             [a.error for a in job.answers if a.status != "ok"][:3]
         assert job.resubmitted > 0
-        assert all(Image.open(a.mask).format == "PNG" for a in job.answers)
+        for a in job.answers:
+            mask_pixels(a.mask)
         resent = job.resubmitted
 
         # now the daemon dies for good: the client answers every open request as an error
-        orphan = Submit(second.endpoint, paths[300:])
+        orphan = Submitter(second.endpoint, paths[300:])
         orphan.start()
         orphan.wait_for(30)
-        second.kill_all()
+        second.kill_front()
         t = time.monotonic()
         orphan.join(SILENCE_S + PING_TIMEOUT_S + 30)
         gave_up_s = time.monotonic() - t
@@ -214,14 +158,11 @@ def test_front_killed_client_resends_to_restarted_daemon_or_gets_errors(
 
 
 def record_names(out: Path) -> list[str]:
-    path = out / ".pspnet-processed.jsonl"
-    if not path.exists():
-        return []
-    return [json.loads(line)["name"] for line in path.read_text().splitlines() if line]
+    return [e["name"] for e in watch_record(out)]
 
 
 def test_watch_mode_killed_and_restarted_three_times_during_300_arrivals(
-        tiny_models, photo_files, tmp_path):
+        tiny_models, photo_files, tmp_path, daemons):
     inbox, out = tmp_path / "inbox", tmp_path / "masks"
     inbox.mkdir()
     sources = linked_stream(photo_files, tmp_path / "src", WATCH_ARRIVALS)
@@ -242,7 +183,7 @@ def test_watch_mode_killed_and_restarted_three_times_during_300_arrivals(
 
     producer = threading.Thread(target=produce, daemon=True)
     lives, redone_candidates = [], 0
-    daemon = Daemon(tiny_models["logits"], out, tmp_path, *args)
+    daemon = daemons(tiny_models["logits"], out, tmp_path, *args)
     daemon.wait_ready()
     producer.start()
     started = time.monotonic()
@@ -252,14 +193,14 @@ def test_watch_mode_killed_and_restarted_three_times_during_300_arrivals(
             time.sleep(0.05)
         children = daemon.child_pids()
         recorded_before = len(record_names(out))
-        daemon.kill_all()                            # kill -9 the front
+        daemon.kill_front()                            # kill -9 the front
         assert wait_dead(children) == [], "children outlived the killed front"
         recorded = set(record_names(out))
         masked_not_recorded = {p.stem for p in out.glob("*.png")} - {Path(n).stem
                                                                       for n in recorded}
         redone_candidates += len(masked_not_recorded)
         lives.append((len(arrived), recorded_before, len(recorded)))
-        daemon = Daemon(tiny_models["logits"], out, tmp_path, *args)
+        daemon = daemons(tiny_models["logits"], out, tmp_path, *args)
         daemon.wait_ready()
     try:
         producer.join(120)
@@ -276,15 +217,12 @@ def test_watch_mode_killed_and_restarted_three_times_during_300_arrivals(
     assert sorted(set(names)) == sorted(arrived), "an arrival was lost"
     duplicated = len(names) - len(set(names))
     assert duplicated == 0, "an image was recorded (processed) twice"
-    entries = [json.loads(line) for line in
-               (out / ".pspnet-processed.jsonl").read_text().splitlines()]
+    entries = watch_record(out)
     assert all(e["status"] == "ok" for e in entries), [e for e in entries if e["status"] != "ok"]
     masks = sorted(p.stem for p in out.glob("*.png"))
     assert masks == sorted(Path(n).stem for n in arrived)
     for p in out.glob("*.png"):
-        with Image.open(p) as im:
-            im.load()
-            assert im.format == "PNG" and im.mode == "P"
+        mask_pixels(p)
     print(f"\nFIGURE watch: {WATCH_ARRIVALS} arrivals, {WATCH_KILLS} kill -9 + restart, "
           f"0 lost, {duplicated} recorded twice, {redone_candidates} masks written but not "
           f"yet recorded at a kill (recomputed once, same file); "

@@ -9,7 +9,6 @@ CUDA tests run only where torch sees a GPU.
 
 from __future__ import annotations
 
-import dataclasses
 import queue
 import shutil
 import sys
@@ -33,9 +32,9 @@ from stages.backends import (
 from stages.backends.acl import exec_times_ms
 from stages.manifest import Manifest
 from stages.serving_model import ServingModel
+from tests.kit import FAKE_ACL, with_om
 from tests.tiny_model import MEAN, STD, make_tiny_model_dir, random_batch, tiny_core
 
-FAKE_ACL = Path(__file__).parents[1] / "fake_aclruntime"
 BATCH = 4
 SIZE = (64, 64)
 CUDA = torch.cuda.is_available()
@@ -71,26 +70,6 @@ def fake_acl(monkeypatch):
     aclruntime.to_device_threads.clear()
     yield aclruntime
     sys.modules.pop("aclruntime", None)
-
-
-def with_om(model_dir: Path, dest: Path, *, om_batch: dict[int, int] | None = None) -> Path:
-    """A copy of `model_dir` whose manifest names a (fake) OM per batch size.
-
-    The stand-in runs the `.onnx` beside each `.om`; `om_batch` maps a batch size to the
-    batch size whose ONNX its OM should hold (to fake an OM built for the wrong batch).
-    """
-    out = dest / f"{model_dir.name}_om"
-    shutil.copytree(model_dir, out)
-    manifest = Manifest.read(out)
-    models = {}
-    for n, files in manifest.models.items():
-        source = (om_batch or {}).get(n, n)
-        om = f"fake_bs{n}.om"
-        (out / om).write_bytes(b"fake OM\n")
-        shutil.copyfile(out / f"pspnet_bs{source}.onnx", out / f"fake_bs{n}.onnx")
-        models[n] = dataclasses.replace(files, om=om)
-    dataclasses.replace(manifest, models=models).write(out)
-    return out
 
 
 def open_kind(kind: str, model_dir: Path, tmp_path: Path, batch: int = BATCH,
