@@ -3,7 +3,9 @@
 One clean run and one run in which preprocess-0, preprocess-1, executor-0, postprocess-0
 and postprocess-1 are killed in turn (each once the previous victim's replacement is up,
 with requests in flight in every stage). A raw wire client counts every result frame, so a
-duplicate sent by the daemon would be seen here even though the library client drops them.
+duplicate sent by the daemon would be seen here even though the library client drops them;
+the library client streams alongside from the start, through the first kills, and gets
+each of its answers once too.
 
 The front is the supervisor itself, not a separate process: killing it is killing the
 daemon (tests/reliability/test_shutdown.py: watch-mode kill -9 and restart; a client
@@ -12,6 +14,7 @@ whose daemon dies gets error answers, or its requests resubmitted to a restarted
 
 from __future__ import annotations
 
+import collections
 import math
 import time
 
@@ -21,13 +24,14 @@ import pytest
 from stages import wire
 from stages.labels import intersect_and_union, read_ground_truth
 from stages.metrics import IoUAccumulator
-from tests.kit import RawClient, ground_truths, kill9, linked_stream, mask_pixels
+from tests.kit import RawClient, Submitter, ground_truths, kill9, linked_stream, mask_pixels
 
 N = 1000
 VICTIMS = [("preprocess", 0), ("preprocess", 1), ("executor", 0), ("postprocess", 0),
            ("postprocess", 1)]
 FIRST_KILL, KILL_EVERY, AHEAD = 150, 170, 60   # kill k when ~FIRST_KILL + k*KILL_EVERY answered
 ARGS = ("--batch-size", "16", "--max-inflight", "64", "--max-queue", "256")
+LIBRARY_N = 300        # the library client's images, submitted as the crash run starts
 
 
 @pytest.fixture(scope="module")
@@ -49,8 +53,8 @@ def miou(results: dict[str, wire.Result], requests: dict[str, wire.Request],
     return acc.summary()["mIoU"]
 
 
-def test_kill_9_each_stage_process_during_1000_images(tiny_models, stream, tmp_path,
-                                                       daemons):
+def test_kill_9_each_stage_process_during_1000_images(tiny_models, stream, photo_files,
+                                                       tmp_path, daemons):
     requests = {r.id: r for r in stream}
     # --- the clean run ------------------------------------------------------------------
     started = time.monotonic()
@@ -72,9 +76,12 @@ def test_kill_9_each_stage_process_during_1000_images(tiny_models, stream, tmp_p
     started = time.monotonic()
     daemon = daemons(tiny_models["logits"], tmp_path / "crash", tmp_path, *ARGS)
     kills = []
+    library = linked_stream(photo_files, tmp_path / "library", LIBRARY_N, prefix="lib")
     try:
-        daemon.wait_ready()
+        executors_before = set(daemon.wait_ready()["stages"]["executor"]["pids"])
         client = RawClient(daemon.endpoint)
+        lib = Submitter(daemon.endpoint, library)
+        lib.start()
         released, deadline, last_check = 0, time.monotonic() + 300, 0.0
         while client.answered < N:
             k = len(kills)
@@ -92,10 +99,12 @@ def test_kill_9_each_stage_process_during_1000_images(tiny_models, stream, tmp_p
                     pid = status["stages"][stage]["pids"][index]
                     inflight = status["front"]["inflight"]
                     kill9(pid)
-                    kills.append((stage, index, pid, client.answered, inflight))
+                    kills.append((stage, index, pid, client.answered, inflight,
+                                  len(lib.answers)))
             assert time.monotonic() < deadline, (
                 f"{client.answered}/{N} answered, kills {kills}\n{daemon.logs()}")
         client.pump(500)                                 # a late duplicate would show here
+        lib.join(120)
         status = daemon.wait_all_alive()
         client.close()
     finally:
@@ -108,14 +117,29 @@ def test_kill_9_each_stage_process_during_1000_images(tiny_models, stream, tmp_p
     assert set(client.result_count.values()) == {1}, "a request was answered twice"
     assert not client.error_replies
     front = status["front"]
-    assert front["ok"] + front["errors"] == N and front["queued"] == front["inflight"] == 0
+    assert front["ok"] + front["errors"] == N + LIBRARY_N
+    assert front["queued"] == front["inflight"] == 0
     assert front["restarts"] == len(VICTIMS)
+    assert not executors_before & set(status["stages"]["executor"]["pids"]), \
+        "the executor was not replaced"
     ok = sorted((rid for rid, r in client.results.items() if r.status == wire.OK),
                 key=lambda r: int(r[1:]))
     failed = {rid: r.error for rid, r in client.results.items() if r.status != wire.OK}
     assert all(r.stage == "front" and "retry" in (r.error or "")
                for r in client.results.values() if r.status != wire.OK), failed
     assert len(ok) >= 0.9 * N, failed
+
+    # the library client, through the same kills: each of its requests answered once, ok
+    # (a valid mask) or given up after a retry
+    assert lib.error is None and not lib.is_alive(), lib.error
+    lib_counts = collections.Counter(a.id for a in lib.answers)
+    assert len(lib_counts) == LIBRARY_N and set(lib_counts.values()) == {1}
+    assert kills[0][5] < LIBRARY_N, "the library client was done before the first kill"
+    lib_failed = [a.error for a in lib.answers if a.status != "ok"]
+    assert all("retry" in (e or "") for e in lib_failed), lib_failed
+    for a in lib.answers:
+        if a.status == "ok":
+            mask_pixels(a.mask)
 
     # masks complete, valid, and the same as the clean run's
     for rid in ok:
@@ -135,9 +159,11 @@ def test_kill_9_each_stage_process_during_1000_images(tiny_models, stream, tmp_p
           f"{sum(c - 1 for c in client.result_count.values())} duplicated on the wire; "
           f"{len(ok)} ok, {len(failed)} errors; retried {front['retried']}, "
           f"duplicates dropped at the front {front['duplicates_dropped']}")
-    for stage, index, pid, answered, inflight in kills:
-        print(f"  killed {stage}-{index} (pid {pid}) after {answered} answers, "
-              f"{inflight} in flight")
+    print(f"  library client alongside: {LIBRARY_N} requests, each answered once, "
+          f"{LIBRARY_N - len(lib_failed)} ok, {len(lib_failed)} errors")
+    for stage, index, pid, answered, inflight, lib_answered in kills:
+        print(f"  killed {stage}-{index} (pid {pid}) after {answered} answers "
+              f"(library client {lib_answered}/{LIBRARY_N}), {inflight} in flight")
     print(f"  mIoU crash run {status['metrics']['mIoU']:.6f} = clean run on the same "
           f"{len(ok)} images {clean_on_ok:.6f} (clean, all {N}: {clean_all:.6f}); "
           f"clean run {clean_s:.1f} s, crash run {crash_s:.1f} s")
