@@ -93,28 +93,6 @@ def test_two_executors_over_tcp_loopback_and_a_remote_one(tiny_models, photo_fil
         assert daemon.stop() == 0, daemon.logs()
 
 
-def test_sigterm_mid_stream_drains_accepted_requests(tiny_models, photo_files, tmp_path,
-                                                     daemons):
-    daemon = daemons(tiny_models["logits"], tmp_path / "masks", tmp_path, "--batch-size", "4")
-    daemon.wait_ready()
-    job = Submitter(daemon.endpoint, photo_files[:120])
-    job.start()
-    job.wait_for(15)
-    daemon.signal(signal.SIGTERM)
-    code = daemon.proc.wait(120)
-    job.join(30)
-    assert code == 0, daemon.logs()
-    answers = {a.id: a for a in job.answers}
-    accepted_ok = [a for a in answers.values() if a.status == "ok"]
-    refused = [a for a in answers.values() if a.status != "ok"]
-    assert len(answers) == 120, "every request got an answer: done, or refused at shutdown"
-    assert all(a.error == "daemon is shutting down" for a in refused)
-    assert len(accepted_ok) >= 15
-    final = json.loads(daemon.metrics.read_text())
-    assert final["front"]["ok"] == len(accepted_ok)
-    assert final["front"]["queued"] == 0 and final["front"]["inflight"] == 0
-
-
 def record_names(out: Path) -> list[str]:
     return [e["name"] for e in watch_record(out)]
 
