@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from daemon.client import Client, DaemonUnavailable
-from tests.kit import Submitter, mask_pixels, wait_dead, watch_record, write_slowly
+from tests.kit import Submitter, mask_pixels, wait_dead, watch_record
 
 
 def test_serve_submit_status_50_images(tiny_models, photo_files, tmp_path, daemons):
@@ -95,53 +95,6 @@ def test_two_executors_over_tcp_loopback_and_a_remote_one(tiny_models, photo_fil
 
 def record_names(out: Path) -> list[str]:
     return [e["name"] for e in watch_record(out)]
-
-
-def test_watch_mode_survives_kill_9_without_loss_or_repeats(tiny_models, photo_files,
-                                                            tmp_path, daemons):
-    """5 present at start + 20 arriving while it runs (one while it is down) + 3 written
-    slowly in chunks = 28 masks, through a kill -9 and a restart, none processed twice."""
-    inbox, out = tmp_path / "inbox", tmp_path / "masks"
-    inbox.mkdir()
-    files = photo_files[:28]
-    for p in files[:5]:                                  # present at start
-        shutil.copy(p, inbox / p.name)
-    (inbox / ".hidden.jpg").write_bytes(files[0].read_bytes())
-    (inbox / "partial.jpg.tmp").write_bytes(b"half")
-    args = ("--watch", str(inbox), "--batch-size", "4")
-    daemon = daemons(tiny_models["logits"], out, tmp_path, *args)
-    try:
-        daemon.wait_ready()
-        for p in files[5:15]:                            # copied in while running
-            shutil.copy(p, inbox / p.name)
-        write_slowly(inbox / files[25].name, files[25].read_bytes())
-        deadline = time.monotonic() + 60
-        while len(list(out.glob("*.png"))) < 8 and time.monotonic() < deadline:
-            time.sleep(0.1)
-    finally:
-        daemon.kill_front()                              # kill -9, midway
-    tmp = inbox / f".{files[15].name}.part"              # one arrives while it is down,
-    tmp.write_bytes(files[15].read_bytes())              # written then renamed in
-    tmp.rename(inbox / files[15].name)
-    daemon = daemons(tiny_models["logits"], out, tmp_path, *args)
-    try:
-        daemon.wait_ready()
-        for p in files[16:25]:                           # copied in while running again
-            shutil.copy(p, inbox / p.name)
-        for p in files[26:28]:
-            write_slowly(inbox / p.name, p.read_bytes())
-        deadline = time.monotonic() + 90
-        while len(set(record_names(out))) < 28 and time.monotonic() < deadline:
-            time.sleep(0.2)
-    finally:
-        assert daemon.stop() == 0, daemon.logs()
-    names = record_names(out)
-    masks = sorted(p.stem for p in out.glob("*.png"))
-    assert sorted(Path(n).stem for n in set(names)) == sorted(p.stem for p in files)
-    assert len(names) == len(set(names)) == 28, "an image was processed twice"
-    assert masks == sorted(p.stem for p in files)
-    for p in out.glob("*.png"):
-        mask_pixels(p)
 
 
 @pytest.mark.parametrize("command", ["serve", "submit", "status"])

@@ -7,8 +7,10 @@
   Its children follow within a heartbeat. A client whose daemon is restarted on the same
   endpoint resends what the dead one had accepted (all answered, ok); a client whose daemon
   stays dead gets an error answer for each open request instead of waiting forever.
-* Watch mode killed (-9) and restarted three times while 300 images arrive: each image in
-  the record exactly once, one mask each, none lost.
+* Watch mode killed (-9) and restarted three times while 300 images arrive (some there
+  before the start, some written slowly, some renamed in, some while it is down; hidden
+  and temporary files beside them): each image in the record exactly once, one mask each,
+  none lost, the hidden and temporary files never processed.
 """
 
 from __future__ import annotations
@@ -23,9 +25,20 @@ from pathlib import Path
 
 from daemon.client import PING_TIMEOUT_S, SILENCE_S
 from stages import wire
-from tests.kit import RawClient, Submitter, linked_stream, mask_pixels, wait_dead, watch_record
+from tests.kit import (
+    RawClient,
+    Submitter,
+    linked_stream,
+    mask_pixels,
+    wait_dead,
+    watch_record,
+    write_slowly,
+)
 
 WATCH_ARRIVALS = 300
+WATCH_PRESENT = 5                   # of them, in the folder before the first start
+WATCH_SLOW_AT = (80, 180, 280)      # written slowly in place, if the daemon is up (a file
+                                    # half-written when it starts is listed as it is)
 WATCH_KILLS = 3
 ARRIVALS_PER_S = 8
 KILL_AT_ARRIVALS = (40, 120, 200)   # and at least 2 s after the daemon came up
@@ -168,16 +181,29 @@ def test_watch_mode_killed_and_restarted_three_times_during_300_arrivals(
     sources = linked_stream(photo_files, tmp_path / "src", WATCH_ARRIVALS)
     args = ("--watch", str(inbox), "--batch-size", "4", "--preprocess-workers", "1",
             "--postprocess-workers", "1")
-    arrived: list[str] = []
+    for src in sources[:WATCH_PRESENT]:             # there before the daemon starts
+        shutil.copyfile(src, inbox / src.name)
+    arrived: list[str] = [src.name for src in sources[:WATCH_PRESENT]]
+    ignored = [".hidden.jpg", "partial.jpg.tmp"]    # hidden, temporary: never processed
+    (inbox / ignored[0]).write_bytes(sources[0].read_bytes())
+    (inbox / ignored[1]).write_bytes(b"half a file")
 
-    def produce() -> None:                          # two ways of arriving
-        for i, src in enumerate(sources):
-            if i % 3:
-                tmp = inbox / f".{src.name}.part"
-                shutil.copyfile(src, tmp)
-                tmp.rename(inbox / src.name)       # write, then rename into the folder
-            else:
-                shutil.copyfile(src, inbox / src.name)   # written in place, then closed
+    up = threading.Event()                          # serving: a slow write may start
+    writing = threading.Lock()                      # a kill waits for a slow write
+    slowly: list[str] = []
+
+    def produce() -> None:                          # three ways of arriving
+        for i, src in enumerate(sources[WATCH_PRESENT:], WATCH_PRESENT):
+            with writing:
+                if i in WATCH_SLOW_AT and up.is_set():
+                    write_slowly(inbox / src.name, src.read_bytes())   # 4 chunks, 1.2 s
+                    slowly.append(src.name)
+                elif i % 3:
+                    tmp = inbox / f".{src.name}.part"
+                    shutil.copyfile(src, tmp)
+                    tmp.rename(inbox / src.name)   # write, then rename into the folder
+                else:
+                    shutil.copyfile(src, inbox / src.name)   # written in place, then closed
             arrived.append(src.name)
             time.sleep(1 / ARRIVALS_PER_S)
 
@@ -185,6 +211,7 @@ def test_watch_mode_killed_and_restarted_three_times_during_300_arrivals(
     lives, redone_candidates = [], 0
     daemon = daemons(tiny_models["logits"], out, tmp_path, *args)
     daemon.wait_ready()
+    up.set()
     producer.start()
     started = time.monotonic()
     for kill in range(WATCH_KILLS):
@@ -193,7 +220,9 @@ def test_watch_mode_killed_and_restarted_three_times_during_300_arrivals(
             time.sleep(0.05)
         children = daemon.child_pids()
         recorded_before = len(record_names(out))
-        daemon.kill_front()                            # kill -9 the front
+        with writing:
+            up.clear()
+            daemon.kill_front()                        # kill -9 the front
         assert wait_dead(children) == [], "children outlived the killed front"
         recorded = set(record_names(out))
         masked_not_recorded = {p.stem for p in out.glob("*.png")} - {Path(n).stem
@@ -202,6 +231,7 @@ def test_watch_mode_killed_and_restarted_three_times_during_300_arrivals(
         lives.append((len(arrived), recorded_before, len(recorded)))
         daemon = daemons(tiny_models["logits"], out, tmp_path, *args)
         daemon.wait_ready()
+        up.set()
     try:
         producer.join(120)
         deadline = time.monotonic() + 90
@@ -215,6 +245,8 @@ def test_watch_mode_killed_and_restarted_three_times_during_300_arrivals(
     assert len(arrived) == WATCH_ARRIVALS
     assert all(a < WATCH_ARRIVALS for a, _, _ in lives), f"a kill after the arrivals: {lives}"
     assert sorted(set(names)) == sorted(arrived), "an arrival was lost"
+    assert not set(ignored) & set(names), "a hidden or temporary file was processed"
+    assert slowly, "no arrival was written slowly (the daemon was down at each turn)"
     duplicated = len(names) - len(set(names))
     assert duplicated == 0, "an image was recorded (processed) twice"
     entries = watch_record(out)
@@ -223,7 +255,8 @@ def test_watch_mode_killed_and_restarted_three_times_during_300_arrivals(
     assert masks == sorted(Path(n).stem for n in arrived)
     for p in out.glob("*.png"):
         mask_pixels(p)
-    print(f"\nFIGURE watch: {WATCH_ARRIVALS} arrivals, {WATCH_KILLS} kill -9 + restart, "
+    print(f"\nFIGURE watch: {WATCH_ARRIVALS} arrivals ({WATCH_PRESENT} present at the "
+          f"start, {len(slowly)} written slowly), {WATCH_KILLS} kill -9 + restart, "
           f"0 lost, {duplicated} recorded twice, {redone_candidates} masks written but not "
           f"yet recorded at a kill (recomputed once, same file); "
           f"(arrived, recorded) at each kill: {[(a, r) for a, r, _ in lives]}; "
