@@ -1,4 +1,5 @@
-"""Bad arguments to serve, submit, status, eval and bench: refused up front, in one line.
+"""Bad arguments to serve, submit, status, eval and bench: refused up front, in one line;
+and the help of serve, submit and status, which must teach every flag.
 
 Each of these once ran: zero workers or a zero queue stalled the daemon for good, a
 negative backlog hung the bench, an unwritable --json lost a finished run, an existing
@@ -8,11 +9,16 @@ process, backend or pipeline starts.
 
 from __future__ import annotations
 
+import argparse
 import json
+import subprocess
+import sys
 
 import pytest
 
+from daemon.commands import add_daemon_parsers
 from pspnet.cli import main
+from tests.kit import REPO
 from tests.tiny_model import make_tiny_model_dir
 from tests.voc_folder import make_voc_folder
 
@@ -145,3 +151,22 @@ def test_a_broken_manifest_is_named_in_the_error(model, tmp_path, capsys):
     (broken / "manifest.json").write_text(json.dumps(doc))
     code, last = exit_status(["serve", "--model", str(broken)], capsys)
     assert code == 2 and "malformed manifest" in last and "models" in last, last
+
+
+@pytest.mark.parametrize("command", ["serve", "submit", "status"])
+def test_help_explains_every_flag(command):
+    """Every flag has a help text that says something, and `pspnet COMMAND --help` prints
+    them; serve's teaches --liveness-timeout and its default (5 s)."""
+    sub = argparse.ArgumentParser().add_subparsers()
+    add_daemon_parsers(sub)
+    parser = sub.choices[command]
+    for action in parser._actions:
+        assert action.help and len(action.help) > 10, (command, action.option_strings)
+    out = subprocess.run([sys.executable, "-m", "pspnet", command, "--help"],
+                         capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert out.returncode == 0 and "--endpoint" in out.stdout, out.stderr
+    if command == "serve":
+        text = " ".join(out.stdout.split())
+        assert "--liveness-timeout S" in text, "no --liveness-timeout in serve --help"
+        after = text[text.rindex("--liveness-timeout S"):][:600]  # the option, not the usage
+        assert "default: 5" in after, after

@@ -11,12 +11,11 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
 from daemon.client import Client, DaemonUnavailable
-from tests.kit import Submitter, mask_pixels, wait_dead, watch_record
+from tests.kit import Submitter, mask_pixels, wait_dead
 
 
 def test_serve_submit_status_50_images(tiny_models, photo_files, tmp_path, daemons):
@@ -91,26 +90,6 @@ def test_two_executors_over_tcp_loopback_and_a_remote_one(tiny_models, photo_fil
     finally:
         remote.kill()
         assert daemon.stop() == 0, daemon.logs()
-
-
-def record_names(out: Path) -> list[str]:
-    return [e["name"] for e in watch_record(out)]
-
-
-@pytest.mark.parametrize("command", ["serve", "submit", "status"])
-def test_help_explains_every_flag(command):
-    import argparse
-
-    from daemon.commands import add_daemon_parsers
-
-    sub = argparse.ArgumentParser().add_subparsers()
-    add_daemon_parsers(sub)
-    parser = sub.choices[command]
-    for action in parser._actions:
-        assert action.help and len(action.help) > 10, (command, action.option_strings)
-    out = subprocess.run([sys.executable, "-m", "pspnet", command, "--help"],
-                         capture_output=True, text=True, timeout=60)
-    assert out.returncode == 0 and "--endpoint" in out.stdout
 
 
 def test_cannot_start_is_its_own_exit_status_not_a_restart_loop(tiny_models, tmp_path,
