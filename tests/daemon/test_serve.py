@@ -125,13 +125,6 @@ def test_serve_refuses_bad_arguments_in_one_line(tmp_path):
         assert words in out.stderr and len(out.stderr.strip().splitlines()) == 1, out.stderr
 
 
-def test_non_loopback_endpoint_needs_allow_root(tiny_models, tmp_path):
-    out = subprocess.run([sys.executable, "-m", "pspnet", "serve", "--model",
-                          str(tiny_models["logits"]), "--endpoint", "tcp://0.0.0.0:5999"],
-                         capture_output=True, text=True, timeout=60)
-    assert out.returncode == 2 and "--allow-root" in out.stderr, out.stderr
-
-
 @pytest.mark.parametrize("cut", ["drain-timeout", "second-signal"])
 def test_drain_cut_short_answers_every_abandoned_request(tiny_models, photo_files, tmp_path,
                                                          cut, daemons):

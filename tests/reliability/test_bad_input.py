@@ -155,8 +155,9 @@ def test_only_local_endpoints_may_skip_allow_root(endpoint, exposed):
     assert check_exposure(endpoint, (Path("/data"),)) is None
 
 
-def test_star_endpoint_without_allow_root_refused_at_start(tiny_models):
+@pytest.mark.parametrize("endpoint", ["tcp://*:5998", "tcp://0.0.0.0:5999"])
+def test_exposed_endpoint_without_allow_root_refused_at_start(tiny_models, endpoint):
     out = subprocess.run([sys.executable, "-m", "pspnet", "serve", "--model",
-                          str(tiny_models["logits"]), "--endpoint", "tcp://*:5998"],
+                          str(tiny_models["logits"]), "--endpoint", endpoint],
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 2 and "--allow-root" in out.stderr, out.stderr
