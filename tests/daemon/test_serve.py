@@ -12,8 +12,6 @@ import subprocess
 import sys
 import time
 
-import pytest
-
 from daemon.client import Client, DaemonUnavailable
 from tests.kit import Submitter, mask_pixels, wait_dead
 
@@ -123,52 +121,6 @@ def test_serve_refuses_bad_arguments_in_one_line(tmp_path):
                              capture_output=True, text=True, timeout=60)
         assert out.returncode == 2, out.stderr
         assert words in out.stderr and len(out.stderr.strip().splitlines()) == 1, out.stderr
-
-
-@pytest.mark.parametrize("cut", ["drain-timeout", "second-signal"])
-def test_drain_cut_short_answers_every_abandoned_request(tiny_models, photo_files, tmp_path,
-                                                         cut, daemons):
-    """SIGTERM with more work than --drain-timeout allows, or a second SIGTERM: what is left
-    is answered with an error at once (not after the client's 15 s of silence), exit 1,
-    counted in the metrics."""
-    limit = ("--drain-timeout", "1") if cut == "drain-timeout" else ()
-    daemon = daemons(tiny_models["logits"], tmp_path / "masks", tmp_path, "--batch-size", "4",
-                     "--preprocess-workers", "1", "--postprocess-workers", "1",
-                     "--backend-option", "img_s=8", *limit, backend="sim")
-    try:
-        daemon.wait_ready()
-        job = Submitter(daemon.endpoint, photo_files[:40])    # 5 s of device time
-        job.start()
-        job.wait_for(4)
-        daemon.signal(signal.SIGTERM)
-        if cut == "second-signal":
-            time.sleep(0.3)
-            daemon.signal(signal.SIGTERM)
-        code = daemon.proc.wait(30)
-        exited = time.monotonic()
-        job.join(10)
-        answered_s = time.monotonic() - exited
-    finally:
-        daemon.stop()
-    assert code == 1, daemon.log_path.read_text()[-3000:]
-    assert job.error is None and not job.is_alive()
-    ids = collections.Counter(a.id for a in job.answers)
-    assert len(ids) == 40 and set(ids.values()) == {1}, "lost or duplicated answers"
-    abandoned = [a for a in job.answers if a.status != "ok"]
-    assert abandoned, "the drain finished: nothing was left to abandon"
-    why = ("--drain-timeout 1 s ran out" if cut == "drain-timeout"
-           else "a second signal: exit at once")
-    assert {a.error for a in abandoned} == {
-        f"daemon stopped before this request finished ({why})"}, {a.error for a in abandoned}
-    assert answered_s < 3, f"the client waited {answered_s:.1f} s after the exit"
-    final = json.loads(daemon.metrics.read_text())
-    assert final["daemon"]["drained"] is False
-    assert final["daemon"]["abandoned"] == final["front"]["abandoned"] == len(abandoned)
-    assert final["front"]["ok"] == 40 - len(abandoned)
-    (exit_line,) = [e for e in daemon.events() if e.get("event") == "exit"]
-    assert exit_line["drained"] is False and exit_line["abandoned"] == len(abandoned)
-    print(f"{cut}: {40 - len(abandoned)} ok, {len(abandoned)} abandoned, answered "
-          f"{answered_s:.1f} s after the exit")
 
 
 def test_sigterm_to_the_process_group_drains_without_killing_children(

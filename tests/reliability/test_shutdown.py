@@ -1,8 +1,9 @@
 """Issue 7.3: shutdown, the front killed, restarts.
 
 * SIGTERM mid-stream with two clients: every accepted request is answered (ok), the rest
-  are refused with "daemon is shutting down", exit 0, metrics written, no child left behind;
-  a second SIGTERM exits at once (status 1).
+  are refused with "daemon is shutting down", exit 0, metrics written, no child left behind.
+* A second SIGTERM, or --drain-timeout running out, exits at once (status 1), answering
+  what is left with an error that says why.
 * The front is the supervisor (not a separate process): kill -9 of it is the daemon dying.
   Its children follow within a heartbeat. A client whose daemon is restarted on the same
   endpoint resends what the dead one had accepted (all answered, ok); a client whose daemon
@@ -22,6 +23,8 @@ import signal
 import threading
 import time
 from pathlib import Path
+
+import pytest
 
 from daemon.client import PING_TIMEOUT_S, SILENCE_S
 from stages import wire
@@ -99,28 +102,58 @@ def test_sigterm_mid_stream_answers_every_accepted_request(tiny_models, photo_fi
     raw.close()
 
 
-def test_second_sigterm_exits_at_once(tiny_models, photo_files, tmp_path, daemons):
-    paths = linked_stream(photo_files, tmp_path / "in", 500)
-    daemon = daemons(tiny_models["logits"], tmp_path / "masks", tmp_path, "--batch-size", "16",
-                     "--max-queue", "1024")
-    daemon.wait_ready()
-    children = daemon.child_pids()
-    raw = RawClient(daemon.endpoint)
-    raw.offer([wire.Request(f"r{i}", str(p)) for i, p in enumerate(paths)])
-    while len(raw.accepted) < 500:
-        raw.step(20)
-    daemon.signal(signal.SIGTERM)
-    time.sleep(0.3)
-    daemon.signal(signal.SIGTERM)
-    t = time.monotonic()
-    code = daemon.proc.wait(30)
-    took = time.monotonic() - t
-    daemon.stop()
-    raw.close()
+@pytest.mark.parametrize("cut", ["second-signal", "drain-timeout"])
+def test_drain_cut_short_answers_every_abandoned_request(tiny_models, photo_files, tmp_path,
+                                                         daemons, cut):
+    """A second SIGTERM exits at once, and so does a drain that outlasts --drain-timeout:
+    status 1 within 8 s of the last signal (the workers get the front's stop signal, then
+    SIGKILL), no worker left. What is left is answered with an error at once (not after
+    the client's 15 s of silence), and counted in the metrics and the exit log line."""
+    limit = ("--drain-timeout", "1") if cut == "drain-timeout" else ()
+    daemon = daemons(tiny_models["logits"], tmp_path / "masks", tmp_path, "--batch-size", "4",
+                     "--preprocess-workers", "1", "--postprocess-workers", "1",
+                     "--backend-option", "img_s=8", *limit, backend="sim")
+    try:
+        daemon.wait_ready()
+        children = daemon.child_pids()
+        job = Submitter(daemon.endpoint, photo_files[:40])    # 5 s of device time
+        job.start()
+        job.wait_for(4)
+        daemon.signal(signal.SIGTERM)
+        if cut == "second-signal":
+            time.sleep(0.3)
+            daemon.signal(signal.SIGTERM)
+        signalled = time.monotonic()
+        code = daemon.proc.wait(30)
+        exited = time.monotonic()
+        job.join(10)
+        answered_s = time.monotonic() - exited
+    finally:
+        daemon.stop()
     assert code == 1, daemon.logs()
-    assert took < 8, took                      # children get SIGTERM, 5 s grace, then SIGKILL
-    assert wait_dead(children) == []
-    assert any(e.get("event") == "second signal, exiting now" for e in daemon.events())
+    assert exited - signalled < 8, f"{exited - signalled:.1f} s from the last signal to exit"
+    assert wait_dead(children) == [], "workers outlived the daemon"
+    event = "second signal, exiting now" if cut == "second-signal" else "drain timeout ran out"
+    assert any(e.get("event") == event for e in daemon.events()), daemon.logs()
+    assert job.error is None and not job.is_alive()
+    ids = collections.Counter(a.id for a in job.answers)
+    assert len(ids) == 40 and set(ids.values()) == {1}, "lost or duplicated answers"
+    abandoned = [a for a in job.answers if a.status != "ok"]
+    assert abandoned, "the drain finished: nothing was left to abandon"
+    why = ("--drain-timeout 1 s ran out" if cut == "drain-timeout"
+           else "a second signal: exit at once")
+    assert {a.error for a in abandoned} == {
+        f"daemon stopped before this request finished ({why})"}, {a.error for a in abandoned}
+    assert answered_s < 3, f"the client waited {answered_s:.1f} s after the exit"
+    final = json.loads(daemon.metrics.read_text())
+    assert final["daemon"]["drained"] is False
+    assert final["daemon"]["abandoned"] == final["front"]["abandoned"] == len(abandoned)
+    assert final["front"]["ok"] == 40 - len(abandoned)
+    (exit_line,) = [e for e in daemon.events() if e.get("event") == "exit"]
+    assert exit_line["drained"] is False and exit_line["abandoned"] == len(abandoned)
+    print(f"\nFIGURE {cut}: exit 1 {exited - signalled:.1f} s after the last signal; "
+          f"{40 - len(abandoned)} ok, {len(abandoned)} abandoned, answered "
+          f"{answered_s:.1f} s after the exit; {len(children)} workers gone")
 
 
 def test_front_killed_client_resends_to_restarted_daemon_or_gets_errors(
