@@ -123,35 +123,6 @@ def test_serve_refuses_bad_arguments_in_one_line(tmp_path):
         assert words in out.stderr and len(out.stderr.strip().splitlines()) == 1, out.stderr
 
 
-def test_sigterm_to_the_process_group_drains_without_killing_children(
-        tiny_models, photo_files, tmp_path, daemons):
-    """systemd's stop (and `timeout`, and Ctrl-C) signals every process of the daemon at
-    once: the children stay up for the drain (none dies, none is restarted) and the front
-    stops them at the end."""
-    daemon = daemons(tiny_models["logits"], tmp_path / "masks", tmp_path, "--batch-size", "4",
-                     "--preprocess-workers", "1", "--postprocess-workers", "1",
-                     "--backend-option", "img_s=20", backend="sim")
-    try:
-        stages = daemon.wait_ready()["stages"]
-        children = [pid for s in stages.values() for pid in s["pids"]]
-        job = Submitter(daemon.endpoint, photo_files[:40])    # 2 s of device time
-        job.start()
-        job.wait_for(4)
-        os.killpg(daemon.proc.pid, signal.SIGTERM)           # its own session: the group
-        code = daemon.proc.wait(60)
-        job.join(10)
-    finally:
-        daemon.stop()
-    assert code == 0, daemon.log_path.read_text()[-3000:]
-    assert job.error is None and not job.is_alive()
-    assert sorted(a.status for a in job.answers) == ["ok"] * 40
-    died = [e for e in daemon.events() if e.get("event") == "child died"]
-    assert not died, f"children died during the drain: {died}"
-    final = json.loads(daemon.metrics.read_text())
-    assert final["front"]["restarts"] == 0 and final["daemon"]["drained"] is True
-    assert wait_dead(children) == [], "children outlived the daemon"
-
-
 def test_children_exit_when_the_front_dies_with_its_stderr_pipe(tiny_models, tmp_path):
     """kill -9 of the front while its log goes to a pipe nobody reads any more (`serve | tee`
     killed together, a test harness gone): the children's "front gone" log line fails with

@@ -36,6 +36,7 @@ from tests.kit import (
     requests,
     status_over,
     submit_all,
+    wait_dead,
 )
 
 ARGS = ("--batch-size", "4", "--preprocess-workers", "1", "--postprocess-workers", "1")
@@ -358,11 +359,17 @@ def test_connections_beyond_a_hard_descriptor_limit(tiny_models, photo_files, tm
 # 4. SIGHUP
 
 
-@pytest.mark.parametrize("to", ["front", "process-group"])
-def test_sighup_drains_like_sigterm(tiny_models, photo_files, tmp_path, daemons, to):
+@pytest.mark.parametrize(("sig", "to"), [(signal.SIGHUP, "front"),
+                                         (signal.SIGHUP, "process-group"),
+                                         (signal.SIGTERM, "process-group")],
+                         ids=["SIGHUP-front", "SIGHUP-process-group", "SIGTERM-process-group"])
+def test_sighup_and_group_signals_drain_like_sigterm(tiny_models, photo_files, tmp_path,
+                                                     daemons, sig, to):
     """SIGHUP (a closed terminal, `kill -HUP`) mid-stream, to the daemon or to its whole
-    process group: it drains like SIGTERM: each of the 100 accepted requests answered once
-    and ok, exit status 0, no child killed during the drain.
+    process group, and SIGTERM to the whole group (systemd's stop, `timeout`, Ctrl-C): it
+    drains like SIGTERM to the front: each of the 100 accepted requests answered once and
+    ok, exit status 0, no worker killed or restarted during the drain (the workers ignore
+    the group's signal), and none left after the exit (the front stops them).
 
     Before the redesign: SIGHUP's default action ended the front at once (killed by
     SIGHUP, status -1), to the front or to the group: 5-10 of 100 answered when signalled,
@@ -370,6 +377,7 @@ def test_sighup_drains_like_sigterm(tiny_models, photo_files, tmp_path, daemons,
     paths = linked_stream(photo_files, tmp_path / "in", 100)
     daemon = daemons(tiny_models["logits"], tmp_path / "masks", tmp_path, *ARGS)
     daemon.wait_ready()
+    children = daemon.child_pids()
     raw = RawClient(daemon.endpoint, chunk=100)
     try:
         raw.offer(requests("hup", paths))
@@ -378,9 +386,9 @@ def test_sighup_drains_like_sigterm(tiny_models, photo_files, tmp_path, daemons,
         assert len(raw.accepted) == 100, raw.error_replies
         before = raw.answered
         if to == "front":
-            daemon.signal(signal.SIGHUP)
+            daemon.signal(sig)
         else:
-            os.killpg(daemon.proc.pid, signal.SIGHUP)        # its own session: the group
+            os.killpg(daemon.proc.pid, sig)                  # its own session: the group
         signalled = time.monotonic()
         while daemon.proc.poll() is None and time.monotonic() - signalled < 60:
             raw.step(20)
@@ -390,7 +398,8 @@ def test_sighup_drains_like_sigterm(tiny_models, photo_files, tmp_path, daemons,
         raw.close()
     unanswered = len(raw.accepted - set(raw.results))
     died = [e for e in daemon.events() if e.get("event") == "child died"]
-    print(f"\nFIGURE SIGHUP to the {to}: {before} of 100 answered when signalled; daemon "
+    print(f"\nFIGURE {signal.Signals(sig).name} to the {to}: {before} of 100 answered when "
+          f"signalled; daemon "
           f"{exit_text(code)} after {exit_s:.1f} s; {unanswered} "
           f"accepted requests unanswered; {len(died)} children died during the drain")
     assert before < 100, "the stream was over before the signal: nothing to drain"
@@ -401,6 +410,7 @@ def test_sighup_drains_like_sigterm(tiny_models, photo_files, tmp_path, daemons,
     assert not died, died
     final = json.loads(daemon.metrics.read_text())
     assert final["front"]["restarts"] == 0 and final["daemon"]["drained"] is True, final
+    assert wait_dead(children) == [], "workers outlived the daemon"
 
 
 # ---------------------------------------------------------------------------------------
