@@ -125,34 +125,6 @@ def test_partial_batch_no_filler_leaks(tiny_models, photo_files, tmp_path):
     assert status["front"]["duplicates_dropped"] == 0
 
 
-def test_bad_inputs_answered_others_succeed(tiny_models, photo_files, tmp_path):
-    from tests.bad_images import EXPECT, write_corpus
-
-    corpus = {k: v for k, v in write_corpus(tmp_path / "bad").items() if k in EXPECT}
-    good = photo_files[:6]
-    paths = [*good, *corpus.values()]
-    cfg = PipelineConfig(model_dir=tiny_models["logits"], batch_size=4, max_wait_ms=20,
-                         out_dir=tmp_path / "m", log_json=True)
-    results, status, _ = run_all(cfg, paths)
-    by_id = answered_once(results, len(paths))
-    for i in range(len(good)):
-        assert by_id[str(i)].status == wire.OK
-    outcome = {kind: by_id[str(len(good) + i)] for i, kind in enumerate(corpus)}
-    for kind, result in outcome.items():
-        print(f"{kind:>20}: {result.status} {result.error or ''}")
-    must_fail = {"missing", "directory", "empty", "truncated_jpeg", "corrupt_jpeg",
-                 "random_bytes_jpg", "text_named_jpg", "huge_header_jpeg", "huge_header_png",
-                 "truncated_png"}
-    must_pass = {"good_jpeg", "png_named_jpg", "grayscale_jpeg", "cmyk_jpeg",
-                 "progressive_jpeg", "tiny_1x1", "rgba_png", "palette_png", "gray16_png", "bmp"}
-    assert must_fail | must_pass <= set(outcome)
-    for kind in must_fail:
-        assert outcome[kind].status == wire.ERROR and outcome[kind].error, kind
-    for kind in must_pass:
-        assert outcome[kind].status == wire.OK, (kind, outcome[kind].error)
-    assert status["front"]["errors"] == sum(r.status == wire.ERROR for r in by_id.values())
-
-
 def test_images_sharing_a_mask_name_do_not_overwrite_each_other(tiny_models, photo_files,
                                                                 tmp_path):
     """a/x.jpg, b/x.jpg, a/x.png and "with space.jpg" / "with_space.jpg" each cut down to
