@@ -146,12 +146,13 @@ class Daemon:
 
     `drop_dac`: a daemon started by root loses CAP_DAC_OVERRIDE/CAP_DAC_READ_SEARCH, so
     file modes apply to it as to any user. `nofile` (soft, hard): its RLIMIT_NOFILE (its
-    workers inherit it). `env`: added to this process's environment."""
+    workers inherit it). `env`: added to this process's environment. `log_to_pipe`: its
+    log goes to a pipe (`proc.stdout`) that the test reads or closes, not to the file."""
 
     def __init__(self, model: Path, out: Path, tmp: Path, *extra: str, backend: str = "ort",
                  endpoint: str | None = None, drop_dac: bool = False,
                  env: dict[str, str] | None = None,
-                 nofile: tuple[int, int] | None = None) -> None:
+                 nofile: tuple[int, int] | None = None, log_to_pipe: bool = False) -> None:
         self.endpoint = endpoint or f"ipc://{tmp}/front"
         self.log_path = tmp / f"daemon-{time.monotonic_ns()}.log"
         self.metrics = tmp / f"final-metrics-{time.monotonic_ns()}.json"
@@ -164,7 +165,7 @@ class Daemon:
         if nofile is not None:
             steps.append(functools.partial(resource.setrlimit, resource.RLIMIT_NOFILE, nofile))
         self.proc = subprocess.Popen(
-            cmd, stdout=self.log, stderr=subprocess.STDOUT,
+            cmd, stdout=subprocess.PIPE if log_to_pipe else self.log, stderr=subprocess.STDOUT,
             env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
             start_new_session=True,
             preexec_fn=functools.partial(_run_all, steps) if steps else None)

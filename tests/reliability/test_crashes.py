@@ -8,8 +8,10 @@ the library client streams alongside from the start, through the first kills, an
 each of its answers once too.
 
 The front is the supervisor itself, not a separate process: killing it is killing the
-daemon (tests/reliability/test_shutdown.py: watch-mode kill -9 and restart; a client
-whose daemon dies gets error answers, or its requests resubmitted to a restarted daemon).
+daemon. Its workers follow it (the kernel ends them), even when its log went to a pipe
+nobody reads any more (here). tests/reliability/test_shutdown.py has the rest: watch-mode
+kill -9 and restart; a client whose daemon dies gets error answers, or its requests
+resubmitted to a restarted daemon.
 """
 
 from __future__ import annotations
@@ -24,7 +26,15 @@ import pytest
 from stages import wire
 from stages.labels import intersect_and_union, read_ground_truth
 from stages.metrics import IoUAccumulator
-from tests.kit import RawClient, Submitter, ground_truths, kill9, linked_stream, mask_pixels
+from tests.kit import (
+    RawClient,
+    Submitter,
+    ground_truths,
+    kill9,
+    linked_stream,
+    mask_pixels,
+    wait_dead,
+)
 
 N = 1000
 VICTIMS = [("preprocess", 0), ("preprocess", 1), ("executor", 0), ("postprocess", 0),
@@ -167,3 +177,18 @@ def test_kill_9_each_stage_process_during_1000_images(tiny_models, stream, photo
     print(f"  mIoU crash run {status['metrics']['mIoU']:.6f} = clean run on the same "
           f"{len(ok)} images {clean_on_ok:.6f} (clean, all {N}: {clean_all:.6f}); "
           f"clean run {clean_s:.1f} s, crash run {crash_s:.1f} s")
+
+
+def test_children_exit_when_the_front_dies_with_its_stderr_pipe(tiny_models, tmp_path,
+                                                                 daemons):
+    """kill -9 of the front while its log goes to a pipe nobody reads any more (`serve | tee`
+    killed together, a test harness gone): the children's "front gone" log line fails with
+    a broken pipe; they must exit anyway, not live on as orphans."""
+    daemon = daemons(tiny_models["logits"], tmp_path / "masks", tmp_path, "--batch-size", "4",
+                     "--preprocess-workers", "1", "--postprocess-workers", "1",
+                     log_to_pipe=True)
+    children = [pid for s in daemon.wait_ready()["stages"].values() for pid in s["pids"]]
+    daemon.proc.stdout.close()                       # nobody reads the log any more
+    kill9(daemon.proc.pid)
+    daemon.proc.wait(10)
+    assert wait_dead(children) == [], "children outlived the front"
