@@ -106,19 +106,3 @@ def test_cannot_start_is_its_own_exit_status_not_a_restart_loop(tiny_models, tmp
                for e in events), daemon.logs()
     assert sum(e.get("event") == "child started" and e.get("child") == "executor-0"
                for e in events) == 1, "restarted a child that cannot start"
-
-
-def test_serve_refuses_bad_arguments_in_one_line(tmp_path):
-    cases = [
-        (["--model", str(tmp_path / "none")], "manifest"),
-        (["--model", str(tmp_path), "--endpoint", "tcp://0.0.0.0:5999"], "manifest"),
-    ]
-    from tests.tiny_model import make_tiny_model_dir
-
-    model = make_tiny_model_dir(tmp_path, batch_sizes=(1, 2))
-    cases.append((["--model", str(model), "--batch-size", "16"], "no model for batch size 16"))
-    for extra, words in cases:
-        out = subprocess.run([sys.executable, "-m", "pspnet", "serve", *extra],
-                             capture_output=True, text=True, timeout=60)
-        assert out.returncode == 2, out.stderr
-        assert words in out.stderr and len(out.stderr.strip().splitlines()) == 1, out.stderr

@@ -126,15 +126,10 @@ def test_reference_ops_are_what_the_graph_did():
 def psp_dir(tmp_path_factory):
     """The tiny mmseg PSPNet as `pspnet build` writes it for the torch backend (BN folded,
     PSP rewrite; --no-onnx, so it builds where onnxsim is missing, e.g. the GPU host)."""
-    from build_model.export import build
-    from tests.model_fixtures import tiny_checkpoint, tiny_config
+    from tests.model_fixtures import make_model_dir
 
-    root = tmp_path_factory.mktemp("fusion")
-    checkpoint = tiny_checkpoint(root)
-    out = root / "psp"
-    build(tiny_config(checkpoint.parent), checkpoint, out, batch_sizes=(BATCH,),
-          input_size=SIZE, head="labels", run_atc=False, onnx=False)
-    return out
+    return make_model_dir(tmp_path_factory.mktemp("fusion"), head="labels",
+                          batch_sizes=(BATCH,), input_size=SIZE, onnx=False)
 
 
 def test_fusion_on_the_built_pspnet(psp_dir):
