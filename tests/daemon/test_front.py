@@ -198,10 +198,11 @@ raise SystemExit(0)          # no close(): an exception would skip it the same w
 
 
 def test_a_process_that_exits_with_its_pipeline_open_does_not_hang(tiny_models):
-    """Children ignore SIGTERM (a group signal must not kill them mid-drain), which is what
-    multiprocessing sends daemon children at exit before joining them: without the
-    pipeline's own exit hook the owner waited for ever (seen when a start-up failure
-    skipped close)."""
+    """An owner that exits with its Front started and never closed (a start-up failure that
+    skipped close): it must exit at once, and its workers must not outlive it (the kernel
+    ends them: PR_SET_PDEATHSIG). Workers ignore SIGTERM (a group signal must not kill them
+    mid-drain); when they were multiprocessing children, whose exit joins them after a
+    SIGTERM, such an owner waited for ever."""
     import os
     import subprocess
     import sys

@@ -92,7 +92,7 @@ def test_every_bad_input_answered_daemon_keeps_running(tiny_models, photo_files,
         client.offer([wire.Request(kind, path, ann) for kind, (path, ann, _) in cases.items()])
         client.run_until(lambda c: c.answered == len(cases), timeout_s=120)
         client.pump(300)
-        time.sleep(1.5)             # per-stage counters come with each child's 1 s heartbeat
+        time.sleep(1.5)             # per-stage counters come with each worker's heartbeat
         status = daemon.status()
         assert daemon.proc.poll() is None
         # the same counts through the command line

@@ -1,10 +1,13 @@
-"""Issue 14: liveness from the work loop, not only from the heartbeat thread.
+"""Issue 14: liveness from the work loop, not from a heartbeat thread.
 
-A child whose heartbeat thread still beats can be useless: its executor's runner thread
-ended (a native crash in a library thread), or one device call never returns. And a child
-stopped with SIGSTOP beats no more but is not dead either. The daemon must notice that the
-work loop has not moved for `--liveness-timeout` seconds (default 5), stop the child (a
-polite signal, then SIGKILL), restart it and retry what it held once: with the defaults,
+Before the redesign a heartbeat thread vouched for each worker, and a worker whose thread
+still beat could be useless: its executor's runner thread ended (a native crash in a
+library thread), or one device call never returned. And a worker stopped with SIGSTOP
+beats no more but is not dead either. Now the heartbeat leaves from the work loop
+(stages.child.Child.tick), the executor's runner thread is watched (reported stuck when one
+device call outlasts its allowance, the process exits when the thread has died), and the
+front stops a worker silent for `--liveness-timeout` seconds (default 5) or reported stuck
+(SIGUSR1, then SIGKILL), restarts it and retries what it held once: with the defaults,
 within 10 s, and every request still answered exactly once, ok.
 
 The faults come from the sim backend's options: `fault=hang` (one collect never returns)

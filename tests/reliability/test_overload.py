@@ -9,8 +9,8 @@ front and of every child is sampled every 0.2 s (and their kernel high-water mar
 What must hold: every accepted request answered exactly once (ok), the library client's 300
 all answered ok (backpressure, never a timeout), `busy` seen, and each process's peak RSS
 under its bound. The bounds (see docs/reliability.md): the processes' idle size (torch is
-imported by the front and the postprocess workers) plus what the queue and the in-flight
-window can hold, with margin.
+imported by the postprocess workers, not by the front) plus what the queue and the
+in-flight window can hold, with margin.
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@
 * A second SIGTERM, or --drain-timeout running out, exits at once (status 1), answering
   what is left with an error that says why.
 * The front is the supervisor (not a separate process): kill -9 of it is the daemon dying.
-  Its children follow within a heartbeat. A client whose daemon is restarted on the same
+  The kernel ends its workers (PR_SET_PDEATHSIG). A client whose daemon is restarted on the same
   endpoint resends what the dead one had accepted (all answered, ok); a client whose daemon
   stays dead gets an error answer for each open request instead of waiting forever.
 * Watch mode killed (-9) and restarted three times while 300 images arrive (some there
