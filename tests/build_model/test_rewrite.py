@@ -1,7 +1,7 @@
 """The build's rewrites change how the network computes, never what: BN folding and the
 exact PSP bottleneck rewrite, unit by unit and through `pspnet build` on the tiny model.
 
-The R50-D8 figures (exactness at 500x500, MACs) are in tests/build/test_r50.py (slow).
+The R50-D8 figures (exactness at 500x500, MACs) are in tests/build_model/test_r50.py (slow).
 """
 
 from __future__ import annotations
