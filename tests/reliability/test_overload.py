@@ -25,8 +25,9 @@ OVERLOAD_S = 60.0
 FACTOR = 10
 LIBRARY_AFTER_S = 10.0       # the library client joins once the queue is full
 MAX_QUEUE, MAX_INFLIGHT = 256, 64
-# MB, peak resident memory per process kind (measured: see docs/reliability.md)
-BOUND_MB = {"front": 600, "preprocess": 400, "executor": 400, "postprocess": 800}
+# MB, peak resident memory per process kind (measured: see docs/reliability.md). The front
+# imports neither torch nor cv2 and holds no pixels: its bound is its idle size and margin.
+BOUND_MB = {"front": 300, "preprocess": 400, "executor": 400, "postprocess": 800}
 GROWTH_BOUND_MB = 150        # any process: peak under overload minus its idle size
 
 
