@@ -19,6 +19,7 @@ import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 import zmq
@@ -46,6 +47,7 @@ FLOOD_SLOWDOWN_BOUND = 10.0     # liveness bound on 20 images during the flood v
 FLOOD_BOUND_FLOOR_S = 5.0       # and never under this: quiet takes a few tenths of a second
 FLOOD_GOAL = 3.0                # the issue's goal: reported, not asserted
 ANSWER_WAIT_S = 15.0            # for the status replies of many connections
+DOOR_REOPEN_S = 10.0            # liveness bound: a closed door opens once connections drop
 
 
 # ---------------------------------------------------------------------------------------
@@ -256,6 +258,19 @@ def wait_restarted(status: Callable[[], dict], stage: str, old_pid: int,
     raise AssertionError(f"{stage} (pid {old_pid}) not restarted within {timeout_s:.0f} s")
 
 
+def door_reopened(daemon: Daemon, timeout_s: float = DOOR_REOPEN_S) -> float:
+    """Seconds until the ipc path clients connect to is back (the door closed near the
+    descriptor limit opens again once the connections are gone); fails after timeout_s."""
+    path = Path(daemon.endpoint.removeprefix("ipc://"))
+    started = time.monotonic()
+    while not path.exists():
+        assert time.monotonic() - started < timeout_s, (
+            f"the door did not open again within {timeout_s:.0f} s of the connections "
+            f"closing\n{daemon.tail()}")
+        time.sleep(0.05)
+    return time.monotonic() - started
+
+
 @pytest.fixture
 def own_fd_limit_raised() -> Iterator[None]:
     """This process opens over a thousand connections: soft limit up to the hard one."""
@@ -316,7 +331,8 @@ def test_connections_beyond_a_hard_descriptor_limit(tiny_models, photo_files, tm
     """soft = hard = 256 for the daemon (so it cannot raise it), 400 connections: the
     daemon stays up and some connection is refused or left unanswered; a child killed
     with -9 meanwhile is restarted (a restart must not fail for lack of descriptors); once
-    the 400 are closed, a normal client's 20 images are answered ok.
+    the 400 are closed the door opens again (within 10 s), and a normal client's 20 images
+    are answered ok.
 
     Before the redesign: the front died of SIGABRT ("Too many open files
     (src/ipc_listener.cpp:297)") after 14-78 of the 400 connections were answered (it
@@ -349,9 +365,11 @@ def test_connections_beyond_a_hard_descriptor_limit(tiny_models, photo_files, tm
             sock.close(0)
         control.close(0)
         ctx.term()
+    reopened_s = door_reopened(daemon)
     answers, took_s = submit_all(daemon.endpoint, photo_files[:20], timeout_s=30)
     assert [a.status for a in answers] == ["ok"] * 20, [a.error for a in answers][:3]
-    print(f"FIGURE descriptors: after closing the 400, 20 images ok in {took_s:.1f} s")
+    print(f"FIGURE descriptors: after closing the 400, the door open again in "
+          f"{reopened_s:.1f} s, 20 images ok in {took_s:.1f} s")
     assert daemon.stop() == 0, daemon.tail()
 
 
