@@ -326,7 +326,7 @@ def _arrays(header: dict[str, Any], frames: Sequence[Any], expect: int) -> list[
         if not (isinstance(spec, list) and len(spec) == 2):
             raise WireError("array spec must be [dtype, shape]")
         dtype, shape = spec
-        if dtype not in ARRAY_DTYPES:
+        if not isinstance(dtype, str) or dtype not in ARRAY_DTYPES:   # a list: unhashable
             raise WireError(f"array dtype {dtype!r} not allowed")
         if not (isinstance(shape, list) and 1 <= len(shape) <= 4
                 and all(_is_int(d) and 1 <= d <= MAX_SIDE_PIXELS for d in shape)):

@@ -10,22 +10,21 @@ import numpy as np
 import pytest
 from PIL import Image
 
-INPUT_SIZE = 128          # small PSPNet input: fast on 2 cores, same code path as 500
-
 
 @pytest.fixture(scope="session")
 def mmseg_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """The small mmseg PSPNet (calibrated weights), built by `pspnet build`'s code, per head."""
+    """The small mmseg PSPNet (calibrated weights), built by `pspnet build`'s code, per head:
+    batch sizes 1 and 4 at 128x128 (tests.model_fixtures.BATCH_SIZES, INPUT_SIZE)."""
     from tests.model_fixtures import make_model_dir
 
     root = tmp_path_factory.mktemp("mmseg_models")
-    return {head: make_model_dir(root, head=head, batch_sizes=(1, 4), input_size=INPUT_SIZE)
-            for head in ("logits", "labels")}
+    return {head: make_model_dir(root, head=head) for head in ("logits", "labels")}
 
 
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """A 3-conv network behind the same artifacts: for tests about plumbing, not accuracy."""
+    """A 3-conv network behind the same artifacts: for tests about plumbing, not accuracy.
+    Batch sizes 1, 4 and 16 at 64x64, seed 0 (tests.tiny_model.tiny_core's default)."""
     from tests.tiny_model import make_tiny_model_dir
 
     root = tmp_path_factory.mktemp("tiny_models")
@@ -64,10 +63,10 @@ def copy_files(paths: list[Path], folder: Path) -> list[Path]:
 
 @pytest.fixture
 def daemons() -> Iterator[Callable[..., object]]:
-    """Start `pspnet serve` through this (tests.reliability_helpers.Daemon's arguments):
-    whatever still runs when the test ends (a failure midway, a child left stopped) is
-    killed with its whole process group, so one failure is not left to the next test."""
-    from tests.reliability_helpers import Daemon
+    """Start `pspnet serve` through this (tests.kit.Daemon's arguments): whatever still
+    runs when the test ends (a failure midway, a child left stopped) is killed with its
+    whole process group, so one failure is not left to the next test."""
+    from tests.kit import Daemon
 
     started: list[Daemon] = []
 

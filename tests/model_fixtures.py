@@ -15,6 +15,9 @@ from build_model.mmseg_model import PACKAGE_CONFIGS
 
 TINY_CONFIG = "pspnet_r18-tiny"
 CALIBRATION_SIZE = 128
+# the session's models (tests/conftest.py's `mmseg_models`), which the build tests check
+BATCH_SIZES = (1, 4)
+INPUT_SIZE = 128        # small PSPNet input: fast on 2 cores, same code path as 500
 
 _built: dict[tuple, Path] = {}  # the per-session cache the brief asks for
 
@@ -43,18 +46,21 @@ def tiny_checkpoint(tmp_dir: Path) -> Path:
 def make_model_dir(
     tmp_dir: Path,
     head: str = "logits",
-    batch_sizes: tuple[int, ...] = (1, 2, 4),
-    input_size: int = 128,
+    batch_sizes: tuple[int, ...] = BATCH_SIZES,
+    input_size: int = INPUT_SIZE,
+    onnx: bool = True,
 ) -> Path:
-    """A model directory (manifest, ONNX per batch size, ATC scripts, torch program)."""
-    key = ("model", head, tuple(sorted(batch_sizes)), input_size)
+    """A model directory (manifest, ONNX per batch size unless not `onnx`, ATC scripts,
+    torch program). `onnx=False` builds where onnxsim is missing (the GPU host)."""
+    key = ("model", head, tuple(sorted(batch_sizes)), input_size, onnx)
     if key not in _built:
         from build_model.export import build
 
         checkpoint = tiny_checkpoint(tmp_dir)
         sizes = "-".join(map(str, sorted(batch_sizes)))
-        out = Path(tmp_dir) / f"pspnet_tiny_{head}_{input_size}_bs{sizes}"
+        out = (Path(tmp_dir) / f"pspnet_tiny_{head}_{input_size}_bs{sizes}"
+               f"{'' if onnx else '_no-onnx'}")
         build(tiny_config(checkpoint.parent), checkpoint, out, batch_sizes=batch_sizes,
-              input_size=input_size, head=head, run_atc=False)
+              input_size=input_size, head=head, run_atc=False, onnx=onnx)
         _built[key] = out
     return _built[key]

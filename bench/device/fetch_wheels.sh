@@ -29,7 +29,7 @@ WHEELS=(
     ftfy==6.3.1              # mmseg imports it undeclared
     wcwidth==0.9.4           # ftfy, prettytable
     prettytable==3.18.0      # mmseg
-    pytest==9.2.0            # run.sh's cuda-tests step: tests/test_backends.py -k cuda
+    pytest==9.2.0            # run.sh's cuda-tests step: tests/stages/test_backends.py -k cuda
     pluggy==1.7.0            # pytest
     iniconfig==2.3.1         # pytest
     pytest-timeout==2.4.0    # pyproject's `timeout` option

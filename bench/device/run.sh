@@ -21,7 +21,7 @@
 #   variants   compile=1,cuda_graphs=1 / compile=1 on the rewrite, then on the plain
 #              build (VARIANTS_LATER)                          ($OUT/<card>-variants.json)
 #   e2e        pspnet bench of the fastest compiled one
-#   cuda-tests pytest tests/test_conv_fusion.py -k cuda (the fused path on a tiny model)
+#   cuda-tests pytest tests/stages/test_conv_fusion.py -k cuda (the fused path on a tiny model)
 #   report     merge, plot, $OUT/summary.json (also after every step that measures)
 #
 # PLAN=sweep (issue 6): the batch sweep of the 2026-11-26 H200 run
@@ -31,7 +31,7 @@
 #   bench      batch 8, 4, 1
 #   host-sim   the same pipeline against a simulated 2,500 img/s device: what the host's
 #              cores can feed, with no GPU work                          ($OUT/<card>-host-sim.json)
-#   cuda-tests pytest tests/test_backends.py -k cuda (carried pytest wheels)
+#   cuda-tests pytest tests/stages/test_backends.py -k cuda (carried pytest wheels)
 # Knobs (environment): see the block below; bench/device/README.md has the CPU dry run.
 set -u
 set -a            # every variable below is exported: steps run shell functions in `bash -c`
@@ -400,7 +400,7 @@ sweep_plan() {
 
     host_sim
     [[ $DEVICE == cuda* && -n $CUDA_TESTS ]] && step cuda-tests "$CUDA_TESTS_MAX_S" 30 \
-        cuda_tests tests/test_backends.py -k cuda
+        cuda_tests tests/stages/test_backends.py -k cuda
 }
 
 # ---- PLAN=rewrite: default vs rewrite vs fused, eager graphs vs compiled ----------------
@@ -461,7 +461,7 @@ rewrite_plan() {
     measure_variants "$VARIANTS_LATER" "$COMPILE_VARIANT_MAX_S" "$COMPILE_VARIANT_MIN_S"
     e2e_best 'compile' "$COMPILE_MAX_S"
     [[ $DEVICE == cuda* && -n $CUDA_TESTS ]] && step cuda-tests "$CUDA_TESTS_MAX_S" 30 \
-        cuda_tests tests/test_conv_fusion.py -k cuda
+        cuda_tests tests/stages/test_conv_fusion.py -k cuda
 }
 
 if [[ $PLAN == sweep ]]; then

@@ -3,32 +3,45 @@
 One clean run and one run in which preprocess-0, preprocess-1, executor-0, postprocess-0
 and postprocess-1 are killed in turn (each once the previous victim's replacement is up,
 with requests in flight in every stage). A raw wire client counts every result frame, so a
-duplicate sent by the daemon would be seen here even though the library client drops them.
+duplicate sent by the daemon would be seen here even though the library client drops them;
+the library client streams alongside from the start, through a kill of each stage, and
+gets each of its answers once too.
 
 The front is the supervisor itself, not a separate process: killing it is killing the
-daemon (tests/test_reliability_shutdown.py: watch-mode kill -9 and restart; a client
-whose daemon dies gets error answers, or its requests resubmitted to a restarted daemon).
+daemon. Its workers follow it (the kernel ends them), even when its log went to a pipe
+nobody reads any more (here). tests/reliability/test_shutdown.py has the rest: watch-mode
+kill -9 and restart; a client whose daemon dies gets error answers, or its requests
+resubmitted to a restarted daemon.
 """
 
 from __future__ import annotations
 
+import collections
 import math
 import time
 
 import numpy as np
 import pytest
-from PIL import Image
 
 from stages import wire
 from stages.labels import intersect_and_union, read_ground_truth
 from stages.metrics import IoUAccumulator
-from tests.reliability_helpers import Daemon, RawClient, ground_truths, kill9, linked_stream
+from tests.kit import (
+    RawClient,
+    Submitter,
+    ground_truths,
+    kill9,
+    linked_stream,
+    mask_pixels,
+    wait_dead,
+)
 
 N = 1000
 VICTIMS = [("preprocess", 0), ("preprocess", 1), ("executor", 0), ("postprocess", 0),
            ("postprocess", 1)]
 FIRST_KILL, KILL_EVERY, AHEAD = 150, 170, 60   # kill k when ~FIRST_KILL + k*KILL_EVERY answered
 ARGS = ("--batch-size", "16", "--max-inflight", "64", "--max-queue", "256")
+LIBRARY_N = 750        # the library client's images, submitted as the crash run starts
 
 
 @pytest.fixture(scope="module")
@@ -45,23 +58,17 @@ def miou(results: dict[str, wire.Result], requests: dict[str, wire.Request],
          ids: list[str]) -> float:
     acc = IoUAccumulator(21)
     for rid in ids:
-        mask = np.asarray(Image.open(results[rid].mask))
+        mask = mask_pixels(results[rid].mask)
         acc.add(intersect_and_union(mask, read_ground_truth(requests[rid].ann), 21))
     return acc.summary()["mIoU"]
 
 
-def valid_mask(path: str) -> np.ndarray:
-    with Image.open(path) as im:
-        im.load()
-        assert im.format == "PNG" and im.mode == "P", path
-        return np.asarray(im)
-
-
-def test_kill_9_each_stage_process_during_1000_images(tiny_models, stream, tmp_path):
+def test_kill_9_each_stage_process_during_1000_images(tiny_models, stream, photo_files,
+                                                       tmp_path, daemons):
     requests = {r.id: r for r in stream}
     # --- the clean run ------------------------------------------------------------------
     started = time.monotonic()
-    clean_daemon = Daemon(tiny_models["logits"], tmp_path / "clean", tmp_path, *ARGS)
+    clean_daemon = daemons(tiny_models["logits"], tmp_path / "clean", tmp_path, *ARGS)
     try:
         clean_daemon.wait_ready()
         clean = RawClient(clean_daemon.endpoint)
@@ -77,11 +84,14 @@ def test_kill_9_each_stage_process_during_1000_images(tiny_models, stream, tmp_p
 
     # --- the crash run ------------------------------------------------------------------
     started = time.monotonic()
-    daemon = Daemon(tiny_models["logits"], tmp_path / "crash", tmp_path, *ARGS)
+    daemon = daemons(tiny_models["logits"], tmp_path / "crash", tmp_path, *ARGS)
     kills = []
+    library = linked_stream(photo_files, tmp_path / "library", LIBRARY_N, prefix="lib")
     try:
-        daemon.wait_ready()
+        executors_before = set(daemon.wait_ready()["stages"]["executor"]["pids"])
         client = RawClient(daemon.endpoint)
+        lib = Submitter(daemon.endpoint, library)
+        lib.start()
         released, deadline, last_check = 0, time.monotonic() + 300, 0.0
         while client.answered < N:
             k = len(kills)
@@ -99,10 +109,12 @@ def test_kill_9_each_stage_process_during_1000_images(tiny_models, stream, tmp_p
                     pid = status["stages"][stage]["pids"][index]
                     inflight = status["front"]["inflight"]
                     kill9(pid)
-                    kills.append((stage, index, pid, client.answered, inflight))
+                    kills.append((stage, index, pid, client.answered, inflight,
+                                  len(lib.answers)))
             assert time.monotonic() < deadline, (
                 f"{client.answered}/{N} answered, kills {kills}\n{daemon.logs()}")
         client.pump(500)                                 # a late duplicate would show here
+        lib.join(120)
         status = daemon.wait_all_alive()
         client.close()
     finally:
@@ -115,8 +127,11 @@ def test_kill_9_each_stage_process_during_1000_images(tiny_models, stream, tmp_p
     assert set(client.result_count.values()) == {1}, "a request was answered twice"
     assert not client.error_replies
     front = status["front"]
-    assert front["ok"] + front["errors"] == N and front["queued"] == front["inflight"] == 0
+    assert front["ok"] + front["errors"] == N + LIBRARY_N
+    assert front["queued"] == front["inflight"] == 0
     assert front["restarts"] == len(VICTIMS)
+    assert not executors_before & set(status["stages"]["executor"]["pids"]), \
+        "the executor was not replaced"
     ok = sorted((rid for rid, r in client.results.items() if r.status == wire.OK),
                 key=lambda r: int(r[1:]))
     failed = {rid: r.error for rid, r in client.results.items() if r.status != wire.OK}
@@ -124,10 +139,23 @@ def test_kill_9_each_stage_process_during_1000_images(tiny_models, stream, tmp_p
                for r in client.results.values() if r.status != wire.OK), failed
     assert len(ok) >= 0.9 * N, failed
 
+    # the library client, through the same kills: each of its requests answered once, ok
+    # (a valid mask) or given up after a retry
+    assert lib.error is None and not lib.is_alive(), lib.error
+    lib_counts = collections.Counter(a.id for a in lib.answers)
+    assert len(lib_counts) == LIBRARY_N and set(lib_counts.values()) == {1}
+    for k in (0, 2, 3):                  # the first kill of each stage: while it streamed
+        assert kills[k][5] < LIBRARY_N, f"the library client was done before {kills[k][:2]}"
+    lib_failed = [a.error for a in lib.answers if a.status != "ok"]
+    assert all("retry" in (e or "") for e in lib_failed), lib_failed
+    for a in lib.answers:
+        if a.status == "ok":
+            mask_pixels(a.mask)
+
     # masks complete, valid, and the same as the clean run's
     for rid in ok:
-        np.testing.assert_array_equal(valid_mask(client.results[rid].mask),
-                                      valid_mask(clean.results[rid].mask), err_msg=rid)
+        np.testing.assert_array_equal(mask_pixels(client.results[rid].mask),
+                                      mask_pixels(clean.results[rid].mask), err_msg=rid)
 
     # the daemon's running mIoU equals the clean run's on the images that succeeded
     clean_all = miou(clean.results, requests, sorted(requests))
@@ -142,9 +170,26 @@ def test_kill_9_each_stage_process_during_1000_images(tiny_models, stream, tmp_p
           f"{sum(c - 1 for c in client.result_count.values())} duplicated on the wire; "
           f"{len(ok)} ok, {len(failed)} errors; retried {front['retried']}, "
           f"duplicates dropped at the front {front['duplicates_dropped']}")
-    for stage, index, pid, answered, inflight in kills:
-        print(f"  killed {stage}-{index} (pid {pid}) after {answered} answers, "
-              f"{inflight} in flight")
+    print(f"  library client alongside: {LIBRARY_N} requests, each answered once, "
+          f"{LIBRARY_N - len(lib_failed)} ok, {len(lib_failed)} errors")
+    for stage, index, pid, answered, inflight, lib_answered in kills:
+        print(f"  killed {stage}-{index} (pid {pid}) after {answered} answers "
+              f"(library client {lib_answered}/{LIBRARY_N}), {inflight} in flight")
     print(f"  mIoU crash run {status['metrics']['mIoU']:.6f} = clean run on the same "
           f"{len(ok)} images {clean_on_ok:.6f} (clean, all {N}: {clean_all:.6f}); "
           f"clean run {clean_s:.1f} s, crash run {crash_s:.1f} s")
+
+
+def test_children_exit_when_the_front_dies_with_its_stderr_pipe(tiny_models, tmp_path,
+                                                                 daemons):
+    """kill -9 of the front while its log goes to a pipe nobody reads any more (`serve | tee`
+    killed together, a test harness gone): the children's "front gone" log line fails with
+    a broken pipe; they must exit anyway, not live on as orphans."""
+    daemon = daemons(tiny_models["logits"], tmp_path / "masks", tmp_path, "--batch-size", "4",
+                     "--preprocess-workers", "1", "--postprocess-workers", "1",
+                     log_to_pipe=True)
+    children = [pid for s in daemon.wait_ready()["stages"].values() for pid in s["pids"]]
+    daemon.proc.stdout.close()                       # nobody reads the log any more
+    kill9(daemon.proc.pid)
+    daemon.proc.wait(10)
+    assert wait_dead(children) == [], "children outlived the front"

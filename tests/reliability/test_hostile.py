@@ -31,17 +31,23 @@ import pytest
 import zmq
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from PIL import Image
 
 from daemon import clients as clients_module
 from daemon import door as door_module
-from daemon.client import Client
 from stages import wire
 from stages.labels import mask_path, write_mask
 from stages.manifest import voc_palette
-from tests.reliability_helpers import Daemon, MemoryWatch, proc_kb
+from tests.kit import (
+    REPO,
+    Daemon,
+    MemoryWatch,
+    dealer,
+    mask_pixels,
+    proc_kb,
+    status_over,
+    submit_all,
+)
 
-ROOT = Path(__file__).resolve().parent.parent
 FIELDS = ["v", "kind", "req", "reqs", "id", "path", "ann", "attempt", "arrays", "place", "head",
           "status", "ids", "body", "message", "to", "address", "credits", "stage", "index",
           "pid", "counters", "inputs", "outputs", "capacity", "batch", "stuck", "fatal",
@@ -151,8 +157,8 @@ def test_nasty_headers_are_refused_without_allocating():
         assert not decodes(frames), name
     script = textwrap.dedent(f"""
         import sys
-        sys.path.insert(0, {str(ROOT)!r})
-        from tests.test_reliability_hostile import nasty_frames
+        sys.path.insert(0, {str(REPO)!r})
+        from tests.reliability.test_hostile import nasty_frames
         from stages import wire
         cases = nasty_frames()
         def hwm():
@@ -169,7 +175,7 @@ def test_nasty_headers_are_refused_without_allocating():
         print(hwm() - before)
     """)
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                         timeout=120, cwd=ROOT)
+                         timeout=120, cwd=REPO)
     assert out.returncode == 0, out.stderr
     growth_kb = int(out.stdout.split()[-1])
     print(f"\nFIGURE nasty headers: {len(nasty_frames())} cases x 20 decoded, peak memory "
@@ -186,7 +192,7 @@ def test_no_pickle_anywhere():
     banned_modules = {"pickle", "_pickle", "cPickle", "marshal", "shelve", "dill", "cloudpickle",
                       "jsonpickle", "yaml"}
     banned_attrs = {"recv_pyobj", "send_pyobj", "recv_serialized", "send_serialized"}
-    runtime = [*ROOT.glob("stages/**/*.py"), *ROOT.glob("daemon/**/*.py")]
+    runtime = [*REPO.glob("stages/**/*.py"), *REPO.glob("daemon/**/*.py")]
     assert len(runtime) > 10
     unpack_sites = []
     for path in runtime:
@@ -204,13 +210,13 @@ def test_no_pickle_anywhere():
                 if node.attr in ("unpackb", "unpack", "Unpacker"):
                     unpack_sites.append(path.name)
     assert unpack_sites == ["wire.py"]
-    source = (ROOT / "stages" / "wire.py").read_text()
+    source = (REPO / "stages" / "wire.py").read_text()
     call = source[source.index("msgpack.unpackb("):source.index(")", source.index("max_ext_len"))]
     for limit in ("max_str_len", "max_bin_len=0", "max_array_len", "max_map_len",
                   "max_ext_len=0", "strict_map_key=True"):
         assert limit in call, limit
     assert "ext_hook" not in call and "object_hook" not in call
-    assert '"S301"' in (ROOT / "pyproject.toml").read_text()
+    assert '"S301"' in (REPO / "pyproject.toml").read_text()
 
 
 # ---------------------------------------------------------------------------------------
@@ -260,7 +266,8 @@ def test_write_mask_replaces_a_symlink_it_did_not_check(tmp_path):
     link.symlink_to(secret)
     write_mask(np.zeros((4, 4), np.uint8), link, voc_palette(21))
     assert secret.read_text() == "do not touch"
-    assert not link.is_symlink() and Image.open(link).format == "PNG"
+    assert not link.is_symlink()
+    mask_pixels(link)
     assert sorted(p.name for p in out.iterdir()) == ["victim.png"]   # no temp file left
 
 
@@ -313,29 +320,6 @@ def hostile(tiny_models, photo_files, tmp_path_factory):
                 watch.stop()
         finally:
             assert daemon.stop() == 0, daemon.logs()
-
-
-def dealer(ctx: zmq.Context, endpoint: str, identity: bytes | None = None) -> zmq.Socket:
-    sock = ctx.socket(zmq.DEALER)
-    sock.setsockopt(zmq.LINGER, 0)
-    if identity is not None:
-        sock.setsockopt(zmq.IDENTITY, identity)
-    sock.connect(endpoint)
-    return sock
-
-
-def barrier(sock: zmq.Socket, timeout_s: float = 20) -> dict:
-    """A status query on this connection: its reply comes after every earlier message's."""
-    sock.send_multipart(wire.encode(wire.StatusQuery()))
-    deadline = time.monotonic() + timeout_s
-    while sock.poll(max(0.0, deadline - time.monotonic()) * 1e3):
-        try:
-            msg = wire.decode(sock.recv_multipart())
-        except wire.WireError:
-            continue
-        if isinstance(msg, wire.Reply) and msg.status == "status":
-            return msg.body
-    raise TimeoutError("no status reply")
 
 
 def warnings_from(daemon: Daemon) -> list[dict]:
@@ -394,13 +378,13 @@ def attack(hostile: dict, ctx: zmq.Context) -> None:
             fuzzer.recv_multipart()
 
     fuzz()
-    assert barrier(fuzzer)["front"]["malformed"] == expected_malformed
+    assert status_over(fuzzer)["front"]["malformed"] == expected_malformed
 
     nasty = dealer(ctx, endpoint, b"nasty-1")
     for frames in nasty_frames().values():
         nasty.send_multipart(frames)
         expected_malformed += 1
-    assert barrier(nasty)["front"]["malformed"] == expected_malformed
+    assert status_over(nasty)["front"]["malformed"] == expected_malformed
 
     # a frame over the limit: ZeroMQ hangs up on that peer before buffering it
     big = dealer(ctx, endpoint, b"oversize-1")
@@ -430,19 +414,18 @@ def attack(hostile: dict, ctx: zmq.Context) -> None:
         s = dealer(ctx, endpoint, f"flood-{i}".encode())
         s.send_multipart([b"\xc1"])
         expected_malformed += 1
-        barrier(s)
+        status_over(s)
         s.close(0)
     time.sleep(0.5)
-    status = barrier(fuzzer)
+    status = status_over(fuzzer)
     assert daemon.proc.poll() is None, daemon.logs()
     assert status["front"]["malformed"] == expected_malformed
 
     # still serving, correctly
     photo = hostile["photos"][0]
-    with Client(endpoint) as client:
-        (answer,) = list(client.submit([photo], timeout_s=60))
+    (answer,), _ = submit_all(endpoint, [photo], timeout_s=60)
     assert answer.status == "ok", answer.error
-    assert Image.open(answer.mask).format == "PNG"
+    mask_pixels(answer.mask)
 
     elapsed = time.monotonic() - started
     lines = warnings_from(daemon)
@@ -493,8 +476,7 @@ def test_planted_symlink_in_output_dir_is_not_followed(hostile):
     photo = hostile["photos"][1]
     link = hostile["out"] / f"{photo.stem}.png"
     link.symlink_to(secret)
-    with Client(hostile["daemon"].endpoint) as client:
-        (answer,) = list(client.submit([photo], timeout_s=60))
+    (answer,), _ = submit_all(hostile["daemon"].endpoint, [photo], timeout_s=60)
     assert answer.status == "error" and "symbolic link" in answer.error, answer
     assert secret.read_text() == "do not touch" and link.is_symlink()
 
@@ -505,8 +487,7 @@ def test_client_sends_long_paths_in_small_enough_chunks(hostile):
     cuts chunks by size, and answers a path the wire cannot carry itself."""
     long_dir = "/" + "/".join(["d" * 200] * 14)            # about 2,800 characters
     paths = [f"{long_dir}/{i:04d}.jpg" for i in range(64)] + ["/" + "x" * 5000 + ".jpg"]
-    with Client(hostile["daemon"].endpoint) as client:
-        answers = list(client.submit(paths, timeout_s=60))
+    answers, _ = submit_all(hostile["daemon"].endpoint, paths, timeout_s=60)
     assert len(answers) == 65 and len({a.id for a in answers}) == 65
     assert all(a.status == "error" for a in answers)
     assert not [a for a in answers if "timed out" in a.error]

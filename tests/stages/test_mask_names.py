@@ -4,7 +4,6 @@ told, and the same image processed again still replaces its own mask."""
 from __future__ import annotations
 
 import errno
-import json
 import os
 import shutil
 import threading
@@ -26,7 +25,7 @@ from stages.labels import (
     write_mask,
 )
 from stages.manifest import voc_palette
-from tests.daemon_helpers import Daemon
+from tests.kit import watch_record
 
 PALETTE = voc_palette(21)
 
@@ -174,13 +173,8 @@ def test_undecodable_file_names_are_recorded_and_compared(tmp_path: Path) -> Non
     assert recorded_source(target).endswith("caf\\xe9.jpg")
 
 
-def record(out: Path) -> list[dict]:
-    return [json.loads(line) for line in
-            (out / ".pspnet-processed.jsonl").read_text().splitlines()]
-
-
 def test_watch_mode_records_the_refused_one_and_does_not_redo_it(tiny_models, photo_files,
-                                                                 tmp_path):
+                                                                 tmp_path, daemons):
     """x.jpg and x.png in a watched folder: one mask, one error, both in the record; a
     restart submits neither again."""
     inbox, out = tmp_path / "inbox", tmp_path / "masks"
@@ -188,16 +182,16 @@ def test_watch_mode_records_the_refused_one_and_does_not_redo_it(tiny_models, ph
     shutil.copy(photo_files[0], inbox / "x.jpg")
     Image.open(photo_files[1]).save(inbox / "x.png")
     args = ("--watch", str(inbox), "--batch-size", "4", "--preprocess-workers", "1")
-    daemon = Daemon(tiny_models["logits"], out, tmp_path, *args)
+    daemon = daemons(tiny_models["logits"], out, tmp_path, *args)
     try:
         daemon.wait_ready()
         deadline = time.monotonic() + 60
-        while not (out / ".pspnet-processed.jsonl").exists() or len(record(out)) < 2:
+        while len(watch_record(out)) < 2:
             assert time.monotonic() < deadline, daemon.logs()
             time.sleep(0.1)
     finally:
         assert daemon.stop() == 0, daemon.logs()
-    entries = {e["name"]: e for e in record(out)}
+    entries = {e["name"]: e for e in watch_record(out)}
     assert sorted(entries) == ["x.jpg", "x.png"]
     ok = [e for e in entries.values() if e["status"] == "ok"]
     (refused,) = [e for e in entries.values() if e["status"] == "error"]
@@ -205,11 +199,11 @@ def test_watch_mode_records_the_refused_one_and_does_not_redo_it(tiny_models, ph
     assert refused["error"] == (f"mask name x.png already holds the mask of "
                                 f"{(inbox / ok[0]['name']).resolve()}; rename one of them")
     assert recorded_source(out / "x.png") == str((inbox / ok[0]["name"]).resolve())
-    daemon = Daemon(tiny_models["logits"], out, tmp_path, *args)
+    daemon = daemons(tiny_models["logits"], out, tmp_path, *args)
     try:
         daemon.wait_ready()
     finally:
         assert daemon.stop() == 0, daemon.logs()
     (watching,) = [e for e in daemon.events() if e.get("event") == "watching"]
     assert watching["present"] == 0 and watching["already_processed"] == 2
-    assert len(record(out)) == 2
+    assert len(watch_record(out)) == 2

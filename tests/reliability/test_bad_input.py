@@ -27,12 +27,7 @@ from PIL import Image
 from daemon.server import check_exposure
 from stages import wire
 from tests.bad_images import EXPECT, HUGE_SIDE, write_corpus
-from tests.reliability_helpers import (
-    Daemon,
-    RawClient,
-    permissions_apply_to_daemon,
-    proc_kb,
-)
+from tests.kit import RawClient, mask_pixels, permissions_apply_to_daemon, proc_kb
 
 MAX_PIXELS = 250_000         # configured for this daemon: the corpus photo (135 kpx) fits
 PREPROCESS_BOUND_MB = 400    # decoding a 20000x20000 image would need 1,200 MB
@@ -81,14 +76,15 @@ def build_cases(tmp: Path, photo: Path) -> tuple[dict[str, tuple[str, str | None
     return cases, root
 
 
-def test_every_bad_input_answered_daemon_keeps_running(tiny_models, photo_files, tmp_path):
+def test_every_bad_input_answered_daemon_keeps_running(tiny_models, photo_files, tmp_path,
+                                                       daemons):
     cases, root = build_cases(tmp_path, photo_files[0])
     unreadable_applies = permissions_apply_to_daemon()
     if not unreadable_applies:                   # root without CAP_SETPCAP: root reads it
         cases["unreadable"] = (cases["unreadable"][0], None, None)
-    daemon = Daemon(tiny_models["logits"], tmp_path / "masks", tmp_path, "--batch-size", "4",
-                    "--max-pixels", str(MAX_PIXELS), "--allow-root", str(root),
-                    drop_dac=True)
+    daemon = daemons(tiny_models["logits"], tmp_path / "masks", tmp_path, "--batch-size", "4",
+                     "--max-pixels", str(MAX_PIXELS), "--allow-root", str(root),
+                     drop_dac=True)
     started = time.monotonic()
     try:
         daemon.wait_ready()
@@ -96,7 +92,7 @@ def test_every_bad_input_answered_daemon_keeps_running(tiny_models, photo_files,
         client.offer([wire.Request(kind, path, ann) for kind, (path, ann, _) in cases.items()])
         client.run_until(lambda c: c.answered == len(cases), timeout_s=120)
         client.pump(300)
-        time.sleep(1.5)             # per-stage counters come with each child's 1 s heartbeat
+        time.sleep(1.5)             # per-stage counters come with each worker's heartbeat
         status = daemon.status()
         assert daemon.proc.poll() is None
         # the same counts through the command line
@@ -117,11 +113,8 @@ def test_every_bad_input_answered_daemon_keeps_running(tiny_models, photo_files,
         table.append(f"{kind:>22}: {result.status:5} [{result.stage}] {result.error or ''}")
         if expect is None:
             assert result.status == wire.OK, (kind, result.error)
-            with Image.open(result.mask) as mask:
-                assert mask.format == "PNG" and mask.mode == "P"
-                if kind not in ("missing", "directory"):
-                    with Image.open(cases[kind][0]) as original:
-                        assert mask.size == original.size, kind
+            with Image.open(cases[kind][0]) as original:
+                mask_pixels(result.mask, size=original.size)
             assert (result.areas is not None) == (ann is not None)
         else:
             assert result.status == wire.ERROR, (kind, result.mask)
@@ -162,8 +155,9 @@ def test_only_local_endpoints_may_skip_allow_root(endpoint, exposed):
     assert check_exposure(endpoint, (Path("/data"),)) is None
 
 
-def test_star_endpoint_without_allow_root_refused_at_start(tiny_models):
+@pytest.mark.parametrize("endpoint", ["tcp://*:5998", "tcp://0.0.0.0:5999"])
+def test_exposed_endpoint_without_allow_root_refused_at_start(tiny_models, endpoint):
     out = subprocess.run([sys.executable, "-m", "pspnet", "serve", "--model",
-                          str(tiny_models["logits"]), "--endpoint", "tcp://*:5998"],
+                          str(tiny_models["logits"]), "--endpoint", endpoint],
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 2 and "--allow-root" in out.stderr, out.stderr

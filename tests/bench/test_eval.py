@@ -67,14 +67,12 @@ def test_eval_prints_mmseg_table_and_matches_iou_metric(mmseg_models, tmp_path, 
     assert_matches_mmseg(doc, voc, masks)
 
 
-def test_eval_through_a_running_daemon(tiny_models, tmp_path, capsys):
+def test_eval_through_a_running_daemon(tiny_models, tmp_path, capsys, daemons):
     """--endpoint: the daemon writes masks, eval scores them itself and copies them."""
-    from tests.daemon_helpers import Daemon
-
     voc = make_voc_folder(tmp_path / "voc", missing_image=True, broken_truth=True)
-    daemon = Daemon(tiny_models["logits"], tmp_path / "daemon-masks", tmp_path,
-                    "--batch-size", "4", "--preprocess-workers", "1",
-                    "--postprocess-workers", "1")
+    daemon = daemons(tiny_models["logits"], tmp_path / "daemon-masks", tmp_path,
+                     "--batch-size", "4", "--preprocess-workers", "1",
+                     "--postprocess-workers", "1")
     try:
         daemon.wait_ready()
         masks, report = tmp_path / "masks", tmp_path / "eval.json"

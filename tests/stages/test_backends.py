@@ -9,7 +9,6 @@ CUDA tests run only where torch sees a GPU.
 
 from __future__ import annotations
 
-import dataclasses
 import queue
 import shutil
 import sys
@@ -33,9 +32,9 @@ from stages.backends import (
 from stages.backends.acl import exec_times_ms
 from stages.manifest import Manifest
 from stages.serving_model import ServingModel
-from tests.tiny_model import MEAN, STD, make_tiny_model_dir, random_batch, tiny_core
+from tests.kit import FAKE_ACL, with_om
+from tests.tiny_model import MEAN, STD, random_batch, tiny_core
 
-FAKE_ACL = Path(__file__).parent / "fake_aclruntime"
 BATCH = 4
 SIZE = (64, 64)
 CUDA = torch.cuda.is_available()
@@ -45,14 +44,8 @@ needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
 # ---- fixtures ---------------------------------------------------------------------------
 
 @pytest.fixture(scope="session")
-def model_dirs(tmp_path_factory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("models")
-    return {head: make_tiny_model_dir(root, head=head, input_size=SIZE)
-            for head in ("logits", "labels")}
-
-
-@pytest.fixture(scope="session")
 def references() -> dict[str, ServingModel]:
+    """Eager references of the session's tiny models (tests/conftest.py: seed 0, 64x64)."""
     core = tiny_core()
     return {head: ServingModel(core, MEAN, STD, head) for head in ("logits", "labels")}
 
@@ -71,26 +64,6 @@ def fake_acl(monkeypatch):
     aclruntime.to_device_threads.clear()
     yield aclruntime
     sys.modules.pop("aclruntime", None)
-
-
-def with_om(model_dir: Path, dest: Path, *, om_batch: dict[int, int] | None = None) -> Path:
-    """A copy of `model_dir` whose manifest names a (fake) OM per batch size.
-
-    The stand-in runs the `.onnx` beside each `.om`; `om_batch` maps a batch size to the
-    batch size whose ONNX its OM should hold (to fake an OM built for the wrong batch).
-    """
-    out = dest / f"{model_dir.name}_om"
-    shutil.copytree(model_dir, out)
-    manifest = Manifest.read(out)
-    models = {}
-    for n, files in manifest.models.items():
-        source = (om_batch or {}).get(n, n)
-        om = f"fake_bs{n}.om"
-        (out / om).write_bytes(b"fake OM\n")
-        shutil.copyfile(out / f"pspnet_bs{source}.onnx", out / f"fake_bs{n}.onnx")
-        models[n] = dataclasses.replace(files, om=om)
-    dataclasses.replace(manifest, models=models).write(out)
-    return out
 
 
 def open_kind(kind: str, model_dir: Path, tmp_path: Path, batch: int = BATCH,
@@ -115,10 +88,10 @@ def assert_matches(head: str, got: np.ndarray, want: np.ndarray) -> None:
 
 @pytest.mark.parametrize("head", ["logits", "labels"])
 @pytest.mark.parametrize("kind", KINDS)
-def test_matches_eager(kind, head, model_dirs, references, tmp_path, request):
+def test_matches_eager(kind, head, tiny_models, references, tmp_path, request):
     if kind == "acl":
         request.getfixturevalue("fake_acl")
-    backend = open_kind(kind, model_dirs[head], tmp_path)
+    backend = open_kind(kind, tiny_models[head], tmp_path)
     assert isinstance(backend, Backend)
     assert (backend.name, backend.batch_size, backend.head, backend.input_size) == \
         (kind, BATCH, head, SIZE)
@@ -184,11 +157,11 @@ def run_like_the_executor(backend: Backend, batches: list[tuple[np.ndarray, np.n
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_two_threads_interleaved(kind, model_dirs, references, tmp_path, request):
+def test_two_threads_interleaved(kind, tiny_models, references, tmp_path, request):
     """Every batch right, and every returned array still right after later batches ran."""
     if kind == "acl":
         fake = request.getfixturevalue("fake_acl")
-    backend = open_kind(kind, model_dirs["logits"], tmp_path)
+    backend = open_kind(kind, tiny_models["logits"], tmp_path)
     batches = [random_batch(BATCH, SIZE, seed=100 + k) for k in range(8)]
     results = run_like_the_executor(backend, batches)
     if kind == "acl":               # the host-to-device copy ran on the assembling thread
@@ -203,10 +176,10 @@ def test_two_threads_interleaved(kind, model_dirs, references, tmp_path, request
 
 
 @pytest.mark.parametrize("kind", [*KINDS, SIMULATED])
-def test_launch_and_collect_out_of_turn(kind, model_dirs, tmp_path, request):
+def test_launch_and_collect_out_of_turn(kind, tiny_models, tmp_path, request):
     if kind == "acl":
         request.getfixturevalue("fake_acl")
-    backend = open_kind(kind, model_dirs["labels"], tmp_path)
+    backend = open_kind(kind, tiny_models["labels"], tmp_path)
     with pytest.raises(RuntimeError, match="no batch pending"):
         backend.collect(0)
     backend.upload(0, *random_batch(BATCH, SIZE, seed=1))
@@ -223,26 +196,26 @@ def test_launch_and_collect_out_of_turn(kind, model_dirs, tmp_path, request):
 
 # ---- interface and argument errors --------------------------------------------------------
 
-def test_unknown_kind_lists_kinds(model_dirs):
+def test_unknown_kind_lists_kinds(tiny_models):
     with pytest.raises(ValueError, match="ort, torch, acl"):
-        open_backend("tensorflow", model_dirs["logits"], BATCH)
+        open_backend("tensorflow", tiny_models["logits"], BATCH)
 
 
 @pytest.mark.parametrize("kind", ["ort", "torch"])
-def test_bad_arguments(kind, model_dirs):
+def test_bad_arguments(kind, tiny_models):
     with pytest.raises(ValueError, match="no model for batch size 3"):
-        open_backend(kind, model_dirs["logits"], 3)
+        open_backend(kind, tiny_models["logits"], 3)
     with pytest.raises(ValueError, match="unknown .* option"):
-        open_backend(kind, model_dirs["logits"], BATCH, options={"thread": "2"})
+        open_backend(kind, tiny_models["logits"], BATCH, options={"thread": "2"})
     with pytest.raises(ValueError, match="precision"):
-        open_backend(kind, model_dirs["logits"], BATCH, precision="int8")
+        open_backend(kind, tiny_models["logits"], BATCH, precision="int8")
     with pytest.raises(ValueError, match="device"):
-        open_backend(kind, model_dirs["logits"], BATCH, device="gpu0")
+        open_backend(kind, tiny_models["logits"], BATCH, device="gpu0")
 
 
 @pytest.mark.parametrize("kind", ["ort", "torch"])
-def test_upload_checks_batch(kind, model_dirs):
-    backend = open_backend(kind, model_dirs["logits"], BATCH)
+def test_upload_checks_batch(kind, tiny_models):
+    backend = open_backend(kind, tiny_models["logits"], BATCH)
     images, boxes = random_batch(BATCH - 1, SIZE, seed=0)
     with pytest.raises(ValueError, match="pad a partial batch"):
         backend.upload(0, images, boxes[:BATCH - 1])
@@ -260,11 +233,11 @@ def test_upload_checks_batch(kind, model_dirs):
     backend.close()
 
 
-def test_missing_files(model_dirs, tmp_path):
+def test_missing_files(tiny_models, tmp_path):
     with pytest.raises(FileNotFoundError, match="no such model directory"):
         open_backend("ort", tmp_path / "nowhere", BATCH)
     broken = tmp_path / "broken"
-    shutil.copytree(model_dirs["logits"], broken)
+    shutil.copytree(tiny_models["logits"], broken)
     (broken / f"pspnet_bs{BATCH}.onnx").unlink()
     (broken / "pspnet_core.pt2").unlink()
     with pytest.raises(FileNotFoundError, match="ONNX model for batch size 4 is missing"):
@@ -279,7 +252,7 @@ def test_missing_files(model_dirs, tmp_path):
 # ---- ort ---------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("device", ["cuda:0", "tensorrt:0", "cann:0"])
-def test_ort_unavailable_provider(device, model_dirs):
+def test_ort_unavailable_provider(device, tiny_models):
     import onnxruntime
 
     provider = {"cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider",
@@ -287,32 +260,32 @@ def test_ort_unavailable_provider(device, model_dirs):
     if provider in onnxruntime.get_available_providers():
         pytest.skip(f"{provider} is available here")
     with pytest.raises(BackendUnavailable, match=f"{provider}.*CPUExecutionProvider"):
-        open_backend("ort", model_dirs["logits"], BATCH, device=device)
+        open_backend("ort", tiny_models["logits"], BATCH, device=device)
 
 
-def test_ort_threads_and_precision(model_dirs):
-    backend = open_backend("ort", model_dirs["labels"], 2, options={"threads": "1"})
+def test_ort_threads_and_precision(tiny_models):
+    backend = open_backend("ort", tiny_models["labels"], 1, options={"threads": "1"})
     assert backend.execute_times_ms == []
     backend.close()
     with pytest.raises(ValueError, match="fp16 on tensorrt and cann"):
-        open_backend("ort", model_dirs["labels"], 2, precision="fp16")
+        open_backend("ort", tiny_models["labels"], 1, precision="fp16")
 
 
 # ---- torch -------------------------------------------------------------------------------
 
-def test_torch_cpu_rejects_cuda_only_settings(model_dirs):
+def test_torch_cpu_rejects_cuda_only_settings(tiny_models):
     with pytest.raises(ValueError, match="fp16 on CPU"):
-        open_backend("torch", model_dirs["logits"], BATCH, precision="fp16")
+        open_backend("torch", tiny_models["logits"], BATCH, precision="fp16")
     with pytest.raises(ValueError, match="cuda_graphs=1 needs a CUDA device"):
-        open_backend("torch", model_dirs["logits"], BATCH, options={"cuda_graphs": "1"})
+        open_backend("torch", tiny_models["logits"], BATCH, options={"cuda_graphs": "1"})
     if not CUDA:
         with pytest.raises(BackendUnavailable, match="no CUDA device"):
-            open_backend("torch", model_dirs["logits"], BATCH, device="cuda:0")
+            open_backend("torch", tiny_models["logits"], BATCH, device="cuda:0")
 
 
-def test_torch_cpu_bf16(model_dirs, references):
+def test_torch_cpu_bf16(tiny_models, references):
     try:
-        backend = open_backend("torch", model_dirs["labels"], BATCH, precision="bf16",
+        backend = open_backend("torch", tiny_models["labels"], BATCH, precision="bf16",
                                options={"threads": "1"})
     except BackendUnavailable as error:
         pytest.skip(str(error))
@@ -326,12 +299,12 @@ def test_torch_cpu_bf16(model_dirs, references):
 
 
 @pytest.mark.slow
-def test_torch_cpu_compile(model_dirs, references, tmp_path, monkeypatch):
+def test_torch_cpu_compile(tiny_models, references, tmp_path, monkeypatch):
     pytest.importorskip("torch._inductor")
     # the backend sets it for its process; monkeypatch puts the old value back afterwards
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "not-this-one"))
     cache = tmp_path / "compile-cache"
-    backend = open_backend("torch", model_dirs["logits"], 1,
+    backend = open_backend("torch", tiny_models["logits"], 1,
                            options={"compile": "1", "compile_cache": str(cache)})
     assert backend.compile_seconds is not None and backend.compile_seconds > 0
     assert any(path.is_file() for path in cache.rglob("*"))     # the next start reuses it
@@ -346,13 +319,13 @@ def test_torch_cpu_compile(model_dirs, references, tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("head", ["logits", "labels"])
 @pytest.mark.parametrize("sync", ["0", "1"])
-def test_sim_backend_keeps_a_device_s_timing(head, sync, model_dirs):
+def test_sim_backend_keeps_a_device_s_timing(head, sync, tiny_models):
     """A batch costs batch/img_s of device time; queued (sync=0) launches run back to back
     behind each other, a synchronous one (sync=1) runs inside collect."""
-    backend = open_backend(SIMULATED, model_dirs[head], BATCH,
+    backend = open_backend(SIMULATED, tiny_models[head], BATCH,
                            options={"img_s": "100", "sync": sync})
     batch_s = BATCH / 100
-    manifest = Manifest.read(model_dirs[head])
+    manifest = Manifest.read(tiny_models[head])
     batches = [random_batch(BATCH, SIZE, seed=k) for k in range(6)]
     started = time.perf_counter()
     results = run_like_the_executor(backend, batches)
@@ -386,7 +359,7 @@ def test_sim_backend_keeps_a_device_s_timing(head, sync, model_dirs):
     with pytest.raises(RuntimeError, match="no batch pending"):
         backend.launch(0)
     with pytest.raises(ValueError, match="unknown sim backend option"):
-        open_backend(SIMULATED, model_dirs[head], BATCH, options={"speed": "1"})
+        open_backend(SIMULATED, tiny_models[head], BATCH, options={"speed": "1"})
     backend.close()
 
 
@@ -400,8 +373,8 @@ def test_sim_backend_keeps_a_device_s_timing(head, sync, model_dirs):
     ("fp16", {"compile": "1", "cuda_graphs": "1"}),     # inductor's kernels, replayed
 ])
 @pytest.mark.parametrize("head", ["logits", "labels"])
-def test_torch_cuda(head, precision, options, model_dirs, references):
-    backend = open_backend("torch", model_dirs[head], BATCH, device="cuda:0",
+def test_torch_cuda(head, precision, options, tiny_models, references):
+    backend = open_backend("torch", tiny_models[head], BATCH, device="cuda:0",
                            precision=precision, options=options)
     if options.get("compile") == "1":
         assert backend.compile_seconds is not None
@@ -428,11 +401,11 @@ def test_torch_cuda(head, precision, options, model_dirs, references):
 
 @needs_cuda
 @pytest.mark.parametrize("options", [{}, {"cuda_graphs": "1"}])
-def test_torch_cuda_two_threads(options, model_dirs, references):
+def test_torch_cuda_two_threads(options, tiny_models, references):
     """Pinned host buffers filled in place, upload on a side stream and the next launch
     queued while the other slot computes: every batch stays right, and a collected array
     is not overwritten by later batches (ZeroMQ may still be sending it)."""
-    backend = open_backend("torch", model_dirs["labels"], BATCH, device="cuda",
+    backend = open_backend("torch", tiny_models["labels"], BATCH, device="cuda",
                            options=options)
     images, _ = backend.host_buffers(0)
     assert torch.from_numpy(images).is_pinned()
@@ -454,20 +427,20 @@ def test_torch_cuda_two_threads(options, model_dirs, references):
 
 # ---- acl (against the stand-in) ----------------------------------------------------------
 
-def test_acl_missing_aclruntime(model_dirs, tmp_path, monkeypatch):
+def test_acl_missing_aclruntime(tiny_models, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "aclruntime", None)    # import raises ImportError
     with pytest.raises(BackendUnavailable, match="aclruntime not found: it ships with "
                                                  "ais_bench"):
-        open_backend("acl", with_om(model_dirs["logits"], tmp_path), BATCH, device="npu:0")
+        open_backend("acl", with_om(tiny_models["logits"], tmp_path), BATCH, device="npu:0")
 
 
-def test_acl_missing_om(fake_acl, model_dirs):
+def test_acl_missing_om(fake_acl, tiny_models):
     with pytest.raises(FileNotFoundError, match=r"pspnet_bs4\.atc\.sh"):
-        open_backend("acl", model_dirs["logits"], BATCH, device="npu:0")
+        open_backend("acl", tiny_models["logits"], BATCH, device="npu:0")
 
 
-def test_acl_device_and_precision(fake_acl, model_dirs, tmp_path):
-    model_dir = with_om(model_dirs["logits"], tmp_path)
+def test_acl_device_and_precision(fake_acl, tiny_models, tmp_path):
+    model_dir = with_om(tiny_models["logits"], tmp_path)
     with pytest.raises(ValueError, match="Ascend NPU"):
         open_backend("acl", model_dir, BATCH)                # the default device is "cpu"
     with pytest.raises(ValueError, match="precision_mode"):
@@ -476,14 +449,14 @@ def test_acl_device_and_precision(fake_acl, model_dirs, tmp_path):
         open_backend("acl", model_dir, BATCH, device="npu:3")
 
 
-def test_acl_om_of_wrong_batch_is_refused_at_open(fake_acl, model_dirs, tmp_path):
-    model_dir = with_om(model_dirs["logits"], tmp_path, om_batch={BATCH: 2})
+def test_acl_om_of_wrong_batch_is_refused_at_open(fake_acl, tiny_models, tmp_path):
+    model_dir = with_om(tiny_models["logits"], tmp_path, om_batch={BATCH: 1})
     with pytest.raises(ValueError, match=r"OM input .*expected \[4, 64, 64, 3\].*bytes"):
         open_backend("acl", model_dir, BATCH, device="npu:0")
 
 
-def test_acl_wrong_batch_upload(fake_acl, model_dirs, tmp_path):
-    backend = open_kind("acl", model_dirs["logits"], tmp_path)
+def test_acl_wrong_batch_upload(fake_acl, tiny_models, tmp_path):
+    backend = open_kind("acl", tiny_models["logits"], tmp_path)
     images, boxes = random_batch(2, SIZE, seed=0)
     with pytest.raises(ValueError, match="pad a partial batch"):
         backend.upload(0, images, boxes)
@@ -491,9 +464,9 @@ def test_acl_wrong_batch_upload(fake_acl, model_dirs, tmp_path):
 
 
 @pytest.mark.parametrize("head", ["logits", "labels"])
-def test_acl_stand_in_enforces_contract(fake_acl, head, model_dirs, tmp_path):
+def test_acl_stand_in_enforces_contract(fake_acl, head, tiny_models, tmp_path):
     """What the backend must get right, checked on the stand-in itself."""
-    model_dir = with_om(model_dirs[head], tmp_path)
+    model_dir = with_om(tiny_models[head], tmp_path)
     om = str(model_dir / Manifest.read(model_dir).models[BATCH].om)
     with pytest.raises(TypeError, match="incompatible constructor"):
         fake_acl.InferenceSession(om, 0, None)
@@ -530,9 +503,9 @@ def test_acl_stand_in_enforces_contract(fake_acl, head, model_dirs, tmp_path):
 
 
 @pytest.mark.parametrize("time_format", ["ms", "pairs"])
-def test_acl_timings_both_formats(fake_acl, time_format, model_dirs, tmp_path, monkeypatch):
+def test_acl_timings_both_formats(fake_acl, time_format, tiny_models, tmp_path, monkeypatch):
     monkeypatch.setattr(fake_acl, "EXEC_TIME_FORMAT", time_format)
-    backend = open_kind("acl", model_dirs["labels"], tmp_path)
+    backend = open_kind("acl", tiny_models["labels"], tmp_path)
     for k in range(3):
         backend.upload(k % NUM_SLOTS, *random_batch(BATCH, SIZE, seed=k))
         backend.execute(k % NUM_SLOTS)
@@ -541,12 +514,12 @@ def test_acl_timings_both_formats(fake_acl, time_format, model_dirs, tmp_path, m
     backend.close()
 
 
-def test_acl_runtime_without_sumary_or_reset(fake_acl, model_dirs, tmp_path, monkeypatch):
+def test_acl_runtime_without_sumary_or_reset(fake_acl, tiny_models, tmp_path, monkeypatch):
     """Only `summary()`, no `reset_sumaryinfo`: count what was already read; h2d=execute."""
     monkeypatch.delattr(fake_acl.InferenceSession, "sumary")
     monkeypatch.delattr(fake_acl.InferenceSession, "reset_sumaryinfo")
     monkeypatch.delattr(fake_acl.InferenceSession, "free_resource")
-    backend = open_kind("acl", model_dirs["logits"], tmp_path, options={"h2d": "execute"})
+    backend = open_kind("acl", tiny_models["logits"], tmp_path, options={"h2d": "execute"})
     main = threading.get_ident()
     for k in range(3):
         backend.upload(k % NUM_SLOTS, *random_batch(BATCH, SIZE, seed=k))
@@ -556,8 +529,8 @@ def test_acl_runtime_without_sumary_or_reset(fake_acl, model_dirs, tmp_path, mon
     backend.close()
 
 
-def test_acl_options(fake_acl, model_dirs, tmp_path):
-    model_dir = with_om(model_dirs["logits"], tmp_path)
+def test_acl_options(fake_acl, tiny_models, tmp_path):
+    model_dir = with_om(tiny_models["logits"], tmp_path)
     with pytest.raises(ValueError, match="h2d"):
         open_backend("acl", model_dir, BATCH, device="npu:0", options={"h2d": "never"})
     with pytest.raises(ValueError, match="unknown acl backend option"):

@@ -29,8 +29,7 @@ import pytest
 
 from daemon.client import Client, DaemonUnavailable
 from daemon.endpoint import EndpointLocked, lock_file, lock_socket_file, unlock_socket_file
-from tests.daemon_helpers import Daemon
-from tests.reliability_helpers import pid_alive
+from tests.kit import REPO, pid_alive
 
 
 def serve(model: Path, tmp_path: Path, endpoint: str, *flags: str, timeout_s: float = 30,
@@ -64,12 +63,12 @@ def one_line_error(out: subprocess.CompletedProcess) -> str:
 
 
 @pytest.mark.parametrize("transport", ["ipc", "tcp"])
-def test_second_serve_on_a_live_endpoint_is_refused(tiny_models, tmp_path, transport):
+def test_second_serve_on_a_live_endpoint_is_refused(tiny_models, tmp_path, daemons, transport):
     endpoint = (f"ipc://{tmp_path}/front" if transport == "ipc"
                 else f"tcp://127.0.0.1:{free_port()}")
-    first = Daemon(tiny_models["logits"], tmp_path / "masks", tmp_path, "--batch-size", "4",
-                   "--preprocess-workers", "1", "--postprocess-workers", "1",
-                   endpoint=endpoint)
+    first = daemons(tiny_models["logits"], tmp_path / "masks", tmp_path, "--batch-size", "4",
+                    "--preprocess-workers", "1", "--postprocess-workers", "1",
+                    endpoint=endpoint)
     try:
         pid = first.wait_ready()["daemon"]["pid"]
         t = time.monotonic()
@@ -129,14 +128,14 @@ def test_client_without_daemon_answers_at_once(tmp_path):
 
 
 def test_ipc_socket_file_removed_on_clean_stop_and_a_stale_one_replaced(
-        tiny_models, tmp_path):
+        tiny_models, tmp_path, daemons):
     args = ("--batch-size", "4", "--preprocess-workers", "1", "--postprocess-workers", "1")
-    daemon = Daemon(tiny_models["logits"], tmp_path / "masks", tmp_path, *args)
+    daemon = daemons(tiny_models["logits"], tmp_path / "masks", tmp_path, *args)
     socket_file = Path(daemon.endpoint.removeprefix("ipc://"))
     daemon.wait_ready()
-    daemon.kill_all()                                  # kill -9: the file stays, stale
+    daemon.kill_front()                                # kill -9: the file stays, stale
     assert socket_file.is_socket()
-    daemon = Daemon(tiny_models["logits"], tmp_path / "masks", tmp_path, *args)
+    daemon = daemons(tiny_models["logits"], tmp_path / "masks", tmp_path, *args)
     try:
         daemon.wait_ready()
         assert any(e.get("event") == "removed a stale socket file" for e in daemon.events())
@@ -173,12 +172,12 @@ def test_a_serve_starting_on_the_same_ipc_path_is_refused(tiny_models, tmp_path)
     print(f"refused in {took:.1f} s: {line}")
 
 
-def test_a_lock_file_left_by_a_kill_9_stops_nobody(tiny_models, tmp_path):
+def test_a_lock_file_left_by_a_kill_9_stops_nobody(tiny_models, tmp_path, daemons):
     socket_file = tmp_path / "front"
     lock_file(socket_file).write_text("99999999\n")      # a dead holder's, unlocked
-    daemon = Daemon(tiny_models["logits"], tmp_path / "masks", tmp_path, "--batch-size", "4",
-                    "--preprocess-workers", "1", "--postprocess-workers", "1",
-                    endpoint=f"ipc://{socket_file}")
+    daemon = daemons(tiny_models["logits"], tmp_path / "masks", tmp_path, "--batch-size", "4",
+                     "--preprocess-workers", "1", "--postprocess-workers", "1",
+                     endpoint=f"ipc://{socket_file}")
     try:
         pid = daemon.wait_ready()["daemon"]["pid"]
         assert lock_file(socket_file).read_text() == f"{pid}\n"
@@ -197,56 +196,35 @@ import sys
 if sys.argv[1:2] == ["postprocess"]:
     os._exit(1)
 """
-REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
-def test_signal_during_start_up_stops_promptly(tiny_models, tmp_path, signum):
+def test_signal_during_start_up_stops_promptly(tiny_models, tmp_path, daemons, signum):
     hook = tmp_path / "hook"
     hook.mkdir()
     (hook / "sitecustomize.py").write_text(CRASHING_POSTPROCESS)
     (tmp_path / "tmp").mkdir()
-    endpoint = f"ipc://{tmp_path}/front"
-    log_path = tmp_path / "daemon.log"
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "pspnet", "serve", "--model", str(tiny_models["logits"]),
-             "--endpoint", endpoint, "--batch-size", "4", "--preprocess-workers", "1",
-             "--postprocess-workers", "1", "--log-format", "json"],
-            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-            env={**os.environ, "PYTHONUNBUFFERED": "1", "TMPDIR": str(tmp_path / "tmp"),
-                 "PYTHONPATH": f"{hook}{os.pathsep}{REPO}"})
-    try:
-        def events() -> list[dict]:
-            out = []
-            for line in log_path.read_text().splitlines():
-                try:
-                    out.append(json.loads(line))
-                except ValueError:             # a line being written, a traceback
-                    continue
-            return out
-
-        deadline = time.monotonic() + 60
-        while not any(e.get("event") == "child died" and e.get("child") == "postprocess-0"
-                      for e in events()):
-            assert proc.poll() is None and time.monotonic() < deadline, \
-                log_path.read_text()[-3000:]
-            time.sleep(0.1)
-        children = [e["pid"] for e in events() if e.get("event") == "child started"]
-        proc.send_signal(signum)
-        t = time.monotonic()
-        code = proc.wait(30)
-        took = time.monotonic() - t
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-    assert code == 1, log_path.read_text()[-3000:]
+    daemon = daemons(tiny_models["logits"], tmp_path / "masks", tmp_path, "--batch-size", "4",
+                     "--preprocess-workers", "1", "--postprocess-workers", "1",
+                     env={"TMPDIR": str(tmp_path / "tmp"),
+                          "PYTHONPATH": f"{hook}{os.pathsep}{REPO}"})
+    deadline = time.monotonic() + 60
+    while not any(e.get("event") == "child died" and e.get("child") == "postprocess-0"
+                  for e in daemon.events()):
+        assert daemon.proc.poll() is None and time.monotonic() < deadline, daemon.logs()
+        time.sleep(0.1)
+    children = daemon.started_pids()
+    daemon.signal(signum)
+    t = time.monotonic()
+    code = daemon.proc.wait(30)
+    took = time.monotonic() - t
+    assert code == 1, daemon.logs()
     assert took < 8, f"{took:.1f} s to stop during start-up"
-    assert any(e.get("event", "").startswith("signal during start-up") for e in events())
+    assert any(e.get("event", "").startswith("signal during start-up") for e in daemon.events())
     assert children and not [p for p in children if pid_alive(p)], "children left"
     assert not run_dirs(tmp_path), "the run directory was left behind"
-    assert not Path(endpoint.removeprefix("ipc://")).exists(), "the socket file was left"
+    assert not Path(daemon.endpoint.removeprefix("ipc://")).exists(), \
+        "the socket file was left"
     print(f"{signal.Signals(signum).name} during a crashing start-up: exit 1 in {took:.1f} s")
 
 

@@ -22,13 +22,11 @@ ROW_KEYS = {"batch_size", "e2e_img_s", "executor_img_s", "serial_img_s", "e2e_ov
             "cpu_ms_per_image", "busiest_threads"}
 
 
-def test_bench_synthetic_on_the_tiny_model(tmp_path, capsys):
-    from tests.tiny_model import make_tiny_model_dir
-
-    model = make_tiny_model_dir(tmp_path, batch_sizes=(1, 2))
+def test_bench_synthetic_on_the_tiny_model(tiny_models, tmp_path, capsys):
+    model = tiny_models["logits"]
     report, picture = tmp_path / "cpu.json", tmp_path / "cpu.png"
     code = main(["bench", "--model", str(model), "--synthetic", "8",
-                 "--batch-sizes", "1,2", "--repeats", "1", "--warmup", "1",
+                 "--batch-sizes", "1,4", "--repeats", "1", "--warmup", "1",
                  "--preprocess-workers", "1", "--postprocess-workers", "1",
                  "--machine", "test-box", "--json", str(report), "--plot", str(picture)])
     out, err = capsys.readouterr()
@@ -40,7 +38,7 @@ def test_bench_synthetic_on_the_tiny_model(tmp_path, capsys):
     assert TOP_KEYS <= set(doc)
     assert doc["machine"] == "test-box" and doc["cpu_count"] >= 1
     assert {"python", "numpy", "torch", "onnxruntime"} <= set(doc["versions"])
-    assert [r["batch_size"] for r in doc["results"]] == [1, 2]
+    assert [r["batch_size"] for r in doc["results"]] == [1, 4]
     for row in doc["results"]:
         assert ROW_KEYS <= set(row)
         assert row["errors"] == {"e2e": 0, "serial": 0}
@@ -57,7 +55,7 @@ def test_bench_synthetic_on_the_tiny_model(tmp_path, capsys):
             assert busiest == sorted(busiest, key=lambda t: -t["ms_per_image"])
         # same backend, same postprocessing: the pipeline and the serial loop agree
         assert row["mIoU"]["e2e"] == pytest.approx(row["mIoU"]["serial"], abs=1e-9)
-    assert doc["best"]["batch_size"] in (1, 2)
+    assert doc["best"]["batch_size"] in (1, 4)
     assert picture.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -102,12 +100,10 @@ def test_steady_rate_is_the_slope_without_fill_and_drain():
     assert steady_rate([1.0] * 100) is None                          # no time passed
 
 
-def test_bench_against_the_simulated_device(tmp_path, capsys):
+def test_bench_against_the_simulated_device(tiny_models, tmp_path, capsys):
     """The host side against a device of known speed: the executor-only figure is that
     speed exactly (it is the device's own timing), and the run is labelled simulated."""
-    from tests.tiny_model import make_tiny_model_dir
-
-    model = make_tiny_model_dir(tmp_path, batch_sizes=(4,), head="labels")
+    model = tiny_models["labels"]
     report = tmp_path / "sim.json"
     code = main(["bench", "--model", str(model), "--synthetic", "8", "--min-images", "24",
                  "--baseline-images", "12", "--batch-sizes", "4", "--repeats", "1",
@@ -133,10 +129,8 @@ def test_bench_against_the_simulated_device(tmp_path, capsys):
     assert "batch 4: sim backend open in" in err
 
 
-def test_bench_refuses_bad_counts_before_any_work(tmp_path, capsys):
-    from tests.tiny_model import make_tiny_model_dir
-
-    model = make_tiny_model_dir(tmp_path, batch_sizes=(4,), head="labels")
+def test_bench_refuses_bad_counts_before_any_work(tiny_models, capsys):
+    model = tiny_models["labels"]
     for flags in (["--repeats", "0"], ["--min-images", "-1"], ["--baseline-images", "-5"]):
         try:
             code = main(["bench", "--model", str(model), "--synthetic", "8",

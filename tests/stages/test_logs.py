@@ -104,7 +104,7 @@ def test_processes_sharing_a_pipe_never_split_a_line() -> None:
     read_end, write_end = os.pipe()
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     procs = [subprocess.Popen([sys.executable, "-c", WRITER], stderr=write_end, env=env,
-                              cwd=Path(__file__).parents[1])
+                              cwd=Path(__file__).parents[2])
              for _ in range(4)]
     os.close(write_end)
     with os.fdopen(read_end, "rb") as pipe:

@@ -1,7 +1,7 @@
 """The build's rewrites change how the network computes, never what: BN folding and the
 exact PSP bottleneck rewrite, unit by unit and through `pspnet build` on the tiny model.
 
-The R50-D8 figures (exactness at 500x500, MACs) are in tests/test_build_r50.py (slow).
+The R50-D8 figures (exactness at 500x500, MACs) are in tests/build_model/test_r50.py (slow).
 """
 
 from __future__ import annotations
@@ -24,11 +24,10 @@ from build_model.rewrites import count_macs, rewrite_core
 from build_model.samples import sample_images
 from build_model.verify import verify_model_dir
 from stages.manifest import Manifest
-from tests.model_fixtures import make_model_dir, tiny_checkpoint, tiny_config
+from tests.model_fixtures import BATCH_SIZES, INPUT_SIZE, tiny_checkpoint, tiny_config
 from tests.photos import sample_photos
 
 EXACT_LOGITS = 1e-4            # the issue's bar for the rewritten artifacts in fp32
-INPUT_SIZE = 128
 
 
 # ---- the PSP bottleneck rewrite on mmseg's own PSPHead --------------------------------
@@ -220,13 +219,14 @@ def weights(root):
 
 
 @pytest.fixture(scope="module")
-def built(root, weights):
-    """The default build (rewrites on) and one with --no-psp-rewrite --no-bn-fold."""
+def built(root, weights, mmseg_models):
+    """The default build (rewrites on: the session's model) and one with
+    --no-psp-rewrite --no-bn-fold."""
     from build_model.export import build
 
-    rewritten = make_model_dir(root, head="logits", batch_sizes=(1, 4), input_size=INPUT_SIZE)
+    rewritten = mmseg_models["logits"]
     plain = root / "plain"
-    build(*weights, plain, batch_sizes=(1, 4), input_size=INPUT_SIZE, head="logits",
+    build(*weights, plain, batch_sizes=BATCH_SIZES, input_size=INPUT_SIZE, head="logits",
           run_atc=False, psp_rewrite=False, fold_bn=False)
     return {"rewritten": rewritten, "plain": plain, "network": load_network(*weights)}
 

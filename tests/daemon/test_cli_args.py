@@ -1,4 +1,5 @@
-"""Bad arguments to serve, submit, status, eval and bench: refused up front, in one line.
+"""Bad arguments to serve, submit, status, eval and bench: refused up front, in one line;
+and the help of serve, submit and status, which must teach every flag.
 
 Each of these once ran: zero workers or a zero queue stalled the daemon for good, a
 negative backlog hung the bench, an unwritable --json lost a finished run, an existing
@@ -8,19 +9,22 @@ process, backend or pipeline starts.
 
 from __future__ import annotations
 
+import argparse
 import json
+import subprocess
+import sys
 
 import pytest
 
+from daemon.commands import add_daemon_parsers
 from pspnet.cli import main
-from tests.tiny_model import make_tiny_model_dir
+from tests.kit import REPO
 from tests.voc_folder import make_voc_folder
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    return make_tiny_model_dir(tmp_path_factory.mktemp("cli-args"), batch_sizes=(1, 4),
-                               head="labels")
+def model(tiny_models):
+    return tiny_models["labels"]                 # batch sizes 1, 4, 16
 
 
 def exit_status(argv: list[str], capsys) -> tuple[int, str]:
@@ -120,7 +124,7 @@ def test_eval_refuses_a_batch_size_the_model_was_not_built_with(model, tmp_path,
     voc = make_voc_folder(tmp_path / "voc")
     code, last = exit_status(["eval", "--voc", str(voc.root), "--model", str(model),
                               "--backend", "sim", "--batch-size", "3"], capsys)
-    assert code == 2 and "no model for batch size 3; this directory has 1, 4" in last, last
+    assert code == 2 and "no model for batch size 3; this directory has 1, 4, 16" in last, last
 
 
 def test_bench_names_a_backend_that_will_not_open_in_one_line(model, capsys):
@@ -145,3 +149,39 @@ def test_a_broken_manifest_is_named_in_the_error(model, tmp_path, capsys):
     (broken / "manifest.json").write_text(json.dumps(doc))
     code, last = exit_status(["serve", "--model", str(broken)], capsys)
     assert code == 2 and "malformed manifest" in last and "models" in last, last
+
+
+def test_serve_refuses_bad_arguments_in_one_line(tiny_models, tmp_path):
+    """`pspnet serve` as a process: one line on stderr and exit 2 for a model directory
+    without a manifest (named before an exposed endpoint is) and for a batch size the
+    model was not built with."""
+    cases = [
+        (["--model", str(tmp_path / "none")], "manifest"),
+        (["--model", str(tmp_path), "--endpoint", "tcp://0.0.0.0:5999"], "manifest"),
+        (["--model", str(tiny_models["logits"]), "--batch-size", "8"],
+         "no model for batch size 8"),
+    ]
+    for extra, words in cases:
+        out = subprocess.run([sys.executable, "-m", "pspnet", "serve", *extra],
+                             capture_output=True, text=True, timeout=60, cwd=REPO)
+        assert out.returncode == 2, out.stderr
+        assert words in out.stderr and len(out.stderr.strip().splitlines()) == 1, out.stderr
+
+
+@pytest.mark.parametrize("command", ["serve", "submit", "status"])
+def test_help_explains_every_flag(command):
+    """Every flag has a help text that says something, and `pspnet COMMAND --help` prints
+    them; serve's teaches --liveness-timeout and its default (5 s)."""
+    sub = argparse.ArgumentParser().add_subparsers()
+    add_daemon_parsers(sub)
+    parser = sub.choices[command]
+    for action in parser._actions:
+        assert action.help and len(action.help) > 10, (command, action.option_strings)
+    out = subprocess.run([sys.executable, "-m", "pspnet", command, "--help"],
+                         capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert out.returncode == 0 and "--endpoint" in out.stdout, out.stderr
+    if command == "serve":
+        text = " ".join(out.stdout.split())
+        assert "--liveness-timeout S" in text, "no --liveness-timeout in serve --help"
+        after = text[text.rindex("--liveness-timeout S"):][:600]  # the option, not the usage
+        assert "default: 5" in after, after

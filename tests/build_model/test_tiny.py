@@ -1,7 +1,8 @@
 """`pspnet build` on the tiny mmseg PSPNet: artifacts, manifest, parity with eager mmseg.
 
-Built once per session through tests.model_fixtures (the build function the CLI calls),
-with calibrated weights; parity is judged on photos the calibration never saw.
+Built once per session (tests/conftest.py's `mmseg_models`, through tests.model_fixtures:
+the build function the CLI calls), with calibrated weights; parity is judged on photos the
+calibration never saw.
 """
 
 from __future__ import annotations
@@ -20,30 +21,21 @@ from build_model.inputs import letterboxed_batch, normalised_batch
 from build_model.network import load_network
 from build_model.verify import LABEL_AGREEMENT, LOGIT_TOLERANCE, verify_model_dir
 from stages.manifest import VOC_CLASSES, Manifest, voc_palette
-from tests.model_fixtures import make_model_dir, tiny_checkpoint
+from tests.model_fixtures import BATCH_SIZES, INPUT_SIZE, tiny_checkpoint
 from tests.photos import sample_photos
 
-BATCH_SIZES = (1, 4)
-INPUT_SIZE = 128
 HEADS = ("logits", "labels")
 
 
 @pytest.fixture(scope="module")
-def model_dirs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("mmseg_models")
-    return {head: make_model_dir(root, head=head, batch_sizes=BATCH_SIZES,
-                                 input_size=INPUT_SIZE) for head in HEADS}
-
-
-@pytest.fixture(scope="module")
-def network(model_dirs):
-    source = Manifest.read(model_dirs["logits"]).source
+def network(mmseg_models):
+    source = Manifest.read(mmseg_models["logits"]).source
     return load_network(source["config"], source["checkpoint"])
 
 
 @pytest.mark.parametrize("head", HEADS)
-def test_manifest(model_dirs, head):
-    m = Manifest.read(model_dirs[head])
+def test_manifest(mmseg_models, head):
+    m = Manifest.read(mmseg_models[head])
     assert m.input_size == (INPUT_SIZE, INPUT_SIZE)
     assert m.head == head
     assert m.num_classes == 21 and m.class_names == VOC_CLASSES
@@ -64,15 +56,15 @@ def test_manifest(model_dirs, head):
     assert src["torch_program_batch"] == "dynamic"
     for key in ("config", "mmseg_version", "torch_version", "onnx_version"):
         assert src[key]
-    raw = json.loads((model_dirs[head] / "manifest.json").read_text())
+    raw = json.loads((mmseg_models[head] / "manifest.json").read_text())
     assert set(raw["models"]) == {str(n) for n in BATCH_SIZES}
 
 
 @pytest.mark.parametrize("head", HEADS)
-def test_onnx_models_are_static_single_files(model_dirs, head):
+def test_onnx_models_are_static_single_files(mmseg_models, head):
     out_type = onnx.TensorProto.FLOAT if head == "logits" else onnx.TensorProto.UINT8
     for n in BATCH_SIZES:
-        path = model_dirs[head] / f"pspnet_bs{n}.onnx"
+        path = mmseg_models[head] / f"pspnet_bs{n}.onnx"
         assert not path.with_name(path.name + ".data").exists()
         model = onnx.load(str(path))
         assert max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")) == 18
@@ -87,9 +79,9 @@ def test_onnx_models_are_static_single_files(model_dirs, head):
         assert dims == ([n, 21, 16, 16] if head == "logits" else [n, INPUT_SIZE, INPUT_SIZE])
 
 
-def test_atc_scripts(model_dirs):
+def test_atc_scripts(mmseg_models):
     for n in BATCH_SIZES:
-        script = model_dirs["labels"] / f"pspnet_bs{n}.atc.sh"
+        script = mmseg_models["labels"] / f"pspnet_bs{n}.atc.sh"
         text = script.read_text()
         assert script.stat().st_mode & stat.S_IXUSR
         assert (f"atc --framework=5 --model=pspnet_bs{n}.onnx --output=pspnet_bs{n} "
@@ -101,9 +93,9 @@ def test_atc_scripts(model_dirs):
 
 
 @pytest.mark.parametrize("head", HEADS)
-def test_parity_with_eager_mmseg(model_dirs, network, head):
+def test_parity_with_eager_mmseg(mmseg_models, network, head):
     photos = [rgb for _, rgb in sample_photos()]
-    results = verify_model_dir(model_dirs[head], network.segmentor, photos)
+    results = verify_model_dir(mmseg_models[head], network.segmentor, photos)
     for r in results:
         print(r.line())
         assert r.images == len(photos)
@@ -114,10 +106,10 @@ def test_parity_with_eager_mmseg(model_dirs, network, head):
     assert checked == {f"pspnet_bs{n}.onnx" for n in BATCH_SIZES} | {"pspnet_core.pt2"}
 
 
-def test_predictions_are_not_degenerate(model_dirs):
+def test_predictions_are_not_degenerate(mmseg_models):
     photos = [rgb for _, rgb in sample_photos()]
     images, boxes = letterboxed_batch(photos, (INPUT_SIZE, INPUT_SIZE))
-    session = ort.InferenceSession(str(model_dirs["labels"] / "pspnet_bs1.onnx"),
+    session = ort.InferenceSession(str(mmseg_models["labels"] / "pspnet_bs1.onnx"),
                                    providers=["CPUExecutionProvider"])
     counts, used = [], set()
     for image, (top, left, h, w) in zip(images, boxes, strict=True):
@@ -131,7 +123,7 @@ def test_predictions_are_not_degenerate(model_dirs):
     assert len(used) >= 15
 
 
-def test_padding_bytes_are_ignored(model_dirs):
+def test_padding_bytes_are_ignored(mmseg_models):
     photos = [rgb for _, rgb in sample_photos()][:4]
     images, boxes = letterboxed_batch(photos, (INPUT_SIZE, INPUT_SIZE))
     noisy = images.copy()
@@ -140,15 +132,15 @@ def test_padding_bytes_are_ignored(model_dirs):
         inside = noisy[i, top:top + h, left:left + w].copy()
         noisy[i] = rng.integers(0, 256, noisy[i].shape, dtype=np.uint8)
         noisy[i, top:top + h, left:left + w] = inside
-    session = ort.InferenceSession(str(model_dirs["logits"] / "pspnet_bs4.onnx"),
+    session = ort.InferenceSession(str(mmseg_models["logits"] / "pspnet_bs4.onnx"),
                                    providers=["CPUExecutionProvider"])
     clean = session.run(None, {"image": images, "box": boxes})[0]
     dirty = session.run(None, {"image": noisy, "box": boxes})[0]
     np.testing.assert_array_equal(clean, dirty)
 
 
-def test_torch_program_has_dynamic_batch(model_dirs, network):
-    program = torch.export.load(str(model_dirs["logits"] / "pspnet_core.pt2")).module()
+def test_torch_program_has_dynamic_batch(mmseg_models, network):
+    program = torch.export.load(str(mmseg_models["logits"] / "pspnet_core.pt2")).module()
     photos = [rgb for _, rgb in sample_photos()]
     images, boxes = letterboxed_batch(photos, (INPUT_SIZE, INPUT_SIZE))
     x = normalised_batch(images, boxes, network.mean, network.std)
@@ -160,8 +152,8 @@ def test_torch_program_has_dynamic_batch(model_dirs, network):
         assert program(x[:1].expand(64, -1, -1, -1)).shape == (64, 21, 16, 16)
 
 
-def test_calibrated_checkpoint_is_official_format(model_dirs):
-    path = tiny_checkpoint(model_dirs["logits"].parent)
+def test_calibrated_checkpoint_is_official_format(mmseg_models):
+    path = tiny_checkpoint(mmseg_models["logits"].parent)
     ckpt = torch.load(str(path), map_location="cpu", weights_only=True)
     assert set(ckpt) == {"meta", "state_dict"}
     state = ckpt["state_dict"]

@@ -4,7 +4,7 @@ that the rewritten graph computes what the program did.
 The cuDNN ops run only on CUDA; here the graph surgery runs with reference ops (plain
 conv + add + ReLU, what the cuDNN ops compute), on small blocks and on the tiny mmseg
 PSPNet's torch program as `pspnet build` writes it (BN folded, PSP rewrite). The CUDA
-cases skip without a device, like tests/test_backends.py's; the device script runs them.
+cases skip without a device, like tests/stages/test_backends.py's; the device script runs them.
 """
 
 from __future__ import annotations
@@ -126,15 +126,10 @@ def test_reference_ops_are_what_the_graph_did():
 def psp_dir(tmp_path_factory):
     """The tiny mmseg PSPNet as `pspnet build` writes it for the torch backend (BN folded,
     PSP rewrite; --no-onnx, so it builds where onnxsim is missing, e.g. the GPU host)."""
-    from build_model.export import build
-    from tests.model_fixtures import tiny_checkpoint, tiny_config
+    from tests.model_fixtures import make_model_dir
 
-    root = tmp_path_factory.mktemp("fusion")
-    checkpoint = tiny_checkpoint(root)
-    out = root / "psp"
-    build(tiny_config(checkpoint.parent), checkpoint, out, batch_sizes=(BATCH,),
-          input_size=SIZE, head="labels", run_atc=False, onnx=False)
-    return out
+    return make_model_dir(tmp_path_factory.mktemp("fusion"), head="labels",
+                          batch_sizes=(BATCH,), input_size=SIZE, onnx=False)
 
 
 def test_fusion_on_the_built_pspnet(psp_dir):

@@ -1,14 +1,17 @@
 """Issue 7.3: shutdown, the front killed, restarts.
 
 * SIGTERM mid-stream with two clients: every accepted request is answered (ok), the rest
-  are refused with "daemon is shutting down", exit 0, metrics written, no child left behind;
-  a second SIGTERM exits at once (status 1).
+  are refused with "daemon is shutting down", exit 0, metrics written, no child left behind.
+* A second SIGTERM, or --drain-timeout running out, exits at once (status 1), answering
+  what is left with an error that says why.
 * The front is the supervisor (not a separate process): kill -9 of it is the daemon dying.
-  Its children follow within a heartbeat. A client whose daemon is restarted on the same
+  The kernel ends its workers (PR_SET_PDEATHSIG). A client whose daemon is restarted on the same
   endpoint resends what the dead one had accepted (all answered, ok); a client whose daemon
   stays dead gets an error answer for each open request instead of waiting forever.
-* Watch mode killed (-9) and restarted three times while 300 images arrive: each image in
-  the record exactly once, one mask each, none lost.
+* Watch mode killed (-9) and restarted three times while 300 images arrive (some there
+  before the start, some written slowly, some renamed in, some while it is down; hidden
+  and temporary files beside them): each image in the record exactly once, one mask each,
+  none lost, the hidden and temporary files never processed.
 """
 
 from __future__ import annotations
@@ -22,82 +25,38 @@ import time
 from pathlib import Path
 
 import pytest
-from PIL import Image
 
-from daemon.client import PING_TIMEOUT_S, SILENCE_S, Client
+from daemon.client import PING_TIMEOUT_S, SILENCE_S
 from stages import wire
-from tests.reliability_helpers import Daemon, RawClient, linked_stream, pid_alive
+from tests.kit import (
+    RawClient,
+    Submitter,
+    linked_stream,
+    mask_pixels,
+    wait_dead,
+    watch_record,
+    write_slowly,
+)
 
 WATCH_ARRIVALS = 300
+WATCH_PRESENT = 5                   # of them, in the folder before the first start
+WATCH_SLOW_AT = (80, 180, 280)      # written slowly in place, if the daemon is up (a file
+                                    # half-written when it starts is listed as it is)
 WATCH_KILLS = 3
 ARRIVALS_PER_S = 8
 KILL_AT_ARRIVALS = (40, 120, 200)   # and at least 2 s after the daemon came up
 
 
-@pytest.fixture(autouse=True)
-def _no_daemon_left_behind(monkeypatch):
-    """These tests start, kill and restart daemons by hand: whatever is still running when
-    a test ends (a failed assertion midway) is killed, not left to the next test."""
-    started: list[Daemon] = []
-    init = Daemon.__init__
-
-    def tracked(self, *args, **kwargs):
-        init(self, *args, **kwargs)
-        started.append(self)
-
-    monkeypatch.setattr(Daemon, "__init__", tracked)
-    yield
-    for daemon in started:
-        if daemon.proc.poll() is None:
-            daemon.kill_all()
-
-
-def wait_dead(pids: list[int], timeout_s: float = 10) -> list[int]:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        alive = [p for p in pids if pid_alive(p)]
-        if not alive:
-            return []
-        time.sleep(0.1)
-    return [p for p in pids if pid_alive(p)]
-
-
-class Submit(threading.Thread):
-    """The library client in the background; keeps its answers and its Client."""
-
-    def __init__(self, endpoint: str, paths: list[Path]) -> None:
-        super().__init__(daemon=True)
-        self.endpoint, self.paths = endpoint, paths
-        self.answers: list = []
-        self.error: BaseException | None = None
-        self.resubmitted = 0
-
-    def run(self) -> None:
-        try:
-            with Client(self.endpoint) as client:
-                for answer in client.submit(self.paths):
-                    self.answers.append(answer)
-                self.resubmitted = client.resubmitted
-        except BaseException as exc:  # surfaced by the test
-            self.error = exc
-
-    def wait_for(self, n: int, timeout_s: float = 120) -> None:
-        deadline = time.monotonic() + timeout_s
-        while len(self.answers) < n and self.is_alive():
-            assert time.monotonic() < deadline, f"{len(self.answers)} answers"
-            time.sleep(0.02)
-
-
 def test_sigterm_mid_stream_answers_every_accepted_request(tiny_models, photo_files,
-                                                           tmp_path):
+                                                           tmp_path, daemons):
     paths = linked_stream(photo_files, tmp_path / "in", 600)
-    daemon = Daemon(tiny_models["logits"], tmp_path / "masks", tmp_path, "--batch-size", "16",
-                    "--max-inflight", "64", "--max-queue", "256")
+    daemon = daemons(tiny_models["logits"], tmp_path / "masks", tmp_path, "--batch-size", "16",
+                     "--max-inflight", "64", "--max-queue", "256")
     daemon.wait_ready()
     children = daemon.child_pids()
     raw = RawClient(daemon.endpoint)
     raw.offer([wire.Request(f"raw-{i}", str(p)) for i, p in enumerate(paths[:400])])
-    lib = Submit(daemon.endpoint, paths[400:])
+    lib = Submitter(daemon.endpoint, paths[400:])
     lib.start()
     while raw.answered < 50:
         raw.step(20)
@@ -143,44 +102,74 @@ def test_sigterm_mid_stream_answers_every_accepted_request(tiny_models, photo_fi
     raw.close()
 
 
-def test_second_sigterm_exits_at_once(tiny_models, photo_files, tmp_path):
-    paths = linked_stream(photo_files, tmp_path / "in", 500)
-    daemon = Daemon(tiny_models["logits"], tmp_path / "masks", tmp_path, "--batch-size", "16",
-                    "--max-queue", "1024")
-    daemon.wait_ready()
-    children = daemon.child_pids()
-    raw = RawClient(daemon.endpoint)
-    raw.offer([wire.Request(f"r{i}", str(p)) for i, p in enumerate(paths)])
-    while len(raw.accepted) < 500:
-        raw.step(20)
-    daemon.signal(signal.SIGTERM)
-    time.sleep(0.3)
-    daemon.signal(signal.SIGTERM)
-    t = time.monotonic()
-    code = daemon.proc.wait(30)
-    took = time.monotonic() - t
-    daemon.stop()
-    raw.close()
+@pytest.mark.parametrize("cut", ["second-signal", "drain-timeout"])
+def test_drain_cut_short_answers_every_abandoned_request(tiny_models, photo_files, tmp_path,
+                                                         daemons, cut):
+    """A second SIGTERM exits at once, and so does a drain that outlasts --drain-timeout:
+    status 1 within 8 s of the last signal (the workers get the front's stop signal, then
+    SIGKILL), no worker left. What is left is answered with an error at once (not after
+    the client's 15 s of silence), and counted in the metrics and the exit log line."""
+    limit = ("--drain-timeout", "1") if cut == "drain-timeout" else ()
+    daemon = daemons(tiny_models["logits"], tmp_path / "masks", tmp_path, "--batch-size", "4",
+                     "--preprocess-workers", "1", "--postprocess-workers", "1",
+                     "--backend-option", "img_s=8", *limit, backend="sim")
+    try:
+        daemon.wait_ready()
+        children = daemon.child_pids()
+        job = Submitter(daemon.endpoint, photo_files[:40])    # 5 s of device time
+        job.start()
+        job.wait_for(4)
+        daemon.signal(signal.SIGTERM)
+        if cut == "second-signal":
+            time.sleep(0.3)
+            daemon.signal(signal.SIGTERM)
+        signalled = time.monotonic()
+        code = daemon.proc.wait(30)
+        exited = time.monotonic()
+        job.join(10)
+        answered_s = time.monotonic() - exited
+    finally:
+        daemon.stop()
     assert code == 1, daemon.logs()
-    assert took < 8, took                      # children get SIGTERM, 5 s grace, then SIGKILL
-    assert wait_dead(children) == []
-    assert any(e.get("event") == "second signal, exiting now" for e in daemon.events())
+    assert exited - signalled < 8, f"{exited - signalled:.1f} s from the last signal to exit"
+    assert wait_dead(children) == [], "workers outlived the daemon"
+    event = "second signal, exiting now" if cut == "second-signal" else "drain timeout ran out"
+    assert any(e.get("event") == event for e in daemon.events()), daemon.logs()
+    assert job.error is None and not job.is_alive()
+    ids = collections.Counter(a.id for a in job.answers)
+    assert len(ids) == 40 and set(ids.values()) == {1}, "lost or duplicated answers"
+    abandoned = [a for a in job.answers if a.status != "ok"]
+    assert abandoned, "the drain finished: nothing was left to abandon"
+    why = ("--drain-timeout 1 s ran out" if cut == "drain-timeout"
+           else "a second signal: exit at once")
+    assert {a.error for a in abandoned} == {
+        f"daemon stopped before this request finished ({why})"}, {a.error for a in abandoned}
+    assert answered_s < 3, f"the client waited {answered_s:.1f} s after the exit"
+    final = json.loads(daemon.metrics.read_text())
+    assert final["daemon"]["drained"] is False
+    assert final["daemon"]["abandoned"] == final["front"]["abandoned"] == len(abandoned)
+    assert final["front"]["ok"] == 40 - len(abandoned)
+    (exit_line,) = [e for e in daemon.events() if e.get("event") == "exit"]
+    assert exit_line["drained"] is False and exit_line["abandoned"] == len(abandoned)
+    print(f"\nFIGURE {cut}: exit 1 {exited - signalled:.1f} s after the last signal; "
+          f"{40 - len(abandoned)} ok, {len(abandoned)} abandoned, answered "
+          f"{answered_s:.1f} s after the exit; {len(children)} workers gone")
 
 
 def test_front_killed_client_resends_to_restarted_daemon_or_gets_errors(
-        tiny_models, photo_files, tmp_path):
+        tiny_models, photo_files, tmp_path, daemons):
     model, out = tiny_models["logits"], tmp_path / "masks"
     args = ("--batch-size", "16", "--max-inflight", "64")
     paths = linked_stream(photo_files, tmp_path / "in", 600)
-    first = Daemon(model, out, tmp_path, *args)
+    first = daemons(model, out, tmp_path, *args)
     first.wait_ready()
     children = first.child_pids()
-    job = Submit(first.endpoint, paths[:300])
+    job = Submitter(first.endpoint, paths[:300])
     job.start()
     job.wait_for(30)
-    first.kill_all()                                   # kill -9 the front, mid-stream
+    first.kill_front()                                   # kill -9 the front, mid-stream
     assert wait_dead(children) == [], "children outlived the killed front"
-    second = Daemon(model, out, tmp_path, *args)       # same endpoint, a new pid
+    second = daemons(model, out, tmp_path, *args)       # same endpoint, a new pid
     try:
         second.wait_ready()
         job.join(120)
@@ -190,14 +179,15 @@ def test_front_killed_client_resends_to_restarted_daemon_or_gets_errors(
         assert all(a.status == "ok" for a in job.answers), \
             [a.error for a in job.answers if a.status != "ok"][:3]
         assert job.resubmitted > 0
-        assert all(Image.open(a.mask).format == "PNG" for a in job.answers)
+        for a in job.answers:
+            mask_pixels(a.mask)
         resent = job.resubmitted
 
         # now the daemon dies for good: the client answers every open request as an error
-        orphan = Submit(second.endpoint, paths[300:])
+        orphan = Submitter(second.endpoint, paths[300:])
         orphan.start()
         orphan.wait_for(30)
-        second.kill_all()
+        second.kill_front()
         t = time.monotonic()
         orphan.join(SILENCE_S + PING_TIMEOUT_S + 30)
         gave_up_s = time.monotonic() - t
@@ -214,36 +204,47 @@ def test_front_killed_client_resends_to_restarted_daemon_or_gets_errors(
 
 
 def record_names(out: Path) -> list[str]:
-    path = out / ".pspnet-processed.jsonl"
-    if not path.exists():
-        return []
-    return [json.loads(line)["name"] for line in path.read_text().splitlines() if line]
+    return [e["name"] for e in watch_record(out)]
 
 
 def test_watch_mode_killed_and_restarted_three_times_during_300_arrivals(
-        tiny_models, photo_files, tmp_path):
+        tiny_models, photo_files, tmp_path, daemons):
     inbox, out = tmp_path / "inbox", tmp_path / "masks"
     inbox.mkdir()
     sources = linked_stream(photo_files, tmp_path / "src", WATCH_ARRIVALS)
     args = ("--watch", str(inbox), "--batch-size", "4", "--preprocess-workers", "1",
             "--postprocess-workers", "1")
-    arrived: list[str] = []
+    for src in sources[:WATCH_PRESENT]:             # there before the daemon starts
+        shutil.copyfile(src, inbox / src.name)
+    arrived: list[str] = [src.name for src in sources[:WATCH_PRESENT]]
+    ignored = [".hidden.jpg", "partial.jpg.tmp"]    # hidden, temporary: never processed
+    (inbox / ignored[0]).write_bytes(sources[0].read_bytes())
+    (inbox / ignored[1]).write_bytes(b"half a file")
 
-    def produce() -> None:                          # two ways of arriving
-        for i, src in enumerate(sources):
-            if i % 3:
-                tmp = inbox / f".{src.name}.part"
-                shutil.copyfile(src, tmp)
-                tmp.rename(inbox / src.name)       # write, then rename into the folder
-            else:
-                shutil.copyfile(src, inbox / src.name)   # written in place, then closed
+    up = threading.Event()                          # serving: a slow write may start
+    writing = threading.Lock()                      # a kill waits for a slow write
+    slowly: list[str] = []
+
+    def produce() -> None:                          # three ways of arriving
+        for i, src in enumerate(sources[WATCH_PRESENT:], WATCH_PRESENT):
+            with writing:
+                if i in WATCH_SLOW_AT and up.is_set():
+                    write_slowly(inbox / src.name, src.read_bytes())   # 4 chunks, 1.2 s
+                    slowly.append(src.name)
+                elif i % 3:
+                    tmp = inbox / f".{src.name}.part"
+                    shutil.copyfile(src, tmp)
+                    tmp.rename(inbox / src.name)   # write, then rename into the folder
+                else:
+                    shutil.copyfile(src, inbox / src.name)   # written in place, then closed
             arrived.append(src.name)
             time.sleep(1 / ARRIVALS_PER_S)
 
     producer = threading.Thread(target=produce, daemon=True)
     lives, redone_candidates = [], 0
-    daemon = Daemon(tiny_models["logits"], out, tmp_path, *args)
+    daemon = daemons(tiny_models["logits"], out, tmp_path, *args)
     daemon.wait_ready()
+    up.set()
     producer.start()
     started = time.monotonic()
     for kill in range(WATCH_KILLS):
@@ -252,15 +253,18 @@ def test_watch_mode_killed_and_restarted_three_times_during_300_arrivals(
             time.sleep(0.05)
         children = daemon.child_pids()
         recorded_before = len(record_names(out))
-        daemon.kill_all()                            # kill -9 the front
+        with writing:
+            up.clear()
+            daemon.kill_front()                        # kill -9 the front
         assert wait_dead(children) == [], "children outlived the killed front"
         recorded = set(record_names(out))
         masked_not_recorded = {p.stem for p in out.glob("*.png")} - {Path(n).stem
                                                                       for n in recorded}
         redone_candidates += len(masked_not_recorded)
         lives.append((len(arrived), recorded_before, len(recorded)))
-        daemon = Daemon(tiny_models["logits"], out, tmp_path, *args)
+        daemon = daemons(tiny_models["logits"], out, tmp_path, *args)
         daemon.wait_ready()
+        up.set()
     try:
         producer.join(120)
         deadline = time.monotonic() + 90
@@ -274,18 +278,18 @@ def test_watch_mode_killed_and_restarted_three_times_during_300_arrivals(
     assert len(arrived) == WATCH_ARRIVALS
     assert all(a < WATCH_ARRIVALS for a, _, _ in lives), f"a kill after the arrivals: {lives}"
     assert sorted(set(names)) == sorted(arrived), "an arrival was lost"
+    assert not set(ignored) & set(names), "a hidden or temporary file was processed"
+    assert slowly, "no arrival was written slowly (the daemon was down at each turn)"
     duplicated = len(names) - len(set(names))
     assert duplicated == 0, "an image was recorded (processed) twice"
-    entries = [json.loads(line) for line in
-               (out / ".pspnet-processed.jsonl").read_text().splitlines()]
+    entries = watch_record(out)
     assert all(e["status"] == "ok" for e in entries), [e for e in entries if e["status"] != "ok"]
     masks = sorted(p.stem for p in out.glob("*.png"))
     assert masks == sorted(Path(n).stem for n in arrived)
     for p in out.glob("*.png"):
-        with Image.open(p) as im:
-            im.load()
-            assert im.format == "PNG" and im.mode == "P"
-    print(f"\nFIGURE watch: {WATCH_ARRIVALS} arrivals, {WATCH_KILLS} kill -9 + restart, "
+        mask_pixels(p)
+    print(f"\nFIGURE watch: {WATCH_ARRIVALS} arrivals ({WATCH_PRESENT} present at the "
+          f"start, {len(slowly)} written slowly), {WATCH_KILLS} kill -9 + restart, "
           f"0 lost, {duplicated} recorded twice, {redone_candidates} masks written but not "
           f"yet recorded at a kill (recomputed once, same file); "
           f"(arrived, recorded) at each kill: {[(a, r) for a, r, _ in lives]}; "

@@ -5,7 +5,7 @@ from __future__ import annotations
 import msgpack
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from stages import wire
@@ -123,6 +123,7 @@ valid = [bytes(f) for f in wire.encode(wire.Image(REQ, PLACE, "executor-0-42",
 
 @settings(max_examples=300, deadline=None)
 @given(st.integers(0, len(valid[0]) - 1), st.integers(0, 255), st.booleans())
+@example(position=124, value=0x95, truncate=False)   # the dtype string made an array: found
 def test_decoder_survives_mutated_headers(position, value, truncate):
     head = bytearray(valid[0])
     if truncate:

@@ -9,34 +9,33 @@ front and of every child is sampled every 0.2 s (and their kernel high-water mar
 What must hold: every accepted request answered exactly once (ok), the library client's 300
 all answered ok (backpressure, never a timeout), `busy` seen, and each process's peak RSS
 under its bound. The bounds (see docs/reliability.md): the processes' idle size (torch is
-imported by the front and the postprocess workers) plus what the queue and the in-flight
-window can hold, with margin.
+imported by the postprocess workers, not by the front) plus what the queue and the
+in-flight window can hold, with margin.
 """
 
 from __future__ import annotations
 
 import collections
-import threading
 import time
 
-from daemon.client import Client
 from stages import wire
-from tests.reliability_helpers import Daemon, MemoryWatch, RawClient, linked_stream, proc_kb
+from tests.kit import MemoryWatch, RawClient, Submitter, linked_stream, proc_kb
 
 OVERLOAD_S = 60.0
 FACTOR = 10
 LIBRARY_AFTER_S = 10.0       # the library client joins once the queue is full
 MAX_QUEUE, MAX_INFLIGHT = 256, 64
-# MB, peak resident memory per process kind (measured: see docs/reliability.md)
-BOUND_MB = {"front": 600, "preprocess": 400, "executor": 400, "postprocess": 800}
+# MB, peak resident memory per process kind (measured: see docs/reliability.md). The front
+# imports neither torch nor cv2 and holds no pixels: its bound is its idle size and margin.
+BOUND_MB = {"front": 300, "preprocess": 400, "executor": 400, "postprocess": 800}
 GROWTH_BOUND_MB = 150        # any process: peak under overload minus its idle size
 
 
 def test_overload_10x_for_60_s_backpressure_and_bounded_memory(tiny_models, photo_files,
-                                                              tmp_path):
+                                                              tmp_path, daemons):
     paths = linked_stream(photo_files, tmp_path / "in", 2000)
-    daemon = Daemon(tiny_models["logits"], tmp_path / "masks", tmp_path, "--batch-size", "16",
-                    "--max-inflight", str(MAX_INFLIGHT), "--max-queue", str(MAX_QUEUE))
+    daemon = daemons(tiny_models["logits"], tmp_path / "masks", tmp_path, "--batch-size", "16",
+                     "--max-inflight", str(MAX_INFLIGHT), "--max-queue", str(MAX_QUEUE))
     try:
         daemon.wait_ready()
         time.sleep(1.0)
@@ -55,19 +54,7 @@ def test_overload_10x_for_60_s_backpressure_and_bounded_memory(tiny_models, phot
         watch = MemoryWatch(daemon)
         watch.start()
         flood = RawClient(daemon.endpoint, chunk=32, backoff_s=0.05)
-        lib_answers: list = []
-        lib_error: list = []
-        lib_done: list[float] = []
-
-        def library_client() -> None:
-            try:
-                with Client(daemon.endpoint) as client:
-                    lib_answers.extend(client.submit(paths[:300]))
-                lib_done.append(time.monotonic())
-            except BaseException as exc:  # surfaced below
-                lib_error.append(exc)
-
-        lib = threading.Thread(target=library_client, daemon=True)
+        lib = Submitter(daemon.endpoint, paths[:300])
         started = time.monotonic()
         offered, n, lib_started = 0, 0, None
         while (now := time.monotonic()) - started < OVERLOAD_S:
@@ -85,7 +72,7 @@ def test_overload_10x_for_60_s_backpressure_and_bounded_memory(tiny_models, phot
                 n += due
             flood.step(10)
         overload_s = time.monotonic() - started
-        lib_during_flood = len(lib_answers)
+        lib_during_flood = len(lib.answers)
         unaccepted = len(flood.backlog)
         flood.backlog.clear()                  # never accepted: never the daemon's
         deadline = time.monotonic() + 120
@@ -94,12 +81,7 @@ def test_overload_10x_for_60_s_backpressure_and_bounded_memory(tiny_models, phot
             flood.step(50)
         lib.join(120)
         status = daemon.status()
-        peaks = watch.stop()
-        for name in list(peaks):               # the kernel's own high-water marks too
-            pid = daemon.proc.pid if name == "front" else int(name.split("-")[1])
-            hwm = proc_kb(pid, "VmHWM")
-            if hwm is not None:
-                peaks[name] = max(peaks[name], hwm / 1024)
+        watch.stop()                           # RSS samples and the kernel's VmHWM
         flood.close()
     finally:
         assert daemon.stop() == 0, daemon.logs()
@@ -110,19 +92,16 @@ def test_overload_10x_for_60_s_backpressure_and_bounded_memory(tiny_models, phot
         f"{len(flood.accepted - set(flood.results))} accepted requests never answered"
     assert set(flood.result_count.values()) == {1}
     assert all(r.status == wire.OK for r in flood.results.values())
-    assert not lib_error and not lib.is_alive()
-    counts = collections.Counter(a.id for a in lib_answers)
+    assert lib.error is None and not lib.is_alive()
+    counts = collections.Counter(a.id for a in lib.answers)
     assert len(counts) == 300 and set(counts.values()) == {1}
-    assert all(a.status == "ok" for a in lib_answers), \
-        collections.Counter(a.error for a in lib_answers if a.status != "ok")
+    assert all(a.status == "ok" for a in lib.answers), \
+        collections.Counter(a.error for a in lib.answers if a.status != "ok")
     assert status["front"]["restarts"] == 0
     assert offered / len(flood.results) > FACTOR / 2
     assert lib_during_flood > 0, "the library client was starved by the flood"
     latencies = sorted(flood.answered_at[i] - flood.accepted_at[i] for i in flood.accepted)
-    by_kind: dict[str, float] = {}
-    for name, mb in peaks.items():
-        kind = name.split("-")[0]
-        by_kind[kind] = max(by_kind.get(kind, 0.0), mb)
+    by_kind = watch.by_kind()
     growth = {k: by_kind[k] - idle[k] for k in by_kind}
     accepted_rate = len(flood.accepted) / overload_s
     print(f"\nFIGURE overload: capacity {capacity:.0f} img/s, offered {offered_rate:.0f}/s "
@@ -133,7 +112,7 @@ def test_overload_10x_for_60_s_backpressure_and_bounded_memory(tiny_models, phot
           f"once, ok; accept->answer latency median {latencies[len(latencies) // 2]:.2f} s, "
           f"max {latencies[-1]:.2f} s; library client (joined at {LIBRARY_AFTER_S:.0f} s) "
           f"300/300 ok ({lib_during_flood} during the flood), done "
-          f"{lib_done[0] - started:.0f} s into it; offered / "
+          f"{lib_started + lib.took_s - started:.0f} s into it; offered / "
           f"answered {offered / len(flood.results):.1f}x; {watch.samples} samples")
     for kind in ("front", "preprocess", "executor", "postprocess"):
         print(f"  {kind:>11}: idle {idle[kind]:.0f} MB, peak {by_kind[kind]:.0f} MB "

@@ -1,0 +1,221 @@
+"""The front in this process (daemon.front.Front, as bench and eval use it), its workers as
+real processes over ZeroMQ: VOC photos against an independent reference, partial batches,
+mask names, a worker that cannot start, an owner that exits with the pipeline open.
+
+The executor alone (its peers played by the test) is in tests/stages/test_executor.py."""
+
+from __future__ import annotations
+
+import collections
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from build_model.reference import Reference
+from daemon.front import Front, PipelineError, requests_for
+from stages import wire
+from stages.config import PipelineConfig
+from stages.manifest import voc_palette
+from tests.kit import FAKE_ACL, mask_pixels, with_om
+from tests.mmseg_metric import mmseg_iou
+
+
+def run_all(cfg: PipelineConfig, paths, anns=None):
+    with Front(cfg) as pipe:
+        results = list(pipe.run(requests_for(paths, anns)))
+        status = pipe.status()
+        summary = pipe.metrics.summary() if pipe.metrics.images else None
+    return results, status, summary
+
+
+def answered_once(results, n: int) -> dict[str, wire.Result]:
+    counts = collections.Counter(r.id for r in results)
+    assert sorted(counts, key=int) == [str(i) for i in range(n)]
+    assert set(counts.values()) == {1}, "an id was answered twice"
+    return {r.id: r for r in results}
+
+
+@pytest.fixture(scope="module")
+def voc(tmp_path_factory, photos, mmseg_models) -> dict:
+    """Real photos with ground truth: the reference prediction, VOC-style 255 borders, and a
+    relabelled block, so the mIoU is neither 100 nor trivial."""
+    root = tmp_path_factory.mktemp("voc")
+    (root / "JPEGImages").mkdir()
+    (root / "SegmentationClass").mkdir()
+    reference = Reference(mmseg_models["logits"])
+    rng = np.random.default_rng(3)
+    images, anns, expected = [], [], {}
+    for name, rgb in photos:
+        stem = Path(name).stem
+        image = root / "JPEGImages" / f"{stem}.jpg"
+        Image.fromarray(rgb).save(image, quality=95)
+        decoded = np.asarray(Image.open(image).convert("RGB"))
+        pred = {head: reference.predict(decoded, head) for head in ("logits", "labels")}
+        truth = pred["logits"].copy()
+        edges = np.zeros_like(truth, bool)
+        edges[:-1] |= truth[:-1] != truth[1:]
+        edges[:, :-1] |= truth[:, :-1] != truth[:, 1:]
+        truth[edges] = 255
+        h, w = truth.shape
+        top, left = int(rng.integers(0, h // 2)), int(rng.integers(0, w // 2))
+        truth[top:top + h // 4, left:left + w // 4] = int(rng.integers(0, 21))
+        ann = root / "SegmentationClass" / f"{stem}.png"
+        gt = Image.fromarray(truth, mode="P")
+        gt.putpalette([c for rgb_ in voc_palette() for c in rgb_])
+        gt.save(ann)
+        images.append(image)
+        anns.append(ann)
+        expected[str(len(images) - 1)] = pred
+    assert len({len(np.unique(p["logits"])) for p in expected.values()}) > 1
+    assert min(len(np.unique(p["logits"])) for p in expected.values()) >= 3, \
+        "degenerate test model: too few classes per image"
+    return {"images": images, "anns": anns, "expected": expected}
+
+
+CASES = [("ort", "logits"), ("ort", "labels"), ("torch", "logits"), ("acl", "logits")]
+
+
+@pytest.mark.parametrize(("backend", "head"), CASES, ids=[f"{b}-{h}" for b, h in CASES])
+def test_voc_through_real_processes(backend, head, voc, mmseg_models, tmp_path, monkeypatch):
+    model_dir = mmseg_models[head]
+    if backend == "acl":
+        # the workers are fresh interpreters: they find the stand-in through PYTHONPATH
+        monkeypatch.setenv("PYTHONPATH", os.pathsep.join(
+            [str(FAKE_ACL), *filter(None, [os.environ.get("PYTHONPATH")])]))
+        model_dir = with_om(model_dir, tmp_path)
+    devices = ("npu:0",) if backend == "acl" else ("cpu",)
+    cfg = PipelineConfig(model_dir=model_dir, backend=backend, devices=devices, batch_size=4,
+                         preprocess_workers=2, postprocess_workers=2, out_dir=tmp_path / "m",
+                         log_json=True)
+    results, status, summary = run_all(cfg, voc["images"], voc["anns"])
+    by_id = answered_once(results, len(voc["images"]))
+    agreement = []
+    for rid, result in by_id.items():
+        assert result.status == wire.OK, result.error
+        mask = mask_pixels(result.mask)
+        want = voc["expected"][rid][head]
+        assert mask.shape == want.shape
+        agreement.append((mask == want).mean())
+    print(f"{backend}/{head}: pixel agreement with the reference "
+          f"min {min(agreement):.5f} mean {np.mean(agreement):.5f}")
+    assert min(agreement) >= 0.995
+    masks = [Path(by_id[str(i)].mask) for i in range(len(voc["images"]))]
+    theirs = mmseg_iou(masks, voc["anns"])
+    exact = mmseg_iou(masks, voc["anns"], exact_sums=True)
+    print(f"pipeline mIoU {summary['mIoU']:.7f} / mmseg IoUMetric {theirs['mIoU']:.7f} "
+          f"(float64 sums {exact['mIoU']:.7f})")
+    for key in ("mIoU", "aAcc", "mAcc"):   # percent; 1e-6 as mmseg's fractions
+        assert summary[key] / 100 == pytest.approx(theirs[key] / 100, abs=1e-6)
+        assert summary[key] == pytest.approx(exact[key], abs=1e-6)
+    assert status["front"]["ok"] == len(voc["images"])
+    assert 10 < summary["mIoU"] < 100
+
+
+def test_partial_batch_no_filler_leaks(tiny_models, photo_files, tmp_path):
+    cfg = PipelineConfig(model_dir=tiny_models["logits"], batch_size=16, max_wait_ms=50,
+                         out_dir=tmp_path / "m", log_json=True)
+    results, status, _ = run_all(cfg, photo_files[:17])
+    by_id = answered_once(results, 17)
+    assert all(r.status == wire.OK for r in by_id.values())
+    assert len(list((tmp_path / "m").glob("*.png"))) == 17
+    assert status["front"]["duplicates_dropped"] == 0
+
+
+def test_images_sharing_a_mask_name_do_not_overwrite_each_other(tiny_models, photo_files,
+                                                                tmp_path):
+    """a/x.jpg, b/x.jpg, a/x.png and "with space.jpg" / "with_space.jpg" each cut down to
+    one mask name: the first image keeps it, the others are answered with an error naming
+    it, and a/x.jpg submitted again replaces its own mask (two postprocess workers)."""
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    names = ["a/x.jpg", "b/x.jpg", "a/x.png", "a/with space.jpg", "a/with_space.jpg"]
+    for name, photo in zip(names, photo_files, strict=False):
+        Image.open(photo).save(tmp_path / name)
+    a, b, png, space, underscore = (str(tmp_path / n) for n in names)
+    out = tmp_path / "m"
+    cfg = PipelineConfig(model_dir=tiny_models["logits"], batch_size=4, max_wait_ms=20,
+                         preprocess_workers=1, postprocess_workers=2, out_dir=out,
+                         log_json=True)
+    with Front(cfg) as pipe:
+        first = {r.id: r for r in pipe.run([wire.Request("a", a), wire.Request("s", space)])}
+        assert all(r.status == wire.OK for r in first.values()), first
+        kept = {p.name: np.asarray(Image.open(p)) for p in out.glob("*.png")}
+        later = {r.id: r for r in pipe.run([
+            wire.Request("b", b), wire.Request("png", png), wire.Request("u", underscore),
+            wire.Request("again", a)])}
+    assert sorted(kept) == ["with_space.png", "x.png"]
+    for rid, holder, mask in (("b", a, "x.png"), ("png", a, "x.png"),
+                              ("u", space, "with_space.png")):
+        assert later[rid].status == wire.ERROR, later[rid]
+        assert later[rid].error == (f"mask name {mask} already holds the mask of {holder}; "
+                                    "rename one of them")
+    assert later["again"].status == wire.OK and later["again"].mask == str(out / "x.png")
+    for name, pixels in kept.items():               # neither was overwritten
+        assert np.array_equal(np.asarray(Image.open(out / name)), pixels)
+    assert sorted(p.name for p in out.iterdir()) == ["with_space.png", "x.png"]
+
+
+def test_a_mask_dir_that_cannot_be_created_stops_the_start(tiny_models, tmp_path, capfd):
+    """--out naming a regular file: the postprocess worker reports a fatal start (one
+    reason, no restart loop), as a model that cannot load does."""
+    from stages.logs import configure_logging
+
+    configure_logging("info", json=True)   # the front logs in this process: not at the
+    blocker = tmp_path / "not-a-dir"       # level an earlier test's command left behind
+    blocker.write_text("a file")
+    cfg = PipelineConfig(model_dir=tiny_models["logits"], batch_size=4, preprocess_workers=1,
+                         postprocess_workers=1, out_dir=blocker, log_json=True,
+                         start_timeout_s=30)
+    started = time.monotonic()
+    with pytest.raises(PipelineError) as caught, Front(cfg):
+        pass
+    assert str(caught.value) == (f"postprocess-0 cannot start: mask directory (--out) "
+                                 f"{blocker} exists and is not a directory")
+    assert time.monotonic() - started < 25
+    captured = capfd.readouterr()
+    logs = captured.out + captured.err
+    assert logs.count("child started") == 3 and "child died" not in logs, logs
+    assert blocker.read_text() == "a file"
+
+
+LEFT_OPEN = """
+import sys
+from pathlib import Path
+from stages.config import PipelineConfig
+from daemon.front import Front
+from stages.logs import configure_logging
+configure_logging("warning")
+pipe = Front(PipelineConfig(model_dir=Path(sys.argv[1]), backend="sim", batch_size=4,
+                            preprocess_workers=1, postprocess_workers=1))
+pipe.start()
+print(" ".join(str(s.proc.pid) for s in pipe.supervisor.slots), flush=True)
+raise SystemExit(0)          # no close(): an exception would skip it the same way
+"""
+
+
+def test_a_process_that_exits_with_its_pipeline_open_does_not_hang(tiny_models):
+    """An owner that exits with its Front started and never closed (a start-up failure that
+    skipped close): it must exit at once, and its workers must not outlive it (the kernel
+    ends them: PR_SET_PDEATHSIG). Workers ignore SIGTERM (a group signal must not kill them
+    mid-drain); when they were multiprocessing children, whose exit joins them after a
+    SIGTERM, such an owner waited for ever."""
+    import os
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-c", LEFT_OPEN, str(tiny_models["labels"])],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        pids = [int(p) for p in proc.stdout.readline().split()]
+        assert len(pids) == 3
+        assert proc.wait(timeout=30) == 0
+    finally:
+        proc.kill()
+    time.sleep(0.5)
+    alive = [pid for pid in pids if os.path.exists(f"/proc/{pid}")
+             and "Z" not in Path(f"/proc/{pid}/stat").read_text().split()[2]]
+    assert alive == [], f"children left: {alive}"

@@ -1,0 +1,235 @@
+"""The executor alone: one Executor on a thread, its front, preprocess and postprocess
+played by the test's own sockets. Overlap of assembly and transfer with compute, partial
+batches, a batch the device refuses, a device that keeps failing, stale images."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import zmq
+
+from stages import wire
+from stages.config import Addresses, PipelineConfig
+from stages.executor import Executor
+from stages.manifest import Manifest
+
+
+class SlowBackend:
+    """Upload costs `transfer_s`, execute `compute_s`: what the executor must overlap."""
+
+    name, head = "slow", "labels"
+
+    def __init__(self, batch: int, size: tuple[int, int], transfer_s: float, compute_s: float):
+        self.batch_size, self.input_size = batch, size
+        self.transfer_s, self.compute_s = transfer_s, compute_s
+        self.execute_times_ms: list[float] = []
+        self.device: dict[int, np.ndarray] = {}
+        self.filled: list[int] = []           # real rows per uploaded batch
+
+    def host_buffers(self, slot: int) -> tuple[np.ndarray, np.ndarray]:
+        return (np.zeros((self.batch_size, *self.input_size, 3), np.uint8),
+                np.zeros((self.batch_size, 4), np.int32))
+
+    def upload(self, slot: int, images: np.ndarray, boxes: np.ndarray) -> None:
+        time.sleep(self.transfer_s)
+        self.device[slot] = boxes.copy()
+        self.filled.append(int((boxes[:, 2] > 0).sum()))
+
+    def launch(self, slot: int) -> None:
+        pass                                  # a synchronous runtime: collect runs it
+
+    def collect(self, slot: int) -> np.ndarray:
+        time.sleep(self.compute_s)
+        return np.zeros((self.batch_size, *self.input_size), np.uint8)
+
+    def execute(self, slot: int) -> np.ndarray:
+        return self.collect(slot)
+
+    def close(self) -> None:
+        pass
+
+
+class ExecutorAlone:
+    """One Executor on a thread, its peers played by this test's sockets: the front (a
+    ROUTER its notes, errors and heartbeats reach), a preprocess worker (a PUSH to its
+    images socket) and a postprocess worker (a DEALER asking for its outputs)."""
+
+    def __init__(self, model_dir: Path, tmp_path: Path, backend: object, max_wait_ms: float,
+                 credits: int = 1000, **kwargs: object) -> None:
+        from stages.child import Child
+
+        cfg = PipelineConfig(model_dir=model_dir, max_wait_ms=max_wait_ms, log_json=True,
+                             run_dir=tmp_path)
+        addrs = Addresses.for_config(cfg, tmp_path)
+        ctx = zmq.Context.instance()
+        self.front = ctx.socket(zmq.ROUTER)     # executor's notes, errors, heartbeats -> test
+        self.front.bind(addrs.control)
+        child = Child("executor", 0, cfg, addrs, supervised=False)
+        self.name = child.name
+        executor = Executor(child, backend, **kwargs)  # type: ignore[arg-type]
+        self.images = ctx.socket(zmq.PUSH)      # test (as preprocess) -> executor
+        self.images.connect(child.inputs)
+        self.outputs = ctx.socket(zmq.DEALER)   # executor -> test (as postprocess)
+        self.outputs.setsockopt(zmq.IDENTITY, b"postprocess-0-1")
+        self.outputs.connect(child.outputs)
+        self.outputs.send_multipart(wire.encode(wire.Credit(credits)))
+        self.notes: list[wire.Message] = []
+        threading.Thread(target=executor.run, daemon=True).start()
+        self.pixels = np.zeros((*Manifest.read(model_dir).input_size, 3), np.uint8)
+
+    def send(self, i: int, to: str | None = None) -> None:
+        place = wire.Placement(64, 64, 1.0, 0, 0, 64, 64)
+        self.images.send_multipart(wire.encode(wire.Image(
+            wire.Request(str(i), "/x"), place, to or self.name, self.pixels)))
+
+    def output_ids(self, n: int) -> list[str]:
+        return [wire.decode(self.outputs.recv_multipart()).request.id for _ in range(n)]
+
+    def next_note(self, kind: type, timeout_s: float = 10) -> wire.Message:
+        """The first note of this kind not yet taken (notes from the two threads of the
+        executor travel on two sockets: they may arrive in either order)."""
+        for i, message in enumerate(self.notes):
+            if isinstance(message, kind):
+                return self.notes.pop(i)
+        deadline = time.monotonic() + timeout_s
+        while True:
+            assert self.front.poll(max(0.0, deadline - time.monotonic()) * 1e3), kind
+            message = wire.decode(self.front.recv_multipart()[1:])
+            if isinstance(message, kind):
+                return message
+            self.notes.append(message)
+
+    def errors(self, n: int) -> dict[str, str]:
+        """The next `n` error answers (id -> message), skipping heartbeats and notes."""
+        failed: dict[str, str] = {}
+        while len(failed) < n:
+            message = self.next_note(wire.Result)
+            failed[message.id] = message.error or ""
+        return failed
+
+    def close(self) -> None:
+        for sock in (self.images, self.outputs, self.front):
+            sock.close(0)
+
+
+def test_executor_overlaps_assembly_and_transfer_with_compute(tiny_models, tmp_path):
+    """N batches take about N x compute, not N x (compute + transfer + assembly)."""
+    manifest = Manifest.read(tiny_models["labels"])
+    batch, n_batches, compute_s, transfer_s = 4, 8, 0.20, 0.12
+    backend = SlowBackend(batch, manifest.input_size, transfer_s, compute_s)
+    alone = ExecutorAlone(tiny_models["labels"], tmp_path, backend, max_wait_ms=1000)
+    started = time.perf_counter()
+    for i in range(n_batches * batch):       # all queued at once: assembly is never waiting
+        alone.send(i)
+    got = alone.output_ids(n_batches * batch)
+    elapsed = time.perf_counter() - started
+    serial = n_batches * (compute_s + transfer_s)
+    overlapped = n_batches * compute_s + transfer_s
+    print(f"{n_batches} batches: {elapsed:.2f} s; overlapped ideal {overlapped:.2f} s, "
+          f"serial {serial:.2f} s")
+    assert sorted(got, key=int) == [str(i) for i in range(n_batches * batch)]
+    assert elapsed < overlapped + 0.5 * (serial - overlapped)
+    alone.close()
+
+
+class LaunchFailsOnce(SlowBackend):
+    """The device refuses the second batch at launch (a CUDA error, say)."""
+
+    launches = 0
+
+    def launch(self, slot: int) -> None:
+        self.launches += 1
+        if self.launches == 2:
+            raise RuntimeError("device refused the batch")
+
+
+def test_a_batch_that_fails_to_launch_is_answered_and_the_executor_goes_on(tiny_models,
+                                                                            tmp_path):
+    manifest = Manifest.read(tiny_models["labels"])
+    backend = LaunchFailsOnce(4, manifest.input_size, transfer_s=0.0, compute_s=0.05)
+    alone = ExecutorAlone(tiny_models["labels"], tmp_path, backend, max_wait_ms=1000)
+    for i in range(12):                      # three full batches; the second fails
+        alone.send(i)
+    done = set(alone.output_ids(8))
+    failed = alone.errors(4)
+    assert done == {str(i) for i in (0, 1, 2, 3, 8, 9, 10, 11)}
+    assert set(failed) == {"4", "5", "6", "7"}
+    assert all("inference failed: device refused the batch" in e for e in failed.values())
+    alone.close()
+
+
+class DeviceBroken(SlowBackend):
+    """Every batch fails on collect, as after a CUDA error that poisons the context."""
+
+    def collect(self, slot: int) -> np.ndarray:
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+
+def test_an_executor_whose_device_keeps_failing_gives_up_to_be_restarted(tiny_models,
+                                                                          tmp_path):
+    """Three failed batches in a row: every image answered with the error, then the
+    executor gives up (in the daemon: exits, and the front restarts it)."""
+    from stages.executor import FAILED_IN_A_ROW_BEFORE_RESTART
+
+    manifest = Manifest.read(tiny_models["labels"])
+    reasons: list[str] = []
+    alone = ExecutorAlone(tiny_models["labels"], tmp_path,
+                          DeviceBroken(4, manifest.input_size, 0.0, 0.0), max_wait_ms=1000,
+                          give_up=reasons.append)
+    n = 4 * FAILED_IN_A_ROW_BEFORE_RESTART
+    for i in range(n):
+        alone.send(i)
+    failed = alone.errors(n)
+    assert all("inference failed: CUDA error" in e for e in failed.values())
+    deadline = time.monotonic() + 10
+    while not reasons and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert set(failed) == {str(i) for i in range(n)}
+    assert len(reasons) == 1 and f"{FAILED_IN_A_ROW_BEFORE_RESTART} batches in a row" \
+        in reasons[0] and "illegal memory access" in reasons[0]
+    assert not alone.outputs.poll(100)          # nothing went downstream
+    alone.close()
+
+
+def test_executor_keeps_filling_while_the_device_is_busy(tiny_models, tmp_path):
+    """Past max_wait a partial batch runs only if the device is idle: while a batch runs,
+    the next one keeps filling (a partial batch would wait anyway, at full cost)."""
+    manifest = Manifest.read(tiny_models["labels"])
+    backend = SlowBackend(4, manifest.input_size, transfer_s=0.0, compute_s=0.4)
+    alone = ExecutorAlone(tiny_models["labels"], tmp_path, backend, max_wait_ms=20)
+    alone.send(0)                            # alone, device idle: runs after max_wait
+    time.sleep(0.1)
+    for i in range(1, 5):                    # trickle in while that batch runs
+        alone.send(i)
+        time.sleep(0.05)
+    alone.send(5)                            # device idle again after the second batch
+    got = alone.output_ids(6)
+    assert sorted(got, key=int) == [str(i) for i in range(6)]
+    assert backend.filled == [1, 4, 1], backend.filled
+    alone.close()
+
+
+def test_executor_takes_only_images_meant_for_this_life_and_says_what_it_took(tiny_models,
+                                                                               tmp_path):
+    """An image addressed to a previous life of this executor (left in a preprocess
+    worker's queue when it was restarted: the front has retried it already) is dropped; the
+    others are taken, and the front hears which, batch by batch."""
+    manifest = Manifest.read(tiny_models["labels"])
+    backend = SlowBackend(4, manifest.input_size, transfer_s=0.0, compute_s=0.0)
+    alone = ExecutorAlone(tiny_models["labels"], tmp_path, backend, max_wait_ms=1000)
+    alone.send(100, to="executor-0-1")            # stale: another pid
+    for i in range(4):
+        alone.send(i)
+    assert sorted(alone.output_ids(4), key=int) == ["0", "1", "2", "3"]
+    took = alone.next_note(wire.Took)
+    handed = alone.next_note(wire.Handed)
+    assert sorted(took.ids, key=int) == ["0", "1", "2", "3"]
+    assert sorted(handed.ids, key=int) == ["0", "1", "2", "3"]
+    assert handed.to == "postprocess-0-1"
+    beat = alone.next_note(wire.Heartbeat, timeout_s=5)
+    assert beat.inputs.startswith("ipc://") and beat.capacity == 8 and beat.batch == 4
+    assert not alone.outputs.poll(300)           # the stale image never went out
+    alone.close()
