@@ -15,17 +15,17 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from stages import labels as labels_mod
-from stages.labels import (
+from stages import masks as masks_mod
+from stages.labels import read_ground_truth
+from stages.manifest import voc_palette
+from stages.masks import (
     SOURCE_KEY,
     MaskNameTaken,
     mask_path,
     mask_source,
-    read_ground_truth,
     recorded_source,
     write_mask,
 )
-from stages.manifest import voc_palette
 from tests.daemon_helpers import Daemon
 
 PALETTE = voc_palette(21)
@@ -139,7 +139,7 @@ def test_without_hard_links_the_check_still_refuses(tmp_path: Path,
     def no_links(_src: object, _dst: object) -> None:
         raise OSError(errno.EPERM, "Operation not permitted")
 
-    monkeypatch.setattr(labels_mod.os, "link", no_links)
+    monkeypatch.setattr(masks_mod.os, "link", no_links)
     first, second = images(tmp_path, "a/x.jpg", "b/x.jpg")
     target = tmp_path / "out" / "x.png"
     write_mask(labels(1), target, PALETTE, source=first)

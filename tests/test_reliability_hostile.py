@@ -37,8 +37,8 @@ from daemon import clients as clients_module
 from daemon import door as door_module
 from daemon.client import Client
 from stages import wire
-from stages.labels import mask_path, write_mask
 from stages.manifest import voc_palette
+from stages.masks import mask_path, write_mask
 from tests.reliability_helpers import Daemon, MemoryWatch, proc_kb
 
 ROOT = Path(__file__).resolve().parent.parent
