@@ -154,7 +154,11 @@ class Server:
             self._check_threads()
             for result, origin in front.take_answers():
                 self._deliver(result, origin)
-            self._feed_watch()
+            try:
+                self._feed_watch()
+            except Exception as exc:            # a watch bug stops intake, loudly, not serve
+                self.log.exception("watch intake failed")
+                self._fail(f"watch intake failed: {type(exc).__name__}: {exc}")
             front.dispatch()
             code = self._drain_check()
             if code is not None:
@@ -203,10 +207,14 @@ class Server:
         elif self.watcher is not None and not self.stopping and not self.watcher.alive:
             dead = f"the watch thread died: {self.watcher.error or 'no error recorded'}"
         if dead is not None:
-            self.failure = dead
-            self.log.error("a thread of the front died; draining and exiting", error=dead)
-            if not self.stopping:
-                self._begin_drain()
+            self._fail(dead)
+
+    def _fail(self, why: str) -> None:
+        """Part of the front failed: drain what was accepted, then exit 1."""
+        self.failure = why
+        self.log.error("a part of the front failed; draining and exiting", error=why)
+        if not self.stopping:
+            self._begin_drain()
 
     # ---- answers and watch mode ---------------------------------------------------------
 

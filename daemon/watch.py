@@ -300,7 +300,8 @@ class Watcher:
                 break
             if entry.name not in self.seen and entry.name not in self.inflight:
                 self._note(entry.name, now, fresh=True)
-                self._consider(entry.name, now, ready)
+                if entry.name in self.seen:     # an image file (not hidden, temporary)
+                    self._consider(entry.name, now, ready)
         return ready
 
     def _drain_events(self, now: float) -> None:

@@ -45,7 +45,8 @@ class Daemon:
             return client.status()
 
     def logs(self) -> str:
-        self.log.flush()
+        if not self.log.closed:
+            self.log.flush()
         return self.log_path.read_text()[-6000:]
 
     def events(self) -> list[dict]:

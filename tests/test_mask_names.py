@@ -208,8 +208,10 @@ def test_watch_mode_records_the_refused_one_and_does_not_redo_it(tiny_models, ph
     daemon = Daemon(tiny_models["logits"], out, tmp_path, *args)
     try:
         daemon.wait_ready()
+        time.sleep(2.0)                    # past the settle time: both files looked at
+        submitted = daemon.status()["front"]["submitted"]
     finally:
         assert daemon.stop() == 0, daemon.logs()
     (watching,) = [e for e in daemon.events() if e.get("event") == "watching"]
-    assert watching["present"] == 0 and watching["already_processed"] == 2
+    assert watching["final"] == 2 and submitted == 0
     assert len(record(out)) == 2
