@@ -24,13 +24,9 @@ from PIL import Image
 from bench.progress import Progress
 from bench.voc import VocSplit
 from stages.config import PipelineConfig
-from stages.labels import (
-    GroundTruthError,
-    intersect_and_union,
-    mask_path,
-    read_ground_truth,
-)
+from stages.labels import GroundTruthError, intersect_and_union, read_ground_truth
 from stages.manifest import Manifest
+from stages.masks import mask_path
 from stages.metrics import IoUAccumulator
 
 

@@ -56,8 +56,8 @@ def synthetic(count: int, folder: Path, seed: int = 0) -> BenchInputs:
     import cv2
 
     from build_model.samples import sample_images
-    from stages.labels import write_mask
     from stages.manifest import voc_palette
+    from stages.masks import write_mask
 
     if count < 1:
         raise ValueError("--synthetic needs at least 1 image")

@@ -22,11 +22,10 @@ from stages.labels import (
     intersect_and_union,
     labels_from_labels,
     labels_from_logits,
-    mask_path,
     read_ground_truth,
-    write_mask,
 )
 from stages.manifest import Manifest
+from stages.masks import mask_path, write_mask
 from stages.metrics import IoUAccumulator
 from stages.wire import Placement
 

@@ -68,6 +68,7 @@ class Front:
         self.answers: list[tuple[wire.Result, Any]] = []
         self.answered_at: collections.deque[float] = collections.deque()
         self.bytes_in = self.bytes_out = 0
+        self.storage_failures = 0               # masks not stored since the last that was
         self.started = False
         self._next_check = 0.0
         self._own_run_dir = cfg.run_dir is None
@@ -260,11 +261,24 @@ class Front:
         if entry is None:
             self.totals["duplicates_dropped"] += 1
             return
+        self._storage_episode(result)
         self._deliver(entry, result.status, result.mask, result.error, result.stage,
-                      result.areas)
+                      result.areas, result.cause)
+
+    def _storage_episode(self, result: wire.Result) -> None:
+        """A disk that fills fails every mask: one warning when it starts, one line when
+        masks are stored again, not a line per image."""
+        if result.cause == wire.STORAGE:
+            if self.storage_failures == 0:
+                self.log.warning("masks cannot be stored; answering them as errors until "
+                                 "they can", error=result.error)
+            self.storage_failures += 1
+        elif result.status == wire.OK and result.mask and self.storage_failures:
+            self.log.info("masks are stored again", failed_meanwhile=self.storage_failures)
+            self.storage_failures = 0
 
     def _deliver(self, entry: Any, status: str, mask: str | None, error: str | None,
-                 stage: str, areas: Any = None) -> None:
+                 stage: str, areas: Any = None, cause: str | None = None) -> None:
         """One answer for one accepted request, under the id its client gave."""
         if status == wire.OK and areas is not None:
             self.metrics.add(areas)
@@ -273,12 +287,13 @@ class Front:
         self.answered_at.append(now)
         while self.answered_at and self.answered_at[0] < now - RATE_WINDOW_S:
             self.answered_at.popleft()
-        if status != wire.OK:
+        if status != wire.OK and cause != wire.STORAGE:    # those: one line per episode
             self.log.info("request failed", id=entry.client_id, path=entry.request.path,
                           stage=stage, error=error)
         self.answers.append((wire.Result(entry.client_id, entry.request.attempt, status,
                                          entry.request.path, mask=mask, error=error,
-                                         stage=stage, areas=areas), entry.origin))
+                                         stage=stage, areas=areas, cause=cause),
+                             entry.origin))
 
     def _malformed(self, exc: wire.WireError) -> None:
         self.totals["malformed"] += 1

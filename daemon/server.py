@@ -29,11 +29,11 @@ from typing import Any
 import structlog
 import zmq
 
-from daemon.clients import Clients
+from daemon.clients import Clients, refusal
 from daemon.door import Door
 from daemon.endpoint import is_local
 from daemon.front import Front, PipelineError, StartInterrupted
-from daemon.watch import Record, Watcher
+from daemon.watch import Record, StorageError, Version, Watcher
 from stages import wire
 from stages.config import PipelineConfig
 from stages.exits import EXIT_CANNOT_START, EXIT_FAILED, EXIT_OK, EXIT_USAGE
@@ -42,6 +42,7 @@ from stages.logs import json_safe
 LOOP_MS = 50
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 WATCH = "watch"              # the origin of watched files' requests
+RECORD_RETRY_S = 1.0         # a record that cannot be written is tried again this often
 
 
 @dataclass(frozen=True)
@@ -64,7 +65,8 @@ class Server:
         self.drain_deadline = 0.0
         self.record: Record | None = None
         self.watcher: Watcher | None = None
-        self.watched: dict[str, str] = {}     # watch request id -> file name
+        self.watched: dict[str, tuple[str, Version]] = {}   # request id -> file, version
+        self._record_retry_at = 0.0
         self.door = Door(cfg.endpoint)
         self.failure: str | None = None         # a thread of the front died: why
         self.stop_reason: str | None = None     # set when exiting before the drain finished
@@ -127,7 +129,8 @@ class Server:
             self.log.error("pipeline failed", error=str(exc))
             self.stop_reason = f"the daemon failed: {exc}"
             code = EXIT_CANNOT_START
-        self._shutdown()
+        if not self._shutdown() and code == EXIT_OK:
+            code = EXIT_FAILED                # the drain went well, the metrics file not
         return code
 
     # ---- the loop ----------------------------------------------------------------------
@@ -151,7 +154,11 @@ class Server:
             self._check_threads()
             for result, origin in front.take_answers():
                 self._deliver(result, origin)
-            self._feed_watch()
+            try:
+                self._feed_watch()
+            except Exception as exc:            # a watch bug stops intake, loudly, not serve
+                self.log.exception("watch intake failed")
+                self._fail(f"watch intake failed: {type(exc).__name__}: {exc}")
             front.dispatch()
             code = self._drain_check()
             if code is not None:
@@ -200,10 +207,14 @@ class Server:
         elif self.watcher is not None and not self.stopping and not self.watcher.alive:
             dead = f"the watch thread died: {self.watcher.error or 'no error recorded'}"
         if dead is not None:
-            self.failure = dead
-            self.log.error("a thread of the front died; draining and exiting", error=dead)
-            if not self.stopping:
-                self._begin_drain()
+            self._fail(dead)
+
+    def _fail(self, why: str) -> None:
+        """Part of the front failed: drain what was accepted, then exit 1."""
+        self.failure = why
+        self.log.error("a part of the front failed; draining and exiting", error=why)
+        if not self.stopping:
+            self._begin_drain()
 
     # ---- answers and watch mode ---------------------------------------------------------
 
@@ -211,29 +222,83 @@ class Server:
         """To its client, and (watch mode, `record`) into the record of processed files."""
         if isinstance(origin, bytes):
             self.clients.send(origin, result)
-        name = self.watched.pop(result.id, None) if origin == WATCH else None
-        if name is not None and record and self.record is not None:
-            self.record.add(name, id=result.id, status=result.status, mask=result.mask,
-                            error=result.error, attempt=result.attempt)
+        watched = self.watched.pop(result.id, None) if origin == WATCH else None
+        if watched is None or not record or self.record is None:
+            return
+        name, version = watched
+        self._record(name, version=list(version), id=result.id, status=result.status,
+                     mask=result.mask, error=result.error, cause=result.cause,
+                     attempt=result.attempt, final=result.cause is None)
+        self.watcher.answered(name, version, result.cause)
+
+    def _record(self, name: str, **fields: Any) -> None:
+        """Into the record; a storage failure keeps the line queued (written with the next
+        write that works) and is logged once, not per line."""
+        try:
+            self.record.add(name, **fields)
+        except StorageError as exc:
+            self._record_failing(exc)
+            return
+        if self._record_retry_at:
+            self.log.info("the watch record can be written again")
+            self._record_retry_at = 0.0
+
+    def _record_failing(self, exc: StorageError) -> None:
+        if not self._record_retry_at:
+            self.log.warning("cannot write the watch record; keeping its lines until it "
+                             "can (a kill now would make their images be redone)",
+                             error=str(exc), record=str(self.record.path))
+        self._record_retry_at = time.monotonic() + RECORD_RETRY_S
 
     def _start_watch(self) -> None:
         out_dir = self.cfg.pipeline.out_dir
         self.record = Record(out_dir)
-        self.watcher = Watcher(self.cfg.watch, self.record)
-        present = self.watcher.start()
-        self.log.info("watching", folder=str(self.cfg.watch), present=len(present),
-                      already_processed=len(self.record.done))
-        self._submit_watched(present)
+        self.watcher = Watcher(self.cfg.watch, self.record, out_dir)
+        self.watcher.start()
+        final = sum(1 for e in self.record.entries.values() if e.get("final", True))
+        self.log.info("watching", folder=str(self.cfg.watch), recorded=len(self.record.entries),
+                      final=final, torn_lines=self.record.torn,
+                      share_of_queue=self.watch_share)
+
+    @property
+    def watch_share(self) -> int:
+        """Watched files may hold at most half of --max-queue: the rest is for clients,
+        so a backlog of files never keeps a client's image out."""
+        return max(1, self.cfg.max_queue // 2)
 
     def _feed_watch(self) -> None:
-        if self.watcher is not None and not self.stopping:
-            self._submit_watched(self.watcher.poll())
-
-    def _submit_watched(self, paths: list[Path]) -> None:
-        for path in paths:
+        watcher = self.watcher
+        if watcher is None or self.stopping:
+            return
+        if self._record_retry_at and time.monotonic() >= self._record_retry_at:
+            try:
+                self.record.flush()
+                self.log.info("the watch record can be written again")
+                self._record_retry_at = 0.0
+            except StorageError as exc:
+                self._record_failing(exc)
+        for event, fields in watcher.notices:
+            self.log.warning(event, **fields)
+        watcher.notices.clear()
+        for name, version, mask in watcher.recovered:
+            self.log.info("mask already written; recorded without redoing it", file=name)
+            self._record(name, version=list(version), status=wire.OK, mask=mask,
+                         recovered=True, final=True)
+        watcher.recovered.clear()
+        room = self.watch_share - len(self.watched)
+        if room <= 0:
+            return
+        for path, version in watcher.take(room):
+            problem = refusal(wire.Request("watch", str(path)), self.cfg.allow_roots)
+            if problem is not None:             # e.g. a link out of the allowed roots
+                self.log.info("request failed", path=str(path), stage="front", error=problem)
+                self._record(path.name, version=list(version), status=wire.ERROR,
+                             error=problem, final=True)
+                watcher.answered(path.name, version, None)
+                continue
             rid = f"watch-{uuid.uuid4().hex[:12]}"
-            self.watched[rid] = path.name
-            self.front.submit(wire.Request(rid, str(path.absolute())), origin=WATCH)
+            self.watched[rid] = (path.name, version)
+            self.front.submit(wire.Request(rid, str(path)), origin=WATCH)
 
     # ---- status and shutdown -----------------------------------------------------------
 
@@ -248,9 +313,23 @@ class Server:
                          **self.clients.counts}
         return doc
 
-    def _shutdown(self) -> None:
+    def _write_metrics(self, final: dict[str, Any]) -> bool:
+        """--metrics-json, atomically; a storage failure is logged, never a traceback."""
+        tmp = self.cfg.metrics_json.with_suffix(".tmp")
+        try:
+            tmp.write_text(json.dumps(json_safe(final), indent=2) + "\n")
+            tmp.replace(self.cfg.metrics_json)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            self.log.error("cannot write --metrics-json", path=str(self.cfg.metrics_json),
+                           error=exc.strerror or str(exc))
+            return False
+        return True
+
+    def _shutdown(self) -> bool:
         """Answer what is still pending (an exit before the drain finished), stop the
-        workers, write the final metrics. Every accepted request is answered once."""
+        workers, write the final metrics (False: they could not be written). Every
+        accepted request is answered once."""
         abandoned = self._abandon() if self.stop_reason else 0
         final = self.status()
         final["daemon"].update(drained=not self.stop_reason, abandoned=abandoned,
@@ -260,14 +339,12 @@ class Server:
         self.front.close()
         if self.record is not None:
             self.record.close()
-        if self.cfg.metrics_json is not None:
-            tmp = self.cfg.metrics_json.with_suffix(".tmp")
-            tmp.write_text(json.dumps(json_safe(final), indent=2) + "\n")
-            tmp.replace(self.cfg.metrics_json)
+        written = self.cfg.metrics_json is None or self._write_metrics(final)
         self.log.info("exit", drained=not self.stop_reason, abandoned=abandoned,
                       reason=self.stop_reason or self.failure, ok=final["front"]["ok"],
                       errors=final["front"]["errors"], metrics=final["metrics"])
         sys.stderr.flush()
+        return written
 
     def _abandon(self) -> int:
         """Answer every pending request with an error saying why the daemon stopped without

@@ -1,28 +1,52 @@
-"""Watch mode: images already in a folder and those that land later, each processed once.
+"""Watch mode: images already in a folder and those that land later, each version processed
+once, nothing lost when files land in pieces, the folder is swapped or the disk fills.
 
-watchdog (inotify on Linux) reports a file when it is closed after writing or renamed into
-the folder; a file that only shows up as created is taken once its size stops changing.
-What was processed is appended to a record next to the masks, so a restart (even after
-kill -9) neither loses nor redoes an image: anything not in the record is (re)submitted.
-Errors are recorded too, such as x.png refused because the mask name x.png already holds
-the mask of x.jpg (stages.labels.write_mask): renaming the image makes it a new one.
+A file is taken once it is complete: its size and mtime unchanged for SETTLE_S (a file
+already older than that at the first look counts as settled). watchdog (inotify) only
+wakes the watcher up early; what it decides from is the file itself. A file's version is
+(inode, size, mtime): a later change (appended, rewritten, renamed over) is a new version
+and is processed again, its mask replaced.
+
+The record next to the masks (`.pspnet-processed.jsonl`, fsync'd) says, per file, which
+version was answered and how; a restart (even after kill -9) neither loses nor redoes a
+version. Answers that may change with time are not final: a failure to store the mask
+(disk full, quota, read-only, I/O error) is retried once a probe write in the mask folder
+succeeds again (every RETRY_S, at most), and an input that looked unfinished (empty,
+truncated) when the file changes; both again at the next start. A torn last line (the
+disk filled mid-write, a kill -9) cannot hide the next entry: a line always starts on a
+line of its own.
+
+Intake is lazy and bounded: the start-up listing is read as room allows, never all at
+once, and the caller takes at most what it has room for (`take(n)`). If the folder is
+deleted or replaced, the watcher says so once and picks the new folder up when it is back.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import queue
+import tempfile
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 
+from stages.masks import mask_path, mask_source, recorded_source
+
 RECORD_NAME = ".pspnet-processed.jsonl"
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
-SETTLE_S = 1.0               # a created-but-never-closed file counts once unchanged this long
+SETTLE_S = 1.0               # size and mtime unchanged this long: the file is complete
+RETRY_S = (1.0, 2.0, 5.0, 10.0, 30.0)   # storage failures: probe again after these
+STORAGE, INCOMPLETE = "storage", "incomplete"   # causes that make an answer not final
+STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO}
+
+Version = tuple[int, int, int]      # inode, size, mtime in ns
 
 
 def wanted(path: Path) -> bool:
@@ -33,35 +57,122 @@ def wanted(path: Path) -> bool:
             and not name.endswith(".part"))
 
 
+def version_of(path: Path) -> tuple[Version, float] | None:
+    """(version, mtime in s) of a regular file (links followed); None if it is not one."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    if not (st.st_mode & 0o170000) == 0o100000:
+        return None
+    return (st.st_ino, st.st_size, st.st_mtime_ns), st.st_mtime
+
+
+def current_mask(out_dir: Path, image: Path, version: Version) -> str | None:
+    """The mask already written for this version of `image` (it records the image as its
+    source and is newer), or None. A kill -9 between writing a mask and recording its
+    answer leaves such a mask: the image need not be done again."""
+    try:
+        target = mask_path(out_dir, str(image))
+        st = os.stat(target, follow_symlinks=False)
+    except (OSError, ValueError):
+        return None
+    if st.st_mtime_ns < version[2] or recorded_source(target) != mask_source(image):
+        return None
+    return str(target)
+
+
+class StorageError(OSError):
+    """A storage failure the daemon outlives (disk full, quota, read-only, I/O error)."""
+
+
+def is_storage_error(exc: BaseException) -> bool:
+    return isinstance(exc, OSError) and exc.errno in STORAGE_ERRNOS
+
+
 class Record:
-    """Append-only JSON lines: one per image answered; fsync'd so kill -9 keeps it."""
+    """Append-only JSON lines, one per answered version, fsync'd so kill -9 keeps it.
+
+    What cannot be written (disk full) waits in memory and goes out with the next write
+    that works; entries of the same name later in the file win."""
 
     def __init__(self, out_dir: Path) -> None:
         self.path = out_dir / RECORD_NAME
-        self.done: dict[str, dict[str, Any]] = {}
+        self.entries: dict[str, dict[str, Any]] = {}
+        self.torn = 0                               # lines that were not whole
+        self._unwritten: list[str] = []
+        self._fresh_line = True                     # the file ends with a newline
         if self.path.exists():
-            for line in self.path.read_text().splitlines():
+            data = self.path.read_bytes()
+            for line in data.decode(errors="replace").splitlines():
                 try:
                     entry = json.loads(line)
-                    self.done[entry["name"]] = entry
+                    self.entries[entry["name"]] = entry
                 except (ValueError, KeyError, TypeError):
-                    continue                          # a torn last line after a crash
-        self._file = open(self.path, "a")            # noqa: SIM115  (held for the daemon's life)
+                    self.torn += 1                  # a torn line after a crash or ENOSPC
+            self._fresh_line = not data or data.endswith(b"\n")
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC,
+                           0o644)
+
+    def done(self, name: str, version: Version | None) -> bool:
+        """This version of `name` was answered for good (not to be retried)."""
+        entry = self.entries.get(name)
+        return (entry is not None and entry.get("final", True)
+                and (version is None or tuple(entry.get("version") or ()) == version))
 
     def add(self, name: str, **fields: Any) -> None:
+        """Record an answer; raises StorageError if it could not be written yet (it stays
+        queued and is written with the next write that works)."""
         entry = {"name": name, **fields}
-        self.done[name] = entry
-        self._file.write(json.dumps(entry) + "\n")
-        self._file.flush()
-        os.fsync(self._file.fileno())
+        self.entries[name] = entry
+        self._unwritten.append(json.dumps(entry) + "\n")
+        self.flush()
+
+    @property
+    def pending_writes(self) -> int:
+        return len(self._unwritten)
+
+    def flush(self) -> None:
+        if not self._unwritten:
+            return
+        text = ("" if self._fresh_line else "\n") + "".join(self._unwritten)
+        data = text.encode()
+        try:
+            written = os.write(self._fd, data)
+            if written < len(data):
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            os.fsync(self._fd)
+        except OSError as exc:
+            self._fresh_line = False                # a part may have gone out
+            if is_storage_error(exc):
+                raise StorageError(exc.errno, f"{self.path}: {exc.strerror}") from None
+            raise
+        self._fresh_line = True
+        self._unwritten.clear()
 
     def close(self) -> None:
-        self._file.close()
+        try:
+            self.flush()
+        except OSError:
+            pass
+        os.close(self._fd)
+
+
+def storage_works(folder: Path) -> bool:
+    """A probe: can a small file be written and synced in `folder` again?"""
+    try:
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".pspnet-probe-") as f:
+            f.write(b"\0" * 4096)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError:
+        return False
+    return True
 
 
 class _Events(FileSystemEventHandler):
-    """Runs on watchdog's thread: only queues what it sees. Its errors are kept (the
-    front's loop logs them and stops when the thread dies), never lost in that thread."""
+    """Runs on watchdog's thread: only queues names. Its errors are kept (the front's loop
+    logs them and stops when the thread dies), never lost in that thread."""
 
     def __init__(self, sink: queue.SimpleQueue) -> None:
         self.sink = sink
@@ -69,96 +180,216 @@ class _Events(FileSystemEventHandler):
 
     def dispatch(self, event: FileSystemEvent) -> None:
         try:
-            super().dispatch(event)
+            if not event.is_directory:
+                self.sink.put(os.fsdecode(getattr(event, "dest_path", "") or event.src_path))
+                if event.event_type == "moved":
+                    self.sink.put(os.fsdecode(event.src_path))
         except Exception as exc:
             self.error = f"{type(exc).__name__}: {exc}"
             raise
 
-    def on_closed(self, event: FileSystemEvent) -> None:
-        if not event.is_directory:
-            self.sink.put(("closed", event.src_path))
 
-    def on_moved(self, event: FileSystemEvent) -> None:
-        if not event.is_directory:
-            self.sink.put(("closed", event.dest_path))
+@dataclass
+class Seen:
+    """A file not yet taken: the version last seen, and since when it has not changed."""
 
-    def on_created(self, event: FileSystemEvent) -> None:
-        if not event.is_directory:
-            self.sink.put(("created", event.src_path))
-
-    def on_modified(self, event: FileSystemEvent) -> None:
-        if not event.is_directory:
-            self.sink.put(("created", event.src_path))
+    version: Version
+    since: float
 
 
 class Watcher:
-    """Yields paths of complete images in `folder` that the record does not hold."""
+    """Complete, unprocessed versions of images in `folder`, handed out `take(n)` at a
+    time. The caller reports each outcome with `answered`."""
 
-    def __init__(self, folder: Path, record: Record) -> None:
-        self.folder = folder
+    def __init__(self, folder: Path, record: Record, out_dir: Path) -> None:
+        self.folder = folder.absolute()
         self.record = record
-        self.events: queue.SimpleQueue = queue.SimpleQueue()
-        self.observer = Observer()
+        self.out_dir = out_dir
+        self.events: queue.SimpleQueue[str] = queue.SimpleQueue()
         self.handler = _Events(self.events)
-        self.observer.schedule(self.handler, str(folder), recursive=False)
-        self.settling: dict[Path, tuple[int, float]] = {}   # created, not yet closed
-        self.taken: set[str] = set()
+        self.observer: Any = None
+        self.folder_id: tuple[int, int] | None = None
+        self.missing_since: float | None = None
+        self.scan: Iterator[os.DirEntry[str]] | None = None
+        self.seen: dict[str, Seen] = {}            # names waiting to settle or for room
+        self.inflight: dict[str, Version] = {}     # name -> version being processed
+        self.tried: dict[str, Version] = {}        # name -> version answered this session
+        self.storage_waiting: dict[str, Version] = {}   # failed to store: retry later
+        self.again: set[str] = set()               # take even if tried (storage retry)
+        self.recovered: list[tuple[str, Version, str]] = []   # masked, not recorded: record
+        self.retry_at = 0.0
+        self.retry_step = 0
+        self.notices: list[tuple[str, dict[str, Any]]] = []   # (event, fields) to log
 
-    def start(self) -> list[Path]:
-        """Start watching, then list what is already there (nothing falls between)."""
+    # ---- start, stop, health -----------------------------------------------------------
+
+    def start(self) -> None:
+        """Watch, then list what is there (lazily): nothing falls between the two. Every
+        name the record holds as not final is looked at again (the next start retries)."""
+        self._attach()
+
+    def _attach(self) -> None:
+        self.observer = Observer()
+        self.observer.schedule(self.handler, str(self.folder), recursive=False)
         self.observer.start()
-        present = sorted(p for p in self.folder.iterdir() if p.is_file())
-        return [p for p in present if self._take(p)]
+        st = os.stat(self.folder)
+        self.folder_id = (st.st_dev, st.st_ino)
+        self.scan = os.scandir(self.folder)
 
-    def poll(self) -> list[Path]:
-        ready: list[Path] = []
-        while True:
-            try:
-                kind, raw = self.events.get_nowait()
-            except queue.Empty:
-                break
-            path = Path(os.fsdecode(raw))
-            if kind == "closed":
-                self.settling.pop(path, None)
-                if self._take(path):
-                    ready.append(path)
-            elif path.name not in self.taken and wanted(path):
-                self.settling[path] = (_size(path), time.monotonic())
-        now = time.monotonic()
-        for path, (size, seen) in list(self.settling.items()):
-            current = _size(path)
-            if current != size:
-                self.settling[path] = (current, now)
-            elif now - seen >= SETTLE_S:
-                del self.settling[path]
-                if self._take(path):
-                    ready.append(path)
-        return ready
-
-    def _take(self, path: Path) -> bool:
-        if not wanted(path) or path.name in self.taken or path.name in self.record.done:
-            return False
-        if not path.is_file():
-            return False
-        self.taken.add(path.name)
-        return True
+    def _detach(self) -> None:
+        if self.observer is not None:
+            self.observer.stop()
+            self.observer.join(timeout=5)
+            self.observer = None
+        self.scan = None
 
     @property
     def alive(self) -> bool:
-        """The observer and its emitter threads are running."""
-        return self.observer.is_alive() and all(e.is_alive() for e in self.observer.emitters)
+        """The observer thread runs (or is down only because the folder is gone)."""
+        if self.observer is None:
+            return self.missing_since is not None
+        return self.observer.is_alive()
 
     @property
     def error(self) -> str | None:
         return self.handler.error
 
     def stop(self) -> None:
-        self.observer.stop()
-        self.observer.join(timeout=5)
+        self._detach()
 
+    def check_folder(self, now: float) -> None:
+        """The folder deleted or replaced: say so once, watch the new one when it is back."""
+        try:
+            st = os.stat(self.folder)
+            current = (st.st_dev, st.st_ino) if os.path.isdir(self.folder) else None
+        except OSError:
+            current = None
+        if current == self.folder_id and self.missing_since is None:
+            return
+        if current is None:
+            if self.missing_since is None:
+                self.missing_since = now
+                self._detach()
+                self.notices.append(("watched folder gone; waiting for it to come back",
+                                     {"folder": str(self.folder)}))
+            return
+        self._detach()
+        self._attach()
+        self.notices.append(("watched folder back; watching it again",
+                             {"folder": str(self.folder),
+                              "gone_s": round(now - (self.missing_since or now), 1)}))
+        self.missing_since = None
 
-def _size(path: Path) -> int:
-    try:
-        return path.stat().st_size
-    except OSError:
-        return -1
+    # ---- intake ------------------------------------------------------------------------
+
+    def take(self, room: int, now: float | None = None) -> list[tuple[Path, Version]]:
+        """Up to `room` complete versions not processed yet."""
+        now = time.monotonic() if now is None else now
+        self.check_folder(now)
+        self._drain_events(now)
+        self._retry_storage(now)
+        ready: list[tuple[Path, Version]] = []
+        for name in list(self.seen):
+            if len(ready) >= room:
+                return ready
+            self._consider(name, now, ready)
+        while self.scan is not None and len(ready) < room:
+            entry = next(self.scan, None)
+            if entry is None:
+                self.scan = None
+                break
+            if entry.name not in self.seen and entry.name not in self.inflight:
+                self._note(entry.name, now, fresh=True)
+                if entry.name in self.seen:     # an image file (not hidden, temporary)
+                    self._consider(entry.name, now, ready)
+        return ready
+
+    def _drain_events(self, now: float) -> None:
+        while True:
+            try:
+                raw = self.events.get_nowait()
+            except queue.Empty:
+                return
+            path = Path(raw)
+            if path.parent == self.folder:
+                self._note(path.name, now, fresh=False)
+
+    def _note(self, name: str, now: float, fresh: bool) -> None:
+        """A name to look at: remember its version and since when it is unchanged. A file
+        first met in the start-up listing whose mtime is already SETTLE_S old is settled."""
+        path = self.folder / name
+        if not wanted(path):
+            return
+        found = version_of(path)
+        if found is None:
+            self.seen.pop(name, None)
+            return
+        version, mtime = found
+        old = self.seen.get(name)
+        if old is not None and old.version == version:
+            return
+        since = now
+        if fresh and time.time() - mtime >= SETTLE_S:
+            since = now - SETTLE_S
+        self.seen[name] = Seen(version, since)
+
+    def _consider(self, name: str, now: float, ready: list[tuple[Path, Version]]) -> None:
+        seen = self.seen[name]
+        path = self.folder / name
+        found = version_of(path)
+        if found is None:                       # gone before it settled
+            del self.seen[name]
+            return
+        if found[0] != seen.version:            # still changing
+            self.seen[name] = Seen(found[0], now)
+            return
+        if now - seen.since < SETTLE_S or name in self.inflight:
+            return
+        del self.seen[name]
+        again = name in self.again
+        self.again.discard(name)
+        if not again and (self.record.done(name, seen.version)
+                          or self.tried.get(name) == seen.version):
+            return
+        mask = None if again else current_mask(self.out_dir, path, seen.version)
+        if mask is not None:                    # answered, but the record missed it
+            self.tried[name] = seen.version
+            self.recovered.append((name, seen.version, mask))
+            return
+        self.inflight[name] = seen.version
+        ready.append((path, seen.version))
+
+    def answered(self, name: str, version: Version, cause: str | None) -> None:
+        """An outcome came back. A storage failure waits for the storage to work again; an
+        unfinished-looking input waits for the file to change (a new version)."""
+        self.inflight.pop(name, None)
+        self.tried[name] = version
+        if cause == STORAGE:
+            self.storage_waiting[name] = version
+        # a change that came while it was in flight was deferred: look again
+        found = version_of(self.folder / name)
+        if found is not None and found[0] != version:
+            self._note(name, time.monotonic(), fresh=False)
+
+    def _retry_storage(self, now: float) -> None:
+        """Once the mask folder takes a write again, every storage failure is looked at
+        again (its file as it is now). The probe runs on a bounded back-off."""
+        if not self.storage_waiting or now < self.retry_at:
+            return
+        if not storage_works(self.out_dir):
+            self.retry_at = now + RETRY_S[min(self.retry_step, len(RETRY_S) - 1)]
+            self.retry_step += 1
+            return
+        self.retry_step, self.retry_at = 0, 0.0
+        names, self.storage_waiting = list(self.storage_waiting), {}
+        self.notices.append(("storage works again; retrying", {"images": len(names)}))
+        for name in names:
+            found = version_of(self.folder / name)
+            if found is not None:
+                self.seen[name] = Seen(found[0], now - SETTLE_S)
+                self.again.add(name)
+
+    @property
+    def backlog(self) -> int:
+        """Known names not yet handed out (the unread part of the listing not included)."""
+        return len(self.seen)

@@ -88,8 +88,8 @@ def write_inputs(model_dir: Path, images_dir: Path, truth_dir: Path,
     from build_model.reference import Reference
     from build_model.samples import SAMPLE_DIR
     from stages.image_io import decode_image
-    from stages.labels import write_mask
     from stages.manifest import Manifest
+    from stages.masks import write_mask
 
     images_dir.mkdir(parents=True, exist_ok=True)
     images = [Path(shutil.copy(p, images_dir / p.name)) for p in sorted(SAMPLE_DIR.glob("*.jpg"))]

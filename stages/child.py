@@ -147,6 +147,7 @@ class Child:
         sys.exit(EXIT_CANNOT_START)
 
 
-def error_result(request: wire.Request, stage: str, message: str) -> wire.Result:
+def error_result(request: wire.Request, stage: str, message: str,
+                 cause: str | None = None) -> wire.Result:
     return wire.Result(id=request.id, attempt=request.attempt, status=wire.ERROR,
-                       path=request.path, error=message, stage=stage)
+                       path=request.path, error=message, stage=stage, cause=cause)

@@ -60,7 +60,12 @@ _turbo: Any = None  # one TurboJPEG per process, created on first use
 
 
 class ImageError(ValueError):
-    """An input image that cannot be used; the message is a one-liner for the user."""
+    """An input image that cannot be used; the message is a one-liner for the user.
+    `incomplete`: it looked unfinished (empty, truncated), so the file may still change."""
+
+    def __init__(self, message: str, incomplete: bool = False) -> None:
+        super().__init__(message)
+        self.incomplete = incomplete
 
 
 def _turbojpeg() -> Any:
@@ -100,7 +105,7 @@ def read_file(path: str | Path, max_bytes: int) -> bytes:
         if not stat.S_ISREG(st.st_mode):
             raise ImageError("not a regular file")
         if st.st_size == 0:
-            raise ImageError("empty file (0 bytes)")
+            raise ImageError("empty file (0 bytes)", incomplete=True)
         if st.st_size > max_bytes:
             raise ImageError(f"file is {st.st_size / 1e6:.1f} MB, over the "
                              f"{max_bytes / 1e6:.1f} MB limit for an image")
@@ -115,7 +120,7 @@ def read_file(path: str | Path, max_bytes: int) -> bytes:
         if fd >= 0:
             os.close(fd)
     if not data:
-        raise ImageError("empty file (0 bytes)")
+        raise ImageError("empty file (0 bytes)", incomplete=True)
     if len(data) > max_bytes:
         raise ImageError(f"file is over the {max_bytes / 1e6:.1f} MB limit for an image")
     return data
@@ -158,18 +163,20 @@ def _decode_jpeg(data: bytes, max_pixels: int) -> np.ndarray | None:
         try:
             width, height, _, colorspace = tj.decode_header(data)
         except OSError as e:
-            raise ImageError(f"truncated or corrupt JPEG: {e}") from None
+            raise ImageError(f"truncated or corrupt JPEG: {e}", incomplete=True) from None
         if caught:
-            raise ImageError(f"truncated or corrupt JPEG: {caught[0].message}")
+            raise ImageError(f"truncated or corrupt JPEG: {caught[0].message}",
+                             incomplete=True)
         _check_pixels(width, height, max_pixels)
         if colorspace in (TJCS_CMYK, TJCS_YCCK):
             return None
         try:
             rgb = tj.decode(data, pixel_format=TJPF_RGB, flags=TJFLAG_STOPONWARNING)
         except OSError as e:
-            raise ImageError(f"truncated or corrupt JPEG: {e}") from None
+            raise ImageError(f"truncated or corrupt JPEG: {e}", incomplete=True) from None
     if caught:
-        raise ImageError(f"truncated or corrupt JPEG: {caught[0].message}")
+        raise ImageError(f"truncated or corrupt JPEG: {caught[0].message}",
+                             incomplete=True)
     return rgb
 
 
@@ -214,7 +221,7 @@ def _decode_pillow(data: bytes, max_pixels: int) -> np.ndarray:
         raise
     except (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError,
             KeyError, MemoryError) as e:
-        raise ImageError(f"truncated or corrupt {fmt}: {e}") from None
+        raise ImageError(f"truncated or corrupt {fmt}: {e}", incomplete=True) from None
 
 
 def _to_rgb(im: Image.Image) -> np.ndarray:

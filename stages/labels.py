@@ -15,21 +15,14 @@ Pure functions; the ZeroMQ loop lives elsewhere.
 
 from __future__ import annotations
 
-import errno
 import io
-import os
-import re
-import secrets
-import stat
-import struct
-from collections.abc import Sequence
 from pathlib import Path
 
 import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, PngImagePlugin, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 
 from stages.image_io import (
     DEFAULT_MAX_PIXELS,
@@ -41,19 +34,11 @@ from stages.image_io import (
 from stages.wire import Placement
 
 MAX_LABEL_CLASSES = 255          # ids 0..254 fit uint8 and stay clear of 255 = ignore
-MAX_NAME_BYTES = 200             # mask file stem, leaves room for ".png" and temp names
 GT_FORMATS = ("PNG", "BMP", "TIFF", "GIF", "PPM")
-SOURCE_KEY = "pspnet-source"     # iTXt keyword: the image a mask was made from
-# link(2) errors that mean "no hard links on this file system" (vfat, some FUSE)
-NO_HARD_LINKS = frozenset({errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP})
 
 
 class GroundTruthError(ValueError):
     """A ground-truth file that cannot be scored against; one-line message for the user."""
-
-
-class MaskNameTaken(ValueError):
-    """The mask name holds the mask of another image; one-line message for the user."""
 
 
 # ---------------------------------------------------------------------------------------
@@ -137,152 +122,14 @@ def labels_from_labels(labels: np.ndarray, placement: Placement) -> np.ndarray:
                       interpolation=cv2.INTER_NEAREST)
 
 
-# ---------------------------------------------------------------------------------------
-# mask files
-
-_UNSAFE = re.compile(r"[^\w.+-]", re.UNICODE)
-
-
-def mask_path(out_dir: Path, name: str) -> Path:
-    """The mask file for an image path or id: `out_dir / <stem>.png`, never outside out_dir.
-
-    Only the base name's stem is kept (either slash counts as a separator), characters
-    other than letters, digits, `_ . + -` become `_`, leading dots are dropped (no hidden
-    files, no `..`), the UTF-8 length is capped. Two inputs with the same stem map to the
-    same mask; `write_mask` with a `source` refuses the second one. Refuses a symlink at
-    the target, so a planted link cannot redirect the write.
-    """
-    if "\x00" in name:
-        raise ValueError("mask name contains a NUL byte")
-    base = re.split(r"[/\\]", name)[-1]
-    stem, dot, ext = base.rpartition(".")
-    if not dot or not stem.strip("."):
-        stem = base                      # no extension (or a dot file): keep it whole
-    stem = _UNSAFE.sub("_", stem).lstrip(".")
-    encoded = stem.encode("utf-8")[:MAX_NAME_BYTES]
-    stem = encoded.decode("utf-8", errors="ignore")
-    if not stem or stem in (".", ".."):
-        raise ValueError(f"no usable file name in {name!r}")
-    root = Path(out_dir).resolve()
-    target = root / f"{stem}.png"
-    if target.parent != root:
-        raise ValueError(f"mask path for {name!r} leaves the output directory")
-    if target.is_symlink():
-        raise ValueError(f"{target} is a symbolic link; refusing to write through it")
-    return target
-
-
-def write_mask(labels: np.ndarray, path: Path, palette: Sequence[Sequence[int]],
-               source: str | os.PathLike[str] | None = None) -> None:
-    """Write a palette PNG (pixel = class id) atomically: readers see the old file or the
-    whole new one, never a partial one.
-
-    The PNG is written to a uniquely named temp file in the same directory (created with
-    O_EXCL, so it cannot follow a planted link) and renamed over `path`. No fsync: a crash
-    may lose the newest masks but never leaves a torn one under the final name.
-
-    With `source` (the image's path) the mask records it (`mask_source`, a PNG text chunk;
-    pixels and palette unchanged) and the name is claimed for it: names are cut down to a
-    sanitised stem, so a/x.jpg, b/x.jpg and x.png share x.png, and without the claim the
-    last one would silently overwrite the others. A mask there that records another source
-    is left alone and MaskNameTaken raised; one recording the same source (the image
-    processed again), none (another program's file, an older mask) or no file is replaced.
-    A free name is taken with link(2), which fails when the name exists, so of several
-    workers racing for it one wins and the others see its source: no shared state.
-    """
-    if labels.ndim != 2 or labels.dtype != np.uint8:
-        raise ValueError(f"labels must be uint8 H x W, got {labels.dtype} {labels.shape}")
-    flat = [int(v) for colour in palette for v in colour]
-    if len(flat) % 3 or not 0 < len(flat) <= 768 or not all(0 <= v <= 255 for v in flat):
-        raise ValueError("palette must be 1..256 [r, g, b] entries of 0..255")
-    im = Image.fromarray(np.ascontiguousarray(labels))
-    im.putpalette(flat)                  # L -> P, indices unchanged
-    info = None
-    if source is not None:
-        source = mask_source(source)
-        info = PngImagePlugin.PngInfo()
-        info.add_itxt(SOURCE_KEY, source)
-    buf = io.BytesIO()
-    im.save(buf, format="PNG", compress_level=1, pnginfo=info)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0),
-                 0o644)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(buf.getbuffer())
-        if source is None:
-            os.replace(tmp, path)
-        else:
-            _claim(tmp, path, source)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-
-
-def mask_source(image: str | os.PathLike[str]) -> str:
-    """The source a mask records for an image: its real path (links resolved, so two names
-    of one file are one source), as valid UTF-8 (undecodable bytes escaped)."""
-    return os.fsencode(os.path.realpath(image)).decode("utf-8", "backslashreplace")
-
-
-def recorded_source(path: Path) -> str | None:
-    """The source recorded in the mask at `path`; None when there is no file, a link or
-    another non-regular file, or a file that records none (not a PNG, another program's,
-    an older mask). Reads the chunks before the pixels only, and needs no pixel limit."""
-    flags = (os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0)
-             | getattr(os, "O_CLOEXEC", 0))      # NONBLOCK: a planted FIFO cannot hang us
-    try:
-        fd = os.open(path, flags)
-    except FileNotFoundError:
-        return None
-    except OSError as exc:
-        if exc.errno == errno.ELOOP:             # a link planted after mask_path's check
-            return None
-        raise
-    with os.fdopen(fd, "rb") as f:
-        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
-            return None
-        try:
-            # the plugin class reads the chunks before the first IDAT, no pixels, and
-            # (unlike Image.open) applies no decompression-bomb limit to the header
-            with PngImagePlugin.PngImageFile(f) as im:
-                text = im.info.get(SOURCE_KEY)
-        except (SyntaxError, OSError, ValueError, struct.error):
-            return None                          # not a PNG, or a torn one: records none
-    return str(text) if isinstance(text, str) else None
-
-
-def _claim(tmp: Path, path: Path, source: str) -> None:
-    """Move the finished temp file to `path` unless that holds another source's mask."""
-    try:
-        os.link(tmp, path)                       # atomic: fails when the name exists
-    except FileExistsError:
-        pass
-    except OSError as exc:
-        if exc.errno not in NO_HARD_LINKS:
-            raise
-        # No hard links here: check, then replace. Two workers racing for a free name
-        # can then both pass the check, and the later one wins.
-    else:
-        os.unlink(tmp)
-        return
-    holder = recorded_source(path)
-    if holder is not None and holder != source:
-        raise MaskNameTaken(f"mask name {path.name} already holds the mask of {holder}; "
-                            "rename one of them")
-    os.replace(tmp, path)
-
-
-def read_ground_truth(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+def read_ground_truth(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS,
+                      expected: tuple[int, ...] | None = None) -> np.ndarray:
     """H x W uint8 class ids from a ground-truth image, as mmseg reads it ('unchanged').
 
     A palette PNG gives its indices (VOC's SegmentationClass), a grayscale image its
-    values; an RGB(A) image is a colour rendering, not class ids, and is refused.
+    values; an RGB(A) image is a colour rendering, not class ids, and is refused. The size
+    is checked from the header, before any decoding: over `max_pixels`, or not the
+    `expected` (H, W) of the prediction, it is refused without decoding a pixel.
     """
     try:
         data = read_file(path, max_file_bytes(max_pixels))
@@ -295,6 +142,10 @@ def read_ground_truth(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) ->
                 raise GroundTruthError(
                     f"ground truth: image is {im.width}x{im.height}, over the "
                     f"{max_pixels / 1e6:.1f} Mpx limit")
+            if expected is not None and (im.height, im.width) != tuple(expected):
+                raise GroundTruthError(
+                    f"ground truth is {im.height}x{im.width} but the prediction is "
+                    f"{expected[0]}x{expected[1]}: ground truth of the wrong size")
             if im.mode in ("RGB", "RGBA", "RGBX", "CMYK", "YCbCr", "LA", "PA"):
                 raise GroundTruthError(
                     f"ground truth is a {im.mode} image; expected a palette (mode P) "

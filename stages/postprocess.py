@@ -9,6 +9,7 @@ goes to the front, which sums them, so a crashed worker loses no metric state.
 
 from __future__ import annotations
 
+import errno
 import time
 from pathlib import Path
 
@@ -18,19 +19,19 @@ import zmq
 
 from stages import wire
 from stages.child import POLL_S, Child, error_result
-from stages.config import output_problem
+from stages.config import DEFAULT_MAX_PIXELS, output_problem
 from stages.labels import (
     GroundTruthError,
     intersect_and_union,
     labels_from_labels,
     labels_from_logits,
-    mask_path,
     read_ground_truth,
-    write_mask,
 )
 from stages.manifest import Manifest
+from stages.masks import mask_path, write_mask
 
 STAGE = "postprocess"
+STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO}
 
 
 def main(child: Child) -> None:
@@ -66,7 +67,7 @@ def main(child: Child) -> None:
                 child.count(errors=1)
                 sock.send_multipart(wire.encode(wire.Credit(1)))
                 continue
-            result = finish(output, manifest, out_dir)
+            result = finish(output, manifest, out_dir, cfg.max_pixels)
             child.send(result)
             sock.send_multipart(wire.encode(wire.Credit(1)))
             child.count(processed=int(result.status == wire.OK),
@@ -115,8 +116,11 @@ class Inboxes:
         self.child.log.info("executors", executors=sorted(wanted))
 
 
-def finish(output: wire.Output, manifest: Manifest, out_dir: Path | None) -> wire.Result:
-    """Labels at the original size, the mask written, the areas counted: one answer."""
+def finish(output: wire.Output, manifest: Manifest, out_dir: Path | None,
+           max_pixels: int = DEFAULT_MAX_PIXELS) -> wire.Result:
+    """Labels at the original size, the mask written, the areas counted: one answer. A mask
+    that cannot be stored for lack of space or a failing disk is an error the daemon may
+    retry later (cause STORAGE)."""
     request = output.request
     try:
         if output.head == "logits":
@@ -130,9 +134,12 @@ def finish(output: wire.Output, manifest: Manifest, out_dir: Path | None) -> wir
             mask = str(target)
         areas = None
         if request.ann:
-            truth = read_ground_truth(request.ann)
+            truth = read_ground_truth(request.ann, max_pixels, expected=labels.shape)
             areas = intersect_and_union(labels, truth, manifest.num_classes)
-    except (GroundTruthError, OSError, ValueError) as exc:
+    except OSError as exc:
+        cause = wire.STORAGE if exc.errno in STORAGE_ERRNOS else None
+        return error_result(request, STAGE, str(exc), cause)
+    except (GroundTruthError, ValueError) as exc:
         return error_result(request, STAGE, str(exc))
     return wire.Result(id=request.id, attempt=request.attempt, status=wire.OK,
                        path=request.path, mask=mask, stage=STAGE,

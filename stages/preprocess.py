@@ -52,7 +52,8 @@ def main(child: Child) -> None:
             rgb = decode_image(request.path, child.cfg.max_pixels)
             pixels, placement = letterbox(rgb, manifest.input_size)
         except ImageError as exc:
-            child.send(error_result(request, STAGE, str(exc)))
+            child.send(error_result(request, STAGE, str(exc),
+                                    wire.INCOMPLETE if exc.incomplete else None))
             child.count(errors=1)
         except Exception as exc:  # a decoder bug must not take the worker down
             child.log.exception("unexpected preprocess failure", id=request.id)

@@ -47,6 +47,9 @@ REPLY = "reply"          # daemon -> client: answer to submit (accepted/busy) or
 KINDS = (DISPATCH, IMAGE, OUTPUT, CREDIT, TOOK, HANDED, RESULT, HEARTBEAT, PEERS, SUBMIT,
          STATUS, REPLY)
 OK, ERROR = "ok", "error"
+STORAGE = "storage"          # the mask could not be stored: disk full, quota, read-only, EIO
+INCOMPLETE = "incomplete"    # the input looked unfinished (empty, truncated): it may change
+CAUSES = (STORAGE, INCOMPLETE)
 ARRAY_DTYPES = {"uint8", "int32", "int64", "float16", "float32"}
 
 
@@ -127,6 +130,8 @@ class Result:
     error: str | None = None
     stage: str = ""               # which stage answered (errors: which stage refused)
     areas: np.ndarray | None = None  # int64 4 x C: intersect, union, pred, label (with GT)
+    cause: str | None = None      # an error that may pass: STORAGE or INCOMPLETE (watch
+                                  # mode retries those); None: final
 
 
 @dataclass(frozen=True)
@@ -222,6 +227,7 @@ def encode(msg: Message) -> list[Any]:
     elif isinstance(msg, Result):
         header |= {"kind": RESULT, "id": msg.id, "attempt": msg.attempt, "status": msg.status,
                    "path": msg.path, "mask": msg.mask, "error": msg.error, "stage": msg.stage,
+                   "cause": msg.cause,
                    "arrays": [] if msg.areas is None else [_describe(msg.areas)]}
         if msg.areas is not None:
             arrays.append(msg.areas)
@@ -466,10 +472,13 @@ def _decode_result(h: dict[str, Any], frames: Sequence[Any], _: int) -> Result:
             raise WireError("areas must be int64 4 x C")
     else:
         _arrays(h, frames, 0)
+    cause = h.get("cause")
+    if cause is not None and cause not in CAUSES:
+        raise WireError(f"result cause {cause!r}")
     return Result(id=_string(h, "id"), attempt=_int(h, "attempt", 0, 100), status=status,
                   path=_string(h, "path", empty=True), mask=_string(h, "mask", optional=True),
                   error=_string(h, "error", optional=True), stage=_string(h, "stage", empty=True),
-                  areas=areas)
+                  areas=areas, cause=cause)
 
 
 def _decode_heartbeat(h: dict[str, Any], frames: Sequence[Any], _: int) -> Heartbeat:

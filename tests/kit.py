@@ -573,11 +573,18 @@ def with_om(model_dir: Path, dest: Path, *, om_batch: dict[int, int] | None = No
 
 def watch_record(out: Path) -> list[dict]:
     """Watch mode's record of processed files (MASKDIR/.pspnet-processed.jsonl), in order;
-    empty before the first entry."""
+    empty before the first entry. A torn line (a full disk, a kill -9) is skipped, as the
+    daemon skips it."""
     path = out / ".pspnet-processed.jsonl"
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line]
+    entries = []
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            entries.append(json.loads(line))
+        except ValueError:
+            continue
+    return entries
 
 
 def mask_pixels(path: str | Path, size: tuple[int, int] | None = None) -> np.ndarray:

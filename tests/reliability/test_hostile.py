@@ -35,8 +35,8 @@ from hypothesis import strategies as st
 from daemon import clients as clients_module
 from daemon import door as door_module
 from stages import wire
-from stages.labels import mask_path, write_mask
 from stages.manifest import voc_palette
+from stages.masks import mask_path, write_mask
 from tests.kit import (
     REPO,
     Daemon,

@@ -242,6 +242,7 @@ def test_watch_mode_killed_and_restarted_three_times_during_300_arrivals(
 
     producer = threading.Thread(target=produce, daemon=True)
     lives, redone_candidates = [], 0
+    written: dict[str, tuple[int, int]] = {}       # mask -> (inode, mtime) seen at a kill
     daemon = daemons(tiny_models["logits"], out, tmp_path, *args)
     daemon.wait_ready()
     up.set()
@@ -261,6 +262,9 @@ def test_watch_mode_killed_and_restarted_three_times_during_300_arrivals(
         masked_not_recorded = {p.stem for p in out.glob("*.png")} - {Path(n).stem
                                                                       for n in recorded}
         redone_candidates += len(masked_not_recorded)
+        for p in out.glob("*.png"):
+            st = p.stat()
+            written.setdefault(p.name, (st.st_ino, st.st_mtime_ns))
         lives.append((len(arrived), recorded_before, len(recorded)))
         daemon = daemons(tiny_models["logits"], out, tmp_path, *args)
         daemon.wait_ready()
@@ -286,11 +290,16 @@ def test_watch_mode_killed_and_restarted_three_times_during_300_arrivals(
     assert all(e["status"] == "ok" for e in entries), [e for e in entries if e["status"] != "ok"]
     masks = sorted(p.stem for p in out.glob("*.png"))
     assert masks == sorted(Path(n).stem for n in arrived)
+    redone = [name for name, (ino, mtime) in written.items()
+              if ((st := (out / name).stat()).st_ino, st.st_mtime_ns) != (ino, mtime)]
+    assert redone == [], f"masks written again after a restart: {redone}"
+    recovered = [e for e in entries if e.get("recovered")]
     for p in out.glob("*.png"):
         mask_pixels(p)
     print(f"\nFIGURE watch: {WATCH_ARRIVALS} arrivals ({WATCH_PRESENT} present at the "
           f"start, {len(slowly)} written slowly), {WATCH_KILLS} kill -9 + restart, "
-          f"0 lost, {duplicated} recorded twice, {redone_candidates} masks written but not "
-          f"yet recorded at a kill (recomputed once, same file); "
+          f"0 lost, {duplicated} recorded twice, 0 redone ({redone_candidates} masks written "
+          f"but not yet recorded at a kill, {len(recovered)} recognised at restart instead "
+          f"of being recomputed); "
           f"(arrived, recorded) at each kill: {[(a, r) for a, r, _ in lives]}; "
           f"{elapsed:.1f} s")

@@ -16,18 +16,17 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from stages import labels as labels_mod
+from stages import masks as masks_mod
 from stages.image_io import letterbox_size
 from stages.labels import (
     GroundTruthError,
     intersect_and_union,
     labels_from_labels,
     labels_from_logits,
-    mask_path,
     read_ground_truth,
-    write_mask,
 )
 from stages.manifest import VOC_CLASSES, voc_palette
+from stages.masks import mask_path, write_mask
 from stages.metrics import IoUAccumulator
 from stages.wire import Placement
 from tests.bad_images import GT_EXPECT, write_corpus
@@ -176,7 +175,7 @@ def test_write_mask_is_atomic(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
         assert (read_ground_truth(dst) == 1).all()  # the old mask is intact meanwhile
         real_replace(src, dst)
 
-    monkeypatch.setattr(labels_mod.os, "replace", spy)
+    monkeypatch.setattr(masks_mod.os, "replace", spy)
     write_mask(labels, target, voc_palette(21))
     assert len(seen) == 1 and not seen[0][0].exists()
     assert (read_ground_truth(target) == 0).all()
@@ -184,7 +183,7 @@ def test_write_mask_is_atomic(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
     def fail(src: Any, dst: Any) -> None:
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(labels_mod.os, "replace", fail)
+    monkeypatch.setattr(masks_mod.os, "replace", fail)
     with pytest.raises(OSError, match="No space"):
         write_mask(labels, tmp_path / "n.png", voc_palette(21))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.png"]

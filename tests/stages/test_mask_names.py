@@ -14,17 +14,17 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from stages import labels as labels_mod
-from stages.labels import (
+from stages import masks as masks_mod
+from stages.labels import read_ground_truth
+from stages.manifest import voc_palette
+from stages.masks import (
     SOURCE_KEY,
     MaskNameTaken,
     mask_path,
     mask_source,
-    read_ground_truth,
     recorded_source,
     write_mask,
 )
-from stages.manifest import voc_palette
 from tests.kit import watch_record
 
 PALETTE = voc_palette(21)
@@ -138,7 +138,7 @@ def test_without_hard_links_the_check_still_refuses(tmp_path: Path,
     def no_links(_src: object, _dst: object) -> None:
         raise OSError(errno.EPERM, "Operation not permitted")
 
-    monkeypatch.setattr(labels_mod.os, "link", no_links)
+    monkeypatch.setattr(masks_mod.os, "link", no_links)
     first, second = images(tmp_path, "a/x.jpg", "b/x.jpg")
     target = tmp_path / "out" / "x.png"
     write_mask(labels(1), target, PALETTE, source=first)
@@ -202,8 +202,10 @@ def test_watch_mode_records_the_refused_one_and_does_not_redo_it(tiny_models, ph
     daemon = daemons(tiny_models["logits"], out, tmp_path, *args)
     try:
         daemon.wait_ready()
+        time.sleep(2.0)                    # past the settle time: both files looked at
+        submitted = daemon.status()["front"]["submitted"]
     finally:
         assert daemon.stop() == 0, daemon.logs()
     (watching,) = [e for e in daemon.events() if e.get("event") == "watching"]
-    assert watching["present"] == 0 and watching["already_processed"] == 2
+    assert watching["final"] == 2 and submitted == 0
     assert len(watch_record(out)) == 2
