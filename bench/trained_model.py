@@ -161,9 +161,14 @@ def measure(model_dir: Path) -> dict[str, Any]:
         "bird_mIoU_difference_points": bird["fp32"]["mIoU"] - bird["fp16"]["mIoU"],
         "per_photo_agreement_pct": per_photo,
     }
-    fp16["within_target"] = (fp16["mIoU_drop_vs_fp32_points"] <= MIOU_TARGET_POINTS
-                             and abs(fp16["bird_mIoU_difference_points"])
-                             <= MIOU_TARGET_POINTS)
+    # against a real reference (the bird) and against the stand-in truth (fp32's labels:
+    # every flip counts against fp16, and a class of a few pixels weighs as much as one
+    # of a million in the mean)
+    fp16["within_target"] = {
+        "bird_vs_its_reference": abs(fp16["bird_mIoU_difference_points"])
+        <= MIOU_TARGET_POINTS,
+        "all_photos_vs_fp32_labels": fp16["mIoU_drop_vs_fp32_points"] <= MIOU_TARGET_POINTS,
+    }
     return {
         "model": str(model_dir), "network": manifest.network_name,
         "input_size": list(manifest.input_size), "photos": names,
