@@ -19,6 +19,7 @@ from stages.cli_args import HelpFormatter, non_negative_int, outputs_problem, po
 from stages.exits import EXIT_FAILED, EXIT_UNAVAILABLE
 
 DEFAULT_BATCH_SIZES = "1,4,8,16,32,64"
+REPORT_IMAGES = 24            # rows of eval --report's contact sheet
 
 EVAL_EPILOG = """\
 output: mmseg's per-class table (IoU, Acc; 2 decimals), then aAcc, mIoU, mAcc, then every
@@ -72,6 +73,12 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     ev.add_argument("--json", type=Path, default=None, metavar="FILE",
                     help="also write the results as JSON: mIoU, aAcc, mAcc (percent, "
                          "unrounded), per_class, images (scored), failed")
+    ev.add_argument("--report", type=Path, default=None, metavar="DIR",
+                    help="also draw pictures into DIR: overlays.png (the first "
+                         f"{REPORT_IMAGES} images of the split with a mask: each photo "
+                         "beside its mask blended on it, with a class legend) and "
+                         "per-class-iou.png (a bar chart); the masks go to DIR/masks "
+                         "unless --out names another folder")
     ev.add_argument("--endpoint", default=None, metavar="URL",
                     help="use the running daemon at URL (ipc://PATH or tcp://HOST:PORT) "
                          "instead of starting the pipeline here; it must write masks "
@@ -153,6 +160,11 @@ def run_eval(args: argparse.Namespace) -> int:
     from stages.logs import configure_logging
     from stages.manifest import Manifest, pick_batch_size
 
+    if args.report is not None:
+        if args.no_masks:
+            return usage_error("eval", "--report draws the masks: drop --no-masks")
+        if args.out is None:
+            args.out = args.report / "masks"
     cfg = pipeline_config(args)
     configure_logging(cfg.log_level, cfg.log_json)
     try:
@@ -161,7 +173,8 @@ def run_eval(args: argparse.Namespace) -> int:
         split = read_split(args.voc, args.split)
     except (OSError, ValueError, VocLayoutError) as exc:
         return usage_error("eval", str(exc))
-    problem = outputs_problem(("--json", args.json, False), ("--out", args.out, True))
+    problem = outputs_problem(("--json", args.json, False), ("--out", args.out, True),
+                              ("--report", args.report, True))
     if problem:                            # found now, not after the whole split
         return usage_error("eval", problem)
     if not split.items:
@@ -195,6 +208,12 @@ def run_eval(args: argparse.Namespace) -> int:
     print_report(outcome, doc, manifest)
     if args.json is not None:
         write_json(args.json, doc)
+    if args.report is not None:
+        from bench.eval import write_pictures
+
+        for path in write_pictures(outcome, split, manifest, doc, args.report,
+                                   REPORT_IMAGES):
+            print(f"report: {path}")
     return 0 if doc["images"] else EXIT_FAILED
 
 

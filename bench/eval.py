@@ -155,6 +155,50 @@ def print_report(outcome: EvalOutcome, doc: dict[str, Any], manifest: Manifest) 
     out.flush()
 
 
+def write_pictures(outcome: EvalOutcome, split: VocSplit, manifest: Manifest,
+                   doc: dict[str, Any], report_dir: Path, max_images: int) -> list[Path]:
+    """`--report`: the overlay contact sheet of the first images with a mask, and the
+    per-class IoU bar chart. Returns the files written."""
+    from bench.report import Row, contact_sheet, iou_bar_chart, top_classes_line
+    from stages.image_io import ImageError, decode_image
+
+    rows = []
+    for item in split.items:
+        mask = outcome.masks.get(item.id)
+        if mask is None:
+            continue
+        try:
+            photo = decode_image(item.image)
+            with Image.open(mask) as im:
+                labels = np.asarray(im, dtype=np.uint8)
+        except (ImageError, OSError, ValueError):
+            continue                              # listed as failed already, or gone since
+        note = top_classes_line(labels, manifest.class_names)
+        if item.truth is not None:
+            try:
+                truth = read_ground_truth(item.truth)
+                scored = truth != 255
+                if truth.shape == labels.shape and scored.any():
+                    agree = 100.0 * float((labels == truth)[scored].mean())
+                    note = f"{agree:.1f} % of pixels as the ground truth; {note}"
+            except GroundTruthError:
+                pass
+        rows.append(Row(title=item.id, photo=photo, labels=labels, note=note))
+        if len(rows) >= max_images:
+            break
+    written = []
+    if rows:
+        written.append(contact_sheet(
+            rows, manifest.class_names, manifest.palette, report_dir / "overlays.png",
+            title=f"{manifest.network_name}: {len(rows)} of {len(outcome.masks)} masks "
+                  f"({split.split})"))
+    written.append(iou_bar_chart(
+        doc["per_class"], report_dir / "per-class-iou.png",
+        title=f"{manifest.network_name}: mIoU {doc['mIoU']:.2f} on {doc['images']} images "
+              f"({split.split})"))
+    return written
+
+
 def write_json(path: Path, doc: dict[str, Any]) -> None:
     from stages.logs import json_safe
 

@@ -1,65 +1,67 @@
-"""A progress line on stderr: done/total, images/s, ETA.
+"""A progress line on stderr (done/total, images/s, elapsed, ETA), drawn by tqdm.
 
-Why not tqdm: one dependency less, and the non-TTY behaviour matters here (CI logs, `2>`
-to a file): there the bar becomes a plain line every few seconds instead of thousands of
-carriage returns.
+On a terminal it is tqdm's own line, redrawn in place. Elsewhere (CI logs, `2>` to a file)
+the same text becomes a plain line every few seconds instead of thousands of carriage
+returns: `_PlainLines` is tqdm with its display written as whole lines.
 """
 
 from __future__ import annotations
 
 import sys
-import time
-from typing import TextIO
+from typing import Any, TextIO
+
+from tqdm import tqdm
 
 TTY_EVERY_S = 0.2
 PLAIN_EVERY_S = 5.0
+BAR_FORMAT = ("{desc}{n_fmt}/{total_fmt} ({percentage:5.1f}%)  {rate_fmt}  "
+              "elapsed {elapsed}  ETA {remaining}{postfix}")
+
+
+class _PlainLines(tqdm):
+    """tqdm whose every refresh is one complete line: no carriage return, no clearing."""
+
+    def display(self, msg: str | None = None, pos: int | None = None) -> bool:
+        if msg == "":                   # tqdm clearing its line: nothing was drawn in place
+            return False
+        self.fp.write((self.__str__() if msg is None else msg) + "\n")
+        self.fp.flush()
+        return True
+
+    def close(self) -> None:
+        if self.disable:
+            return
+        self.display()                  # the final line, then tqdm's cleanup without its
+        self.leave = False              # own last redraw and newline
+        super().close()
 
 
 class Progress:
+    """Count images done (and failed) against a total; `close` prints the final line."""
+
     def __init__(self, total: int, label: str = "", stream: TextIO | None = None,
                  tty: bool | None = None) -> None:
-        self.total = total
-        self.label = label
         self.stream = stream if stream is not None else sys.stderr
         self.tty = self.stream.isatty() if tty is None else tty
-        self.done = 0
         self.failed = 0
-        self.started = time.monotonic()
-        self._last = 0.0
+        kind = tqdm if self.tty else _PlainLines
+        self.bar: Any = kind(total=total, desc=label, file=self.stream, unit=" img",
+                             bar_format=BAR_FORMAT, miniters=1, dynamic_ncols=self.tty,
+                             mininterval=TTY_EVERY_S if self.tty else PLAIN_EVERY_S)
+
+    @property
+    def done(self) -> int:
+        return int(self.bar.n)
 
     def restart(self) -> None:
         """Count time from now (call once the work really starts, after any start-up)."""
-        self.started = time.monotonic()
+        self.bar.reset()
 
     def update(self, n: int = 1, failed: int = 0) -> None:
-        self.done += n
-        self.failed += failed
-        now = time.monotonic()
-        if now - self._last >= (TTY_EVERY_S if self.tty else PLAIN_EVERY_S):
-            self._last = now
-            self._show(final=False)
+        if failed:
+            self.failed += failed
+            self.bar.set_postfix_str(f"  {self.failed} failed", refresh=False)
+        self.bar.update(n)
 
     def close(self) -> None:
-        self._show(final=True)
-
-    def line(self) -> str:
-        elapsed = max(time.monotonic() - self.started, 1e-9)
-        rate = self.done / elapsed
-        left = self.total - self.done
-        eta = _clock(left / rate) if rate > 0 and left > 0 else ("0:00:00" if not left else "?")
-        pct = 100.0 * self.done / self.total if self.total else 100.0
-        failed = f"  {self.failed} failed" if self.failed else ""
-        return (f"{self.label}{self.done}/{self.total} ({pct:5.1f}%)  {rate:7.1f} img/s  "
-                f"elapsed {_clock(elapsed)}  ETA {eta}{failed}")
-
-    def _show(self, final: bool) -> None:
-        if self.tty:
-            self.stream.write("\r" + self.line() + ("\n" if final else ""))
-        else:
-            self.stream.write(self.line() + "\n")
-        self.stream.flush()
-
-
-def _clock(seconds: float) -> str:
-    seconds = int(round(seconds))
-    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+        self.bar.close()

@@ -97,7 +97,8 @@ class SerialRunner:
         for row, place in placed:
             try:
                 if self.backend.head == "logits":
-                    labels = labels_from_logits(out[row], place, self.manifest.input_size)
+                    labels = labels_from_logits(out[row], place, self.manifest.input_size,
+                                                self.manifest.align_corners)
                 else:
                     labels = labels_from_labels(out[row], place)
                 if self.out_dir is not None:

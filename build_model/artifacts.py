@@ -52,6 +52,8 @@ def write_artifacts(
     torch_program: bool = True,
     onnx: bool = True,
     rewrites: Mapping[str, Any] | None = None,
+    align_corners: bool = False,
+    network: Mapping[str, Any] | None = None,
 ) -> Manifest:
     """Export `core` for every batch size into `out_dir` and write its manifest.
 
@@ -60,6 +62,8 @@ def write_artifacts(
     `onnx=False` skips the ONNX models and their ATC scripts: a directory for the torch
     backend only (the manifest still names the ONNX files; `source.onnx` says why absent).
     `rewrites` is what was done to `core` before (build_model.rewrites), for the manifest.
+    `align_corners`: how the network's logits are resized (its decode head's setting; the
+    labels head and the daemon's postprocess follow it); `network`: manifest.network.
     """
     size = normalise_input_size(input_size)
     sizes = normalise_batch_sizes(batch_sizes)
@@ -75,7 +79,7 @@ def write_artifacts(
                          "are switched off")
     core = core.eval()
     logits_size = measure_logits_size(core, size, num_classes)
-    serving = ServingModel(core, mean, std, head).eval()
+    serving = ServingModel(core, mean, std, head, align_corners=align_corners).eval()
     if not onnx:
         _log.info("ONNX export skipped: a model directory for the torch backend only")
         models = {n: ModelFile(onnx=onnx_name(n)) for n in sizes}
@@ -106,7 +110,8 @@ def write_artifacts(
         mean=tuple(float(v) for v in mean), std=tuple(float(v) for v in std),
         logits_size=logits_size, models=models,
         torch_program=_single_program(programs), opset=OPSET, rewrites=dict(rewrites or {}),
-        source={**source, **_program_note(programs)},
+        source={**source, **_program_note(programs)}, align_corners=bool(align_corners),
+        network=dict(network or {}),
     )
     path = manifest.write(out_dir)
     _log.info("wrote %s", path)

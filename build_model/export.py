@@ -59,6 +59,7 @@ def build(
         class_names=network.class_names, palette=voc_palette(network.num_classes),
         source=network.source, simplify=simplify, soc_version=soc_version,
         run_atc=run_atc, torch_program=torch_program, onnx=onnx,
+        align_corners=network.align_corners, network=network.description,
     )
     if verify or verify_all:
         from build_model.verify import check, verify_model_dir

@@ -7,7 +7,7 @@ and the tests, so they all judge the same network.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +29,8 @@ class Network:
     num_classes: int
     class_names: tuple[str, ...]
     source: dict[str, Any]        # for the manifest: config, checkpoint, sha256, versions
+    align_corners: bool = False   # the decode head's: how its logits are resized
+    description: dict[str, Any] = field(default_factory=dict)  # manifest.network
 
 
 def load_network(
@@ -54,7 +56,22 @@ def load_network(
         segmentor=segmentor, core=mmseg_model.SegmentorCore(segmentor), mean=mean, std=std,
         num_classes=count, class_names=_class_names(cfg, weights.meta, count),
         source=_source(config, config_path, checkpoint, weights, report, mmseg.__version__),
+        align_corners=bool(getattr(segmentor.decode_head, "align_corners", False)),
+        description=describe_network(cfg, segmentor),
     )
+
+
+def describe_network(cfg: Any, segmentor: nn.Module) -> dict[str, Any]:
+    """manifest.network: what a reader needs to know which network this is."""
+    backbone = str(cfg.model.backbone.type)
+    head = str(cfg.model.decode_head.type)
+    family = {"PSPHead": "PSPNet", "ASPPHead": "DeepLabV3",
+              "DeepLabV3MobileHead": "DeepLabV3"}.get(head, head)
+    return {
+        "name": str(cfg.get("network_name") or f"{family} {backbone}"),
+        "family": family, "backbone": backbone, "decode_head": head,
+        "parameters": int(sum(p.numel() for p in segmentor.parameters())),
+    }
 
 
 def _class_names(cfg: Any, meta: dict[str, Any], count: int) -> tuple[str, ...]:

@@ -2,7 +2,8 @@
 
 Used by the tests and by `pspnet demo` (as its stand-in ground truth).
 
-mmseg's own network on the letterboxed input -> bilinear to the input size -> exact crop of
+mmseg's own network on the letterboxed input -> bilinear to the input size (with the
+network's align_corners, manifest.align_corners) -> exact crop of
 the valid box -> bilinear to the original size -> argmax (the `logits` head's definition);
 for the `labels` head: argmax at the input size -> exact crop -> nearest to the original.
 """
@@ -38,7 +39,8 @@ class Reference:
                slice(place.left, place.left + place.width))
         canvas[box] = x[box]
         logits = self.network.core(torch.from_numpy(canvas.transpose(2, 0, 1))[None])
-        up = F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
+        up = F.interpolate(logits, size=size, mode="bilinear",
+                           align_corners=self.manifest.align_corners)
         crop = up[:, :, box[0], box[1]]
         orig = (place.orig_h, place.orig_w)
         if head == "labels":

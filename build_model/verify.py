@@ -83,7 +83,7 @@ def verify_model_dir(
     valid = box_masks(boxes, manifest.input_size)
     _log.info("verifying against eager mmseg on %d photos", len(photos))
     eager = eager_logits(segmentor, x) if eager is None else eager
-    eager_labels = upsampled_labels(eager, manifest.input_size)
+    eager_labels = upsampled_labels(eager, manifest.input_size, manifest.align_corners)
     results = []
     for n in manifest.batch_sizes if batch_sizes is None else batch_sizes:
         path = Path(model_dir) / manifest.model_file(n).onnx
@@ -116,20 +116,23 @@ def eager_logits(segmentor: nn.Module, x: torch.Tensor) -> np.ndarray:
         return torch.cat([segmentor(c, mode="tensor") for c in x.split(EAGER_CHUNK)]).numpy()
 
 
-def upsampled_labels(logits: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """Bilinear (align_corners=False) upsample to `size`, then argmax: uint8 N x H x W."""
+def upsampled_labels(logits: np.ndarray, size: tuple[int, int],
+                     align_corners: bool = False) -> np.ndarray:
+    """Bilinear upsample to `size` (the network's align_corners), then argmax: uint8
+    N x H x W."""
     up = F.interpolate(torch.from_numpy(logits), size=tuple(size), mode="bilinear",
-                       align_corners=False)
+                       align_corners=align_corners)
     return up.argmax(1).to(torch.uint8).numpy()
 
 
-def decided_pixels(eager: np.ndarray, size: tuple[int, int], tolerance: float) -> np.ndarray:
+def decided_pixels(eager: np.ndarray, size: tuple[int, int], tolerance: float,
+                   align_corners: bool = False) -> np.ndarray:
     """Boolean N x H x W: pixels whose label no logit error of at most `tolerance` can
     change (the upsampled eager top-2 margin is over 2 x tolerance; bilinear upsampling
     never enlarges an error). Float32 ties elsewhere flip under any reordering of sums,
     even between two runs of the same eager model at different batch sizes."""
     up = F.interpolate(torch.from_numpy(eager), size=tuple(size), mode="bilinear",
-                       align_corners=False)
+                       align_corners=align_corners)
     top2 = up.topk(2, dim=1).values
     return ((top2[:, 0] - top2[:, 1]) > 2 * tolerance).numpy()
 
@@ -154,12 +157,13 @@ def _compare(name, manifest, got, eager, eager_labels, valid, tie_tolerance,
         diff, labels = None, got
     else:
         diff = float(np.abs(got - eager).max())
-        labels = upsampled_labels(got, manifest.input_size)
+        labels = upsampled_labels(got, manifest.input_size, manifest.align_corners)
     same = labels == eager_labels
     agreement = float(same[valid].mean())
     decided_agreement = ties = None
     if not labels_head:
-        decided = decided_pixels(eager, manifest.input_size, tie_tolerance) & valid
+        decided = decided_pixels(eager, manifest.input_size, tie_tolerance,
+                                 manifest.align_corners) & valid
         decided_agreement = float(same[decided].mean()) if decided.any() else 1.0
         ties = int(valid.sum() - decided.sum())
     return Parity(artifact=name, images=len(got), max_logit_diff=diff, label_agreement=agreement,

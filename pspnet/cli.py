@@ -12,7 +12,7 @@ from pspnet.worker import add_worker_parser
 
 EPILOG = """\
 commands in the order a new user meets them:
-  pspnet demo                       the embedded default, end to end (small model, sample photos)
+  pspnet demo                       a trained model end to end on sample photos, with pictures
   pspnet build --config ... --out models/   mmseg config + checkpoint -> ONNX/torch artifacts
   pspnet serve --model models/ --out masks/ the daemon (Ctrl-C drains and stops it)
   pspnet submit a.jpg b.jpg         send images to the running daemon, one JSON line each

@@ -54,9 +54,14 @@ def _check_box(placement: Placement, input_h: int, input_w: int) -> None:
 
 
 def labels_from_logits(
-    logits: np.ndarray, placement: Placement, input_size: tuple[int, int]
+    logits: np.ndarray, placement: Placement, input_size: tuple[int, int],
+    align_corners: bool = False,
 ) -> np.ndarray:
     """C x h x w logits -> orig_h x orig_w uint8 class ids (argmax, first maximum wins).
+
+    `align_corners` is the network's (manifest.align_corners) and applies to the resize
+    of its logits to the input size, as in mmseg; the resize of the crop to the original
+    size is the daemon's letterbox undone, always half-pixel (align_corners=False).
 
     Same numbers as `F.interpolate` to `input_size`, crop of the box, `F.interpolate` to
     the original size (only when the letterbox scaled), `argmax(0)`; but the second resize
@@ -83,7 +88,7 @@ def labels_from_logits(
             raise ValueError("logits contain NaN or infinity")
         if x.shape[2:] != (input_h, input_w):
             x = F.interpolate(x, size=(input_h, input_w), mode="bilinear",
-                              align_corners=False)
+                              align_corners=align_corners)
         crop = x[0, :, p.top:p.top + p.height, p.left:p.left + p.width]
         resize = (p.height, p.width) != (p.orig_h, p.orig_w)
 

@@ -57,6 +57,8 @@ class Manifest:
     models: dict[int, ModelFile]                    # batch size -> files
     torch_program: str | None = None                # torch.export program of the core network
     opset: int = 18
+    # how the logits are resized to the input size (the decode head's align_corners:
+    # mmseg's own choice per network); False in older manifests, which were all PSPNet
     align_corners: bool = False
     inputs: dict[str, Any] = field(default_factory=lambda: {
         "image": {"dtype": "uint8", "layout": "NHWC", "color": "RGB",
@@ -74,6 +76,9 @@ class Manifest:
     # MACs per image before and after, and the rewrite's self-check; {} in older manifests
     rewrites: dict[str, Any] = field(default_factory=dict)
     source: dict[str, Any] = field(default_factory=dict)  # config, checkpoint, sha256, versions
+    # which network this is: name, backbone and decode head types, parameters; {} in
+    # manifests written before it was recorded (those were PSPNet)
+    network: dict[str, Any] = field(default_factory=dict)
     format: int = MANIFEST_FORMAT
 
     @property
@@ -114,6 +119,11 @@ class Manifest:
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise ValueError(f"{path}: malformed manifest ({type(exc).__name__}: {exc}); "
                              "rebuild the model directory with `pspnet build`") from None
+
+    @property
+    def network_name(self) -> str:
+        """A name for people: the recorded one, else PSPNet (all older manifests)."""
+        return str(self.network.get("name") or "PSPNet (not recorded)")
 
     def model_file(self, batch_size: int) -> ModelFile:
         if batch_size not in self.models:

@@ -124,7 +124,8 @@ def finish(output: wire.Output, manifest: Manifest, out_dir: Path | None,
     request = output.request
     try:
         if output.head == "logits":
-            labels = labels_from_logits(output.data, output.placement, manifest.input_size)
+            labels = labels_from_logits(output.data, output.placement, manifest.input_size,
+                                        manifest.align_corners)
         else:
             labels = labels_from_labels(output.data, output.placement)
         mask = None

@@ -25,7 +25,7 @@ class ServingModel(nn.Module):
     The reference normalises first and pads with 0 afterwards; multiplying the normalised
     batch by the box mask gives exactly that, whatever the pad bytes hold.
     Output: float32 N x C x h x w logits, or uint8 N x H x W labels (bilinear upsample of
-    the logits to H x W, align_corners=False, then argmax), as `head` says.
+    the logits to H x W with the network's `align_corners`, then argmax), as `head` says.
     """
 
     def __init__(
@@ -35,6 +35,7 @@ class ServingModel(nn.Module):
         std: Sequence[float],
         head: str,
         compute_dtype: torch.dtype = torch.float32,
+        align_corners: bool = False,
     ) -> None:
         super().__init__()
         if head not in HEADS:
@@ -42,6 +43,7 @@ class ServingModel(nn.Module):
         self.core = core
         self.head = head
         self.compute_dtype = compute_dtype
+        self.align_corners = bool(align_corners)
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1))
 
@@ -53,7 +55,8 @@ class ServingModel(nn.Module):
         logits = self.core(x.to(self.compute_dtype)).to(torch.float32)
         if self.head == "logits":
             return logits
-        up = F.interpolate(logits, size=(h, w), mode="bilinear", align_corners=False)
+        up = F.interpolate(logits, size=(h, w), mode="bilinear",
+                           align_corners=self.align_corners)
         return up.argmax(dim=1).to(torch.uint8)
 
 

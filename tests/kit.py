@@ -207,7 +207,8 @@ class Daemon:
 
     def logs(self) -> str:
         """The end of its log, for a failure message."""
-        self.log.flush()
+        if not self.log.closed:
+            self.log.flush()
         return self.log_path.read_text()[-6000:]
 
     def tail(self, lines: int = 6) -> str:

@@ -180,7 +180,8 @@ class TorchBackend(BackendBase):
 
     def _serving(self, core: torch.nn.Module) -> torch.nn.Module:
         model = ServingModel(core, self.manifest.mean, self.manifest.std, self.head,
-                             compute_dtype=self.dtype).to(self.device)
+                             compute_dtype=self.dtype,
+                             align_corners=self.manifest.align_corners).to(self.device)
         model.requires_grad_(False)
         return model
 

@@ -117,15 +117,24 @@ def test_read_split_notes_what_is_missing(tmp_path):
 
 
 def test_progress_plain_lines_when_not_a_tty():
+    """tqdm draws the line; off a terminal each refresh is a whole line, no carriage
+    return, no blank line, and the final line is the complete count."""
     stream = io.StringIO()
     bar = Progress(3, label="eval ", stream=stream)
-    for _ in range(3):
-        bar.update()
+    bar.update()
+    bar.update(failed=1)
+    bar.update()
     bar.close()
-    lines = stream.getvalue().splitlines()
-    assert "\r" not in stream.getvalue()
-    assert lines[0].startswith("eval 1/3") and lines[-1].startswith("eval 3/3 (100.0%)")
-    assert "img/s" in lines[-1] and "ETA 0:00:00" in lines[-1]
+    text = stream.getvalue()
+    lines = text.splitlines()
+    assert "\r" not in text and "" not in lines
+    assert lines[0].startswith("eval 0/3") and lines[-1].startswith("eval 3/3 (100.0%)")
+    assert "img/s" in lines[-1] and "ETA 00:00" in lines[-1] and "1 failed" in lines[-1]
+    on_a_tty = io.StringIO()
+    bar = Progress(2, label="eval ", stream=on_a_tty, tty=True)
+    bar.update(2)
+    bar.close()
+    assert "\r" in on_a_tty.getvalue()                # redrawn in place
 
 
 def _two_photos() -> list[tuple[str, np.ndarray]]:
