@@ -32,6 +32,7 @@ import zmq
 from daemon.clients import Clients
 from daemon.door import Door
 from daemon.endpoint import is_local
+from daemon.exporter import Exporter
 from daemon.front import Front, PipelineError, StartInterrupted
 from daemon.watch import Record, Watcher
 from stages import wire
@@ -53,6 +54,8 @@ class ServeConfig:
     drain_timeout_s: float = 120.0
     metrics_json: Path | None = None
     allow_roots: tuple[Path, ...] = field(default_factory=tuple)
+    metrics_port: int | None = None          # Prometheus /metrics; None: not served
+    metrics_host: str = "127.0.0.1"
 
 
 class Server:
@@ -66,6 +69,7 @@ class Server:
         self.watcher: Watcher | None = None
         self.watched: dict[str, str] = {}     # watch request id -> file name
         self.door = Door(cfg.endpoint)
+        self.exporter = Exporter(cfg.metrics_port, cfg.metrics_host)
         self.failure: str | None = None         # a thread of the front died: why
         self.stop_reason: str | None = None     # set when exiting before the drain finished
 
@@ -88,6 +92,7 @@ class Server:
         try:
             return self._run()
         finally:
+            self.exporter.close()
             self.door.release()
 
     def _run(self) -> int:
@@ -106,7 +111,12 @@ class Server:
                              host=pipe.tcp_host, port=pipe.tcp_ports)
         if self.door.removed_stale is not None:
             self.log.info("removed a stale socket file", path=str(self.door.removed_stale))
+        problem = self.exporter.listen()           # before any worker, like the endpoint
+        if problem is not None:
+            sys.stderr.write(f"pspnet serve: error: {problem}\n")
+            return EXIT_USAGE
         self.front = Front(pipe, around_spawn=self.door.reserve)
+        self.front.on_answer = self.exporter.answered
         try:
             self.front.start(interrupted=lambda: bool(self.signals))
         except StartInterrupted:
@@ -120,7 +130,7 @@ class Server:
                                self.status)
         if cfg.watch is not None:
             self._start_watch()
-        self.log.info("serving", endpoint=cfg.endpoint)
+        self.log.info("serving", endpoint=cfg.endpoint, metrics=self.exporter.address)
         try:
             code = self._loop()
         except PipelineError as exc:
@@ -153,6 +163,7 @@ class Server:
                 self._deliver(result, origin)
             self._feed_watch()
             front.dispatch()
+            self.exporter.refresh(self.status)
             code = self._drain_check()
             if code is not None:
                 return code
