@@ -263,6 +263,7 @@ def pipeline(job: BatchJob, items: list[VocItem], input_size: tuple[int, int]) -
     import ray
     from ray.data import ActorPoolStrategy, DataContext
 
+    logging.getLogger("ray.data").setLevel(logging.WARNING)   # not a line per dataset
     ctx = DataContext.get_current()
     ctx.enable_progress_bars = False            # our own line on stderr instead
     ctx.print_on_execution_start = os.environ.get("PSPNET_RAY_PLAN") == "1"
@@ -315,7 +316,7 @@ def run(job: BatchJob, split: VocSplit, num_classes: int, input_size: tuple[int,
             first = first or time.monotonic()
             index = int(row["index"])
             seen.add(index)
-            failed = _account(outcome, split.items[index], row)
+            failed = account(outcome, split.items[index], row)
             if progress is not None:
                 progress.update(failed=int(failed))
     except Exception as exc:                    # Ray's error: the cause is its last line
@@ -334,7 +335,7 @@ def run(job: BatchJob, split: VocSplit, num_classes: int, input_size: tuple[int,
     return outcome, timings
 
 
-def _account(outcome: EvalOutcome, item: VocItem, row: dict[str, Any]) -> bool:
+def account(outcome: EvalOutcome, item: VocItem, row: dict[str, Any]) -> bool:
     """Add one finished row to the outcome as `pspnet eval` does; True if it failed."""
     error = str(row["error"])
     if not error:

@@ -25,7 +25,7 @@ if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$WANT" ]; then
     # CPU torch first: on these machines torch==2.13.0 is a local CPU wheel; an unpinned
     # torch would pull a multi-GB CUDA build.
     "$VENV/bin/python" -m pip install -q "torch==${PSPNET_TORCH:-2.13.0}"
-    "$VENV/bin/python" -m pip install -q -e "$ROOT[build,bench,test]"
+    "$VENV/bin/python" -m pip install -q -e "$ROOT[build,bench,test,ray]"
     echo "$WANT" > "$STAMP"
 fi
 export PATH="$VENV/bin:$PATH"
