@@ -15,7 +15,8 @@ module only wires the stage functions into it; it imports none of the daemon:
 
 The answer is `pspnet eval`'s: same mask files (name, palette, source chunk), same areas,
 same result JSON (bench.eval.report). A bad image or ground truth is a failed row with
-its reason, never an exception out of a task. Ray is imported by `run` only.
+its reason, never an exception out of a task. Ray is imported inside the functions that
+use it: importing this module (or any other command) needs no Ray.
 """
 
 from __future__ import annotations
@@ -267,6 +268,8 @@ def pipeline(job: BatchJob, items: list[VocItem], input_size: tuple[int, int]) -
     from ray.data import ActorPoolStrategy, DataContext
 
     logging.getLogger("ray.data").setLevel(logging.WARNING)   # not a line per dataset
+    # nor the hint to turn Ray's progress bars back on: our own line replaces them
+    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
     ctx = DataContext.get_current()
     ctx.enable_progress_bars = False            # our own line on stderr instead
     ctx.print_on_execution_start = os.environ.get("PSPNET_RAY_PLAN") == "1"
