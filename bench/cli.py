@@ -62,11 +62,12 @@ examples:
 
 
 BATCH_EPILOG = """\
-output: `pspnet eval`'s table and result JSON (mIoU, aAcc, mAcc, per_class, images, failed)
-when ground truths are given, else the count of masks written; every image that failed,
-with the reason (a bad image fails its row, never the job). Exit status: 0 when at least
-one image was segmented, 1 when none was, 2 on usage errors, 4 when --address does not
-answer. Needs Ray Data: pip install 'pspnet-daemon[ray]'.
+output: `pspnet eval`'s table (NaN without ground truths), how many images were scored
+and segmented, every image that failed with the reason (a bad image fails its row, never
+the job); --json: `pspnet eval`'s document (mIoU, aAcc, mAcc, per_class, images, failed).
+Exit status: 0 when at least one image was segmented, 1 when none was or the job failed,
+2 on usage errors, 4 when `--address auto` finds no cluster (an address that does not
+answer is waited for, as Ray does). Needs Ray Data: pip install 'pspnet-daemon[ray]'.
 
 On a cluster every node must see the model directory, the images and --out at the same
 paths (shared storage), and have this package installed (deploy/rayjob.yaml).
