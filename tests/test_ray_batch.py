@@ -171,3 +171,15 @@ def test_from_listing_and_folder_need_no_ray(tmp_path):
     items = ray_batch.from_listing(listing).items
     assert items[0].image == Path("/abs/a.jpg") and items[0].truth == tmp_path / "gt/a.png"
     assert items[1].image == tmp_path / "b.jpg" and items[1].truth is None
+
+
+def test_ray_is_imported_by_pspnet_batch_alone():
+    """An optional extra: the CLI, the daemon and this module import without it."""
+    import subprocess
+    import sys
+
+    code = ("import sys, pspnet.cli, bench.ray_batch, bench.ray_compare, daemon.server; "
+            "print(sorted(m for m in sys.modules if m == 'ray' or m.startswith('ray.')))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120, check=True)
+    assert done.stdout.strip() == "[]"
