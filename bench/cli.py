@@ -1,4 +1,4 @@
-"""`pspnet eval` and `pspnet bench`: arguments and what each runs.
+"""`pspnet eval`, `pspnet bench` and `pspnet batch`: arguments and what each runs.
 
 Why here and not in daemon/: these commands measure the daemon (accuracy, speed) rather
 than being part of it; `pspnet.cli` registers them. The shared flags (model, backend,
@@ -15,7 +15,14 @@ import tempfile
 from pathlib import Path
 
 from daemon.commands import add_pipeline_args, usage_error
-from stages.cli_args import HelpFormatter, non_negative_int, outputs_problem, positive_int
+from stages.cli_args import (
+    HelpFormatter,
+    key_value,
+    non_negative_int,
+    outputs_problem,
+    positive_float,
+    positive_int,
+)
 from stages.exits import EXIT_FAILED, EXIT_UNAVAILABLE
 
 DEFAULT_BATCH_SIZES = "1,4,8,16,32,64"
@@ -53,6 +60,24 @@ examples:
   pspnet bench --model models/small --backend sim --backend-option img_s=400 \\
       --batch-sizes 16,32,64 --synthetic 96 --min-images 1280 --no-masks
       (the host side alone, against a simulated 400 img/s device)"""
+
+
+BATCH_EPILOG = """\
+output: `pspnet eval`'s table (NaN without ground truths), how many images were scored
+and segmented, every image that failed with the reason (a bad image fails its row, never
+the job); --json: `pspnet eval`'s document (mIoU, aAcc, mAcc, per_class, images, failed).
+Exit status: 0 when at least one image was segmented, 1 when none was or the job failed,
+2 on usage errors, 4 when `--address auto` finds no cluster (an address that does not
+answer is waited for, as Ray does). Needs Ray Data: pip install 'pspnet-daemon[ray]'.
+
+On a cluster every node must see the model directory, the images and --out at the same
+paths (shared storage), and have this package installed (deploy/rayjob.yaml).
+
+examples:
+  pspnet batch --images photos/ --model models/r50 --out masks/
+  pspnet batch --voc VOCdevkit/VOC2012 --model models/r50 --json voc.json
+  pspnet batch --list million.txt --model models/r50-labels --backend torch \\
+      --device cuda --executors 8 --precision fp16 --address auto --out /shared/masks"""
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
@@ -138,6 +163,63 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         elif action.dest == "no_masks":
             action.help = "write no masks in e2e and serial (measures the rest)"
     bench.set_defaults(run=run_bench, log_level="warning")
+    add_batch_parser(sub)
+
+
+def add_batch_parser(sub: argparse._SubParsersAction) -> None:
+    batch = sub.add_parser(
+        "batch", formatter_class=_Formatter,
+        help="a folder, a listing or a VOC split through a Ray Data job (one machine or a "
+             "Ray cluster)",
+        description="Segment many images with Ray Data: decode + letterbox as CPU tasks, "
+                    "executor actors holding one backend each (one GPU each with --device "
+                    "cuda), postprocess tasks writing the masks and IoU areas. The same "
+                    "masks and result JSON as `pspnet eval`. Starts a local Ray instance "
+                    "unless --address (or RAY_ADDRESS) names a cluster. A progress line "
+                    "(images/s, ETA) goes to stderr.",
+        epilog=BATCH_EPILOG)
+    source = batch.add_mutually_exclusive_group(required=True)
+    source.add_argument("--images", type=Path, metavar="DIR",
+                        help="every image file directly in DIR (no ground truth)")
+    source.add_argument("--list", type=Path, metavar="FILE", dest="listing",
+                        help="one image path per line, optionally a tab and its ground "
+                             "truth; relative paths start at FILE's folder")
+    source.add_argument("--voc", type=Path, metavar="ROOT",
+                        help="a VOC root: the --split images with their ground truths")
+    batch.add_argument("--split", default="val", help="with --voc: which split")
+    batch.add_argument("--model", type=Path, required=True, metavar="DIR",
+                       help="a directory made by `pspnet build`, at the same path on every "
+                            "node")
+    batch.add_argument("--backend", choices=("ort", "torch", "acl", "sim"), default="ort",
+                       help="as for `pspnet serve`")
+    batch.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                       help="cuda: each executor actor asks Ray for one GPU")
+    batch.add_argument("--precision", choices=("fp32", "fp16", "bf16"), default="fp32",
+                       help="torch backend compute precision")
+    batch.add_argument("--batch-size", type=positive_int, default=None,
+                       help="static batch size to run (default: 16 if built, else the "
+                            "largest)")
+    batch.add_argument("--executors", type=positive_int, default=None, metavar="N",
+                       help="executor actors, at most (Ray starts one and adds more while "
+                            "they are the bottleneck; default: the cluster's GPUs with "
+                            "--device cuda, else 1)")
+    batch.add_argument("--executor-cpus", type=positive_float, default=1.0, metavar="N",
+                       help="CPUs each executor actor reserves")
+    batch.add_argument("--backend-option", type=key_value, action="append", default=[],
+                       metavar="KEY=VALUE", help="backend tuning, as for `pspnet serve`")
+    batch.add_argument("--out", type=Path, default=None, metavar="MASKDIR",
+                       help="write masks here (palette PNGs named after each image's stem, "
+                            "as `pspnet serve --out`); without it none are written")
+    batch.add_argument("--max-pixels", type=positive_int, default=50_000_000,
+                       help="refuse images with more pixels (read from the header)")
+    batch.add_argument("--json", type=Path, default=None, metavar="FILE",
+                       help="also write the results as JSON (`pspnet eval`'s document)")
+    batch.add_argument("--address", default=None, metavar="ADDR",
+                       help="join the Ray cluster at ADDR (auto, HOST:PORT, ray://HOST:"
+                            "10001); default: RAY_ADDRESS if set, else a local Ray instance")
+    batch.add_argument("--num-cpus", type=positive_int, default=None, metavar="N",
+                       help="CPUs of the local Ray instance (default: all of this machine)")
+    batch.set_defaults(run=run_batch)
 
 
 class _Formatter(HelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -215,6 +297,65 @@ def run_eval(args: argparse.Namespace) -> int:
                                    REPORT_IMAGES):
             print(f"report: {path}")
     return 0 if doc["images"] else EXIT_FAILED
+
+
+# ---- batch (Ray Data) ------------------------------------------------------------------
+
+def run_batch(args: argparse.Namespace) -> int:
+    from bench.eval import print_report, report, write_json
+    from bench.progress import Progress
+    from bench.voc import VocLayoutError, read_split
+    from stages.manifest import Manifest, pick_batch_size
+
+    try:
+        from bench import ray_batch
+    except ImportError as exc:             # ray is an optional extra
+        return usage_error("batch", f"needs Ray Data ({exc}): pip install "
+                                    "'pspnet-daemon[ray]'")
+    try:
+        manifest = Manifest.read(args.model)
+        batch = pick_batch_size(manifest, args.batch_size)
+        if args.images is not None:
+            split = ray_batch.from_folder(args.images)
+        elif args.listing is not None:
+            split = ray_batch.from_listing(args.listing)
+        else:
+            split = read_split(args.voc, args.split)
+    except (OSError, ValueError, VocLayoutError) as exc:
+        return usage_error("batch", str(exc))
+    if not split.items:
+        return usage_error("batch", f"none of the {split.listed} images of "
+                                    f"{args.split}.txt exists under {args.voc}")
+    problem = outputs_problem(("--json", args.json, False), ("--out", args.out, True))
+    if problem:                            # found now, not after the whole job
+        return usage_error("batch", problem)
+    job = ray_batch.BatchJob(
+        model_dir=args.model.absolute(), batch_size=batch, backend=args.backend,
+        device=args.device, precision=args.precision,
+        backend_options=dict(args.backend_option),
+        out_dir=None if args.out is None else args.out.absolute(),
+        max_pixels=args.max_pixels, executors=args.executors or 0,
+        executor_cpus=args.executor_cpus, address=args.address, num_cpus=args.num_cpus)
+    progress = Progress(len(split.items), label="batch ")
+    try:
+        outcome, timings = ray_batch.run(job, split, manifest.num_classes,
+                                         tuple(manifest.input_size), progress)
+    except ConnectionError as exc:
+        sys.stderr.write(f"pspnet batch: error: no Ray cluster at {args.address}: {exc}\n")
+        return EXIT_UNAVAILABLE
+    except ray_batch.JobFailed as exc:
+        sys.stderr.write(f"pspnet batch: error: {exc}\n")
+        return EXIT_FAILED
+    finally:
+        ray_batch.shutdown()
+    progress.close()
+    doc = report(outcome, split, manifest, {
+        "model": str(args.model), "backend": args.backend, "batch_size": batch,
+        "masks": str(args.out) if args.out else None, "engine": "ray", **timings})
+    print_report(outcome, doc, manifest)
+    if args.json is not None:
+        write_json(args.json, doc)
+    return 0 if outcome.segmented else EXIT_FAILED
 
 
 # ---- bench -----------------------------------------------------------------------------

@@ -146,8 +146,9 @@ def print_report(outcome: EvalOutcome, doc: dict[str, Any], manifest: Manifest) 
     """mmseg's table and summary line on stdout, then what could not be scored."""
     out = sys.stdout
     out.write(outcome.metrics.table(manifest.class_names) + "\n")
-    out.write(f"scored {doc['images']} of {doc['listed']} images listed in "
-              f"{doc['split']}.txt ({doc['images_per_s'] or 0:.1f} img/s)\n")
+    given = f"listed in {doc['split']}.txt" if doc["split"] else f"given ({doc['root']})"
+    out.write(f"scored {doc['images']} of {doc['listed']} images {given}, "
+              f"{doc['segmented']} segmented ({doc['images_per_s'] or 0:.1f} img/s)\n")
     if doc["failed"]:
         out.write(f"not scored ({len(doc['failed'])}):\n")
         for item in doc["failed"]:

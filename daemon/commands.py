@@ -53,6 +53,14 @@ def add_daemon_parsers(sub: argparse._SubParsersAction) -> None:
                             "then answer the rest with an error and exit 1")
     serve.add_argument("--metrics-json", type=Path, default=None, metavar="FILE",
                        help="write the final status (counts, mIoU) here on exit")
+    serve.add_argument("--metrics-port", type=metrics_port, default=None, metavar="PORT",
+                       help="serve Prometheus metrics at http://HOST:PORT/metrics (requests "
+                            "by outcome, accept-to-answer latency, queue depth, batch fill, "
+                            "busy fraction per stage, restarts, images/s); 0: a free port, "
+                            "logged in the `serving` line")
+    serve.add_argument("--metrics-host", type=ip_address, default="127.0.0.1", metavar="ADDR",
+                       help="the address /metrics listens on; 0.0.0.0 in a container, for "
+                            "a scraper in another pod (the figures name no paths)")
     serve.add_argument("--allow-root", type=Path, action="append", default=[], metavar="DIR",
                        help="only read images and ground truths under DIR (repeatable); "
                             "required when --endpoint is reachable from other hosts")
@@ -93,6 +101,21 @@ def add_daemon_parsers(sub: argparse._SubParsersAction) -> None:
     status.add_argument("--endpoint", default=None,
                         help="daemon address (default: the local daemon's ipc socket)")
     status.set_defaults(run=run_status)
+
+
+def metrics_port(text: str) -> int:
+    """argparse type: a tcp port, or 0 for one the system chooses."""
+    return 0 if text.strip() == "0" else base_port(text)
+
+
+def ip_address(text: str) -> str:
+    """argparse type: an IPv4 or IPv6 address to listen on (0.0.0.0: every interface)."""
+    import ipaddress
+
+    try:
+        return str(ipaddress.ip_address(text.strip()))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an IP address, not {text!r}") from None
 
 
 def add_pipeline_args(p: argparse.ArgumentParser) -> None:
@@ -212,7 +235,9 @@ def run_serve(args: argparse.Namespace) -> int:
     server = Server(ServeConfig(pipeline=cfg, endpoint=endpoint, watch=args.watch,
                                 max_queue=args.max_queue, drain_timeout_s=args.drain_timeout,
                                 metrics_json=args.metrics_json,
-                                allow_roots=tuple(args.allow_root)))
+                                allow_roots=tuple(args.allow_root),
+                                metrics_port=args.metrics_port,
+                                metrics_host=args.metrics_host))
     return server.serve()
 
 

@@ -72,6 +72,8 @@ class Front:
         self.started = False
         self._next_check = 0.0
         self._own_run_dir = cfg.run_dir is None
+        # called with (status, stage, seconds since accepted) for each answer: metrics
+        self.on_answer: Callable[[str, str, float], None] | None = None
 
     # ---- start and stop ----------------------------------------------------------------
 
@@ -284,6 +286,8 @@ class Front:
             self.metrics.add(areas)
         self.totals["ok" if status == wire.OK else "errors"] += 1
         now = time.monotonic()
+        if self.on_answer is not None:
+            self.on_answer(status, stage, now - entry.accepted)
         self.answered_at.append(now)
         while self.answered_at and self.answered_at[0] < now - RATE_WINDOW_S:
             self.answered_at.popleft()
@@ -390,7 +394,7 @@ class Front:
                 "processes": len(slots), "alive": sum(s.alive for s in slots),
                 "restarts": sum(s.restarts for s in slots),
                 "pids": [s.proc.pid for s in slots if s.proc is not None]}
-            for key in ("processed", "errors", "queue", "busy_s", "cpu_s"):
+            for key in ("processed", "errors", "queue", "busy_s", "cpu_s", "batches", "filler"):
                 figures[key] = sum(w.counters.get(key, 0) for w in workers) \
                     + self.past[(stage, key)]
             stages[stage] = figures

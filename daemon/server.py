@@ -32,6 +32,7 @@ import zmq
 from daemon.clients import Clients, refusal
 from daemon.door import Door
 from daemon.endpoint import is_local
+from daemon.exporter import Exporter
 from daemon.front import Front, PipelineError, StartInterrupted
 from daemon.watch import Record, StorageError, Version, Watcher
 from stages import wire
@@ -54,6 +55,8 @@ class ServeConfig:
     drain_timeout_s: float = 120.0
     metrics_json: Path | None = None
     allow_roots: tuple[Path, ...] = field(default_factory=tuple)
+    metrics_port: int | None = None          # Prometheus /metrics; None: not served
+    metrics_host: str = "127.0.0.1"
 
 
 class Server:
@@ -68,6 +71,7 @@ class Server:
         self.watched: dict[str, tuple[str, Version]] = {}   # request id -> file, version
         self._record_retry_at = 0.0
         self.door = Door(cfg.endpoint)
+        self.exporter = Exporter(cfg.metrics_port, cfg.metrics_host)
         self.failure: str | None = None         # a thread of the front died: why
         self.stop_reason: str | None = None     # set when exiting before the drain finished
 
@@ -90,6 +94,7 @@ class Server:
         try:
             return self._run()
         finally:
+            self.exporter.close()
             self.door.release()
 
     def _run(self) -> int:
@@ -108,7 +113,12 @@ class Server:
                              host=pipe.tcp_host, port=pipe.tcp_ports)
         if self.door.removed_stale is not None:
             self.log.info("removed a stale socket file", path=str(self.door.removed_stale))
+        problem = self.exporter.listen()           # before any worker, like the endpoint
+        if problem is not None:
+            sys.stderr.write(f"pspnet serve: error: {problem}\n")
+            return EXIT_USAGE
         self.front = Front(pipe, around_spawn=self.door.reserve)
+        self.front.on_answer = self.exporter.answered
         try:
             self.front.start(interrupted=lambda: bool(self.signals))
         except StartInterrupted:
@@ -122,7 +132,7 @@ class Server:
                                self.status)
         if cfg.watch is not None:
             self._start_watch()
-        self.log.info("serving", endpoint=cfg.endpoint)
+        self.log.info("serving", endpoint=cfg.endpoint, metrics=self.exporter.address)
         try:
             code = self._loop()
         except PipelineError as exc:
@@ -160,6 +170,7 @@ class Server:
                 self.log.exception("watch intake failed")
                 self._fail(f"watch intake failed: {type(exc).__name__}: {exc}")
             front.dispatch()
+            self.exporter.refresh(self.status)
             code = self._drain_check()
             if code is not None:
                 return code

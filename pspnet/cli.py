@@ -19,10 +19,12 @@ commands in the order a new user meets them:
   pspnet status                     what the daemon is doing
   pspnet eval --voc VOC2012 --model models/     the seed's mIoU table
   pspnet bench --model models/ --synthetic 64   throughput per batch size
+  pspnet batch --images DIR --model models/     many images on Ray Data (one machine or a cluster)
 Run `pspnet COMMAND --help` for each command's flags."""
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """Every command's flags (also how deploy/'s command lines are checked offline)."""
     parser = argparse.ArgumentParser(
         prog="pspnet",
         description="Streaming PSPNet segmentation: build models, serve them, feed and measure.",
@@ -34,5 +36,9 @@ def main(argv: list[str] | None = None) -> int:
     add_worker_parser(sub)
     add_bench_parsers(sub)                 # eval, bench
     add_demo_parser(sub)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     return int(args.run(args) or 0)

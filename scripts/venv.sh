@@ -25,9 +25,9 @@ if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$WANT" ]; then
     # CPU torch first: on these machines torch==2.13.0 is a local CPU wheel; an unpinned
     # torch would pull a multi-GB CUDA build.
     "$VENV/bin/python" -m pip install -q "torch==${PSPNET_TORCH:-2.13.0}"
-    # convert: the TFLite reader that tests/test_tflite_convert.py checks the shipped
+    # convert: the TFLite reader that tests/build_model/test_tflite_convert.py checks the shipped
     # checkpoint with (that test skips where ../shared/models is absent)
-    "$VENV/bin/python" -m pip install -q -e "$ROOT[build,bench,test,convert]"
+    "$VENV/bin/python" -m pip install -q -e "$ROOT[build,bench,test,convert,ray]"
     echo "$WANT" > "$STAMP"
 fi
 export PATH="$VENV/bin:$PATH"

@@ -1,0 +1,212 @@
+"""`pspnet serve --metrics-port P`: the daemon's figures for Prometheus, at /metrics.
+
+Why a snapshot: prometheus_client answers scrapes on a thread of its own, while the
+front's state belongs to the daemon's loop. The loop hands over a copy of the status
+document (the one `pspnet status` prints) at most every REFRESH_S, and a scrape reads only
+that copy and the latency histogram (which is thread-safe). So a scrape never touches
+the front, and its figures are at most REFRESH_S old.
+
+Counters come from the status document's totals, which stay monotonic across worker
+restarts (the front keeps a dead worker's counts); rates over a window (busy fraction,
+batch fill) are computed here from the snapshots of the last WINDOW_S.
+"""
+
+from __future__ import annotations
+
+import collections
+import math
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Histogram, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+
+STAGES = ("preprocess", "executor", "postprocess")
+REFRESH_S = 0.5                 # the loop copies the status document at most this often
+WINDOW_S = 10.0                 # busy fraction and batch fill: over the last WINDOW_S
+# accept-to-answer, seconds: from a few ms (a small model, idle) to minutes (a backlog)
+LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+                     60.0, 120.0, 300.0)
+
+
+class Exporter:
+    """Serves /metrics when given a port; without one every method does nothing."""
+
+    def __init__(self, port: int | None, host: str = "127.0.0.1") -> None:
+        self.port, self.host = port, host
+        self.registry = CollectorRegistry()
+        self.latency = Histogram(
+            "pspnet_request_latency_seconds",
+            "Accepted to answered, per request, by outcome (ok or error)",
+            ["outcome"], buckets=LATENCY_BUCKETS_S, registry=self.registry)
+        self.snapshots = Snapshots()
+        self.registry.register(StatusCollector(self.snapshots))
+        self._next_refresh = 0.0
+        self._server: Any = None
+        self._thread: threading.Thread | None = None
+
+    def listen(self) -> str | None:
+        """Bind the port (before any worker starts); why not, as one line, or None."""
+        if self.port is None:
+            return None
+        try:
+            self._server, self._thread = start_http_server(self.port, addr=self.host,
+                                                           registry=self.registry)
+        except OSError as exc:
+            return (f"--metrics-port {self.port}: cannot listen on {self.host}:{self.port}: "
+                    f"{exc.strerror or exc}")
+        return None
+
+    @property
+    def address(self) -> str | None:
+        """http://HOST:PORT/metrics once listening (the port the system chose for 0)."""
+        if self._server is None:
+            return None
+        host, port = self._server.server_address[:2]
+        return f"http://{host}:{port}/metrics"
+
+    def answered(self, status: str, stage: str, latency_s: float) -> None:
+        """The front's hook: one request answered, `latency_s` after it was accepted."""
+        if self.port is not None:
+            self.latency.labels("ok" if status == "ok" else "error").observe(latency_s)
+
+    def refresh(self, status: Callable[[], dict[str, Any]]) -> None:
+        """From the daemon's loop: a new snapshot if the last is REFRESH_S old."""
+        if self._server is None:
+            return
+        now = time.monotonic()
+        if now >= self._next_refresh:
+            self._next_refresh = now + REFRESH_S
+            self.snapshots.add(now, status())
+
+    def close(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+
+
+class Snapshots:
+    """The latest status document and those of the last WINDOW_S, shared with scrapes."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.recent: collections.deque[tuple[float, dict[str, Any]]] = collections.deque()
+
+    def add(self, now: float, doc: dict[str, Any]) -> None:
+        with self.lock:
+            self.recent.append((now, doc))
+            while len(self.recent) > 2 and self.recent[1][0] <= now - WINDOW_S:
+                self.recent.popleft()
+
+    def window(self) -> tuple[tuple[float, dict[str, Any]], tuple[float, dict[str, Any]]] | None:
+        """(oldest, latest) of the window; None before the first snapshot."""
+        with self.lock:
+            if not self.recent:
+                return None
+            return self.recent[0], self.recent[-1]
+
+
+class StatusCollector:
+    """Turns the status document into Prometheus families at each scrape."""
+
+    def __init__(self, snapshots: Snapshots) -> None:
+        self.snapshots = snapshots
+
+    def describe(self) -> list[Metric]:
+        return []                         # unknown until the first snapshot: no checks
+
+    def collect(self) -> Iterator[Metric]:
+        window = self.snapshots.window()
+        if window is None:
+            return
+        (then, old), (now, doc) = window
+        front, daemon, stages = doc["front"], doc.get("daemon", {}), doc["stages"]
+
+        requests = CounterMetricFamily(
+            "pspnet_requests", "Requests by outcome: answered ok, answered with an error, "
+            "refused at the door (bad path, outside --allow-root)", labels=["outcome"])
+        requests.add_metric(["ok"], front["ok"])
+        requests.add_metric(["error"], front["errors"])
+        requests.add_metric(["refused"], daemon.get("refused", 0))
+        yield requests
+        yield _counter("pspnet_requests_accepted", "Requests accepted", front["submitted"])
+        yield _counter("pspnet_requests_retried", "Requests retried after a worker was lost",
+                       front["retried"])
+        yield _counter("pspnet_busy_replies", "Submissions answered `busy` (--max-queue "
+                       "full); the client retries them", daemon.get("busy_replies", 0))
+
+        in_state = GaugeMetricFamily(
+            "pspnet_queue_depth", "Accepted requests not yet answered, by where they are: "
+            "queued in the front (not yet dispatched) or inside a stage", labels=["state"])
+        for state, count in front["at"].items():
+            in_state.add_metric([state], count)
+        yield in_state
+        yield _per_stage(GaugeMetricFamily, "pspnet_stage_queue", "Images waiting inside "
+                         "each stage's processes (the executor: not yet in a batch)",
+                         stages, "queue")
+
+        yield _per_stage(CounterMetricFamily, "pspnet_stage_processed", "Images each stage "
+                         "finished", stages, "processed")
+        yield _per_stage(CounterMetricFamily, "pspnet_stage_errors", "Images each stage "
+                         "answered with an error", stages, "errors")
+        yield _per_stage(CounterMetricFamily, "pspnet_stage_busy_seconds", "Seconds each "
+                         "stage's processes spent working, summed", stages, "busy_s")
+        busy = GaugeMetricFamily(
+            "pspnet_stage_busy_ratio", f"Busy time over wall time per process, last "
+            f"{WINDOW_S:g} s (1.0: every process of the stage always working)",
+            labels=["stage"])
+        for stage in STAGES:
+            if stage in stages:
+                busy.add_metric([stage], _busy_ratio(old, doc, stage, now - then))
+        yield busy
+        yield _per_stage(CounterMetricFamily, "pspnet_worker_restarts", "Worker processes "
+                         "restarted by the daemon", stages, "restarts")
+        yield _per_stage(GaugeMetricFamily, "pspnet_workers_alive", "Worker processes "
+                         "running", stages, "alive")
+
+        executor = stages.get("executor", {})
+        yield _counter("pspnet_executor_batches", "Batches the executors ran",
+                       executor.get("batches", 0))
+        yield _counter("pspnet_executor_filler_rows", "Empty rows padding partial batches "
+                       "to the static batch size", executor.get("filler", 0))
+        yield GaugeMetricFamily(
+            "pspnet_batch_fill_ratio", f"Images over rows of the batches run in the last "
+            f"{WINDOW_S:g} s (1.0: every batch full; NaN: no batch ran)",
+            value=_fill_ratio(old.get("stages", {}).get("executor", {}), executor))
+
+        yield GaugeMetricFamily("pspnet_images_per_second", "Requests answered per second "
+                                "over the last 10 s", value=doc["images_per_s"])
+        if doc.get("metrics"):
+            yield GaugeMetricFamily("pspnet_miou_percent", "Running mIoU of the requests "
+                                    "that came with a ground truth", value=doc["metrics"]["mIoU"])
+
+
+def _counter(name: str, doc: str, value: float) -> CounterMetricFamily:
+    return CounterMetricFamily(name, doc, value=value)
+
+
+def _per_stage(family: type, name: str, doc: str, stages: dict[str, Any], key: str) -> Metric:
+    metric = family(name, doc, labels=["stage"])
+    for stage in STAGES:
+        if stage in stages:
+            metric.add_metric([stage], stages[stage].get(key, 0))
+    return metric
+
+
+def _busy_ratio(old: dict[str, Any], new: dict[str, Any], stage: str, span_s: float) -> float:
+    processes = new["stages"][stage]["processes"]
+    if span_s <= 0 or not processes:
+        return math.nan
+    before = old.get("stages", {}).get(stage, {}).get("busy_s", 0.0)
+    return max(0.0, new["stages"][stage]["busy_s"] - before) / (span_s * processes)
+
+
+def _fill_ratio(old: dict[str, Any], new: dict[str, Any]) -> float:
+    images = new.get("processed", 0) - old.get("processed", 0)
+    filler = new.get("filler", 0) - old.get("filler", 0)
+    return images / (images + filler) if images + filler > 0 else math.nan

@@ -1,0 +1,185 @@
+"""Issue 17: `pspnet batch` (Ray Data) gives what the daemon gives: the same mask bytes,
+the same mIoU and the same failures, on the sample photos and on a VOC-layout folder.
+
+One local Ray instance (2 CPUs, no dashboard) serves the whole module; the tiny models of
+tests/conftest.py keep each job to seconds.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+
+from bench import ray_batch
+from build_model.samples import SAMPLE_DIR
+from pspnet.cli import main
+from tests.voc_folder import make_voc_folder
+
+COMPARED = ("mIoU", "aAcc", "mAcc", "per_class", "images", "listed", "segmented", "failed")
+
+
+@pytest.fixture(scope="module")
+def ray_session():
+    import ray
+
+    started = time.monotonic()
+    ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.WARNING)
+    print(f"FIGURE ray.init {time.monotonic() - started:.1f} s")
+    yield ray
+    ray.shutdown()
+
+
+def corrupt_jpeg(path: Path) -> Path:
+    """A JPEG cut off half way: the decoder refuses it, the job goes on."""
+    data = (SAMPLE_DIR / "chelsea_451x300.jpg").read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    return path
+
+
+def batch(*args: str) -> int:
+    started = time.monotonic()
+    code = main(["batch", *args, "--batch-size", "4"])
+    print(f"FIGURE pspnet batch {time.monotonic() - started:.1f} s")
+    return code
+
+
+def same_bytes(ours: Path, theirs: Path) -> list[str]:
+    """Names of the masks in `theirs`, after checking each has a byte-identical twin."""
+    names = sorted(p.name for p in theirs.glob("*.png"))
+    assert names == sorted(p.name for p in ours.glob("*.png"))
+    for name in names:
+        assert (ours / name).read_bytes() == (theirs / name).read_bytes(), name
+    return names
+
+
+def test_batch_masks_are_the_daemons_on_the_sample_photos(ray_session, tiny_models, tmp_path,
+                                                           capsys):
+    """The shipped sample photos and a broken JPEG, logits head: each mask byte for byte
+    what the daemon's pipeline writes; the broken image fails its row with the daemon's
+    own reason, and the job still exits 0."""
+    from daemon.front import Front, requests_for
+    from stages.config import PipelineConfig
+
+    photos = tmp_path / "photos"
+    shutil.copytree(SAMPLE_DIR, photos, ignore=shutil.ignore_patterns("*.txt"))
+    bad = corrupt_jpeg(photos / "zz_broken.jpg")
+    paths = sorted(photos.glob("*.jpg"))
+    model = tiny_models["logits"]
+
+    daemon_masks = tmp_path / "daemon-masks"
+    cfg = PipelineConfig(model_dir=model, batch_size=4, preprocess_workers=1,
+                         postprocess_workers=1, out_dir=daemon_masks)
+    with Front(cfg) as pipe:
+        answers = {r.path: r for r in pipe.run(requests_for(paths))}
+    assert answers[str(bad)].status == "error"
+
+    ray_masks, report = tmp_path / "ray-masks", tmp_path / "batch.json"
+    code = batch("--images", str(photos), "--model", str(model), "--out", str(ray_masks),
+                 "--json", str(report))
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert "img/s" in err and "ETA" in err                  # the progress line
+    names = same_bytes(ray_masks, daemon_masks)
+    assert len(names) == len(paths) - 1 == 9
+    doc = json.loads(report.read_text())
+    assert doc["segmented"] == 9 and doc["listed"] == 10 and doc["images"] == 0
+    assert doc["failed"] == [{"id": "zz_broken", "path": str(bad),
+                              "reason": f"preprocess: {answers[str(bad)].error}"}]
+    assert "zz_broken: preprocess: truncated or corrupt JPEG" in out
+    assert doc["engine"] == "ray" and doc["resources"]["CPU"] == 2
+
+
+def test_batch_scores_a_voc_folder_as_pspnet_eval_does(ray_session, tiny_models, tmp_path,
+                                                       capsys):
+    """A VOC folder with a missing image, a missing and a broken ground truth and a corrupt
+    JPEG, labels head: `pspnet batch --voc` and `pspnet eval --voc` write the same mask
+    bytes and the same result JSON (mIoU, per class, failures) to the last digit."""
+    voc = make_voc_folder(tmp_path / "voc", missing_image=True, missing_truth=True,
+                          broken_truth=True)
+    corrupt_jpeg(voc.images[voc.ids[2]])
+    model = tiny_models["labels"]
+    common = ["--voc", str(voc.root), "--model", str(model)]
+
+    eval_masks, eval_json = tmp_path / "eval-masks", tmp_path / "eval.json"
+    assert main(["eval", *common, "--batch-size", "4", "--preprocess-workers", "1",
+                 "--postprocess-workers", "1", "--out", str(eval_masks),
+                 "--json", str(eval_json)]) == 0
+    ray_masks, ray_json = tmp_path / "ray-masks", tmp_path / "batch.json"
+    assert batch(*common, "--out", str(ray_masks), "--json", str(ray_json)) == 0
+    out = capsys.readouterr().out
+
+    assert len(same_bytes(ray_masks, eval_masks)) == len(voc.images) - 1
+    ours, theirs = json.loads(ray_json.read_text()), json.loads(eval_json.read_text())
+    for key in COMPARED:
+        assert ours[key] == theirs[key], key
+    print(f"mIoU: batch {ours['mIoU']!r}, eval {theirs['mIoU']!r} "
+          f"({ours['images']} images scored)")
+    assert ours["images"] == len(voc.scorable) - 1 >= 5       # the corrupt JPEG: not scored
+    assert {f["id"] for f in ours["failed"]} == {
+        *voc.missing_images, *voc.missing_truths, *voc.broken_truths, voc.ids[2]}
+    assert "per class results:" in out and "aAcc:" in out
+
+
+def test_batch_listing_relative_paths_and_ground_truths(ray_session, tiny_models, tmp_path):
+    """`--list`: IMAGE[<TAB>TRUTH] per line, relative to the listing's folder; a missing
+    file fails its row with the decoder's reason."""
+    voc = make_voc_folder(tmp_path / "voc")
+    first, second = voc.ids[:2]
+    listing = tmp_path / "voc" / "todo.txt"
+    listing.write_text("# two images, one with its ground truth, and one that is not there\n"
+                       f"JPEGImages/{first}.jpg\tSegmentationClass/{first}.png\n\n"
+                       f"JPEGImages/{second}.jpg\n"
+                       "JPEGImages/nowhere.jpg\n")
+    report = tmp_path / "list.json"
+    assert batch("--list", str(listing), "--model", str(tiny_models["logits"]),
+                 "--json", str(report)) == 0
+    doc = json.loads(report.read_text())
+    assert (doc["listed"], doc["segmented"], doc["images"]) == (3, 2, 1)
+    assert doc["failed"] == [{"id": "nowhere", "path": str(tmp_path / "voc/JPEGImages/"
+                                                           "nowhere.jpg"),
+                              "reason": "preprocess: no such file"}]
+    assert doc["masks"] is None
+
+
+def test_batch_refusals(ray_session, tiny_models, tmp_path, capsys):
+    """One line each, before or instead of a traceback: a backend that cannot open in its
+    actor, a GPU this machine lacks, inputs that are not there."""
+    model = str(tiny_models["logits"])
+    assert batch("--images", str(SAMPLE_DIR), "--model", model,
+                 "--backend-option", "bogus=1") == 1
+    assert "error: the Ray job failed: ValueError: unknown ort backend option(s) bogus" \
+        in capsys.readouterr().err
+    assert batch("--images", str(SAMPLE_DIR), "--model", model, "--device", "cuda") == 1
+    assert "has no GPU" in capsys.readouterr().err
+    assert batch("--images", str(tmp_path), "--model", model) == 2
+    assert "no image files" in capsys.readouterr().err
+    assert batch("--list", str(tmp_path / "none.txt"), "--model", model) == 2
+    assert "cannot read the listing" in capsys.readouterr().err
+    assert ray_session.is_initialized()              # a session the caller made is kept
+
+
+def test_from_listing_and_folder_need_no_ray(tmp_path):
+    assert [i.id for i in ray_batch.from_folder(SAMPLE_DIR).items][:2] == [
+        "astronaut_500x375", "chelsea_451x300"]
+    listing = tmp_path / "l.txt"
+    listing.write_text("/abs/a.jpg\tgt/a.png\nb.jpg\n")
+    items = ray_batch.from_listing(listing).items
+    assert items[0].image == Path("/abs/a.jpg") and items[0].truth == tmp_path / "gt/a.png"
+    assert items[1].image == tmp_path / "b.jpg" and items[1].truth is None
+
+
+def test_ray_is_imported_by_pspnet_batch_alone():
+    """An optional extra: the CLI, the daemon and this module import without it."""
+    import subprocess
+    import sys
+
+    code = ("import sys, pspnet.cli, bench.ray_batch, bench.ray_compare, daemon.server; "
+            "print(sorted(m for m in sys.modules if m == 'ray' or m.startswith('ray.')))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120, check=True)
+    assert done.stdout.strip() == "[]"
