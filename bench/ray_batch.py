@@ -195,10 +195,9 @@ def finish_rows(batch: dict[str, np.ndarray], model_dir: str,
         intersect_and_union,
         labels_from_labels,
         labels_from_logits,
-        mask_path,
         read_ground_truth,
-        write_mask,
     )
+    from stages.masks import mask_path, write_mask
     from stages.wire import Placement
 
     torch.set_num_threads(1)
@@ -325,10 +324,8 @@ def run(job: BatchJob, split: VocSplit, num_classes: int, input_size: tuple[int,
             failed = account(outcome, split.items[index], row)
             if progress is not None:
                 progress.update(failed=int(failed))
-    except Exception as exc:                    # Ray's error: the cause is its last line
-        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-        raise JobFailed(f"the Ray job failed: {lines[-1] if lines else type(exc).__name__}"
-                        ) from exc
+    except Exception as exc:
+        raise JobFailed(f"the Ray job failed: {root_cause(exc)}") from exc
     done = time.monotonic()
     for index in sorted(set(range(len(split.items))) - seen):   # Ray lost a block
         item = split.items[index]
@@ -339,6 +336,18 @@ def run(job: BatchJob, split: VocSplit, num_classes: int, input_size: tuple[int,
                "first_result_s": round(first - connected, 3) if first else None,
                "executors": job.executors, "resources": resources}
     return outcome, timings
+
+
+def root_cause(exc: BaseException) -> str:
+    """The user's error under Ray's wrappers, one line. Ray Data raises a UDF's error on the
+    driver as RayTaskError(UserCodeException) whose text carries the worker's traceback: the
+    first traceback's last line ("ImportError: cannot import ...") is what a user needs."""
+    text = str(exc)
+    for joint in ("The above exception was the direct cause",
+                  "During handling of the above exception"):
+        text = text.split(joint, 1)[0]
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines[-1] if lines else type(exc).__name__
 
 
 def account(outcome: EvalOutcome, item: VocItem, row: dict[str, Any]) -> bool:

@@ -26,6 +26,7 @@ import structlog
 import zmq
 
 from daemon.ledger import Ledger
+from daemon.storage import StorageEpisode
 from daemon.supervisor import STAGES, CannotStart, Supervisor
 from daemon.workers import Worker, Workers
 from stages import wire
@@ -68,7 +69,7 @@ class Front:
         self.answers: list[tuple[wire.Result, Any]] = []
         self.answered_at: collections.deque[float] = collections.deque()
         self.bytes_in = self.bytes_out = 0
-        self.storage_failures = 0               # masks not stored since the last that was
+        self.storage = StorageEpisode(self.log)
         self.started = False
         self._next_check = 0.0
         self._own_run_dir = cfg.run_dir is None
@@ -263,21 +264,9 @@ class Front:
         if entry is None:
             self.totals["duplicates_dropped"] += 1
             return
-        self._storage_episode(result)
+        self.storage.saw(result)
         self._deliver(entry, result.status, result.mask, result.error, result.stage,
                       result.areas, result.cause)
-
-    def _storage_episode(self, result: wire.Result) -> None:
-        """A disk that fills fails every mask: one warning when it starts, one line when
-        masks are stored again, not a line per image."""
-        if result.cause == wire.STORAGE:
-            if self.storage_failures == 0:
-                self.log.warning("masks cannot be stored; answering them as errors until "
-                                 "they can", error=result.error)
-            self.storage_failures += 1
-        elif result.status == wire.OK and result.mask and self.storage_failures:
-            self.log.info("masks are stored again", failed_meanwhile=self.storage_failures)
-            self.storage_failures = 0
 
     def _deliver(self, entry: Any, status: str, mask: str | None, error: str | None,
                  stage: str, areas: Any = None, cause: str | None = None) -> None:

@@ -163,6 +163,19 @@ def test_batch_refusals(ray_session, tiny_models, tmp_path, capsys):
     assert ray_session.is_initialized()              # a session the caller made is kept
 
 
+def _broken_step(batch):
+    raise ImportError("cannot import name 'mask_path' from 'stages.labels'")
+
+
+def test_a_failing_step_is_named_by_its_own_error(ray_session):
+    """Ray Data wraps a map task's error in UserCodeException text whose last line is advice
+    about retries; the user's own error line is what `pspnet batch` must print."""
+    with pytest.raises(Exception) as caught:
+        ray_session.data.range(4).map_batches(_broken_step).take_all()
+    assert ray_batch.root_cause(caught.value) == (
+        "ImportError: cannot import name 'mask_path' from 'stages.labels'")
+
+
 def test_from_listing_and_folder_need_no_ray(tmp_path):
     assert [i.id for i in ray_batch.from_folder(SAMPLE_DIR).items][:2] == [
         "astronaut_500x375", "chelsea_451x300"]
