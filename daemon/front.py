@@ -82,6 +82,8 @@ class Front:
         """Bind, start every worker, wait until each has reported once. `interrupted` is
         asked on each pass of that wait: when true, everything is stopped and
         StartInterrupted raised."""
+        if self.started:                  # a second set of workers would outlive close()
+            raise PipelineError("this front is started already")
         self.run_dir = private_dir(self.cfg.resolved_run_dir()) \
             if self.cfg.transport == "ipc" else None
         self.addrs = Addresses.for_config(self.cfg, self.run_dir)
@@ -319,7 +321,7 @@ class Front:
 
     def _send_peers(self, to: list[Worker]) -> None:
         """Tell postprocess workers where the executors hand out outputs."""
-        frames = wire.encode(self.workers.peers())
+        frames = wire.encode(self.workers.peers(self.cfg.postprocess_workers))
         for worker in to:
             try:
                 self.control.send_multipart([worker.name.encode(), *frames], zmq.NOBLOCK)

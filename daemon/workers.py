@@ -75,11 +75,13 @@ class Workers:
                  and (stage != "executor" or w.inputs)]
         return max(ready, key=room, default=None)
 
-    def peers(self) -> wire.Peers:
+    def peers(self, pool: int = 1) -> wire.Peers:
         """What postprocess workers are told: where every executor hands out outputs, and
-        how many to ask each for (two of its batches over all postprocess workers)."""
+        how many to ask each for (two of its batches over the postprocess pool: `pool`
+        workers are expected, or as many as have joined if more). Not over those heard so
+        far: the first to start would be granted the whole room and keep it."""
         executors = [w for w in self.of("executor") if w.outputs]
         batch = max((w.batch for w in executors), default=1)
-        posts = max(1, len(self.of("postprocess")))
+        posts = max(1, pool, len(self.of("postprocess")))
         credits = max(2, math.ceil(POST_CREDIT_BATCHES * batch / posts))
         return wire.Peers(tuple((w.name, w.outputs) for w in executors), credits)

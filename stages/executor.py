@@ -129,6 +129,7 @@ class Executor:
         child.outputs = bind(child, self.outputs, "out")
         child.capacity, child.batch = ROOM_BATCHES * self.batch, self.batch
         self.runner = child.watch("runner")
+        self.last_sent_to: bytes | None = None  # the postprocess worker sent the last output
 
     def run(self) -> None:
         thread = threading.Thread(target=self._runner_main, name="runner", daemon=True)
@@ -300,13 +301,14 @@ class Executor:
             notes.send_multipart(wire.encode(wire.Handed(tuple(ids), worker.decode())))
 
     def _take_credit(self, credits: dict[bytes, int]) -> bytes:
-        """The postprocess worker with the most room; waits for one when none has any
+        """The next postprocess worker with room, in turn; waits for one when none has any
         (the device then stops being fed: backpressure, not a fault)."""
         self._read_credits(credits, timeout_ms=0)
         while not any(n > 0 for n in credits.values()):
             self._read_credits(credits, timeout_ms=POLL_S * 1e3)
-        worker = max(credits, key=credits.__getitem__)
+        worker = next_with_credit(credits, self.last_sent_to)
         credits[worker] -= 1
+        self.last_sent_to = worker
         return worker
 
     def _read_credits(self, credits: dict[bytes, int], timeout_ms: float) -> None:
@@ -321,3 +323,17 @@ class Executor:
                 self.child.log.warning("malformed credit dropped", error=str(exc))
                 continue
             credits[worker] = credits.get(worker, 0) + credit.credits
+
+
+def next_with_credit(credits: dict[bytes, int], after: bytes | None) -> bytes:
+    """The first worker after `after` (in the order they first asked) that has credit.
+    In turn, not by most credit: equally fast workers get equal shares whatever each was
+    granted (most-credit sent everything to the one granted more while it kept up); a slow
+    one, out of credit, is passed over."""
+    names = list(credits)
+    start = names.index(after) + 1 if after in credits else 0
+    for k in range(len(names)):
+        name = names[(start + k) % len(names)]
+        if credits[name] > 0:
+            return name
+    raise ValueError("no postprocess worker has credit")

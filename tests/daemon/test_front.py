@@ -125,6 +125,31 @@ def test_partial_batch_no_filler_leaks(tiny_models, photo_files, tmp_path):
     assert status["front"]["duplicates_dropped"] == 0
 
 
+def test_postprocess_workers_share_the_outputs_of_a_slow_device(tiny_models, photo_files):
+    """Two executors on a device slower than one postprocess worker: both postprocess
+    workers get a fair share (a batch's outputs are finished in parallel). Before: the
+    first worker to start was granted all the room and the executors, choosing by most
+    credit, sent it every output while the other idled (bench: 1 of 2 busy)."""
+    cfg = PipelineConfig(model_dir=tiny_models["logits"], backend="sim",
+                         backend_options={"img_s": "40"}, devices=("cpu", "cpu"),
+                         batch_size=16, preprocess_workers=1, postprocess_workers=2,
+                         write_masks=False, log_json=True)
+    paths = [str(p) for p in photo_files[:40]] * 4
+    with Front(cfg) as front:
+        results = list(front.run(requests_for(paths)))
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:        # the last counts come with a heartbeat
+            front.poll(50)
+            shares = [w.counters.get("processed", 0) for w in front.workers.of("postprocess")]
+            if sum(shares) == len(paths):
+                break
+        with pytest.raises(PipelineError, match="started already"):
+            front.start()                         # not a second set of workers
+    answered_once(results, len(paths))
+    print(f"\nFIGURE postprocess shares, 2 executors at 40 img/s each: {sorted(shares)}")
+    assert sum(shares) == len(paths) and min(shares) >= 0.35 * len(paths), shares
+
+
 def test_images_sharing_a_mask_name_do_not_overwrite_each_other(tiny_models, photo_files,
                                                                 tmp_path):
     """a/x.jpg, b/x.jpg, a/x.png and "with space.jpg" / "with_space.jpg" each cut down to

@@ -49,12 +49,14 @@ def test_metrics_after_50_images(tiny_models, photo_files, tmp_path):
             answers = list(client.submit(paths))
         assert sum(a.status == "ok" for a in answers) == 48
         # answers are counted at once; each worker's own counters come with its next
-        # heartbeat (every 0.5 s): scrape until the last stage has reported them all
+        # heartbeat (every 0.5 s, each worker on its own clock): scrape until every stage
+        # has reported them all
         deadline = time.monotonic() + SCRAPE_WAIT_S
         while True:
             text, m = scrape(url)
-            reported = m.get(("pspnet_stage_processed_total", (("stage", "postprocess"),)))
-            if reported == 48 or time.monotonic() > deadline:
+            reported = [m.get(("pspnet_stage_processed_total", (("stage", stage),)))
+                        for stage in ("preprocess", "executor", "postprocess")]
+            if reported == [48, 48, 48] or time.monotonic() > deadline:
                 break
             time.sleep(0.2)
     finally:

@@ -61,3 +61,20 @@ def test_postprocess_is_told_every_executor_and_two_batches_of_credits_in_all():
     peers = workers.peers()
     assert peers.executors == (("executor-0-1", "ipc:///r/e0-out"),)
     assert peers.credits == 32                      # 2 x 64 over 4 workers
+    assert workers.peers(pool=8).credits == 16      # 8 expected, 4 heard so far
+
+
+def test_the_first_postprocess_worker_heard_is_not_granted_the_whole_room():
+    """Before: credits were shared over the workers heard so far, so the first one to
+    start was told to ask for two batches on its own, and an executor choosing by room
+    sent it everything while its peers idled."""
+    workers = Workers()
+    workers.heard("executor-0-1", "executor", 0, 1,
+                  beat("executor", 0, 1, inputs="ipc:///r/e0-in", outputs="ipc:///r/e0-out",
+                       capacity=32, batch=16), True, 0.0)
+    workers.heard("postprocess-0-10", "postprocess", 0, 10, beat("postprocess", 0, 10),
+                  True, 0.0)
+    first = workers.peers(pool=2).credits
+    workers.heard("postprocess-1-11", "postprocess", 1, 11, beat("postprocess", 1, 11),
+                  True, 0.0)
+    assert first == workers.peers(pool=2).credits == 16

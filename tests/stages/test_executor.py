@@ -13,7 +13,7 @@ import zmq
 
 from stages import wire
 from stages.config import Addresses, PipelineConfig
-from stages.executor import Executor
+from stages.executor import Executor, next_with_credit
 from stages.manifest import Manifest
 
 
@@ -233,3 +233,20 @@ def test_executor_takes_only_images_meant_for_this_life_and_says_what_it_took(ti
     assert beat.inputs.startswith("ipc://") and beat.capacity == 8 and beat.batch == 4
     assert not alone.outputs.poll(300)           # the stale image never went out
     alone.close()
+
+
+def test_outputs_go_to_postprocess_workers_in_turn_not_to_the_one_with_most_credit():
+    """Granted 32 and 16: equal turns while both have credit; one out of credit is passed
+    over; a worker that left (popped) is not waited for."""
+    credits = {b"p1": 32, b"p0": 16}
+    order, last = [], None
+    for _ in range(6):
+        last = next_with_credit(credits, last)
+        credits[last] -= 1
+        order.append(last)
+    assert order == [b"p1", b"p0"] * 3
+    credits[b"p0"] = 0
+    assert next_with_credit(credits, b"p1") == b"p1"
+    del credits[b"p1"]
+    credits[b"p0"] = 1
+    assert next_with_credit(credits, b"p1") == b"p0"
