@@ -510,8 +510,10 @@ def goals(configs: list[dict[str, Any]], tolerance: float) -> dict[str, Any]:
         "front_bytes_below_2KB": bytes_ok,
         "front_cpu_lower_everywhere": cpu_lower,
         "front_cpu_2exe_over_1exe_new": flat,
-        "front_cpu_flat_1_to_2_executors": (all(abs(v - 1) <= tolerance
-                                                for v in flat.values()) if flat else None),
+        # flat means it does not grow with executors (the old front relayed every pixel,
+        # so its cost grew with them); falling is fine: fixed per-turn costs spread thinner
+        "front_cpu_flat_1_to_2_executors": (all(v <= 1 + tolerance for v in flat.values())
+                                            if flat else None),
         "e2e_over_executor_new_over_old": not_lower,
         "e2e_over_executor_not_lower": all(v >= 1 - tolerance for v in not_lower.values()),
     }
@@ -551,7 +553,7 @@ def table(doc: dict[str, Any]) -> str:
     g = doc["goals"]
     lines.append(
         f"goals: front bytes < 2 KB: {g['front_bytes_below_2KB']}; front CPU lower: "
-        f"{g['front_cpu_lower_everywhere']}; flat 1 -> 2 executors (new, ±"
+        f"{g['front_cpu_lower_everywhere']}; not growing 1 -> 2 executors (new, +"
         f"{g['tolerance']:.0%}): {g['front_cpu_flat_1_to_2_executors']} "
         + ", ".join(f"{k} {v:.2f}" for k, v in g["front_cpu_2exe_over_1exe_new"].items())
         + f"; e2e/executor not lower (-{g['tolerance']:.0%}): "
