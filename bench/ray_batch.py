@@ -10,7 +10,7 @@ module only wires the stage functions into it; it imports none of the daemon:
       -> decode + letterbox          CPU tasks          stages.image_io
       -> Segmenter actors            one backend each   stages.backends (num_gpus=1 on GPUs),
                                                         batches of the model's static size
-      -> labels, mask PNG, areas     CPU tasks          stages.labels
+      -> labels, mask PNG, areas     CPU tasks          stages.postprocess.finish
       -> this process: sums the areas, lists what failed, prints progress
 
 The answer is `pspnet eval`'s: same mask files (name, palette, source chunk), same areas,
@@ -184,49 +184,37 @@ class Segmenter:
         return np.array(backend.execute(0)[:count])
 
 
-def finish_rows(batch: dict[str, np.ndarray], model_dir: str,
-                out_dir: str | None) -> dict[str, np.ndarray]:
-    """Labels at the original size, the mask written, the areas counted, as the daemon's
-    postprocess does (stages.postprocess.finish) for each row that got an output."""
+def finish_rows(batch: dict[str, np.ndarray], model_dir: str, out_dir: str | None,
+                max_pixels: int) -> dict[str, np.ndarray]:
+    """Each row that got an output through the daemon's own postprocess function
+    (stages.postprocess.finish): labels at the original size, the mask, the areas."""
     import torch
 
-    from stages.labels import (
-        GroundTruthError,
-        intersect_and_union,
-        labels_from_labels,
-        labels_from_logits,
-        read_ground_truth,
-    )
-    from stages.masks import mask_path, write_mask
-    from stages.wire import Placement
+    from stages import wire
+    from stages.postprocess import finish
 
     torch.set_num_threads(1)
     manifest = _manifest(model_dir)
+    masks = None if out_dir is None else Path(out_dir)
     n = len(batch["path"])
-    classes = manifest.num_classes
     error = batch["error"].copy()
     mask = np.full(n, "", dtype=object)
-    areas = np.zeros((n, 4, classes), np.int64)
+    areas = np.zeros((n, 4, manifest.num_classes), np.int64)
     scored = np.zeros(n, np.bool_)
     for i in np.flatnonzero(error == ""):
-        path, truth = str(batch["path"][i]), str(batch["truth"][i])
         p = batch["placement"][i]
-        where = Placement(orig_h=int(p[0]), orig_w=int(p[1]), scale=0.0, top=int(p[2]),
-                          left=int(p[3]), height=int(p[4]), width=int(p[5]))
-        try:
-            if manifest.head == "logits":
-                labels = labels_from_logits(batch["output"][i], where, manifest.input_size)
-            else:
-                labels = labels_from_labels(batch["output"][i], where)
-            if out_dir:
-                target = mask_path(Path(out_dir), path)
-                write_mask(labels, target, manifest.palette, source=path)
-                mask[i] = str(target)
-            if truth:
-                areas[i] = intersect_and_union(labels, read_ground_truth(truth), classes)
-                scored[i] = True
-        except (GroundTruthError, OSError, ValueError) as exc:
-            error[i] = f"postprocess: {exc}"
+        where = wire.Placement(orig_h=int(p[0]), orig_w=int(p[1]), scale=0.0, top=int(p[2]),
+                               left=int(p[3]), height=int(p[4]), width=int(p[5]))
+        request = wire.Request(id=str(batch["index"][i]), path=str(batch["path"][i]),
+                               ann=str(batch["truth"][i]) or None)
+        result = finish(wire.Output(request, where, manifest.head, batch["output"][i]),
+                        manifest, masks, max_pixels)
+        if result.status != wire.OK:
+            error[i] = f"{result.stage}: {result.error}"
+            continue
+        mask[i] = result.mask or ""
+        if result.areas is not None:
+            areas[i], scored[i] = result.areas, True
     return {"index": batch["index"], "error": error, "mask": mask, "areas": areas,
             "scored": scored}
 
@@ -289,7 +277,8 @@ def pipeline(job: BatchJob, items: list[VocItem], input_size: tuple[int, int]) -
     return ds.map_batches(finish_rows, batch_size=POST_ROWS, batch_format="numpy",
                           fn_kwargs={"model_dir": str(job.model_dir),
                                      "out_dir": None if job.out_dir is None
-                                     else str(job.out_dir)},
+                                     else str(job.out_dir),
+                                     "max_pixels": job.max_pixels},
                           num_cpus=1, memory=WORKER_BYTES + POST_BYTES_PER_PIXEL * job.max_pixels)
 
 

@@ -94,6 +94,27 @@ def test_batch_masks_are_the_daemons_on_the_sample_photos(ray_session, tiny_mode
     assert doc["engine"] == "ray" and doc["resources"]["CPU"] == 2
 
 
+def test_batch_masks_are_the_daemons_with_a_network_that_aligns_corners(ray_session,
+                                                                        trained_model,
+                                                                        tmp_path):
+    """The trained DeepLabV3 resizes its logits with align_corners=True (its manifest says
+    so): the Ray job's masks are still the daemon's, byte for byte. Before: the Ray job had
+    its own copy of the postprocess function, which left align_corners out."""
+    from daemon.front import Front, requests_for
+    from stages.config import PipelineConfig
+
+    paths = sorted(SAMPLE_DIR.glob("*.jpg"))
+    daemon_masks = tmp_path / "daemon-masks"
+    cfg = PipelineConfig(model_dir=trained_model, batch_size=4, preprocess_workers=1,
+                         postprocess_workers=1, out_dir=daemon_masks)
+    with Front(cfg) as pipe:
+        assert all(r.status == "ok" for r in pipe.run(requests_for(paths)))
+    ray_masks = tmp_path / "ray-masks"
+    assert batch("--images", str(SAMPLE_DIR), "--model", str(trained_model),
+                 "--out", str(ray_masks)) == 0
+    assert len(same_bytes(ray_masks, daemon_masks)) == len(paths)
+
+
 def test_batch_scores_a_voc_folder_as_pspnet_eval_does(ray_session, tiny_models, tmp_path,
                                                        capsys):
     """A VOC folder with a missing image, a missing and a broken ground truth and a corrupt

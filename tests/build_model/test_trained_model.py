@@ -19,17 +19,6 @@ from stages.manifest import VOC_CLASSES, Manifest
 PERSON, CAT, BIRD = (VOC_CLASSES.index(n) for n in ("person", "cat", "bird"))
 
 
-@pytest.fixture(scope="module")
-def trained_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from build_model import trained
-    from build_model.export import build
-
-    out = tmp_path_factory.mktemp("trained") / "model"
-    build(trained.CONFIG, trained.CHECKPOINT, out, batch_sizes=(1,),
-          input_size=trained.INPUT_SIZE, head="logits")
-    return out
-
-
 def _daemon_labels(model_dir: Path, rgb: np.ndarray) -> np.ndarray:
     """The ONNX model between the preprocess and postprocess workers' own functions."""
     import onnxruntime as ort
