@@ -37,14 +37,13 @@ from typing import Any
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 
-from stages.masks import mask_path, mask_source, recorded_source
+from stages import wire
+from stages.masks import is_storage_error, mask_path, mask_source, recorded_source
 
 RECORD_NAME = ".pspnet-processed.jsonl"
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
 SETTLE_S = 1.0               # size and mtime unchanged this long: the file is complete
 RETRY_S = (1.0, 2.0, 5.0, 10.0, 30.0)   # storage failures: probe again after these
-STORAGE, INCOMPLETE = "storage", "incomplete"   # causes that make an answer not final
-STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO}
 
 Version = tuple[int, int, int]      # inode, size, mtime in ns
 
@@ -84,10 +83,6 @@ def current_mask(out_dir: Path, image: Path, version: Version) -> str | None:
 
 class StorageError(OSError):
     """A storage failure the daemon outlives (disk full, quota, read-only, I/O error)."""
-
-
-def is_storage_error(exc: BaseException) -> bool:
-    return isinstance(exc, OSError) and exc.errno in STORAGE_ERRNOS
 
 
 class Record:
@@ -364,7 +359,7 @@ class Watcher:
         unfinished-looking input waits for the file to change (a new version)."""
         self.inflight.pop(name, None)
         self.tried[name] = version
-        if cause == STORAGE:
+        if cause == wire.STORAGE:
             self.storage_waiting[name] = version
         # a change that came while it was in flight was deferred: look again
         found = version_of(self.folder / name)

@@ -23,6 +23,13 @@ MAX_NAME_BYTES = 200             # mask file stem, leaves room for ".png" and te
 SOURCE_KEY = "pspnet-source"     # iTXt keyword: the image a mask was made from
 # link(2) errors that mean "no hard links on this file system" (vfat, some FUSE)
 NO_HARD_LINKS = frozenset({errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP})
+# write errors of the storage, not of the request (disk full, quota, read-only, failing
+# disk): the daemon outlives them and retries the write once the storage works again
+STORAGE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO})
+
+
+def is_storage_error(exc: BaseException) -> bool:
+    return isinstance(exc, OSError) and exc.errno in STORAGE_ERRNOS
 
 
 class MaskNameTaken(ValueError):

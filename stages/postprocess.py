@@ -9,7 +9,6 @@ goes to the front, which sums them, so a crashed worker loses no metric state.
 
 from __future__ import annotations
 
-import errno
 import time
 from pathlib import Path
 
@@ -28,10 +27,9 @@ from stages.labels import (
     read_ground_truth,
 )
 from stages.manifest import Manifest
-from stages.masks import mask_path, write_mask
+from stages.masks import is_storage_error, mask_path, write_mask
 
 STAGE = "postprocess"
-STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO}
 
 
 def main(child: Child) -> None:
@@ -138,7 +136,7 @@ def finish(output: wire.Output, manifest: Manifest, out_dir: Path | None,
             truth = read_ground_truth(request.ann, max_pixels, expected=labels.shape)
             areas = intersect_and_union(labels, truth, manifest.num_classes)
     except OSError as exc:
-        cause = wire.STORAGE if exc.errno in STORAGE_ERRNOS else None
+        cause = wire.STORAGE if is_storage_error(exc) else None
         return error_result(request, STAGE, str(exc), cause)
     except (GroundTruthError, ValueError) as exc:
         return error_result(request, STAGE, str(exc))
