@@ -15,6 +15,7 @@ import tempfile
 from pathlib import Path
 
 from daemon.commands import add_pipeline_args, usage_error
+from stages.backends.base import KINDS, PRECISIONS, SIMULATED
 from stages.cli_args import (
     HelpFormatter,
     key_value,
@@ -190,11 +191,11 @@ def add_batch_parser(sub: argparse._SubParsersAction) -> None:
     batch.add_argument("--model", type=Path, required=True, metavar="DIR",
                        help="a directory made by `pspnet build`, at the same path on every "
                             "node")
-    batch.add_argument("--backend", choices=("ort", "torch", "acl", "sim"), default="ort",
+    batch.add_argument("--backend", choices=(*KINDS, SIMULATED), default="ort",
                        help="as for `pspnet serve`")
     batch.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                        help="cuda: each executor actor asks Ray for one GPU")
-    batch.add_argument("--precision", choices=("fp32", "fp16", "bf16"), default="fp32",
+    batch.add_argument("--precision", choices=PRECISIONS, default="fp32",
                        help="torch backend compute precision")
     batch.add_argument("--batch-size", type=positive_int, default=None,
                        help="static batch size to run (default: 16 if built, else the "

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from daemon.endpoint import default_endpoint, parse_endpoint
+from stages.backends.base import KINDS, PRECISIONS, SIMULATED
 from stages.cli_args import (
     HelpFormatter,
     base_port,
@@ -122,7 +123,7 @@ def add_pipeline_args(p: argparse.ArgumentParser) -> None:
     """Flags shared by serve, eval and bench: which model, which backend, how many workers."""
     p.add_argument("--model", type=Path, required=True, metavar="DIR",
                    help="a directory made by `pspnet build` (manifest.json + models)")
-    p.add_argument("--backend", choices=("ort", "torch", "acl", "sim"), default="ort",
+    p.add_argument("--backend", choices=(*KINDS, SIMULATED), default="ort",
                    help="ort: ONNX Runtime; torch: PyTorch (CPU or CUDA); acl: Ascend "
                         "aclruntime + OM (unverified on real hardware); sim: no model, a "
                         "simulated device of --backend-option img_s=N speed, to measure "
@@ -130,7 +131,7 @@ def add_pipeline_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--devices", type=device_list, default="cpu",
                    help="comma list, one executor each: cpu, cuda:0, cuda:1 (torch/ort), "
                         "or npu:0,npu:1 (acl)")
-    p.add_argument("--precision", choices=("fp32", "fp16", "bf16"), default="fp32",
+    p.add_argument("--precision", choices=PRECISIONS, default="fp32",
                    help="torch backend compute precision")
     p.add_argument("--batch-size", type=positive_int, default=None,
                    help="static batch size to run (default: 16 if built, else the largest)")

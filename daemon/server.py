@@ -249,7 +249,10 @@ class Server:
             self.record.add(name, **fields)
         except StorageError as exc:
             self._record_failing(exc)
-            return
+        else:
+            self._record_works()
+
+    def _record_works(self) -> None:
         if self._record_retry_at:
             self.log.info("the watch record can be written again")
             self._record_retry_at = 0.0
@@ -284,10 +287,10 @@ class Server:
         if self._record_retry_at and time.monotonic() >= self._record_retry_at:
             try:
                 self.record.flush()
-                self.log.info("the watch record can be written again")
-                self._record_retry_at = 0.0
             except StorageError as exc:
                 self._record_failing(exc)
+            else:
+                self._record_works()
         for event, fields in watcher.notices:
             self.log.warning(event, **fields)
         watcher.notices.clear()
