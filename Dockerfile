@@ -40,11 +40,15 @@ RUN pip install --index-url "${TORCH_INDEX}" "torch==${TORCH_VERSION}"
 
 WORKDIR /opt/pspnet
 COPY pyproject.toml README.md ./
+# pspnet/ links the other folders in (pspnet/daemon -> ../daemon): copy them all
 COPY pspnet ./pspnet
-COPY daemon ./daemon
+COPY core ./core
+COPY model ./model
 COPY stages ./stages
-COPY bench ./bench
+COPY daemon ./daemon
 COPY build_model ./build_model
+COPY batch ./batch
+COPY bench ./bench
 # Not root; a home for the daemon's private runtime directory and torch.compile's cache.
 RUN pip install . \
     && useradd --create-home --uid 10001 pspnet

@@ -20,12 +20,12 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from bench import executor_only, machine
-from bench.e2e import STAGES, E2ERunner, default_backlog
-from bench.inputs import BenchInputs
-from bench.serial import SerialRunner
-from stages.config import PipelineConfig
-from stages.manifest import Manifest
+from pspnet.bench import executor_only, machine
+from pspnet.bench.e2e import STAGES, E2ERunner, default_backlog
+from pspnet.bench.inputs import BenchInputs
+from pspnet.bench.serial import SerialRunner
+from pspnet.core.config import PipelineConfig
+from pspnet.model.manifest import Manifest
 
 
 @dataclass(frozen=True)
@@ -94,8 +94,8 @@ def run_bench(settings: BenchSettings, inputs: BenchInputs) -> dict[str, Any]:
 
 def bench_batch_size(settings: BenchSettings, inputs: BenchInputs, manifest: Manifest,
                      size: int, mask_root: Path) -> dict[str, Any]:
-    from daemon.front import Front
-    from stages.backends import BackendUnavailable, open_backend
+    from pspnet.daemon.front import Front
+    from pspnet.stages.backends import BackendUnavailable, open_backend
 
     base = settings.cfg
     count = max(len(inputs.paths), settings.min_images)

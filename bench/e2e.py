@@ -17,10 +17,10 @@ from typing import Any
 
 import numpy as np
 
-from bench import threads
-from daemon.front import Front
-from stages import wire
-from stages.metrics import IoUAccumulator
+from pspnet.bench import threads
+from pspnet.core import wire
+from pspnet.daemon.front import Front
+from pspnet.model.metrics import IoUAccumulator
 
 STAGES = ("preprocess", "executor", "postprocess")
 STEADY_TRIM = 0.15             # steady rate: answers 15%..85% of a pass

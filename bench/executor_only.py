@@ -16,8 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from stages.backends import NUM_SLOTS, Backend, throughput
-from stages.image_io import decode_image, letterbox
+from pspnet.model.image_io import decode_image, letterbox
+from pspnet.stages.backends import NUM_SLOTS, Backend, throughput
 
 Batch = tuple[np.ndarray, np.ndarray]          # uint8 B x H x W x 3, int32 B x 4
 

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+from pspnet.core.config import IMAGE_SUFFIXES
+
 VOC_LONG_SIDE = 500
 SYNTHETIC_CLASSES = 21
 
@@ -41,7 +42,7 @@ def from_images_dir(folder: Path) -> BenchInputs:
 
 def from_voc(root: Path, split: str) -> BenchInputs:
     """The split's images that exist, with their ground truths (mIoU is then real)."""
-    from bench.voc import read_split
+    from pspnet.batch.voc import read_split
 
     voc = read_split(root, split)
     if not voc.items:
@@ -55,9 +56,9 @@ def synthetic(count: int, folder: Path, seed: int = 0) -> BenchInputs:
     the mIoU itself means nothing."""
     import cv2
 
-    from build_model.samples import sample_images
-    from stages.manifest import voc_palette
-    from stages.masks import write_mask
+    from pspnet.build_model.samples import sample_images
+    from pspnet.model.manifest import voc_palette
+    from pspnet.model.masks import write_mask
 
     if count < 1:
         raise ValueError("--synthetic needs at least 1 image")

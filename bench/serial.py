@@ -15,19 +15,19 @@ from pathlib import Path
 
 import numpy as np
 
-from stages.backends import Backend
-from stages.image_io import ImageError, decode_image, letterbox
-from stages.labels import (
+from pspnet.core.wire import Placement
+from pspnet.model.image_io import ImageError, decode_image, letterbox
+from pspnet.model.labels import (
     GroundTruthError,
     intersect_and_union,
     labels_from_labels,
     labels_from_logits,
     read_ground_truth,
 )
-from stages.manifest import Manifest
-from stages.masks import mask_path, write_mask
-from stages.metrics import IoUAccumulator
-from stages.wire import Placement
+from pspnet.model.manifest import Manifest
+from pspnet.model.masks import mask_path, write_mask
+from pspnet.model.metrics import IoUAccumulator
+from pspnet.stages.backends import Backend
 
 
 @contextlib.contextmanager

@@ -2,8 +2,8 @@
 
 `write_artifacts` takes a torch module mapping normalised float32 N x 3 x H x W to logits
 and writes the model directory: one static ONNX per batch size around
-`stages.serving_model.ServingModel`, the ATC scripts, the torch program and
-`manifest.json`. The mmseg path (`build_model.export.build`) and tests that make tiny
+`pspnet.model.serving_model.ServingModel`, the ATC scripts, the torch program and
+`manifest.json`. The mmseg path (`pspnet.build_model.export.build`) and tests that make tiny
 models both come through here, so they share one export path.
 """
 
@@ -16,13 +16,13 @@ from typing import Any
 
 import torch
 
-from build_model import atc
-from build_model.errors import BuildError
-from build_model.fmt import human_size
-from build_model.onnx_export import OPSET, export_onnx_batches
-from build_model.torch_program import DYNAMIC_NAME, export_core_program
-from stages.manifest import Manifest, ModelFile
-from stages.serving_model import HEADS, ServingModel
+from pspnet.build_model import atc
+from pspnet.build_model.errors import BuildError
+from pspnet.build_model.fmt import human_size
+from pspnet.build_model.onnx_export import OPSET, export_onnx_batches
+from pspnet.build_model.torch_program import DYNAMIC_NAME, export_core_program
+from pspnet.model.manifest import Manifest, ModelFile
+from pspnet.model.serving_model import HEADS, ServingModel
 
 MAX_BATCH = 256
 DEFAULT_SOC = "Ascend310P3"
@@ -61,7 +61,7 @@ def write_artifacts(
     `torch_program=False` skips the `.pt2` (the manifest then has no torch program).
     `onnx=False` skips the ONNX models and their ATC scripts: a directory for the torch
     backend only (the manifest still names the ONNX files; `source.onnx` says why absent).
-    `rewrites` is what was done to `core` before (build_model.rewrites), for the manifest.
+    `rewrites` is what was done to `core` before (pspnet.build_model.rewrites), for the manifest.
     `align_corners`: how the network's logits are resized (its decode head's setting; the
     labels head and the daemon's postprocess follow it); `network`: manifest.network.
     """

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from build_model.inputs import box_masks, letterboxed_batch, normalised_batch
+from pspnet.build_model.inputs import box_masks, letterboxed_batch, normalised_batch
 
 LOGIT_SCALE = 2.0        # logits = scale x whitened projection: a few units, like a real net
 BACKGROUND_LEVEL = 1.2   # class 0 wins where every |projection| is below this (whitened units)
@@ -56,7 +56,7 @@ def calibrate_segmentor(
     `device` runs the forward passes there (R50 at 500x500: seconds on a GPU, minutes on
     a CPU); the PCA runs on the CPU either way, and the segmentor ends on the CPU.
     """
-    from build_model.mmseg_model import SegmentorCore
+    from pspnet.build_model.mmseg_model import SegmentorCore
 
     dev = torch.device(device)
     images, boxes = letterboxed_batch(photos, input_size)
@@ -96,8 +96,8 @@ def make_calibrated_checkpoint(
     R50 at 500x500 costs seconds per photo). The auxiliary head is kept (random) so the file
     has the same keys as a real mmseg checkpoint.
     """
-    from build_model import mmseg_model
-    from build_model.samples import sample_images
+    from pspnet.build_model import mmseg_model
+    from pspnet.build_model.samples import sample_images
 
     mmseg = mmseg_model.import_mmseg()
     cfg = mmseg_model.load_config(mmseg_model.resolve_config(config))
@@ -114,7 +114,7 @@ def make_calibrated_checkpoint(
         "mmseg_version": mmseg.__version__,
         "config": str(config),
         "note": "random init + BN statistics and conv_seg calibrated on photos "
-                "(build_model.calibrate); not trained",
+                "(pspnet.build_model.calibrate); not trained",
         "calibration": {"input_size": input_size, "photos": len(photos), "seed": seed,
                         "classes_per_photo": counts, "device": device},
     }

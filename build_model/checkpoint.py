@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from build_model.errors import BuildError
+from pspnet.build_model.errors import BuildError
 
 CONV_SEG_WEIGHT = "decode_head.conv_seg.weight"
 DROPPED_PREFIXES = ("auxiliary_head.",)

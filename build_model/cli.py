@@ -1,4 +1,4 @@
-"""`pspnet build`: the command-line face of `build_model.export.build`.
+"""`pspnet build`: the command-line face of `pspnet.build_model.export.build`.
 
 Imports nothing heavy at import time (the daemon imports this module to list its
 subcommands and must start without mmseg, mmengine or onnx); the run function does.
@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any, NoReturn
 
-from stages.exits import EXIT_FAILED, EXIT_USAGE
+from pspnet.core.exits import EXIT_FAILED, EXIT_USAGE
 
 PROG_ERROR = "pspnet build: error:"
 MAX_BATCH = 256
@@ -118,10 +118,10 @@ def add_build_parser(subparsers: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Build (and maybe verify); map user errors to one line and exit status 2."""
-    from build_model.errors import BuildError
-    from build_model.export import build
-    from build_model.verify import VerifyError
-    from stages.cli_args import outputs_problem
+    from pspnet.build_model.errors import BuildError
+    from pspnet.build_model.export import build
+    from pspnet.build_model.verify import VerifyError
+    from pspnet.core.cli_args import outputs_problem
 
     if args.no_onnx and args.no_torch_program:
         print(f"{PROG_ERROR} nothing to build: --no-onnx and --no-torch-program together "
@@ -131,7 +131,7 @@ def run(args: argparse.Namespace) -> int:
     if problem:                            # before the checkpoint and mmseg load
         print(f"{PROG_ERROR} {problem}", file=sys.stderr)
         return EXIT_USAGE
-    logger = logging.getLogger("build_model")
+    logger = logging.getLogger("pspnet.build_model")
     saved = logger.level, logger.propagate
     handler = _log_to_stderr(logger, logging.WARNING if args.quiet else logging.INFO)
     try:

@@ -10,9 +10,9 @@ import logging
 from collections.abc import Sequence
 from pathlib import Path
 
-from build_model.artifacts import DEFAULT_SOC, write_artifacts
-from build_model.network import load_network
-from stages.manifest import Manifest, voc_palette
+from pspnet.build_model.artifacts import DEFAULT_SOC, write_artifacts
+from pspnet.build_model.network import load_network
+from pspnet.model.manifest import Manifest, voc_palette
 
 __all__ = ["DEFAULT_BATCH_SIZES", "build", "write_artifacts"]
 DEFAULT_BATCH_SIZES = (1, 4, 8, 16, 32, 64)
@@ -40,13 +40,13 @@ def build(
 ) -> Manifest:
     """Load the network, write every artifact and the manifest; optionally verify them.
 
-    `psp_rewrite` and `fold_bn` (build_model.rewrites) change how the network computes,
+    `psp_rewrite` and `fold_bn` (pspnet.build_model.rewrites) change how the network computes,
     not what: every artifact gets them, and `verify` compares with mmseg's own model.
-    Raises BuildError for bad inputs and VerifyError (build_model.verify) when `verify`
+    Raises BuildError for bad inputs and VerifyError (pspnet.build_model.verify) when `verify`
     finds the exported models off by more than the tolerance.
     """
-    from build_model.artifacts import normalise_batch_sizes, normalise_input_size
-    from build_model.rewrites import rewrite_core
+    from pspnet.build_model.artifacts import normalise_batch_sizes, normalise_input_size
+    from pspnet.build_model.rewrites import rewrite_core
 
     sizes = normalise_batch_sizes(batch_sizes)        # fail fast, before loading anything
     size = normalise_input_size(input_size)
@@ -62,7 +62,7 @@ def build(
         align_corners=network.align_corners, network=network.description,
     )
     if verify or verify_all:
-        from build_model.verify import check, verify_model_dir
+        from pspnet.build_model.verify import check, verify_model_dir
 
         report = verify_model_dir(Path(out_dir), network.segmentor,
                                   batch_sizes=(None if verify_all else sizes[:1]) if onnx

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from stages.image_io import letterbox
+from pspnet.model.image_io import letterbox
 
 
 def letterboxed_batch(

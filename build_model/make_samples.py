@@ -2,7 +2,7 @@
 
 Why a script: the JPEGs in the package are derived data; this says exactly how. They are
 small real photos at VOC-like sizes, used by `pspnet build --verify` and to calibrate test
-weights. Run: `python -m build_model.make_samples` (needs scikit-image and matplotlib).
+weights. Run: `python -m pspnet.build_model.make_samples` (needs scikit-image and matplotlib).
 """
 
 from __future__ import annotations

@@ -15,15 +15,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from build_model.errors import BuildError
+from pspnet.build_model.errors import BuildError
 
 PACKAGE_CONFIGS = Path(__file__).parent / "configs"
 
 
 def import_mmseg() -> Any:
     """Import mmseg (installing the mmcv.ops shim when needed) and register its modules."""
-    from build_model import mmseg_shim
-
+    from pspnet.build_model import mmseg_shim
     mmseg_shim.install()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # mmcv-lite warns about ops PSPNet does not use

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from build_model.mmseg_model import import_mmseg
+from pspnet.build_model.mmseg_model import import_mmseg
 
 import_mmseg()
 

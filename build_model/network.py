@@ -13,9 +13,9 @@ from typing import Any
 
 from torch import nn
 
-from build_model import checkpoint as ckpt
-from build_model import mmseg_model
-from stages.manifest import VOC_CLASSES
+from pspnet.build_model import checkpoint as ckpt
+from pspnet.build_model import mmseg_model
+from pspnet.model.manifest import VOC_CLASSES
 
 _log = logging.getLogger(__name__)
 

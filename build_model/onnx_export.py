@@ -23,8 +23,8 @@ from pathlib import Path
 
 import torch
 
-from build_model.errors import BuildError
-from build_model.fmt import human_size
+from pspnet.build_model.errors import BuildError
+from pspnet.build_model.fmt import human_size
 
 OPSET = 18
 SINGLE_FILE_LIMIT = 2_000_000_000  # protobuf's 2 GB message limit, with a margin

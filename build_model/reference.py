@@ -16,13 +16,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from stages.image_io import letterbox
-from stages.manifest import Manifest
+from pspnet.model.image_io import letterbox
+from pspnet.model.manifest import Manifest
 
 
 class Reference:
     def __init__(self, model_dir: Path) -> None:
-        from build_model.network import load_network
+        from pspnet.build_model.network import load_network
 
         self.manifest = Manifest.read(model_dir)
         source = self.manifest.source

@@ -18,9 +18,9 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from build_model.bn_fold import fold_batchnorm
-from build_model.errors import BuildError
-from build_model.psp_rewrite import rewrite_psp_head
+from pspnet.build_model.bn_fold import fold_batchnorm
+from pspnet.build_model.errors import BuildError
+from pspnet.build_model.psp_rewrite import rewrite_psp_head
 
 # |rewritten - original| on the self-check, relative to max(1, max |logit|); float32 sums
 # in another order differ by ~1e-6 relative, a wrong rewrite by O(1)

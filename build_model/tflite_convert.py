@@ -4,7 +4,7 @@ Run once (its output is committed in build_model/trained/); needs the `convert` 
 (`pip install -e '.[convert]'`: ai-edge-litert, whose flatbuffer schema reads the graph and
 whose interpreter runs it):
 
-    python -m build_model.tflite_convert \\
+    python -m pspnet.build_model.tflite_convert \\
         --tflite ../shared/models/deeplabv3-mnv2-voc/deeplabv3_257_mv_gpu.tflite \\
         --out build_model/trained/deeplabv3-mnv2-voc
 
@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from build_model.errors import BuildError
+from pspnet.build_model.errors import BuildError
 
 CONFIG_NAME = "deeplabv3_mnv2-w0.5-d8_voc-257x257"
 CHECKPOINT_NAME = "deeplabv3_mnv2_voc.pth"
@@ -336,8 +336,8 @@ def convert_file(tflite: Path, config: str | Path = CONFIG_NAME,
     """Build the config, fill it from `tflite`, check it on `photos` (default: the
     package's samples). Returns (segmentor, report); raises ConvertError on a mismatch or
     a failed check."""
-    from build_model import mmseg_model
-    from build_model.samples import sample_images
+    from pspnet.build_model import mmseg_model
+    from pspnet.build_model.samples import sample_images
 
     cfg = mmseg_model.load_config(mmseg_model.resolve_config(config))
     segmentor = mmseg_model.build_segmentor(cfg)
@@ -364,7 +364,7 @@ def save_checkpoint(segmentor: nn.Module, path: Path, report: dict[str, Any]) ->
 
     state = {k: v.detach().clone().contiguous() for k, v in segmentor.state_dict().items()}
     meta = {"mmseg_version": mmseg.__version__, "config": report["config"],
-            "note": f"converted by build_model.tflite_convert from {report['tflite']} "
+            "note": f"converted by pspnet.build_model.tflite_convert from {report['tflite']} "
                     f"(sha256 {report['tflite_sha256']}); trained weights",
             "dataset_meta": {"classes": list(_voc_classes())}}
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -373,7 +373,7 @@ def save_checkpoint(segmentor: nn.Module, path: Path, report: dict[str, Any]) ->
 
 
 def _voc_classes() -> tuple[str, ...]:
-    from stages.manifest import VOC_CLASSES
+    from pspnet.model.manifest import VOC_CLASSES
 
     return VOC_CLASSES
 
@@ -384,7 +384,7 @@ def _sha256(path: Path) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m build_model.tflite_convert",
+        prog="python -m pspnet.build_model.tflite_convert",
         description="Convert TFLite's DeepLabV3-MobileNetV2 VOC model into an mmseg "
                     "checkpoint for the shipped config, and check it against the TFLite.")
     parser.add_argument("--tflite", type=Path, required=True, metavar="FILE",
@@ -397,8 +397,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="also check on this photo (repeatable)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    from build_model.samples import sample_images
-    from stages.image_io import decode_image
+    from pspnet.build_model.samples import sample_images
+    from pspnet.model.image_io import decode_image
 
     photos = sample_images() + [(p.name, decode_image(p)) for p in args.photo]
     try:

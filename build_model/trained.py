@@ -1,7 +1,7 @@
 """The trained network shipped in the package, and the photo it is judged on.
 
 DeepLabV3 on MobileNetV2 (width 0.5, output stride 8), Pascal VOC 2012, 21 classes:
-Google's TFLite weights converted by `build_model.tflite_convert` into an mmseg checkpoint
+Google's TFLite weights converted by `pspnet.build_model.tflite_convert` into an mmseg checkpoint
 for the config in build_model/configs. Provenance, licences and the conversion check are
 in build_model/trained/deeplabv3-mnv2-voc/. The bird photo and its reference label map
 (Coral's test data for this very model) give a real accuracy figure on a fresh clone.

@@ -1,9 +1,9 @@
 """`--verify`: do the exported models compute what mmseg's own eager model computes?
 
-Runs onnxruntime on the sample photos (letterboxed by `stages.image_io.letterbox`, the
+Runs onnxruntime on the sample photos (letterboxed by `pspnet.model.image_io.letterbox`, the
 daemon's own function) and compares with mmseg's `EncoderDecoder` in tensor mode on the
 equivalent float input, normalised and zero-padded by an independent numpy implementation
-(`build_model.inputs`). Logits heads compare logits (max |diff|) and the labels of the
+(`pspnet.build_model.inputs`). Logits heads compare logits (max |diff|) and the labels of the
 upsampled logits; labels heads compare labels. Agreement is over the valid (unpadded)
 pixels. The torch program is checked against the same eager logits.
 """
@@ -20,8 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from build_model.inputs import box_masks, letterboxed_batch, normalised_batch
-from stages.manifest import Manifest
+from pspnet.build_model.inputs import box_masks, letterboxed_batch, normalised_batch
+from pspnet.model.manifest import Manifest
 
 LOGIT_TOLERANCE = 1e-3
 LABEL_AGREEMENT = 0.999
@@ -73,7 +73,7 @@ def verify_model_dir(
     program with `segmentor` on `photos` (default: the package's sample images).
     `eager`: the segmentor's logits on these photos when the caller has them already;
     `tie_tolerance`: the logit error under which a pixel's label counts as a tie."""
-    from build_model.samples import sample_images
+    from pspnet.build_model.samples import sample_images
 
     manifest = Manifest.read(model_dir)
     if photos is None:

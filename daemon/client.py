@@ -15,8 +15,8 @@ from typing import Any
 
 import zmq
 
-from daemon.endpoint import ABSENT, NOT_A_SOCKET, STALE, ipc_state, parse_endpoint
-from stages import wire
+from pspnet.core import wire
+from pspnet.daemon.endpoint import ABSENT, NOT_A_SOCKET, STALE, ipc_state, parse_endpoint
 
 CHUNK = 64                   # requests per submit message
 CHUNK_BYTES = wire.MAX_HEADER_BYTES - 4096   # and at most this much header (long paths)

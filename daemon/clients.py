@@ -19,9 +19,9 @@ from typing import Any
 import structlog
 import zmq
 
-from daemon.front import Front
-from stages import wire
-from stages.logs import json_safe
+from pspnet.core import wire
+from pspnet.core.logs import json_safe
+from pspnet.daemon.front import Front
 
 READS_PER_TURN = 64          # client messages per loop turn
 WARN_EVERY_S = 60.0          # malformed messages: one warning per sender per minute,

@@ -8,9 +8,7 @@ import json
 import sys
 from pathlib import Path
 
-from daemon.endpoint import default_endpoint, parse_endpoint
-from stages.backends.base import KINDS, PRECISIONS, SIMULATED
-from stages.cli_args import (
+from pspnet.core.cli_args import (
     HelpFormatter,
     base_port,
     device_list,
@@ -21,8 +19,10 @@ from stages.cli_args import (
     positive_float,
     positive_int,
 )
-from stages.exits import EXIT_FAILED, EXIT_UNAVAILABLE, EXIT_USAGE
-from stages.logs import json_safe
+from pspnet.core.config import BACKENDS, DEFAULT_MAX_PIXELS, PRECISIONS, SIMULATED
+from pspnet.core.exits import EXIT_FAILED, EXIT_UNAVAILABLE, EXIT_USAGE
+from pspnet.core.logs import json_safe
+from pspnet.daemon.endpoint import default_endpoint, parse_endpoint
 
 
 def add_daemon_parsers(sub: argparse._SubParsersAction) -> None:
@@ -123,7 +123,7 @@ def add_pipeline_args(p: argparse.ArgumentParser) -> None:
     """Flags shared by serve, eval and bench: which model, which backend, how many workers."""
     p.add_argument("--model", type=Path, required=True, metavar="DIR",
                    help="a directory made by `pspnet build` (manifest.json + models)")
-    p.add_argument("--backend", choices=(*KINDS, SIMULATED), default="ort",
+    p.add_argument("--backend", choices=(*BACKENDS, SIMULATED), default="ort",
                    help="ort: ONNX Runtime; torch: PyTorch (CPU or CUDA); acl: Ascend "
                         "aclruntime + OM (unverified on real hardware); sim: no model, a "
                         "simulated device of --backend-option img_s=N speed, to measure "
@@ -149,7 +149,7 @@ def add_pipeline_args(p: argparse.ArgumentParser) -> None:
                         "again replaces its own (without --out no mask files are written; "
                         "answers carry mask null)")
     p.add_argument("--no-masks", action="store_true", help="do not write masks (benches)")
-    p.add_argument("--max-pixels", type=positive_int, default=50_000_000,
+    p.add_argument("--max-pixels", type=positive_int, default=DEFAULT_MAX_PIXELS,
                    help="refuse images with more pixels (read from the header, before "
                         "decoding)")
     p.add_argument("--max-inflight", type=positive_int, default=None,
@@ -177,7 +177,7 @@ def add_pipeline_args(p: argparse.ArgumentParser) -> None:
 
 
 def pipeline_config(args: argparse.Namespace) -> object:
-    from stages.config import PipelineConfig
+    from pspnet.core.config import PipelineConfig
 
     return PipelineConfig(
         model_dir=args.model, backend=args.backend, devices=tuple(args.devices),
@@ -200,9 +200,9 @@ def usage_error(command: str, message: str) -> int:
 def run_serve(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
-    from daemon.server import ServeConfig, Server, check_exposure
-    from stages.logs import configure_logging
-    from stages.manifest import Manifest, pick_batch_size
+    from pspnet.core.logs import configure_logging
+    from pspnet.daemon.server import ServeConfig, Server, check_exposure
+    from pspnet.model.manifest import Manifest, pick_batch_size
 
     cfg = pipeline_config(args)
     configure_logging(cfg.log_level, cfg.log_json)
@@ -243,7 +243,7 @@ def run_serve(args: argparse.Namespace) -> int:
 
 
 def run_submit(args: argparse.Namespace) -> int:
-    from daemon.client import Client, DaemonUnavailable
+    from pspnet.daemon.client import Client, DaemonUnavailable
 
     if args.ann is not None and len(args.ann) != len(args.paths):
         return usage_error("submit", f"{len(args.paths)} paths but {len(args.ann)} --ann files")
@@ -270,7 +270,7 @@ def print_json(doc: object) -> None:
 
 
 def run_status(args: argparse.Namespace) -> int:
-    from daemon.client import Client, DaemonUnavailable
+    from pspnet.daemon.client import Client, DaemonUnavailable
 
     try:
         try:

@@ -34,8 +34,9 @@ import structlog
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from daemon.client import Client, DaemonUnavailable
-from daemon.endpoint import (
+from pspnet.core import wire
+from pspnet.daemon.client import Client, DaemonUnavailable
+from pspnet.daemon.endpoint import (
     LISTENING,
     NOT_A_SOCKET,
     PROBE_TIMEOUT_S,
@@ -47,7 +48,6 @@ from daemon.endpoint import (
     parse_endpoint,
     unlock_socket_file,
 )
-from stages import wire
 
 ANSWER_LINGER_MS = 2000      # on exit, the last answers may take this long to leave
 # A client message is one msgpack header (no array frames): a peer announcing a bigger frame

@@ -23,7 +23,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Histogram, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-from daemon.supervisor import STAGES
+from pspnet.daemon.supervisor import STAGES
 
 REFRESH_S = 0.5                 # the loop copies the status document at most this often
 WINDOW_S = 10.0                 # busy fraction and batch fill: over the last WINDOW_S

@@ -25,14 +25,14 @@ from typing import Any
 import structlog
 import zmq
 
-from daemon.ledger import Ledger
-from daemon.storage import StorageEpisode
-from daemon.supervisor import STAGES, CannotStart, Supervisor
-from daemon.workers import Worker, Workers
-from stages import wire
-from stages.config import Addresses, PipelineConfig, private_dir, start_document
-from stages.manifest import Manifest, pick_batch_size
-from stages.metrics import IoUAccumulator
+from pspnet.core import wire
+from pspnet.core.config import Addresses, PipelineConfig, private_dir, start_document
+from pspnet.daemon.ledger import Ledger
+from pspnet.daemon.storage import StorageEpisode
+from pspnet.daemon.supervisor import STAGES, CannotStart, Supervisor
+from pspnet.daemon.workers import Worker, Workers
+from pspnet.model.manifest import Manifest, pick_batch_size
+from pspnet.model.metrics import IoUAccumulator
 
 CHECK_EVERY_S = 0.1             # supervision, liveness and stall checks
 RATE_WINDOW_S = 10.0

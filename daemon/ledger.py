@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from stages import wire
+from pspnet.core import wire
 
 QUEUED, PREPROCESS, TO_EXECUTOR, EXECUTOR, TO_POSTPROCESS = (
     "queued", "preprocess", "to-executor", "executor", "to-postprocess")

@@ -29,16 +29,16 @@ from typing import Any
 import structlog
 import zmq
 
-from daemon.clients import Clients, refusal
-from daemon.door import Door
-from daemon.endpoint import is_local
-from daemon.exporter import Exporter
-from daemon.front import Front, PipelineError, StartInterrupted
-from daemon.watch import Record, StorageError, Version, Watcher
-from stages import wire
-from stages.config import PipelineConfig
-from stages.exits import EXIT_CANNOT_START, EXIT_FAILED, EXIT_OK, EXIT_USAGE
-from stages.logs import json_safe
+from pspnet.core import wire
+from pspnet.core.config import PipelineConfig
+from pspnet.core.exits import EXIT_CANNOT_START, EXIT_FAILED, EXIT_OK, EXIT_USAGE
+from pspnet.core.logs import json_safe
+from pspnet.daemon.clients import Clients, refusal
+from pspnet.daemon.door import Door
+from pspnet.daemon.endpoint import is_local
+from pspnet.daemon.exporter import Exporter
+from pspnet.daemon.front import Front, PipelineError, StartInterrupted
+from pspnet.daemon.watch import Record, StorageError, Version, Watcher
 
 LOOP_MS = 50
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)

@@ -8,7 +8,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from stages import wire
+from pspnet.core import wire
 
 CALM_S = 2.0          # an episode is over once masks are stored this long after a failure,
 CALM_MASKS = 8        # or this many in a row are

@@ -1,6 +1,6 @@
 """The supervisor: the front's own worker processes, started, watched and restarted.
 
-gunicorn's arbiter is the model. Each worker is a plain process (`python -m stages.worker
+gunicorn's arbiter is the model. Each worker is a plain process (`python -m pspnet.stages.worker
 STAGE INDEX`, its start-up document on stdin), started in plain sight. `check` runs the
 same steps each time: reap the dead (restart after a back-off that grows while a worker
 keeps dying young), stop the silent and the stuck (STOP_SIGNAL, then SIGKILL after a
@@ -22,8 +22,8 @@ from dataclasses import dataclass
 
 import structlog
 
-from stages.config import STOP_SIGNAL, PipelineConfig
-from stages.exits import EXIT_CANNOT_START
+from pspnet.core.config import STOP_SIGNAL, PipelineConfig
+from pspnet.core.exits import EXIT_CANNOT_START
 
 RESTART_BACKOFF_S = (0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
 STABLE_AFTER_S = 30.0           # a worker that lived this long restarts without back-off
@@ -96,7 +96,7 @@ class Supervisor:
         # the stage's imports (torch, cv2) happen in the worker, never in the front
         with self.around_spawn():
             slot.proc = subprocess.Popen(
-                [sys.executable, "-m", "stages.worker", slot.stage, str(slot.index)],
+                [sys.executable, "-m", "pspnet.stages.worker", slot.stage, str(slot.index)],
                 stdin=subprocess.PIPE, close_fds=True)
         try:
             slot.proc.stdin.write(self.start_document.encode())

@@ -37,11 +37,11 @@ from typing import Any
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 
-from stages import wire
-from stages.masks import is_storage_error, mask_path, mask_source, recorded_source
+from pspnet.core import wire
+from pspnet.core.config import IMAGE_SUFFIXES
+from pspnet.model.masks import is_storage_error, mask_path, mask_source, recorded_source
 
 RECORD_NAME = ".pspnet-processed.jsonl"
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
 SETTLE_S = 1.0               # size and mtime unchanged this long: the file is complete
 RETRY_S = (1.0, 2.0, 5.0, 10.0, 30.0)   # storage failures: probe again after these
 

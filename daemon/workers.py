@@ -13,7 +13,7 @@ import math
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 
-from stages import wire
+from pspnet.core import wire
 
 POST_CREDIT_BATCHES = 2         # postprocess room per executor: two of its batches in all
 

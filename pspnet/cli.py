@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import argparse
 
-from bench.cli import add_parsers as add_bench_parsers
-from build_model.cli import add_build_parser
-from daemon.commands import add_daemon_parsers
+from pspnet.batch.cli import add_parsers as add_batch_parsers
+from pspnet.bench.cli import add_parsers as add_bench_parsers
+from pspnet.build_model.cli import add_build_parser
+from pspnet.daemon.commands import add_daemon_parsers
 from pspnet.demo import add_parsers as add_demo_parser
 from pspnet.worker import add_worker_parser
 
@@ -34,7 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_build_parser(sub)
     add_daemon_parsers(sub)                # serve, submit, status
     add_worker_parser(sub)
-    add_bench_parsers(sub)                 # eval, bench
+    add_batch_parsers(sub)                 # eval, batch
+    add_bench_parsers(sub)                 # bench
     add_demo_parser(sub)
     return parser
 

@@ -82,9 +82,9 @@ def run_demo(args: argparse.Namespace) -> int:
 def _model_is_current(model_dir: Path, input_size: int) -> bool:
     """A model directory built from the shipped checkpoint at this size (not, say, the
     calibrated PSPNet an older demo left there)."""
-    from build_model.checkpoint import sha256_file
-    from build_model.trained import CHECKPOINT
-    from stages.manifest import Manifest
+    from pspnet.build_model.checkpoint import sha256_file
+    from pspnet.build_model.trained import CHECKPOINT
+    from pspnet.model.manifest import Manifest
 
     try:
         manifest = Manifest.read(model_dir)
@@ -95,8 +95,8 @@ def _model_is_current(model_dir: Path, input_size: int) -> bool:
 
 
 def build_demo_model(model_dir: Path, input_size: int) -> None:
-    from build_model.export import build
-    from build_model.trained import CHECKPOINT, CONFIG
+    from pspnet.build_model.export import build
+    from pspnet.build_model.trained import CHECKPOINT, CONFIG
 
     say(f"building the trained DeepLabV3-MobileNetV2 (VOC) from {CONFIG.name} at "
         f"{input_size}x{input_size}")
@@ -108,12 +108,12 @@ def write_inputs(model_dir: Path, images_dir: Path, truth_dir: Path,
                  ) -> tuple[list[Path], list[Path]]:
     """The sample photos and the bird, and mmseg's eager prediction for each as the
     ground truth the daemon scores (so its mIoU measures fidelity to mmseg)."""
-    from build_model.reference import Reference
-    from build_model.samples import SAMPLE_DIR
-    from build_model.trained import BIRD_PHOTO
-    from stages.image_io import decode_image
-    from stages.manifest import Manifest
-    from stages.masks import write_mask
+    from pspnet.build_model.reference import Reference
+    from pspnet.build_model.samples import SAMPLE_DIR
+    from pspnet.build_model.trained import BIRD_PHOTO
+    from pspnet.model.image_io import decode_image
+    from pspnet.model.manifest import Manifest
+    from pspnet.model.masks import write_mask
 
     images_dir.mkdir(parents=True, exist_ok=True)
     sources = [*sorted(SAMPLE_DIR.glob("*.jpg")), BIRD_PHOTO]
@@ -131,7 +131,7 @@ def write_inputs(model_dir: Path, images_dir: Path, truth_dir: Path,
 def submit_and_report(daemon: subprocess.Popen, endpoint: str, images: list[Path],
                       anns: list[Path], masks_dir: Path, out: Path, model_dir: Path,
                       started: float) -> int:
-    from daemon.client import Client, DaemonUnavailable
+    from pspnet.daemon.client import Client, DaemonUnavailable
 
     with Client(endpoint) as client:
         deadline = time.monotonic() + READY_TIMEOUT_S
@@ -172,10 +172,10 @@ def report_masks(answers: list, model_dir: Path, sheet_path: Path) -> Path | Non
     """Print each mask's largest classes and the bird's agreement; draw the sheet."""
     from PIL import Image
 
-    from bench.report import Row, contact_sheet, top_classes_line
-    from build_model.trained import BIRD_PHOTO, bird
-    from stages.image_io import decode_image
-    from stages.manifest import Manifest
+    from pspnet.batch.report import Row, contact_sheet, top_classes_line
+    from pspnet.build_model.trained import BIRD_PHOTO, bird
+    from pspnet.model.image_io import decode_image
+    from pspnet.model.manifest import Manifest
 
     manifest = Manifest.read(model_dir)
     names = manifest.class_names
@@ -207,7 +207,7 @@ def agreement_with(labels: np.ndarray, reference: np.ndarray,
     """(percent of pixels with the reference's label, 255 ignored; IoU of each class
     holding at least 1 % of the reference's pixels). The bird's map also has a few hundred
     stray aeroplane and bicycle pixels, which would make a mean over classes meaningless."""
-    from stages.labels import intersect_and_union
+    from pspnet.model.labels import intersect_and_union
 
     scored = reference != 255
     agreement = 100.0 * float((labels == reference)[scored].mean())

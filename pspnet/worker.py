@@ -11,8 +11,8 @@ import signal
 import socket
 from dataclasses import replace
 
-from daemon.commands import add_pipeline_args, pipeline_config, usage_error
-from stages.cli_args import HelpFormatter, host_address, non_negative_int
+from pspnet.core.cli_args import HelpFormatter, host_address, non_negative_int
+from pspnet.daemon.commands import add_pipeline_args, pipeline_config, usage_error
 
 
 def add_worker_parser(sub: argparse._SubParsersAction) -> None:
@@ -45,8 +45,8 @@ def add_worker_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run_worker(args: argparse.Namespace) -> int:
-    from stages.config import Addresses
-    from stages.worker import run
+    from pspnet.core.config import Addresses
+    from pspnet.stages.worker import run
 
     try:
         host = args.host or local_address_towards(args.front, args.tcp_base_port)

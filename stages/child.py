@@ -1,6 +1,6 @@
 """What every stage process does the same way: its control socket, liveness, fatal exit.
 
-A worker is started by the front (`stages.worker`) or by hand (`pspnet worker`). It talks
+A worker is started by the front (`pspnet.stages.worker`) or by hand (`pspnet worker`). It talks
 to the front over one DEALER (work and peer lists in; notes, answers and heartbeats out);
 pixels and outputs go straight to the next stage on sockets of their own.
 
@@ -24,10 +24,10 @@ from typing import NoReturn
 import structlog
 import zmq
 
-from stages import wire
-from stages.config import Addresses, PipelineConfig
-from stages.exits import EXIT_CANNOT_START, EXIT_FAILED
-from stages.logs import configure_logging
+from pspnet.core import wire
+from pspnet.core.config import Addresses, PipelineConfig
+from pspnet.core.exits import EXIT_CANNOT_START, EXIT_FAILED
+from pspnet.core.logs import configure_logging
 
 SEND_LINGER_MS = 2000   # on exit, let queued answers reach the front
 POLL_S = 0.2            # a work loop waits at most this long before it turns again

@@ -28,11 +28,11 @@ from dataclasses import dataclass
 import numpy as np
 import zmq
 
-from stages import wire
-from stages.backends import Backend, open_backend
-from stages.child import POLL_S, Child, error_result
-from stages.exits import EXIT_FAILED
-from stages.manifest import Manifest, pick_batch_size
+from pspnet.core import wire
+from pspnet.core.exits import EXIT_FAILED
+from pspnet.model.manifest import Manifest, pick_batch_size
+from pspnet.stages.backends import Backend, open_backend
+from pspnet.stages.child import POLL_S, Child, error_result
 
 STAGE = "executor"
 NUM_SLOTS = 2

@@ -16,18 +16,18 @@ import numpy as np
 import torch
 import zmq
 
-from stages import wire
-from stages.child import POLL_S, Child, error_result
-from stages.config import DEFAULT_MAX_PIXELS, output_problem
-from stages.labels import (
+from pspnet.core import wire
+from pspnet.core.config import DEFAULT_MAX_PIXELS, output_problem
+from pspnet.model.labels import (
     GroundTruthError,
     intersect_and_union,
     labels_from_labels,
     labels_from_logits,
     read_ground_truth,
 )
-from stages.manifest import Manifest
-from stages.masks import is_storage_error, mask_path, write_mask
+from pspnet.model.manifest import Manifest
+from pspnet.model.masks import is_storage_error, mask_path, write_mask
+from pspnet.stages.child import POLL_S, Child, error_result
 
 STAGE = "postprocess"
 

@@ -14,10 +14,10 @@ import time
 import cv2
 import zmq
 
-from stages import wire
-from stages.child import POLL_S, Child, error_result
-from stages.image_io import ImageError, decode_image, letterbox
-from stages.manifest import Manifest
+from pspnet.core import wire
+from pspnet.model.image_io import ImageError, decode_image, letterbox
+from pspnet.model.manifest import Manifest
+from pspnet.stages.child import POLL_S, Child, error_result
 
 STAGE = "preprocess"
 PREFETCH = 2                 # requests a worker holds: one working, one waiting

@@ -1,6 +1,6 @@
 """A stage worker process, started by the front or by hand.
 
-The front starts `python -m stages.worker STAGE INDEX` and writes the worker's start-up
+The front starts `python -m pspnet.stages.worker STAGE INDEX` and writes the worker's start-up
 document (config and addresses, JSON) to its stdin: no pickle, and nothing of the front's
 state. `pspnet worker` calls `run` directly, joining a daemon over tcp from another host.
 """
@@ -12,8 +12,8 @@ import os
 import signal
 import sys
 
-from stages.child import Child
-from stages.config import Addresses, PipelineConfig, read_start_document
+from pspnet.core.config import Addresses, PipelineConfig, read_start_document
+from pspnet.stages.child import Child
 
 STAGES = ("preprocess", "executor", "postprocess")
 PR_SET_PDEATHSIG = 1
@@ -24,13 +24,13 @@ def run(stage: str, index: int, cfg: PipelineConfig, addrs: Addresses,
     """Run one worker until it is stopped."""
     child = Child(stage, index, cfg, addrs, supervised=supervised)
     if stage == "preprocess":
-        from stages import preprocess
+        from pspnet.stages import preprocess
         preprocess.main(child)
     elif stage == "executor":
-        from stages import executor
+        from pspnet.stages import executor
         executor.main(child)
     elif stage == "postprocess":
-        from stages import postprocess
+        from pspnet.stages import postprocess
         postprocess.main(child)
     else:
         raise ValueError(f"stage must be one of {', '.join(STAGES)}, not {stage!r}")

@@ -42,7 +42,7 @@ EXPECT: dict[str, str | None] = {
     "unreadable": "permission denied",       # not when running as root: root reads anything
 }
 
-# Ground truths, read with stages.labels.read_ground_truth; the size refers to good_jpeg.
+# Ground truths, read with pspnet.model.labels.read_ground_truth; the size refers to good_jpeg.
 GT_EXPECT: dict[str, str | None] = {
     "gt_good": None,
     "gt_wrong_size": "wrong size",            # raised when scored against good_jpeg's mask
@@ -108,7 +108,7 @@ def patch_png_size(data: bytes, height: int, width: int) -> bytes:
 
 def palette_ground_truth(height: int, width: int, num_classes: int = 21) -> Image.Image:
     """A VOC-style palette PNG image: blocks of class ids with a 255 border."""
-    from stages.manifest import voc_palette
+    from pspnet.model.manifest import voc_palette
 
     ids = (np.add.outer(np.arange(height) // 16, np.arange(width) // 16) % num_classes)
     ids = ids.astype(np.uint8)

@@ -36,8 +36,8 @@ def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 def trained_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The shipped trained DeepLabV3-MobileNetV2 (logits head, align_corners=True), built by
     `pspnet build`'s code: batch sizes 1 and 4 at 257x257."""
-    from build_model import trained
-    from build_model.export import build
+    from pspnet.build_model import trained
+    from pspnet.build_model.export import build
 
     out = tmp_path_factory.mktemp("trained") / "model"
     build(trained.CONFIG, trained.CHECKPOINT, out, batch_sizes=(1, 4),
@@ -47,7 +47,7 @@ def trained_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def photos() -> list[tuple[str, np.ndarray]]:
-    from build_model.samples import sample_images
+    from pspnet.build_model.samples import sample_images
 
     return sample_images()
 

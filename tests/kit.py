@@ -42,9 +42,9 @@ import numpy as np
 import zmq
 from PIL import Image
 
-from daemon.client import Answer, Client, DaemonUnavailable
-from stages import wire
-from stages.manifest import Manifest
+from pspnet.core import wire
+from pspnet.daemon.client import Answer, Client, DaemonUnavailable
+from pspnet.model.manifest import Manifest
 from tests.bad_images import palette_ground_truth
 
 REPO = Path(__file__).resolve().parents[1]

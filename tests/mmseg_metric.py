@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from stages.labels import read_ground_truth
+from pspnet.model.labels import read_ground_truth
 
 
 def mmseg_iou(masks: list[Path], truths: list[Path], exact_sums: bool = False) -> dict:
@@ -15,7 +15,7 @@ def mmseg_iou(masks: list[Path], truths: list[Path], exact_sums: bool = False) -
 
     mmseg sums the per-image areas in float32; `exact_sums` sums its areas in float64.
     """
-    from build_model.mmseg_shim import install
+    from pspnet.build_model.mmseg_shim import install
 
     install()
     import torch

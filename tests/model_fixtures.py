@@ -1,9 +1,10 @@
 """Small real-mmseg PSPNet model directories for tests, built by `pspnet build`'s own code.
 
 `make_model_dir` copies the package's tiny config, makes a calibrated checkpoint in the
-official layout (build_model.calibrate) and calls `build_model.export.build` -- the function
-the CLI calls, not a subprocess. Results are cached per process: each (head, batch sizes,
-input size) is built once per pytest session, under the first `tmp_dir` given.
+official layout (pspnet.build_model.calibrate) and calls
+`pspnet.build_model.export.build` -- the function the CLI calls, not a subprocess. Results
+are cached per process: each (head, batch sizes, input size) is built once per pytest
+session, under the first `tmp_dir` given.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from build_model.mmseg_model import PACKAGE_CONFIGS
+from pspnet.build_model.mmseg_model import PACKAGE_CONFIGS
 
 TINY_CONFIG = "pspnet_r18-tiny"
 CALIBRATION_SIZE = 128
@@ -35,7 +36,7 @@ def tiny_checkpoint(tmp_dir: Path) -> Path:
     """Calibrated weights for the tiny config, official layout (made once per session)."""
     key = ("checkpoint",)
     if key not in _built:
-        from build_model.calibrate import make_calibrated_checkpoint
+        from pspnet.build_model.calibrate import make_calibrated_checkpoint
 
         _built[key] = make_calibrated_checkpoint(
             tiny_config(tmp_dir), Path(tmp_dir) / f"{TINY_CONFIG}.pth",
@@ -54,7 +55,7 @@ def make_model_dir(
     torch program). `onnx=False` builds where onnxsim is missing (the GPU host)."""
     key = ("model", head, tuple(sorted(batch_sizes)), input_size, onnx)
     if key not in _built:
-        from build_model.export import build
+        from pspnet.build_model.export import build
 
         checkpoint = tiny_checkpoint(tmp_dir)
         sizes = "-".join(map(str, sorted(batch_sizes)))

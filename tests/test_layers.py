@@ -2,7 +2,7 @@
 
 The contracts in pyproject.toml (run by `lint-imports` in ./scripts/test) keep the layers
 and forbid circles between sibling modules, but not one between a package and a module
-inside it (stages.backends imported its backend modules, which imported it back). This
+inside it (pspnet.stages.backends imported its backend modules, which imported it back). This
 counts every circle on the whole graph, imports inside functions included.
 """
 
@@ -12,7 +12,20 @@ import graphlib
 
 import grimp
 
-ROOT_PACKAGES = ("pspnet", "bench", "daemon", "build_model", "stages")
+ROOT_PACKAGES = ("pspnet", "studies")
+# The layers, top to bottom (a folder imports only from folders below it; siblings on one
+# floor do not import each other). Also a contract in pyproject.toml; this test counts.
+LAYERS = (
+    ("studies",),
+    ("pspnet.__main__",),
+    ("pspnet.cli",),
+    ("pspnet.demo", "pspnet.worker"),
+    ("pspnet.bench",),
+    ("pspnet.batch",),
+    ("pspnet.daemon", "pspnet.stages", "pspnet.build_model"),
+    ("pspnet.model",),
+    ("pspnet.core",),
+)
 
 
 def import_cycles(graph: grimp.ImportGraph) -> list[list[str]]:
@@ -35,9 +48,40 @@ def test_no_import_cycles_between_modules() -> None:
     graph = grimp.build_graph(*ROOT_PACKAGES, cache_dir=None)
     # the graph is the real one, lazy imports included (else 0 would prove nothing)
     assert len(graph.modules) > 50
-    assert graph.direct_import_exists(importer="stages.backends",
-                                      imported="stages.backends.ort")
+    assert graph.direct_import_exists(importer="pspnet.stages.backends",
+                                      imported="pspnet.stages.backends.ort")
     cycles = import_cycles(graph)
     print(f"FIGURE import cycles between modules: {len(cycles)} "
           f"({len(graph.modules)} modules, {graph.count_imports()} imports)")
     assert not cycles, "import circles: " + "; ".join(" -> ".join(reversed(c)) for c in cycles)
+
+
+def layer_of(module: str) -> tuple[int, str] | None:
+    for floor, names in enumerate(LAYERS):
+        for name in names:
+            if module == name or module.startswith(name + "."):
+                return floor, name
+    return None
+
+
+def test_no_import_goes_up_or_sideways() -> None:
+    graph = grimp.build_graph(*ROOT_PACKAGES, cache_dir=None)
+    up, sideways, arrows = [], [], set()
+    for importer in graph.modules:
+        here = layer_of(importer)
+        if here is None:
+            continue
+        for imported in graph.find_modules_directly_imported_by(importer):
+            there = layer_of(imported)
+            if there is None or there[1] == here[1]:
+                continue
+            arrows.add((here[1], there[1]))
+            if there[0] < here[0]:
+                up.append(f"{importer} -> {imported}")
+            elif there[0] == here[0]:
+                sideways.append(f"{importer} -> {imported}")
+    print(f"FIGURE layers: {' > '.join(' | '.join(n.split('.')[-1] for n in f) for f in LAYERS)};"
+          f" {len(arrows)} arrows between folders, {len(up)} up, {len(sideways)} sideways")
+    assert ("pspnet.daemon", "pspnet.core") in arrows       # the graph is the real one
+    assert not up, "imports from a lower layer to a higher one: " + "; ".join(up)
+    assert not sideways, "imports between siblings: " + "; ".join(sideways)

@@ -1,6 +1,6 @@
 """Tiny model directories for backend tests: the real export path, a network of 3 convs.
 
-Built through `build_model.export.write_artifacts` (the same code `pspnet build` ends in),
+Built through `pspnet.build_model.export.write_artifacts` (the same code `pspnet build` ends in),
 so the tests exercise the real manifest, ONNX and torch program, in a second or two.
 """
 
@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from stages.manifest import VOC_CLASSES, voc_palette
+from pspnet.model.manifest import VOC_CLASSES, voc_palette
 
 NUM_CLASSES = len(VOC_CLASSES)
 MEAN = (123.675, 116.28, 103.53)
@@ -48,7 +48,7 @@ def make_tiny_model_dir(
     seed: int = 0,
 ) -> Path:
     """Write a model directory (manifest, pspnet_bs{N}.onnx, pspnet_core.pt2) under `tmp`."""
-    from build_model.export import write_artifacts
+    from pspnet.build_model.export import write_artifacts
 
     out = Path(tmp) / f"tiny_{head}_{input_size[0]}x{input_size[1]}"
     write_artifacts(

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from stages.manifest import voc_palette
+from pspnet.model.manifest import voc_palette
 
 Predict = Callable[[np.ndarray], np.ndarray]      # RGB uint8 H x W x 3 -> uint8 H x W
 
@@ -60,10 +60,10 @@ def make_voc_folder(
     seed: int = 3,
 ) -> VocFolder:
     """Write the folder; the optional flags add one problem each, listed in the split."""
-    from stages.image_io import decode_image
+    from pspnet.model.image_io import decode_image
 
     if photos is None:
-        from build_model.samples import sample_images
+        from pspnet.build_model.samples import sample_images
 
         photos = sample_images()
     predict = predict or colour_classes

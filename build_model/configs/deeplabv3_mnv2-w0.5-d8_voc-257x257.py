@@ -1,6 +1,6 @@
 # DeepLabV3 on MobileNetV2 (width 0.5, output stride 8), Pascal VOC 2012, 21 classes: the
 # network of TensorFlow Lite's `deeplabv3_257_mv_gpu.tflite`, whose trained weights
-# `python -m build_model.tflite_convert` turned into
+# `python -m pspnet.build_model.tflite_convert` turned into
 # build_model/trained/deeplabv3-mnv2-voc/deeplabv3_mnv2_voc.pth (provenance and licences
 # there). Every fact below was read from the TFLite graph and is checked by the converter:
 # channels 16/8/12/16/32/48/80/160 (TF's, not mmseg's rounding), ReLU6, the depthwise 3x3
@@ -8,7 +8,7 @@
 # a head of image pooling + one 1x1 branch -> 1x1 projection -> 1x1 classifier, and every
 # resize bilinear with align_corners=True. Input: RGB, (x - 127.5) / 127.5, sides of
 # 8k + 1 pixels (257), where TF's SAME padding equals the symmetric padding used here.
-custom_imports = dict(imports=['build_model.mobile_deeplab'], allow_failed_imports=False)
+custom_imports = dict(imports=['pspnet.build_model.mobile_deeplab'], allow_failed_imports=False)
 network_name = 'DeepLabV3 MobileNetV2-0.5 OS8 (TFLite, trained on VOC 2012)'
 data_preprocessor = dict(
     type='SegDataPreProcessor',

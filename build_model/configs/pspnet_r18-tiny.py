@@ -2,7 +2,7 @@
 # package configs do not resolve once installed). Same structure as
 # pspnet_r50-d8_4xb4-20k_voc12aug-512x512 (ResNetV1c D8, PPM 1/2/3/6, 21 VOC classes, an
 # auxiliary FCN head), at a fraction of the width: 0.8 M parameters with the auxiliary head.
-# Weights come from `build_model.calibrate`, not from training.
+# Weights come from `pspnet.build_model.calibrate`, not from training.
 norm_cfg = dict(type='BN', requires_grad=True)
 data_preprocessor = dict(
     type='SegDataPreProcessor',

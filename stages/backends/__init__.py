@@ -18,11 +18,10 @@ import time
 from collections.abc import Mapping
 from pathlib import Path
 
-from stages.backends.base import (
+from pspnet.core.config import PRECISIONS, SIMULATED
+from pspnet.stages.backends.base import (
     KINDS,
     NUM_SLOTS,
-    PRECISIONS,
-    SIMULATED,
     Backend,
     BackendBase,
     BackendUnavailable,
@@ -50,13 +49,13 @@ def open_backend(
     options = dict(options or {})
     cls: type[BackendBase]
     if kind == "ort":
-        from stages.backends.ort import OrtBackend as cls
+        from pspnet.stages.backends.ort import OrtBackend as cls
     elif kind == "torch":
-        from stages.backends.torch_backend import TorchBackend as cls
+        from pspnet.stages.backends.torch_backend import TorchBackend as cls
     elif kind == "acl":
-        from stages.backends.acl import AclBackend as cls
+        from pspnet.stages.backends.acl import AclBackend as cls
     elif kind == SIMULATED:
-        from stages.backends.sim import SimBackend as cls
+        from pspnet.stages.backends.sim import SimBackend as cls
     else:
         raise ValueError(f"unknown backend {kind!r}; choose one of {', '.join(KINDS)} "
                          f"(or {SIMULATED}: a simulated device)")

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from stages.backends.base import (
+from pspnet.stages.backends.base import (
     BackendBase,
     BackendUnavailable,
     check_options,

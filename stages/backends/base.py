@@ -14,13 +14,13 @@ from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 import numpy as np
 
+from pspnet.core.config import BACKENDS
+
 if TYPE_CHECKING:
-    from stages.manifest import Manifest, ModelFile
+    from pspnet.model.manifest import Manifest, ModelFile
 
 NUM_SLOTS = 2
-KINDS = ("ort", "torch", "acl")
-SIMULATED = "sim"          # no model: a device of a given speed, for measuring the host side
-PRECISIONS = ("fp32", "fp16", "bf16")
+KINDS = BACKENDS           # named once, in core.config (the CLI reads them there)
 
 
 class BackendUnavailable(RuntimeError):
@@ -67,7 +67,7 @@ class BackendBase:
     name = "base"
 
     def __init__(self, model_dir: Path, batch_size: int) -> None:
-        from stages.manifest import Manifest
+        from pspnet.model.manifest import Manifest
 
         self.model_dir = Path(model_dir)
         if not self.model_dir.is_dir():

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from stages.backends.base import (
+from pspnet.stages.backends.base import (
     NUM_SLOTS,
     BackendBase,
     BackendUnavailable,

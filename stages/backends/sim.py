@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from stages.backends.base import (
+from pspnet.stages.backends.base import (
     BackendBase,
     check_options,
     option_flag,

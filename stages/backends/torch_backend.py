@@ -27,7 +27,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from stages.backends.base import (
+from pspnet.model.serving_model import ServingModel
+from pspnet.stages.backends.base import (
     NUM_SLOTS,
     BackendBase,
     BackendUnavailable,
@@ -36,8 +37,7 @@ from stages.backends.base import (
     option_int,
     parse_device,
 )
-from stages.backends.conv_fusion import fused_copy
-from stages.serving_model import ServingModel
+from pspnet.stages.backends.conv_fusion import fused_copy
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 OPTIONS = {

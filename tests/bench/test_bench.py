@@ -9,10 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bench import executor_only
+from pspnet.bench import executor_only
 from pspnet.cli import main
-from stages.backends import open_backend
-from stages.manifest import Manifest
+from pspnet.model.manifest import Manifest
+from pspnet.stages.backends import open_backend
 
 TOP_KEYS = {"machine", "hostname", "cpu_count", "accelerator", "backend", "precision",
             "versions", "model", "settings", "inputs", "results", "best", "created"}
@@ -68,7 +68,7 @@ def test_bench_refuses_a_batch_size_that_was_not_built(tiny_models, capsys):
 
 def test_executor_only_alternates_the_two_slots(tiny_models, tmp_path):
     """ais_bench's figure from execute times; every batch executed once, slots reused."""
-    from bench.inputs import synthetic
+    from pspnet.bench.inputs import synthetic
 
     model = tiny_models["labels"]
     feed = synthetic(3, tmp_path)
@@ -89,7 +89,7 @@ def test_executor_only_alternates_the_two_slots(tiny_models, tmp_path):
 def test_steady_rate_is_the_slope_without_fill_and_drain():
     """Bursts of one batch every 0.1 s (160 img/s once full), after a 0.5 s fill and
     with a slow tail: the steady rate is 160, the whole pass's rate is lower."""
-    from bench.e2e import steady_rate
+    from pspnet.bench.e2e import steady_rate
 
     batch, period = 16, 0.1
     answered = [0.5 + k * period + i * 1e-4 for k in range(30) for i in range(batch)]
@@ -149,8 +149,7 @@ def test_busiest_threads_names_the_thread_that_burns_cpu():
     import threading
     import time
 
-    from bench import threads
-
+    from pspnet.bench import threads
     pids = {"me": os.getpid()}
     before = threads.snapshot(pids)
     assert ("me", os.getpid()) in before and before[("me", os.getpid())][0] == "main"

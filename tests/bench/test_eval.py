@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bench.progress import Progress
-from bench.voc import VocLayoutError, read_split
+from pspnet.batch.progress import Progress
+from pspnet.batch.voc import VocLayoutError, read_split
 from pspnet.cli import main
 from tests.mmseg_metric import mmseg_iou
 from tests.voc_folder import make_voc_folder
@@ -35,7 +35,7 @@ def assert_matches_mmseg(doc: dict, voc, mask_dir: Path) -> None:
 def test_eval_prints_mmseg_table_and_matches_iou_metric(mmseg_models, tmp_path, capsys):
     """The mmseg reference as ground truth source; a missing image, a missing and an
     unreadable ground truth are listed at the end, and the rest is scored exactly."""
-    from build_model.reference import Reference
+    from pspnet.build_model.reference import Reference
 
     reference = Reference(mmseg_models["logits"])
     voc = make_voc_folder(tmp_path / "voc", predict=reference.predict, missing_image=True,

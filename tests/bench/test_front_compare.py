@@ -1,4 +1,4 @@
-"""Issue 14's harness (bench/front_compare.py): the parts that decide its figures, checked
+"""Issue 14's harness (studies/front_compare.py): the parts that decide its figures, checked
 without running two benches (that takes minutes; bench/README.md shows a real run)."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from bench import front_compare as fc
+from studies import front_compare as fc
 
 # two sockets as iproute2 6.1's `ss -tinHe` prints them (first line, then the info line)
 SS_TEXT = """\

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from bench import ray_batch
-from build_model.samples import SAMPLE_DIR
+from pspnet.batch import ray_batch
+from pspnet.build_model.samples import SAMPLE_DIR
 from pspnet.cli import main
 from tests.voc_folder import make_voc_folder
 
@@ -62,8 +62,8 @@ def test_batch_masks_are_the_daemons_on_the_sample_photos(ray_session, tiny_mode
     """The shipped sample photos and a broken JPEG, logits head: each mask byte for byte
     what the daemon's pipeline writes; the broken image fails its row with the daemon's
     own reason, and the job still exits 0."""
-    from daemon.front import Front, requests_for
-    from stages.config import PipelineConfig
+    from pspnet.core.config import PipelineConfig
+    from pspnet.daemon.front import Front, requests_for
 
     photos = tmp_path / "photos"
     shutil.copytree(SAMPLE_DIR, photos, ignore=shutil.ignore_patterns("*.txt"))
@@ -100,8 +100,8 @@ def test_batch_masks_are_the_daemons_with_a_network_that_aligns_corners(ray_sess
     """The trained DeepLabV3 resizes its logits with align_corners=True (its manifest says
     so): the Ray job's masks are still the daemon's, byte for byte. Before: the Ray job had
     its own copy of the postprocess function, which left align_corners out."""
-    from daemon.front import Front, requests_for
-    from stages.config import PipelineConfig
+    from pspnet.core.config import PipelineConfig
+    from pspnet.daemon.front import Front, requests_for
 
     paths = sorted(SAMPLE_DIR.glob("*.jpg"))
     daemon_masks = tmp_path / "daemon-masks"
@@ -185,7 +185,7 @@ def test_batch_refusals(ray_session, tiny_models, tmp_path, capsys):
 
 
 def _broken_step(batch):
-    raise ImportError("cannot import name 'mask_path' from 'stages.labels'")
+    raise ImportError("cannot import name 'mask_path' from 'pspnet.model.labels'")
 
 
 def test_a_failing_step_is_named_by_its_own_error(ray_session):
@@ -194,7 +194,7 @@ def test_a_failing_step_is_named_by_its_own_error(ray_session):
     with pytest.raises(Exception) as caught:
         ray_session.data.range(4).map_batches(_broken_step).take_all()
     assert ray_batch.root_cause(caught.value) == (
-        "ImportError: cannot import name 'mask_path' from 'stages.labels'")
+        "ImportError: cannot import name 'mask_path' from 'pspnet.model.labels'")
 
 
 def test_from_listing_and_folder_need_no_ray(tmp_path):
@@ -212,7 +212,8 @@ def test_ray_is_imported_by_pspnet_batch_alone():
     import subprocess
     import sys
 
-    code = ("import sys, pspnet.cli, bench.ray_batch, bench.ray_compare, daemon.server; "
+    code = ("import sys, pspnet.cli, pspnet.batch.ray_batch, studies.ray_compare, "
+            "pspnet.daemon.server; "
             "print(sorted(m for m in sys.modules if m == 'ray' or m.startswith('ray.')))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           timeout=120, check=True)

@@ -1,13 +1,13 @@
-"""Issue 18: the pictures for people (bench/report.py) and `pspnet eval --report DIR`."""
+"""Issue 18: the pictures for people (batch/report.py) and `pspnet eval --report DIR`."""
 
 from __future__ import annotations
 
 import numpy as np
 from PIL import Image
 
-from bench.report import blend, class_shares, edges, iou_bar_chart, top_classes_line
+from pspnet.batch.report import blend, class_shares, edges, iou_bar_chart, top_classes_line
 from pspnet.cli import main
-from stages.manifest import VOC_CLASSES, voc_palette
+from pspnet.model.manifest import VOC_CLASSES, voc_palette
 from tests.voc_folder import make_voc_folder
 
 

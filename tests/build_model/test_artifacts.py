@@ -12,9 +12,9 @@ import pytest
 import torch
 from torch import nn
 
-from build_model.artifacts import write_artifacts
-from build_model.errors import BuildError
-from stages.manifest import VOC_CLASSES, Manifest, voc_palette
+from pspnet.build_model.artifacts import write_artifacts
+from pspnet.build_model.errors import BuildError
+from pspnet.model.manifest import VOC_CLASSES, Manifest, voc_palette
 
 MEAN, STD = (123.675, 116.28, 103.53), (58.395, 57.12, 57.375)
 FAKE_ATC = """#!/bin/sh

@@ -10,8 +10,8 @@ import sys
 import pytest
 import torch
 
-from build_model.checkpoint import read_checkpoint
-from build_model.cli import add_build_parser
+from pspnet.build_model.checkpoint import read_checkpoint
+from pspnet.build_model.cli import add_build_parser
 from pspnet.cli import main
 from tests.model_fixtures import tiny_checkpoint, tiny_config
 
@@ -48,7 +48,7 @@ def weights(tmp_path_factory):
 
 
 def test_import_does_not_load_the_build_stack():
-    code = ("import sys, build_model.cli, pspnet.cli; "
+    code = ("import sys, pspnet.build_model.cli, pspnet.cli; "
             f"print([m for m in {HEAVY!r} if m in sys.modules])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True).stdout
@@ -138,7 +138,7 @@ def test_trusted_checkpoint_builds_and_verifies(weights, tmp_path, capsys):
 def test_no_onnx_builds_a_torch_only_directory(weights, tmp_path, capsys):
     """--no-onnx: the torch program and the manifest in seconds, verified; ort says why
     it cannot open the directory, torch runs it."""
-    from stages.backends import open_backend
+    from pspnet.stages.backends import open_backend
     from tests.tiny_model import random_batch
 
     out = tmp_path / "out"

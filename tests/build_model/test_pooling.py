@@ -3,7 +3,7 @@
 Adaptive average pooling at 63x63 (a 500x500 input through a D8 backbone) has bins that do
 not divide the input; mmcv 1.x's export rewrite was wrong at pool scale 6 and mmdeploy's at
 2 and 6 (docs: /work/shared/reference/seed-flow.md). These tests export through
-`build_model.onnx_export.export_onnx_batches` -- the function `pspnet build` uses, with
+`pspnet.build_model.onnx_export.export_onnx_batches` -- the function `pspnet build` uses, with
 onnxsim -- and run the result in onnxruntime.
 """
 
@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from build_model.onnx_export import export_onnx_batches
+from pspnet.build_model.onnx_export import export_onnx_batches
 
 POOL_SCALES = (1, 2, 3, 6)
 SIZES = ((63, 63), (37, 50))      # the 500x500 feature map, and an odd non-square one
@@ -63,7 +63,7 @@ def test_adaptive_avg_pool_is_exact(tmp_path, simplify):
 
 def test_mmseg_ppm_is_exact(tmp_path):
     """mmseg's own PPM module (pool -> 1x1 conv/BN/ReLU -> bilinear back) at 63x63."""
-    from build_model.mmseg_model import import_mmseg
+    from pspnet.build_model.mmseg_model import import_mmseg
 
     import_mmseg()
     from mmseg.models.decode_heads.psp_head import PPM

@@ -14,11 +14,11 @@ import numpy as np
 import pytest
 import torch
 
-from build_model.calibrate import make_calibrated_checkpoint
-from build_model.export import build
-from build_model.inputs import box_masks, letterboxed_batch, normalised_batch
-from build_model.network import load_network
-from build_model.verify import eager_logits, upsampled_labels, verify_model_dir
+from pspnet.build_model.calibrate import make_calibrated_checkpoint
+from pspnet.build_model.export import build
+from pspnet.build_model.inputs import box_masks, letterboxed_batch, normalised_batch
+from pspnet.build_model.network import load_network
+from pspnet.build_model.verify import eager_logits, upsampled_labels, verify_model_dir
 from tests.photos import sample_photos
 
 R50 = "pspnet_r50-d8_4xb4-20k_voc12aug-512x512"

@@ -16,14 +16,14 @@ import pytest
 import torch
 from torch import nn
 
-from build_model.bn_fold import find_conv_bn_pairs, fold_batchnorm
-from build_model.mmseg_model import import_mmseg
-from build_model.network import load_network
-from build_model.psp_rewrite import ExactPSPHead, psp_head_problem, rewrite_psp_head
-from build_model.rewrites import count_macs, rewrite_core
-from build_model.samples import sample_images
-from build_model.verify import verify_model_dir
-from stages.manifest import Manifest
+from pspnet.build_model.bn_fold import find_conv_bn_pairs, fold_batchnorm
+from pspnet.build_model.mmseg_model import import_mmseg
+from pspnet.build_model.network import load_network
+from pspnet.build_model.psp_rewrite import ExactPSPHead, psp_head_problem, rewrite_psp_head
+from pspnet.build_model.rewrites import count_macs, rewrite_core
+from pspnet.build_model.samples import sample_images
+from pspnet.build_model.verify import verify_model_dir
+from pspnet.model.manifest import Manifest
 from tests.model_fixtures import BATCH_SIZES, INPUT_SIZE, tiny_checkpoint, tiny_config
 from tests.photos import sample_photos
 
@@ -222,7 +222,7 @@ def weights(root):
 def built(root, weights, mmseg_models):
     """The default build (rewrites on: the session's model) and one with
     --no-psp-rewrite --no-bn-fold."""
-    from build_model.export import build
+    from pspnet.build_model.export import build
 
     rewritten = mmseg_models["logits"]
     plain = root / "plain"

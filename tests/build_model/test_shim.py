@@ -1,4 +1,4 @@
-"""build_model.mmseg_shim: mmseg imports on mmcv-lite, and nothing is faked silently.
+"""pspnet.build_model.mmseg_shim: mmseg imports on mmcv-lite, and nothing is faked silently.
 
 Each case runs in a fresh interpreter: the shim changes `sys.modules` for good.
 """
@@ -20,7 +20,7 @@ def _python(code: str) -> str:
 def test_stand_in_on_mmcv_lite():
     out = _python("""
         import importlib.util, pytest
-        from build_model import mmseg_shim
+        from pspnet.build_model import mmseg_shim
         assert importlib.util.find_spec("mmcv._ext") is None, "full mmcv: nothing to test"
         assert mmseg_shim.install() is True
         assert mmseg_shim.install() is True                       # idempotent
@@ -43,7 +43,7 @@ def test_stand_in_on_mmcv_lite():
 def test_real_ops_are_left_alone():
     out = _python("""
         import sys, types
-        from build_model import mmseg_shim
+        from pspnet.build_model import mmseg_shim
         mmseg_shim.compiled_ops_available = lambda: True         # as with full mmcv
         assert mmseg_shim.install() is False
         assert "mmcv.ops" not in sys.modules

@@ -22,11 +22,11 @@ pytestmark = pytest.mark.skipif(
 
 
 def test_conversion_matches_the_tflite_and_reproduces_the_shipped_checkpoint():
-    from build_model import trained
-    from build_model.checkpoint import read_checkpoint
-    from build_model.samples import sample_images
-    from build_model.tflite_convert import convert_file
-    from stages.image_io import decode_image
+    from pspnet.build_model import trained
+    from pspnet.build_model.checkpoint import read_checkpoint
+    from pspnet.build_model.samples import sample_images
+    from pspnet.build_model.tflite_convert import convert_file
+    from pspnet.model.image_io import decode_image
 
     photos = [*sample_images(), ("bird.bmp", decode_image(SHARED / "bird_segmentation.bmp"))]
     segmentor, report = convert_file(TFLITE, trained.CONFIG, photos)
@@ -50,8 +50,7 @@ def test_conversion_matches_the_tflite_and_reproduces_the_shipped_checkpoint():
 def test_shipped_bird_files_hold_the_source_pixels():
     from PIL import Image
 
-    from build_model import trained
-
+    from pspnet.build_model import trained
     photo, reference = trained.bird()
     with Image.open(SHARED / "bird_segmentation.bmp") as im:
         assert np.array_equal(np.asarray(im.convert("RGB")), photo)
@@ -62,8 +61,8 @@ def test_shipped_bird_files_hold_the_source_pixels():
 def test_a_config_that_disagrees_with_the_graph_is_refused(tmp_path):
     """mmseg's own MobileNetV2 habit (a stage's dilation on its first block only) must
     not convert silently: the converter names the first layer that differs."""
-    from build_model import trained
-    from build_model.tflite_convert import ConvertError, convert_file
+    from pspnet.build_model import trained
+    from pspnet.build_model.tflite_convert import ConvertError, convert_file
 
     text = trained.CONFIG.read_text()
     wrong = text.replace("(1, 2, 2, 2), (2, 2, 2), (2, 4, 4)", "(2, 1, 1, 1), (2, 2, 2), (2, 4, 4)")

@@ -16,11 +16,11 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from build_model.checkpoint import sha256_file
-from build_model.inputs import letterboxed_batch, normalised_batch
-from build_model.network import load_network
-from build_model.verify import LABEL_AGREEMENT, LOGIT_TOLERANCE, verify_model_dir
-from stages.manifest import VOC_CLASSES, Manifest, voc_palette
+from pspnet.build_model.checkpoint import sha256_file
+from pspnet.build_model.inputs import letterboxed_batch, normalised_batch
+from pspnet.build_model.network import load_network
+from pspnet.build_model.verify import LABEL_AGREEMENT, LOGIT_TOLERANCE, verify_model_dir
+from pspnet.model.manifest import VOC_CLASSES, Manifest, voc_palette
 from tests.model_fixtures import BATCH_SIZES, INPUT_SIZE, tiny_checkpoint
 from tests.photos import sample_photos
 

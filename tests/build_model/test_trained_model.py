@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from stages.manifest import VOC_CLASSES, Manifest
+from pspnet.model.manifest import VOC_CLASSES, Manifest
 
 PERSON, CAT, BIRD = (VOC_CLASSES.index(n) for n in ("person", "cat", "bird"))
 
@@ -23,8 +23,8 @@ def _daemon_labels(model_dir: Path, rgb: np.ndarray) -> np.ndarray:
     """The ONNX model between the preprocess and postprocess workers' own functions."""
     import onnxruntime as ort
 
-    from stages.image_io import letterbox
-    from stages.labels import labels_from_logits
+    from pspnet.model.image_io import letterbox
+    from pspnet.model.labels import labels_from_logits
 
     manifest = Manifest.read(model_dir)
     session = ort.InferenceSession(str(model_dir / manifest.model_file(1).onnx),
@@ -63,8 +63,8 @@ def test_a_manifest_without_the_network_field_still_reads(trained_model, tmp_pat
 
 def test_the_daemon_path_segments_real_objects(trained_model):
     """Astronaut -> person, Chelsea -> cat, and the bird photo as its reference map says."""
-    from build_model import trained
-    from build_model.samples import sample_images
+    from pspnet.build_model import trained
+    from pspnet.build_model.samples import sample_images
 
     photos = dict(sample_images())
     astronaut = _daemon_labels(trained_model, photos["astronaut_500x375.jpg"])
@@ -86,9 +86,9 @@ def test_the_daemon_path_segments_real_objects(trained_model):
 def test_fp16_agrees_with_fp32_on_trained_weights(trained_model):
     """The whole network in half precision (torch on this CPU) against fp32: labels
     through the daemon's postprocess; the bird scored against its reference map."""
-    from bench.trained_model import letterboxed_labels, scores, serving
-    from build_model import trained
-    from build_model.samples import sample_images
+    from pspnet.build_model import trained
+    from pspnet.build_model.samples import sample_images
+    from studies.trained_model import letterboxed_labels, scores, serving
 
     manifest = Manifest.read(trained_model)
     photo, reference = trained.bird()
@@ -111,9 +111,9 @@ def test_fp16_agrees_with_fp32_on_trained_weights(trained_model):
 def test_labels_follow_the_networks_align_corners():
     """The flag reaches both resizes of logits to the input size: ServingModel's labels
     head and the postprocess workers' labels_from_logits."""
-    from stages.labels import labels_from_logits
-    from stages.serving_model import ServingModel
-    from stages.wire import Placement
+    from pspnet.core.wire import Placement
+    from pspnet.model.labels import labels_from_logits
+    from pspnet.model.serving_model import ServingModel
 
     generator = torch.Generator().manual_seed(0)
     logits = torch.randn(1, 5, 5, 5, generator=generator)

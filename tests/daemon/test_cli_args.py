@@ -16,8 +16,8 @@ import sys
 
 import pytest
 
-from daemon.commands import add_daemon_parsers
 from pspnet.cli import main
+from pspnet.daemon.commands import add_daemon_parsers
 from tests.kit import REPO
 from tests.voc_folder import make_voc_folder
 

@@ -1,4 +1,4 @@
-"""The front in this process (daemon.front.Front, as bench and eval use it), its workers as
+"""The front in this process (pspnet.daemon.front.Front, as bench and eval use it), its workers as
 real processes over ZeroMQ: VOC photos against an independent reference, partial batches,
 mask names, a worker that cannot start, an owner that exits with the pipeline open.
 
@@ -15,11 +15,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from build_model.reference import Reference
-from daemon.front import Front, PipelineError, requests_for
-from stages import wire
-from stages.config import PipelineConfig
-from stages.manifest import voc_palette
+from pspnet.build_model.reference import Reference
+from pspnet.core import wire
+from pspnet.core.config import PipelineConfig
+from pspnet.daemon.front import Front, PipelineError, requests_for
+from pspnet.model.manifest import voc_palette
 from tests.kit import FAKE_ACL, mask_pixels, with_om
 from tests.mmseg_metric import mmseg_iou
 
@@ -187,7 +187,7 @@ def test_images_sharing_a_mask_name_do_not_overwrite_each_other(tiny_models, pho
 def test_a_mask_dir_that_cannot_be_created_stops_the_start(tiny_models, tmp_path, capfd):
     """--out naming a regular file: the postprocess worker reports a fatal start (one
     reason, no restart loop), as a model that cannot load does."""
-    from stages.logs import configure_logging
+    from pspnet.core.logs import configure_logging
 
     configure_logging("info", json=True)   # the front logs in this process: not at the
     blocker = tmp_path / "not-a-dir"       # level an earlier test's command left behind
@@ -210,9 +210,9 @@ def test_a_mask_dir_that_cannot_be_created_stops_the_start(tiny_models, tmp_path
 LEFT_OPEN = """
 import sys
 from pathlib import Path
-from stages.config import PipelineConfig
-from daemon.front import Front
-from stages.logs import configure_logging
+from pspnet.core.config import PipelineConfig
+from pspnet.daemon.front import Front
+from pspnet.core.logs import configure_logging
 configure_logging("warning")
 pipe = Front(PipelineConfig(model_dir=Path(sys.argv[1]), backend="sim", batch_size=4,
                             preprocess_workers=1, postprocess_workers=1))

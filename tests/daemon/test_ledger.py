@@ -11,7 +11,7 @@ import itertools
 
 import pytest
 
-from daemon.ledger import (
+from pspnet.daemon.ledger import (
     EXECUTOR,
     PREPROCESS,
     QUEUED,

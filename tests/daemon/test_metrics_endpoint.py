@@ -11,7 +11,7 @@ import urllib.request
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from daemon.client import Client
+from pspnet.daemon.client import Client
 from tests.kit import Daemon
 
 SCRAPE_WAIT_S = 10.0          # liveness bound: heartbeats and snapshots come every 0.5 s

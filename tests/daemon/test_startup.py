@@ -27,8 +27,9 @@ from pathlib import Path
 
 import pytest
 
-from daemon.client import Client, DaemonUnavailable
-from daemon.endpoint import EndpointLocked, lock_file, lock_socket_file, unlock_socket_file
+import pspnet.daemon.client
+from pspnet.daemon.client import Client, DaemonUnavailable
+from pspnet.daemon.endpoint import EndpointLocked, lock_file, lock_socket_file, unlock_socket_file
 from tests.kit import REPO, pid_alive
 
 
@@ -95,12 +96,11 @@ def test_malformed_endpoint_is_refused_in_one_line(tiny_models, tmp_path, endpoi
 
 
 def test_client_refuses_a_malformed_endpoint_before_any_socket(monkeypatch):
-    import daemon.client
 
     def no_context() -> None:
         raise AssertionError("a ZeroMQ context was made for a malformed endpoint")
 
-    monkeypatch.setattr(daemon.client.zmq, "Context", no_context)
+    monkeypatch.setattr(pspnet.daemon.client.zmq, "Context", no_context)
     for endpoint in ("tcp://127.0.0.1", "foo://bar", "tcp://host:port", "ipc://",
                      "ipc:///" + "x" * 120):
         with pytest.raises(ValueError, match="endpoints are ipc://PATH or tcp://HOST:PORT"):
@@ -187,7 +187,7 @@ def test_a_lock_file_left_by_a_kill_9_stops_nobody(tiny_models, tmp_path, daemon
 
 
 # Loaded by every Python process that finds it on PYTHONPATH: the daemon's postprocess
-# workers (`python -m stages.worker postprocess I`) die as they start, a broken install,
+# workers (`python -m pspnet.stages.worker postprocess I`) die as they start, a broken install,
 # say, and are restarted with back-off until the 120 s start-up timeout.
 CRASHING_POSTPROCESS = """\
 import os

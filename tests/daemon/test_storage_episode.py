@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from daemon.storage import StorageEpisode
-from stages import wire
+from pspnet.core import wire
+from pspnet.daemon.storage import StorageEpisode
 
 
 class Log:

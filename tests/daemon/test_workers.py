@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from daemon.workers import Workers
-from stages import wire
+from pspnet.core import wire
+from pspnet.daemon.workers import Workers
 
 
 def beat(stage: str, index: int, pid: int, **fields: object) -> wire.Heartbeat:

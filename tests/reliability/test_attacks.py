@@ -24,8 +24,8 @@ from pathlib import Path
 import pytest
 import zmq
 
-from daemon.client import Client, DaemonUnavailable
-from stages import wire
+from pspnet.core import wire
+from pspnet.daemon.client import Client, DaemonUnavailable
 from tests.kit import (
     REPO,
     Daemon,
@@ -132,8 +132,7 @@ def test_symlink_loop_under_allow_root_is_one_error_not_a_crash(tiny_models, pho
 FLOODER = """
 import json, sys, time
 import zmq
-from stages import wire
-
+from pspnet.core import wire
 endpoint, seconds, garbage_every = sys.argv[1], float(sys.argv[2]), int(sys.argv[3])
 ctx = zmq.Context()
 sock = ctx.socket(zmq.DEALER)        # status queries and garbage -> daemon ROUTER

@@ -24,8 +24,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from daemon.server import check_exposure
-from stages import wire
+from pspnet.core import wire
+from pspnet.daemon.server import check_exposure
 from tests.bad_images import EXPECT, HUGE_SIDE, write_corpus
 from tests.kit import RawClient, mask_pixels, permissions_apply_to_daemon, proc_kb
 

@@ -23,9 +23,9 @@ import time
 import numpy as np
 import pytest
 
-from stages import wire
-from stages.labels import intersect_and_union, read_ground_truth
-from stages.metrics import IoUAccumulator
+from pspnet.core import wire
+from pspnet.model.labels import intersect_and_union, read_ground_truth
+from pspnet.model.metrics import IoUAccumulator
 from tests.kit import (
     RawClient,
     Submitter,

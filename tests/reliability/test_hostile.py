@@ -32,11 +32,11 @@ import zmq
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from daemon import clients as clients_module
-from daemon import door as door_module
-from stages import wire
-from stages.manifest import voc_palette
-from stages.masks import mask_path, write_mask
+from pspnet.core import wire
+from pspnet.daemon import clients as clients_module
+from pspnet.daemon import door as door_module
+from pspnet.model.manifest import voc_palette
+from pspnet.model.masks import mask_path, write_mask
 from tests.kit import (
     REPO,
     Daemon,
@@ -159,7 +159,7 @@ def test_nasty_headers_are_refused_without_allocating():
         import sys
         sys.path.insert(0, {str(REPO)!r})
         from tests.reliability.test_hostile import nasty_frames
-        from stages import wire
+        from pspnet.core import wire
         cases = nasty_frames()
         def hwm():
             for line in open("/proc/self/status"):
@@ -192,7 +192,8 @@ def test_no_pickle_anywhere():
     banned_modules = {"pickle", "_pickle", "cPickle", "marshal", "shelve", "dill", "cloudpickle",
                       "jsonpickle", "yaml"}
     banned_attrs = {"recv_pyobj", "send_pyobj", "recv_serialized", "send_serialized"}
-    runtime = [*REPO.glob("stages/**/*.py"), *REPO.glob("daemon/**/*.py")]
+    runtime = [p for folder in ("core", "model", "stages", "daemon", "batch")
+               for p in REPO.glob(f"{folder}/**/*.py")]
     assert len(runtime) > 10
     unpack_sites = []
     for path in runtime:
@@ -210,7 +211,7 @@ def test_no_pickle_anywhere():
                 if node.attr in ("unpackb", "unpack", "Unpacker"):
                     unpack_sites.append(path.name)
     assert unpack_sites == ["wire.py"]
-    source = (REPO / "stages" / "wire.py").read_text()
+    source = (REPO / "core" / "wire.py").read_text()
     call = source[source.index("msgpack.unpackb("):source.index(")", source.index("max_ext_len"))]
     for limit in ("max_str_len", "max_bin_len=0", "max_array_len", "max_map_len",
                   "max_ext_len=0", "strict_map_key=True"):
@@ -272,7 +273,7 @@ def test_write_mask_replaces_a_symlink_it_did_not_check(tmp_path):
 
 
 def test_runtime_dir_is_private_and_not_adopted(tmp_path, monkeypatch):
-    from daemon.endpoint import runtime_dir
+    from pspnet.daemon.endpoint import runtime_dir
 
     monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path))
     path = runtime_dir()

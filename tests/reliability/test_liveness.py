@@ -4,7 +4,7 @@ Before the redesign a heartbeat thread vouched for each worker, and a worker who
 still beat could be useless: its executor's runner thread ended (a native crash in a
 library thread), or one device call never returned. And a worker stopped with SIGSTOP
 beats no more but is not dead either. Now the heartbeat leaves from the work loop
-(stages.child.Child.tick), the executor's runner thread is watched (reported stuck when one
+(pspnet.stages.child.Child.tick), the executor's runner thread is watched (reported stuck when one
 device call outlasts its allowance, the process exits when the thread has died), and the
 front stops a worker silent for `--liveness-timeout` seconds (default 5) or reported stuck
 (SIGUSR1, then SIGKILL), restarts it and retries what it held once: with the defaults,
@@ -26,7 +26,7 @@ from datetime import datetime
 
 import pytest
 
-from stages import wire
+from pspnet.core import wire
 from tests.kit import Daemon, RawClient, kill9, linked_stream, proc_status_field, requests
 
 N = 200

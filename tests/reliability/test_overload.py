@@ -18,7 +18,7 @@ from __future__ import annotations
 import collections
 import time
 
-from stages import wire
+from pspnet.core import wire
 from tests.kit import MemoryWatch, RawClient, Submitter, linked_stream, proc_kb
 
 OVERLOAD_S = 60.0

@@ -26,8 +26,8 @@ from pathlib import Path
 
 import pytest
 
-from daemon.client import PING_TIMEOUT_S, SILENCE_S
-from stages import wire
+from pspnet.core import wire
+from pspnet.daemon.client import PING_TIMEOUT_S, SILENCE_S
 from tests.kit import (
     RawClient,
     Submitter,

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from daemon.client import Client
+from pspnet.daemon.client import Client
 from tests.kit import Daemon, mask_pixels, proc_kb, watch_record
 
 RECORD = ".pspnet-processed.jsonl"

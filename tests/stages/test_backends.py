@@ -20,7 +20,9 @@ import numpy as np
 import pytest
 import torch
 
-from stages.backends import (
+from pspnet.model.manifest import Manifest
+from pspnet.model.serving_model import ServingModel
+from pspnet.stages.backends import (
     KINDS,
     NUM_SLOTS,
     SIMULATED,
@@ -29,9 +31,7 @@ from stages.backends import (
     open_backend,
     throughput,
 )
-from stages.backends.acl import exec_times_ms
-from stages.manifest import Manifest
-from stages.serving_model import ServingModel
+from pspnet.stages.backends.acl import exec_times_ms
 from tests.kit import FAKE_ACL, with_om
 from tests.tiny_model import MEAN, STD, random_batch, tiny_core
 

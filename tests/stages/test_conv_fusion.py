@@ -16,8 +16,8 @@ import pytest
 import torch
 from torch import nn
 
-from stages.backends import NUM_SLOTS, open_backend
-from stages.backends.conv_fusion import (
+from pspnet.stages.backends import NUM_SLOTS, open_backend
+from pspnet.stages.backends.conv_fusion import (
     cudnn_eligible,
     fuse_conv_relu,
     fused_copy,

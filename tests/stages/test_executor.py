@@ -11,10 +11,10 @@ from pathlib import Path
 import numpy as np
 import zmq
 
-from stages import wire
-from stages.config import Addresses, PipelineConfig
-from stages.executor import Executor, next_with_credit
-from stages.manifest import Manifest
+from pspnet.core import wire
+from pspnet.core.config import Addresses, PipelineConfig
+from pspnet.model.manifest import Manifest
+from pspnet.stages.executor import Executor, next_with_credit
 
 
 class SlowBackend:
@@ -59,7 +59,7 @@ class ExecutorAlone:
 
     def __init__(self, model_dir: Path, tmp_path: Path, backend: object, max_wait_ms: float,
                  credits: int = 1000, **kwargs: object) -> None:
-        from stages.child import Child
+        from pspnet.stages.child import Child
 
         cfg = PipelineConfig(model_dir=model_dir, max_wait_ms=max_wait_ms, log_json=True,
                              run_dir=tmp_path)
@@ -172,7 +172,7 @@ def test_an_executor_whose_device_keeps_failing_gives_up_to_be_restarted(tiny_mo
                                                                           tmp_path):
     """Three failed batches in a row: every image answered with the error, then the
     executor gives up (in the daemon: exits, and the front restarts it)."""
-    from stages.executor import FAILED_IN_A_ROW_BEFORE_RESTART
+    from pspnet.stages.executor import FAILED_IN_A_ROW_BEFORE_RESTART
 
     manifest = Manifest.read(tiny_models["labels"])
     reasons: list[str] = []

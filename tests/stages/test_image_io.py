@@ -1,4 +1,4 @@
-"""stages.image_io: decoding (real photos, bad inputs) and the reference letterbox."""
+"""pspnet.model.image_io: decoding (real photos, bad inputs) and the reference letterbox."""
 
 from __future__ import annotations
 
@@ -17,9 +17,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from stages import image_io
-from stages.image_io import ImageError, decode_bytes, decode_image, letterbox, letterbox_size
-from stages.wire import Placement
+from pspnet.core.wire import Placement
+from pspnet.model import image_io
+from pspnet.model.image_io import ImageError, decode_bytes, decode_image, letterbox, letterbox_size
 from tests.bad_images import EXPECT, HUGE_SIDE, patch_jpeg_size, write_corpus
 
 PHOTOS = ("astronaut", "chelsea", "coffee", "rocket")

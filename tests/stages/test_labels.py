@@ -1,4 +1,4 @@
-"""stages.labels: logits/labels -> masks, mask files, ground truth, mmseg-exact IoU."""
+"""pspnet.model.labels: logits/labels -> masks, mask files, ground truth, mmseg-exact IoU."""
 
 from __future__ import annotations
 
@@ -16,19 +16,19 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from stages import masks as masks_mod
-from stages.image_io import letterbox_size
-from stages.labels import (
+from pspnet.core.wire import Placement
+from pspnet.model import masks as masks_mod
+from pspnet.model.image_io import letterbox_size
+from pspnet.model.labels import (
     GroundTruthError,
     intersect_and_union,
     labels_from_labels,
     labels_from_logits,
     read_ground_truth,
 )
-from stages.manifest import VOC_CLASSES, voc_palette
-from stages.masks import mask_path, write_mask
-from stages.metrics import IoUAccumulator
-from stages.wire import Placement
+from pspnet.model.manifest import VOC_CLASSES, voc_palette
+from pspnet.model.masks import mask_path, write_mask
+from pspnet.model.metrics import IoUAccumulator
 from tests.bad_images import GT_EXPECT, write_corpus
 
 
@@ -266,8 +266,7 @@ def test_ground_truth_grayscale_taken_as_is(tmp_path: Path) -> None:
 def mmseg_iou_metric() -> Any:
     """mmseg's IoUMetric, through the shim when present, else its module directly."""
     try:
-        from build_model import mmseg_shim
-
+        from pspnet.build_model import mmseg_shim
         mmseg_shim.install()
         from mmseg.evaluation.metrics import IoUMetric
 

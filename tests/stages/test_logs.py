@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import structlog
 
-from stages.logs import configure_logging
+from pspnet.core.logs import configure_logging
 
 
 class Recorder:
@@ -83,7 +83,7 @@ def test_nan_and_infinity_render_as_null(monkeypatch: pytest.MonkeyPatch) -> Non
 
 
 def test_json_safe() -> None:
-    from stages.logs import json_safe
+    from pspnet.core.logs import json_safe
 
     assert json_safe({"a": [float("nan"), float("-inf"), 1.5, "nan"], "b": (2, None)}) == {
         "a": [None, None, 1.5, "nan"], "b": [2, None]}
@@ -91,7 +91,7 @@ def test_json_safe() -> None:
 
 WRITER = """
 import os, structlog
-from stages.logs import configure_logging
+from pspnet.core.logs import configure_logging
 configure_logging("info", json=True, pid=os.getpid())
 log = structlog.get_logger()
 for i in range(300):

@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from stages import masks as masks_mod
-from stages.labels import read_ground_truth
-from stages.manifest import voc_palette
-from stages.masks import (
+from pspnet.model import masks as masks_mod
+from pspnet.model.labels import read_ground_truth
+from pspnet.model.manifest import voc_palette
+from pspnet.model.masks import (
     SOURCE_KEY,
     MaskNameTaken,
     mask_path,

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from stages import wire
+from pspnet.core import wire
 
 REQ = wire.Request("r1", "/data/a.jpg", "/data/a.png", 0)
 PLACE = wire.Placement(375, 500, 1.0, 62, 0, 375, 500)

@@ -9,7 +9,14 @@ import tempfile
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
+BACKENDS = ("ort", "torch", "acl")     # the executor backends (stages/backends/)
+SIMULATED = "sim"                      # no model: a device of a given speed, for measuring
+                                       # the host side
+PRECISIONS = ("fp32", "fp16", "bf16")
 DEFAULT_MAX_PIXELS = 50_000_000        # refuse larger images from the header, before decoding
+# What counts as an image file wherever a folder is read (watch, bench, batch): the formats
+# model.image_io decodes.
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 STOP_SIGNAL = signal.SIGUSR1           # the front's "stop now" to its own workers: they ignore
                                        # SIGTERM/SIGINT/SIGHUP sent to the whole group, and
                                        # SIGUSR1's default action ends the process at once
@@ -104,7 +111,7 @@ class Addresses:
 
 
 def start_document(cfg: PipelineConfig, addrs: Addresses) -> str:
-    """What the front writes to a worker's stdin (stages.worker reads it): JSON, no pickle,
+    """What the front writes to a worker's stdin (pspnet.stages.worker reads it): JSON, no pickle,
     and nothing of the front's state."""
     return json.dumps({"config": json.loads(cfg.to_json()), "front_pid": os.getpid(),
                        "control": addrs.control, "data_host": addrs.data_host,

@@ -42,9 +42,9 @@ def say(message: str) -> None:
 
 
 def stage(args: argparse.Namespace) -> dict[str, Any]:
-    from bench.inputs import synthetic
-    from build_model.samples import sample_images
-    from stages.image_io import decode_image, letterbox
+    from pspnet.bench.inputs import synthetic
+    from pspnet.build_model.samples import sample_images
+    from pspnet.model.image_io import decode_image, letterbox
 
     size = (args.input_size, args.input_size)
     photos = [rgb for _, rgb in sample_images()][:args.images]
@@ -81,7 +81,7 @@ def _run_all(backend, images: np.ndarray, boxes: np.ndarray) -> np.ndarray:
 def reference(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
-    from stages.backends import open_backend
+    from pspnet.stages.backends import open_backend
 
     torch.backends.cudnn.allow_tf32 = False          # strict fp32: the judge of the others
     torch.backends.cuda.matmul.allow_tf32 = False
@@ -100,7 +100,7 @@ def reference(args: argparse.Namespace) -> dict[str, Any]:
 def _valid(boxes: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     import torch
 
-    from stages.serving_model import valid_mask
+    from pspnet.model.serving_model import valid_mask
 
     return valid_mask(torch.from_numpy(boxes), *shape).numpy()
 
@@ -108,9 +108,9 @@ def _valid(boxes: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
 def measure(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
-    from bench import executor_only
-    from stages.backends import open_backend
-    from stages.manifest import Manifest
+    from pspnet.bench import executor_only
+    from pspnet.model.manifest import Manifest
+    from pspnet.stages.backends import open_backend
 
     options = dict(o.split("=", 1) for o in args.options.split(",") if o)
     images, boxes = _staged(args.staged)
@@ -193,7 +193,7 @@ def table(args: argparse.Namespace) -> dict[str, Any]:
     rows.sort(key=lambda r: (r["batch_size"] or 0, -(r["executor_img_s"] or 0)))
     doc = {"what": "executor-only img/s (1000 x batch / mean execute ms; median of the "
                    "passes) and labels agreement with strict fp32 on the staged photos, "
-                   "per configuration; one process each (bench/device/variants.py)",
+                   "per configuration; one process each (studies/device/variants.py)",
            "rows": rows, "configurations": docs}
     if args.json:
         _write(args.json, doc)

@@ -10,7 +10,7 @@ falls on both sides. The headline ratio is the median of the repeats' ratios (ea
 of passes ran back to back, so others' load on a shared machine hits both alike); the
 ratio of medians and of best passes are kept too, with every repeat.
 
-  python -m bench.ab_executor --model before=/tmp/r50-plain --model after=/tmp/r50 \\
+  python -m studies.ab_executor --model before=/tmp/r50-plain --model after=/tmp/r50 \\
       --backends ort,torch --batch-size 1 --images 3 --repeats 5 \\
       --json bench/results/cpu-2core-psp-rewrite.json
 """
@@ -26,7 +26,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from bench import executor_only, machine
+from pspnet.bench import executor_only, machine
 
 
 def say(message: str) -> None:
@@ -35,7 +35,7 @@ def say(message: str) -> None:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m bench.ab_executor",
+    p = argparse.ArgumentParser(prog="python -m studies.ab_executor",
                                 description=__doc__.split("\n\n")[0])
     p.add_argument("--model", action="append", required=True, metavar="NAME=DIR",
                    help="a model directory and its name in the results; give two or more, "
@@ -69,9 +69,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    from bench.inputs import synthetic
-    from stages.backends import open_backend
-    from stages.manifest import Manifest
+    from pspnet.bench.inputs import synthetic
+    from pspnet.model.manifest import Manifest
+    from pspnet.stages.backends import open_backend
 
     manifests = {name: Manifest.read(folder) for name, folder in args.models}
     sizes = {m.input_size for m in manifests.values()}
@@ -134,7 +134,7 @@ def document(args, manifests, runs, input_size, batches) -> dict[str, Any]:
         **machine.describe(name, args.backends[0], (args.device,)),
         "what": "executor-only img/s (ais_bench: 1000 x batch / mean execute ms), models "
                 "interleaved pass by pass (ABBA), medians of the repeats",
-        "command": "python -m bench.ab_executor " + " ".join(sys.argv[1:]),
+        "command": "python -m studies.ab_executor " + " ".join(sys.argv[1:]),
         "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "settings": {"batch_size": args.batch_size, "batches_per_pass": batches,
                      "repeats": args.repeats, "warmup_batches": args.warmup,

@@ -3,7 +3,7 @@
 Why through the pipeline (and not a separate evaluation loop): the number it prints is then
 the accuracy of exactly what the daemon serves, preprocessing and postprocessing included.
 In-process it starts the same stage processes as `pspnet serve`; the areas come back with
-each answer and are summed exactly (stages.labels). With `--endpoint` it feeds a running
+each answer and are summed exactly (pspnet.model.labels). With `--endpoint` it feeds a running
 daemon instead; that daemon keeps a running mIoU of everything it has seen (other clients
 included), so this process scores the returned mask PNGs against the ground truth itself.
 """
@@ -21,13 +21,13 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from bench.progress import Progress
-from bench.voc import VocSplit
-from stages.config import PipelineConfig
-from stages.labels import GroundTruthError, intersect_and_union, read_ground_truth
-from stages.manifest import Manifest
-from stages.masks import mask_path
-from stages.metrics import IoUAccumulator
+from pspnet.batch.progress import Progress
+from pspnet.batch.voc import VocSplit
+from pspnet.core.config import PipelineConfig
+from pspnet.model.labels import GroundTruthError, intersect_and_union, read_ground_truth
+from pspnet.model.manifest import Manifest
+from pspnet.model.masks import mask_path
+from pspnet.model.metrics import IoUAccumulator
 
 
 @dataclass
@@ -42,7 +42,7 @@ class EvalOutcome:
 def evaluate_in_process(cfg: PipelineConfig, split: VocSplit,
                         progress: Progress | None = None) -> EvalOutcome:
     """Start the pipeline, run the split through it, keep its exact area sums."""
-    from daemon.front import Front, requests_for
+    from pspnet.daemon.front import Front, requests_for
 
     manifest = Manifest.read(cfg.model_dir)
     outcome = EvalOutcome(IoUAccumulator(manifest.num_classes))
@@ -72,7 +72,7 @@ def evaluate_in_process(cfg: PipelineConfig, split: VocSplit,
 def evaluate_endpoint(endpoint: str, split: VocSplit, manifest: Manifest,
                       out_dir: Path | None, progress: Progress | None = None) -> EvalOutcome:
     """Submit to a running daemon (which must write masks: `serve --out`), score here."""
-    from daemon.client import Client
+    from pspnet.daemon.client import Client
 
     outcome = EvalOutcome(IoUAccumulator(manifest.num_classes))
     by_path = {str(item.image.absolute()): item for item in split.items}
@@ -160,8 +160,8 @@ def write_pictures(outcome: EvalOutcome, split: VocSplit, manifest: Manifest,
                    doc: dict[str, Any], report_dir: Path, max_images: int) -> list[Path]:
     """`--report`: the overlay contact sheet of the first images with a mask, and the
     per-class IoU bar chart. Returns the files written."""
-    from bench.report import Row, contact_sheet, iou_bar_chart, top_classes_line
-    from stages.image_io import ImageError, decode_image
+    from pspnet.batch.report import Row, contact_sheet, iou_bar_chart, top_classes_line
+    from pspnet.model.image_io import ImageError, decode_image
 
     rows = []
     for item in split.items:
@@ -201,7 +201,7 @@ def write_pictures(outcome: EvalOutcome, split: VocSplit, manifest: Manifest,
 
 
 def write_json(path: Path, doc: dict[str, Any]) -> None:
-    from stages.logs import json_safe
+    from pspnet.core.logs import json_safe
 
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(json_safe(doc), indent=2) + "\n")

@@ -10,7 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from stages.config import output_problem
+from pspnet.core.config import output_problem
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):

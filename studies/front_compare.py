@@ -78,7 +78,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from daemon.commands import HelpFormatter
+from pspnet.daemon.commands import HelpFormatter
 
 DEFAULT_IMG_S = 40
 DEFAULT_TCP_BASE_PORT = 27150
@@ -167,7 +167,8 @@ def tree_env(tree: Path) -> dict[str, str]:
 
 def check_imports(python: str, tree: Tree) -> None:
     """The tree's own code must be what runs, not an installed copy of another checkout."""
-    code = "import daemon, stages, bench; print(stages.__file__)"
+    code = ("try:\n import pspnet.daemon, pspnet.stages as s\n"
+            "except ImportError:\n import daemon, stages as s\nprint(s.__file__)")
     done = subprocess.run([python, "-c", code], cwd=tree.path, env=tree_env(tree.path),
                           capture_output=True, text=True)
     where = Path(done.stdout.strip()).resolve() if done.returncode == 0 else None
@@ -187,8 +188,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from build_model.artifacts import write_artifacts
-from stages.manifest import VOC_CLASSES, voc_palette
+try:                                    # the one-namespace layout (issue 25)
+    from pspnet.build_model.artifacts import write_artifacts
+    from pspnet.model.manifest import VOC_CLASSES, voc_palette
+except ImportError:                     # trees before it
+    from build_model.artifacts import write_artifacts
+    from stages.manifest import VOC_CLASSES, voc_palette
 
 out, head, size, classes = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
 batch_sizes = [int(b) for b in sys.argv[5].split(",")]
@@ -202,7 +207,7 @@ write_artifacts(core, out, input_size=size, batch_sizes=batch_sizes, head=head,
                 mean=(123.675, 116.28, 103.53), std=(58.395, 57.12, 57.375),
                 num_classes=classes, class_names=VOC_CLASSES, palette=voc_palette(classes),
                 simplify=False, run_atc=False, torch_program=False,
-                source={"note": "bench/front_compare.py: a stride-8 stand-in for the sim "
+                source={"note": "studies/front_compare.py: a stride-8 stand-in for the sim "
                                 "backend (it reads only this manifest)"})
 """
 
@@ -577,7 +582,7 @@ def _loadavg() -> list[float] | None:
 
 
 def machine() -> dict[str, Any]:
-    from bench.machine import cpu_count, cpu_model
+    from pspnet.bench.machine import cpu_count, cpu_model
 
     return {"hostname": socket.gethostname(), "cpu_model": cpu_model(),
             "cpu_count": cpu_count(), "platform": platform.platform(),
@@ -639,9 +644,9 @@ def compare(args: argparse.Namespace) -> dict[str, Any]:
                              "batch_size": cfg.batch, "old": o, "new": n,
                              "ratios": ratios(o, n)})
             doc = {
-                "harness": "bench.front_compare",
+                "harness": "studies.front_compare",
                 "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-                "command": ["python", "-m", "bench.front_compare", *sys.argv[1:]],
+                "command": ["python", "-m", "studies.front_compare", *sys.argv[1:]],
                 "machine": {**machine(),
                             "loadavg": {"start": load_start, "end": _loadavg(),
                                         "note": "1/5/15-min load averages of the shared "
@@ -683,9 +688,9 @@ columns (per config: executors x batch; old -> new, medians over --rounds):
   load              1-min load average before each run (others share this host)
 
 examples:
-  nice -n 10 python -m bench.front_compare --old main~3 --new-tree . \\
+  nice -n 10 python -m studies.front_compare --old main~3 --new-tree . \\
       --json bench/results/front-compare-cpu-2core.json
-  nice -n 10 python -m bench.front_compare --old HEAD --new-tree . --executors 1 \\
+  nice -n 10 python -m studies.front_compare --old HEAD --new-tree . --executors 1 \\
       --batch-sizes 16 --min-images 256 --repeats 1 --json /tmp/smoke.json"""
 
 
@@ -708,7 +713,7 @@ def positive(text: str) -> int:
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m bench.front_compare",
+        prog="python -m studies.front_compare",
         formatter_class=_Formatter,
         description="Run `pspnet bench --backend sim` from two source trees (git revisions "
                     "checked out into temporary worktrees, or a directory), alternating "

@@ -4,10 +4,10 @@ Why: run.sh benches one batch size per `pspnet bench` call (a timeout then loses
 not all) and the lead gets at most 8 files back, so the per-size documents are merged here
 into the document `pspnet bench` would have written for all sizes at once (results sorted
 by batch size, `best` recomputed, every part's settings kept), and the plot is drawn with
-bench.plot. Runs of another configuration (e.g. compile=1) go under "variants", never into
+pspnet.bench.plot. Runs of another configuration (e.g. compile=1) go under "variants", never into
 the main results. summary.json: every step's status and time, the headline figures.
 
-  python3 bench/device/report.py --parts DIR --variant-parts DIR --json OUT/h100.json \
+  python3 studies/device/report.py --parts DIR --variant-parts DIR --json OUT/h100.json \
       --plot OUT/h100.png --steps STEPS.tsv --agreement OUT/agreement.json \
       --summary OUT/summary.json --variants OUT/h100-variants.json
 
@@ -143,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
         summary["bench_error"] = traceback.format_exc()[-2000:]
     try:
         if doc is not None and doc.get("results") and args.plot is not None:
-            from bench.plot import plot
+            from pspnet.bench.plot import plot
 
             plot(doc, args.plot)
     except Exception:  # noqa: BLE001

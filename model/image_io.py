@@ -24,7 +24,7 @@ Letterbox: the reference step exactly (scale = min(W/w, H/h), floor sizes, cv2 I
 centre padding), with sizes computed in integers: the reference's int(w * (500 / w)) gives
 499 for w = 499 (a float just under 500); here the scale-setting side is exactly 500.
 
-Measured here (`python -m stages.image_io`: one core, cv2 single-threaded, Debian
+Measured here (`python -m pspnet.model.image_io`: one core, cv2 single-threaded, Debian
 libturbojpeg 2.1.5, coffee photo resized to 500x375, quality 90, 4:2:0, bytes in memory,
 best of 5 x 200): decode + letterbox into a preallocated 500x500 buffer took 0.91 ms on
 the idle host, i.e. about 1,100 images/s per core (decode alone 0.89 ms; letterboxing a
@@ -49,9 +49,9 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 from turbojpeg import TJCS_CMYK, TJCS_YCCK, TJFLAG_STOPONWARNING, TJPF_RGB, TurboJPEG
 
-from stages.wire import Placement
+from pspnet.core.config import DEFAULT_MAX_PIXELS
+from pspnet.core.wire import Placement
 
-DEFAULT_MAX_PIXELS = 50_000_000
 JPEG_MAGIC = b"\xff\xd8\xff"
 # Formats Pillow may open for us; others (EPS, PDF...) are refused as unrecognised.
 PILLOW_FORMATS = ("PNG", "JPEG", "BMP", "GIF", "TIFF", "WEBP", "PPM")

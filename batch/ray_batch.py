@@ -7,14 +7,14 @@ code on a laptop or a cluster (KubeRay runs it on Kubernetes: `deploy/rayjob.yam
 module only wires the stage functions into it; it imports none of the daemon:
 
     rows (index, path, truth)
-      -> decode + letterbox          CPU tasks          stages.image_io
-      -> Segmenter actors            one backend each   stages.backends (num_gpus=1 on GPUs),
+      -> decode + letterbox          CPU tasks          pspnet.model.image_io
+      -> Segmenter actors            one backend each   pspnet.stages.backends (num_gpus=1 on GPUs),
                                                         batches of the model's static size
-      -> labels, mask PNG, areas     CPU tasks          stages.postprocess.finish
+      -> labels, mask PNG, areas     CPU tasks          pspnet.stages.postprocess.finish
       -> this process: sums the areas, lists what failed, prints progress
 
 The answer is `pspnet eval`'s: same mask files (name, palette, source chunk), same areas,
-same result JSON (bench.eval.report). A bad image or ground truth is a failed row with
+same result JSON (pspnet.batch.eval.report). A bad image or ground truth is a failed row with
 its reason, never an exception out of a task. Ray is imported inside the functions that
 use it: importing this module (or any other command) needs no Ray.
 """
@@ -31,15 +31,15 @@ from typing import Any
 
 import numpy as np
 
-from bench.eval import EvalOutcome
-from bench.inputs import IMAGE_SUFFIXES
-from bench.progress import Progress
-from bench.voc import VocItem, VocSplit
-from stages.image_io import DEFAULT_MAX_PIXELS
-from stages.metrics import IoUAccumulator
+from pspnet.batch.eval import EvalOutcome
+from pspnet.batch.progress import Progress
+from pspnet.batch.voc import VocItem, VocSplit
+from pspnet.core.config import IMAGE_SUFFIXES
+from pspnet.model.image_io import DEFAULT_MAX_PIXELS
+from pspnet.model.metrics import IoUAccumulator
 
 # images per decode / postprocess task call: each call costs Ray a scheduling round and an
-# object-store put; at 8 the 192-image pass of bench.ray_compare ran at 16 img/s, at 32 at
+# object-store put; at 8 the 192-image pass of studies.ray_compare ran at 16 img/s, at 32 at
 # 22 img/s (2 cores, 384x384 model)
 DECODE_ROWS = 32
 POST_ROWS = 32
@@ -122,7 +122,7 @@ def decode_rows(batch: dict[str, np.ndarray], input_size: tuple[int, int],
     """Decode and letterbox each row's image; a bad one gets an error and zero pixels."""
     import cv2
 
-    from stages.image_io import ImageError, decode_image, letterbox
+    from pspnet.model.image_io import ImageError, decode_image, letterbox
 
     cv2.setNumThreads(1)                        # one task = one core; Ray scales out
     n = len(batch["path"])
@@ -147,8 +147,8 @@ class Segmenter:
     that failed to decode are left out, a short batch is padded with empty boxes)."""
 
     def __init__(self, job: BatchJob) -> None:
-        from stages.backends import open_backend
-        from stages.manifest import Manifest
+        from pspnet.model.manifest import Manifest
+        from pspnet.stages.backends import open_backend
 
         device = "cuda:0" if job.device == "cuda" else "cpu"   # Ray sets the visible GPU
         self.backend = open_backend(job.backend, job.model_dir, job.batch_size,
@@ -187,11 +187,11 @@ class Segmenter:
 def finish_rows(batch: dict[str, np.ndarray], model_dir: str, out_dir: str | None,
                 max_pixels: int) -> dict[str, np.ndarray]:
     """Each row that got an output through the daemon's own postprocess function
-    (stages.postprocess.finish): labels at the original size, the mask, the areas."""
+    (pspnet.stages.postprocess.finish): labels at the original size, the mask, the areas."""
     import torch
 
-    from stages import wire
-    from stages.postprocess import finish
+    from pspnet.core import wire
+    from pspnet.stages.postprocess import finish
 
     torch.set_num_threads(1)
     manifest = _manifest(model_dir)
@@ -224,7 +224,7 @@ _manifests: dict[str, Any] = {}
 
 def _manifest(model_dir: str) -> Any:
     """One manifest read per worker process, not one per batch."""
-    from stages.manifest import Manifest
+    from pspnet.model.manifest import Manifest
 
     if model_dir not in _manifests:
         _manifests[model_dir] = Manifest.read(Path(model_dir))

@@ -6,7 +6,7 @@ is trained. And it was trained on plain resizes (the TFLite takes the whole phot
 to 257x257), while the daemon letterboxes: how much does that change on the bird photo,
 whose reference label map came with it?
 
-    python -m bench.trained_model --model MODEL_DIR --json bench/results/FILE.json
+    python -m studies.trained_model --model MODEL_DIR --json bench/results/FILE.json
 
 MODEL_DIR: `pspnet build` of the shipped config and checkpoint (the demo's demo-out/model).
 Every photo (the bundled samples and the bird) is letterboxed by the daemon's own function,
@@ -44,16 +44,16 @@ def say(message: str) -> None:
 
 def photos() -> tuple[list[tuple[str, np.ndarray]], np.ndarray]:
     """The bundled sample photos, then the bird; and the bird's reference map."""
-    from build_model.samples import sample_images
-    from build_model.trained import BIRD_PHOTO, bird
+    from pspnet.build_model.samples import sample_images
+    from pspnet.build_model.trained import BIRD_PHOTO, bird
 
     photo, reference = bird()
     return [*sample_images(), (BIRD_PHOTO.name, photo)], reference
 
 
 def serving(model_dir: Path, dtype: torch.dtype) -> torch.nn.Module:
-    from stages.manifest import Manifest
-    from stages.serving_model import ServingModel
+    from pspnet.model.manifest import Manifest
+    from pspnet.model.serving_model import ServingModel
 
     manifest = Manifest.read(model_dir)
     core = torch.export.load(str(model_dir / manifest.torch_program)).module()
@@ -66,8 +66,8 @@ def serving(model_dir: Path, dtype: torch.dtype) -> torch.nn.Module:
 def letterboxed_labels(model: torch.nn.Module, manifest: Any, rgb: np.ndarray,
                        ) -> tuple[np.ndarray, np.ndarray]:
     """(labels at the photo's size, the network's logits): the daemon's path."""
-    from stages.image_io import letterbox
-    from stages.labels import labels_from_logits
+    from pspnet.model.image_io import letterbox
+    from pspnet.model.labels import labels_from_logits
 
     padded, place = letterbox(rgb, manifest.input_size)
     with torch.inference_mode():
@@ -95,8 +95,8 @@ def resized_labels(model: torch.nn.Module, manifest: Any, rgb: np.ndarray) -> np
 
 def scores(pred: list[np.ndarray], truth: list[np.ndarray], num_classes: int) -> dict:
     """Pixel agreement (percent, 255 ignored) and mmseg's mIoU of `pred` against `truth`."""
-    from stages.labels import intersect_and_union
-    from stages.metrics import IoUAccumulator
+    from pspnet.model.labels import intersect_and_union
+    from pspnet.model.metrics import IoUAccumulator
 
     metrics = IoUAccumulator(num_classes)
     same = total = 0
@@ -123,7 +123,7 @@ def margins(logits: list[np.ndarray]) -> dict[str, float]:
 
 
 def measure(model_dir: Path) -> dict[str, Any]:
-    from stages.manifest import Manifest
+    from pspnet.model.manifest import Manifest
 
     manifest = Manifest.read(model_dir)
     classes = manifest.num_classes

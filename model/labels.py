@@ -10,7 +10,7 @@ Pure functions; the ZeroMQ loop lives elsewhere.
   does for executors that already return labels.
 * `intersect_and_union` reproduces mmseg 1.2.2's IoUMetric per-image areas (torch.histc
   semantics: labels equal to `ignore_index` dropped, values outside [0, C-1] not
-  counted); `stages.metrics.IoUAccumulator` sums them into mmseg's metrics.
+  counted); `pspnet.model.metrics.IoUAccumulator` sums them into mmseg's metrics.
 """
 
 from __future__ import annotations
@@ -24,14 +24,14 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 
-from stages.image_io import (
+from pspnet.core.wire import Placement
+from pspnet.model.image_io import (
     DEFAULT_MAX_PIXELS,
     ImageError,
     max_file_bytes,
     pillow_pixel_limit,
     read_file,
 )
-from stages.wire import Placement
 
 MAX_LABEL_CLASSES = 255          # ids 0..254 fit uint8 and stay clear of 255 = ignore
 GT_FORMATS = ("PNG", "BMP", "TIFF", "GIF", "PPM")

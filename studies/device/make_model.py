@@ -5,7 +5,7 @@ there, inside the one timed call. run.sh builds the model directory with `pspnet
 --no-onnx` (the torch backend needs no ONNX, and exporting R50 once per batch size costs a
 minute or more); the checkpoint and the head switch have no CLI of their own.
 
-  checkpoint  random init + build_model.calibrate's recipe (BN statistics and conv_seg from
+  checkpoint  random init + pspnet.build_model.calibrate's recipe (BN statistics and conv_seg from
               the sample photos) in the official {"meta", "state_dict"} layout. On CUDA the
               calibration's forward passes run on the GPU (R50 at 500x500 on 10 photos: a
               few seconds instead of minutes on the CPU); anything failing there falls back
@@ -35,7 +35,7 @@ log = logging.getLogger("make_model")
 def make_checkpoint(config: str, out: Path, *, input_size: int, device: str, seed: int,
                     fallback_size: int, fallback_photos: int | None) -> dict:
     """Write the calibrated checkpoint; return what was done (for the log and summary)."""
-    from build_model.calibrate import make_calibrated_checkpoint
+    from pspnet.build_model.calibrate import make_calibrated_checkpoint
 
     started = time.perf_counter()
     where, max_photos = "cpu", None
@@ -69,7 +69,7 @@ def _read_meta(path: Path) -> dict:
 
 def other_head(src: Path, dst: Path, head: str) -> dict:
     """dst = src with the manifest's head replaced; the torch program(s) linked, not rebuilt."""
-    from stages.manifest import Manifest
+    from pspnet.model.manifest import Manifest
 
     manifest = Manifest.read(src)
     dst.mkdir(parents=True, exist_ok=True)

@@ -3,7 +3,7 @@
 # and Debian's archive: cp312 manylinux x86_64 wheels, no dependencies resolved (each one the
 # device lacks is named here), and Debian 12's libturbojpeg.so.0 for PyTurboJPEG.
 #
-#   bash bench/device/fetch_wheels.sh            (WHL_DIR=.whl, PY=.venv/bin/python)
+#   bash studies/device/fetch_wheels.sh            (WHL_DIR=.whl, PY=.venv/bin/python)
 #
 # The device image already has numpy, torch, opencv-python-headless, pillow, msgpack,
 # matplotlib, scipy, pyyaml, packaging, rich, pygments, markdown-it-py, mdurl, regex, onnx,

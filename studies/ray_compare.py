@@ -1,6 +1,6 @@
 """The Ray job (`pspnet batch`) against the daemon's pipeline on the same inputs, one run.
 
-    python -m bench.ray_compare --model DIR --synthetic 96 --repeats 3 \\
+    python -m studies.ray_compare --model DIR --synthetic 96 --repeats 3 \\
         --json bench/results/ray-vs-daemon-cpu-2core.json
 
 Why one run, passes interleaved (daemon, Ray, daemon, Ray...): the load of a shared host
@@ -8,8 +8,8 @@ drifts; side by side, pass by pass, the ratio stays honest. Both stay up between
 (the front with its workers, the Ray instance), each idling while the other runs, and
 their start-up is timed apart: the front's start (workers up, model open) and ray.init
 (the Ray instance; the job's executor actors start inside each pass, as in every
-`pspnet batch` run). The daemon side is `pspnet bench`'s e2e mode (bench.e2e), the Ray side
-is `pspnet batch`'s pipeline (bench.ray_batch); both write masks and score stand-in
+`pspnet batch` run). The daemon side is `pspnet bench`'s e2e mode (pspnet.bench.e2e), the Ray side
+is `pspnet batch`'s pipeline (pspnet.batch.ray_batch); both write masks and score stand-in
 ground truths, and each pass checks that both give the same mIoU.
 """
 
@@ -26,24 +26,25 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from bench import inputs as sources
-from bench import machine, ray_batch
-from bench.e2e import E2ERunner, default_backlog, steady_rate
-from bench.eval import EvalOutcome, write_json
-from bench.voc import VocItem
-from daemon.front import Front
-from stages.config import PipelineConfig
-from stages.logs import configure_logging
-from stages.manifest import Manifest, pick_batch_size
-from stages.metrics import IoUAccumulator
+from pspnet.batch import ray_batch
+from pspnet.batch.eval import EvalOutcome, write_json
+from pspnet.batch.voc import VocItem
+from pspnet.bench import inputs as sources
+from pspnet.bench import machine
+from pspnet.bench.e2e import E2ERunner, default_backlog, steady_rate
+from pspnet.core.config import PipelineConfig
+from pspnet.core.logs import configure_logging
+from pspnet.daemon.front import Front
+from pspnet.model.manifest import Manifest, pick_batch_size
+from pspnet.model.metrics import IoUAccumulator
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m bench.ray_compare", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m studies.ray_compare", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", type=Path, required=True, metavar="DIR")
     p.add_argument("--synthetic", type=int, default=96, metavar="N",
-                   help="photo-like JPEGs with stand-in ground truths (bench.inputs)")
+                   help="photo-like JPEGs with stand-in ground truths (pspnet.bench.inputs)")
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--repeats", type=int, default=3, help="passes of each")
     p.add_argument("--threads", type=int, default=1,
@@ -142,18 +143,18 @@ def compare(args: argparse.Namespace, cfg: PipelineConfig, job: ray_batch.BatchJ
     return {
         "machine": args.machine, **machine.describe(args.machine, "ort", ("cpu",)),
         "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "command": "python -m bench.ray_compare " + " ".join(sys.argv[1:]),
+        "command": "python -m studies.ray_compare " + " ".join(sys.argv[1:]),
         "model": {"dir": str(args.model), "name": manifest.source.get("config"),
                   "input_size": list(manifest.input_size), "head": manifest.head},
         "settings": {"batch_size": job.batch_size, "images": len(items),
                      "repeats": args.repeats, "ort_threads": args.threads,
                      "daemon": "1 preprocess + 1 executor + 1 postprocess process, started "
-                               "once (front_start_s), passes through bench.e2e",
+                               "once (front_start_s), passes through pspnet.bench.e2e",
                      "ray": "a local Ray instance per pass (ray_init_s, not in the pass) "
                             "with N logical CPUs: decode tasks (1 CPU each), 1 executor "
                             "actor (1 CPU, started inside each pass), postprocess tasks "
                             "(1 CPU each)",
-                     "masks": True, "ground_truth": "stand-in (bench.inputs.synthetic)"},
+                     "masks": True, "ground_truth": "stand-in (pspnet.bench.inputs.synthetic)"},
         "inputs": feed.describe(), "ray_resources": resources,
         "front_start_s": front_start_s,
         "engines": {name: {"passes": p, **_medians(p)} for name, p in passes.items()},

@@ -1,6 +1,6 @@
 """mIoU from per-image areas: mmseg 1.2.2's IoUMetric sums, metrics and table, numpy only.
 
-Apart from stages/labels.py (which makes the areas, with torch and cv2 at hand) so that the
+Apart from model/labels.py (which makes the areas, with torch and cv2 at hand) so that the
 front, which only sums what the postprocess workers send, imports neither.
 
 The metrics are mmseg's (0/0 -> NaN, NaN-mean over classes). One knowing difference: mmseg
@@ -28,7 +28,7 @@ class IoUAccumulator:
         self.images = 0
 
     def add(self, areas: np.ndarray) -> None:
-        """Add one image's 4 x C areas (from `stages.labels.intersect_and_union`)."""
+        """Add one image's 4 x C areas (from `pspnet.model.labels.intersect_and_union`)."""
         areas = np.asarray(areas)
         if areas.shape != self.areas.shape or areas.dtype.kind not in "iu":
             raise ValueError(f"areas must be integer 4 x {self.num_classes}, got "

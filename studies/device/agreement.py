@@ -3,10 +3,10 @@
 Why: the GPU fast path runs the network in fp16; the daemon's answers must stay those of the
 fp32 model. One reference judges every precision: the model directory's own mmseg network
 (config + checkpoint named in its manifest), eager, fp32 with TF32 off, on inputs
-normalised and zero-padded by build_model.inputs (numpy, independent of ServingModel).
+normalised and zero-padded by pspnet.build_model.inputs (numpy, independent of ServingModel).
 Then the torch backend, exactly as the daemon opens it (`open_backend`, same options, e.g.
 cuda_graphs=1), is run at each precision on the same letterboxed batches, and its output
-goes through the postprocess workers' own functions (stages.labels) to labels at the
+goes through the postprocess workers' own functions (pspnet.model.labels) to labels at the
 original image size. For each precision and head:
 
   agreement_pct      share of original-size pixels whose label equals the reference's
@@ -24,8 +24,8 @@ meets_miou_target: mIoU_drop <= --miou-target (0.1 points), fp16/bf16 only. The 
 two targets are judged apart, so neither reads as the other.
 
 Inputs: the package's sample photos plus photo-like crops of them at VOC sizes
-(bench.inputs.synthetic), decoded with the daemon's decoder. The weights are calibrated,
-not trained (build_model.calibrate): their logit margins are smaller than a trained
+(pspnet.bench.inputs.synthetic), decoded with the daemon's decoder. The weights are calibrated,
+not trained (pspnet.build_model.calibrate): their logit margins are smaller than a trained
 network's, so the agreement here is, if anything, a pessimistic figure; the reference's
 margin quantiles are reported to judge that.
 
@@ -56,9 +56,9 @@ def say(message: str) -> None:
 
 def load_photos(count: int, tmp: Path) -> tuple[list[str], list[np.ndarray]]:
     """The sample photos, then crops of them (JPEG round trip, the daemon's decoder)."""
-    from bench.inputs import synthetic
-    from build_model.samples import sample_images
-    from stages.image_io import decode_image
+    from pspnet.bench.inputs import synthetic
+    from pspnet.build_model.samples import sample_images
+    from pspnet.model.image_io import decode_image
 
     names, photos = [], []
     for name, rgb in sample_images()[:count]:
@@ -74,7 +74,7 @@ def load_photos(count: int, tmp: Path) -> tuple[list[str], list[np.ndarray]]:
 
 
 def letterboxed(photos, input_size):
-    from stages.image_io import letterbox
+    from pspnet.model.image_io import letterbox
 
     images = np.zeros((len(photos), *input_size, 3), np.uint8)
     places = []
@@ -90,9 +90,9 @@ def reference_logits(model_dir: Path, manifest, images, boxes, device: str,
     """mmseg's core on the device, fp32, TF32 off; float32 N x C x h x w on the host."""
     import torch
 
-    from build_model.calibrate import strict_fp32
-    from build_model.inputs import normalised_batch
-    from build_model.network import load_network
+    from pspnet.build_model.calibrate import strict_fp32
+    from pspnet.build_model.inputs import normalised_batch
+    from pspnet.build_model.network import load_network
 
     source = manifest.source
     network = load_network(source["config"], source["checkpoint"])
@@ -121,7 +121,7 @@ def reference_logits(model_dir: Path, manifest, images, boxes, device: str,
 def run_backend(model_dir: Path, batch_size: int, device: str, precision: str, options,
                 images, boxes) -> tuple[np.ndarray, dict]:
     """Every image through the torch backend (last batch padded by repeating rows)."""
-    from stages.backends import open_backend
+    from pspnet.stages.backends import open_backend
 
     started = time.perf_counter()
     backend = open_backend("torch", model_dir, batch_size, device=device,
@@ -143,7 +143,7 @@ def run_backend(model_dir: Path, batch_size: int, device: str, precision: str, o
 
 
 def to_labels(head: str, outputs, places, input_size) -> list[np.ndarray]:
-    from stages.labels import labels_from_labels, labels_from_logits
+    from pspnet.model.labels import labels_from_labels, labels_from_logits
 
     if head == "labels":
         return [labels_from_labels(o, p) for o, p in zip(outputs, places, strict=True)]
@@ -151,8 +151,8 @@ def to_labels(head: str, outputs, places, input_size) -> list[np.ndarray]:
 
 
 def compare(labels, truth, num_classes) -> dict:
-    from stages.labels import intersect_and_union
-    from stages.metrics import IoUAccumulator
+    from pspnet.model.labels import intersect_and_union
+    from pspnet.model.metrics import IoUAccumulator
 
     same = total = 0
     worst = 100.0
@@ -228,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from stages.manifest import Manifest
+    from pspnet.model.manifest import Manifest
 
     options = dict(o.split("=", 1) for o in args.backend_option)
     manifest = Manifest.read(args.model)
