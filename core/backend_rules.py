@@ -54,15 +54,15 @@ class BackendRules:
         if unknown:
             raise ValueError(f"unknown {self.name} backend option(s) {', '.join(unknown)}; "
                              f"known: {', '.join(self.options)}")
+        for a, b in self.exclusive:
+            if is_on(options, a) and is_on(options, b):
+                raise ValueError(f"options {a}=1 and {b}=1 do not combine on the "
+                                 f"{self.name} backend")
         for key, kinds in self.device_only.items():
             if is_on(options, key) and kind not in kinds:
                 raise ValueError(f"option {key}={options[key]} needs a "
                                  f"{' or '.join(k.upper() for k in kinds)} device, "
                                  f"not {device}")
-        for a, b in self.exclusive:
-            if is_on(options, a) and is_on(options, b):
-                raise ValueError(f"options {a}=1 and {b}=1 do not combine on the "
-                                 f"{self.name} backend")
 
     def takes(self, option: str) -> bool:
         return option in self.options

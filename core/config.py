@@ -149,7 +149,8 @@ class PipelineConfig:
         threads = str(options.get(THREADS, "")).strip()
         spin = str(options.get(SPIN, "")).strip().lower()
         given = Given(self.preprocess_workers, self.postprocess_workers,
-                      self.executor_threads or (int(threads) if threads.isdigit() else None),
+                      self.executor_threads if self.executor_threads is not None else
+                      (int(threads) if threads.isdigit() else None),
                       self.executor_spin if self.executor_spin is not None else
                       (spin in TRUE_WORDS if spin and spin in TRUE_WORDS + FALSE_WORDS
                        else None))

@@ -95,7 +95,7 @@ class Given:
 
     preprocess_workers: int | None = None
     postprocess_workers: int | None = None
-    executor_threads: int | None = None    # --backend-option threads=N
+    executor_threads: int | None = None    # --backend-option threads=N (0: the library's)
     spinning: bool | None = None           # --backend-option spin=0|1
 
 
@@ -124,7 +124,8 @@ class Plan:
 def describe(plan: Mapping[str, Any]) -> str:
     """A plan's document (Plan.as_dict) in one line, for the start-up log and the bench."""
     return (f"{plan['preprocess_workers']} preprocess + {plan['postprocess_workers']} "
-            f"postprocess workers, executor threads {plan['executor_threads']}, spinning "
+            f"postprocess workers, executor threads "
+            f"{plan['executor_threads'] or 'the library default'}, spinning "
             f"{'on' if plan['spinning'] else 'off'}"
             + (f" (set by flags: {', '.join(plan['set_by_flags'])})"
                if plan["set_by_flags"] else "") + f": {plan['why']}")
@@ -148,7 +149,8 @@ def make_plan(machine: Machine, backend: str, devices: tuple[str, ...],
     if on_host:
         pre = given.preprocess_workers or max(1, cpus // CPUS_PER_WORKER)
         post = given.postprocess_workers or max(1, cpus // CPUS_PER_WORKER)
-        threads = given.executor_threads or max(1, (cpus - pre - post) // on_host)
+        threads = given.executor_threads if given.executor_threads is not None else \
+            max(1, (cpus - pre - post) // on_host)
         why = (f"{seen}; {on_host} executor(s) on the host ({backend}): the workers take "
                f"what they need, the executor the rest")
     else:
@@ -157,11 +159,12 @@ def make_plan(machine: Machine, backend: str, devices: tuple[str, ...],
         pre = given.preprocess_workers or _pool(free * DECODE_MS / (DECODE_MS + POSTPROCESS_MS),
                                                 DECODE_MS)
         post = given.postprocess_workers or _pool(free - pre, POSTPROCESS_MS)
-        threads = given.executor_threads or 1
+        threads = given.executor_threads if given.executor_threads is not None else 1
         why = (f"{seen}; executor(s) on {', '.join(devices)} ({backend}): the host's cores "
                f"go to the workers, {DECODE_MS:g} ms decode : {POSTPROCESS_MS:g} ms "
                "postprocess per image")
-    busy = pre + post + on_host * threads + 1          # + the front
+    busy = pre + post + on_host * (threads or cpus) + 1    # + the front; 0: the library
+                                                           # takes every core
     spinning = given.spinning if given.spinning is not None else busy <= cpus
     if given.spinning is None and not spinning:
         why += f"; {busy} busy threads share {cpus} CPU(s)"

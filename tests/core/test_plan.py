@@ -133,3 +133,13 @@ def test_the_executor_gets_the_plan_only_where_its_backend_takes_it(tmp_path):
     sim = PipelineConfig(model_dir=tmp_path, backend="sim", executor_threads=2,
                          executor_spin=False, backend_options={"img_s": "50"})
     assert sim.executor_options() == {"img_s": "50"}
+
+
+def test_threads_0_leaves_the_executor_threads_to_the_library(tmp_path):
+    """--backend-option threads=0: onnxruntime's own choice (every core), as before the
+    plan; the plan then counts every core as the executor's."""
+    p = make_plan(Machine(4), "ort", ("cpu",), Given(executor_threads=0))
+    assert p.executor_threads == 0 and not p.spinning
+    assert "executor threads the library default" in plans.describe(p.as_dict())
+    cfg = PipelineConfig(model_dir=tmp_path, backend_options={"threads": "0"})
+    assert cfg.executor_threads == 0 and cfg.executor_options()["threads"] == "0"
