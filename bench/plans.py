@@ -4,8 +4,8 @@ Why: the plan (pspnet.core.plan) is a rule from CPU counts and per-image costs m
 on one model; a network, photo size or head that costs otherwise may want another split
 of the cores. Where the rule cannot decide, measure, as Triton's model analyzer does, but
 on this machine in about a minute: the plan, then one worker more or less in each pool
-and, for an executor on the host's cores, one executor thread more or less; each started
-once and run for --repeats short e2e passes (median) on the same inputs and batch size.
+and, for an executor on the host's cores, one executor thread more or less; --repeats
+rounds of one short e2e pass per plan (median), same inputs and batch size.
 """
 
 from __future__ import annotations
@@ -54,8 +54,10 @@ def flags(cfg: PipelineConfig) -> str:
 
 
 def try_plans(settings: BenchSettings, inputs: BenchInputs) -> dict[str, Any]:
-    """Each plan started once, --repeats timed e2e passes after --warmup batches; the
-    document lists every plan's median images/s and names the best."""
+    """--repeats rounds; each round starts every plan in turn for --warmup batches and one
+    timed e2e pass (so a load that drifts on a shared host falls on every plan alike, as
+    the bench interleaves its modes). The document lists each plan's median images/s and
+    names the best."""
     from pspnet.daemon.front import Front
 
     base = settings.cfg
@@ -64,33 +66,38 @@ def try_plans(settings: BenchSettings, inputs: BenchInputs) -> dict[str, Any]:
     paths = list(itertools.islice(itertools.cycle(inputs.paths), count))
     truths = list(itertools.islice(itertools.cycle(inputs.truths), count))
     warm = min(count, settings.warmup * size)
-    rows = []
+    tried = [base, *neighbours(base)]
+    passes: list[list[dict[str, Any]]] = [[] for _ in tried]
     with tempfile.TemporaryDirectory(prefix="pspnet-plans-") as tmp:
-        for k, cfg in enumerate([base, *neighbours(base)]):
-            cfg = replace(cfg, batch_size=size, write_masks=settings.masks,
+        for r, (k, plan) in itertools.product(range(settings.repeats), enumerate(tried)):
+            cfg = replace(plan, batch_size=size, write_masks=settings.masks,
                           out_dir=Path(settings.mask_root or tmp) / f"plan-{k}"
                           if settings.masks else None)
-            say(f"plan {k + 1}: {label(cfg)}")
             with Front(cfg) as pipe:
                 e2e = E2ERunner(pipe, settings.backlog or default_backlog(
                     size, cfg.preprocess_workers, cfg.postprocess_workers))
                 if warm:
                     e2e.run(paths[:warm], truths[:warm])
-                passes = [e2e.run(paths, truths) for _ in range(settings.repeats)]
-            rates = [p["img_s"] for p in passes]
-            rows.append({"plan": label(cfg), "default": k == 0, "flags": flags(cfg),
-                         "preprocess_workers": cfg.preprocess_workers,
-                         "postprocess_workers": cfg.postprocess_workers,
-                         "executor_threads": cfg.executor_threads,
-                         "e2e_img_s": statistics.median(rates), "repeats": rates,
-                         "errors": sum(p["errors"] for p in passes)})
+                passes[k].append(e2e.run(paths, truths))
+            say(f"round {r + 1}/{settings.repeats}, plan {k + 1}/{len(tried)} "
+                f"({label(cfg)}): {passes[k][-1]['img_s']:.1f} img/s")
+    rows = []
+    for k, (plan, runs) in enumerate(zip(tried, passes, strict=True)):
+        rates = [p["img_s"] for p in runs]
+        rows.append({"plan": label(plan), "default": k == 0, "flags": flags(plan),
+                     "preprocess_workers": plan.preprocess_workers,
+                     "postprocess_workers": plan.postprocess_workers,
+                     "executor_threads": plan.executor_threads,
+                     "e2e_img_s": statistics.median(rates), "repeats": rates,
+                     "errors": sum(p["errors"] for p in runs)})
     default = rows[0]["e2e_img_s"]
     for row in rows:
         row["over_default"] = row["e2e_img_s"] / default if default else None
     best = max(rows, key=lambda r: r["e2e_img_s"])
     return {"plan": base.plan, "batch_size": size, "images_per_pass": count,
             "repeats": settings.repeats, "backend": base.backend, "devices": list(base.devices),
-            "statistic": "median of repeats", "plans": rows, "best": best["plan"]}
+            "statistic": "median of repeats, plans interleaved round by round",
+            "plans": rows, "best": best["plan"]}
 
 
 def plans_table(doc: dict[str, Any]) -> str:
