@@ -12,18 +12,22 @@ import argparse
 import sys
 from pathlib import Path
 
-from pspnet.core.cli_args import (
-    HelpFormatter,
-    key_value,
-    outputs_problem,
-    positive_float,
-    positive_int,
-)
-from pspnet.core.config import BACKENDS, DEFAULT_MAX_PIXELS, PRECISIONS, SIMULATED
+from pspnet.batch.job import BatchJob
+from pspnet.core.backend_rules import SPIN, THREADS, check_backend, with_plan
+from pspnet.core.cli_args import HelpFormatter, add_flags, flag_names, from_args
+from pspnet.core.config import PipelineConfig, outputs_problem
 from pspnet.core.exits import EXIT_FAILED, EXIT_UNAVAILABLE
-from pspnet.daemon.commands import add_pipeline_args, usage_error
+from pspnet.daemon.commands import (
+    add_pipeline_args,
+    backend_problem,
+    pipeline_config,
+    usage_error,
+)
 
 REPORT_IMAGES = 24            # rows of eval --report's contact sheet
+# what `pspnet batch` takes of the pipeline's flags (Ray places the processes)
+BATCH_PIPELINE_FLAGS = ("model_dir", "backend", "precision", "batch_size", "backend_options",
+                        "out_dir", "max_pixels")
 
 EVAL_EPILOG = """\
 output: mmseg's per-class table (IoU, Acc; 2 decimals), then aAcc, mIoU, mAcc, then every
@@ -110,38 +114,14 @@ def add_batch_parser(sub: argparse._SubParsersAction) -> None:
     source.add_argument("--voc", type=Path, metavar="ROOT",
                         help="a VOC root: the --split images with their ground truths")
     batch.add_argument("--split", default="val", help="with --voc: which split")
-    batch.add_argument("--model", type=Path, required=True, metavar="DIR",
-                       help="a directory made by `pspnet build`, at the same path on every "
-                            "node")
-    batch.add_argument("--backend", choices=(*BACKENDS, SIMULATED), default="ort",
-                       help="as for `pspnet serve`")
-    batch.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
-                       help="cuda: each executor actor asks Ray for one GPU")
-    batch.add_argument("--precision", choices=PRECISIONS, default="fp32",
-                       help="torch backend compute precision")
-    batch.add_argument("--batch-size", type=positive_int, default=None,
-                       help="static batch size to run (default: 16 if built, else the "
-                            "largest)")
-    batch.add_argument("--executors", type=positive_int, default=None, metavar="N",
-                       help="executor actors, at most (Ray starts one and adds more while "
-                            "they are the bottleneck; default: the cluster's GPUs with "
-                            "--device cuda, else 1)")
-    batch.add_argument("--executor-cpus", type=positive_float, default=1.0, metavar="N",
-                       help="CPUs each executor actor reserves")
-    batch.add_argument("--backend-option", type=key_value, action="append", default=[],
-                       metavar="KEY=VALUE", help="backend tuning, as for `pspnet serve`")
-    batch.add_argument("--out", type=Path, default=None, metavar="MASKDIR",
-                       help="write masks here (palette PNGs named after each image's stem, "
-                            "as `pspnet serve --out`); without it none are written")
-    batch.add_argument("--max-pixels", type=positive_int, default=DEFAULT_MAX_PIXELS,
-                       help="refuse images with more pixels (read from the header)")
+    add_flags(batch, PipelineConfig, BATCH_PIPELINE_FLAGS, help={
+        "model_dir": "a directory made by `pspnet build`, at the same path on every node",
+        "out_dir": "write masks here (palette PNGs named after each image's stem, as "
+                   "`pspnet serve --out`); without it none are written"})
+    add_flags(batch, BatchJob, [n for n in flag_names(BatchJob)
+                                if n not in BATCH_PIPELINE_FLAGS])
     batch.add_argument("--json", type=Path, default=None, metavar="FILE",
                        help="also write the results as JSON (`pspnet eval`'s document)")
-    batch.add_argument("--address", default=None, metavar="ADDR",
-                       help="join the Ray cluster at ADDR (auto, HOST:PORT, ray://HOST:"
-                            "10001); default: RAY_ADDRESS if set, else a local Ray instance")
-    batch.add_argument("--num-cpus", type=positive_int, default=None, metavar="N",
-                       help="CPUs of the local Ray instance (default: all of this machine)")
     batch.set_defaults(run=run_batch)
 
 
@@ -162,23 +142,26 @@ def run_eval(args: argparse.Namespace) -> int:
     from pspnet.batch.progress import Progress
     from pspnet.batch.voc import VocLayoutError, read_split
     from pspnet.core.logs import configure_logging
-    from pspnet.daemon.commands import pipeline_config
+    from pspnet.core.plan import describe
     from pspnet.model.manifest import Manifest, pick_batch_size
 
     if args.report is not None:
-        if args.no_masks:
+        if not args.write_masks:
             return usage_error("eval", "--report draws the masks: drop --no-masks")
-        if args.out is None:
-            args.out = args.report / "masks"
+        if args.out_dir is None:
+            args.out_dir = args.report / "masks"
     cfg = pipeline_config(args)
+    problem = None if args.endpoint else backend_problem(cfg)
+    if problem:
+        return usage_error("eval", problem)
     configure_logging(cfg.log_level, cfg.log_json)
     try:
-        manifest = Manifest.read(args.model)
-        batch = None if args.endpoint else pick_batch_size(manifest, args.batch_size)
+        manifest = Manifest.read(cfg.model_dir)
+        batch = None if args.endpoint else pick_batch_size(manifest, cfg.batch_size)
         split = read_split(args.voc, args.split)
     except (OSError, ValueError, VocLayoutError) as exc:
         return usage_error("eval", str(exc))
-    problem = outputs_problem(("--json", args.json, False), ("--out", args.out, True),
+    problem = outputs_problem(("--json", args.json, False), ("--out", cfg.out_dir, True),
                               ("--report", args.report, True))
     if problem:                            # found now, not after the whole split
         return usage_error("eval", problem)
@@ -187,13 +170,15 @@ def run_eval(args: argparse.Namespace) -> int:
                 f"none of the {split.listed} images of {args.split}.txt exists under "
                 f"{args.voc}")
         return usage_error("eval", what)
+    if not args.endpoint:
+        sys.stderr.write(f"[eval] plan: {describe(cfg.plan)}\n")
     progress = Progress(len(split.items), label="eval ")
     if args.endpoint:
         from pspnet.daemon.client import DaemonUnavailable
 
         try:
             outcome = evaluate_endpoint(args.endpoint, split, manifest,
-                                        None if args.no_masks else args.out, progress)
+                                        cfg.out_dir if cfg.write_masks else None, progress)
         except DaemonUnavailable as exc:
             sys.stderr.write(f"pspnet eval: error: {exc}\n")
             return EXIT_UNAVAILABLE
@@ -207,9 +192,9 @@ def run_eval(args: argparse.Namespace) -> int:
             return EXIT_FAILED
     progress.close()
     doc = report(outcome, split, manifest, {
-        "model": str(args.model), "backend": None if args.endpoint else args.backend,
-        "batch_size": batch,
-        "endpoint": args.endpoint, "masks": str(args.out) if args.out else None})
+        "model": str(cfg.model_dir), "backend": None if args.endpoint else cfg.backend,
+        "batch_size": batch, "plan": None if args.endpoint else cfg.plan,
+        "endpoint": args.endpoint, "masks": str(cfg.out_dir) if cfg.out_dir else None})
     print_report(outcome, doc, manifest)
     if args.json is not None:
         write_json(args.json, doc)
@@ -235,8 +220,17 @@ def run_batch(args: argparse.Namespace) -> int:
     except ImportError as exc:             # ray is an optional extra
         return usage_error("batch", f"needs Ray Data ({exc}): pip install "
                                     "'pspnet-daemon[ray]'")
+    # the executor actors' threads: the CPUs each reserves; Ray runs a decode or
+    # postprocess task per CPU it has left, so no thread need spin
+    threads = max(1, int(args.executor_cpus))
+    options = with_plan(args.backend, args.backend_options, threads, spinning=False)
     try:
-        manifest = Manifest.read(args.model)
+        check_backend(args.backend, ("cuda" if args.device == "cuda" else "cpu",),
+                      args.precision, args.backend_options)
+    except ValueError as exc:
+        return usage_error("batch", str(exc))
+    try:
+        manifest = Manifest.read(args.model_dir)
         batch = pick_batch_size(manifest, args.batch_size)
         if args.images is not None:
             split = ray_batch.from_folder(args.images)
@@ -249,16 +243,16 @@ def run_batch(args: argparse.Namespace) -> int:
     if not split.items:
         return usage_error("batch", f"none of the {split.listed} images of "
                                     f"{args.split}.txt exists under {args.voc}")
-    problem = outputs_problem(("--json", args.json, False), ("--out", args.out, True))
+    problem = outputs_problem(("--json", args.json, False), ("--out", args.out_dir, True))
     if problem:                            # found now, not after the whole job
         return usage_error("batch", problem)
-    job = ray_batch.BatchJob(
-        model_dir=args.model.absolute(), batch_size=batch, backend=args.backend,
-        device=args.device, precision=args.precision,
-        backend_options=dict(args.backend_option),
-        out_dir=None if args.out is None else args.out.absolute(),
-        max_pixels=args.max_pixels, executors=args.executors or 0,
-        executor_cpus=args.executor_cpus, address=args.address, num_cpus=args.num_cpus)
+    job = from_args(BatchJob, args, model_dir=args.model_dir.absolute(), batch_size=batch,
+                    backend_options=options,
+                    out_dir=None if args.out_dir is None else args.out_dir.absolute())
+    planned = {k: options[k] for k in (THREADS, SPIN) if k in options}
+    sys.stderr.write(f"[batch] plan: each executor actor reserves {job.executor_cpus:g} CPU(s) "
+                     f"(--executor-cpus), backend options {planned or 'as given'}; Ray runs "
+                     "one decode or postprocess task per CPU left\n")
     progress = Progress(len(split.items), label="batch ")
     try:
         outcome, timings = ray_batch.run(job, split, manifest.num_classes,
@@ -273,8 +267,9 @@ def run_batch(args: argparse.Namespace) -> int:
         ray_batch.shutdown()
     progress.close()
     doc = report(outcome, split, manifest, {
-        "model": str(args.model), "backend": args.backend, "batch_size": batch,
-        "masks": str(args.out) if args.out else None, "engine": "ray", **timings})
+        "model": str(job.model_dir), "backend": job.backend, "batch_size": batch,
+        "masks": str(job.out_dir) if job.out_dir else None, "engine": "ray",
+        "plan": {"executor_cpus": job.executor_cpus, **planned}, **timings})
     print_report(outcome, doc, manifest)
     if args.json is not None:
         write_json(args.json, doc)

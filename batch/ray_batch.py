@@ -24,18 +24,18 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field, replace
+from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from pspnet.batch.eval import EvalOutcome
+from pspnet.batch.job import BatchJob
 from pspnet.batch.progress import Progress
 from pspnet.batch.voc import VocItem, VocSplit
 from pspnet.core.config import IMAGE_SUFFIXES
-from pspnet.model.image_io import DEFAULT_MAX_PIXELS
 from pspnet.model.metrics import IoUAccumulator
 
 # images per decode / postprocess task call: each call costs Ray a scheduling round and an
@@ -58,24 +58,6 @@ PLACEMENT = ("orig_h", "orig_w", "top", "left", "height", "width")
 class JobFailed(RuntimeError):
     """The job could not run (no GPU for --device cuda, an executor that cannot open its
     backend...): one line for the user; Ray's own log has the details."""
-
-
-@dataclass(frozen=True)
-class BatchJob:
-    """What to run and where: everything the tasks and actors need, picklable."""
-
-    model_dir: Path
-    batch_size: int
-    backend: str = "ort"
-    device: str = "cpu"                         # "cpu" or "cuda": one GPU per actor
-    precision: str = "fp32"
-    backend_options: Mapping[str, str] = field(default_factory=dict)
-    out_dir: Path | None = None                 # masks; None: none written
-    max_pixels: int = DEFAULT_MAX_PIXELS
-    executors: int = 1                          # actor pool: 1 .. executors (autoscaled)
-    executor_cpus: float = 1.0                  # CPUs each actor reserves
-    address: str | None = None                  # None: RAY_ADDRESS, else a local cluster
-    num_cpus: int | None = None                 # local cluster only
 
 
 # ---- inputs ------------------------------------------------------------------------------

@@ -67,6 +67,7 @@ def run_bench(settings: BenchSettings, inputs: BenchInputs) -> dict[str, Any]:
         **machine.describe(name, cfg.backend, cfg.devices),
         "backend": cfg.backend, "precision": cfg.precision, "devices": list(cfg.devices),
         "model": model_info(cfg.model_dir, manifest),
+        "plan": cfg.plan,                  # how worker counts and threads were chosen
         "settings": {"batch_sizes": list(settings.batch_sizes), "repeats": settings.repeats,
                      "warmup_batches": settings.warmup, "masks": settings.masks,
                      "preprocess_workers": cfg.preprocess_workers,
@@ -110,9 +111,7 @@ def bench_batch_size(settings: BenchSettings, inputs: BenchInputs, manifest: Man
     n_batches = max(3, math.ceil(base_count / size))
     cfg = replace(base, batch_size=size, write_masks=settings.masks,
                   out_dir=mask_root / f"e2e-bs{size}" if settings.masks else None)
-    options = dict(base.backend_options)
-    if base.executor_threads:
-        options.setdefault("threads", str(base.executor_threads))
+    options = base.executor_options()      # the executor's: the plan's threads, spinning
     say(f"batch {size}: opening the {base.backend} backend and starting the pipeline")
     try:
         backend = open_backend(base.backend, base.model_dir, size, device=base.devices[0],

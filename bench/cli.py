@@ -3,7 +3,7 @@
 Why here and not in daemon/: it measures the daemon rather than being part of it;
 `pspnet.cli` registers it. The shared flags (model, backend,
 workers...) come from `pspnet.daemon.commands.add_pipeline_args`, so bench runs exactly
-the configuration `pspnet serve` would.
+the configuration `pspnet serve` would, planned the same way from this host's CPUs.
 """
 
 from __future__ import annotations
@@ -14,14 +14,15 @@ import sys
 import tempfile
 from pathlib import Path
 
-from pspnet.core.cli_args import (
-    HelpFormatter,
-    non_negative_int,
-    outputs_problem,
-    positive_int,
-)
+from pspnet.core.cli_args import HelpFormatter, non_negative_int, positive_int
+from pspnet.core.config import outputs_problem
 from pspnet.core.exits import EXIT_FAILED
-from pspnet.daemon.commands import add_pipeline_args, usage_error
+from pspnet.daemon.commands import (
+    add_pipeline_args,
+    backend_problem,
+    pipeline_config,
+    usage_error,
+)
 
 DEFAULT_BATCH_SIZES = "1,4,8,16,32,64"
 
@@ -34,15 +35,19 @@ modes, measured for each batch size in the same run, repeat by repeat:
   serial    decode -> letterbox -> infer -> postprocess, one batch at a time in this
             process, as the seed's steps run (same backend, batch size, postprocessing)
 Figures are medians of --repeats; warm-up batches are not timed. `busy pre/exe/post` is
-each stage's busy time over the e2e wall time, per process.
+each stage's busy time over the e2e wall time, per process. Worker counts and executor
+threads are the daemon's plan for this host unless flags set them (the plan is printed).
+--plans instead tries the plan and its neighbours (a worker more or less in each pool,
+executor threads up and down), one short e2e pass each, and prints the best beside it.
 
 examples:
   pspnet bench --model models/r50 --backend torch --devices cuda:0 --precision fp16 \\
       --batch-sizes 1,4,8,16,32,64 --synthetic 256 --preprocess-workers 8 \\
       --json bench/results/nvidia-h100.json --plot bench/results/nvidia-h100.png
   pspnet bench --model models/small --batch-sizes 1,4,8 --synthetic 48 \\
-      --preprocess-workers 1 --postprocess-workers 1 --backend-option threads=1 \\
       --json bench/results/cpu-2core.json --plot bench/results/cpu-2core.png
+  pspnet bench --model models/small --synthetic 48 --plans --repeats 1
+      (which worker counts and threads suit this model on this host, in about a minute)
   pspnet bench --model models/small --backend sim --backend-option img_s=400 \\
       --batch-sizes 16,32,64 --synthetic 96 --min-images 1280 --no-masks
       (the host side alone, against a simulated 400 img/s device)"""
@@ -92,15 +97,16 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                        help="write every figure, every repeat, versions and settings here")
     bench.add_argument("--plot", type=Path, default=None, metavar="FILE",
                        help="write a PNG of images/s against batch size, three modes")
-    add_pipeline_args(bench)
-    for action in bench._actions:          # shared flags that mean a little more here
-        if action.dest == "batch_size":    # --batch-sizes replaces it (still honoured)
-            action.help = argparse.SUPPRESS
-        elif action.dest == "out":
-            action.help = ("keep the masks under MASKDIR/e2e-bsN/ and MASKDIR/serial-bsN/ "
-                           "(default: a temporary folder, removed afterwards)")
-        elif action.dest == "no_masks":
-            action.help = "write no masks in e2e and serial (measures the rest)"
+    bench.add_argument("--plans", action="store_true",
+                       help="instead of the three modes: try the daemon's plan for this "
+                            "host and its neighbours (a worker more or less in each pool, "
+                            "executor threads up and down) at one batch size, --repeats "
+                            "short e2e passes each, and print the best beside the plan")
+    # shared flags that mean a little more here; --batch-sizes replaces --batch-size
+    add_pipeline_args(bench, hidden=("batch_size",), help={
+        "out_dir": "keep the masks under MASKDIR/e2e-bsN/ and MASKDIR/serial-bsN/ "
+                   "(default: a temporary folder, removed afterwards)",
+        "write_masks": "write no masks in e2e and serial (measures the rest)"})
     bench.set_defaults(run=run_bench, log_level="warning")
 
 
@@ -111,33 +117,42 @@ class _Formatter(HelpFormatter, argparse.RawDescriptionHelpFormatter):
 # ---- bench -----------------------------------------------------------------------------
 
 def run_bench(args: argparse.Namespace) -> int:
-    from dataclasses import replace
-
     import cv2
 
     from pspnet.batch.eval import write_json
     from pspnet.bench import inputs as sources
-    from pspnet.bench.bench import BackendOpenError, BenchSettings, run_bench, table
+    from pspnet.bench.bench import BackendOpenError, BenchSettings, run_bench, say, table
     from pspnet.bench.plot import plot
     from pspnet.core.logs import configure_logging
-    from pspnet.daemon.commands import pipeline_config
+    from pspnet.core.plan import describe
     from pspnet.daemon.front import PipelineError
-    from pspnet.model.manifest import Manifest
+    from pspnet.model.manifest import Manifest, pick_batch_size
 
-    cfg = pipeline_config(args)
+    cfg = pipeline_config(args, batch_size=None)
+    problem = backend_problem(cfg)
+    if problem:
+        return usage_error("bench", problem)
+    if args.plans and args.plot is not None:
+        return usage_error("bench", "--plot draws the three modes; drop it with --plans")
     configure_logging(cfg.log_level, cfg.log_json)
     try:
-        manifest = Manifest.read(args.model)
+        manifest = Manifest.read(cfg.model_dir)
         sizes = _batch_sizes(args, sorted(manifest.models))
+        if args.plans:                     # one size: the one serve would run
+            sizes = sizes if args.batch_sizes or args.batch_size else \
+                [pick_batch_size(manifest, None)]
+            sizes = sizes[:1]
         for size in sizes:
             manifest.model_file(size)
     except (OSError, ValueError) as exc:
         return usage_error("bench", str(exc))
+    out = cfg.out_dir if cfg.write_masks else None
     problem = outputs_problem(("--json", args.json, False), ("--plot", args.plot, False),
-                              ("--out", None if args.no_masks else args.out, True))
+                              ("--out", out, True))
     if problem:                            # found now, not after the whole run
         return usage_error("bench", problem)
     cv2.setNumThreads(1)                   # the serial baseline decodes as a worker does
+    say(f"plan: {describe(cfg.plan)}")
     tmp = Path(tempfile.mkdtemp(prefix="pspnet-bench-inputs-"))
     try:
         try:
@@ -150,18 +165,23 @@ def run_bench(args: argparse.Namespace) -> int:
         except (OSError, ValueError) as exc:
             return usage_error("bench", str(exc))
         settings = BenchSettings(
-            cfg=replace(cfg, batch_size=None), batch_sizes=tuple(sizes),
-            repeats=args.repeats, warmup=args.warmup, masks=not args.no_masks,
-            mask_root=args.out, backlog=args.backlog, min_images=args.min_images,
-            baseline_images=args.baseline_images, machine=args.machine or "")
+            cfg=cfg, batch_sizes=tuple(sizes), repeats=args.repeats, warmup=args.warmup,
+            masks=cfg.write_masks, mask_root=cfg.out_dir, backlog=args.backlog,
+            min_images=args.min_images, baseline_images=args.baseline_images,
+            machine=args.machine or "")
         try:
-            doc = run_bench(settings, feed)
+            if args.plans:
+                from pspnet.bench.plans import plans_table, try_plans
+
+                doc = try_plans(settings, feed)
+            else:
+                doc = run_bench(settings, feed)
         except (PipelineError, BackendOpenError) as exc:
             sys.stderr.write(f"pspnet bench: error: {exc}\n")
             return EXIT_FAILED
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    print(table(doc))
+    print(plans_table(doc) if args.plans else table(doc))
     if args.json is not None:
         write_json(args.json, doc)
     if args.plot is not None:

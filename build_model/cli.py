@@ -121,7 +121,7 @@ def run(args: argparse.Namespace) -> int:
     from pspnet.build_model.errors import BuildError
     from pspnet.build_model.export import build
     from pspnet.build_model.verify import VerifyError
-    from pspnet.core.cli_args import outputs_problem
+    from pspnet.core.config import outputs_problem
 
     if args.no_onnx and args.no_torch_program:
         print(f"{PROG_ERROR} nothing to build: --no-onnx and --no-torch-program together "

@@ -1,4 +1,10 @@
-"""The small config object every process is started with, and where its sockets live."""
+"""The small config object every process is started with, and where its sockets live.
+
+Each setting is declared once, on its field (`setting`: default, flag and help); the
+commands write the flags they need from these declarations (core.cli_args.add_flags).
+Worker counts and executor threads left at None are planned from this host's CPUs and
+the devices (core.plan) when the config is made.
+"""
 
 from __future__ import annotations
 
@@ -8,11 +14,32 @@ import signal
 import tempfile
 from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import Any
 
-BACKENDS = ("ort", "torch", "acl")     # the executor backends (stages/backends/)
-SIMULATED = "sim"                      # no model: a device of a given speed, for measuring
-                                       # the host side
-PRECISIONS = ("fp32", "fp16", "bf16")
+from pspnet.core.backend_rules import (
+    FALSE_WORDS,
+    PRECISIONS,
+    RULES,
+    SIMULATED,
+    SPIN,
+    THREADS,
+    TRUE_WORDS,
+    with_plan,
+)
+from pspnet.core.cli_args import (
+    CollectPairs,
+    base_port,
+    device_list,
+    host_address,
+    key_value,
+    log_format,
+    non_negative_float,
+    positive_float,
+    positive_int,
+    setting,
+)
+from pspnet.core.plan import Given, make_plan, this_machine
+
 DEFAULT_MAX_PIXELS = 50_000_000        # refuse larger images from the header, before decoding
 # What counts as an image file wherever a folder is read (watch, bench, batch): the formats
 # model.image_io decodes.
@@ -20,37 +47,126 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 STOP_SIGNAL = signal.SIGUSR1           # the front's "stop now" to its own workers: they ignore
                                        # SIGTERM/SIGINT/SIGHUP sent to the whole group, and
                                        # SIGUSR1's default action ends the process at once
+BACKEND_HELP = "; ".join(f"{r.name}: {r.summary}" for r in RULES.values())
+PRECISION_HELP = ("compute precision, checked against the backend and devices before "
+                  "anything starts: " + "; ".join(
+                      f"{p} on " + ", ".join(
+                          f"{r.name} {'/'.join(k for k, ps in r.devices.items() if p in ps)}"
+                          for r in RULES.values()
+                          if r.name != SIMULATED and any(p in ps for ps in r.devices.values()))
+                      for p in PRECISIONS))
 
 
 @dataclass(frozen=True)
 class PipelineConfig:
-    model_dir: Path
-    backend: str = "ort"                       # ort | torch | acl | sim
-    devices: tuple[str, ...] = ("cpu",)        # one executor per entry ("cpu", "cuda:0", "0")
-    precision: str = "fp32"                    # fp32 | fp16 | bf16 (torch backend)
-    batch_size: int | None = None              # None: 16 if built, else the largest built
-    max_wait_ms: float = 20.0                  # run a partial batch after this long
-    preprocess_workers: int = 2
-    postprocess_workers: int = 2
-    out_dir: Path | None = None                # masks go here; None: no masks
-    write_masks: bool = True
-    max_pixels: int = DEFAULT_MAX_PIXELS
-    max_inflight: int | None = None            # dispatched, unanswered; None: 4 batches per
-                                               # executor, at least 64
+    model_dir: Path = setting(flag="--model", type=Path, metavar="DIR", required=True,
+                              help="a directory made by `pspnet build` (manifest.json + "
+                                   "models)")
+    backend: str = setting("ort", flag="--backend", choices=tuple(RULES), help=BACKEND_HELP)
+    devices: tuple[str, ...] = setting(
+        ("cpu",), flag="--devices", type=device_list,
+        help="comma list, one executor each: cpu, cuda:0, cuda:1 (torch/ort), tensorrt:0, "
+             "cann:0 (ort), or npu:0,npu:1 (acl)")
+    precision: str = setting("fp32", flag="--precision", choices=PRECISIONS,
+                             help=PRECISION_HELP)
+    batch_size: int | None = setting(
+        None, flag="--batch-size", type=positive_int,
+        help="static batch size to run (default: 16 if built, else the largest)")
+    max_wait_ms: float = setting(
+        20.0, flag="--max-wait-ms", type=non_negative_float,
+        help="run a partial batch after waiting this long for it to fill, if the device is "
+             "idle (while a batch runs, keep filling)")
+    preprocess_workers: int | None = setting(
+        None, flag="--preprocess-workers", type=positive_int, metavar="K",
+        help="JPEG decode + letterbox processes (default: the plan's, from this host's "
+             "CPUs and the devices; logged at start)")
+    postprocess_workers: int | None = setting(
+        None, flag="--postprocess-workers", type=positive_int, metavar="M",
+        help="upsample/argmax/mask/mIoU processes (default: the plan's)")
+    out_dir: Path | None = setting(
+        None, flag="--out", type=Path, metavar="MASKDIR",
+        help="write masks here as palette PNGs named after each image's stem; an image "
+             "whose mask name already holds another image's mask (b/x.jpg after a/x.jpg) "
+             "is answered with an error, the same image again replaces its own (without "
+             "--out no mask files are written; answers carry mask null)")
+    write_masks: bool = setting(True, flag="--no-masks", action="store_false",
+                                help="do not write masks (benches)")
+    max_pixels: int = setting(
+        DEFAULT_MAX_PIXELS, flag="--max-pixels", type=positive_int,
+        help="refuse images with more pixels (read from the header, before decoding)")
+    max_inflight: int | None = setting(
+        None, flag="--max-inflight", type=positive_int,
+        help="requests inside the pipeline at once (bounds memory; default: four batches "
+             "per executor, at least 64)")
     stall_timeout_s: float = 600.0             # no answer for this long: retry, then error
     heartbeat_s: float = 0.5                   # work loops report this often
-    liveness_timeout_s: float = 5.0            # a work loop silent this long: stopped,
-                                               # restarted, what it held retried
+    liveness_timeout_s: float = setting(
+        5.0, flag="--liveness-timeout", type=positive_float, metavar="S",
+        help="a worker whose work loop has not reported progress for S seconds (hung, "
+             "stopped, a device call stuck past its allowance) is stopped and restarted, "
+             "and what it held is retried once")
     start_timeout_s: float = 120.0             # first heartbeat (model load) within this
     run_dir: Path | None = None                # ipc sockets; None: private temp dir (0700)
-    transport: str = "ipc"                     # ipc | tcp
-    tcp_host: str = "127.0.0.1"
-    tcp_base_port: int = 5550                  # tcp: the front's control port
-    worker_threads: int = 1                    # torch/ORT threads per pre/post worker
-    executor_threads: int = 0                  # 0: library default
-    backend_options: dict[str, str] = field(default_factory=dict)
-    log_level: str = "info"
-    log_json: bool | None = None               # None: JSON unless stderr is a TTY
+    transport: str = setting("ipc", flag="--transport", choices=("ipc", "tcp"),
+                             help="between the daemon's own processes")
+    tcp_host: str = setting(
+        "127.0.0.1", flag="--tcp-host", type=host_address, metavar="ADDR",
+        help="with --transport tcp: the address the front's control port and the workers' "
+             "data ports are bound on, and that this host's own workers connect to. The "
+             "default admits this host only; give this host's address on a trusted "
+             "network to let `pspnet worker --front ADDR` join from others (the internal "
+             "ports carry no authentication)")
+    tcp_base_port: int = setting(
+        5550, flag="--tcp-base-port", type=base_port,
+        help="with --transport tcp: the front's control port (workers' data ports are "
+             "chosen by the system and reported to the front)")
+    worker_threads: int = 1                    # torch/cv2 threads per pre/post worker
+    executor_threads: int | None = None        # intra-op threads; None: the plan's
+                                               # (--backend-option threads=N sets it)
+    executor_spin: bool | None = None          # idle ORT threads spin; None: the plan's
+    backend_options: dict[str, str] = setting(
+        flag="--backend-option", type=key_value, action=CollectPairs, metavar="KEY=VALUE",
+        default_factory=dict,
+        help="backend tuning, repeatable: threads=N, spin=0|1 (ort/torch: the plan sets "
+             "both), cuda_graphs=1, compile=1, compile_cache=DIR (torch), img_s=N, "
+             "sync=1 (sim; and fault=hang|thread_exit, fault_after=N, fault_flag=FILE to "
+             "simulate a stuck or broken device in reliability tests)")
+    log_level: str = setting("info", flag="--log-level",
+                             choices=("debug", "info", "warning", "error"),
+                             help="debug adds per-batch timings")
+    log_json: bool | None = setting(
+        None, flag="--log-format", type=log_format, metavar="{auto,json,console}",
+        help="auto (default): console lines on a TTY, JSON lines otherwise")
+    plan: dict[str, Any] = field(default_factory=dict)   # how core.plan chose; set here
+
+    def __post_init__(self) -> None:
+        """Plan what was left at None (flags set the rest), once: a child's copy and
+        `replace` keep the values and the plan's record."""
+        if self.plan and None not in (self.preprocess_workers, self.postprocess_workers,
+                                      self.executor_threads, self.executor_spin):
+            return
+        options = self.backend_options
+        threads = str(options.get(THREADS, "")).strip()
+        spin = str(options.get(SPIN, "")).strip().lower()
+        given = Given(self.preprocess_workers, self.postprocess_workers,
+                      self.executor_threads if self.executor_threads is not None else
+                      (int(threads) if threads.isdigit() else None),
+                      self.executor_spin if self.executor_spin is not None else
+                      (spin in TRUE_WORDS if spin and spin in TRUE_WORDS + FALSE_WORDS
+                       else None))
+        planned = make_plan(this_machine(), self.backend, tuple(self.devices), given)
+        for name, value in (("preprocess_workers", planned.preprocess_workers),
+                            ("postprocess_workers", planned.postprocess_workers),
+                            ("executor_threads", planned.executor_threads),
+                            ("executor_spin", planned.spinning),
+                            ("plan", planned.as_dict())):
+            object.__setattr__(self, name, value)
+
+    def executor_options(self) -> dict[str, str]:
+        """The backend's options with the plan's threads and spinning, where this backend
+        takes them (what --backend-option set wins)."""
+        return with_plan(self.backend, self.backend_options, self.executor_threads,
+                         self.executor_spin)
 
     @property
     def tcp_port_range(self) -> range:
@@ -155,4 +271,14 @@ def output_problem(path: Path, *, directory: bool) -> str | None:
             pass
     except OSError as exc:
         return f"cannot write in {folder}: {exc.strerror or exc}"
+    return None
+
+
+def outputs_problem(*outputs: tuple[str, Path | None, bool]) -> str | None:
+    """'FLAG: why' for the first (flag, path, is a directory) that cannot take this run's
+    output, found before any work; None when all can (a None path is not asked for)."""
+    for flag, path, directory in outputs:
+        problem = path is not None and output_problem(path, directory=directory)
+        if problem:
+            return f"{flag}: {problem}"
     return None

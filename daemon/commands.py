@@ -8,21 +8,16 @@ import json
 import sys
 from pathlib import Path
 
-from pspnet.core.cli_args import (
-    HelpFormatter,
-    base_port,
-    device_list,
-    host_address,
-    key_value,
-    non_negative_float,
-    outputs_problem,
-    positive_float,
-    positive_int,
-)
-from pspnet.core.config import BACKENDS, DEFAULT_MAX_PIXELS, PRECISIONS, SIMULATED
+from pspnet.core.backend_rules import check_backend
+from pspnet.core.cli_args import HelpFormatter, add_flags, flag_names, from_args, positive_float
+from pspnet.core.config import PipelineConfig, outputs_problem
 from pspnet.core.exits import EXIT_FAILED, EXIT_UNAVAILABLE, EXIT_USAGE
 from pspnet.core.logs import json_safe
 from pspnet.daemon.endpoint import default_endpoint, parse_endpoint
+from pspnet.daemon.serve_config import ServeConfig
+
+# what every command that runs the pipeline takes (serve adds --tcp-host)
+PIPELINE_FLAGS = tuple(n for n in flag_names(PipelineConfig) if n != "tcp_host")
 
 
 def add_daemon_parsers(sub: argparse._SubParsersAction) -> None:
@@ -38,40 +33,8 @@ def add_daemon_parsers(sub: argparse._SubParsersAction) -> None:
         epilog="example: pspnet serve --model models/r50 --backend ort --out masks/ "
                "--watch incoming/")
     add_pipeline_args(serve)
-    serve.add_argument("--endpoint", default=None,
-                       help="where clients connect: ipc://PATH or tcp://HOST:PORT "
-                            "(default: ipc socket in a private 0700 runtime dir, which submit "
-                            "and status find by themselves; env PSPNET_ENDPOINT overrides)")
-    serve.add_argument("--watch", type=Path, default=None, metavar="DIR",
-                       help="also process images already in DIR and each one that lands "
-                            "there later; a record next to the masks makes restarts "
-                            "neither lose nor redo images")
-    serve.add_argument("--max-queue", type=positive_int, default=1024,
-                       help="requests accepted but not answered; beyond it clients are "
-                            "told `busy` and slow down")
-    serve.add_argument("--drain-timeout", type=non_negative_float, default=120.0, metavar="S",
-                       help="on SIGTERM, wait at most this long for accepted requests; "
-                            "then answer the rest with an error and exit 1")
-    serve.add_argument("--metrics-json", type=Path, default=None, metavar="FILE",
-                       help="write the final status (counts, mIoU) here on exit")
-    serve.add_argument("--metrics-port", type=metrics_port, default=None, metavar="PORT",
-                       help="serve Prometheus metrics at http://HOST:PORT/metrics (requests "
-                            "by outcome, accept-to-answer latency, queue depth, batch fill, "
-                            "busy fraction per stage, restarts, images/s); 0: a free port, "
-                            "logged in the `serving` line")
-    serve.add_argument("--metrics-host", type=ip_address, default="127.0.0.1", metavar="ADDR",
-                       help="the address /metrics listens on; 0.0.0.0 in a container, for "
-                            "a scraper in another pod (the figures name no paths)")
-    serve.add_argument("--allow-root", type=Path, action="append", default=[], metavar="DIR",
-                       help="only read images and ground truths under DIR (repeatable); "
-                            "required when --endpoint is reachable from other hosts")
-    serve.add_argument("--tcp-host", type=host_address, default="127.0.0.1", metavar="ADDR",
-                       help="with --transport tcp: the address the front's control port and "
-                            "the workers' data ports are bound on, and that this host's own "
-                            "workers connect to. The "
-                            "default admits this host only; give this host's address on a "
-                            "trusted network to let `pspnet worker --front ADDR` join from "
-                            "others (the internal ports carry no authentication)")
+    add_flags(serve, ServeConfig, flag_names(ServeConfig))
+    add_flags(serve, PipelineConfig, ("tcp_host",))
     serve.set_defaults(run=run_serve)
 
     submit = sub.add_parser(
@@ -104,92 +67,27 @@ def add_daemon_parsers(sub: argparse._SubParsersAction) -> None:
     status.set_defaults(run=run_status)
 
 
-def metrics_port(text: str) -> int:
-    """argparse type: a tcp port, or 0 for one the system chooses."""
-    return 0 if text.strip() == "0" else base_port(text)
+def add_pipeline_args(p: argparse.ArgumentParser, *, help: dict[str, str] | None = None,
+                      hidden: tuple[str, ...] = ()) -> None:
+    """Flags shared by serve, eval, bench and worker: which model, which backend, how many
+    workers (declared on PipelineConfig; `help`/`hidden` as in add_flags)."""
+    add_flags(p, PipelineConfig, PIPELINE_FLAGS, help=help, hidden=hidden)
 
 
-def ip_address(text: str) -> str:
-    """argparse type: an IPv4 or IPv6 address to listen on (0.0.0.0: every interface)."""
-    import ipaddress
+def pipeline_config(args: argparse.Namespace, **given: object) -> PipelineConfig:
+    """The pipeline's config from the shared flags (and `given`), planned where flags left
+    worker counts and threads open."""
+    return from_args(PipelineConfig, args, **given)
 
+
+def backend_problem(cfg: PipelineConfig) -> str | None:
+    """Why this backend cannot run these devices, precision and options (None: it can);
+    checked before anything binds or starts."""
     try:
-        return str(ipaddress.ip_address(text.strip()))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an IP address, not {text!r}") from None
-
-
-def add_pipeline_args(p: argparse.ArgumentParser) -> None:
-    """Flags shared by serve, eval and bench: which model, which backend, how many workers."""
-    p.add_argument("--model", type=Path, required=True, metavar="DIR",
-                   help="a directory made by `pspnet build` (manifest.json + models)")
-    p.add_argument("--backend", choices=(*BACKENDS, SIMULATED), default="ort",
-                   help="ort: ONNX Runtime; torch: PyTorch (CPU or CUDA); acl: Ascend "
-                        "aclruntime + OM (unverified on real hardware); sim: no model, a "
-                        "simulated device of --backend-option img_s=N speed, to measure "
-                        "the host side (its masks are a fixed pattern)")
-    p.add_argument("--devices", type=device_list, default="cpu",
-                   help="comma list, one executor each: cpu, cuda:0, cuda:1 (torch/ort), "
-                        "or npu:0,npu:1 (acl)")
-    p.add_argument("--precision", choices=PRECISIONS, default="fp32",
-                   help="torch backend compute precision")
-    p.add_argument("--batch-size", type=positive_int, default=None,
-                   help="static batch size to run (default: 16 if built, else the largest)")
-    p.add_argument("--max-wait-ms", type=non_negative_float, default=20.0,
-                   help="run a partial batch after waiting this long for it to fill, "
-                        "if the device is idle (while a batch runs, keep filling)")
-    p.add_argument("--preprocess-workers", type=positive_int, default=2, metavar="K",
-                   help="JPEG decode + letterbox processes")
-    p.add_argument("--postprocess-workers", type=positive_int, default=2, metavar="M",
-                   help="upsample/argmax/mask/mIoU processes")
-    p.add_argument("--out", type=Path, default=None, metavar="MASKDIR",
-                   help="write masks here as palette PNGs named after each image's "
-                        "stem; an image whose mask name already holds another image's mask "
-                        "(b/x.jpg after a/x.jpg) is answered with an error, the same image "
-                        "again replaces its own (without --out no mask files are written; "
-                        "answers carry mask null)")
-    p.add_argument("--no-masks", action="store_true", help="do not write masks (benches)")
-    p.add_argument("--max-pixels", type=positive_int, default=DEFAULT_MAX_PIXELS,
-                   help="refuse images with more pixels (read from the header, before "
-                        "decoding)")
-    p.add_argument("--max-inflight", type=positive_int, default=None,
-                   help="requests inside the pipeline at once (bounds memory; default: four "
-                        "batches per executor, at least 64)")
-    p.add_argument("--backend-option", type=key_value, action="append", default=[],
-                   metavar="KEY=VALUE",
-                   help="backend tuning, repeatable: threads=N (ort/torch), cuda_graphs=1, "
-                        "compile=1, compile_cache=DIR (torch), img_s=N, sync=1 (sim; and "
-                        "fault=hang|thread_exit, fault_after=N, fault_flag=FILE to simulate "
-                        "a stuck or broken device in reliability tests)")
-    p.add_argument("--liveness-timeout", type=positive_float, default=5.0, metavar="S",
-                   help="a worker whose work loop has not reported progress for S seconds "
-                        "(hung, stopped, a device call stuck past its allowance) is "
-                        "stopped and restarted, and what it held is retried once")
-    p.add_argument("--transport", choices=("ipc", "tcp"), default="ipc",
-                   help="between the daemon's own processes")
-    p.add_argument("--tcp-base-port", type=base_port, default=5550,
-                   help="with --transport tcp: the front's control port (workers' data "
-                        "ports are chosen by the system and reported to the front)")
-    p.add_argument("--log-level", choices=("debug", "info", "warning", "error"),
-                   default="info", help="debug adds per-batch timings")
-    p.add_argument("--log-format", choices=("auto", "json", "console"), default="auto",
-                   help="auto: console lines on a TTY, JSON lines otherwise")
-
-
-def pipeline_config(args: argparse.Namespace) -> object:
-    from pspnet.core.config import PipelineConfig
-
-    return PipelineConfig(
-        model_dir=args.model, backend=args.backend, devices=tuple(args.devices),
-        precision=args.precision, batch_size=args.batch_size, max_wait_ms=args.max_wait_ms,
-        preprocess_workers=args.preprocess_workers,
-        postprocess_workers=args.postprocess_workers, out_dir=args.out,
-        write_masks=args.out is not None and not args.no_masks, max_pixels=args.max_pixels,
-        max_inflight=args.max_inflight, transport=args.transport,
-        tcp_base_port=args.tcp_base_port, backend_options=dict(args.backend_option),
-        liveness_timeout_s=args.liveness_timeout, log_level=args.log_level,
-        log_json={"auto": None, "json": True, "console": False}[args.log_format],
-    )
+        check_backend(cfg.backend, cfg.devices, cfg.precision, cfg.backend_options)
+    except ValueError as exc:
+        return str(exc)
+    return None
 
 
 def usage_error(command: str, message: str) -> int:
@@ -198,48 +96,41 @@ def usage_error(command: str, message: str) -> int:
 
 
 def run_serve(args: argparse.Namespace) -> int:
-    from dataclasses import replace
-
     from pspnet.core.logs import configure_logging
-    from pspnet.daemon.server import ServeConfig, Server, check_exposure
+    from pspnet.daemon.server import Server, check_exposure
     from pspnet.model.manifest import Manifest, pick_batch_size
 
-    cfg = pipeline_config(args)
-    configure_logging(cfg.log_level, cfg.log_json)
     try:
-        batch = pick_batch_size(Manifest.read(args.model), args.batch_size)
+        batch = pick_batch_size(Manifest.read(args.model_dir), args.batch_size)
     except (OSError, ValueError) as exc:
         return usage_error("serve", str(exc))
-    if args.tcp_host != "127.0.0.1" and args.transport != "tcp":
+    cfg = pipeline_config(args, batch_size=batch)      # the logged config says what runs
+    problem = backend_problem(cfg)
+    if problem:
+        return usage_error("serve", problem)
+    if cfg.tcp_host != "127.0.0.1" and cfg.transport != "tcp":
         return usage_error("serve", "--tcp-host needs --transport tcp")
-    # the logged config says what runs
-    cfg = replace(cfg, batch_size=batch, tcp_host=args.tcp_host)
     if args.watch is not None and not args.watch.is_dir():
         return usage_error("serve", f"--watch {args.watch}: not a directory")
-    if args.watch is not None and args.out is None:
+    if args.watch is not None and cfg.out_dir is None:
         return usage_error("serve", "--watch needs --out (the record lives next to the masks)")
-    if args.watch is not None and args.watch.resolve() == args.out.resolve():
+    if args.watch is not None and args.watch.resolve() == cfg.out_dir.resolve():
         return usage_error("serve", "--watch and --out are the same folder: every mask would "
                                     "come back in as a new image; give masks their own folder")
-    problem = outputs_problem(("--out", args.out, True),
+    problem = outputs_problem(("--out", cfg.out_dir, True),
                               ("--metrics-json", args.metrics_json, False))
     if problem:
         return usage_error("serve", problem)
     endpoint = args.endpoint or default_endpoint()
-    problem = check_exposure(endpoint, tuple(args.allow_root))
+    problem = check_exposure(endpoint, tuple(args.allow_roots))
     if problem:
         return usage_error("serve", problem)
     port = parse_endpoint(endpoint).port
     if cfg.transport == "tcp" and port in cfg.tcp_port_range:
         return usage_error("serve", f"--endpoint's port {port} is the internal control port "
                                     f"(--tcp-base-port {cfg.tcp_base_port}); move one of them")
-    server = Server(ServeConfig(pipeline=cfg, endpoint=endpoint, watch=args.watch,
-                                max_queue=args.max_queue, drain_timeout_s=args.drain_timeout,
-                                metrics_json=args.metrics_json,
-                                allow_roots=tuple(args.allow_root),
-                                metrics_port=args.metrics_port,
-                                metrics_host=args.metrics_host))
-    return server.serve()
+    configure_logging(cfg.log_level, cfg.log_json)
+    return Server(from_args(ServeConfig, args, pipeline=cfg, endpoint=endpoint)).serve()
 
 
 def run_submit(args: argparse.Namespace) -> int:

@@ -22,7 +22,6 @@ import signal
 import sys
 import time
 import uuid
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,33 +29,21 @@ import structlog
 import zmq
 
 from pspnet.core import wire
-from pspnet.core.config import PipelineConfig
 from pspnet.core.exits import EXIT_CANNOT_START, EXIT_FAILED, EXIT_OK, EXIT_USAGE
 from pspnet.core.logs import json_safe
+from pspnet.core.plan import describe
 from pspnet.daemon.clients import Clients, refusal
 from pspnet.daemon.door import Door
 from pspnet.daemon.endpoint import is_local
 from pspnet.daemon.exporter import Exporter
 from pspnet.daemon.front import Front, PipelineError, StartInterrupted
+from pspnet.daemon.serve_config import ServeConfig
 from pspnet.daemon.watch import Record, StorageError, Version, Watcher
 
 LOOP_MS = 50
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 WATCH = "watch"              # the origin of watched files' requests
 RECORD_RETRY_S = 1.0         # a record that cannot be written is tried again this often
-
-
-@dataclass(frozen=True)
-class ServeConfig:
-    pipeline: PipelineConfig
-    endpoint: str
-    watch: Path | None = None
-    max_queue: int = 1024                    # accepted but unanswered; beyond: "busy"
-    drain_timeout_s: float = 120.0
-    metrics_json: Path | None = None
-    allow_roots: tuple[Path, ...] = field(default_factory=tuple)
-    metrics_port: int | None = None          # Prometheus /metrics; None: not served
-    metrics_host: str = "127.0.0.1"
 
 
 class Server:
@@ -108,6 +95,7 @@ class Server:
                       liveness_timeout_s=pipe.liveness_timeout_s,
                       allow_roots=[str(p) for p in cfg.allow_roots], transport=pipe.transport,
                       client_connections_cap=self.door.cap)
+        self.log.info("plan", plan=describe(pipe.plan))    # workers and threads: how, why
         if pipe.transport == "tcp" and not ipaddress.ip_address(pipe.tcp_host).is_loopback:
             self.log.warning("internal ports open to the network, without authentication",
                              host=pipe.tcp_host, port=pipe.tcp_ports)
@@ -325,6 +313,7 @@ class Server:
                          "accepting_connections": self.door.state.open,
                          "client_connections_cap": self.door.cap,
                          **self.clients.counts}
+        doc["plan"] = self.cfg.pipeline.plan       # how workers and threads were chosen
         return doc
 
     def _write_metrics(self, final: dict[str, Any]) -> bool:

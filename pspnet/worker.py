@@ -9,10 +9,14 @@ from __future__ import annotations
 import argparse
 import signal
 import socket
-from dataclasses import replace
 
 from pspnet.core.cli_args import HelpFormatter, host_address, non_negative_int
-from pspnet.daemon.commands import add_pipeline_args, pipeline_config, usage_error
+from pspnet.daemon.commands import (
+    add_pipeline_args,
+    backend_problem,
+    pipeline_config,
+    usage_error,
+)
 
 
 def add_worker_parser(sub: argparse._SubParsersAction) -> None:
@@ -52,8 +56,11 @@ def run_worker(args: argparse.Namespace) -> int:
         host = args.host or local_address_towards(args.front, args.tcp_base_port)
     except OSError as exc:
         return usage_error("worker", f"--front {args.front}: {exc.strerror or exc}")
+    cfg = pipeline_config(args, transport="tcp", tcp_host=args.front)
+    problem = backend_problem(cfg)      # its threads are planned for this host's CPUs
+    if problem:
+        return usage_error("worker", problem)
     signal.signal(signal.SIGINT, signal.SIG_DFL)      # Ctrl-C ends it, quietly
-    cfg = replace(pipeline_config(args), transport="tcp", tcp_host=args.front)
     addrs = Addresses(f"tcp://{args.front}:{args.tcp_base_port}", host, None)
     run(args.stage, args.index, cfg, addrs, supervised=False)
     return 0

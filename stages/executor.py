@@ -64,11 +64,8 @@ def main(child: Child) -> None:
     try:
         manifest = Manifest.read(cfg.model_dir)
         batch = pick_batch_size(manifest, cfg.batch_size)
-        options = dict(cfg.backend_options)
-        if cfg.executor_threads:
-            options.setdefault("threads", str(cfg.executor_threads))
         backend = open_backend(cfg.backend, cfg.model_dir, batch, device=device,
-                               precision=cfg.precision, options=options)
+                               precision=cfg.precision, options=cfg.executor_options())
     except Exception as exc:  # any start-up failure is "cannot start", not a restart loop
         child.fatal(f"{cfg.backend} backend on {device}: {exc}")
     # a compile or a cold cache makes this the slowest part of a start; say how slow

@@ -27,7 +27,7 @@ IMAGES_HWM = 1024            # images queued for one executor before a send give
 
 def main(child: Child) -> None:
     """Run until stopped."""
-    cv2.setNumThreads(1)                        # one worker = one core; the pool scales out
+    cv2.setNumThreads(child.cfg.worker_threads)  # one worker = one core; the pool scales out
     try:
         manifest = Manifest.read(child.cfg.model_dir)
     except (OSError, ValueError) as exc:

@@ -104,7 +104,7 @@ def test_daemon_manifest_matches_the_daemon():
     (container,) = pod["containers"]
     args = pspnet_args(container["args"])
     assert args.command == "serve" and args.devices == ("cuda:0",)
-    assert ("compile", "1") in args.backend_option
+    assert args.backend_options.get("compile") == "1"
     assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
     # probes: `pspnet status` on the endpoint the daemon serves, each parsed for real
     endpoint_port = int(args.endpoint.rsplit(":", 1)[1])
@@ -118,10 +118,10 @@ def test_daemon_manifest_matches_the_daemon():
     startup = container["startupProbe"]
     assert startup["periodSeconds"] * startup["failureThreshold"] >= COMPILE_ALLOWANCE_S
     # SIGTERM drains; Kubernetes must not SIGKILL before --drain-timeout has run out
-    assert pod["terminationGracePeriodSeconds"] > args.drain_timeout
+    assert pod["terminationGracePeriodSeconds"] > args.drain_timeout_s
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
     assert ports == {"clients": endpoint_port, "metrics": args.metrics_port}
-    assert args.metrics_host == "0.0.0.0" and args.allow_root == [Path("/data")]
+    assert args.metrics_host == "0.0.0.0" and args.allow_roots == (Path("/data"),)
     assert {p["targetPort"] for p in service["spec"]["ports"]} <= set(ports)
     assert service["spec"]["selector"] == deployment["spec"]["selector"]["matchLabels"]
 
@@ -205,4 +205,4 @@ def test_rayjob_runs_pspnet_batch_on_every_gpu():
         mounts = {m["mountPath"] for c in template["spec"]["containers"]
                   for m in c["volumeMounts"]}
         assert {"/models", "/data"} <= mounts
-    assert str(args.model).startswith("/models/") and str(args.out).startswith("/data/")
+    assert str(args.model_dir).startswith("/models/") and str(args.out_dir).startswith("/data/")

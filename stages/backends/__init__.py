@@ -18,7 +18,7 @@ import time
 from collections.abc import Mapping
 from pathlib import Path
 
-from pspnet.core.config import PRECISIONS, SIMULATED
+from pspnet.core.backend_rules import PRECISIONS, RULES, SIMULATED
 from pspnet.stages.backends.base import (
     KINDS,
     NUM_SLOTS,
@@ -41,12 +41,13 @@ def open_backend(
     """Open the backend `kind` for the static batch size `batch_size` of `model_dir`.
 
     Backend modules are imported here, lazily, so a host without torch CUDA or aclruntime
-    can still open the others.
+    can still open the others. What each backend takes is checked first against the
+    table the CLI checks too (pspnet.core.backend_rules).
     """
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
     model_dir = Path(model_dir)
     options = dict(options or {})
+    if kind in RULES:                      # device, precision, option names: core's table
+        RULES[kind].check(device, precision, options)
     cls: type[BackendBase]
     if kind == "ort":
         from pspnet.stages.backends.ort import OrtBackend as cls

@@ -14,7 +14,8 @@ from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 import numpy as np
 
-from pspnet.core.config import BACKENDS
+from pspnet.core.backend_rules import BACKENDS, FALSE_WORDS, TRUE_WORDS
+from pspnet.core.backend_rules import parse_device as parse_device  # for the backends
 
 if TYPE_CHECKING:
     from pspnet.model.manifest import Manifest, ModelFile
@@ -219,9 +220,9 @@ def check_options(kind: str, options: Mapping[str, str], allowed: Mapping[str, s
 
 def option_flag(options: Mapping[str, str], key: str) -> bool:
     value = str(options.get(key, "0")).strip().lower()
-    if value in ("1", "true", "yes", "on"):
+    if value in TRUE_WORDS:
         return True
-    if value in ("0", "false", "no", "off", ""):
+    if value in FALSE_WORDS:
         return False
     raise ValueError(f"option {key}={value!r}: expected 0/1")
 
@@ -237,15 +238,3 @@ def option_int(options: Mapping[str, str], key: str) -> int | None:
         raise ValueError(f"option {key}={value}: must be >= 0")
     return value
 
-
-def parse_device(device: str, kinds: tuple[str, ...]) -> tuple[str, int]:
-    """'cuda:1' -> ('cuda', 1); 'cpu' -> ('cpu', 0); kind must be one of `kinds`."""
-    kind, _, index = str(device).strip().lower().partition(":")
-    if kind not in kinds:
-        raise ValueError(f"device {device!r}: expected one of "
-                         f"{', '.join(k + '[:N]' for k in kinds)}")
-    if not index:
-        return kind, 0
-    if not index.isdigit():
-        raise ValueError(f"device {device!r}: the index after ':' must be a number")
-    return kind, int(index)

@@ -14,11 +14,13 @@ from typing import Any
 
 import numpy as np
 
+from pspnet.core.backend_rules import RULES, SPIN, THREADS
 from pspnet.stages.backends.base import (
     NUM_SLOTS,
     BackendBase,
     BackendUnavailable,
     check_options,
+    option_flag,
     option_int,
     parse_device,
 )
@@ -31,9 +33,7 @@ _PROVIDERS = {
                   "CPUExecutionProvider"), "cuda"),
     "cann": (("CANNExecutionProvider", "CPUExecutionProvider"), "cann"),
 }
-OPTIONS = {
-    "threads": "intra-op threads of the session (default: onnxruntime's choice)",
-}
+OPTIONS = RULES["ort"].options
 
 
 class OrtBackend(BackendBase):
@@ -67,10 +67,7 @@ class OrtBackend(BackendBase):
                 f"({ort.__version__}) offers only {', '.join(available)}; install the "
                 "matching build (onnxruntime-gpu, onnxruntime-cann) or pick another device"
             )
-        if precision != "fp32" and (kind not in ("tensorrt", "cann") or precision != "fp16"):
-            raise ValueError(f"the ort backend runs the fp32 ONNX graph; precision "
-                             f"{precision!r} is offered only as fp16 on tensorrt and cann "
-                             f"(not {kind}); the torch backend does fp16/bf16")
+        RULES["ort"].check(device, precision, options)   # fp16 only on tensorrt, cann
         providers: list[Any] = []
         for provider in wanted:
             if provider == "CPUExecutionProvider":
@@ -85,9 +82,14 @@ class OrtBackend(BackendBase):
                                     f"missing{f' ({why})' if why else ''}; rebuild the model "
                                     "directory with `pspnet build`")
         session_options = ort.SessionOptions()
-        threads = option_int(options, "threads")
+        threads = option_int(options, THREADS)
         if threads:
             session_options.intra_op_num_threads = threads
+        if SPIN in options:
+            # idle pool threads spin by default: they burn the cores the workers need
+            spin = "1" if option_flag(options, SPIN) else "0"
+            session_options.add_session_config_entry("session.intra_op.allow_spinning", spin)
+            session_options.add_session_config_entry("session.inter_op.allow_spinning", spin)
         self._session = ort.InferenceSession(str(path), session_options, providers=providers)
         active = self._session.get_providers()
         if active[0] != wanted[0]:

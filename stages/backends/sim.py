@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pspnet.core.backend_rules import RULES, SIMULATED
 from pspnet.stages.backends.base import (
     BackendBase,
     check_options,
@@ -28,16 +29,7 @@ from pspnet.stages.backends.base import (
     parse_device,
 )
 
-OPTIONS = {
-    "img_s": "the simulated device's speed in images/s (default 1000)",
-    "sync": "1: a synchronous runtime (the batch runs in collect), not a device queue",
-    "fault": "for reliability tests: hang (a collect that never returns: a stuck device "
-             "call) or thread_exit (the collecting thread ends, as if a native crash "
-             "killed it)",
-    "fault_after": "the fault fires at this batch (default 1)",
-    "fault_flag": "a file: the fault fires only in the process that first creates it, so "
-                  "the restarted executor runs clean",
-}
+OPTIONS = RULES[SIMULATED].options      # pspnet.core.backend_rules: the CLI checks them
 FAULTS = ("hang", "thread_exit")
 DEFAULT_IMG_S = 1000
 

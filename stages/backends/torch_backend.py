@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from pspnet.core.backend_rules import RULES
 from pspnet.model.serving_model import ServingModel
 from pspnet.stages.backends.base import (
     NUM_SLOTS,
@@ -40,19 +41,7 @@ from pspnet.stages.backends.base import (
 from pspnet.stages.backends.conv_fusion import fused_copy
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-OPTIONS = {
-    "threads": "torch.set_num_threads on CPU (process-wide)",
-    "compile": "1: torch.compile the serving model (compile time in compile_seconds)",
-    "compile_mode": "torch.compile mode (default, reduce-overhead, max-autotune...)",
-    "compile_cache": "directory for torch.compile's on-disk caches (default: torch's own, "
-                     "/tmp/torchinductor_<user>, gone after a reboot); a restart that "
-                     "finds them compiles in seconds",
-    "cuda_graphs": "1: capture one CUDA graph per slot and replay it (CUDA only)",
-    "warmup": "warm-up runs per slot at open time (default 2 on CUDA, 1 on CPU)",
-    "fused_conv": "1: each conv + bias (+ residual add) + ReLU as one cuDNN call (CUDA, "
-                  "eager or cuda_graphs; BN folded at build); auto: time both at open and "
-                  "keep the faster; 0 (default): off",
-}
+OPTIONS = RULES["torch"].options        # pspnet.core.backend_rules: the CLI checks them
 FUSION_TIMED_RUNS = 5          # fused_conv=auto: timed batches per variant at open
 
 _log = logging.getLogger(__name__)

@@ -15,7 +15,7 @@ from pspnet.model.manifest import Manifest
 from pspnet.stages.backends import open_backend
 
 TOP_KEYS = {"machine", "hostname", "cpu_count", "accelerator", "backend", "precision",
-            "versions", "model", "settings", "inputs", "results", "best", "created"}
+            "versions", "model", "settings", "inputs", "results", "best", "created", "plan"}
 ROW_KEYS = {"batch_size", "e2e_img_s", "executor_img_s", "serial_img_s", "e2e_over_executor",
             "e2e_over_serial", "latency_p50_ms", "latency_p99_ms", "busy_fraction",
             "repeats", "errors", "mIoU", "e2e_steady_img_s", "steady_over_executor",
@@ -37,6 +37,9 @@ def test_bench_synthetic_on_the_tiny_model(tiny_models, tmp_path, capsys):
     doc = json.loads(report.read_text())
     assert TOP_KEYS <= set(doc)
     assert doc["machine"] == "test-box" and doc["cpu_count"] >= 1
+    # the daemon's plan for this host, with what the flags set named
+    assert doc["plan"]["set_by_flags"] == ["preprocess_workers", "postprocess_workers"]
+    assert doc["plan"]["executor_threads"] >= 1 and "why" in doc["plan"]
     assert {"python", "numpy", "torch", "onnxruntime"} <= set(doc["versions"])
     assert [r["batch_size"] for r in doc["results"]] == [1, 4]
     for row in doc["results"]:
@@ -174,3 +177,43 @@ def test_busiest_threads_names_the_thread_that_burns_cpu():
     assert rows[0]["ms_per_image"] >= 2.5              # 0.3 s of CPU over 100 images
     assert rows[0]["max_img_s"] == pytest.approx(1000 / rows[0]["ms_per_image"], rel=1e-3)
     assert threads.busiest(before, before, images=0) == []
+
+
+def test_bench_plans_tries_the_plan_and_its_neighbours(tiny_models, tmp_path, capsys):
+    """--plans: the plan and its neighbours, one short pass each, the best printed beside
+    the default with the flags that run it (figures are not asserted: shared machine)."""
+    report = tmp_path / "plans.json"
+    code = main(["bench", "--model", str(tiny_models["labels"]), "--synthetic", "4",
+                 "--plans", "--repeats", "1", "--warmup", "0", "--batch-sizes", "4",
+                 "--json", str(report)])
+    out, err = capsys.readouterr()
+    print(out)
+    assert code == 0, err
+    doc = json.loads(report.read_text())
+    rows = doc["plans"]
+    default = rows[0]
+    assert default["default"] and default["over_default"] == 1.0
+    assert default["preprocess_workers"] == doc["plan"]["preprocess_workers"]
+    tried = {(r["preprocess_workers"], r["postprocess_workers"], r["executor_threads"])
+             for r in rows}
+    assert len(tried) == len(rows) >= 3                  # distinct neighbours
+    pre, post = default["preprocess_workers"], default["postprocess_workers"]
+    assert (pre + 1, post, default["executor_threads"]) in tried
+    assert all(r["errors"] == 0 and r["e2e_img_s"] > 0 for r in rows)
+    assert "(default)" in out and out.strip().splitlines()[-1].startswith("best: ")
+
+
+def test_plan_neighbours(tmp_path):
+    from pspnet.bench.plans import neighbours
+    from pspnet.core.config import PipelineConfig
+
+    cfg = PipelineConfig(model_dir=tmp_path, preprocess_workers=1, postprocess_workers=2,
+                         executor_threads=1, backend_options={"threads": "1"})
+    got = [(c.preprocess_workers, c.postprocess_workers, c.executor_threads)
+           for c in neighbours(cfg)]
+    assert got == [(2, 2, 1), (1, 3, 1), (1, 2, 2), (1, 1, 1)]
+    assert all("threads" not in c.backend_options for c in neighbours(cfg))
+    sim = PipelineConfig(model_dir=tmp_path, backend="sim", preprocess_workers=1,
+                         postprocess_workers=1)
+    assert [(c.preprocess_workers, c.postprocess_workers) for c in neighbours(sim)] == \
+        [(2, 1), (1, 2)]                                # a device's threads are not tried

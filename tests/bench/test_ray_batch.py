@@ -172,8 +172,8 @@ def test_batch_refusals(ray_session, tiny_models, tmp_path, capsys):
     actor, a GPU this machine lacks, inputs that are not there."""
     model = str(tiny_models["logits"])
     assert batch("--images", str(SAMPLE_DIR), "--model", model,
-                 "--backend-option", "bogus=1") == 1
-    assert "error: the Ray job failed: ValueError: unknown ort backend option(s) bogus" \
+                 "--backend-option", "bogus=1") == 2      # before Ray starts: a usage error
+    assert "pspnet batch: error: unknown ort backend option(s) bogus" \
         in capsys.readouterr().err
     assert batch("--images", str(SAMPLE_DIR), "--model", model, "--device", "cuda") == 1
     assert "has no GPU" in capsys.readouterr().err

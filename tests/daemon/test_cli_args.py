@@ -13,6 +13,7 @@ import argparse
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -128,12 +129,16 @@ def test_eval_refuses_a_batch_size_the_model_was_not_built_with(model, tmp_path,
 
 
 def test_bench_names_a_backend_that_will_not_open_in_one_line(model, capsys):
-    for option in ("img_s=0", "speed=5"):
+    """A bad value is found when the backend opens (exit 1); an option the backend does not
+    know is a usage error found before anything starts (exit 2)."""
+    for option, code_wanted, words in (
+            ("img_s=0", 1, "pspnet bench: error: cannot open the sim backend:"),
+            ("speed=5", 2, "pspnet bench: error: unknown sim backend option(s) speed")):
         code, last = exit_status(["bench", "--model", str(model), "--backend", "sim",
                                   "--synthetic", "4", "--batch-sizes", "4", "--repeats", "1",
                                   "--warmup", "0", "--backend-option", option], capsys)
-        assert code == 1, last
-        assert last.startswith("pspnet bench: error: cannot open the sim backend:"), last
+        assert code == code_wanted, last
+        assert last.startswith(words), last
 
 
 def test_a_broken_manifest_is_named_in_the_error(model, tmp_path, capsys):
@@ -185,3 +190,126 @@ def test_help_explains_every_flag(command):
         assert "--liveness-timeout S" in text, "no --liveness-timeout in serve --help"
         after = text[text.rindex("--liveness-timeout S"):][:600]  # the option, not the usage
         assert "default: 5" in after, after
+
+
+# ---- backend rules, checked before anything starts ---------------------------------------
+
+BACKEND_REFUSALS = [
+    (["--precision", "fp16"], "the ort backend runs fp32 on cpu, not --precision fp16"),
+    (["--backend", "torch", "--precision", "fp16"], "fp16 on cuda"),
+    (["--backend", "acl"], "the acl backend runs on npu[:N]"),
+    (["--backend", "torch", "--backend-option", "cuda_graphs=1"],
+     "cuda_graphs=1 needs a CUDA device"),
+    (["--backend-option", "bogus=1"], "unknown ort backend option(s) bogus"),
+]
+
+
+@pytest.mark.parametrize("command", ["serve", "eval", "bench", "worker", "batch"])
+@pytest.mark.parametrize("flags, words", BACKEND_REFUSALS)
+def test_what_a_backend_cannot_run_is_refused_by_every_command(model, tmp_path, capsys,
+                                                               command, flags, words):
+    """One table (pspnet.core.backend_rules) says which devices, precisions and options
+    each backend takes; every command that runs a backend checks it first: one line, exit
+    2, nothing opened or started."""
+    if command == "batch" and "--devices" in flags:
+        pytest.skip("batch takes --device")
+    argv = {"serve": ["serve"], "eval": ["eval", "--voc", str(tmp_path)],
+            "bench": ["bench", "--synthetic", "4"],
+            "worker": ["worker", "executor", "--front", "127.0.0.1"],
+            "batch": ["batch", "--images", str(tmp_path)]}[command]
+    code, last = exit_status([*argv, "--model", str(model), *flags], capsys)
+    assert code == 2, last
+    assert last.startswith(f"pspnet {command}: error:") and words in last, last
+    assert not list(tmp_path.glob("pspnet-*"))
+
+
+def test_serve_refuses_a_precision_its_backend_lacks_before_any_worker(model, tmp_path):
+    """`pspnet serve --backend ort --precision fp16` as a process: one line, exit 2, within
+    2 s, and no run directory (the front makes it before its first worker). Before, it
+    bound the endpoint, started five workers, loaded the model, then exited 3."""
+    import os
+    import time
+
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    started = time.monotonic()
+    out = subprocess.run([sys.executable, "-m", "pspnet", "serve", "--model", str(model),
+                          "--backend", "ort", "--precision", "fp16", "--endpoint",
+                          f"ipc://{tmp_path}/front"],
+                         capture_output=True, text=True, timeout=60, cwd=REPO,
+                         env={**os.environ, "TMPDIR": str(tmp)})
+    took = time.monotonic() - started
+    lines = out.stderr.strip().splitlines()
+    print(f"\nFIGURE serve --backend ort --precision fp16: exit {out.returncode} in "
+          f"{took:.2f} s: {lines}")
+    assert out.returncode == 2 and len(lines) == 1, out.stderr
+    assert lines[0].startswith("pspnet serve: error: the ort backend runs fp32 on cpu, not "
+                               "--precision fp16; it runs fp16 on tensorrt and cann"), lines
+    assert not list(tmp.glob("pspnet-*")) and not (tmp_path / "front").exists()
+    assert took < 2.0, f"took {took:.2f} s"
+
+
+# ---- one declaration per setting -----------------------------------------------------------
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    from pspnet.cli import build_parser
+
+    return build_parser().parse_args(argv)
+
+
+def test_flags_take_their_defaults_and_help_from_the_config_fields(tmp_path):
+    """Each flag's default is its field's (a config from no flags equals the dataclass's
+    own defaults), and a flag's help text is written once, on its field."""
+    import dataclasses
+
+    from pspnet.core.cli_args import FLAG
+    from pspnet.core.config import PipelineConfig
+    from pspnet.daemon.commands import pipeline_config
+    from pspnet.daemon.serve_config import ServeConfig
+
+    for command in ("serve", "eval", "bench", "worker"):
+        extra = {"serve": [], "eval": ["--voc", "v"], "bench": ["--synthetic", "4"],
+                 "worker": ["executor", "--front", "h"]}[command]
+        argv = [command, *extra, "--model", str(tmp_path)]
+        args = parse(argv)
+        quiet = "warning" if command in ("eval", "bench") else "info"   # set_defaults
+        assert pipeline_config(args) == PipelineConfig(model_dir=tmp_path,
+                                                       log_level=quiet), command
+    args = parse(["serve", "--model", str(tmp_path)])
+    serve = ServeConfig(PipelineConfig(tmp_path), endpoint="e")
+    for spec in dataclasses.fields(ServeConfig):
+        if FLAG in spec.metadata and spec.name != "endpoint":   # None: the default's
+            assert getattr(args, spec.name) == getattr(serve, spec.name), spec.name
+    args = parse(["serve", "--model", str(tmp_path), "--backend-option", "threads=2",
+                  "--backend-option", "spin=1", "--allow-root", "/a", "--allow-root", "/b",
+                  "--no-masks", "--log-format", "json", "--devices", "cpu,cpu"])
+    cfg = pipeline_config(args)
+    assert cfg.backend_options == {"threads": "2", "spin": "1"} and cfg.log_json is True
+    assert cfg.write_masks is False and cfg.devices == ("cpu", "cpu")
+    assert args.allow_roots == (Path("/a"), Path("/b"))
+    assert cfg.executor_threads == 2 and cfg.executor_spin is True
+
+
+def test_worker_counts_from_flags_override_the_plan(tmp_path):
+    from pspnet.daemon.commands import pipeline_config
+
+    cfg = pipeline_config(parse(["serve", "--model", str(tmp_path),
+                                 "--preprocess-workers", "3"]))
+    assert cfg.preprocess_workers == 3 and cfg.plan["set_by_flags"] == ["preprocess_workers"]
+    assert cfg.postprocess_workers == cfg.plan["postprocess_workers"]
+
+
+def test_a_command_words_a_shared_flag_its_own_way():
+    """bench hides --batch-size (--batch-sizes replaces it) and says what --out and
+    --no-masks mean there; batch takes only the pipeline flags it uses."""
+    bench = subprocess.run([sys.executable, "-m", "pspnet", "bench", "--help"],
+                           capture_output=True, text=True, timeout=60, cwd=REPO).stdout
+    text = " ".join(bench.split())
+    assert "--batch-size " not in text and "--batch-sizes LIST" in text
+    assert "MASKDIR/e2e-bsN/" in text and "write no masks in e2e and serial" in text
+    assert "--plans" in text
+    batch = " ".join(subprocess.run([sys.executable, "-m", "pspnet", "batch", "--help"],
+                                    capture_output=True, text=True, timeout=60,
+                                    cwd=REPO).stdout.split())
+    assert "at the same path on every node" in batch and "--executor-cpus N" in batch
+    assert "--preprocess-workers" not in batch and "--liveness-timeout" not in batch

@@ -32,7 +32,11 @@ def test_serve_submit_status_50_images(tiny_models, photo_files, tmp_path, daemo
             mask_pixels(a.mask)
         status = daemon.status()
         assert status["front"]["ok"] == 50
-        assert status["stages"]["preprocess"]["alive"] == 2
+        # no worker flags: the plan for this host's CPUs, shown in the status
+        assert status["plan"]["set_by_flags"] == [] and status["plan"]["cpus"] >= 1
+        assert status["stages"]["preprocess"]["alive"] == status["plan"]["preprocess_workers"]
+        assert status["stages"]["postprocess"]["alive"] == \
+            status["plan"]["postprocess_workers"]
         # the command-line client: one JSON line per image, exit 0 only if all succeeded
         cli = subprocess.run(
             [sys.executable, "-m", "pspnet", "submit", str(photo_files[0]),
@@ -46,12 +50,15 @@ def test_serve_submit_status_50_images(tiny_models, photo_files, tmp_path, daemo
                              daemon.endpoint], capture_output=True, text=True, timeout=30)
         doc = json.loads(st.stdout)
         assert doc["front"]["ok"] == 51 and "images_per_s" in doc
+        assert doc["plan"] == status["plan"]
     finally:
         assert daemon.stop() == 0, daemon.logs()
     # the executor says how long its backend took to open (a compile's share: none here)
     (opened,) = [e for e in daemon.events() if e.get("event") == "backend open"]
     assert opened["backend"] == "ort" and opened["batch"] == 4
     assert opened["backend_open_s"] > 0 and "compile_s" not in opened
+    (plan,) = [e for e in daemon.events() if e.get("event") == "plan"]
+    assert plan["plan"].startswith(f"{status['plan']['preprocess_workers']} preprocess + ")
 
 
 def test_two_executors_over_tcp_loopback_and_a_remote_one(tiny_models, photo_files, tmp_path,

@@ -40,7 +40,8 @@ N = 1000
 VICTIMS = [("preprocess", 0), ("preprocess", 1), ("executor", 0), ("postprocess", 0),
            ("postprocess", 1)]
 FIRST_KILL, KILL_EVERY, AHEAD = 150, 170, 60   # kill k when ~FIRST_KILL + k*KILL_EVERY answered
-ARGS = ("--batch-size", "16", "--max-inflight", "64", "--max-queue", "256")
+ARGS = ("--batch-size", "16", "--max-inflight", "64", "--max-queue", "256",
+        "--preprocess-workers", "2", "--postprocess-workers", "2")   # two of each to kill
 LIBRARY_N = 750        # the library client's images, submitted as the crash run starts
 
 

@@ -271,10 +271,24 @@ def test_ort_threads_and_precision(tiny_models):
         open_backend("ort", tiny_models["labels"], 1, precision="fp16")
 
 
+@pytest.mark.parametrize("spin", ["0", "1"])
+def test_ort_spinning_is_set_on_the_session(tiny_models, spin):
+    """spin=0 (the plan's choice where processes share cores) reaches the session's
+    intra-op and inter-op pools; without the option onnxruntime keeps its default."""
+    backend = open_backend("ort", tiny_models["labels"], 1,
+                           options={"threads": "2", "spin": spin})
+    session_options = backend._session.get_session_options()
+    assert session_options.intra_op_num_threads == 2
+    for pool in ("intra_op", "inter_op"):
+        assert session_options.get_session_config_entry(
+            f"session.{pool}.allow_spinning") == spin
+    backend.close()
+
+
 # ---- torch -------------------------------------------------------------------------------
 
 def test_torch_cpu_rejects_cuda_only_settings(tiny_models):
-    with pytest.raises(ValueError, match="fp16 on CPU"):
+    with pytest.raises(ValueError, match="runs fp32/bf16 on cpu, not --precision fp16"):
         open_backend("torch", tiny_models["logits"], BATCH, precision="fp16")
     with pytest.raises(ValueError, match="cuda_graphs=1 needs a CUDA device"):
         open_backend("torch", tiny_models["logits"], BATCH, options={"cuda_graphs": "1"})

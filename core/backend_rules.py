@@ -1,0 +1,174 @@
+"""What each executor backend takes (devices, precisions, options), as data.
+
+Why here, below the daemon and the stages: the CLI checks a command line against these
+rules before it binds an endpoint or starts a process (one line, exit 2), and the daemon
+must not import pspnet.stages (nor torch) to know that `ort` runs fp32 only; the backends
+in pspnet.stages.backends read the same table when they open, so a rule is written once.
+Adding a backend: its module in stages/backends/, one row here, one branch in
+`open_backend`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+PRECISIONS = ("fp32", "fp16", "bf16")
+SIMULATED = "sim"            # no model: a device of a given speed, for measuring the host
+TRUE_WORDS = ("1", "true", "yes", "on")
+FALSE_WORDS = ("0", "false", "no", "off", "")
+THREADS, SPIN = "threads", "spin"     # the options the CPU plan sets (core.plan)
+
+
+@dataclass(frozen=True)
+class BackendRules:
+    """One backend: the device kinds it runs on with the precisions each takes, the
+    options it knows, and options that may be on only on some device kinds."""
+
+    name: str
+    summary: str                                  # one phrase for --backend's help
+    devices: Mapping[str, tuple[str, ...]]        # device kind -> precisions there
+    options: Mapping[str, str]                    # option -> what it does
+    device_only: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    exclusive: tuple[tuple[str, str], ...] = ()   # options that may not both be on
+    precision_note: str = ""                      # said when a precision is refused
+
+    def check(self, device: str, precision: str, options: Mapping[str, str]) -> None:
+        """ValueError (one line, naming the fix) if this backend cannot run `precision`
+        on `device` with these options. Light: imports no runtime, opens nothing."""
+        try:
+            kind, _ = parse_device(device, tuple(self.devices))
+        except ValueError:
+            if str(device).strip().lower().partition(":")[0] in self.devices:
+                raise                      # a known kind, a bad index: parse_device says
+            raise ValueError(f"the {self.name} backend runs on "
+                             f"{' or '.join(k + '[:N]' for k in self.devices)} "
+                             f"({self.summary}), not device {device!r}") from None
+        takes = self.devices[kind]
+        if precision not in takes:
+            raise ValueError(f"the {self.name} backend runs {'/'.join(takes)} on {kind}, "
+                             f"not --precision {precision}"
+                             + (f" ({self.precision_note})" if self.precision_note else "")
+                             + f"; {self.where_runs(precision)}")
+        unknown = sorted(set(options) - set(self.options))
+        if unknown:
+            raise ValueError(f"unknown {self.name} backend option(s) {', '.join(unknown)}; "
+                             f"known: {', '.join(self.options)}")
+        for a, b in self.exclusive:
+            if is_on(options, a) and is_on(options, b):
+                raise ValueError(f"options {a}=1 and {b}=1 do not combine on the "
+                                 f"{self.name} backend")
+        for key, kinds in self.device_only.items():
+            if is_on(options, key) and kind not in kinds:
+                raise ValueError(f"option {key}={options[key]} needs a "
+                                 f"{' or '.join(k.upper() for k in kinds)} device, "
+                                 f"not {device}")
+
+    def takes(self, option: str) -> bool:
+        return option in self.options
+
+    def where_runs(self, precision: str) -> str:
+        """Where `precision` does run: this backend first, then the others."""
+        def kinds(rules: BackendRules) -> str:
+            return " and ".join(k for k, p in rules.devices.items() if precision in p)
+
+        others = [f"the {r.name} backend runs {precision} on {kinds(r)}"
+                  for r in RULES.values() if r.name not in (self.name, SIMULATED)
+                  and kinds(r)]
+        mine = [f"it runs {precision} on {kinds(self)}"] if kinds(self) else []
+        return "; ".join(mine + others) or f"no backend runs {precision}"
+
+
+RULES: dict[str, BackendRules] = {
+    "ort": BackendRules(
+        "ort", "ONNX Runtime",
+        devices={"cpu": ("fp32",), "cuda": ("fp32",), "tensorrt": ("fp32", "fp16"),
+                 "cann": ("fp32", "fp16")},
+        options={THREADS: "intra-op threads of the session (default: the plan's)",
+                 SPIN: "1: idle intra/inter-op threads spin, as onnxruntime does by "
+                       "default; 0: they sleep (the plan's choice where processes share "
+                       "cores)"}),
+    "torch": BackendRules(
+        "torch", "PyTorch (CPU or CUDA)",
+        devices={"cpu": ("fp32", "bf16"), "cuda": PRECISIONS},
+        options={
+            THREADS: "torch.set_num_threads on CPU (process-wide; default: the plan's)",
+            "compile": "1: torch.compile the serving model (compile time in compile_seconds)",
+            "compile_mode": "torch.compile mode (default, reduce-overhead, max-autotune...)",
+            "compile_cache": "directory for torch.compile's on-disk caches (default: "
+                             "torch's own, /tmp/torchinductor_<user>, gone after a reboot); "
+                             "a restart that finds them compiles in seconds",
+            "cuda_graphs": "1: capture one CUDA graph per slot and replay it (CUDA only)",
+            "warmup": "warm-up runs per slot at open time (default 2 on CUDA, 1 on CPU)",
+            "fused_conv": "1: each conv + bias (+ residual add) + ReLU as one cuDNN call "
+                          "(CUDA, eager or cuda_graphs; BN folded at build); auto: time "
+                          "both at open and keep the faster; 0 (default): off",
+        },
+        device_only={"cuda_graphs": ("cuda",), "fused_conv": ("cuda",)},
+        exclusive=(("fused_conv", "compile"),)),
+    # Ascend: stages/backends/acl.py keeps its own option texts while it is reworked
+    "acl": BackendRules(
+        "acl", "Ascend NPU: aclruntime + OM, unverified on real hardware",
+        devices={"npu": ("fp32",)},
+        precision_note="the OM runs as ATC built it: its precision is atc --precision_mode",
+        options={"log_level": "aclruntime session log level", "acl_json_path": "acl.json",
+                 "h2d": "upload|execute", "finalize": "1: finalize() on close"}),
+    SIMULATED: BackendRules(
+        SIMULATED, "no model, a simulated device of --backend-option img_s=N speed, to "
+                   "measure the host side (its masks are a fixed pattern)",
+        devices={"sim": PRECISIONS, "cpu": PRECISIONS},
+        options={
+            "img_s": "the simulated device's speed in images/s (default 1000)",
+            "sync": "1: a synchronous runtime (the batch runs in collect), not a device "
+                    "queue",
+            "fault": "for reliability tests: hang (a collect that never returns: a stuck "
+                     "device call) or thread_exit (the collecting thread ends, as if a "
+                     "native crash killed it)",
+            "fault_after": "the fault fires at this batch (default 1)",
+            "fault_flag": "a file: the fault fires only in the process that first creates "
+                          "it, so the restarted executor runs clean",
+        }),
+}
+BACKENDS = tuple(k for k in RULES if k != SIMULATED)     # the real executor backends
+HOST_DEVICES = ("cpu",)      # device kinds whose executor computes on the host's cores
+
+
+def check_backend(backend: str, devices: tuple[str, ...], precision: str,
+                  options: Mapping[str, str]) -> None:
+    """`RULES[backend].check` for every device: ValueError naming the first problem."""
+    if backend not in RULES:
+        raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(RULES)}")
+    for device in devices:
+        RULES[backend].check(device, precision, options)
+
+
+def parse_device(device: str, kinds: tuple[str, ...]) -> tuple[str, int]:
+    """'cuda:1' -> ('cuda', 1); 'cpu' -> ('cpu', 0); kind must be one of `kinds`."""
+    kind, _, index = str(device).strip().lower().partition(":")
+    if kind not in kinds:
+        raise ValueError(f"device {device!r}: expected one of "
+                         f"{', '.join(k + '[:N]' for k in kinds)}")
+    if not index:
+        return kind, 0
+    if not index.isdigit():
+        raise ValueError(f"device {device!r}: the index after ':' must be a number")
+    return kind, int(index)
+
+
+def is_on(options: Mapping[str, str], key: str) -> bool:
+    return str(options.get(key, "0")).strip().lower() in TRUE_WORDS
+
+
+def with_plan(backend: str, options: Mapping[str, str], threads: int | None,
+              spinning: bool | None) -> dict[str, str]:
+    """`options` plus the plan's thread count and spinning, where this backend takes
+    them; what the user set wins."""
+    out = dict(options)
+    rules = RULES.get(backend)
+    if rules is None:
+        return out
+    if threads and rules.takes(THREADS):
+        out.setdefault(THREADS, str(threads))
+    if spinning is not None and rules.takes(SPIN):
+        out.setdefault(SPIN, "1" if spinning else "0")
+    return out
