@@ -33,6 +33,7 @@ from pspnet.core import wire
 from pspnet.core.config import PipelineConfig
 from pspnet.core.exits import EXIT_CANNOT_START, EXIT_FAILED, EXIT_OK, EXIT_USAGE
 from pspnet.core.logs import json_safe
+from pspnet.core.status import DaemonStatus, Status
 from pspnet.daemon.clients import Clients, refusal
 from pspnet.daemon.door import Door
 from pspnet.daemon.endpoint import is_local
@@ -316,22 +317,21 @@ class Server:
 
     # ---- status and shutdown -----------------------------------------------------------
 
-    def status(self) -> dict[str, Any]:
-        doc = self.front.status()
-        doc["front"]["malformed"] += self.clients.counts["malformed"]     # workers' and clients'
-        doc["daemon"] = {"pid": os.getpid(), "endpoint": self.cfg.endpoint,
-                         "stopping": self.stopping, "watch": str(self.cfg.watch or "") or None,
-                         "client_connections": self.door.state.connections,
-                         "accepting_connections": self.door.state.open,
-                         "client_connections_cap": self.door.cap,
-                         **self.clients.counts}
-        return doc
+    def status(self) -> Status:
+        status = self.front.status()
+        status.front.malformed += self.clients.counts["malformed"]    # workers' and clients'
+        status.daemon = DaemonStatus(
+            **self.clients.counts, pid=os.getpid(), endpoint=self.cfg.endpoint,
+            stopping=self.stopping, watch=str(self.cfg.watch or "") or None,
+            client_connections=self.door.state.connections,
+            accepting_connections=self.door.state.open, client_connections_cap=self.door.cap)
+        return status
 
-    def _write_metrics(self, final: dict[str, Any]) -> bool:
+    def _write_metrics(self, final: Status) -> bool:
         """--metrics-json, atomically; a storage failure is logged, never a traceback."""
         tmp = self.cfg.metrics_json.with_suffix(".tmp")
         try:
-            tmp.write_text(json.dumps(json_safe(final), indent=2) + "\n")
+            tmp.write_text(json.dumps(json_safe(final.document()), indent=2) + "\n")
             tmp.replace(self.cfg.metrics_json)
         except OSError as exc:
             tmp.unlink(missing_ok=True)
@@ -346,8 +346,8 @@ class Server:
         accepted request is answered once."""
         abandoned = self._abandon() if self.stop_reason else 0
         final = self.status()
-        final["daemon"].update(drained=not self.stop_reason, abandoned=abandoned,
-                               failure=self.failure)
+        final.daemon.drained = not self.stop_reason
+        final.daemon.abandoned, final.daemon.failure = abandoned, self.failure
         if self.watcher is not None:
             self.watcher.stop()
         self.front.close()
@@ -355,8 +355,8 @@ class Server:
             self.record.close()
         written = self.cfg.metrics_json is None or self._write_metrics(final)
         self.log.info("exit", drained=not self.stop_reason, abandoned=abandoned,
-                      reason=self.stop_reason or self.failure, ok=final["front"]["ok"],
-                      errors=final["front"]["errors"], metrics=final["metrics"])
+                      reason=self.stop_reason or self.failure, ok=final.front.ok,
+                      errors=final.front.errors, metrics=final.metrics)
         sys.stderr.flush()
         return written
 
