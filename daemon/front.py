@@ -131,12 +131,14 @@ class Front:
             self.close()                  # whatever ended it, no worker outlives the start
             raise
 
-    def close(self) -> None:
-        """Stop every worker (no drain: the caller drains first), close, clean up."""
+    def close(self, until: float | None = None, hurry: Callable[[], bool] | None = None,
+              ) -> None:
+        """Stop every worker (no drain: the caller drains first), close, clean up. `until`
+        and `hurry`: when those still running are killed (Supervisor.stop_all)."""
         if not self.started:
             return
         self.started = False
-        self.supervisor.stop_all()
+        self.supervisor.stop_all(until, hurry)
         self.control.close(0)
         self.ctx.term()
         self._remove_run_dir()
