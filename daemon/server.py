@@ -48,6 +48,7 @@ from pspnet.daemon.endpoint import is_local
 from pspnet.daemon.exporter import Exporter
 from pspnet.daemon.front import Front, PipelineError, StartInterrupted
 from pspnet.daemon.intake import WATCH, WatchIntake
+from pspnet.daemon.supervisor import STOP_ALL_GRACE_S
 
 LOOP_MS = 50
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
@@ -296,10 +297,11 @@ class Server:
         if final is not None:
             final.daemon.drained = not self.stop_reason
             final.daemon.abandoned, final.daemon.failure = abandoned, self.failure
-        # 4. stop the workers: STOP_SIGNAL, SIGKILL for any left at the deadline, at once
-        #    after a second signal
+        # 4. stop the workers: STOP_SIGNAL, SIGKILL for any left after the grace or at the
+        #    deadline (the earlier), at once after a second signal
         if front is not None:
-            front.close(self.deadline.at, self._hurried)
+            front.close(min(self.deadline.at, time.monotonic() + STOP_ALL_GRACE_S),
+                        self._hurried)
         # 5. the watch record's last lines, fsync'd
         if intake is not None:
             intake.close(0)

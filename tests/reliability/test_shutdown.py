@@ -39,7 +39,7 @@ from pspnet.core import wire
 from pspnet.core.config import STOP_SIGNAL, PipelineConfig
 from pspnet.daemon.client import PING_TIMEOUT_S, SILENCE_S
 from pspnet.daemon.server import HURRY_S, STOP_RESERVE_S, Deadline, ServeConfig, Server
-from pspnet.daemon.supervisor import Slot, Supervisor
+from pspnet.daemon.supervisor import STOP_ALL_GRACE_S, Slot, Supervisor
 from tests.kit import (
     RawClient,
     Submitter,
@@ -250,6 +250,28 @@ def test_one_deadline_with_100_requests_in_flight(tiny_models, photo_files, tmp_
           f"{exit_line['shutdown_s']:.2f} s; {IN_FLIGHT - len(abandoned)} ok + "
           f"{len(abandoned)} abandoned = {len(ids)} answered once; "
           f"{'SIGKILL' if killed else 'STOP_SIGNAL'} ended {len(children)} workers")
+
+
+def test_a_drained_stop_gives_stubborn_workers_the_grace_not_the_whole_deadline(
+        tiny_models, tmp_path, daemons):
+    """Nothing pending, --drain-timeout 60: the drain is over at once, and workers that
+    ignore the stop signal are killed after STOP_ALL_GRACE_S, not at the deadline."""
+    daemon = daemons(tiny_models["logits"], tmp_path / "masks", tmp_path, "--batch-size", "4",
+                     "--preprocess-workers", "1", "--postprocess-workers", "1",
+                     "--drain-timeout", "60", backend="sim", env=stubborn_workers(tmp_path))
+    daemon.wait_ready()
+    children = daemon.child_pids()
+    signalled = time.monotonic()
+    daemon.signal(signal.SIGTERM)
+    code = daemon.proc.wait(90)
+    exit_s = time.monotonic() - signalled
+    daemon.stop()
+    assert code == 0, daemon.logs()
+    assert STOP_ALL_GRACE_S <= exit_s < STOP_ALL_GRACE_S + EXIT_SLACK_S, f"{exit_s:.2f} s"
+    assert wait_dead(children) == []
+    assert any(e.get("event") == "killing children (SIGKILL)" for e in daemon.events())
+    print(f"\nFIGURE drained, stubborn workers, --drain-timeout 60: exit 0 {exit_s:.2f} s "
+          f"after the signal (grace {STOP_ALL_GRACE_S:g} s)")
 
 
 def test_deadline_bookkeeping():
