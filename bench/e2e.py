@@ -19,6 +19,7 @@ import numpy as np
 
 from pspnet.bench import threads
 from pspnet.core import wire
+from pspnet.core.status import Status
 from pspnet.daemon.front import Front
 from pspnet.model.metrics import IoUAccumulator
 
@@ -30,7 +31,7 @@ def default_backlog(batch: int, preprocess_workers: int, postprocess_workers: in
     return 3 * batch + 2 * (preprocess_workers + postprocess_workers)
 
 
-def settle(pipe: Front) -> dict[str, Any]:
+def settle(pipe: Front) -> Status:
     """Wait one heartbeat (plus a margin) so every child's counters are current."""
     until = time.monotonic() + pipe.cfg.heartbeat_s * 1.3 + 0.1
     while time.monotonic() < until:
@@ -38,23 +39,20 @@ def settle(pipe: Front) -> dict[str, Any]:
     return pipe.status()
 
 
-def busy_seconds(status: dict[str, Any]) -> dict[str, tuple[float, int]]:
-    stages = status["stages"]
-    return {s: (float(stages[s]["busy_s"]), int(stages[s]["processes"]))
-            for s in STAGES if s in stages}
+def busy_seconds(status: Status) -> dict[str, tuple[float, int]]:
+    return {s: (float(stage.busy_s), stage.processes) for s, stage in status.stages.items()}
 
 
-def cpu_seconds(status: dict[str, Any]) -> dict[str, float]:
+def cpu_seconds(status: Status) -> dict[str, float]:
     """CPU time each stage's processes (all their threads) and the front have used."""
-    stages = status["stages"]
-    out = {s: float(stages[s].get("cpu_s", 0.0)) for s in STAGES if s in stages}
-    out["front"] = float(status["front"].get("cpu_s", 0.0))
+    out = {s: float(stage.cpu_s) for s, stage in status.stages.items()}
+    out["front"] = float(status.front.cpu_s)
     return out
 
 
-def front_bytes(status: dict[str, Any]) -> int:
+def front_bytes(status: Status) -> int:
     """Bytes the front has received and sent on its control socket (heartbeats included)."""
-    return int(status["front"]["bytes_in"]) + int(status["front"]["bytes_out"])
+    return status.front.bytes_in + status.front.bytes_out
 
 
 def steady_rate(answered: Sequence[float], trim: float = STEADY_TRIM) -> float | None:

@@ -13,14 +13,16 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
+from pspnet.core.status import Status
+
 Snapshot = dict[tuple[str, int], tuple[str, float]]    # (process, tid) -> (thread, cpu s)
 
 
-def pipeline_pids(status: Mapping[str, Any]) -> dict[str, int]:
+def pipeline_pids(status: Status) -> dict[str, int]:
     """'front' (this process) and '<stage>-<k>' for each child alive in `status`."""
     pids = {"front": os.getpid()}
-    for stage, figures in status["stages"].items():
-        for k, pid in enumerate(figures.get("pids", [])):
+    for stage, figures in status.stages.items():
+        for k, pid in enumerate(figures.pids):
             pids[f"{stage}-{k}"] = int(pid)
     return pids
 

@@ -21,6 +21,7 @@ import zmq
 
 from pspnet.core import wire
 from pspnet.core.logs import json_safe
+from pspnet.core.status import ClientCounts, Status, Tally
 from pspnet.daemon.front import Front
 
 READS_PER_TURN = 64          # client messages per loop turn
@@ -32,7 +33,7 @@ REPEAT_ELSEWHERE = "repeat elsewhere"   # a pending id reused for another image
 
 class Clients:
     def __init__(self, socket: zmq.Socket, front: Front, max_queue: int,
-                 allow_roots: tuple[Path, ...], status: Callable[[], dict[str, Any]]) -> None:
+                 allow_roots: tuple[Path, ...], status: Callable[[], Status]) -> None:
         self.socket = socket                  # the door's ROUTER: clients' DEALERs
         self.front = front
         self.max_queue = max_queue
@@ -40,8 +41,7 @@ class Clients:
         self.status = status
         self.stopping = False                 # set by the server: intake closed
         self.log = structlog.get_logger().bind(component="supervisor")
-        self.counts: dict[str, int] = {"busy_replies": 0, "refused": 0, "malformed": 0,
-                                       "client_errors": 0, "bytes_in": 0, "bytes_out": 0}
+        self.counts = Tally(ClientCounts)
         self._warned: dict[bytes, float] = {}   # sender -> last warning (monotonic)
         self._warn_lines: list[float] = []      # every warning line in the last minute
         self._warn_suppressed = 0
@@ -140,7 +140,8 @@ class Clients:
     def _status_frames(self) -> list[Any]:
         """Built again only once anything has moved (a new turn, another message)."""
         if self._status is None:
-            self._status = wire.encode(wire.Reply("status", body=json_safe(self.status())))
+            body = json_safe(self.status().document())
+            self._status = wire.encode(wire.Reply("status", body=body))
         return self._status
 
     def _send_frames(self, client: bytes, frames: list[Any]) -> None:

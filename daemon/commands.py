@@ -161,16 +161,27 @@ def print_json(doc: object) -> None:
 
 
 def run_status(args: argparse.Namespace) -> int:
+    """The daemon's status document, printed as it came once it reads as one (keys a
+    newer daemon added stay in the output)."""
+    from pspnet.core.status import Status
     from pspnet.daemon.client import Client, DaemonUnavailable
 
+    endpoint = args.endpoint or default_endpoint()
     try:
         try:
-            client = Client(args.endpoint or default_endpoint())
+            client = Client(endpoint)
         except ValueError as exc:          # a malformed --endpoint, before any socket
             return usage_error("status", str(exc))
         with client:
-            print_json(client.status())
+            doc = client.status()
     except DaemonUnavailable as exc:
         sys.stderr.write(f"pspnet status: error: {exc} (is `pspnet serve` running?)\n")
         return EXIT_UNAVAILABLE
+    try:
+        Status.from_document(doc)
+    except ValueError as exc:
+        sys.stderr.write(f"pspnet status: error: {endpoint} answered, but not with a status "
+                         f"this version of pspnet reads ({exc}); is it an older daemon?\n")
+        return EXIT_FAILED
+    print_json(doc)
     return 0

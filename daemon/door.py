@@ -50,6 +50,7 @@ from pspnet.daemon.endpoint import (
 )
 
 ANSWER_LINGER_MS = 2000      # on exit, the last answers may take this long to leave
+MONITOR_JOIN_S = 2.0         # the monitor thread sees the stop within its 100 ms poll
 # A client message is one msgpack header (no array frames): a peer announcing a bigger frame
 # is disconnected by ZeroMQ before it is buffered (by default it would allocate whatever
 # size the peer claims and sends).
@@ -164,16 +165,18 @@ class Door:
             self.removed_stale = path
         return None
 
-    def release(self) -> None:
-        """Close the client socket (answers already sent get ANSWER_LINGER_MS to leave) and
-        remove our ipc socket file: only ours, should another daemon have taken the path."""
+    def release(self, linger_s: float | None = None) -> None:
+        """Close the client socket (answers already sent get `linger_s` to leave, by
+        default ANSWER_LINGER_MS) and remove our ipc socket file: only ours, should
+        another daemon have taken the path."""
         self._stop.set()
         if self._monitor is not None:
-            self._monitor.join(2)
+            self._monitor.join(MONITOR_JOIN_S)
             self._monitor = None
         if self.socket is not None:
             self.socket.disable_monitor()
-            self.socket.close()
+            self.socket.close(ANSWER_LINGER_MS if linger_s is None
+                              else max(0, round(linger_s * 1000)))
             self.socket = None
         if self._ctx is not None:
             self._ctx.term()

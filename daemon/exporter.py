@@ -6,9 +6,11 @@ document (the one `pspnet status` prints) at most every REFRESH_S, and a scrape 
 that copy and the latency histogram (which is thread-safe). So a scrape never touches
 the front, and its figures are at most REFRESH_S old.
 
-Counters come from the status document's totals, which stay monotonic across worker
-restarts (the front keeps a dead worker's counts); rates over a window (busy fraction,
-batch fill) are computed here from the snapshots of the last WINDOW_S.
+Which figures become which families is declared once, beside each figure, in
+core/status.py; a new counter there is a new metric here without an edit. Counters stay
+monotonic across worker restarts (the front keeps a dead worker's counts); rates over a
+window (busy fraction, batch fill) are computed here from the snapshots of the last
+WINDOW_S.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Histogram, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-from pspnet.daemon.supervisor import STAGES
+from pspnet.core.status import COUNTER, Family, Figure, StageStatus, Status, figures
 
 REFRESH_S = 0.5                 # the loop copies the status document at most this often
 WINDOW_S = 10.0                 # busy fraction and batch fill: over the last WINDOW_S
@@ -73,7 +75,7 @@ class Exporter:
         if self.port is not None:
             self.latency.labels("ok" if status == "ok" else "error").observe(latency_s)
 
-    def refresh(self, status: Callable[[], dict[str, Any]]) -> None:
+    def refresh(self, status: Callable[[], Status]) -> None:
         """From the daemon's loop: a new snapshot if the last is REFRESH_S old."""
         if self._server is None:
             return
@@ -92,19 +94,19 @@ class Exporter:
 
 
 class Snapshots:
-    """The latest status document and those of the last WINDOW_S, shared with scrapes."""
+    """The latest status and those of the last WINDOW_S, shared with scrapes."""
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
-        self.recent: collections.deque[tuple[float, dict[str, Any]]] = collections.deque()
+        self.recent: collections.deque[tuple[float, Status]] = collections.deque()
 
-    def add(self, now: float, doc: dict[str, Any]) -> None:
+    def add(self, now: float, status: Status) -> None:
         with self.lock:
-            self.recent.append((now, doc))
+            self.recent.append((now, status))
             while len(self.recent) > 2 and self.recent[1][0] <= now - WINDOW_S:
                 self.recent.popleft()
 
-    def window(self) -> tuple[tuple[float, dict[str, Any]], tuple[float, dict[str, Any]]] | None:
+    def window(self) -> tuple[tuple[float, Status], tuple[float, Status]] | None:
         """(oldest, latest) of the window; None before the first snapshot."""
         with self.lock:
             if not self.recent:
@@ -113,7 +115,8 @@ class Snapshots:
 
 
 class StatusCollector:
-    """Turns the status document into Prometheus families at each scrape."""
+    """Turns the status document into Prometheus families at each scrape: every figure
+    core/status.py declares with a metric, then the few computed here."""
 
     def __init__(self, snapshots: Snapshots) -> None:
         self.snapshots = snapshots
@@ -125,89 +128,70 @@ class StatusCollector:
         window = self.snapshots.window()
         if window is None:
             return
-        (then, old), (now, doc) = window
-        front, daemon, stages = doc["front"], doc.get("daemon", {}), doc["stages"]
-
-        requests = CounterMetricFamily(
-            "pspnet_requests", "Requests by outcome: answered ok, answered with an error, "
-            "refused at the door (bad path, outside --allow-root)", labels=["outcome"])
-        requests.add_metric(["ok"], front["ok"])
-        requests.add_metric(["error"], front["errors"])
-        requests.add_metric(["refused"], daemon.get("refused", 0))
-        yield requests
-        yield _counter("pspnet_requests_accepted", "Requests accepted", front["submitted"])
-        yield _counter("pspnet_requests_retried", "Requests retried after a worker was lost",
-                       front["retried"])
-        yield _counter("pspnet_busy_replies", "Submissions answered `busy` (--max-queue "
-                       "full); the client retries them", daemon.get("busy_replies", 0))
-
+        (then, old), (now, status) = window
+        yield from declared(status)
         in_state = GaugeMetricFamily(
             "pspnet_queue_depth", "Accepted requests not yet answered, by where they are: "
             "queued in the front (not yet dispatched) or inside a stage", labels=["state"])
-        for state, count in front["at"].items():
+        for state, count in status.front.at.items():
             in_state.add_metric([state], count)
         yield in_state
-        yield _per_stage(GaugeMetricFamily, "pspnet_stage_queue", "Images waiting inside "
-                         "each stage's processes (the executor: not yet in a batch)",
-                         stages, "queue")
-
-        yield _per_stage(CounterMetricFamily, "pspnet_stage_processed", "Images each stage "
-                         "finished", stages, "processed")
-        yield _per_stage(CounterMetricFamily, "pspnet_stage_errors", "Images each stage "
-                         "answered with an error", stages, "errors")
-        yield _per_stage(CounterMetricFamily, "pspnet_stage_busy_seconds", "Seconds each "
-                         "stage's processes spent working, summed", stages, "busy_s")
         busy = GaugeMetricFamily(
             "pspnet_stage_busy_ratio", f"Busy time over wall time per process, last "
             f"{WINDOW_S:g} s (1.0: every process of the stage always working)",
             labels=["stage"])
-        for stage in STAGES:
-            if stage in stages:
-                busy.add_metric([stage], _busy_ratio(old, doc, stage, now - then))
+        for stage in status.stages:
+            busy.add_metric([stage], _busy_ratio(old, status, stage, now - then))
         yield busy
-        yield _per_stage(CounterMetricFamily, "pspnet_worker_restarts", "Worker processes "
-                         "restarted by the daemon", stages, "restarts")
-        yield _per_stage(GaugeMetricFamily, "pspnet_workers_alive", "Worker processes "
-                         "running", stages, "alive")
-
-        executor = stages.get("executor", {})
-        yield _counter("pspnet_executor_batches", "Batches the executors ran",
-                       executor.get("batches", 0))
-        yield _counter("pspnet_executor_filler_rows", "Empty rows padding partial batches "
-                       "to the static batch size", executor.get("filler", 0))
         yield GaugeMetricFamily(
             "pspnet_batch_fill_ratio", f"Images over rows of the batches run in the last "
             f"{WINDOW_S:g} s (1.0: every batch full; NaN: no batch ran)",
-            value=_fill_ratio(old.get("stages", {}).get("executor", {}), executor))
-
+            value=_fill_ratio(old.stages.get("executor"), status.stages.get("executor")))
         yield GaugeMetricFamily("pspnet_images_per_second", "Requests answered per second "
-                                "over the last 10 s", value=doc["images_per_s"])
-        if doc.get("metrics"):
+                                "over the last 10 s", value=status.images_per_s)
+        if status.metrics:
             yield GaugeMetricFamily("pspnet_miou_percent", "Running mIoU of the requests "
-                                    "that came with a ground truth", value=doc["metrics"]["mIoU"])
+                                    "that came with a ground truth",
+                                    value=status.metrics["mIoU"])
 
 
-def _counter(name: str, doc: str, value: float) -> CounterMetricFamily:
-    return CounterMetricFamily(name, doc, value=value)
+def declared(status: Status) -> Iterator[Metric]:
+    """One family per metric that core/status.py declares, with every figure that feeds it:
+    the front's and the daemon's by their Family label, the stages' by stage."""
+    families: dict[str, Metric] = {}
+
+    def add(fig: Figure, value: float, labels: dict[str, str]) -> None:
+        name, doc = fig.metric, fig.doc
+        if isinstance(fig.metric, Family):
+            name, doc = fig.metric.name, fig.metric.doc
+            labels = {fig.metric.label: fig.label, **labels}
+        if name not in families:
+            kind = CounterMetricFamily if fig.kind == COUNTER else GaugeMetricFamily
+            families[name] = kind(name, doc, labels=list(labels))
+        families[name].add_metric(list(labels.values()), value)
+
+    for section in (status.front, status.daemon):
+        for name, fig in figures(section) if section is not None else ():
+            if fig.metric is not None:
+                add(fig, getattr(section, name), {})
+    for stage, stage_status in status.stages.items():
+        for name, fig in figures(stage_status):
+            if fig.metric is not None and fig.stage in (None, stage):
+                add(fig, getattr(stage_status, name), {} if fig.stage else {"stage": stage})
+    return iter(families.values())
 
 
-def _per_stage(family: type, name: str, doc: str, stages: dict[str, Any], key: str) -> Metric:
-    metric = family(name, doc, labels=["stage"])
-    for stage in STAGES:
-        if stage in stages:
-            metric.add_metric([stage], stages[stage].get(key, 0))
-    return metric
-
-
-def _busy_ratio(old: dict[str, Any], new: dict[str, Any], stage: str, span_s: float) -> float:
-    processes = new["stages"][stage]["processes"]
+def _busy_ratio(old: Status, new: Status, stage: str, span_s: float) -> float:
+    processes = new.stages[stage].processes
     if span_s <= 0 or not processes:
         return math.nan
-    before = old.get("stages", {}).get(stage, {}).get("busy_s", 0.0)
-    return max(0.0, new["stages"][stage]["busy_s"] - before) / (span_s * processes)
+    before = old.stages[stage].busy_s if stage in old.stages else 0.0
+    return max(0.0, new.stages[stage].busy_s - before) / (span_s * processes)
 
 
-def _fill_ratio(old: dict[str, Any], new: dict[str, Any]) -> float:
-    images = new.get("processed", 0) - old.get("processed", 0)
-    filler = new.get("filler", 0) - old.get("filler", 0)
+def _fill_ratio(old: StageStatus | None, new: StageStatus | None) -> float:
+    if new is None:
+        return math.nan
+    images = new.processed - (old.processed if old else 0)
+    filler = new.filler - (old.filler if old else 0)
     return images / (images + filler) if images + filler > 0 else math.nan

@@ -27,6 +27,17 @@ import zmq
 
 from pspnet.core import wire
 from pspnet.core.config import Addresses, PipelineConfig, private_dir, start_document
+from pspnet.core.status import (
+    FrontCounts,
+    FrontStatus,
+    RemoteWorker,
+    StageStatus,
+    Status,
+    Tally,
+    WorkerFigures,
+    counter_names,
+    summed,
+)
 from pspnet.daemon.ledger import Ledger
 from pspnet.daemon.storage import StorageEpisode
 from pspnet.daemon.supervisor import STAGES, CannotStart, Supervisor
@@ -38,7 +49,7 @@ CHECK_EVERY_S = 0.1             # supervision, liveness and stall checks
 RATE_WINDOW_S = 10.0
 CONTROL_READS_PER_TURN = 1024   # bounded: the loop also serves clients and supervision
 NAME = re.compile(r"^(preprocess|executor|postprocess)-(\d{1,4})-(\d{1,10})$")
-DEAD_COUNTERS = ("processed", "errors", "batches", "filler", "busy_s", "cpu_s")
+DEAD_COUNTERS = counter_names(WorkerFigures)   # a dead worker's counts are kept
 
 
 class PipelineError(RuntimeError):
@@ -65,7 +76,7 @@ class Front:
         self.workers = Workers()
         self.past: collections.Counter[tuple[str, str]] = collections.Counter()
         self.metrics = IoUAccumulator(self.manifest.num_classes)
-        self.totals: collections.Counter[str] = collections.Counter()
+        self.totals = Tally(FrontCounts)
         self.answers: list[tuple[wire.Result, Any]] = []
         self.answered_at: collections.deque[float] = collections.deque()
         self.bytes_in = self.bytes_out = 0
@@ -120,12 +131,14 @@ class Front:
             self.close()                  # whatever ended it, no worker outlives the start
             raise
 
-    def close(self) -> None:
-        """Stop every worker (no drain: the caller drains first), close, clean up."""
+    def close(self, until: float | None = None, hurry: Callable[[], bool] | None = None,
+              ) -> None:
+        """Stop every worker (no drain: the caller drains first), close, clean up. `until`
+        and `hurry`: when those still running are killed (Supervisor.stop_all)."""
         if not self.started:
             return
         self.started = False
-        self.supervisor.stop_all()
+        self.supervisor.stop_all(until, hurry)
         self.control.close(0)
         self.ctx.term()
         self._remove_run_dir()
@@ -376,40 +389,32 @@ class Front:
 
     # ---- status and shutdown -----------------------------------------------------------
 
-    def status(self) -> dict[str, Any]:
-        stages: dict[str, dict[str, Any]] = {}
+    def status(self) -> Status:
+        """The front's part of the status document (core/status.py declares its figures)."""
+        stages = {}
         for stage in STAGES:
             slots = [s for s in self.supervisor.slots if s.stage == stage]
-            workers = [w for w in self.workers.of(stage) if w.local]
-            figures: dict[str, Any] = {
-                "processes": len(slots), "alive": sum(s.alive for s in slots),
-                "restarts": sum(s.restarts for s in slots),
-                "pids": [s.proc.pid for s in slots if s.proc is not None]}
-            for key in ("processed", "errors", "queue", "busy_s", "cpu_s", "batches", "filler"):
-                figures[key] = sum(w.counters.get(key, 0) for w in workers) \
-                    + self.past[(stage, key)]
-            stages[stage] = figures
+            stages[stage] = StageStatus(
+                **summed([w.counters for w in self.workers.of(stage) if w.local],
+                         {key: n for (s, key), n in self.past.items() if s == stage}),
+                processes=len(slots), alive=sum(s.alive for s in slots),
+                restarts=sum(s.restarts for s in slots),
+                pids=[s.proc.pid for s in slots if s.proc is not None])
         now = time.monotonic()
-        recent = [t for t in self.answered_at if t >= now - RATE_WINDOW_S]
-        answered = self.totals.get("ok", 0) + self.totals.get("errors", 0)
-        return {
-            "stages": stages,
-            "front": {"queued": len(self.ledger.queue), "inflight": self.ledger.inflight,
-                      "at": self.ledger.by_state(),
-                      "cpu_s": time.process_time(), "bytes_in": self.bytes_in,
-                      "bytes_out": self.bytes_out,
-                      "bytes_per_image": round((self.bytes_in + self.bytes_out) / answered, 1)
-                      if answered else None,
-                      "restarts": self.supervisor.restarts,
-                      **{k: self.totals.get(k, 0) for k in
-                         ("submitted", "ok", "errors", "retried", "duplicates_dropped",
-                          "malformed", "abandoned")}},
-            "remote": [{"stage": w.stage, "index": w.index, "pid": w.pid,
-                        "seen_s_ago": round(now - w.seen, 1), **w.counters}
-                       for w in self.workers if not w.local],
-            "images_per_s": round(len(recent) / RATE_WINDOW_S, 2),
-            "metrics": self.metrics.summary() if self.metrics.images else None,
-        }
+        recent = sum(t >= now - RATE_WINDOW_S for t in self.answered_at)
+        answered = self.totals["ok"] + self.totals["errors"]
+        moved = self.bytes_in + self.bytes_out
+        front = FrontStatus(
+            **self.totals, queued=len(self.ledger.queue), inflight=self.ledger.inflight,
+            at=self.ledger.by_state(), cpu_s=time.process_time(), bytes_in=self.bytes_in,
+            bytes_out=self.bytes_out, restarts=self.supervisor.restarts,
+            bytes_per_image=round(moved / answered, 1) if answered else None)
+        remote = [RemoteWorker(**summed([w.counters]), stage=w.stage, index=w.index,
+                               pid=w.pid, seen_s_ago=round(now - w.seen, 1))
+                  for w in self.workers if not w.local]
+        return Status(stages=stages, front=front, remote=remote,
+                      images_per_s=round(recent / RATE_WINDOW_S, 2),
+                      metrics=self.metrics.summary() if self.metrics.images else None)
 
     def abandon(self, reason: str) -> list[tuple[wire.Result, Any]]:
         """Answer every pending request with the error `reason` (stopping without them):

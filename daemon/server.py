@@ -1,16 +1,24 @@
-"""`pspnet serve`: the daemon's one loop around the front, its clients and its signals.
+"""`pspnet serve`: start-up, one loop, shutdown.
 
-The client endpoint is claimed first (a taken or malformed endpoint fails before any
-worker starts), then the workers start. Then one loop, the same steps each pass: act on
-recorded signals, wait on the workers' and the clients' sockets, read each (a bounded
-number of messages, so neither side can hold the loop), supervise, deliver answers, feed
-the watched folder, dispatch, check the drain. Signal handlers only record the signal.
-The first SIGTERM, SIGINT or SIGHUP stops intake and drains (every accepted request is
-answered, the partial batch flushed), writes the final metrics, exits 0; a second one, or
---drain-timeout running out, exits 1 at once, after answering what is left with an error.
-A signal during start-up stops the workers and exits 1. One client's bad message, or one
-request that cannot be handled, costs that message or request an error answer, never
-the daemon.
+Start-up claims the client endpoint and the /metrics port before any worker starts (a
+taken or malformed one fails in a second, exit 2), then starts the workers (exit 3 if one
+cannot) and the watch intake. The loop does the same steps each pass: act on recorded
+signals, wait on the workers' and the clients' sockets, read each (a bounded number of
+messages, so neither side can hold the loop), supervise, deliver answers, feed the watched
+folder, dispatch, check the drain. Signal handlers only record the signal. One client's
+bad message, or one request that cannot be handled, costs that message or request an error
+answer, never the daemon.
+
+Stopping has one deadline. The first SIGTERM, SIGINT or SIGHUP closes intake and sets it
+--drain-timeout ahead: the drain (every accepted request answered, the partial batch
+flushed) may use all of it but the shutdown's reserve (STOP_RESERVE_S, at most half of
+it); then what is left is answered with an error saying why. The shutdown is one numbered
+sequence bounded by that deadline, run on every exit path: drained, the deadline, a second
+signal, a part of the daemon failing, an exception (logged). A second signal, before or
+during the shutdown, kills the workers at once (SIGKILL) and leaves the rest of the
+sequence HURRY_S. The exit status: 0 drained, 1 stopped early (a second signal, the
+deadline, a signal during start-up, a failure), 2 endpoint or port unusable (nothing
+started), 3 a worker cannot start.
 """
 
 from __future__ import annotations
@@ -21,7 +29,7 @@ import os
 import signal
 import sys
 import time
-import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -32,18 +40,53 @@ from pspnet.core import wire
 from pspnet.core.exits import EXIT_CANNOT_START, EXIT_FAILED, EXIT_OK, EXIT_USAGE
 from pspnet.core.logs import json_safe
 from pspnet.core.plan import describe
-from pspnet.daemon.clients import Clients, refusal
-from pspnet.daemon.door import Door
+from pspnet.core.status import DaemonStatus, Status
+from pspnet.daemon.clients import Clients
+from pspnet.daemon.door import ANSWER_LINGER_MS, Door
 from pspnet.daemon.endpoint import is_local
 from pspnet.daemon.exporter import Exporter
 from pspnet.daemon.front import Front, PipelineError, StartInterrupted
+from pspnet.daemon.intake import WATCH, WatchIntake
 from pspnet.daemon.serve_config import ServeConfig
-from pspnet.daemon.watch import Record, StorageError, Version, Watcher
+from pspnet.daemon.supervisor import STOP_ALL_GRACE_S
 
 LOOP_MS = 50
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
-WATCH = "watch"              # the origin of watched files' requests
-RECORD_RETRY_S = 1.0         # a record that cannot be written is tried again this often
+STOP_RESERVE_S = 1.0         # of --drain-timeout, kept for the shutdown's steps
+HURRY_S = 0.5                # after a second signal, the shutdown's steps get this long
+ANSWERS_LEAVE_S = 0.2        # answers already sent get this long to leave, deadline or not
+WATCH_STOP_S = 1.0           # the watch thread's end, waited for at most
+
+
+class Deadline:
+    """Stopping's one deadline: set once (the first signal: --drain-timeout ahead), read
+    by the drain and by every shutdown step; `hurry` (a second signal) cuts what is left
+    to HURRY_S. Pure bookkeeping: the clock is injectable."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self.clock = clock
+        self.at: float | None = None            # on the clock; None: not stopping
+        self.hurried = False
+        self.reserve_s = 0.0                    # the end of it, kept for the shutdown
+
+    def start(self, seconds: float) -> None:
+        """From now; a deadline already set stands (a failure during a drain)."""
+        if self.at is None:
+            self.at = self.clock() + seconds
+            self.reserve_s = min(STOP_RESERVE_S, seconds / 2)
+
+    def hurry(self) -> None:
+        self.start(HURRY_S)
+        self.hurried = True
+        self.at = min(self.at, self.clock() + HURRY_S)
+
+    def drain_over(self) -> bool:
+        """The drain has had its share: the rest is the shutdown's."""
+        return self.at is not None and self.clock() >= self.at - self.reserve_s
+
+    def left(self, cap_s: float) -> float:
+        """Seconds a step may take: its own cap, within what is left."""
+        return max(0.0, min(cap_s, self.at - self.clock()))
 
 
 class Server:
@@ -52,14 +95,13 @@ class Server:
         self.log = structlog.get_logger().bind(component="supervisor")
         self.signals: list[int] = []
         self.stopping = False
-        self.drain_deadline = 0.0
-        self.record: Record | None = None
-        self.watcher: Watcher | None = None
-        self.watched: dict[str, tuple[str, Version]] = {}   # request id -> file, version
-        self._record_retry_at = 0.0
+        self.deadline = Deadline()
         self.door = Door(cfg.endpoint)
         self.exporter = Exporter(cfg.metrics_port, cfg.metrics_host)
-        self.failure: str | None = None         # a thread of the front died: why
+        self.front: Front | None = None
+        self.clients: Clients | None = None
+        self.intake: WatchIntake | None = None
+        self.failure: str | None = None         # a part of the daemon failed: why
         self.stop_reason: str | None = None     # set when exiting before the drain finished
 
     # signal handlers only record
@@ -67,48 +109,41 @@ class Server:
         self.signals.append(signum)
 
     def serve(self) -> int:
-        """Claim the endpoint, start the workers, serve until a signal. The exit status:
-        0 drained, 1 stopped early (second signal, --drain-timeout ran out, a signal during
-        start-up, a thread of the front died), 2 endpoint unusable (nothing started),
-        3 a worker cannot start."""
+        """Start-up, the loop, the shutdown (always). The exit status: see the module."""
         for sig in STOP_SIGNALS:
             signal.signal(sig, self._on_signal)
         problem = self.door.claim()        # before any worker: a bad endpoint fails fast
-        if problem is not None:
-            sys.stderr.write(f"pspnet serve: error: {problem}\n")
-            sys.stderr.flush()
-            return EXIT_USAGE
+        if problem is not None:            # (nothing was started, nothing is left)
+            return _usage_error(problem)
+        code = EXIT_FAILED
         try:
-            return self._run()
+            code = self._start_up()
+            if code is None:
+                code = self._loop()
+        except Exception as exc:           # a bug, an OSError from a restart: logged, and
+            why = f"{type(exc).__name__}: {exc}"            # the same shutdown follows
+            self.log.exception("the daemon failed", error=why)
+            self.stop_reason = f"the daemon failed: {why}"
+            code = EXIT_CANNOT_START if isinstance(exc, PipelineError) else EXIT_FAILED
         finally:
-            self.exporter.close()
-            self.door.release()
+            written = self._shutdown()
+        return EXIT_FAILED if code == EXIT_OK and not written else code
 
-    def _run(self) -> int:
+    # ---- start-up ----------------------------------------------------------------------
+
+    def _start_up(self) -> int | None:
+        """Serving once this returns None; else the exit status (nothing is served)."""
         cfg, pipe = self.cfg, self.cfg.pipeline
-        self.log.info("config", endpoint=cfg.endpoint, model=str(pipe.model_dir),
-                      backend=pipe.backend, devices=list(pipe.devices),
-                      out=str(pipe.out_dir), watch=str(cfg.watch) if cfg.watch else None,
-                      preprocess=pipe.preprocess_workers, postprocess=pipe.postprocess_workers,
-                      batch_size=pipe.batch_size, max_queue=cfg.max_queue,
-                      drain_timeout_s=cfg.drain_timeout_s,
-                      liveness_timeout_s=pipe.liveness_timeout_s,
-                      allow_roots=[str(p) for p in cfg.allow_roots], transport=pipe.transport,
-                      client_connections_cap=self.door.cap)
-        self.log.info("plan", plan=describe(pipe.plan))    # workers and threads: how, why
-        if pipe.transport == "tcp" and not ipaddress.ip_address(pipe.tcp_host).is_loopback:
-            self.log.warning("internal ports open to the network, without authentication",
-                             host=pipe.tcp_host, port=pipe.tcp_ports)
+        log_config(self.log, cfg, self.door.cap)
         if self.door.removed_stale is not None:
             self.log.info("removed a stale socket file", path=str(self.door.removed_stale))
         problem = self.exporter.listen()           # before any worker, like the endpoint
         if problem is not None:
-            sys.stderr.write(f"pspnet serve: error: {problem}\n")
-            return EXIT_USAGE
-        self.front = Front(pipe, around_spawn=self.door.reserve)
-        self.front.on_answer = self.exporter.answered
+            return _usage_error(problem)
+        front = Front(pipe, around_spawn=self.door.reserve)
+        front.on_answer = self.exporter.answered
         try:
-            self.front.start(interrupted=lambda: bool(self.signals))
+            front.start(interrupted=lambda: bool(self.signals))
         except StartInterrupted:
             self.log.warning("signal during start-up: children stopped, exiting; nothing was "
                              "served", signal=signal.Signals(self.signals[0]).name)
@@ -116,20 +151,15 @@ class Server:
         except PipelineError as exc:
             self.log.error("cannot start", error=str(exc))
             return EXIT_CANNOT_START
-        self.clients = Clients(self.door.socket, self.front, cfg.max_queue, cfg.allow_roots,
+        self.front = front
+        self.clients = Clients(self.door.socket, front, cfg.max_queue, cfg.allow_roots,
                                self.status)
         if cfg.watch is not None:
-            self._start_watch()
+            self.intake = WatchIntake(cfg.watch, pipe.out_dir, front, cfg.max_queue,
+                                      cfg.allow_roots)
+            self.intake.start()
         self.log.info("serving", endpoint=cfg.endpoint, metrics=self.exporter.address)
-        try:
-            code = self._loop()
-        except PipelineError as exc:
-            self.log.error("pipeline failed", error=str(exc))
-            self.stop_reason = f"the daemon failed: {exc}"
-            code = EXIT_CANNOT_START
-        if not self._shutdown() and code == EXIT_OK:
-            code = EXIT_FAILED                # the drain went well, the metrics file not
-        return code
+        return None
 
     # ---- the loop ----------------------------------------------------------------------
 
@@ -149,11 +179,12 @@ class Server:
             if clients.socket in ready:
                 clients.read()
             front.supervise()
-            self._check_threads()
+            self._check_parts()
             for result, origin in front.take_answers():
                 self._deliver(result, origin)
             try:
-                self._feed_watch()
+                if self.intake is not None:
+                    self.intake.feed()
             except Exception as exc:            # a watch bug stops intake, loudly, not serve
                 self.log.exception("watch intake failed")
                 self._fail(f"watch intake failed: {type(exc).__name__}: {exc}")
@@ -172,6 +203,7 @@ class Server:
                                  pending=self.front.pending)
                 self.stop_reason = "daemon stopped before this request finished (a " \
                                    "second signal: exit at once)"
+                self.deadline.hurry()
                 return EXIT_FAILED
             self.log.info("signal, draining", signal=name, pending=self.front.pending)
             self._begin_drain()
@@ -179,16 +211,16 @@ class Server:
 
     def _begin_drain(self) -> None:
         self.stopping = self.clients.stopping = True
-        self.drain_deadline = time.monotonic() + self.cfg.drain_timeout_s
-        if self.watcher is not None:
-            self.watcher.stop()
+        self.deadline.start(self.cfg.drain_timeout_s)
+        if self.intake is not None:
+            self.intake.stop(WATCH_STOP_S)
 
     def _drain_check(self) -> int | None:
         if not self.stopping:
             return None
         if not self.front.pending:
             return EXIT_OK if self.failure is None else EXIT_FAILED
-        if time.monotonic() > self.drain_deadline:
+        if self.deadline.drain_over():
             self.log.warning("drain timeout ran out", drain_timeout_s=self.cfg.drain_timeout_s,
                              pending=self.front.pending)
             self.stop_reason = ("daemon stopped before this request finished "
@@ -196,162 +228,104 @@ class Server:
             return EXIT_FAILED
         return None
 
-    def _check_threads(self) -> None:
-        """A thread of the front that died stops the daemon (drained, exit 1), loudly."""
+    def _check_parts(self) -> None:
+        """A thread of the daemon that died stops it (drained, exit 1), loudly."""
         if self.failure is not None:
             return
-        dead = None
         if not self.door.monitor_alive:
-            dead = "the client connection monitor thread died"
-        elif self.watcher is not None and not self.stopping and not self.watcher.alive:
-            dead = f"the watch thread died: {self.watcher.error or 'no error recorded'}"
-        if dead is not None:
-            self._fail(dead)
+            self._fail("the client connection monitor thread died")
+        elif self.intake is not None and self.intake.problem is not None:
+            self._fail(self.intake.problem)
 
     def _fail(self, why: str) -> None:
-        """Part of the front failed: drain what was accepted, then exit 1."""
+        """Part of the daemon failed: drain what was accepted, then exit 1."""
         self.failure = why
         self.log.error("a part of the front failed; draining and exiting", error=why)
         if not self.stopping:
             self._begin_drain()
 
-    # ---- answers and watch mode ---------------------------------------------------------
-
     def _deliver(self, result: wire.Result, origin: Any, record: bool = True) -> None:
-        """To its client, and (watch mode, `record`) into the record of processed files."""
+        """To its client, or (watch mode) into the record of processed files."""
         if isinstance(origin, bytes):
             self.clients.send(origin, result)
-        watched = self.watched.pop(result.id, None) if origin == WATCH else None
-        if watched is None or not record or self.record is None:
-            return
-        name, version = watched
-        self._record(name, version=list(version), id=result.id, status=result.status,
-                     mask=result.mask, error=result.error, cause=result.cause,
-                     attempt=result.attempt, final=result.cause is None)
-        self.watcher.answered(name, version, result.cause)
+        elif origin == WATCH and self.intake is not None:
+            self.intake.answered(result, record)
 
-    def _record(self, name: str, **fields: Any) -> None:
-        """Into the record; a storage failure keeps the line queued (written with the next
-        write that works) and is logged once, not per line."""
-        try:
-            self.record.add(name, **fields)
-        except StorageError as exc:
-            self._record_failing(exc)
-        else:
-            self._record_works()
+    def status(self) -> Status:
+        status = self.front.status()
+        status.front.malformed += self.clients.counts["malformed"]    # workers' and clients'
+        status.daemon = DaemonStatus(
+            **self.clients.counts, pid=os.getpid(), endpoint=self.cfg.endpoint,
+            stopping=self.stopping, watch=str(self.cfg.watch or "") or None,
+            client_connections=self.door.state.connections,
+            accepting_connections=self.door.state.open, client_connections_cap=self.door.cap)
+        status.plan = self.cfg.pipeline.plan        # how workers and threads were chosen
+        return status
 
-    def _record_works(self) -> None:
-        if self._record_retry_at:
-            self.log.info("the watch record can be written again")
-            self._record_retry_at = 0.0
-
-    def _record_failing(self, exc: StorageError) -> None:
-        if not self._record_retry_at:
-            self.log.warning("cannot write the watch record; keeping its lines until it "
-                             "can (a kill now would make their images be redone)",
-                             error=str(exc), record=str(self.record.path))
-        self._record_retry_at = time.monotonic() + RECORD_RETRY_S
-
-    def _start_watch(self) -> None:
-        out_dir = self.cfg.pipeline.out_dir
-        self.record = Record(out_dir)
-        self.watcher = Watcher(self.cfg.watch, self.record, out_dir)
-        self.watcher.start()
-        final = sum(1 for e in self.record.entries.values() if e.get("final", True))
-        self.log.info("watching", folder=str(self.cfg.watch), recorded=len(self.record.entries),
-                      final=final, torn_lines=self.record.torn,
-                      share_of_queue=self.watch_share)
-
-    @property
-    def watch_share(self) -> int:
-        """Watched files may hold at most half of --max-queue: the rest is for clients,
-        so a backlog of files never keeps a client's image out."""
-        return max(1, self.cfg.max_queue // 2)
-
-    def _feed_watch(self) -> None:
-        watcher = self.watcher
-        if watcher is None or self.stopping:
-            return
-        if self._record_retry_at and time.monotonic() >= self._record_retry_at:
-            try:
-                self.record.flush()
-            except StorageError as exc:
-                self._record_failing(exc)
-            else:
-                self._record_works()
-        for event, fields in watcher.notices:
-            self.log.warning(event, **fields)
-        watcher.notices.clear()
-        for name, version, mask in watcher.recovered:
-            self.log.info("mask already written; recorded without redoing it", file=name)
-            self._record(name, version=list(version), status=wire.OK, mask=mask,
-                         recovered=True, final=True)
-        watcher.recovered.clear()
-        room = self.watch_share - len(self.watched)
-        if room <= 0:
-            return
-        for path, version in watcher.take(room):
-            problem = refusal(wire.Request("watch", str(path)), self.cfg.allow_roots)
-            if problem is not None:             # e.g. a link out of the allowed roots
-                self.log.info("request failed", path=str(path), stage="front", error=problem)
-                self._record(path.name, version=list(version), status=wire.ERROR,
-                             error=problem, final=True)
-                watcher.answered(path.name, version, None)
-                continue
-            rid = f"watch-{uuid.uuid4().hex[:12]}"
-            self.watched[rid] = (path.name, version)
-            self.front.submit(wire.Request(rid, str(path)), origin=WATCH)
-
-    # ---- status and shutdown -----------------------------------------------------------
-
-    def status(self) -> dict[str, Any]:
-        doc = self.front.status()
-        doc["front"]["malformed"] += self.clients.counts["malformed"]     # workers' and clients'
-        doc["daemon"] = {"pid": os.getpid(), "endpoint": self.cfg.endpoint,
-                         "stopping": self.stopping, "watch": str(self.cfg.watch or "") or None,
-                         "client_connections": self.door.state.connections,
-                         "accepting_connections": self.door.state.open,
-                         "client_connections_cap": self.door.cap,
-                         **self.clients.counts}
-        doc["plan"] = self.cfg.pipeline.plan       # how workers and threads were chosen
-        return doc
-
-    def _write_metrics(self, final: dict[str, Any]) -> bool:
-        """--metrics-json, atomically; a storage failure is logged, never a traceback."""
-        tmp = self.cfg.metrics_json.with_suffix(".tmp")
-        try:
-            tmp.write_text(json.dumps(json_safe(final), indent=2) + "\n")
-            tmp.replace(self.cfg.metrics_json)
-        except OSError as exc:
-            tmp.unlink(missing_ok=True)
-            self.log.error("cannot write --metrics-json", path=str(self.cfg.metrics_json),
-                           error=exc.strerror or str(exc))
-            return False
-        return True
+    # ---- shutdown ----------------------------------------------------------------------
 
     def _shutdown(self) -> bool:
-        """Answer what is still pending (an exit before the drain finished), stop the
-        workers, write the final metrics (False: they could not be written). Every
-        accepted request is answered once."""
-        abandoned = self._abandon() if self.stop_reason else 0
-        final = self.status()
-        final["daemon"].update(drained=not self.stop_reason, abandoned=abandoned,
-                               failure=self.failure)
-        if self.watcher is not None:
-            self.watcher.stop()
-        self.front.close()
-        if self.record is not None:
-            self.record.close()
-        written = self.cfg.metrics_json is None or self._write_metrics(final)
-        self.log.info("exit", drained=not self.stop_reason, abandoned=abandoned,
-                      reason=self.stop_reason or self.failure, ok=final["front"]["ok"],
-                      errors=final["front"]["errors"], metrics=final["metrics"])
+        """Every exit path ends here, with whatever had started. One deadline bounds the
+        steps; a second signal (now or before) cuts it to HURRY_S and kills the workers.
+        False: the final metrics could not be written."""
+        started = time.monotonic()
+        self.deadline.start(min(STOP_RESERVE_S, self.cfg.drain_timeout_s))   # if no drain
+        front, intake = self.front, self.intake
+        # 1. stop intake: clients are refused, the watched folder is no longer read
+        self.stopping = True
+        if self.clients is not None:
+            self.clients.stopping = True
+        if intake is not None:
+            intake.stop(self._left(WATCH_STOP_S))
+        # 2. answer what is left with an error saying why (not drained: a second signal,
+        #    the deadline, a failure); watched files stay unrecorded, so they are redone
+        abandoned = self._abandon() if self.stop_reason and front is not None else 0
+        # 3. the final status, while the workers are there to be counted
+        final = self.status() if front is not None and self.clients is not None else None
+        if final is not None:
+            final.daemon.drained = not self.stop_reason
+            final.daemon.abandoned, final.daemon.failure = abandoned, self.failure
+        # 4. stop the workers: STOP_SIGNAL, SIGKILL for any left after the grace or at the
+        #    deadline (the earlier), at once after a second signal
+        if front is not None:
+            front.close(min(self.deadline.at, time.monotonic() + STOP_ALL_GRACE_S),
+                        self._hurried)
+        # 5. the watch record's last lines, fsync'd
+        if intake is not None:
+            intake.close(0)
+        # 6. --metrics-json, atomically
+        written = (final is None or self.cfg.metrics_json is None
+                   or write_json(self.cfg.metrics_json, final.document(), self.log))
+        # 7. stop serving /metrics (its HTTP loop looks for the stop every 0.5 s)
+        self.exporter.close()
+        # 8. let the answers already sent leave, then close the client socket
+        # 9. remove the socket file and its lock: the next serve finds the path free
+        self.door.release(max(ANSWERS_LEAVE_S, self._left(ANSWER_LINGER_MS / 1000)))
+        # 10. say how it ended
+        if final is not None:
+            self.log.info("exit", drained=not self.stop_reason, abandoned=abandoned,
+                          reason=self.stop_reason or self.failure, ok=final.front.ok,
+                          errors=final.front.errors, metrics=final.metrics,
+                          shutdown_s=round(time.monotonic() - started, 3))
         sys.stderr.flush()
         return written
 
+    def _hurried(self) -> bool:
+        """A signal during the shutdown is a second one: the rest gets HURRY_S."""
+        if self.signals and not self.deadline.hurried:
+            self.log.warning("signal during shutdown: killing the workers, exiting now",
+                             signal=signal.Signals(self.signals[0]).name)
+            self.deadline.hurry()
+        self.signals.clear()
+        return self.deadline.hurried
+
+    def _left(self, cap_s: float) -> float:
+        self._hurried()
+        return self.deadline.left(cap_s)
+
     def _abandon(self) -> int:
-        """Answer every pending request with an error saying why the daemon stopped without
-        it. Watched files are not recorded, so the next start processes them."""
+        """Answer every pending request with an error saying why the daemon stopped
+        without it. Watched files are not recorded, so the next start processes them."""
         answers = self.front.abandon(self.stop_reason)
         for result, origin in answers:
             self._deliver(result, origin, record=False)
@@ -359,6 +333,42 @@ class Server:
             self.log.warning("answered unfinished requests as errors", count=len(answers),
                              reason=self.stop_reason)
         return len(answers)
+
+
+def log_config(log: Any, cfg: ServeConfig, connections_cap: int) -> None:
+    """What runs, in one line; and a warning when the internal ports face the network."""
+    pipe = cfg.pipeline
+    log.info("config", endpoint=cfg.endpoint, model=str(pipe.model_dir), backend=pipe.backend,
+             devices=list(pipe.devices), out=str(pipe.out_dir),
+             watch=str(cfg.watch) if cfg.watch else None, preprocess=pipe.preprocess_workers,
+             postprocess=pipe.postprocess_workers, batch_size=pipe.batch_size,
+             max_queue=cfg.max_queue, drain_timeout_s=cfg.drain_timeout_s,
+             liveness_timeout_s=pipe.liveness_timeout_s,
+             allow_roots=[str(p) for p in cfg.allow_roots], transport=pipe.transport,
+             client_connections_cap=connections_cap)
+    log.info("plan", plan=describe(pipe.plan))       # workers and threads: how, why
+    if pipe.transport == "tcp" and not ipaddress.ip_address(pipe.tcp_host).is_loopback:
+        log.warning("internal ports open to the network, without authentication",
+                    host=pipe.tcp_host, port=pipe.tcp_ports)
+
+
+def write_json(path: Path, doc: dict[str, Any], log: Any) -> bool:
+    """--metrics-json, atomically; a storage failure is logged, never a traceback."""
+    tmp = path.with_suffix(".tmp")
+    try:
+        tmp.write_text(json.dumps(json_safe(doc), indent=2) + "\n")
+        tmp.replace(path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        log.error("cannot write --metrics-json", path=str(path), error=exc.strerror or str(exc))
+        return False
+    return True
+
+
+def _usage_error(problem: str) -> int:
+    sys.stderr.write(f"pspnet serve: error: {problem}\n")
+    sys.stderr.flush()
+    return EXIT_USAGE
 
 
 def check_exposure(endpoint: str, allow_roots: tuple[Path, ...]) -> str | None:

@@ -28,6 +28,10 @@ from pspnet.core.exits import EXIT_CANNOT_START
 RESTART_BACKOFF_S = (0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
 STABLE_AFTER_S = 30.0           # a worker that lived this long restarts without back-off
 STOP_GRACE_S = 1.0              # STOP_SIGNAL, then SIGKILL after this
+STOP_ALL_GRACE_S = 5.0          # stop_all without a deadline: SIGKILL after this
+STOP_POLL_S = 0.02              # stop_all: how often exits (and a hurry) are looked for
+KILLED_REAP_S = 1.0             # after SIGKILL, a process in uninterruptible sleep may
+                                # take a moment to go; not waited for beyond this
 STAGES = ("preprocess", "executor", "postprocess")
 
 
@@ -122,20 +126,33 @@ class Supervisor:
         _kill(slot.proc.pid, STOP_SIGNAL)
         slot.stop_sent = time.monotonic()
 
-    def stop_all(self, grace_s: float = 5.0) -> None:
-        """Every worker: STOP_SIGNAL, then SIGKILL for those left at one deadline."""
-        procs = [s.proc for s in self.slots if s.proc is not None]
+    def stop_all(self, until: float | None = None,
+                 hurry: Callable[[], bool] | None = None) -> None:
+        """Every worker: STOP_SIGNAL, then SIGKILL for those left at `until` (monotonic;
+        default STOP_ALL_GRACE_S from now), or at once when `hurry()` says so (the
+        daemon's second signal). Each is reaped before this returns."""
+        until = time.monotonic() + STOP_ALL_GRACE_S if until is None else until
+        hurry = hurry or (lambda: False)
+        procs = [s.proc for s in self.slots if s.proc is not None and s.proc.poll() is None]
+        for proc in procs if not hurry() else ():
+            _kill(proc.pid, signal.SIGCONT)     # a stopped process acts on nothing else
+            _kill(proc.pid, STOP_SIGNAL)
+        while procs:
+            procs = [p for p in procs if p.poll() is None]
+            if procs and (hurry() or time.monotonic() >= until):
+                self._kill_all(procs)
+                return
+            time.sleep(STOP_POLL_S if procs else 0)
+
+    def _kill_all(self, procs: list[subprocess.Popen]) -> None:
+        self.log.warning("killing children (SIGKILL)", pids=[p.pid for p in procs])
         for proc in procs:
-            if proc.poll() is None:
-                _kill(proc.pid, signal.SIGCONT)
-                _kill(proc.pid, STOP_SIGNAL)
-        deadline = time.monotonic() + grace_s
+            _kill(proc.pid, signal.SIGKILL)
         for proc in procs:
             try:
-                proc.wait(max(0.0, deadline - time.monotonic()))
+                proc.wait(KILLED_REAP_S)
             except subprocess.TimeoutExpired:
-                _kill(proc.pid, signal.SIGKILL)
-                proc.wait(5)
+                self.log.error("child did not exit after SIGKILL", pid=proc.pid)
 
     # ---- one pass ----------------------------------------------------------------------
 

@@ -44,6 +44,7 @@ from pspnet.model.masks import is_storage_error, mask_path, mask_source, recorde
 RECORD_NAME = ".pspnet-processed.jsonl"
 SETTLE_S = 1.0               # size and mtime unchanged this long: the file is complete
 RETRY_S = (1.0, 2.0, 5.0, 10.0, 30.0)   # storage failures: probe again after these
+OBSERVER_JOIN_S = 5.0        # the watchdog thread's end, at most (stop: the caller's bound)
 
 Version = tuple[int, int, int]      # inode, size, mtime in ns
 
@@ -231,10 +232,10 @@ class Watcher:
         self.folder_id = (st.st_dev, st.st_ino)
         self.scan = os.scandir(self.folder)
 
-    def _detach(self) -> None:
+    def _detach(self, wait_s: float = OBSERVER_JOIN_S) -> None:
         if self.observer is not None:
             self.observer.stop()
-            self.observer.join(timeout=5)
+            self.observer.join(timeout=wait_s)
             self.observer = None
         self.scan = None
 
@@ -249,8 +250,20 @@ class Watcher:
     def error(self) -> str | None:
         return self.handler.error
 
-    def stop(self) -> None:
-        self._detach()
+    def stop(self, wait_s: float | None = None) -> None:
+        """Stop watching; wait at most `wait_s` for watchdog's thread to end."""
+        self._detach(OBSERVER_JOIN_S if wait_s is None else wait_s)
+
+    def take_notices(self) -> list[tuple[str, dict[str, Any]]]:
+        """What happened to the folder or the storage since the last call, to be logged."""
+        notices, self.notices = self.notices, []
+        return notices
+
+    def take_recovered(self) -> list[tuple[str, Version, str]]:
+        """(name, version, mask) of versions whose mask was found already written (a kill
+        between the mask and its record line), to be recorded without redoing them."""
+        recovered, self.recovered = self.recovered, []
+        return recovered
 
     def check_folder(self, now: float) -> None:
         """The folder deleted or replaced: say so once, watch the new one when it is back."""

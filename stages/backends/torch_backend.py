@@ -11,12 +11,12 @@ waits for that copy. So the device runs batch k+1 right behind batch k while the
 collects and sends k. With `cuda_graphs=1` each slot's device buffers are the static
 inputs of one captured graph. With `fused_conv=1` (or `auto`, when it times faster at open)
 the program's conv + bias (+ residual add) + ReLU chains run as single cuDNN calls
-(stages/backends/conv_fusion.py; BN is folded at build).
+(stages/backends/conv_fusion.py; BN is folded at build). Loading the program and choosing
+the fused variant happen once, at open: stages/backends/torch_program.py.
 """
 
 from __future__ import annotations
 
-import logging
 import os
 import time
 import warnings
@@ -28,7 +28,6 @@ import numpy as np
 import torch
 
 from pspnet.core.backend_rules import RULES
-from pspnet.model.serving_model import ServingModel
 from pspnet.stages.backends.base import (
     NUM_SLOTS,
     BackendBase,
@@ -38,14 +37,16 @@ from pspnet.stages.backends.base import (
     option_int,
     parse_device,
 )
-from pspnet.stages.backends.conv_fusion import fused_copy
+from pspnet.stages.backends.torch_program import (
+    FusedConv,
+    capture_graphs,
+    load_core,
+    serving_model,
+    time_model,
+)
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 OPTIONS = RULES["torch"].options        # pspnet.core.backend_rules: the CLI checks them
-FUSION_TIMED_RUNS = 5          # fused_conv=auto: timed batches per variant at open
-
-_log = logging.getLogger(__name__)
-
 # The CPU path hands read-only numpy views (e.g. ZeroMQ frames) to torch.from_numpy; the
 # serving graph never writes its inputs, so torch's warning about that is noise.
 warnings.filterwarnings("ignore", message="The given NumPy array is not writable",
@@ -81,8 +82,9 @@ class TorchBackend(BackendBase):
         self.compiled = option_flag(options, "compile")
         fused = str(options.get("fused_conv", "0")).strip().lower()
         self.fused_conv = "auto" if fused == "auto" else option_flag(options, "fused_conv")
+        self._fusion = FusedConv(self.fused_conv, fused)
         # what the fused-convolution path did at open (bench and the device script read it)
-        self.fusion: dict[str, Any] = {"fused_conv": fused or "0", "active": False}
+        self.fusion: dict[str, Any] = self._fusion.report
         if self.fused_conv is True and self.compiled:
             raise ValueError("fused_conv=1 and compile=1 do not combine: the cuDNN fused "
                              "ops have no fake-tensor kernels for torch.compile to trace "
@@ -121,99 +123,24 @@ class TorchBackend(BackendBase):
             self._model = torch.compile(self._model, mode=options.get("compile_mode") or None)
         if self._cuda:
             self._setup_cuda()
-            if self._fused is not None:
-                self._choose_fusion()
+            self._model = self._fusion.choose(
+                self._model, lambda model, runs: time_model(model, self._inputs[0],
+                                                            self._compute_stream, runs))
         self._warm_up(warmup if warmup is not None else (2 if self._cuda else 1))
         if self.cuda_graphs:
-            self._capture_graphs()
+            self._graphs, self._graph_out = capture_graphs(self._model, self._inputs,
+                                                           self._compute_stream)
 
     # -- open time ---------------------------------------------------------------------
 
     def _load_model(self) -> torch.nn.Module:
-        # one dynamic-batch program, or (when torch could not export that) one per size
-        program = self.manifest.torch_program or \
-            self.manifest.source.get("torch_programs", {}).get(str(self.batch_size))
-        if not program:
-            raise FileNotFoundError(f"{self.model_dir}: the manifest names no torch program; "
-                                    "rebuild the model directory with `pspnet build`")
-        path = self.model_dir / program
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: torch program missing; rebuild the model "
-                                    "directory with `pspnet build`")
-        exported = torch.export.load(str(path))
-        if self._cuda:
-            exported = _move_program(exported, self.device)
-        # The unflattened module shares parameters with `exported`; nothing else uses it.
-        # Never call .eval()/.train() on it: torch.export modules reject them (and the
-        # behaviour is already baked in at export time).
-        core = exported.module().to(self.device)   # a no-op once the pass has moved it
-        if self.dtype != torch.float32:
-            core = core.to(self.dtype)
-        if self._cuda and self.dtype != torch.float32:
-            # the NHWC uint8 input permuted to NCHW is already channels_last-strided
-            core = core.to(memory_format=torch.channels_last)
-        model = self._serving(core)
-        self._fused = None              # (fused ServingModel, its FusionReport) to choose
-        if self._cuda and self.fused_conv and not self.compiled:
-            fused_core, report = fused_copy(core)
-            self.fusion.update(report.as_dict())
-            _log.info("fused_conv=%s: %s", self.fusion["fused_conv"], report.line())
-            if report.conv_relu + report.conv_add_relu == 0:
-                self.fusion["why"] = "no conv + ReLU chain in the graph (BN not folded?)"
-            else:
-                self._fused = (self._serving(fused_core), report)
-        elif self.fused_conv:
-            self.fusion["why"] = ("compile=1: inductor fuses instead" if self.compiled
-                                  else "CPU: the fused ops are cuDNN's")
-        return model
+        core = load_core(self.model_dir, self.manifest, self.batch_size, self.device,
+                         self.dtype)
+        self._fusion.prepare(core, self._serving, self._cuda, self.compiled)
+        return self._serving(core)
 
     def _serving(self, core: torch.nn.Module) -> torch.nn.Module:
-        model = ServingModel(core, self.manifest.mean, self.manifest.std, self.head,
-                             compute_dtype=self.dtype,
-                             align_corners=self.manifest.align_corners).to(self.device)
-        model.requires_grad_(False)
-        return model
-
-    def _choose_fusion(self) -> None:
-        """fused_conv=1: run the fused graph (cuDNN refusing it is an error); auto: time
-        both graphs on slot 0's buffers and keep the faster (a refusal keeps the plain)."""
-        fused, _ = self._fused
-        self._fused = None
-        candidates = {"plain": self._model, "fused": fused}
-        ms: dict[str, float] = {}
-        for name, model in candidates.items():
-            if self.fused_conv is True and name == "plain":
-                continue
-            try:
-                ms[name] = self._time_model(model)
-            except RuntimeError as error:
-                if name == "plain" or self.fused_conv is True:
-                    raise BackendUnavailable(f"fused_conv={self.fusion['fused_conv']}: the "
-                                             f"fused graph failed ({_first_line(error)}); "
-                                             "use fused_conv=0") from error
-                self.fusion["why"] = f"fused graph failed: {_first_line(error)}"
-        best = min(ms, key=ms.get)
-        self.fusion.update(active=best == "fused", ms_per_batch={k: round(v, 3) for k, v in
-                                                                 ms.items()})
-        _log.info("fused_conv=%s: %s (%s ms per batch)", self.fusion["fused_conv"],
-                  "fused" if best == "fused" else "plain",
-                  ", ".join(f"{k} {v:.2f}" for k, v in ms.items()))
-        self._model = candidates[best]
-
-    def _time_model(self, model: torch.nn.Module) -> float:
-        """Mean ms per batch on slot 0's device buffers, after two untimed runs."""
-        stream = self._compute_stream
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        with torch.cuda.device(self.device), torch.cuda.stream(stream), torch.inference_mode():
-            for _ in range(2):
-                model(*self._inputs[0])
-            start.record(stream)
-            runs = FUSION_TIMED_RUNS if self.fused_conv == "auto" else 1
-            for _ in range(runs):
-                model(*self._inputs[0])
-            end.record(stream)
-        end.synchronize()
-        return start.elapsed_time(end) / runs
+        return serving_model(core, self.manifest, self.device, self.dtype)
 
     def _setup_cuda(self) -> None:
         torch.backends.cudnn.benchmark = True       # static shapes: pick the fastest convs
@@ -269,24 +196,6 @@ class TorchBackend(BackendBase):
             raise
         if self.compiled:
             self.compile_seconds = time.perf_counter() - started
-
-    def _capture_graphs(self) -> None:
-        """One CUDA graph per slot, capturing the slot's device buffers as static inputs."""
-        with torch.cuda.device(self.device), torch.inference_mode():
-            side = torch.cuda.Stream(self.device)
-            side.wait_stream(self._compute_stream)
-            with torch.cuda.stream(side):         # warm-up off the default stream
-                for slot in range(NUM_SLOTS):
-                    for _ in range(3):
-                        self._model(*self._inputs[slot])
-            torch.cuda.synchronize(self.device)
-            for slot in range(NUM_SLOTS):
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph):
-                    out = self._model(*self._inputs[slot])
-                self._graphs[slot] = graph
-                self._graph_out[slot] = out
-            torch.cuda.synchronize(self.device)
 
     # -- the hot calls -----------------------------------------------------------------
 
@@ -369,17 +278,3 @@ class TorchBackend(BackendBase):
                 self._pinned_np = []
             self._model = None
         super().close()
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0][:200] if text else type(error).__name__
-
-
-def _move_program(exported: Any, device: torch.device) -> Any:
-    """Move an ExportedProgram's weights and device constants (not just the module)."""
-    try:
-        from torch.export.passes import move_to_device_pass
-    except ImportError:     # older torch: module-level .to() in _load_model instead
-        return exported
-    return move_to_device_pass(exported, device)

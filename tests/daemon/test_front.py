@@ -111,7 +111,7 @@ def test_voc_through_real_processes(backend, head, voc, mmseg_models, tmp_path, 
     for key in ("mIoU", "aAcc", "mAcc"):   # percent; 1e-6 as mmseg's fractions
         assert summary[key] / 100 == pytest.approx(theirs[key] / 100, abs=1e-6)
         assert summary[key] == pytest.approx(exact[key], abs=1e-6)
-    assert status["front"]["ok"] == len(voc["images"])
+    assert status.front.ok == len(voc["images"])
     assert 10 < summary["mIoU"] < 100
 
 
@@ -122,7 +122,7 @@ def test_partial_batch_no_filler_leaks(tiny_models, photo_files, tmp_path):
     by_id = answered_once(results, 17)
     assert all(r.status == wire.OK for r in by_id.values())
     assert len(list((tmp_path / "m").glob("*.png"))) == 17
-    assert status["front"]["duplicates_dropped"] == 0
+    assert status.front.duplicates_dropped == 0
 
 
 def test_postprocess_workers_share_the_outputs_of_a_slow_device(tiny_models, photo_files):

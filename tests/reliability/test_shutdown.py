@@ -4,6 +4,11 @@
   are refused with "daemon is shutting down", exit 0, metrics written, no child left behind.
 * A second SIGTERM, or --drain-timeout running out, exits at once (status 1), answering
   what is left with an error that says why.
+* One deadline (issue 25): 100 requests in flight, --drain-timeout 3, then a second SIGTERM
+  or none: the exit comes within 3 s of the first signal plus 1 s, every request answered
+  once, even when the workers ignore the polite stop (only SIGKILL ends them). The pieces:
+  the Deadline's bookkeeping, Supervisor.stop_all killing at the deadline or at once on a
+  second signal, and an OSError from a worker's restart that no longer skips the shutdown.
 * The front is the supervisor (not a separate process): kill -9 of it is the daemon dying.
   The kernel ends its workers (PR_SET_PDEATHSIG). A client whose daemon is restarted on the same
   endpoint resends what the dead one had accepted (all answered, ok); a client whose daemon
@@ -17,9 +22,13 @@
 from __future__ import annotations
 
 import collections
+import errno
 import json
+import os
 import shutil
 import signal
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -27,12 +36,16 @@ from pathlib import Path
 import pytest
 
 from pspnet.core import wire
+from pspnet.core.config import STOP_SIGNAL, PipelineConfig
 from pspnet.daemon.client import PING_TIMEOUT_S, SILENCE_S
+from pspnet.daemon.server import HURRY_S, STOP_RESERVE_S, Deadline, ServeConfig, Server
+from pspnet.daemon.supervisor import STOP_ALL_GRACE_S, Slot, Supervisor
 from tests.kit import (
     RawClient,
     Submitter,
     linked_stream,
     mask_pixels,
+    pid_alive,
     wait_dead,
     watch_record,
     write_slowly,
@@ -102,14 +115,16 @@ def test_sigterm_mid_stream_answers_every_accepted_request(tiny_models, photo_fi
     raw.close()
 
 
-@pytest.mark.parametrize("cut", ["second-signal", "drain-timeout"])
+@pytest.mark.parametrize("cut", ["second-signal", "drain-timeout", "drain-timeout-0"])
 def test_drain_cut_short_answers_every_abandoned_request(tiny_models, photo_files, tmp_path,
                                                          daemons, cut):
     """A second SIGTERM exits at once, and so does a drain that outlasts --drain-timeout:
     status 1 within 8 s of the last signal (the workers get the front's stop signal, then
     SIGKILL), no worker left. What is left is answered with an error at once (not after
-    the client's 15 s of silence), and counted in the metrics and the exit log line."""
-    limit = ("--drain-timeout", "1") if cut == "drain-timeout" else ()
+    the client's 15 s of silence), and counted in the metrics and the exit log line; with
+    --drain-timeout 0 too (no time left: the answers still get theirs to leave)."""
+    timeout_s = "0" if cut == "drain-timeout-0" else "1"
+    limit = ("--drain-timeout", timeout_s) if cut != "second-signal" else ()
     daemon = daemons(tiny_models["logits"], tmp_path / "masks", tmp_path, "--batch-size", "4",
                      "--preprocess-workers", "1", "--postprocess-workers", "1",
                      "--backend-option", "img_s=8", *limit, backend="sim")
@@ -140,8 +155,8 @@ def test_drain_cut_short_answers_every_abandoned_request(tiny_models, photo_file
     assert len(ids) == 40 and set(ids.values()) == {1}, "lost or duplicated answers"
     abandoned = [a for a in job.answers if a.status != "ok"]
     assert abandoned, "the drain finished: nothing was left to abandon"
-    why = ("--drain-timeout 1 s ran out" if cut == "drain-timeout"
-           else "a second signal: exit at once")
+    why = ("a second signal: exit at once" if cut == "second-signal"
+           else f"--drain-timeout {timeout_s} s ran out")
     assert {a.error for a in abandoned} == {
         f"daemon stopped before this request finished ({why})"}, {a.error for a in abandoned}
     assert answered_s < 3, f"the client waited {answered_s:.1f} s after the exit"
@@ -154,6 +169,228 @@ def test_drain_cut_short_answers_every_abandoned_request(tiny_models, photo_file
     print(f"\nFIGURE {cut}: exit 1 {exited - signalled:.1f} s after the last signal; "
           f"{40 - len(abandoned)} ok, {len(abandoned)} abandoned, answered "
           f"{answered_s:.1f} s after the exit; {len(children)} workers gone")
+
+
+IN_FLIGHT = 100
+DEADLINE_S = 3.0                    # --drain-timeout
+EXIT_SLACK_S = 1.0                  # the issue's bound: exit within the deadline plus this
+
+
+def stubborn_workers(tmp_path: Path) -> dict[str, str]:
+    """An environment whose Python processes ignore the front's polite stop (STOP_SIGNAL),
+    as a worker wedged in a driver call would: only SIGKILL ends them."""
+    site = tmp_path / "stubborn-site"
+    site.mkdir(exist_ok=True)
+    (site / "sitecustomize.py").write_text(
+        f"import signal\nsignal.signal({int(STOP_SIGNAL)}, signal.SIG_IGN)\n")
+    return {"PYTHONPATH": os.pathsep.join(filter(None, [str(site),
+                                                         os.environ.get("PYTHONPATH")]))}
+
+
+@pytest.mark.parametrize("workers", ["obedient", "stubborn"])
+@pytest.mark.parametrize("cut", ["second-signal", "deadline"])
+def test_one_deadline_with_100_requests_in_flight(tiny_models, photo_files, tmp_path, daemons,
+                                                  cut, workers):
+    """SIGTERM with 100 requests in flight and --drain-timeout 3; then SIGTERM again after
+    1 s, or nothing. The exit comes within 3 + 1 s of the first signal (before: a shutdown
+    step after another, 5 s of grace for the workers alone), every request is answered
+    exactly once, no worker is left. A second signal kills the workers at once; without
+    one, stubborn workers (only SIGKILL ends them) are killed at the deadline."""
+    daemon = daemons(tiny_models["logits"], tmp_path / "masks", tmp_path, "--batch-size", "4",
+                     "--preprocess-workers", "1", "--postprocess-workers", "1",
+                     "--drain-timeout", f"{DEADLINE_S:g}", "--backend-option", "img_s=10",
+                     backend="sim", env=stubborn_workers(tmp_path) if workers == "stubborn"
+                     else None)
+    try:
+        daemon.wait_ready()
+        children = daemon.child_pids()
+        job = Submitter(daemon.endpoint, linked_stream(photo_files, tmp_path / "in",
+                                                       IN_FLIGHT))
+        job.start()
+        while (front := daemon.status()["front"])["submitted"] < IN_FLIGHT:
+            assert job.is_alive(), job.error
+            time.sleep(0.02)
+        in_flight = front["queued"] + front["inflight"]
+        first = time.monotonic()
+        daemon.signal(signal.SIGTERM)
+        second = None
+        if cut == "second-signal":
+            time.sleep(1.0)
+            second = time.monotonic()
+            daemon.signal(signal.SIGTERM)
+        code = daemon.proc.wait(30)
+        exit_s = time.monotonic() - first
+        job.join(10)
+    finally:
+        daemon.stop()
+    assert in_flight >= IN_FLIGHT - 8, f"only {in_flight} in flight at the signal"
+    assert code == 1, daemon.logs()
+    assert exit_s <= DEADLINE_S + EXIT_SLACK_S, \
+        f"exit {exit_s:.2f} s after the first signal, deadline {DEADLINE_S:g} s"
+    assert wait_dead(children) == [], "workers outlived the daemon"
+    assert job.error is None and not job.is_alive()
+    ids = collections.Counter(a.id for a in job.answers)
+    assert len(ids) == IN_FLIGHT and set(ids.values()) == {1}, "lost or duplicated answers"
+    abandoned = [a for a in job.answers if a.status != "ok"]
+    assert abandoned and all(a.error.startswith("daemon stopped before this request "
+                                                "finished") for a in abandoned)
+    final = json.loads(daemon.metrics.read_text())
+    assert final["front"]["abandoned"] == len(abandoned)
+    assert final["front"]["ok"] == IN_FLIGHT - len(abandoned)
+    events = daemon.events()
+    (exit_line,) = [e for e in events if e.get("event") == "exit"]
+    killed = any(e.get("event") == "killing children (SIGKILL)" for e in events)
+    # stubborn ones at the deadline, and any after a second signal: SIGKILL
+    assert killed == (workers == "stubborn" or cut == "second-signal"), daemon.logs()
+    after_second = "" if second is None else \
+        f", {first + exit_s - second:.2f} s after the second"
+    print(f"\nFIGURE one deadline ({cut}, {workers} workers): {in_flight} in flight, "
+          f"--drain-timeout {DEADLINE_S:g}: exit 1 {exit_s:.2f} s after the first signal"
+          f"{after_second} (bound {DEADLINE_S + EXIT_SLACK_S:g} s); shutdown sequence "
+          f"{exit_line['shutdown_s']:.2f} s; {IN_FLIGHT - len(abandoned)} ok + "
+          f"{len(abandoned)} abandoned = {len(ids)} answered once; "
+          f"{'SIGKILL' if killed else 'STOP_SIGNAL'} ended {len(children)} workers")
+
+
+def test_a_drained_stop_gives_stubborn_workers_the_grace_not_the_whole_deadline(
+        tiny_models, tmp_path, daemons):
+    """Nothing pending, --drain-timeout 60: the drain is over at once, and workers that
+    ignore the stop signal are killed after STOP_ALL_GRACE_S, not at the deadline."""
+    daemon = daemons(tiny_models["logits"], tmp_path / "masks", tmp_path, "--batch-size", "4",
+                     "--preprocess-workers", "1", "--postprocess-workers", "1",
+                     "--drain-timeout", "60", backend="sim", env=stubborn_workers(tmp_path))
+    daemon.wait_ready()
+    children = daemon.child_pids()
+    signalled = time.monotonic()
+    daemon.signal(signal.SIGTERM)
+    code = daemon.proc.wait(90)
+    exit_s = time.monotonic() - signalled
+    daemon.stop()
+    assert code == 0, daemon.logs()
+    assert STOP_ALL_GRACE_S <= exit_s < STOP_ALL_GRACE_S + EXIT_SLACK_S, f"{exit_s:.2f} s"
+    assert wait_dead(children) == []
+    assert any(e.get("event") == "killing children (SIGKILL)" for e in daemon.events())
+    print(f"\nFIGURE drained, stubborn workers, --drain-timeout 60: exit 0 {exit_s:.2f} s "
+          f"after the signal (grace {STOP_ALL_GRACE_S:g} s)")
+
+
+def test_deadline_bookkeeping():
+    """The drain gets the deadline less the shutdown's reserve; a second signal leaves
+    HURRY_S of whatever was left; a deadline once set stands."""
+    now = [100.0]
+    deadline = Deadline(clock=lambda: now[0])
+    assert not deadline.drain_over()
+    deadline.start(3.0)
+    deadline.start(50.0)                        # a failure during the drain: no extension
+    assert deadline.at == 103.0
+    now[0] = 103.0 - STOP_RESERVE_S - 0.01
+    assert not deadline.drain_over()
+    now[0] += 0.02
+    assert deadline.drain_over()
+    assert deadline.left(5.0) == pytest.approx(STOP_RESERVE_S - 0.01)
+    deadline.hurry()
+    assert deadline.hurried and deadline.left(5.0) == pytest.approx(HURRY_S)
+    now[0] = 200.0
+    assert deadline.left(5.0) == 0.0
+    short = Deadline(clock=lambda: now[0])
+    short.start(0.4)                            # a short timeout keeps half for the drain
+    assert short.reserve_s == pytest.approx(0.2)
+
+
+def stubborn_process() -> subprocess.Popen:
+    """A process that ignores STOP_SIGNAL and says so once it does."""
+    proc = subprocess.Popen(
+        [sys.executable, "-c", f"import signal, time\nsignal.signal({int(STOP_SIGNAL)}, "
+         "signal.SIG_IGN)\nprint('ready', flush=True)\ntime.sleep(60)"],
+        stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "ready"
+    return proc
+
+
+@pytest.mark.parametrize("hurry_after_s", [None, 0.3])
+def test_stop_all_kills_at_the_deadline_or_at_once_when_hurried(tmp_path, hurry_after_s):
+    supervisor = Supervisor(PipelineConfig(model_dir=tmp_path), "{}")
+    supervisor.slots = [Slot("executor", 0, proc=stubborn_process()),
+                        Slot("preprocess", 0, proc=stubborn_process())]
+    started = time.monotonic()
+    until = started + (5.0 if hurry_after_s else 0.5)
+
+    def hurry() -> bool:
+        return hurry_after_s is not None and time.monotonic() - started > hurry_after_s
+
+    supervisor.stop_all(until, hurry)
+    took = time.monotonic() - started
+    assert all(s.proc.returncode == -signal.SIGKILL for s in supervisor.slots)
+    assert not any(pid_alive(s.proc.pid) for s in supervisor.slots)
+    expected = hurry_after_s if hurry_after_s is not None else 0.5
+    assert expected <= took < expected + 0.5, f"returned after {took:.2f} s"
+    for slot in supervisor.slots:
+        slot.proc.stdout.close()
+
+
+def test_an_oserror_in_the_loop_still_runs_the_shutdown(tiny_models, photo_files, tmp_path,
+                                                        monkeypatch):
+    """A worker's restart that fails with an OSError (fork refused, no descriptors) used
+    to end serve without a shutdown: open requests unanswered, the socket file left. Now:
+    logged, every request answered with an error naming it, workers stopped, endpoint
+    file removed, exit 1."""
+    endpoint = tmp_path / "front"
+    cfg = ServeConfig(pipeline=PipelineConfig(
+        model_dir=tiny_models["logits"], backend="sim", batch_size=4,
+        backend_options={"img_s": "4"}, preprocess_workers=1, postprocess_workers=1,
+        out_dir=tmp_path / "masks"), endpoint=f"ipc://{endpoint}",
+        metrics_json=tmp_path / "final.json")
+    server = Server(cfg)
+    job = Submitter(cfg.endpoint, linked_stream(photo_files, tmp_path / "in", 20))
+    failing: list[int] = []
+
+    def no_more_processes(_slot: Slot) -> None:
+        raise OSError(errno.ENOMEM, "Cannot allocate memory (a test's fork failure)")
+
+    def fault() -> None:
+        """Once serving with requests in flight: restarts fail, and the executor dies. If
+        that moment never comes, SIGTERM ends serve (and the test fails)."""
+        try:
+            deadline = time.monotonic() + 60
+            while getattr(server, "clients", None) is None and time.monotonic() < deadline:
+                time.sleep(0.05)
+            job.start()
+            while server.front.pending < 10 and job.is_alive() \
+                    and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert server.front.pending >= 10, job.error
+            monkeypatch.setattr(server.front.supervisor, "spawn", no_more_processes)
+            victim = next(s for s in server.front.supervisor.slots if s.stage == "executor")
+            failing.append(victim.proc.pid)
+            os.kill(victim.proc.pid, signal.SIGKILL)
+        except BaseException:
+            os.kill(os.getpid(), signal.SIGTERM)
+            raise
+
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT,
+                                                        signal.SIGHUP)}
+    switch = sys.getswitchinterval()
+    injector = threading.Thread(target=fault, daemon=True)
+    try:
+        injector.start()
+        code = server.serve()
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+        sys.setswitchinterval(switch)
+    job.join(30)
+    assert code == 1
+    assert failing and not endpoint.exists(), "the socket file was left"
+    pids = [s.proc.pid for s in server.front.supervisor.slots if s.proc is not None]
+    assert wait_dead(pids) == [], "workers outlived the shutdown"
+    assert job.error is None and not job.is_alive()
+    ids = collections.Counter(a.id for a in job.answers)
+    assert len(ids) == 20 and set(ids.values()) == {1}
+    failed = [a for a in job.answers if a.status != "ok"]
+    assert failed and all("the daemon failed: OSError" in a.error for a in failed), \
+        {a.error for a in failed}
+    final = json.loads(cfg.metrics_json.read_text())
+    assert final["daemon"]["drained"] is False and final["front"]["abandoned"] == len(failed)
 
 
 def test_front_killed_client_resends_to_restarted_daemon_or_gets_errors(
