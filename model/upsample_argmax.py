@@ -60,7 +60,8 @@ def linear_taps(n_in: int, n_out: int, align_corners: bool, start: int, count: i
 
     torch's arithmetic (aten UpSample.h, area_pixel_compute_source_index and
     guard_index_and_lambda) in float32: scale = in / out (align_corners: (in-1)/(out-1)),
-    source = scale * (k + 0.5) - 0.5 clamped at 0 (align_corners: scale * k),
+    source = scale * (k + 0.5) - 0.5 clamped at 0 (one rounding, as torch's fused
+    multiply-add; align_corners: scale * k),
     i0 = min(floor(source), in - 1), w1 = clamp(source - i0, 0, 1), w0 = 1 - w1,
     i1 = i0 + 1 except at the last input. Equal sizes copy (w0 = 1, w1 = 0), as torch does.
     """
@@ -72,8 +73,11 @@ def linear_taps(n_in: int, n_out: int, align_corners: bool, start: int, count: i
             scale = F32(n_in - 1) / F32(n_out - 1) if n_out > 1 else F32(0)
             source = scale * k.astype(F32)
         else:
+            # torch's CPU kernel is built with fused multiply-add: scale * (k + 0.5) - 0.5
+            # rounded once, which float64 computes exactly before the one rounding here
             scale = F32(n_in) / F32(n_out)
-            source = np.maximum(scale * (k.astype(F32) + F32(0.5)) - F32(0.5), F32(0))
+            exact = np.float64(scale) * (k + 0.5) - 0.5
+            source = np.maximum(exact.astype(F32), F32(0))
         i0 = np.minimum(np.floor(source).astype(np.int64), n_in - 1)
         w1 = np.clip(source - i0.astype(F32), F32(0), F32(1)).astype(F32)
         taps = (i0, i0 + (i0 < n_in - 1), (F32(1) - w1).astype(F32), w1)
