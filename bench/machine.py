@@ -23,6 +23,23 @@ def cpu_count() -> int:
         return os.cpu_count() or 1
 
 
+def usable_cpus(cpu_max: str = "/sys/fs/cgroup/cpu.max") -> float:
+    """CPUs this process may use: the affinity mask, capped by a container's CPU quota
+    (cgroup v2 cpu.max, "quota period" or "max period"), e.g. 1.5 for a 1500m limit."""
+    cpus = float(cpu_count())
+    try:
+        with open(cpu_max) as f:
+            quota, period = f.read().split()[:2]
+    except (OSError, ValueError):
+        return cpus
+    if quota == "max":
+        return cpus
+    try:
+        return min(cpus, max(int(quota) / int(period), 0.01))
+    except (ValueError, ZeroDivisionError):
+        return cpus
+
+
 def accelerator(backend: str, devices: tuple[str, ...]) -> str:
     """A human name for what the executor runs on ("none (CPU)" when nothing else)."""
     kinds = {d.split(":")[0].lower() for d in devices}
@@ -76,5 +93,6 @@ def versions() -> dict[str, str | None]:
 
 def describe(name: str, backend: str, devices: tuple[str, ...]) -> dict[str, Any]:
     return {"machine": name, "hostname": socket.gethostname(), "cpu_count": cpu_count(),
+            "usable_cpus": usable_cpus(),
             "cpu_model": cpu_model(), "accelerator": accelerator(backend, devices),
             "platform": platform.platform(), "versions": versions()}
