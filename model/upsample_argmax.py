@@ -143,6 +143,8 @@ class ColumnPlan:
     v1: np.ndarray
     cell_start: np.ndarray       # first output column of each cell
     cell_width: np.ndarray
+    cell_v0: np.ndarray          # cell x widest cell: stage-2 weights of its columns
+    cell_v1: np.ndarray          # (narrower cells padded with their last column's)
     cell_run: np.ndarray         # the run of each cell
     run_lo: np.ndarray           # window of each run in R's columns, inclusive
     run_hi: np.ndarray
@@ -183,6 +185,8 @@ def column_plan(axis: AxisResize) -> ColumnPlan:
     slots = int(run_cells.max())
     j = np.arange(slots)
     cells = run_start[:, None] + np.minimum(j, run_cells[:, None] - 1)
+    columns = cell_start[:, None] + np.minimum(np.arange(int(cell_width.max())),
+                                               cell_width[:, None] - 1)
     valid = j < run_cells[:, None]
     left, right = q0[cells], q1[cells]
     after_last = right[np.arange(len(run_start)), run_cells - 1]
@@ -200,6 +204,7 @@ def column_plan(axis: AxisResize) -> ColumnPlan:
     plan = ColumnPlan(
         a0=a0, a1=a1, w0=w0, w1=w1, b0=b0, b1=b1, v0=v0, v1=v1,
         cell_start=cell_start, cell_width=cell_width,
+        cell_v0=v0[columns], cell_v1=v1[columns],
         cell_run=np.repeat(np.arange(len(run_start)), run_cells),
         run_lo=lo[run_start], run_hi=hi[run_start], run_cells=run_cells,
         cells=cells, valid=valid, point_a0=a0[points], point_a1=a1[points],
@@ -251,22 +256,22 @@ def dense_labels(logits: np.ndarray, placement: Placement, input_size: tuple[int
 
 
 def _dense(r: np.ndarray, plan: ColumnPlan) -> np.ndarray:
-    """Steps 2-4 on R. Without a stage 2 (the crop is the output) step 3 multiplies by 1
-    and adds 0 * the same value: skipped, as it changes no value (at most a zero's sign,
-    which no comparison sees)."""
-    r1 = plan.w0 * r[:, :, plan.a0]
-    r1 += plan.w1 * r[:, :, plan.a1]
-    labels = np.zeros(r1.shape[1:] if plan.crop_only else (r.shape[1], len(plan.b0)),
-                      np.uint8)
-    best = better = None
+    """Steps 2-4 on R, one class at a time (its planes stay in cache, and a large photo
+    never holds C planes at once). Without a stage 2 (the crop is the output) step 3
+    multiplies by 1 and adds 0 * the same value: skipped, as it changes no value (at most
+    a zero's sign, which no comparison sees)."""
+    labels = np.zeros((r.shape[1], len(plan.b0)), np.uint8)
+    better = np.empty(labels.shape, np.bool_)
+    best = None
     for c in range(r.shape[0]):
-        if plan.crop_only:
-            value = r1[c]
-        else:
-            value = plan.v0 * r1[c][:, plan.b0]
-            value += plan.v1 * r1[c][:, plan.b1]
+        value = plan.w0 * r[c][:, plan.a0]
+        value += plan.w1 * r[c][:, plan.a1]
+        if not plan.crop_only:
+            r1 = value
+            value = plan.v0 * r1[:, plan.b0]
+            value += plan.v1 * r1[:, plan.b1]
         if best is None:
-            best, better = value.copy(), np.empty(value.shape, np.bool_)
+            best = value
             continue
         np.greater(value, best, out=better)
         np.copyto(labels, c, where=better)
@@ -427,17 +432,15 @@ def _decide_cells(r: np.ndarray, plan: ColumnPlan, uy: np.ndarray, ur: np.ndarra
     open_cell = plan.cells[ur[oi], oj]
     x0 = plan.cell_start[open_cell]
     cell_width = plan.cell_width[open_cell]
-    span = int(cell_width.max())
-    best = np.full((n_open, span), -np.inf, F32)
-    best_class = np.zeros((n_open, span), np.uint8)
-    offsets = np.arange(span)
+    weight0, weight1 = plan.cell_v0[open_cell], plan.cell_v1[open_cell]
+    best = np.full(weight0.shape, -np.inf, F32)
+    best_class = np.zeros(weight0.shape, np.uint8)
     for (runs, cls, at0, at1), keep in zip(passes, keeps, strict=True):
         e, s = np.nonzero(keep & several[runs])
         if not len(e):
             continue
         ids = open_id[runs[e], s]
-        x = np.minimum(x0[ids][:, None] + offsets, (x0[ids] + cell_width[ids] - 1)[:, None])
-        value = plan.v0[x] * at0[e, s][:, None] + plan.v1[x] * at1[e, s][:, None]
+        value = weight0[ids] * at0[e, s][:, None] + weight1[ids] * at1[e, s][:, None]
         current = best[ids]
         better = value > current
         np.copyto(current, value, where=better)
