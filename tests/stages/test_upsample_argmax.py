@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from pspnet.core.wire import Placement
 from pspnet.model import upsample_argmax as ua
-from pspnet.model.image_io import letterbox, letterbox_size
+from pspnet.model.image_io import letterbox_size
 from pspnet.model.labels import labels_from_logits
 from pspnet.model.manifest import Manifest
 
@@ -158,23 +158,15 @@ def trained_logits(trained_model) -> list[tuple[str, np.ndarray, Placement]]:
     2000-pixel long side (a big photo's placement: stage 2 upsamples ~8x)."""
     from pspnet.build_model import trained
     from pspnet.build_model.samples import sample_images
-    from pspnet.stages.backends import open_backend
+    from studies.postprocess_cost import model_logits
 
-    manifest = Manifest.read(trained_model)
     shots = [*sample_images(), ("bird", trained.bird()[0])]
     for name, rgb in list(shots[:3]):
         h, w = rgb.shape[:2]
         s = 2000 / max(h, w)
         shots.append((f"big-{name}", cv2.resize(rgb, (round(w * s), round(h * s)),
                                                 interpolation=cv2.INTER_CUBIC)))
-    out = []
-    images = np.zeros((1, *manifest.input_size, 3), np.uint8)
-    with open_backend("ort", trained_model, 1) as backend:
-        for name, rgb in shots:
-            _, place = letterbox(rgb, manifest.input_size, out=images[0])
-            backend.upload(0, images, np.array([place.box()], np.int32))
-            out.append((name, np.array(backend.execute(0)[0], np.float32), place))
-    return out
+    return model_logits(trained_model, shots)
 
 
 def test_trained_logits_boundary_dense_and_torch(trained_model, trained_logits) -> None:
