@@ -391,7 +391,8 @@ def _decide_cells(r: np.ndarray, plan: ColumnPlan, uy: np.ndarray, ur: np.ndarra
     returns the pixels of the rest (row, first column, width, labels) or None.
 
     Candidates are visited by rank (the k-th class of each run), so each pass touches each
-    run at most once and updates need no scatter-add."""
+    run at most once and updates need no scatter-add; every run here has two candidates
+    or more, so the first two passes cover all runs in order (slices, not gathers)."""
     run_of, cls_of = np.nonzero(candidates.T)            # by run, classes ascending
     firsts = np.flatnonzero(np.r_[True, run_of[1:] != run_of[:-1]])
     rank = np.arange(len(run_of)) - np.repeat(firsts, np.diff(np.r_[firsts, len(run_of)]))
@@ -408,15 +409,16 @@ def _decide_cells(r: np.ndarray, plan: ColumnPlan, uy: np.ndarray, ur: np.ndarra
         at = (plan.point_w0[plan_rows] * flat[base + plan.point_a0[plan_rows]]
               + plan.point_w1[plan_rows] * flat[base + plan.point_a1[plan_rows]])
         at0, at1 = at[:, plan.first], at[:, plan.second]
-        floor[runs] = np.maximum(floor[runs], np.minimum(at0, at1))
-        passes.append((runs, cls, at0, at1))
+        rows = slice(None) if len(runs) == len(ur) else runs
+        floor[rows] = np.maximum(floor[rows], np.minimum(at0, at1))
+        passes.append((runs, rows, cls, at0, at1))
     left = np.zeros((len(ur), slots), np.uint8)          # classes left per cell
     last = np.zeros((len(ur), slots), np.uint8)          # the last class left
     keeps = []
-    for runs, cls, at0, at1 in passes:
-        keep = (floor[runs] - np.maximum(at0, at1)) <= margin
-        left[runs] += keep
-        last[runs] = np.where(keep, cls[:, None].astype(np.uint8), last[runs])
+    for _, rows, cls, at0, at1 in passes:
+        keep = (floor[rows] - np.maximum(at0, at1)) <= margin
+        left[rows] += keep
+        last[rows] = np.where(keep, cls[:, None].astype(np.uint8), last[rows])
         keeps.append(keep)
     valid = plan.valid[ur]
     one = (left == 1) & valid
@@ -435,8 +437,8 @@ def _decide_cells(r: np.ndarray, plan: ColumnPlan, uy: np.ndarray, ur: np.ndarra
     weight0, weight1 = plan.cell_v0[open_cell], plan.cell_v1[open_cell]
     best = np.full(weight0.shape, -np.inf, F32)
     best_class = np.zeros(weight0.shape, np.uint8)
-    for (runs, cls, at0, at1), keep in zip(passes, keeps, strict=True):
-        e, s = np.nonzero(keep & several[runs])
+    for (runs, rows, cls, at0, at1), keep in zip(passes, keeps, strict=True):
+        e, s = np.nonzero(keep & several[rows])
         if not len(e):
             continue
         ids = open_id[runs[e], s]
