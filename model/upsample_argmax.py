@@ -308,6 +308,9 @@ def boundary_labels(logits: np.ndarray, placement: Placement, input_size: tuple[
     first maximum. (iv) Pixels computed in (c) use the dense path's float32 operations in
     its order, on the same R (one shared matrix product): the same numbers, the same
     first maximum over the classes left (the rest are strictly lower by (iii)).
+    Where step a leaves so much undecided that the sparse steps would cost more than the
+    dense ones (noise-like logits of an untrained network), `_dense` runs on the same R:
+    the same labels by definition.
     """
     arr, peak = checked_logits(logits)
     rows, cols = axes(arr.shape, placement, input_size, align_corners)
