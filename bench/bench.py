@@ -88,6 +88,8 @@ def run_bench(settings: BenchSettings, inputs: BenchInputs) -> dict[str, Any]:
                    "e2e_steady_img_s": best["e2e_steady_img_s"],
                    "steady_over_executor": best["steady_over_executor"],
                    "e2e_over_serial": best["e2e_over_serial"],
+                   "host_limit_img_s": best["host_limit_img_s"],
+                   "bound_by": best["bound_by"], "e2e_over_bound": best["e2e_over_bound"],
                    "meets_0.9x_executor": best["e2e_over_executor"] >= 0.9,
                    "meets_1.5x_serial": best["e2e_over_serial"] >= 1.5}
     return doc
@@ -150,7 +152,7 @@ def bench_batch_size(settings: BenchSettings, inputs: BenchInputs, manifest: Man
                     + " img/s")
     finally:
         backend.close()
-    return {**summarise(size, count, runs, base_count), **start_up}
+    return {**summarise(size, count, runs, base_count, machine.usable_cpus()), **start_up}
 
 
 def _cycled(items: list[Any], count: int) -> list[Any]:
@@ -166,8 +168,15 @@ def _serial_figures(serial: SerialRunner, paths: list[Path], truths: list[Path |
 
 
 def summarise(size: int, count: int, runs: dict[str, list[dict[str, Any]]],
-              baseline_count: int | None = None) -> dict[str, Any]:
-    """Medians of the repeats, their ratios, and every repeat as measured."""
+              baseline_count: int | None = None, usable_cpus: float | None = None,
+              ) -> dict[str, Any]:
+    """Medians of the repeats, their ratios, and every repeat as measured.
+
+    The host's limit: the pipeline cannot beat usable CPUs / CPU seconds per image summed
+    over every process (pre, executor, post, front), however its work is spread. e2e is
+    also given as a fraction of min(executor only, host limit), and which of the two is
+    lower (`bound_by`: "device" or "host"), so a low e2e/executor says whether the device
+    was starved by a pipeline that could do better or the host has no more to give."""
     def med(mode: str, key: str) -> float | None:
         values = [r[key] for r in runs[mode] if r.get(key) is not None]
         return statistics.median(values) if values else None
@@ -177,8 +186,16 @@ def summarise(size: int, count: int, runs: dict[str, list[dict[str, Any]]],
     busy = {s: statistics.median(r["busy"].get(s, 0.0) for r in runs["e2e"]) for s in STAGES}
     cpu = {s: statistics.median(r["cpu_ms_per_image"].get(s, 0.0) for r in runs["e2e"])
            for s in (*STAGES, "front")}
+    cpus = usable_cpus if usable_cpus is not None else float(machine.usable_cpus())
+    host_ms = sum(cpu.values())
+    host_limit = cpus * 1000 / host_ms if host_ms > 0 else None
+    bound = min(x for x in (ex, host_limit) if x) if ex or host_limit else None
     return {
         "batch_size": size, "images_per_pass": count,
+        "usable_cpus": cpus, "host_cpu_ms_per_image": host_ms,
+        "host_limit_img_s": host_limit, "bound_img_s": bound,
+        "bound_by": None if bound is None else "device" if bound == ex else "host",
+        "e2e_over_bound": e2e / bound if e2e and bound else None,
         "baseline_images_per_pass": baseline_count or count,
         "e2e_img_s": e2e, "executor_img_s": ex, "serial_img_s": ser,
         "e2e_over_executor": e2e / ex if ex else None,
@@ -211,17 +228,18 @@ def model_info(model_dir: Path, manifest: Manifest) -> dict[str, Any]:
 
 def table(doc: dict[str, Any]) -> str:
     """The printed summary: one row per batch size, medians of the repeats."""
-    header = ["batch", "e2e img/s", "steady", "executor img/s", "serial img/s",
-              "e2e/executor", "steady/exec", "e2e/serial", "p50 ms", "p99 ms",
-              "busy pre/exe/post"]
+    header = ["batch", "e2e img/s", "steady", "executor img/s", "host limit", "serial img/s",
+              "e2e/executor", "e2e/bound", "bound by", "steady/exec", "e2e/serial",
+              "p50 ms", "p99 ms", "busy pre/exe/post"]
     rows = []
     for r in doc["results"]:
         busy = "/".join(f"{r['busy_fraction'][s]:.2f}" for s in STAGES)
         rows.append([str(r["batch_size"]), _f(r["e2e_img_s"]), _f(r.get("e2e_steady_img_s")),
-                     _f(r["executor_img_s"]), _f(r["serial_img_s"]),
-                     _f(r["e2e_over_executor"], 2), _f(r.get("steady_over_executor"), 2),
-                     _f(r["e2e_over_serial"], 2), _f(r["latency_p50_ms"]),
-                     _f(r["latency_p99_ms"]), busy])
+                     _f(r["executor_img_s"]), _f(r.get("host_limit_img_s")),
+                     _f(r["serial_img_s"]), _f(r["e2e_over_executor"], 2),
+                     _f(r.get("e2e_over_bound"), 2), r.get("bound_by") or "-",
+                     _f(r.get("steady_over_executor"), 2), _f(r["e2e_over_serial"], 2),
+                     _f(r["latency_p50_ms"]), _f(r["latency_p99_ms"]), busy])
     widths = [max(len(x) for x in col) for col in zip(header, *rows, strict=True)]
     lines = ["  ".join(h.rjust(w) for h, w in zip(header, widths, strict=True))]
     lines += ["  ".join(c.rjust(w) for c, w in zip(row, widths, strict=True)) for row in rows]
@@ -233,6 +251,14 @@ def table(doc: dict[str, Any]) -> str:
         parts = ", ".join(f"{stage} {ms:.2f}" for stage, ms in cpu.items())
         lines.append(f"host CPU per image at batch {best['batch_size']}: {parts} ms; "
                      f"{total:.2f} ms in all = {1000 / total:.0f} img/s per core")
+    if row.get("host_limit_img_s") is not None:
+        cpus = row["usable_cpus"]
+        lines.append(
+            f"host limit: {cpus:g} usable CPUs / {row['host_cpu_ms_per_image']:.2f} ms per "
+            f"image = {row['host_limit_img_s']:.1f} img/s; executor only "
+            f"{_f(row['executor_img_s'])} img/s: the {row['bound_by']} bounds this pipeline "
+            f"at {_f(row['bound_img_s'])} img/s, e2e reaches "
+            f"{_f(row['e2e_over_bound'], 2)} of it")
     busiest = row.get("busiest_threads") or []
     if busiest:
         lines.append("busiest threads (ms per image, the rate each allows): " + ", ".join(

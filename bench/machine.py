@@ -11,7 +11,10 @@ import platform
 import re
 import socket
 from importlib import metadata
+from pathlib import Path
 from typing import Any
+
+from pspnet.core.plan import CGROUP, read_machine
 
 PACKAGES = ("torch", "onnxruntime", "numpy", "opencv-python-headless", "pyzmq", "PyTurboJPEG")
 
@@ -21,6 +24,15 @@ def cpu_count() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
         return os.cpu_count() or 1
+
+
+def usable_cpus(cgroup: Path = CGROUP) -> float:
+    """CPUs this process may use: the affinity mask, capped by a container's CPU quota
+    (read as the daemon's plan reads them, pspnet.core.plan), e.g. 1.5 for a 1500m limit."""
+    machine = read_machine(cgroup)
+    if machine.quota is None:
+        return float(machine.affinity)
+    return min(float(machine.affinity), max(machine.quota, 0.01))
 
 
 def accelerator(backend: str, devices: tuple[str, ...]) -> str:
@@ -76,5 +88,6 @@ def versions() -> dict[str, str | None]:
 
 def describe(name: str, backend: str, devices: tuple[str, ...]) -> dict[str, Any]:
     return {"machine": name, "hostname": socket.gethostname(), "cpu_count": cpu_count(),
+            "usable_cpus": usable_cpus(),
             "cpu_model": cpu_model(), "accelerator": accelerator(backend, devices),
             "platform": platform.platform(), "versions": versions()}

@@ -5,9 +5,10 @@ Pure functions; the ZeroMQ loop lives elsewhere.
 * `labels_from_logits` undoes the letterbox on logits: bilinear upsample to the padded
   input, exact crop of the valid box (the reference's crop end `500 - pad_top` took one
   row/column too many when the padding was odd), bilinear resize to the original size when
-  the letterbox scaled, argmax. Resizing logits before argmax is mmseg's own choice and the
-  more accurate one; the reference resized labels (nearest), which `labels_from_labels`
-  does for executors that already return labels.
+  the letterbox scaled, argmax; computed near class boundaries only
+  (`pspnet.model.upsample_argmax`). Resizing logits before argmax is mmseg's own choice
+  and the more accurate one; the reference resized labels (nearest), which
+  `labels_from_labels` does for executors that already return labels.
 * `intersect_and_union` reproduces mmseg 1.2.2's IoUMetric per-image areas (torch.histc
   semantics: labels equal to `ignore_index` dropped, values outside [0, C-1] not
   counted); `pspnet.model.metrics.IoUAccumulator` sums them into mmseg's metrics.
@@ -20,8 +21,6 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-import torch
-import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 
 from pspnet.core.wire import Placement
@@ -32,6 +31,7 @@ from pspnet.model.image_io import (
     pillow_pixel_limit,
     read_file,
 )
+from pspnet.model.upsample_argmax import boundary_labels
 
 MAX_LABEL_CLASSES = 255          # ids 0..254 fit uint8 and stay clear of 255 = ignore
 GT_FORMATS = ("PNG", "BMP", "TIFF", "GIF", "PPM")
@@ -63,12 +63,13 @@ def labels_from_logits(
     of its logits to the input size, as in mmseg; the resize of the crop to the original
     size is the daemon's letterbox undone, always half-pixel (align_corners=False).
 
-    Same numbers as `F.interpolate` to `input_size`, crop of the box, `F.interpolate` to
-    the original size (only when the letterbox scaled), `argmax(0)`; but the second resize
-    and the argmax run one class plane at a time, so a large original image never needs a
-    C x orig_h x orig_w float buffer (21 x 50 Mpx would be 4 GB), and the argmax over the
-    channel dimension (slow in torch on CPU) becomes a running maximum in numpy. NaN or
-    infinite logits are refused: they mean a broken model, and argmax would hide it.
+    The labels of `F.interpolate` to `input_size`, crop of the box, `F.interpolate` to the
+    original size (only when the letterbox scaled), `argmax(0)`, up to float rounding
+    (they may differ where the two best resized logits are within ~2^-19 of the largest
+    logit magnitude), computed by `upsample_argmax.boundary_labels`: only pixels near a
+    class boundary get their logits computed, so the cost follows the boundary, not the
+    photo (a 12 Mpx photo never needs its 21 x 12 M logits). NaN or infinite logits are
+    refused: they mean a broken model, and argmax would hide it.
     """
     if logits.ndim != 3 or logits.dtype.kind != "f":
         raise ValueError(f"logits must be float C x h x w, got {logits.dtype} {logits.shape}")
@@ -76,38 +77,8 @@ def labels_from_logits(
     if not 1 <= num_classes <= MAX_LABEL_CLASSES:
         raise ValueError(f"{num_classes} classes do not fit a uint8 label map "
                          f"(at most {MAX_LABEL_CLASSES})")
-    input_h, input_w = input_size
-    _check_box(placement, input_h, input_w)
-    p = placement
-    with torch.inference_mode():
-        # A frame straight off the wire is read-only; torch wants a writable array.
-        arr = (np.ascontiguousarray(logits, dtype=np.float32) if logits.flags.writeable
-               else np.array(logits, dtype=np.float32))
-        x = torch.from_numpy(arr).unsqueeze(0)
-        if not bool(torch.isfinite(x).all()):
-            raise ValueError("logits contain NaN or infinity")
-        if x.shape[2:] != (input_h, input_w):
-            x = F.interpolate(x, size=(input_h, input_w), mode="bilinear",
-                              align_corners=align_corners)
-        crop = x[0, :, p.top:p.top + p.height, p.left:p.left + p.width]
-        resize = (p.height, p.width) != (p.orig_h, p.orig_w)
-
-        def plane(k: int) -> np.ndarray:
-            if not resize:
-                return crop[k].numpy()
-            return F.interpolate(crop[k][None, None], size=(p.orig_h, p.orig_w),
-                                 mode="bilinear", align_corners=False)[0, 0].numpy()
-
-        # Running argmax in numpy: strict ">" keeps the first maximum, like argmax.
-        best = plane(0).copy()
-        labels = np.zeros((p.orig_h, p.orig_w), np.uint8)
-        better = np.empty((p.orig_h, p.orig_w), np.bool_)
-        for k in range(1, num_classes):
-            value = plane(k)
-            np.greater(value, best, out=better)
-            np.copyto(labels, k, where=better, casting="unsafe")
-            np.maximum(best, value, out=best)
-    return labels
+    _check_box(placement, *input_size)
+    return boundary_labels(logits, placement, input_size, align_corners)
 
 
 def labels_from_labels(labels: np.ndarray, placement: Placement) -> np.ndarray:

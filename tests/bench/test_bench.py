@@ -19,7 +19,8 @@ TOP_KEYS = {"machine", "hostname", "cpu_count", "accelerator", "backend", "preci
 ROW_KEYS = {"batch_size", "e2e_img_s", "executor_img_s", "serial_img_s", "e2e_over_executor",
             "e2e_over_serial", "latency_p50_ms", "latency_p99_ms", "busy_fraction",
             "repeats", "errors", "mIoU", "e2e_steady_img_s", "steady_over_executor",
-            "cpu_ms_per_image", "busiest_threads"}
+            "cpu_ms_per_image", "busiest_threads", "usable_cpus", "host_cpu_ms_per_image",
+            "host_limit_img_s", "bound_img_s", "bound_by", "e2e_over_bound"}
 
 
 def test_bench_synthetic_on_the_tiny_model(tiny_models, tmp_path, capsys):
@@ -34,6 +35,7 @@ def test_bench_synthetic_on_the_tiny_model(tiny_models, tmp_path, capsys):
     assert code == 0, err
     header = out.splitlines()[0].split()
     assert header[:3] == ["batch", "e2e", "img/s"] and "e2e/serial" in header
+    assert {"limit", "e2e/bound"} <= set(header) and "host limit:" in out
     doc = json.loads(report.read_text())
     assert TOP_KEYS <= set(doc)
     assert doc["machine"] == "test-box" and doc["cpu_count"] >= 1
@@ -51,6 +53,13 @@ def test_bench_synthetic_on_the_tiny_model(tiny_models, tmp_path, capsys):
         cpu = row["cpu_ms_per_image"]
         assert set(cpu) == {"preprocess", "executor", "postprocess", "front"}
         assert cpu["preprocess"] > 0 and cpu["front"] > 0      # decoding is never free
+        # the host's limit: usable CPUs over the CPU every process spends per image
+        assert row["host_cpu_ms_per_image"] == pytest.approx(sum(cpu.values()))
+        assert row["host_limit_img_s"] == pytest.approx(
+            row["usable_cpus"] * 1000 / row["host_cpu_ms_per_image"])
+        bound = min(row["executor_img_s"], row["host_limit_img_s"])
+        assert row["e2e_over_bound"] == pytest.approx(row["e2e_img_s"] / bound)
+        assert row["bound_by"] == ("device" if bound == row["executor_img_s"] else "host")
         if Path("/proc/self/task").is_dir():
             busiest = row["busiest_threads"]
             assert busiest and {t["process"] for t in busiest} <= {
@@ -217,3 +226,39 @@ def test_plan_neighbours(tmp_path):
                          postprocess_workers=1)
     assert [(c.preprocess_workers, c.postprocess_workers) for c in neighbours(sim)] == \
         [(2, 1), (1, 2)]                                # a device's threads are not tried
+
+
+def _fake_runs(e2e: float, executor: float, cpu_ms: dict[str, float]) -> dict:
+    stages = ("preprocess", "executor", "postprocess")
+    return {"e2e": [{"img_s": e2e, "busy": dict.fromkeys(stages, 0.5),
+                     "cpu_ms_per_image": cpu_ms, "errors": 0}],
+            "executor": [{"img_s": executor}], "serial": [{"img_s": e2e / 2, "errors": 0}]}
+
+
+@pytest.mark.parametrize(("executor", "bound_by", "bound"), [(500.0, "host", 200.0),
+                                                             (100.0, "device", 100.0)])
+def test_the_limit_is_the_device_or_the_host(executor, bound_by, bound):
+    """2 CPUs and 10 ms of CPU per image in all: the host allows 200 img/s. Against a
+    500 img/s device the host bounds e2e; against a 100 img/s one the device does."""
+    from pspnet.bench.bench import summarise
+
+    cpu = {"preprocess": 2.0, "executor": 3.0, "postprocess": 4.5, "front": 0.5}
+    row = summarise(4, 64, _fake_runs(80.0, executor, cpu), usable_cpus=2.0)
+    assert row["host_cpu_ms_per_image"] == pytest.approx(10.0)
+    assert row["host_limit_img_s"] == pytest.approx(200.0)
+    assert row["bound_by"] == bound_by and row["bound_img_s"] == pytest.approx(bound)
+    assert row["e2e_over_bound"] == pytest.approx(80.0 / bound)
+    assert row["e2e_over_executor"] == pytest.approx(80.0 / executor)
+
+
+def test_usable_cpus_honours_a_container_quota(tmp_path):
+    from pspnet.bench.machine import cpu_count, usable_cpus
+
+    cpu_max = tmp_path / "cpu.max"
+    cpu_max.write_text("max 100000\n")
+    assert usable_cpus(tmp_path) == cpu_count()
+    cpu_max.write_text("50000 100000\n")                   # a 500m Kubernetes limit
+    assert usable_cpus(tmp_path) == pytest.approx(min(0.5, cpu_count()))
+    cpu_max.write_text(f"{400000 * cpu_count()} 100000\n")  # a quota above the affinity
+    assert usable_cpus(tmp_path) == cpu_count()
+    assert usable_cpus(tmp_path / "absent") == cpu_count()

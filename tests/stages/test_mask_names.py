@@ -90,6 +90,19 @@ def test_the_source_is_a_text_chunk_and_pixels_and_palette_are_unchanged(tmp_pat
     assert recorded_source(tmp_path / "plain.png") is None
 
 
+def test_a_large_mask_is_run_length_compressed_and_exact(tmp_path: Path) -> None:
+    """Issue 21: masks are long runs of one class; zlib's run-length strategy keeps a 3 Mpx
+    two-object mask under 12 KB (level 1's default strategy: 24.6 KB; level 6: 14.7 KB)
+    and the pixels exact."""
+    yy, xx = np.mgrid[:1500, :2000]
+    values = np.zeros((1500, 2000), np.uint8)
+    values[(yy - 700) ** 2 + (xx - 900) ** 2 < 500 ** 2] = 15
+    values[(yy - 300) ** 2 / 4 + (xx - 1600) ** 2 < 200 ** 2] = 7
+    write_mask(values, tmp_path / "big.png", PALETTE, source=tmp_path / "big.jpg")
+    assert (tmp_path / "big.png").stat().st_size < 12_000
+    assert np.array_equal(read_ground_truth(tmp_path / "big.png"), values)
+
+
 def test_a_mask_without_a_source_is_replaced_and_claimed(tmp_path: Path) -> None:
     """A file that records no source (an older mask, another program's) is overwritten as
     before; from then on the name belongs to the image written over it."""

@@ -1,0 +1,270 @@
+"""Postprocess cost, before and after issue 21: labels from logits, and the mask PNG.
+
+Why a study and not a test: CPU milliseconds depend on the machine and on whoever shares
+it; the tests prove the labels equal, this measures what they cost. Every image's before
+and after run back to back (repeats interleaved, the best of each kept), so load drift on
+a shared machine hits both alike.
+
+  python -m studies.postprocess_cost labels --model /tmp/demo-out/model \\
+      [--model /tmp/pspnet500] [--json FILE]
+  python -m studies.postprocess_cost png --model /tmp/demo-out/model
+  python -m studies.postprocess_cost big-jpegs /tmp/big6     # six 4000 x 3000 JPEGs
+
+`labels`: CPU ms per image of today's torch path (F.interpolate, crop, F.interpolate,
+per-class running argmax) and of `labels_from_logits` now, on the sample photos (and the
+bird) at their own size, and on six 4000 x 3000 photos (sample photos enlarged); near-tie
+pixels (top-2 resized logits within 1e-4) and labels that differ from today's. Each model
+directory gives its real logits (onnxruntime, batch 1); `smooth63` adds the first model's
+logits resized to 63 x 63 under a 500 x 500 input: PSPNet's shape with align_corners=False
+and a trained network's smoothness (the calibrated test PSPNet's logits are noise-like).
+`png`: the mask PNG at several zlib settings on real masks, ms and bytes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from pspnet.core.wire import Placement
+from pspnet.model.image_io import letterbox, letterbox_size
+from pspnet.model.labels import labels_from_logits
+from pspnet.model.manifest import Manifest
+
+BIG = (3000, 4000)               # (H, W) of the large photos
+NEAR_TIE = 1e-4
+PNG_SETTINGS = {                 # name -> PIL save options
+    "level 6 (PIL default)": {"compress_level": 6},
+    "level 1": {"compress_level": 1},
+    "level 1, Z_RLE": {"compress_level": 1, "compress_type": 3},
+    "level 0 (stored)": {"compress_level": 0},
+}
+
+
+def say(message: str) -> None:
+    sys.stderr.write(f"[postprocess-cost] {message}\n")
+    sys.stderr.flush()
+
+
+def labels_before(logits: np.ndarray, p: Placement, input_size: tuple[int, int],
+                  align_corners: bool) -> np.ndarray:
+    """model/labels.py's labels_from_logits before issue 21 (torch resizes, one class
+    plane at a time, running argmax in numpy)."""
+    with torch.inference_mode():
+        x = torch.from_numpy(np.array(logits, np.float32)).unsqueeze(0)
+        if x.shape[2:] != tuple(input_size):
+            x = F.interpolate(x, size=input_size, mode="bilinear", align_corners=align_corners)
+        crop = x[0, :, p.top:p.top + p.height, p.left:p.left + p.width]
+        resize = (p.height, p.width) != (p.orig_h, p.orig_w)
+
+        def plane(k: int) -> np.ndarray:
+            if not resize:
+                return crop[k].numpy()
+            return F.interpolate(crop[k][None, None], size=(p.orig_h, p.orig_w),
+                                 mode="bilinear", align_corners=False)[0, 0].numpy()
+
+        best = plane(0).copy()
+        labels = np.zeros((p.orig_h, p.orig_w), np.uint8)
+        better = np.empty((p.orig_h, p.orig_w), np.bool_)
+        for k in range(1, logits.shape[0]):
+            value = plane(k)
+            np.greater(value, best, out=better)
+            np.copyto(labels, k, where=better)
+            np.maximum(best, value, out=best)
+    return labels
+
+
+def near_tie_mask(logits: np.ndarray, p: Placement, input_size: tuple[int, int],
+                  align_corners: bool) -> np.ndarray:
+    """Pixels whose two best logits, resized as today, are within NEAR_TIE (one class
+    plane at a time: 21 x 12 Mpx at once would be 1 GB)."""
+    with torch.inference_mode():
+        x = torch.from_numpy(np.array(logits, np.float32))[None]
+        if x.shape[2:] != tuple(input_size):
+            x = F.interpolate(x, size=input_size, mode="bilinear", align_corners=align_corners)
+        crop = x[0, :, p.top:p.top + p.height, p.left:p.left + p.width]
+        first = second = None
+        for plane in crop:
+            if (p.height, p.width) != (p.orig_h, p.orig_w):
+                plane = F.interpolate(plane[None, None], size=(p.orig_h, p.orig_w),
+                                      mode="bilinear", align_corners=False)[0, 0]
+            if first is None:
+                first, second = plane.clone(), torch.full_like(plane, -torch.inf)
+                continue
+            second = torch.maximum(second, torch.minimum(first, plane))
+            first = torch.maximum(first, plane)
+    assert first is not None and second is not None
+    return ((first - second) < NEAR_TIE).numpy()
+
+
+def photos(big: bool) -> list[tuple[str, np.ndarray]]:
+    """The sample photos and the bird; `big`: six of them resized to 4000 x 3000."""
+    from pspnet.build_model import trained
+    from pspnet.build_model.samples import sample_images
+
+    shots = [*sample_images(), ("bird.png", trained.bird()[0])]
+    if not big:
+        return shots
+    return [(f"{Path(name).stem}_4000x3000",
+             cv2.resize(rgb, BIG[::-1], interpolation=cv2.INTER_CUBIC))
+            for name, rgb in shots[:6]]
+
+
+def model_logits(model: Path, shots: list[tuple[str, np.ndarray]],
+                 ) -> list[tuple[str, np.ndarray, Placement]]:
+    from pspnet.stages.backends import open_backend
+
+    manifest = Manifest.read(model)
+    images = np.zeros((1, *manifest.input_size, 3), np.uint8)
+    out = []
+    with open_backend("ort", model, 1) as backend:
+        for name, rgb in shots:
+            _, place = letterbox(rgb, manifest.input_size, out=images[0])
+            backend.upload(0, images, np.array([place.box()], np.int32))
+            out.append((name, np.array(backend.execute(0)[0], np.float32), place))
+    return out
+
+
+def smooth63(items: list[tuple[str, np.ndarray, Placement]],
+             ) -> list[tuple[str, np.ndarray, Placement]]:
+    """The items' logits resized to 63 x 63, placed as under a 500 x 500 input."""
+    out = []
+    for name, logits, place in items:
+        resized = np.stack([cv2.resize(c, (63, 63), interpolation=cv2.INTER_LINEAR)
+                            for c in logits])
+        scale, nh, nw = letterbox_size(place.orig_h, place.orig_w, (500, 500))
+        out.append((name, resized, Placement(place.orig_h, place.orig_w, scale,
+                                             (500 - nh) // 2, (500 - nw) // 2, nh, nw)))
+    return out
+
+
+def cpu_ms(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> float:
+    started = time.process_time()
+    fn(*args, **kwargs)
+    return (time.process_time() - started) * 1e3
+
+
+def encode_png(mask: np.ndarray, palette: list[int], buf: io.BytesIO,
+               options: dict[str, int]) -> None:
+    """As model.masks.write_mask encodes a mask, with these zlib options."""
+    im = Image.fromarray(mask)
+    im.putpalette(palette)
+    im.save(buf, format="PNG", **options)
+
+
+def measure(items: list[tuple[str, np.ndarray, Placement]], input_size: tuple[int, int],
+            align_corners: bool, repeats: int) -> dict[str, Any]:
+    rows = []
+    for name, logits, place in items:
+        before = after = float("inf")
+        for _ in range(repeats):             # interleaved, the best of each
+            args = (logits, place, input_size, align_corners)
+            before = min(before, cpu_ms(labels_before, *args))
+            after = min(after, cpu_ms(labels_from_logits, *args))
+        old = labels_before(logits, place, input_size, align_corners)
+        new = labels_from_logits(logits, place, input_size, align_corners)
+        ties = near_tie_mask(logits, place, input_size, align_corners)
+        differ = old != new
+        rows.append({"photo": name, "size": [place.orig_h, place.orig_w],
+                     "before_ms": round(before, 2), "after_ms": round(after, 2),
+                     "near_tie_pixels": int(ties.sum()), "differ": int(differ.sum()),
+                     "differ_outside_near_ties": int((differ & ~ties).sum())})
+        say(f"{name}: {before:.1f} -> {after:.2f} ms")
+    return {"photos": rows,
+            "before_ms_mean": round(float(np.mean([r["before_ms"] for r in rows])), 2),
+            "after_ms_mean": round(float(np.mean([r["after_ms"] for r in rows])), 2),
+            "near_tie_pixels": sum(r["near_tie_pixels"] for r in rows),
+            "differ": sum(r["differ"] for r in rows),
+            "differ_outside_near_ties": sum(r["differ_outside_near_ties"] for r in rows)}
+
+
+def run_labels(args: argparse.Namespace) -> dict[str, Any]:
+    torch.set_num_threads(1)                 # as a postprocess worker
+    doc: dict[str, Any] = {}
+    for index, model in enumerate(args.model):
+        manifest = Manifest.read(model)
+        for big in (False, True):
+            key = f"{model.name}{' 4000x3000' if big else ''}"
+            say(f"{key}: logits of the photos")
+            items = model_logits(model, photos(big))
+            sets = [(key, items, manifest.input_size, manifest.align_corners)]
+            if index == 0:
+                sets.append((f"smooth63{' 4000x3000' if big else ''}", smooth63(items),
+                             (500, 500), False))
+            for name, batch, size, corners in sets:
+                doc[name] = {"align_corners": corners, "input_size": list(size),
+                             "logits": list(batch[0][1].shape),
+                             **measure(batch, size, corners, args.repeats)}
+    return doc
+
+
+def run_png(args: argparse.Namespace) -> dict[str, Any]:
+    manifest = Manifest.read(args.model[0])
+    palette = [v for colour in manifest.palette for v in colour]
+    doc: dict[str, Any] = {}
+    for big in (False, True):
+        masks = [labels_from_logits(logits, place, manifest.input_size, manifest.align_corners)
+                 for _, logits, place in model_logits(args.model[0], photos(big))]
+        results = {}
+        for setting, options in PNG_SETTINGS.items():
+            ms, size = [], 0
+            for mask in masks:
+                best = float("inf")
+                for _ in range(args.repeats):
+                    buf = io.BytesIO()
+                    best = min(best, cpu_ms(encode_png, mask, palette, buf, options))
+                ms.append(best)
+                size += len(buf.getvalue())
+            results[setting] = {"ms_per_mask": round(float(np.mean(ms)), 2),
+                                "bytes_per_mask": size // len(masks)}
+            say(f"{'4000x3000' if big else 'sample'} {setting}: {np.mean(ms):.2f} ms, "
+                f"{size // len(masks)} bytes")
+        doc["4000x3000" if big else "sample photos"] = {"masks": len(masks), **results}
+    return doc
+
+
+def big_jpegs(folder: Path) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, rgb in photos(big=True):
+        Image.fromarray(rgb).save(folder / f"{name}.jpg", quality=90)
+        say(f"wrote {folder / name}.jpg")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m studies.postprocess_cost",
+                                description=__doc__.split("\n\n")[0])
+    p.add_argument("what", choices=("labels", "png", "big-jpegs"))
+    p.add_argument("folder", nargs="?", type=Path, help="big-jpegs: where to write them")
+    p.add_argument("--model", action="append", type=Path, default=[], metavar="DIR",
+                   help="a model directory with a logits head (repeatable)")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--json", type=Path, default=None, metavar="FILE")
+    args = p.parse_args(argv)
+    if args.what == "big-jpegs":
+        if args.folder is None:
+            p.error("big-jpegs needs a folder")
+        big_jpegs(args.folder)
+        return 0
+    if not args.model:
+        p.error(f"{args.what} needs --model DIR")
+    doc = run_labels(args) if args.what == "labels" else run_png(args)
+    text = json.dumps(doc, indent=1)
+    if args.json:
+        args.json.write_text(text + "\n")
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
