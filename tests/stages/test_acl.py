@@ -8,12 +8,14 @@ issue's points 1, 2, 4 and 6 (issue 22): each failed on the in-process backend o
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import signal
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -55,6 +57,26 @@ def timed_uploads(backend, batches):
     return results, [spans[k] for k in range(len(batches))]
 
 
+@contextlib.contextmanager
+def beating(interval_s: float) -> Iterator[list[float]]:
+    """A thread that notes the time every `interval_s`, like the executor's heartbeat."""
+    beats: list[float] = []
+    stop = threading.Event()
+
+    def beat() -> None:
+        while not stop.is_set():
+            beats.append(time.monotonic())
+            time.sleep(interval_s)
+
+    thread = threading.Thread(target=beat)
+    thread.start()
+    try:
+        yield beats
+    finally:
+        stop.set()
+        thread.join()
+
+
 # ---- issue 22, points 1, 2, 4, 6 ---------------------------------------------------------
 
 def test_upload_of_the_next_batch_runs_during_execute(fake_acl, tiny_models, references,
@@ -85,21 +107,11 @@ def test_heartbeat_keeps_beating_during_a_long_execute(fake_acl, tiny_models, tm
     executor's other threads: its heartbeat runs on the assembling thread."""
     fake_acl.configure(execute_ms=1500)
     backend = open_acl(with_om(tiny_models["labels"], tmp_path))
-    beats: list[float] = []
-    stop = threading.Event()
-
-    def heartbeat() -> None:
-        while not stop.is_set():
-            beats.append(time.monotonic())
-            time.sleep(0.01)
-
-    thread = threading.Thread(target=heartbeat)
-    thread.start()
     try:
-        run_like_the_executor(backend, [random_batch(BATCH, SIZE, seed=k) for k in range(2)])
+        with beating(0.01) as beats:
+            run_like_the_executor(backend,
+                                  [random_batch(BATCH, SIZE, seed=k) for k in range(2)])
     finally:
-        stop.set()
-        thread.join()
         backend.close()
     runs = fake_acl.events("run")
     during = [t for t in beats if runs[0]["start"] <= t <= runs[-1]["end"]]
@@ -473,21 +485,10 @@ def test_stand_in_run_holds_the_gil(fake_acl, tiny_models, tmp_path):
     session = aclruntime.InferenceSession(om, 0, aclruntime.session_options())
     feeds = [aclruntime.BaseTensor(a.ctypes.data, a.nbytes)
              for a in random_batch(BATCH, SIZE, seed=1)]
-    beats: list[float] = []
-    stop = threading.Event()
-
-    def count() -> None:
-        while not stop.is_set():
-            beats.append(time.monotonic())
-            time.sleep(0.005)
-
-    thread = threading.Thread(target=count)
-    thread.start()
-    time.sleep(0.05)
-    session.run(["logits"], feeds)
-    time.sleep(0.05)
-    stop.set()
-    thread.join()
+    with beating(0.005) as beats:
+        time.sleep(0.05)
+        session.run(["logits"], feeds)
+        time.sleep(0.05)
     assert np.diff(beats).max() >= 0.3
 
 
