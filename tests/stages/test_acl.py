@@ -42,12 +42,14 @@ def open_acl(model_dir: Path, batch: int = BATCH, **kwargs):
     return open_backend("acl", model_dir, batch, device="npu:0", **kwargs)
 
 
-def timed_uploads(backend, batches):
-    """run_like_the_executor, with the wall-clock span of each batch's `upload` call."""
+def timed_uploads(backend, batches, fill_s: float):
+    """run_like_the_executor, where the images of each batch take `fill_s` to arrive (the
+    assembling thread waits that long before its upload), with the span of each `upload`."""
     spans: dict[int, tuple[float, float]] = {}
     upload = backend.upload
 
     def timed(slot, images, boxes):
+        time.sleep(fill_s)
         start = time.monotonic()
         upload(slot, images, boxes)
         spans[len(spans)] = (start, time.monotonic())
@@ -84,20 +86,18 @@ def test_upload_of_the_next_batch_runs_during_execute(fake_acl, tiny_models, ref
     """Point 1: while batch k executes (holding the GIL, as aclmdlExecute does), the
     executor's thread fills and uploads batch k+1. In-process, upload(k+1) needed the GIL
     and the bindings that run(k) held: it ended only after run(k)."""
-    fake_acl.configure(execute_ms=400)
+    fake_acl.configure(execute_ms=500)
     backend = open_acl(with_om(tiny_models["logits"], tmp_path))
     batches = [random_batch(BATCH, SIZE, seed=10 + k) for k in range(4)]
-    results, uploads = timed_uploads(backend, batches)
+    # batch k+1's images arrive 150 ms into batch k's 500 ms execute
+    results, uploads = timed_uploads(backend, batches, fill_s=0.15)
     runs = fake_acl.events("run")
     backend.close()
     assert len(runs) == len(batches)
     for k in range(len(batches) - 1):
         assert uploads[k + 1][1] < runs[k]["end"], \
             f"upload of batch {k + 1} waited for the execute of batch {k}"
-    # batch k+1 goes in the slot that batch k-1 freed: its upload lies inside run k
-    inside = [k for k in range(1, len(batches) - 1)
-              if runs[k]["start"] < uploads[k + 1][0] and uploads[k + 1][1] < runs[k]["end"]]
-    assert inside, (uploads, runs)
+        assert runs[k]["start"] < uploads[k + 1][0], (k, uploads, runs)
     for k, (images, boxes) in enumerate(batches):
         assert_matches("logits", results[k], reference(references["logits"], images, boxes))
 
@@ -114,10 +114,9 @@ def test_heartbeat_keeps_beating_during_a_long_execute(fake_acl, tiny_models, tm
     finally:
         backend.close()
     runs = fake_acl.events("run")
-    during = [t for t in beats if runs[0]["start"] <= t <= runs[-1]["end"]]
-    gaps = np.diff(during)
-    assert len(during) > 10 and gaps.max() < 0.5, \
-        f"longest pause between beats {gaps.max() if len(gaps) else None:.2f} s"
+    start, end = runs[0]["start"], runs[-1]["end"]
+    pauses = np.diff([start, *(t for t in beats if start < t < end), end])
+    assert pauses.max() < 0.5, f"no beat for {pauses.max():.2f} s while batches executed"
 
 
 def test_old_wheel_every_thread_that_runs_has_a_context(fake_acl, tiny_models, references,
