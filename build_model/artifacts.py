@@ -19,9 +19,10 @@ import torch
 from pspnet.build_model import atc
 from pspnet.build_model.errors import BuildError
 from pspnet.build_model.fmt import human_size
-from pspnet.build_model.onnx_export import OPSET, export_onnx_batches
+from pspnet.build_model.onnx_export import OPSET, export_onnx_batches, save_and_check
+from pspnet.build_model.onnx_opset import ATC_OPSET, MIN_OPSET
 from pspnet.build_model.torch_program import DYNAMIC_NAME, export_core_program
-from pspnet.model.manifest import Manifest, ModelFile
+from pspnet.model.manifest import OM_DEFAULT_PRECISION, OM_PRECISION_MODES, Manifest, ModelFile
 from pspnet.model.serving_model import HEADS, ServingModel
 
 MAX_BATCH = 256
@@ -31,6 +32,11 @@ _log = logging.getLogger(__name__)
 
 def onnx_name(batch_size: int) -> str:
     return f"pspnet_bs{batch_size}.onnx"
+
+
+def atc_onnx_name(batch_size: int, opset: int) -> str:
+    """The ATC artefact: the same graph at an older opset."""
+    return f"pspnet_bs{batch_size}_opset{opset}.onnx"
 
 
 def write_artifacts(
@@ -54,6 +60,8 @@ def write_artifacts(
     rewrites: Mapping[str, Any] | None = None,
     align_corners: bool = False,
     network: Mapping[str, Any] | None = None,
+    atc_opset: int = ATC_OPSET,
+    om_precision: str = OM_DEFAULT_PRECISION,
 ) -> Manifest:
     """Export `core` for every batch size into `out_dir` and write its manifest.
 
@@ -64,9 +72,13 @@ def write_artifacts(
     `rewrites` is what was done to `core` before (pspnet.build_model.rewrites), for the manifest.
     `align_corners`: how the network's logits are resized (its decode head's setting; the
     labels head and the daemon's postprocess follow it); `network`: manifest.network.
+    `atc_opset`: the opset of the ONNX the ATC scripts read (a converted copy when it is
+    older than the export's); `om_precision`: what the OMs compute in, fp16 (ATC's
+    force_fp16) or fp32 (must_keep_origin_dtype).
     """
     size = normalise_input_size(input_size)
     sizes = normalise_batch_sizes(batch_sizes)
+    check_atc_choices(atc_opset, om_precision)
     if head not in HEADS:
         raise BuildError(f"head must be one of {', '.join(HEADS)}, not {head!r}")
     if len(class_names) != num_classes or len(palette) < num_classes:
@@ -93,15 +105,19 @@ def write_artifacts(
     if onnx and not run_atc:
         _log.info("ATC scripts will be written but not run (%s)",
                   "atc is not on PATH" if not atc.atc_available() else "asked not to")
+    atc_onnx = _atc_onnx(paths, out_dir, atc_opset)
     for n, path in paths.items():
-        script = atc.write_atc_script(out_dir, n, size, soc_version, rewrites)
+        script = atc.write_atc_script(out_dir, n, size, soc_version, rewrites,
+                                      onnx_file=atc_onnx.get(n, path.name),
+                                      opset=atc_opset if onnx else None,
+                                      precision=om_precision)
         if run_atc:
             om = atc.run_atc_script(script, soc_version).name
             _log.info("wrote %s and ran it: %s", script, om)
         else:
             om = None
             _log.info("wrote %s (not run: no atc here; run it on the Ascend host)", script)
-        models[n] = ModelFile(onnx=path.name, om=om, atc=script.name)
+        models[n] = ModelFile(onnx=path.name, om=om, atc=script.name, atc_onnx=atc_onnx.get(n))
     programs = _torch_programs(core, out_dir, size, sizes) if torch_program else {}
     manifest = Manifest(
         input_size=size, head=head, num_classes=num_classes,
@@ -110,6 +126,7 @@ def write_artifacts(
         mean=tuple(float(v) for v in mean), std=tuple(float(v) for v in std),
         logits_size=logits_size, models=models,
         torch_program=_single_program(programs), opset=OPSET, rewrites=dict(rewrites or {}),
+        atc_opset=atc_opset if onnx else None, om_precision=om_precision if onnx else None,
         source={**source, **_program_note(programs)}, align_corners=bool(align_corners),
         network=dict(network or {}),
     )
@@ -125,6 +142,38 @@ def _export_onnx(serving: torch.nn.Module, out_dir: Path, size: tuple[int, int],
     return export_onnx_batches(
         serving, lambda n: example_inputs(n, size), {n: out_dir / onnx_name(n) for n in sizes},
         input_names=("image", "box"), output_names=(head,), simplify=simplify)
+
+
+def check_atc_choices(atc_opset: int, om_precision: str) -> None:
+    """BuildError unless the ATC artefact's opset and the OM precision are ones we write."""
+    if not isinstance(atc_opset, int) or not MIN_OPSET <= atc_opset <= OPSET:
+        raise BuildError(f"the ATC opset must be an integer from {MIN_OPSET} to {OPSET} "
+                         f"(CANN 6.0 documents up to 13), not {atc_opset!r}")
+    if om_precision not in OM_PRECISION_MODES:
+        raise BuildError(f"the OM precision must be one of {', '.join(OM_PRECISION_MODES)}, "
+                         f"not {om_precision!r}")
+
+
+def _atc_onnx(paths: Mapping[int, Path], out_dir: Path, opset: int) -> dict[int, str]:
+    """Write each model again at `opset` for ATC where that is older than the export's:
+    {batch size: file name}; {} when ATC reads the exported files themselves."""
+    if opset == OPSET or not paths:
+        return {}
+    import onnx
+
+    from pspnet.build_model.onnx_opset import convert_opset, int64_ops
+
+    names = {}
+    for n, path in paths.items():
+        name = atc_onnx_name(n, opset)
+        _log.info("writing %s for ATC (opset %d)", name, opset)
+        converted = convert_opset(onnx.load(str(path)), opset, path.name)
+        save_and_check(converted, out_dir / name)
+        names[n] = name
+    found = int64_ops(converted)
+    _log.info("ops on int64 tensors at run time (ATC may put them on the AI CPU): %s",
+              ", ".join(found) or "none")
+    return names
 
 
 def normalise_input_size(value: int | Sequence[int]) -> tuple[int, int]:

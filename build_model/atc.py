@@ -2,7 +2,11 @@
 
 The script is always written (the build host rarely has the CANN toolkit; the Ascend host
 runs it later). Input is uint8 NHWC, so there is no `--input_fp16_nodes`: the graph
-normalises on the device. `SOC` defaults to the `--soc-version` given at build time.
+normalises on the device. `SOC` defaults to the `--soc-version` given at build time. The
+script names what the OM will be: the ONNX opset it reads (CANN 6.0 documents 9-13) and
+`--precision_mode`, always explicit (ATC's default is force_fp16, so an OM built without
+it computes in fp16 whatever the ONNX says). It leaves the OM at 0640: aclruntime since
+2024-08 refuses a group- or other-writable model file.
 """
 
 from __future__ import annotations
@@ -16,6 +20,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from pspnet.model.manifest import OM_DEFAULT_PRECISION, OM_PRECISION_MODES
+
+OM_MODE = 0o640         # owner read/write, group read: what aclruntime accepts
 _log = logging.getLogger(__name__)
 
 
@@ -29,22 +36,39 @@ def om_name(batch_size: int) -> str:
 
 def write_atc_script(
     out_dir: Path, batch_size: int, input_size: tuple[int, int], soc_version: str,
-    rewrites: Mapping[str, Any] | None = None,
+    rewrites: Mapping[str, Any] | None = None, *, onnx_file: str | None = None,
+    opset: int | None = None, precision: str = OM_DEFAULT_PRECISION,
 ) -> Path:
-    """Write `pspnet_bs{N}.atc.sh` next to `pspnet_bs{N}.onnx`; return its path."""
+    """Write `pspnet_bs{N}.atc.sh` next to its ONNX (`onnx_file`, default
+    `pspnet_bs{N}.onnx`, of opset `opset`); the OM computes in `precision` (fp16 or fp32).
+    Returns the script's path."""
+    if precision not in OM_PRECISION_MODES:
+        raise ValueError(f"OM precision must be one of {', '.join(OM_PRECISION_MODES)}, "
+                         f"not {precision!r}")
     height, width = input_size
     n = batch_size
+    onnx_file = onnx_file or f"pspnet_bs{n}.onnx"
+    mode = OM_PRECISION_MODES[precision]
+    om = om_name(n)
     text = (
         "#!/bin/sh\n"
         f"# ONNX -> Ascend OM for batch size {n}; written by `pspnet build`.\n"
+        + (f"# {onnx_file} is ONNX opset {opset} (CANN 6.0 documents opsets 9-13).\n"
+           if opset is not None else "")
+        + f"# The OM computes in {precision}: --precision_mode={mode}"
+        + (" (ATC's default, as the seed ran; `pspnet build --om-precision fp32` writes "
+           "must_keep_origin_dtype).\n" if precision == "fp16" else
+           " (fp32 kept: slower than force_fp16 on a 310P).\n")
         + "".join(f"# {line}\n" for line in describe_rewrites(rewrites or {})) +
         "# Run on a host with the CANN toolkit: SOC=Ascend310P3 ./" + atc_script_name(n) + "\n"
         "set -e\n"
         'cd "$(dirname "$0")"\n'
         f'SOC="${{SOC:-{soc_version}}}"\n'
-        f"atc --framework=5 --model=pspnet_bs{n}.onnx --output=pspnet_bs{n} "
+        f"atc --framework=5 --model={onnx_file} --output=pspnet_bs{n} "
         f'--input_format=ND --input_shape="image:{n},{height},{width},3;box:{n},4" '
-        '--soc_version="${SOC}" --log=error\n'
+        f'--soc_version="${{SOC}}" --precision_mode={mode} --log=error\n'
+        "# aclruntime (2024-08 and later) refuses a group- or other-writable OM\n"
+        f"chmod {OM_MODE:04o} {om}\n"
     )
     path = Path(out_dir) / atc_script_name(n)
     path.write_text(text)

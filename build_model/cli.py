@@ -24,8 +24,9 @@ DESCRIPTION = """\
 Turn an mmsegmentation PSPNet config + checkpoint into a model directory for the daemon:
 one static ONNX model per batch size (pspnet_bs{N}.onnx, uint8 N x H x W x 3 `image` and
 int32 N x 4 `box` in, `logits` or `labels` out; normalisation and padding mask inside the
-graph), an Ascend ATC script per model (pspnet_bs{N}.atc.sh, run when `atc` is on PATH),
-the torch backend's program (pspnet_core.pt2, dynamic batch) and manifest.json."""
+graph), an Ascend ATC script per model (pspnet_bs{N}.atc.sh, run when `atc` is on PATH)
+with the ONNX it reads (pspnet_bs{N}_opset13.onnx: the same graph at the opset CANN 6.0
+accepts), the torch backend's program (pspnet_core.pt2, dynamic batch) and manifest.json."""
 
 EPILOG = """\
 example:
@@ -69,9 +70,10 @@ def add_build_parser(subparsers: Any) -> None:
              "the graph, as the reference OM (default: logits)")
     p.add_argument(
         "--verify", action="store_true",
-        help="after building, run onnxruntime (smallest batch size) and the torch program on "
-             "the bundled sample photos and compare with mmseg's eager model; exit 1 if max "
-             "|logit diff| > 1e-3 or label agreement < 99.9%% (default: off)")
+        help="after building, run onnxruntime (smallest batch size; the ONNX model and the "
+             "ATC script's converted copy) and the torch program on the bundled sample "
+             "photos and compare with mmseg's eager model; exit 1 if max |logit diff| > 1e-3 "
+             "or label agreement < 99.9%% (default: off)")
     p.add_argument(
         "--verify-all", action="store_true",
         help="like --verify, but check every batch size (slow for large batches on a CPU; "
@@ -84,6 +86,18 @@ def add_build_parser(subparsers: Any) -> None:
         "--soc-version", default="Ascend310P3", metavar="SOC",
         help="Ascend SoC written into the ATC scripts (override later with SOC=... when "
              "running them) (default: Ascend310P3; e.g. Ascend310)")
+    p.add_argument(
+        "--atc-opset", default=13, type=_atc_opset, metavar="N",
+        help="ONNX opset of the models the ATC scripts read, 13..18: below 18 a converted "
+             "copy pspnet_bs{N}_opset{K}.onnx is written next to the opset-18 one that "
+             "onnxruntime runs; CANN 6.0 documents opsets 9-13, CANN 7/8 parse newer ones "
+             "only op by op (default: 13; e.g. 18 to give ATC the exported files)")
+    p.add_argument(
+        "--om-precision", default="fp16", choices=("fp16", "fp32"),
+        help="what the Ascend OM computes in, written into the ATC scripts as "
+             "--precision_mode: fp16 = force_fp16 (ATC's default, as the seed ran; fastest "
+             "on a 310P), fp32 = must_keep_origin_dtype; serve and bench with the same "
+             "--precision (default: fp16)")
     p.add_argument(
         "--no-atc", action="store_true",
         help="only write the ATC scripts, even if `atc` is on PATH (default: run them when "
@@ -141,7 +155,8 @@ def run(args: argparse.Namespace) -> int:
               run_atc=False if args.no_atc else None,
               torch_program=not args.no_torch_program, onnx=not args.no_onnx,
               verify=args.verify, verify_all=args.verify_all,
-              psp_rewrite=not args.no_psp_rewrite, fold_bn=not args.no_bn_fold)
+              psp_rewrite=not args.no_psp_rewrite, fold_bn=not args.no_bn_fold,
+              atc_opset=args.atc_opset, om_precision=args.om_precision)
     except BuildError as exc:
         print(f"{PROG_ERROR} {_one_line(exc)}", file=sys.stderr)
         return EXIT_USAGE
@@ -180,6 +195,18 @@ def _batch_sizes(text: str) -> list[int]:
             f"batch sizes must be comma-separated integers from 1 to {MAX_BATCH}, "
             f"not {text!r}")
     return sorted(set(sizes))
+
+
+def _atc_opset(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if not 13 <= value <= 18:
+        raise argparse.ArgumentTypeError(
+            f"--atc-opset must be an integer from 13 to 18 (CANN 6.0 documents up to 13), "
+            f"not {text!r}")
+    return value
 
 
 def _input_size(text: str) -> tuple[int, int]:

@@ -4,7 +4,8 @@ Shared by the PSPNet build and by the pooling tests, so the tests prove the exac
 product takes: torch's default (dynamo) exporter at opset 18, which turns
 `AdaptiveAvgPool2d` into an exact graph at any size (the legacy exporter refuses sizes that
 do not divide the input, and mmcv's old rewrite is wrong at pool scale 6 on 63x63), then
-onnxsim, then `onnx.checker`.
+onnxsim, then `onnx.checker`. (The ATC artefact at an older opset is made from these by
+`pspnet.build_model.onnx_opset`.)
 
 Speed: the exporter's translation and optimisation dominate (seconds for a tiny net, about a
 minute for R50), so with simplification on, the module is exported ONCE with a symbolic
@@ -73,7 +74,7 @@ def export_onnx_batches(
             model = _export(module, example_inputs(n), input_names, output_names)
             if simplify:
                 model = _simplify(model, path.name, None)
-        _save_and_check(model, path)
+        save_and_check(model, path)
         written[n] = path
     return written
 
@@ -136,7 +137,8 @@ def _require_static(model, name: str) -> None:
                              "rerun with --no-simplify")
 
 
-def _save_and_check(model, path: Path) -> None:
+def save_and_check(model, path: Path) -> None:
+    """Write `model` (one file, or with external data past protobuf's limit) and check it."""
     import onnx
 
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -1,8 +1,9 @@
 """`--verify`: do the exported models compute what mmseg's own eager model computes?
 
 Runs onnxruntime on the sample photos (letterboxed by `pspnet.model.image_io.letterbox`, the
-daemon's own function) and compares with mmseg's `EncoderDecoder` in tensor mode on the
-equivalent float input, normalised and zero-padded by an independent numpy implementation
+daemon's own function), on the ONNX models and on the ATC scripts' converted copies, and
+compares with mmseg's `EncoderDecoder` in tensor mode on the equivalent float input,
+normalised and zero-padded by an independent numpy implementation
 (`pspnet.build_model.inputs`). Logits heads compare logits (max |diff|) and the labels of the
 upsampled logits; labels heads compare labels. Agreement is over the valid (unpadded)
 pixels. The torch program is checked against the same eager logits.
@@ -86,11 +87,13 @@ def verify_model_dir(
     eager_labels = upsampled_labels(eager, manifest.input_size, manifest.align_corners)
     results = []
     for n in manifest.batch_sizes if batch_sizes is None else batch_sizes:
-        path = Path(model_dir) / manifest.model_file(n).onnx
-        got = run_onnx(path, images, boxes, n)
-        results.append(_compare(path.name, manifest, got, eager, eager_labels, valid,
-                                tie_tolerance))
-        _log.info("%s", results[-1].line())
+        files = manifest.model_file(n)
+        # the onnxruntime model, then the ATC script's own ONNX where it is a converted copy
+        for name in filter(None, (files.onnx, files.atc_onnx)):
+            got = run_onnx(Path(model_dir) / name, images, boxes, n)
+            results.append(_compare(name, manifest, got, eager, eager_labels, valid,
+                                    tie_tolerance))
+            _log.info("%s", results[-1].line())
     if torch_program and manifest.torch_program:
         program = torch.export.load(str(Path(model_dir) / manifest.torch_program)).module()
         with torch.no_grad():

@@ -12,6 +12,10 @@ from typing import Any
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = 1
+# the OM's compute precision -> ATC's --precision_mode that gives it; ATC's own default is
+# force_fp16, so an OM whose script set none (manifests without om_precision) computes in fp16
+OM_PRECISION_MODES = {"fp16": "force_fp16", "fp32": "must_keep_origin_dtype"}
+OM_DEFAULT_PRECISION = "fp16"
 
 VOC_CLASSES = (
     "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat",
@@ -41,7 +45,9 @@ class ModelFile:
 
     onnx: str
     om: str | None = None          # Ascend OM, present once ATC has run
-    atc: str | None = None         # the ATC command that makes `om` from `onnx`
+    atc: str | None = None         # the ATC command that makes `om` from `atc_onnx`
+    atc_onnx: str | None = None    # the ONNX the ATC script reads (opset `atc_opset`);
+                                   # None: `onnx` itself (older manifests)
 
 
 @dataclass(frozen=True)
@@ -56,7 +62,12 @@ class Manifest:
     logits_size: tuple[int, int]                    # (h, w) of the raw logits
     models: dict[int, ModelFile]                    # batch size -> files
     torch_program: str | None = None                # torch.export program of the core network
-    opset: int = 18
+    opset: int = 18                                 # of the `onnx` files (onnxruntime)
+    # the ATC scripts' ONNX opset; None in older manifests, whose scripts read `onnx`
+    atc_opset: int | None = None
+    # what the OM computes in: "fp16" or "fp32" (OM_PRECISION_MODES); None in older
+    # manifests, whose ATC scripts set no --precision_mode: ATC's default, fp16
+    om_precision: str | None = None
     # how the logits are resized to the input size (the decode head's align_corners:
     # mmseg's own choice per network); False in older manifests, which were all PSPNet
     align_corners: bool = False
@@ -119,6 +130,11 @@ class Manifest:
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise ValueError(f"{path}: malformed manifest ({type(exc).__name__}: {exc}); "
                              "rebuild the model directory with `pspnet build`") from None
+
+    @property
+    def om_compute_precision(self) -> str:
+        """What the OMs compute in, as built (the ATC default where not recorded)."""
+        return self.om_precision or OM_DEFAULT_PRECISION
 
     @property
     def network_name(self) -> str:

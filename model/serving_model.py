@@ -61,12 +61,16 @@ class ServingModel(nn.Module):
 
 
 def valid_mask(box: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """Boolean N x H x W mask, True inside each row's (top, left, height, width) box."""
-    box = box.to(torch.int64)
+    """Boolean N x H x W mask, True inside each row's (top, left, height, width) box.
+
+    In int32, the box's own type: int64 comparisons and adds are the kind of op Ascend's
+    ATC may place on the AI CPU instead of the AI Core (docs/ascend.md); pixel indices fit.
+    """
+    box = box.to(torch.int32)
     top = box[:, 0].view(-1, 1, 1)
     left = box[:, 1].view(-1, 1, 1)
-    rows = torch.arange(height, device=box.device).view(1, height, 1)
-    cols = torch.arange(width, device=box.device).view(1, 1, width)
+    rows = torch.arange(height, dtype=torch.int32, device=box.device).view(1, height, 1)
+    cols = torch.arange(width, dtype=torch.int32, device=box.device).view(1, 1, width)
     inside_rows = (rows >= top) & (rows < top + box[:, 2].view(-1, 1, 1))
     inside_cols = (cols >= left) & (cols < left + box[:, 3].view(-1, 1, 1))
     return inside_rows & inside_cols

@@ -73,9 +73,11 @@ def main(child: Child) -> None:
     child.log.info("backend open", backend=cfg.backend, device=device, batch=batch,
                    precision=cfg.precision, backend_open_s=round(backend.open_seconds, 2),
                    **({} if compile_s is None else {"compile_s": round(compile_s, 2)}))
-    # The runner thread waits on the device with the GIL released, then must win it back
-    # from the assembling thread; at the default 5 ms switch interval that wait showed up
-    # as 10-20% of an 80 ms batch (a sleep-as-device experiment on 2 cores). Hand over faster.
+    # The runner thread waits for the device with the GIL released (torch and onnxruntime
+    # release it in their calls; the acl backend's session runs in a process of its own,
+    # because aclruntime's bindings never release it), then must win the GIL back from the
+    # assembling thread; at the default 5 ms switch interval that wait showed up as 10-20%
+    # of an 80 ms batch (a sleep-as-device experiment on 2 cores). Hand over faster.
     sys.setswitchinterval(SWITCH_INTERVAL_S)
     Executor(child, backend).run()
 

@@ -551,24 +551,29 @@ def write_slowly(path: Path, data: bytes, chunks: int = 4, pause_s: float = 0.3)
             time.sleep(pause_s)
 
 
-def with_om(model_dir: Path, dest: Path, *, om_batch: dict[int, int] | None = None) -> Path:
+def with_om(model_dir: Path, dest: Path, *, om_batch: dict[int, int] | None = None,
+            precision: str = "fp32") -> Path:
     """A copy of `model_dir` whose manifest names a (fake) OM per batch size.
 
-    The stand-in aclruntime (tests/fake_aclruntime) runs the `.onnx` beside each `.om`;
-    `om_batch` maps a batch size to the batch size whose ONNX its OM should hold (to fake
-    an OM built for the wrong batch).
+    The stand-in aclruntime (tests/fake_aclruntime) runs the `.onnx` beside each `.om`: the
+    one the ATC script reads (the opset-13 copy where there is one), in fp32, so the
+    manifest says the OMs were built with --om-precision `precision` (fp32 by default: what
+    the stand-in computes in). `om_batch` maps a batch size to the batch size whose ONNX
+    its OM should hold (to fake an OM built for the wrong batch). The OMs are 0640, as the
+    ATC scripts leave them.
     """
     out = dest / f"{model_dir.name}_om"
     shutil.copytree(model_dir, out)
     manifest = Manifest.read(out)
     models = {}
     for n, files in manifest.models.items():
-        source = (om_batch or {}).get(n, n)
+        source = manifest.models[(om_batch or {}).get(n, n)]
         om = f"fake_bs{n}.om"
         (out / om).write_bytes(b"fake OM\n")
-        shutil.copyfile(out / f"pspnet_bs{source}.onnx", out / f"fake_bs{n}.onnx")
+        (out / om).chmod(0o640)
+        shutil.copyfile(out / (source.atc_onnx or source.onnx), out / f"fake_bs{n}.onnx")
         models[n] = dataclasses.replace(files, om=om)
-    dataclasses.replace(manifest, models=models).write(out)
+    dataclasses.replace(manifest, models=models, om_precision=precision).write(out)
     return out
 
 

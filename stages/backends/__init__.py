@@ -5,11 +5,12 @@ thread fills a slot's `host_buffers` (pinned memory where a device copies from i
 calls `upload(slot, ...)` and `launch(slot)`; the runner thread calls `collect(slot)` in
 launch order and gets a fresh host array back. A device with a queue (CUDA) starts the
 batch in `launch`, behind the one that is running, so it never waits for the host to
-collect, send and relaunch; a synchronous runtime (onnxruntime, aclruntime) runs it in
+collect, send and relaunch; so does the acl backend, in its session process (aclruntime
+holds the GIL through a batch); a synchronous runtime (onnxruntime) runs it in
 `collect`. `execute` is launch + collect, for callers with one batch at a time. The
 interface lives in `base` (which the backend modules import); `open_backend` imports only
 the backend module it opens, so `open_backend('ort', ...)` never pulls in torch and
-nothing pulls in aclruntime until an `acl` backend is opened.
+nothing pulls in aclruntime until an `acl` backend is opened (in its session process).
 """
 
 from __future__ import annotations

@@ -1,45 +1,113 @@
-"""Ascend backend: an ATC-built OM run through ais_bench's `aclruntime` extension.
+"""Ascend backend: an ATC-built OM run through ais_bench's `aclruntime`, in a process of its own.
 
-`aclruntime` exists only on hosts with an Ascend NPU and CANN, so it is imported when this
-backend is opened, never at module import. The calls follow
-/work/shared/reference/aclruntime.md: `Tensor(ndarray)` copies the batch into runtime
-memory and `to_device` moves it to the NPU in `upload` (on the assembling thread),
-`session.run` returns device tensors that `collect` brings back with `to_host()`. Method
-names changed between releases, so optional ones are probed with hasattr, as ais_bench
-itself does. The OM takes the same uint8 NHWC image + int32 box as the ONNX and needs the
-exact byte size: partial batches must be padded by the caller.
+aclruntime's bindings hold the GIL through every execute and copy, so the session runs in
+a child process (`acl_session`): the executor's threads keep filling the next slot,
+beating the heartbeat and sending outputs while a batch executes. The slots' buffers are
+shared memory: `host_buffers` are the arrays the session reads, so `upload` copies nothing
+when given them, `launch` queues the slot behind the running batch (a queued device, like
+CUDA), and `collect` waits on a socket (GIL released) and copies the output out.
+
+Checks before anything is loaded, the same for every aclruntime release: the OM's path and
+permissions as aclruntime since 2024-08 wants them (`check_model_path`), the log level
+(1..4), and the precision the OM was built with (`pspnet build --om-precision`; ATC bakes
+it in, so the backend cannot change it, only say it). `check` holds the checks that need
+no model, for a caller that validates flags before starting workers.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import importlib.util
+import re
+import stat
+import sys
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from pspnet.model.manifest import OM_PRECISION_MODES
+from pspnet.stages.backends.acl_session import (
+    SessionError,
+    SessionProcess,
+    SlotMemory,
+    exec_times_ms,
+    lay_out,
+)
 from pspnet.stages.backends.base import (
+    NUM_SLOTS,
     BackendBase,
     BackendUnavailable,
     check_options,
-    option_flag,
     option_int,
     parse_device,
 )
 
+__all__ = ["AclBackend", "check", "check_model_path", "exec_times_ms"]
+
 MISSING_ACLRUNTIME = ("aclruntime not found: it ships with ais_bench on hosts with an Ascend "
-                      "NPU and CANN; see README")
+                      "NPU and CANN; see docs/ascend.md")
 OPTIONS = {
-    "log_level": "aclruntime session log level (1 = debug)",
-    "acl_json_path": "acl.json for profiling/dump",
-    "h2d": "upload (default): to_device on the assembling thread; execute: in collect, on "
-           "the runner thread, in case this runtime's ACL context is per thread",
-    "finalize": "1: call the runtime's finalize() on close (ends ACL for the process)",
+    "log_level": "aclruntime session log level, 1 (debug) to 4; default: the runtime's, 2",
+    "acl_json_path": "acl.json for profiling/dump (same path rules as the OM)",
+    "feed": "auto (default): inputs as BaseTensor pointers into the shared slots where the "
+            "release has it (one host-to-device copy, inside run), else Tensor + to_device; "
+            "tensor: always Tensor + to_device",
 }
+FEEDS = ("auto", "tensor")
+LOG_LEVELS = range(1, 5)                     # aclruntime since 2024-02 throws outside 1..4
+PATH_CHARS = re.compile(r"[A-Za-z0-9_./-]")  # what aclruntime since 2024-08 accepts
+
+
+def check(device: str, precision: str, options: Mapping[str, str]) -> int:
+    """Validate the acl settings that need no model; the NPU's device id.
+    ValueError with the fix in its message."""
+    check_options("acl", options, OPTIONS)
+    try:
+        _, device_id = parse_device(device, ("npu",))
+    except ValueError:
+        raise ValueError(f"the acl backend runs on an Ascend NPU: device 'npu[:N]', not "
+                         f"{device!r}") from None
+    if precision not in OM_PRECISION_MODES:
+        raise ValueError(f"the acl backend runs an OM built for fp16 or fp32 (pspnet build "
+                         f"--om-precision), not {precision!r}")
+    log_level = option_int(options, "log_level")
+    if log_level is not None and log_level not in LOG_LEVELS:
+        raise ValueError(f"option log_level={log_level}: aclruntime takes 1 (debug) to 4 "
+                         "(error); its default is 2")
+    if options.get("feed", "auto") not in FEEDS:
+        raise ValueError(f"option feed={options['feed']!r}: {' or '.join(FEEDS)}")
+    if options.get("acl_json_path"):
+        check_model_path(Path(options["acl_json_path"]), ".json", "acl_json_path")
+    return device_id
+
+
+def check_model_path(path: Path, suffix: str, what: str = "the OM") -> None:
+    """Refuse, with the fix, a path aclruntime (2024-08 and later) would refuse saying only
+    "please check model path": characters outside [A-Za-z0-9_./-], a symbolic link, a
+    group- or other-writable file, another suffix."""
+    text = str(path)
+    bad = "".join(sorted(set(PATH_CHARS.sub("", text))))
+    if bad:
+        raise ValueError(f"{what} {text!r}: aclruntime refuses paths with characters outside "
+                         f"[A-Za-z0-9_./-] (here {bad!r}); move or rename the model directory")
+    if not text.endswith(suffix):
+        raise ValueError(f"{what} {text}: aclruntime wants a {suffix} file")
+    if path.is_symlink():
+        raise ValueError(f"{what} {text} is a symbolic link, which aclruntime refuses; put "
+                         f"the file itself there: cp --remove-destination "
+                         f"\"$(readlink -f {text})\" {text}")
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} {text}: no such file")
+    mode = stat.S_IMODE(path.stat().st_mode)
+    if mode & (stat.S_IWGRP | stat.S_IWOTH):
+        raise ValueError(f"{what} {text} is group- or other-writable ({mode:04o}), which "
+                         f"aclruntime refuses: chmod 640 {text}")
 
 
 class AclBackend(BackendBase):
-    """aclruntime.InferenceSession on `manifest.models[batch_size].om`, static batch."""
+    """aclruntime.InferenceSession on `manifest.models[batch_size].om`, static batch, in a
+    session process of its own."""
 
     name = "acl"
 
@@ -49,50 +117,57 @@ class AclBackend(BackendBase):
         batch_size: int,
         *,
         device: str = "npu:0",
-        precision: str = "fp32",
+        precision: str = "fp16",
         options: Mapping[str, str] | None = None,
     ) -> None:
         super().__init__(model_dir, batch_size)
         options = dict(options or {})
-        check_options(self.name, options, OPTIONS)
-        try:
-            _, self.device_id = parse_device(device, ("npu",))
-        except ValueError:
-            raise ValueError(f"the acl backend runs on an Ascend NPU: device 'npu[:N]', not "
-                             f"{device!r}") from None
+        self.device_id = check(device, precision, options)
         self.device = device
-        if precision != "fp32":
-            raise ValueError("the acl backend runs the OM as ATC built it (its precision is "
-                             "set by atc --precision_mode); pass precision fp32")
-        h2d = options.get("h2d", "upload")
-        if h2d not in ("upload", "execute"):
-            raise ValueError(f"option h2d={h2d!r}: upload or execute")
-        self._h2d_on_upload = h2d == "upload"
-        self._finalize = option_flag(options, "finalize")
-        try:
-            import aclruntime
-        except ImportError as error:
-            raise BackendUnavailable(MISSING_ACLRUNTIME) from error
-        self._acl = aclruntime
-
         om = self.om_path()
-        session_options = aclruntime.session_options()
-        log_level = option_int(options, "log_level")
-        if log_level is not None:
-            session_options.log_level = log_level
-        if options.get("acl_json_path"):
-            session_options.acl_json_path = str(options["acl_json_path"])
-        self._session = aclruntime.InferenceSession(str(om), self.device_id, session_options)
-        self._input_order, self._output_name = self._check_model()
-        if hasattr(self._session, "reset_sumaryinfo"):
-            self._session.reset_sumaryinfo()
-        self._times_seen = 0
+        self.precision = self.manifest.om_compute_precision
+        if precision != self.precision:
+            raise ValueError(self._precision_problem(precision))
+        check_model_path(om, ".om")
+        if not _importable("aclruntime"):
+            raise BackendUnavailable(MISSING_ACLRUNTIME)
+        arrays = {"image": (self.image_shape, np.uint8), "box": (self.box_shape, np.int32),
+                  "output": (self.output_shape, self.output_dtype)}
+        self._memory = SlotMemory.create(lay_out(NUM_SLOTS, arrays))
+        start = {"model": str(om), "device": self.device_id, "sys_path": list(sys.path),
+                 "log_level": option_int(options, "log_level"),
+                 "acl_json_path": options.get("acl_json_path") or None,
+                 "feed": options.get("feed", "auto")}
+        try:
+            self._session: SessionProcess | None = SessionProcess(start, self._memory)
+        except SessionError as exc:
+            self._memory.close()
+            if exc.kind == "unavailable":
+                raise BackendUnavailable(f"{MISSING_ACLRUNTIME} ({exc})") from None
+            raise (ValueError if exc.kind == "value" else RuntimeError)(str(exc)) from None
+        ready = self._session.ready
+        self.runtime_features: dict[str, bool] = dict(ready["features"])
+        self.context_binding: str = ready["context"]     # "set_context" or "to_device"
+        self.feed: str = ready["feed"]                   # "BaseTensor" or "Tensor"
+        try:
+            self._check_model(ready["inputs"], ready["outputs"])
+        except ValueError:
+            self.close()
+            raise
+
+    def _precision_problem(self, asked: str) -> str:
+        mode = OM_PRECISION_MODES[self.precision]
+        how = (f"--precision_mode={mode}" if self.manifest.om_precision else
+               f"no --precision_mode: ATC's default, {mode}")
+        return (f"this OM computes in {self.precision} (its ATC script set {how}); pass "
+                f"precision {self.precision}, or rebuild with `pspnet build --om-precision "
+                f"{asked}` and rerun the ATC scripts")
 
     def om_path(self) -> Path:
         """The OM the manifest names, else the ATC script's output next to the ONNX."""
         name = self.model_file.om or str(Path(self.model_file.onnx).with_suffix(".om"))
         path = self.model_dir / name
-        if not path.is_file():
+        if not path.is_file() and not path.is_symlink():
             script = self.model_file.atc or f"pspnet_bs{self.batch_size}.atc.sh"
             raise FileNotFoundError(
                 f"{path}: no Ascend OM for batch size {self.batch_size}; run "
@@ -100,96 +175,84 @@ class AclBackend(BackendBase):
             )
         return path
 
-    def _check_model(self) -> tuple[list[str], str]:
+    def _check_model(self, inputs: list[dict[str, Any]], outputs: list[dict[str, Any]]) -> None:
         """Match the OM's descriptors to the manifest: names, static shapes, exact bytes."""
-        inputs = list(self._session.get_inputs())
-        names = [d.name for d in inputs]
+        names = [d["name"] for d in inputs]
         if sorted(names) != ["box", "image"]:
             raise ValueError(f"OM inputs {names}, expected image and box (build the OM from "
                              "the ONNX that `pspnet build` wrote)")
         expected = {"image": (self.image_shape, np.uint8), "box": (self.box_shape, np.int32)}
         for desc in inputs:
-            shape, dtype = expected[desc.name]
-            _check_desc(f"OM input {desc.name}", desc, shape, dtype, self.batch_size)
-        outputs = list(self._session.get_outputs())
+            shape, dtype = expected[desc["name"]]
+            _check_desc(f"OM input {desc['name']}", desc, shape, dtype, self.batch_size)
         if len(outputs) != 1:
             raise ValueError(f"OM has {len(outputs)} outputs, expected 1 ({self.head})")
-        _check_desc(f"OM output {outputs[0].name}", outputs[0], self.output_shape,
+        _check_desc(f"OM output {outputs[0]['name']}", outputs[0], self.output_shape,
                     self.output_dtype, self.batch_size)
-        return names, outputs[0].name
+
+    def host_buffers(self, slot: int) -> tuple[np.ndarray, np.ndarray]:
+        """The slot's input arrays in the shared memory the session reads."""
+        self._check_open()
+        self._check_slot(slot)
+        return self._memory.view(slot, "image"), self._memory.view(slot, "box")
 
     def upload(self, slot: int, images: np.ndarray, boxes: np.ndarray) -> None:
+        """Into the slot's shared buffers (nothing to copy when given them); no aclruntime
+        call here, so this never waits for a running batch."""
         self._check_open()
         self._check_slot(slot)
         images, boxes = self._check_batch(images, boxes)
-        arrays = {"image": images, "box": boxes}
-        # Tensor(ndarray) copies the buffer, so the caller's arrays are free after this
-        tensors = [self._acl.Tensor(arrays[name]) for name in self._input_order]
-        if self._h2d_on_upload:
-            for tensor in tensors:
-                tensor.to_device(self.device_id)
-        self._put(slot, tensors)
+        for array, name in ((images, "image"), (boxes, "box")):
+            shared = self._memory.view(slot, name)
+            if array is not shared:
+                np.copyto(shared, array)
+        self._put(slot, True)
+
+    def launch(self, slot: int) -> None:
+        """Queue the slot's batch in the session process, behind the one that runs."""
+        self._take_to_launch(slot)
+        assert self._session is not None
+        self._session.run(slot)
+        self._put_launched(slot, True)
 
     def collect(self, slot: int) -> np.ndarray:
-        tensors: list[Any] = self._take(slot)  # type: ignore[assignment]
-        if not self._h2d_on_upload:
-            for tensor in tensors:
-                tensor.to_device(self.device_id)
-        outputs = self._session.run([self._output_name], tensors)
-        self._collect_times()
-        result = outputs[0]
-        result.to_host()                     # outputs live on the device until this
-        host = np.array(result)              # a copy: the runtime buffer dies with `result`
-        if host.dtype != self.output_dtype or host.shape != self.output_shape:
-            host = host.reshape(-1).view(np.uint8).view(self.output_dtype) \
-                .reshape(self.output_shape)
-        return host
-
-    def _collect_times(self) -> None:
-        """Append this run's execute time(s) from the runtime's own summary, then clear it."""
-        summary = getattr(self._session, "sumary", None) or getattr(self._session, "summary",
-                                                                    None)
-        if summary is None:
-            return
-        times = list(summary().exec_time_list)
-        self.execute_times_ms.extend(exec_times_ms(times[self._times_seen:]))
-        if hasattr(self._session, "reset_sumaryinfo"):
-            self._session.reset_sumaryinfo()
-            self._times_seen = 0
-        else:
-            self._times_seen = len(times)
+        """Wait for the slot's batch (GIL released) and copy its output out of the slot."""
+        self._take_launched(slot)
+        assert self._session is not None
+        try:
+            result = self._session.result(slot)
+        except SessionError as exc:
+            raise RuntimeError(str(exc)) from None
+        if "error" in result:
+            raise RuntimeError(f"aclruntime: {result['error']}")
+        self.execute_times_ms.extend(float(t) for t in result["times_ms"])
+        return self._memory.view(slot, "output").copy()
 
     def close(self) -> None:
         if not self._closed:
             session, self._session = self._session, None
-            self._slots = [None] * len(self._slots)
-            if session is not None and hasattr(session, "free_resource"):
-                session.free_resource()
-            if session is not None and self._finalize and hasattr(session, "finalize"):
-                session.finalize()
+            if session is not None:
+                session.close()
+            self._memory.close()
         super().close()
 
 
-def exec_times_ms(entries: Sequence[Any]) -> list[float]:
-    """aclruntime's exec_time_list in ms: older releases give ms, newer (start, end) pairs."""
-    out = []
-    for entry in entries:
-        if isinstance(entry, (tuple, list)):
-            start, end = entry
-            out.append(float(end) - float(start))
-        else:
-            out.append(float(entry))
-    return out
+def _importable(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):   # a broken entry in sys.modules: let the child say
+        return True
 
 
-def _check_desc(what: str, desc: Any, shape: tuple[int, ...], dtype: Any,
+def _check_desc(what: str, desc: Mapping[str, Any], shape: tuple[int, ...], dtype: Any,
                 batch_size: int) -> None:
-    dims = [int(d) for d in desc.shape]
+    dims = [int(d) for d in desc["shape"]]
     if any(d < 0 for d in dims):
         raise ValueError(f"{what}: dynamic shape {dims}; the executor needs a static-batch "
                          f"OM (atc --input_shape with batch {batch_size})")
     need = int(np.prod(shape)) * np.dtype(dtype).itemsize
-    if dims != list(shape) or int(desc.realsize) != need:
-        raise ValueError(f"{what}: {dims} ({desc.datatype}, {desc.realsize} bytes), expected "
-                         f"{list(shape)} {np.dtype(dtype).name} ({need} bytes) for batch size "
-                         f"{batch_size}; rebuild the OM with its pspnet_bs{batch_size}.atc.sh")
+    if dims != list(shape) or int(desc["realsize"]) != need:
+        raise ValueError(f"{what}: {dims} ({desc['datatype']}, {desc['realsize']} bytes), "
+                         f"expected {list(shape)} {np.dtype(dtype).name} ({need} bytes) for "
+                         f"batch size {batch_size}; rebuild the OM with its "
+                         f"pspnet_bs{batch_size}.atc.sh")

@@ -64,10 +64,39 @@ def test_atc_runs_when_on_path(tmp_path, monkeypatch):
                                                              2: "pspnet_bs2.om"}
     calls = (bin_dir / "calls.txt").read_text().splitlines()
     assert len(calls) == 2
-    assert ("--framework=5 --model=pspnet_bs2.onnx --output=pspnet_bs2 --input_format=ND "
-            "--input_shape=image:2,64,64,3;box:2,4 --soc_version=Ascend310 --log=error"
-            ) in calls
+    assert ("--framework=5 --model=pspnet_bs2_opset13.onnx --output=pspnet_bs2 "
+            "--input_format=ND --input_shape=image:2,64,64,3;box:2,4 --soc_version=Ascend310 "
+            "--precision_mode=force_fp16 --log=error") in calls
     assert Manifest.read(tmp_path / "out").models[2].om == "pspnet_bs2.om"
+    # aclruntime refuses a group- or other-writable OM: the script leaves it at 0640
+    assert stat.S_IMODE((tmp_path / "out" / "pspnet_bs2.om").stat().st_mode) == 0o640
+
+
+@pytest.mark.parametrize(("atc_opset", "om_precision", "model", "mode"), [
+    (18, "fp32", "pspnet_bs{n}.onnx", "must_keep_origin_dtype"),
+    (13, "fp32", "pspnet_bs{n}_opset13.onnx", "must_keep_origin_dtype"),
+    (16, "fp16", "pspnet_bs{n}_opset16.onnx", "force_fp16"),
+])
+def test_atc_opset_and_precision(tmp_path, atc_opset, om_precision, model, mode):
+    """The ATC script reads the ONNX at the opset asked for (the exported one itself at
+    18) and says the precision; the manifest records both; the copy computes the same."""
+    out = tmp_path / "out"
+    manifest = _write(ToyCore(), out, run_atc=False, torch_program=False,
+                      atc_opset=atc_opset, om_precision=om_precision)
+    assert (manifest.atc_opset, manifest.om_precision) == (atc_opset, om_precision)
+    assert Manifest.read(out).om_compute_precision == om_precision
+    for n, files in manifest.models.items():
+        name = model.format(n=n)
+        assert files.atc_onnx == (None if atc_opset == 18 else name)
+        text = (out / files.atc).read_text()
+        assert f"--model={name} " in text and f"--precision_mode={mode} " in text
+        assert f"# {name} is ONNX opset {atc_opset}" in text
+        images = np.random.default_rng(n).integers(0, 256, (n, 64, 64, 3), dtype=np.uint8)
+        boxes = np.array([[0, 0, 64, 64]] * n, dtype=np.int32)
+        want, got = (ort.InferenceSession(str(out / f), providers=["CPUExecutionProvider"])
+                     .run(None, {"image": images, "box": boxes})[0]
+                     for f in (files.onnx, name))
+        np.testing.assert_array_equal(got, want)
 
 
 def test_batch_dependent_network_falls_back_to_static_exports(tmp_path, caplog):
@@ -98,6 +127,9 @@ def test_batch_dependent_network_falls_back_to_static_exports(tmp_path, caplog):
     ({"batch_sizes": (0, 4)}, "batch sizes"),
     ({"batch_sizes": (1, 300)}, "batch sizes"),
     ({"batch_sizes": ()}, "batch sizes"),
+    ({"atc_opset": 12}, "ATC opset must be an integer from 13 to 18"),
+    ({"atc_opset": 19}, "ATC opset must be an integer from 13 to 18"),
+    ({"om_precision": "bf16"}, "OM precision must be one of fp16, fp32"),
     ({"input_size": 8}, "input size"),
     ({"head": "probabilities"}, "head"),
     ({"num_classes": 19, "class_names": VOC_CLASSES[:19]}, "expected 1 x 19"),

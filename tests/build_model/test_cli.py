@@ -69,7 +69,7 @@ def test_help_explains_every_flag():
     text = build.format_help()
     for flag in ("--config", "--checkpoint", "--batch-sizes", "--out", "--input-size",
                  "--head", "--verify", "--trust-checkpoint", "--soc-version", "--no-simplify",
-                 "--no-onnx"):
+                 "--no-onnx", "--atc-opset", "--om-precision"):
         assert flag in text
     assert "example:" in text
 
@@ -85,6 +85,9 @@ def test_help_explains_every_flag():
     ("input size small", ["--input-size", "16"]),
     ("input size text", ["--input-size", "big"]),
     ("head", ["--head", "softmax"]),
+    ("atc opset 12", ["--atc-opset", "12"]),
+    ("atc opset text", ["--atc-opset", "new"]),
+    ("om precision", ["--om-precision", "bf16"]),
     ("missing argument", None),
     ("other class count", ["--checkpoint", "classes19"]),
     ("needs unpickling", ["--checkpoint", "pickled"]),
@@ -124,14 +127,19 @@ def test_trusted_checkpoint_builds_and_verifies(weights, tmp_path, capsys):
     rc, err = run_cli(["--config", weights["config"], "--checkpoint", weights["pickled"],
                        "--trust-checkpoint", "--out", str(out), "--batch-sizes", "2",
                        "--input-size", "64x96", "--head", "labels", "--verify",
-                       "--no-torch-program"], capsys)
+                       "--no-torch-program", "--om-precision", "fp32"], capsys)
     assert rc == 0, err
     for step in ("read checkpoint", "dropped 8 auxiliary-head tensors", "exporting",
-                 "simplifying", "checking", "wrote", "pspnet_bs2.atc.sh", "label agreement"):
+                 "simplifying", "checking", "wrote", "pspnet_bs2.atc.sh", "label agreement",
+                 "writing pspnet_bs2_opset13.onnx for ATC (opset 13)",
+                 "ops on int64 tensors at run time (ATC may put them on the AI CPU): "
+                 "ArgMax(", "pspnet_bs2_opset13.onnx: 9 images, label agreement"):
         assert step in err, step
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["input_size"] == [64, 96] and manifest["head"] == "labels"
     assert manifest["torch_program"] is None
+    assert (manifest["atc_opset"], manifest["om_precision"]) == (13, "fp32")
+    assert "--precision_mode=must_keep_origin_dtype" in (out / "pspnet_bs2.atc.sh").read_text()
     assert (out / "pspnet_bs2.onnx").exists() and (out / "pspnet_bs2.atc.sh").exists()
 
 

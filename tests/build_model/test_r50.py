@@ -2,15 +2,17 @@
 
 Weights are calibrated, not trained (no download here), saved in the official checkpoint
 layout with the auxiliary head, then built exactly as `pspnet build` would -- BN folded and
-the PSP bottleneck rewritten, its defaults -- and compared with mmseg's eager model on one
-real photo: the rewrites must leave the network the same function (max |logit diff| <=
-1e-4 in float32, every label the same). Slow: R50 at 500x500 is seconds per forward on
-this CPU; calibration runs at 256x256 on three photos to stay within a few minutes.
+the PSP bottleneck rewritten, its defaults, and the ATC's opset-13 copy -- and compared with
+mmseg's eager model on one real photo: the rewrites must leave the network the same function
+(max |logit diff| <= 1e-4 in float32, every label the same). Slow: R50 at 500x500 is
+seconds per forward on this CPU; calibration runs at 256x256 on three photos to stay within
+a few minutes.
 """
 
 from __future__ import annotations
 
 import numpy as np
+import onnx
 import pytest
 import torch
 
@@ -65,7 +67,13 @@ def test_r50_builds_and_matches_eager_mmseg(tmp_path):
     eager = eager_logits(network.segmentor, x)
     results = verify_model_dir(out, network.segmentor, [photo], eager=eager,
                                tie_tolerance=EXACT_LOGITS)
-    assert {r.artifact for r in results} == {"pspnet_bs1.onnx", "pspnet_core.pt2"}
+    assert {r.artifact for r in results} == {"pspnet_bs1.onnx", "pspnet_bs1_opset13.onnx",
+                                             "pspnet_core.pt2"}
+    atc_onnx = onnx.load(str(out / "pspnet_bs1_opset13.onnx"), load_external_data=False)
+    print("FIGURE pspnet_bs1_opset13.onnx opset_import:",
+          [(o.domain, o.version) for o in atc_onnx.opset_import])
+    assert [(o.domain, o.version) for o in atc_onnx.opset_import] == [("", 13)]
+    print("FIGURE ATC script:\n" + (out / "pspnet_bs1.atc.sh").read_text())
     for r in results:
         print("FIGURE", r.line())
         assert r.max_logit_diff <= EXACT_LOGITS, r.line()

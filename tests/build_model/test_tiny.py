@@ -44,9 +44,11 @@ def test_manifest(mmseg_models, head):
     assert m.logits_size == (INPUT_SIZE // 8, INPUT_SIZE // 8)
     assert m.batch_sizes == list(BATCH_SIZES)
     assert m.opset == 18
+    assert (m.atc_opset, m.om_precision, m.om_compute_precision) == (13, "fp16", "fp16")
     assert m.torch_program == "pspnet_core.pt2"
     for n in BATCH_SIZES:
         assert m.models[n].onnx == f"pspnet_bs{n}.onnx"
+        assert m.models[n].atc_onnx == f"pspnet_bs{n}_opset13.onnx"
         assert m.models[n].atc == f"pspnet_bs{n}.atc.sh"
         assert m.models[n].om is None                     # no atc on this machine
     src = m.source
@@ -61,13 +63,15 @@ def test_manifest(mmseg_models, head):
 
 
 @pytest.mark.parametrize("head", HEADS)
-def test_onnx_models_are_static_single_files(mmseg_models, head):
+@pytest.mark.parametrize(("name", "opset"), [("pspnet_bs{n}.onnx", 18),
+                                             ("pspnet_bs{n}_opset13.onnx", 13)])
+def test_onnx_models_are_static_single_files(mmseg_models, head, name, opset):
     out_type = onnx.TensorProto.FLOAT if head == "logits" else onnx.TensorProto.UINT8
     for n in BATCH_SIZES:
-        path = mmseg_models[head] / f"pspnet_bs{n}.onnx"
+        path = mmseg_models[head] / name.format(n=n)
         assert not path.with_name(path.name + ".data").exists()
         model = onnx.load(str(path))
-        assert max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")) == 18
+        assert [(o.domain, o.version) for o in model.opset_import] == [("", opset)]
         ins = {i.name: i.type.tensor_type for i in model.graph.input}
         assert [d.dim_value for d in ins["image"].shape.dim] == [n, INPUT_SIZE, INPUT_SIZE, 3]
         assert ins["image"].elem_type == onnx.TensorProto.UINT8
@@ -84,12 +88,15 @@ def test_atc_scripts(mmseg_models):
         script = mmseg_models["labels"] / f"pspnet_bs{n}.atc.sh"
         text = script.read_text()
         assert script.stat().st_mode & stat.S_IXUSR
-        assert (f"atc --framework=5 --model=pspnet_bs{n}.onnx --output=pspnet_bs{n} "
-                "--input_format=ND "
+        assert (f"atc --framework=5 --model=pspnet_bs{n}_opset13.onnx "
+                f"--output=pspnet_bs{n} --input_format=ND "
                 f'--input_shape="image:{n},{INPUT_SIZE},{INPUT_SIZE},3;box:{n},4" ') in text
-        assert '--soc_version="${SOC}" --log=error' in text
+        assert '--soc_version="${SOC}" --precision_mode=force_fp16 --log=error\n' in text
+        assert f"\nchmod 0640 pspnet_bs{n}.om\n" in text
+        assert f"# pspnet_bs{n}_opset13.onnx is ONNX opset 13" in text
+        assert "# The OM computes in fp16: --precision_mode=force_fp16" in text
         assert 'SOC="${SOC:-Ascend310P3}"' in text
-        assert "fp16" not in text
+        assert "--input_fp16_nodes" not in text       # uint8 in: normalised on the device
 
 
 @pytest.mark.parametrize("head", HEADS)
@@ -103,7 +110,8 @@ def test_parity_with_eager_mmseg(mmseg_models, network, head):
         if r.max_logit_diff is not None:
             assert r.max_logit_diff <= LOGIT_TOLERANCE, r.line()
     checked = {r.artifact for r in results}
-    assert checked == {f"pspnet_bs{n}.onnx" for n in BATCH_SIZES} | {"pspnet_core.pt2"}
+    assert checked == {f"pspnet_bs{n}{suffix}.onnx" for n in BATCH_SIZES
+                       for suffix in ("", "_opset13")} | {"pspnet_core.pt2"}
 
 
 def test_predictions_are_not_degenerate(mmseg_models):

@@ -3,7 +3,8 @@
 Every backend must give the reference output per slot, also with upload + launch and
 collect on two threads as the executor runs them, keep its timings, and fail with a
 clear message when something is missing.
-The acl backend runs against tests/fake_aclruntime, which enforces aclruntime's contract.
+The acl backend runs against tests/fake_aclruntime, which enforces aclruntime's contract
+(its own tests: test_acl.py).
 CUDA tests run only where torch sees a GPU.
 """
 
@@ -11,7 +12,6 @@ from __future__ import annotations
 
 import queue
 import shutil
-import sys
 import threading
 import time
 from pathlib import Path
@@ -31,9 +31,8 @@ from pspnet.stages.backends import (
     open_backend,
     throughput,
 )
-from pspnet.stages.backends.acl import exec_times_ms
-from tests.kit import FAKE_ACL, with_om
-from tests.tiny_model import MEAN, STD, random_batch, tiny_core
+from tests.kit import with_om
+from tests.tiny_model import random_batch
 
 BATCH = 4
 SIZE = (64, 64)
@@ -41,29 +40,11 @@ CUDA = torch.cuda.is_available()
 needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
 
 
-# ---- fixtures ---------------------------------------------------------------------------
-
-@pytest.fixture(scope="session")
-def references() -> dict[str, ServingModel]:
-    """Eager references of the session's tiny models (tests/conftest.py: seed 0, 64x64)."""
-    core = tiny_core()
-    return {head: ServingModel(core, MEAN, STD, head) for head in ("logits", "labels")}
-
+# ---- helpers (the fixtures are in conftest.py) ------------------------------------------
 
 def reference(model: ServingModel, images: np.ndarray, boxes: np.ndarray) -> np.ndarray:
     with torch.inference_mode():
         return model(torch.from_numpy(images), torch.from_numpy(boxes)).numpy()
-
-
-@pytest.fixture
-def fake_acl(monkeypatch):
-    """`import aclruntime` gets the stand-in, freshly imported for each test."""
-    monkeypatch.syspath_prepend(str(FAKE_ACL))
-    monkeypatch.delitem(sys.modules, "aclruntime", raising=False)
-    import aclruntime
-    aclruntime.to_device_threads.clear()
-    yield aclruntime
-    sys.modules.pop("aclruntime", None)
 
 
 def open_kind(kind: str, model_dir: Path, tmp_path: Path, batch: int = BATCH,
@@ -164,8 +145,10 @@ def test_two_threads_interleaved(kind, tiny_models, references, tmp_path, reques
     backend = open_kind(kind, tiny_models["logits"], tmp_path)
     batches = [random_batch(BATCH, SIZE, seed=100 + k) for k in range(8)]
     results = run_like_the_executor(backend, batches)
-    if kind == "acl":               # the host-to-device copy ran on the assembling thread
-        assert set(fake.to_device_threads) == {run_like_the_executor.assembler}
+    if kind == "acl":               # every aclruntime call on one thread, not in this process
+        calls = fake.events()
+        assert {(e["pid"], e["thread"]) for e in calls} == \
+            {(backend._session.proc.pid, calls[0]["thread"])}
     for k, (images, boxes) in enumerate(batches):
         assert_matches("logits", results[k], reference(references["logits"], images, boxes))
     for slot in range(NUM_SLOTS):                   # same arrays each time: made once
@@ -437,128 +420,3 @@ def test_torch_cuda_two_threads(options, tiny_models, references):
     backend.launch(0)                       # the refused launch's upload is still there
     assert np.mean(backend.collect(0) == results[1]) >= 0.99
     backend.close()
-
-
-# ---- acl (against the stand-in) ----------------------------------------------------------
-
-def test_acl_missing_aclruntime(tiny_models, tmp_path, monkeypatch):
-    monkeypatch.setitem(sys.modules, "aclruntime", None)    # import raises ImportError
-    with pytest.raises(BackendUnavailable, match="aclruntime not found: it ships with "
-                                                 "ais_bench"):
-        open_backend("acl", with_om(tiny_models["logits"], tmp_path), BATCH, device="npu:0")
-
-
-def test_acl_missing_om(fake_acl, tiny_models):
-    with pytest.raises(FileNotFoundError, match=r"pspnet_bs4\.atc\.sh"):
-        open_backend("acl", tiny_models["logits"], BATCH, device="npu:0")
-
-
-def test_acl_device_and_precision(fake_acl, tiny_models, tmp_path):
-    model_dir = with_om(tiny_models["logits"], tmp_path)
-    with pytest.raises(ValueError, match="Ascend NPU"):
-        open_backend("acl", model_dir, BATCH)                # the default device is "cpu"
-    with pytest.raises(ValueError, match="precision_mode"):
-        open_backend("acl", model_dir, BATCH, device="npu:0", precision="fp16")
-    with pytest.raises(RuntimeError, match="not available"):
-        open_backend("acl", model_dir, BATCH, device="npu:3")
-
-
-def test_acl_om_of_wrong_batch_is_refused_at_open(fake_acl, tiny_models, tmp_path):
-    model_dir = with_om(tiny_models["logits"], tmp_path, om_batch={BATCH: 1})
-    with pytest.raises(ValueError, match=r"OM input .*expected \[4, 64, 64, 3\].*bytes"):
-        open_backend("acl", model_dir, BATCH, device="npu:0")
-
-
-def test_acl_wrong_batch_upload(fake_acl, tiny_models, tmp_path):
-    backend = open_kind("acl", tiny_models["logits"], tmp_path)
-    images, boxes = random_batch(2, SIZE, seed=0)
-    with pytest.raises(ValueError, match="pad a partial batch"):
-        backend.upload(0, images, boxes)
-    backend.close()
-
-
-@pytest.mark.parametrize("head", ["logits", "labels"])
-def test_acl_stand_in_enforces_contract(fake_acl, head, tiny_models, tmp_path):
-    """What the backend must get right, checked on the stand-in itself."""
-    model_dir = with_om(tiny_models[head], tmp_path)
-    om = str(model_dir / Manifest.read(model_dir).models[BATCH].om)
-    with pytest.raises(TypeError, match="incompatible constructor"):
-        fake_acl.InferenceSession(om, 0, None)
-    with pytest.raises(RuntimeError, match="not an OM"):
-        fake_acl.InferenceSession(om + ".missing", 0, fake_acl.session_options())
-    session = fake_acl.InferenceSession(om, 0, fake_acl.session_options())
-    [out_desc] = session.get_outputs()
-    images, boxes = random_batch(BATCH, SIZE, seed=1)
-    small, small_boxes = random_batch(2, SIZE, seed=1)
-
-    feeds = [fake_acl.Tensor(images), fake_acl.Tensor(boxes)]
-    with pytest.raises(RuntimeError, match="call to_device"):
-        session.run([out_desc.name], feeds)
-    with pytest.raises(TypeError, match="aclruntime.Tensor"):
-        session.run([out_desc.name], [images, boxes])
-    wrong = [fake_acl.Tensor(small), fake_acl.Tensor(small_boxes)]
-    for tensor in wrong:
-        tensor.to_device(0)
-    with pytest.raises(RuntimeError, match=r"in size 24576 needsize 49152 not match"):
-        session.run([out_desc.name], wrong)
-
-    for tensor in feeds:
-        tensor.to_device(0)
-    images[:] = 0                           # Tensor() copied: later changes don't leak in
-    [out] = session.run([out_desc.name], feeds)
-    assert out.device == 0
-    with pytest.raises(RuntimeError, match="tensor is in npu. can't convert to numpy array"):
-        np.array(out)
-    out.to_host()
-    assert np.array(out).shape == tuple(out_desc.shape)
-    assert len(session.sumary().exec_time_list) == 1
-    session.reset_sumaryinfo()
-    assert session.sumary().exec_time_list == []
-
-
-@pytest.mark.parametrize("time_format", ["ms", "pairs"])
-def test_acl_timings_both_formats(fake_acl, time_format, tiny_models, tmp_path, monkeypatch):
-    monkeypatch.setattr(fake_acl, "EXEC_TIME_FORMAT", time_format)
-    backend = open_kind("acl", tiny_models["labels"], tmp_path)
-    for k in range(3):
-        backend.upload(k % NUM_SLOTS, *random_batch(BATCH, SIZE, seed=k))
-        backend.execute(k % NUM_SLOTS)
-    assert len(backend.execute_times_ms) == 3
-    assert all(0 < t < 60_000 for t in backend.execute_times_ms)
-    backend.close()
-
-
-def test_acl_runtime_without_sumary_or_reset(fake_acl, tiny_models, tmp_path, monkeypatch):
-    """Only `summary()`, no `reset_sumaryinfo`: count what was already read; h2d=execute."""
-    monkeypatch.delattr(fake_acl.InferenceSession, "sumary")
-    monkeypatch.delattr(fake_acl.InferenceSession, "reset_sumaryinfo")
-    monkeypatch.delattr(fake_acl.InferenceSession, "free_resource")
-    backend = open_kind("acl", tiny_models["logits"], tmp_path, options={"h2d": "execute"})
-    main = threading.get_ident()
-    for k in range(3):
-        backend.upload(k % NUM_SLOTS, *random_batch(BATCH, SIZE, seed=k))
-        backend.execute(k % NUM_SLOTS)
-    assert len(backend.execute_times_ms) == 3
-    assert set(fake_acl.to_device_threads) == {main}
-    backend.close()
-
-
-def test_acl_options(fake_acl, tiny_models, tmp_path):
-    model_dir = with_om(tiny_models["logits"], tmp_path)
-    with pytest.raises(ValueError, match="h2d"):
-        open_backend("acl", model_dir, BATCH, device="npu:0", options={"h2d": "never"})
-    with pytest.raises(ValueError, match="unknown acl backend option"):
-        open_backend("acl", model_dir, BATCH, device="npu:0", options={"loop": "5"})
-    backend = open_backend("acl", model_dir, BATCH, device="npu",
-                           options={"log_level": "1", "finalize": "1"})
-    assert backend._session._options.log_level == 1
-    session = backend._session
-    backend.close()
-    with pytest.raises(RuntimeError, match="freed"):
-        session.run(["logits"], [])
-
-
-def test_exec_times_formats():
-    assert exec_times_ms([1.5, 2]) == [1.5, 2.0]
-    assert exec_times_ms([(10.0, 12.5), [3, 4]]) == [2.5, 1.0]
-    assert exec_times_ms([]) == []
