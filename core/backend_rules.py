@@ -106,13 +106,20 @@ RULES: dict[str, BackendRules] = {
         },
         device_only={"cuda_graphs": ("cuda",), "fused_conv": ("cuda",)},
         exclusive=(("fused_conv", "compile"),)),
-    # Ascend: stages/backends/acl.py keeps its own option texts while it is reworked
+    # Ascend: stages/backends/acl.py adds what needs more than names (log_level's range,
+    # feed's values, aclruntime's path rules for acl_json_path)
     "acl": BackendRules(
         "acl", "Ascend NPU: aclruntime + OM, unverified on real hardware",
-        devices={"npu": ("fp32",)},
-        precision_note="the OM runs as ATC built it: its precision is atc --precision_mode",
-        options={"log_level": "aclruntime session log level", "acl_json_path": "acl.json",
-                 "h2d": "upload|execute", "finalize": "1: finalize() on close"}),
+        devices={"npu": ("fp16", "fp32")},
+        precision_note="the OM runs as ATC built it: pspnet build --om-precision",
+        options={
+            "log_level": "aclruntime session log level, 1 (debug) to 4; default: the "
+                         "runtime's, 2",
+            "acl_json_path": "acl.json for profiling/dump (same path rules as the OM)",
+            "feed": "auto (default): inputs as BaseTensor pointers into the shared slots "
+                    "where the release has it (one host-to-device copy, inside run), else "
+                    "Tensor + to_device; tensor: always Tensor + to_device",
+        }),
     SIMULATED: BackendRules(
         SIMULATED, "no model, a simulated device of --backend-option img_s=N speed, to "
                    "measure the host side (its masks are a fixed pattern)",

@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from pspnet.core.backend_rules import RULES
 from pspnet.model.manifest import OM_PRECISION_MODES
 from pspnet.stages.backends.acl_session import (
     SessionError,
@@ -47,13 +48,7 @@ __all__ = ["AclBackend", "check", "check_model_path", "exec_times_ms"]
 
 MISSING_ACLRUNTIME = ("aclruntime not found: it ships with ais_bench on hosts with an Ascend "
                       "NPU and CANN; see docs/ascend.md")
-OPTIONS = {
-    "log_level": "aclruntime session log level, 1 (debug) to 4; default: the runtime's, 2",
-    "acl_json_path": "acl.json for profiling/dump (same path rules as the OM)",
-    "feed": "auto (default): inputs as BaseTensor pointers into the shared slots where the "
-            "release has it (one host-to-device copy, inside run), else Tensor + to_device; "
-            "tensor: always Tensor + to_device",
-}
+OPTIONS = RULES["acl"].options         # pspnet.core.backend_rules: the CLI checks them
 FEEDS = ("auto", "tensor")
 LOG_LEVELS = range(1, 5)                     # aclruntime since 2024-02 throws outside 1..4
 PATH_CHARS = re.compile(r"[A-Za-z0-9_./-]")  # what aclruntime since 2024-08 accepts

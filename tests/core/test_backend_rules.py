@@ -19,7 +19,7 @@ from tests.kit import REPO
     ("torch", ("cpu",), "fp16", {}, "runs fp32/bf16 on cpu, not --precision fp16"),
     ("torch", ("cuda:0",), "fp32", {"fused_conv": "1", "compile": "1"}, "do not combine"),
     ("torch", ("cpu",), "fp32", {"cuda_graphs": "yes"}, "needs a CUDA device"),
-    ("acl", ("npu:0",), "fp16", {}, "atc --precision_mode"),
+    ("acl", ("npu:0",), "bf16", {}, "pspnet build --om-precision"),
     ("acl", ("cuda:0",), "fp32", {}, "runs on npu[:N]"),
     ("sim", ("cpu",), "fp32", {"threads": "1"}, "unknown sim backend option(s) threads"),
     ("ort", ("cuda:x",), "fp32", {}, "the index after ':' must be a number"),
@@ -35,7 +35,7 @@ def test_refusals_name_the_fix(backend, devices, precision, options, words):
     ("ort", ("tensorrt:0", "cann:1"), "fp16", {}),
     ("torch", ("cuda:0", "cuda:1"), "bf16", {"compile": "1", "cuda_graphs": "1"}),
     ("torch", ("cpu",), "bf16", {"fused_conv": "auto"}),
-    ("acl", ("npu:0",), "fp32", {"h2d": "execute"}),
+    ("acl", ("npu:0",), "fp16", {"feed": "tensor", "log_level": "3"}),
     ("sim", ("sim",), "fp16", {"img_s": "400"}),
 ])
 def test_what_each_backend_takes(backend, devices, precision, options):

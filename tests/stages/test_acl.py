@@ -295,7 +295,7 @@ def test_precision_is_the_om_s(fake_acl, tiny_models, tmp_path):
     backend = open_acl(fp16, precision="fp16")
     assert backend.precision == "fp16"
     backend.close()
-    with pytest.raises(ValueError, match="fp16 or fp32"):
+    with pytest.raises(ValueError, match="runs fp16/fp32 on npu"):
         open_acl(fp16, precision="bf16")
     # a manifest from before om_precision: its script set no --precision_mode, so fp16
     old = with_om(tiny_models["logits"], tmp_path / "b")
