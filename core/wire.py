@@ -270,6 +270,28 @@ def _describe(a: np.ndarray) -> list[Any]:
 
 
 # ---------------------------------------------------------------------------------------
+# documents on a private stream (the acl backend's executor <-> session process)
+
+MAX_DOCUMENT_BYTES = 1 << 20        # one document on such a stream
+
+
+def pack_document(doc: dict[str, Any]) -> bytes:
+    """A small map of plain values for a stream socket (msgpack delimits documents)."""
+    return msgpack.packb(doc, use_bin_type=True)
+
+
+def document_unpacker() -> msgpack.Unpacker:
+    """Reads pack_document's maps back from a stream, with the limits `decode` sets: no
+    binary or extension values, string keys, a bounded document (a larger one raises
+    instead of growing the buffer)."""
+    return msgpack.Unpacker(
+        raw=False, strict_map_key=True, max_buffer_size=MAX_DOCUMENT_BYTES,
+        max_str_len=MAX_DOCUMENT_BYTES, max_bin_len=0, max_array_len=MAX_IDS,
+        max_map_len=64, max_ext_len=0,
+    )
+
+
+# ---------------------------------------------------------------------------------------
 # decode
 
 

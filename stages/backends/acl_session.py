@@ -37,8 +37,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import msgpack
 import numpy as np
+
+from pspnet.core import wire
 
 RECV_BYTES = 1 << 16
 PAGE = mmap.PAGESIZE
@@ -66,10 +67,10 @@ class Channel:
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
-        self._unpacker = msgpack.Unpacker()
+        self._unpacker = wire.document_unpacker()
 
     def send(self, doc: Mapping[str, Any]) -> None:
-        self.sock.sendall(msgpack.packb(dict(doc)))
+        self.sock.sendall(wire.pack_document(dict(doc)))
 
     def recv(self, timeout_s: float | None = None) -> dict[str, Any]:
         """The next document; TimeoutError after `timeout_s`; EOFError once the peer closed."""
