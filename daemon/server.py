@@ -141,7 +141,7 @@ class Server:
         if problem is not None:
             return _usage_error(problem)
         front = Front(pipe, around_spawn=self.door.reserve)
-        front.on_answer = self.exporter.answered
+        front.answers.on_answer = self.exporter.answered
         try:
             front.start(interrupted=lambda: bool(self.signals))
         except StartInterrupted:

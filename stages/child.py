@@ -2,7 +2,9 @@
 
 A worker is started by the front (`pspnet.stages.worker`) or by hand (`pspnet worker`). It talks
 to the front over one DEALER (work and peer lists in; notes, answers and heartbeats out);
-pixels and outputs go straight to the next stage on sockets of their own.
+pixels and outputs go straight to the next stage on sockets of their own. Every thread
+sends on that one socket, under a lock, so the front hears a worker's notes in the order
+they were sent (the executor's "took" before its "handed").
 
 Liveness comes from the loop that does the work: it calls `tick()` on every turn (its
 polls time out at least every POLL_S), and the heartbeat leaves from there. A loop that
@@ -28,6 +30,7 @@ from pspnet.core import wire
 from pspnet.core.config import Addresses, PipelineConfig
 from pspnet.core.exits import EXIT_CANNOT_START, EXIT_FAILED
 from pspnet.core.logs import configure_logging
+from pspnet.core.pipeline import Stage
 
 SEND_LINGER_MS = 2000   # on exit, let queued answers reach the front
 POLL_S = 0.2            # a work loop waits at most this long before it turns again
@@ -65,7 +68,7 @@ class Child:
     `inputs`, `outputs`, `capacity` and `batch` are what the front routes by; the stage
     sets them before its first `tick()`, which introduces the worker to the front."""
 
-    stage: str
+    stage: Stage
     index: int
     cfg: PipelineConfig
     addrs: Addresses
@@ -79,29 +82,30 @@ class Child:
 
     def __post_init__(self) -> None:
         self.pid = os.getpid()
-        self.name = f"{self.stage}-{self.index}-{self.pid}"
+        self.stage = Stage(self.stage)
+        self.id = wire.WorkerId(self.stage, self.index, self.pid)
+        self.name = str(self.id)
         configure_logging(self.cfg.log_level, self.cfg.log_json, stage=self.stage,
                           index=self.index, pid=self.pid)
         self.log = structlog.get_logger()
         self.ctx = zmq.Context()
-        self.control = self.connect_control(self.name)
+        self.control = self.ctx.socket(zmq.DEALER)   # <-> front ROUTER: work in; notes,
+        self.control.setsockopt(zmq.IDENTITY, self.id.encode())    # answers, beats out
+        self.control.setsockopt(zmq.LINGER, SEND_LINGER_MS)
+        self.control.setsockopt(zmq.SNDHWM, 0)   # notes are bounded by the work routed here
+        self.control.connect(self.addrs.control)
         self.counters.update(processed=0, errors=0, busy_s=0.0, queue=0)
         self.lock = threading.Lock()       # counters: the executor's runner counts too
+        self.send_lock = threading.Lock()  # the control socket: any thread may send
         self._next_beat = 0.0
         self._parent = os.getppid() if self.supervised else None
 
-    def connect_control(self, identity: str) -> zmq.Socket:
-        """A DEALER to the front's control ROUTER; one per thread that talks to the front."""
-        sock = self.ctx.socket(zmq.DEALER)   # <-> front ROUTER: work in; notes, answers out
-        sock.setsockopt(zmq.IDENTITY, identity.encode())
-        sock.setsockopt(zmq.LINGER, SEND_LINGER_MS)
-        sock.setsockopt(zmq.SNDHWM, 0)       # notes are bounded by the work the front routes
-        sock.connect(self.addrs.control)
-        return sock
-
     def send(self, msg: wire.Message) -> None:
-        """To the front, on the main thread's control socket."""
-        self.control.send_multipart(wire.encode(msg))
+        """To the front, from any thread (the executor's runner sends too; no thread of
+        it receives there): one socket, so the front hears them in the order sent."""
+        frames = wire.encode(msg)
+        with self.send_lock:
+            self.control.send_multipart(frames)
 
     def count(self, **deltas: float) -> None:
         with self.lock:
@@ -135,9 +139,9 @@ class Child:
                 self.counters["queue"] = queue
             counters = dict(self.counters)
         counters["cpu_s"] = time.process_time()     # every thread: what the host pays
-        self.control.send_multipart(wire.encode(wire.Heartbeat(
+        self.send(wire.Heartbeat(
             self.stage, self.index, self.pid, counters, inputs=self.inputs,
-            outputs=self.outputs, capacity=self.capacity, batch=self.batch, stuck=stuck)))
+            outputs=self.outputs, capacity=self.capacity, batch=self.batch, stuck=stuck))
 
     def fatal(self, message: str) -> NoReturn:
         """Tell the front why this worker cannot start, then exit with EXIT_CANNOT_START."""
@@ -145,6 +149,61 @@ class Child:
         self.send(wire.Heartbeat(self.stage, self.index, self.pid, {}, fatal=message))
         self.ctx.destroy(linger=SEND_LINGER_MS)
         sys.exit(EXIT_CANNOT_START)
+
+
+class Notes:
+    """What a worker finished, for the front in as few messages as it may: its answers in
+    one `Results`, its "handed" ids in one note per destination.
+
+    Control per batch (issue 27): the front's cost is per message, so a worker that
+    finishes many images in a row says so once. Nothing waits on an idle worker: the loop
+    flushes as soon as no more work is waiting; while work keeps coming, a note waits at
+    most `--coalesce-ms` after its first entry (0: one message per image, as before)."""
+
+    def __init__(self, child: Child) -> None:
+        self.child = child
+        self.wait_s = child.cfg.coalesce_ms / 1e3
+        self.results: list[wire.Result] = []
+        self.size = 0                      # header bytes of `results`, about
+        self.handed_to: dict[str, list[str]] = {}
+        self.since: float | None = None    # the first entry not yet sent
+
+    @property
+    def pending(self) -> bool:
+        return self.since is not None
+
+    def result(self, result: wire.Result) -> None:
+        self._first()
+        self.results.append(result)
+        self.size += wire.result_size(result)
+        if self.size > wire.MAX_HEADER_BYTES // 2 or len(self.results) >= wire.MAX_IDS:
+            self.flush()                   # a message stays well inside decode's limits
+
+    def handed(self, rid: str, to: str) -> None:
+        self._first()
+        ids = self.handed_to.setdefault(to, [])
+        ids.append(rid)
+        if len(ids) >= wire.MAX_IDS:
+            self.flush()
+
+    def flush_if_due(self) -> None:
+        if self.since is not None and time.monotonic() - self.since >= self.wait_s:
+            self.flush()
+
+    def flush(self) -> None:
+        """Send everything now (the worker has nothing more waiting, or it waited long
+        enough): "handed" first, since an answer ends a request."""
+        for to, ids in self.handed_to.items():
+            self.child.send(wire.Handed(tuple(ids), to))
+        if len(self.results) == 1:
+            self.child.send(self.results[0])
+        elif self.results:
+            self.child.send(wire.Results(tuple(self.results)))
+        self.results, self.size, self.handed_to, self.since = [], 0, {}, None
+
+    def _first(self) -> None:
+        if self.since is None:
+            self.since = time.monotonic()
 
 
 def error_result(request: wire.Request, stage: str, message: str,

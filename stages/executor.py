@@ -9,7 +9,8 @@ passed and the device has nothing else to run), calls the backend's `upload` and
 (a device with a queue starts the batch right behind the running one), and tells the front
 which requests it took: that room is free again. The runner thread collects slots in
 order and sends each image's output to a postprocess worker that has room for it (credits,
-on a ROUTER the executor binds), then tells the front where each went. So the next batch
+on a ROUTER the executor binds), then tells the front where each went. Both notes of a
+batch ("took", "handed") leave on the worker's one control socket, in that order. So the next batch
 is assembled, copied and queued while the current one runs. Filler rows of a partial
 batch carry an empty box and their outputs are never sent.
 """
@@ -30,11 +31,12 @@ import zmq
 
 from pspnet.core import wire
 from pspnet.core.exits import EXIT_FAILED
+from pspnet.core.pipeline import Stage
 from pspnet.model.manifest import Manifest, pick_batch_size
 from pspnet.stages.backends import Backend, open_backend
 from pspnet.stages.child import POLL_S, Child, error_result
 
-STAGE = "executor"
+STAGE = Stage.EXECUTOR
 NUM_SLOTS = 2
 ROOM_BATCHES = 2                      # images routed here and not yet taken: two batches
 KEEP_TIMINGS = 10_000
@@ -225,22 +227,21 @@ class Executor:
             raise
 
     def _run_batches(self) -> None:
-        notes = self.child.connect_control(f"{self.child.name}/runner")  # -> front ROUTER
         credits: dict[bytes, int] = {}        # postprocess identity -> outputs it can take
         while True:
             slot_index = self.ready.get()
             slot = self.slots[slot_index]
             members = list(slot.members)
-            out = self._collect(slot_index, members, notes)
+            out = self._collect(slot_index, members)
             with self.lock:
                 self.on_device -= 1
                 self.waiting -= len(members)
             self.free.put(slot_index)                # host slot may be refilled now
             if out is not None:
-                self._send_outputs(members, out, notes, credits)
+                self._send_outputs(members, out, credits)
 
     def _collect(self, slot_index: int, members: list[tuple[wire.Request, wire.Placement]],
-                 notes: zmq.Socket) -> np.ndarray | None:
+                 ) -> np.ndarray | None:
         """The slot's outputs, or None after answering its images with the error."""
         times = self.backend.execute_times_ms
         timed = len(times)
@@ -254,9 +255,10 @@ class Executor:
         except Exception as exc:
             self.runner.idle()
             self.child.log.exception("batch failed", size=len(members))
-            for request, _ in members:
-                notes.send_multipart(wire.encode(
-                    error_result(request, STAGE, f"inference failed: {exc}")))
+            if members:
+                self.child.send(wire.Results(tuple(
+                    error_result(request, STAGE, f"inference failed: {exc}")
+                    for request, _ in members)))
             self.child.count(errors=len(members))
             self.failed_in_a_row += 1
             if self.failed_in_a_row >= FAILED_IN_A_ROW_BEFORE_RESTART:
@@ -280,7 +282,7 @@ class Executor:
         return out
 
     def _send_outputs(self, members: list[tuple[wire.Request, wire.Placement]],
-                      out: np.ndarray, notes: zmq.Socket, credits: dict[bytes, int]) -> None:
+                      out: np.ndarray, credits: dict[bytes, int]) -> None:
         """Each output to a postprocess worker with room, then one note per worker."""
         head = self.backend.head
         sent: dict[bytes, list[str]] = collections.defaultdict(list)
@@ -297,7 +299,7 @@ class Executor:
                 sent[worker].append(request.id)
                 break
         for worker, ids in sent.items():
-            notes.send_multipart(wire.encode(wire.Handed(tuple(ids), worker.decode())))
+            self.child.send(wire.Handed(tuple(ids), worker.decode()))
 
     def _take_credit(self, credits: dict[bytes, int]) -> bytes:
         """The next postprocess worker with room, in turn; waits for one when none has any

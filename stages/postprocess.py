@@ -4,7 +4,9 @@ It asks each executor for work: one DEALER per executor (the front's `Peers` lis
 where they listen), and credits on it for as many outputs as it can hold; each output
 done returns one credit to the executor it came from. So a slow worker is never sent more
 than it can take, and the answer (with the areas: intersect, union, pred, label per class)
-goes to the front, which sums them, so a crashed worker loses no metric state.
+goes to the front, which sums them, so a crashed worker loses no metric state. Answers go
+out together (`Notes`): all it finished while more outputs were waiting, at most
+--coalesce-ms after the first, and at once when nothing more is waiting.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import zmq
 
 from pspnet.core import wire
 from pspnet.core.config import DEFAULT_MAX_PIXELS, output_problem
+from pspnet.core.pipeline import Stage
 from pspnet.model.labels import (
     GroundTruthError,
     intersect_and_union,
@@ -27,9 +30,9 @@ from pspnet.model.labels import (
 )
 from pspnet.model.manifest import Manifest
 from pspnet.model.masks import is_storage_error, mask_path, write_mask
-from pspnet.stages.child import POLL_S, Child, error_result
+from pspnet.stages.child import POLL_S, Child, Notes, error_result
 
-STAGE = "postprocess"
+STAGE = Stage.POSTPROCESS
 
 
 def main(child: Child) -> None:
@@ -46,10 +49,14 @@ def main(child: Child) -> None:
         if problem:                      # every mask would fail; a crash would only restart us
             child.fatal(f"mask directory (--out) {problem}")
     inboxes = Inboxes(child)
+    notes = Notes(child)
     child.log.info("ready", masks=str(out_dir) if out_dir else None)
     while True:
         child.tick()
-        ready = inboxes.poll(POLL_S * 1e3)
+        ready = inboxes.poll(0 if notes.pending else POLL_S * 1e3)
+        if not ready:
+            notes.flush()                   # nothing more waiting: answer now
+            continue
         if child.control in ready:
             inboxes.read_peers()            # may close an inbox that was ready
         for sock in ready:                  # one output per executor per turn: fair
@@ -66,11 +73,12 @@ def main(child: Child) -> None:
                 sock.send_multipart(wire.encode(wire.Credit(1)))
                 continue
             result = finish(output, manifest, out_dir, cfg.max_pixels)
-            child.send(result)
+            notes.result(result)
             sock.send_multipart(wire.encode(wire.Credit(1)))
             child.count(processed=int(result.status == wire.OK),
                         errors=int(result.status != wire.OK),
                         busy_s=time.perf_counter() - started)
+        notes.flush_if_due()
 
 
 class Inboxes:

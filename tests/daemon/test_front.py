@@ -140,7 +140,8 @@ def test_postprocess_workers_share_the_outputs_of_a_slow_device(tiny_models, pho
         deadline = time.monotonic() + 5
         while time.monotonic() < deadline:        # the last counts come with a heartbeat
             front.poll(50)
-            shares = [w.counters.get("processed", 0) for w in front.workers.of("postprocess")]
+            shares = [w.counters.get("processed", 0)
+                      for w in front.roster.workers.of("postprocess")]
             if sum(shares) == len(paths):
                 break
         with pytest.raises(PipelineError, match="started already"):

@@ -36,7 +36,7 @@ def test_output_and_result_roundtrip():
 
 
 @pytest.mark.parametrize("msg", [
-    wire.Dispatch(REQ, "executor-0-42", "ipc:///run/exec0-in"), wire.Credit(3),
+    wire.Dispatch((REQ,), "executor-0-42", "ipc:///run/exec0-in"), wire.Credit(3),
     wire.Took(("a", "b")), wire.Handed(("a",), "postprocess-1-43"),
     wire.Heartbeat("preprocess", 1, 42, {"processed": 3, "busy_s": 0.5}),
     wire.Heartbeat("executor", 0, 44, {}, inputs="tcp://10.0.0.5:40001",
@@ -60,11 +60,11 @@ def header(**fields):
     ([msgpack.packb([1, 2])], "not a map"),
     ([msgpack.packb({"v": 99, "kind": "dispatch"})], "version"),
     ([header(kind="pickle")], "unknown message kind"),
-    ([header(kind="dispatch", req={"id": "a", "path": 5, "attempt": 0}, to="e-0-1",
+    ([header(kind="dispatch", reqs=[{"id": "a", "path": 5, "attempt": 0}], to="e-0-1",
              address="ipc:///x")], "path"),
-    ([header(kind="dispatch", req={"id": "", "path": "/x", "attempt": 0}, to="e-0-1",
+    ([header(kind="dispatch", reqs=[{"id": "", "path": "/x", "attempt": 0}], to="e-0-1",
              address="ipc:///x")], "id"),
-    ([header(kind="dispatch", req={"id": "a", "path": "/x", "attempt": 0}, to="x" * 65,
+    ([header(kind="dispatch", reqs=[{"id": "a", "path": "/x", "attempt": 0}], to="x" * 65,
              address="ipc:///x")], "worker name"),
     ([header(kind="took", ids="a")], "list of ids"),
     ([header(kind="credit", credits=0)], "credits"),
