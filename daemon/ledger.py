@@ -180,8 +180,8 @@ class Ledger:
             r = entry.request
             entry.request = wire.Request(r.id, r.path, r.ann, r.attempt + 1)
             self._move(entry, QUEUED, (), None)
-            self.queue.appendleft(entry.rid)
             retried.append(entry)
+        self.queue.extendleft(e.rid for e in reversed(retried))   # first, in their order
         self.retried += len(retried)
         return retried, given_up
 

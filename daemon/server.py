@@ -41,6 +41,7 @@ from pspnet.core.exits import EXIT_CANNOT_START, EXIT_FAILED, EXIT_OK, EXIT_USAG
 from pspnet.core.logs import json_safe
 from pspnet.core.plan import describe
 from pspnet.core.status import DaemonStatus, Status
+from pspnet.daemon.answers import by_origin, in_messages
 from pspnet.daemon.clients import Clients
 from pspnet.daemon.door import ANSWER_LINGER_MS, Door
 from pspnet.daemon.endpoint import is_local
@@ -180,8 +181,7 @@ class Server:
                 clients.read()
             front.supervise()
             self._check_parts()
-            for result, origin in front.take_answers():
-                self._deliver(result, origin)
+            self._deliver_all(front.take_answers())
             try:
                 if self.intake is not None:
                     self.intake.feed()
@@ -243,6 +243,16 @@ class Server:
         self.log.error("a part of the front failed; draining and exiting", error=why)
         if not self.stopping:
             self._begin_drain()
+
+    def _deliver_all(self, answers: list[tuple[wire.Result, Any]]) -> None:
+        """One turn's answers: a client with many gets them in one message (issue 27)."""
+        for origin, results in by_origin(answers).items():
+            if isinstance(origin, bytes):
+                for msg in in_messages(results):
+                    self.clients.send(origin, msg)
+            else:
+                for result in results:
+                    self._deliver(result, origin)
 
     def _deliver(self, result: wire.Result, origin: Any, record: bool = True) -> None:
         """To its client, or (watch mode) into the record of processed files."""

@@ -89,8 +89,7 @@ class ExecutorAlone:
         return [wire.decode(self.outputs.recv_multipart()).request.id for _ in range(n)]
 
     def next_note(self, kind: type, timeout_s: float = 10) -> wire.Message:
-        """The first note of this kind not yet taken (notes from the two threads of the
-        executor travel on two sockets: they may arrive in either order)."""
+        """The first note of this kind not yet taken (heartbeats come between)."""
         for i, message in enumerate(self.notes):
             if isinstance(message, kind):
                 return self.notes.pop(i)
@@ -106,9 +105,20 @@ class ExecutorAlone:
         """The next `n` error answers (id -> message), skipping heartbeats and notes."""
         failed: dict[str, str] = {}
         while len(failed) < n:
-            message = self.next_note(wire.Result)
-            failed[message.id] = message.error or ""
+            message = self.next_note(wire.Results)   # a batch's errors: one message
+            failed.update((r.id, r.error or "") for r in message.results)
         return failed
+
+    def control_notes(self, n: int, timeout_s: float = 10) -> list[wire.Message]:
+        """The next `n` notes in the order they arrived, heartbeats left out."""
+        notes: list[wire.Message] = []
+        deadline = time.monotonic() + timeout_s
+        while len(notes) < n:
+            assert self.front.poll(max(0.0, deadline - time.monotonic()) * 1e3), notes
+            message = wire.decode(self.front.recv_multipart()[1:])
+            if not isinstance(message, wire.Heartbeat):
+                notes.append(message)
+        return notes
 
     def close(self) -> None:
         for sock in (self.images, self.outputs, self.front):
@@ -132,6 +142,30 @@ def test_executor_overlaps_assembly_and_transfer_with_compute(tiny_models, tmp_p
           f"serial {serial:.2f} s")
     assert sorted(got, key=int) == [str(i) for i in range(n_batches * batch)]
     assert elapsed < overlapped + 0.5 * (serial - overlapped)
+    alone.close()
+
+
+def test_a_batch_is_one_took_then_one_handed_note_in_order(tiny_models, tmp_path):
+    """Control per batch (issue 27), in order from one socket (issue 25): the ledger
+    needs no branch for a "handed" that overtakes its "took"."""
+    manifest = Manifest.read(tiny_models["labels"])
+    batch = 4
+    backend = SlowBackend(batch, manifest.input_size, 0.0, 0.05)
+    alone = ExecutorAlone(tiny_models["labels"], tmp_path, backend, max_wait_ms=1000)
+    for i in range(3 * batch):
+        alone.send(i)
+    alone.output_ids(3 * batch)
+    notes = alone.control_notes(6)
+    took = [n for n in notes if isinstance(n, wire.Took)]
+    handed = [n for n in notes if isinstance(n, wire.Handed)]
+    assert [len(n.ids) for n in took] == [batch] * 3 and [n.ids for n in handed] == \
+        [n.ids for n in took]
+    seen = set()
+    for note in notes:                      # each batch's "handed" after its "took"
+        if isinstance(note, wire.Took):
+            seen.update(note.ids)
+        else:
+            assert set(note.ids) <= seen, notes
     alone.close()
 
 
