@@ -42,6 +42,7 @@ from pspnet.model.metrics import IoUAccumulator
 
 CHECK_EVERY_S = 0.1             # supervision, liveness and stall checks
 CONTROL_READS_PER_TURN = 1024   # bounded: the loop also serves clients and supervision
+EVENTS, POLLIN = int(zmq.EVENTS), int(zmq.POLLIN)   # plain ints: no enum per message
 
 
 class PipelineError(RuntimeError):
@@ -172,10 +173,9 @@ class Front:
         """Up to `budget` messages from workers. One that cannot be handled is logged and
         dropped; it never ends the daemon."""
         for n in range(budget):
-            try:
-                identity, *frames = self.control.recv_multipart(zmq.NOBLOCK, copy=False)
-            except zmq.Again:
+            if not self.control.get(EVENTS) & POLLIN:           # no exception per turn
                 return n
+            identity, *frames = self.control.recv_multipart(zmq.NOBLOCK, copy=False)
             self.bytes_in += len(identity) + sum(len(f) for f in frames)
             try:
                 self._handle(wire.peer(identity.bytes), frames)
@@ -226,9 +226,11 @@ class Front:
     def dispatch(self) -> None:
         """Queued requests to preprocess workers with room, in groups (one message each),
         each group bound for the executor with the most room: a slow device is sent no
-        more than it can take. A group is at most half a worker's room (the next one
-        waits behind it) and the queue's fair share over the workers with room, so a few
-        requests are spread, not queued behind each other on one worker."""
+        more than it can take. A group is half a worker's room (the next one waits behind
+        it), or the queue's fair share over the workers with room when less is queued, so
+        a few requests are spread, not queued behind each other on one worker; while the
+        queue is long, a group waits for room for all of it (notes free room a group at a
+        time: sending what little room there is would shrink every later group)."""
         ledger, workers = self.ledger, self.roster.workers
         while ledger.queue and ledger.inflight < self.max_inflight:
             preps = workers.with_room(Stage.PREPROCESS, ledger.load)
@@ -236,9 +238,11 @@ class Front:
             if not preps or not executors:
                 return
             (prep_room, prep), (executor_room, executor) = preps[0], executors[0]
-            n = min(len(ledger.queue), self.max_inflight - ledger.inflight, executor_room,
-                    max(1, min(prep_room, prep.capacity // 2)),
-                    math.ceil(len(ledger.queue) / len(preps)))
+            want = min(math.ceil(len(ledger.queue) / len(preps)), max(1, prep.capacity // 2),
+                       max(1, executor.capacity // 2))
+            n = min(want, prep_room, executor_room, self.max_inflight - ledger.inflight)
+            if n < want:
+                return
             entries = ledger.next_group(n)
             frames = wire.encode(wire.Dispatch(tuple(e.request for e in entries),
                                                executor.name, executor.inputs))

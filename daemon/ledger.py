@@ -95,24 +95,28 @@ class Ledger:
 
     def dispatched(self, entries: list[Entry], preprocess: str, executor: str) -> None:
         """The head of the queue went to `preprocess`, its pixels bound for `executor`."""
+        now = self.clock()
         for entry in entries:
             rid = self.queue.popleft()
             assert rid == entry.rid, "dispatch takes the head of the queue"
-            self._move(entry, PREPROCESS, (preprocess, executor), executor)
+            self._move(entry, PREPROCESS, (preprocess, executor), executor, now)
 
     def handed(self, worker: str, rids: Iterable[str], to: str) -> None:
         """`worker` sent these requests' data on to `to`."""
+        now = self.clock()
         for entry in self._held(rids, worker):
             if entry.state == PREPROCESS and entry.holders[0] == worker:
-                self._move(entry, TO_EXECUTOR, (worker, entry.executor or to), entry.executor)
+                self._move(entry, TO_EXECUTOR, (worker, entry.executor or to), entry.executor,
+                           now)
             elif entry.state == EXECUTOR:          # its "took" came first: same socket
-                self._move(entry, TO_POSTPROCESS, (worker, to), worker)
+                self._move(entry, TO_POSTPROCESS, (worker, to), worker, now)
 
     def took(self, executor: str, rids: Iterable[str]) -> None:
         """`executor` put these requests into a batch: its room is free again."""
+        now = self.clock()
         for entry in self._held(rids, executor):
             if entry.executor == executor and entry.state in (PREPROCESS, TO_EXECUTOR):
-                self._move(entry, EXECUTOR, (executor,), executor)
+                self._move(entry, EXECUTOR, (executor,), executor, now)
 
     def answer(self, rid: str) -> Entry | None:
         """The request answered: removed. None when it was answered already (or unknown):
@@ -186,10 +190,10 @@ class Ledger:
         return retried, given_up
 
     def _move(self, entry: Entry, state: str, holders: tuple[str, ...],
-              executor: str | None) -> None:
+              executor: str | None, now: float | None = None) -> None:
         self._unload(entry)
         entry.state, entry.holders, entry.executor = state, holders, executor
-        entry.since = self.clock()
+        entry.since = self.clock() if now is None else now
         for worker in _room_taken(entry):
             self.load[worker] += 1
 

@@ -3,8 +3,10 @@
 The front hands it groups of requests (one message each), at most `ROOM` requests at a
 time, each group naming the executor whose room the front has set aside for it; the pixels
 go to that executor directly, one image at a time, and what it handed goes back to the
-front in one small "handed" note per group (or per --coalesce-ms while groups keep
-coming). A bad image is answered as an error here and goes no further.
+front in one small "handed" note per group, with the group's error answers. A bad image is
+answered as an error here and goes no further. The note frees the worker's room at the
+front; the request itself moves on when the executor takes its pixels, so a group's note
+adds nothing to a request's latency (and a group of one, on an idle daemon, is one image).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from pspnet.model.manifest import Manifest
 from pspnet.stages.child import POLL_S, Child, Notes, error_result
 
 STAGE = Stage.PREPROCESS
-ROOM = 16                    # requests a worker holds: a group working, the next waiting
+ROOM = 32                    # requests a worker holds: a group working, the next waiting
 MAX_EXECUTOR_SOCKETS = 64    # executors (by address) kept connected; least recent closed
 IMAGES_HWM = 1024            # images queued for one executor before a send gives up
 
@@ -40,8 +42,7 @@ def main(child: Child) -> None:
     child.log.info("ready", input_size=manifest.input_size)
     while True:
         child.tick()
-        if not child.control.poll(0 if notes.pending else POLL_S * 1e3):
-            notes.flush()                     # nothing more waiting: say it now
+        if not child.control.poll(POLL_S * 1e3):
             continue
         frames = child.control.recv_multipart(copy=False)
         try:
@@ -53,7 +54,7 @@ def main(child: Child) -> None:
         for request in work.requests:
             child.tick()                      # a group of large images takes a while
             prepare(child, manifest, senders, work, request, notes)
-            notes.flush_if_due()
+        notes.flush()                         # one note per group
 
 
 def prepare(child: Child, manifest: Manifest, senders: ExecutorSenders, work: wire.Dispatch,
