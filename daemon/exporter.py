@@ -25,6 +25,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Histogram, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
+from pspnet.core.pipeline import Stage
 from pspnet.core.status import COUNTER, Family, Figure, StageStatus, Status, figures
 
 REFRESH_S = 0.5                 # the loop copies the status document at most this often
@@ -146,7 +147,7 @@ class StatusCollector:
         yield GaugeMetricFamily(
             "pspnet_batch_fill_ratio", f"Images over rows of the batches run in the last "
             f"{WINDOW_S:g} s (1.0: every batch full; NaN: no batch ran)",
-            value=_fill_ratio(old.stages.get("executor"), status.stages.get("executor")))
+            value=_fill_ratio(old.stages.get(Stage.EXECUTOR), status.stages.get(Stage.EXECUTOR)))
         yield GaugeMetricFamily("pspnet_images_per_second", "Requests answered per second "
                                 "over the last 10 s", value=status.images_per_s)
         if status.metrics:

@@ -25,6 +25,7 @@ import structlog
 from pspnet.core.config import STOP_SIGNAL, PipelineConfig
 from pspnet.core.exits import EXIT_CANNOT_START
 from pspnet.core.pipeline import PIPELINE, Stage
+from pspnet.core.wire import WorkerId
 
 RESTART_BACKOFF_S = (0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
 STABLE_AFTER_S = 30.0           # a worker that lived this long restarts without back-off
@@ -61,7 +62,8 @@ class Slot:
     @property
     def name(self) -> str | None:
         """The current life's name, as the worker calls itself (stage-index-pid)."""
-        return None if self.proc is None else f"{self.label}-{self.proc.pid}"
+        return None if self.proc is None else str(WorkerId(self.stage, self.index,
+                                                            self.proc.pid))
 
     @property
     def alive(self) -> bool:
