@@ -463,6 +463,8 @@ def _is_int(x: Any) -> bool:
 
 def _string(h: dict[str, Any], key: str, optional: bool = False, empty: bool = False) -> Any:
     value = h.get(key)
+    if type(value) is str and 0 < len(value) <= MAX_STRING_CHARS and "\x00" not in value:
+        return value                      # the common case, checked at once
     if value is None and optional:
         return None
     if not isinstance(value, str) or len(value) > MAX_STRING_CHARS or (not value and not empty):
@@ -542,7 +544,12 @@ def _ids(h: dict[str, Any], key: str) -> tuple[str, ...]:
     ids = h.get(key)
     if not isinstance(ids, list) or len(ids) > MAX_IDS:
         raise WireError(f"field {key!r} must be a list of ids")
-    return tuple(_string({key: i}, key) for i in ids)
+    # one pass over the list, not a call per id: a note carries a batch of them
+    if not all(type(i) is str and 0 < len(i) <= MAX_STRING_CHARS and "\x00" not in i
+               for i in ids):
+        for i in ids:                     # which one, and why
+            _string({key: i}, key)
+    return tuple(ids)
 
 
 def _decode_image(h: dict[str, Any], frames: Sequence[Any], _: int) -> Image:
