@@ -32,6 +32,9 @@ from pspnet.stages.backends.base import (
 OPTIONS = RULES[SIMULATED].options      # pspnet.core.backend_rules: the CLI checks them
 FAULTS = ("hang", "thread_exit")
 DEFAULT_IMG_S = 1000
+# when each simulated device of this process is free again: one device, however many
+# backends run on it (the executor opens one per batch size it runs: backends.ladder)
+DEVICE_FREE_AT: dict[str, float] = {}
 
 
 class SimBackend(BackendBase):
@@ -52,6 +55,7 @@ class SimBackend(BackendBase):
         options = dict(options or {})
         check_options(self.name, options, OPTIONS)
         parse_device(device, ("sim", "cpu"))
+        self.device = device
         img_s = option_int(options, "img_s")
         if img_s == 0:
             raise ValueError("option img_s=0: the simulated device needs a speed >= 1 "
@@ -65,7 +69,6 @@ class SimBackend(BackendBase):
         self.fault_after = option_int(options, "fault_after") or 1
         self.fault_flag = options.get("fault_flag")
         self._collected = 0
-        self._device_free_at = 0.0
         self._output = np.broadcast_to(self._pattern(), self.output_shape)
 
     def _fault_fires(self) -> bool:
@@ -100,9 +103,9 @@ class SimBackend(BackendBase):
         if self.sync:
             self._put_launched(slot, 0.0)       # collect runs it
             return
-        start = max(time.perf_counter(), self._device_free_at)
-        self._device_free_at = start + self.batch_s
-        self._put_launched(slot, self._device_free_at)
+        start = max(time.perf_counter(), DEVICE_FREE_AT.get(self.device, 0.0))
+        DEVICE_FREE_AT[self.device] = done_at = start + self.batch_s
+        self._put_launched(slot, done_at)
 
     def collect(self, slot: int) -> np.ndarray:
         done_at: float = self._take_launched(slot)  # type: ignore[assignment]
