@@ -113,7 +113,9 @@ class E2ERunner:
             errors += result.status != wire.OK
         wall = time.perf_counter() - started
         front_cpu = time.process_time()
-        busiest = threads.busiest(cpu_threads, threads.snapshot(pids), len(requests))
+        cpu_threads_after = threads.snapshot(pids)
+        busiest = threads.busiest(cpu_threads, cpu_threads_after, len(requests))
+        front_main = threads.front_main_ms(cpu_threads, cpu_threads_after, len(requests))
         status = settle(pipe)
         before, self._busy = self._busy, busy_seconds(status)
         cpu_after = cpu_seconds(status) | {"front": front_cpu}
@@ -135,6 +137,7 @@ class E2ERunner:
                 "latency_p50_ms": float(np.percentile(latencies, 50)) if latencies else None,
                 "latency_p99_ms": float(np.percentile(latencies, 99)) if latencies else None,
                 "busy": busy, "cpu_ms_per_image": cpu_ms, "busiest_threads": busiest,
+                "front_main_ms_per_image": front_main,
                 "front_bytes_per_image": moved / len(requests) if requests else None,
                 "executor_in_e2e_img_s": (len(requests) - errors) / executing
                 if executing > 0 else None,

@@ -68,6 +68,10 @@ class SimBackend(BackendBase):
             raise ValueError(f"option fault={self.fault}: choose one of {', '.join(FAULTS)}")
         self.fault_after = option_int(options, "fault_after") or 1
         self.fault_flag = options.get("fault_flag")
+        head = options.get("head", self.head)
+        if head not in ("logits", "labels"):
+            raise ValueError(f"option head={head}: choose logits or labels")
+        self.head = head                        # output_shape and the pattern follow it
         self._collected = 0
         self._output = np.broadcast_to(self._pattern(), self.output_shape)
 
