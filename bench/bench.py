@@ -212,6 +212,8 @@ def summarise(size: int, count: int, runs: dict[str, list[dict[str, Any]]],
         "cpu_ms_per_image": cpu,
         "busiest_threads": runs["e2e"][-1].get("busiest_threads", []),   # the last repeat
         "front_bytes_per_image": med("e2e", "front_bytes_per_image"),
+        "images_per_batch": med("e2e", "images_per_batch"),
+        "batch_fill": med("e2e", "batch_fill"),
         "executor_wall_img_s": med("executor", "wall_img_s"),
         "executor_in_e2e_img_s": med("e2e", "executor_in_e2e_img_s"),
         "errors": {"e2e": sum(r["errors"] for r in runs["e2e"]),

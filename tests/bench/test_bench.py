@@ -289,6 +289,7 @@ def test_front_ceiling_drives_simulated_executors_with_the_labels_head(tiny_mode
         assert ms > 0 and row["front_ceiling_img_s"] == pytest.approx(1000 / ms)
         assert "front ceiling: 1000 / " in out
     assert "front ceiling" in out.splitlines()[0]
+    assert 0 < row["batch_fill"] <= 1 and 1 <= row["images_per_batch"] <= 4
 
 
 def test_front_main_ms_is_the_front_main_thread_only():
@@ -301,3 +302,15 @@ def test_front_main_ms_is_the_front_main_thread_only():
     assert threads.front_main_ms(before, after, images=100) == pytest.approx(5.0)
     assert threads.front_main_ms(before, after, images=0) is None
     assert threads.front_main_ms({}, {}, images=10) is None
+
+
+def test_batch_rows_reads_the_executors_counters():
+    from types import SimpleNamespace
+
+    from pspnet.bench.e2e import batch_rows
+    from pspnet.core.status import StageStatus
+
+    status = SimpleNamespace(stages={"executor": StageStatus(processed=10, batches=3,
+                                                             filler=2)})
+    assert batch_rows(status) == (10, 3, 2)                 # type: ignore[arg-type]
+    assert batch_rows(SimpleNamespace(stages={})) == (0, 0, 0)  # type: ignore[arg-type]
