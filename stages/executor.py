@@ -9,9 +9,10 @@ idle (what is queued, at the smallest built batch size that holds it: the model 
 at each, `backends.ladder`), else when full or `max_wait_ms` after its first image; the
 runner wakes it when the device frees, no poll interval. It calls the backend's `upload`
 and `launch` (a device with a queue starts the batch right behind the running one), and
-tells the front which requests it took: that room is free again. The runner thread collects slots in
-order and sends each image's output to a postprocess worker that has room for it (credits,
-on a ROUTER the executor binds), then tells the front where each went. So the next batch
+tells the front which requests it took: that room is free again. The runner thread
+collects slots in order and sends each image's output to a postprocess worker that has
+room for it (credits, on a ROUTER the executor binds), then tells the front where each
+went. So the next batch
 is assembled, copied and queued while the current one runs. Filler rows of a partial
 batch carry an empty box and their outputs are never sent.
 """
