@@ -85,11 +85,14 @@ def daemon_latencies(tree: Path, model_dir: Path, photo: Path, work: Path, warm:
 
 def serial_ms(model_dir: Path, photo: Path, warm: int, repeats: int) -> list[float]:
     """The serial loop's ms per image at batch 1, one photo at a time."""
+    import cv2
+
     from pspnet.bench.serial import SerialRunner
     from pspnet.core.config import DEFAULT_MAX_PIXELS, PipelineConfig
     from pspnet.model.manifest import Manifest
     from pspnet.stages.backends import open_backend
 
+    cv2.setNumThreads(1)                   # decodes as a preprocess worker does (as bench)
     options = PipelineConfig(model_dir=model_dir).executor_options()   # the plan's threads
     backend = open_backend("ort", model_dir, 1, options=options)
     runner = SerialRunner(backend, Manifest.read(model_dir), None, DEFAULT_MAX_PIXELS)
