@@ -11,11 +11,13 @@ from pspnet.stages.backends.ladder import Ladder, open_ladder
 from pspnet.stages.batcher import size_for
 
 
-def test_a_partial_batch_runs_on_the_smallest_size_and_matches_the_full_one(tiny_models):
+@pytest.mark.parametrize("kind", ["ort", "torch"])
+def test_a_partial_batch_runs_on_the_smallest_size_and_matches_the_full_one(tiny_models,
+                                                                            kind):
     model = tiny_models["labels"]
-    ladder = open_ladder("ort", model, [1, 4, 16], 4, device="cpu", precision="fp32",
+    ladder = open_ladder(kind, model, [1, 4, 16], 4, device="cpu", precision="fp32",
                          options={})
-    full = open_backend("ort", model, 4)
+    full = open_backend(kind, model, 4)
     assert ladder.sizes == [1, 4] and ladder.batch_size == 4
     rng = np.random.default_rng(0)
     for n in (1, 3, 4):
