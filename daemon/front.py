@@ -284,7 +284,8 @@ class Front:
                       result.areas, result.cause)
 
     def _deliver(self, entry: Any, status: str, mask: str | None, error: str | None,
-                 stage: str, areas: Any = None, cause: str | None = None) -> None:
+                 stage: str, areas: Any = None, cause: str | None = None,
+                 quiet: bool = False) -> None:
         """One answer for one accepted request, under the id its client gave."""
         if status == wire.OK and areas is not None:
             self.metrics.add(areas)
@@ -295,8 +296,8 @@ class Front:
         self.answered_at.append(now)
         while self.answered_at and self.answered_at[0] < now - RATE_WINDOW_S:
             self.answered_at.popleft()
-        if status != wire.OK and cause != wire.STORAGE:    # those: one line per episode
-            self.log.info("request failed", id=entry.client_id, path=entry.request.path,
+        if status != wire.OK and cause != wire.STORAGE and not quiet:   # those: one line
+            self.log.warning("request failed", id=entry.client_id, path=entry.request.path,
                           stage=stage, error=error)
         self.answers.append((wire.Result(entry.client_id, entry.request.attempt, status,
                                          entry.request.path, mask=mask, error=error,
@@ -421,7 +422,7 @@ class Front:
         each is still answered exactly once, and later answers for them are dropped."""
         entries = self.ledger.abandon()
         for entry in entries:
-            self._deliver(entry, wire.ERROR, None, reason, "front")
+            self._deliver(entry, wire.ERROR, None, reason, "front", quiet=True)  # logged once
         self.totals["abandoned"] += len(entries)
         return self.take_answers()
 
