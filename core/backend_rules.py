@@ -210,16 +210,19 @@ AUTO_ROWS = (
 
 def auto_backend(facts: set[str] | frozenset[str], device_kind: str | None = None,
                  ) -> AutoRow | None:
-    """The first AUTO_ROWS row whose needs are in `facts`; with `device_kind` (--devices
-    given), only backends that run on that kind, and the host's device is the user's
-    word (CUDA asked for is not probed here: the backend says if it is missing)."""
+    """The first AUTO_ROWS row whose needs are in `facts`. With `device_kind` (--devices
+    given): the first row on that kind whose artefact and runtime are here (the device
+    itself is the user's word: the backend says if it is missing), else any backend that
+    runs on that kind and whose artefact is here."""
+    if device_kind is None:
+        return next((row for row in AUTO_ROWS if set(row.needs) <= facts), None)
     for row in AUTO_ROWS:
-        if device_kind is None:
-            if set(row.needs) <= facts:
-                return row
-        elif device_kind in RULES[row.backend].devices and \
-                RULES[row.backend].artefact in facts:
+        if row.device.partition(":")[0] == device_kind and set(row.needs) - {CUDA} <= facts:
             return row
+    for rules in RULES.values():
+        if device_kind in rules.devices and rules.artefact in facts:
+            return AutoRow(rules.name, device_kind, (rules.artefact,),
+                           f"a {rules.artefact} and --devices {device_kind}")
     return None
 
 
