@@ -58,10 +58,15 @@ def add_daemon_parsers(sub: argparse._SubParsersAction) -> None:
 
     status = sub.add_parser(
         "status", formatter_class=fmt,
-        help="print the daemon's status as JSON",
-        description="Print JSON: per stage (processes alive, queue depth, processed, errors, "
-                    "restarts), images/s over the last 10 s, and the running mIoU when "
-                    "ground truth was given.")
+        help="what the daemon is doing: a table, or JSON",
+        description="On a terminal, a short table: ready (every worker up, not draining), "
+                    "the plan (backend, precision, devices, how chosen), queue, images/s "
+                    "over the last 10 s, answers, and per stage workers up, queue depth, "
+                    "done, errors, restarts. JSON (the whole status document, with `ready`) "
+                    "with --json or when stdout is not a terminal. Exit 0 when it answered, "
+                    "4 when no daemon did.")
+    status.add_argument("--json", action="store_true",
+                        help="print the status document as one JSON line, even on a terminal")
     status.add_argument("--endpoint", default=None,
                         help="daemon address (default: the local daemon's ipc socket)")
     status.set_defaults(run=run_status)
@@ -186,8 +191,8 @@ def print_json(doc: object) -> None:
 
 
 def run_status(args: argparse.Namespace) -> int:
-    """The daemon's status document, printed as it came once it reads as one (keys a
-    newer daemon added stay in the output)."""
+    """The daemon's status: a table on a terminal; else the document as it came, once it
+    reads as one (keys a newer daemon added stay in the output)."""
     from pspnet.core.status import Status
     from pspnet.daemon.client import Client, DaemonUnavailable
 
@@ -203,10 +208,15 @@ def run_status(args: argparse.Namespace) -> int:
         sys.stderr.write(f"pspnet status: error: {exc}{where_daemons_are(endpoint)}\n")
         return EXIT_UNAVAILABLE
     try:
-        Status.from_document(doc)
+        status = Status.from_document(doc)
     except ValueError as exc:
         sys.stderr.write(f"pspnet status: error: {endpoint} answered, but not with a status "
                          f"this version of pspnet reads ({exc}); is it an older daemon?\n")
         return EXIT_FAILED
-    print_json(doc)
+    if args.json or not sys.stdout.isatty():
+        print_json(doc)
+    else:
+        from pspnet.daemon.status_table import status_table
+
+        print(status_table(status))
     return 0

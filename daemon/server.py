@@ -264,6 +264,7 @@ class Server:
             client_connections=self.door.state.connections,
             accepting_connections=self.door.state.open, client_connections_cap=self.door.cap)
         status.plan = self.cfg.pipeline.plan        # how workers and threads were chosen
+        status.ready = status.readiness() is None
         return status
 
     # ---- shutdown ----------------------------------------------------------------------

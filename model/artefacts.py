@@ -125,7 +125,7 @@ def choose(model_dir: Path, backend: str, devices: tuple[str, ...] | None,
         raise ValueError(problem)
     manifest = Manifest.read(model_dir)
     have = artefacts(Path(model_dir), manifest)
-    why = "as given"
+    why = f"--backend {backend}"
     if backend == AUTO:
         kind = devices[0].strip().lower().partition(":")[0] if devices else None
         facts = have | host_facts(have)
