@@ -42,9 +42,12 @@ examples:
 
 
 BATCH_EPILOG = """\
-output: `pspnet eval`'s table (NaN without ground truths), how many images were scored
-and segmented, every image that failed with the reason (a bad image fails its row, never
-the job); --json: `pspnet eval`'s document (mIoU, aAcc, mAcc, per_class, images, failed).
+output: with ground truths, `pspnet eval`'s table, how many images were scored and
+segmented; without (--images, a --list of images alone), one line: masks written, where,
+img/s, failures; then every image that failed with the reason (a bad image fails its row,
+never the job); --json: `pspnet eval`'s document (mIoU, aAcc, mAcc, per_class, images,
+segmented, failed). Ray's own lines: one `E ... core_worker.cc ... max_restarts > 0` line
+per job comes from Ray Data's actors and is harmless.
 Exit status: 0 when at least one image was segmented, 1 when none was or the job failed,
 2 on usage errors, 4 when `--address auto` finds no cluster (an address that does not
 answer is waited for, as Ray does). Needs Ray Data: pip install 'pspnet-daemon[ray]'.
@@ -270,7 +273,8 @@ def run_batch(args: argparse.Namespace) -> int:
         "model": str(job.model_dir), "backend": job.backend, "batch_size": batch,
         "masks": str(job.out_dir) if job.out_dir else None, "engine": "ray",
         "plan": {"executor_cpus": job.executor_cpus, **planned}, **timings})
-    print_report(outcome, doc, manifest)
+    print_report(outcome, doc, manifest,
+                 truths=sum(item.truth is not None for item in split.items))
     if args.json is not None:
         write_json(args.json, doc)
     return 0 if outcome.segmented else EXIT_FAILED

@@ -225,10 +225,28 @@ def connect(job: BatchJob) -> dict[str, Any]:
         if job.address or os.environ.get("RAY_ADDRESS"):
             ray.init(address=job.address, logging_level=logging.WARNING)
         else:
+            quiet_local_instance()
             ray.init(num_cpus=job.num_cpus, include_dashboard=False,
                      logging_level=logging.WARNING)
     return {k: float(v) for k, v in ray.cluster_resources().items()
             if k in ("CPU", "GPU", "memory", "object_store_memory")}
+
+
+# Ray's own lines that say nothing to a user of a local instance this process starts (a
+# cluster's user keeps them: there, token authentication and the driver's errors matter)
+TOKEN_AUTH_LOGGER = "ray._private.authentication.authentication_token_setup"
+
+
+def quiet_local_instance() -> None:
+    """Before ray.init of our own instance: no "Token authentication is enabled for this
+    Ray cluster" warning (the instance is ours, on loopback, gone when the job ends).
+
+    Not filtered, because it is written by Ray's C++ core to this process's stderr: one
+    `E ... core_worker.cc ... constructor arguments in the object store and max_restarts >
+    0` line, which Ray Data's own map-worker actors always cause (they carry their task in
+    the object store and may restart); it is harmless, and `pspnet batch --help` says so.
+    (RAY_BACKEND_LOG_LEVEL=fatal would hide it but prints a line of its own per process.)"""
+    logging.getLogger(TOKEN_AUTH_LOGGER).setLevel(logging.ERROR)
 
 
 def pipeline(job: BatchJob, items: list[VocItem], input_size: tuple[int, int]) -> Any:

@@ -92,6 +92,11 @@ def test_batch_masks_are_the_daemons_on_the_sample_photos(ray_session, tiny_mode
                               "reason": f"preprocess: {answers[str(bad)].error}"}]
     assert "zz_broken: preprocess: truncated or corrupt JPEG" in out
     assert doc["engine"] == "ray" and doc["resources"]["CPU"] == 2
+    # no ground truth: what was written, not a table of nan
+    print(out)
+    assert out.splitlines()[0].startswith("segmented 9 of 10 images (")
+    assert f"masks in {ray_masks}; 1 failed; no ground truth" in out.splitlines()[0]
+    assert "nan" not in out and "Class" not in out
 
 
 def test_batch_masks_are_the_daemons_with_a_network_that_aligns_corners(ray_session,
