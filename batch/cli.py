@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from pspnet.batch.job import BatchJob
-from pspnet.core.backend_rules import SPIN, THREADS, check_backend, with_plan
+from pspnet.core.backend_rules import AUTO, SPIN, THREADS, check_backend, with_plan
 from pspnet.core.cli_args import HelpFormatter, add_flags, flag_names, from_args
 from pspnet.core.config import PipelineConfig, outputs_problem
 from pspnet.core.exits import EXIT_FAILED, EXIT_UNAVAILABLE
@@ -225,6 +225,18 @@ def run_batch(args: argparse.Namespace) -> int:
                                     "'pspnet-daemon[ray]'")
     # the executor actors' threads: the CPUs each reserves; Ray runs a decode or
     # postprocess task per CPU it has left, so no thread need spin
+    from pspnet.model.artefacts import choose, model_dir_problem
+
+    problem = model_dir_problem(args.model_dir)   # a checkpoint given: say pspnet build
+    if problem:
+        return usage_error("batch", problem)
+    if AUTO in (args.backend, args.precision):     # from the model directory, as serve
+        try:
+            chosen = choose(args.model_dir, args.backend,
+                            ("cuda:0" if args.device == "cuda" else "cpu",), args.precision)
+        except (OSError, ValueError) as exc:
+            return usage_error("batch", str(exc))
+        args.backend, args.precision = chosen.backend, chosen.precision
     threads = max(1, int(args.executor_cpus))
     options = with_plan(args.backend, args.backend_options, threads, spinning=False)
     try:

@@ -55,11 +55,12 @@ def torch_only(tiny_models, tmp_path) -> Path:
     ("model.onnx", "is an ONNX file, not a model directory: make one from the mmseg config "
      "and checkpoint with `pspnet build --config"),
 ])
-@pytest.mark.parametrize("command", ["serve", "bench"])
+@pytest.mark.parametrize("command", ["serve", "bench", "eval", "batch"])
 def test_a_file_as_model_names_pspnet_build(tmp_path, capsys, name, words, command):
     path = tmp_path / name
     path.write_bytes(b"\x80\x02weights")
-    extra = ["--synthetic", "2"] if command == "bench" else []
+    extra = {"bench": ["--synthetic", "2"], "eval": ["--voc", str(tmp_path)],
+             "batch": ["--images", str(tmp_path)]}.get(command, [])
     code, lines = run([command, "--model", str(path), *extra], capsys)
     assert code == EXIT_USAGE and len(lines) == 1, lines
     assert lines[0].startswith(f"pspnet {command}: error: --model {path} ")
