@@ -125,7 +125,7 @@ def add_batch_parser(sub: argparse._SubParsersAction) -> None:
                                 if n not in BATCH_PIPELINE_FLAGS])
     batch.add_argument("--json", type=Path, default=None, metavar="FILE",
                        help="also write the results as JSON (`pspnet eval`'s document)")
-    batch.set_defaults(run=run_batch)
+    batch.set_defaults(run=run_batch, backend=AUTO, precision=AUTO)   # as serve: chosen
 
 
 class _Formatter(HelpFormatter, argparse.RawDescriptionHelpFormatter):

@@ -71,7 +71,8 @@ class PipelineConfig:
     devices: tuple[str, ...] = setting(
         ("cpu",), flag="--devices", type=device_list,
         help="comma list, one executor each: cpu, cuda:0, cuda:1 (torch/ort), tensorrt:0, "
-             "cann:0 (ort), or npu:0,npu:1 (acl)")
+             "cann:0 (ort), or npu:0,npu:1 (acl) (default: --backend auto's choice, else "
+             "cpu)")
     precision: str = setting("fp32", flag="--precision", choices=(AUTO, *PRECISIONS),
                              help=f"{AUTO} (the commands' default): the artefact's own (an "
                                   "OM as ATC built it, else fp32); " + PRECISION_HELP)
