@@ -219,9 +219,11 @@ def run_batch(args: argparse.Namespace) -> int:
     from pspnet.model.manifest import Manifest, pick_batch_size
 
     try:
+        import ray  # noqa: F401  (imported where used; missing, it is one line here)
+
         from pspnet.batch import ray_batch
     except ImportError as exc:             # ray is an optional extra
-        return usage_error("batch", f"needs Ray Data ({exc}): pip install "
+        return usage_error("batch", f"needs Ray Data, the `ray` extra ({exc}): pip install "
                                     "'pspnet-daemon[ray]'")
     # the executor actors' threads: the CPUs each reserves; Ray runs a decode or
     # postprocess task per CPU it has left, so no thread need spin

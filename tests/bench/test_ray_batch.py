@@ -204,6 +204,19 @@ def test_a_failing_step_is_named_by_its_own_error(ray_session):
         "ImportError: cannot import name 'mask_path' from 'pspnet.model.labels'")
 
 
+def test_batch_without_ray_names_the_extra(tiny_models, tmp_path, capsys, monkeypatch):
+    """An install without the `ray` extra: one line naming it, exit 2 (it was a
+    ModuleNotFoundError traceback once the job began)."""
+    import sys
+
+    monkeypatch.setitem(sys.modules, "ray", None)          # `import ray` fails
+    code = main(["batch", "--images", str(tmp_path), "--model", str(tiny_models["labels"])])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(lines) == 1, lines
+    assert lines[0].startswith("pspnet batch: error: needs Ray Data, the `ray` extra (")
+    assert lines[0].endswith("pip install 'pspnet-daemon[ray]'")
+
+
 def test_from_listing_and_folder_need_no_ray(tmp_path):
     assert [i.id for i in ray_batch.from_folder(SAMPLE_DIR).items][:2] == [
         "astronaut_500x375", "chelsea_451x300"]
