@@ -297,8 +297,8 @@ class Front:
         while self.answered_at and self.answered_at[0] < now - RATE_WINDOW_S:
             self.answered_at.popleft()
         if status != wire.OK and cause != wire.STORAGE and not quiet:   # those: one line
-            self.log.warning("request failed", id=entry.client_id, path=entry.request.path,
-                          stage=stage, error=error)
+            self.log.warning("request failed", id=entry.client_id,
+                             path=entry.request.path, stage=stage, error=error)
         self.answers.append((wire.Result(entry.client_id, entry.request.attempt, status,
                                          entry.request.path, mask=mask, error=error,
                                          stage=stage, areas=areas, cause=cause),
