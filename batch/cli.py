@@ -9,6 +9,7 @@ stage functions on Ray Data. The shared flags (model, backend, workers...) come 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -275,7 +276,9 @@ def run_batch(args: argparse.Namespace) -> int:
         outcome, timings = ray_batch.run(job, split, manifest.num_classes,
                                          tuple(manifest.input_size), progress)
     except ConnectionError as exc:
-        sys.stderr.write(f"pspnet batch: error: no Ray cluster at {args.address}: {exc}\n")
+        auth = "" if os.environ.get(ray_batch.AUTH_MODE) else f" ({ray_batch.AUTH_HINT})"
+        sys.stderr.write(f"pspnet batch: error: no Ray cluster at {args.address}: "
+                         f"{str(exc).strip()}{auth}\n")
         return EXIT_UNAVAILABLE
     except ray_batch.JobFailed as exc:
         sys.stderr.write(f"pspnet batch: error: {exc}\n")

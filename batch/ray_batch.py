@@ -223,6 +223,7 @@ def connect(job: BatchJob) -> dict[str, Any]:
     if not ray.is_initialized():
         _started.append(True)                   # shutdown() ends only what we started
         if job.address or os.environ.get("RAY_ADDRESS"):
+            token_auth_if_token_here()
             ray.init(address=job.address, logging_level=logging.WARNING)
         else:
             quiet_local_instance()
@@ -235,6 +236,26 @@ def connect(job: BatchJob) -> dict[str, Any]:
 # Ray's own lines that say nothing to a user of a local instance this process starts (a
 # cluster's user keeps them: there, token authentication and the driver's errors matter)
 TOKEN_AUTH_LOGGER = "ray._private.authentication.authentication_token_setup"
+
+
+AUTH_MODE = "RAY_AUTH_MODE"
+TOKEN_VARS = ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")
+TOKEN_FILE = Path("~/.ray/auth_token")      # where `ray start` keeps the cluster's token
+AUTH_HINT = (f"a cluster started with `ray start` (Ray 2.5x) uses token authentication: "
+             f"set {AUTH_MODE}=token with its token in {TOKEN_FILE} or {TOKEN_VARS[0]}")
+
+
+def token_auth_if_token_here() -> bool:
+    """Joining a cluster: Ray's driver speaks token authentication only when RAY_AUTH_MODE
+    says so, while `ray start --head` turns it on by default; without it the join fails
+    after 20 s of InvalidAuthToken warnings. A token at hand (the file `ray start` wrote,
+    or the variables) means token mode; RAY_AUTH_MODE set by the user wins."""
+    if AUTH_MODE in os.environ:
+        return False
+    if not (any(os.environ.get(v) for v in TOKEN_VARS) or TOKEN_FILE.expanduser().is_file()):
+        return False
+    os.environ[AUTH_MODE] = "token"
+    return True
 
 
 def quiet_local_instance() -> None:
