@@ -202,12 +202,13 @@ def run_bench(args: argparse.Namespace) -> int:
 
 
 def _ceiling_settings(args: argparse.Namespace) -> dict[str, object]:
-    """With --front-ceiling N: the pipeline settings that leave the front as the limit."""
+    """With --front-ceiling N: the pipeline settings that leave the front as the limit
+    (backend and devices set in `args`, where the backend choice reads them)."""
     if args.front_ceiling is None:
         return {}
+    args.backend, args.devices = "sim", ("sim",) * args.front_ceiling
     options = {"img_s": CEILING_IMG_S, "head": "labels", **(args.backend_options or {})}
-    return {"backend": "sim", "devices": ("sim",) * args.front_ceiling,
-            "backend_options": options, "write_masks": False}
+    return {"backend_options": options, "write_masks": False}
 
 
 def _batch_sizes(args: argparse.Namespace, built: list[int]) -> list[int]:
