@@ -10,7 +10,9 @@ What must hold: every accepted request answered exactly once (ok), the library c
 all answered ok (backpressure, never a timeout), `busy` seen, and each process's peak RSS
 under its bound. The bounds (see docs/reliability.md): the processes' idle size (torch is
 imported by the postprocess workers, not by the front) plus what the queue and the
-in-flight window can hold, with margin.
+in-flight window can hold, with margin. And the promise itself: at most --max-queue
+requests accepted and not yet answered, ever (checked at each `accepted` reply, and exactly
+on one submit bigger than the queue).
 """
 
 from __future__ import annotations
@@ -100,6 +102,9 @@ def test_overload_10x_for_60_s_backpressure_and_bounded_memory(tiny_models, phot
     assert status["front"]["restarts"] == 0
     assert offered / len(flood.results) > FACTOR / 2
     assert lib_during_flood > 0, "the library client was starved by the flood"
+    # docs/reliability.md: "at most `--max-queue` accepted"; the flood alone held it full
+    assert flood.peak_outstanding <= MAX_QUEUE, (flood.peak_outstanding, MAX_QUEUE)
+    assert flood.peak_outstanding >= MAX_QUEUE // 2, "the queue was never near full"
     latencies = sorted(flood.answered_at[i] - flood.accepted_at[i] for i in flood.accepted)
     by_kind = watch.by_kind()
     growth = {k: by_kind[k] - idle[k] for k in by_kind}
@@ -120,3 +125,31 @@ def test_overload_10x_for_60_s_backpressure_and_bounded_memory(tiny_models, phot
     for kind, mb in by_kind.items():
         assert mb < BOUND_MB[kind], (kind, mb)
         assert growth[kind] < GROWTH_BOUND_MB, (kind, growth[kind])
+
+
+def test_one_submit_bigger_than_max_queue_is_cut_at_the_bound(tiny_models, photo_files,
+                                                            tmp_path, daemons):
+    """--max-queue 8, one submit of 40 into an empty daemon: exactly 8 accepted, 32
+    answered `busy` in the same turn (docs/reliability.md: at most --max-queue accepted,
+    the daemon takes what fits); once resent, all 40 answered once, ok, and never more
+    than 8 outstanding."""
+    paths = linked_stream(photo_files, tmp_path / "in", 40)
+    daemon = daemons(tiny_models["logits"], tmp_path / "masks", tmp_path, "--batch-size", "4",
+                     "--max-queue", "8")
+    daemon.wait_ready()
+    raw = RawClient(daemon.endpoint, chunk=40, backoff_s=0.05)
+    try:
+        raw.offer([wire.Request(f"q{i}", str(p)) for i, p in enumerate(paths)])
+        raw.step(0)
+        while raw.awaiting:
+            raw.pump(100)
+        assert len(raw.accepted) == 8, f"{len(raw.accepted)} accepted, --max-queue is 8"
+        assert raw.busy_requests == 32
+        raw.run_until(lambda c: c.answered == 40, timeout_s=120)
+    finally:
+        raw.close()
+    assert set(raw.result_count.values()) == {1}
+    assert all(r.status == wire.OK for r in raw.results.values())
+    assert raw.peak_outstanding <= 8, raw.peak_outstanding
+    assert daemon.status()["daemon"]["busy_replies"] >= 1
+    assert daemon.stop() == 0, daemon.tail()
