@@ -49,3 +49,15 @@ def _photos() -> tuple[tuple[str, np.ndarray], ...]:
 
 def _resize(rgb: np.ndarray, width: int, height: int) -> np.ndarray:
     return cv2.resize(rgb, (width, height), interpolation=cv2.INTER_AREA)
+
+
+def huge_jpeg(path: Path, side: int = 7000) -> Path:
+    """A `side` x `side` JPEG (49 Mpx by default: under the default --max-pixels) from a
+    real photo scaled up, with grain so the decoder has entropy to work through: seconds
+    to decode, resize and store, as a camera's panorama would be."""
+    rgb = cv2.resize(sample_photos()[0][1], (side, side), interpolation=cv2.INTER_LINEAR)
+    grain = np.random.default_rng(0).integers(0, 24, (side, side, 1), dtype=np.uint8)
+    bgr = cv2.cvtColor(cv2.add(rgb, np.repeat(grain, 3, axis=2)), cv2.COLOR_RGB2BGR)
+    if not cv2.imwrite(str(path), bgr, [cv2.IMWRITE_JPEG_QUALITY, 90]):
+        raise OSError(f"cannot write {path}")
+    return path
