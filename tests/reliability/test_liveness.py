@@ -20,15 +20,26 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import datetime
 
 import pytest
 
 from pspnet.core import wire
 from pspnet.core.exits import EXIT_FAILED
-from tests.kit import Daemon, RawClient, kill9, linked_stream, proc_status_field, requests
+from pspnet.daemon.client import Client
+from tests.kit import (
+    Daemon,
+    RawClient,
+    kill9,
+    linked_stream,
+    mask_pixels,
+    proc_status_field,
+    requests,
+)
+from tests.photos import huge_jpeg
 
 N = 200
 RESTART_BOUND_S = 10.0           # default settings: a hung or broken child back within this
@@ -182,4 +193,39 @@ def test_a_stopped_child_is_restarted(tiny_models, photo_files, tmp_path, daemon
           f"{sum(r.status == wire.OK for r in raw.results.values())} ok")
     assert seen_at - stopped_at[0] < RESTART_BOUND_S
     assert_answered_once_ok(raw)
+    assert daemon.stop() == 0, daemon.tail()
+
+
+@pytest.fixture
+def two_busy_loops() -> Iterator[None]:
+    """Two `yes > /dev/null` processes beside the daemon, as on a shared host."""
+    loops = [subprocess.Popen(["yes"], stdout=subprocess.DEVNULL) for _ in range(2)]
+    yield
+    for loop in loops:
+        loop.kill()
+        loop.wait()
+
+
+@pytest.mark.usefixtures("two_busy_loops")
+def test_a_49_mpx_photo_beside_two_busy_loops_is_answered_ok(tiny_models, tmp_path, daemons):
+    """A 7000 x 7000 JPEG (under the default --max-pixels) with two busy loops beside the
+    daemon, default --liveness-timeout (5 s): answered ok, its 7000 x 7000 mask written,
+    no worker restarted. Decoding it takes 4.9 s on a quiet core; the heartbeat goes on
+    from the preprocess and postprocess workers' helper threads while the step is within
+    its budget (child.long_step).
+
+    Before (513dc9e): the preprocess worker was killed at the 5 s liveness timeout twice,
+    and the request ended as an error."""
+    photo = huge_jpeg(tmp_path / "huge.jpg")
+    daemon = daemons(tiny_models["logits"], tmp_path / "masks", tmp_path, "--batch-size", "4",
+                     "--preprocess-workers", "1", "--postprocess-workers", "1")
+    daemon.wait_ready()
+    with Client(daemon.endpoint) as client:
+        (answer,) = list(client.submit([photo], timeout_s=600))
+    status = daemon.status()
+    print(f"\nFIGURE 49 Mpx beside two busy loops: {answer.status} "
+          f"({answer.error or answer.mask}); restarts {status['front']['restarts']}")
+    assert answer.status == "ok", answer.error
+    assert mask_pixels(answer.mask).shape == (7000, 7000)
+    assert status["front"]["restarts"] == 0
     assert daemon.stop() == 0, daemon.tail()

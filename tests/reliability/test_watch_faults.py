@@ -380,11 +380,11 @@ def test_a_file_replaced_while_it_is_decoded_ends_with_the_final_files_mask(watc
     small_version = small.stat()
     small.rename(target)
     got = settled_mask(w, "swap.jpg", started, timeout_s=120)
-    last = [e for e in watch_record(w["out"]) if e["name"] == "swap.jpg"][-1]
-    assert last["version"][1] == small_version.st_ino and "recovered" not in last, last
     want = reference_mask(w, w["photos"][90].read_bytes(), "ref-swap.jpg")
     assert got.shape == want.shape, f"the mask is {got.shape}, the final file's {want.shape}"
     np.testing.assert_array_equal(got, want)
+    last = [e for e in watch_record(w["out"]) if e["name"] == "swap.jpg"][-1]
+    assert last["version"][1] == small_version.st_ino and "recovered" not in last, last
     superseded = [e for e in watch_record(w["out"])
                   if e["name"] == "swap.jpg" and e["status"] == "superseded"]
     print(f"\nFIGURE replaced while decoding: the final mask is the small photo's "
@@ -399,7 +399,17 @@ def test_the_watched_folder_removed_and_made_again_at_once(watching):
     Before (513dc9e): 0 of 2 files in the new folder processed after 13 s, no log line."""
     w = watching
     inbox = w["inbox"]
-    subprocess.run(f"rm -rf '{inbox}' && mkdir '{inbox}'", shell=True, check=True)
+    for entry in inbox.iterdir():             # empty first: ext4 then hands the new folder
+        entry.unlink()                        # the old one's inode, as in the issue
+    time.sleep(0.5)
+    attempt, same_inode = 0, False
+    while attempt < 20 and not same_inode:    # until ext4 reuses the inode (the watch
+        attempt += 1                          # on the old folder may pin it a moment)
+        before = inbox.stat().st_ino
+        subprocess.run(f"rm -rf '{inbox}' && mkdir '{inbox}'", shell=True, check=True)
+        same_inode = inbox.stat().st_ino == before
+        if not same_inode:
+            time.sleep(0.2)
     started = time.time()
     for p in w["photos"][84:86]:
         shutil.copy(p, inbox / p.name)
@@ -408,4 +418,6 @@ def test_the_watched_folder_removed_and_made_again_at_once(watching):
     events = [e.get("event") for e in w["daemon"].events()]
     assert any(e in ("watched folder made again; watching it again",
                      "watched folder back; watching it again") for e in events)
-    print("\nFIGURE folder removed and made again at once: 2 files landed, 2 masks")
+    print(f"\nFIGURE folder removed and made again at once, {attempt} time(s) (same inode "
+          f"the last time: {same_inode}): "
+          "2 files landed, 2 masks")
