@@ -66,7 +66,7 @@ class Watched:
         since = self.busy_since
         if since is None or now - since <= self.allowance_s:
             return None
-        return (f"{self.name} thread inside one call for {now - since:.1f} s "
+        return (f"{self.name} inside one call for {now - since:.1f} s "
                 f"(allowed {self.allowance_s:.1f} s)")
 
 
@@ -101,7 +101,7 @@ class Child:
         self.lock = threading.Lock()       # counters: the executor's runner counts too
         self._next_beat = 0.0
         self._parent = os.getppid() if self.supervised else None
-        self.step = Watched("work loop")        # inside a long_step: since when, budget
+        self.step = Watched("work loop")        # inside a long_step: what, since, budget
         self._voucher: threading.Thread | None = None
 
     def connect_control(self, identity: str) -> zmq.Socket:
@@ -162,7 +162,7 @@ class Child:
         """Around one step of the work loop that takes longer the bigger the image: the
         heartbeat goes on from a helper thread for --liveness-timeout plus STEP_S_PER_MPX
         per million `pixels`; then the step is reported stuck."""
-        self.step.name = what
+        self.step.name = f"work loop ({what})"
         self.step.busy(self.cfg.liveness_timeout_s + pixels / 1e6 * STEP_S_PER_MPX)
         if self._voucher is None:
             self._voucher = threading.Thread(target=self._vouch, name="voucher", daemon=True)
