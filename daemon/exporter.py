@@ -134,6 +134,14 @@ class CappedServer(ThreadingMixIn, WSGIServer):
             self.budget.refused("metrics", connections=self.active, cap=MAX_CONNECTIONS)
         return False
 
+    def process_request(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request(request, client_address)
+        except Exception:                # no thread for it (none left): its slot back
+            with self.active_lock:
+                self.active -= 1
+            raise
+
     def process_request_thread(self, request: Any, client_address: Any) -> None:
         try:
             super().process_request_thread(request, client_address)
