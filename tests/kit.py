@@ -342,11 +342,6 @@ class RawClient:
         self.other: list[wire.Message] = []
         self.accepted_at: dict[str, float] = {}      # monotonic times, for latencies
         self.answered_at: dict[str, float] = {}
-        # accepted, not yet answered, as seen when an `accepted` reply is read: every answer
-        # the daemon sent before that reply has been read too (one connection keeps order),
-        # so this is never more than what the daemon held then (at most --max-queue)
-        self.outstanding = 0
-        self.peak_outstanding = 0
 
     def close(self) -> None:
         self.socket.close(0)
@@ -381,8 +376,6 @@ class RawClient:
 
     def handle(self, msg: wire.Message) -> None:
         if isinstance(msg, wire.Result):
-            if msg.id in self.accepted and msg.id not in self.results:
-                self.outstanding -= 1
             self.result_count[msg.id] += 1
             self.results.setdefault(msg.id, msg)
             self.answered_at.setdefault(msg.id, time.monotonic())
@@ -390,10 +383,7 @@ class RawClient:
         elif isinstance(msg, wire.Reply):
             self.awaiting.difference_update(msg.ids)
             if msg.status == "accepted":
-                fresh = [i for i in msg.ids if i not in self.accepted and i not in self.results]
                 self.accepted.update(msg.ids)
-                self.outstanding += len(fresh)
-                self.peak_outstanding = max(self.peak_outstanding, self.outstanding)
                 now = time.monotonic()
                 for i in msg.ids:
                     self.accepted_at.setdefault(i, now)
