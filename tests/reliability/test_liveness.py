@@ -143,6 +143,9 @@ def test_an_executor_whose_work_loop_stops_is_restarted(tiny_models, photo_files
           f"{sum(r.status == wire.OK for r in raw.results.values())} ok")
     assert seen_at - fired < (THREAD_EXIT_BOUND_S if fault == "thread_exit"
                               else RESTART_BOUND_S)
+    # what the executor held at the fault was retried, and counted as such (the figure
+    # behind pspnet_requests_retried_total)
+    assert daemon.status()["front"]["retried"] >= 1
     if fault == "thread_exit":       # it exited by itself (status 1); nobody had to stop it
         events = daemon.events()
         stopped = [e for e in events if e.get("event") == "stopping child"
