@@ -127,7 +127,7 @@ class Executor:
         child.inputs = bind(child, self.images, "in")
         child.outputs = bind(child, self.outputs, "out")
         child.capacity, child.batch = ROOM_BATCHES * self.batch, self.batch
-        self.runner = child.watch("runner")
+        self.runner = child.watch("runner thread")
         self.last_sent_to: bytes | None = None  # the postprocess worker sent the last output
 
     def run(self) -> None:
