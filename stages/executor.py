@@ -144,7 +144,7 @@ class Executor:
         self.waits = zmq.Poller()
         self.waits.register(self.images, zmq.POLLIN)
         self.waits.register(self.freed, zmq.POLLIN)
-        self.runner = child.watch("runner")
+        self.runner = child.watch("runner thread")
         self.last_sent_to: bytes | None = None  # the postprocess worker sent the last output
 
     def run(self) -> None:
