@@ -91,10 +91,11 @@ def test_metrics_after_50_images(tiny_models, photo_files, tmp_path):
     assert value("pspnet_stage_errors_total", stage="preprocess") == 2
     assert value("pspnet_stage_processed_total", stage="executor") == 48
     assert value("pspnet_stage_processed_total", stage="postprocess") == 48
-    # batches of 4: 48 images in at least 12 batches, the rest of their rows filler
+    # at most 4 a batch: 48 images in at least 12 batches; each ran at the smallest built
+    # size that held it (1 or 4), so a batch has at most 2 rows of filler (2 images at 4)
     batches = value("pspnet_executor_batches_total")
     filler = value("pspnet_executor_filler_rows_total")
-    assert batches >= 12 and 4 * batches - filler == 48
+    assert batches >= 12 and 0 <= filler <= 2 * batches
     fill = value("pspnet_batch_fill_ratio")
     assert math.isnan(fill) or 0 < fill <= 1        # exact values: test_fill_ratio_...
     # nothing was lost or retried; the library client was never told `busy`
