@@ -102,8 +102,9 @@ _STAGE_NAMES = frozenset(s.value for s in Stage)
 @functools.lru_cache(maxsize=4096)
 def peer(identity: bytes) -> WorkerId:
     """A socket identity -> WorkerId, parsed once per peer (the front hears it on every
-    message), or WireError."""
-    return WorkerId.parse(identity)
+    message), or WireError. `name/what` is a helper thread's own socket of worker `name`
+    (its heartbeats during a long step)."""
+    return WorkerId.parse(identity.split(b"/", 1)[0])
 
 
 def _digits(text: str, most: int) -> bool:

@@ -31,21 +31,22 @@ class Answers:
 
     def deliver(self, entry: Entry, status: str, mask: str | None, error: str | None,
                 stage: str, areas: Any = None, cause: str | None = None,
-                now: float | None = None) -> None:
-        """One answer for one accepted request (the ledger has removed it)."""
+                quiet: bool = False) -> None:
+        """One answer for one accepted request (the ledger has removed it). `quiet`: a
+        failure the caller logs once for all (abandoned at shutdown)."""
         if status == wire.OK and areas is not None:
             self.metrics.add(areas)
         self.totals["ok" if status == wire.OK else "errors"] += 1
-        now = time.monotonic() if now is None else now
+        now = time.monotonic()
         if self.on_answer is not None:
             self.on_answer(status, stage, now - entry.accepted)
         self.answered_at.append(now)
         if self.answered_at[0] < now - RATE_WINDOW_S:
             while self.answered_at and self.answered_at[0] < now - RATE_WINDOW_S:
                 self.answered_at.popleft()
-        if status != wire.OK and cause != wire.STORAGE:    # those: one line per episode
-            self.log.info("request failed", id=entry.client_id, path=entry.request.path,
-                          stage=stage, error=error)
+        if status != wire.OK and cause != wire.STORAGE and not quiet:   # those: one line
+            self.log.warning("request failed", id=entry.client_id,
+                             path=entry.request.path, stage=stage, error=error)
         self.ready.append((wire.Result(entry.client_id, entry.request.attempt, status,
                                        entry.request.path, mask=mask, error=error,
                                        stage=stage, areas=areas, cause=cause),
@@ -60,6 +61,20 @@ class Answers:
         now = time.monotonic()
         return round(sum(t >= now - RATE_WINDOW_S for t in self.answered_at)
                      / RATE_WINDOW_S, 2)
+
+
+def deliver_turn(answers: list[tuple[wire.Result, Any]],
+                 to_client: Callable[[bytes, wire.Message], None],
+                 elsewhere: Callable[[wire.Result, Any], None]) -> None:
+    """One turn's answers to whoever asked: a client (its socket identity) with many gets
+    them in one message (issue 27); others (watch mode) one by one."""
+    for origin, results in by_origin(answers).items():
+        if isinstance(origin, bytes):
+            for msg in in_messages(results):
+                to_client(origin, msg)
+        else:
+            for result in results:
+                elsewhere(result, origin)
 
 
 def by_origin(answers: list[tuple[wire.Result, Any]],

@@ -299,7 +299,8 @@ class Front:
         each is still answered exactly once, and later answers for them are dropped."""
         entries = self.ledger.abandon()
         for entry in entries:
-            self.answers.deliver(entry, wire.ERROR, None, reason, "front")
+            self.answers.deliver(entry, wire.ERROR, None, reason, "front",
+                                 quiet=True)  # logged once
         self.totals["abandoned"] += len(entries)
         return self.take_answers()
 

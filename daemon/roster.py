@@ -97,6 +97,7 @@ class Roster:
                 **summed([w.counters for w in self.workers.of(stage) if w.local],
                          {key: n for (s, key), n in self.past.items() if s == stage}),
                 processes=len(slots), alive=sum(s.alive for s in slots),
+                up=sum(s.alive and s.heard is not None for s in slots),
                 restarts=sum(s.restarts for s in slots),
                 pids=[s.proc.pid for s in slots if s.proc is not None])
         return out

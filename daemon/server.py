@@ -41,11 +41,12 @@ from pspnet.core.exits import EXIT_CANNOT_START, EXIT_FAILED, EXIT_OK, EXIT_USAG
 from pspnet.core.logs import json_safe
 from pspnet.core.plan import describe
 from pspnet.core.status import DaemonStatus, Status
-from pspnet.daemon.answers import by_origin, in_messages
+from pspnet.daemon.answers import deliver_turn
 from pspnet.daemon.clients import Clients
 from pspnet.daemon.door import ANSWER_LINGER_MS, Door
-from pspnet.daemon.endpoint import is_local
+from pspnet.daemon.endpoint import forget_daemon, is_local, record_daemon
 from pspnet.daemon.exporter import Exporter
+from pspnet.daemon.fd_budget import FdBudget
 from pspnet.daemon.front import Front, PipelineError, StartInterrupted
 from pspnet.daemon.intake import WATCH, WatchIntake
 from pspnet.daemon.serve_config import ServeConfig
@@ -97,12 +98,14 @@ class Server:
         self.signals: list[int] = []
         self.stopping = False
         self.deadline = Deadline()
-        self.door = Door(cfg.endpoint)
-        self.exporter = Exporter(cfg.metrics_port, cfg.metrics_host)
+        self.fds = FdBudget()           # one budget: the door, /metrics, restarts
+        self.door = Door(cfg.endpoint, self.fds)
+        self.exporter = Exporter(cfg.metrics_port, cfg.metrics_host, self.fds)
         self.front: Front | None = None
         self.clients: Clients | None = None
         self.intake: WatchIntake | None = None
         self.failure: str | None = None         # a part of the daemon failed: why
+        self.record: Path | None = None         # this daemon's run file (endpoint.py)
         self.stop_reason: str | None = None     # set when exiting before the drain finished
 
     # signal handlers only record
@@ -124,6 +127,7 @@ class Server:
         except Exception as exc:           # a bug, an OSError from a restart: logged, and
             why = f"{type(exc).__name__}: {exc}"            # the same shutdown follows
             self.log.exception("the daemon failed", error=why)
+            _say(f"pspnet serve: error: the daemon failed: {why}")
             self.stop_reason = f"the daemon failed: {why}"
             code = EXIT_CANNOT_START if isinstance(exc, PipelineError) else EXIT_FAILED
         finally:
@@ -141,7 +145,7 @@ class Server:
         problem = self.exporter.listen()           # before any worker, like the endpoint
         if problem is not None:
             return _usage_error(problem)
-        front = Front(pipe, around_spawn=self.door.reserve)
+        front = Front(pipe, around_spawn=self.fds.reserve)
         front.answers.on_answer = self.exporter.answered
         try:
             front.start(interrupted=lambda: bool(self.signals))
@@ -151,6 +155,7 @@ class Server:
             return EXIT_FAILED
         except PipelineError as exc:
             self.log.error("cannot start", error=str(exc))
+            _say(f"pspnet serve: error: {exc}")     # the reason, besides the log
             return EXIT_CANNOT_START
         self.front = front
         self.clients = Clients(self.door.socket, front, cfg.max_queue, cfg.allow_roots,
@@ -159,6 +164,7 @@ class Server:
             self.intake = WatchIntake(cfg.watch, pipe.out_dir, front, cfg.max_queue,
                                       cfg.allow_roots)
             self.intake.start()
+        self.record = record_daemon(cfg.endpoint)    # for a client that looks elsewhere
         self.log.info("serving", endpoint=cfg.endpoint, metrics=self.exporter.address)
         return None
 
@@ -181,7 +187,7 @@ class Server:
                 clients.read()
             front.supervise()
             self._check_parts()
-            self._deliver_all(front.take_answers())
+            deliver_turn(front.take_answers(), self.clients.send, self._deliver)
             try:
                 if self.intake is not None:
                     self.intake.feed()
@@ -244,16 +250,6 @@ class Server:
         if not self.stopping:
             self._begin_drain()
 
-    def _deliver_all(self, answers: list[tuple[wire.Result, Any]]) -> None:
-        """One turn's answers: a client with many gets them in one message (issue 27)."""
-        for origin, results in by_origin(answers).items():
-            if isinstance(origin, bytes):
-                for msg in in_messages(results):
-                    self.clients.send(origin, msg)
-            else:
-                for result in results:
-                    self._deliver(result, origin)
-
     def _deliver(self, result: wire.Result, origin: Any, record: bool = True) -> None:
         """To its client, or (watch mode) into the record of processed files."""
         if isinstance(origin, bytes):
@@ -270,6 +266,7 @@ class Server:
             client_connections=self.door.state.connections,
             accepting_connections=self.door.state.open, client_connections_cap=self.door.cap)
         status.plan = self.cfg.pipeline.plan        # how workers and threads were chosen
+        status.ready = status.readiness() is None
         return status
 
     # ---- shutdown ----------------------------------------------------------------------
@@ -308,10 +305,10 @@ class Server:
                    or write_json(self.cfg.metrics_json, final.document(), self.log))
         # 7. stop serving /metrics (its HTTP loop looks for the stop every 0.5 s)
         self.exporter.close()
-        # 8. let the answers already sent leave, then close the client socket
-        # 9. remove the socket file and its lock: the next serve finds the path free
+        # 8. answers already sent leave; the socket, its file and lock go (the path is free)
         self.door.release(max(ANSWERS_LEAVE_S, self._left(ANSWER_LINGER_MS / 1000)))
-        # 10. say how it ended
+        forget_daemon(self.record)
+        # 9. say how it ended
         if final is not None:
             self.log.info("exit", drained=not self.stop_reason, abandoned=abandoned,
                           reason=self.stop_reason or self.failure, ok=final.front.ok,
@@ -376,9 +373,14 @@ def write_json(path: Path, doc: dict[str, Any], log: Any) -> bool:
 
 
 def _usage_error(problem: str) -> int:
-    sys.stderr.write(f"pspnet serve: error: {problem}\n")
-    sys.stderr.flush()
+    _say(f"pspnet serve: error: {problem}")
     return EXIT_USAGE
+
+
+def _say(line: str) -> None:
+    """One plain line on stderr for the user, whatever the log's format."""
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
 
 
 def check_exposure(endpoint: str, allow_roots: tuple[Path, ...]) -> str | None:

@@ -62,8 +62,11 @@ def prepare(child: Child, manifest: Manifest, senders: ExecutorSenders, work: wi
     """One image: its pixels to the executor, or its error answered."""
     started = time.perf_counter()
     try:
-        rgb = decode_image(request.path, child.cfg.max_pixels)
-        pixels, placement = letterbox(rgb, manifest.input_size)
+        # the size is known only once the header is read: the budget is what
+        # --max-pixels allows
+        with child.long_step("decode", child.cfg.max_pixels):
+            rgb = decode_image(request.path, child.cfg.max_pixels)
+            pixels, placement = letterbox(rgb, manifest.input_size)
     except ImageError as exc:
         notes.result(error_result(request, STAGE, str(exc),
                                   wire.INCOMPLETE if exc.incomplete else None))

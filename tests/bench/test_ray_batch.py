@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import time
 from pathlib import Path
@@ -16,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from pspnet.batch import ray_batch
+from pspnet.batch.folder import from_folder
 from pspnet.build_model.samples import SAMPLE_DIR
 from pspnet.cli import main
 from tests.voc_folder import make_voc_folder
@@ -92,6 +94,13 @@ def test_batch_masks_are_the_daemons_on_the_sample_photos(ray_session, tiny_mode
                               "reason": f"preprocess: {answers[str(bad)].error}"}]
     assert "zz_broken: preprocess: truncated or corrupt JPEG" in out
     assert doc["engine"] == "ray" and doc["resources"]["CPU"] == 2
+    # no ground truth: what was written, not a table of nan
+    (summary,) = [line for line in out.splitlines() if line.startswith("segmented ")]
+    print(summary)
+    assert summary.startswith("segmented 9 of 10 images (")
+    assert summary.endswith(f"masks in {ray_masks}; 1 failed; no ground truth given, so no "
+                            "mIoU")
+    assert "nan" not in out and "Class" not in out
 
 
 def test_batch_masks_are_the_daemons_with_a_network_that_aligns_corners(ray_session,
@@ -197,8 +206,59 @@ def test_a_failing_step_is_named_by_its_own_error(ray_session):
         "ImportError: cannot import name 'mask_path' from 'pspnet.model.labels'")
 
 
+def test_batch_without_ray_names_the_extra(tiny_models, tmp_path, capsys, monkeypatch):
+    """An install without the `ray` extra: one line naming it, exit 2 (it was a
+    ModuleNotFoundError traceback once the job began)."""
+    import sys
+
+    monkeypatch.setitem(sys.modules, "ray", None)          # `import ray` fails
+    code = main(["batch", "--images", str(tmp_path), "--model", str(tiny_models["labels"])])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(lines) == 1, lines
+    assert lines[0].startswith("pspnet batch: error: needs Ray Data, the `ray` extra (")
+    assert lines[0].endswith("pip install 'pspnet-daemon[ray]'")
+
+
+def test_joining_a_cluster_uses_token_auth_when_a_token_is_here(tmp_path, monkeypatch):
+    """`ray start --head` (Ray 2.5x) turns token authentication on and writes the token to
+    ~/.ray/auth_token; a driver joins only with RAY_AUTH_MODE=token. With a token at hand
+    `pspnet batch --address` sets it; RAY_AUTH_MODE given wins; no token, nothing set."""
+    import os
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    for name in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):
+        monkeypatch.setenv(name, "")            # so that the test's end restores it
+        monkeypatch.delenv(name)
+    assert not ray_batch.token_auth_if_token_here() and "RAY_AUTH_MODE" not in os.environ
+    (tmp_path / ".ray").mkdir()
+    (tmp_path / ".ray" / "auth_token").write_text("secret")
+    assert ray_batch.token_auth_if_token_here() and os.environ["RAY_AUTH_MODE"] == "token"
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    assert not ray_batch.token_auth_if_token_here()
+    assert os.environ["RAY_AUTH_MODE"] == "disabled"
+
+
+def test_no_cluster_at_address_mentions_token_auth(tiny_models, capsys, monkeypatch):
+    """A join that fails says what to set if the cluster uses token authentication (the
+    join's own words were 20 s of InvalidAuthToken warnings, then 'Failed to connect')."""
+    def refused(*args, **kwargs):
+        raise ConnectionError("Failed to connect to Ray cluster")
+
+    monkeypatch.delenv("RAY_AUTH_MODE", raising=False)
+    monkeypatch.setattr(ray_batch, "run", refused)
+    code = main(["batch", "--images", str(SAMPLE_DIR), "--model", str(tiny_models["labels"]),
+                 "--address", "127.0.0.1:6379"])
+    err = capsys.readouterr().err
+    (last,) = [line for line in err.splitlines() if "error" in line]   # and the progress
+    assert code == 4, err
+    assert last == ("pspnet batch: error: no Ray cluster at 127.0.0.1:6379: Failed to connect "
+                    "to Ray cluster (a cluster started with `ray start` (Ray 2.5x) uses token "
+                    "authentication: set RAY_AUTH_MODE=token with its token in "
+                    "~/.ray/auth_token or RAY_AUTH_TOKEN)")
+
+
 def test_from_listing_and_folder_need_no_ray(tmp_path):
-    assert [i.id for i in ray_batch.from_folder(SAMPLE_DIR).items][:2] == [
+    assert [i.id for i in from_folder(SAMPLE_DIR).items][:2] == [
         "astronaut_500x375", "chelsea_451x300"]
     listing = tmp_path / "l.txt"
     listing.write_text("/abs/a.jpg\tgt/a.png\nb.jpg\n")
@@ -218,3 +278,52 @@ def test_ray_is_imported_by_pspnet_batch_alone():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           timeout=120, check=True)
     assert done.stdout.strip() == "[]"
+
+
+def odd_folder(folder: Path) -> dict[str, str]:
+    """Two photos, a corrupt JPEG and every kind of entry the issue found left out, each
+    with the words its failed row must say."""
+    folder.mkdir()
+    for name in ("astronaut_500x375.jpg", "chelsea_451x300.jpg"):
+        shutil.copyfile(SAMPLE_DIR / name, folder / name)
+    corrupt_jpeg(folder / "broken.jpg")
+    (folder / "dangling.jpg").symlink_to(folder / "nowhere.jpg")
+    (folder / "loop_a.jpg").symlink_to(folder / "loop_b.jpg")
+    (folder / "loop_b.jpg").symlink_to(folder / "loop_a.jpg")
+    os.mkfifo(folder / "fifo.jpg")
+    (folder / "x.jpg").mkdir()
+    (folder / "zero.jpg").touch()
+    (folder / "notes.txt").write_text("not a photo")
+    shutil.copyfile(SAMPLE_DIR / "chelsea_451x300.jpg", folder / "chelsea_451x300.png")
+    return {"dangling.jpg": "broken symbolic link", "loop_a.jpg": "symbolic link loop",
+            "loop_b.jpg": "symbolic link loop", "fifo.jpg": "not a regular file",
+            "x.jpg": "a directory", "zero.jpg": "0 bytes", "notes.txt": "not an image file",
+            "chelsea_451x300.png": "same name as chelsea_451x300.jpg"}
+
+
+def test_every_entry_of_an_odd_folder_is_listed_or_failed(tmp_path):
+    """No Ray: each odd entry is a failed row with its reason, the rest are items, and
+    listed counts every entry."""
+    expected = odd_folder(tmp_path / "odd")
+    split = from_folder(tmp_path / "odd")
+    assert split.listed == 11 == len(split.items) + len(split.missing)
+    assert sorted(i.image.name for i in split.items) == [
+        "astronaut_500x375.jpg", "broken.jpg", "chelsea_451x300.jpg"]
+    reasons = {f["id"]: f["reason"] for f in split.missing}
+    assert set(reasons) == set(expected)
+    for name, words in expected.items():
+        assert words in reasons[name], (name, reasons[name])
+
+
+def test_batch_on_an_odd_folder_counts_add_up(ray_session, tiny_models, tmp_path):
+    """Issue 23: 5 of 21 entries (a dangling link, two symlink loops, a FIFO, a folder named
+    x.jpg) were neither masked nor failed. Now: listed = segmented + failed, exit 0."""
+    expected = odd_folder(tmp_path / "odd")
+    masks, report = tmp_path / "masks", tmp_path / "batch.json"
+    code = batch("--images", str(tmp_path / "odd"), "--model", str(tiny_models["logits"]),
+                 "--out", str(masks), "--json", str(report))
+    assert code == 0
+    doc = json.loads(report.read_text())
+    assert doc["listed"] == 11 == doc["segmented"] + len(doc["failed"])
+    assert doc["segmented"] == 2 == len(list(masks.iterdir()))
+    assert {f["id"] for f in doc["failed"]} == {*expected, "broken"}
