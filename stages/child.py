@@ -23,6 +23,7 @@ restarted for making no progress, never for one big image under --max-pixels.
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 import threading
@@ -216,9 +217,10 @@ class Notes:
     one `Results`, its "handed" ids in one note per destination.
 
     Control per batch (issue 27): the front's cost is per message, so a worker that
-    finishes many images in a row says so once. Nothing waits on an idle worker: the loop
-    flushes as soon as no more work is waiting; while work keeps coming, a note waits at
-    most `--coalesce-ms` after its first entry (0: one message per image, as before)."""
+    finishes many images in a row says so once: at most one message per `--coalesce-ms`
+    (a time slice; 0: one message per image). Nothing waits on a quiet worker: the first
+    answer after a slice without one leaves at once, so a lone image (an idle daemon) is
+    answered without delay; under load an answer waits at most one slice."""
 
     def __init__(self, child: Child) -> None:
         self.child = child
@@ -227,6 +229,7 @@ class Notes:
         self.size = 0                      # header bytes of `results`, about
         self.handed_to: dict[str, list[str]] = {}
         self.since: float | None = None    # the first entry not yet sent
+        self.sent = -math.inf              # when the last message left
 
     @property
     def pending(self) -> bool:
@@ -246,8 +249,14 @@ class Notes:
         if len(ids) >= wire.MAX_IDS:
             self.flush()
 
+    def due_in(self) -> float | None:
+        """Seconds until what is pending should leave (0: now); None: nothing pending."""
+        if self.since is None:
+            return None
+        return max(0.0, self.sent + self.wait_s - time.monotonic())
+
     def flush_if_due(self) -> None:
-        if self.since is not None and time.monotonic() - self.since >= self.wait_s:
+        if self.since is not None and self.due_in() == 0.0:
             self.flush()
 
     def flush(self) -> None:
@@ -260,6 +269,7 @@ class Notes:
         elif self.results:
             self.child.send(wire.Results(tuple(self.results)))
         self.results, self.size, self.handed_to, self.since = [], 0, {}, None
+        self.sent = time.monotonic()
 
     def _first(self) -> None:
         if self.since is None:

@@ -53,9 +53,10 @@ def main(child: Child) -> None:
     child.log.info("ready", masks=str(out_dir) if out_dir else None)
     while True:
         child.tick()
-        ready = inboxes.poll(0 if notes.pending else POLL_S * 1e3)
+        due_in = notes.due_in()             # answers pending: wake when their slice ends
+        ready = inboxes.poll(POLL_S * 1e3 if due_in is None else min(POLL_S, due_in) * 1e3)
         if not ready:
-            notes.flush()                   # nothing more waiting: answer now
+            notes.flush_if_due()
             continue
         if child.control in ready:
             inboxes.read_peers()            # may close an inbox that was ready
@@ -76,6 +77,7 @@ def main(child: Child) -> None:
             with child.long_step("labels and mask", size):   # resize, PNG: grow with size
                 result = finish(output, manifest, out_dir, cfg.max_pixels)
             notes.result(result)
+            notes.flush_if_due()            # a quiet worker answers at once
             sock.send_multipart(wire.encode(wire.Credit(1)))
             child.count(processed=int(result.status == wire.OK),
                         errors=int(result.status != wire.OK),
