@@ -276,6 +276,58 @@ class Notes:
             self.since = time.monotonic()
 
 
+class BatchNotes:
+    """An executor's "took" and "handed" notes, from its two threads (the main thread
+    takes a batch, the runner hands its outputs on), one message of each per time slice
+    (`--coalesce-ms`): a work-conserving device runs batches of one or two when images
+    trickle in, and a note per batch would then be a note per image. Whoever sends, sends
+    every pending "took" before any "handed", on the worker's one socket, so the front
+    never hears a request handed on before it heard it taken. The first note after a quiet
+    slice leaves at once; neither note delays an answer (they free room and name holders)."""
+
+    def __init__(self, child: Child) -> None:
+        self.child = child
+        self.wait_s = child.cfg.coalesce_ms / 1e3
+        self.lock = threading.Lock()
+        self.took_ids: list[str] = []
+        self.handed_to: dict[str, list[str]] = {}
+        self.sent = -math.inf
+
+    def took(self, ids: tuple[str, ...]) -> None:
+        with self.lock:
+            self.took_ids.extend(ids)
+            self._flush_if_due()
+
+    def handed(self, ids: tuple[str, ...], to: str) -> None:
+        with self.lock:
+            self.handed_to.setdefault(to, []).extend(ids)
+            self._flush_if_due()
+
+    def due_in(self) -> float | None:
+        """Seconds until the pending notes should leave; None: none pending."""
+        with self.lock:
+            if not self.took_ids and not self.handed_to:
+                return None
+            return max(0.0, self.sent + self.wait_s - time.monotonic())
+
+    def flush_if_due(self) -> None:
+        with self.lock:
+            self._flush_if_due()
+
+    def _flush_if_due(self) -> None:
+        if not self.took_ids and not self.handed_to:
+            return
+        now = time.monotonic()
+        full = len(self.took_ids) + sum(map(len, self.handed_to.values())) >= wire.MAX_IDS
+        if now < self.sent + self.wait_s and not full:
+            return
+        if self.took_ids:
+            self.child.send(wire.Took(tuple(self.took_ids)))
+        for to, ids in self.handed_to.items():
+            self.child.send(wire.Handed(tuple(ids), to))
+        self.took_ids, self.handed_to, self.sent = [], {}, now
+
+
 def error_result(request: wire.Request, stage: str, message: str,
                  cause: str | None = None) -> wire.Result:
     return wire.Result(id=request.id, attempt=request.attempt, status=wire.ERROR,

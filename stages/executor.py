@@ -39,7 +39,7 @@ from pspnet.model.manifest import Manifest, pick_batch_size
 from pspnet.stages.backends import Backend
 from pspnet.stages.backends.ladder import open_ladder
 from pspnet.stages.batcher import Batcher
-from pspnet.stages.child import POLL_S, Child, error_result
+from pspnet.stages.child import POLL_S, BatchNotes, Child, error_result
 
 STAGE = Stage.EXECUTOR
 NUM_SLOTS = 2
@@ -147,6 +147,7 @@ class Executor:
         self.waits.register(self.images, zmq.POLLIN)
         self.waits.register(self.freed, zmq.POLLIN)
         self.runner = child.watch("runner thread")
+        self.notes = BatchNotes(child)        # "took" and "handed", in order, per slice
         self.last_sent_to: bytes | None = None  # the postprocess worker sent the last output
 
     def run(self) -> None:
@@ -175,7 +176,7 @@ class Executor:
                 self.launch_errors[slot_index] = exc
             with self.lock:
                 self.on_device += 1
-            self.child.send(wire.Took(tuple(r.id for r, _ in slot.members)))
+            self.notes.took(tuple(r.id for r, _ in slot.members))
             self.ready.put(slot_index)
 
     def _fill(self, slot: Slot) -> None:
@@ -252,7 +253,11 @@ class Executor:
     def _run_batches(self) -> None:
         credits: dict[bytes, int] = {}        # postprocess identity -> outputs it can take
         while True:
-            slot_index = self.ready.get()
+            try:                                     # wake for the notes' slice too
+                slot_index = self.ready.get(timeout=self.notes.due_in())
+            except queue.Empty:
+                self.notes.flush_if_due()
+                continue
             slot = self.slots[slot_index]
             members = list(slot.members)
             out = self._collect(slot_index, members)
@@ -326,7 +331,7 @@ class Executor:
                 sent[worker].append(request.id)
                 break
         for worker, ids in sent.items():
-            self.child.send(wire.Handed(tuple(ids), worker.decode()))
+            self.notes.handed(tuple(ids), worker.decode())
 
     def _take_credit(self, credits: dict[bytes, int]) -> bytes:
         """The next postprocess worker with room, in turn; waits for one when none has any

@@ -155,27 +155,30 @@ def test_executor_overlaps_assembly_and_transfer_with_compute(tiny_models, tmp_p
     alone.close()
 
 
-def test_a_batch_is_one_took_then_one_handed_note_in_order(tiny_models, tmp_path):
-    """Control per batch (issue 27), in order from one socket (issue 25): the ledger
-    needs no branch for a "handed" that overtakes its "took"."""
+def test_an_executors_notes_come_in_order_each_id_taken_then_handed_once(tiny_models,
+                                                                          tmp_path):
+    """Control per batch (issue 27), in order from one socket (issue 25): every id is
+    in one "took" and then one "handed" note (several batches may share a note within a
+    --coalesce-ms slice), so the ledger needs no branch for a "handed" that overtakes its
+    "took"."""
     manifest = Manifest.read(tiny_models["labels"])
-    batch = 4
+    batch, n = 4, 12
     backend = SlowBackend(batch, manifest.input_size, 0.0, 0.05)
     alone = ExecutorAlone(tiny_models["labels"], tmp_path, backend, max_wait_ms=1000)
-    for i in range(3 * batch):
+    for i in range(n):
         alone.send(i)
-    alone.output_ids(3 * batch)
-    notes = alone.control_notes(6)
-    took = [n for n in notes if isinstance(n, wire.Took)]
-    handed = [n for n in notes if isinstance(n, wire.Handed)]
-    assert [len(n.ids) for n in took] == [batch] * 3 and [n.ids for n in handed] == \
-        [n.ids for n in took]
-    seen = set()
-    for note in notes:                      # each batch's "handed" after its "took"
+    alone.output_ids(n)
+    took: list[str] = []
+    handed: list[str] = []
+    while len(handed) < n:
+        (note,) = alone.control_notes(1)
         if isinstance(note, wire.Took):
-            seen.update(note.ids)
+            took.extend(note.ids)
         else:
-            assert set(note.ids) <= seen, notes
+            assert isinstance(note, wire.Handed) and note.to == "postprocess-0-1"
+            assert set(note.ids) <= set(took), "handed before it was taken"
+            handed.extend(note.ids)
+    assert sorted(took, key=int) == sorted(handed, key=int) == [str(i) for i in range(n)]
     alone.close()
 
 
