@@ -50,8 +50,8 @@ def batch(*args: str) -> int:
 
 def same_bytes(ours: Path, theirs: Path) -> list[str]:
     """Names of the masks in `theirs`, after checking each has a byte-identical twin."""
-    names = sorted(p.name for p in theirs.glob("*.png"))
-    assert names == sorted(p.name for p in ours.glob("*.png"))
+    names = sorted(str(p.relative_to(theirs)) for p in theirs.rglob("*.png"))
+    assert names == sorted(str(p.relative_to(ours)) for p in ours.rglob("*.png"))
     for name in names:
         assert (ours / name).read_bytes() == (theirs / name).read_bytes(), name
     return names
@@ -92,6 +92,38 @@ def test_batch_masks_are_the_daemons_on_the_sample_photos(ray_session, tiny_mode
                               "reason": f"preprocess: {answers[str(bad)].error}"}]
     assert "zz_broken: preprocess: truncated or corrupt JPEG" in out
     assert doc["engine"] == "ray" and doc["resources"]["CPU"] == 2
+
+
+def test_batch_and_watch_mode_put_each_mask_in_the_same_place(ray_session, tiny_models,
+                                                              photo_files, tmp_path, daemons):
+    """Issue 24: one rule (model.masks.mask_path) for watch mode and `pspnet batch`: x.jpg
+    beside x.png (one stem) both masked by each, at the same place below each --out, with
+    the same bytes."""
+    from PIL import Image
+
+    from pspnet.model.masks import mask_path
+    from tests.kit import watch_record
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    shutil.copy(photo_files[0], photos / "x.jpg")
+    Image.open(photo_files[1]).save(photos / "x.png")
+    watch_masks, ray_masks = tmp_path / "watch-masks", tmp_path / "ray-masks"
+    daemon = daemons(tiny_models["logits"], watch_masks, tmp_path, "--watch", str(photos),
+                     "--batch-size", "4", "--preprocess-workers", "1")
+    try:
+        daemon.wait_ready()
+        deadline = time.monotonic() + 60
+        while len(watch_record(watch_masks)) < 2:
+            assert time.monotonic() < deadline, daemon.logs()
+            time.sleep(0.1)
+    finally:
+        assert daemon.stop() == 0, daemon.logs()
+    assert batch("--images", str(photos), "--model", str(tiny_models["logits"]),
+                 "--out", str(ray_masks)) == 0
+    names = same_bytes(ray_masks, watch_masks)
+    assert names == sorted(str(mask_path(watch_masks, photos / n).relative_to(
+        watch_masks.resolve())) for n in ("x.jpg", "x.png"))
 
 
 def test_batch_masks_are_the_daemons_with_a_network_that_aligns_corners(ray_session,

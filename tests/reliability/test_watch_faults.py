@@ -101,11 +101,11 @@ def test_disk_full_then_freed_every_image_ends_with_a_mask(tiny_models, photo_fi
             code = daemon.stop()
         events = daemon.events()
         lines = watch_record(out)
-        masks = sorted(out.glob("*.png"))
+        masks = sorted(out.rglob("*.png"))
     assert code == 0, daemon.logs()
     assert sorted(done) == sorted(p.name for p in files), "an image was lost"
     for name, entry in done.items():
-        assert Path(entry["mask"]).name == Path(name).with_suffix(".png").name
+        assert Path(entry["mask"]).name == f"{name}.png"
     assert len(masks) == len(files)
     ok_lines = [e["name"] for e in lines if e["status"] == "ok"]
     assert len(ok_lines) == len(set(ok_lines)) == len(files), "an image was done twice"
