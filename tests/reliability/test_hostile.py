@@ -51,7 +51,7 @@ from tests.kit import (
 FIELDS = ["v", "kind", "req", "reqs", "id", "path", "ann", "attempt", "arrays", "place", "head",
           "status", "ids", "body", "message", "to", "address", "credits", "stage", "index",
           "pid", "counters", "inputs", "outputs", "capacity", "batch", "stuck", "fatal",
-          "executors", "mask", "error"]
+          "executors", "mask", "error", "size", "found"]
 FRONT_GROWTH_BOUND_MB = 64       # front RSS over its idle level while being attacked
 
 scalars = (st.none() | st.booleans() | st.integers(-(2**63), 2**64 - 1)
