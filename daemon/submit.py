@@ -110,12 +110,17 @@ class Interrupts:
 
 def run_submit(args: argparse.Namespace) -> int:
     try:
+        return _submit(args)
+    except KeyboardInterrupt:                # before or after the submission's own handler
+        sys.stderr.write("pspnet submit: interrupted before anything was sent\n")
+        return EXIT_INTERRUPTED
+
+
+def _submit(args: argparse.Namespace) -> int:
+    try:
         paths = gather(args.paths, args.recursive, args.list)
     except (NoImages, OSError) as exc:
         return _usage(str(exc))
-    except KeyboardInterrupt:
-        sys.stderr.write("pspnet submit: interrupted before anything was sent\n")
-        return EXIT_INTERRUPTED
     if not paths:
         return _usage("no images given (paths, a folder, --list FILE or - for stdin)")
     if args.ann is not None and len(args.ann) != len(paths):
