@@ -105,7 +105,9 @@ class WatchIntake:
         name, version = watched
         self._record(name, version=list(version), id=result.id, status=result.status,
                      mask=result.mask, error=result.error, cause=result.cause,
-                     attempt=result.attempt, final=result.cause is None)
+                     attempt=result.attempt, final=result.cause is None,
+                     size=list(result.size) if result.size else None,
+                     found=[list(f) for f in result.found])
         self.watcher.answered(name, version, result.cause)
 
     # ---- the record -----------------------------------------------------------------------

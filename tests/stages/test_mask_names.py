@@ -226,6 +226,9 @@ def test_watch_mode_masks_x_jpg_and_x_png_apart_and_does_not_redo_them(
         assert entry["status"] == "ok", entry
         assert entry["mask"] == str(mask_path(out, inbox / name))
         assert recorded_source(Path(entry["mask"])) == str((inbox / name).resolve())
+        with Image.open(inbox / name) as im:
+            assert entry["size"] == [im.height, im.width]       # what was found, recorded
+        assert sum(pixels for _, _, pixels in entry["found"]) == im.height * im.width
     daemon = daemons(tiny_models["logits"], out, tmp_path, *args)
     try:
         daemon.wait_ready()
