@@ -78,12 +78,16 @@ def readable(answer: Answer, shown: str) -> str:
     if answer.size is not None:
         parts.append(f"{answer.size[1]}x{answer.size[0]}")
         shares = answer.shares()
-        top = ", ".join(f"{name} {share * 100:.1f} %" for _, name, share in
-                        shares[:TOP_CLASSES])
+        top = ", ".join(f"{name} {_percent(share)}" for _, name, share in shares[:TOP_CLASSES])
         more = len(shares) - TOP_CLASSES
         parts.append(top + (f" (+{more} more)" if more > 0 else ""))
     parts.append(f"-> {answer.mask}" if answer.mask else "(no mask written)")
     return "  ".join(parts) + f"  ({ms})"
+
+
+def _percent(share: float) -> str:
+    """A share as a person reads it: a class that is there never shows as 0.0 %."""
+    return f"{share * 100:.1f} %" if share >= 0.0005 else "< 0.1 %"
 
 
 class Interrupts:

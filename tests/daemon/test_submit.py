@@ -95,6 +95,9 @@ def test_a_readable_line_says_size_classes_mask_and_time() -> None:
     doc = answer.as_dict()
     assert (doc["height"], doc["width"]) == (100, 200)
     assert doc["classes"][1] == {"id": 15, "name": "person", "share": 0.3}
+    speck = Answer("x-2", "/abs/c.jpg", "ok", "/m/c.png", None, 5.0, (1000, 1000),
+                   ((0, "background", 999_990), (9, "chair", 10)))
+    assert "background 100.0 %, chair < 0.1 %  -> /m/c.png" in readable(speck, "c.jpg")
     failed = Answer("x-1", "/abs/b.jpg", "error", None, "no such file", 3.0)
     assert readable(failed, "b.jpg") == "b.jpg  error: no such file  (3 ms)"
 
