@@ -534,9 +534,12 @@ def _found(found: Any) -> tuple[tuple[int, str, int], ...]:
     out = []
     for f in found:
         if not (isinstance(f, list) and len(f) == 3 and _is_int(f[0])
-                and 0 <= f[0] < MAX_CLASSES and _is_int(f[2]) and 0 < f[2] <= 1 << 40):
-            raise WireError("a found class is [id, name, pixels]")
-        out.append((f[0], _name({"name": f[1]}, "name"), f[2]))
+                and 0 <= f[0] < MAX_CLASSES and isinstance(f[1], str)
+                and 0 < len(f[1]) <= MAX_NAME_CHARS and f[1].isprintable()
+                and _is_int(f[2]) and 0 < f[2] <= 1 << 40):
+            raise WireError("a found class is [id, name (printable, at most "
+                            f"{MAX_NAME_CHARS} characters), pixels]")
+        out.append((f[0], f[1], f[2]))
     return tuple(out)
 
 

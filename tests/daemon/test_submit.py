@@ -14,6 +14,7 @@ import sys
 import time
 from pathlib import Path
 
+import msgpack
 import numpy as np
 import pytest
 from PIL import Image
@@ -81,9 +82,18 @@ def test_the_ledger_cancels_only_this_clients_queued_requests() -> None:
     assert ledger.cancel(b"me", ["c1"]) == []                       # once only
 
 
-def test_cancel_travels_on_the_wire() -> None:
+def test_cancel_and_what_was_found_travel_on_the_wire() -> None:
     msg = wire.decode(wire.encode(wire.Cancel(("a-1", "a-2"))))
     assert msg == wire.Cancel(("a-1", "a-2"))
+    result = wire.Result("a-1", 0, wire.OK, "/p/a.jpg", mask="/m/p/a.jpg.png", size=(30, 40),
+                         found=((0, "background", 1000), (15, "person", 200)))
+    assert wire.decode(wire.encode(result)) == result
+    header = msgpack.unpackb(wire.encode(result)[0])
+    for bad in ([[15, "person"]], [[15, "", 3]], [[-1, "x", 3]], [[2, "x", 0]], "x"):
+        with pytest.raises(wire.WireError, match="found"):
+            wire.decode([msgpack.packb({**header, "found": bad})])
+    with pytest.raises(wire.WireError, match="size"):
+        wire.decode([msgpack.packb({**header, "size": [0, 5]})])
 
 
 def test_a_readable_line_says_size_classes_mask_and_time() -> None:
