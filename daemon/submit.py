@@ -39,7 +39,11 @@ def gather(paths: Iterable[str], recursive: bool = False, listing: str | None = 
     out: list[str] = []
     given = list(paths)
     if listing is not None:
-        given += _lines(Path(listing).read_text(encoding="utf-8", errors="surrogateescape"))
+        try:
+            given += _lines(Path(listing).read_text(encoding="utf-8",
+                                                    errors="surrogateescape"))
+        except OSError as exc:
+            raise NoImages(f"--list {listing}: {exc.strerror or exc}") from None
     for path in given:
         if path == "-":
             out += _lines((stdin or sys.stdin).read())
@@ -123,7 +127,7 @@ def run_submit(args: argparse.Namespace) -> int:
 def _submit(args: argparse.Namespace) -> int:
     try:
         paths = gather(args.paths, args.recursive, args.list)
-    except (NoImages, OSError) as exc:
+    except (NoImages, OSError) as exc:       # OSError: a folder that cannot be listed
         return _usage(str(exc))
     if not paths:
         return _usage("no images given (paths, a folder, --list FILE or - for stdin)")

@@ -65,6 +65,8 @@ def test_the_cli_refuses_nothing_to_send_in_one_line(tmp_path: Path) -> None:
         assert done.returncode == EXIT_USAGE, done
         assert done.stderr.startswith("pspnet submit: error: ") and \
             done.stderr.count("\n") == 1, done.stderr
+    assert done.stderr == (f"pspnet submit: error: --list {tmp_path / 'missing.txt'}: "
+                           "No such file or directory\n")
 
 
 def test_the_ledger_cancels_only_this_clients_queued_requests() -> None:
