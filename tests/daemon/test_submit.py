@@ -188,3 +188,59 @@ def test_ctrl_c_cancels_the_queued_requests_and_the_daemon_goes_idle(
     assert counts["cancelled"] > 0 and sum(counts.values()) == len(paths), summary
     assert status["daemon"]["cancelled"] > 0, status["daemon"]
     assert again.returncode == 0 and json.loads(again.stdout)["status"] == "ok", again
+
+
+def test_the_client_cancels_what_has_not_started_and_a_second_interrupt_stops_waiting(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Against a scripted daemon (a ROUTER in this process), chunks of 2: the interrupt
+    comes while the first chunk is unanswered. The three never sent are cancelled here,
+    the two sent are asked of the daemon, which cancels one (still queued there); the
+    other (running) is answered as an error at the second interrupt, without waiting."""
+    import threading
+
+    import zmq
+
+    from pspnet.daemon import client as client_module
+    from pspnet.daemon.client import CANCELLED, Client
+
+    monkeypatch.setattr(client_module, "CHUNK", 2)
+    endpoint = f"ipc://{tmp_path}/front"
+    router = zmq.Context.instance().socket(zmq.ROUTER)   # the scripted daemon <- DEALER
+    router.bind(endpoint)
+    presses = [0]
+    seen: list[object] = []
+
+    def daemon() -> None:
+        while True:
+            who, *frames = router.recv_multipart()
+            msg = wire.decode(frames)
+            seen.append(msg)
+            if isinstance(msg, wire.StatusQuery):
+                reply = wire.Reply("status", body={"daemon": {"pid": 1}})
+            elif isinstance(msg, wire.Submit):
+                presses[0] = 1                 # Ctrl-C before the chunk is acknowledged
+                reply = wire.Reply("accepted", tuple(r.id for r in msg.requests))
+            else:
+                assert isinstance(msg, wire.Cancel)
+                reply = wire.Reply("cancelled", msg.ids[1:])
+            router.send_multipart([who, *wire.encode(reply)])
+            if isinstance(msg, wire.Cancel):
+                return
+
+    thread = threading.Thread(target=daemon, daemon=True)
+    thread.start()
+    answers = []
+    with Client(endpoint) as client:
+        for answer in client.submit([f"/p/{i}.jpg" for i in range(5)],
+                                    interrupts=lambda: presses[0]):
+            answers.append(answer)
+            if answer.path == "/p/1.jpg":
+                presses[0] = 2                 # the second Ctrl-C
+    thread.join(5)
+    router.close(0)
+    assert [(a.path, a.status) for a in answers] == [
+        ("/p/2.jpg", CANCELLED), ("/p/3.jpg", CANCELLED), ("/p/4.jpg", CANCELLED),
+        ("/p/1.jpg", CANCELLED), ("/p/0.jpg", "error")], answers
+    assert "interrupted while running" in answers[-1].error
+    assert [type(m).__name__ for m in seen] == ["StatusQuery", "Submit", "Cancel"]
+    assert len(seen[1].requests) == 2 and seen[2].ids == tuple(r.id for r in seen[1].requests)
