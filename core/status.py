@@ -78,7 +78,8 @@ class Tally(dict[str, float]):
 
 
 REQUESTS = Family("pspnet_requests", "Requests by outcome: answered ok, answered with an "
-                  "error, refused at the door (bad path, outside --allow-root)", "outcome")
+                  "error, refused at the door (bad path, outside --allow-root), cancelled "
+                  "by their client while queued", "outcome")
 
 
 # ---- per stage ---------------------------------------------------------------------------
