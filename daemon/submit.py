@@ -20,7 +20,7 @@ from pspnet.core.config import IMAGE_SUFFIXES
 from pspnet.core.exits import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_UNAVAILABLE, EXIT_USAGE
 from pspnet.core.logs import json_safe
 from pspnet.daemon.client import CANCELLED, Answer, Client, DaemonUnavailable
-from pspnet.daemon.endpoint import default_endpoint
+from pspnet.daemon.endpoint import default_endpoint, where_daemons_are
 
 PROGRESS_FROM = 10           # a progress bar (stderr, a terminal) from this many images on
 TOP_CLASSES = 3              # classes named on a readable line
@@ -150,7 +150,7 @@ def _submit(args: argparse.Namespace) -> int:
                 if answer.status != CANCELLED:
                     _print(answer, paths, as_json, bar)
     except DaemonUnavailable as exc:
-        sys.stderr.write(f"pspnet submit: error: {exc} (is `pspnet serve` running?)\n")
+        sys.stderr.write(f"pspnet submit: error: {exc}{where_daemons_are(client.endpoint)}\n")
         return EXIT_UNAVAILABLE
     if interrupts.count:
         sys.stderr.write(f"pspnet submit: interrupted: {counts['ok']} answered, "
