@@ -79,7 +79,8 @@ class Tally(dict[str, float]):
 
 
 REQUESTS = Family("pspnet_requests", "Requests by outcome: answered ok, answered with an "
-                  "error, refused at the door (bad path, outside --allow-root)", "outcome")
+                  "error, refused at the door (bad path, outside --allow-root), cancelled "
+                  "by their client while queued", "outcome")
 
 
 # ---- per stage ---------------------------------------------------------------------------
@@ -178,6 +179,8 @@ class ClientCounts:
     busy_replies: int = figure("Submissions answered `busy` (--max-queue full); the client "
                                "retries them", metric="pspnet_busy_replies")
     refused: int = figure("Requests refused at the door", metric=REQUESTS, label="refused")
+    cancelled: int = figure("Queued requests their client cancelled (Ctrl-C of pspnet "
+                            "submit)", metric=REQUESTS, label="cancelled")
     malformed: int = figure("Client messages dropped as malformed (also in front.malformed)")
     client_errors: int = figure("Client messages that could not be handled (answered with "
                                 "an internal error)", metric="pspnet_client_errors")

@@ -42,10 +42,11 @@ HEARTBEAT = "heartbeat"  # every worker -> front, from its work loop: alive, whe
 PEERS = "peers"          # front -> postprocess: the executors' output addresses
 SUBMIT = "submit"        # client -> daemon: run these paths
 STATUS = "status"        # client -> daemon: how are things
-REPLY = "reply"          # daemon -> client: answer to submit (accepted/busy) or status
+REPLY = "reply"          # daemon -> client: answer to submit (accepted/busy), status, cancel
+CANCEL = "cancel"        # client -> daemon: drop these requests of mine that have not started
 
 KINDS = (DISPATCH, IMAGE, OUTPUT, CREDIT, TOOK, HANDED, RESULT, HEARTBEAT, PEERS, SUBMIT,
-         STATUS, REPLY)
+         STATUS, REPLY, CANCEL)
 OK, ERROR = "ok", "error"
 STORAGE = "storage"          # the mask could not be stored: disk full, quota, read-only, EIO
 INCOMPLETE = "incomplete"    # the input looked unfinished (empty, truncated): it may change
@@ -132,6 +133,8 @@ class Result:
     areas: np.ndarray | None = None  # int64 4 x C: intersect, union, pred, label (with GT)
     cause: str | None = None      # an error that may pass: STORAGE or INCOMPLETE (watch
                                   # mode retries those); None: final
+    size: tuple[int, int] | None = None   # the image's height and width (answers: ok)
+    found: tuple[tuple[int, str, int], ...] = ()   # (class id, name, pixels), largest first
 
 
 @dataclass(frozen=True)
@@ -181,6 +184,14 @@ class Submit:
 
 
 @dataclass(frozen=True)
+class Cancel:
+    """Client -> daemon: its requests under these ids that are still queued are dropped
+    (answered by a `cancelled` Reply naming them); those already running finish."""
+
+    ids: tuple[str, ...]
+
+
+@dataclass(frozen=True)
 class StatusQuery:
     pass
 
@@ -198,7 +209,7 @@ class Reply:
 M = TypeVar("M")
 
 Message = (Dispatch | Image | Output | Credit | Result | Took | Handed | Heartbeat | Peers
-           | Submit | StatusQuery | Reply)
+           | Submit | StatusQuery | Reply | Cancel)
 
 
 # ---------------------------------------------------------------------------------------
@@ -227,7 +238,8 @@ def encode(msg: Message) -> list[Any]:
     elif isinstance(msg, Result):
         header |= {"kind": RESULT, "id": msg.id, "attempt": msg.attempt, "status": msg.status,
                    "path": msg.path, "mask": msg.mask, "error": msg.error, "stage": msg.stage,
-                   "cause": msg.cause,
+                   "cause": msg.cause, "size": None if msg.size is None else list(msg.size),
+                   "found": [list(f) for f in msg.found],
                    "arrays": [] if msg.areas is None else [_describe(msg.areas)]}
         if msg.areas is not None:
             arrays.append(msg.areas)
@@ -247,6 +259,8 @@ def encode(msg: Message) -> list[Any]:
         header |= {"kind": SUBMIT, "reqs": [_request_fields(r) for r in msg.requests]}
     elif isinstance(msg, StatusQuery):
         header |= {"kind": STATUS}
+    elif isinstance(msg, Cancel):
+        header |= {"kind": CANCEL, "ids": list(msg.ids)}
     elif isinstance(msg, Reply):
         header |= {"kind": REPLY, "status": msg.status, "ids": list(msg.ids),
                    "message": msg.message, "body": msg.body}
@@ -497,10 +511,36 @@ def _decode_result(h: dict[str, Any], frames: Sequence[Any], _: int) -> Result:
     cause = h.get("cause")
     if cause is not None and cause not in CAUSES:
         raise WireError(f"result cause {cause!r}")
+    size, found = _size(h.get("size")), _found(h.get("found", []))
     return Result(id=_string(h, "id"), attempt=_int(h, "attempt", 0, 100), status=status,
                   path=_string(h, "path", empty=True), mask=_string(h, "mask", optional=True),
                   error=_string(h, "error", optional=True), stage=_string(h, "stage", empty=True),
-                  areas=areas, cause=cause)
+                  areas=areas, cause=cause, size=size, found=found)
+
+
+def _size(size: Any) -> tuple[int, int] | None:
+    if size is None:
+        return None
+    if not (isinstance(size, list) and len(size) == 2
+            and all(_is_int(v) and 1 <= v <= 1 << 20 for v in size)):
+        raise WireError("result size must be [height, width]")
+    return size[0], size[1]
+
+
+def _found(found: Any) -> tuple[tuple[int, str, int], ...]:
+    """The classes in a mask: [id, name, pixels] each, at most MAX_CLASSES."""
+    if not isinstance(found, list) or len(found) > MAX_CLASSES:
+        raise WireError(f"result found must be a list of at most {MAX_CLASSES} classes")
+    out = []
+    for f in found:
+        if not (isinstance(f, list) and len(f) == 3 and _is_int(f[0])
+                and 0 <= f[0] < MAX_CLASSES and isinstance(f[1], str)
+                and 0 < len(f[1]) <= MAX_NAME_CHARS and f[1].isprintable()
+                and _is_int(f[2]) and 0 < f[2] <= 1 << 40):
+            raise WireError("a found class is [id, name (printable, at most "
+                            f"{MAX_NAME_CHARS} characters), pixels]")
+        out.append((f[0], f[1], f[2]))
+    return tuple(out)
 
 
 def _decode_heartbeat(h: dict[str, Any], frames: Sequence[Any], _: int) -> Heartbeat:
@@ -547,6 +587,11 @@ def _decode_status(h: dict[str, Any], frames: Sequence[Any], _: int) -> StatusQu
     return StatusQuery()
 
 
+def _decode_cancel(h: dict[str, Any], frames: Sequence[Any], _: int) -> Cancel:
+    _no_arrays(frames)
+    return Cancel(ids=_ids(h, "ids"))
+
+
 def _decode_reply(h: dict[str, Any], frames: Sequence[Any], _: int) -> Reply:
     _no_arrays(frames)
     ids = h.get("ids")
@@ -563,5 +608,5 @@ _DECODERS = {
     DISPATCH: _decode_dispatch, IMAGE: _decode_image, OUTPUT: _decode_output,
     CREDIT: _decode_credit, RESULT: _decode_result, TOOK: _decode_took, HANDED: _decode_handed,
     HEARTBEAT: _decode_heartbeat, PEERS: _decode_peers, SUBMIT: _decode_submit,
-    STATUS: _decode_status, REPLY: _decode_reply,
+    STATUS: _decode_status, REPLY: _decode_reply, CANCEL: _decode_cancel,
 }

@@ -39,14 +39,26 @@ def add_daemon_parsers(sub: argparse._SubParsersAction) -> None:
 
     submit = sub.add_parser(
         "submit", formatter_class=fmt,
-        help="send images to the running daemon; one JSON line per result",
-        description="Send image paths to a running daemon and print one JSON line per image "
-                    "as it finishes: id, path, status (ok|error), mask, error, latency_ms. "
-                    "Exit status 0 only if every image succeeded.",
-        epilog="example: pspnet submit photos/*.jpg --ann gt/*.png")
-    submit.add_argument("paths", nargs="+", type=Path, metavar="PATH", help="images to segment")
+        help="send images to the running daemon; a line per image as it finishes",
+        description="Send images to a running daemon: files, folders (their images; -r: "
+                    "their subfolders' too), the paths in --list FILE, or - to read paths "
+                    "from stdin. On a terminal each finished image gets a readable line "
+                    "(path, size, largest classes, mask, time); otherwise, or with --json, "
+                    "a JSON line (id, path, status, mask, error, latency_ms, height, width, "
+                    "classes). Ctrl-C cancels the images not yet started, waits briefly for "
+                    "those running, prints a summary and exits 130. Exit status 0 only if "
+                    "every image succeeded.",
+        epilog="examples: pspnet submit photos/ -r;  find . -name '*.jpg' | pspnet submit -")
+    submit.add_argument("paths", nargs="*", metavar="PATH",
+                        help="images, folders of images, or - for paths on stdin")
+    submit.add_argument("-r", "--recursive", action="store_true",
+                        help="take the images in folders' subfolders too")
+    submit.add_argument("--list", default=None, metavar="FILE",
+                        help="a file with one image path per line")
+    submit.add_argument("--json", action="store_true",
+                        help="JSON lines even on a terminal")
     submit.add_argument("--ann", nargs="+", type=Path, default=None, metavar="GT",
-                        help="ground-truth palette PNGs, one per PATH in the same order "
+                        help="ground-truth palette PNGs, one per image in the same order "
                              "(the daemon then keeps a running mIoU); put --ann after the "
                              "images: it takes every path that follows it")
     submit.add_argument("--endpoint", default=None,
@@ -164,24 +176,9 @@ def run_serve(args: argparse.Namespace) -> int:
 
 
 def run_submit(args: argparse.Namespace) -> int:
-    from pspnet.daemon.client import Client, DaemonUnavailable
+    from pspnet.daemon.submit import run_submit as run
 
-    if args.ann is not None and len(args.ann) != len(args.paths):
-        return usage_error("submit", f"{len(args.paths)} paths but {len(args.ann)} --ann files")
-    failed = 0
-    try:
-        try:
-            client = Client(args.endpoint or default_endpoint())
-        except ValueError as exc:          # a malformed --endpoint, before any socket
-            return usage_error("submit", str(exc))
-        with client:
-            for answer in client.submit(args.paths, args.ann, timeout_s=args.timeout):
-                failed += answer.status != "ok"
-                print_json(answer.as_dict())
-    except DaemonUnavailable as exc:
-        sys.stderr.write(f"pspnet submit: error: {exc}{where_daemons_are(client.endpoint)}\n")
-        return EXIT_UNAVAILABLE
-    return EXIT_FAILED if failed else 0
+    return run(args)
 
 
 def print_json(doc: object) -> None:

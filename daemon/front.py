@@ -281,12 +281,13 @@ class Front:
             return
         self.storage.saw(result)
         self._deliver(entry, result.status, result.mask, result.error, result.stage,
-                      result.areas, result.cause)
+                      result.areas, result.cause, (result.size, result.found))
 
     def _deliver(self, entry: Any, status: str, mask: str | None, error: str | None,
                  stage: str, areas: Any = None, cause: str | None = None,
-                 quiet: bool = False) -> None:
-        """One answer for one accepted request, under the id its client gave."""
+                 found: tuple[Any, Any] = (None, ()), quiet: bool = False) -> None:
+        """One answer for one accepted request, under the id its client gave; `found`: the
+        image's size and the classes in its mask."""
         if status == wire.OK and areas is not None:
             self.metrics.add(areas)
         self.totals["ok" if status == wire.OK else "errors"] += 1
@@ -301,7 +302,8 @@ class Front:
                              path=entry.request.path, stage=stage, error=error)
         self.answers.append((wire.Result(entry.client_id, entry.request.attempt, status,
                                          entry.request.path, mask=mask, error=error,
-                                         stage=stage, areas=areas, cause=cause),
+                                         stage=stage, areas=areas, cause=cause,
+                                         size=found[0], found=found[1]),
                              entry.origin))
 
     def _malformed(self, exc: wire.WireError) -> None:

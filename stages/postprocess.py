@@ -10,6 +10,7 @@ goes to the front, which sums them, so a crashed worker loses no metric state.
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +21,7 @@ from pspnet.core import wire
 from pspnet.core.config import DEFAULT_MAX_PIXELS, output_problem
 from pspnet.model.labels import (
     GroundTruthError,
+    class_pixels,
     intersect_and_union,
     labels_from_labels,
     labels_from_logits,
@@ -133,6 +135,7 @@ def finish(output: wire.Output, manifest: Manifest, out_dir: Path | None,
             target = mask_path(out_dir, request.path)
             write_mask(labels, target, manifest.palette, source=request.path)
             mask = str(target)
+        found = found_classes(labels, manifest.class_names)
         areas = None
         if request.ann:
             truth = read_ground_truth(request.ann, max_pixels, expected=labels.shape)
@@ -145,4 +148,21 @@ def finish(output: wire.Output, manifest: Manifest, out_dir: Path | None,
     return wire.Result(id=request.id, attempt=request.attempt, status=wire.OK,
                        path=request.path, mask=mask, stage=STAGE,
                        areas=np.ascontiguousarray(areas, dtype=np.int64)
-                       if areas is not None else None)
+                       if areas is not None else None,
+                       size=(int(labels.shape[0]), int(labels.shape[1])),
+                       found=found)
+
+
+def found_classes(labels: np.ndarray, class_names: Sequence[str],
+                  ) -> tuple[tuple[int, str, int], ...]:
+    """(class id, name, pixels) of every class in the mask, largest first: what the answer
+    says was found. A class without a usable name (none, past the model's classes, not
+    printable) is named by its number."""
+    counts = class_pixels(labels)
+    order = sorted(np.flatnonzero(counts).tolist(), key=lambda k: (-counts[k], k))
+    return tuple((k, _class_name(class_names, k), int(counts[k])) for k in order)
+
+
+def _class_name(class_names: Sequence[str], k: int) -> str:
+    name = class_names[k][:wire.MAX_NAME_CHARS] if k < len(class_names) else ""
+    return name if name and name.isprintable() else str(k)
