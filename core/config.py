@@ -39,8 +39,10 @@ from pspnet.core.cli_args import (
     setting,
 )
 from pspnet.core.plan import Given, make_plan, this_machine
+from pspnet.core.wire import DEFAULT_MAX_PIXELS as DEFAULT_MAX_PIXELS
 
-DEFAULT_MAX_PIXELS = 50_000_000        # refuse larger images from the header, before decoding
+# DEFAULT_MAX_PIXELS: refuse larger images from the header, before decoding; core.wire holds
+# the value, so that every placement on the wire meets the same bound.
 # What counts as an image file wherever a folder is read (watch, bench, batch): the formats
 # model.image_io decodes.
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")

@@ -28,6 +28,10 @@ MAX_FRAMES = 4
 MAX_STATS_ENTRIES = 64
 MAX_IDS = 4096                      # ids in one note
 MAX_PEERS = 256                     # executors in one peers message
+DEFAULT_MAX_PIXELS = 50_000_000     # an image's pixels (--max-pixels): a placement's original
+                                    # size is checked against it before anything allocates it
+MAX_CONTROL_FRAME_BYTES = 1 << 20   # a frame on a control socket (ZMQ_MAXMSGSIZE): headers,
+                                    # and a result's areas (4 x MAX_CLASSES int64)
 
 # Message kinds: explicit, never inferred from frame counts. Pixels and outputs flow between
 # the stage processes (DISPATCH names where to send them); the front carries control only.
@@ -295,8 +299,11 @@ def document_unpacker() -> msgpack.Unpacker:
 # decode
 
 
-def decode(frames: Sequence[Any], max_submit: int = 4096) -> Message:
-    """Frames (bytes or zmq.Frame) -> a validated message, or WireError."""
+def decode(frames: Sequence[Any], max_submit: int = 4096,
+           max_pixels: int = DEFAULT_MAX_PIXELS) -> Message:
+    """Frames (bytes or zmq.Frame) -> a validated message, or WireError. A placement's
+    original size is held to `max_pixels` (the receiving stage's --max-pixels): postprocess
+    allocates that many labels, so a claim beyond it costs its frame, not the process."""
     if not frames:
         raise WireError("empty message")
     if len(frames) > MAX_FRAMES:
@@ -321,14 +328,20 @@ def decode(frames: Sequence[Any], max_submit: int = 4096) -> Message:
         raise WireError(f"unknown message kind {kind!r}")
     request_id = _peek_id(header)
     try:
-        return _DECODERS[kind](header, frames[1:], max_submit)
+        msg = _DECODERS[kind](header, frames[1:], max_submit)
     except WireError as exc:
         raise WireError(f"{kind}: {exc}", exc.request_id or request_id) from None
+    placement = getattr(msg, "placement", None)
+    if placement is not None and placement.orig_h * placement.orig_w > max_pixels:
+        raise WireError(f"{kind}: placement claims a {placement.orig_h} x {placement.orig_w} "
+                        f"image, over {max_pixels} pixels", request_id)
+    return msg
 
 
-def decode_as(frames: Sequence[Any], kind: type[M]) -> M:
+def decode_as(frames: Sequence[Any], kind: type[M],
+              max_pixels: int = DEFAULT_MAX_PIXELS) -> M:
     """decode, and refuse any other kind than the one this socket carries."""
-    msg = decode(frames)
+    msg = decode(frames, max_pixels=max_pixels)
     if not isinstance(msg, kind):
         raise WireError(f"expected {kind.__name__}, got {type(msg).__name__}")
     return msg
@@ -407,6 +420,8 @@ def _placement(p: Any) -> Placement:
         raise WireError("placement scale must be a positive number")
     if min(orig_h, orig_w, height, width) < 1:
         raise WireError("placement sizes must be positive")
+    if max(top + height, left + width) > MAX_SIDE_PIXELS:
+        raise WireError(f"placement box beyond a {MAX_SIDE_PIXELS}-pixel model input")
     return Placement(orig_h, orig_w, float(scale), top, left, height, width)
 
 

@@ -104,6 +104,7 @@ class Front:
         self.control.setsockopt(zmq.ROUTER_MANDATORY, 1)
         self.control.setsockopt(zmq.SNDHWM, 0)       # bounded by credits, not by ZeroMQ
         self.control.setsockopt(zmq.RCVHWM, 0)
+        self.control.setsockopt(zmq.MAXMSGSIZE, wire.MAX_CONTROL_FRAME_BYTES)  # before malloc
         try:
             self.control.bind(self.addrs.control)
         except zmq.ZMQError as exc:

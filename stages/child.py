@@ -96,6 +96,7 @@ class Child:
         sock.setsockopt(zmq.IDENTITY, identity.encode())
         sock.setsockopt(zmq.LINGER, SEND_LINGER_MS)
         sock.setsockopt(zmq.SNDHWM, 0)       # notes are bounded by the work the front routes
+        sock.setsockopt(zmq.MAXMSGSIZE, wire.MAX_CONTROL_FRAME_BYTES)   # refused unallocated
         sock.connect(self.addrs.control)
         return sock
 

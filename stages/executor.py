@@ -121,9 +121,14 @@ class Executor:
         self.lock = threading.Lock()
         self.images = child.ctx.socket(zmq.PULL)     # <- preprocess PUSHes: pixels
         self.images.setsockopt(zmq.LINGER, 0)
+        # a frame larger than one letterboxed image (or a header) is refused by ZeroMQ before
+        # it allocates it, and its sender disconnected
+        self.images.setsockopt(zmq.MAXMSGSIZE, max(self.slots[0].images[0].nbytes,
+                                                   wire.MAX_CONTROL_FRAME_BYTES))
         self.outputs = child.ctx.socket(zmq.ROUTER)  # <-> postprocess DEALERs: credits in,
         self.outputs.setsockopt(zmq.LINGER, -1)      # outputs out (the runner thread's)
         self.outputs.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        self.outputs.setsockopt(zmq.MAXMSGSIZE, wire.MAX_CONTROL_FRAME_BYTES)   # credits only
         child.inputs = bind(child, self.images, "in")
         child.outputs = bind(child, self.outputs, "out")
         child.capacity, child.batch = ROOM_BATCHES * self.batch, self.batch
@@ -190,7 +195,7 @@ class Executor:
     def _receive(self, slot: Slot) -> wire.Image | None:
         frames = self.images.recv_multipart(copy=False)
         try:
-            image = wire.decode_as(frames, wire.Image)
+            image = wire.decode_as(frames, wire.Image, self.cfg.max_pixels)
             if image.pixels.shape != slot.images.shape[1:]:
                 raise wire.WireError(f"pixels {image.pixels.shape}, model takes "
                                      f"{slot.images.shape[1:]}", image.request.id)

@@ -45,7 +45,8 @@ def main(child: Child) -> None:
         problem = output_problem(out_dir, directory=True)
         if problem:                      # every mask would fail; a crash would only restart us
             child.fatal(f"mask directory (--out) {problem}")
-    inboxes = Inboxes(child)
+    h, w = manifest.input_size
+    inboxes = Inboxes(child, max(manifest.num_classes * h * w * 4, wire.MAX_CONTROL_FRAME_BYTES))
     child.log.info("ready", masks=str(out_dir) if out_dir else None)
     while True:
         child.tick()
@@ -58,7 +59,7 @@ def main(child: Child) -> None:
             frames = sock.recv_multipart(copy=False)
             started = time.perf_counter()
             try:
-                output = wire.decode_as(frames, wire.Output)
+                output = wire.decode_as(frames, wire.Output, cfg.max_pixels)
             except wire.WireError as exc:
                 child.log.warning("malformed message dropped", error=str(exc),
                                   id=exc.request_id)
@@ -76,8 +77,11 @@ def main(child: Child) -> None:
 class Inboxes:
     """One DEALER per executor, kept in step with the front's Peers list."""
 
-    def __init__(self, child: Child) -> None:
+    def __init__(self, child: Child, max_frame_bytes: int) -> None:
+        """`max_frame_bytes`: the largest output an executor may send (logits of the model
+        input's size); ZeroMQ refuses a larger frame before allocating it."""
         self.child = child
+        self.max_frame_bytes = max_frame_bytes
         self.by_executor: dict[str, zmq.Socket] = {}
         self.poller = zmq.Poller()
         self.poller.register(child.control, zmq.POLLIN)
@@ -107,6 +111,7 @@ class Inboxes:
             sock = self.child.ctx.socket(zmq.DEALER)  # credits out, outputs in <-> executor
             sock.setsockopt(zmq.IDENTITY, self.child.name.encode())
             sock.setsockopt(zmq.LINGER, 0)
+            sock.setsockopt(zmq.MAXMSGSIZE, self.max_frame_bytes)
             sock.connect(address)
             sock.send_multipart(wire.encode(wire.Credit(peers.credits)))
             self.by_executor[name] = sock
