@@ -228,22 +228,24 @@ class Addresses:
         return f"tcp://{self.data_host}:*"
 
 
-def start_document(cfg: PipelineConfig, addrs: Addresses) -> str:
-    """What the front writes to a worker's stdin (pspnet.stages.worker reads it): JSON, no pickle,
-    and nothing of the front's state."""
+def start_document(cfg: PipelineConfig, addrs: Addresses, secret: bytes) -> str:
+    """What the front writes to a worker's stdin (pspnet.stages.worker reads it): JSON, no
+    pickle, nothing of the front's state but the secret its tokens are made with (a pipe:
+    no file others could read; core.trust)."""
     return json.dumps({"config": json.loads(cfg.to_json()), "front_pid": os.getpid(),
+                       "secret": secret.hex(),
                        "control": addrs.control, "data_host": addrs.data_host,
                        "run_dir": None if addrs.run_dir is None else str(addrs.run_dir)})
 
 
-def read_start_document(text: str) -> tuple[PipelineConfig, Addresses, int]:
-    """(config, addresses, the front's pid) from start_document's JSON."""
+def read_start_document(text: str) -> tuple[PipelineConfig, Addresses, int, bytes]:
+    """(config, addresses, the front's pid, the secret) from start_document's JSON."""
     doc = json.loads(text)
     cfg = PipelineConfig.from_json(json.dumps(doc["config"]))
     run_dir = doc["run_dir"]
     addrs = Addresses(doc["control"], doc["data_host"],
                       None if run_dir is None else Path(run_dir))
-    return cfg, addrs, int(doc["front_pid"])
+    return cfg, addrs, int(doc["front_pid"]), bytes.fromhex(doc["secret"])
 
 
 def private_dir(path: Path) -> Path:

@@ -73,6 +73,7 @@ class Request:
     path: str
     ann: str | None = None        # ground-truth palette PNG, for mIoU
     attempt: int = 0              # bumped when a request is retried after a crash
+    token: str = ""               # the front's, per dispatch (core.trust); "" from clients
 
 
 @dataclass(frozen=True)
@@ -136,6 +137,7 @@ class Result:
     areas: np.ndarray | None = None  # int64 4 x C: intersect, union, pred, label (with GT)
     cause: str | None = None      # an error that may pass: STORAGE or INCOMPLETE (watch
                                   # mode retries those); None: final
+    token: str = ""               # a stage's answer: its request's token (core.trust)
 
 
 @dataclass(frozen=True)
@@ -231,7 +233,7 @@ def encode(msg: Message) -> list[Any]:
     elif isinstance(msg, Result):
         header |= {"kind": RESULT, "id": msg.id, "attempt": msg.attempt, "status": msg.status,
                    "path": msg.path, "mask": msg.mask, "error": msg.error, "stage": msg.stage,
-                   "cause": msg.cause,
+                   "cause": msg.cause, "token": msg.token,
                    "arrays": [] if msg.areas is None else [_describe(msg.areas)]}
         if msg.areas is not None:
             arrays.append(msg.areas)
@@ -262,7 +264,7 @@ def encode(msg: Message) -> list[Any]:
 
 
 def _request_fields(r: Request) -> dict[str, Any]:
-    return {"id": r.id, "path": r.path, "ann": r.ann, "attempt": r.attempt}
+    return {"id": r.id, "path": r.path, "ann": r.ann, "attempt": r.attempt, "token": r.token}
 
 
 def _placement_fields(p: Placement) -> list[Any]:
@@ -406,7 +408,16 @@ def _request(h: Any) -> Request:
     if not isinstance(h, dict):
         raise WireError("request must be a map")
     return Request(id=_string(h, "id"), path=_string(h, "path"),
-                   ann=_string(h, "ann", optional=True), attempt=_int(h, "attempt", 0, 100))
+                   ann=_string(h, "ann", optional=True), attempt=_int(h, "attempt", 0, 100),
+                   token=_token(h))
+
+
+def _token(h: dict[str, Any]) -> str:
+    token = h.get("token", "")
+    if not isinstance(token, str) or len(token) > MAX_NAME_CHARS or not token.isascii():
+        raise WireError(f"field 'token' must be a string of at most {MAX_NAME_CHARS} "
+                        "ASCII characters")
+    return token
 
 
 def _placement(p: Any) -> Placement:
@@ -515,7 +526,7 @@ def _decode_result(h: dict[str, Any], frames: Sequence[Any], _: int) -> Result:
     return Result(id=_string(h, "id"), attempt=_int(h, "attempt", 0, 100), status=status,
                   path=_string(h, "path", empty=True), mask=_string(h, "mask", optional=True),
                   error=_string(h, "error", optional=True), stage=_string(h, "stage", empty=True),
-                  areas=areas, cause=cause)
+                  areas=areas, cause=cause, token=_token(h))
 
 
 def _decode_heartbeat(h: dict[str, Any], frames: Sequence[Any], _: int) -> Heartbeat:

@@ -38,6 +38,7 @@ from pspnet.core.status import (
     counter_names,
     summed,
 )
+from pspnet.core.trust import Refusals, Trust, new_secret, peer_pid
 from pspnet.daemon.ledger import Ledger
 from pspnet.daemon.storage import StorageEpisode
 from pspnet.daemon.supervisor import STAGES, CannotStart, Supervisor
@@ -54,6 +55,10 @@ DEAD_COUNTERS = counter_names(WorkerFigures)   # a dead worker's counts are kept
 
 class PipelineError(RuntimeError):
     """The pipeline cannot run (a worker cannot start); the message says which and why."""
+
+
+class Forged(Exception):
+    """A message the front did not hand out the right to send (core.trust)."""
 
 
 class StartInterrupted(RuntimeError):
@@ -81,6 +86,7 @@ class Front:
         self.answered_at: collections.deque[float] = collections.deque()
         self.bytes_in = self.bytes_out = 0
         self.storage = StorageEpisode(self.log)
+        self.refusals = Refusals(self.log.warning)
         self.started = False
         self._next_check = 0.0
         self._own_run_dir = cfg.run_dir is None
@@ -115,7 +121,9 @@ class Front:
                 why += (f" (--transport tcp uses port {self.cfg.tcp_ports} on "
                         f"{self.cfg.tcp_host}; choose another --tcp-base-port)")
             raise PipelineError(why) from exc
-        self.supervisor = Supervisor(self.cfg, start_document(self.cfg, self.addrs),
+        secret = new_secret()
+        self.trust = Trust(secret)
+        self.supervisor = Supervisor(self.cfg, start_document(self.cfg, self.addrs, secret),
                                      self.around_spawn)
         self.started = True
         try:
@@ -213,14 +221,28 @@ class Front:
                 return n
             self.bytes_in += len(identity) + sum(len(f) for f in frames)
             try:
-                self._handle(identity.bytes.split(b"/", 1)[0].decode("ascii", "replace"),
-                             frames)
+                self._handle(self._sender(identity, frames), frames)
+            except Forged as exc:
+                self.totals["forged_dropped"] += 1
+                self.refusals.refuse(identity.bytes[:40].decode("ascii", "replace"), str(exc))
             except wire.WireError as exc:
                 self._malformed(exc)
             except Exception:              # a bug must cost one message, not the daemon
                 self.totals["malformed"] += 1
                 self.log.exception("internal message not handled")
         return budget
+
+    def _sender(self, identity: zmq.Frame, frames: list[zmq.Frame]) -> str:
+        """The worker name a message comes from: its identity must be one the front's
+        secret made (core.trust), and on ipc its pid the one the kernel reports."""
+        name = self.trust.name_of(identity.bytes)
+        match = None if name is None else NAME.match(name)
+        if match is None:
+            raise Forged("an identity the front did not hand out")
+        pid = peer_pid(frames[0]) if frames and self.cfg.transport == "ipc" else None
+        if pid is not None and pid != int(match[3]):
+            raise Forged(f"{name} speaking from pid {pid}")
+        return name
 
     def _handle(self, name: str, frames: list[zmq.Frame]) -> None:
         match = NAME.match(name)
@@ -232,7 +254,7 @@ class Front:
         if isinstance(msg, wire.Heartbeat):
             self._heartbeat(name, stage, index, pid, msg, now)
         elif isinstance(msg, wire.Result):
-            self._answer(msg)
+            self._answer(msg, name)
         elif isinstance(msg, wire.Took):
             self.ledger.took(name, msg.ids)
         elif isinstance(msg, wire.Handed):
@@ -275,11 +297,17 @@ class Front:
                              reason=why)
             self._forget(worker.name, why)
 
-    def _answer(self, result: wire.Result) -> None:
-        entry = self.ledger.answer(result.id)
-        if entry is None:
-            self.totals["duplicates_dropped"] += 1
+    def _answer(self, result: wire.Result, sender: str) -> None:
+        entry = self.ledger.entries.get(result.id)
+        if entry is None or result.attempt < entry.request.attempt:
+            self.totals["duplicates_dropped"] += 1       # answered, or an earlier attempt's
             return
+        if not self.trust.answers(result, entry.request.attempt, entry.executor):
+            raise Forged(f"an answer to {result.id} without its token")
+        if sender not in entry.holders and not (  # postprocess: the executor's note that
+                sender.startswith("postprocess-") and sender in self.workers):  # handed it
+            raise Forged(f"{sender} answers {result.id}, held by {entry.holders}")  # may lag
+        self.ledger.answer(result.id)
         self.storage.saw(result)
         self._deliver(entry, result.status, result.mask, result.error, result.stage,
                       result.areas, result.cause)
@@ -324,9 +352,13 @@ class Front:
             if prep is None or executor is None:
                 return
             entry = ledger.next_queued()
-            frames = wire.encode(wire.Dispatch(entry.request, executor.name, executor.inputs))
+            r = entry.request
+            request = wire.Request(r.id, r.path, r.ann, r.attempt,
+                                   self.trust.token(r.id, r.attempt, executor.name))
+            frames = wire.encode(wire.Dispatch(request, executor.name, executor.inputs))
             try:
-                self.control.send_multipart([prep.name.encode(), *frames], zmq.NOBLOCK)
+                self.control.send_multipart([self.trust.identity(prep.name), *frames],
+                                            zmq.NOBLOCK)
             except zmq.ZMQError:            # gone (ROUTER_MANDATORY): until it beats again
                 prep.reachable = False
                 continue
@@ -338,7 +370,8 @@ class Front:
         frames = wire.encode(self.workers.peers(self.cfg.postprocess_workers))
         for worker in to:
             try:
-                self.control.send_multipart([worker.name.encode(), *frames], zmq.NOBLOCK)
+                self.control.send_multipart([self.trust.identity(worker.name), *frames],
+                                            zmq.NOBLOCK)
                 self.bytes_out += len(worker.name) + sum(len(f) for f in frames)
             except zmq.ZMQError:
                 worker.reachable = False

@@ -28,6 +28,7 @@ from pspnet.core import wire
 from pspnet.core.config import Addresses, PipelineConfig
 from pspnet.core.exits import EXIT_CANNOT_START, EXIT_FAILED
 from pspnet.core.logs import configure_logging
+from pspnet.core.trust import Refusals, Trust
 
 SEND_LINGER_MS = 2000   # on exit, let queued answers reach the front
 POLL_S = 0.2            # a work loop waits at most this long before it turns again
@@ -69,6 +70,7 @@ class Child:
     index: int
     cfg: PipelineConfig
     addrs: Addresses
+    trust: Trust                       # the front's secret: tokens, identities (core.trust)
     supervised: bool = True
     inputs: str = ""
     outputs: str = ""
@@ -84,16 +86,18 @@ class Child:
                           index=self.index, pid=self.pid)
         self.log = structlog.get_logger()
         self.ctx = zmq.Context()
-        self.control = self.connect_control(self.name)
+        self.control = self.connect_control("main")
         self.counters.update(processed=0, errors=0, busy_s=0.0, queue=0)
+        self.refusals = Refusals(self.log.warning)   # forged data: counted, dropped
         self.lock = threading.Lock()       # counters: the executor's runner counts too
         self._next_beat = 0.0
         self._parent = os.getppid() if self.supervised else None
 
-    def connect_control(self, identity: str) -> zmq.Socket:
-        """A DEALER to the front's control ROUTER; one per thread that talks to the front."""
+    def connect_control(self, role: str) -> zmq.Socket:
+        """A DEALER to the front's control ROUTER; one per thread that talks to the front,
+        under an identity that proves this worker's name (core.trust)."""
         sock = self.ctx.socket(zmq.DEALER)   # <-> front ROUTER: work in; notes, answers out
-        sock.setsockopt(zmq.IDENTITY, identity.encode())
+        sock.setsockopt(zmq.IDENTITY, self.trust.identity(self.name, role))
         sock.setsockopt(zmq.LINGER, SEND_LINGER_MS)
         sock.setsockopt(zmq.SNDHWM, 0)       # notes are bounded by the work the front routes
         sock.setsockopt(zmq.MAXMSGSIZE, wire.MAX_CONTROL_FRAME_BYTES)   # refused unallocated
@@ -108,6 +112,11 @@ class Child:
         with self.lock:
             for key, delta in deltas.items():
                 self.counters[key] = self.counters.get(key, 0) + delta
+
+    def forged(self, peer: str, why: str, **fields: object) -> None:
+        """Data this worker was not handed (core.trust): counted and dropped, never used."""
+        self.count(forged_dropped=1)
+        self.refusals.refuse(peer, why, **fields)
 
     def watch(self, name: str) -> Watched:
         """Register a helper thread (set `.thread` once it is made)."""
@@ -151,4 +160,5 @@ class Child:
 def error_result(request: wire.Request, stage: str, message: str,
                  cause: str | None = None) -> wire.Result:
     return wire.Result(id=request.id, attempt=request.attempt, status=wire.ERROR,
-                       path=request.path, error=message, stage=stage, cause=cause)
+                       path=request.path, error=message, stage=stage, cause=cause,
+                       token=request.token)

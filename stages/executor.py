@@ -207,6 +207,10 @@ class Executor:
         if image.to != self.child.name:       # meant for this executor's previous life:
             self.child.count(stale_dropped=1)  # the front has retried it already
             return None
+        if not self.child.trust.holds(image.request, self.child.name):
+            self.child.forged("images", "pixels without their request's token",
+                              id=image.request.id)
+            return None
         return image
 
     def _device_idle(self) -> bool:
@@ -230,7 +234,7 @@ class Executor:
             raise
 
     def _run_batches(self) -> None:
-        notes = self.child.connect_control(f"{self.child.name}/runner")  # -> front ROUTER
+        notes = self.child.connect_control("runner")  # -> front ROUTER
         credits: dict[bytes, int] = {}        # postprocess identity -> outputs it can take
         while True:
             slot_index = self.ready.get()
@@ -302,7 +306,8 @@ class Executor:
                 sent[worker].append(request.id)
                 break
         for worker, ids in sent.items():
-            notes.send_multipart(wire.encode(wire.Handed(tuple(ids), worker.decode())))
+            name = self.child.trust.name_of(worker) or "?"   # credits came only from those
+            notes.send_multipart(wire.encode(wire.Handed(tuple(ids), name)))
 
     def _take_credit(self, credits: dict[bytes, int]) -> bytes:
         """The next postprocess worker with room, in turn; waits for one when none has any
@@ -321,6 +326,11 @@ class Executor:
                 return
             timeout_ms = 0
             worker, *frames = self.outputs.recv_multipart()
+            name = self.child.trust.name_of(worker)
+            if name is None or not name.startswith("postprocess-"):   # not the front's worker:
+                self.child.forged(worker.hex()[:32], "credits from a peer the front did "
+                                  "not start")                      # it is sent no outputs
+                continue
             try:
                 credit = wire.decode_as(frames, wire.Credit)
             except wire.WireError as exc:

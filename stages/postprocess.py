@@ -66,6 +66,12 @@ def main(child: Child) -> None:
                 child.count(errors=1)
                 sock.send_multipart(wire.encode(wire.Credit(1)))
                 continue
+            executor = inboxes.executor_of(sock)
+            if not child.trust.holds(output.request, executor):   # not handed out for it
+                child.forged(executor, "output without its request's token",
+                             id=output.request.id)
+                sock.send_multipart(wire.encode(wire.Credit(1)))
+                continue
             result = finish(output, manifest, out_dir, cfg.max_pixels)
             child.send(result)
             sock.send_multipart(wire.encode(wire.Credit(1)))
@@ -90,6 +96,9 @@ class Inboxes:
     def open(self) -> list[zmq.Socket]:
         return list(self.by_executor.values())
 
+    def executor_of(self, sock: zmq.Socket) -> str:
+        return next(name for name, s in self.by_executor.items() if s is sock)
+
     def poll(self, timeout_ms: float) -> list[zmq.Socket]:
         return [sock for sock, _ in self.poller.poll(timeout_ms)]
 
@@ -109,7 +118,9 @@ class Inboxes:
             if name in self.by_executor:
                 continue
             sock = self.child.ctx.socket(zmq.DEALER)  # credits out, outputs in <-> executor
-            sock.setsockopt(zmq.IDENTITY, self.child.name.encode())
+            # an identity the executor can verify: it sends outputs only to the front's
+            sock.setsockopt(zmq.IDENTITY, self.child.trust.identity(self.child.name,
+                                                                    "credits"))
             sock.setsockopt(zmq.LINGER, 0)
             sock.setsockopt(zmq.MAXMSGSIZE, self.max_frame_bytes)
             sock.connect(address)
@@ -146,6 +157,6 @@ def finish(output: wire.Output, manifest: Manifest, out_dir: Path | None,
     except (GroundTruthError, ValueError) as exc:
         return error_result(request, STAGE, str(exc))
     return wire.Result(id=request.id, attempt=request.attempt, status=wire.OK,
-                       path=request.path, mask=mask, stage=STAGE,
+                       path=request.path, mask=mask, stage=STAGE, token=request.token,
                        areas=np.ascontiguousarray(areas, dtype=np.int64)
                        if areas is not None else None)
