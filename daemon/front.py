@@ -27,6 +27,14 @@ import zmq
 
 from pspnet.core import wire
 from pspnet.core.config import Addresses, PipelineConfig, private_dir, start_document
+from pspnet.core.keys import (
+    WORKERS,
+    HandshakeLog,
+    Keys,
+    KeysError,
+    serve_curve,
+    start_authenticator,
+)
 from pspnet.core.status import (
     FrontCounts,
     FrontStatus,
@@ -111,9 +119,11 @@ class Front:
         self.control.setsockopt(zmq.SNDHWM, 0)       # bounded by credits, not by ZeroMQ
         self.control.setsockopt(zmq.RCVHWM, 0)
         self.control.setsockopt(zmq.MAXMSGSIZE, wire.MAX_CONTROL_FRAME_BYTES)  # before malloc
+        secret, curve = self._keyed()
         try:
             self.control.bind(self.addrs.control)
         except zmq.ZMQError as exc:
+            self._unkeyed()
             self.ctx.destroy(linger=0)
             self._remove_run_dir()
             why = f"cannot listen at {self.addrs.control}: {zmq.strerror(exc.errno)}"
@@ -121,10 +131,11 @@ class Front:
                 why += (f" (--transport tcp uses port {self.cfg.tcp_ports} on "
                         f"{self.cfg.tcp_host}; choose another --tcp-base-port)")
             raise PipelineError(why) from exc
-        secret = new_secret()
+        if self.auth is not None:
+            self.handshakes = HandshakeLog(self.control, self.refusals)
         self.trust = Trust(secret)
-        self.supervisor = Supervisor(self.cfg, start_document(self.cfg, self.addrs, secret),
-                                     self.around_spawn)
+        self.supervisor = Supervisor(self.cfg, start_document(self.cfg, self.addrs, secret,
+                                                              curve), self.around_spawn)
         self.started = True
         try:
             self.log.info("starting", run_dir=str(self.run_dir), control=self.addrs.control,
@@ -148,10 +159,38 @@ class Front:
             return
         self.started = False
         self.supervisor.stop_all(until, hurry)
+        self._unkeyed()
         self.control.close(0)
         self.ctx.term()
         self._remove_run_dir()
         self.log.info("stopped", **{k: self.totals.get(k, 0) for k in ("ok", "errors")})
+
+    def _keyed(self) -> tuple[bytes, dict[str, str] | None]:
+        """(the tokens' secret, the workers' CurveZMQ keys). With tcp the control port
+        speaks CURVE and admits only the worker key (core.keys), and the secret is derived
+        from that key, so that workers on other hosts verify tokens too; with ipc it is
+        random and the keys None (the 0700 run directory keeps others out)."""
+        self.auth: Any = None
+        self.handshakes: HandshakeLog | None = None
+        if self.cfg.transport != "tcp":
+            return new_secret(), None
+        try:
+            keys = Keys.for_daemon(self.cfg.keys_dir) if self.cfg.keys_dir else Keys.fresh()
+        except (KeysError, OSError) as exc:
+            self.ctx.destroy(linger=0)
+            raise PipelineError(f"--keys: {exc}") from exc
+        serve_curve(self.control, keys.server_public, keys.server_secret or b"", WORKERS)
+        self.auth = start_authenticator(self.ctx, self.refusals, {WORKERS: keys.worker_public})
+        return keys.token_secret(), keys.for_children()
+
+    def _unkeyed(self) -> None:
+        """The handshake log and the ZAP thread end before the sockets they watch."""
+        if self.handshakes is not None:
+            self.handshakes.stop()
+            self.handshakes = None
+        if self.auth is not None:
+            self.auth.stop()
+            self.auth = None
 
     def _remove_run_dir(self) -> None:
         if self._own_run_dir and self.run_dir is not None:

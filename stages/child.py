@@ -27,6 +27,14 @@ import zmq
 from pspnet.core import wire
 from pspnet.core.config import Addresses, PipelineConfig
 from pspnet.core.exits import EXIT_CANNOT_START, EXIT_FAILED
+from pspnet.core.keys import (
+    WORKERS,
+    KeyAuthenticator,
+    Keys,
+    connect_curve,
+    serve_curve,
+    start_authenticator,
+)
 from pspnet.core.logs import configure_logging
 from pspnet.core.trust import Refusals, Trust
 
@@ -71,6 +79,7 @@ class Child:
     cfg: PipelineConfig
     addrs: Addresses
     trust: Trust                       # the front's secret: tokens, identities (core.trust)
+    keys: Keys | None = None           # tcp: CurveZMQ on every socket (core.keys)
     supervised: bool = True
     inputs: str = ""
     outputs: str = ""
@@ -92,6 +101,24 @@ class Child:
         self.lock = threading.Lock()       # counters: the executor's runner counts too
         self._next_beat = 0.0
         self._parent = os.getppid() if self.supervised else None
+        self._auth: KeyAuthenticator | None = None
+
+    def serve_keyed(self, sock: zmq.Socket) -> None:
+        """With tcp, before `sock` binds: CURVE with the worker key, admitting only it (a
+        ZAP handler on this process's context, started once)."""
+        if self.keys is None:
+            return
+        if self._auth is None:
+            self._auth = start_authenticator(self.ctx, self.refusals,
+                                             {WORKERS: self.keys.worker_public})
+        serve_curve(sock, self.keys.worker_public, self.keys.worker_secret, WORKERS)
+
+    def connect_keyed(self, sock: zmq.Socket, server_public: bytes | None = None) -> None:
+        """With tcp, before `sock` connects: a CURVE client with the worker key, of the
+        front (its server key) or, by default, of another worker (the worker key)."""
+        if self.keys is not None:
+            connect_curve(sock, server_public or self.keys.worker_public,
+                          self.keys.worker_public, self.keys.worker_secret)
 
     def connect_control(self, role: str) -> zmq.Socket:
         """A DEALER to the front's control ROUTER; one per thread that talks to the front,
@@ -101,6 +128,8 @@ class Child:
         sock.setsockopt(zmq.LINGER, SEND_LINGER_MS)
         sock.setsockopt(zmq.SNDHWM, 0)       # notes are bounded by the work the front routes
         sock.setsockopt(zmq.MAXMSGSIZE, wire.MAX_CONTROL_FRAME_BYTES)   # refused unallocated
+        if self.keys is not None:
+            self.connect_keyed(sock, self.keys.server_public)
         sock.connect(self.addrs.control)
         return sock
 

@@ -92,6 +92,7 @@ def bind(child: Child, sock: zmq.Socket, kind: str) -> str:
     """Bind a data socket where the front's addressing says; the endpoint actually bound
     (tcp: the port the system chose), or fatal."""
     where = child.addrs.data(STAGE, child.index, kind)
+    child.serve_keyed(sock)                  # tcp: CurveZMQ, the worker key only
     try:
         sock.bind(where)
     except zmq.ZMQError as exc:

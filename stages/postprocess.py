@@ -123,6 +123,7 @@ class Inboxes:
                                                                     "credits"))
             sock.setsockopt(zmq.LINGER, 0)
             sock.setsockopt(zmq.MAXMSGSIZE, self.max_frame_bytes)
+            self.child.connect_keyed(sock)            # tcp: CurveZMQ with the worker key
             sock.connect(address)
             sock.send_multipart(wire.encode(wire.Credit(peers.credits)))
             self.by_executor[name] = sock
