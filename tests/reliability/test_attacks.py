@@ -731,3 +731,65 @@ def test_tcp_peers_without_the_key_are_refused_at_the_handshake(tiny_models, pho
                                    for e in refused)
     assert max(per_peer.values()) <= 2, per_peer      # rate-limited: not one per attempt
     assert daemon.stop() == 0, daemon.tail()
+
+
+def test_remote_workers_with_keys_give_the_masks_of_ipc_and_without_are_refused(
+        tiny_models, photo_files, tmp_path, daemons):
+    """Issue 23: workers on other hosts are what tcp is for. With the worker key (copied
+    from the daemon's `pspnet keys DIR`) a remote executor and a remote postprocess join
+    over tcp on loopback and the masks are those of an ipc daemon; a worker with another
+    key is refused at the handshake (never listed, the daemon unaffected), and one
+    without --keys is refused at once, in one line, exit 2."""
+    photos = photo_files[:VICTIM_IMAGES]
+    model = tiny_models["labels"]
+    ipc = daemons(model, tmp_path / "ipc-masks", tmp_path, *ARGS)
+    ipc.wait_ready()
+    reference, _ = submit_all(ipc.endpoint, photos)
+    expected = {a.path: mask_pixels(a.mask).copy() for a in reference}
+    assert ipc.stop() == 0, ipc.tail()
+
+    keys, other = tmp_path / "keys", tmp_path / "other-keys"
+    for folder in (keys, other):
+        subprocess.run([sys.executable, "-m", "pspnet", "keys", str(folder)], check=True,
+                       cwd=REPO, stdout=subprocess.DEVNULL)
+    assert {p.name: p.stat().st_mode & 0o777 for p in keys.iterdir()} == {
+        f"{n}.{s}": 0o600 for n in ("server", "worker", "client") for s in ("key", "key_secret")}
+    port = 20000 + (os.getpid() * 11) % 20000
+    tcp = daemons(model, tmp_path / "tcp-masks", tmp_path, *ARGS, "--transport", "tcp",
+                  "--tcp-base-port", str(port), "--keys", str(keys))
+    common = ["--front", "127.0.0.1", "--tcp-base-port", str(port), "--model", str(model),
+              "--batch-size", "4", "--log-format", "json", "--out", str(tmp_path / "tcp-masks")]
+    without = subprocess.run([sys.executable, "-m", "pspnet", "worker", "executor", *common],
+                             cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert without.returncode == 2 and len(without.stderr.strip().splitlines()) == 1, \
+        without.stderr
+    assert "--keys" in without.stderr
+    remotes = [subprocess.Popen([sys.executable, "-m", "pspnet", "worker", stage, *common,
+                                 "--index", str(index), "--keys", str(folder)],
+                                cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+               for stage, index, folder in (("executor", 100, keys), ("postprocess", 101, keys),
+                                            ("executor", 102, other))]
+    try:
+        tcp.wait_ready()
+        deadline = time.monotonic() + 60
+        while len(tcp.status()["remote"]) < 2 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        answers, _ = submit_all(tcp.endpoint, photos)
+        assert sorted(a.status for a in answers) == ["ok"] * len(photos), answers
+        differ = [a.path for a in answers
+                  if not np.array_equal(mask_pixels(a.mask), expected[a.path])]
+        assert not differ, f"{len(differ)} masks differ from ipc's: {differ[:3]}"
+        time.sleep(1.5)                                   # one more heartbeat
+        status = tcp.status()
+        joined = {r["index"]: r for r in status["remote"]}
+        assert set(joined) == {100, 101}, status["remote"]   # 102's key was refused
+        assert joined[100]["processed"] + status["stages"]["executor"]["processed"] \
+            == len(photos)
+        assert remotes[2].poll() is None or remotes[2].returncode != 0
+        assert any(e.get("event") == "refused" for e in tcp.events()), tcp.tail()
+        print(f"\nFIGURE remote executor {joined[100]['processed']} images, remote "
+              f"postprocess {joined[101]['processed']}; masks = ipc's; other key refused")
+    finally:
+        for remote in remotes:
+            remote.kill()
+    assert tcp.stop() == 0, tcp.tail()
