@@ -39,6 +39,7 @@ from pspnet.core.cli_args import (
     setting,
 )
 from pspnet.core.plan import Given, make_plan, this_machine
+from pspnet.core.trust import Trust
 from pspnet.core.wire import DEFAULT_MAX_PIXELS as DEFAULT_MAX_PIXELS
 
 # DEFAULT_MAX_PIXELS: refuse larger images from the header, before decoding; core.wire holds
@@ -235,28 +236,32 @@ class Addresses:
         return f"tcp://{self.data_host}:*"
 
 
-def start_document(cfg: PipelineConfig, addrs: Addresses, secret: bytes,
+def start_document(cfg: PipelineConfig, addrs: Addresses, trust: Trust,
                    curve: dict[str, str] | None = None) -> str:
     """What the front writes to a worker's stdin (pspnet.stages.worker reads it): JSON, no
-    pickle, nothing of the front's state but the secret its tokens are made with and, with
+    pickle, nothing of the front's state but the secrets its tokens and identities are
+    made with (core.trust) and, with
     tcp, the worker's CurveZMQ keys (a pipe: no file others could read; core.trust,
     core.keys)."""
     return json.dumps({"config": json.loads(cfg.to_json()), "front_pid": os.getpid(),
-                       "secret": secret.hex(), "curve": curve,
+                       "secret": trust.secret.hex(),
+                       "own": None if trust.own is None else trust.own.hex(), "curve": curve,
                        "control": addrs.control, "data_host": addrs.data_host,
                        "run_dir": None if addrs.run_dir is None else str(addrs.run_dir)})
 
 
 def read_start_document(text: str,
-                        ) -> tuple[PipelineConfig, Addresses, int, bytes, dict[str, str] | None]:
-    """(config, addresses, the front's pid, the secret, the CurveZMQ keys or None) from
+                        ) -> tuple[PipelineConfig, Addresses, int, Trust, dict[str, str] | None]:
+    """(config, addresses, the front's pid, the secrets, the CurveZMQ keys or None) from
     start_document's JSON."""
     doc = json.loads(text)
     cfg = PipelineConfig.from_json(json.dumps(doc["config"]))
     run_dir = doc["run_dir"]
     addrs = Addresses(doc["control"], doc["data_host"],
                       None if run_dir is None else Path(run_dir))
-    return cfg, addrs, int(doc["front_pid"]), bytes.fromhex(doc["secret"]), doc["curve"]
+    own = doc["own"]
+    trust = Trust(bytes.fromhex(doc["secret"]), None if own is None else bytes.fromhex(own))
+    return cfg, addrs, int(doc["front_pid"]), trust, doc["curve"]
 
 
 def private_dir(path: Path) -> Path:

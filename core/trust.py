@@ -44,13 +44,22 @@ def new_secret() -> bytes:
 
 @dataclass(frozen=True)
 class Trust:
-    """What the daemon's own processes share: the secret, and the checks made with it."""
+    """What the daemon's own processes share: the secret, and the checks made with it.
+
+    `own`: with tcp, a second secret only the front and the workers it started hold: their
+    control sockets' identities are made with it, so that a worker on another host (which
+    holds `secret`, derived from the worker key) cannot speak for one of them. Credits
+    identities and tokens stay on `secret`: remote and local workers verify each other's."""
 
     secret: bytes
+    own: bytes | None = None
 
-    def _mac(self, *parts: str) -> str:
+    def _key(self, role: str) -> bytes:
+        return self.own if self.own is not None and role != "credits" else self.secret
+
+    def _mac(self, *parts: str, key: bytes | None = None) -> str:
         text = "\0".join(parts).encode("utf-8", "surrogatepass")
-        return hmac.new(self.secret, text, hashlib.sha256).hexdigest()[:TOKEN_HEX]
+        return hmac.new(key or self.secret, text, hashlib.sha256).hexdigest()[:TOKEN_HEX]
 
     # ---- per-request tokens --------------------------------------------------------------
 
@@ -72,17 +81,26 @@ class Trust:
 
     def identity(self, name: str, role: str = "main") -> bytes:
         """The ZeroMQ identity of worker `name`'s `role` socket: name/role/tag."""
-        return f"{name}/{role}/{self._mac('identity', name, role)}".encode()
+        return f"{name}/{role}/{self._mac('identity', name, role, key=self._key(role))}".encode()
 
     def name_of(self, identity: bytes) -> str | None:
         """The worker name an identity proves, or None (not one this secret handed out)."""
+        proven = self.origin(identity)
+        return None if proven is None else proven[0]
+
+    def origin(self, identity: bytes) -> tuple[str, bool] | None:
+        """(the worker name an identity proves, whether it is one of the front's own
+        workers), or None. Without `own` (ipc) every proven identity is the front's own."""
         try:
             name, role, tag = identity.decode("ascii").split("/")
         except (UnicodeDecodeError, ValueError):
             return None
-        if role not in ROLES or not hmac.compare_digest(tag, self._mac("identity", name, role)):
+        if role not in ROLES:
             return None
-        return name
+        for key in dict.fromkeys((self._key(role), self.secret)):
+            if hmac.compare_digest(tag, self._mac("identity", name, role, key=key)):
+                return name, key is not self.secret or self.own is None
+        return None
 
 
 def peer_pid(frame: Any) -> int | None:

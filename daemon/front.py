@@ -133,9 +133,11 @@ class Front:
             raise PipelineError(why) from exc
         if self.auth is not None:
             self.handshakes = HandshakeLog(self.control, self.refusals)
-        self.trust = Trust(secret)
-        self.supervisor = Supervisor(self.cfg, start_document(self.cfg, self.addrs, secret,
-                                                              curve), self.around_spawn)
+        # with tcp, the identities of its own workers on a secret no remote worker holds
+        self.trust = Trust(secret, None if curve is None else new_secret())
+        self.supervisor = Supervisor(self.cfg, start_document(self.cfg, self.addrs,
+                                                              self.trust, curve),
+                                     self.around_spawn)
         self.started = True
         try:
             self.log.info("starting", run_dir=str(self.run_dir), control=self.addrs.control,
@@ -260,7 +262,7 @@ class Front:
                 return n
             self.bytes_in += len(identity) + sum(len(f) for f in frames)
             try:
-                self._handle(self._sender(identity, frames), frames)
+                self._handle(*self._sender(identity, frames), frames)
             except Forged as exc:
                 self.totals["forged_dropped"] += 1
                 self.refusals.refuse(identity.bytes[:40].decode("ascii", "replace"), str(exc))
@@ -271,19 +273,20 @@ class Front:
                 self.log.exception("internal message not handled")
         return budget
 
-    def _sender(self, identity: zmq.Frame, frames: list[zmq.Frame]) -> str:
-        """The worker name a message comes from: its identity must be one the front's
-        secret made (core.trust), and on ipc its pid the one the kernel reports."""
-        name = self.trust.name_of(identity.bytes)
-        match = None if name is None else NAME.match(name)
-        if match is None:
+    def _sender(self, identity: zmq.Frame, frames: list[zmq.Frame]) -> tuple[str, bool]:
+        """(the worker name a message comes from, whether the front started it): its
+        identity must be one the front's secrets made (core.trust), and on ipc its pid the
+        one the kernel reports."""
+        proven = self.trust.origin(identity.bytes)
+        match = None if proven is None else NAME.match(proven[0])
+        if proven is None or match is None:
             raise Forged("an identity the front did not hand out")
         pid = peer_pid(frames[0]) if frames and self.cfg.transport == "ipc" else None
         if pid is not None and pid != int(match[3]):
-            raise Forged(f"{name} speaking from pid {pid}")
-        return name
+            raise Forged(f"{proven[0]} speaking from pid {pid}")
+        return proven
 
-    def _handle(self, name: str, frames: list[zmq.Frame]) -> None:
+    def _handle(self, name: str, own: bool, frames: list[zmq.Frame]) -> None:
         match = NAME.match(name)
         if match is None:
             raise wire.WireError(f"a peer that is not a worker: {name[:80]!r}")
@@ -291,7 +294,7 @@ class Front:
         now = time.monotonic()
         msg = wire.decode(frames)
         if isinstance(msg, wire.Heartbeat):
-            self._heartbeat(name, stage, index, pid, msg, now)
+            self._heartbeat(name, stage, index, pid, msg, now, own)
         elif isinstance(msg, wire.Result):
             self._answer(msg, name)
         elif isinstance(msg, wire.Took):
@@ -304,10 +307,12 @@ class Front:
             raise wire.WireError(f"{type(msg).__name__} is not a message for the front")
 
     def _heartbeat(self, name: str, stage: str, index: int, pid: int, hb: wire.Heartbeat,
-                   now: float) -> None:
+                   now: float, own: bool) -> None:
         if (hb.stage, hb.index, hb.pid) != (stage, index, pid):
             raise wire.WireError(f"heartbeat of {hb.stage}-{hb.index}-{hb.pid} from {name}")
-        slot = self.supervisor.by_pid(pid)
+        slot = self.supervisor.by_pid(pid) if own else None   # a remote one cannot speak
+        if slot is not None and slot.label != f"{stage}-{index}":            # for ours
+            raise Forged(f"{name} is not {slot.label}")
         local = slot is not None
         if hb.fatal:
             if slot is not None:

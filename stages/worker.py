@@ -45,14 +45,14 @@ def main() -> None:
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, signal.SIG_IGN)
     stage, index = sys.argv[1], int(sys.argv[2])
-    cfg, addrs, front_pid, secret, curve = read_start_document(sys.stdin.read())
+    cfg, addrs, front_pid, trust, curve = read_start_document(sys.stdin.read())
     try:
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
     except (OSError, AttributeError):
         pass                           # not Linux: Child.tick's parent check still holds
     if os.getppid() != front_pid:
         sys.exit(1)                    # the front died before the prctl took hold
-    run(stage, index, cfg, addrs, Trust(secret),
+    run(stage, index, cfg, addrs, trust,
         None if curve is None else Keys.from_document(curve), supervised=True)
 
 
