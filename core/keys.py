@@ -48,15 +48,17 @@ class KeysError(ValueError):
 
 
 def write_keys(folder: Path) -> list[Path]:
-    """Three key pairs in `folder` (made 0700), each file 0600; existing pairs are kept."""
+    """Three key pairs in `folder` (made 0700), each file 0600; existing pairs are kept,
+    and a folder that holds all three is left as it is (a read-only mount, say)."""
+    missing = [name for name in PAIRS if not (folder / f"{name}.key_secret").exists()]
+    if not missing:
+        return []
     folder.mkdir(parents=True, exist_ok=True)
     os.chmod(folder, 0o700)
     written = []
     old = os.umask(0o077)                 # no moment where a secret is readable by others
     try:
-        for name in PAIRS:
-            if (folder / f"{name}.key_secret").exists():
-                continue
+        for name in missing:
             public, secret = zmq.auth.create_certificates(str(folder), name)
             for path in (public, secret):
                 os.chmod(path, 0o600)

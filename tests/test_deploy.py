@@ -114,6 +114,7 @@ def test_daemon_manifest_matches_the_daemon():
         status = pspnet_args(command[1:])
         assert status.command == "status"
         assert status.endpoint == f"tcp://127.0.0.1:{endpoint_port}"
+        assert status.keys == args.keys_dir == Path("/keys")    # CurveZMQ (issue 23)
         assert container[probe]["timeoutSeconds"] > 5      # the client waits 5 s for status
     startup = container["startupProbe"]
     assert startup["periodSeconds"] * startup["failureThreshold"] >= COMPILE_ALLOWANCE_S
