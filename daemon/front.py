@@ -14,6 +14,7 @@ in the same process (bench, eval, tests).
 from __future__ import annotations
 
 import collections
+import dataclasses
 import re
 import shutil
 import time
@@ -352,6 +353,11 @@ class Front:
                 sender.startswith("postprocess-") and sender in self.workers):  # handed it
             raise Forged(f"{sender} answers {result.id}, held by {entry.holders}")  # may lag
         self.ledger.answer(result.id)
+        if result.areas is not None and result.areas.shape != self.metrics.areas.shape:
+            result = dataclasses.replace(   # checked before anything adds them: the request
+                result, status=wire.ERROR, areas=None,  # is answered, never lost
+                error=f"areas {result.areas.shape}, the model has "
+                      f"{self.manifest.num_classes} classes")
         self.storage.saw(result)
         self._deliver(entry, result.status, result.mask, result.error, result.stage,
                       result.areas, result.cause)

@@ -606,6 +606,7 @@ while time.monotonic() < end:
             pass
     try:
         thief.send_multipart(wire.encode(wire.Credit(4096))); sent["credits"] += 1
+        images.send(b"x" * (16 << 20))             # over any frame's size: refused unread
     except zmq.Again:
         pass
     time.sleep(0.05)
