@@ -28,14 +28,7 @@ import zmq
 
 from pspnet.core import wire
 from pspnet.core.config import Addresses, PipelineConfig, private_dir, start_document
-from pspnet.core.keys import (
-    WORKERS,
-    HandshakeLog,
-    Keys,
-    KeysError,
-    serve_curve,
-    start_authenticator,
-)
+from pspnet.core.keys import KeysError
 from pspnet.core.status import (
     FrontCounts,
     FrontStatus,
@@ -47,7 +40,7 @@ from pspnet.core.status import (
     counter_names,
     summed,
 )
-from pspnet.core.trust import Refusals, Trust, new_secret, peer_pid
+from pspnet.daemon.control_gate import ControlGate, Forged
 from pspnet.daemon.ledger import Ledger
 from pspnet.daemon.storage import StorageEpisode
 from pspnet.daemon.supervisor import STAGES, CannotStart, Supervisor
@@ -64,10 +57,6 @@ DEAD_COUNTERS = counter_names(WorkerFigures)   # a dead worker's counts are kept
 
 class PipelineError(RuntimeError):
     """The pipeline cannot run (a worker cannot start); the message says which and why."""
-
-
-class Forged(Exception):
-    """A message the front did not hand out the right to send (core.trust)."""
 
 
 class StartInterrupted(RuntimeError):
@@ -95,7 +84,7 @@ class Front:
         self.answered_at: collections.deque[float] = collections.deque()
         self.bytes_in = self.bytes_out = 0
         self.storage = StorageEpisode(self.log)
-        self.refusals = Refusals(self.log.warning)
+        self.gate = ControlGate(cfg, self.log)      # keys, identities, tokens
         self.started = False
         self._next_check = 0.0
         self._own_run_dir = cfg.run_dir is None
@@ -120,11 +109,16 @@ class Front:
         self.control.setsockopt(zmq.SNDHWM, 0)       # bounded by credits, not by ZeroMQ
         self.control.setsockopt(zmq.RCVHWM, 0)
         self.control.setsockopt(zmq.MAXMSGSIZE, wire.MAX_CONTROL_FRAME_BYTES)  # before malloc
-        secret, curve = self._keyed()
+        try:
+            self.gate.secure(self.ctx, self.control)    # tcp: CurveZMQ, the worker key
+        except (KeysError, OSError) as exc:             # --keys unreadable
+            self.ctx.destroy(linger=0)
+            self._remove_run_dir()
+            raise PipelineError(f"--keys: {exc}") from exc
         try:
             self.control.bind(self.addrs.control)
         except zmq.ZMQError as exc:
-            self._unkeyed()
+            self.gate.close()
             self.ctx.destroy(linger=0)
             self._remove_run_dir()
             why = f"cannot listen at {self.addrs.control}: {zmq.strerror(exc.errno)}"
@@ -132,13 +126,9 @@ class Front:
                 why += (f" (--transport tcp uses port {self.cfg.tcp_ports} on "
                         f"{self.cfg.tcp_host}; choose another --tcp-base-port)")
             raise PipelineError(why) from exc
-        if self.auth is not None:
-            self.handshakes = HandshakeLog(self.control, self.refusals)
-        # with tcp, the identities of its own workers on a secret no remote worker holds
-        self.trust = Trust(secret, None if curve is None else new_secret())
-        self.supervisor = Supervisor(self.cfg, start_document(self.cfg, self.addrs,
-                                                              self.trust, curve),
-                                     self.around_spawn)
+        self.gate.listening(self.control)
+        self.supervisor = Supervisor(self.cfg, start_document(
+            self.cfg, self.addrs, self.gate.trust, self.gate.curve), self.around_spawn)
         self.started = True
         try:
             self.log.info("starting", run_dir=str(self.run_dir), control=self.addrs.control,
@@ -162,38 +152,11 @@ class Front:
             return
         self.started = False
         self.supervisor.stop_all(until, hurry)
-        self._unkeyed()
+        self.gate.close()
         self.control.close(0)
         self.ctx.term()
         self._remove_run_dir()
         self.log.info("stopped", **{k: self.totals.get(k, 0) for k in ("ok", "errors")})
-
-    def _keyed(self) -> tuple[bytes, dict[str, str] | None]:
-        """(the tokens' secret, the workers' CurveZMQ keys). With tcp the control port
-        speaks CURVE and admits only the worker key (core.keys), and the secret is derived
-        from that key, so that workers on other hosts verify tokens too; with ipc it is
-        random and the keys None (the 0700 run directory keeps others out)."""
-        self.auth: Any = None
-        self.handshakes: HandshakeLog | None = None
-        if self.cfg.transport != "tcp":
-            return new_secret(), None
-        try:
-            keys = Keys.for_daemon(self.cfg.keys_dir) if self.cfg.keys_dir else Keys.fresh()
-        except (KeysError, OSError) as exc:
-            self.ctx.destroy(linger=0)
-            raise PipelineError(f"--keys: {exc}") from exc
-        serve_curve(self.control, keys.server_public, keys.server_secret or b"", WORKERS)
-        self.auth = start_authenticator(self.ctx, self.refusals, {WORKERS: keys.worker_public})
-        return keys.token_secret(), keys.for_children()
-
-    def _unkeyed(self) -> None:
-        """The handshake log and the ZAP thread end before the sockets they watch."""
-        if self.handshakes is not None:
-            self.handshakes.stop()
-            self.handshakes = None
-        if self.auth is not None:
-            self.auth.stop()
-            self.auth = None
 
     def _remove_run_dir(self) -> None:
         if self._own_run_dir and self.run_dir is not None:
@@ -263,29 +226,16 @@ class Front:
                 return n
             self.bytes_in += len(identity) + sum(len(f) for f in frames)
             try:
-                self._handle(*self._sender(identity, frames), frames)
-            except Forged as exc:
+                self._handle(*self.gate.sender(identity, frames), frames)
+            except Forged as exc:                  # counted, dropped, never delivered
                 self.totals["forged_dropped"] += 1
-                self.refusals.refuse(identity.bytes[:40].decode("ascii", "replace"), str(exc))
+                self.gate.refused(identity, exc)
             except wire.WireError as exc:
                 self._malformed(exc)
             except Exception:              # a bug must cost one message, not the daemon
                 self.totals["malformed"] += 1
                 self.log.exception("internal message not handled")
         return budget
-
-    def _sender(self, identity: zmq.Frame, frames: list[zmq.Frame]) -> tuple[str, bool]:
-        """(the worker name a message comes from, whether the front started it): its
-        identity must be one the front's secrets made (core.trust), and on ipc its pid the
-        one the kernel reports."""
-        proven = self.trust.origin(identity.bytes)
-        match = None if proven is None else NAME.match(proven[0])
-        if proven is None or match is None:
-            raise Forged("an identity the front did not hand out")
-        pid = peer_pid(frames[0]) if frames and self.cfg.transport == "ipc" else None
-        if pid is not None and pid != int(match[3]):
-            raise Forged(f"{proven[0]} speaking from pid {pid}")
-        return proven
 
     def _handle(self, name: str, own: bool, frames: list[zmq.Frame]) -> None:
         match = NAME.match(name)
@@ -347,11 +297,8 @@ class Front:
         if entry is None or result.attempt < entry.request.attempt:
             self.totals["duplicates_dropped"] += 1       # answered, or an earlier attempt's
             return
-        if not self.trust.answers(result, entry.request.attempt, entry.executor):
-            raise Forged(f"an answer to {result.id} without its token")
-        if sender not in entry.holders and not (  # postprocess: the executor's note that
-                sender.startswith("postprocess-") and sender in self.workers):  # handed it
-            raise Forged(f"{sender} answers {result.id}, held by {entry.holders}")  # may lag
+        self.gate.check_answer(result, sender, entry.request.attempt, entry.executor,
+                               entry.holders, sender in self.workers)
         self.ledger.answer(result.id)
         if result.areas is not None and result.areas.shape != self.metrics.areas.shape:
             result = dataclasses.replace(   # checked before anything adds them: the request
@@ -402,13 +349,10 @@ class Front:
             if prep is None or executor is None:
                 return
             entry = ledger.next_queued()
-            r = entry.request
-            request = wire.Request(r.id, r.path, r.ann, r.attempt,
-                                   self.trust.token(r.id, r.attempt, executor.name))
-            frames = wire.encode(wire.Dispatch(request, executor.name, executor.inputs))
+            frames = wire.encode(wire.Dispatch(self.gate.dispatched(entry.request, executor.name),
+                                               executor.name, executor.inputs))
             try:
-                self.control.send_multipart([self.trust.identity(prep.name), *frames],
-                                            zmq.NOBLOCK)
+                self.control.send_multipart([self.gate.route(prep.name), *frames], zmq.NOBLOCK)
             except zmq.ZMQError:            # gone (ROUTER_MANDATORY): until it beats again
                 prep.reachable = False
                 continue
@@ -420,7 +364,7 @@ class Front:
         frames = wire.encode(self.workers.peers(self.cfg.postprocess_workers))
         for worker in to:
             try:
-                self.control.send_multipart([self.trust.identity(worker.name), *frames],
+                self.control.send_multipart([self.gate.route(worker.name), *frames],
                                             zmq.NOBLOCK)
                 self.bytes_out += len(worker.name) + sum(len(f) for f in frames)
             except zmq.ZMQError:
