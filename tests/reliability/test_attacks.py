@@ -572,7 +572,8 @@ fake = ctx.socket(zmq.PULL)                        # a made-up executor's image 
 fake_at = fake.bind_to_random_port("tcp://127.0.0.1")
 images = sock(zmq.PUSH)                            # forged pixels -> the executor's PULL
 images.connect(cfg["images"])
-thief = sock(zmq.DEALER, f"postprocess-0-{pid}")   # credits -> the executor's ROUTER
+thief = sock(zmq.DEALER, cfg["postprocess"])       # credits -> the executor's ROUTER,
+                                                   # under the live worker's name
 thief.connect(cfg["outputs"])
 side = cfg["side"]
 zeros = np.zeros((side, side, 3), np.uint8)
@@ -648,9 +649,11 @@ def forge_while_a_victim_runs(daemon: Daemon, photos: list[Path], control: str,
     expected = {a.path: mask_pixels(a.mask).copy() for a in reference}
     images, outputs = executor_ports(daemon)
     (pid,) = status["stages"]["executor"]["pids"]
+    (post,) = status["stages"]["postprocess"]["pids"]
     side = 64                                               # the tiny models' input
     cfg = {"control": control, "images": images, "outputs": outputs, "side": side,
-           "executor": f"executor-0-{pid}", "executor_pid": pid, "ids": 2 * len(photos) + 16,
+           "executor": f"executor-0-{pid}", "executor_pid": pid,
+           "postprocess": f"postprocess-0-{post}", "ids": 2 * len(photos) + 16,
            "seconds": ATTACK_S, "curve": curve}
     forger = subprocess.Popen([*as_user, sys.executable, "-c", FORGER, json.dumps(cfg)],
                               cwd=REPO, stdout=subprocess.PIPE, text=True,
