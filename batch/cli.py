@@ -9,11 +9,12 @@ stage functions on Ray Data. The shared flags (model, backend, workers...) come 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
 from pspnet.batch.job import BatchJob
-from pspnet.core.backend_rules import SPIN, THREADS, check_backend, with_plan
+from pspnet.core.backend_rules import AUTO, SPIN, THREADS, check_backend, with_plan
 from pspnet.core.cli_args import HelpFormatter, add_flags, flag_names, from_args
 from pspnet.core.config import PipelineConfig, outputs_problem
 from pspnet.core.exits import EXIT_FAILED, EXIT_UNAVAILABLE
@@ -42,9 +43,12 @@ examples:
 
 
 BATCH_EPILOG = """\
-output: `pspnet eval`'s table (NaN without ground truths), how many images were scored
-and segmented, every image that failed with the reason (a bad image fails its row, never
-the job); --json: `pspnet eval`'s document (mIoU, aAcc, mAcc, per_class, images, failed).
+output: with ground truths, `pspnet eval`'s table, how many images were scored and
+segmented; without (--images, a --list of images alone), one line: masks written, where,
+img/s, failures; then every image that failed with the reason (a bad image fails its row,
+never the job); --json: `pspnet eval`'s document (mIoU, aAcc, mAcc, per_class, images,
+segmented, failed). Ray's own lines: one `E ... core_worker.cc ... max_restarts > 0` line
+per job comes from Ray Data's actors and is harmless.
 Exit status: 0 when at least one image was segmented, 1 when none was or the job failed,
 2 on usage errors, 4 when `--address auto` finds no cluster (an address that does not
 answer is waited for, as Ray does). Needs Ray Data: pip install 'pspnet-daemon[ray]'.
@@ -122,7 +126,7 @@ def add_batch_parser(sub: argparse._SubParsersAction) -> None:
                                 if n not in BATCH_PIPELINE_FLAGS])
     batch.add_argument("--json", type=Path, default=None, metavar="FILE",
                        help="also write the results as JSON (`pspnet eval`'s document)")
-    batch.set_defaults(run=run_batch)
+    batch.set_defaults(run=run_batch, backend=AUTO, precision=AUTO)   # as serve: chosen
 
 
 class _Formatter(HelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -216,12 +220,26 @@ def run_batch(args: argparse.Namespace) -> int:
     from pspnet.model.manifest import Manifest, pick_batch_size
 
     try:
+        import ray  # noqa: F401  (imported where used; missing, it is one line here)
+
         from pspnet.batch import ray_batch
     except ImportError as exc:             # ray is an optional extra
-        return usage_error("batch", f"needs Ray Data ({exc}): pip install "
+        return usage_error("batch", f"needs Ray Data, the `ray` extra ({exc}): pip install "
                                     "'pspnet-daemon[ray]'")
     # the executor actors' threads: the CPUs each reserves; Ray runs a decode or
     # postprocess task per CPU it has left, so no thread need spin
+    from pspnet.model.artefacts import choose, model_dir_problem
+
+    problem = model_dir_problem(args.model_dir)   # a checkpoint given: say pspnet build
+    if problem:
+        return usage_error("batch", problem)
+    if AUTO in (args.backend, args.precision):     # from the model directory, as serve
+        try:
+            chosen = choose(args.model_dir, args.backend,
+                            ("cuda:0" if args.device == "cuda" else "cpu",), args.precision)
+        except (OSError, ValueError) as exc:
+            return usage_error("batch", str(exc))
+        args.backend, args.precision = chosen.backend, chosen.precision
     threads = max(1, int(args.executor_cpus))
     options = with_plan(args.backend, args.backend_options, threads, spinning=False)
     try:
@@ -258,7 +276,9 @@ def run_batch(args: argparse.Namespace) -> int:
         outcome, timings = ray_batch.run(job, split, manifest.num_classes,
                                          tuple(manifest.input_size), progress)
     except ConnectionError as exc:
-        sys.stderr.write(f"pspnet batch: error: no Ray cluster at {args.address}: {exc}\n")
+        auth = "" if os.environ.get(ray_batch.AUTH_MODE) else f" ({ray_batch.AUTH_HINT})"
+        sys.stderr.write(f"pspnet batch: error: no Ray cluster at {args.address}: "
+                         f"{str(exc).strip()}{auth}\n")
         return EXIT_UNAVAILABLE
     except ray_batch.JobFailed as exc:
         sys.stderr.write(f"pspnet batch: error: {exc}\n")
@@ -270,7 +290,8 @@ def run_batch(args: argparse.Namespace) -> int:
         "model": str(job.model_dir), "backend": job.backend, "batch_size": batch,
         "masks": str(job.out_dir) if job.out_dir else None, "engine": "ray",
         "plan": {"executor_cpus": job.executor_cpus, **planned}, **timings})
-    print_report(outcome, doc, manifest)
+    print_report(outcome, doc, manifest,
+                 truths=sum(item.truth is not None for item in split.items))
     if args.json is not None:
         write_json(args.json, doc)
     return 0 if outcome.segmented else EXIT_FAILED

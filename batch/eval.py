@@ -142,9 +142,14 @@ def report(outcome: EvalOutcome, split: VocSplit, manifest: Manifest,
     }
 
 
-def print_report(outcome: EvalOutcome, doc: dict[str, Any], manifest: Manifest) -> None:
-    """mmseg's table and summary line on stdout, then what could not be scored."""
+def print_report(outcome: EvalOutcome, doc: dict[str, Any], manifest: Manifest,
+                 truths: int | None = None) -> None:
+    """mmseg's table and summary line on stdout, then what could not be scored; with no
+    ground truth at all (a folder of photos), what was written instead of a table of nan."""
     out = sys.stdout
+    if truths == 0:                        # `truths`: images given with a ground truth
+        print_written(doc)
+        return
     out.write(outcome.metrics.table(manifest.class_names) + "\n")
     given = f"listed in {doc['split']}.txt" if doc["split"] else f"given ({doc['root']})"
     out.write(f"scored {doc['images']} of {doc['listed']} images {given}, "
@@ -153,6 +158,19 @@ def print_report(outcome: EvalOutcome, doc: dict[str, Any], manifest: Manifest) 
         out.write(f"not scored ({len(doc['failed'])}):\n")
         for item in doc["failed"]:
             out.write(f"  {item['id']}: {item['reason']} [{item['path']}]\n")
+    out.flush()
+
+
+def print_written(doc: dict[str, Any]) -> None:
+    """No ground truth: how many masks were written where, how fast, and what failed."""
+    out = sys.stdout
+    where = f" in {doc['masks']}" if doc.get("masks") else " (no --out: none written)"
+    failed = doc["failed"]
+    out.write(f"segmented {doc['segmented']} of {doc['listed']} images "
+              f"({doc['images_per_s'] or 0:.1f} img/s), masks{where}; {len(failed)} failed; "
+              "no ground truth given, so no mIoU\n")
+    for item in failed:
+        out.write(f"  {item['id']}: {item['reason']} [{item['path']}]\n")
     out.flush()
 
 

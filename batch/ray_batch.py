@@ -223,12 +223,51 @@ def connect(job: BatchJob) -> dict[str, Any]:
     if not ray.is_initialized():
         _started.append(True)                   # shutdown() ends only what we started
         if job.address or os.environ.get("RAY_ADDRESS"):
+            token_auth_if_token_here()
             ray.init(address=job.address, logging_level=logging.WARNING)
         else:
+            quiet_local_instance()
             ray.init(num_cpus=job.num_cpus, include_dashboard=False,
                      logging_level=logging.WARNING)
     return {k: float(v) for k, v in ray.cluster_resources().items()
             if k in ("CPU", "GPU", "memory", "object_store_memory")}
+
+
+# Ray's own lines that say nothing to a user of a local instance this process starts (a
+# cluster's user keeps them: there, token authentication and the driver's errors matter)
+TOKEN_AUTH_LOGGER = "ray._private.authentication.authentication_token_setup"
+
+
+AUTH_MODE = "RAY_AUTH_MODE"
+TOKEN_VARS = ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")
+TOKEN_FILE = Path("~/.ray/auth_token")      # where `ray start` keeps the cluster's token
+AUTH_HINT = (f"a cluster started with `ray start` (Ray 2.5x) uses token authentication: "
+             f"set {AUTH_MODE}=token with its token in {TOKEN_FILE} or {TOKEN_VARS[0]}")
+
+
+def token_auth_if_token_here() -> bool:
+    """Joining a cluster: Ray's driver speaks token authentication only when RAY_AUTH_MODE
+    says so, while `ray start --head` turns it on by default; without it the join fails
+    after 20 s of InvalidAuthToken warnings. A token at hand (the file `ray start` wrote,
+    or the variables) means token mode; RAY_AUTH_MODE set by the user wins."""
+    if AUTH_MODE in os.environ:
+        return False
+    if not (any(os.environ.get(v) for v in TOKEN_VARS) or TOKEN_FILE.expanduser().is_file()):
+        return False
+    os.environ[AUTH_MODE] = "token"
+    return True
+
+
+def quiet_local_instance() -> None:
+    """Before ray.init of our own instance: no "Token authentication is enabled for this
+    Ray cluster" warning (the instance is ours, on loopback, gone when the job ends).
+
+    Not filtered, because it is written by Ray's C++ core to this process's stderr: one
+    `E ... core_worker.cc ... constructor arguments in the object store and max_restarts >
+    0` line, which Ray Data's own map-worker actors always cause (they carry their task in
+    the object store and may restart); it is harmless, and `pspnet batch --help` says so.
+    (RAY_BACKEND_LOG_LEVEL=fatal would hide it but prints a line of its own per process.)"""
+    logging.getLogger(TOKEN_AUTH_LOGGER).setLevel(logging.ERROR)
 
 
 def pipeline(job: BatchJob, items: list[VocItem], input_size: tuple[int, int]) -> Any:

@@ -4,7 +4,8 @@ Why: a mIoU figure says how much, not what; a person sees at a glance whether th
 astronaut came out as a person. `pspnet demo` and `pspnet eval --report` write both.
 Each row of the sheet: the photo, the photo with its mask blended on it (class colours
 from the manifest's palette; background left as the photo), and a legend of the classes
-in that mask with their share of the image.
+in that mask with their share of the image (every class the mask holds, however small:
+the sheet outlines each region, so each outline has its name).
 """
 
 from __future__ import annotations
@@ -23,8 +24,8 @@ EDGE_RGB = (255, 255, 255)      # outline of every region: VOC's darker colours 
 MIN_LINE_PCT = 0.1              # top_classes_line leaves out classes below this share
 ROW_HEIGHT_IN = 2.6
 SHEET_DPI = 100                 # 1,200 px wide
-LEGEND_CLASSES = 6              # largest classes listed per row
-MIN_SHARE_PCT = 0.1             # smaller classes are left out of the legend
+LEGEND_FONT = 10                # up to LEGEND_ROWS classes; smaller type past that, then
+LEGEND_ROWS = 8                 # two columns: every class of a mask is in its legend
 
 
 @dataclass(frozen=True)
@@ -58,6 +59,15 @@ def objects_first(labels: np.ndarray, num_classes: int, count: int,
     then class 0 (background) if present."""
     shares = [(k, pct) for k, pct in class_shares(labels, num_classes) if pct >= min_pct]
     return [s for s in shares if s[0] != 0][:count] + [s for s in shares if s[0] == 0]
+
+
+def legend_entries(labels: np.ndarray, class_names: Sequence[str],
+                   ) -> list[tuple[int, str]]:
+    """(class id, 'name  share') for every class in the mask: objects largest first, then
+    the background; a share under 0.05 % reads '<0.1 %', not '0.0 %'."""
+    shares = objects_first(labels, len(class_names), len(class_names), 0.0)
+    return [(k, f"{class_names[k]}  " + (f"{pct:.1f} %" if pct >= 0.05 else "<0.1 %")
+             + ("  (not painted)" if k == 0 else "")) for k, pct in shares]
 
 
 def blend(photo: np.ndarray, labels: np.ndarray, palette: Sequence[Sequence[int]],
@@ -101,12 +111,13 @@ def contact_sheet(rows: Sequence[Row], class_names: Sequence[str],
         photo_ax.set_title(row.title, fontsize=9, loc="left")
         mask_ax.imshow(blend(row.photo, row.labels, palette))
         mask_ax.set_title(row.note or "mask over the photo", fontsize=9, loc="left")
-        shares = objects_first(row.labels, len(class_names), LEGEND_CLASSES - 1,
-                               MIN_SHARE_PCT)
+        entries = legend_entries(row.labels, class_names)
         handles = [Patch(facecolor=np.asarray(palette[k]) / 255.0, edgecolor="black",
-                         label=f"{class_names[k]}  {pct:.1f} %"
-                               + ("  (not painted)" if k == 0 else "")) for k, pct in shares]
-        legend_ax.legend(handles=handles, loc="center left", frameon=False, fontsize=10)
+                         label=text) for k, text in entries]
+        many = len(handles) > LEGEND_ROWS
+        legend_ax.legend(handles=handles, loc="center left", frameon=False,
+                         fontsize=LEGEND_FONT - 2 * many, ncol=1 + (len(handles) > 2 *
+                                                                   LEGEND_ROWS))
         for ax in (photo_ax, mask_ax, legend_ax):
             ax.set_axis_off()
     top = 1.0

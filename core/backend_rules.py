@@ -18,6 +18,11 @@ SIMULATED = "sim"            # no model: a device of a given speed, for measurin
 TRUE_WORDS = ("1", "true", "yes", "on")
 FALSE_WORDS = ("0", "false", "no", "off", "")
 THREADS, SPIN = "threads", "spin"     # the options the CPU plan sets (core.plan)
+AUTO = "auto"                # --backend/--precision: chosen from the model directory
+# What a model directory holds (model.artefacts reads them) and what this host has
+ONNX, TORCH_PROGRAM, OM = "onnx", "torch program", "om"
+ORT_INSTALLED, TORCH_INSTALLED, ACLRUNTIME, CUDA = "onnxruntime", "torch", "aclruntime", "cuda"
+TORCH_CUDA_INDEX = "https://download.pytorch.org/whl/cu126"   # as the Dockerfile's CUDA build
 
 
 @dataclass(frozen=True)
@@ -32,6 +37,7 @@ class BackendRules:
     device_only: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     exclusive: tuple[tuple[str, str], ...] = ()   # options that may not both be on
     precision_note: str = ""                      # said when a precision is refused
+    artefact: str | None = None                   # what of a model directory it runs
 
     def check(self, device: str, precision: str, options: Mapping[str, str]) -> None:
         """ValueError (one line, naming the fix) if this backend cannot run `precision`
@@ -87,7 +93,8 @@ RULES: dict[str, BackendRules] = {
         options={THREADS: "intra-op threads of the session (default: the plan's)",
                  SPIN: "1: idle intra/inter-op threads spin, as onnxruntime does by "
                        "default; 0: they sleep (the plan's choice where processes share "
-                       "cores)"}),
+                       "cores)"},
+        artefact=ONNX),
     "torch": BackendRules(
         "torch", "PyTorch (CPU or CUDA)",
         devices={"cpu": ("fp32", "bf16"), "cuda": PRECISIONS},
@@ -105,13 +112,14 @@ RULES: dict[str, BackendRules] = {
                           "both at open and keep the faster; 0 (default): off",
         },
         device_only={"cuda_graphs": ("cuda",), "fused_conv": ("cuda",)},
-        exclusive=(("fused_conv", "compile"),)),
+        exclusive=(("fused_conv", "compile"),), artefact=TORCH_PROGRAM),
     # Ascend: stages/backends/acl.py adds what needs more than names (log_level's range,
     # feed's values, aclruntime's path rules for acl_json_path)
     "acl": BackendRules(
         "acl", "Ascend NPU: aclruntime + OM, unverified on real hardware",
         devices={"npu": ("fp16", "fp32")},
         precision_note="the OM runs as ATC built it: pspnet build --om-precision",
+        artefact=OM,
         options={
             "log_level": "aclruntime session log level, 1 (debug) to 4; default: the "
                          "runtime's, 2",
@@ -179,3 +187,66 @@ def with_plan(backend: str, options: Mapping[str, str], threads: int | None,
     if spinning is not None and rules.takes(SPIN):
         out.setdefault(SPIN, "1" if spinning else "0")
     return out
+
+
+# ---- --backend auto: the first row whose needs are all met --------------------------------
+
+@dataclass(frozen=True)
+class AutoRow:
+    backend: str
+    device: str
+    needs: tuple[str, ...]        # facts: artefacts of the model directory, this host's
+    why: str
+
+
+AUTO_ROWS = (
+    AutoRow("acl", "npu:0", (OM, ACLRUNTIME), "an Ascend OM and aclruntime"),
+    AutoRow("torch", "cuda:0", (TORCH_PROGRAM, CUDA), "a torch program and a CUDA device"),
+    AutoRow("ort", "cpu", (ONNX, ORT_INSTALLED), "an ONNX model and onnxruntime, no GPU"),
+    AutoRow("torch", "cpu", (TORCH_PROGRAM, TORCH_INSTALLED), "a torch program, no ONNX "
+            "model or onnxruntime"),
+)
+
+
+def auto_backend(facts: set[str] | frozenset[str], device_kind: str | None = None,
+                 ) -> AutoRow | None:
+    """The first AUTO_ROWS row whose needs are in `facts`. With `device_kind` (--devices
+    given): the first row on that kind whose artefact and runtime are here (the device
+    itself is the user's word: the backend says if it is missing), else any backend that
+    runs on that kind and whose artefact is here."""
+    if device_kind is None:
+        return next((row for row in AUTO_ROWS if set(row.needs) <= facts), None)
+    for row in AUTO_ROWS:
+        if row.device.partition(":")[0] == device_kind and set(row.needs) - {CUDA} <= facts:
+            return row
+    for rules in RULES.values():
+        if device_kind in rules.devices and rules.artefact in facts:
+            return AutoRow(rules.name, device_kind, (rules.artefact,),
+                           f"a {rules.artefact} and --devices {device_kind}")
+    return None
+
+
+def auto_precision(backend: str, om_precision: str) -> str:
+    """--precision auto: what the artefact computes in (an OM as ATC built it), else fp32."""
+    return om_precision if backend == "acl" else "fp32"
+
+
+def artefact_problem(backend: str, artefacts: set[str] | frozenset[str],
+                     model_dir: str) -> str | None:
+    """Why `backend` cannot run this model directory, naming the backend that can."""
+    need = RULES[backend].artefact if backend in RULES else None
+    if need is None or need in artefacts:
+        return None
+    others = [r.name for r in RULES.values() if r.artefact in artefacts]
+    has = ", ".join(sorted(artefacts)) or "no model files"
+    fix = (f"use --backend {' or --backend '.join(others)} (or --backend auto)" if others
+           else "rebuild it with `pspnet build`")
+    return f"{model_dir} holds no {need} for the {backend} backend (it has {has}): {fix}"
+
+
+def cuda_torch_fix(version: str, python: str = "python") -> str:
+    """How to get a CUDA build in place of this CPU torch: the exact command."""
+    base = version.split("+", 1)[0]
+    return (f"this torch ({version}) is a CPU build: install a CUDA build with "
+            f"`{python} -m pip install --index-url {TORCH_CUDA_INDEX} torch=={base}` "
+            f"(or PSPNET_TORCH=cu126 with scripts/venv.sh)")

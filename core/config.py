@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from pspnet.core.backend_rules import (
+    AUTO,
     FALSE_WORDS,
     PRECISIONS,
     RULES,
@@ -65,13 +66,19 @@ class PipelineConfig:
     model_dir: Path = setting(flag="--model", type=Path, metavar="DIR", required=True,
                               help="a directory made by `pspnet build` (manifest.json + "
                                    "models)")
-    backend: str = setting("ort", flag="--backend", choices=tuple(RULES), help=BACKEND_HELP)
+    backend: str = setting("ort", flag="--backend", choices=(AUTO, *RULES),
+                           help=f"{AUTO} (the commands' default): read from the model "
+                                "directory and this host: acl where an OM and aclruntime "
+                                "are, torch on cuda:0 where CUDA and a torch program are, "
+                                "else ort on cpu, else torch on cpu; " + BACKEND_HELP)
     devices: tuple[str, ...] = setting(
         ("cpu",), flag="--devices", type=device_list,
         help="comma list, one executor each: cpu, cuda:0, cuda:1 (torch/ort), tensorrt:0, "
-             "cann:0 (ort), or npu:0,npu:1 (acl)")
-    precision: str = setting("fp32", flag="--precision", choices=PRECISIONS,
-                             help=PRECISION_HELP)
+             "cann:0 (ort), or npu:0,npu:1 (acl) (default: --backend auto's choice, else "
+             "cpu)")
+    precision: str = setting("fp32", flag="--precision", choices=(AUTO, *PRECISIONS),
+                             help=f"{AUTO} (the commands' default): the artefact's own (an "
+                                  "OM as ATC built it, else fp32); " + PRECISION_HELP)
     batch_size: int | None = setting(
         None, flag="--batch-size", type=positive_int,
         help="static batch size to run (default: 16 if built, else the largest)")
@@ -148,10 +155,14 @@ class PipelineConfig:
         None, flag="--log-format", type=log_format, metavar="{auto,json,console}",
         help="auto (default): console lines on a TTY, JSON lines otherwise")
     plan: dict[str, Any] = field(default_factory=dict)   # how core.plan chose; set here
+    choice: str = ""                           # how backend and precision were chosen
 
     def __post_init__(self) -> None:
         """Plan what was left at None (flags set the rest), once: a child's copy and
         `replace` keep the values and the plan's record."""
+        if AUTO in (self.backend, self.precision):
+            raise ValueError("--backend/--precision auto is resolved from the model "
+                             "directory before a config is made (model.artefacts.choose)")
         if self.plan and None not in (self.preprocess_workers, self.postprocess_workers,
                                       self.executor_threads, self.executor_spin):
             return
@@ -164,7 +175,8 @@ class PipelineConfig:
                       self.executor_spin if self.executor_spin is not None else
                       (spin in TRUE_WORDS if spin and spin in TRUE_WORDS + FALSE_WORDS
                        else None))
-        planned = make_plan(this_machine(), self.backend, tuple(self.devices), given)
+        planned = make_plan(this_machine(), self.backend, tuple(self.devices), given,
+                            precision=self.precision, choice=self.choice)
         for name, value in (("preprocess_workers", planned.preprocess_workers),
                             ("postprocess_workers", planned.postprocess_workers),
                             ("executor_threads", planned.executor_threads),

@@ -113,6 +113,8 @@ class Plan:
     devices: tuple[str, ...]
     set_by_flags: tuple[str, ...] = field(default_factory=tuple)
     why: str = ""
+    precision: str = ""
+    choice: str = ""               # how backend and precision were chosen (--backend auto)
 
     def as_dict(self) -> dict[str, Any]:
         doc = asdict(self)
@@ -123,7 +125,9 @@ class Plan:
 
 def describe(plan: Mapping[str, Any]) -> str:
     """A plan's document (Plan.as_dict) in one line, for the start-up log and the bench."""
-    return (f"{plan['preprocess_workers']} preprocess + {plan['postprocess_workers']} "
+    chosen = (f"{plan['backend']} {plan.get('precision', '')} on {','.join(plan['devices'])}"
+              f" ({plan['choice']}); " if plan.get("choice") else "")
+    return (chosen + f"{plan['preprocess_workers']} preprocess + {plan['postprocess_workers']} "
             f"postprocess workers, executor threads "
             f"{plan['executor_threads'] or 'the library default'}, spinning "
             f"{'on' if plan['spinning'] else 'off'}"
@@ -140,7 +144,7 @@ def host_executors(backend: str, devices: tuple[str, ...]) -> int:
 
 
 def make_plan(machine: Machine, backend: str, devices: tuple[str, ...],
-              given: Given = Given()) -> Plan:
+              given: Given = Given(), *, precision: str = "", choice: str = "") -> Plan:
     """The plan for this machine, backend and devices, around what flags set."""
     cpus = machine.cpus
     on_host = host_executors(backend, devices)
@@ -170,7 +174,7 @@ def make_plan(machine: Machine, backend: str, devices: tuple[str, ...],
         why += f"; {busy} busy threads share {cpus} CPU(s)"
     flags = tuple(k for k, v in asdict(given).items() if v is not None)
     return Plan(pre, post, threads, 1, spinning, cpus, machine.affinity, machine.quota,
-                backend, tuple(devices), flags, why)
+                backend, tuple(devices), flags, why, precision, choice)
 
 
 def _pool(cores: float, ms_per_image: float) -> int:

@@ -10,7 +10,8 @@ the front's and the door's counters live in a `Tally` that takes only declared n
 
 The JSON shape: {"stages": {stage: StageStatus}, "front": FrontStatus, "remote":
 [RemoteWorker], "images_per_s": float, "metrics": mIoU summary or null, "daemon":
-DaemonStatus (serve only)}.
+DaemonStatus (serve only), "plan": how backend, workers and threads were chosen, "ready":
+every configured worker up and not draining}.
 """
 
 from __future__ import annotations
@@ -124,6 +125,8 @@ class StageStatus(WorkerFigures):
 
     processes: int = figure("Worker processes the daemon runs", GAUGE)
     alive: int = figure("Worker processes running", GAUGE, "pspnet_workers_alive")
+    up: int = figure("Worker processes heard from since they (re)started: model loaded, "
+                     "taking work", GAUGE, "pspnet_workers_up")
     restarts: int = figure("Worker processes restarted by the daemon",
                            metric="pspnet_worker_restarts")
     pids: list[int] = field(default_factory=list)
@@ -215,6 +218,16 @@ class Status:
     metrics: dict[str, Any] | None = None      # running mIoU, with ground truths
     daemon: DaemonStatus | None = None
     plan: dict[str, Any] | None = None         # how workers and threads were chosen
+    ready: bool = False                        # serving: see `readiness`
+
+    def readiness(self) -> str | None:
+        """Why this daemon is not ready (None: it is): ready is every configured worker
+        up (its model loaded, heard from since it started) and not draining."""
+        if self.daemon is not None and self.daemon.stopping:
+            return "draining"
+        down = [f"{stage} {s.up}/{s.processes} up" for stage, s in self.stages.items()
+                if s.up < s.processes]
+        return ", ".join(down) or None
 
     def document(self) -> dict[str, Any]:
         """The JSON document (keys as clients have always read them)."""
@@ -237,7 +250,7 @@ class Status:
                        images_per_s=doc.get("images_per_s", 0.0),
                        metrics=doc.get("metrics"),
                        daemon=None if daemon is None else _section(DaemonStatus, daemon),
-                       plan=doc.get("plan"))
+                       plan=doc.get("plan"), ready=bool(doc.get("ready", False)))
         except (KeyError, TypeError, AttributeError) as exc:
             raise ValueError(f"not a status document: {type(exc).__name__}: {exc}") from None
 

@@ -8,12 +8,12 @@ import json
 import sys
 from pathlib import Path
 
-from pspnet.core.backend_rules import check_backend
+from pspnet.core.backend_rules import AUTO, check_backend
 from pspnet.core.cli_args import HelpFormatter, add_flags, flag_names, from_args, positive_float
 from pspnet.core.config import PipelineConfig, outputs_problem
 from pspnet.core.exits import EXIT_FAILED, EXIT_UNAVAILABLE, EXIT_USAGE
 from pspnet.core.logs import json_safe
-from pspnet.daemon.endpoint import default_endpoint, parse_endpoint
+from pspnet.daemon.endpoint import default_endpoint, parse_endpoint, where_daemons_are
 from pspnet.daemon.serve_config import ServeConfig
 
 # what every command that runs the pipeline takes (serve adds --tcp-host)
@@ -61,10 +61,15 @@ def add_daemon_parsers(sub: argparse._SubParsersAction) -> None:
 
     status = sub.add_parser(
         "status", formatter_class=fmt,
-        help="print the daemon's status as JSON",
-        description="Print JSON: per stage (processes alive, queue depth, processed, errors, "
-                    "restarts), images/s over the last 10 s, and the running mIoU when "
-                    "ground truth was given.")
+        help="what the daemon is doing: a table, or JSON",
+        description="On a terminal, a short table: ready (every worker up, not draining), "
+                    "the plan (backend, precision, devices, how chosen), queue, images/s "
+                    "over the last 10 s, answers, and per stage workers up, queue depth, "
+                    "done, errors, restarts. JSON (the whole status document, with `ready`) "
+                    "with --json or when stdout is not a terminal. Exit 0 when it answered, "
+                    "4 when no daemon did.")
+    status.add_argument("--json", action="store_true",
+                        help="print the status document as one JSON line, even on a terminal")
     status.add_argument("--endpoint", default=None,
                         help="daemon address (default: the local daemon's ipc socket)")
     status.add_argument("--keys", type=Path, default=None, metavar="DIR", help=KEYS_HELP)
@@ -89,13 +94,37 @@ def add_daemon_parsers(sub: argparse._SubParsersAction) -> None:
 def add_pipeline_args(p: argparse.ArgumentParser, *, help: dict[str, str] | None = None,
                       hidden: tuple[str, ...] = ()) -> None:
     """Flags shared by serve, eval, bench and worker: which model, which backend, how many
-    workers (declared on PipelineConfig; `help`/`hidden` as in add_flags)."""
+    workers (declared on PipelineConfig; `help`/`hidden` as in add_flags). Backend and
+    precision default to auto, devices to the backend's choice (choose_backend)."""
     add_flags(p, PipelineConfig, PIPELINE_FLAGS, help=help, hidden=hidden)
+    p.set_defaults(backend=AUTO, precision=AUTO, devices=None)
+
+
+def choose_backend(args: argparse.Namespace) -> None:
+    """Resolve --backend/--precision auto and unset --devices from the model directory
+    (model.artefacts.choose), in `args`; a model that cannot run as asked (a checkpoint
+    given as --model, no artefact for the backend, CUDA of a CPU torch) is a usage error:
+    one line naming the fix, exit 2, before anything starts. Logged once resolved."""
+    from pspnet.model.artefacts import choose, cuda_problem
+
+    if getattr(args, "choice", None) is not None:
+        return
+    try:
+        chosen = choose(args.model_dir, args.backend, args.devices, args.precision)
+    except (OSError, ValueError) as exc:
+        raise SystemExit(usage_error(args.command, str(exc))) from None
+    problem = cuda_problem(chosen.backend, chosen.devices)
+    if problem:
+        raise SystemExit(usage_error(args.command, problem))
+    args.backend, args.devices, args.precision = chosen.backend, chosen.devices, \
+        chosen.precision
+    args.choice = chosen.why
 
 
 def pipeline_config(args: argparse.Namespace, **given: object) -> PipelineConfig:
-    """The pipeline's config from the shared flags (and `given`), planned where flags left
-    worker counts and threads open."""
+    """The pipeline's config from the shared flags (and `given`), backend chosen, planned
+    where flags left worker counts and threads open."""
+    choose_backend(args)
     return from_args(PipelineConfig, args, **given)
 
 
@@ -119,6 +148,7 @@ def run_serve(args: argparse.Namespace) -> int:
     from pspnet.daemon.server import Server, check_exposure
     from pspnet.model.manifest import Manifest, pick_batch_size
 
+    choose_backend(args)
     try:
         batch = pick_batch_size(Manifest.read(args.model_dir), args.batch_size)
     except (OSError, ValueError) as exc:
@@ -168,7 +198,7 @@ def run_submit(args: argparse.Namespace) -> int:
                 failed += answer.status != "ok"
                 print_json(answer.as_dict())
     except DaemonUnavailable as exc:
-        sys.stderr.write(f"pspnet submit: error: {exc} (is `pspnet serve` running?)\n")
+        sys.stderr.write(f"pspnet submit: error: {exc}{where_daemons_are(client.endpoint)}\n")
         return EXIT_UNAVAILABLE
     return EXIT_FAILED if failed else 0
 
@@ -193,8 +223,8 @@ def print_json(doc: object) -> None:
 
 
 def run_status(args: argparse.Namespace) -> int:
-    """The daemon's status document, printed as it came once it reads as one (keys a
-    newer daemon added stay in the output)."""
+    """The daemon's status: a table on a terminal; else the document as it came, once it
+    reads as one (keys a newer daemon added stay in the output)."""
     from pspnet.core.status import Status
     from pspnet.daemon.client import Client, DaemonUnavailable
 
@@ -207,13 +237,18 @@ def run_status(args: argparse.Namespace) -> int:
         with client:
             doc = client.status()
     except DaemonUnavailable as exc:
-        sys.stderr.write(f"pspnet status: error: {exc} (is `pspnet serve` running?)\n")
+        sys.stderr.write(f"pspnet status: error: {exc}{where_daemons_are(endpoint)}\n")
         return EXIT_UNAVAILABLE
     try:
-        Status.from_document(doc)
+        status = Status.from_document(doc)
     except ValueError as exc:
         sys.stderr.write(f"pspnet status: error: {endpoint} answered, but not with a status "
                          f"this version of pspnet reads ({exc}); is it an older daemon?\n")
         return EXIT_FAILED
-    print_json(doc)
+    if args.json or not sys.stdout.isatty():
+        print_json(doc)
+    else:
+        from pspnet.daemon.status_table import status_table
+
+        print(status_table(status))
     return 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import ipaddress
+import json
 import os
 import socket
 import stat
@@ -204,3 +205,60 @@ def is_local(endpoint: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+# ---- this user's running daemons: one small file each, so a client that finds nobody at
+# the default endpoint can say where they are (a daemon on tcp is not at the ipc path)
+
+def daemons_dir() -> Path:
+    return runtime_dir() / "daemons"
+
+
+def record_daemon(endpoint: str) -> Path | None:
+    """Write DAEMONS/PID.json ({"pid", "endpoint"}) for `running_daemons`; None if it
+    cannot be written (the daemon serves all the same)."""
+    try:
+        folder = daemons_dir()
+        folder.mkdir(mode=0o700, exist_ok=True)
+        path = folder / f"{os.getpid()}.json"
+        path.write_text(json.dumps({"pid": os.getpid(), "endpoint": endpoint}) + "\n")
+    except OSError:
+        return None
+    return path
+
+
+def forget_daemon(path: Path | None) -> None:
+    if path is not None:
+        path.unlink(missing_ok=True)
+
+
+def running_daemons() -> list[tuple[int, str]]:
+    """(pid, endpoint) of this user's daemons that are alive; files of dead ones (a kill
+    -9 leaves them) are removed."""
+    try:
+        files = sorted(daemons_dir().glob("*.json"))
+    except OSError:
+        return []
+    found = []
+    for path in files:
+        try:
+            doc = json.loads(path.read_text())
+            pid, endpoint = int(doc["pid"]), str(doc["endpoint"])
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            path.unlink(missing_ok=True)
+            continue
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        found.append((pid, endpoint))
+    return found
+
+
+def where_daemons_are(endpoint: str) -> str:
+    """What to add to 'no daemon at ENDPOINT': how to name another endpoint, and this
+    user's running daemons, if any."""
+    others = [f"{url} (pid {pid})" for pid, url in running_daemons() if url != endpoint]
+    listed = f"; running: {', '.join(others)}" if others else \
+        "; is `pspnet serve` running?"
+    return (f" (a daemon elsewhere, e.g. on tcp: pass --endpoint tcp://HOST:PORT or set "
+            f"{ENV_ENDPOINT}{listed})")

@@ -1,4 +1,6 @@
-"""`pspnet serve --metrics-port P`: the daemon's figures for Prometheus, at /metrics.
+"""`pspnet serve --metrics-port P`: the daemon's figures for Prometheus at /metrics, and
+the probes: /healthz (alive: 200 unless the loop stopped handing over status) and /readyz
+(200 when ready: every worker up, not draining; 503 otherwise); any other path is 404.
 
 Why a snapshot: prometheus_client answers scrapes on a thread of its own, while the
 front's state belongs to the daemon's loop. The loop hands over a copy of the status
@@ -17,18 +19,22 @@ from __future__ import annotations
 
 import collections
 import math
+import socket
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, make_server
 
-from prometheus_client import CollectorRegistry, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Histogram, make_wsgi_app
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.exposition import ThreadingWSGIServer
 
 from pspnet.core.status import COUNTER, Family, Figure, StageStatus, Status, figures
 
 REFRESH_S = 0.5                 # the loop copies the status document at most this often
 WINDOW_S = 10.0                 # busy fraction and batch fill: over the last WINDOW_S
+STALE_S = 10.0                  # no snapshot this long once serving: the loop is stuck
 # accept-to-answer, seconds: from a few ms (a small model, idle) to minutes (a backlog)
 LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
                      60.0, 120.0, 300.0)
@@ -55,8 +61,8 @@ class Exporter:
         if self.port is None:
             return None
         try:
-            self._server, self._thread = start_http_server(self.port, addr=self.host,
-                                                           registry=self.registry)
+            self._server, self._thread = serve_http(self.host, self.port, probes_app(
+                make_wsgi_app(self.registry), self.snapshots))
         except OSError as exc:
             return (f"--metrics-port {self.port}: cannot listen on {self.host}:{self.port}: "
                     f"{exc.strerror or exc}")
@@ -93,6 +99,47 @@ class Exporter:
             self._thread.join(timeout=5)
 
 
+class _Quiet(WSGIRequestHandler):
+    def log_message(self, *args: Any) -> None:      # a probe every few seconds: no lines
+        pass
+
+
+def serve_http(host: str, port: int, app: Callable) -> tuple[Any, threading.Thread]:
+    """`app` on HOST:PORT (IPv4 or IPv6), one thread per request, from a thread of its own."""
+    family, _, _, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                  flags=socket.AI_PASSIVE)[0]
+
+    class Server(ThreadingWSGIServer):
+        address_family = family
+
+    server = make_server(address[0], port, app, Server, handler_class=_Quiet)
+    thread = threading.Thread(target=server.serve_forever, name="metrics", daemon=True)
+    thread.start()
+    return server, thread
+
+
+def probes_app(metrics: Callable, snapshots: Snapshots) -> Callable:
+    """/metrics, /healthz and /readyz; 404 for anything else (a probe of a wrong path must
+    fail, not read 200 from the metrics)."""
+    def app(environ: dict[str, Any], start_response: Callable) -> Iterable[bytes]:
+        path = environ.get("PATH_INFO", "")
+        if path == "/metrics":
+            return metrics(environ, start_response)
+        if path == "/healthz":
+            code, text = snapshots.alive()
+        elif path == "/readyz":
+            code, text = snapshots.ready()
+        else:
+            code, text = 404, f"no {path}: /metrics, /healthz or /readyz"
+        body = (text + "\n").encode()
+        start_response({200: "200 OK", 404: "404 Not Found",
+                        503: "503 Service Unavailable"}[code],
+                       [("Content-Type", "text/plain; charset=utf-8"),
+                        ("Content-Length", str(len(body)))])
+        return [body]
+    return app
+
+
 class Snapshots:
     """The latest status and those of the last WINDOW_S, shared with scrapes."""
 
@@ -105,6 +152,28 @@ class Snapshots:
             self.recent.append((now, status))
             while len(self.recent) > 2 and self.recent[1][0] <= now - WINDOW_S:
                 self.recent.popleft()
+
+    def alive(self) -> tuple[int, str]:
+        """/healthz: 200 while starting and while the loop hands over status; 503 once it
+        has not for STALE_S (a stuck loop: restart it)."""
+        with self.lock:
+            last = self.recent[-1][0] if self.recent else None
+        if last is not None and time.monotonic() - last > STALE_S:
+            return 503, f"no status from the daemon's loop for {time.monotonic() - last:.0f} s"
+        return 200, "alive" if last is not None else "alive, starting"
+
+    def ready(self) -> tuple[int, str]:
+        """/readyz: 200 when the latest status is ready (and fresh), 503 saying why not."""
+        code, why = self.alive()
+        window = self.window()
+        if window is None:
+            return 503, "not ready: starting"
+        status = window[1][1]
+        if code != 200:
+            return 503, f"not ready: {why}"
+        if not status.ready:
+            return 503, f"not ready: {status.readiness() or 'starting'}"
+        return 200, "ready"
 
     def window(self) -> tuple[tuple[float, Status], tuple[float, Status]] | None:
         """(oldest, latest) of the window; None before the first snapshot."""

@@ -310,7 +310,8 @@ class Front:
                       result.areas, result.cause)
 
     def _deliver(self, entry: Any, status: str, mask: str | None, error: str | None,
-                 stage: str, areas: Any = None, cause: str | None = None) -> None:
+                 stage: str, areas: Any = None, cause: str | None = None,
+                 quiet: bool = False) -> None:
         """One answer for one accepted request, under the id its client gave."""
         if status == wire.OK and areas is not None:
             self.metrics.add(areas)
@@ -321,9 +322,9 @@ class Front:
         self.answered_at.append(now)
         while self.answered_at and self.answered_at[0] < now - RATE_WINDOW_S:
             self.answered_at.popleft()
-        if status != wire.OK and cause != wire.STORAGE:    # those: one line per episode
-            self.log.info("request failed", id=entry.client_id, path=entry.request.path,
-                          stage=stage, error=error)
+        if status != wire.OK and cause != wire.STORAGE and not quiet:   # those: one line
+            self.log.warning("request failed", id=entry.client_id,
+                             path=entry.request.path, stage=stage, error=error)
         self.answers.append((wire.Result(entry.client_id, entry.request.attempt, status,
                                          entry.request.path, mask=mask, error=error,
                                          stage=stage, areas=areas, cause=cause),
@@ -426,6 +427,7 @@ class Front:
                 **summed([w.counters for w in self.workers.of(stage) if w.local],
                          {key: n for (s, key), n in self.past.items() if s == stage}),
                 processes=len(slots), alive=sum(s.alive for s in slots),
+                up=sum(s.alive and s.heard is not None for s in slots),
                 restarts=sum(s.restarts for s in slots),
                 pids=[s.proc.pid for s in slots if s.proc is not None])
         now = time.monotonic()
@@ -449,7 +451,7 @@ class Front:
         each is still answered exactly once, and later answers for them are dropped."""
         entries = self.ledger.abandon()
         for entry in entries:
-            self._deliver(entry, wire.ERROR, None, reason, "front")
+            self._deliver(entry, wire.ERROR, None, reason, "front", quiet=True)  # logged once
         self.totals["abandoned"] += len(entries)
         return self.take_answers()
 

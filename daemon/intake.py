@@ -87,7 +87,7 @@ class WatchIntake:
         for path, version in self.watcher.take(room) if room > 0 else ():
             problem = refusal(wire.Request(WATCH, str(path)), self.allow_roots)
             if problem is not None:             # e.g. a link out of the allowed roots
-                self.log.info("request failed", path=str(path), stage="front", error=problem)
+                self.log.warning("request failed", path=str(path), stage="front", error=problem)
                 self._record(path.name, version=list(version), status=wire.ERROR,
                              error=problem, final=True)
                 self.watcher.answered(path.name, version, None)

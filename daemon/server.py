@@ -43,7 +43,7 @@ from pspnet.core.plan import describe
 from pspnet.core.status import DaemonStatus, Status
 from pspnet.daemon.clients import Clients
 from pspnet.daemon.door import ANSWER_LINGER_MS, Door
-from pspnet.daemon.endpoint import is_local
+from pspnet.daemon.endpoint import forget_daemon, is_local, record_daemon
 from pspnet.daemon.exporter import Exporter
 from pspnet.daemon.front import Front, PipelineError, StartInterrupted
 from pspnet.daemon.intake import WATCH, WatchIntake
@@ -102,6 +102,7 @@ class Server:
         self.clients: Clients | None = None
         self.intake: WatchIntake | None = None
         self.failure: str | None = None         # a part of the daemon failed: why
+        self.record: Path | None = None         # this daemon's run file (endpoint.py)
         self.stop_reason: str | None = None     # set when exiting before the drain finished
 
     # signal handlers only record
@@ -123,6 +124,7 @@ class Server:
         except Exception as exc:           # a bug, an OSError from a restart: logged, and
             why = f"{type(exc).__name__}: {exc}"            # the same shutdown follows
             self.log.exception("the daemon failed", error=why)
+            _say(f"pspnet serve: error: the daemon failed: {why}")
             self.stop_reason = f"the daemon failed: {why}"
             code = EXIT_CANNOT_START if isinstance(exc, PipelineError) else EXIT_FAILED
         finally:
@@ -150,6 +152,7 @@ class Server:
             return EXIT_FAILED
         except PipelineError as exc:
             self.log.error("cannot start", error=str(exc))
+            _say(f"pspnet serve: error: {exc}")     # the reason, besides the log
             return EXIT_CANNOT_START
         self.front = front
         self.clients = Clients(self.door.socket, front, cfg.max_queue, cfg.allow_roots,
@@ -158,6 +161,7 @@ class Server:
             self.intake = WatchIntake(cfg.watch, pipe.out_dir, front, cfg.max_queue,
                                       cfg.allow_roots)
             self.intake.start()
+        self.record = record_daemon(cfg.endpoint)    # for a client that looks elsewhere
         self.log.info("serving", endpoint=cfg.endpoint, metrics=self.exporter.address)
         return None
 
@@ -260,6 +264,7 @@ class Server:
             client_connections=self.door.state.connections,
             accepting_connections=self.door.state.open, client_connections_cap=self.door.cap)
         status.plan = self.cfg.pipeline.plan        # how workers and threads were chosen
+        status.ready = status.readiness() is None
         return status
 
     # ---- shutdown ----------------------------------------------------------------------
@@ -301,6 +306,7 @@ class Server:
         # 8. let the answers already sent leave, then close the client socket
         # 9. remove the socket file and its lock: the next serve finds the path free
         self.door.release(max(ANSWERS_LEAVE_S, self._left(ANSWER_LINGER_MS / 1000)))
+        forget_daemon(self.record)
         # 10. say how it ended
         if final is not None:
             self.log.info("exit", drained=not self.stop_reason, abandoned=abandoned,
@@ -368,9 +374,14 @@ def write_json(path: Path, doc: dict[str, Any], log: Any) -> bool:
 
 
 def _usage_error(problem: str) -> int:
-    sys.stderr.write(f"pspnet serve: error: {problem}\n")
-    sys.stderr.flush()
+    _say(f"pspnet serve: error: {problem}")
     return EXIT_USAGE
+
+
+def _say(line: str) -> None:
+    """One plain line on stderr for the user, whatever the log's format."""
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
 
 
 def check_exposure(endpoint: str, allow_roots: tuple[Path, ...]) -> str | None:

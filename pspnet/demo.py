@@ -23,6 +23,9 @@ import numpy as np
 
 READY_TIMEOUT_S = 120
 CONTACT_SHEET = "contact-sheet.png"
+# mmseg's own eager prediction of each photo: what the daemon's masks are scored against
+# (fidelity), not a human-labelled ground truth; older demos called it ground-truth/
+REFERENCE_DIR, OLD_REFERENCE_DIR = "mmseg-predictions", "ground-truth"
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
@@ -31,7 +34,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         help="run a trained model end to end on sample photos, with an overlay picture",
         description=__doc__.split("\n\n")[1])
     demo.add_argument("--out", type=Path, default=Path("demo-out"), metavar="DIR",
-                      help="model, masks, ground truth, logs and the contact sheet go here "
+                      help="model, masks, mmseg's own predictions (the fidelity reference), "
+                           "logs and the contact sheet go here "
                            "(the model is reused next time)")
     demo.add_argument("--input-size", type=int, default=257,
                       help="model input side; the network was trained at 257, and sides "
@@ -49,9 +53,10 @@ def say(message: str) -> None:
 
 def run_demo(args: argparse.Namespace) -> int:
     out: Path = args.out.absolute()
-    model_dir, images_dir, truth_dir = out / "model", out / "images", out / "ground-truth"
+    model_dir, images_dir, truth_dir = out / "model", out / "images", out / REFERENCE_DIR
     masks_dir, run_dir = out / "masks", out / "run"
     started = time.monotonic()
+    shutil.rmtree(out / OLD_REFERENCE_DIR, ignore_errors=True)   # an older demo's name
     if args.rebuild or not _model_is_current(model_dir, args.input_size):
         shutil.rmtree(truth_dir, ignore_errors=True)       # made by the previous model
         build_demo_model(model_dir, args.input_size)
@@ -160,7 +165,8 @@ def submit_and_report(daemon: subprocess.Popen, endpoint: str, images: list[Path
     print(f"masks:      {masks_dir}  ({len(done)} written, {len(failed)} failed)")
     print(f"fidelity:   mIoU {metrics.get('mIoU', float('nan')):.2f} against mmseg's own "
           f"eager prediction on the same letterboxed input (100 = the daemon reproduces "
-          f"mmseg; aAcc {metrics.get('aAcc', float('nan')):.2f})")
+          f"mmseg; aAcc {metrics.get('aAcc', float('nan')):.2f}; those predictions: "
+          f"{out / REFERENCE_DIR})")
     print(f"images/s:   {len(answers) / elapsed:.1f}  ({len(answers)} images in "
           f"{elapsed:.2f} s, end to end through the daemon)")
     if sheet is not None:

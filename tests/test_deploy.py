@@ -25,6 +25,7 @@ import yaml
 from kubernetes_validate.utils import ValidationError, validate
 
 from pspnet.cli import build_parser
+from pspnet.daemon.exporter import Snapshots, probes_app
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCKERFILE = ROOT / "Dockerfile"
@@ -106,16 +107,18 @@ def test_daemon_manifest_matches_the_daemon():
     assert args.command == "serve" and args.devices == ("cuda:0",)
     assert args.backend_options.get("compile") == "1"
     assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
-    # probes: `pspnet status` on the endpoint the daemon serves, each parsed for real
+    assert args.keys_dir == Path("/keys")    # a tcp endpoint needs its CurveZMQ keys
+    # probes: HTTP on the metrics port the daemon serves (daemon/exporter.py's paths)
     endpoint_port = int(args.endpoint.rsplit(":", 1)[1])
-    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
-        command = container[probe]["exec"]["command"]
-        assert command[0] == "pspnet"
-        status = pspnet_args(command[1:])
-        assert status.command == "status"
-        assert status.endpoint == f"tcp://127.0.0.1:{endpoint_port}"
-        assert status.keys == args.keys_dir == Path("/keys")    # CurveZMQ (issue 23)
-        assert container[probe]["timeoutSeconds"] > 5      # the client waits 5 s for status
+    for probe, path in (("startupProbe", "/readyz"), ("readinessProbe", "/readyz"),
+                        ("livenessProbe", "/healthz")):
+        get = container[probe]["httpGet"]
+        assert (get["path"], get["port"]) == (path, "metrics"), probe
+        assert "exec" not in container[probe]
+        said: list[str] = []
+        probes_app(lambda e, s: [b""], Snapshots())({"PATH_INFO": path},
+                                                     lambda code, h, said=said: said.append(code))
+        assert not said[0].startswith("404"), f"{probe}: the daemon has no {path}"
     startup = container["startupProbe"]
     assert startup["periodSeconds"] * startup["failureThreshold"] >= COMPILE_ALLOWANCE_S
     # SIGTERM drains; Kubernetes must not SIGKILL before --drain-timeout has run out

@@ -18,6 +18,7 @@ the fused variant happen once, at open: stages/backends/torch_program.py.
 from __future__ import annotations
 
 import os
+import sys
 import time
 import warnings
 from collections.abc import Mapping
@@ -27,7 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from pspnet.core.backend_rules import RULES
+from pspnet.core.backend_rules import RULES, cuda_torch_fix
 from pspnet.stages.backends.base import (
     NUM_SLOTS,
     BackendBase,
@@ -92,8 +93,10 @@ class TorchBackend(BackendBase):
         warmup = option_int(options, "warmup")
         if kind == "cuda":
             if not torch.cuda.is_available():
-                raise BackendUnavailable(f"device {device!r}: this torch ({torch.__version__})"
-                                         " sees no CUDA device")
+                why = cuda_torch_fix(torch.__version__, sys.executable) \
+                    if torch.__version__.endswith("+cpu") else \
+                    f"this torch ({torch.__version__}) sees no CUDA device"
+                raise BackendUnavailable(f"device {device!r}: {why}")
             if index >= torch.cuda.device_count():
                 raise BackendUnavailable(f"device {device!r}: only "
                                          f"{torch.cuda.device_count()} CUDA device(s)")

@@ -92,6 +92,13 @@ def test_batch_masks_are_the_daemons_on_the_sample_photos(ray_session, tiny_mode
                               "reason": f"preprocess: {answers[str(bad)].error}"}]
     assert "zz_broken: preprocess: truncated or corrupt JPEG" in out
     assert doc["engine"] == "ray" and doc["resources"]["CPU"] == 2
+    # no ground truth: what was written, not a table of nan
+    (summary,) = [line for line in out.splitlines() if line.startswith("segmented ")]
+    print(summary)
+    assert summary.startswith("segmented 9 of 10 images (")
+    assert summary.endswith(f"masks in {ray_masks}; 1 failed; no ground truth given, so no "
+                            "mIoU")
+    assert "nan" not in out and "Class" not in out
 
 
 def test_batch_masks_are_the_daemons_with_a_network_that_aligns_corners(ray_session,
@@ -195,6 +202,57 @@ def test_a_failing_step_is_named_by_its_own_error(ray_session):
         ray_session.data.range(4).map_batches(_broken_step).take_all()
     assert ray_batch.root_cause(caught.value) == (
         "ImportError: cannot import name 'mask_path' from 'pspnet.model.labels'")
+
+
+def test_batch_without_ray_names_the_extra(tiny_models, tmp_path, capsys, monkeypatch):
+    """An install without the `ray` extra: one line naming it, exit 2 (it was a
+    ModuleNotFoundError traceback once the job began)."""
+    import sys
+
+    monkeypatch.setitem(sys.modules, "ray", None)          # `import ray` fails
+    code = main(["batch", "--images", str(tmp_path), "--model", str(tiny_models["labels"])])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(lines) == 1, lines
+    assert lines[0].startswith("pspnet batch: error: needs Ray Data, the `ray` extra (")
+    assert lines[0].endswith("pip install 'pspnet-daemon[ray]'")
+
+
+def test_joining_a_cluster_uses_token_auth_when_a_token_is_here(tmp_path, monkeypatch):
+    """`ray start --head` (Ray 2.5x) turns token authentication on and writes the token to
+    ~/.ray/auth_token; a driver joins only with RAY_AUTH_MODE=token. With a token at hand
+    `pspnet batch --address` sets it; RAY_AUTH_MODE given wins; no token, nothing set."""
+    import os
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    for name in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):
+        monkeypatch.setenv(name, "")            # so that the test's end restores it
+        monkeypatch.delenv(name)
+    assert not ray_batch.token_auth_if_token_here() and "RAY_AUTH_MODE" not in os.environ
+    (tmp_path / ".ray").mkdir()
+    (tmp_path / ".ray" / "auth_token").write_text("secret")
+    assert ray_batch.token_auth_if_token_here() and os.environ["RAY_AUTH_MODE"] == "token"
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    assert not ray_batch.token_auth_if_token_here()
+    assert os.environ["RAY_AUTH_MODE"] == "disabled"
+
+
+def test_no_cluster_at_address_mentions_token_auth(tiny_models, capsys, monkeypatch):
+    """A join that fails says what to set if the cluster uses token authentication (the
+    join's own words were 20 s of InvalidAuthToken warnings, then 'Failed to connect')."""
+    def refused(*args, **kwargs):
+        raise ConnectionError("Failed to connect to Ray cluster")
+
+    monkeypatch.delenv("RAY_AUTH_MODE", raising=False)
+    monkeypatch.setattr(ray_batch, "run", refused)
+    code = main(["batch", "--images", str(SAMPLE_DIR), "--model", str(tiny_models["labels"]),
+                 "--address", "127.0.0.1:6379"])
+    err = capsys.readouterr().err
+    (last,) = [line for line in err.splitlines() if "error" in line]   # and the progress
+    assert code == 4, err
+    assert last == ("pspnet batch: error: no Ray cluster at 127.0.0.1:6379: Failed to connect "
+                    "to Ray cluster (a cluster started with `ray start` (Ray 2.5x) uses token "
+                    "authentication: set RAY_AUTH_MODE=token with its token in "
+                    "~/.ray/auth_token or RAY_AUTH_TOKEN)")
 
 
 def test_from_listing_and_folder_need_no_ray(tmp_path):

@@ -5,7 +5,16 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
-from pspnet.batch.report import blend, class_shares, edges, iou_bar_chart, top_classes_line
+from pspnet.batch.report import (
+    Row,
+    blend,
+    class_shares,
+    contact_sheet,
+    edges,
+    iou_bar_chart,
+    legend_entries,
+    top_classes_line,
+)
 from pspnet.cli import main
 from pspnet.model.manifest import VOC_CLASSES, voc_palette
 from tests.voc_folder import make_voc_folder
@@ -22,6 +31,22 @@ def test_top_classes_put_objects_first_and_skip_specks():
     line = top_classes_line(labels, VOC_CLASSES)
     assert line.startswith("person 39.9 %, cat 5.0 %, background")
     assert "chair" not in line
+
+
+def test_every_class_of_a_mask_is_in_its_legend(tmp_path):
+    """Issue 24: the sheet outlines every region, so every class gets a legend entry,
+    however small (it used to leave out classes under 0.1 % and all past the sixth)."""
+    labels = np.zeros((200, 200), np.uint8)
+    for k in range(1, 12):                     # eleven object classes, 1 % down to a pixel
+        labels[k * 10:k * 10 + max(1, 40 - 4 * k), :10] = k
+    labels[199, 199] = 20                      # tvmonitor: one pixel, 0.0025 %
+    entries = legend_entries(labels, VOC_CLASSES)
+    assert sorted(k for k, _ in entries) == sorted(set(np.unique(labels).tolist()))
+    assert entries[-1][1].startswith("background") and "(not painted)" in entries[-1][1]
+    assert dict(entries)[20] == "tvmonitor  <0.1 %"
+    sheet = contact_sheet([Row("many", np.zeros((200, 200, 3), np.uint8), labels)],
+                          VOC_CLASSES, voc_palette(21), tmp_path / "sheet.png")
+    assert Image.open(sheet).size[0] == 1200
 
 
 def test_blend_paints_objects_and_outlines_them_but_not_the_background():

@@ -73,3 +73,36 @@ def test_the_plan_reaches_only_backends_that_take_it():
     assert with_plan("ort", {"spin": "1"}, 2, False) == {"spin": "1", "threads": "2"}
     assert with_plan("torch", {}, 2, False) == {"threads": "2"}
     assert with_plan("acl", {}, 2, False) == {} and with_plan("sim", {}, 2, True) == {}
+
+
+def test_auto_picks_by_what_the_model_directory_and_host_have():
+    """--backend auto's rows, in order: acl (an OM and aclruntime), torch on cuda:0 (a
+    torch program and CUDA), ort on cpu, torch on cpu; --devices narrows to backends
+    that run there; --precision auto is the OM's as built, else fp32."""
+    from pspnet.core.backend_rules import (
+        ACLRUNTIME,
+        CUDA,
+        OM,
+        ONNX,
+        ORT_INSTALLED,
+        TORCH_INSTALLED,
+        TORCH_PROGRAM,
+        auto_backend,
+        auto_precision,
+    )
+
+    everything = {ONNX, TORCH_PROGRAM, OM, ORT_INSTALLED, TORCH_INSTALLED, ACLRUNTIME, CUDA}
+
+    def pick(facts, kind=None):
+        row = auto_backend(frozenset(facts), kind)
+        return None if row is None else (row.backend, row.device)
+
+    assert pick(everything) == ("acl", "npu:0")
+    assert pick(everything - {ACLRUNTIME}) == ("torch", "cuda:0")
+    assert pick(everything - {ACLRUNTIME, CUDA}) == ("ort", "cpu")
+    assert pick({TORCH_PROGRAM, TORCH_INSTALLED, ORT_INSTALLED}) == ("torch", "cpu")
+    assert pick({ONNX, TORCH_INSTALLED}) is None                # no onnxruntime, no program
+    assert pick(everything, "cpu") == ("ort", "cpu")
+    assert pick({TORCH_PROGRAM, TORCH_INSTALLED}, "cuda") == ("torch", "cuda:0")
+    assert auto_precision("acl", "fp16") == "fp16" and auto_precision("acl", "fp32") == "fp32"
+    assert auto_precision("ort", "fp16") == auto_precision("torch", "fp16") == "fp32"

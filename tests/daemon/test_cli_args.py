@@ -161,7 +161,7 @@ def test_serve_refuses_bad_arguments_in_one_line(tiny_models, tmp_path):
     without a manifest (named before an exposed endpoint is) and for a batch size the
     model was not built with."""
     cases = [
-        (["--model", str(tmp_path / "none")], "manifest"),
+        (["--model", str(tmp_path / "none")], "no such model directory"),
         (["--model", str(tmp_path), "--endpoint", "tcp://0.0.0.0:5999"], "manifest"),
         (["--model", str(tiny_models["logits"]), "--batch-size", "8"],
          "no model for batch size 8"),
@@ -257,9 +257,10 @@ def parse(argv: list[str]) -> argparse.Namespace:
     return build_parser().parse_args(argv)
 
 
-def test_flags_take_their_defaults_and_help_from_the_config_fields(tmp_path):
+def test_flags_take_their_defaults_and_help_from_the_config_fields(model):
     """Each flag's default is its field's (a config from no flags equals the dataclass's
-    own defaults), and a flag's help text is written once, on its field."""
+    own defaults, once --backend/--precision auto chose ort fp32 on cpu: this host has
+    onnxruntime and no GPU), and a flag's help text is written once, on its field."""
     import dataclasses
 
     from pspnet.core.cli_args import FLAG
@@ -270,17 +271,19 @@ def test_flags_take_their_defaults_and_help_from_the_config_fields(tmp_path):
     for command in ("serve", "eval", "bench", "worker"):
         extra = {"serve": [], "eval": ["--voc", "v"], "bench": ["--synthetic", "4"],
                  "worker": ["executor", "--front", "h"]}[command]
-        argv = [command, *extra, "--model", str(tmp_path)]
+        argv = [command, *extra, "--model", str(model)]
         args = parse(argv)
         quiet = "warning" if command in ("eval", "bench") else "info"   # set_defaults
-        assert pipeline_config(args) == PipelineConfig(model_dir=tmp_path,
-                                                       log_level=quiet), command
-    args = parse(["serve", "--model", str(tmp_path)])
-    serve = ServeConfig(PipelineConfig(tmp_path), endpoint="e")
+        cfg = pipeline_config(args)
+        assert cfg.choice.startswith("--backend auto: an ONNX model"), cfg.choice
+        assert cfg == PipelineConfig(model_dir=model, log_level=quiet,
+                                     choice=cfg.choice), command
+    args = parse(["serve", "--model", str(model)])
+    serve = ServeConfig(PipelineConfig(model), endpoint="e")
     for spec in dataclasses.fields(ServeConfig):
         if FLAG in spec.metadata and spec.name != "endpoint":   # None: the default's
             assert getattr(args, spec.name) == getattr(serve, spec.name), spec.name
-    args = parse(["serve", "--model", str(tmp_path), "--backend-option", "threads=2",
+    args = parse(["serve", "--model", str(model), "--backend-option", "threads=2",
                   "--backend-option", "spin=1", "--allow-root", "/a", "--allow-root", "/b",
                   "--no-masks", "--log-format", "json", "--devices", "cpu,cpu"])
     cfg = pipeline_config(args)
@@ -290,10 +293,10 @@ def test_flags_take_their_defaults_and_help_from_the_config_fields(tmp_path):
     assert cfg.executor_threads == 2 and cfg.executor_spin is True
 
 
-def test_worker_counts_from_flags_override_the_plan(tmp_path):
+def test_worker_counts_from_flags_override_the_plan(model):
     from pspnet.daemon.commands import pipeline_config
 
-    cfg = pipeline_config(parse(["serve", "--model", str(tmp_path),
+    cfg = pipeline_config(parse(["serve", "--model", str(model),
                                  "--preprocess-workers", "3"]))
     assert cfg.preprocess_workers == 3 and cfg.plan["set_by_flags"] == ["preprocess_workers"]
     assert cfg.postprocess_workers == cfg.plan["postprocess_workers"]

@@ -58,7 +58,9 @@ def test_serve_submit_status_50_images(tiny_models, photo_files, tmp_path, daemo
     assert opened["backend"] == "ort" and opened["batch"] == 4
     assert opened["backend_open_s"] > 0 and "compile_s" not in opened
     (plan,) = [e for e in daemon.events() if e.get("event") == "plan"]
-    assert plan["plan"].startswith(f"{status['plan']['preprocess_workers']} preprocess + ")
+    # what runs and how it was chosen, then the workers
+    assert plan["plan"].startswith("ort fp32 on cpu (--backend ort; --precision auto: fp32); "
+                                   f"{status['plan']['preprocess_workers']} preprocess + ")
 
 
 def test_two_executors_over_tcp_loopback_and_a_remote_one(tiny_models, photo_files, tmp_path,

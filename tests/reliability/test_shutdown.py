@@ -166,6 +166,10 @@ def test_drain_cut_short_answers_every_abandoned_request(tiny_models, photo_file
     assert final["front"]["ok"] == 40 - len(abandoned)
     (exit_line,) = [e for e in daemon.events() if e.get("event") == "exit"]
     assert exit_line["drained"] is False and exit_line["abandoned"] == len(abandoned)
+    # the abandoned are one line, not one per request
+    events = [e.get("event") for e in daemon.events()]
+    assert "request failed" not in events, daemon.logs()
+    assert events.count("answered unfinished requests as errors") == 1, daemon.logs()
     print(f"\nFIGURE {cut}: exit 1 {exited - signalled:.1f} s after the last signal; "
           f"{40 - len(abandoned)} ok, {len(abandoned)} abandoned, answered "
           f"{answered_s:.1f} s after the exit; {len(children)} workers gone")
