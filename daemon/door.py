@@ -80,7 +80,7 @@ class DoorState:
 
 
 class Door:
-    def __init__(self, endpoint: str, keys_dir: Path | None = None) -> None:
+    def __init__(self, endpoint: str, *, keys_dir: Path | None = None) -> None:
         """`keys_dir`: a tcp endpoint speaks CurveZMQ with its server key and admits only
         its client key (core.keys); required for tcp."""
         self.endpoint = endpoint

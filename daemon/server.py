@@ -96,7 +96,7 @@ class Server:
         self.signals: list[int] = []
         self.stopping = False
         self.deadline = Deadline()
-        self.door = Door(cfg.endpoint, cfg.pipeline.keys_dir)
+        self.door = Door(cfg.endpoint, keys_dir=cfg.pipeline.keys_dir)
         self.exporter = Exporter(cfg.metrics_port, cfg.metrics_host)
         self.front: Front | None = None
         self.clients: Clients | None = None
