@@ -215,6 +215,7 @@ def run_eval(args: argparse.Namespace) -> int:
 
 def run_batch(args: argparse.Namespace) -> int:
     from pspnet.batch.eval import print_report, report, write_json
+    from pspnet.batch.folder import from_folder
     from pspnet.batch.progress import Progress
     from pspnet.batch.voc import VocLayoutError, read_split
     from pspnet.model.manifest import Manifest, pick_batch_size
@@ -251,7 +252,7 @@ def run_batch(args: argparse.Namespace) -> int:
         manifest = Manifest.read(args.model_dir)
         batch = pick_batch_size(manifest, args.batch_size)
         if args.images is not None:
-            split = ray_batch.from_folder(args.images)
+            split = from_folder(args.images)
         elif args.listing is not None:
             split = ray_batch.from_listing(args.listing)
         else:

@@ -35,7 +35,6 @@ from pspnet.batch.eval import EvalOutcome
 from pspnet.batch.job import BatchJob
 from pspnet.batch.progress import Progress
 from pspnet.batch.voc import VocItem, VocSplit
-from pspnet.core.config import IMAGE_SUFFIXES
 from pspnet.model.metrics import IoUAccumulator
 
 # images per decode / postprocess task call: each call costs Ray a scheduling round and an
@@ -61,18 +60,6 @@ class JobFailed(RuntimeError):
 
 
 # ---- inputs ------------------------------------------------------------------------------
-
-def from_folder(folder: Path) -> VocSplit:
-    """Every image file directly in `folder`, sorted by name; no ground truth."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise ValueError(f"{folder}: not a directory")
-    paths = sorted(p for p in folder.iterdir()
-                   if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-    if not paths:
-        raise ValueError(f"{folder}: no image files ({', '.join(IMAGE_SUFFIXES)})")
-    return VocSplit(folder, "", [VocItem(p.stem, p, None) for p in paths], [], len(paths))
-
 
 def from_listing(listing: Path) -> VocSplit:
     """One image per line, `IMAGE` or `IMAGE<TAB>TRUTH` (relative paths: from the listing's

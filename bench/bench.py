@@ -183,6 +183,7 @@ def summarise(size: int, count: int, runs: dict[str, list[dict[str, Any]]],
 
     e2e, ex, ser = med("e2e", "img_s"), med("executor", "img_s"), med("serial", "img_s")
     steady = med("e2e", "steady_img_s")
+    front_main = med("e2e", "front_main_ms_per_image")
     busy = {s: statistics.median(r["busy"].get(s, 0.0) for r in runs["e2e"]) for s in STAGES}
     cpu = {s: statistics.median(r["cpu_ms_per_image"].get(s, 0.0) for r in runs["e2e"])
            for s in (*STAGES, "front")}
@@ -198,6 +199,9 @@ def summarise(size: int, count: int, runs: dict[str, list[dict[str, Any]]],
         "e2e_over_bound": e2e / bound if e2e and bound else None,
         "baseline_images_per_pass": baseline_count or count,
         "e2e_img_s": e2e, "executor_img_s": ex, "serial_img_s": ser,
+        # the front's main thread does per-image work no worker count lifts: its ceiling
+        "front_main_ms_per_image": front_main,
+        "front_ceiling_img_s": 1000 / front_main if front_main else None,
         "e2e_over_executor": e2e / ex if ex else None,
         "e2e_steady_img_s": steady,
         "steady_over_executor": steady / ex if ex and steady else None,
@@ -208,6 +212,8 @@ def summarise(size: int, count: int, runs: dict[str, list[dict[str, Any]]],
         "cpu_ms_per_image": cpu,
         "busiest_threads": runs["e2e"][-1].get("busiest_threads", []),   # the last repeat
         "front_bytes_per_image": med("e2e", "front_bytes_per_image"),
+        "images_per_batch": med("e2e", "images_per_batch"),
+        "batch_fill": med("e2e", "batch_fill"),
         "executor_wall_img_s": med("executor", "wall_img_s"),
         "executor_in_e2e_img_s": med("e2e", "executor_in_e2e_img_s"),
         "errors": {"e2e": sum(r["errors"] for r in runs["e2e"]),
@@ -228,13 +234,15 @@ def model_info(model_dir: Path, manifest: Manifest) -> dict[str, Any]:
 
 def table(doc: dict[str, Any]) -> str:
     """The printed summary: one row per batch size, medians of the repeats."""
-    header = ["batch", "e2e img/s", "steady", "executor img/s", "host limit", "serial img/s",
+    header = ["batch", "e2e img/s", "front ceiling", "steady", "executor img/s", "host limit",
+              "serial img/s",
               "e2e/executor", "e2e/bound", "bound by", "steady/exec", "e2e/serial",
               "p50 ms", "p99 ms", "busy pre/exe/post"]
     rows = []
     for r in doc["results"]:
         busy = "/".join(f"{r['busy_fraction'][s]:.2f}" for s in STAGES)
-        rows.append([str(r["batch_size"]), _f(r["e2e_img_s"]), _f(r.get("e2e_steady_img_s")),
+        rows.append([str(r["batch_size"]), _f(r["e2e_img_s"]), _f(r.get("front_ceiling_img_s"), 0),
+                     _f(r.get("e2e_steady_img_s")),
                      _f(r["executor_img_s"]), _f(r.get("host_limit_img_s")),
                      _f(r["serial_img_s"]), _f(r["e2e_over_executor"], 2),
                      _f(r.get("e2e_over_bound"), 2), r.get("bound_by") or "-",
@@ -259,6 +267,10 @@ def table(doc: dict[str, Any]) -> str:
             f"{_f(row['executor_img_s'])} img/s: the {row['bound_by']} bounds this pipeline "
             f"at {_f(row['bound_img_s'])} img/s, e2e reaches "
             f"{_f(row['e2e_over_bound'], 2)} of it")
+    if row.get("front_main_ms_per_image"):
+        lines.append(f"front ceiling: 1000 / {row['front_main_ms_per_image']:.3f} ms of the "
+                     f"front's main thread per image = {row['front_ceiling_img_s']:.0f} img/s "
+                     f"(e2e {_f(row['e2e_img_s'])} img/s at batch {best['batch_size']})")
     busiest = row.get("busiest_threads") or []
     if busiest:
         lines.append("busiest threads (ms per image, the rate each allows): " + ", ".join(

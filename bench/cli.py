@@ -25,6 +25,7 @@ from pspnet.daemon.commands import (
 )
 
 DEFAULT_BATCH_SIZES = "1,4,8,16,32,64"
+CEILING_IMG_S = "20000"          # --front-ceiling: each simulated device, images/s
 
 BENCH_EPILOG = """\
 modes, measured for each batch size in the same run, repeat by repeat:
@@ -35,8 +36,10 @@ modes, measured for each batch size in the same run, repeat by repeat:
   serial    decode -> letterbox -> infer -> postprocess, one batch at a time in this
             process, as the seed's steps run (same backend, batch size, postprocessing)
 Figures are medians of --repeats; warm-up batches are not timed. `busy pre/exe/post` is
-each stage's busy time over the e2e wall time, per process. Worker counts and executor
-threads are the daemon's plan for this host unless flags set them (the plan is printed).
+each stage's busy time over the e2e wall time, per process. `front ceiling` is 1000 / the
+front's main-thread CPU ms per image: the rate one front cannot pass, whatever the devices.
+Worker counts and executor threads are the daemon's plan for this host unless flags set
+them (the plan is printed).
 --plans instead tries the plan and its neighbours (a worker more or less in each pool,
 executor threads up and down), one short e2e pass each, and prints the best beside it.
 
@@ -50,7 +53,10 @@ examples:
       (which worker counts and threads suit this model on this host, in about a minute)
   pspnet bench --model models/small --backend sim --backend-option img_s=400 \\
       --batch-sizes 16,32,64 --synthetic 96 --min-images 1280 --no-masks
-      (the host side alone, against a simulated 400 img/s device)"""
+      (the host side alone, against a simulated 400 img/s device)
+  pspnet bench --model models/small --front-ceiling 4 --batch-sizes 16,64 --synthetic 96 \\
+      --min-images 2048
+      (the front alone: 4 simulated 20,000 img/s executors, labels head, no masks)"""
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
@@ -102,6 +108,12 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                             "host and its neighbours (a worker more or less in each pool, "
                             "executor threads up and down) at one batch size, --repeats "
                             "short e2e passes each, and print the best beside the plan")
+    bench.add_argument("--front-ceiling", type=positive_int, default=None, metavar="N",
+                       help="measure the host side alone: N simulated executors (--backend "
+                            f"sim, each img_s={CEILING_IMG_S} unless --backend-option sets "
+                            "it, labels head: no logits resize) and no masks, so the "
+                            "front's main thread is what limits; the front ceiling column "
+                            "is the figure")
     # shared flags that mean a little more here; --batch-sizes replaces --batch-size
     add_pipeline_args(bench, hidden=("batch_size",), help={
         "out_dir": "keep the masks under MASKDIR/e2e-bsN/ and MASKDIR/serial-bsN/ "
@@ -128,7 +140,7 @@ def run_bench(args: argparse.Namespace) -> int:
     from pspnet.daemon.front import PipelineError
     from pspnet.model.manifest import Manifest, pick_batch_size
 
-    cfg = pipeline_config(args, batch_size=None)
+    cfg = pipeline_config(args, batch_size=None, **_ceiling_settings(args))
     problem = backend_problem(cfg)
     if problem:
         return usage_error("bench", problem)
@@ -187,6 +199,16 @@ def run_bench(args: argparse.Namespace) -> int:
     if args.plot is not None:
         plot(doc, args.plot)
     return 0
+
+
+def _ceiling_settings(args: argparse.Namespace) -> dict[str, object]:
+    """With --front-ceiling N: the pipeline settings that leave the front as the limit
+    (backend and devices set in `args`, where the backend choice reads them)."""
+    if args.front_ceiling is None:
+        return {}
+    args.backend, args.devices = "sim", ("sim",) * args.front_ceiling
+    options = {"img_s": CEILING_IMG_S, "head": "labels", **(args.backend_options or {})}
+    return {"backend_options": options, "write_masks": False}
 
 
 def _batch_sizes(args: argparse.Namespace, built: list[int]) -> list[int]:

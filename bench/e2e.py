@@ -50,6 +50,14 @@ def cpu_seconds(status: Status) -> dict[str, float]:
     return out
 
 
+def batch_rows(status: Status) -> tuple[int, int, int]:
+    """(images, batches, filler rows) the executors have run so far."""
+    stage = status.stages.get("executor")
+    if stage is None:
+        return 0, 0, 0
+    return int(stage.processed), int(stage.batches), int(stage.filler)
+
+
 def front_bytes(status: Status) -> int:
     """Bytes the front has received and sent on its control socket (heartbeats included)."""
     return status.front.bytes_in + status.front.bytes_out
@@ -101,6 +109,7 @@ class E2ERunner:
         status = pipe.status()
         cpu_before = cpu_seconds(status)
         bytes_before = front_bytes(status)
+        rows_before = batch_rows(status)
         pids = threads.pipeline_pids(status)
         cpu_threads = threads.snapshot(pids)
         latencies: list[float] = []
@@ -113,11 +122,15 @@ class E2ERunner:
             errors += result.status != wire.OK
         wall = time.perf_counter() - started
         front_cpu = time.process_time()
-        busiest = threads.busiest(cpu_threads, threads.snapshot(pids), len(requests))
+        cpu_threads_after = threads.snapshot(pids)
+        busiest = threads.busiest(cpu_threads, cpu_threads_after, len(requests))
+        front_main = threads.front_main_ms(cpu_threads, cpu_threads_after, len(requests))
         status = settle(pipe)
         before, self._busy = self._busy, busy_seconds(status)
         cpu_after = cpu_seconds(status) | {"front": front_cpu}
         moved = front_bytes(status) - bytes_before
+        images, batches, filler = (a - b for a, b in zip(batch_rows(status), rows_before,
+                                                          strict=True))
         # what the host pays per image, per stage: cores needed = rate x this / 1000
         cpu_ms = {s: (used - cpu_before.get(s, 0.0)) * 1e3 / len(requests)
                   for s, used in cpu_after.items()} if requests else {}
@@ -135,6 +148,10 @@ class E2ERunner:
                 "latency_p50_ms": float(np.percentile(latencies, 50)) if latencies else None,
                 "latency_p99_ms": float(np.percentile(latencies, 99)) if latencies else None,
                 "busy": busy, "cpu_ms_per_image": cpu_ms, "busiest_threads": busiest,
+                "front_main_ms_per_image": front_main,
+                # how full the batches ran: the batcher's work under this load
+                "images_per_batch": images / batches if batches else None,
+                "batch_fill": images / (images + filler) if images + filler else None,
                 "front_bytes_per_image": moved / len(requests) if requests else None,
                 "executor_in_e2e_img_s": (len(requests) - errors) / executing
                 if executing > 0 else None,

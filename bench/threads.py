@@ -50,6 +50,16 @@ def snapshot(pids: Mapping[str, int]) -> Snapshot:
     return out
 
 
+def front_main_ms(before: Snapshot, after: Snapshot, images: int) -> float | None:
+    """CPU ms per image of the front's main thread (routing, ledger, answers: the work
+    that one Python thread does for every image), None where /proc is not there."""
+    if images <= 0:
+        return None
+    used = [cpu - before.get(key, (name, 0.0))[1] for key, (name, cpu) in after.items()
+            if key[0] == "front" and name == "main"]
+    return sum(used) * 1e3 / images if used else None
+
+
 def busiest(before: Snapshot, after: Snapshot, images: int, top: int = 8,
             ) -> list[dict[str, Any]]:
     """The `top` threads by CPU per image over the interval, with the rate each allows.

@@ -142,6 +142,10 @@ RULES: dict[str, BackendRules] = {
             "fault_after": "the fault fires at this batch (default 1)",
             "fault_flag": "a file: the fault fires only in the process that first creates "
                           "it, so the restarted executor runs clean",
+            "head": "labels: answer as a labels-head model does (a label map at the input "
+                    "size: postprocess only crops and resizes it) whatever the model's head; "
+                    "for measuring the host side at its cheapest (pspnet bench "
+                    "--front-ceiling)",
         }),
 }
 BACKENDS = tuple(k for k in RULES if k != SIMULATED)     # the real executor backends

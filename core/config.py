@@ -84,8 +84,9 @@ class PipelineConfig:
         help="static batch size to run (default: 16 if built, else the largest)")
     max_wait_ms: float = setting(
         20.0, flag="--max-wait-ms", type=non_negative_float,
-        help="run a partial batch after waiting this long for it to fill, if the device is "
-             "idle (while a batch runs, keep filling)")
+        help="while the device is busy, how long a partial batch waits for companions "
+             "before it is queued behind the running one (an idle device never waits: it "
+             "runs what is queued at once, at the smallest built batch size that holds it)")
     preprocess_workers: int | None = setting(
         None, flag="--preprocess-workers", type=positive_int, metavar="K",
         help="JPEG decode + letterbox processes (default: the plan's, from this host's "

@@ -99,7 +99,8 @@ class WorkerFigures:
                           metric="pspnet_stage_cpu_seconds")
     batches: int = figure("Batches the executors ran", metric="pspnet_executor_batches",
                           stage="executor")
-    filler: int = figure("Empty rows padding partial batches to the static batch size",
+    filler: int = figure("Empty rows padding partial batches to the built batch size "
+                         "each ran at",
                          metric="pspnet_executor_filler_rows", stage="executor")
     stale_dropped: int = figure("Images an executor dropped as meant for its previous life "
                                 "(the front had retried them already)",

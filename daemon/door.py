@@ -6,27 +6,23 @@ and leave that daemon unreachable), one nobody listens on (left by a crash) is r
 and `SOCKET.lock` is held from the check until the file is removed at exit, so two serves
 started at once cannot both take the path.
 
-Descriptors: the soft RLIMIT_NOFILE is raised to the hard limit. A thread of its own reads
-a ZeroMQ monitor of the client socket, so each accepted connection is seen at once; when the
-process's open descriptors come within RESERVE_FDS of the limit, the door closes for new
-connections, and opens again once they are back under it with room to spare. The reserve
-is for the daemon's own sockets, files and worker restarts, and for the connections already
-in the listen backlog (kept short): libzmq aborts the whole process when an ipc accept
-meets EMFILE. On ipc the door closes by removing the path clients connect to (a hard link to
-the socket ZeroMQ bound under a hidden name): connected clients are untouched. On tcp,
-where libzmq survives EMFILE, the door cannot close, and a few placeholder descriptors are
-held that are let go only to start a worker, so a restart never fails for lack of one.
+Descriptors come from the front's one budget (daemon/fd_budget.py), shared with the /metrics
+server and the tcp ports. A thread of its own reads a ZeroMQ monitor of the client socket,
+so each accepted connection is seen at once; when the budget has no room left (the
+process's open descriptors within RESERVE_FDS of the limit), the door closes for new
+connections, and opens again once they are back under it with room to spare: libzmq aborts
+the whole process when an ipc accept meets EMFILE. On ipc the door closes by removing the
+path clients connect to (a hard link to the socket ZeroMQ bound under a hidden name):
+connected clients are untouched. On tcp, where libzmq survives EMFILE, the door cannot
+close; the budget's placeholders keep a worker restart possible.
 """
 
 from __future__ import annotations
 
 import errno
 import os
-import resource
 import sys
 import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -57,6 +53,7 @@ from pspnet.daemon.endpoint import (
     parse_endpoint,
     unlock_socket_file,
 )
+from pspnet.daemon.fd_budget import FdBudget, open_fds
 
 ANSWER_LINGER_MS = 2000      # on exit, the last answers may take this long to leave
 MONITOR_JOIN_S = 2.0         # the monitor thread sees the stop within its 100 ms poll
@@ -64,10 +61,8 @@ MONITOR_JOIN_S = 2.0         # the monitor thread sees the stop within its 100 m
 # is disconnected by ZeroMQ before it is buffered (by default it would allocate whatever
 # size the peer claims and sends).
 MAX_CLIENT_FRAME_BYTES = wire.MAX_HEADER_BYTES
-RESERVE_FDS = 64             # kept free: own sockets, files, restarts, the backlog, a burst
 REOPEN_FDS = 32              # a closed door opens again this far under its threshold
 BACKLOG = 8                  # connections the kernel queues for the client socket
-SPAWN_FDS = 16               # placeholders let go to start a worker (pipes, its socket)
 HIDDEN_SUFFIX = ".bound"     # ipc: the name ZeroMQ binds; clients use the hard link
 SWITCH_INTERVAL_S = 0.0005
 
@@ -80,10 +75,12 @@ class DoorState:
 
 
 class Door:
-    def __init__(self, endpoint: str, *, keys_dir: Path | None = None) -> None:
+    def __init__(self, endpoint: str, budget: FdBudget | None = None, *,
+                 keys_dir: Path | None = None) -> None:
         """`keys_dir`: a tcp endpoint speaks CurveZMQ with its server key and admits only
         its client key (core.keys); required for tcp."""
         self.endpoint = endpoint
+        self.budget = budget or FdBudget()
         self.keys_dir = keys_dir
         self._auth: KeyAuthenticator | None = None
         self.log = structlog.get_logger().bind(component="door")
@@ -97,8 +94,6 @@ class Door:
         self._lock: tuple[Path, int] | None = None
         self._monitor: threading.Thread | None = None
         self._stop = threading.Event()
-        self._placeholders: list[int] = []
-        self.fd_threshold = 0                   # open descriptors at which the door closes
         self.cap = 0                            # about as many client connections
 
     # ---- claim and bind ----------------------------------------------------------------
@@ -219,9 +214,7 @@ class Door:
                 except FileNotFoundError:
                     pass
             self._inode = None
-        for fd in self._placeholders:
-            os.close(fd)
-        self._placeholders.clear()
+        self.budget.release()
         if self._lock is not None:          # last: the next serve finds the path free
             unlock_socket_file(*self._lock)
             self._lock = None
@@ -229,15 +222,8 @@ class Door:
     # ---- descriptors ---------------------------------------------------------------------
 
     def _watch_connections(self) -> None:
-        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-        if hard != resource.RLIM_INFINITY and soft < hard:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-            self.log.info("raised the open-files limit", was=soft, now=hard)
-            soft = hard
-        limit = soft if soft != resource.RLIM_INFINITY else 1 << 20
-        self._placeholders = [os.open(os.devnull, os.O_RDONLY) for _ in range(SPAWN_FDS)]
-        self.fd_threshold = limit - RESERVE_FDS
-        self.cap = max(0, self.fd_threshold - _open_fds())
+        self.budget.claim()
+        self.cap = max(0, self.budget.room())
         # during a burst of connections this thread must get the GIL within a fraction of
         # a millisecond, not the default 5 ms, or the burst outruns the reserve
         sys.setswitchinterval(SWITCH_INTERVAL_S)
@@ -267,15 +253,16 @@ class Door:
     def _steer(self) -> None:
         if self._public is None:
             return                      # tcp: libzmq refuses at EMFILE and lives on
-        fds = _open_fds()
-        if self.state.open and fds >= self.fd_threshold:
+        fds = open_fds()
+        threshold = self.budget.threshold
+        if self.state.open and fds >= threshold:
             self._public.unlink(missing_ok=True)
             self.state.open = False
             self.state.closings += 1
             self.log.warning("near the open-files limit: refusing new client connections",
                              connections=self.state.connections, open_fds=fds,
-                             threshold=self.fd_threshold)
-        elif not self.state.open and fds < self.fd_threshold - REOPEN_FDS:
+                             threshold=threshold)
+        elif not self.state.open and fds < threshold - REOPEN_FDS:
             try:
                 os.link(self._bound, self._public)
             except FileExistsError:
@@ -287,30 +274,6 @@ class Door:
     @property
     def monitor_alive(self) -> bool:
         return self._monitor is None or self._monitor.is_alive()
-
-    @contextmanager
-    def reserve(self) -> Iterator[None]:
-        """Let go of the placeholder descriptors for what needs them (a worker start)."""
-        for fd in self._placeholders:
-            os.close(fd)
-        count = len(self._placeholders)
-        self._placeholders = []
-        try:
-            yield
-        finally:
-            for _ in range(count):
-                try:
-                    self._placeholders.append(os.open(os.devnull, os.O_RDONLY))
-                except OSError:
-                    break
-
-
-def _open_fds() -> int:
-    try:
-        return len(os.listdir("/proc/self/fd"))
-    except OSError:
-        return 64
-
 
 def _in_use(endpoint: str, path: Path | None, otherwise: str | None = None) -> str:
     """Why the endpoint is taken, naming the daemon there when it answers a status query;

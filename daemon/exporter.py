@@ -13,6 +13,13 @@ core/status.py; a new counter there is a new metric here without an edit. Counte
 monotonic across worker restarts (the front keeps a dead worker's counts); rates over a
 window (busy fraction, batch fill) are computed here from the snapshots of the last
 WINDOW_S.
+
+Why its own HTTP server (prometheus_client's WSGI app under a capped one): each open
+connection holds a descriptor and a thread, and the descriptors are the front's one budget
+(daemon/fd_budget.py). So at most MAX_CONNECTIONS are served at once, none while the budget
+has no room, and a connection silent for IDLE_TIMEOUT_S is closed; one past either is
+closed at once and logged (rate-limited). A flood of idle connections costs scrapes for a
+while, never the daemon.
 """
 
 from __future__ import annotations
@@ -23,14 +30,15 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
+from socketserver import ThreadingMixIn
 from typing import Any
-from wsgiref.simple_server import WSGIRequestHandler, make_server
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from prometheus_client import CollectorRegistry, Histogram, make_wsgi_app
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
-from prometheus_client.exposition import ThreadingWSGIServer
 
 from pspnet.core.status import COUNTER, Family, Figure, StageStatus, Status, figures
+from pspnet.daemon.fd_budget import FdBudget
 
 REFRESH_S = 0.5                 # the loop copies the status document at most this often
 WINDOW_S = 10.0                 # busy fraction and batch fill: over the last WINDOW_S
@@ -38,13 +46,17 @@ STALE_S = 10.0                  # no snapshot this long once serving: the loop i
 # accept-to-answer, seconds: from a few ms (a small model, idle) to minutes (a backlog)
 LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
                      60.0, 120.0, 300.0)
+MAX_CONNECTIONS = 16            # /metrics connections served at once (a scraper needs one)
+IDLE_TIMEOUT_S = 5.0            # a connection that sends nothing this long is closed
 
 
 class Exporter:
     """Serves /metrics when given a port; without one every method does nothing."""
 
-    def __init__(self, port: int | None, host: str = "127.0.0.1") -> None:
-        self.port, self.host = port, host
+    def __init__(self, port: int | None, host: str = "127.0.0.1",
+                 budget: FdBudget | None = None) -> None:
+        """`budget`: the front's descriptors (None: only the connection cap applies)."""
+        self.port, self.host, self.budget = port, host, budget
         self.registry = CollectorRegistry()
         self.latency = Histogram(
             "pspnet_request_latency_seconds",
@@ -61,11 +73,16 @@ class Exporter:
         if self.port is None:
             return None
         try:
-            self._server, self._thread = serve_http(self.host, self.port, probes_app(
-                make_wsgi_app(self.registry), self.snapshots))
+            self._server = make_server(
+                self.host, self.port, probes_app(make_wsgi_app(self.registry), self.snapshots),
+                _server_class(self.host), handler_class=_QuietHandler)
         except OSError as exc:
             return (f"--metrics-port {self.port}: cannot listen on {self.host}:{self.port}: "
                     f"{exc.strerror or exc}")
+        self._server.budget = self.budget
+        self._thread = threading.Thread(target=self._server.serve_forever, name="metrics-http",
+                                        daemon=True)
+        self._thread.start()
         return None
 
     @property
@@ -99,25 +116,6 @@ class Exporter:
             self._thread.join(timeout=5)
 
 
-class _Quiet(WSGIRequestHandler):
-    def log_message(self, *args: Any) -> None:      # a probe every few seconds: no lines
-        pass
-
-
-def serve_http(host: str, port: int, app: Callable) -> tuple[Any, threading.Thread]:
-    """`app` on HOST:PORT (IPv4 or IPv6), one thread per request, from a thread of its own."""
-    family, _, _, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
-                                                  flags=socket.AI_PASSIVE)[0]
-
-    class Server(ThreadingWSGIServer):
-        address_family = family
-
-    server = make_server(address[0], port, app, Server, handler_class=_Quiet)
-    thread = threading.Thread(target=server.serve_forever, name="metrics", daemon=True)
-    thread.start()
-    return server, thread
-
-
 def probes_app(metrics: Callable, snapshots: Snapshots) -> Callable:
     """/metrics, /healthz and /readyz; 404 for anything else (a probe of a wrong path must
     fail, not read 200 from the metrics)."""
@@ -138,6 +136,60 @@ def probes_app(metrics: Callable, snapshots: Snapshots) -> Callable:
                         ("Content-Length", str(len(body)))])
         return [body]
     return app
+
+
+class CappedServer(ThreadingMixIn, WSGIServer):
+    """A thread per connection, at most MAX_CONNECTIONS of them, none past the budget."""
+
+    daemon_threads = True
+    request_queue_size = 64              # queued by the kernel, no descriptor until accepted
+    budget: FdBudget | None = None
+
+    def server_activate(self) -> None:
+        super().server_activate()
+        self.active = 0
+        self.active_lock = threading.Lock()
+
+    def verify_request(self, request: Any, client_address: Any) -> bool:
+        with self.active_lock:
+            room = self.budget.room() if self.budget is not None else 1
+            if self.active < MAX_CONNECTIONS and room > 0:
+                self.active += 1
+                return True
+        if self.budget is not None:      # closed at once by the caller (shutdown_request)
+            self.budget.refused("metrics", connections=self.active, cap=MAX_CONNECTIONS)
+        return False
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request(request, client_address)
+        except Exception:                # no thread for it (none left): its slot back
+            with self.active_lock:
+                self.active -= 1
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            with self.active_lock:
+                self.active -= 1
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A peer that timed out or went away: its connection is closed, nothing printed."""
+
+
+class _QuietHandler(WSGIRequestHandler):
+    timeout = IDLE_TIMEOUT_S             # each read from the peer; then the connection closes
+
+    def log_message(self, format: str, *args: Any) -> None:
+        """No line per scrape."""
+
+
+def _server_class(host: str) -> type[CappedServer]:
+    """CappedServer for the host's address family (IPv6 for "::1")."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    return type("CappedServer", (CappedServer,), {"address_family": family})
 
 
 class Snapshots:

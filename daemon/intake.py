@@ -25,6 +25,7 @@ from pspnet.daemon.front import Front
 from pspnet.daemon.watch import Record, StorageError, Version, Watcher
 
 WATCH = "watch"              # the origin of watched files' requests
+SUPERSEDED = "superseded"    # a record's status: the file changed while it was processed
 RECORD_RETRY_S = 1.0         # a record that cannot be written is tried again this often
 
 
@@ -103,10 +104,12 @@ class WatchIntake:
         if watched is None or not record:
             return
         name, version = watched
-        self._record(name, version=list(version), id=result.id, status=result.status,
-                     mask=result.mask, error=result.error, cause=result.cause,
-                     attempt=result.attempt, final=result.cause is None)
-        self.watcher.answered(name, version, result.cause)
+        current = self.watcher.answered(name, version, result.cause, result.mask)
+        # replaced while in flight: its answer is not the file's (the new version's comes)
+        self._record(name, version=list(version), id=result.id,
+                     status=result.status if current else SUPERSEDED,
+                     mask=result.mask if current else None, error=result.error,
+                     cause=result.cause, attempt=result.attempt, final=result.cause is None)
 
     # ---- the record -----------------------------------------------------------------------
 

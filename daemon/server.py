@@ -45,6 +45,7 @@ from pspnet.daemon.clients import Clients
 from pspnet.daemon.door import ANSWER_LINGER_MS, Door
 from pspnet.daemon.endpoint import forget_daemon, is_local, record_daemon
 from pspnet.daemon.exporter import Exporter
+from pspnet.daemon.fd_budget import FdBudget
 from pspnet.daemon.front import Front, PipelineError, StartInterrupted
 from pspnet.daemon.intake import WATCH, WatchIntake
 from pspnet.daemon.serve_config import ServeConfig
@@ -96,8 +97,9 @@ class Server:
         self.signals: list[int] = []
         self.stopping = False
         self.deadline = Deadline()
-        self.door = Door(cfg.endpoint, keys_dir=cfg.pipeline.keys_dir)
-        self.exporter = Exporter(cfg.metrics_port, cfg.metrics_host)
+        self.fds = FdBudget()           # one budget: the door, /metrics, restarts
+        self.door = Door(cfg.endpoint, self.fds, keys_dir=cfg.pipeline.keys_dir)
+        self.exporter = Exporter(cfg.metrics_port, cfg.metrics_host, self.fds)
         self.front: Front | None = None
         self.clients: Clients | None = None
         self.intake: WatchIntake | None = None
@@ -142,7 +144,7 @@ class Server:
         problem = self.exporter.listen()           # before any worker, like the endpoint
         if problem is not None:
             return _usage_error(problem)
-        front = Front(pipe, around_spawn=self.door.reserve)
+        front = Front(pipe, around_spawn=self.fds.reserve)
         front.on_answer = self.exporter.answered
         try:
             front.start(interrupted=lambda: bool(self.signals))

@@ -4,8 +4,11 @@ once, nothing lost when files land in pieces, the folder is swapped or the disk 
 A file is taken once it is complete: its size and mtime unchanged for SETTLE_S (a file
 already older than that at the first look counts as settled). watchdog (inotify) only
 wakes the watcher up early; what it decides from is the file itself. A file's version is
-(inode, size, mtime): a later change (appended, rewritten, renamed over) is a new version
-and is processed again, its mask replaced.
+(device, inode, size, mtime_ns): a later change (appended, rewritten, renamed over) is a
+new version and is processed again, its mask replaced. A mask is kept only if the version
+it was made from is still the file's current one when its answer comes: one replaced
+while it was being decoded gets its mask removed and the new version processed (never
+taken for "already masked").
 
 The record next to the masks (`.pspnet-processed.jsonl`, fsync'd) says, per file, which
 version was answered and how; a restart (even after kill -9) neither loses nor redoes a
@@ -18,16 +21,20 @@ line of its own.
 
 Intake is lazy and bounded: the start-up listing is read as room allows, never all at
 once, and the caller takes at most what it has room for (`take(n)`). If the folder is
-deleted or replaced, the watcher says so once and picks the new folder up when it is back.
+deleted or replaced, the watcher says so once and picks the new folder up when it is back;
+so too when it is removed and made again at once, under the same inode or not (inotify's
+watch on it ended: the folder is watched again, with a log line).
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
 import queue
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -46,7 +53,7 @@ SETTLE_S = 1.0               # size and mtime unchanged this long: the file is c
 RETRY_S = (1.0, 2.0, 5.0, 10.0, 30.0)   # storage failures: probe again after these
 OBSERVER_JOIN_S = 5.0        # the watchdog thread's end, at most (stop: the caller's bound)
 
-Version = tuple[int, int, int]      # inode, size, mtime in ns
+Version = tuple[int, int, int, int]      # device, inode, size, mtime in ns
 
 
 def wanted(path: Path) -> bool:
@@ -65,7 +72,7 @@ def version_of(path: Path) -> tuple[Version, float] | None:
         return None
     if not (st.st_mode & 0o170000) == 0o100000:
         return None
-    return (st.st_ino, st.st_size, st.st_mtime_ns), st.st_mtime
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns), st.st_mtime
 
 
 def current_mask(out_dir: Path, image: Path, version: Version) -> str | None:
@@ -77,7 +84,7 @@ def current_mask(out_dir: Path, image: Path, version: Version) -> str | None:
         st = os.stat(target, follow_symlinks=False)
     except (OSError, ValueError):
         return None
-    if st.st_mtime_ns < version[2] or recorded_source(target) != mask_source(image):
+    if st.st_mtime_ns < version[3] or recorded_source(target) != mask_source(image):
         return None
     return str(target)
 
@@ -170,13 +177,18 @@ class _Events(FileSystemEventHandler):
     """Runs on watchdog's thread: only queues names. Its errors are kept (the front's loop
     logs them and stops when the thread dies), never lost in that thread."""
 
-    def __init__(self, sink: queue.SimpleQueue) -> None:
+    def __init__(self, sink: queue.SimpleQueue, folder: Path) -> None:
         self.sink = sink
+        self.folder = os.fsencode(folder)
         self.error: str | None = None
+        self.folder_deleted = threading.Event()     # inotify's watch on it has ended
 
     def dispatch(self, event: FileSystemEvent) -> None:
         try:
-            if not event.is_directory:
+            if event.is_directory and event.event_type == "deleted" \
+                    and os.fsencode(event.src_path) == self.folder:
+                self.folder_deleted.set()
+            elif not event.is_directory:
                 self.sink.put(os.fsdecode(getattr(event, "dest_path", "") or event.src_path))
                 if event.event_type == "moved":
                     self.sink.put(os.fsdecode(event.src_path))
@@ -202,7 +214,7 @@ class Watcher:
         self.record = record
         self.out_dir = out_dir
         self.events: queue.SimpleQueue[str] = queue.SimpleQueue()
-        self.handler = _Events(self.events)
+        self.handler = _Events(self.events, self.folder)
         self.observer: Any = None
         self.folder_id: tuple[int, int] | None = None
         self.missing_since: float | None = None
@@ -225,6 +237,7 @@ class Watcher:
         self._attach()
 
     def _attach(self) -> None:
+        self.handler.folder_deleted.clear()
         self.observer = Observer()
         self.observer.schedule(self.handler, str(self.folder), recursive=False)
         self.observer.start()
@@ -272,7 +285,8 @@ class Watcher:
             current = (st.st_dev, st.st_ino) if os.path.isdir(self.folder) else None
         except OSError:
             current = None
-        if current == self.folder_id and self.missing_since is None:
+        lost = self.handler.folder_deleted.is_set() or not self._emitting()
+        if current == self.folder_id and self.missing_since is None and not lost:
             return
         if current is None:
             if self.missing_since is None:
@@ -283,10 +297,21 @@ class Watcher:
             return
         self._detach()
         self._attach()
-        self.notices.append(("watched folder back; watching it again",
-                             {"folder": str(self.folder),
-                              "gone_s": round(now - (self.missing_since or now), 1)}))
+        if self.missing_since is None:          # removed and made again between two looks
+            self.notices.append(("watched folder made again; watching it again",
+                                 {"folder": str(self.folder),
+                                  "same_inode": self.folder_id == current}))
+        else:
+            self.notices.append(("watched folder back; watching it again",
+                                 {"folder": str(self.folder),
+                                  "gone_s": round(now - self.missing_since, 1)}))
         self.missing_since = None
+
+    def _emitting(self) -> bool:
+        """inotify's watch on the folder still runs (it ends when the folder is deleted)."""
+        if self.observer is None:
+            return True
+        return all(emitter.is_alive() for emitter in self.observer.emitters)
 
     # ---- intake ------------------------------------------------------------------------
 
@@ -367,17 +392,29 @@ class Watcher:
         self.inflight[name] = seen.version
         ready.append((path, seen.version))
 
-    def answered(self, name: str, version: Version, cause: str | None) -> None:
+    def answered(self, name: str, version: Version, cause: str | None,
+                 mask: str | None = None) -> bool:
         """An outcome came back. A storage failure waits for the storage to work again; an
-        unfinished-looking input waits for the file to change (a new version)."""
+        unfinished-looking input waits for the file to change (a new version). False when
+        the file changed while it was in flight: its mask (made from a version that is no
+        longer the file) is removed, and the new version is processed."""
         self.inflight.pop(name, None)
         self.tried[name] = version
         if cause == wire.STORAGE:
             self.storage_waiting[name] = version
-        # a change that came while it was in flight was deferred: look again
         found = version_of(self.folder / name)
-        if found is not None and found[0] != version:
-            self._note(name, time.monotonic(), fresh=False)
+        if found is None or found[0] == version:
+            return True
+        # a change that came while it was in flight was deferred: take it now, as itself
+        self._note(name, time.monotonic(), fresh=False)
+        self.again.add(name)                      # its mask is not the new version's
+        if mask is not None:
+            with contextlib.suppress(OSError):
+                if recorded_source(Path(mask)) == mask_source(self.folder / name):
+                    os.unlink(mask)
+        self.notices.append(("watched file changed while it was processed; its mask "
+                             "removed, the new version taken", {"file": name}))
+        return False
 
     def _retry_storage(self, now: float) -> None:
         """Once the mask folder takes a write again, every storage failure is looked at

@@ -10,6 +10,13 @@ stops turning (a hung call, SIGSTOP) sends nothing, and the front stops the proc
 --liveness-timeout. A helper thread the loop depends on (the executor's runner) is
 `watch`ed: the heartbeat reports it "stuck" once it has spent longer in one call than it
 may, and the process exits when it has died, so the front restarts it either way.
+
+Long legitimate work is not silence: a step whose length grows with the image (decoding a
+49 Mpx photo, resizing its labels back and writing the PNG) runs inside `long_step`, and
+while it does a helper thread of its own sends the heartbeat the loop cannot, for as long
+as the step's budget (--liveness-timeout plus STEP_S_PER_MPX per million pixels) lasts.
+Past the budget it reports the step stuck and the front restarts the worker: a worker is
+restarted for making no progress, never for one big image under --max-pixels.
 """
 
 from __future__ import annotations
@@ -18,6 +25,8 @@ import os
 import sys
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import NoReturn
 
@@ -40,6 +49,9 @@ from pspnet.core.trust import Refusals, Trust
 
 SEND_LINGER_MS = 2000   # on exit, let queued answers reach the front
 POLL_S = 0.2            # a work loop waits at most this long before it turns again
+# a long step's budget beyond --liveness-timeout, per million pixels: decoding runs at about
+# 0.1 s per Mpx on a quiet core (a 49 Mpx JPEG: 4.9 s), so ten times that for a loaded host
+STEP_S_PER_MPX = 1.0
 
 
 @dataclass
@@ -63,7 +75,7 @@ class Watched:
         since = self.busy_since
         if since is None or now - since <= self.allowance_s:
             return None
-        return (f"{self.name} thread inside one call for {now - since:.1f} s "
+        return (f"{self.name} inside one call for {now - since:.1f} s "
                 f"(allowed {self.allowance_s:.1f} s)")
 
 
@@ -102,6 +114,8 @@ class Child:
         self._next_beat = 0.0
         self._parent = os.getppid() if self.supervised else None
         self._auth: KeyAuthenticator | None = None
+        self.step = Watched("work loop")        # inside a long_step: what, since, budget
+        self._voucher: threading.Thread | None = None
 
     def serve_keyed(self, sock: zmq.Socket) -> None:
         """With tcp, before `sock` binds: CURVE with the worker key, admitting only it (a
@@ -169,14 +183,45 @@ class Child:
             self.log.warning("front gone, exiting")
             os._exit(EXIT_FAILED)
         stuck = next((why for w in self.watched if (why := w.stuck(now))), None)
-        with self.lock:
-            if queue is not None:
+        if queue is not None:
+            with self.lock:
                 self.counters["queue"] = queue
+        self._beat(self.control, stuck)
+
+    def _beat(self, sock: zmq.Socket, stuck: str | None) -> None:
+        with self.lock:
             counters = dict(self.counters)
         counters["cpu_s"] = time.process_time()     # every thread: what the host pays
-        self.control.send_multipart(wire.encode(wire.Heartbeat(
+        sock.send_multipart(wire.encode(wire.Heartbeat(
             self.stage, self.index, self.pid, counters, inputs=self.inputs,
             outputs=self.outputs, capacity=self.capacity, batch=self.batch, stuck=stuck)))
+
+    @contextmanager
+    def long_step(self, what: str, pixels: int) -> Iterator[None]:
+        """Around one step of the work loop that takes longer the bigger the image: the
+        heartbeat goes on from a helper thread for --liveness-timeout plus STEP_S_PER_MPX
+        per million `pixels`; then the step is reported stuck."""
+        self.step.name = f"work loop ({what})"
+        self.step.busy(self.cfg.liveness_timeout_s + pixels / 1e6 * STEP_S_PER_MPX)
+        if self._voucher is None:
+            self._voucher = threading.Thread(target=self._vouch, name="voucher", daemon=True)
+            self._voucher.start()
+        try:
+            yield
+        finally:
+            self.step.idle()
+
+    def _vouch(self) -> None:
+        """The helper thread: while the loop is inside a long step and so cannot beat, beat
+        for it (on a DEALER of its own: a socket belongs to one thread)."""
+        sock = self.connect_control(f"{self.name}/vouch")
+        while True:
+            time.sleep(self.cfg.heartbeat_s)
+            now = time.monotonic()
+            since = self.step.busy_since
+            if since is None or now - since < self.cfg.heartbeat_s:
+                continue                                 # the loop turns: it beats itself
+            self._beat(sock, self.step.stuck(now))
 
     def fatal(self, message: str) -> NoReturn:
         """Tell the front why this worker cannot start, then exit with EXIT_CANNOT_START."""

@@ -4,12 +4,15 @@ Images come straight from the preprocess workers to a PULL socket the executor b
 front routes it no more than its room (`capacity`: two batches), so a slow device is never
 sent more than it can take and a fast one asks for more as it goes. Double-buffered: two
 batch slots. The main thread fills a free slot's host buffers (the backend's, pinned on
-CUDA) with incoming images (up to the static batch size, or fewer once `max_wait_ms` has
-passed and the device has nothing else to run), calls the backend's `upload` and `launch`
-(a device with a queue starts the batch right behind the running one), and tells the front
-which requests it took: that room is free again. The runner thread collects slots in
-order and sends each image's output to a postprocess worker that has room for it (credits,
-on a ROUTER the executor binds), then tells the front where each went. So the next batch
+CUDA) with incoming images until `stages.batcher` says run: at once when the device is
+idle (what is queued, at the smallest built batch size that holds it: the model is opened
+at each, `backends.ladder`), else when full or `max_wait_ms` after its first image; the
+runner wakes it when the device frees, no poll interval. It calls the backend's `upload`
+and `launch` (a device with a queue starts the batch right behind the running one), and
+tells the front which requests it took: that room is free again. The runner thread
+collects slots in order and sends each image's output to a postprocess worker that has
+room for it (credits, on a ROUTER the executor binds), then tells the front where each
+went. So the next batch
 is assembled, copied and queued while the current one runs. Filler rows of a partial
 batch carry an empty box and their outputs are never sent.
 """
@@ -31,7 +34,9 @@ import zmq
 from pspnet.core import wire
 from pspnet.core.exits import EXIT_FAILED
 from pspnet.model.manifest import Manifest, pick_batch_size
-from pspnet.stages.backends import Backend, open_backend
+from pspnet.stages.backends import Backend
+from pspnet.stages.backends.ladder import open_ladder
+from pspnet.stages.batcher import Batcher
 from pspnet.stages.child import POLL_S, Child, error_result
 
 STAGE = "executor"
@@ -39,7 +44,6 @@ NUM_SLOTS = 2
 ROOM_BATCHES = 2                      # images routed here and not yet taken: two batches
 KEEP_TIMINGS = 10_000
 SWITCH_INTERVAL_S = 0.0005
-IDLE_CHECK_MS = 1                     # past max_wait, how often to look whether the device is free
 SLOW_CALL_FACTOR = 4                  # a device call may take this x the slowest batch seen
 CREDIT_READS_PER_TURN = 256
 # A device error can poison the process for good (a CUDA error leaves the context unusable):
@@ -55,6 +59,7 @@ class Slot:
     images: np.ndarray        # uint8 B x H x W x 3
     boxes: np.ndarray         # int32 B x 4; zero rows are filler
     members: list[tuple[wire.Request, wire.Placement]]
+    size: int = 0             # the built batch size it runs at
 
 
 def main(child: Child) -> None:
@@ -64,13 +69,15 @@ def main(child: Child) -> None:
     try:
         manifest = Manifest.read(cfg.model_dir)
         batch = pick_batch_size(manifest, cfg.batch_size)
-        backend = open_backend(cfg.backend, cfg.model_dir, batch, device=device,
-                               precision=cfg.precision, options=cfg.executor_options())
+        backend = open_ladder(cfg.backend, cfg.model_dir, manifest.batch_sizes, batch,
+                              device=device, precision=cfg.precision,
+                              options=cfg.executor_options())
     except Exception as exc:  # any start-up failure is "cannot start", not a restart loop
         child.fatal(f"{cfg.backend} backend on {device}: {exc}")
     # a compile or a cold cache makes this the slowest part of a start; say how slow
     compile_s = backend.compile_seconds
     child.log.info("backend open", backend=cfg.backend, device=device, batch=batch,
+                   sizes=backend.sizes,
                    precision=cfg.precision, backend_open_s=round(backend.open_seconds, 2),
                    **({} if compile_s is None else {"compile_s": round(compile_s, 2)}))
     # The runner thread waits for the device with the GIL released (torch and onnxruntime
@@ -88,10 +95,12 @@ def exit_for_restart(child: Child, reason: str) -> None:
     os._exit(EXIT_FAILED)
 
 
-def bind(child: Child, sock: zmq.Socket, kind: str) -> str:
+def bind(child: Child, sock: zmq.Socket, kind: str, max_frame_bytes: int) -> str:
     """Bind a data socket where the front's addressing says; the endpoint actually bound
-    (tcp: the port the system chose), or fatal."""
+    (tcp: the port the system chose), or fatal. A frame over `max_frame_bytes` is refused
+    by ZeroMQ before it allocates it, and its sender disconnected."""
     where = child.addrs.data(STAGE, child.index, kind)
+    sock.setsockopt(zmq.MAXMSGSIZE, max(max_frame_bytes, wire.MAX_CONTROL_FRAME_BYTES))
     child.serve_keyed(sock)                  # tcp: CurveZMQ, the worker key only
     try:
         sock.bind(where)
@@ -110,6 +119,7 @@ class Executor:
         self.failed_in_a_row = 0
         self.backend = backend
         self.batch = backend.batch_size
+        self.batcher = Batcher(getattr(backend, "sizes", [self.batch]), self.cfg.max_wait_ms)
         self.slots = [Slot(*backend.host_buffers(i), []) for i in range(NUM_SLOTS)]
         self.launch_errors: dict[int, Exception] = {}    # slot -> why upload/launch failed
         self.free: queue.Queue[int] = queue.Queue()
@@ -122,18 +132,22 @@ class Executor:
         self.lock = threading.Lock()
         self.images = child.ctx.socket(zmq.PULL)     # <- preprocess PUSHes: pixels
         self.images.setsockopt(zmq.LINGER, 0)
-        # a frame larger than one letterboxed image (or a header) is refused by ZeroMQ before
-        # it allocates it, and its sender disconnected
-        self.images.setsockopt(zmq.MAXMSGSIZE, max(self.slots[0].images[0].nbytes,
-                                                   wire.MAX_CONTROL_FRAME_BYTES))
         self.outputs = child.ctx.socket(zmq.ROUTER)  # <-> postprocess DEALERs: credits in,
         self.outputs.setsockopt(zmq.LINGER, -1)      # outputs out (the runner thread's)
         self.outputs.setsockopt(zmq.ROUTER_MANDATORY, 1)
-        self.outputs.setsockopt(zmq.MAXMSGSIZE, wire.MAX_CONTROL_FRAME_BYTES)   # credits only
-        child.inputs = bind(child, self.images, "in")
-        child.outputs = bind(child, self.outputs, "out")
+        child.inputs = bind(child, self.images, "in", self.slots[0].images[0].nbytes)
+        child.outputs = bind(child, self.outputs, "out", 0)     # credits only
         child.capacity, child.batch = ROOM_BATCHES * self.batch, self.batch
-        self.runner = child.watch("runner")
+        # the runner says when a batch leaves the device, so that a waiting partial batch
+        # runs at once (no poll interval); inproc, both ends made here, one per thread
+        self.freed = child.ctx.socket(zmq.PAIR)      # <- runner thread: "device freed"
+        self.freed.bind(f"inproc://freed-{id(self)}")
+        self.tell_freed = child.ctx.socket(zmq.PAIR)  # -> main thread (the runner's)
+        self.tell_freed.connect(f"inproc://freed-{id(self)}")
+        self.waits = zmq.Poller()
+        self.waits.register(self.images, zmq.POLLIN)
+        self.waits.register(self.freed, zmq.POLLIN)
+        self.runner = child.watch("runner thread")
         self.last_sent_to: bytes | None = None  # the postprocess worker sent the last output
 
     def run(self) -> None:
@@ -151,8 +165,12 @@ class Executor:
                 continue                      # both slots on the device: keep beating
             slot = self.slots[slot_index]
             self._fill(slot)
+            size = slot.size
             try:
-                self.backend.upload(slot_index, slot.images, slot.boxes)
+                if size == self.batch:
+                    self.backend.upload(slot_index, slot.images, slot.boxes)
+                else:                         # a smaller built size: a prefix of the rows
+                    self.backend.upload(slot_index, slot.images[:size], slot.boxes[:size])
                 self.backend.launch(slot_index)
             except Exception as exc:          # the runner answers for the batch
                 self.launch_errors[slot_index] = exc
@@ -162,25 +180,23 @@ class Executor:
             self.ready.put(slot_index)
 
     def _fill(self, slot: Slot) -> None:
-        """Block for the first image, then take more until the batch is full, or until
-        max_wait_ms has passed and the device is idle. While another batch runs, a partial
-        batch would only queue behind it and cost as much as a full one: keep filling."""
+        """Take images into the slot until the batcher says run (stages.batcher: at once
+        on an idle device; while a batch runs, until full or max_wait_ms)."""
         slot.members.clear()
         slot.boxes[:] = 0
-        deadline = None
-        while len(slot.members) < self.batch:
+        self.batcher.begin()
+        while True:
             self.child.tick(queue=self.waiting)
-            now = time.monotonic()
-            if deadline is None:
-                timeout = POLL_S * 1e3
-            elif now < deadline:
-                timeout = min(POLL_S, deadline - now) * 1e3
-            elif self._device_idle():
+            self._drain(self.freed)
+            step = self.batcher.next(len(slot.members), self.images.poll(0) != 0,
+                                     not self._device_idle())
+            if step.run:
+                slot.size = step.size
                 return
-            else:
-                timeout = IDLE_CHECK_MS
-            if not self.images.poll(timeout):
-                continue
+            timeout = POLL_S if step.wait_s is None else min(POLL_S, step.wait_s)
+            ready = dict(self.waits.poll(timeout * 1e3))
+            if self.images not in ready:
+                continue                      # the device freed, the wait ran out, or a beat
             image = self._receive(slot)
             if image is None:
                 continue
@@ -188,10 +204,14 @@ class Executor:
             slot.images[row] = image.pixels
             slot.boxes[row] = image.placement.box()
             slot.members.append((image.request, image.placement))
+            self.batcher.took()
             with self.lock:                   # the runner thread subtracts
                 self.waiting += 1
-            if deadline is None:
-                deadline = time.monotonic() + self.cfg.max_wait_ms / 1e3
+
+    @staticmethod
+    def _drain(sock: zmq.Socket) -> None:
+        while sock.poll(0):
+            sock.recv(copy=False)
 
     def _receive(self, slot: Slot) -> wire.Image | None:
         frames = self.images.recv_multipart(copy=False)
@@ -246,6 +266,10 @@ class Executor:
                 self.on_device -= 1
                 self.waiting -= len(members)
             self.free.put(slot_index)                # host slot may be refilled now
+            try:                                     # a waiting partial batch may run
+                self.tell_freed.send(b"", flags=zmq.NOBLOCK)
+            except zmq.Again:                        # wake-ups already queued: enough
+                pass
             if out is not None:
                 self._send_outputs(members, out, notes, credits)
 
@@ -285,7 +309,7 @@ class Executor:
         if len(times) > KEEP_TIMINGS:         # a daemon runs for weeks
             del times[:-KEEP_TIMINGS // 2]
         self.child.count(processed=len(members), batches=1, busy_s=busy,
-                         filler=self.batch - len(members))
+                         filler=self.slots[slot_index].size - len(members))
         self.child.log.debug("batch", size=len(members), ms=round(busy * 1e3, 2))
         return out
 
@@ -327,10 +351,7 @@ class Executor:
                 return
             timeout_ms = 0
             worker, *frames = self.outputs.recv_multipart()
-            name = self.child.trust.name_of(worker)
-            if name is None or not name.startswith("postprocess-"):   # not the front's worker:
-                self.child.forged(worker.hex()[:32], "credits from a peer the front did "
-                                  "not start")                      # it is sent no outputs
+            if not from_postprocess(self.child, worker):    # never sent an output
                 continue
             try:
                 credit = wire.decode_as(frames, wire.Credit)
@@ -338,6 +359,16 @@ class Executor:
                 self.child.log.warning("malformed credit dropped", error=str(exc))
                 continue
             credits[worker] = credits.get(worker, 0) + credit.credits
+
+
+def from_postprocess(child: Child, identity: bytes) -> bool:
+    """Whether credits come from a postprocess worker the front started (or admitted with
+    the worker key): its identity proves it (core.trust); others are counted as forged."""
+    name = child.trust.name_of(identity)
+    if name is not None and name.startswith("postprocess-"):
+        return True
+    child.forged(identity.hex()[:32], "credits from a peer the front did not start")
+    return False
 
 
 def next_with_credit(credits: dict[bytes, int], after: bytes | None) -> bytes:

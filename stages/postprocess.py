@@ -72,7 +72,9 @@ def main(child: Child) -> None:
                              id=output.request.id)
                 sock.send_multipart(wire.encode(wire.Credit(1)))
                 continue
-            result = finish(output, manifest, out_dir, cfg.max_pixels)
+            size = min(output.placement.orig_h * output.placement.orig_w, cfg.max_pixels)
+            with child.long_step("labels and mask", size):   # resize, PNG: grow with size
+                result = finish(output, manifest, out_dir, cfg.max_pixels)
             child.send(result)
             sock.send_multipart(wire.encode(wire.Credit(1)))
             child.count(processed=int(result.status == wire.OK),

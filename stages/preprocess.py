@@ -49,8 +49,11 @@ def main(child: Child) -> None:
         started = time.perf_counter()
         request = work.request
         try:
-            rgb = decode_image(request.path, child.cfg.max_pixels)
-            pixels, placement = letterbox(rgb, manifest.input_size)
+            # the size is known only once the header is read: the budget is what
+            # --max-pixels allows
+            with child.long_step("decode", child.cfg.max_pixels):
+                rgb = decode_image(request.path, child.cfg.max_pixels)
+                pixels, placement = letterbox(rgb, manifest.input_size)
         except ImageError as exc:
             child.send(error_result(request, STAGE, str(exc),
                                     wire.INCOMPLETE if exc.incomplete else None))

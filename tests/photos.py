@@ -49,3 +49,22 @@ def _photos() -> tuple[tuple[str, np.ndarray], ...]:
 
 def _resize(rgb: np.ndarray, width: int, height: int) -> np.ndarray:
     return cv2.resize(rgb, (width, height), interpolation=cv2.INTER_AREA)
+
+
+def huge_jpeg(path: Path, side: int = 7000, worst: bool = False) -> Path:
+    """A `side` x `side` JPEG (49 Mpx by default: under the default --max-pixels) from a
+    real photo scaled up, with grain so the decoder has entropy to work through: seconds
+    to decode, resize and store, as a camera's panorama would be. `worst`: noise, saved
+    progressive, the slowest kind to decode (3 s on a quiet core here, 0.5 s otherwise)."""
+    rng = np.random.default_rng(0)
+    if worst:
+        bgr = rng.integers(0, 256, (side, side, 3), dtype=np.uint8)
+        params = [cv2.IMWRITE_JPEG_QUALITY, 95, cv2.IMWRITE_JPEG_PROGRESSIVE, 1]
+    else:
+        rgb = cv2.resize(sample_photos()[0][1], (side, side), interpolation=cv2.INTER_LINEAR)
+        grain = rng.integers(0, 24, (side, side, 1), dtype=np.uint8)
+        bgr = cv2.cvtColor(cv2.add(rgb, np.repeat(grain, 3, axis=2)), cv2.COLOR_RGB2BGR)
+        params = [cv2.IMWRITE_JPEG_QUALITY, 90]
+    if not cv2.imwrite(str(path), bgr, params):
+        raise OSError(f"cannot write {path}")
+    return path

@@ -12,10 +12,12 @@ decode pool, executor loop and postprocess pool deliver, and what launching ahea
 
 from __future__ import annotations
 
+import collections
 import os
 import threading
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +34,18 @@ from pspnet.stages.backends.base import (
 OPTIONS = RULES[SIMULATED].options      # pspnet.core.backend_rules: the CLI checks them
 FAULTS = ("hang", "thread_exit")
 DEFAULT_IMG_S = 1000
+
+
+@dataclass
+class SimDevice:
+    """One simulated device of this process, however many backends run on it (the
+    executor opens one per batch size it runs: backends.ladder)."""
+
+    free_at: float = 0.0        # when its queue is empty again (perf_counter)
+    collected: int = 0          # batches collected: fault_after counts these
+
+
+DEVICES: dict[str, SimDevice] = collections.defaultdict(SimDevice)
 
 
 class SimBackend(BackendBase):
@@ -52,6 +66,7 @@ class SimBackend(BackendBase):
         options = dict(options or {})
         check_options(self.name, options, OPTIONS)
         parse_device(device, ("sim", "cpu"))
+        self.device = DEVICES[device]
         img_s = option_int(options, "img_s")
         if img_s == 0:
             raise ValueError("option img_s=0: the simulated device needs a speed >= 1 "
@@ -64,8 +79,10 @@ class SimBackend(BackendBase):
             raise ValueError(f"option fault={self.fault}: choose one of {', '.join(FAULTS)}")
         self.fault_after = option_int(options, "fault_after") or 1
         self.fault_flag = options.get("fault_flag")
-        self._collected = 0
-        self._device_free_at = 0.0
+        head = options.get("head", self.head)
+        if head not in ("logits", "labels"):
+            raise ValueError(f"option head={head}: choose logits or labels")
+        self.head = head                        # output_shape and the pattern follow it
         self._output = np.broadcast_to(self._pattern(), self.output_shape)
 
     def _fault_fires(self) -> bool:
@@ -100,14 +117,14 @@ class SimBackend(BackendBase):
         if self.sync:
             self._put_launched(slot, 0.0)       # collect runs it
             return
-        start = max(time.perf_counter(), self._device_free_at)
-        self._device_free_at = start + self.batch_s
-        self._put_launched(slot, self._device_free_at)
+        start = max(time.perf_counter(), self.device.free_at)
+        self.device.free_at = done_at = start + self.batch_s
+        self._put_launched(slot, done_at)
 
     def collect(self, slot: int) -> np.ndarray:
         done_at: float = self._take_launched(slot)  # type: ignore[assignment]
-        self._collected += 1
-        if self._collected == self.fault_after and self._fault_fires():
+        self.device.collected += 1
+        if self.device.collected == self.fault_after and self._fault_fires():
             if self.fault == "hang":
                 threading.Event().wait()        # never returns
             raise SystemExit("simulated fault: the collecting thread ends")

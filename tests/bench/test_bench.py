@@ -262,3 +262,55 @@ def test_usable_cpus_honours_a_container_quota(tmp_path):
     cpu_max.write_text(f"{400000 * cpu_count()} 100000\n")  # a quota above the affinity
     assert usable_cpus(tmp_path) == cpu_count()
     assert usable_cpus(tmp_path / "absent") == cpu_count()
+
+
+def test_front_ceiling_drives_simulated_executors_with_the_labels_head(tiny_models, tmp_path,
+                                                                      capsys):
+    """--front-ceiling 2: two simulated executors answering as a labels head does, even for
+    a logits model, no masks; the front's main-thread ms per image and its ceiling are
+    printed beside e2e and kept in the JSON."""
+    report = tmp_path / "ceiling.json"
+    code = main(["bench", "--model", str(tiny_models["logits"]), "--front-ceiling", "2",
+                 "--synthetic", "8", "--min-images", "32", "--baseline-images", "8",
+                 "--batch-sizes", "4", "--repeats", "1", "--warmup", "1",
+                 "--preprocess-workers", "1", "--postprocess-workers", "1",
+                 "--json", str(report)])
+    out, err = capsys.readouterr()
+    print(out)
+    assert code == 0, err
+    doc = json.loads(report.read_text())
+    assert doc["backend"] == "sim" and doc["devices"] == ["sim", "sim"]
+    assert doc["settings"]["backend_options"] == {"img_s": "20000", "head": "labels"}
+    assert doc["settings"]["masks"] is False
+    [row] = doc["results"]
+    assert row["errors"] == {"e2e": 0, "serial": 0}
+    if Path("/proc/self/task").is_dir():
+        ms = row["front_main_ms_per_image"]
+        assert ms > 0 and row["front_ceiling_img_s"] == pytest.approx(1000 / ms)
+        assert "front ceiling: 1000 / " in out
+    assert "front ceiling" in out.splitlines()[0]
+    assert 0 < row["batch_fill"] <= 1 and 1 <= row["images_per_batch"] <= 4
+
+
+def test_front_main_ms_is_the_front_main_thread_only():
+    from pspnet.bench import threads
+
+    before = {("front", 10): ("main", 1.0), ("front", 11): ("ZMQbg/IO/0", 1.0),
+              ("executor-0", 20): ("main", 1.0)}
+    after = {("front", 10): ("main", 1.5), ("front", 11): ("ZMQbg/IO/0", 3.0),
+             ("executor-0", 20): ("main", 9.0)}
+    assert threads.front_main_ms(before, after, images=100) == pytest.approx(5.0)
+    assert threads.front_main_ms(before, after, images=0) is None
+    assert threads.front_main_ms({}, {}, images=10) is None
+
+
+def test_batch_rows_reads_the_executors_counters():
+    from types import SimpleNamespace
+
+    from pspnet.bench.e2e import batch_rows
+    from pspnet.core.status import StageStatus
+
+    status = SimpleNamespace(stages={"executor": StageStatus(processed=10, batches=3,
+                                                             filler=2)})
+    assert batch_rows(status) == (10, 3, 2)                 # type: ignore[arg-type]
+    assert batch_rows(SimpleNamespace(stages={})) == (0, 0, 0)  # type: ignore[arg-type]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import time
 from pathlib import Path
@@ -16,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from pspnet.batch import ray_batch
+from pspnet.batch.folder import from_folder
 from pspnet.build_model.samples import SAMPLE_DIR
 from pspnet.cli import main
 from tests.voc_folder import make_voc_folder
@@ -256,7 +258,7 @@ def test_no_cluster_at_address_mentions_token_auth(tiny_models, capsys, monkeypa
 
 
 def test_from_listing_and_folder_need_no_ray(tmp_path):
-    assert [i.id for i in ray_batch.from_folder(SAMPLE_DIR).items][:2] == [
+    assert [i.id for i in from_folder(SAMPLE_DIR).items][:2] == [
         "astronaut_500x375", "chelsea_451x300"]
     listing = tmp_path / "l.txt"
     listing.write_text("/abs/a.jpg\tgt/a.png\nb.jpg\n")
@@ -276,3 +278,52 @@ def test_ray_is_imported_by_pspnet_batch_alone():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           timeout=120, check=True)
     assert done.stdout.strip() == "[]"
+
+
+def odd_folder(folder: Path) -> dict[str, str]:
+    """Two photos, a corrupt JPEG and every kind of entry the issue found left out, each
+    with the words its failed row must say."""
+    folder.mkdir()
+    for name in ("astronaut_500x375.jpg", "chelsea_451x300.jpg"):
+        shutil.copyfile(SAMPLE_DIR / name, folder / name)
+    corrupt_jpeg(folder / "broken.jpg")
+    (folder / "dangling.jpg").symlink_to(folder / "nowhere.jpg")
+    (folder / "loop_a.jpg").symlink_to(folder / "loop_b.jpg")
+    (folder / "loop_b.jpg").symlink_to(folder / "loop_a.jpg")
+    os.mkfifo(folder / "fifo.jpg")
+    (folder / "x.jpg").mkdir()
+    (folder / "zero.jpg").touch()
+    (folder / "notes.txt").write_text("not a photo")
+    shutil.copyfile(SAMPLE_DIR / "chelsea_451x300.jpg", folder / "chelsea_451x300.png")
+    return {"dangling.jpg": "broken symbolic link", "loop_a.jpg": "symbolic link loop",
+            "loop_b.jpg": "symbolic link loop", "fifo.jpg": "not a regular file",
+            "x.jpg": "a directory", "zero.jpg": "0 bytes", "notes.txt": "not an image file",
+            "chelsea_451x300.png": "same name as chelsea_451x300.jpg"}
+
+
+def test_every_entry_of_an_odd_folder_is_listed_or_failed(tmp_path):
+    """No Ray: each odd entry is a failed row with its reason, the rest are items, and
+    listed counts every entry."""
+    expected = odd_folder(tmp_path / "odd")
+    split = from_folder(tmp_path / "odd")
+    assert split.listed == 11 == len(split.items) + len(split.missing)
+    assert sorted(i.image.name for i in split.items) == [
+        "astronaut_500x375.jpg", "broken.jpg", "chelsea_451x300.jpg"]
+    reasons = {f["id"]: f["reason"] for f in split.missing}
+    assert set(reasons) == set(expected)
+    for name, words in expected.items():
+        assert words in reasons[name], (name, reasons[name])
+
+
+def test_batch_on_an_odd_folder_counts_add_up(ray_session, tiny_models, tmp_path):
+    """Issue 23: 5 of 21 entries (a dangling link, two symlink loops, a FIFO, a folder named
+    x.jpg) were neither masked nor failed. Now: listed = segmented + failed, exit 0."""
+    expected = odd_folder(tmp_path / "odd")
+    masks, report = tmp_path / "masks", tmp_path / "batch.json"
+    code = batch("--images", str(tmp_path / "odd"), "--model", str(tiny_models["logits"]),
+                 "--out", str(masks), "--json", str(report))
+    assert code == 0
+    doc = json.loads(report.read_text())
+    assert doc["listed"] == 11 == doc["segmented"] + len(doc["failed"])
+    assert doc["segmented"] == 2 == len(list(masks.iterdir()))
+    assert {f["id"] for f in doc["failed"]} == {*expected, "broken"}

@@ -125,6 +125,31 @@ def test_partial_batch_no_filler_leaks(tiny_models, photo_files, tmp_path):
     assert status.front.duplicates_dropped == 0
 
 
+def test_an_idle_daemon_runs_a_lone_image_at_once_at_the_smallest_size(tiny_models,
+                                                                      photo_files):
+    """Work-conserving: one image sent to an idle pipeline runs at once, in a batch of the
+    smallest built size (the tiny model has 1, 4 and 16), however long --max-wait-ms is.
+    Before: it waited the whole max_wait (30 s here) for companions, then ran padded to
+    16 rows (15 filler)."""
+    cfg = PipelineConfig(model_dir=tiny_models["logits"], batch_size=16, max_wait_ms=30_000,
+                         preprocess_workers=1, postprocess_workers=1, write_masks=False,
+                         log_json=True)
+    with Front(cfg) as front:
+        results = list(front.run(requests_for([str(photo_files[0])])))
+        deadline = time.monotonic() + 5
+        counters: dict[str, float] = {}
+        while time.monotonic() < deadline:        # the counts come with a heartbeat
+            front.poll(50)
+            (executor,) = front.workers.of("executor")
+            counters = executor.counters
+            if counters.get("processed") == 1:
+                break
+    answered_once(results, 1)
+    assert results[0].status == wire.OK
+    assert (counters.get("processed"), counters.get("batches"), counters.get("filler")) \
+        == (1, 1, 0), counters
+
+
 def test_postprocess_workers_share_the_outputs_of_a_slow_device(tiny_models, photo_files):
     """Two executors on a device slower than one postprocess worker: both postprocess
     workers get a fair share (a batch's outputs are finished in parallel). Before: the

@@ -10,7 +10,9 @@ What must hold: every accepted request answered exactly once (ok), the library c
 all answered ok (backpressure, never a timeout), `busy` seen, and each process's peak RSS
 under its bound. The bounds (see docs/reliability.md): the processes' idle size (torch is
 imported by the postprocess workers, not by the front) plus what the queue and the
-in-flight window can hold, with margin.
+in-flight window can hold, with margin. And the promise itself: at most --max-queue
+requests accepted and not yet answered (the daemon's own count, sampled every 0.1 s
+through the flood; and exactly, on one submit bigger than the queue).
 """
 
 from __future__ import annotations
@@ -18,8 +20,18 @@ from __future__ import annotations
 import collections
 import time
 
+import zmq
+
 from pspnet.core import wire
-from tests.kit import MemoryWatch, RawClient, Submitter, linked_stream, proc_kb
+from tests.kit import (
+    MemoryWatch,
+    RawClient,
+    Submitter,
+    dealer,
+    linked_stream,
+    proc_kb,
+    status_over,
+)
 
 OVERLOAD_S = 60.0
 FACTOR = 10
@@ -54,6 +66,9 @@ def test_overload_10x_for_60_s_backpressure_and_bounded_memory(tiny_models, phot
         watch = MemoryWatch(daemon)
         watch.start()
         flood = RawClient(daemon.endpoint, chunk=32, backoff_s=0.05)
+        probe_ctx = zmq.Context()
+        probe = dealer(probe_ctx, daemon.endpoint)     # status queries through the flood
+        peak_pending, next_probe = 0, 0.0
         lib = Submitter(daemon.endpoint, paths[:300])
         started = time.monotonic()
         offered, n, lib_started = 0, 0, None
@@ -71,6 +86,12 @@ def test_overload_10x_for_60_s_backpressure_and_bounded_memory(tiny_models, phot
                 offered += due
                 n += due
             flood.step(10)
+            if now >= next_probe:           # accepted, not answered: the daemon's count
+                front = status_over(probe)["front"]
+                peak_pending = max(peak_pending, front["queued"] + front["inflight"])
+                next_probe = now + 0.1
+        probe.close(0)
+        probe_ctx.term()
         overload_s = time.monotonic() - started
         lib_during_flood = len(lib.answers)
         unaccepted = len(flood.backlog)
@@ -100,6 +121,9 @@ def test_overload_10x_for_60_s_backpressure_and_bounded_memory(tiny_models, phot
     assert status["front"]["restarts"] == 0
     assert offered / len(flood.results) > FACTOR / 2
     assert lib_during_flood > 0, "the library client was starved by the flood"
+    # docs/reliability.md: "at most `--max-queue` accepted"; the flood alone held it full
+    assert peak_pending <= MAX_QUEUE, (peak_pending, MAX_QUEUE)
+    assert peak_pending >= MAX_QUEUE // 2, f"the queue was never near full: {peak_pending}"
     latencies = sorted(flood.answered_at[i] - flood.accepted_at[i] for i in flood.accepted)
     by_kind = watch.by_kind()
     growth = {k: by_kind[k] - idle[k] for k in by_kind}
@@ -113,10 +137,37 @@ def test_overload_10x_for_60_s_backpressure_and_bounded_memory(tiny_models, phot
           f"max {latencies[-1]:.2f} s; library client (joined at {LIBRARY_AFTER_S:.0f} s) "
           f"300/300 ok ({lib_during_flood} during the flood), done "
           f"{lib_started + lib.took_s - started:.0f} s into it; offered / "
-          f"answered {offered / len(flood.results):.1f}x; {watch.samples} samples")
+          f"answered {offered / len(flood.results):.1f}x; {watch.samples} samples; "
+          f"pending at most {peak_pending} (--max-queue {MAX_QUEUE})")
     for kind in ("front", "preprocess", "executor", "postprocess"):
         print(f"  {kind:>11}: idle {idle[kind]:.0f} MB, peak {by_kind[kind]:.0f} MB "
               f"(+{growth[kind]:.0f}), bound {BOUND_MB[kind]} MB")
     for kind, mb in by_kind.items():
         assert mb < BOUND_MB[kind], (kind, mb)
         assert growth[kind] < GROWTH_BOUND_MB, (kind, growth[kind])
+
+
+def test_one_submit_bigger_than_max_queue_is_cut_at_the_bound(tiny_models, photo_files,
+                                                            tmp_path, daemons):
+    """--max-queue 8, one submit of 40 into an empty daemon: exactly 8 accepted, 32
+    answered `busy` in the same turn (docs/reliability.md: at most --max-queue accepted,
+    the daemon takes what fits); once resent, all 40 answered once, ok."""
+    paths = linked_stream(photo_files, tmp_path / "in", 40)
+    daemon = daemons(tiny_models["logits"], tmp_path / "masks", tmp_path, "--batch-size", "4",
+                     "--max-queue", "8")
+    daemon.wait_ready()
+    raw = RawClient(daemon.endpoint, chunk=40, backoff_s=0.05)
+    try:
+        raw.offer([wire.Request(f"q{i}", str(p)) for i, p in enumerate(paths)])
+        raw.step(0)
+        while raw.awaiting:
+            raw.pump(100)
+        assert len(raw.accepted) == 8, f"{len(raw.accepted)} accepted, --max-queue is 8"
+        assert raw.busy_requests == 32
+        raw.run_until(lambda c: c.answered == 40, timeout_s=120)
+    finally:
+        raw.close()
+    assert set(raw.result_count.values()) == {1}
+    assert all(r.status == wire.OK for r in raw.results.values())
+    assert daemon.status()["daemon"]["busy_replies"] >= 1
+    assert daemon.stop() == 0, daemon.tail()

@@ -23,6 +23,7 @@ from PIL import Image
 
 from pspnet.daemon.client import Client
 from tests.kit import Daemon, mask_pixels, proc_kb, watch_record
+from tests.photos import huge_jpeg
 
 RECORD = ".pspnet-processed.jsonl"
 FREE_KB = 200                    # room left on the small file system before it is freed
@@ -154,7 +155,7 @@ def settled_mask(w: dict, name: str, after: float, timeout_s: float = 30) -> np.
     """The mask of `name` once the record holds a final ok answer recorded after `after`."""
     def newest() -> dict | None:
         entries = [e for e in watch_record(w["out"]) if e["name"] == name]
-        if entries and entries[-1]["status"] == "ok" and \
+        if entries and entries[-1]["status"] == "ok" and entries[-1].get("mask") and \
                 os.stat(entries[-1]["mask"]).st_mtime > after:
             return entries[-1]
         return None
@@ -354,3 +355,69 @@ def test_a_mask_written_but_not_recorded_is_recognised_not_redone(tiny_models, p
     assert submitted == 0, "the image was processed again"
     assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
     print("\nFIGURE mask before the record: recognised at start, recorded, 0 recomputed")
+
+
+def test_a_file_replaced_while_it_is_decoded_ends_with_the_final_files_mask(watching,
+                                                                          tmp_path):
+    """A 49 Mpx `swap.jpg` is renamed into the folder; once the daemon has taken it (in
+    flight, seconds of decoding ahead), a small photo is renamed over it. The mask at the
+    end is the small photo's (its size, its pixels), and the record's last answer for
+    `swap.jpg` is for the small photo's version.
+
+    Before (513dc9e): the big version's mask, written after the rename and so newer than
+    the small version, was taken for the small one's ("recovered": true) and kept: the
+    mask on disk was the old 7000 x 7000 one."""
+    w = watching
+    big = huge_jpeg(w["root"] / ".swap-big.jpg")
+    small = w["root"] / ".swap-small.jpg"
+    shutil.copy(w["photos"][90], small)
+    daemon, target = w["daemon"], w["inbox"] / "swap.jpg"
+    started = time.time()
+    big.rename(target)
+    wait_until(lambda: daemon.status()["front"]["inflight"] > 0, 30, "the big one taken",
+               daemon, every_s=0.05)
+    time.sleep(0.3)                               # inside its decode (seconds long)
+    small_version = small.stat()
+    small.rename(target)
+    got = settled_mask(w, "swap.jpg", started, timeout_s=120)
+    want = reference_mask(w, w["photos"][90].read_bytes(), "ref-swap.jpg")
+    assert got.shape == want.shape, f"the mask is {got.shape}, the final file's {want.shape}"
+    np.testing.assert_array_equal(got, want)
+    last = [e for e in watch_record(w["out"]) if e["name"] == "swap.jpg"][-1]
+    assert last["version"][1] == small_version.st_ino and "recovered" not in last, last
+    superseded = [e for e in watch_record(w["out"])
+                  if e["name"] == "swap.jpg" and e["status"] == "superseded"]
+    print(f"\nFIGURE replaced while decoding: the final mask is the small photo's "
+          f"{got.shape}; {len(superseded)} answer(s) of the big version superseded")
+
+
+def test_the_watched_folder_removed_and_made_again_at_once(watching):
+    """`rm -rf W && mkdir W` with nothing between (ext4 may give the new folder the same
+    inode): the daemon notices that inotify's watch on the old folder ended, watches the
+    new one, says so, and processes what lands there.
+
+    Before (513dc9e): 0 of 2 files in the new folder processed after 13 s, no log line."""
+    w = watching
+    inbox = w["inbox"]
+    for entry in inbox.iterdir():             # empty first: ext4 then hands the new folder
+        entry.unlink()                        # the old one's inode, as in the issue
+    time.sleep(0.5)
+    attempt, same_inode = 0, False
+    while attempt < 20 and not same_inode:    # until ext4 reuses the inode (the watch
+        attempt += 1                          # on the old folder may pin it a moment)
+        before = inbox.stat().st_ino
+        subprocess.run(f"rm -rf '{inbox}' && mkdir '{inbox}'", shell=True, check=True)
+        same_inode = inbox.stat().st_ino == before
+        if not same_inode:
+            time.sleep(0.2)
+    started = time.time()
+    for p in w["photos"][84:86]:
+        shutil.copy(p, inbox / p.name)
+    for p in w["photos"][84:86]:
+        settled_mask(w, p.name, started)
+    events = [e.get("event") for e in w["daemon"].events()]
+    assert any(e in ("watched folder made again; watching it again",
+                     "watched folder back; watching it again") for e in events)
+    print(f"\nFIGURE folder removed and made again at once, {attempt} time(s) (same inode "
+          f"the last time: {same_inode}): "
+          "2 files landed, 2 masks")

@@ -422,3 +422,31 @@ def test_torch_cuda_two_threads(options, tiny_models, references):
     backend.launch(0)                       # the refused launch's upload is still there
     assert np.mean(backend.collect(0) == results[1]) >= 0.99
     backend.close()
+
+
+def test_sim_backend_answers_as_a_labels_head_when_told(tiny_models):
+    """head=labels on a logits model: label maps at the input size (what `pspnet bench
+    --front-ceiling` uses to leave postprocess nothing but a crop)."""
+    backend = open_backend(SIMULATED, tiny_models["logits"], BATCH,
+                           options={"img_s": "100000", "head": "labels"})
+    assert backend.head == "labels"
+    backend.upload(0, *random_batch(BATCH, SIZE, seed=0))
+    out = backend.execute(0)
+    assert out.shape == (BATCH, *SIZE) and out.dtype == np.uint8
+    with pytest.raises(ValueError, match="head=probs"):
+        open_backend(SIMULATED, tiny_models["logits"], BATCH, options={"head": "probs"})
+
+
+def test_sim_backends_on_one_device_share_its_time(tiny_models):
+    """The executor opens one backend per batch size (backends.ladder): on one simulated
+    device their batches run one after the other, not side by side (0.1 s each here)."""
+    one = open_backend(SIMULATED, tiny_models["labels"], 1, options={"img_s": "10"})
+    four = open_backend(SIMULATED, tiny_models["labels"], BATCH, options={"img_s": "40"})
+    one.upload(0, *random_batch(1, SIZE, seed=0))
+    four.upload(1, *random_batch(BATCH, SIZE, seed=1))
+    launched = time.perf_counter()
+    one.launch(0)
+    four.launch(1)
+    one.collect(0)
+    four.collect(1)
+    assert time.perf_counter() - launched >= 0.2

@@ -59,7 +59,10 @@ class ExecutorAlone:
     images socket) and a postprocess worker (a DEALER asking for its outputs)."""
 
     def __init__(self, model_dir: Path, tmp_path: Path, backend: object, max_wait_ms: float,
-                 credits: int = 1000, **kwargs: object) -> None:
+                 credits: int = 1000, start: bool = True, **kwargs: object) -> None:
+        """`start=False`: the executor starts reading at `start()`, so images sent before
+        are all queued when it does (the work-conserving batcher runs what is queued: to
+        test full batches, queue them first)."""
         from pspnet.stages.child import Child
 
         cfg = PipelineConfig(model_dir=model_dir, max_wait_ms=max_wait_ms, log_json=True,
@@ -71,7 +74,7 @@ class ExecutorAlone:
         self.trust = Trust(new_secret())
         child = Child("executor", 0, cfg, addrs, self.trust, supervised=False)
         self.name = child.name
-        executor = Executor(child, backend, **kwargs)  # type: ignore[arg-type]
+        self.executor = Executor(child, backend, **kwargs)  # type: ignore[arg-type]
         self.images = ctx.socket(zmq.PUSH)      # test (as preprocess) -> executor
         self.images.connect(child.inputs)
         self.outputs = ctx.socket(zmq.DEALER)   # executor -> test (as postprocess)
@@ -79,8 +82,13 @@ class ExecutorAlone:
         self.outputs.connect(child.outputs)
         self.outputs.send_multipart(wire.encode(wire.Credit(credits)))
         self.notes: list[wire.Message] = []
-        threading.Thread(target=executor.run, daemon=True).start()
         self.pixels = np.zeros((*Manifest.read(model_dir).input_size, 3), np.uint8)
+        if start:
+            self.start()
+
+    def start(self, settle_s: float = 0.0) -> None:
+        time.sleep(settle_s)                    # let the images sent so far arrive (ipc)
+        threading.Thread(target=self.executor.run, daemon=True).start()
 
     def send(self, i: int, to: str | None = None, token: str | None = None) -> None:
         """Image `i` as the front's preprocess would send it (with its token), or with
@@ -126,10 +134,12 @@ def test_executor_overlaps_assembly_and_transfer_with_compute(tiny_models, tmp_p
     manifest = Manifest.read(tiny_models["labels"])
     batch, n_batches, compute_s, transfer_s = 4, 8, 0.20, 0.12
     backend = SlowBackend(batch, manifest.input_size, transfer_s, compute_s)
-    alone = ExecutorAlone(tiny_models["labels"], tmp_path, backend, max_wait_ms=1000)
-    started = time.perf_counter()
+    alone = ExecutorAlone(tiny_models["labels"], tmp_path, backend, max_wait_ms=1000,
+                          start=False)
     for i in range(n_batches * batch):       # all queued at once: assembly is never waiting
         alone.send(i)
+    alone.start(settle_s=0.5)
+    started = time.perf_counter()
     got = alone.output_ids(n_batches * batch)
     elapsed = time.perf_counter() - started
     serial = n_batches * (compute_s + transfer_s)
@@ -156,13 +166,18 @@ def test_a_batch_that_fails_to_launch_is_answered_and_the_executor_goes_on(tiny_
                                                                             tmp_path):
     manifest = Manifest.read(tiny_models["labels"])
     backend = LaunchFailsOnce(4, manifest.input_size, transfer_s=0.0, compute_s=0.05)
-    alone = ExecutorAlone(tiny_models["labels"], tmp_path, backend, max_wait_ms=1000)
+    alone = ExecutorAlone(tiny_models["labels"], tmp_path, backend, max_wait_ms=1000,
+                          start=False)
     for i in range(12):                      # three full batches; the second fails
         alone.send(i)
-    done = set(alone.output_ids(8))
-    failed = alone.errors(4)
-    assert done == {str(i) for i in (0, 1, 2, 3, 8, 9, 10, 11)}
-    assert set(failed) == {"4", "5", "6", "7"}
+    alone.start(settle_s=0.5)
+    took: list[tuple[str, ...]] = []         # batch by batch, in launch order
+    while sum(map(len, took)) < 12:
+        took.append(tuple(alone.next_note(wire.Took).ids))
+    second = set(took[1])                    # the batch the device refused, however filled
+    done = set(alone.output_ids(12 - len(second)))
+    failed = alone.errors(len(second))
+    assert set(failed) == second and done == {str(i) for i in range(12)} - second
     assert all("inference failed: device refused the batch" in e for e in failed.values())
     alone.close()
 
@@ -184,10 +199,11 @@ def test_an_executor_whose_device_keeps_failing_gives_up_to_be_restarted(tiny_mo
     reasons: list[str] = []
     alone = ExecutorAlone(tiny_models["labels"], tmp_path,
                           DeviceBroken(4, manifest.input_size, 0.0, 0.0), max_wait_ms=1000,
-                          give_up=reasons.append)
+                          give_up=reasons.append, start=False)
     n = 4 * FAILED_IN_A_ROW_BEFORE_RESTART
     for i in range(n):
         alone.send(i)
+    alone.start(settle_s=0.5)
     failed = alone.errors(n)
     assert all("inference failed: CUDA error" in e for e in failed.values())
     deadline = time.monotonic() + 10
@@ -200,21 +216,40 @@ def test_an_executor_whose_device_keeps_failing_gives_up_to_be_restarted(tiny_mo
     alone.close()
 
 
-def test_executor_keeps_filling_while_the_device_is_busy(tiny_models, tmp_path):
-    """Past max_wait a partial batch runs only if the device is idle: while a batch runs,
-    the next one keeps filling (a partial batch would wait anyway, at full cost)."""
+def test_an_idle_device_runs_a_lone_image_at_once_and_a_busy_one_keeps_filling(
+        tiny_models, tmp_path):
+    """Work-conserving: a lone image on an idle device runs at once, whatever max_wait
+    (the old executor waited max_wait for companions: one batch of 0-3); while a batch runs
+    the next fills, and runs the moment the device frees (not max_wait later)."""
+    manifest = Manifest.read(tiny_models["labels"])
+    backend = SlowBackend(4, manifest.input_size, transfer_s=0.0, compute_s=0.4)
+    alone = ExecutorAlone(tiny_models["labels"], tmp_path, backend, max_wait_ms=5000)
+    alone.send(0)                            # alone, device idle: runs now
+    time.sleep(0.1)
+    for i in range(1, 4):                    # trickle in while that batch runs
+        alone.send(i)
+        time.sleep(0.05)
+    got = alone.output_ids(4)
+    assert sorted(got, key=int) == [str(i) for i in range(4)]
+    assert backend.filled == [1, 3], backend.filled
+    alone.close()
+
+
+def test_past_max_wait_a_partial_batch_queues_behind_the_running_one(tiny_models, tmp_path):
+    """While the device is busy, max_wait bounds how long a partial batch waits for
+    companions: past it, the batch is launched behind the running one."""
     manifest = Manifest.read(tiny_models["labels"])
     backend = SlowBackend(4, manifest.input_size, transfer_s=0.0, compute_s=0.4)
     alone = ExecutorAlone(tiny_models["labels"], tmp_path, backend, max_wait_ms=20)
-    alone.send(0)                            # alone, device idle: runs after max_wait
+    alone.send(0)                            # device idle: runs now
     time.sleep(0.1)
-    for i in range(1, 5):                    # trickle in while that batch runs
+    for i in range(1, 5):                    # 1 waits 20 ms, then queues; 2-4 fill the next
         alone.send(i)
         time.sleep(0.05)
-    alone.send(5)                            # device idle again after the second batch
+    alone.send(5)
     got = alone.output_ids(6)
     assert sorted(got, key=int) == [str(i) for i in range(6)]
-    assert backend.filled == [1, 4, 1], backend.filled
+    assert backend.filled == [1, 1, 4], backend.filled
     alone.close()
 
 
@@ -225,10 +260,12 @@ def test_executor_takes_only_images_meant_for_this_life_and_says_what_it_took(ti
     others are taken, and the front hears which, batch by batch."""
     manifest = Manifest.read(tiny_models["labels"])
     backend = SlowBackend(4, manifest.input_size, transfer_s=0.0, compute_s=0.0)
-    alone = ExecutorAlone(tiny_models["labels"], tmp_path, backend, max_wait_ms=1000)
+    alone = ExecutorAlone(tiny_models["labels"], tmp_path, backend, max_wait_ms=1000,
+                          start=False)
     alone.send(100, to="executor-0-1")            # stale: another pid
     for i in range(4):
         alone.send(i)
+    alone.start(settle_s=0.5)
     assert sorted(alone.output_ids(4), key=int) == ["0", "1", "2", "3"]
     took = alone.next_note(wire.Took)
     handed = alone.next_note(wire.Handed)
