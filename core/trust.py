@@ -33,7 +33,7 @@ from pspnet.core import wire
 
 SECRET_BYTES = 32
 TOKEN_HEX = 32                  # 128 bits of HMAC-SHA256, in hex
-ROLES = ("main", "runner", "credits")   # the sockets a worker opens towards another
+ROLES = ("main", "runner", "vouch", "credits")   # the sockets a worker opens to another
 REFUSAL_LOG_S = 10.0            # one log line per peer (and reason) at most this often
 MAX_LOGGED_PEERS = 1024         # peers remembered for that; the oldest are forgotten
 

@@ -214,7 +214,7 @@ class Child:
     def _vouch(self) -> None:
         """The helper thread: while the loop is inside a long step and so cannot beat, beat
         for it (on a DEALER of its own: a socket belongs to one thread)."""
-        sock = self.connect_control(f"{self.name}/vouch")
+        sock = self.connect_control("vouch")
         while True:
             time.sleep(self.cfg.heartbeat_s)
             now = time.monotonic()
