@@ -305,11 +305,10 @@ class Server:
                    or write_json(self.cfg.metrics_json, final.document(), self.log))
         # 7. stop serving /metrics (its HTTP loop looks for the stop every 0.5 s)
         self.exporter.close()
-        # 8. let the answers already sent leave, then close the client socket
-        # 9. remove the socket file and its lock: the next serve finds the path free
+        # 8. answers already sent leave; the socket, its file and lock go (the path is free)
         self.door.release(max(ANSWERS_LEAVE_S, self._left(ANSWER_LINGER_MS / 1000)))
         forget_daemon(self.record)
-        # 10. say how it ended
+        # 9. say how it ended
         if final is not None:
             self.log.info("exit", drained=not self.stop_reason, abandoned=abandoned,
                           reason=self.stop_reason or self.failure, ok=final.front.ok,
