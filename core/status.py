@@ -106,6 +106,10 @@ class WorkerFigures:
     stale_dropped: int = figure("Images an executor dropped as meant for its previous life "
                                 "(the front had retried them already)",
                                 metric="pspnet_executor_stale_dropped", stage="executor")
+    forged_dropped: int = figure("Messages a stage dropped as not handed out by the front: "
+                                 "pixels or outputs without their request's token, credits "
+                                 "from a peer it did not start",
+                                 metric="pspnet_stage_forged_dropped")
 
 
 def summed(counters: list[Mapping[str, float]], past: Mapping[str, float] | None = None,
@@ -155,6 +159,10 @@ class FrontCounts:
                                      metric="pspnet_duplicate_answers_dropped")
     malformed: int = figure("Messages dropped as malformed, workers' and clients'",
                             metric="pspnet_malformed_messages")
+    forged_dropped: int = figure("Messages the front dropped as forged: an identity it did "
+                                 "not hand out, an answer without its request's token or "
+                                 "from a worker that does not hold the request",
+                                 metric="pspnet_forged_messages_dropped")
     abandoned: int = figure("Requests answered with an error because the daemon stopped "
                             "before they finished", metric="pspnet_requests_abandoned")
 

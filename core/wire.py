@@ -28,6 +28,10 @@ MAX_FRAMES = 4
 MAX_STATS_ENTRIES = 64
 MAX_IDS = 4096                      # ids in one note
 MAX_PEERS = 256                     # executors in one peers message
+DEFAULT_MAX_PIXELS = 50_000_000     # an image's pixels (--max-pixels): a placement's original
+                                    # size is checked against it before anything allocates it
+MAX_CONTROL_FRAME_BYTES = 1 << 20   # a frame on a control socket (ZMQ_MAXMSGSIZE): headers,
+                                    # and a result's areas (4 x MAX_CLASSES int64)
 
 # Message kinds: explicit, never inferred from frame counts. Pixels and outputs flow between
 # the stage processes (DISPATCH names where to send them); the front carries control only.
@@ -70,6 +74,7 @@ class Request:
     path: str
     ann: str | None = None        # ground-truth palette PNG, for mIoU
     attempt: int = 0              # bumped when a request is retried after a crash
+    token: str = ""               # the front's, per dispatch (core.trust); "" from clients
 
 
 @dataclass(frozen=True)
@@ -135,6 +140,7 @@ class Result:
                                   # mode retries those); None: final
     size: tuple[int, int] | None = None   # the image's height and width (answers: ok)
     found: tuple[tuple[int, str, int], ...] = ()   # (class id, name, pixels), largest first
+    token: str = ""               # a stage's answer: its request's token (core.trust)
 
 
 @dataclass(frozen=True)
@@ -239,7 +245,7 @@ def encode(msg: Message) -> list[Any]:
         header |= {"kind": RESULT, "id": msg.id, "attempt": msg.attempt, "status": msg.status,
                    "path": msg.path, "mask": msg.mask, "error": msg.error, "stage": msg.stage,
                    "cause": msg.cause, "size": None if msg.size is None else list(msg.size),
-                   "found": [list(f) for f in msg.found],
+                   "found": [list(f) for f in msg.found], "token": msg.token,
                    "arrays": [] if msg.areas is None else [_describe(msg.areas)]}
         if msg.areas is not None:
             arrays.append(msg.areas)
@@ -272,7 +278,7 @@ def encode(msg: Message) -> list[Any]:
 
 
 def _request_fields(r: Request) -> dict[str, Any]:
-    return {"id": r.id, "path": r.path, "ann": r.ann, "attempt": r.attempt}
+    return {"id": r.id, "path": r.path, "ann": r.ann, "attempt": r.attempt, "token": r.token}
 
 
 def _placement_fields(p: Placement) -> list[Any]:
@@ -309,8 +315,11 @@ def document_unpacker() -> msgpack.Unpacker:
 # decode
 
 
-def decode(frames: Sequence[Any], max_submit: int = 4096) -> Message:
-    """Frames (bytes or zmq.Frame) -> a validated message, or WireError."""
+def decode(frames: Sequence[Any], max_submit: int = 4096,
+           max_pixels: int = DEFAULT_MAX_PIXELS) -> Message:
+    """Frames (bytes or zmq.Frame) -> a validated message, or WireError. A placement's
+    original size is held to `max_pixels` (the receiving stage's --max-pixels): postprocess
+    allocates that many labels, so a claim beyond it costs its frame, not the process."""
     if not frames:
         raise WireError("empty message")
     if len(frames) > MAX_FRAMES:
@@ -335,14 +344,20 @@ def decode(frames: Sequence[Any], max_submit: int = 4096) -> Message:
         raise WireError(f"unknown message kind {kind!r}")
     request_id = _peek_id(header)
     try:
-        return _DECODERS[kind](header, frames[1:], max_submit)
+        msg = _DECODERS[kind](header, frames[1:], max_submit)
     except WireError as exc:
         raise WireError(f"{kind}: {exc}", exc.request_id or request_id) from None
+    placement = getattr(msg, "placement", None)
+    if placement is not None and placement.orig_h * placement.orig_w > max_pixels:
+        raise WireError(f"{kind}: placement claims a {placement.orig_h} x {placement.orig_w} "
+                        f"image, over {max_pixels} pixels", request_id)
+    return msg
 
 
-def decode_as(frames: Sequence[Any], kind: type[M]) -> M:
+def decode_as(frames: Sequence[Any], kind: type[M],
+              max_pixels: int = DEFAULT_MAX_PIXELS) -> M:
     """decode, and refuse any other kind than the one this socket carries."""
-    msg = decode(frames)
+    msg = decode(frames, max_pixels=max_pixels)
     if not isinstance(msg, kind):
         raise WireError(f"expected {kind.__name__}, got {type(msg).__name__}")
     return msg
@@ -407,7 +422,16 @@ def _request(h: Any) -> Request:
     if not isinstance(h, dict):
         raise WireError("request must be a map")
     return Request(id=_string(h, "id"), path=_string(h, "path"),
-                   ann=_string(h, "ann", optional=True), attempt=_int(h, "attempt", 0, 100))
+                   ann=_string(h, "ann", optional=True), attempt=_int(h, "attempt", 0, 100),
+                   token=_token(h))
+
+
+def _token(h: dict[str, Any]) -> str:
+    token = h.get("token", "")
+    if not isinstance(token, str) or len(token) > MAX_NAME_CHARS or not token.isascii():
+        raise WireError(f"field 'token' must be a string of at most {MAX_NAME_CHARS} "
+                        "ASCII characters")
+    return token
 
 
 def _placement(p: Any) -> Placement:
@@ -421,6 +445,8 @@ def _placement(p: Any) -> Placement:
         raise WireError("placement scale must be a positive number")
     if min(orig_h, orig_w, height, width) < 1:
         raise WireError("placement sizes must be positive")
+    if max(top + height, left + width) > MAX_SIDE_PIXELS:
+        raise WireError(f"placement box beyond a {MAX_SIDE_PIXELS}-pixel model input")
     return Placement(orig_h, orig_w, float(scale), top, left, height, width)
 
 
@@ -515,7 +541,7 @@ def _decode_result(h: dict[str, Any], frames: Sequence[Any], _: int) -> Result:
     return Result(id=_string(h, "id"), attempt=_int(h, "attempt", 0, 100), status=status,
                   path=_string(h, "path", empty=True), mask=_string(h, "mask", optional=True),
                   error=_string(h, "error", optional=True), stage=_string(h, "stage", empty=True),
-                  areas=areas, cause=cause, size=size, found=found)
+                  areas=areas, cause=cause, size=size, found=found, token=_token(h))
 
 
 def _size(size: Any) -> tuple[int, int] | None:

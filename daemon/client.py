@@ -6,6 +6,7 @@ Usable from Python (`Client(endpoint).submit(paths)`) and behind `pspnet submit`
 from __future__ import annotations
 
 import collections
+import os
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
@@ -16,6 +17,7 @@ from typing import Any
 import zmq
 
 from pspnet.core import wire
+from pspnet.core.keys import ENV_KEYS, KeysError, client_keys, connect_curve
 from pspnet.daemon.endpoint import ABSENT, NOT_A_SOCKET, STALE, ipc_state, parse_endpoint
 
 CHUNK = 64                   # requests per submit message
@@ -62,13 +64,29 @@ class Answer:
 
 
 class Client:
-    def __init__(self, endpoint: str) -> None:
+    def __init__(self, endpoint: str, keys_dir: Path | None = None) -> None:
+        """`keys_dir` (default $PSPNET_KEYS): a tcp endpoint's client.key_secret and
+        server.key (core.keys); ValueError, before any socket, when a tcp endpoint has none."""
         self.target = parse_endpoint(endpoint)      # ValueError before any socket exists
         self.endpoint = endpoint
         self.resubmitted = 0     # requests sent again because the daemon restarted
+        curve = None
+        if self.target.scheme == "tcp":
+            folder = keys_dir or (Path(os.environ[ENV_KEYS]) if os.environ.get(ENV_KEYS)
+                                  else None)
+            if folder is None:
+                raise ValueError(f"{endpoint} admits only clients with its key: pass --keys "
+                                 f"DIR or set {ENV_KEYS} (client.key_secret and server.key "
+                                 "from the daemon's `pspnet keys DIR`)")
+            try:
+                curve = client_keys(folder)
+            except KeysError as exc:
+                raise ValueError(str(exc)) from None
         self.ctx = zmq.Context()
         self.socket = self.ctx.socket(zmq.DEALER)    # submits and queries -> daemon ROUTER
         self.socket.setsockopt(zmq.LINGER, 0)
+        if curve is not None:
+            connect_curve(self.socket, *curve)
         self.socket.connect(endpoint)
 
     def close(self) -> None:

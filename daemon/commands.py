@@ -18,6 +18,8 @@ from pspnet.daemon.serve_config import ServeConfig
 
 # what every command that runs the pipeline takes (serve adds --tcp-host)
 PIPELINE_FLAGS = tuple(n for n in flag_names(PipelineConfig) if n != "tcp_host")
+KEYS_HELP = ("a tcp endpoint's keys: the folder with client.key_secret and server.key "
+             "(default: $PSPNET_KEYS)")
 
 
 def add_daemon_parsers(sub: argparse._SubParsersAction) -> None:
@@ -63,6 +65,7 @@ def add_daemon_parsers(sub: argparse._SubParsersAction) -> None:
                              "images: it takes every path that follows it")
     submit.add_argument("--endpoint", default=None,
                         help="daemon address (default: the local daemon's ipc socket)")
+    submit.add_argument("--keys", type=Path, default=None, metavar="DIR", help=KEYS_HELP)
     submit.add_argument("--timeout", type=positive_float, default=None, metavar="S",
                         help="give up on images not answered after S seconds "
                              "(reported as errors)")
@@ -81,7 +84,23 @@ def add_daemon_parsers(sub: argparse._SubParsersAction) -> None:
                         help="print the status document as one JSON line, even on a terminal")
     status.add_argument("--endpoint", default=None,
                         help="daemon address (default: the local daemon's ipc socket)")
+    status.add_argument("--keys", type=Path, default=None, metavar="DIR", help=KEYS_HELP)
     status.set_defaults(run=run_status)
+
+    keys = sub.add_parser(
+        "keys", formatter_class=fmt,
+        help="write the CurveZMQ keys every tcp socket of the daemon requires",
+        description="Write three key pairs into DIR (made 0700; each file 0600; pairs "
+                    "already there are kept): server (the daemon), worker (its workers, and "
+                    "`pspnet worker` on other hosts) and client (`pspnet submit/status` "
+                    "against a tcp --endpoint). Start the daemon with `--keys DIR`; copy "
+                    "worker.key_secret and server.key to a worker's host, client.key_secret "
+                    "and server.key to a client's, over a channel you trust, and pass them "
+                    "`--keys` with the folder they are in. A peer without its key is "
+                    "refused at the handshake.",
+        epilog="example: pspnet keys /etc/pspnet/keys")
+    keys.add_argument("folder", type=Path, metavar="DIR", help="where to write the keys")
+    keys.set_defaults(run=run_keys)
 
 
 def add_pipeline_args(p: argparse.ArgumentParser, *, help: dict[str, str] | None = None,
@@ -181,6 +200,19 @@ def run_submit(args: argparse.Namespace) -> int:
     return run(args)
 
 
+def run_keys(args: argparse.Namespace) -> int:
+    from pspnet.core.keys import PAIRS, write_keys
+
+    try:
+        written = write_keys(args.folder)
+    except OSError as exc:
+        return usage_error("keys", f"{args.folder}: {exc.strerror or exc}")
+    kept = [p for p in PAIRS if not any(w.name.startswith(f"{p}.") for w in written)]
+    print_json({"folder": str(args.folder), "written": [str(w) for w in written],
+                "kept": kept})
+    return 0
+
+
 def print_json(doc: object) -> None:
     """One JSON line on stdout, flushed at once: a reader sees each answer as it comes."""
     sys.stdout.write(json.dumps(json_safe(doc), default=str) + "\n")
@@ -196,7 +228,7 @@ def run_status(args: argparse.Namespace) -> int:
     endpoint = args.endpoint or default_endpoint()
     try:
         try:
-            client = Client(endpoint)
+            client = Client(endpoint, args.keys)
         except ValueError as exc:          # a malformed --endpoint, before any socket
             return usage_error("status", str(exc))
         with client:

@@ -14,6 +14,7 @@ in the same process (bench, eval, tests).
 from __future__ import annotations
 
 import collections
+import dataclasses
 import re
 import shutil
 import time
@@ -27,6 +28,7 @@ import zmq
 
 from pspnet.core import wire
 from pspnet.core.config import Addresses, PipelineConfig, private_dir, start_document
+from pspnet.core.keys import KeysError
 from pspnet.core.status import (
     FrontCounts,
     FrontStatus,
@@ -38,6 +40,7 @@ from pspnet.core.status import (
     counter_names,
     summed,
 )
+from pspnet.daemon.control_gate import ControlGate, Forged
 from pspnet.daemon.ledger import Ledger
 from pspnet.daemon.storage import StorageEpisode
 from pspnet.daemon.supervisor import STAGES, CannotStart, Supervisor
@@ -81,6 +84,7 @@ class Front:
         self.answered_at: collections.deque[float] = collections.deque()
         self.bytes_in = self.bytes_out = 0
         self.storage = StorageEpisode(self.log)
+        self.gate = ControlGate(cfg, self.log)      # keys, identities, tokens
         self.started = False
         self._next_check = 0.0
         self._own_run_dir = cfg.run_dir is None
@@ -104,9 +108,17 @@ class Front:
         self.control.setsockopt(zmq.ROUTER_MANDATORY, 1)
         self.control.setsockopt(zmq.SNDHWM, 0)       # bounded by credits, not by ZeroMQ
         self.control.setsockopt(zmq.RCVHWM, 0)
+        self.control.setsockopt(zmq.MAXMSGSIZE, wire.MAX_CONTROL_FRAME_BYTES)  # before malloc
+        try:
+            self.gate.secure(self.ctx, self.control)    # tcp: CurveZMQ, the worker key
+        except (KeysError, OSError) as exc:             # --keys unreadable
+            self.ctx.destroy(linger=0)
+            self._remove_run_dir()
+            raise PipelineError(f"--keys: {exc}") from exc
         try:
             self.control.bind(self.addrs.control)
         except zmq.ZMQError as exc:
+            self.gate.close()
             self.ctx.destroy(linger=0)
             self._remove_run_dir()
             why = f"cannot listen at {self.addrs.control}: {zmq.strerror(exc.errno)}"
@@ -114,8 +126,9 @@ class Front:
                 why += (f" (--transport tcp uses port {self.cfg.tcp_ports} on "
                         f"{self.cfg.tcp_host}; choose another --tcp-base-port)")
             raise PipelineError(why) from exc
-        self.supervisor = Supervisor(self.cfg, start_document(self.cfg, self.addrs),
-                                     self.around_spawn)
+        self.gate.listening(self.control)
+        self.supervisor = Supervisor(self.cfg, start_document(
+            self.cfg, self.addrs, self.gate.trust, self.gate.curve), self.around_spawn)
         self.started = True
         try:
             self.log.info("starting", run_dir=str(self.run_dir), control=self.addrs.control,
@@ -139,6 +152,7 @@ class Front:
             return
         self.started = False
         self.supervisor.stop_all(until, hurry)
+        self.gate.close()
         self.control.close(0)
         self.ctx.term()
         self._remove_run_dir()
@@ -212,8 +226,10 @@ class Front:
                 return n
             self.bytes_in += len(identity) + sum(len(f) for f in frames)
             try:
-                self._handle(identity.bytes.split(b"/", 1)[0].decode("ascii", "replace"),
-                             frames)
+                self._handle(*self.gate.sender(identity, frames), frames)
+            except Forged as exc:                  # counted, dropped, never delivered
+                self.totals["forged_dropped"] += 1
+                self.gate.refused(identity, exc)
             except wire.WireError as exc:
                 self._malformed(exc)
             except Exception:              # a bug must cost one message, not the daemon
@@ -221,7 +237,7 @@ class Front:
                 self.log.exception("internal message not handled")
         return budget
 
-    def _handle(self, name: str, frames: list[zmq.Frame]) -> None:
+    def _handle(self, name: str, own: bool, frames: list[zmq.Frame]) -> None:
         match = NAME.match(name)
         if match is None:
             raise wire.WireError(f"a peer that is not a worker: {name[:80]!r}")
@@ -229,9 +245,9 @@ class Front:
         now = time.monotonic()
         msg = wire.decode(frames)
         if isinstance(msg, wire.Heartbeat):
-            self._heartbeat(name, stage, index, pid, msg, now)
+            self._heartbeat(name, stage, index, pid, msg, now, own)
         elif isinstance(msg, wire.Result):
-            self._answer(msg)
+            self._answer(msg, name)
         elif isinstance(msg, wire.Took):
             self.ledger.took(name, msg.ids)
         elif isinstance(msg, wire.Handed):
@@ -242,10 +258,12 @@ class Front:
             raise wire.WireError(f"{type(msg).__name__} is not a message for the front")
 
     def _heartbeat(self, name: str, stage: str, index: int, pid: int, hb: wire.Heartbeat,
-                   now: float) -> None:
+                   now: float, own: bool) -> None:
         if (hb.stage, hb.index, hb.pid) != (stage, index, pid):
             raise wire.WireError(f"heartbeat of {hb.stage}-{hb.index}-{hb.pid} from {name}")
-        slot = self.supervisor.by_pid(pid)
+        slot = self.supervisor.by_pid(pid) if own else None   # a remote one cannot speak
+        if slot is not None and slot.label != f"{stage}-{index}":            # for ours
+            raise Forged(f"{name} is not {slot.label}")
         local = slot is not None
         if hb.fatal:
             if slot is not None:
@@ -274,11 +292,19 @@ class Front:
                              reason=why)
             self._forget(worker.name, why)
 
-    def _answer(self, result: wire.Result) -> None:
-        entry = self.ledger.answer(result.id)
-        if entry is None:
-            self.totals["duplicates_dropped"] += 1
+    def _answer(self, result: wire.Result, sender: str) -> None:
+        entry = self.ledger.entries.get(result.id)
+        if entry is None or result.attempt < entry.request.attempt:
+            self.totals["duplicates_dropped"] += 1       # answered, or an earlier attempt's
             return
+        self.gate.check_answer(result, sender, entry.request.attempt, entry.executor,
+                               entry.holders, sender in self.workers)
+        self.ledger.answer(result.id)
+        if result.areas is not None and result.areas.shape != self.metrics.areas.shape:
+            result = dataclasses.replace(   # checked before anything adds them: the request
+                result, status=wire.ERROR, areas=None,  # is answered, never lost
+                error=f"areas {result.areas.shape}, the model has "
+                      f"{self.manifest.num_classes} classes")
         self.storage.saw(result)
         self._deliver(entry, result.status, result.mask, result.error, result.stage,
                       result.areas, result.cause, (result.size, result.found))
@@ -326,9 +352,10 @@ class Front:
             if prep is None or executor is None:
                 return
             entry = ledger.next_queued()
-            frames = wire.encode(wire.Dispatch(entry.request, executor.name, executor.inputs))
+            frames = wire.encode(wire.Dispatch(self.gate.dispatched(entry.request, executor.name),
+                                               executor.name, executor.inputs))
             try:
-                self.control.send_multipart([prep.name.encode(), *frames], zmq.NOBLOCK)
+                self.control.send_multipart([self.gate.route(prep.name), *frames], zmq.NOBLOCK)
             except zmq.ZMQError:            # gone (ROUTER_MANDATORY): until it beats again
                 prep.reachable = False
                 continue
@@ -340,7 +367,8 @@ class Front:
         frames = wire.encode(self.workers.peers(self.cfg.postprocess_workers))
         for worker in to:
             try:
-                self.control.send_multipart([worker.name.encode(), *frames], zmq.NOBLOCK)
+                self.control.send_multipart([self.gate.route(worker.name), *frames],
+                                            zmq.NOBLOCK)
                 self.bytes_out += len(worker.name) + sum(len(f) for f in frames)
             except zmq.ZMQError:
                 worker.reachable = False

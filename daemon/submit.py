@@ -137,7 +137,7 @@ def _submit(args: argparse.Namespace) -> int:
     counts: Counter[str] = Counter()
     try:
         try:
-            client = Client(args.endpoint or default_endpoint())
+            client = Client(args.endpoint or default_endpoint(), args.keys)
         except ValueError as exc:          # a malformed --endpoint, before any socket
             return _usage(str(exc))
         with client, Interrupts() as interrupts, tqdm(
