@@ -102,8 +102,9 @@ def _score_answer(answer: Any, item: Any, manifest: Manifest, out_dir: Path | No
     mask_file = Path(answer.mask)
     try:
         if out_dir is not None:
-            target = mask_path(out_dir, item.id)
+            target = mask_path(out_dir, item.image)       # the daemon's own rule
             if target.resolve() != mask_file.resolve():
+                target.parent.mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(mask_file, target)
             mask_file = target
         outcome.masks[item.id] = str(mask_file)

@@ -32,17 +32,18 @@ def from_folder(folder: Path) -> VocSplit:
         raise ValueError(f"{folder}: cannot list: {exc.strerror}") from None
     items: list[VocItem] = []
     failed: list[dict[str, str]] = []
-    stems: dict[str, str] = {}
+    ids: set[str] = set()
     for name in names:
         path = folder / name
         why = not_an_image(path)
-        if why is None and path.stem in stems:      # one mask per name: the second loses
-            why = f"same name as {stems[path.stem]} (one mask per name)"
         if why is not None:
             failed.append({"id": name, "path": str(path), "reason": why})
             continue
-        stems[path.stem] = name
-        items.append(VocItem(path.stem, path, None))
+        # the report's id: the stem, or the whole name where another image took the stem
+        # (x.jpg and x.png: both are masked, mask_path keeps their masks apart)
+        image_id = path.stem if path.stem not in ids else name
+        ids.add(image_id)
+        items.append(VocItem(image_id, path, None))
     if not items:
         raise ValueError(f"{folder}: no image files ({', '.join(IMAGE_SUFFIXES)})"
                          + (f"; {len(failed)} other entries" if failed else ""))

@@ -40,8 +40,11 @@ from pspnet.core.cli_args import (
     setting,
 )
 from pspnet.core.plan import Given, make_plan, this_machine
+from pspnet.core.trust import Trust
+from pspnet.core.wire import DEFAULT_MAX_PIXELS as DEFAULT_MAX_PIXELS
 
-DEFAULT_MAX_PIXELS = 50_000_000        # refuse larger images from the header, before decoding
+# DEFAULT_MAX_PIXELS: refuse larger images from the header, before decoding; core.wire holds
+# the value, so that every placement on the wire meets the same bound.
 # What counts as an image file wherever a folder is read (watch, bench, batch): the formats
 # model.image_io decodes.
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
@@ -126,13 +129,20 @@ class PipelineConfig:
         "127.0.0.1", flag="--tcp-host", type=host_address, metavar="ADDR",
         help="with --transport tcp: the address the front's control port and the workers' "
              "data ports are bound on, and that this host's own workers connect to. The "
-             "default admits this host only; give this host's address on a trusted "
-             "network to let `pspnet worker --front ADDR` join from others (the internal "
-             "ports carry no authentication)")
+             "default admits this host only; give this host's address to let `pspnet "
+             "worker --front ADDR --keys DIR` join from others (every tcp port speaks "
+             "CurveZMQ and admits only the worker key: see --keys)")
     tcp_base_port: int = setting(
         5550, flag="--tcp-base-port", type=base_port,
         help="with --transport tcp: the front's control port (workers' data ports are "
              "chosen by the system and reported to the front)")
+    keys_dir: Path | None = setting(
+        None, flag="--keys", type=Path, metavar="DIR",
+        help="CurveZMQ keys for every tcp socket (`pspnet keys DIR` writes them; serve "
+             "writes those DIR lacks): serve reads server and worker keys, and the client "
+             "key a tcp --endpoint admits; `pspnet worker` needs worker.key_secret and "
+             "server.key copied from the daemon's DIR. Without it, serve --transport tcp "
+             "makes keys in memory and only its own workers can join")
     worker_threads: int = 1                    # torch/cv2 threads per pre/post worker
     executor_threads: int | None = None        # intra-op threads; None: the plan's
                                                # (--backend-option threads=N sets it)
@@ -209,7 +219,7 @@ class PipelineConfig:
     @classmethod
     def from_json(cls, text: str) -> PipelineConfig:
         doc = json.loads(text)
-        for key in ("model_dir", "out_dir", "run_dir"):
+        for key in ("model_dir", "out_dir", "run_dir", "keys_dir"):
             if doc.get(key) is not None:
                 doc[key] = Path(doc[key])
         doc["devices"] = tuple(doc["devices"])
@@ -244,22 +254,32 @@ class Addresses:
         return f"tcp://{self.data_host}:*"
 
 
-def start_document(cfg: PipelineConfig, addrs: Addresses) -> str:
-    """What the front writes to a worker's stdin (pspnet.stages.worker reads it): JSON, no pickle,
-    and nothing of the front's state."""
+def start_document(cfg: PipelineConfig, addrs: Addresses, trust: Trust,
+                   curve: dict[str, str] | None = None) -> str:
+    """What the front writes to a worker's stdin (pspnet.stages.worker reads it): JSON, no
+    pickle, nothing of the front's state but the secrets its tokens and identities are
+    made with (core.trust) and, with
+    tcp, the worker's CurveZMQ keys (a pipe: no file others could read; core.trust,
+    core.keys)."""
     return json.dumps({"config": json.loads(cfg.to_json()), "front_pid": os.getpid(),
+                       "secret": trust.secret.hex(),
+                       "own": None if trust.own is None else trust.own.hex(), "curve": curve,
                        "control": addrs.control, "data_host": addrs.data_host,
                        "run_dir": None if addrs.run_dir is None else str(addrs.run_dir)})
 
 
-def read_start_document(text: str) -> tuple[PipelineConfig, Addresses, int]:
-    """(config, addresses, the front's pid) from start_document's JSON."""
+def read_start_document(text: str,
+                        ) -> tuple[PipelineConfig, Addresses, int, Trust, dict[str, str] | None]:
+    """(config, addresses, the front's pid, the secrets, the CurveZMQ keys or None) from
+    start_document's JSON."""
     doc = json.loads(text)
     cfg = PipelineConfig.from_json(json.dumps(doc["config"]))
     run_dir = doc["run_dir"]
     addrs = Addresses(doc["control"], doc["data_host"],
                       None if run_dir is None else Path(run_dir))
-    return cfg, addrs, int(doc["front_pid"])
+    own = doc["own"]
+    trust = Trust(bytes.fromhex(doc["secret"]), None if own is None else bytes.fromhex(own))
+    return cfg, addrs, int(doc["front_pid"]), trust, doc["curve"]
 
 
 def private_dir(path: Path) -> Path:

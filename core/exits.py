@@ -16,3 +16,5 @@ EXIT_USAGE = 2         # usage: bad arguments or input, refused in one line befo
 EXIT_CANNOT_START = 3  # cannot start: serve or one of its children (bad model, no backend,
                        # an internal port in use); a restart would fail the same way
 EXIT_UNAVAILABLE = 4   # daemon unavailable: nothing answers at the endpoint
+EXIT_INTERRUPTED = 130 # interrupted: Ctrl-C of a client (128 + SIGINT, the shell's own
+                       # convention); `pspnet submit` has cancelled what had not started

@@ -13,8 +13,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Callable
 from dataclasses import dataclass
-
-from pspnet.core.config import PipelineConfig
+from typing import Any
 
 
 class Stage(enum.StrEnum):
@@ -31,7 +30,9 @@ class StageSpec:
 
     stage: Stage
     module: str                                   # whose `main(child)` runs its worker
-    workers: Callable[[PipelineConfig], int]      # how many of them the front supervises
+    workers: Callable[[Any], int]   # how many of them the front supervises, from the
+                                    # PipelineConfig (not imported: core.config imports
+                                    # core.wire, which names the stages from here)
     summary: str                                  # for help texts
 
 

@@ -81,7 +81,8 @@ class Tally(dict[str, float]):
 
 
 REQUESTS = Family("pspnet_requests", "Requests by outcome: answered ok, answered with an "
-                  "error, refused at the door (bad path, outside --allow-root)", "outcome")
+                  "error, refused at the door (bad path, outside --allow-root), cancelled "
+                  "by their client while queued", "outcome")
 
 
 # ---- per stage ---------------------------------------------------------------------------
@@ -107,6 +108,10 @@ class WorkerFigures:
     stale_dropped: int = figure("Images an executor dropped as meant for its previous life "
                                 "(the front had retried them already)",
                                 metric="pspnet_executor_stale_dropped", stage=Stage.EXECUTOR)
+    forged_dropped: int = figure("Messages a stage dropped as not handed out by the front: "
+                                 "pixels or outputs without their request's token, credits "
+                                 "from a peer it did not start",
+                                 metric="pspnet_stage_forged_dropped")
 
 
 def summed(counters: list[Mapping[str, float]], past: Mapping[str, float] | None = None,
@@ -156,6 +161,10 @@ class FrontCounts:
                                      metric="pspnet_duplicate_answers_dropped")
     malformed: int = figure("Messages dropped as malformed, workers' and clients'",
                             metric="pspnet_malformed_messages")
+    forged_dropped: int = figure("Messages the front dropped as forged: an identity it did "
+                                 "not hand out, an answer without its request's token or "
+                                 "from a worker that does not hold the request",
+                                 metric="pspnet_forged_messages_dropped")
     abandoned: int = figure("Requests answered with an error because the daemon stopped "
                             "before they finished", metric="pspnet_requests_abandoned")
 
@@ -180,6 +189,8 @@ class ClientCounts:
     busy_replies: int = figure("Submissions answered `busy` (--max-queue full); the client "
                                "retries them", metric="pspnet_busy_replies")
     refused: int = figure("Requests refused at the door", metric=REQUESTS, label="refused")
+    cancelled: int = figure("Queued requests their client cancelled (Ctrl-C of pspnet "
+                            "submit)", metric=REQUESTS, label="cancelled")
     malformed: int = figure("Client messages dropped as malformed (also in front.malformed)")
     client_errors: int = figure("Client messages that could not be handled (answered with "
                                 "an internal error)", metric="pspnet_client_errors")

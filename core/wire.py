@@ -31,6 +31,10 @@ MAX_FRAMES = 4
 MAX_STATS_ENTRIES = 64
 MAX_IDS = 4096                      # ids in one note
 MAX_PEERS = 256                     # executors in one peers message
+DEFAULT_MAX_PIXELS = 50_000_000     # an image's pixels (--max-pixels): a placement's original
+                                    # size is checked against it before anything allocates it
+MAX_CONTROL_FRAME_BYTES = 1 << 20   # a frame on a control socket (ZMQ_MAXMSGSIZE): headers,
+                                    # and a result's areas (4 x MAX_CLASSES int64)
 
 # Message kinds: explicit, never inferred from frame counts. Pixels and outputs flow between
 # the stage processes (DISPATCH names where to send them); the front carries control only.
@@ -46,10 +50,11 @@ HEARTBEAT = "heartbeat"  # every worker -> front, from its work loop: alive, whe
 PEERS = "peers"          # front -> postprocess: the executors' output addresses
 SUBMIT = "submit"        # client -> daemon: run these paths
 STATUS = "status"        # client -> daemon: how are things
-REPLY = "reply"          # daemon -> client: answer to submit (accepted/busy) or status
+REPLY = "reply"          # daemon -> client: answer to submit (accepted/busy), status, cancel
+CANCEL = "cancel"        # client -> daemon: drop these requests of mine that have not started
 
 KINDS = (DISPATCH, IMAGE, OUTPUT, CREDIT, TOOK, HANDED, RESULT, RESULTS, HEARTBEAT, PEERS,
-         SUBMIT, STATUS, REPLY)
+         SUBMIT, STATUS, REPLY, CANCEL)
 OK, ERROR = "ok", "error"
 STORAGE = "storage"          # the mask could not be stored: disk full, quota, read-only, EIO
 INCOMPLETE = "incomplete"    # the input looked unfinished (empty, truncated): it may change
@@ -127,6 +132,7 @@ class Request:
     path: str
     ann: str | None = None        # ground-truth palette PNG, for mIoU
     attempt: int = 0              # bumped when a request is retried after a crash
+    token: str = ""               # the front's, per dispatch (core.trust); "" from clients
 
 
 @dataclass(frozen=True)
@@ -191,6 +197,9 @@ class Result:
     areas: np.ndarray | None = None  # int64 4 x C: intersect, union, pred, label (with GT)
     cause: str | None = None      # an error that may pass: STORAGE or INCOMPLETE (watch
                                   # mode retries those); None: final
+    size: tuple[int, int] | None = None   # the image's height and width (answers: ok)
+    found: tuple[tuple[int, str, int], ...] = ()   # (class id, name, pixels), largest first
+    token: str = ""               # a stage's answer: its request's token (core.trust)
 
 
 @dataclass(frozen=True)
@@ -248,6 +257,14 @@ class Submit:
 
 
 @dataclass(frozen=True)
+class Cancel:
+    """Client -> daemon: its requests under these ids that are still queued are dropped
+    (answered by a `cancelled` Reply naming them); those already running finish."""
+
+    ids: tuple[str, ...]
+
+
+@dataclass(frozen=True)
 class StatusQuery:
     pass
 
@@ -265,7 +282,7 @@ class Reply:
 M = TypeVar("M")
 
 Message = (Dispatch | Image | Output | Credit | Result | Results | Took | Handed | Heartbeat
-           | Peers | Submit | StatusQuery | Reply)
+           | Peers | Submit | StatusQuery | Reply | Cancel)
 
 
 # ---------------------------------------------------------------------------------------
@@ -327,6 +344,8 @@ def encode(msg: Message) -> list[Any]:
         header |= {"kind": SUBMIT, "reqs": [_request_fields(r) for r in msg.requests]}
     elif isinstance(msg, StatusQuery):
         header |= {"kind": STATUS}
+    elif isinstance(msg, Cancel):
+        header |= {"kind": CANCEL, "ids": list(msg.ids)}
     elif isinstance(msg, Reply):
         header |= {"kind": REPLY, "status": msg.status, "ids": list(msg.ids),
                    "message": msg.message, "body": msg.body}
@@ -339,17 +358,20 @@ def encode(msg: Message) -> list[Any]:
 
 def _result_fields(r: Result) -> dict[str, Any]:
     return {"id": r.id, "attempt": r.attempt, "status": r.status, "path": r.path,
-            "mask": r.mask, "error": r.error, "stage": r.stage, "cause": r.cause}
+            "mask": r.mask, "error": r.error, "stage": r.stage, "cause": r.cause,
+            "size": None if r.size is None else list(r.size),
+            "found": [list(f) for f in r.found], "token": r.token}
 
 
 def result_size(r: Result) -> int:
     """About how many header bytes a result takes (a sender keeps a message under
     MAX_HEADER_BYTES by it)."""
-    return 96 + sum(len(s) for s in (r.id, r.path, r.mask or "", r.error or "", r.stage))
+    return 128 + sum(len(s) for s in (r.id, r.path, r.mask or "", r.error or "", r.stage,
+                                      r.token)) + sum(24 + len(f[1]) for f in r.found)
 
 
 def _request_fields(r: Request) -> dict[str, Any]:
-    return {"id": r.id, "path": r.path, "ann": r.ann, "attempt": r.attempt}
+    return {"id": r.id, "path": r.path, "ann": r.ann, "attempt": r.attempt, "token": r.token}
 
 
 def _placement_fields(p: Placement) -> list[Any]:
@@ -386,8 +408,11 @@ def document_unpacker() -> msgpack.Unpacker:
 # decode
 
 
-def decode(frames: Sequence[Any], max_submit: int = 4096) -> Message:
-    """Frames (bytes or zmq.Frame) -> a validated message, or WireError."""
+def decode(frames: Sequence[Any], max_submit: int = 4096,
+           max_pixels: int = DEFAULT_MAX_PIXELS) -> Message:
+    """Frames (bytes or zmq.Frame) -> a validated message, or WireError. A placement's
+    original size is held to `max_pixels` (the receiving stage's --max-pixels): postprocess
+    allocates that many labels, so a claim beyond it costs its frame, not the process."""
     if not frames:
         raise WireError("empty message")
     if len(frames) > MAX_FRAMES:
@@ -412,14 +437,20 @@ def decode(frames: Sequence[Any], max_submit: int = 4096) -> Message:
         raise WireError(f"unknown message kind {kind!r}")
     request_id = _peek_id(header)
     try:
-        return _DECODERS[kind](header, frames[1:], max_submit)
+        msg = _DECODERS[kind](header, frames[1:], max_submit)
     except WireError as exc:
         raise WireError(f"{kind}: {exc}", exc.request_id or request_id) from None
+    placement = getattr(msg, "placement", None)
+    if placement is not None and placement.orig_h * placement.orig_w > max_pixels:
+        raise WireError(f"{kind}: placement claims a {placement.orig_h} x {placement.orig_w} "
+                        f"image, over {max_pixels} pixels", request_id)
+    return msg
 
 
-def decode_as(frames: Sequence[Any], kind: type[M]) -> M:
+def decode_as(frames: Sequence[Any], kind: type[M],
+              max_pixels: int = DEFAULT_MAX_PIXELS) -> M:
     """decode, and refuse any other kind than the one this socket carries."""
-    msg = decode(frames)
+    msg = decode(frames, max_pixels=max_pixels)
     if not isinstance(msg, kind):
         raise WireError(f"expected {kind.__name__}, got {type(msg).__name__}")
     return msg
@@ -486,7 +517,16 @@ def _request(h: Any) -> Request:
     if not isinstance(h, dict):
         raise WireError("request must be a map")
     return Request(id=_string(h, "id"), path=_string(h, "path"),
-                   ann=_string(h, "ann", optional=True), attempt=_int(h, "attempt", 0, 100))
+                   ann=_string(h, "ann", optional=True), attempt=_int(h, "attempt", 0, 100),
+                   token=_token(h))
+
+
+def _token(h: dict[str, Any]) -> str:
+    token = h.get("token", "")
+    if not isinstance(token, str) or len(token) > MAX_NAME_CHARS or not token.isascii():
+        raise WireError(f"field 'token' must be a string of at most {MAX_NAME_CHARS} "
+                        "ASCII characters")
+    return token
 
 
 def _placement(p: Any) -> Placement:
@@ -500,6 +540,8 @@ def _placement(p: Any) -> Placement:
         raise WireError("placement scale must be a positive number")
     if min(orig_h, orig_w, height, width) < 1:
         raise WireError("placement sizes must be positive")
+    if max(top + height, left + width) > MAX_SIDE_PIXELS:
+        raise WireError(f"placement box beyond a {MAX_SIDE_PIXELS}-pixel model input")
     return Placement(orig_h, orig_w, float(scale), top, left, height, width)
 
 
@@ -629,10 +671,36 @@ def _result(h: dict[str, Any], areas: np.ndarray | None) -> Result:
     cause = h.get("cause")
     if cause is not None and cause not in CAUSES:
         raise WireError(f"result cause {cause!r}")
+    size, found = _size(h.get("size")), _found(h.get("found", []))
     return Result(id=_string(h, "id"), attempt=_int(h, "attempt", 0, 100), status=status,
                   path=_string(h, "path", empty=True), mask=_string(h, "mask", optional=True),
                   error=_string(h, "error", optional=True), stage=_string(h, "stage", empty=True),
-                  areas=areas, cause=cause)
+                  areas=areas, cause=cause, size=size, found=found, token=_token(h))
+
+
+def _size(size: Any) -> tuple[int, int] | None:
+    if size is None:
+        return None
+    if not (isinstance(size, list) and len(size) == 2
+            and all(_is_int(v) and 1 <= v <= 1 << 20 for v in size)):
+        raise WireError("result size must be [height, width]")
+    return size[0], size[1]
+
+
+def _found(found: Any) -> tuple[tuple[int, str, int], ...]:
+    """The classes in a mask: [id, name, pixels] each, at most MAX_CLASSES."""
+    if not isinstance(found, list) or len(found) > MAX_CLASSES:
+        raise WireError(f"result found must be a list of at most {MAX_CLASSES} classes")
+    out = []
+    for f in found:
+        if not (isinstance(f, list) and len(f) == 3 and _is_int(f[0])
+                and 0 <= f[0] < MAX_CLASSES and isinstance(f[1], str)
+                and 0 < len(f[1]) <= MAX_NAME_CHARS and f[1].isprintable()
+                and _is_int(f[2]) and 0 < f[2] <= 1 << 40):
+            raise WireError("a found class is [id, name (printable, at most "
+                            f"{MAX_NAME_CHARS} characters), pixels]")
+        out.append((f[0], f[1], f[2]))
+    return tuple(out)
 
 
 def _decode_heartbeat(h: dict[str, Any], frames: Sequence[Any], _: int) -> Heartbeat:
@@ -682,6 +750,11 @@ def _decode_status(h: dict[str, Any], frames: Sequence[Any], _: int) -> StatusQu
     return StatusQuery()
 
 
+def _decode_cancel(h: dict[str, Any], frames: Sequence[Any], _: int) -> Cancel:
+    _no_arrays(frames)
+    return Cancel(ids=_ids(h, "ids"))
+
+
 def _decode_reply(h: dict[str, Any], frames: Sequence[Any], _: int) -> Reply:
     _no_arrays(frames)
     ids = h.get("ids")
@@ -699,5 +772,5 @@ _DECODERS = {
     CREDIT: _decode_credit, RESULT: _decode_result, RESULTS: _decode_results,
     TOOK: _decode_took, HANDED: _decode_handed,
     HEARTBEAT: _decode_heartbeat, PEERS: _decode_peers, SUBMIT: _decode_submit,
-    STATUS: _decode_status, REPLY: _decode_reply,
+    STATUS: _decode_status, REPLY: _decode_reply, CANCEL: _decode_cancel,
 }

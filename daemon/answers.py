@@ -31,9 +31,10 @@ class Answers:
 
     def deliver(self, entry: Entry, status: str, mask: str | None, error: str | None,
                 stage: str, areas: Any = None, cause: str | None = None,
-                quiet: bool = False) -> None:
-        """One answer for one accepted request (the ledger has removed it). `quiet`: a
-        failure the caller logs once for all (abandoned at shutdown)."""
+                found: tuple[Any, Any] = (None, ()), quiet: bool = False) -> None:
+        """One answer for one accepted request (the ledger has removed it). `found`: the
+        image's size and the classes in its mask. `quiet`: a failure the caller logs once
+        for all (abandoned at shutdown)."""
         if status == wire.OK and areas is not None:
             self.metrics.add(areas)
         self.totals["ok" if status == wire.OK else "errors"] += 1
@@ -49,8 +50,13 @@ class Answers:
                              path=entry.request.path, stage=stage, error=error)
         self.ready.append((wire.Result(entry.client_id, entry.request.attempt, status,
                                        entry.request.path, mask=mask, error=error,
-                                       stage=stage, areas=areas, cause=cause),
+                                       stage=stage, areas=areas, cause=cause,
+                                       size=found[0], found=found[1]),
                            entry.origin))
+
+    def failed(self, entry: Entry, error: str, quiet: bool = False) -> None:
+        """The front's own error answer (malformed, given up, abandoned)."""
+        self.deliver(entry, wire.ERROR, None, error, "front", quiet=quiet)
 
     def take(self) -> list[tuple[wire.Result, Any]]:
         ready, self.ready = self.ready, []

@@ -6,9 +6,10 @@ Usable from Python (`Client(endpoint).submit(paths)`) and behind `pspnet submit`
 from __future__ import annotations
 
 import collections
+import os
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ from typing import Any
 import zmq
 
 from pspnet.core import wire
+from pspnet.core.keys import ENV_KEYS, KeysError, client_keys, connect_curve
 from pspnet.daemon.endpoint import ABSENT, NOT_A_SOCKET, STALE, ipc_state, parse_endpoint
 
 CHUNK = 64                   # requests per submit message
@@ -24,6 +26,9 @@ BUSY_BACKOFF_S = 0.2         # wait this long before resending what the daemon c
 STATUS_TIMEOUT_S = 5.0
 SILENCE_S = 5.0              # nothing heard this long with requests open: ask for status
 PING_TIMEOUT_S = 10.0        # no status reply this long after asking: the daemon is gone
+CANCEL_WAIT_S = 5.0          # after a cancel, wait this long for the requests already running
+CANCEL_CHUNK = 1024          # ids per cancel message (the daemon reads at most 1024 a list)
+CANCELLED = "cancelled"      # an Answer's status: dropped before it started, never run
 
 
 class DaemonUnavailable(RuntimeError):
@@ -38,20 +43,50 @@ class Answer:
     mask: str | None
     error: str | None
     latency_ms: float
+    size: tuple[int, int] | None = None           # height, width
+    found: tuple[tuple[int, str, int], ...] = ()  # (class id, name, pixels), largest first
+
+    def shares(self) -> list[tuple[int, str, float]]:
+        """(class id, name, share of the image in 0..1) of each class found, largest first."""
+        if self.size is None:
+            return []
+        area = self.size[0] * self.size[1]
+        return [(k, name, pixels / area) for k, name, pixels in self.found]
 
     def as_dict(self) -> dict[str, Any]:
-        return {"id": self.id, "path": self.path, "status": self.status, "mask": self.mask,
-                "error": self.error, "latency_ms": round(self.latency_ms, 2)}
+        doc = {"id": self.id, "path": self.path, "status": self.status, "mask": self.mask,
+               "error": self.error, "latency_ms": round(self.latency_ms, 2)}
+        if self.size is not None:
+            doc |= {"height": self.size[0], "width": self.size[1],
+                    "classes": [{"id": k, "name": name, "share": round(share, 5)}
+                                for k, name, share in self.shares()]}
+        return doc
 
 
 class Client:
-    def __init__(self, endpoint: str) -> None:
+    def __init__(self, endpoint: str, keys_dir: Path | None = None) -> None:
+        """`keys_dir` (default $PSPNET_KEYS): a tcp endpoint's client.key_secret and
+        server.key (core.keys); ValueError, before any socket, when a tcp endpoint has none."""
         self.target = parse_endpoint(endpoint)      # ValueError before any socket exists
         self.endpoint = endpoint
         self.resubmitted = 0     # requests sent again because the daemon restarted
+        curve = None
+        if self.target.scheme == "tcp":
+            folder = keys_dir or (Path(os.environ[ENV_KEYS]) if os.environ.get(ENV_KEYS)
+                                  else None)
+            if folder is None:
+                raise ValueError(f"{endpoint} admits only clients with its key: pass --keys "
+                                 f"DIR or set {ENV_KEYS} (client.key_secret and server.key "
+                                 "from the daemon's `pspnet keys DIR`)")
+            try:
+                curve = client_keys(folder)
+            except KeysError as exc:
+                raise ValueError(str(exc)) from None
         self.ctx = zmq.Context()
         self.socket = self.ctx.socket(zmq.DEALER)    # submits and queries -> daemon ROUTER
         self.socket.setsockopt(zmq.LINGER, 0)
+        if curve is not None:
+            connect_curve(self.socket, *curve)
         self.socket.connect(endpoint)
 
     def close(self) -> None:
@@ -88,8 +123,13 @@ class Client:
 
     def submit(self, paths: Sequence[str | Path], anns: Sequence[str | None] | None = None,
                timeout_s: float | None = None, connect_timeout_s: float = 10.0,
-               ) -> Iterator[Answer]:
-        """Yield one Answer per path, as they finish. Busy replies slow us down, never drop."""
+               interrupts: Callable[[], int] | None = None) -> Iterator[Answer]:
+        """Yield one Answer per path, as they finish. Busy replies slow us down, never drop.
+
+        `interrupts` (how many times the user asked to stop, e.g. Ctrl-C): at the first, the
+        requests not yet started are cancelled (those never sent here, the queued ones by
+        the daemon: answers with status CANCELLED) and those running get CANCEL_WAIT_S to
+        finish; at the second, or after that wait, the rest are answered as errors."""
         self._check_socket_file()
         prefix = uuid.uuid4().hex[:12]
         requests = [wire.Request(f"{prefix}-{i}", str(Path(p).absolute()),
@@ -101,6 +141,13 @@ class Client:
         self.socket.send_multipart(wire.encode(wire.StatusQuery()))   # who answers: its pid
         while run.open_ids:
             now = time.monotonic()
+            asked = interrupts() if interrupts is not None else 0
+            if asked and run.cancel_at is None:
+                yield from run.cancel(now)
+            if run.cancel_at is not None and (asked > 1 or now - run.cancel_at > CANCEL_WAIT_S):
+                yield from run.fail_open("interrupted while running: not waited for (its mask "
+                                         "may still be written)", now, None)
+                return
             if timeout_s is not None and now - run.start > timeout_s:
                 yield from run.fail_open(f"timed out after {timeout_s} s", now, run.start)
                 return
@@ -139,6 +186,7 @@ class _Submission:
         self.ping_at: float | None = None
         self.daemon_pid: int | None = None
         self.resubmitted = 0
+        self.cancel_at: float | None = None   # when the user asked to stop
 
     def refuse_unsendable(self) -> Iterator[Answer]:
         for r in list(self.to_send):
@@ -157,6 +205,18 @@ class _Submission:
                          (now - began) * 1e3)
         self.open_ids.clear()
 
+    def cancel(self, now: float) -> Iterator[Answer]:
+        """Stop sending; what was never sent is cancelled here, what was sent is asked of
+        the daemon (it drops what is still queued and says which)."""
+        self.cancel_at = now
+        for r in self.to_send:
+            self.open_ids.discard(r.id)
+            yield Answer(r.id, r.path, CANCELLED, None, None, 0.0)
+        self.to_send.clear()
+        sent = sorted(self.open_ids, key=self.order.__getitem__)
+        for i in range(0, len(sent), CANCEL_CHUNK):
+            self.socket.send_multipart(wire.encode(wire.Cancel(tuple(sent[i:i + CANCEL_CHUNK]))))
+
     def daemon_gone(self, now: float) -> bool:
         if self.heard and self.ping_at is None and now - self.last_heard > SILENCE_S:
             self.socket.send_multipart(wire.encode(wire.StatusQuery()))
@@ -166,7 +226,7 @@ class _Submission:
     def send_next_chunk(self, now: float) -> None:
         """One chunk at a time (up to CHUNK requests, CHUNK_BYTES of header), once the
         previous one was acknowledged and any busy back-off has passed."""
-        if not self.to_send or self.unacked or now < self.resend_after:
+        if not self.to_send or self.unacked or now < self.resend_after or self.cancel_at:
             return
         chunk = [self.to_send.popleft()]
         size = _wire_size(chunk[0])
@@ -192,11 +252,12 @@ class _Submission:
             self.open_ids.discard(msg.id)
             self.unacked.discard(msg.id)
             yield Answer(msg.id, self.by_id[msg.id].path, msg.status, msg.mask, msg.error,
-                         (time.monotonic() - self.sent_at.get(msg.id, self.start)) * 1e3)
+                         (time.monotonic() - self.sent_at.get(msg.id, self.start)) * 1e3,
+                         msg.size, msg.found)
 
     def _status(self, body: dict[str, Any]) -> None:
         pid = (body.get("daemon") or {}).get("pid")
-        if self.daemon_pid is not None and pid != self.daemon_pid:
+        if self.daemon_pid is not None and pid != self.daemon_pid and self.cancel_at is None:
             queued = {r.id for r in self.to_send}
             again = [r for rid, r in self.by_id.items()
                      if rid in self.open_ids and rid not in queued]
@@ -208,7 +269,13 @@ class _Submission:
 
     def _reply(self, msg: wire.Reply) -> Iterator[Answer]:
         self.unacked.difference_update(msg.ids)
-        if msg.status == "busy":               # back off, then resend these
+        if msg.status in ("busy", CANCELLED) and self.cancel_at is not None:
+            for rid in msg.ids:                # not queued there, never to be sent again
+                if rid in self.open_ids:
+                    self.open_ids.discard(rid)
+                    yield Answer(rid, self.by_id[rid].path, CANCELLED, None, None,
+                                 (time.monotonic() - self.sent_at[rid]) * 1e3)
+        elif msg.status == "busy":             # back off, then resend these
             self.to_send.extendleft(reversed([self.by_id[i] for i in msg.ids
                                               if i in self.by_id]))
             self.resend_after = time.monotonic() + BUSY_BACKOFF_S

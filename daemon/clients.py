@@ -88,6 +88,10 @@ class Clients:
         self._status = None                          # a reply after this one sees it
         if isinstance(msg, wire.Submit):
             self._accept(client, msg.requests)
+        elif isinstance(msg, wire.Cancel):
+            dropped = self.front.ledger.cancel(client, msg.ids)
+            self.counts["cancelled"] += len(dropped)
+            self.send(client, wire.Reply("cancelled", tuple(e.client_id for e in dropped)))
         else:
             self.send(client, wire.Reply("error", message=f"unexpected {type(msg).__name__}"))
 

@@ -18,6 +18,8 @@ from pspnet.daemon.serve_config import ServeConfig
 
 # what every command that runs the pipeline takes (serve adds --tcp-host)
 PIPELINE_FLAGS = tuple(n for n in flag_names(PipelineConfig) if n != "tcp_host")
+KEYS_HELP = ("a tcp endpoint's keys: the folder with client.key_secret and server.key "
+             "(default: $PSPNET_KEYS)")
 
 
 def add_daemon_parsers(sub: argparse._SubParsersAction) -> None:
@@ -39,18 +41,31 @@ def add_daemon_parsers(sub: argparse._SubParsersAction) -> None:
 
     submit = sub.add_parser(
         "submit", formatter_class=fmt,
-        help="send images to the running daemon; one JSON line per result",
-        description="Send image paths to a running daemon and print one JSON line per image "
-                    "as it finishes: id, path, status (ok|error), mask, error, latency_ms. "
-                    "Exit status 0 only if every image succeeded.",
-        epilog="example: pspnet submit photos/*.jpg --ann gt/*.png")
-    submit.add_argument("paths", nargs="+", type=Path, metavar="PATH", help="images to segment")
+        help="send images to the running daemon; a line per image as it finishes",
+        description="Send images to a running daemon: files, folders (their images; -r: "
+                    "their subfolders' too), the paths in --list FILE, or - to read paths "
+                    "from stdin. On a terminal each finished image gets a readable line "
+                    "(path, size, largest classes, mask, time); otherwise, or with --json, "
+                    "a JSON line (id, path, status, mask, error, latency_ms, height, width, "
+                    "classes). Ctrl-C cancels the images not yet started, waits briefly for "
+                    "those running, prints a summary and exits 130. Exit status 0 only if "
+                    "every image succeeded.",
+        epilog="examples: pspnet submit photos/ -r;  find . -name '*.jpg' | pspnet submit -")
+    submit.add_argument("paths", nargs="*", metavar="PATH",
+                        help="images, folders of images, or - for paths on stdin")
+    submit.add_argument("-r", "--recursive", action="store_true",
+                        help="take the images in folders' subfolders too")
+    submit.add_argument("--list", default=None, metavar="FILE",
+                        help="a file with one image path per line")
+    submit.add_argument("--json", action="store_true",
+                        help="JSON lines even on a terminal")
     submit.add_argument("--ann", nargs="+", type=Path, default=None, metavar="GT",
-                        help="ground-truth palette PNGs, one per PATH in the same order "
+                        help="ground-truth palette PNGs, one per image in the same order "
                              "(the daemon then keeps a running mIoU); put --ann after the "
                              "images: it takes every path that follows it")
     submit.add_argument("--endpoint", default=None,
                         help="daemon address (default: the local daemon's ipc socket)")
+    submit.add_argument("--keys", type=Path, default=None, metavar="DIR", help=KEYS_HELP)
     submit.add_argument("--timeout", type=positive_float, default=None, metavar="S",
                         help="give up on images not answered after S seconds "
                              "(reported as errors)")
@@ -69,7 +84,23 @@ def add_daemon_parsers(sub: argparse._SubParsersAction) -> None:
                         help="print the status document as one JSON line, even on a terminal")
     status.add_argument("--endpoint", default=None,
                         help="daemon address (default: the local daemon's ipc socket)")
+    status.add_argument("--keys", type=Path, default=None, metavar="DIR", help=KEYS_HELP)
     status.set_defaults(run=run_status)
+
+    keys = sub.add_parser(
+        "keys", formatter_class=fmt,
+        help="write the CurveZMQ keys every tcp socket of the daemon requires",
+        description="Write three key pairs into DIR (made 0700; each file 0600; pairs "
+                    "already there are kept): server (the daemon), worker (its workers, and "
+                    "`pspnet worker` on other hosts) and client (`pspnet submit/status` "
+                    "against a tcp --endpoint). Start the daemon with `--keys DIR`; copy "
+                    "worker.key_secret and server.key to a worker's host, client.key_secret "
+                    "and server.key to a client's, over a channel you trust, and pass them "
+                    "`--keys` with the folder they are in. A peer without its key is "
+                    "refused at the handshake.",
+        epilog="example: pspnet keys /etc/pspnet/keys")
+    keys.add_argument("folder", type=Path, metavar="DIR", help="where to write the keys")
+    keys.set_defaults(run=run_keys)
 
 
 def add_pipeline_args(p: argparse.ArgumentParser, *, help: dict[str, str] | None = None,
@@ -164,24 +195,22 @@ def run_serve(args: argparse.Namespace) -> int:
 
 
 def run_submit(args: argparse.Namespace) -> int:
-    from pspnet.daemon.client import Client, DaemonUnavailable
+    from pspnet.daemon.submit import run_submit as run
 
-    if args.ann is not None and len(args.ann) != len(args.paths):
-        return usage_error("submit", f"{len(args.paths)} paths but {len(args.ann)} --ann files")
-    failed = 0
+    return run(args)
+
+
+def run_keys(args: argparse.Namespace) -> int:
+    from pspnet.core.keys import PAIRS, write_keys
+
     try:
-        try:
-            client = Client(args.endpoint or default_endpoint())
-        except ValueError as exc:          # a malformed --endpoint, before any socket
-            return usage_error("submit", str(exc))
-        with client:
-            for answer in client.submit(args.paths, args.ann, timeout_s=args.timeout):
-                failed += answer.status != "ok"
-                print_json(answer.as_dict())
-    except DaemonUnavailable as exc:
-        sys.stderr.write(f"pspnet submit: error: {exc}{where_daemons_are(client.endpoint)}\n")
-        return EXIT_UNAVAILABLE
-    return EXIT_FAILED if failed else 0
+        written = write_keys(args.folder)
+    except OSError as exc:
+        return usage_error("keys", f"{args.folder}: {exc.strerror or exc}")
+    kept = [p for p in PAIRS if not any(w.name.startswith(f"{p}.") for w in written)]
+    print_json({"folder": str(args.folder), "written": [str(w) for w in written],
+                "kept": kept})
+    return 0
 
 
 def print_json(doc: object) -> None:
@@ -199,7 +228,7 @@ def run_status(args: argparse.Namespace) -> int:
     endpoint = args.endpoint or default_endpoint()
     try:
         try:
-            client = Client(endpoint)
+            client = Client(endpoint, args.keys)
         except ValueError as exc:          # a malformed --endpoint, before any socket
             return usage_error("status", str(exc))
         with client:

@@ -31,6 +31,15 @@ import zmq
 from zmq.utils.monitor import recv_monitor_message
 
 from pspnet.core import wire
+from pspnet.core.keys import (
+    CLIENTS,
+    KeyAuthenticator,
+    Keys,
+    KeysError,
+    serve_curve,
+    start_authenticator,
+)
+from pspnet.core.trust import Refusals
 from pspnet.daemon.client import Client, DaemonUnavailable
 from pspnet.daemon.endpoint import (
     LISTENING,
@@ -66,9 +75,14 @@ class DoorState:
 
 
 class Door:
-    def __init__(self, endpoint: str, budget: FdBudget | None = None) -> None:
+    def __init__(self, endpoint: str, budget: FdBudget | None = None, *,
+                 keys_dir: Path | None = None) -> None:
+        """`keys_dir`: a tcp endpoint speaks CurveZMQ with its server key and admits only
+        its client key (core.keys); required for tcp."""
         self.endpoint = endpoint
         self.budget = budget or FdBudget()
+        self.keys_dir = keys_dir
+        self._auth: KeyAuthenticator | None = None
         self.log = structlog.get_logger().bind(component="door")
         self.socket: zmq.Socket | None = None
         self.state = DoorState()
@@ -101,8 +115,21 @@ class Door:
             problem = self._check_ipc_path(path)
             if problem is not None:
                 return problem
+        if target.scheme == "tcp" and self.keys_dir is None:
+            return (f"{self.endpoint}: a tcp endpoint admits only clients with its key: pass "
+                    "--keys DIR (`pspnet keys DIR` writes them; clients pass the same "
+                    "--keys)")
         self._ctx = zmq.Context()
         sock = self._ctx.socket(zmq.ROUTER)   # clients' DEALERs <-> daemon
+        if self.keys_dir is not None and target.scheme == "tcp":
+            try:
+                keys = Keys.for_daemon(self.keys_dir)
+            except (KeysError, OSError) as exc:
+                sock.close(0)
+                return f"--keys: {exc}"
+            serve_curve(sock, keys.server_public, keys.server_secret or b"", CLIENTS)
+            self._auth = start_authenticator(self._ctx, Refusals(self.log.warning),
+                                             {CLIENTS: keys.client_public or b""})
         sock.setsockopt(zmq.LINGER, ANSWER_LINGER_MS)   # last answers get out
         sock.setsockopt(zmq.ROUTER_MANDATORY, 0)        # a gone client's answers drop
         sock.setsockopt(zmq.MAXMSGSIZE, MAX_CLIENT_FRAME_BYTES)
@@ -167,6 +194,9 @@ class Door:
         if self._monitor is not None:
             self._monitor.join(MONITOR_JOIN_S)
             self._monitor = None
+        if self._auth is not None:
+            self._auth.stop()
+            self._auth = None
         if self.socket is not None:
             self.socket.disable_monitor()
             self.socket.close(ANSWER_LINGER_MS if linger_s is None

@@ -8,7 +8,12 @@ the executor with the most room as the destination of its pixels; it hears notes
 executors are. Pixels and outputs never pass through it: per image it sees a few hundred
 bytes of control, and per message, not per image: it dispatches groups, and hears one
 note per group or batch and one message of answers per few milliseconds of a worker's
-work (issue 27). Its liveness side is the `Roster`, its answers the `Answers`; answers
+work (issue 27). A dispatch group is half a worker's room (the next one waits behind it),
+or the queue's fair share over the workers with room when less is queued, so a few
+requests are spread, not queued behind each other on one worker; while the queue is long,
+a group waits for room for all of it (notes free room a group at a time: sending what
+little room there is would shrink every later group). Its liveness side is the `Roster`,
+its answers the `Answers`, its checks of who speaks the `ControlGate`; answers
 come out of `take_answers`; the daemon's `Server` drives the
 steps (`read`, `supervise`, `dispatch`) from its loop, and `run` drives them for callers
 in the same process (bench, eval, tests).
@@ -29,9 +34,11 @@ import zmq
 
 from pspnet.core import wire
 from pspnet.core.config import Addresses, PipelineConfig, private_dir, start_document
+from pspnet.core.keys import KeysError
 from pspnet.core.pipeline import Stage
 from pspnet.core.status import FrontCounts, FrontStatus, Status, Tally
 from pspnet.daemon.answers import Answers
+from pspnet.daemon.control_gate import ControlGate, Forged
 from pspnet.daemon.ledger import Ledger
 from pspnet.daemon.roster import Roster, send_to
 from pspnet.daemon.storage import StorageEpisode
@@ -71,6 +78,7 @@ class Front:
         self.answers = Answers(self.totals, self.metrics, self.log)
         self.bytes_in = self.bytes_out = 0
         self.storage = StorageEpisode(self.log)
+        self.gate = ControlGate(cfg, self.log)      # keys, identities, tokens
         self.started = False
         self._next_check = 0.0
         self._own_run_dir = cfg.run_dir is None
@@ -88,13 +96,12 @@ class Front:
         self.addrs = Addresses.for_config(self.cfg, self.run_dir)
         self.ctx = zmq.Context()
         try:
-            self.control = bind_control(self.ctx, self.cfg, self.addrs.control)
-        except PipelineError:
-            self.ctx.destroy(linger=0)
+            self.control = bind_control(self.ctx, self.cfg, self.addrs.control, self.gate)
+        except PipelineError:               # the context is destroyed already
             self._remove_run_dir()
             raise
-        self.supervisor = Supervisor(self.cfg, start_document(self.cfg, self.addrs),
-                                     self.around_spawn)
+        self.supervisor = Supervisor(self.cfg, start_document(
+            self.cfg, self.addrs, self.gate.trust, self.gate.curve), self.around_spawn)
         self.roster = Roster(self.supervisor, self._send, self.cfg.postprocess_workers or 1,
                              self.log)
         self.started = True
@@ -120,6 +127,7 @@ class Front:
             return
         self.started = False
         self.supervisor.stop_all(until, hurry)
+        self.gate.close()
         self.control.close(0)
         self.ctx.term()
         self._remove_run_dir()
@@ -178,7 +186,11 @@ class Front:
             identity, *frames = self.control.recv_multipart(zmq.NOBLOCK, copy=False)
             self.bytes_in += len(identity) + sum(len(f) for f in frames)
             try:
-                self._handle(wire.peer(identity.bytes), frames)
+                name, own = self.gate.sender(identity, frames)   # proven, or Forged
+                self._handle(wire.WorkerId.parse(name), own, frames)
+            except Forged as exc:                  # counted, dropped, never delivered
+                self.totals["forged_dropped"] += 1
+                self.gate.refused(identity, exc)
             except wire.WireError as exc:
                 self._malformed(exc)
             except Exception:              # a bug must cost one message, not the daemon
@@ -186,13 +198,11 @@ class Front:
                 self.log.exception("internal message not handled")
         return budget
 
-    def _handle(self, wid: wire.WorkerId, frames: list[zmq.Frame]) -> None:
+    def _handle(self, wid: wire.WorkerId, own: bool, frames: list[zmq.Frame]) -> None:
         msg = wire.decode(frames)
-        if isinstance(msg, wire.Results):
-            for result in msg.results:
-                self._answer(result)
-        elif isinstance(msg, wire.Result):
-            self._answer(msg)
+        if isinstance(msg, wire.Result | wire.Results):    # each checked alone: a forged
+            for result in msg.results if isinstance(msg, wire.Results) else (msg,):   # one
+                self._answer(result, wid.text)                  # is dropped, not the rest
         elif isinstance(msg, wire.Took):
             self.ledger.took(wid.text, msg.ids)
         elif isinstance(msg, wire.Handed):
@@ -200,37 +210,38 @@ class Front:
             if msg.to not in self.roster.workers:    # gone before this note came: what it
                 self._retried(*self.ledger.lost(msg.to), f"{msg.to} is gone")   # got, lost
         elif isinstance(msg, wire.Heartbeat):
-            self.roster.heard(wid, msg, time.monotonic(), self._forget)
+            self.roster.heard(wid, own, msg, time.monotonic(), self._forget)
         else:
             raise wire.WireError(f"{type(msg).__name__} is not a message for the front")
 
-    def _answer(self, result: wire.Result) -> None:
-        entry = self.ledger.answer(result.id)
-        if entry is None:
-            self.totals["duplicates_dropped"] += 1
+    def _answer(self, result: wire.Result, sender: str) -> None:
+        entry = self.ledger.entries.get(result.id)
+        if entry is None or result.attempt < entry.request.attempt:
+            self.totals["duplicates_dropped"] += 1       # answered, or an earlier attempt's
             return
+        result = self.gate.admitted(result, sender, entry, sender in self.roster.workers,
+                                    self.metrics.areas.shape)
+        if result is None:                  # forged: counted, dropped, never delivered
+            self.totals["forged_dropped"] += 1
+            return
+        self.ledger.answer(result.id)
         self.storage.saw(result)
         self.answers.deliver(entry, result.status, result.mask, result.error, result.stage,
-                             result.areas, result.cause)
+                             result.areas, result.cause, (result.size, result.found))
 
     def _malformed(self, exc: wire.WireError) -> None:
         self.totals["malformed"] += 1
         self.log.warning("malformed message dropped", socket="control", error=str(exc))
         entry = self.ledger.answer(exc.request_id) if exc.request_id else None
         if entry is not None:
-            self.answers.deliver(entry, wire.ERROR, None, f"internal message malformed: {exc}",
-                                 "front")
+            self.answers.failed(entry, f"internal message malformed: {exc}")
 
     # ---- routing ---------------------------------------------------------------------
 
     def dispatch(self) -> None:
         """Queued requests to preprocess workers with room, in groups (one message each),
-        each group bound for the executor with the most room: a slow device is sent no
-        more than it can take. A group is half a worker's room (the next one waits behind
-        it), or the queue's fair share over the workers with room when less is queued, so
-        a few requests are spread, not queued behind each other on one worker; while the
-        queue is long, a group waits for room for all of it (notes free room a group at a
-        time: sending what little room there is would shrink every later group)."""
+        each group bound for the executor with the most room (the module's docstring says
+        how big a group is and why)."""
         ledger, workers = self.ledger, self.roster.workers
         while ledger.queue and ledger.inflight < self.max_inflight:
             preps = workers.with_room(Stage.PREPROCESS, ledger.load)
@@ -244,14 +255,14 @@ class Front:
             if n < want:
                 return
             entries = ledger.next_group(n)
-            frames = wire.encode(wire.Dispatch(tuple(e.request for e in entries),
-                                               executor.name, executor.inputs))
+            requests = tuple(self.gate.dispatched(e.request, executor.name) for e in entries)
+            frames = wire.encode(wire.Dispatch(requests, executor.name, executor.inputs))
             if not self._send(prep, frames):    # gone: not sent to until it beats again
                 continue
             ledger.dispatched(entries, prep.name, executor.name)
 
     def _send(self, worker: Worker, frames: list[Any]) -> bool:
-        sent = send_to(self.control, worker, frames)
+        sent = send_to(self.control, self.gate.route(worker.name), worker, frames)
         self.bytes_out += sent or 0
         return sent is not None
 
@@ -270,9 +281,7 @@ class Front:
             raise PipelineError(cannot_start_reason(self.supervisor, exc)) from exc
         for death in deaths:
             self._forget(death.name, f"{death.slot.label} died (exit status {death.exitcode})")
-        for worker in self.roster.silent_remote(now, self.cfg.liveness_timeout_s):
-            self.log.warning("remote worker silent; routing around it", worker=worker.name,
-                             silent_s=round(now - worker.seen, 1))
+        for worker in self.roster.silent_remote(now, self.cfg.liveness_timeout_s):  # logged
             self._forget(worker.name, f"remote {worker.name} went silent")
         self._retried(*self.ledger.stalled(self.cfg.stall_timeout_s),
                       f"no progress for {self.cfg.stall_timeout_s:.0f} s")
@@ -285,8 +294,7 @@ class Front:
     def _retried(self, retried: list[Any], given_up: list[Any], reason: str) -> None:
         self.totals["retried"] += len(retried)
         for entry in given_up:
-            self.answers.deliver(entry, wire.ERROR, None, f"given up after a retry: {reason}",
-                                 "front")
+            self.answers.failed(entry, f"given up after a retry: {reason}")
 
     # ---- status and shutdown -----------------------------------------------------------
 
@@ -299,8 +307,7 @@ class Front:
         each is still answered exactly once, and later answers for them are dropped."""
         entries = self.ledger.abandon()
         for entry in entries:
-            self.answers.deliver(entry, wire.ERROR, None, reason, "front",
-                                 quiet=True)  # logged once
+            self.answers.failed(entry, reason, quiet=True)  # logged once, by the caller
         self.totals["abandoned"] += len(entries)
         return self.take_answers()
 
@@ -314,22 +321,32 @@ def requests_for(paths: Iterable[str | Path], anns: Iterable[str | None] | None 
             for i, p in enumerate(paths)]
 
 
-def bind_control(ctx: zmq.Context, cfg: PipelineConfig, address: str) -> zmq.Socket:
-    """The front's control socket, bound; PipelineError (one line, the fix) if it cannot."""
+def bind_control(ctx: zmq.Context, cfg: PipelineConfig, address: str, gate: ControlGate,
+                 ) -> zmq.Socket:
+    """The front's control socket, secured by `gate` (tcp: CurveZMQ) and bound; PipelineError
+    (one line, the fix) if it cannot, with `ctx` destroyed."""
     control = ctx.socket(zmq.ROUTER)       # <-> every worker's DEALER: work and peers
     control.setsockopt(zmq.LINGER, 0)      # out; notes, answers, beats in
     control.setsockopt(zmq.ROUTER_MANDATORY, 1)
     control.setsockopt(zmq.SNDHWM, 0)      # bounded by credits, not by ZeroMQ
     control.setsockopt(zmq.RCVHWM, 0)
+    control.setsockopt(zmq.MAXMSGSIZE, wire.MAX_CONTROL_FRAME_BYTES)   # before malloc
+    try:
+        gate.secure(ctx, control)          # tcp: CurveZMQ, the worker key
+    except (KeysError, OSError) as exc:    # --keys unreadable
+        ctx.destroy(linger=0)
+        raise PipelineError(f"--keys: {exc}") from exc
     try:
         control.bind(address)
     except zmq.ZMQError as exc:
-        control.close(0)
+        gate.close()
+        ctx.destroy(linger=0)
         why = f"cannot listen at {address}: {zmq.strerror(exc.errno)}"
         if cfg.transport == "tcp":
             why += (f" (--transport tcp uses port {cfg.tcp_ports} on {cfg.tcp_host}; "
                     "choose another --tcp-base-port)")
         raise PipelineError(why) from exc
+    gate.listening(control)
     return control
 
 

@@ -109,7 +109,9 @@ class WatchIntake:
         self._record(name, version=list(version), id=result.id,
                      status=result.status if current else SUPERSEDED,
                      mask=result.mask if current else None, error=result.error,
-                     cause=result.cause, attempt=result.attempt, final=result.cause is None)
+                     cause=result.cause, attempt=result.attempt, final=result.cause is None,
+                     size=list(result.size) if result.size and current else None,
+                     found=[list(f) for f in result.found] if current else [])
 
     # ---- the record -----------------------------------------------------------------------
 

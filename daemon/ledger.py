@@ -84,6 +84,21 @@ class Ledger:
         self.queue.append(rid)
         return entry
 
+    def cancel(self, origin: Any, client_ids: Iterable[str]) -> list[Entry]:
+        """This client's requests under these ids that are still queued, removed: never
+        dispatched, never answered, their room free. Those already dispatched run on."""
+        dropped = []
+        for client_id in client_ids:
+            entry = self.find(origin, client_id)
+            if entry is not None and entry.state == QUEUED:
+                del self.entries[entry.rid]
+                del self._by_client[(origin, client_id)]
+                dropped.append(entry)
+        if dropped:
+            gone = {e.rid for e in dropped}
+            self.queue = collections.deque(rid for rid in self.queue if rid not in gone)
+        return dropped
+
     # ---- moves -------------------------------------------------------------------------
 
     def next_queued(self) -> Entry | None:

@@ -17,6 +17,7 @@ import zmq
 from pspnet.core import wire
 from pspnet.core.pipeline import STAGES, Stage
 from pspnet.core.status import RemoteWorker, StageStatus, WorkerFigures, counter_names, summed
+from pspnet.daemon.control_gate import Forged
 from pspnet.daemon.supervisor import Supervisor
 from pspnet.daemon.workers import Worker, Workers
 
@@ -32,13 +33,17 @@ class Roster:
         self.workers = Workers()
         self.past: collections.Counter[tuple[str, str]] = collections.Counter()
 
-    def heard(self, wid: wire.WorkerId, hb: wire.Heartbeat, now: float,
+    def heard(self, wid: wire.WorkerId, own: bool, hb: wire.Heartbeat, now: float,
               forget: Callable[[str, str], None]) -> None:
-        """A heartbeat from `wid`. `forget(name, why)`: the front's way to route around a
-        worker (retrying what it held), for a remote one that reports itself stuck."""
+        """A heartbeat from `wid`, under an identity the front's own secret proved (`own`)
+        or the remote workers' one. `forget(name, why)`: the front's way to route around a
+        worker (retrying what it held), for a remote one that reports itself stuck. Raises
+        Forged for one that speaks for another of the front's workers."""
         if (hb.stage, hb.index, hb.pid) != (wid.stage, wid.index, wid.pid):
             raise wire.WireError(f"heartbeat of {hb.stage}-{hb.index}-{hb.pid} from {wid}")
-        slot = self.supervisor.by_pid(wid.pid)
+        slot = self.supervisor.by_pid(wid.pid) if own else None   # a remote one cannot
+        if slot is not None and slot.label != f"{wid.stage.value}-{wid.index}":  # speak
+            raise Forged(f"{wid} is not {slot.label}")                            # for ours
         local = slot is not None
         if hb.fatal:
             if slot is not None:
@@ -86,7 +91,12 @@ class Roster:
         return worker
 
     def silent_remote(self, now: float, timeout_s: float) -> list[Worker]:
-        return [w for w in self.workers if not w.local and now - w.seen > timeout_s]
+        """Remote workers silent for `timeout_s` (logged: the front routes around them)."""
+        silent = [w for w in self.workers if not w.local and now - w.seen > timeout_s]
+        for worker in silent:
+            self.log.warning("remote worker silent; routing around it", worker=worker.name,
+                             silent_s=round(now - worker.seen, 1))
+        return silent
 
     def stages(self) -> dict[str, StageStatus]:
         """Each stage of the pipeline table as the supervisor and the beats see it."""
@@ -108,12 +118,13 @@ class Roster:
                 for w in self.workers if not w.local]
 
 
-def send_to(control: zmq.Socket, worker: Worker, frames: list) -> int | None:
-    """Frames to one worker on the front's ROUTER: the bytes sent, or None when it is gone
-    (ROUTER_MANDATORY) and must not be sent more until it beats again."""
+def send_to(control: zmq.Socket, identity: bytes, worker: Worker, frames: list) -> int | None:
+    """Frames to one worker on the front's ROUTER, under its proven `identity`: the bytes
+    sent, or None when it is gone (ROUTER_MANDATORY) and must not be sent more until it
+    beats again."""
     try:
-        control.send_multipart([worker.identity, *frames], zmq.NOBLOCK)
+        control.send_multipart([identity, *frames], zmq.NOBLOCK)
     except zmq.ZMQError:
         worker.reachable = False
         return None
-    return len(worker.identity) + sum(len(f) for f in frames)
+    return len(identity) + sum(len(f) for f in frames)

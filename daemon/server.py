@@ -99,7 +99,7 @@ class Server:
         self.stopping = False
         self.deadline = Deadline()
         self.fds = FdBudget()           # one budget: the door, /metrics, restarts
-        self.door = Door(cfg.endpoint, self.fds)
+        self.door = Door(cfg.endpoint, self.fds, keys_dir=cfg.pipeline.keys_dir)
         self.exporter = Exporter(cfg.metrics_port, cfg.metrics_host, self.fds)
         self.front: Front | None = None
         self.clients: Clients | None = None
@@ -354,9 +354,11 @@ def log_config(log: Any, cfg: ServeConfig, connections_cap: int) -> None:
              allow_roots=[str(p) for p in cfg.allow_roots], transport=pipe.transport,
              client_connections_cap=connections_cap)
     log.info("plan", plan=describe(pipe.plan))       # workers and threads: how, why
-    if pipe.transport == "tcp" and not ipaddress.ip_address(pipe.tcp_host).is_loopback:
-        log.warning("internal ports open to the network, without authentication",
-                    host=pipe.tcp_host, port=pipe.tcp_ports)
+    if pipe.transport == "tcp":
+        log.info("internal ports speak CurveZMQ and admit only the worker key",
+                 host=pipe.tcp_host, port=pipe.tcp_ports,
+                 keys=str(pipe.keys_dir) if pipe.keys_dir else "in memory: own workers only",
+                 network=not ipaddress.ip_address(pipe.tcp_host).is_loopback)
 
 
 def write_json(path: Path, doc: dict[str, Any], log: Any) -> bool:

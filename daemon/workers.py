@@ -36,9 +36,6 @@ class Worker:
     counters: dict[str, float] = field(default_factory=dict)
     reachable: bool = True              # false after a send to it failed, until it beats
 
-    def __post_init__(self) -> None:
-        self.identity = self.name.encode()  # its socket identity at the front's ROUTER
-
 
 class Workers:
     def __init__(self) -> None:

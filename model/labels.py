@@ -144,6 +144,26 @@ def read_ground_truth(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS,
 
 
 # ---------------------------------------------------------------------------------------
+# what a mask holds
+
+HIST_ROWS_PIXELS = 1 << 23           # calcHist counts in float32: exact below 2**24 a bin
+
+
+def class_pixels(labels: np.ndarray) -> np.ndarray:
+    """int64 256: pixels of each value in a uint8 label map, exactly. cv2.calcHist rather
+    than np.bincount: 10 ms against 57 ms on a 4000 x 3000 map (bincount widens every pixel
+    to int64 first); counted a band of rows at a time, so its float32 bins stay exact."""
+    if labels.ndim != 2 or labels.dtype != np.uint8:
+        raise ValueError(f"labels must be uint8 H x W, got {labels.dtype} {labels.shape}")
+    counts = np.zeros(256, np.int64)
+    rows = max(1, HIST_ROWS_PIXELS // max(1, labels.shape[1]))
+    for top in range(0, labels.shape[0], rows):
+        band = np.ascontiguousarray(labels[top:top + rows])
+        counts += cv2.calcHist([band], [0], None, [256], [0, 256]).ravel().astype(np.int64)
+    return counts
+
+
+# ---------------------------------------------------------------------------------------
 # mIoU
 
 

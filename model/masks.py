@@ -7,9 +7,9 @@ mask already written for an image whose answer a kill -9 kept out of the record)
 from __future__ import annotations
 
 import errno
+import hashlib
 import io
 import os
-import re
 import secrets
 import stat
 import struct
@@ -25,7 +25,7 @@ from PIL import Image, PngImagePlugin
 # default level 6; sample photos, 1.1 ms and 1.1 KB against 2.2 ms and 1.3 KB at level 6.
 PNG_LEVEL = 1
 PNG_STRATEGY = 3                 # zlib.Z_RLE (Pillow's compress_type)
-MAX_NAME_BYTES = 200             # mask file stem, leaves room for ".png" and temp names
+MAX_NAME_BYTES = 200             # mask file name, leaves room for temp names (255 at most)
 SOURCE_KEY = "pspnet-source"     # iTXt keyword: the image a mask was made from
 # link(2) errors that mean "no hard links on this file system" (vfat, some FUSE)
 NO_HARD_LINKS = frozenset({errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP})
@@ -42,36 +42,41 @@ class MaskNameTaken(ValueError):
     """The mask name holds the mask of another image; one-line message for the user."""
 
 
-_UNSAFE = re.compile(r"[^\w.+-]", re.UNICODE)
+def mask_path(out_dir: Path, image: str | os.PathLike[str]) -> Path:
+    """The mask file for an image: its real path mirrored below `out_dir`, the file name
+    kept whole with `.png` added (/data/a/x.jpg -> OUT/data/a/x.jpg.png).
 
-
-def mask_path(out_dir: Path, name: str) -> Path:
-    """The mask file for an image path or id: `out_dir / <stem>.png`, never outside out_dir.
-
-    Only the base name's stem is kept (either slash counts as a separator), characters
-    other than letters, digits, `_ . + -` become `_`, leading dots are dropped (no hidden
-    files, no `..`), the UTF-8 length is capped. Two inputs with the same stem map to the
-    same mask; `write_mask` with a `source` refuses the second one. Refuses a symlink at
-    the target, so a planted link cannot redirect the write.
+    Why this scheme: distinct images never share a mask (a real path names one file, and
+    keeping the whole name keeps x.jpg and x.png apart); the same image, under any of its
+    names (links are resolved, as `mask_source` records it), always gets the same one, so
+    resubmitting replaces its own mask. It needs no setting and no state, so the daemon,
+    watch mode and `pspnet batch` agree, across restarts and whatever `--allow-root` says.
+    A name longer than MAX_NAME_BYTES is cut and given a hash of the whole name. Refuses a
+    link at the target and a link on the way that leads out of `out_dir`, so a planted link
+    cannot redirect the write. The one clash left, a folder named like a mask (`x.jpg.png/`
+    beside `x.jpg`), fails the write instead of replacing anything.
     """
-    if "\x00" in name:
-        raise ValueError("mask name contains a NUL byte")
-    base = re.split(r"[/\\]", name)[-1]
-    stem, dot, ext = base.rpartition(".")
-    if not dot or not stem.strip("."):
-        stem = base                      # no extension (or a dot file): keep it whole
-    stem = _UNSAFE.sub("_", stem).lstrip(".")
-    encoded = stem.encode("utf-8")[:MAX_NAME_BYTES]
-    stem = encoded.decode("utf-8", errors="ignore")
-    if not stem or stem in (".", ".."):
-        raise ValueError(f"no usable file name in {name!r}")
+    image = os.fspath(image)
+    if "\x00" in image:
+        raise ValueError("image path contains a NUL byte")
+    *folders, name = Path(os.path.realpath(image)).parts[1:] or ("",)
+    if not image or not name:
+        raise ValueError(f"no usable file name in {image!r}")
     root = Path(out_dir).resolve()
-    target = root / f"{stem}.png"
-    if target.parent != root:
-        raise ValueError(f"mask path for {name!r} leaves the output directory")
+    target = root.joinpath(*folders, _mask_name(name))
+    if not Path(os.path.realpath(target.parent)).is_relative_to(root):
+        raise ValueError(f"mask path for {image!r} leaves the output directory through a link")
     if target.is_symlink():
         raise ValueError(f"{target} is a symbolic link; refusing to write through it")
     return target
+
+
+def _mask_name(name: str) -> str:
+    raw = os.fsencode(name)
+    if len(raw) <= MAX_NAME_BYTES:
+        return f"{name}.png"
+    digest = hashlib.sha256(raw).hexdigest()[:16]
+    return f"{os.fsdecode(raw[:MAX_NAME_BYTES - 17])}~{digest}.png"
 
 
 def write_mask(labels: np.ndarray, path: Path, palette: Sequence[Sequence[int]],
@@ -84,11 +89,12 @@ def write_mask(labels: np.ndarray, path: Path, palette: Sequence[Sequence[int]],
     may lose the newest masks but never leaves a torn one under the final name.
 
     With `source` (the image's path) the mask records it (`mask_source`, a PNG text chunk;
-    pixels and palette unchanged) and the name is claimed for it: names are cut down to a
-    sanitised stem, so a/x.jpg, b/x.jpg and x.png share x.png, and without the claim the
-    last one would silently overwrite the others. A mask there that records another source
-    is left alone and MaskNameTaken raised; one recording the same source (the image
-    processed again), none (another program's file, an older mask) or no file is replaced.
+    pixels and palette unchanged) and the name is claimed for it: `mask_path` gives distinct
+    images distinct names, but a file written by hand or a cut name's hash could still
+    clash, and the claim makes such a clash an error instead of a lost mask. A mask there
+    that records another source is left alone and MaskNameTaken raised; one recording the
+    same source (the image processed again), none (another program's file, an older mask)
+    or no file is replaced.
     A free name is taken with link(2), which fails when the name exists, so of several
     workers racing for it one wins and the others see its source: no shared state.
     """

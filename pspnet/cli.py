@@ -16,7 +16,7 @@ commands in the order a new user meets them:
   pspnet demo                       a trained model end to end on sample photos, with pictures
   pspnet build --config ... --out models/   mmseg config + checkpoint -> ONNX/torch artifacts
   pspnet serve --model models/ --out masks/ the daemon (Ctrl-C drains and stops it)
-  pspnet submit a.jpg b.jpg         send images to the running daemon, one JSON line each
+  pspnet submit photos/ -r          send images to the running daemon, a line per image
   pspnet status                     what the daemon is doing
   pspnet eval --voc VOC2012 --model models/     the seed's mIoU table
   pspnet bench --model models/ --synthetic 64   throughput per batch size

@@ -33,7 +33,8 @@ def add_worker_parser(sub: argparse._SubParsersAction) -> None:
                     "daemon's other workers connect to. If this worker dies or stays silent "
                     "for --liveness-timeout, the daemon retries what it held elsewhere.",
         epilog="example: pspnet worker executor --front 10.0.0.5 --tcp-base-port 5550 "
-               "--model models/r50 --backend torch --devices cuda:0 --index 100")
+               "--keys /etc/pspnet/keys --model models/r50 --backend torch --devices cuda:0 "
+               "--index 100")
     worker.add_argument("stage", choices=[spec.stage.value for spec in PIPELINE],
                         help="which stage this process runs: " + "; ".join(
                             f"{spec.stage}: {spec.summary}" for spec in PIPELINE))
@@ -52,6 +53,8 @@ def add_worker_parser(sub: argparse._SubParsersAction) -> None:
 
 def run_worker(args: argparse.Namespace) -> int:
     from pspnet.core.config import Addresses
+    from pspnet.core.keys import Keys, KeysError
+    from pspnet.core.trust import Trust
     from pspnet.stages.worker import run
 
     try:
@@ -62,9 +65,18 @@ def run_worker(args: argparse.Namespace) -> int:
     problem = backend_problem(cfg)      # its threads are planned for this host's CPUs
     if problem:
         return usage_error("worker", problem)
+    if cfg.keys_dir is None:
+        return usage_error("worker", "the daemon admits only workers with its worker key: "
+                                     "pass --keys DIR holding worker.key_secret and server.key "
+                                     "copied from the daemon's `pspnet keys DIR`")
+    try:
+        keys = Keys.for_worker(cfg.keys_dir)
+    except KeysError as exc:
+        return usage_error("worker", f"--keys: {exc}")
     signal.signal(signal.SIGINT, signal.SIG_DFL)      # Ctrl-C ends it, quietly
     addrs = Addresses(f"tcp://{args.front}:{args.tcp_base_port}", host, None)
-    run(args.stage, args.index, cfg, addrs, supervised=False)
+    run(args.stage, args.index, cfg, addrs, Trust(keys.token_secret()), keys,
+        supervised=False)
     return 0
 
 

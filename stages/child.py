@@ -39,8 +39,17 @@ import zmq
 from pspnet.core import wire
 from pspnet.core.config import Addresses, PipelineConfig
 from pspnet.core.exits import EXIT_CANNOT_START, EXIT_FAILED
+from pspnet.core.keys import (
+    WORKERS,
+    KeyAuthenticator,
+    Keys,
+    connect_curve,
+    serve_curve,
+    start_authenticator,
+)
 from pspnet.core.logs import configure_logging
 from pspnet.core.pipeline import Stage
+from pspnet.core.trust import Refusals, Trust
 
 SEND_LINGER_MS = 2000   # on exit, let queued answers reach the front
 POLL_S = 0.2            # a work loop waits at most this long before it turns again
@@ -85,6 +94,8 @@ class Child:
     index: int
     cfg: PipelineConfig
     addrs: Addresses
+    trust: Trust                       # the front's secret: tokens, identities (core.trust)
+    keys: Keys | None = None           # tcp: CurveZMQ on every socket (core.keys)
     supervised: bool = True
     inputs: str = ""
     outputs: str = ""
@@ -102,26 +113,46 @@ class Child:
                           index=self.index, pid=self.pid)
         self.log = structlog.get_logger()
         self.ctx = zmq.Context()
-        self.control = self.ctx.socket(zmq.DEALER)   # <-> front ROUTER: work in; notes,
-        self.control.setsockopt(zmq.IDENTITY, self.id.encode())    # answers, beats out
-        self.control.setsockopt(zmq.LINGER, SEND_LINGER_MS)
-        self.control.setsockopt(zmq.SNDHWM, 0)   # notes are bounded by the work routed here
-        self.control.connect(self.addrs.control)
+        self.control = self.connect_control("main")
         self.counters.update(processed=0, errors=0, busy_s=0.0, queue=0)
+        self.refusals = Refusals(self.log.warning)   # forged data: counted, dropped
         self.lock = threading.Lock()       # counters: the executor's runner counts too
         self.send_lock = threading.Lock()  # the control socket: any thread may send
         self._next_beat = 0.0
         self._parent = os.getppid() if self.supervised else None
+        self._auth: KeyAuthenticator | None = None
         self.step = Watched("work loop")        # inside a long_step: what, since, budget
         self._voucher: threading.Thread | None = None
 
-    def connect_control(self, identity: str) -> zmq.Socket:
-        """A DEALER of a helper thread's own to the front's ROUTER (`identity`: the
-        worker's name and "/what"), for heartbeats only: the worker's notes and answers go
-        on its one control socket (`send`), so the front hears them in order."""
-        sock = self.ctx.socket(zmq.DEALER)   # -> front ROUTER: heartbeats
-        sock.setsockopt(zmq.IDENTITY, identity.encode())
-        sock.setsockopt(zmq.LINGER, 0)
+    def serve_keyed(self, sock: zmq.Socket) -> None:
+        """With tcp, before `sock` binds: CURVE with the worker key, admitting only it (a
+        ZAP handler on this process's context, started once)."""
+        if self.keys is None:
+            return
+        if self._auth is None:
+            self._auth = start_authenticator(self.ctx, self.refusals,
+                                             {WORKERS: self.keys.worker_public})
+        serve_curve(sock, self.keys.worker_public, self.keys.worker_secret, WORKERS)
+
+    def connect_keyed(self, sock: zmq.Socket, server_public: bytes | None = None) -> None:
+        """With tcp, before `sock` connects: a CURVE client with the worker key, of the
+        front (its server key) or, by default, of another worker (the worker key)."""
+        if self.keys is not None:
+            connect_curve(sock, server_public or self.keys.worker_public,
+                          self.keys.worker_public, self.keys.worker_secret)
+
+    def connect_control(self, role: str) -> zmq.Socket:
+        """A DEALER to the front's control ROUTER under an identity that proves this
+        worker's name (core.trust): "main", the worker's one socket for work, notes and
+        answers (`send`, from any thread, so the front hears them in order), or a helper
+        thread's own for heartbeats only ("vouch")."""
+        sock = self.ctx.socket(zmq.DEALER)   # <-> front ROUTER: work in; notes, answers out
+        sock.setsockopt(zmq.IDENTITY, self.trust.identity(self.name, role))
+        sock.setsockopt(zmq.LINGER, SEND_LINGER_MS)
+        sock.setsockopt(zmq.SNDHWM, 0)       # notes are bounded by the work the front routes
+        sock.setsockopt(zmq.MAXMSGSIZE, wire.MAX_CONTROL_FRAME_BYTES)   # refused unallocated
+        if self.keys is not None:
+            self.connect_keyed(sock, self.keys.server_public)
         sock.connect(self.addrs.control)
         return sock
 
@@ -136,6 +167,11 @@ class Child:
         with self.lock:
             for key, delta in deltas.items():
                 self.counters[key] = self.counters.get(key, 0) + delta
+
+    def forged(self, peer: str, why: str, **fields: object) -> None:
+        """Data this worker was not handed (core.trust): counted and dropped, never used."""
+        self.count(forged_dropped=1)
+        self.refusals.refuse(peer, why, **fields)
 
     def watch(self, name: str) -> Watched:
         """Register a helper thread (set `.thread` once it is made)."""
@@ -195,7 +231,7 @@ class Child:
     def _vouch(self) -> None:
         """The helper thread: while the loop is inside a long step and so cannot beat, beat
         for it (on a DEALER of its own: a socket belongs to one thread)."""
-        sock = self.connect_control(f"{self.name}/vouch")
+        sock = self.connect_control("vouch")
         while True:
             time.sleep(self.cfg.heartbeat_s)
             now = time.monotonic()
@@ -331,4 +367,5 @@ class BatchNotes:
 def error_result(request: wire.Request, stage: str, message: str,
                  cause: str | None = None) -> wire.Result:
     return wire.Result(id=request.id, attempt=request.attempt, status=wire.ERROR,
-                       path=request.path, error=message, stage=stage, cause=cause)
+                       path=request.path, error=message, stage=stage, cause=cause,
+                       token=request.token)

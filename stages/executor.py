@@ -97,10 +97,13 @@ def exit_for_restart(child: Child, reason: str) -> None:
     os._exit(EXIT_FAILED)
 
 
-def bind(child: Child, sock: zmq.Socket, kind: str) -> str:
+def bind(child: Child, sock: zmq.Socket, kind: str, max_frame_bytes: int) -> str:
     """Bind a data socket where the front's addressing says; the endpoint actually bound
-    (tcp: the port the system chose), or fatal."""
+    (tcp: the port the system chose), or fatal. A frame over `max_frame_bytes` is refused
+    by ZeroMQ before it allocates it, and its sender disconnected."""
     where = child.addrs.data(STAGE, child.index, kind)
+    sock.setsockopt(zmq.MAXMSGSIZE, max(max_frame_bytes, wire.MAX_CONTROL_FRAME_BYTES))
+    child.serve_keyed(sock)                  # tcp: CurveZMQ, the worker key only
     try:
         sock.bind(where)
     except zmq.ZMQError as exc:
@@ -134,8 +137,8 @@ class Executor:
         self.outputs = child.ctx.socket(zmq.ROUTER)  # <-> postprocess DEALERs: credits in,
         self.outputs.setsockopt(zmq.LINGER, -1)      # outputs out (the runner thread's)
         self.outputs.setsockopt(zmq.ROUTER_MANDATORY, 1)
-        child.inputs = bind(child, self.images, "in")
-        child.outputs = bind(child, self.outputs, "out")
+        child.inputs = bind(child, self.images, "in", self.slots[0].images[0].nbytes)
+        child.outputs = bind(child, self.outputs, "out", 0)     # credits only
         child.capacity, child.batch = ROOM_BATCHES * self.batch, self.batch
         # the runner says when a batch leaves the device, so that a waiting partial batch
         # runs at once (no poll interval); inproc, both ends made here, one per thread
@@ -216,7 +219,7 @@ class Executor:
     def _receive(self, slot: Slot) -> wire.Image | None:
         frames = self.images.recv_multipart(copy=False)
         try:
-            image = wire.decode_as(frames, wire.Image)
+            image = wire.decode_as(frames, wire.Image, self.cfg.max_pixels)
             if image.pixels.shape != slot.images.shape[1:]:
                 raise wire.WireError(f"pixels {image.pixels.shape}, model takes "
                                      f"{slot.images.shape[1:]}", image.request.id)
@@ -225,10 +228,7 @@ class Executor:
                                    id=exc.request_id)
             self.child.count(errors=1)
             return None
-        if image.to != self.child.name:       # meant for this executor's previous life:
-            self.child.count(stale_dropped=1)  # the front has retried it already
-            return None
-        return image
+        return image if meant_here(self.child, image) else None
 
     def _device_idle(self) -> bool:
         with self.lock:
@@ -331,7 +331,8 @@ class Executor:
                 sent[worker].append(request.id)
                 break
         for worker, ids in sent.items():
-            self.notes.handed(tuple(ids), worker.decode())
+            name = self.child.trust.name_of(worker) or "?"   # credits came only from those
+            self.notes.handed(tuple(ids), name)
 
     def _take_credit(self, credits: dict[bytes, int]) -> bytes:
         """The next postprocess worker with room, in turn; waits for one when none has any
@@ -350,12 +351,37 @@ class Executor:
                 return
             timeout_ms = 0
             worker, *frames = self.outputs.recv_multipart()
+            if not from_postprocess(self.child, worker):    # never sent an output
+                continue
             try:
                 credit = wire.decode_as(frames, wire.Credit)
             except wire.WireError as exc:
                 self.child.log.warning("malformed credit dropped", error=str(exc))
                 continue
             credits[worker] = credits.get(worker, 0) + credit.credits
+
+
+def meant_here(child: Child, image: wire.Image) -> bool:
+    """Whether pixels are this executor's to run: sent to this life of it (else they are
+    stale: the front has retried them already) with the token the front handed out for
+    their request and this executor (else forged: counted, dropped)."""
+    if image.to != child.name:
+        child.count(stale_dropped=1)
+        return False
+    if not child.trust.holds(image.request, child.name):
+        child.forged("images", "pixels without their request's token", id=image.request.id)
+        return False
+    return True
+
+
+def from_postprocess(child: Child, identity: bytes) -> bool:
+    """Whether credits come from a postprocess worker the front started (or admitted with
+    the worker key): its identity proves it (core.trust); others are counted as forged."""
+    name = child.trust.name_of(identity)
+    if name is not None and name.startswith("postprocess-"):
+        return True
+    child.forged(identity.hex()[:32], "credits from a peer the front did not start")
+    return False
 
 
 def next_with_credit(credits: dict[bytes, int], after: bytes | None) -> bytes:

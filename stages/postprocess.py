@@ -12,6 +12,7 @@ out together (`Notes`): all it finished while more outputs were waiting, at most
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +24,7 @@ from pspnet.core.config import DEFAULT_MAX_PIXELS, output_problem
 from pspnet.core.pipeline import Stage
 from pspnet.model.labels import (
     GroundTruthError,
+    class_pixels,
     intersect_and_union,
     labels_from_labels,
     labels_from_logits,
@@ -48,7 +50,8 @@ def main(child: Child) -> None:
         problem = output_problem(out_dir, directory=True)
         if problem:                      # every mask would fail; a crash would only restart us
             child.fatal(f"mask directory (--out) {problem}")
-    inboxes = Inboxes(child)
+    h, w = manifest.input_size
+    inboxes = Inboxes(child, max(manifest.num_classes * h * w * 4, wire.MAX_CONTROL_FRAME_BYTES))
     notes = Notes(child)
     child.log.info("ready", masks=str(out_dir) if out_dir else None)
     while True:
@@ -66,11 +69,17 @@ def main(child: Child) -> None:
             frames = sock.recv_multipart(copy=False)
             started = time.perf_counter()
             try:
-                output = wire.decode_as(frames, wire.Output)
+                output = wire.decode_as(frames, wire.Output, cfg.max_pixels)
             except wire.WireError as exc:
                 child.log.warning("malformed message dropped", error=str(exc),
                                   id=exc.request_id)
                 child.count(errors=1)
+                sock.send_multipart(wire.encode(wire.Credit(1)))
+                continue
+            executor = inboxes.executor_of(sock)
+            if not child.trust.holds(output.request, executor):   # not handed out for it
+                child.forged(executor, "output without its request's token",
+                             id=output.request.id)
                 sock.send_multipart(wire.encode(wire.Credit(1)))
                 continue
             size = min(output.placement.orig_h * output.placement.orig_w, cfg.max_pixels)
@@ -88,8 +97,11 @@ def main(child: Child) -> None:
 class Inboxes:
     """One DEALER per executor, kept in step with the front's Peers list."""
 
-    def __init__(self, child: Child) -> None:
+    def __init__(self, child: Child, max_frame_bytes: int) -> None:
+        """`max_frame_bytes`: the largest output an executor may send (logits of the model
+        input's size); ZeroMQ refuses a larger frame before allocating it."""
         self.child = child
+        self.max_frame_bytes = max_frame_bytes
         self.by_executor: dict[str, zmq.Socket] = {}
         self.poller = zmq.Poller()
         self.poller.register(child.control, zmq.POLLIN)
@@ -97,6 +109,9 @@ class Inboxes:
     @property
     def open(self) -> list[zmq.Socket]:
         return list(self.by_executor.values())
+
+    def executor_of(self, sock: zmq.Socket) -> str:
+        return next(name for name, s in self.by_executor.items() if s is sock)
 
     def poll(self, timeout_ms: float) -> list[zmq.Socket]:
         return [sock for sock, _ in self.poller.poll(timeout_ms)]
@@ -117,8 +132,12 @@ class Inboxes:
             if name in self.by_executor:
                 continue
             sock = self.child.ctx.socket(zmq.DEALER)  # credits out, outputs in <-> executor
-            sock.setsockopt(zmq.IDENTITY, self.child.name.encode())
+            # an identity the executor can verify: it sends outputs only to the front's
+            sock.setsockopt(zmq.IDENTITY, self.child.trust.identity(self.child.name,
+                                                                    "credits"))
             sock.setsockopt(zmq.LINGER, 0)
+            sock.setsockopt(zmq.MAXMSGSIZE, self.max_frame_bytes)
+            self.child.connect_keyed(sock)            # tcp: CurveZMQ with the worker key
             sock.connect(address)
             sock.send_multipart(wire.encode(wire.Credit(peers.credits)))
             self.by_executor[name] = sock
@@ -143,6 +162,7 @@ def finish(output: wire.Output, manifest: Manifest, out_dir: Path | None,
             target = mask_path(out_dir, request.path)
             write_mask(labels, target, manifest.palette, source=request.path)
             mask = str(target)
+        found = found_classes(labels, manifest.class_names)
         areas = None
         if request.ann:
             truth = read_ground_truth(request.ann, max_pixels, expected=labels.shape)
@@ -153,6 +173,23 @@ def finish(output: wire.Output, manifest: Manifest, out_dir: Path | None,
     except (GroundTruthError, ValueError) as exc:
         return error_result(request, STAGE, str(exc))
     return wire.Result(id=request.id, attempt=request.attempt, status=wire.OK,
-                       path=request.path, mask=mask, stage=STAGE,
+                       path=request.path, mask=mask, stage=STAGE, token=request.token,
                        areas=np.ascontiguousarray(areas, dtype=np.int64)
-                       if areas is not None else None)
+                       if areas is not None else None,
+                       size=(int(labels.shape[0]), int(labels.shape[1])),
+                       found=found)
+
+
+def found_classes(labels: np.ndarray, class_names: Sequence[str],
+                  ) -> tuple[tuple[int, str, int], ...]:
+    """(class id, name, pixels) of every class in the mask, largest first: what the answer
+    says was found. A class without a usable name (none, past the model's classes, not
+    printable) is named by its number."""
+    counts = class_pixels(labels)
+    order = sorted(np.flatnonzero(counts).tolist(), key=lambda k: (-counts[k], k))
+    return tuple((k, _class_name(class_names, k), int(counts[k])) for k in order)
+
+
+def _class_name(class_names: Sequence[str], k: int) -> str:
+    name = class_names[k][:wire.MAX_NAME_CHARS] if k < len(class_names) else ""
+    return name if name and name.isprintable() else str(k)

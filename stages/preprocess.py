@@ -100,6 +100,7 @@ class ExecutorSenders:
             sock = self.child.ctx.socket(zmq.PUSH)   # pixels -> executor's PULL
             sock.setsockopt(zmq.LINGER, 0)
             sock.setsockopt(zmq.SNDHWM, IMAGES_HWM)
+            self.child.connect_keyed(sock)           # tcp: CurveZMQ with the worker key
             sock.connect(work.address)
             self.sockets[work.address] = sock
             while len(self.sockets) > MAX_EXECUTOR_SOCKETS:

@@ -14,18 +14,21 @@ import signal
 import sys
 
 from pspnet.core.config import Addresses, PipelineConfig, read_start_document
+from pspnet.core.keys import Keys
 from pspnet.core.pipeline import Stage, spec_of
+from pspnet.core.trust import Trust
 from pspnet.stages.child import Child
 
 PR_SET_PDEATHSIG = 1
 
 
-def run(stage: Stage, index: int, cfg: PipelineConfig, addrs: Addresses,
-        supervised: bool) -> None:
-    """Run one worker until it is stopped: the stage's module (core.pipeline's table) is
-    imported here, so a worker loads only its own stage's libraries."""
+def run(stage: Stage, index: int, cfg: PipelineConfig, addrs: Addresses, trust: Trust,
+        keys: Keys | None, supervised: bool) -> None:
+    """Run one worker until it is stopped (`keys`: CurveZMQ, with tcp): the stage's module
+    (core.pipeline's table) is imported here, so a worker loads only its own stage's
+    libraries."""
     spec = spec_of(Stage(stage))
-    child = Child(spec.stage, index, cfg, addrs, supervised=supervised)
+    child = Child(spec.stage, index, cfg, addrs, trust, keys, supervised=supervised)
     importlib.import_module(spec.module).main(child)
 
 
@@ -36,14 +39,15 @@ def main() -> None:
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, signal.SIG_IGN)
     stage, index = Stage(sys.argv[1]), int(sys.argv[2])
-    cfg, addrs, front_pid = read_start_document(sys.stdin.read())
+    cfg, addrs, front_pid, trust, curve = read_start_document(sys.stdin.read())
     try:
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
     except (OSError, AttributeError):
         pass                           # not Linux: Child.tick's parent check still holds
     if os.getppid() != front_pid:
         sys.exit(1)                    # the front died before the prctl took hold
-    run(stage, index, cfg, addrs, supervised=True)
+    run(stage, index, cfg, addrs, trust,
+        None if curve is None else Keys.from_document(curve), supervised=True)
 
 
 if __name__ == "__main__":

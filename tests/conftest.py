@@ -11,6 +11,19 @@ import pytest
 from PIL import Image
 
 
+@pytest.fixture(scope="session", autouse=True)
+def curve_keys(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """One set of CurveZMQ keys (core.keys) for the run, in $PSPNET_KEYS: clients of a tcp
+    endpoint read them from there, and tests.kit.Daemon passes them to a tcp daemon."""
+    from pspnet.core.keys import ENV_KEYS, write_keys
+
+    folder = tmp_path_factory.mktemp("keys")
+    write_keys(folder)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(ENV_KEYS, str(folder))
+        yield folder
+
+
 @pytest.fixture(scope="session")
 def mmseg_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """The small mmseg PSPNet (calibrated weights), built by `pspnet build`'s code, per head:

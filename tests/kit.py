@@ -154,6 +154,10 @@ class Daemon:
                  env: dict[str, str] | None = None,
                  nofile: tuple[int, int] | None = None, log_to_pipe: bool = False) -> None:
         self.endpoint = endpoint or f"ipc://{tmp}/front"
+        keys = os.environ.get("PSPNET_KEYS")       # tests/conftest.py's, for tcp
+        if keys and "--keys" not in extra and (self.endpoint.startswith("tcp://")
+                                               or "tcp" in extra):
+            extra = (*extra, "--keys", keys)
         self.log_path = tmp / f"daemon-{time.monotonic_ns()}.log"
         self.metrics = tmp / f"final-metrics-{time.monotonic_ns()}.json"
         cmd = [sys.executable, "-m", "pspnet", "serve", "--model", str(model),

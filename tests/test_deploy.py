@@ -107,6 +107,7 @@ def test_daemon_manifest_matches_the_daemon():
     assert args.command == "serve" and args.devices == ("cuda:0",)
     assert args.backend_options.get("compile") == "1"
     assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert args.keys_dir == Path("/keys")    # a tcp endpoint needs its CurveZMQ keys
     # probes: HTTP on the metrics port the daemon serves (daemon/exporter.py's paths)
     endpoint_port = int(args.endpoint.rsplit(":", 1)[1])
     for probe, path in (("startupProbe", "/readyz"), ("readinessProbe", "/readyz"),

@@ -15,13 +15,20 @@ from pspnet.cli import main
 from tests.mmseg_metric import mmseg_iou
 from tests.voc_folder import make_voc_folder
 
+
+def voc_id(mask: Path) -> str:
+    """The VOC id of a mask that mask_path placed: <id>.jpg.png."""
+    return Path(mask.stem).stem
+
+
 JSON_KEYS = {"mIoU", "aAcc", "mAcc", "per_class", "images", "failed"}
 
 
 def assert_matches_mmseg(doc: dict, voc, mask_dir: Path) -> None:
     ids = voc.scorable
-    theirs = mmseg_iou([mask_dir / f"{i}.png" for i in ids], [voc.truths[i] for i in ids])
-    exact = mmseg_iou([mask_dir / f"{i}.png" for i in ids], [voc.truths[i] for i in ids],
+    found = {voc_id(p): p for p in mask_dir.rglob("*.png")}
+    theirs = mmseg_iou([found[i] for i in ids], [voc.truths[i] for i in ids])
+    exact = mmseg_iou([found[i] for i in ids], [voc.truths[i] for i in ids],
                       exact_sums=True)
     print(f"eval mIoU {doc['mIoU']:.7f} / IoUMetric {theirs['mIoU']:.7f} "
           f"(float64 sums {exact['mIoU']:.7f})")
@@ -62,7 +69,7 @@ def test_eval_prints_mmseg_table_and_matches_iou_metric(mmseg_models, tmp_path, 
     assert "image missing" in failed[voc.missing_images[0]]
     assert "ground truth" in failed[voc.broken_truths[0]]
     # masks named after the image id, every image that exists
-    assert sorted(p.stem for p in masks.glob("*.png")) == sorted(voc.images)
+    assert sorted(voc_id(p) for p in masks.rglob("*.png")) == sorted(voc.images)
     assert 20 < doc["mIoU"] < 100                         # perturbed: not trivially 100
     assert_matches_mmseg(doc, voc, masks)
 
@@ -87,7 +94,7 @@ def test_eval_through_a_running_daemon(tiny_models, tmp_path, capsys, daemons):
     doc = json.loads(report.read_text())
     assert doc["images"] == len(voc.scorable)
     assert {f["id"] for f in doc["failed"]} == {*voc.missing_images, *voc.broken_truths}
-    assert sorted(p.stem for p in masks.glob("*.png")) == sorted(voc.images)
+    assert sorted(voc_id(p) for p in masks.rglob("*.png")) == sorted(voc.images)
     assert status["metrics"] is None       # ground truth stayed here, not in the daemon
     assert_matches_mmseg(doc, voc, masks)
 

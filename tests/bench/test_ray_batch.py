@@ -52,8 +52,8 @@ def batch(*args: str) -> int:
 
 def same_bytes(ours: Path, theirs: Path) -> list[str]:
     """Names of the masks in `theirs`, after checking each has a byte-identical twin."""
-    names = sorted(p.name for p in theirs.glob("*.png"))
-    assert names == sorted(p.name for p in ours.glob("*.png"))
+    names = sorted(str(p.relative_to(theirs)) for p in theirs.rglob("*.png"))
+    assert names == sorted(str(p.relative_to(ours)) for p in ours.rglob("*.png"))
     for name in names:
         assert (ours / name).read_bytes() == (theirs / name).read_bytes(), name
     return names
@@ -101,6 +101,38 @@ def test_batch_masks_are_the_daemons_on_the_sample_photos(ray_session, tiny_mode
     assert summary.endswith(f"masks in {ray_masks}; 1 failed; no ground truth given, so no "
                             "mIoU")
     assert "nan" not in out and "Class" not in out
+
+
+def test_batch_and_watch_mode_put_each_mask_in_the_same_place(ray_session, tiny_models,
+                                                              photo_files, tmp_path, daemons):
+    """Issue 24: one rule (model.masks.mask_path) for watch mode and `pspnet batch`: x.jpg
+    beside x.png (one stem) both masked by each, at the same place below each --out, with
+    the same bytes."""
+    from PIL import Image
+
+    from pspnet.model.masks import mask_path
+    from tests.kit import watch_record
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    shutil.copy(photo_files[0], photos / "x.jpg")
+    Image.open(photo_files[1]).save(photos / "x.png")
+    watch_masks, ray_masks = tmp_path / "watch-masks", tmp_path / "ray-masks"
+    daemon = daemons(tiny_models["logits"], watch_masks, tmp_path, "--watch", str(photos),
+                     "--batch-size", "4", "--preprocess-workers", "1")
+    try:
+        daemon.wait_ready()
+        deadline = time.monotonic() + 60
+        while len(watch_record(watch_masks)) < 2:
+            assert time.monotonic() < deadline, daemon.logs()
+            time.sleep(0.1)
+    finally:
+        assert daemon.stop() == 0, daemon.logs()
+    assert batch("--images", str(photos), "--model", str(tiny_models["logits"]),
+                 "--out", str(ray_masks)) == 0
+    names = same_bytes(ray_masks, watch_masks)
+    assert names == sorted(str(mask_path(watch_masks, photos / n).relative_to(
+        watch_masks.resolve())) for n in ("x.jpg", "x.png"))
 
 
 def test_batch_masks_are_the_daemons_with_a_network_that_aligns_corners(ray_session,
@@ -297,8 +329,7 @@ def odd_folder(folder: Path) -> dict[str, str]:
     shutil.copyfile(SAMPLE_DIR / "chelsea_451x300.jpg", folder / "chelsea_451x300.png")
     return {"dangling.jpg": "broken symbolic link", "loop_a.jpg": "symbolic link loop",
             "loop_b.jpg": "symbolic link loop", "fifo.jpg": "not a regular file",
-            "x.jpg": "a directory", "zero.jpg": "0 bytes", "notes.txt": "not an image file",
-            "chelsea_451x300.png": "same name as chelsea_451x300.jpg"}
+            "x.jpg": "a directory", "zero.jpg": "0 bytes", "notes.txt": "not an image file"}
 
 
 def test_every_entry_of_an_odd_folder_is_listed_or_failed(tmp_path):
@@ -307,8 +338,10 @@ def test_every_entry_of_an_odd_folder_is_listed_or_failed(tmp_path):
     expected = odd_folder(tmp_path / "odd")
     split = from_folder(tmp_path / "odd")
     assert split.listed == 11 == len(split.items) + len(split.missing)
-    assert sorted(i.image.name for i in split.items) == [
-        "astronaut_500x375.jpg", "broken.jpg", "chelsea_451x300.jpg"]
+    assert sorted((i.id, i.image.name) for i in split.items) == [
+        ("astronaut_500x375", "astronaut_500x375.jpg"), ("broken", "broken.jpg"),
+        ("chelsea_451x300", "chelsea_451x300.jpg"),
+        ("chelsea_451x300.png", "chelsea_451x300.png")]     # issue 24: both masked
     reasons = {f["id"]: f["reason"] for f in split.missing}
     assert set(reasons) == set(expected)
     for name, words in expected.items():
@@ -325,5 +358,5 @@ def test_batch_on_an_odd_folder_counts_add_up(ray_session, tiny_models, tmp_path
     assert code == 0
     doc = json.loads(report.read_text())
     assert doc["listed"] == 11 == doc["segmented"] + len(doc["failed"])
-    assert doc["segmented"] == 2 == len(list(masks.iterdir()))
+    assert doc["segmented"] == 3 == len(list(masks.rglob("*.png")))
     assert {f["id"] for f in doc["failed"]} == {*expected, "broken"}

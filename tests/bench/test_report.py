@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 from PIL import Image
 
@@ -71,7 +73,8 @@ def test_eval_report_writes_the_overlays_and_the_bar_chart(tiny_models, tmp_path
     assert code == 0
     assert f"report: {report / 'overlays.png'}" in out
     assert f"report: {report / 'per-class-iou.png'}" in out
-    assert sorted(p.stem for p in (report / "masks").glob("*.png")) == sorted(voc.images)
+    masks = (report / "masks").rglob("*.png")
+    assert sorted(Path(p.stem).stem for p in masks) == sorted(voc.images)
     with Image.open(report / "overlays.png") as sheet:
         assert sheet.format == "PNG" and sheet.height > 150 * len(voc.scorable)
     with Image.open(report / "per-class-iou.png") as chart:

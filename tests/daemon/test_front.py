@@ -20,6 +20,7 @@ from pspnet.core import wire
 from pspnet.core.config import PipelineConfig
 from pspnet.daemon.front import Front, PipelineError, requests_for
 from pspnet.model.manifest import voc_palette
+from pspnet.model.masks import mask_path, recorded_source
 from tests.kit import FAKE_ACL, mask_pixels, with_om
 from tests.mmseg_metric import mmseg_iou
 
@@ -121,7 +122,7 @@ def test_partial_batch_no_filler_leaks(tiny_models, photo_files, tmp_path):
     results, status, _ = run_all(cfg, photo_files[:17])
     by_id = answered_once(results, 17)
     assert all(r.status == wire.OK for r in by_id.values())
-    assert len(list((tmp_path / "m").glob("*.png"))) == 17
+    assert len(list((tmp_path / "m").rglob("*.png"))) == 17
     assert status.front.duplicates_dropped == 0
 
 
@@ -176,38 +177,32 @@ def test_postprocess_workers_share_the_outputs_of_a_slow_device(tiny_models, pho
     assert sum(shares) == len(paths) and min(shares) >= 0.35 * len(paths), shares
 
 
-def test_images_sharing_a_mask_name_do_not_overwrite_each_other(tiny_models, photo_files,
-                                                                tmp_path):
-    """a/x.jpg, b/x.jpg, a/x.png and "with space.jpg" / "with_space.jpg" each cut down to
-    one mask name: the first image keeps it, the others are answered with an error naming
-    it, and a/x.jpg submitted again replaces its own mask (two postprocess workers)."""
+def test_images_named_alike_each_get_their_own_mask(tiny_models, photo_files, tmp_path):
+    """Issue 24: a/x.jpg, b/x.jpg, a/x.png, "with space.jpg" and "with_space.jpg" each get
+    a mask of their own where mask_path puts it (the answer says where), and a/x.jpg
+    submitted again replaces its own mask (two postprocess workers)."""
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
     names = ["a/x.jpg", "b/x.jpg", "a/x.png", "a/with space.jpg", "a/with_space.jpg"]
     for name, photo in zip(names, photo_files, strict=False):
         Image.open(photo).save(tmp_path / name)
-    a, b, png, space, underscore = (str(tmp_path / n) for n in names)
+    paths = [str(tmp_path / n) for n in names]
     out = tmp_path / "m"
     cfg = PipelineConfig(model_dir=tiny_models["logits"], batch_size=4, max_wait_ms=20,
                          preprocess_workers=1, postprocess_workers=2, out_dir=out,
                          log_json=True)
     with Front(cfg) as pipe:
-        first = {r.id: r for r in pipe.run([wire.Request("a", a), wire.Request("s", space)])}
-        assert all(r.status == wire.OK for r in first.values()), first
-        kept = {p.name: np.asarray(Image.open(p)) for p in out.glob("*.png")}
-        later = {r.id: r for r in pipe.run([
-            wire.Request("b", b), wire.Request("png", png), wire.Request("u", underscore),
-            wire.Request("again", a)])}
-    assert sorted(kept) == ["with_space.png", "x.png"]
-    for rid, holder, mask in (("b", a, "x.png"), ("png", a, "x.png"),
-                              ("u", space, "with_space.png")):
-        assert later[rid].status == wire.ERROR, later[rid]
-        assert later[rid].error == (f"mask name {mask} already holds the mask of {holder}; "
-                                    "rename one of them")
-    assert later["again"].status == wire.OK and later["again"].mask == str(out / "x.png")
-    for name, pixels in kept.items():               # neither was overwritten
-        assert np.array_equal(np.asarray(Image.open(out / name)), pixels)
-    assert sorted(p.name for p in out.iterdir()) == ["with_space.png", "x.png"]
+        first = {r.id: r for r in pipe.run([wire.Request(n, p)
+                                            for n, p in zip(names, paths, strict=True)])}
+        before = os.stat(first["a/x.jpg"].mask).st_mtime_ns
+        (again,) = pipe.run([wire.Request("again", paths[0])])
+    assert all(r.status == wire.OK for r in first.values()), first
+    masks = [first[n].mask for n in names]
+    assert masks == [str(mask_path(out, p)) for p in paths] and len(set(masks)) == 5
+    assert sorted(str(p) for p in out.rglob("*.png")) == sorted(masks)
+    assert again.status == wire.OK and again.mask == masks[0]
+    assert os.stat(masks[0]).st_mtime_ns >= before
+    assert recorded_source(Path(masks[0])) == paths[0]
 
 
 def test_a_mask_dir_that_cannot_be_created_stops_the_start(tiny_models, tmp_path, capfd):

@@ -77,7 +77,8 @@ def test_two_executors_over_tcp_loopback_and_a_remote_one(tiny_models, photo_fil
     remote = subprocess.Popen(
         [sys.executable, "-m", "pspnet", "worker", "executor", "--front", "127.0.0.2",
          "--tcp-base-port", str(port + 1), "--model", str(model), "--batch-size", "4",
-         "--max-wait-ms", "5", "--index", "100", "--log-format", "json"],
+         "--max-wait-ms", "5", "--index", "100", "--log-format", "json",
+         "--keys", os.environ["PSPNET_KEYS"]],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         daemon.wait_ready()

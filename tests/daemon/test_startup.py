@@ -38,11 +38,23 @@ def serve(model: Path, tmp_path: Path, endpoint: str, *flags: str, timeout_s: fl
     """`pspnet serve` expected to give up at once; its temp dir is tmp_path/tmp."""
     tmp = tmp_path / "tmp"
     tmp.mkdir(exist_ok=True)
+    if endpoint.startswith("tcp://") and "--keys" not in flags and "no-keys" not in flags:
+        flags = (*flags, "--keys", os.environ["PSPNET_KEYS"])     # tests/conftest.py's
+    flags = tuple(f for f in flags if f != "no-keys")
     return subprocess.run(
         [sys.executable, "-m", "pspnet", "serve", "--model", str(model), "--out",
          str(tmp_path / "masks2"), "--endpoint", endpoint, "--log-format", "json", *flags],
         capture_output=True, text=True, timeout=timeout_s,
         env={**os.environ, "TMPDIR": str(tmp)})
+
+
+def test_a_tcp_endpoint_without_keys_is_refused_in_one_line(tiny_models, tmp_path):
+    """Issue 23: a tcp endpoint admits only clients with its client key (CurveZMQ), so
+    serve refuses one without --keys before anything starts, naming the fix."""
+    out = serve(tiny_models["logits"], tmp_path, f"tcp://127.0.0.1:{free_port()}", "no-keys")
+    line = one_line_error(out)
+    assert "--keys DIR" in line and "pspnet keys DIR" in line, line
+    assert not run_dirs(tmp_path), "a run directory was made"
 
 
 def run_dirs(tmp_path: Path) -> list[Path]:

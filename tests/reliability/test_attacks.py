@@ -21,6 +21,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 import zmq
 
@@ -30,10 +31,12 @@ from tests.kit import (
     REPO,
     Daemon,
     RawClient,
+    Submitter,
     dealer,
     fd_count,
     kill9,
     linked_stream,
+    mask_pixels,
     requests,
     status_over,
     submit_all,
@@ -534,3 +537,263 @@ def test_abstract_ipc_endpoint_needs_allow_root(tiny_models, photo_files, tmp_pa
     (answer,), _ = submit_all(endpoint, [photo], timeout_s=30)
     assert answer.status == "ok", answer.error
     assert daemon.stop() == 0, daemon.tail()
+
+
+# ---------------------------------------------------------------------------------------
+# 8. issue 23: forged results, heartbeats, pixels and credits; tcp peers without the key
+
+FORGER = """
+import json, sys, time
+import numpy as np
+import zmq
+from pspnet.core import wire
+cfg = json.loads(sys.argv[1])
+ctx = zmq.Context()
+
+def sock(kind, identity=None):
+    s = ctx.socket(kind)
+    s.setsockopt(zmq.LINGER, 0)
+    s.setsockopt(zmq.SNDTIMEO, 100)
+    if identity:
+        s.setsockopt(zmq.IDENTITY, identity.encode())
+    if cfg["curve"] == "wrong":          # CURVE, with keys of its own
+        server_public, _ = zmq.curve_keypair()
+        public, secret = zmq.curve_keypair()
+        s.curve_serverkey, s.curve_publickey, s.curve_secretkey = server_public, public, secret
+    return s
+
+executor, pid = cfg["executor"], cfg["executor_pid"]
+controls = []
+for identity in (executor, f"{executor}/main/forged", f"postprocess-0-{pid}"):
+    c = sock(zmq.DEALER, identity)                # forged notes -> the front's ROUTER
+    c.connect(cfg["control"])
+    controls.append(c)
+fake = ctx.socket(zmq.PULL)                        # a made-up executor's image port
+fake_at = fake.bind_to_random_port("tcp://127.0.0.1")
+images = sock(zmq.PUSH)                            # forged pixels -> the executor's PULL
+images.connect(cfg["images"])
+thief = sock(zmq.DEALER, cfg["postprocess"])       # credits -> the executor's ROUTER,
+                                                   # under the live worker's name
+thief.connect(cfg["outputs"])
+side = cfg["side"]
+zeros = np.zeros((side, side, 3), np.uint8)
+ok = wire.Placement(side, side, 1.0, 0, 0, side, side)
+huge = wire.Placement(1 << 20, 1 << 20, 1.0, 0, 0, side, side)
+beats = [wire.Heartbeat("executor", 0, pid, {}, fatal="forged: cannot start"),
+         wire.Heartbeat("executor", 0, pid, {}, stuck="forged: stuck"),
+         wire.Heartbeat("executor", 7, 99999, {}, inputs=f"tcp://127.0.0.1:{fake_at}",
+                        outputs=f"tcp://127.0.0.1:{fake_at}", capacity=4096, batch=4)]
+sent = {"results": 0, "beats": 0, "images": 0, "credits": 0}
+print("forging", flush=True)
+end = time.monotonic() + cfg["seconds"]
+while time.monotonic() < end:
+    for c in controls:
+        for beat in beats:
+            try:
+                c.send_multipart(wire.encode(beat)); sent["beats"] += 1
+            except zmq.Again:
+                pass
+    for n in range(1, cfg["ids"] + 1):
+        rid = format(n, "x")
+        try:
+            controls[n % 3].send_multipart(wire.encode(wire.Result(
+                rid, 0, wire.OK, "/forged.jpg", mask="/forged/mask.png", stage="postprocess")))
+            sent["results"] += 1
+            req = wire.Request(rid, "/forged.jpg")
+            images.send_multipart(wire.encode(wire.Image(req, huge if n % 7 == 0 else ok,
+                                                         executor, zeros)))
+            sent["images"] += 1
+        except zmq.Again:
+            pass
+    try:
+        thief.send_multipart(wire.encode(wire.Credit(4096))); sent["credits"] += 1
+        images.send(b"x" * (16 << 20))             # over any frame's size: refused unread
+    except zmq.Again:
+        pass
+    time.sleep(0.05)
+stolen = fed = 0
+while thief.poll(200):
+    thief.recv_multipart(); stolen += 1
+while fake.poll(200):
+    fake.recv_multipart(); fed += 1
+print(json.dumps({"sent": sent, "outputs_stolen": stolen, "images_routed_to_fake": fed}),
+      flush=True)
+"""
+ATTACK_S = 6.0
+VICTIM_IMAGES = 40
+
+
+def executor_ports(daemon: Daemon) -> tuple[str, str]:
+    """Where executor 0 takes images and hands out outputs, from its "ready" log line
+    (what `ss -tln` shows any local user, with tcp)."""
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        ready = [e for e in daemon.events()
+                 if e.get("event") == "ready" and e.get("images") and e.get("index") == 0]
+        if ready:
+            return ready[-1]["images"], ready[-1]["outputs"]
+        time.sleep(0.2)
+    raise TimeoutError(f"no executor ready line\n{daemon.tail()}")
+
+
+def forge_while_a_victim_runs(daemon: Daemon, photos: list[Path], control: str,
+                              curve: str = "none", as_user: tuple[str, ...] = (),
+                              ) -> tuple[dict, dict]:
+    """The victim's images once undisturbed (their masks kept), then again while FORGER
+    forges results and heartbeats at `control`, pixels and credits at executor 0's ports:
+    each second answer is ok, given once, and its mask is the undisturbed one. Returns
+    (the forger's report, the status after)."""
+    status = daemon.wait_ready()
+    reference, _ = submit_all(daemon.endpoint, photos)
+    assert all(a.status == "ok" for a in reference), reference
+    expected = {a.path: mask_pixels(a.mask).copy() for a in reference}
+    images, outputs = executor_ports(daemon)
+    (pid,) = status["stages"]["executor"]["pids"]
+    (post,) = status["stages"]["postprocess"]["pids"]
+    side = 64                                               # the tiny models' input
+    cfg = {"control": control, "images": images, "outputs": outputs, "side": side,
+           "executor": f"executor-0-{pid}", "executor_pid": pid,
+           "postprocess": f"postprocess-0-{post}", "ids": 2 * len(photos) + 16,
+           "seconds": ATTACK_S, "curve": curve}
+    forger = subprocess.Popen([*as_user, sys.executable, "-c", FORGER, json.dumps(cfg)],
+                              cwd=REPO, stdout=subprocess.PIPE, text=True,
+                              env={**os.environ, "PYTHONPATH": str(REPO)})
+    try:
+        assert forger.stdout.readline().strip() == "forging", "the forger did not start"
+        victim = Submitter(daemon.endpoint, photos)
+        victim.run()
+        report = json.loads(forger.stdout.readline())
+        assert forger.wait(30) == 0
+    finally:
+        forger.kill()
+    assert victim.error is None, victim.error
+    assert daemon.proc.poll() is None, f"daemon {exit_text(daemon.proc.returncode)}"
+    counts = collections.Counter(a.path for a in victim.answers)
+    assert set(counts.values()) == {1} and len(counts) == len(photos), counts
+    bad = [(a.path, a.status, a.mask, a.error) for a in victim.answers if a.status != "ok"]
+    assert not bad, bad
+    forged = [a.path for a in victim.answers
+              if not np.array_equal(mask_pixels(a.mask), expected[a.path])]
+    assert not forged, f"{len(forged)} masks are not their image's: {forged[:3]}"
+    after = daemon.status()
+    assert sum(s["restarts"] for s in after["stages"].values()) == 0, after["stages"]
+    assert report["outputs_stolen"] == 0 and report["images_routed_to_fake"] == 0, report
+    print(f"\nFIGURE forger sent {report['sent']}: 0 forged answers, 0 stolen outputs, "
+          f"0 restarts; front forged_dropped {after['front']['forged_dropped']}, executor "
+          f"{after['stages']['executor']['forged_dropped']}, postprocess "
+          f"{after['stages']['postprocess']['forged_dropped']}")
+    return report, after
+
+
+def test_same_user_forgeries_on_ipc_are_counted_and_dropped(tiny_models, photo_files,
+                                                            tmp_path, daemons):
+    """Issue 23, same user on ipc (the 0700 run directory lets it in): forged pixels
+    pushed to the executor under the victim's request ids made 192 of 200 masks the
+    forger's; a socket on the executor's output claiming 4096 credits received 93 outputs;
+    forged results and heartbeats (fatal, stuck, a made-up executor) reached the front; a
+    2^20 x 2^20 placement crashed postprocess. Now every such message lacks a token or an
+    identity the front handed out: counted, dropped; the victim's answers are its own."""
+    daemon = daemons(tiny_models["labels"], tmp_path / "masks", tmp_path, *ARGS)
+    daemon.wait_ready()
+    (starting,) = [e for e in daemon.events() if e.get("event") == "starting"]
+    _, after = forge_while_a_victim_runs(daemon, photo_files[:VICTIM_IMAGES],
+                                         f"ipc://{starting['run_dir']}/control")
+    assert after["front"]["forged_dropped"] > 0, after["front"]
+    assert after["stages"]["executor"]["forged_dropped"] > 0, after["stages"]["executor"]
+    assert daemon.stop() == 0, daemon.tail()
+
+
+def uid_65534() -> tuple[str, ...]:
+    if os.geteuid() != 0:
+        pytest.skip("another uid needs root to switch to (setpriv --reuid 65534); "
+                    "the same-uid variant covers the handshake")
+    return ("setpriv", "--reuid", "65534", "--regid", "65534", "--clear-groups")
+
+
+@pytest.mark.parametrize("who", ["same uid, no CURVE", "same uid, another key",
+                                 "uid 65534, no CURVE"])
+def test_tcp_peers_without_the_key_are_refused_at_the_handshake(tiny_models, photo_files,
+                                                                tmp_path, daemons, who):
+    """Issue 23, --transport tcp (any local user, or any host with --tcp-host): forged
+    results took 104 of 120 answers, one forged `fatal` heartbeat made the daemon exit 3,
+    `stuck` ones forced 3 restarts, a made-up executor was routed 64 images, pixels pushed
+    to the executor's port made 67 of 120 masks. Every tcp port now speaks CurveZMQ and
+    admits only the worker key: nothing of the forger's reaches a stage (0 counted as
+    forged: it never got past the handshake), the refusals are logged, once per address
+    and reason."""
+    as_user = uid_65534() if "65534" in who else ()
+    port = 20000 + (os.getpid() * 7 + len(who)) % 20000
+    daemon = daemons(tiny_models["labels"], tmp_path / "masks", tmp_path, *ARGS,
+                     "--transport", "tcp", "--tcp-base-port", str(port))
+    _, after = forge_while_a_victim_runs(
+        daemon, photo_files[:VICTIM_IMAGES], f"tcp://127.0.0.1:{port}",
+        curve="wrong" if "another key" in who else "none", as_user=as_user)
+    assert after["front"]["forged_dropped"] == 0, "a forgery got past the handshake"
+    refused = [e for e in daemon.events() if e.get("event") == "refused"]
+    assert refused, "no refusal was logged"
+    per_peer = collections.Counter((e.get("peer"), e.get("reason"), e.get("pid"))
+                                   for e in refused)
+    assert max(per_peer.values()) <= 2, per_peer      # rate-limited: not one per attempt
+    assert daemon.stop() == 0, daemon.tail()
+
+
+def test_remote_workers_with_keys_give_the_masks_of_ipc_and_without_are_refused(
+        tiny_models, photo_files, tmp_path, daemons):
+    """Issue 23: workers on other hosts are what tcp is for. With the worker key (copied
+    from the daemon's `pspnet keys DIR`) a remote executor and a remote postprocess join
+    over tcp on loopback and the masks are those of an ipc daemon; a worker with another
+    key is refused at the handshake (never listed, the daemon unaffected), and one
+    without --keys is refused at once, in one line, exit 2."""
+    photos = photo_files[:VICTIM_IMAGES]
+    model = tiny_models["labels"]
+    ipc = daemons(model, tmp_path / "ipc-masks", tmp_path, *ARGS)
+    ipc.wait_ready()
+    reference, _ = submit_all(ipc.endpoint, photos)
+    expected = {a.path: mask_pixels(a.mask).copy() for a in reference}
+    assert ipc.stop() == 0, ipc.tail()
+
+    keys, other = tmp_path / "keys", tmp_path / "other-keys"
+    for folder in (keys, other):
+        subprocess.run([sys.executable, "-m", "pspnet", "keys", str(folder)], check=True,
+                       cwd=REPO, stdout=subprocess.DEVNULL)
+    assert {p.name: p.stat().st_mode & 0o777 for p in keys.iterdir()} == {
+        f"{n}.{s}": 0o600 for n in ("server", "worker", "client") for s in ("key", "key_secret")}
+    port = 20000 + (os.getpid() * 11) % 20000
+    tcp = daemons(model, tmp_path / "tcp-masks", tmp_path, *ARGS, "--transport", "tcp",
+                  "--tcp-base-port", str(port), "--keys", str(keys))
+    common = ["--front", "127.0.0.1", "--tcp-base-port", str(port), "--model", str(model),
+              "--batch-size", "4", "--log-format", "json", "--out", str(tmp_path / "tcp-masks")]
+    without = subprocess.run([sys.executable, "-m", "pspnet", "worker", "executor", *common],
+                             cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert without.returncode == 2 and len(without.stderr.strip().splitlines()) == 1, \
+        without.stderr
+    assert "--keys" in without.stderr
+    remotes = [subprocess.Popen([sys.executable, "-m", "pspnet", "worker", stage, *common,
+                                 "--index", str(index), "--keys", str(folder)],
+                                cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+               for stage, index, folder in (("executor", 100, keys), ("postprocess", 101, keys),
+                                            ("executor", 102, other))]
+    try:
+        tcp.wait_ready()
+        deadline = time.monotonic() + 60
+        while len(tcp.status()["remote"]) < 2 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        answers, _ = submit_all(tcp.endpoint, photos)
+        assert sorted(a.status for a in answers) == ["ok"] * len(photos), answers
+        differ = [a.path for a in answers
+                  if not np.array_equal(mask_pixels(a.mask), expected[a.path])]
+        assert not differ, f"{len(differ)} masks differ from ipc's: {differ[:3]}"
+        time.sleep(1.5)                                   # one more heartbeat
+        status = tcp.status()
+        joined = {r["index"]: r for r in status["remote"]}
+        assert set(joined) == {100, 101}, status["remote"]   # 102's key was refused
+        assert joined[100]["processed"] + status["stages"]["executor"]["processed"] \
+            == len(photos)
+        assert remotes[2].poll() is None or remotes[2].returncode != 0
+        assert any(e.get("event") == "refused" for e in tcp.events()), tcp.tail()
+        print(f"\nFIGURE remote executor {joined[100]['processed']} images, remote "
+              f"postprocess {joined[101]['processed']}; masks = ipc's; other key refused")
+    finally:
+        for remote in remotes:
+            remote.kill()
+    assert tcp.stop() == 0, tcp.tail()

@@ -500,12 +500,11 @@ def test_watch_mode_killed_and_restarted_three_times_during_300_arrivals(
             daemon.kill_front()                        # kill -9 the front
         assert wait_dead(children) == [], "children outlived the killed front"
         recorded = set(record_names(out))
-        masked_not_recorded = {p.stem for p in out.glob("*.png")} - {Path(n).stem
-                                                                      for n in recorded}
+        masked_not_recorded = {p.stem for p in out.rglob("*.png")} - set(recorded)
         redone_candidates += len(masked_not_recorded)
-        for p in out.glob("*.png"):
+        for p in out.rglob("*.png"):
             st = p.stat()
-            written.setdefault(p.name, (st.st_ino, st.st_mtime_ns))
+            written.setdefault(p, (st.st_ino, st.st_mtime_ns))
         lives.append((len(arrived), recorded_before, len(recorded)))
         daemon = daemons(tiny_models["logits"], out, tmp_path, *args)
         daemon.wait_ready()
@@ -529,13 +528,13 @@ def test_watch_mode_killed_and_restarted_three_times_during_300_arrivals(
     assert duplicated == 0, "an image was recorded (processed) twice"
     entries = watch_record(out)
     assert all(e["status"] == "ok" for e in entries), [e for e in entries if e["status"] != "ok"]
-    masks = sorted(p.stem for p in out.glob("*.png"))
-    assert masks == sorted(Path(n).stem for n in arrived)
+    masks = sorted(p.stem for p in out.rglob("*.png"))
+    assert masks == sorted(arrived)
     redone = [name for name, (ino, mtime) in written.items()
-              if ((st := (out / name).stat()).st_ino, st.st_mtime_ns) != (ino, mtime)]
+              if ((st := name.stat()).st_ino, st.st_mtime_ns) != (ino, mtime)]
     assert redone == [], f"masks written again after a restart: {redone}"
     recovered = [e for e in entries if e.get("recovered")]
-    for p in out.glob("*.png"):
+    for p in out.rglob("*.png"):
         mask_pixels(p)
     print(f"\nFIGURE watch: {WATCH_ARRIVALS} arrivals ({WATCH_PRESENT} present at the "
           f"start, {len(slowly)} written slowly), {WATCH_KILLS} kill -9 + restart, "

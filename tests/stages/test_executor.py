@@ -13,6 +13,7 @@ import zmq
 
 from pspnet.core import wire
 from pspnet.core.config import Addresses, PipelineConfig
+from pspnet.core.trust import Trust, new_secret
 from pspnet.model.manifest import Manifest
 from pspnet.stages.executor import Executor, next_with_credit
 
@@ -70,13 +71,14 @@ class ExecutorAlone:
         ctx = zmq.Context.instance()
         self.front = ctx.socket(zmq.ROUTER)     # executor's notes, errors, heartbeats -> test
         self.front.bind(addrs.control)
-        child = Child("executor", 0, cfg, addrs, supervised=False)
+        self.trust = Trust(new_secret())
+        child = Child("executor", 0, cfg, addrs, self.trust, supervised=False)
         self.name = child.name
         self.executor = Executor(child, backend, **kwargs)  # type: ignore[arg-type]
         self.images = ctx.socket(zmq.PUSH)      # test (as preprocess) -> executor
         self.images.connect(child.inputs)
         self.outputs = ctx.socket(zmq.DEALER)   # executor -> test (as postprocess)
-        self.outputs.setsockopt(zmq.IDENTITY, b"postprocess-0-1")
+        self.outputs.setsockopt(zmq.IDENTITY, self.trust.identity("postprocess-0-1", "credits"))
         self.outputs.connect(child.outputs)
         self.outputs.send_multipart(wire.encode(wire.Credit(credits)))
         self.notes: list[wire.Message] = []
@@ -88,10 +90,14 @@ class ExecutorAlone:
         time.sleep(settle_s)                    # let the images sent so far arrive (ipc)
         threading.Thread(target=self.executor.run, daemon=True).start()
 
-    def send(self, i: int, to: str | None = None) -> None:
+    def send(self, i: int, to: str | None = None, token: str | None = None) -> None:
+        """Image `i` as the front's preprocess would send it (with its token), or with
+        `token` given."""
         place = wire.Placement(64, 64, 1.0, 0, 0, 64, 64)
+        to = to or self.name
+        token = self.trust.token(str(i), 0, to) if token is None else token
         self.images.send_multipart(wire.encode(wire.Image(
-            wire.Request(str(i), "/x"), place, to or self.name, self.pixels)))
+            wire.Request(str(i), "/x", token=token), place, to, self.pixels)))
 
     def output_ids(self, n: int) -> list[str]:
         return [wire.decode(self.outputs.recv_multipart()).request.id for _ in range(n)]
@@ -306,6 +312,41 @@ def test_executor_takes_only_images_meant_for_this_life_and_says_what_it_took(ti
     beat = alone.next_note(wire.Heartbeat, timeout_s=5)
     assert beat.inputs.startswith("ipc://") and beat.capacity == 8 and beat.batch == 4
     assert not alone.outputs.poll(300)           # the stale image never went out
+    alone.close()
+
+
+def test_executor_takes_pixels_only_with_their_token_and_credits_only_from_the_front(
+        tiny_models, tmp_path):
+    """Issue 23: forged pixels pushed to the executor under a victim's request id made 100
+    of 200 masks the forger's, and a socket claiming 4096 credits on its output port was
+    sent 93 outputs (paths and logits). Pixels without the token the front made for that
+    request and this executor, or with one made for another executor or attempt, are
+    dropped and counted; a peer whose identity the front's secret did not make is sent
+    nothing, whatever name it takes."""
+    manifest = Manifest.read(tiny_models["labels"])
+    backend = SlowBackend(4, manifest.input_size, transfer_s=0.0, compute_s=0.0)
+    alone = ExecutorAlone(tiny_models["labels"], tmp_path, backend, max_wait_ms=1000,
+                          credits=4)
+    thief = zmq.Context.instance().socket(zmq.DEALER)   # a forger asking for outputs
+    thief.setsockopt(zmq.IDENTITY, b"postprocess-0-1")  # under the real worker's name
+    thief.connect(alone.outputs.getsockopt_string(zmq.LAST_ENDPOINT))
+    thief.send_multipart(wire.encode(wire.Credit(4096)))
+    forger = Trust(new_secret())                        # a secret of its own
+    alone.send(0, token="")                             # no token
+    alone.send(1, token=forger.token("1", 0, alone.name))
+    alone.send(2, token=alone.trust.token("2", 0, "executor-9-9"))   # another executor's
+    alone.send(3, token=alone.trust.token("3", 1, alone.name))       # another attempt's
+    for i in range(10, 14):
+        alone.send(i)
+    assert sorted(alone.output_ids(4), key=int) == ["10", "11", "12", "13"]
+    assert not thief.poll(300) and not alone.outputs.poll(300)
+    deadline = time.monotonic() + 5
+    while True:                                         # the counts reach the heartbeat
+        beat = alone.next_note(wire.Heartbeat, timeout_s=5)
+        if beat.counters.get("forged_dropped", 0) >= 5 or time.monotonic() > deadline:
+            break
+    assert beat.counters["forged_dropped"] == 5 and beat.counters["processed"] == 4
+    thief.close(0)
     alone.close()
 
 

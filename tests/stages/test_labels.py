@@ -27,7 +27,7 @@ from pspnet.model.labels import (
     read_ground_truth,
 )
 from pspnet.model.manifest import VOC_CLASSES, voc_palette
-from pspnet.model.masks import mask_path, write_mask
+from pspnet.model.masks import MAX_NAME_BYTES, mask_path, write_mask
 from pspnet.model.metrics import IoUAccumulator
 from tests.bad_images import GT_EXPECT, write_corpus
 
@@ -196,34 +196,45 @@ def test_write_mask_refusals(tmp_path: Path) -> None:
         write_mask(np.zeros((4, 4), np.uint8), tmp_path / "a.png", [[0, 0, 300]])
 
 
-@pytest.mark.parametrize(("name", "stem"), [
-    ("/data/VOC2012/JPEGImages/2007_000033.jpg", "2007_000033"),
-    ("2007_000033", "2007_000033"),
-    ("../../etc/passwd", "passwd"),
-    ("C:\\images\\cat.photo.JPG", "cat.photo"),
-    (".hidden.jpg", "hidden"),
-    ("..evil.jpg", "evil"),
-    ("weird name;rm -rf $HOME.jpg", "weird_name_rm_-rf__HOME"),
-    ("café.jpg", "café"),
-    ("x" * 400 + ".jpg", "x" * 200),
+@pytest.mark.parametrize("name", [
+    "/data/VOC2012/JPEGImages/2007_000033.jpg", "../../etc/passwd", "C:\\images\\cat.JPG",
+    ".hidden.jpg", "weird name;rm -rf $HOME.jpg", "café.jpg", "a/./b/../x.jpg",
 ])
-def test_mask_path_sanitises(tmp_path: Path, name: str, stem: str) -> None:
+def test_mask_path_mirrors_the_real_path(tmp_path: Path, name: str) -> None:
+    """Below --out, the image's real path, its whole name and `.png`: nothing cut away."""
+    real = Path(os.path.realpath(name))
     path = mask_path(tmp_path, name)
-    assert path == tmp_path.resolve() / f"{stem}.png"
+    assert path == tmp_path.resolve().joinpath(*real.parts[1:-1], real.name + ".png")
 
 
-@pytest.mark.parametrize("name", ["", ".", "..", "/", "dir/", "a\x00b.jpg", "...", "/x/.."])
+def test_mask_path_cuts_a_long_name_and_keeps_it_apart(tmp_path: Path) -> None:
+    first, second = mask_path(tmp_path, "/p/" + "x" * 250 + "a.jpg"), \
+        mask_path(tmp_path, "/p/" + "x" * 250 + "b.jpg")
+    assert first != second and first.parent == second.parent == tmp_path.resolve() / "p"
+    assert len(first.name.encode()) <= MAX_NAME_BYTES + len(".png")
+    assert first.name.startswith("x" * 150) and first.suffix == ".png"
+
+
+@pytest.mark.parametrize("name", ["", "/", "a\x00b.jpg"])
 def test_mask_path_refuses(tmp_path: Path, name: str) -> None:
     with pytest.raises(ValueError):
         mask_path(tmp_path, name)
 
 
+def test_mask_path_refuses_a_link_on_the_way_out(tmp_path: Path) -> None:
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "data").symlink_to(tmp_path / "elsewhere")
+    with pytest.raises(ValueError, match="leaves the output directory"):
+        mask_path(tmp_path / "out", "/data/cat.jpg")
+
+
 def test_mask_path_refuses_symlink(tmp_path: Path) -> None:
     (tmp_path / "elsewhere.png").write_bytes(b"")
     (tmp_path / "out").mkdir()
-    (tmp_path / "out" / "cat.png").symlink_to(tmp_path / "elsewhere.png")
+    (tmp_path / "out" / "cat.jpg.png").symlink_to(tmp_path / "elsewhere.png")
     with pytest.raises(ValueError, match="symbolic link"):
-        mask_path(tmp_path / "out", "cat.jpg")
+        mask_path(tmp_path / "out", "/cat.jpg")
 
 
 # ---------------------------------------------------------------------------------------

@@ -1,5 +1,5 @@
-"""Images whose names cut down to the same mask name: the first keeps it, the others are
-told, and the same image processed again still replaces its own mask."""
+"""Mask names: images named alike each get a mask of their own, the same image processed
+again replaces its own, and a name held by another image is never overwritten."""
 
 from __future__ import annotations
 
@@ -47,11 +47,25 @@ def images(tmp_path: Path, *names: str) -> list[Path]:
 
 @pytest.mark.parametrize("names", [("a/x.jpg", "b/x.jpg"), ("x.jpg", "x.png"),
                                    ("with space.jpg", "with_space.jpg")])
-def test_a_second_image_with_the_same_mask_name_is_refused(tmp_path: Path, names) -> None:
+def test_images_with_the_same_name_get_masks_of_their_own(tmp_path: Path, names) -> None:
+    """Issue 24: two photos named alike in different folders (or x.jpg beside x.png) both get
+    a mask, each below --out where the image sits below /."""
     first, second = images(tmp_path, *names)
     out = tmp_path / "out"
-    target = mask_path(out, str(first))
-    assert mask_path(out, str(second)) == target
+    targets = [mask_path(out, str(image)) for image in (first, second)]
+    assert targets[0] != targets[1]
+    for value, (image, target) in enumerate(zip((first, second), targets, strict=True), 1):
+        assert target == out.resolve() / f"{str(image.resolve())[1:]}.png"
+        write_mask(labels(value), target, PALETTE, source=image)
+    for value, (image, target) in enumerate(zip((first, second), targets, strict=True), 1):
+        assert (read_ground_truth(target) == value).all()
+        assert recorded_source(target) == str(image.resolve())
+
+
+def test_a_name_taken_by_another_image_is_refused(tmp_path: Path) -> None:
+    """The claim stays as a guard: a mask that records another image is never replaced."""
+    first, second = images(tmp_path, "a/x.jpg", "b/x.jpg")
+    target = tmp_path / "out" / "x.png"
     write_mask(labels(1), target, PALETTE, source=first)
     with pytest.raises(MaskNameTaken) as caught:
         write_mask(labels(2), target, PALETTE, source=second)
@@ -59,19 +73,21 @@ def test_a_second_image_with_the_same_mask_name_is_refused(tmp_path: Path, names
                                  f"{first.resolve()}; rename one of them")
     assert (read_ground_truth(target) == 1).all()          # the first mask is untouched
     assert recorded_source(target) == str(first.resolve())
-    assert sorted(p.name for p in out.iterdir()) == [target.name]   # no temp left behind
+    assert sorted(p.name for p in target.parent.iterdir()) == [target.name]   # no temp left
 
 
 def test_the_same_image_again_replaces_its_own_mask(tmp_path: Path) -> None:
     (image,) = images(tmp_path, "x.jpg")
     target = mask_path(tmp_path / "out", str(image))
     write_mask(labels(1), target, PALETTE, source=image)
-    write_mask(labels(2), target, PALETTE, source=str(image))
+    write_mask(labels(2), mask_path(tmp_path / "out", image), PALETTE, source=str(image))
     assert (read_ground_truth(target) == 2).all()
     link = tmp_path / "in" / "alias.jpg"                    # another name of the same file
     link.symlink_to(image)
+    assert mask_path(tmp_path / "out", link) == target
     write_mask(labels(3), target, PALETTE, source=link)
     assert (read_ground_truth(target) == 3).all()
+    assert [p.name for p in target.parent.iterdir()] == [target.name]
 
 
 def test_the_source_is_a_text_chunk_and_pixels_and_palette_are_unchanged(tmp_path: Path,
@@ -186,10 +202,10 @@ def test_undecodable_file_names_are_recorded_and_compared(tmp_path: Path) -> Non
     assert recorded_source(target).endswith("caf\\xe9.jpg")
 
 
-def test_watch_mode_records_the_refused_one_and_does_not_redo_it(tiny_models, photo_files,
-                                                                 tmp_path, daemons):
-    """x.jpg and x.png in a watched folder: one mask, one error, both in the record; a
-    restart submits neither again."""
+def test_watch_mode_masks_x_jpg_and_x_png_apart_and_does_not_redo_them(
+        tiny_models, photo_files, tmp_path, daemons):
+    """x.jpg and x.png in a watched folder: two masks, both in the record, where
+    mask_path puts them; a restart submits neither again."""
     inbox, out = tmp_path / "inbox", tmp_path / "masks"
     inbox.mkdir()
     shutil.copy(photo_files[0], inbox / "x.jpg")
@@ -206,12 +222,13 @@ def test_watch_mode_records_the_refused_one_and_does_not_redo_it(tiny_models, ph
         assert daemon.stop() == 0, daemon.logs()
     entries = {e["name"]: e for e in watch_record(out)}
     assert sorted(entries) == ["x.jpg", "x.png"]
-    ok = [e for e in entries.values() if e["status"] == "ok"]
-    (refused,) = [e for e in entries.values() if e["status"] == "error"]
-    assert len(ok) == 1 and ok[0]["mask"] == str(out.resolve() / "x.png")
-    assert refused["error"] == (f"mask name x.png already holds the mask of "
-                                f"{(inbox / ok[0]['name']).resolve()}; rename one of them")
-    assert recorded_source(out / "x.png") == str((inbox / ok[0]["name"]).resolve())
+    for name, entry in entries.items():
+        assert entry["status"] == "ok", entry
+        assert entry["mask"] == str(mask_path(out, inbox / name))
+        assert recorded_source(Path(entry["mask"])) == str((inbox / name).resolve())
+        with Image.open(inbox / name) as im:
+            assert entry["size"] == [im.height, im.width]       # what was found, recorded
+        assert sum(pixels for _, _, pixels in entry["found"]) == im.height * im.width
     daemon = daemons(tiny_models["logits"], out, tmp_path, *args)
     try:
         daemon.wait_ready()

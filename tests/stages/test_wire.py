@@ -186,3 +186,30 @@ def test_decode_as_refuses_another_kind():
     assert wire.decode_as(frames, wire.Took) == wire.Took(("x",))
     with pytest.raises(wire.WireError, match="expected Image, got Took"):
         wire.decode_as(frames, wire.Image)
+
+
+@pytest.mark.parametrize("kind", ["image", "output"])
+def test_a_placement_over_max_pixels_costs_its_frame(kind):
+    """Issue 23: a frame claiming a 2^20 x 2^20 placement made postprocess try to allocate
+    4 TB (uncaught, 4 restarts). decode refuses it against the stage's --max-pixels, with
+    the request id, before anything allocates; the same frame under the bound is read."""
+    huge = wire.Placement(1 << 20, 1 << 20, 1.0, 0, 0, 8, 8)
+    request = wire.Request("victim", "/x.jpg")
+    pixels = np.zeros((8, 8, 3), np.uint8)
+    msg = (wire.Image(request, huge, "executor-0-1", pixels) if kind == "image"
+           else wire.Output(request, huge, "labels", pixels[:, :, 0]))
+    frames = [bytes(f) for f in wire.encode(msg)]
+    with pytest.raises(wire.WireError, match="placement claims") as caught:
+        wire.decode(frames)
+    assert caught.value.request_id == "victim"
+    with pytest.raises(wire.WireError, match="placement claims"):
+        wire.decode_as(frames, type(msg), max_pixels=(1 << 40) - 1)
+    assert wire.decode_as(frames, type(msg), max_pixels=1 << 40).placement == huge
+
+
+def test_a_placement_box_beyond_any_model_input_is_refused():
+    box = wire.Placement(100, 100, 1.0, 0, 0, wire.MAX_SIDE_PIXELS + 1, 8)
+    frames = [bytes(f) for f in wire.encode(
+        wire.Output(wire.Request("r", "/x"), box, "labels", np.zeros((8, 8), np.uint8)))]
+    with pytest.raises(wire.WireError, match="placement box"):
+        wire.decode(frames)

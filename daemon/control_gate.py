@@ -1,0 +1,142 @@
+"""The gate of the front's control port: who may speak there, and which answers count.
+
+The front calls it at one point per message (`Front.read`) and where it hands out work:
+
+- with `--transport tcp` the port speaks CurveZMQ and admits only the worker key (ZAP,
+  core.keys); the tokens' secret is derived from that key, so that workers on other hosts
+  verify them too, and the front's own workers prove their identities with a second secret
+  only they hold (core.trust); with ipc the 0700 run directory keeps others out and the
+  secret is random;
+- a message counts only under an identity one of those secrets made, and on ipc only from
+  the pid the kernel reports for its connection;
+- an answer counts only with its request's token, from a worker the ledger says holds it.
+
+What fails raises `Forged`: the front counts it and drops it, never delivers it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Any
+
+import zmq
+
+from pspnet.core import wire
+from pspnet.core.config import PipelineConfig
+from pspnet.core.keys import (
+    WORKERS,
+    HandshakeLog,
+    KeyAuthenticator,
+    Keys,
+    serve_curve,
+    start_authenticator,
+)
+from pspnet.core.trust import Refusals, Trust, new_secret, peer_pid
+from pspnet.daemon.ledger import Entry
+
+NAME = re.compile(r"^(preprocess|executor|postprocess)-(\d{1,4})-(\d{1,10})$")
+PROVEN_KEPT = 1024              # identities whose tag was verified, remembered
+
+
+class Forged(Exception):
+    """A message the front did not hand out the right to send (core.trust)."""
+
+
+class ControlGate:
+    def __init__(self, cfg: PipelineConfig, log: Any) -> None:
+        self.cfg = cfg
+        self.refusals = Refusals(log.warning)
+        self.trust = Trust(new_secret())
+        self.curve: dict[str, str] | None = None     # the workers' keys, for their start
+        self._auth: KeyAuthenticator | None = None
+        self._handshakes: HandshakeLog | None = None
+        self._proven: dict[bytes, tuple[str, bool]] = {}   # identity -> (name, own)
+
+    # ---- the socket ------------------------------------------------------------------
+
+    def secure(self, ctx: zmq.Context, control: zmq.Socket) -> None:
+        """Before `control` binds. Raises KeysError or OSError for unreadable --keys."""
+        if self.cfg.transport != "tcp":
+            return
+        keys = Keys.for_daemon(self.cfg.keys_dir) if self.cfg.keys_dir else Keys.fresh()
+        serve_curve(control, keys.server_public, keys.server_secret or b"", WORKERS)
+        self._auth = start_authenticator(ctx, self.refusals, {WORKERS: keys.worker_public})
+        self.trust = Trust(keys.token_secret(), new_secret())
+        self.curve = keys.for_children()
+
+    def listening(self, control: zmq.Socket) -> None:
+        """Once bound: handshakes it refuses are logged (peers without CURVE)."""
+        if self._auth is not None:
+            self._handshakes = HandshakeLog(control, self.refusals)
+
+    def close(self) -> None:
+        """The handshake log and the ZAP thread end before the socket they watch."""
+        if self._handshakes is not None:
+            self._handshakes.stop()
+            self._handshakes = None
+        if self._auth is not None:
+            self._auth.stop()
+            self._auth = None
+
+    # ---- what is handed out ------------------------------------------------------------
+
+    def route(self, worker: str) -> bytes:
+        """The identity the front sends to worker `worker` under."""
+        return self.trust.identity(worker)
+
+    def dispatched(self, request: wire.Request, executor: str) -> wire.Request:
+        """The request as dispatched for `executor`: with its token."""
+        r = request
+        return wire.Request(r.id, r.path, r.ann, r.attempt,
+                            self.trust.token(r.id, r.attempt, executor))
+
+    # ---- what comes in -----------------------------------------------------------------
+
+    def sender(self, identity: zmq.Frame, frames: list[zmq.Frame]) -> tuple[str, bool]:
+        """(the worker name a message comes from, whether the front started it)."""
+        proven = self._proven.get(identity.bytes)
+        if proven is None:                   # one HMAC per identity, not per message
+            proven = self.trust.origin(identity.bytes)
+            if proven is not None:
+                if len(self._proven) >= PROVEN_KEPT:
+                    self._proven.clear()
+                self._proven[identity.bytes] = proven
+        match = None if proven is None else NAME.match(proven[0])
+        if proven is None or match is None:
+            raise Forged("an identity the front did not hand out")
+        pid = peer_pid(frames[0]) if frames and self.cfg.transport == "ipc" else None
+        if pid is not None and pid != int(match[3]):
+            raise Forged(f"{proven[0]} speaking from pid {pid}")
+        return proven
+
+    def check_answer(self, result: wire.Result, sender: str, attempt: int,
+                     executor: str | None, holders: tuple[str, ...], known: bool) -> None:
+        """An answer to the current attempt: its token, and a sender that holds it (or, a
+        postprocess worker the front knows (`known`): the executor's note that handed it
+        the request may still be on its way)."""
+        if not self.trust.answers(result, attempt, executor):
+            raise Forged(f"an answer to {result.id} without its token")
+        if sender not in holders and not (sender.startswith("postprocess-") and known):
+            raise Forged(f"{sender} answers {result.id}, held by {holders}")
+
+    def admitted(self, result: wire.Result, sender: str, entry: Entry, known: bool,
+                 areas_shape: tuple[int, ...]) -> wire.Result | None:
+        """The answer as the front may deliver it, or None for a forged one (`check_answer`;
+        refused: logged at most once per peer and reason). Areas that do not fit the
+        model's classes (`areas_shape`) make it an error answer, checked before anything
+        adds them: the request is answered, never lost."""
+        try:
+            self.check_answer(result, sender, entry.request.attempt, entry.executor,
+                              entry.holders, known)
+        except Forged as exc:
+            self.refusals.refuse(sender, str(exc))
+            return None
+        if result.areas is not None and result.areas.shape != areas_shape:
+            return dataclasses.replace(result, status=wire.ERROR, areas=None,
+                                       error=f"areas {result.areas.shape}, the model has "
+                                             f"{areas_shape[-1]} classes")
+        return result
+
+    def refused(self, identity: zmq.Frame, why: Forged) -> None:
+        self.refusals.refuse(identity.bytes[:40].decode("ascii", "replace"), str(why))
