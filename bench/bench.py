@@ -21,10 +21,11 @@ from pathlib import Path
 from typing import Any
 
 from pspnet.bench import executor_only, machine
-from pspnet.bench.e2e import STAGES, E2ERunner, default_backlog
+from pspnet.bench.e2e import E2ERunner, default_backlog
 from pspnet.bench.inputs import BenchInputs
 from pspnet.bench.serial import SerialRunner
 from pspnet.core.config import PipelineConfig
+from pspnet.core.pipeline import STAGES
 from pspnet.model.manifest import Manifest
 
 

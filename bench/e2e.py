@@ -23,7 +23,6 @@ from pspnet.core.status import Status
 from pspnet.daemon.front import Front
 from pspnet.model.metrics import IoUAccumulator
 
-STAGES = ("preprocess", "executor", "postprocess")
 STEADY_TRIM = 0.15             # steady rate: answers 15%..85% of a pass
 
 

@@ -21,6 +21,8 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from pspnet.core.pipeline import Stage
+
 COUNTER = "counter"      # only grows; a dead worker's share is kept by the front
 GAUGE = "gauge"          # a level at the moment of the snapshot
 
@@ -99,13 +101,13 @@ class WorkerFigures:
     cpu_s: float = figure("CPU seconds each stage's processes used (every thread), summed",
                           metric="pspnet_stage_cpu_seconds")
     batches: int = figure("Batches the executors ran", metric="pspnet_executor_batches",
-                          stage="executor")
+                          stage=Stage.EXECUTOR)
     filler: int = figure("Empty rows padding partial batches to the built batch size "
                          "each ran at",
-                         metric="pspnet_executor_filler_rows", stage="executor")
+                         metric="pspnet_executor_filler_rows", stage=Stage.EXECUTOR)
     stale_dropped: int = figure("Images an executor dropped as meant for its previous life "
                                 "(the front had retried them already)",
-                                metric="pspnet_executor_stale_dropped", stage="executor")
+                                metric="pspnet_executor_stale_dropped", stage=Stage.EXECUTOR)
     forged_dropped: int = figure("Messages a stage dropped as not handed out by the front: "
                                  "pixels or outputs without their request's token, credits "
                                  "from a peer it did not start",

@@ -33,7 +33,8 @@ from pspnet.core import wire
 
 SECRET_BYTES = 32
 TOKEN_HEX = 32                  # 128 bits of HMAC-SHA256, in hex
-ROLES = ("main", "runner", "vouch", "credits")   # the sockets a worker opens to another
+ROLES = ("main", "vouch", "credits")   # the sockets a worker opens to another (notes and
+                                       # answers all leave on "main", in order)
 REFUSAL_LOG_S = 10.0            # one log line per peer (and reason) at most this often
 MAX_LOGGED_PEERS = 1024         # peers remembered for that; the oldest are forgotten
 

@@ -10,6 +10,7 @@ of crashing a stage.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -18,7 +19,9 @@ from typing import Any, TypeVar
 import msgpack
 import numpy as np
 
-WIRE_VERSION = 2
+from pspnet.core.pipeline import Stage
+
+WIRE_VERSION = 3
 MAX_HEADER_BYTES = 64 * 1024        # msgpack header frame
 MAX_STRING_CHARS = 4096             # paths, ids, error messages
 MAX_NAME_CHARS = 64                 # a worker's name: stage-index-pid
@@ -35,13 +38,14 @@ MAX_CONTROL_FRAME_BYTES = 1 << 20   # a frame on a control socket (ZMQ_MAXMSGSIZ
 
 # Message kinds: explicit, never inferred from frame counts. Pixels and outputs flow between
 # the stage processes (DISPATCH names where to send them); the front carries control only.
-DISPATCH = "dispatch"    # front -> preprocess: decode this, send the pixels to executor `to`
+DISPATCH = "dispatch"    # front -> preprocess: decode these, send the pixels to executor `to`
 IMAGE = "image"          # preprocess -> executor: letterboxed uint8 pixels
 OUTPUT = "output"        # executor -> postprocess: one image's logits or labels
 CREDIT = "credit"        # postprocess -> executor: room for this many more outputs
 TOOK = "took"            # executor -> front: these requests are in a batch (room again)
 HANDED = "handed"        # preprocess / executor -> front: these requests left me for `to`
 RESULT = "result"        # a stage -> front, front -> client: the answer for one request
+RESULTS = "results"      # the same for several requests at once (control per batch)
 HEARTBEAT = "heartbeat"  # every worker -> front, from its work loop: alive, where, counters
 PEERS = "peers"          # front -> postprocess: the executors' output addresses
 SUBMIT = "submit"        # client -> daemon: run these paths
@@ -49,13 +53,67 @@ STATUS = "status"        # client -> daemon: how are things
 REPLY = "reply"          # daemon -> client: answer to submit (accepted/busy), status, cancel
 CANCEL = "cancel"        # client -> daemon: drop these requests of mine that have not started
 
-KINDS = (DISPATCH, IMAGE, OUTPUT, CREDIT, TOOK, HANDED, RESULT, HEARTBEAT, PEERS, SUBMIT,
-         STATUS, REPLY, CANCEL)
+KINDS = (DISPATCH, IMAGE, OUTPUT, CREDIT, TOOK, HANDED, RESULT, RESULTS, HEARTBEAT, PEERS,
+         SUBMIT, STATUS, REPLY, CANCEL)
 OK, ERROR = "ok", "error"
 STORAGE = "storage"          # the mask could not be stored: disk full, quota, read-only, EIO
 INCOMPLETE = "incomplete"    # the input looked unfinished (empty, truncated): it may change
 CAUSES = (STORAGE, INCOMPLETE)
 ARRAY_DTYPES = {"uint8", "int32", "int64", "float16", "float32"}
+
+
+class WorkerId:
+    """Who a worker is: its stage, its number in that stage, and this life's pid. On the
+    wire (a socket identity, a note's `to`) it is `stage-index-pid`, so each life of a
+    worker is a new peer; `parse` is the one reader of that form."""
+
+    __slots__ = ("stage", "index", "pid", "text")
+
+    def __init__(self, stage: Stage, index: int, pid: int) -> None:
+        self.stage, self.index, self.pid = Stage(stage), index, pid
+        self.text = f"{self.stage.value}-{index}-{pid}"
+
+    def __str__(self) -> str:
+        return self.text
+
+    def __repr__(self) -> str:
+        return f"WorkerId({self.text!r})"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, WorkerId) and other.text == self.text
+
+    def __hash__(self) -> int:
+        return hash(self.text)
+
+    def encode(self) -> bytes:
+        """As a ZeroMQ socket identity."""
+        return self.text.encode("ascii")
+
+    @classmethod
+    def parse(cls, text: str | bytes) -> WorkerId:
+        """`stage-index-pid` -> WorkerId, or WireError for anything else."""
+        if isinstance(text, bytes | bytearray | memoryview):
+            text = bytes(text).decode("ascii", "replace")
+        parts = text.split("-") if len(text) <= MAX_NAME_CHARS else ()
+        if len(parts) != 3 or parts[0] not in _STAGE_NAMES or not _digits(parts[1], 4) \
+                or not _digits(parts[2], 10):
+            raise WireError(f"not a worker's name (stage-index-pid): {text[:80]!r}")
+        return cls(Stage(parts[0]), int(parts[1]), int(parts[2]))
+
+
+_STAGE_NAMES = frozenset(s.value for s in Stage)
+
+
+@functools.lru_cache(maxsize=4096)
+def peer(identity: bytes) -> WorkerId:
+    """A socket identity -> WorkerId, parsed once per peer (the front hears it on every
+    message), or WireError. `name/what` is a helper thread's own socket of worker `name`
+    (its heartbeats during a long step)."""
+    return WorkerId.parse(identity.split(b"/", 1)[0])
+
+
+def _digits(text: str, most: int) -> bool:
+    return 0 < len(text) <= most and text.isascii() and text.isdigit()
 
 
 class WireError(ValueError):
@@ -95,10 +153,11 @@ class Placement:
 
 @dataclass(frozen=True)
 class Dispatch:
-    """Front -> preprocess: one request, and the executor (`to`, listening at `address`)
-    whose room the front has set aside for its pixels."""
+    """Front -> preprocess: a group of requests, and the executor (`to`, listening at
+    `address`) whose room the front has set aside for their pixels. One message per group:
+    the front's cost is per message, not per image."""
 
-    request: Request
+    requests: tuple[Request, ...]
     to: str                       # the executor's name, stage-index-pid
     address: str                  # where that executor receives images
 
@@ -144,6 +203,14 @@ class Result:
 
 
 @dataclass(frozen=True)
+class Results:
+    """Several answers in one message: a postprocess worker's results of a few ms, the
+    daemon's answers to one client in one turn. Each is answered as if sent alone."""
+
+    results: tuple[Result, ...]
+
+
+@dataclass(frozen=True)
 class Took:
     """Executor -> front: these requests are in a batch now, so that room is free again."""
 
@@ -163,7 +230,7 @@ class Heartbeat:
     """Worker -> front, from its work loop: alive and making progress, where it receives
     data, how much it can hold, its counters. The first one introduces a worker."""
 
-    stage: str
+    stage: Stage
     index: int
     pid: int
     counters: dict[str, float] = field(default_factory=dict)
@@ -214,8 +281,8 @@ class Reply:
 
 M = TypeVar("M")
 
-Message = (Dispatch | Image | Output | Credit | Result | Took | Handed | Heartbeat | Peers
-           | Submit | StatusQuery | Reply | Cancel)
+Message = (Dispatch | Image | Output | Credit | Result | Results | Took | Handed | Heartbeat
+           | Peers | Submit | StatusQuery | Reply | Cancel)
 
 
 # ---------------------------------------------------------------------------------------
@@ -227,8 +294,8 @@ def encode(msg: Message) -> list[Any]:
     arrays: list[np.ndarray] = []
     header: dict[str, Any] = {"v": WIRE_VERSION}
     if isinstance(msg, Dispatch):
-        header |= {"kind": DISPATCH, "req": _request_fields(msg.request), "to": msg.to,
-                   "address": msg.address}
+        header |= {"kind": DISPATCH, "reqs": [_request_fields(r) for r in msg.requests],
+                   "to": msg.to, "address": msg.address}
     elif isinstance(msg, Image):
         header |= {"kind": IMAGE, "req": _request_fields(msg.request),
                    "place": _placement_fields(msg.placement), "to": msg.to,
@@ -242,13 +309,25 @@ def encode(msg: Message) -> list[Any]:
     elif isinstance(msg, Credit):
         header |= {"kind": CREDIT, "credits": msg.credits}
     elif isinstance(msg, Result):
-        header |= {"kind": RESULT, "id": msg.id, "attempt": msg.attempt, "status": msg.status,
-                   "path": msg.path, "mask": msg.mask, "error": msg.error, "stage": msg.stage,
-                   "cause": msg.cause, "size": None if msg.size is None else list(msg.size),
-                   "found": [list(f) for f in msg.found], "token": msg.token,
+        header |= {"kind": RESULT, **_result_fields(msg),
                    "arrays": [] if msg.areas is None else [_describe(msg.areas)]}
         if msg.areas is not None:
             arrays.append(msg.areas)
+    elif isinstance(msg, Results):
+        rows = [r.areas for r in msg.results if r.areas is not None]
+        fields, row = [], 0
+        for r in msg.results:
+            fields.append({**_result_fields(r), "areas": None if r.areas is None else row})
+            row += r.areas is not None
+        header |= {"kind": RESULTS, "results": fields}
+        if rows:                   # one frame: every areas array stacked, K x 4 x C
+            stacked = np.stack(rows) if len({a.shape for a in rows}) == 1 else None
+            if stacked is None:
+                raise ValueError("the results of one message count the same classes")
+            header["arrays"] = [_describe(stacked)]
+            arrays.append(stacked)
+        else:
+            header["arrays"] = []
     elif isinstance(msg, Took):
         header |= {"kind": TOOK, "ids": list(msg.ids)}
     elif isinstance(msg, Handed):
@@ -275,6 +354,20 @@ def encode(msg: Message) -> list[Any]:
     frames: list[Any] = [msgpack.packb(header, use_bin_type=True)]
     frames.extend(np.ascontiguousarray(a).data for a in arrays)
     return frames
+
+
+def _result_fields(r: Result) -> dict[str, Any]:
+    return {"id": r.id, "attempt": r.attempt, "status": r.status, "path": r.path,
+            "mask": r.mask, "error": r.error, "stage": r.stage, "cause": r.cause,
+            "size": None if r.size is None else list(r.size),
+            "found": [list(f) for f in r.found], "token": r.token}
+
+
+def result_size(r: Result) -> int:
+    """About how many header bytes a result takes (a sender keeps a message under
+    MAX_HEADER_BYTES by it)."""
+    return 128 + sum(len(s) for s in (r.id, r.path, r.mask or "", r.error or "", r.stage,
+                                      r.token)) + sum(24 + len(f[1]) for f in r.found)
 
 
 def _request_fields(r: Request) -> dict[str, Any]:
@@ -402,6 +495,8 @@ def _is_int(x: Any) -> bool:
 
 def _string(h: dict[str, Any], key: str, optional: bool = False, empty: bool = False) -> Any:
     value = h.get(key)
+    if type(value) is str and 0 < len(value) <= MAX_STRING_CHARS and "\x00" not in value:
+        return value                      # the common case, checked at once
     if value is None and optional:
         return None
     if not isinstance(value, str) or len(value) > MAX_STRING_CHARS or (not value and not empty):
@@ -466,7 +561,10 @@ def _name(h: dict[str, Any], key: str, empty: bool = False) -> str:
 
 def _decode_dispatch(h: dict[str, Any], frames: Sequence[Any], _: int) -> Dispatch:
     _no_arrays(frames)
-    return Dispatch(_request(h.get("req")), to=_name(h, "to"),
+    reqs = h.get("reqs")
+    if not isinstance(reqs, list) or not 1 <= len(reqs) <= MAX_IDS:
+        raise WireError(f"dispatch carries 1..{MAX_IDS} requests")
+    return Dispatch(tuple(_request(r) for r in reqs), to=_name(h, "to"),
                     address=_string(h, "address"))
 
 
@@ -489,7 +587,12 @@ def _ids(h: dict[str, Any], key: str) -> tuple[str, ...]:
     ids = h.get(key)
     if not isinstance(ids, list) or len(ids) > MAX_IDS:
         raise WireError(f"field {key!r} must be a list of ids")
-    return tuple(_string({key: i}, key) for i in ids)
+    # one pass over the list, not a call per id: a note carries a batch of them
+    if not all(type(i) is str and 0 < len(i) <= MAX_STRING_CHARS and "\x00" not in i
+               for i in ids):
+        for i in ids:                     # which one, and why
+            _string({key: i}, key)
+    return tuple(ids)
 
 
 def _decode_image(h: dict[str, Any], frames: Sequence[Any], _: int) -> Image:
@@ -519,10 +622,34 @@ def _decode_output(h: dict[str, Any], frames: Sequence[Any], _: int) -> Output:
     return Output(request, placement, head, data)
 
 
+def _decode_results(h: dict[str, Any], frames: Sequence[Any], _: int) -> Results:
+    fields = h.get("results")
+    if not isinstance(fields, list) or not 1 <= len(fields) <= MAX_IDS:
+        raise WireError(f"results carries 1..{MAX_IDS} answers")
+    specs = h.get("arrays")
+    if not isinstance(specs, list) or len(specs) > 1:
+        raise WireError("results carry at most one array")
+    stacked = _arrays(h, frames, len(specs))
+    if stacked and (stacked[0].dtype != np.int64 or stacked[0].ndim != 3
+                    or stacked[0].shape[1] != 4):
+        raise WireError("areas must be int64 K x 4 x C")
+    rows = stacked[0] if stacked else np.empty((0, 4, 0), np.int64)
+    results, used = [], set()
+    for f in fields:
+        if not isinstance(f, dict):
+            raise WireError("each result is a map")
+        row = f.get("areas")
+        if row is not None and (not _is_int(row) or not 0 <= row < len(rows) or row in used):
+            raise WireError("a result's areas must name a row of the areas frame once",
+                            _peek_id(f))
+        used.add(row)
+        results.append(_result(f, None if row is None else rows[row]))
+    if len(used - {None}) != len(rows):
+        raise WireError("rows of the areas frame that no result names")
+    return Results(tuple(results))
+
+
 def _decode_result(h: dict[str, Any], frames: Sequence[Any], _: int) -> Result:
-    status = h.get("status")
-    if status not in (OK, ERROR):
-        raise WireError(f"result status {status!r}")
     specs = h.get("arrays")
     n = len(specs) if isinstance(specs, list) else -1
     if n not in (0, 1):
@@ -534,6 +661,13 @@ def _decode_result(h: dict[str, Any], frames: Sequence[Any], _: int) -> Result:
             raise WireError("areas must be int64 4 x C")
     else:
         _arrays(h, frames, 0)
+    return _result(h, areas)
+
+
+def _result(h: dict[str, Any], areas: np.ndarray | None) -> Result:
+    status = h.get("status")
+    if status not in (OK, ERROR):
+        raise WireError(f"result status {status!r}")
     cause = h.get("cause")
     if cause is not None and cause not in CAUSES:
         raise WireError(f"result cause {cause!r}")
@@ -578,7 +712,10 @@ def _decode_heartbeat(h: dict[str, Any], frames: Sequence[Any], _: int) -> Heart
         if not isinstance(k, str) or len(k) > 64 or not isinstance(v, int | float) \
                 or isinstance(v, bool):
             raise WireError("counters map names to numbers")
-    return Heartbeat(stage=_string(h, "stage"), index=_int(h, "index", 0, 4096),
+    stage = h.get("stage")
+    if stage not in _STAGE_NAMES:
+        raise WireError(f"unknown stage {stage!r}")
+    return Heartbeat(stage=Stage(stage), index=_int(h, "index", 0, 4096),
                      pid=_int(h, "pid", 0, 1 << 31), counters=counters,
                      inputs=_string(h, "inputs", empty=True),
                      outputs=_string(h, "outputs", empty=True),
@@ -632,7 +769,8 @@ def _decode_reply(h: dict[str, Any], frames: Sequence[Any], _: int) -> Reply:
 
 _DECODERS = {
     DISPATCH: _decode_dispatch, IMAGE: _decode_image, OUTPUT: _decode_output,
-    CREDIT: _decode_credit, RESULT: _decode_result, TOOK: _decode_took, HANDED: _decode_handed,
+    CREDIT: _decode_credit, RESULT: _decode_result, RESULTS: _decode_results,
+    TOOK: _decode_took, HANDED: _decode_handed,
     HEARTBEAT: _decode_heartbeat, PEERS: _decode_peers, SUBMIT: _decode_submit,
     STATUS: _decode_status, REPLY: _decode_reply, CANCEL: _decode_cancel,
 }

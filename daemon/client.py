@@ -245,6 +245,9 @@ class _Submission:
             self._status(msg.body)
         elif isinstance(msg, wire.Reply):
             yield from self._reply(msg)
+        elif isinstance(msg, wire.Results):
+            for result in msg.results:
+                yield from self.handle(result)
         elif isinstance(msg, wire.Result) and msg.id in self.open_ids:
             self.open_ids.discard(msg.id)
             self.unacked.discard(msg.id)

@@ -16,6 +16,7 @@ What fails raises `Forged`: the front counts it and drops it, never delivers it.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from typing import Any
 
@@ -32,6 +33,7 @@ from pspnet.core.keys import (
     start_authenticator,
 )
 from pspnet.core.trust import Refusals, Trust, new_secret, peer_pid
+from pspnet.daemon.ledger import Entry
 
 NAME = re.compile(r"^(preprocess|executor|postprocess)-(\d{1,4})-(\d{1,10})$")
 PROVEN_KEPT = 1024              # identities whose tag was verified, remembered
@@ -117,6 +119,24 @@ class ControlGate:
             raise Forged(f"an answer to {result.id} without its token")
         if sender not in holders and not (sender.startswith("postprocess-") and known):
             raise Forged(f"{sender} answers {result.id}, held by {holders}")
+
+    def admitted(self, result: wire.Result, sender: str, entry: Entry, known: bool,
+                 areas_shape: tuple[int, ...]) -> wire.Result | None:
+        """The answer as the front may deliver it, or None for a forged one (`check_answer`;
+        refused: logged at most once per peer and reason). Areas that do not fit the
+        model's classes (`areas_shape`) make it an error answer, checked before anything
+        adds them: the request is answered, never lost."""
+        try:
+            self.check_answer(result, sender, entry.request.attempt, entry.executor,
+                              entry.holders, known)
+        except Forged as exc:
+            self.refusals.refuse(sender, str(exc))
+            return None
+        if result.areas is not None and result.areas.shape != areas_shape:
+            return dataclasses.replace(result, status=wire.ERROR, areas=None,
+                                       error=f"areas {result.areas.shape}, the model has "
+                                             f"{areas_shape[-1]} classes")
+        return result
 
     def refused(self, identity: zmq.Frame, why: Forged) -> None:
         self.refusals.refuse(identity.bytes[:40].decode("ascii", "replace"), str(why))

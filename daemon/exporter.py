@@ -37,6 +37,7 @@ from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 from prometheus_client import CollectorRegistry, Histogram, make_wsgi_app
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
+from pspnet.core.pipeline import Stage
 from pspnet.core.status import COUNTER, Family, Figure, StageStatus, Status, figures
 from pspnet.daemon.fd_budget import FdBudget
 
@@ -267,7 +268,7 @@ class StatusCollector:
         yield GaugeMetricFamily(
             "pspnet_batch_fill_ratio", f"Images over rows of the batches run in the last "
             f"{WINDOW_S:g} s (1.0: every batch full; NaN: no batch ran)",
-            value=_fill_ratio(old.stages.get("executor"), status.stages.get("executor")))
+            value=_fill_ratio(old.stages.get(Stage.EXECUTOR), status.stages.get(Stage.EXECUTOR)))
         yield GaugeMetricFamily("pspnet_images_per_second", "Requests answered per second "
                                 "over the last 10 s", value=status.images_per_s)
         if status.metrics:

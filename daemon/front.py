@@ -6,16 +6,22 @@ remote workers find it), and owns the ledger (where each request is) and the sup
 the executor with the most room as the destination of its pixels; it hears notes
 ("handed", "took"), answers and heartbeats, and tells postprocess workers where the
 executors are. Pixels and outputs never pass through it: per image it sees a few hundred
-bytes of control. Answers come out of `take_answers`; the daemon's `Server` drives the
+bytes of control, and per message, not per image: it dispatches groups, and hears one
+note per group or batch and one message of answers per few milliseconds of a worker's
+work (issue 27). A dispatch group is half a worker's room (the next one waits behind it),
+or the queue's fair share over the workers with room when less is queued, so a few
+requests are spread, not queued behind each other on one worker; while the queue is long,
+a group waits for room for all of it (notes free room a group at a time: sending what
+little room there is would shrink every later group). Its liveness side is the `Roster`,
+its answers the `Answers`, its checks of who speaks the `ControlGate`; answers
+come out of `take_answers`; the daemon's `Server` drives the
 steps (`read`, `supervise`, `dispatch`) from its loop, and `run` drives them for callers
 in the same process (bench, eval, tests).
 """
 
 from __future__ import annotations
 
-import collections
-import dataclasses
-import re
+import math
 import shutil
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -29,30 +35,21 @@ import zmq
 from pspnet.core import wire
 from pspnet.core.config import Addresses, PipelineConfig, private_dir, start_document
 from pspnet.core.keys import KeysError
-from pspnet.core.status import (
-    FrontCounts,
-    FrontStatus,
-    RemoteWorker,
-    StageStatus,
-    Status,
-    Tally,
-    WorkerFigures,
-    counter_names,
-    summed,
-)
+from pspnet.core.pipeline import Stage
+from pspnet.core.status import FrontCounts, FrontStatus, Status, Tally
+from pspnet.daemon.answers import Answers
 from pspnet.daemon.control_gate import ControlGate, Forged
 from pspnet.daemon.ledger import Ledger
+from pspnet.daemon.roster import Roster, send_to
 from pspnet.daemon.storage import StorageEpisode
-from pspnet.daemon.supervisor import STAGES, CannotStart, Supervisor
-from pspnet.daemon.workers import Worker, Workers
+from pspnet.daemon.supervisor import CannotStart, Supervisor
+from pspnet.daemon.workers import Worker
 from pspnet.model.manifest import Manifest, pick_batch_size
 from pspnet.model.metrics import IoUAccumulator
 
 CHECK_EVERY_S = 0.1             # supervision, liveness and stall checks
-RATE_WINDOW_S = 10.0
 CONTROL_READS_PER_TURN = 1024   # bounded: the loop also serves clients and supervision
-NAME = re.compile(r"^(preprocess|executor|postprocess)-(\d{1,4})-(\d{1,10})$")
-DEAD_COUNTERS = counter_names(WorkerFigures)   # a dead worker's counts are kept
+EVENTS, POLLIN = int(zmq.EVENTS), int(zmq.POLLIN)   # plain ints: no enum per message
 
 
 class PipelineError(RuntimeError):
@@ -76,20 +73,15 @@ class Front:
         batch = pick_batch_size(self.manifest, cfg.batch_size)
         self.max_inflight = cfg.max_inflight or max(64, 4 * batch * len(cfg.devices))
         self.ledger = Ledger()
-        self.workers = Workers()
-        self.past: collections.Counter[tuple[str, str]] = collections.Counter()
         self.metrics = IoUAccumulator(self.manifest.num_classes)
         self.totals = Tally(FrontCounts)
-        self.answers: list[tuple[wire.Result, Any]] = []
-        self.answered_at: collections.deque[float] = collections.deque()
+        self.answers = Answers(self.totals, self.metrics, self.log)
         self.bytes_in = self.bytes_out = 0
         self.storage = StorageEpisode(self.log)
         self.gate = ControlGate(cfg, self.log)      # keys, identities, tokens
         self.started = False
         self._next_check = 0.0
         self._own_run_dir = cfg.run_dir is None
-        # called with (status, stage, seconds since accepted) for each answer: metrics
-        self.on_answer: Callable[[str, str, float], None] | None = None
 
     # ---- start and stop ----------------------------------------------------------------
 
@@ -103,32 +95,15 @@ class Front:
             if self.cfg.transport == "ipc" else None
         self.addrs = Addresses.for_config(self.cfg, self.run_dir)
         self.ctx = zmq.Context()
-        self.control = self.ctx.socket(zmq.ROUTER)   # <-> every worker's DEALER: work and
-        self.control.setsockopt(zmq.LINGER, 0)       # peers out; notes, answers, beats in
-        self.control.setsockopt(zmq.ROUTER_MANDATORY, 1)
-        self.control.setsockopt(zmq.SNDHWM, 0)       # bounded by credits, not by ZeroMQ
-        self.control.setsockopt(zmq.RCVHWM, 0)
-        self.control.setsockopt(zmq.MAXMSGSIZE, wire.MAX_CONTROL_FRAME_BYTES)  # before malloc
         try:
-            self.gate.secure(self.ctx, self.control)    # tcp: CurveZMQ, the worker key
-        except (KeysError, OSError) as exc:             # --keys unreadable
-            self.ctx.destroy(linger=0)
+            self.control = bind_control(self.ctx, self.cfg, self.addrs.control, self.gate)
+        except PipelineError:               # the context is destroyed already
             self._remove_run_dir()
-            raise PipelineError(f"--keys: {exc}") from exc
-        try:
-            self.control.bind(self.addrs.control)
-        except zmq.ZMQError as exc:
-            self.gate.close()
-            self.ctx.destroy(linger=0)
-            self._remove_run_dir()
-            why = f"cannot listen at {self.addrs.control}: {zmq.strerror(exc.errno)}"
-            if self.cfg.transport == "tcp":
-                why += (f" (--transport tcp uses port {self.cfg.tcp_ports} on "
-                        f"{self.cfg.tcp_host}; choose another --tcp-base-port)")
-            raise PipelineError(why) from exc
-        self.gate.listening(self.control)
+            raise
         self.supervisor = Supervisor(self.cfg, start_document(
             self.cfg, self.addrs, self.gate.trust, self.gate.curve), self.around_spawn)
+        self.roster = Roster(self.supervisor, self._send, self.cfg.postprocess_workers or 1,
+                             self.log)
         self.started = True
         try:
             self.log.info("starting", run_dir=str(self.run_dir), control=self.addrs.control,
@@ -182,20 +157,7 @@ class Front:
     def run(self, requests: Iterable[wire.Request], backlog: int | None = None,
             ) -> Iterator[wire.Result]:
         """Stream requests through and yield each answer as it comes (not in order)."""
-        backlog = backlog or 2 * self.max_inflight
-        source = iter(requests)
-        exhausted = False
-        while True:
-            while not exhausted and self.ledger.pending < backlog:
-                request = next(source, None)
-                if request is None:
-                    exhausted = True
-                else:
-                    self.submit(request)
-            if exhausted and not self.ledger.pending:
-                return
-            for result, _origin in self.poll(50):
-                yield result
+        return stream(self, requests, backlog or 2 * self.max_inflight)
 
     def poll(self, timeout_ms: float, starting: bool = False,
              ) -> list[tuple[wire.Result, Any]]:
@@ -207,8 +169,7 @@ class Front:
         return self.take_answers()
 
     def take_answers(self) -> list[tuple[wire.Result, Any]]:
-        answers, self.answers = self.answers, []
-        return answers
+        return self.answers.take()
 
     @property
     def pending(self) -> int:
@@ -220,13 +181,13 @@ class Front:
         """Up to `budget` messages from workers. One that cannot be handled is logged and
         dropped; it never ends the daemon."""
         for n in range(budget):
-            try:
-                identity, *frames = self.control.recv_multipart(zmq.NOBLOCK, copy=False)
-            except zmq.Again:
+            if not self.control.get(EVENTS) & POLLIN:           # no exception per turn
                 return n
+            identity, *frames = self.control.recv_multipart(zmq.NOBLOCK, copy=False)
             self.bytes_in += len(identity) + sum(len(f) for f in frames)
             try:
-                self._handle(*self.gate.sender(identity, frames), frames)
+                name, own = self.gate.sender(identity, frames)   # proven, or Forged
+                self._handle(wire.WorkerId.parse(name), own, frames)
             except Forged as exc:                  # counted, dropped, never delivered
                 self.totals["forged_dropped"] += 1
                 self.gate.refused(identity, exc)
@@ -237,141 +198,73 @@ class Front:
                 self.log.exception("internal message not handled")
         return budget
 
-    def _handle(self, name: str, own: bool, frames: list[zmq.Frame]) -> None:
-        match = NAME.match(name)
-        if match is None:
-            raise wire.WireError(f"a peer that is not a worker: {name[:80]!r}")
-        stage, index, pid = match[1], int(match[2]), int(match[3])
-        now = time.monotonic()
+    def _handle(self, wid: wire.WorkerId, own: bool, frames: list[zmq.Frame]) -> None:
         msg = wire.decode(frames)
-        if isinstance(msg, wire.Heartbeat):
-            self._heartbeat(name, stage, index, pid, msg, now, own)
-        elif isinstance(msg, wire.Result):
-            self._answer(msg, name)
+        if isinstance(msg, wire.Result | wire.Results):    # each checked alone: a forged
+            for result in msg.results if isinstance(msg, wire.Results) else (msg,):   # one
+                self._answer(result, wid.text)                  # is dropped, not the rest
         elif isinstance(msg, wire.Took):
-            self.ledger.took(name, msg.ids)
+            self.ledger.took(wid.text, msg.ids)
         elif isinstance(msg, wire.Handed):
-            self.ledger.handed(name, msg.ids, msg.to)
-            if msg.to not in self.workers:        # gone before this note came: what it
+            self.ledger.handed(wid.text, msg.ids, msg.to)
+            if msg.to not in self.roster.workers:    # gone before this note came: what it
                 self._retried(*self.ledger.lost(msg.to), f"{msg.to} is gone")   # got, lost
+        elif isinstance(msg, wire.Heartbeat):
+            self.roster.heard(wid, own, msg, time.monotonic(), self._forget)
         else:
             raise wire.WireError(f"{type(msg).__name__} is not a message for the front")
-
-    def _heartbeat(self, name: str, stage: str, index: int, pid: int, hb: wire.Heartbeat,
-                   now: float, own: bool) -> None:
-        if (hb.stage, hb.index, hb.pid) != (stage, index, pid):
-            raise wire.WireError(f"heartbeat of {hb.stage}-{hb.index}-{hb.pid} from {name}")
-        slot = self.supervisor.by_pid(pid) if own else None   # a remote one cannot speak
-        if slot is not None and slot.label != f"{stage}-{index}":            # for ours
-            raise Forged(f"{name} is not {slot.label}")
-        local = slot is not None
-        if hb.fatal:
-            if slot is not None:
-                slot.fatal = hb.fatal
-            else:
-                self.log.error("remote worker cannot start", worker=name, error=hb.fatal)
-            return
-        if slot is not None:
-            slot.heard = now                # only the work loop's beat is liveness
-        worker, new, moved = self.workers.heard(name, stage, index, pid, hb, local, now)
-        if new and not local:
-            self.log.info("remote worker joined", worker=name, inputs=hb.inputs or None)
-        if hb.stuck:
-            self._stuck(worker, hb.stuck)
-        elif stage == "executor" and moved:       # a new executor, or a new address
-            self._send_peers(self.workers.of("postprocess"))
-        elif stage == "postprocess" and new:
-            self._send_peers([worker])
-
-    def _stuck(self, worker: Worker, why: str) -> None:
-        slot = self.supervisor.by_pid(worker.pid) if worker.local else None
-        if slot is not None:
-            self.supervisor.stop(slot, why)
-        else:
-            self.log.warning("remote worker stuck; routing around it", worker=worker.name,
-                             reason=why)
-            self._forget(worker.name, why)
 
     def _answer(self, result: wire.Result, sender: str) -> None:
         entry = self.ledger.entries.get(result.id)
         if entry is None or result.attempt < entry.request.attempt:
             self.totals["duplicates_dropped"] += 1       # answered, or an earlier attempt's
             return
-        self.gate.check_answer(result, sender, entry.request.attempt, entry.executor,
-                               entry.holders, sender in self.workers)
+        result = self.gate.admitted(result, sender, entry, sender in self.roster.workers,
+                                    self.metrics.areas.shape)
+        if result is None:                  # forged: counted, dropped, never delivered
+            self.totals["forged_dropped"] += 1
+            return
         self.ledger.answer(result.id)
-        if result.areas is not None and result.areas.shape != self.metrics.areas.shape:
-            result = dataclasses.replace(   # checked before anything adds them: the request
-                result, status=wire.ERROR, areas=None,  # is answered, never lost
-                error=f"areas {result.areas.shape}, the model has "
-                      f"{self.manifest.num_classes} classes")
         self.storage.saw(result)
-        self._deliver(entry, result.status, result.mask, result.error, result.stage,
-                      result.areas, result.cause, (result.size, result.found))
-
-    def _deliver(self, entry: Any, status: str, mask: str | None, error: str | None,
-                 stage: str, areas: Any = None, cause: str | None = None,
-                 found: tuple[Any, Any] = (None, ()), quiet: bool = False) -> None:
-        """One answer for one accepted request, under the id its client gave; `found`: the
-        image's size and the classes in its mask."""
-        if status == wire.OK and areas is not None:
-            self.metrics.add(areas)
-        self.totals["ok" if status == wire.OK else "errors"] += 1
-        now = time.monotonic()
-        if self.on_answer is not None:
-            self.on_answer(status, stage, now - entry.accepted)
-        self.answered_at.append(now)
-        while self.answered_at and self.answered_at[0] < now - RATE_WINDOW_S:
-            self.answered_at.popleft()
-        if status != wire.OK and cause != wire.STORAGE and not quiet:   # those: one line
-            self.log.warning("request failed", id=entry.client_id,
-                             path=entry.request.path, stage=stage, error=error)
-        self.answers.append((wire.Result(entry.client_id, entry.request.attempt, status,
-                                         entry.request.path, mask=mask, error=error,
-                                         stage=stage, areas=areas, cause=cause,
-                                         size=found[0], found=found[1]),
-                             entry.origin))
+        self.answers.deliver(entry, result.status, result.mask, result.error, result.stage,
+                             result.areas, result.cause, (result.size, result.found))
 
     def _malformed(self, exc: wire.WireError) -> None:
         self.totals["malformed"] += 1
         self.log.warning("malformed message dropped", socket="control", error=str(exc))
         entry = self.ledger.answer(exc.request_id) if exc.request_id else None
         if entry is not None:
-            self._deliver(entry, wire.ERROR, None, f"internal message malformed: {exc}",
-                          "front")
+            self.answers.failed(entry, f"internal message malformed: {exc}")
 
     # ---- routing ---------------------------------------------------------------------
 
     def dispatch(self) -> None:
-        """Queued requests to preprocess workers with room, each bound for the executor
-        with the most room: a slow device is sent no more than it can take."""
-        ledger = self.ledger
+        """Queued requests to preprocess workers with room, in groups (one message each),
+        each group bound for the executor with the most room (the module's docstring says
+        how big a group is and why)."""
+        ledger, workers = self.ledger, self.roster.workers
         while ledger.queue and ledger.inflight < self.max_inflight:
-            prep = self.workers.with_most_room("preprocess", ledger.load)
-            executor = self.workers.with_most_room("executor", ledger.load)
-            if prep is None or executor is None:
+            preps = workers.with_room(Stage.PREPROCESS, ledger.load)
+            executors = workers.with_room(Stage.EXECUTOR, ledger.load)
+            if not preps or not executors:
                 return
-            entry = ledger.next_queued()
-            frames = wire.encode(wire.Dispatch(self.gate.dispatched(entry.request, executor.name),
-                                               executor.name, executor.inputs))
-            try:
-                self.control.send_multipart([self.gate.route(prep.name), *frames], zmq.NOBLOCK)
-            except zmq.ZMQError:            # gone (ROUTER_MANDATORY): until it beats again
-                prep.reachable = False
+            (prep_room, prep), (executor_room, executor) = preps[0], executors[0]
+            want = min(math.ceil(len(ledger.queue) / len(preps)), max(1, prep.capacity // 2),
+                       max(1, executor.capacity // 2))
+            n = min(want, prep_room, executor_room, self.max_inflight - ledger.inflight)
+            if n < want:
+                return
+            entries = ledger.next_group(n)
+            requests = tuple(self.gate.dispatched(e.request, executor.name) for e in entries)
+            frames = wire.encode(wire.Dispatch(requests, executor.name, executor.inputs))
+            if not self._send(prep, frames):    # gone: not sent to until it beats again
                 continue
-            self.bytes_out += len(prep.name) + sum(len(f) for f in frames)
-            ledger.dispatched(entry, prep.name, executor.name)
+            ledger.dispatched(entries, prep.name, executor.name)
 
-    def _send_peers(self, to: list[Worker]) -> None:
-        """Tell postprocess workers where the executors hand out outputs."""
-        frames = wire.encode(self.workers.peers(self.cfg.postprocess_workers))
-        for worker in to:
-            try:
-                self.control.send_multipart([self.gate.route(worker.name), *frames],
-                                            zmq.NOBLOCK)
-                self.bytes_out += len(worker.name) + sum(len(f) for f in frames)
-            except zmq.ZMQError:
-                worker.reachable = False
+    def _send(self, worker: Worker, frames: list[Any]) -> bool:
+        sent = send_to(self.control, self.gate.route(worker.name), worker, frames)
+        self.bytes_out += sent or 0
+        return sent is not None
 
     # ---- supervision -------------------------------------------------------------------
 
@@ -385,75 +278,36 @@ class Front:
             deaths = self.supervisor.check(now, starting=starting)
         except CannotStart as exc:
             self.read()                    # its last words may say why
-            raise PipelineError(self._cannot_start_reason(exc)) from exc
+            raise PipelineError(cannot_start_reason(self.supervisor, exc)) from exc
         for death in deaths:
             self._forget(death.name, f"{death.slot.label} died (exit status {death.exitcode})")
-        for worker in [w for w in self.workers if not w.local]:
-            if now - worker.seen > self.cfg.liveness_timeout_s:
-                self.log.warning("remote worker silent; routing around it", worker=worker.name,
-                                 silent_s=round(now - worker.seen, 1))
-                self._forget(worker.name, f"remote {worker.name} went silent")
+        for worker in self.roster.silent_remote(now, self.cfg.liveness_timeout_s):  # logged
+            self._forget(worker.name, f"remote {worker.name} went silent")
         self._retried(*self.ledger.stalled(self.cfg.stall_timeout_s),
                       f"no progress for {self.cfg.stall_timeout_s:.0f} s")
 
-    def _cannot_start_reason(self, exc: CannotStart) -> str:
-        fatal = next((s for s in self.supervisor.slots if s.fatal), None)
-        if fatal is not None:
-            return f"{fatal.label} cannot start: {fatal.fatal}"
-        return str(exc)
-
     def _forget(self, name: str, reason: str) -> None:
         """A worker is gone: keep its counts, retry what it held, re-route."""
-        worker = self.workers.forget(name)
-        if worker is not None and worker.local:
-            for key in DEAD_COUNTERS:
-                self.past[(worker.stage, key)] += worker.counters.get(key, 0)
+        self.roster.forget(name)
         self._retried(*self.ledger.lost(name), reason)
-        if worker is not None and worker.stage == "executor":
-            self._send_peers(self.workers.of("postprocess"))
 
     def _retried(self, retried: list[Any], given_up: list[Any], reason: str) -> None:
         self.totals["retried"] += len(retried)
         for entry in given_up:
-            self._deliver(entry, wire.ERROR, None, f"given up after a retry: {reason}",
-                          "front")
+            self.answers.failed(entry, f"given up after a retry: {reason}")
 
     # ---- status and shutdown -----------------------------------------------------------
 
     def status(self) -> Status:
         """The front's part of the status document (core/status.py declares its figures)."""
-        stages = {}
-        for stage in STAGES:
-            slots = [s for s in self.supervisor.slots if s.stage == stage]
-            stages[stage] = StageStatus(
-                **summed([w.counters for w in self.workers.of(stage) if w.local],
-                         {key: n for (s, key), n in self.past.items() if s == stage}),
-                processes=len(slots), alive=sum(s.alive for s in slots),
-                up=sum(s.alive and s.heard is not None for s in slots),
-                restarts=sum(s.restarts for s in slots),
-                pids=[s.proc.pid for s in slots if s.proc is not None])
-        now = time.monotonic()
-        recent = sum(t >= now - RATE_WINDOW_S for t in self.answered_at)
-        answered = self.totals["ok"] + self.totals["errors"]
-        moved = self.bytes_in + self.bytes_out
-        front = FrontStatus(
-            **self.totals, queued=len(self.ledger.queue), inflight=self.ledger.inflight,
-            at=self.ledger.by_state(), cpu_s=time.process_time(), bytes_in=self.bytes_in,
-            bytes_out=self.bytes_out, restarts=self.supervisor.restarts,
-            bytes_per_image=round(moved / answered, 1) if answered else None)
-        remote = [RemoteWorker(**summed([w.counters]), stage=w.stage, index=w.index,
-                               pid=w.pid, seen_s_ago=round(now - w.seen, 1))
-                  for w in self.workers if not w.local]
-        return Status(stages=stages, front=front, remote=remote,
-                      images_per_s=round(recent / RATE_WINDOW_S, 2),
-                      metrics=self.metrics.summary() if self.metrics.images else None)
+        return front_status(self)
 
     def abandon(self, reason: str) -> list[tuple[wire.Result, Any]]:
         """Answer every pending request with the error `reason` (stopping without them):
         each is still answered exactly once, and later answers for them are dropped."""
         entries = self.ledger.abandon()
         for entry in entries:
-            self._deliver(entry, wire.ERROR, None, reason, "front", quiet=True)  # logged once
+            self.answers.failed(entry, reason, quiet=True)  # logged once, by the caller
         self.totals["abandoned"] += len(entries)
         return self.take_answers()
 
@@ -465,3 +319,70 @@ def requests_for(paths: Iterable[str | Path], anns: Iterable[str | None] | None 
     return [wire.Request(str(i), str(Path(p)),
                          None if anns is None or anns[i] is None else str(anns[i]))
             for i, p in enumerate(paths)]
+
+
+def bind_control(ctx: zmq.Context, cfg: PipelineConfig, address: str, gate: ControlGate,
+                 ) -> zmq.Socket:
+    """The front's control socket, secured by `gate` (tcp: CurveZMQ) and bound; PipelineError
+    (one line, the fix) if it cannot, with `ctx` destroyed."""
+    control = ctx.socket(zmq.ROUTER)       # <-> every worker's DEALER: work and peers
+    control.setsockopt(zmq.LINGER, 0)      # out; notes, answers, beats in
+    control.setsockopt(zmq.ROUTER_MANDATORY, 1)
+    control.setsockopt(zmq.SNDHWM, 0)      # bounded by credits, not by ZeroMQ
+    control.setsockopt(zmq.RCVHWM, 0)
+    control.setsockopt(zmq.MAXMSGSIZE, wire.MAX_CONTROL_FRAME_BYTES)   # before malloc
+    try:
+        gate.secure(ctx, control)          # tcp: CurveZMQ, the worker key
+    except (KeysError, OSError) as exc:    # --keys unreadable
+        ctx.destroy(linger=0)
+        raise PipelineError(f"--keys: {exc}") from exc
+    try:
+        control.bind(address)
+    except zmq.ZMQError as exc:
+        gate.close()
+        ctx.destroy(linger=0)
+        why = f"cannot listen at {address}: {zmq.strerror(exc.errno)}"
+        if cfg.transport == "tcp":
+            why += (f" (--transport tcp uses port {cfg.tcp_ports} on {cfg.tcp_host}; "
+                    "choose another --tcp-base-port)")
+        raise PipelineError(why) from exc
+    gate.listening(control)
+    return control
+
+
+def stream(front: Front, requests: Iterable[wire.Request], backlog: int,
+           ) -> Iterator[wire.Result]:
+    """Front.run: keep `backlog` requests pending, yield answers as they come."""
+    source = iter(requests)
+    exhausted = False
+    while True:
+        while not exhausted and front.ledger.pending < backlog:
+            request = next(source, None)
+            if request is None:
+                exhausted = True
+            else:
+                front.submit(request)
+        if exhausted and not front.ledger.pending:
+            return
+        for result, _origin in front.poll(50):
+            yield result
+
+
+def front_status(front: Front) -> Status:
+    totals = front.totals
+    answered = totals["ok"] + totals["errors"]
+    moved = front.bytes_in + front.bytes_out
+    summary = FrontStatus(
+        **totals, queued=len(front.ledger.queue), inflight=front.ledger.inflight,
+        at=front.ledger.by_state(), cpu_s=time.process_time(), bytes_in=front.bytes_in,
+        bytes_out=front.bytes_out, restarts=front.supervisor.restarts,
+        bytes_per_image=round(moved / answered, 1) if answered else None)
+    return Status(stages=front.roster.stages(), front=summary,
+                  remote=front.roster.remote(time.monotonic()),
+                  images_per_s=front.answers.per_second(),
+                  metrics=front.metrics.summary() if front.metrics.images else None)
+
+
+def cannot_start_reason(supervisor: Supervisor, exc: CannotStart) -> str:
+    fatal = next((s for s in supervisor.slots if s.fatal), None)
+    return f"{fatal.label} cannot start: {fatal.fatal}" if fatal is not None else str(exc)

@@ -11,6 +11,13 @@ since its bytes may still sit in the sender's queue when the sender is killed. F
 dispatch on it also names the executor whose room it takes. When a holder dies, its
 requests are retried once and then answered as errors; the first answer for a request is
 its only one.
+
+Control comes per group, not per image: a dispatch, a "handed" or a "took" note lists many
+ids, and each moves every listed request its sender still holds at once. Ids the sender no
+longer holds (retried after a death, answered, moved on by a faster note) are passed over,
+so a late or repeated note cannot move a request backwards. An executor's notes come in
+order (one socket: "took" before "handed"); a preprocess worker's "handed" may come after
+the executor's "took" for the same ids, and is then passed over.
 """
 
 from __future__ import annotations
@@ -97,27 +104,34 @@ class Ledger:
     def next_queued(self) -> Entry | None:
         return self.entries[self.queue[0]] if self.queue else None
 
-    def dispatched(self, entry: Entry, preprocess: str, executor: str) -> None:
+    def next_group(self, n: int) -> list[Entry]:
+        """The first `n` queued requests (fewer if fewer are queued), still queued."""
+        return [self.entries[self.queue[i]] for i in range(min(n, len(self.queue)))]
+
+    def dispatched(self, entries: list[Entry], preprocess: str, executor: str) -> None:
         """The head of the queue went to `preprocess`, its pixels bound for `executor`."""
-        rid = self.queue.popleft()
-        assert rid == entry.rid, "dispatch takes the head of the queue"
-        self._move(entry, PREPROCESS, (preprocess, executor), executor)
+        now = self.clock()
+        for entry in entries:
+            rid = self.queue.popleft()
+            assert rid == entry.rid, "dispatch takes the head of the queue"
+            self._move(entry, PREPROCESS, (preprocess, executor), executor, now)
 
     def handed(self, worker: str, rids: Iterable[str], to: str) -> None:
         """`worker` sent these requests' data on to `to`."""
+        now = self.clock()
         for entry in self._held(rids, worker):
             if entry.state == PREPROCESS and entry.holders[0] == worker:
-                self._move(entry, TO_EXECUTOR, (worker, entry.executor or to), entry.executor)
-            elif entry.executor == worker and entry.state in (PREPROCESS, TO_EXECUTOR,
-                                                               EXECUTOR):
-                # from the executor (its "took" may still be on its way: another socket)
-                self._move(entry, TO_POSTPROCESS, (worker, to), worker)
+                self._move(entry, TO_EXECUTOR, (worker, entry.executor or to), entry.executor,
+                           now)
+            elif entry.state == EXECUTOR:          # its "took" came first: same socket
+                self._move(entry, TO_POSTPROCESS, (worker, to), worker, now)
 
     def took(self, executor: str, rids: Iterable[str]) -> None:
         """`executor` put these requests into a batch: its room is free again."""
+        now = self.clock()
         for entry in self._held(rids, executor):
             if entry.executor == executor and entry.state in (PREPROCESS, TO_EXECUTOR):
-                self._move(entry, EXECUTOR, (executor,), executor)
+                self._move(entry, EXECUTOR, (executor,), executor, now)
 
     def answer(self, rid: str) -> Entry | None:
         """The request answered: removed. None when it was answered already (or unknown):
@@ -185,16 +199,16 @@ class Ledger:
             r = entry.request
             entry.request = wire.Request(r.id, r.path, r.ann, r.attempt + 1)
             self._move(entry, QUEUED, (), None)
-            self.queue.appendleft(entry.rid)
             retried.append(entry)
+        self.queue.extendleft(e.rid for e in reversed(retried))   # first, in their order
         self.retried += len(retried)
         return retried, given_up
 
     def _move(self, entry: Entry, state: str, holders: tuple[str, ...],
-              executor: str | None) -> None:
+              executor: str | None, now: float | None = None) -> None:
         self._unload(entry)
         entry.state, entry.holders, entry.executor = state, holders, executor
-        entry.since = self.clock()
+        entry.since = self.clock() if now is None else now
         for worker in _room_taken(entry):
             self.load[worker] += 1
 

@@ -41,6 +41,7 @@ from pspnet.core.exits import EXIT_CANNOT_START, EXIT_FAILED, EXIT_OK, EXIT_USAG
 from pspnet.core.logs import json_safe
 from pspnet.core.plan import describe
 from pspnet.core.status import DaemonStatus, Status
+from pspnet.daemon.answers import deliver_turn
 from pspnet.daemon.clients import Clients
 from pspnet.daemon.door import ANSWER_LINGER_MS, Door
 from pspnet.daemon.endpoint import forget_daemon, is_local, record_daemon
@@ -145,7 +146,7 @@ class Server:
         if problem is not None:
             return _usage_error(problem)
         front = Front(pipe, around_spawn=self.fds.reserve)
-        front.on_answer = self.exporter.answered
+        front.answers.on_answer = self.exporter.answered
         try:
             front.start(interrupted=lambda: bool(self.signals))
         except StartInterrupted:
@@ -186,8 +187,7 @@ class Server:
                 clients.read()
             front.supervise()
             self._check_parts()
-            for result, origin in front.take_answers():
-                self._deliver(result, origin)
+            deliver_turn(front.take_answers(), self.clients.send, self._deliver)
             try:
                 if self.intake is not None:
                     self.intake.feed()

@@ -24,6 +24,8 @@ import structlog
 
 from pspnet.core.config import STOP_SIGNAL, PipelineConfig
 from pspnet.core.exits import EXIT_CANNOT_START
+from pspnet.core.pipeline import PIPELINE, Stage
+from pspnet.core.wire import WorkerId
 
 RESTART_BACKOFF_S = (0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
 STABLE_AFTER_S = 30.0           # a worker that lived this long restarts without back-off
@@ -32,7 +34,6 @@ STOP_ALL_GRACE_S = 5.0          # stop_all without a deadline: SIGKILL after thi
 STOP_POLL_S = 0.02              # stop_all: how often exits (and a hurry) are looked for
 KILLED_REAP_S = 1.0             # after SIGKILL, a process in uninterruptible sleep may
                                 # take a moment to go; not waited for beyond this
-STAGES = ("preprocess", "executor", "postprocess")
 
 
 class CannotStart(RuntimeError):
@@ -43,7 +44,7 @@ class CannotStart(RuntimeError):
 class Slot:
     """One supervised worker: which stage and index, its current process, its history."""
 
-    stage: str
+    stage: Stage
     index: int
     proc: subprocess.Popen | None = None
     started: float = 0.0
@@ -61,7 +62,8 @@ class Slot:
     @property
     def name(self) -> str | None:
         """The current life's name, as the worker calls itself (stage-index-pid)."""
-        return None if self.proc is None else f"{self.label}-{self.proc.pid}"
+        return None if self.proc is None else str(WorkerId(self.stage, self.index,
+                                                            self.proc.pid))
 
     @property
     def alive(self) -> bool:
@@ -86,9 +88,7 @@ class Supervisor:
         self.start_document = start_document
         self.around_spawn = around_spawn
         self.log = structlog.get_logger().bind(component="supervisor")
-        counts = {"preprocess": cfg.preprocess_workers, "executor": len(cfg.devices),
-                  "postprocess": cfg.postprocess_workers}
-        self.slots = [Slot(stage, i) for stage in STAGES for i in range(counts[stage])]
+        self.slots = [Slot(spec.stage, i) for spec in PIPELINE for i in range(spec.workers(cfg))]
         self.restarts = 0
 
     def by_pid(self, pid: int) -> Slot | None:

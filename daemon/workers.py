@@ -14,6 +14,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 
 from pspnet.core import wire
+from pspnet.core.pipeline import Stage
 
 POST_CREDIT_BATCHES = 2         # postprocess room per executor: two of its batches in all
 
@@ -23,7 +24,7 @@ class Worker:
     """A worker the front has heard from: one of its own, or one started elsewhere."""
 
     name: str
-    stage: str
+    stage: Stage
     index: int
     pid: int
     local: bool
@@ -46,10 +47,10 @@ class Workers:
     def __iter__(self) -> Iterator[Worker]:
         return iter(list(self.by_name.values()))
 
-    def of(self, stage: str) -> list[Worker]:
+    def of(self, stage: Stage) -> list[Worker]:
         return [w for w in self.by_name.values() if w.stage == stage]
 
-    def heard(self, name: str, stage: str, index: int, pid: int, hb: wire.Heartbeat,
+    def heard(self, name: str, stage: Stage, index: int, pid: int, hb: wire.Heartbeat,
               local: bool, now: float) -> tuple[Worker, bool, bool]:
         """Record a heartbeat: (the worker, new, its addresses changed)."""
         worker = self.by_name.get(name)
@@ -65,23 +66,26 @@ class Workers:
     def forget(self, name: str) -> Worker | None:
         return self.by_name.pop(name, None)
 
-    def with_most_room(self, stage: str, load: Mapping[str, int]) -> Worker | None:
-        """The reachable worker of `stage` with the most room, if any has room (an
-        executor also needs an address to be sent images)."""
-        def room(w: Worker) -> int:
-            return w.capacity - load.get(w.name, 0)
+    def with_room(self, stage: Stage, load: Mapping[str, int]) -> list[tuple[int, Worker]]:
+        """(room, worker) of each reachable worker of `stage` that has room, most room
+        first (an executor also needs an address to be sent images)."""
+        ready = [(w.capacity - load.get(w.name, 0), w) for w in self.by_name.values()
+                 if w.stage == stage and w.reachable
+                 and (stage != Stage.EXECUTOR or w.inputs)]
+        return sorted([(room, w) for room, w in ready if room > 0], key=lambda rw: -rw[0])
 
-        ready = [w for w in self.of(stage) if w.reachable and room(w) > 0
-                 and (stage != "executor" or w.inputs)]
-        return max(ready, key=room, default=None)
+    def with_most_room(self, stage: Stage, load: Mapping[str, int]) -> Worker | None:
+        """The reachable worker of `stage` with the most room, if any has room."""
+        ready = self.with_room(stage, load)
+        return ready[0][1] if ready else None
 
     def peers(self, pool: int = 1) -> wire.Peers:
         """What postprocess workers are told: where every executor hands out outputs, and
         how many to ask each for (two of its batches over the postprocess pool: `pool`
         workers are expected, or as many as have joined if more). Not over those heard so
         far: the first to start would be granted the whole room and keep it."""
-        executors = [w for w in self.of("executor") if w.outputs]
+        executors = [w for w in self.of(Stage.EXECUTOR) if w.outputs]
         batch = max((w.batch for w in executors), default=1)
-        posts = max(1, pool, len(self.of("postprocess")))
+        posts = max(1, pool, len(self.of(Stage.POSTPROCESS)))
         credits = max(2, math.ceil(POST_CREDIT_BATCHES * batch / posts))
         return wire.Peers(tuple((w.name, w.outputs) for w in executors), credits)

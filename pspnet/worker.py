@@ -11,6 +11,7 @@ import signal
 import socket
 
 from pspnet.core.cli_args import HelpFormatter, host_address, non_negative_int
+from pspnet.core.pipeline import PIPELINE
 from pspnet.daemon.commands import (
     add_pipeline_args,
     backend_problem,
@@ -34,8 +35,9 @@ def add_worker_parser(sub: argparse._SubParsersAction) -> None:
         epilog="example: pspnet worker executor --front 10.0.0.5 --tcp-base-port 5550 "
                "--keys /etc/pspnet/keys --model models/r50 --backend torch --devices cuda:0 "
                "--index 100")
-    worker.add_argument("stage", choices=("preprocess", "executor", "postprocess"),
-                        help="which stage this process runs")
+    worker.add_argument("stage", choices=[spec.stage.value for spec in PIPELINE],
+                        help="which stage this process runs: " + "; ".join(
+                            f"{spec.stage}: {spec.summary}" for spec in PIPELINE))
     worker.add_argument("--front", required=True, metavar="HOST",
                         help="host name or address of the daemon (its --transport tcp port)")
     worker.add_argument("--host", type=host_address, default=None, metavar="ADDR",

@@ -2,7 +2,9 @@
 
 A worker is started by the front (`pspnet.stages.worker`) or by hand (`pspnet worker`). It talks
 to the front over one DEALER (work and peer lists in; notes, answers and heartbeats out);
-pixels and outputs go straight to the next stage on sockets of their own.
+pixels and outputs go straight to the next stage on sockets of their own. Every thread
+sends on that one socket, under a lock, so the front hears a worker's notes in the order
+they were sent (the executor's "took" before its "handed").
 
 Liveness comes from the loop that does the work: it calls `tick()` on every turn (its
 polls time out at least every POLL_S), and the heartbeat leaves from there. A loop that
@@ -21,6 +23,7 @@ restarted for making no progress, never for one big image under --max-pixels.
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 import threading
@@ -45,6 +48,7 @@ from pspnet.core.keys import (
     start_authenticator,
 )
 from pspnet.core.logs import configure_logging
+from pspnet.core.pipeline import Stage
 from pspnet.core.trust import Refusals, Trust
 
 SEND_LINGER_MS = 2000   # on exit, let queued answers reach the front
@@ -86,7 +90,7 @@ class Child:
     `inputs`, `outputs`, `capacity` and `batch` are what the front routes by; the stage
     sets them before its first `tick()`, which introduces the worker to the front."""
 
-    stage: str
+    stage: Stage
     index: int
     cfg: PipelineConfig
     addrs: Addresses
@@ -102,7 +106,9 @@ class Child:
 
     def __post_init__(self) -> None:
         self.pid = os.getpid()
-        self.name = f"{self.stage}-{self.index}-{self.pid}"
+        self.stage = Stage(self.stage)
+        self.id = wire.WorkerId(self.stage, self.index, self.pid)
+        self.name = str(self.id)
         configure_logging(self.cfg.log_level, self.cfg.log_json, stage=self.stage,
                           index=self.index, pid=self.pid)
         self.log = structlog.get_logger()
@@ -111,6 +117,7 @@ class Child:
         self.counters.update(processed=0, errors=0, busy_s=0.0, queue=0)
         self.refusals = Refusals(self.log.warning)   # forged data: counted, dropped
         self.lock = threading.Lock()       # counters: the executor's runner counts too
+        self.send_lock = threading.Lock()  # the control socket: any thread may send
         self._next_beat = 0.0
         self._parent = os.getppid() if self.supervised else None
         self._auth: KeyAuthenticator | None = None
@@ -135,8 +142,10 @@ class Child:
                           self.keys.worker_public, self.keys.worker_secret)
 
     def connect_control(self, role: str) -> zmq.Socket:
-        """A DEALER to the front's control ROUTER; one per thread that talks to the front,
-        under an identity that proves this worker's name (core.trust)."""
+        """A DEALER to the front's control ROUTER under an identity that proves this
+        worker's name (core.trust): "main", the worker's one socket for work, notes and
+        answers (`send`, from any thread, so the front hears them in order), or a helper
+        thread's own for heartbeats only ("vouch")."""
         sock = self.ctx.socket(zmq.DEALER)   # <-> front ROUTER: work in; notes, answers out
         sock.setsockopt(zmq.IDENTITY, self.trust.identity(self.name, role))
         sock.setsockopt(zmq.LINGER, SEND_LINGER_MS)
@@ -148,8 +157,11 @@ class Child:
         return sock
 
     def send(self, msg: wire.Message) -> None:
-        """To the front, on the main thread's control socket."""
-        self.control.send_multipart(wire.encode(msg))
+        """To the front, from any thread (the executor's runner sends too; no thread of
+        it receives there): one socket, so the front hears them in the order sent."""
+        frames = wire.encode(msg)
+        with self.send_lock:
+            self.control.send_multipart(frames)
 
     def count(self, **deltas: float) -> None:
         with self.lock:
@@ -186,15 +198,20 @@ class Child:
         if queue is not None:
             with self.lock:
                 self.counters["queue"] = queue
-        self._beat(self.control, stuck)
+        self._beat(None, stuck)
 
-    def _beat(self, sock: zmq.Socket, stuck: str | None) -> None:
+    def _beat(self, sock: zmq.Socket | None, stuck: str | None) -> None:
+        """A heartbeat on `sock`, or (None) on the worker's control socket."""
         with self.lock:
             counters = dict(self.counters)
         counters["cpu_s"] = time.process_time()     # every thread: what the host pays
-        sock.send_multipart(wire.encode(wire.Heartbeat(
+        beat = wire.Heartbeat(
             self.stage, self.index, self.pid, counters, inputs=self.inputs,
-            outputs=self.outputs, capacity=self.capacity, batch=self.batch, stuck=stuck)))
+            outputs=self.outputs, capacity=self.capacity, batch=self.batch, stuck=stuck)
+        if sock is None:
+            self.send(beat)
+        else:
+            sock.send_multipart(wire.encode(beat))
 
     @contextmanager
     def long_step(self, what: str, pixels: int) -> Iterator[None]:
@@ -229,6 +246,122 @@ class Child:
         self.send(wire.Heartbeat(self.stage, self.index, self.pid, {}, fatal=message))
         self.ctx.destroy(linger=SEND_LINGER_MS)
         sys.exit(EXIT_CANNOT_START)
+
+
+class Notes:
+    """What a worker finished, for the front in as few messages as it may: its answers in
+    one `Results`, its "handed" ids in one note per destination.
+
+    Control per batch (issue 27): the front's cost is per message, so a worker that
+    finishes many images in a row says so once: at most one message per `--coalesce-ms`
+    (a time slice; 0: one message per image). Nothing waits on a quiet worker: the first
+    answer after a slice without one leaves at once, so a lone image (an idle daemon) is
+    answered without delay; under load an answer waits at most one slice."""
+
+    def __init__(self, child: Child) -> None:
+        self.child = child
+        self.wait_s = child.cfg.coalesce_ms / 1e3
+        self.results: list[wire.Result] = []
+        self.size = 0                      # header bytes of `results`, about
+        self.handed_to: dict[str, list[str]] = {}
+        self.since: float | None = None    # the first entry not yet sent
+        self.sent = -math.inf              # when the last message left
+
+    @property
+    def pending(self) -> bool:
+        return self.since is not None
+
+    def result(self, result: wire.Result) -> None:
+        self._first()
+        self.results.append(result)
+        self.size += wire.result_size(result)
+        if self.size > wire.MAX_HEADER_BYTES // 2 or len(self.results) >= wire.MAX_IDS:
+            self.flush()                   # a message stays well inside decode's limits
+
+    def handed(self, rid: str, to: str) -> None:
+        self._first()
+        ids = self.handed_to.setdefault(to, [])
+        ids.append(rid)
+        if len(ids) >= wire.MAX_IDS:
+            self.flush()
+
+    def due_in(self) -> float | None:
+        """Seconds until what is pending should leave (0: now); None: nothing pending."""
+        if self.since is None:
+            return None
+        return max(0.0, self.sent + self.wait_s - time.monotonic())
+
+    def flush_if_due(self) -> None:
+        if self.since is not None and self.due_in() == 0.0:
+            self.flush()
+
+    def flush(self) -> None:
+        """Send everything now (the worker has nothing more waiting, or it waited long
+        enough): "handed" first, since an answer ends a request."""
+        for to, ids in self.handed_to.items():
+            self.child.send(wire.Handed(tuple(ids), to))
+        if len(self.results) == 1:
+            self.child.send(self.results[0])
+        elif self.results:
+            self.child.send(wire.Results(tuple(self.results)))
+        self.results, self.size, self.handed_to, self.since = [], 0, {}, None
+        self.sent = time.monotonic()
+
+    def _first(self) -> None:
+        if self.since is None:
+            self.since = time.monotonic()
+
+
+class BatchNotes:
+    """An executor's "took" and "handed" notes, from its two threads (the main thread
+    takes a batch, the runner hands its outputs on), one message of each per time slice
+    (`--coalesce-ms`): a work-conserving device runs batches of one or two when images
+    trickle in, and a note per batch would then be a note per image. Whoever sends, sends
+    every pending "took" before any "handed", on the worker's one socket, so the front
+    never hears a request handed on before it heard it taken. The first note after a quiet
+    slice leaves at once; neither note delays an answer (they free room and name holders)."""
+
+    def __init__(self, child: Child) -> None:
+        self.child = child
+        self.wait_s = child.cfg.coalesce_ms / 1e3
+        self.lock = threading.Lock()
+        self.took_ids: list[str] = []
+        self.handed_to: dict[str, list[str]] = {}
+        self.sent = -math.inf
+
+    def took(self, ids: tuple[str, ...]) -> None:
+        with self.lock:
+            self.took_ids.extend(ids)
+            self._flush_if_due()
+
+    def handed(self, ids: tuple[str, ...], to: str) -> None:
+        with self.lock:
+            self.handed_to.setdefault(to, []).extend(ids)
+            self._flush_if_due()
+
+    def due_in(self) -> float | None:
+        """Seconds until the pending notes should leave; None: none pending."""
+        with self.lock:
+            if not self.took_ids and not self.handed_to:
+                return None
+            return max(0.0, self.sent + self.wait_s - time.monotonic())
+
+    def flush_if_due(self) -> None:
+        with self.lock:
+            self._flush_if_due()
+
+    def _flush_if_due(self) -> None:
+        if not self.took_ids and not self.handed_to:
+            return
+        now = time.monotonic()
+        full = len(self.took_ids) + sum(map(len, self.handed_to.values())) >= wire.MAX_IDS
+        if now < self.sent + self.wait_s and not full:
+            return
+        if self.took_ids:
+            self.child.send(wire.Took(tuple(self.took_ids)))
+        for to, ids in self.handed_to.items():
+            self.child.send(wire.Handed(tuple(ids), to))
+        self.took_ids, self.handed_to, self.sent = [], {}, now
 
 
 def error_result(request: wire.Request, stage: str, message: str,

@@ -12,7 +12,8 @@ and `launch` (a device with a queue starts the batch right behind the running on
 tells the front which requests it took: that room is free again. The runner thread
 collects slots in order and sends each image's output to a postprocess worker that has
 room for it (credits, on a ROUTER the executor binds), then tells the front where each
-went. So the next batch
+went. Both notes of a batch ("took", then "handed") leave on the worker's one control
+socket, in that order. So the next batch
 is assembled, copied and queued while the current one runs. Filler rows of a partial
 batch carry an empty box and their outputs are never sent.
 """
@@ -33,13 +34,14 @@ import zmq
 
 from pspnet.core import wire
 from pspnet.core.exits import EXIT_FAILED
+from pspnet.core.pipeline import Stage
 from pspnet.model.manifest import Manifest, pick_batch_size
 from pspnet.stages.backends import Backend
 from pspnet.stages.backends.ladder import open_ladder
 from pspnet.stages.batcher import Batcher
-from pspnet.stages.child import POLL_S, Child, error_result
+from pspnet.stages.child import POLL_S, BatchNotes, Child, error_result
 
-STAGE = "executor"
+STAGE = Stage.EXECUTOR
 NUM_SLOTS = 2
 ROOM_BATCHES = 2                      # images routed here and not yet taken: two batches
 KEEP_TIMINGS = 10_000
@@ -148,6 +150,7 @@ class Executor:
         self.waits.register(self.images, zmq.POLLIN)
         self.waits.register(self.freed, zmq.POLLIN)
         self.runner = child.watch("runner thread")
+        self.notes = BatchNotes(child)        # "took" and "handed", in order, per slice
         self.last_sent_to: bytes | None = None  # the postprocess worker sent the last output
 
     def run(self) -> None:
@@ -176,7 +179,7 @@ class Executor:
                 self.launch_errors[slot_index] = exc
             with self.lock:
                 self.on_device += 1
-            self.child.send(wire.Took(tuple(r.id for r, _ in slot.members)))
+            self.notes.took(tuple(r.id for r, _ in slot.members))
             self.ready.put(slot_index)
 
     def _fill(self, slot: Slot) -> None:
@@ -225,14 +228,7 @@ class Executor:
                                    id=exc.request_id)
             self.child.count(errors=1)
             return None
-        if image.to != self.child.name:       # meant for this executor's previous life:
-            self.child.count(stale_dropped=1)  # the front has retried it already
-            return None
-        if not self.child.trust.holds(image.request, self.child.name):
-            self.child.forged("images", "pixels without their request's token",
-                              id=image.request.id)
-            return None
-        return image
+        return image if meant_here(self.child, image) else None
 
     def _device_idle(self) -> bool:
         with self.lock:
@@ -255,13 +251,16 @@ class Executor:
             raise
 
     def _run_batches(self) -> None:
-        notes = self.child.connect_control("runner")  # -> front ROUTER
         credits: dict[bytes, int] = {}        # postprocess identity -> outputs it can take
         while True:
-            slot_index = self.ready.get()
+            try:                                     # wake for the notes' slice too
+                slot_index = self.ready.get(timeout=self.notes.due_in())
+            except queue.Empty:
+                self.notes.flush_if_due()
+                continue
             slot = self.slots[slot_index]
             members = list(slot.members)
-            out = self._collect(slot_index, members, notes)
+            out = self._collect(slot_index, members)
             with self.lock:
                 self.on_device -= 1
                 self.waiting -= len(members)
@@ -271,10 +270,10 @@ class Executor:
             except zmq.Again:                        # wake-ups already queued: enough
                 pass
             if out is not None:
-                self._send_outputs(members, out, notes, credits)
+                self._send_outputs(members, out, credits)
 
     def _collect(self, slot_index: int, members: list[tuple[wire.Request, wire.Placement]],
-                 notes: zmq.Socket) -> np.ndarray | None:
+                 ) -> np.ndarray | None:
         """The slot's outputs, or None after answering its images with the error."""
         times = self.backend.execute_times_ms
         timed = len(times)
@@ -288,9 +287,10 @@ class Executor:
         except Exception as exc:
             self.runner.idle()
             self.child.log.exception("batch failed", size=len(members))
-            for request, _ in members:
-                notes.send_multipart(wire.encode(
-                    error_result(request, STAGE, f"inference failed: {exc}")))
+            if members:
+                self.child.send(wire.Results(tuple(
+                    error_result(request, STAGE, f"inference failed: {exc}")
+                    for request, _ in members)))
             self.child.count(errors=len(members))
             self.failed_in_a_row += 1
             if self.failed_in_a_row >= FAILED_IN_A_ROW_BEFORE_RESTART:
@@ -314,7 +314,7 @@ class Executor:
         return out
 
     def _send_outputs(self, members: list[tuple[wire.Request, wire.Placement]],
-                      out: np.ndarray, notes: zmq.Socket, credits: dict[bytes, int]) -> None:
+                      out: np.ndarray, credits: dict[bytes, int]) -> None:
         """Each output to a postprocess worker with room, then one note per worker."""
         head = self.backend.head
         sent: dict[bytes, list[str]] = collections.defaultdict(list)
@@ -332,7 +332,7 @@ class Executor:
                 break
         for worker, ids in sent.items():
             name = self.child.trust.name_of(worker) or "?"   # credits came only from those
-            notes.send_multipart(wire.encode(wire.Handed(tuple(ids), name)))
+            self.notes.handed(tuple(ids), name)
 
     def _take_credit(self, credits: dict[bytes, int]) -> bytes:
         """The next postprocess worker with room, in turn; waits for one when none has any
@@ -359,6 +359,19 @@ class Executor:
                 self.child.log.warning("malformed credit dropped", error=str(exc))
                 continue
             credits[worker] = credits.get(worker, 0) + credit.credits
+
+
+def meant_here(child: Child, image: wire.Image) -> bool:
+    """Whether pixels are this executor's to run: sent to this life of it (else they are
+    stale: the front has retried them already) with the token the front handed out for
+    their request and this executor (else forged: counted, dropped)."""
+    if image.to != child.name:
+        child.count(stale_dropped=1)
+        return False
+    if not child.trust.holds(image.request, child.name):
+        child.forged("images", "pixels without their request's token", id=image.request.id)
+        return False
+    return True
 
 
 def from_postprocess(child: Child, identity: bytes) -> bool:

@@ -4,7 +4,9 @@ It asks each executor for work: one DEALER per executor (the front's `Peers` lis
 where they listen), and credits on it for as many outputs as it can hold; each output
 done returns one credit to the executor it came from. So a slow worker is never sent more
 than it can take, and the answer (with the areas: intersect, union, pred, label per class)
-goes to the front, which sums them, so a crashed worker loses no metric state.
+goes to the front, which sums them, so a crashed worker loses no metric state. Answers go
+out together (`Notes`): all it finished while more outputs were waiting, at most
+--coalesce-ms after the first, and at once when nothing more is waiting.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import zmq
 
 from pspnet.core import wire
 from pspnet.core.config import DEFAULT_MAX_PIXELS, output_problem
+from pspnet.core.pipeline import Stage
 from pspnet.model.labels import (
     GroundTruthError,
     class_pixels,
@@ -29,9 +32,9 @@ from pspnet.model.labels import (
 )
 from pspnet.model.manifest import Manifest
 from pspnet.model.masks import is_storage_error, mask_path, write_mask
-from pspnet.stages.child import POLL_S, Child, error_result
+from pspnet.stages.child import POLL_S, Child, Notes, error_result
 
-STAGE = "postprocess"
+STAGE = Stage.POSTPROCESS
 
 
 def main(child: Child) -> None:
@@ -49,10 +52,15 @@ def main(child: Child) -> None:
             child.fatal(f"mask directory (--out) {problem}")
     h, w = manifest.input_size
     inboxes = Inboxes(child, max(manifest.num_classes * h * w * 4, wire.MAX_CONTROL_FRAME_BYTES))
+    notes = Notes(child)
     child.log.info("ready", masks=str(out_dir) if out_dir else None)
     while True:
         child.tick()
-        ready = inboxes.poll(POLL_S * 1e3)
+        due_in = notes.due_in()             # answers pending: wake when their slice ends
+        ready = inboxes.poll(POLL_S * 1e3 if due_in is None else min(POLL_S, due_in) * 1e3)
+        if not ready:
+            notes.flush_if_due()
+            continue
         if child.control in ready:
             inboxes.read_peers()            # may close an inbox that was ready
         for sock in ready:                  # one output per executor per turn: fair
@@ -77,11 +85,13 @@ def main(child: Child) -> None:
             size = min(output.placement.orig_h * output.placement.orig_w, cfg.max_pixels)
             with child.long_step("labels and mask", size):   # resize, PNG: grow with size
                 result = finish(output, manifest, out_dir, cfg.max_pixels)
-            child.send(result)
+            notes.result(result)
+            notes.flush_if_due()            # a quiet worker answers at once
             sock.send_multipart(wire.encode(wire.Credit(1)))
             child.count(processed=int(result.status == wire.OK),
                         errors=int(result.status != wire.OK),
                         busy_s=time.perf_counter() - started)
+        notes.flush_if_due()
 
 
 class Inboxes:

@@ -1,9 +1,12 @@
 """Preprocess worker: image path -> letterboxed uint8 pixels, straight to an executor.
 
-The front hands it at most `PREFETCH` requests at a time (one decoding, one waiting), each
-naming the executor whose room the front has set aside for it; the pixels go to that
-executor directly, and only a small "handed" note goes back to the front. A bad image is
-answered as an error here and goes no further.
+The front hands it groups of requests (one message each), at most `ROOM` requests at a
+time, each group naming the executor whose room the front has set aside for it; the pixels
+go to that executor directly, one image at a time, and what it handed goes back to the
+front in one small "handed" note per group, with the group's error answers. A bad image is
+answered as an error here and goes no further. The note frees the worker's room at the
+front; the request itself moves on when the executor takes its pixels, so a group's note
+adds nothing to a request's latency (and a group of one, on an idle daemon, is one image).
 """
 
 from __future__ import annotations
@@ -15,12 +18,13 @@ import cv2
 import zmq
 
 from pspnet.core import wire
+from pspnet.core.pipeline import Stage
 from pspnet.model.image_io import ImageError, decode_image, letterbox
 from pspnet.model.manifest import Manifest
-from pspnet.stages.child import POLL_S, Child, error_result
+from pspnet.stages.child import POLL_S, Child, Notes, error_result
 
-STAGE = "preprocess"
-PREFETCH = 2                 # requests a worker holds: one working, one waiting
+STAGE = Stage.PREPROCESS
+ROOM = 32                    # requests a worker holds: a group working, the next waiting
 MAX_EXECUTOR_SOCKETS = 64    # executors (by address) kept connected; least recent closed
 IMAGES_HWM = 1024            # images queued for one executor before a send gives up
 
@@ -32,8 +36,9 @@ def main(child: Child) -> None:
         manifest = Manifest.read(child.cfg.model_dir)
     except (OSError, ValueError) as exc:
         child.fatal(str(exc))
-    child.capacity = PREFETCH
+    child.capacity = ROOM
     senders = ExecutorSenders(child)
+    notes = Notes(child)
     child.log.info("ready", input_size=manifest.input_size)
     while True:
         child.tick()
@@ -46,28 +51,36 @@ def main(child: Child) -> None:
             child.log.warning("malformed message dropped", error=str(exc))
             child.count(errors=1)
             continue
-        started = time.perf_counter()
-        request = work.request
-        try:
-            # the size is known only once the header is read: the budget is what
-            # --max-pixels allows
-            with child.long_step("decode", child.cfg.max_pixels):
-                rgb = decode_image(request.path, child.cfg.max_pixels)
-                pixels, placement = letterbox(rgb, manifest.input_size)
-        except ImageError as exc:
-            child.send(error_result(request, STAGE, str(exc),
-                                    wire.INCOMPLETE if exc.incomplete else None))
-            child.count(errors=1)
-        except Exception as exc:  # a decoder bug must not take the worker down
-            child.log.exception("unexpected preprocess failure", id=request.id)
-            child.send(error_result(request, STAGE,
-                                    f"cannot read image: {type(exc).__name__}: {exc}"))
-            child.count(errors=1)
-        else:
-            senders.send(work, wire.Image(request, placement, work.to, pixels))
-            child.send(wire.Handed((request.id,), work.to))
-            child.count(processed=1)
-        child.count(busy_s=time.perf_counter() - started)
+        for request in work.requests:
+            child.tick()                      # a group of large images takes a while
+            prepare(child, manifest, senders, work, request, notes)
+        notes.flush()                         # one note per group
+
+
+def prepare(child: Child, manifest: Manifest, senders: ExecutorSenders, work: wire.Dispatch,
+            request: wire.Request, notes: Notes) -> None:
+    """One image: its pixels to the executor, or its error answered."""
+    started = time.perf_counter()
+    try:
+        # the size is known only once the header is read: the budget is what
+        # --max-pixels allows
+        with child.long_step("decode", child.cfg.max_pixels):
+            rgb = decode_image(request.path, child.cfg.max_pixels)
+            pixels, placement = letterbox(rgb, manifest.input_size)
+    except ImageError as exc:
+        notes.result(error_result(request, STAGE, str(exc),
+                                  wire.INCOMPLETE if exc.incomplete else None))
+        child.count(errors=1)
+    except Exception as exc:  # a decoder bug must not take the worker down
+        child.log.exception("unexpected preprocess failure", id=request.id)
+        notes.result(error_result(request, STAGE,
+                                  f"cannot read image: {type(exc).__name__}: {exc}"))
+        child.count(errors=1)
+    else:
+        senders.send(work, wire.Image(request, placement, work.to, pixels))
+        notes.handed(request.id, work.to)
+        child.count(processed=1)
+    child.count(busy_s=time.perf_counter() - started)
 
 
 class ExecutorSenders:
@@ -97,5 +110,5 @@ class ExecutorSenders:
             sock.send_multipart(wire.encode(image), flags=zmq.NOBLOCK, copy=False)
         except zmq.Again:
             self.child.log.warning("executor not taking images; dropped (the front retries)",
-                                   executor=work.to, id=work.request.id)
+                                   executor=work.to, id=image.request.id)
             self.child.count(errors=1)

@@ -8,34 +8,28 @@ state. `pspnet worker` calls `run` directly, joining a daemon over tcp from anot
 from __future__ import annotations
 
 import ctypes
+import importlib
 import os
 import signal
 import sys
 
 from pspnet.core.config import Addresses, PipelineConfig, read_start_document
 from pspnet.core.keys import Keys
+from pspnet.core.pipeline import Stage, spec_of
 from pspnet.core.trust import Trust
 from pspnet.stages.child import Child
 
-STAGES = ("preprocess", "executor", "postprocess")
 PR_SET_PDEATHSIG = 1
 
 
-def run(stage: str, index: int, cfg: PipelineConfig, addrs: Addresses, trust: Trust,
+def run(stage: Stage, index: int, cfg: PipelineConfig, addrs: Addresses, trust: Trust,
         keys: Keys | None, supervised: bool) -> None:
-    """Run one worker until it is stopped (`keys`: CurveZMQ, with tcp)."""
-    child = Child(stage, index, cfg, addrs, trust, keys, supervised=supervised)
-    if stage == "preprocess":
-        from pspnet.stages import preprocess
-        preprocess.main(child)
-    elif stage == "executor":
-        from pspnet.stages import executor
-        executor.main(child)
-    elif stage == "postprocess":
-        from pspnet.stages import postprocess
-        postprocess.main(child)
-    else:
-        raise ValueError(f"stage must be one of {', '.join(STAGES)}, not {stage!r}")
+    """Run one worker until it is stopped (`keys`: CurveZMQ, with tcp): the stage's module
+    (core.pipeline's table) is imported here, so a worker loads only its own stage's
+    libraries."""
+    spec = spec_of(Stage(stage))
+    child = Child(spec.stage, index, cfg, addrs, trust, keys, supervised=supervised)
+    importlib.import_module(spec.module).main(child)
 
 
 def main() -> None:
@@ -44,7 +38,7 @@ def main() -> None:
     front stops them itself (STOP_SIGNAL). If the front dies, the kernel ends them."""
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, signal.SIG_IGN)
-    stage, index = sys.argv[1], int(sys.argv[2])
+    stage, index = Stage(sys.argv[1]), int(sys.argv[2])
     cfg, addrs, front_pid, trust, curve = read_start_document(sys.stdin.read())
     try:
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)

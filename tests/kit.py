@@ -379,7 +379,10 @@ class RawClient:
         return n
 
     def handle(self, msg: wire.Message) -> None:
-        if isinstance(msg, wire.Result):
+        if isinstance(msg, wire.Results):         # a turn's answers to this client
+            for result in msg.results:
+                self.handle(result)
+        elif isinstance(msg, wire.Result):
             self.result_count[msg.id] += 1
             self.results.setdefault(msg.id, msg)
             self.answered_at.setdefault(msg.id, time.monotonic())

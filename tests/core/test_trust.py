@@ -31,7 +31,7 @@ def test_identities_prove_a_name_and_whose_worker_it_is():
     shared, own = new_secret(), new_secret()
     front, remote = Trust(shared, own), Trust(shared)
     assert front.origin(front.identity("executor-0-42")) == ("executor-0-42", True)
-    assert front.origin(front.identity("executor-0-42", "runner")) == ("executor-0-42", True)
+    assert front.origin(front.identity("executor-0-42", "runner")) is None   # no such socket
     assert front.origin(front.identity("preprocess-0-9", "vouch")) == ("preprocess-0-9", True)
     assert front.origin(remote.identity("executor-0-42")) == ("executor-0-42", False)
     assert remote.name_of(front.identity("postprocess-0-7", "credits")) == "postprocess-0-7"

@@ -19,6 +19,7 @@ from pspnet.build_model.reference import Reference
 from pspnet.core import wire
 from pspnet.core.config import PipelineConfig
 from pspnet.daemon.front import Front, PipelineError, requests_for
+from pspnet.daemon.roster import Roster
 from pspnet.model.manifest import voc_palette
 from pspnet.model.masks import mask_path, recorded_source
 from tests.kit import FAKE_ACL, mask_pixels, with_om
@@ -126,6 +127,38 @@ def test_partial_batch_no_filler_leaks(tiny_models, photo_files, tmp_path):
     assert status.front.duplicates_dropped == 0
 
 
+def test_a_forged_answer_inside_results_is_dropped_and_the_others_delivered(tiny_models):
+    """A postprocess worker's Results carry several answers: each is checked alone (token,
+    holder), so one without its request's token is counted and dropped while the others of
+    the same message are delivered; its request stays pending until its own answer."""
+    front = Front(PipelineConfig(model_dir=tiny_models["labels"]))
+    front.roster = Roster(None, lambda worker, frames: True, 1, front.log)   # not started
+    for i in range(3):
+        assert front.submit(wire.Request(f"c{i}", f"/p/{i}.jpg"), origin="me")
+    group = front.ledger.next_group(3)
+    rids = [e.rid for e in group]
+    front.ledger.dispatched(group, "preprocess-0-1", "executor-0-2")
+    front.ledger.took("executor-0-2", rids)
+    front.ledger.handed("executor-0-2", rids, "postprocess-0-3")
+    trust = front.gate.trust
+
+    def answer(rid: str, executor: str) -> wire.Result:
+        return wire.Result(rid, 0, wire.OK, "/p.jpg", mask=f"/m/{rid}.png",
+                           stage="postprocess", token=trust.token(rid, 0, executor),
+                           size=(4, 5), found=((0, "background", 20),))
+
+    sender = wire.WorkerId.parse("postprocess-0-3")
+    results = wire.Results((answer(rids[0], "executor-0-2"), answer(rids[1], "executor-0-9"),
+                            answer(rids[2], "executor-0-2")))
+    front._handle(sender, True, wire.encode(results))
+    taken = front.take_answers()
+    assert sorted(r.id for r, _ in taken) == ["c0", "c2"]
+    assert all(r.status == wire.OK and r.size == (4, 5) for r, _ in taken)
+    assert front.totals["forged_dropped"] == 1 and front.pending == 1
+    front._handle(sender, True, wire.encode(answer(rids[1], "executor-0-2")))
+    assert [r.id for r, _ in front.take_answers()] == ["c1"] and front.pending == 0
+
+
 def test_an_idle_daemon_runs_a_lone_image_at_once_at_the_smallest_size(tiny_models,
                                                                       photo_files):
     """Work-conserving: one image sent to an idle pipeline runs at once, in a batch of the
@@ -141,7 +174,7 @@ def test_an_idle_daemon_runs_a_lone_image_at_once_at_the_smallest_size(tiny_mode
         counters: dict[str, float] = {}
         while time.monotonic() < deadline:        # the counts come with a heartbeat
             front.poll(50)
-            (executor,) = front.workers.of("executor")
+            (executor,) = front.roster.workers.of("executor")
             counters = executor.counters
             if counters.get("processed") == 1:
                 break
@@ -166,7 +199,8 @@ def test_postprocess_workers_share_the_outputs_of_a_slow_device(tiny_models, pho
         deadline = time.monotonic() + 5
         while time.monotonic() < deadline:        # the last counts come with a heartbeat
             front.poll(50)
-            shares = [w.counters.get("processed", 0) for w in front.workers.of("postprocess")]
+            shares = [w.counters.get("processed", 0)
+                      for w in front.roster.workers.of("postprocess")]
             if sum(shares) == len(paths):
                 break
         with pytest.raises(PipelineError, match="started already"):

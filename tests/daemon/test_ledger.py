@@ -49,9 +49,15 @@ def accept(ledger: Ledger, n: int, origin: object = "client-a") -> list[str]:
 
 
 def dispatch(ledger: Ledger, preprocess: str, executor: str) -> str:
-    entry = ledger.next_queued()
-    ledger.dispatched(entry, preprocess, executor)
+    (entry,) = ledger.next_group(1)
+    ledger.dispatched([entry], preprocess, executor)
     return entry.rid
+
+
+def dispatch_group(ledger: Ledger, n: int, preprocess: str, executor: str) -> list[str]:
+    entries = ledger.next_group(n)
+    ledger.dispatched(entries, preprocess, executor)
+    return [e.rid for e in entries]
 
 
 def test_a_request_walks_every_state_and_rooms_are_taken_and_freed(ledger):
@@ -75,9 +81,13 @@ def test_a_request_walks_every_state_and_rooms_are_taken_and_freed(ledger):
 
 
 def test_notes_that_overtake_each_other_still_land_right(ledger):
-    """The executor's "took" and "handed" leave on two sockets, and the preprocess
-    worker's "handed" on a third: any order at the front ends in the same state."""
-    for order in itertools.permutations(["p-handed", "e-took", "e-handed"]):
+    """The executor's "took" and "handed" leave in order on its one socket; the preprocess
+    worker's "handed" on another may come before, between or after them: each order at
+    the front ends in the same state."""
+    orders = [o for o in itertools.permutations(["p-handed", "e-took", "e-handed"])
+              if o.index("e-took") < o.index("e-handed")]
+    assert len(orders) == 3
+    for order in orders:
         ledger = Ledger()
         (rid,) = accept(ledger, 1)
         dispatch(ledger, P0, E0)
@@ -202,3 +212,56 @@ def test_counts_by_state(ledger):
     ledger.took(E0, [rids[0]])
     assert ledger.by_state() == {QUEUED: 2, PREPROCESS: 0, TO_EXECUTOR: 0, EXECUTOR: 1,
                                  TO_POSTPROCESS: 0}
+
+
+def test_a_group_note_moves_every_id_its_sender_holds_at_once(ledger):
+    """Control per batch: one dispatch, one "handed", one "took" for a group."""
+    accept(ledger, 6)
+    rids = dispatch_group(ledger, 6, P0, E0)
+    assert [ledger.entries[r].state for r in rids] == [PREPROCESS] * 6
+    assert ledger.load == {P0: 6, E0: 6}
+    ledger.handed(P0, rids[:4], E0)              # a time slice of the group
+    assert ledger.load == {P0: 2, E0: 6}
+    ledger.took(E0, rids)                        # the executor took all six: two before
+    assert not ledger.load                       # their preprocess note came
+    ledger.handed(P0, rids[4:], E0)              # that late note is passed over
+    assert {ledger.entries[r].state for r in rids} == {EXECUTOR}
+    ledger.handed(E0, rids[:3], Q0)
+    ledger.handed(E0, rids[3:], Q1)
+    assert [ledger.entries[r].holders for r in rids] == [(E0, Q0)] * 3 + [(E0, Q1)] * 3
+
+
+def test_a_group_split_by_a_death_retries_exactly_what_the_dead_worker_held(ledger):
+    accept(ledger, 8)
+    rids = dispatch_group(ledger, 8, P0, E0)
+    ledger.handed(P0, rids[:5], E0)
+    ledger.took(E0, rids[:5])                    # five in a batch, three still decoding
+    ledger.handed(E0, rids[:2], Q0)              # two of the batch at Q0, three at Q1
+    ledger.handed(E0, rids[2:5], Q1)
+    retried, given_up = ledger.lost(P0)
+    assert [e.rid for e in retried] == rids[5:] and not given_up
+    retried, given_up = ledger.lost(Q1)
+    assert [e.rid for e in retried] == rids[2:5] and not given_up
+    assert [ledger.entries[r].state for r in rids[:2]] == [TO_POSTPROCESS] * 2
+    assert sorted(ledger.queue) == sorted(rids[2:])
+    assert not ledger.load
+
+
+def test_a_note_for_ids_already_retried_moves_nothing(ledger):
+    """A dead worker's group note still in flight (or one of its previous life) arrives
+    after the front retried its ids: they stay queued, and a later answer of the old
+    attempt still answers once."""
+    accept(ledger, 4)
+    rids = dispatch_group(ledger, 4, P0, E0)
+    retried, _ = ledger.lost(P0)
+    assert len(retried) == 4
+    ledger.handed(P0, rids, E0)
+    ledger.took(E0, rids)
+    ledger.handed(E0, rids, Q0)
+    assert [ledger.entries[r].state for r in rids] == [QUEUED] * 4
+    assert list(ledger.queue) == rids and not ledger.load
+    again = dispatch_group(ledger, 4, P1, E1)    # the retry goes elsewhere
+    ledger.took(E0, again)                       # the dead group's executor: not its room
+    assert [ledger.entries[r].holders for r in again] == [(P1, E1)] * 4
+    assert ledger.answer(rids[0]) is not None and ledger.answer(rids[0]) is None
+    assert ledger.pending == 3

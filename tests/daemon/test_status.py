@@ -75,7 +75,8 @@ def test_every_counter_the_code_keeps_is_declared():
     counted = names_counted("stages", "count")
     assert {"processed", "errors", "busy_s", "batches", "filler", "stale_dropped"} <= counted
     assert counted <= worker, f"counted by a stage, never shown: {counted - worker}"
-    tallied = keys_tallied("daemon/front.py", "totals")
+    tallied = keys_tallied("daemon/front.py", "totals") | keys_tallied("daemon/answers.py",
+                                                                       "totals")
     assert {"submitted", "ok", "errors", "abandoned"} <= tallied
     assert tallied <= {n for n, _ in figures(FrontCounts)}
     counts = keys_tallied("daemon/clients.py", "counts")

@@ -73,7 +73,7 @@ def test_the_ledger_cancels_only_this_clients_queued_requests() -> None:
     ledger = Ledger()
     mine = [ledger.add(f"c{i}", f"/p/{i}.jpg", None, origin=b"me") for i in range(4)]
     theirs = ledger.add("c0", "/p/x.jpg", None, origin=b"them")
-    ledger.dispatched(mine[0], "preprocess-0-1", "executor-0-2")
+    ledger.dispatched([mine[0]], "preprocess-0-1", "executor-0-2")   # a group of one
     ledger.took("executor-0-2", [mine[0].rid])
     dropped = ledger.cancel(b"me", ["c0", "c1", "c3", "unknown"])
     assert [e.client_id for e in dropped] == ["c1", "c3"]          # c0 runs already

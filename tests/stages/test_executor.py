@@ -103,8 +103,7 @@ class ExecutorAlone:
         return [wire.decode(self.outputs.recv_multipart()).request.id for _ in range(n)]
 
     def next_note(self, kind: type, timeout_s: float = 10) -> wire.Message:
-        """The first note of this kind not yet taken (notes from the two threads of the
-        executor travel on two sockets: they may arrive in either order)."""
+        """The first note of this kind not yet taken (heartbeats come between)."""
         for i, message in enumerate(self.notes):
             if isinstance(message, kind):
                 return self.notes.pop(i)
@@ -120,9 +119,20 @@ class ExecutorAlone:
         """The next `n` error answers (id -> message), skipping heartbeats and notes."""
         failed: dict[str, str] = {}
         while len(failed) < n:
-            message = self.next_note(wire.Result)
-            failed[message.id] = message.error or ""
+            message = self.next_note(wire.Results)   # a batch's errors: one message
+            failed.update((r.id, r.error or "") for r in message.results)
         return failed
+
+    def control_notes(self, n: int, timeout_s: float = 10) -> list[wire.Message]:
+        """The next `n` notes in the order they arrived, heartbeats left out."""
+        notes: list[wire.Message] = []
+        deadline = time.monotonic() + timeout_s
+        while len(notes) < n:
+            assert self.front.poll(max(0.0, deadline - time.monotonic()) * 1e3), notes
+            message = wire.decode(self.front.recv_multipart()[1:])
+            if not isinstance(message, wire.Heartbeat):
+                notes.append(message)
+        return notes
 
     def close(self) -> None:
         for sock in (self.images, self.outputs, self.front):
@@ -148,6 +158,33 @@ def test_executor_overlaps_assembly_and_transfer_with_compute(tiny_models, tmp_p
           f"serial {serial:.2f} s")
     assert sorted(got, key=int) == [str(i) for i in range(n_batches * batch)]
     assert elapsed < overlapped + 0.5 * (serial - overlapped)
+    alone.close()
+
+
+def test_an_executors_notes_come_in_order_each_id_taken_then_handed_once(tiny_models,
+                                                                          tmp_path):
+    """Control per batch (issue 27), in order from one socket (issue 25): every id is
+    in one "took" and then one "handed" note (several batches may share a note within a
+    --coalesce-ms slice), so the ledger needs no branch for a "handed" that overtakes its
+    "took"."""
+    manifest = Manifest.read(tiny_models["labels"])
+    batch, n = 4, 12
+    backend = SlowBackend(batch, manifest.input_size, 0.0, 0.05)
+    alone = ExecutorAlone(tiny_models["labels"], tmp_path, backend, max_wait_ms=1000)
+    for i in range(n):
+        alone.send(i)
+    alone.output_ids(n)
+    took: list[str] = []
+    handed: list[str] = []
+    while len(handed) < n:
+        (note,) = alone.control_notes(1)
+        if isinstance(note, wire.Took):
+            took.extend(note.ids)
+        else:
+            assert isinstance(note, wire.Handed) and note.to == "postprocess-0-1"
+            assert set(note.ids) <= set(took), "handed before it was taken"
+            handed.extend(note.ids)
+    assert sorted(took, key=int) == sorted(handed, key=int) == [str(i) for i in range(n)]
     alone.close()
 
 

@@ -35,8 +35,52 @@ def test_output_and_result_roundtrip():
     assert res.attempt == 1 and res.mask == "/m/a.png"
 
 
+def test_results_carry_many_answers_and_their_areas_in_one_message():
+    """Control per batch: a worker's answers of a few ms in one message, the areas of those
+    that have them stacked in one frame, each back on its own answer."""
+    rng = np.random.default_rng(2)
+    areas = [rng.integers(0, 1000, (4, 21)).astype(np.int64) for _ in range(3)]
+    results = (wire.Result("a", 0, wire.OK, "/a", "/m/a.png", None, "postprocess", areas[0]),
+               wire.Result("b", 1, wire.ERROR, "/b", None, "unreadable", "preprocess",
+                           cause=wire.INCOMPLETE),
+               wire.Result("c", 0, wire.OK, "/c", None, None, "postprocess", areas[1]),
+               wire.Result("d", 0, wire.OK, "/d", None, None, "postprocess", areas[2]))
+    frames = wire.encode(wire.Results(results))
+    assert len(frames) == 2                       # the header and one areas frame
+    out = wire.decode([bytes(f) for f in frames])
+    assert [r.id for r in out.results] == ["a", "b", "c", "d"]
+    assert out.results[1] == results[1]
+    for got, sent in zip([out.results[i] for i in (0, 2, 3)], areas, strict=True):
+        np.testing.assert_array_equal(got.areas, sent)
+    no_areas = wire.Results(tuple(wire.Result(i, 0, wire.OK, f"/{i}") for i in "xyz"))
+    assert roundtrip(no_areas) == no_areas
+
+
+@pytest.mark.parametrize("row, words", [(5, "row"), (-1, "row"), ("0", "row"), (None, "no result")])
+def test_results_whose_areas_rows_do_not_match_are_refused(row, words):
+    areas = np.zeros((1, 4, 21), np.int64)
+    fields = {"id": "a", "attempt": 0, "status": "ok", "path": "/a", "mask": None,
+              "error": None, "stage": "postprocess", "cause": None, "areas": row}
+    frames = [header(kind="results", results=[fields], arrays=[["int64", [1, 4, 21]]]),
+              areas.tobytes()]
+    with pytest.raises(wire.WireError, match=words):
+        wire.decode(frames)
+
+
+def test_a_worker_id_is_written_and_read_in_one_place():
+    wid = wire.WorkerId(wire.Stage.EXECUTOR, 3, 4242)
+    assert str(wid) == "executor-3-4242" and wid.encode() == b"executor-3-4242"
+    assert wire.WorkerId.parse(wid.encode()) == wid == wire.peer(b"executor-3-4242")
+    assert wire.WorkerId.parse("postprocess-0-1").stage is wire.Stage.POSTPROCESS
+    for bad in ("executor-3", "gpu-0-1", "executor-x-1", "executor-1-2-3", "executor--1-2",
+                "executor-1-" + "9" * 11, "executor-1-2/runner", "", "e" * 100):
+        with pytest.raises(wire.WireError, match="worker"):
+            wire.WorkerId.parse(bad)
+
+
 @pytest.mark.parametrize("msg", [
-    wire.Dispatch(REQ, "executor-0-42", "ipc:///run/exec0-in"), wire.Credit(3),
+    wire.Dispatch((REQ,), "executor-0-42", "ipc:///run/exec0-in"), wire.Credit(3),
+    wire.Dispatch((REQ, wire.Request("y", "/q", None, 1)), "executor-0-42", "ipc:///x"),
     wire.Took(("a", "b")), wire.Handed(("a",), "postprocess-1-43"),
     wire.Heartbeat("preprocess", 1, 42, {"processed": 3, "busy_s": 0.5}),
     wire.Heartbeat("executor", 0, 44, {}, inputs="tcp://10.0.0.5:40001",
@@ -60,11 +104,11 @@ def header(**fields):
     ([msgpack.packb([1, 2])], "not a map"),
     ([msgpack.packb({"v": 99, "kind": "dispatch"})], "version"),
     ([header(kind="pickle")], "unknown message kind"),
-    ([header(kind="dispatch", req={"id": "a", "path": 5, "attempt": 0}, to="e-0-1",
+    ([header(kind="dispatch", reqs=[{"id": "a", "path": 5, "attempt": 0}], to="e-0-1",
              address="ipc:///x")], "path"),
-    ([header(kind="dispatch", req={"id": "", "path": "/x", "attempt": 0}, to="e-0-1",
+    ([header(kind="dispatch", reqs=[{"id": "", "path": "/x", "attempt": 0}], to="e-0-1",
              address="ipc:///x")], "id"),
-    ([header(kind="dispatch", req={"id": "a", "path": "/x", "attempt": 0}, to="x" * 65,
+    ([header(kind="dispatch", reqs=[{"id": "a", "path": "/x", "attempt": 0}], to="x" * 65,
              address="ipc:///x")], "worker name"),
     ([header(kind="took", ids="a")], "list of ids"),
     ([header(kind="credit", credits=0)], "credits"),

@@ -1,0 +1,109 @@
+"""Answer delivery: one answer per accepted request, under the id its client gave.
+
+The front's part after a request is done (or given up): counted, its areas summed into
+the running mIoU, its latency handed to the metrics hook, a failure logged, and the answer
+queued for whoever asked (`take`). Kept apart from the front, which decides *when* a
+request is answered; this decides *what* the answer is and who hears of it.
+"""
+
+from __future__ import annotations
+
+import collections
+import time
+from collections.abc import Callable
+from typing import Any
+
+from pspnet.core import wire
+from pspnet.core.status import Tally
+from pspnet.daemon.ledger import Entry
+from pspnet.model.metrics import IoUAccumulator
+
+RATE_WINDOW_S = 10.0
+
+
+class Answers:
+    def __init__(self, totals: Tally, metrics: IoUAccumulator, log: Any) -> None:
+        self.totals, self.metrics, self.log = totals, metrics, log
+        self.ready: list[tuple[wire.Result, Any]] = []
+        self.answered_at: collections.deque[float] = collections.deque()
+        # called with (status, stage, seconds since accepted) for each answer: metrics
+        self.on_answer: Callable[[str, str, float], None] | None = None
+
+    def deliver(self, entry: Entry, status: str, mask: str | None, error: str | None,
+                stage: str, areas: Any = None, cause: str | None = None,
+                found: tuple[Any, Any] = (None, ()), quiet: bool = False) -> None:
+        """One answer for one accepted request (the ledger has removed it). `found`: the
+        image's size and the classes in its mask. `quiet`: a failure the caller logs once
+        for all (abandoned at shutdown)."""
+        if status == wire.OK and areas is not None:
+            self.metrics.add(areas)
+        self.totals["ok" if status == wire.OK else "errors"] += 1
+        now = time.monotonic()
+        if self.on_answer is not None:
+            self.on_answer(status, stage, now - entry.accepted)
+        self.answered_at.append(now)
+        if self.answered_at[0] < now - RATE_WINDOW_S:
+            while self.answered_at and self.answered_at[0] < now - RATE_WINDOW_S:
+                self.answered_at.popleft()
+        if status != wire.OK and cause != wire.STORAGE and not quiet:   # those: one line
+            self.log.warning("request failed", id=entry.client_id,
+                             path=entry.request.path, stage=stage, error=error)
+        self.ready.append((wire.Result(entry.client_id, entry.request.attempt, status,
+                                       entry.request.path, mask=mask, error=error,
+                                       stage=stage, areas=areas, cause=cause,
+                                       size=found[0], found=found[1]),
+                           entry.origin))
+
+    def failed(self, entry: Entry, error: str, quiet: bool = False) -> None:
+        """The front's own error answer (malformed, given up, abandoned)."""
+        self.deliver(entry, wire.ERROR, None, error, "front", quiet=quiet)
+
+    def take(self) -> list[tuple[wire.Result, Any]]:
+        ready, self.ready = self.ready, []
+        return ready
+
+    def per_second(self) -> float:
+        """Answers per second over the last RATE_WINDOW_S."""
+        now = time.monotonic()
+        return round(sum(t >= now - RATE_WINDOW_S for t in self.answered_at)
+                     / RATE_WINDOW_S, 2)
+
+
+def deliver_turn(answers: list[tuple[wire.Result, Any]],
+                 to_client: Callable[[bytes, wire.Message], None],
+                 elsewhere: Callable[[wire.Result, Any], None]) -> None:
+    """One turn's answers to whoever asked: a client (its socket identity) with many gets
+    them in one message (issue 27); others (watch mode) one by one."""
+    for origin, results in by_origin(answers).items():
+        if isinstance(origin, bytes):
+            for msg in in_messages(results):
+                to_client(origin, msg)
+        else:
+            for result in results:
+                elsewhere(result, origin)
+
+
+def by_origin(answers: list[tuple[wire.Result, Any]],
+              ) -> dict[Any, list[wire.Result]]:
+    """The answers of one turn grouped by who asked, in order: one message per client."""
+    grouped: dict[Any, list[wire.Result]] = {}
+    for result, origin in answers:
+        grouped.setdefault(origin, []).append(result)
+    return grouped
+
+
+def in_messages(results: list[wire.Result]) -> list[wire.Result | wire.Results]:
+    """One client's answers as few messages as decode's limits allow."""
+    if len(results) == 1:
+        return [results[0]]
+    out: list[wire.Result | wire.Results] = []
+    group: list[wire.Result] = []
+    size = 0
+    for result in results:
+        size += wire.result_size(result)
+        if group and (size > wire.MAX_HEADER_BYTES // 2 or len(group) >= wire.MAX_IDS):
+            out.append(wire.Results(tuple(group)))
+            group, size = [], wire.result_size(result)
+        group.append(result)
+    out.append(wire.Results(tuple(group)) if len(group) > 1 else group[0])
+    return out
