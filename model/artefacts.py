@@ -36,8 +36,8 @@ from pspnet.model.manifest import MANIFEST_NAME, Manifest
 NVIDIA_DRIVER = Path("/proc/driver/nvidia/version")   # absent: no CUDA device, no probe
 CUDA_PROBE_S = 60.0
 CHECKPOINT_SUFFIXES = (".pth", ".pt", ".ckpt", ".pkl", ".bin", ".safetensors")
-BUILD_HINT = ("pspnet build --config CONFIG --checkpoint CHECKPOINT.pth --out models/NAME, "
-              "then --model models/NAME")
+BUILD_HINT = ("pspnet build --config CONFIG --checkpoint CHECKPOINT.pth --out models/NAME`, "
+              "then `--model models/NAME")
 
 
 def model_dir_problem(path: Path) -> str | None:
