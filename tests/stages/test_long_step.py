@@ -9,6 +9,7 @@ import zmq
 
 from pspnet.core import wire
 from pspnet.core.config import Addresses, PipelineConfig
+from pspnet.core.trust import Trust, new_secret
 from pspnet.stages.child import STEP_S_PER_MPX, Child
 
 LIVENESS_S = 1.0
@@ -28,7 +29,8 @@ def test_a_long_step_is_vouched_for_within_its_budget_then_reported_stuck(tiny_m
     ctx = zmq.Context.instance()
     front = ctx.socket(zmq.ROUTER)          # the worker's heartbeats -> this test
     front.bind(addrs.control)
-    child = Child("preprocess", 0, cfg, addrs, supervised=False)
+    trust = Trust(new_secret())
+    child = Child("preprocess", 0, cfg, addrs, trust, supervised=False)
     started = time.monotonic()
     with child.long_step("decode", PIXELS):
         time.sleep(BUDGET_S + 1.5)
@@ -37,7 +39,7 @@ def test_a_long_step_is_vouched_for_within_its_budget_then_reported_stuck(tiny_m
     while front.poll(300):                  # what was sent during the step
         identity, *frames = front.recv_multipart()
         message = wire.decode(frames)
-        assert identity == f"{child.name}/vouch".encode()
+        assert identity == trust.identity(child.name, "vouch")   # its proven helper socket
         assert isinstance(message, wire.Heartbeat) and message.pid == child.pid
         beats.append(message)
     time.sleep(0.5)
