@@ -8,9 +8,14 @@ than a plain loop (60 img/s against 64 serial); 1 + 1 workers with one executor 
 * usable CPUs = the affinity mask, capped by a container's CPU quota (cgroup v2
   `cpu.max`, or v1 `cpu.cfs_quota_us` / `cpu.cfs_period_us`), so a Kubernetes CPU limit
   is honoured;
-* an executor that computes on the host's cores (a `cpu` device) gets the cores the
-  workers do not need: one preprocess and one postprocess worker per 8 CPUs (at least
-  one each), the rest as its intra-op threads, no oversubscription;
+* an executor that computes on the host's cores (a `cpu` device) gets one intra-op thread
+  per usable CPU (shared between host executors) beside one preprocess and one postprocess
+  worker per 8 CPUs (at least one each), with spinning off: its idle threads sleep, so a
+  worker takes a core when it has work. The network is most of the host's work (the demo
+  model: 18 ms of CPU per image against 1.6 decode and 5.8 postprocess), so leaving the
+  workers' cores idle cost more than sharing them: on 2 cores `pspnet bench --plans` gave
+  68.3 img/s with 2 executor threads against 55.1 with 1, interleaved in one run
+  (bench/results/cpu-2core-final-plans.json);
 * an executor on a device (cuda, npu, a simulated one) needs one core for its loop; the
   others, less one for the front, go to the workers in proportion to their CPU cost per
   image (decode + letterbox ~2 ms, postprocess ~1.7 ms with the labels head: measured,
@@ -154,9 +159,9 @@ def make_plan(machine: Machine, backend: str, devices: tuple[str, ...],
         pre = given.preprocess_workers or max(1, cpus // CPUS_PER_WORKER)
         post = given.postprocess_workers or max(1, cpus // CPUS_PER_WORKER)
         threads = given.executor_threads if given.executor_threads is not None else \
-            max(1, (cpus - pre - post) // on_host)
-        why = (f"{seen}; {on_host} executor(s) on the host ({backend}): the workers take "
-               f"what they need, the executor the rest")
+            max(1, cpus // on_host)
+        why = (f"{seen}; {on_host} executor(s) on the host ({backend}): a thread per CPU, "
+               f"sleeping while idle, so the workers take a core when they need one")
     else:
         # one core per executor's loop, one for the front; the rest by each pool's cost
         free = max(2, cpus - len(devices) - 1)
