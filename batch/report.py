@@ -18,6 +18,8 @@ from typing import Any
 
 import numpy as np
 
+from pspnet.model.labels import class_pixels
+
 BLEND_ALPHA = 0.6               # mask colour over the photo
 EDGE_RGB = (255, 255, 255)      # outline of every region: VOC's darker colours (cat is
                                 # 64, 0, 0) barely show over a photo without it
@@ -38,7 +40,7 @@ class Row:
 
 def class_shares(labels: np.ndarray, num_classes: int) -> list[tuple[int, float]]:
     """(class id, percent of the pixels), largest first; ignore (255) not counted."""
-    counts = np.bincount(labels.ravel(), minlength=256)[:num_classes]
+    counts = class_pixels(labels)[:num_classes]      # the count the daemon's answers carry
     total = counts.sum()
     if not total:
         return []
