@@ -105,6 +105,10 @@ class PipelineConfig:
     max_pixels: int = setting(
         DEFAULT_MAX_PIXELS, flag="--max-pixels", type=positive_int,
         help="refuse images with more pixels (read from the header, before decoding)")
+    max_upload_bytes: int = setting(
+        64 << 20, flag="--max-upload-bytes", type=positive_int, metavar="BYTES",
+        help="the largest encoded image a client may send instead of a path (pspnet submit "
+             "--upload); a larger one is answered with an error, never read whole")
     coalesce_ms: float = setting(
         5.0, flag="--coalesce-ms", type=non_negative_float, metavar="MS",
         help="control per batch: a worker sends what it finished in one note, at most this "

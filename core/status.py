@@ -194,6 +194,9 @@ class ClientCounts:
     malformed: int = figure("Client messages dropped as malformed (also in front.malformed)")
     client_errors: int = figure("Client messages that could not be handled (answered with "
                                 "an internal error)", metric="pspnet_client_errors")
+    uploads: int = figure("Encoded images clients sent instead of paths, accepted")
+    upload_busy: int = figure("Uploads answered `busy` (the client's bytes in flight at "
+                              "--max-upload-inflight); the client retries them")
     bytes_in: int = figure("Bytes received from clients")
     bytes_out: int = figure("Bytes sent to clients")
 
@@ -210,6 +213,7 @@ class DaemonStatus(ClientCounts):
     accepting_connections: bool = True
     client_connections_cap: int = figure("About as many client connections as the open "
                                          "files limit allows", GAUGE)
+    max_upload_bytes: int = 0        # the largest upload accepted (a client checks first)
     drained: bool | None = None
     abandoned: int | None = None
     failure: str | None = None

@@ -10,6 +10,7 @@ of crashing a stage.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from collections.abc import Sequence
@@ -27,14 +28,21 @@ MAX_STRING_CHARS = 4096             # paths, ids, error messages
 MAX_NAME_CHARS = 64                 # a worker's name: stage-index-pid
 MAX_SIDE_PIXELS = 8192              # model input side, output side
 MAX_CLASSES = 1024
-MAX_FRAMES = 4
+MAX_DATA_FRAMES = 32               # encoded images in one submit or dispatch (uploads)
+MAX_FRAMES = 4 + MAX_DATA_FRAMES
 MAX_STATS_ENTRIES = 64
 MAX_IDS = 4096                      # ids in one note
 MAX_PEERS = 256                     # executors in one peers message
 DEFAULT_MAX_PIXELS = 50_000_000     # an image's pixels (--max-pixels): a placement's original
                                     # size is checked against it before anything allocates it
 MAX_CONTROL_FRAME_BYTES = 1 << 20   # a frame on a control socket (ZMQ_MAXMSGSIZE): headers,
-                                    # and a result's areas (4 x MAX_CLASSES int64)
+                                    # and a result's areas (4 x MAX_CLASSES int64); sockets
+                                    # that carry uploads or returned masks allow those
+                                    # (core.uploads)
+# What an answer carries back (Request.want): the palette PNG, the raw uint8 label map, or
+# only the classes found ("" : a path request's answer, the mask written under --out).
+WANT_PNG, WANT_LABELS, WANT_CLASSES = "png", "labels", "classes"
+WANTS = ("", WANT_PNG, WANT_LABELS, WANT_CLASSES)
 
 # Message kinds: explicit, never inferred from frame counts. Pixels and outputs flow between
 # the stage processes (DISPATCH names where to send them); the front carries control only.
@@ -133,6 +141,10 @@ class Request:
     ann: str | None = None        # ground-truth palette PNG, for mIoU
     attempt: int = 0              # bumped when a request is retried after a crash
     token: str = ""               # the front's, per dispatch (core.trust); "" from clients
+    want: str = ""                # WANTS: what the answer carries back
+    write: bool = True            # write the mask under --out (uploads: only if asked)
+    data: Any = None              # an upload: the encoded image (a buffer), sent as a raw
+                                  # frame of a submit or dispatch, never in the header
 
 
 @dataclass(frozen=True)
@@ -200,6 +212,9 @@ class Result:
     size: tuple[int, int] | None = None   # the image's height and width (answers: ok)
     found: tuple[tuple[int, str, int], ...] = ()   # (class id, name, pixels), largest first
     token: str = ""               # a stage's answer: its request's token (core.trust)
+    payload: Any = None           # what the request wanted back (a buffer): PNG bytes or
+                                  # the uint8 label map of `size`, a raw frame
+    returned: str = ""            # WANT_PNG or WANT_LABELS when `payload` is set
 
 
 @dataclass(frozen=True)
@@ -294,7 +309,7 @@ def encode(msg: Message) -> list[Any]:
     arrays: list[np.ndarray] = []
     header: dict[str, Any] = {"v": WIRE_VERSION}
     if isinstance(msg, Dispatch):
-        header |= {"kind": DISPATCH, "reqs": [_request_fields(r) for r in msg.requests],
+        header |= {"kind": DISPATCH, "reqs": _requests_with_data(msg.requests, arrays),
                    "to": msg.to, "address": msg.address}
     elif isinstance(msg, Image):
         header |= {"kind": IMAGE, "req": _request_fields(msg.request),
@@ -313,10 +328,15 @@ def encode(msg: Message) -> list[Any]:
                    "arrays": [] if msg.areas is None else [_describe(msg.areas)]}
         if msg.areas is not None:
             arrays.append(msg.areas)
+        if msg.payload is not None:        # the last frame, raw
+            header["ret"] = msg.returned
+            arrays.append(msg.payload)
     elif isinstance(msg, Results):
         rows = [r.areas for r in msg.results if r.areas is not None]
         fields, row = [], 0
         for r in msg.results:
+            if r.payload is not None:
+                raise ValueError("a result with a payload is sent alone (a Result)")
             fields.append({**_result_fields(r), "areas": None if r.areas is None else row})
             row += r.areas is not None
         header |= {"kind": RESULTS, "results": fields}
@@ -341,7 +361,7 @@ def encode(msg: Message) -> list[Any]:
         header |= {"kind": PEERS, "executors": [list(e) for e in msg.executors],
                    "credits": msg.credits}
     elif isinstance(msg, Submit):
-        header |= {"kind": SUBMIT, "reqs": [_request_fields(r) for r in msg.requests]}
+        header |= {"kind": SUBMIT, "reqs": _requests_with_data(msg.requests, arrays)}
     elif isinstance(msg, StatusQuery):
         header |= {"kind": STATUS}
     elif isinstance(msg, Cancel):
@@ -352,8 +372,24 @@ def encode(msg: Message) -> list[Any]:
     else:
         raise TypeError(f"not a wire message: {type(msg).__name__}")
     frames: list[Any] = [msgpack.packb(header, use_bin_type=True)]
-    frames.extend(np.ascontiguousarray(a).data for a in arrays)
+    frames.extend(a if not isinstance(a, np.ndarray) else np.ascontiguousarray(a).data
+                  for a in arrays)
     return frames
+
+
+def _requests_with_data(requests: Sequence[Request], frames: list[Any]) -> list[Any]:
+    """Request headers; each upload's bytes appended to `frames`, its header naming the
+    frame by its position among the data frames."""
+    out = []
+    for r in requests:
+        fields = _request_fields(r)
+        if r.data is not None:
+            fields["data"] = len(frames)
+            frames.append(r.data)
+        out.append(fields)
+    if len(frames) > MAX_DATA_FRAMES:
+        raise ValueError(f"at most {MAX_DATA_FRAMES} uploads in one message")
+    return out
 
 
 def _result_fields(r: Result) -> dict[str, Any]:
@@ -371,7 +407,11 @@ def result_size(r: Result) -> int:
 
 
 def _request_fields(r: Request) -> dict[str, Any]:
-    return {"id": r.id, "path": r.path, "ann": r.ann, "attempt": r.attempt, "token": r.token}
+    fields = {"id": r.id, "path": r.path, "ann": r.ann, "attempt": r.attempt,
+              "token": r.token}
+    if r.want or not r.write:         # a path request's header is as it was
+        fields |= {"want": r.want, "write": r.write}
+    return fields
 
 
 def _placement_fields(p: Placement) -> list[Any]:
@@ -513,12 +553,33 @@ def _int(h: dict[str, Any], key: str, lo: int, hi: int) -> int:
     return value
 
 
-def _request(h: Any) -> Request:
+def _request(h: Any, data: Sequence[Any] = ()) -> Request:
+    """A request's header; `data`: the message's data frames, one of which it may name."""
     if not isinstance(h, dict):
         raise WireError("request must be a map")
+    want, write, index = h.get("want", ""), h.get("write", True), h.get("data")
+    if want not in WANTS or not isinstance(write, bool):
+        raise WireError(f"field 'want' must be one of {WANTS[1:]} and 'write' true or false")
+    buf = None
+    if index is not None:
+        if not _is_int(index) or not 0 <= index < len(data):
+            raise WireError("field 'data' must name a data frame of the message")
+        buf = _buffer(data[index])
+        if not buf.nbytes:
+            raise WireError("an upload of 0 bytes", h.get("id") if isinstance(
+                h.get("id"), str) else None)
     return Request(id=_string(h, "id"), path=_string(h, "path"),
                    ann=_string(h, "ann", optional=True), attempt=_int(h, "attempt", 0, 100),
-                   token=_token(h))
+                   token=_token(h), want=want, write=write, data=buf)
+
+
+def _requests(reqs: list[Any], frames: Sequence[Any]) -> tuple[Request, ...]:
+    """A submit's or dispatch's requests: every data frame named by exactly one."""
+    out = tuple(_request(r, frames) for r in reqs)
+    named = [r.get("data") for r in reqs if isinstance(r, dict) and r.get("data") is not None]
+    if len(set(named)) != len(named) or len(named) != len(frames):
+        raise WireError("each data frame belongs to exactly one request")
+    return out
 
 
 def _token(h: dict[str, Any]) -> str:
@@ -560,11 +621,10 @@ def _name(h: dict[str, Any], key: str, empty: bool = False) -> str:
 
 
 def _decode_dispatch(h: dict[str, Any], frames: Sequence[Any], _: int) -> Dispatch:
-    _no_arrays(frames)
     reqs = h.get("reqs")
     if not isinstance(reqs, list) or not 1 <= len(reqs) <= MAX_IDS:
         raise WireError(f"dispatch carries 1..{MAX_IDS} requests")
-    return Dispatch(tuple(_request(r) for r in reqs), to=_name(h, "to"),
+    return Dispatch(_requests(reqs, frames), to=_name(h, "to"),
                     address=_string(h, "address"))
 
 
@@ -650,6 +710,22 @@ def _decode_results(h: dict[str, Any], frames: Sequence[Any], _: int) -> Results
 
 
 def _decode_result(h: dict[str, Any], frames: Sequence[Any], _: int) -> Result:
+    returned = h.get("ret")
+    payload = None
+    if returned is not None:               # the last frame: what the request wanted back
+        if returned not in (WANT_PNG, WANT_LABELS) or not frames:
+            raise WireError(f"result returns {returned!r} without its frame")
+        payload, frames = _buffer(frames[-1]), frames[:-1]
+    result = _decode_result_areas(h, frames)
+    if payload is None:
+        return result
+    if returned == WANT_LABELS and (result.size is None
+                                    or payload.nbytes != result.size[0] * result.size[1]):
+        raise WireError("returned labels must be height x width bytes", result.id)
+    return dataclasses.replace(result, payload=payload, returned=returned)
+
+
+def _decode_result_areas(h: dict[str, Any], frames: Sequence[Any]) -> Result:
     specs = h.get("arrays")
     n = len(specs) if isinstance(specs, list) else -1
     if n not in (0, 1):
@@ -738,11 +814,10 @@ def _decode_peers(h: dict[str, Any], frames: Sequence[Any], _: int) -> Peers:
 
 
 def _decode_submit(h: dict[str, Any], frames: Sequence[Any], max_submit: int) -> Submit:
-    _no_arrays(frames)
     reqs = h.get("reqs")
     if not isinstance(reqs, list) or not 1 <= len(reqs) <= max_submit:
         raise WireError(f"submit carries 1..{max_submit} requests")
-    return Submit(tuple(_request(r) for r in reqs))
+    return Submit(_requests(reqs, frames))
 
 
 def _decode_status(h: dict[str, Any], frames: Sequence[Any], _: int) -> StatusQuery:

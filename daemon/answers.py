@@ -31,10 +31,12 @@ class Answers:
 
     def deliver(self, entry: Entry, status: str, mask: str | None, error: str | None,
                 stage: str, areas: Any = None, cause: str | None = None,
-                found: tuple[Any, Any] = (None, ()), quiet: bool = False) -> None:
+                found: tuple[Any, Any] = (None, ()), quiet: bool = False,
+                returned: tuple[Any, str] = (None, "")) -> None:
         """One answer for one accepted request (the ledger has removed it). `found`: the
         image's size and the classes in its mask. `quiet`: a failure the caller logs once
-        for all (abandoned at shutdown)."""
+        for all (abandoned at shutdown). `returned`: the mask the request asked back (a
+        buffer) and what it is."""
         if status == wire.OK and areas is not None:
             self.metrics.add(areas)
         self.totals["ok" if status == wire.OK else "errors"] += 1
@@ -51,7 +53,8 @@ class Answers:
         self.ready.append((wire.Result(entry.client_id, entry.request.attempt, status,
                                        entry.request.path, mask=mask, error=error,
                                        stage=stage, areas=areas, cause=cause,
-                                       size=found[0], found=found[1]),
+                                       size=found[0], found=found[1],
+                                       payload=returned[0], returned=returned[1]),
                            entry.origin))
 
     def failed(self, entry: Entry, error: str, quiet: bool = False) -> None:
@@ -100,10 +103,14 @@ def in_messages(results: list[wire.Result]) -> list[wire.Result | wire.Results]:
     group: list[wire.Result] = []
     size = 0
     for result in results:
+        if result.payload is not None:      # a returned mask: a message of its own
+            out.append(result)
+            continue
         size += wire.result_size(result)
         if group and (size > wire.MAX_HEADER_BYTES // 2 or len(group) >= wire.MAX_IDS):
             out.append(wire.Results(tuple(group)))
             group, size = [], wire.result_size(result)
         group.append(result)
-    out.append(wire.Results(tuple(group)) if len(group) > 1 else group[0])
+    if group:
+        out.append(wire.Results(tuple(group)) if len(group) > 1 else group[0])
     return out

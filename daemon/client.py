@@ -1,6 +1,8 @@
 """The client: send image paths to a running daemon, get one answer per image.
 
-Usable from Python (`Client(endpoint).submit(paths)`) and behind `pspnet submit`.
+Usable from Python (`Client(endpoint).submit(paths)`) and behind `pspnet submit`. With
+`upload` (or `Client.upload` for bytes in memory) it sends the encoded images instead of
+their paths and gets each mask back in its answer (daemon/uploads_client.py).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import zmq
 from pspnet.core import wire
 from pspnet.core.keys import ENV_KEYS, KeysError, client_keys, connect_curve
 from pspnet.daemon.endpoint import ABSENT, NOT_A_SOCKET, STALE, ipc_state, parse_endpoint
+from pspnet.daemon.uploads_client import Upload, UploadSide, returned_answer
 
 CHUNK = 64                   # requests per submit message
 CHUNK_BYTES = wire.MAX_HEADER_BYTES - 4096   # and at most this much header (long paths)
@@ -45,6 +48,8 @@ class Answer:
     latency_ms: float
     size: tuple[int, int] | None = None           # height, width
     found: tuple[tuple[int, str, int], ...] = ()  # (class id, name, pixels), largest first
+    png: bytes | None = None                      # an upload's mask, as the daemon writes it
+    labels: Any = None                            # or its uint8 H x W label map (numpy)
 
     def shares(self) -> list[tuple[int, str, float]]:
         """(class id, name, share of the image in 0..1) of each class found, largest first."""
@@ -121,22 +126,41 @@ class Client:
                 return msg.body
         raise DaemonUnavailable(f"no daemon answered at {self.endpoint} within {timeout_s} s")
 
-    def submit(self, paths: Sequence[str | Path], anns: Sequence[str | None] | None = None,
+    def upload(self, images: Sequence[tuple[str | Path, bytes]], options: Upload | None = None,
                timeout_s: float | None = None, connect_timeout_s: float = 10.0,
                interrupts: Callable[[], int] | None = None) -> Iterator[Answer]:
+        """`submit` for encoded images in memory, each (the name its mask takes: its path,
+        bytes): their masks come back in the answers (`options`: what, and where to write
+        them)."""
+        side = UploadSide(options or Upload(), {str(Path(name).absolute()): data
+                                                for name, data in images})
+        return self.submit([name for name, _ in images], timeout_s=timeout_s,
+                           connect_timeout_s=connect_timeout_s, interrupts=interrupts,
+                           upload=side)
+
+    def submit(self, paths: Sequence[str | Path], anns: Sequence[str | None] | None = None,
+               timeout_s: float | None = None, connect_timeout_s: float = 10.0,
+               interrupts: Callable[[], int] | None = None,
+               upload: Upload | UploadSide | None = None) -> Iterator[Answer]:
         """Yield one Answer per path, as they finish. Busy replies slow us down, never drop.
 
         `interrupts` (how many times the user asked to stop, e.g. Ctrl-C): at the first, the
         requests not yet started are cancelled (those never sent here, the queued ones by
         the daemon: answers with status CANCELLED) and those running get CANCEL_WAIT_S to
-        finish; at the second, or after that wait, the rest are answered as errors."""
+        finish; at the second, or after that wait, the rest are answered as errors.
+
+        `upload`: send each file's bytes (read as it is sent), not its path: for a daemon
+        that cannot read this host's files; the masks come back in the answers."""
         self._check_socket_file()
         prefix = uuid.uuid4().hex[:12]
         requests = [wire.Request(f"{prefix}-{i}", str(Path(p).absolute()),
                                  None if not anns or anns[i] is None
                                  else str(Path(anns[i]).absolute()))
                     for i, p in enumerate(paths)]
-        run = _Submission(self.socket, requests)
+        if upload is not None:
+            side = upload if isinstance(upload, UploadSide) else UploadSide(upload)
+            requests = side.requests(requests)
+        run = _Submission(self.socket, requests, None if upload is None else side)
         yield from run.refuse_unsendable()      # the daemon would refuse the whole chunk
         self.socket.send_multipart(wire.encode(wire.StatusQuery()))   # who answers: its pid
         while run.open_ids:
@@ -159,6 +183,7 @@ class Client:
                     "s): not processed, or its result was lost", now, None)
                 return
             run.send_next_chunk(now)
+            yield from run.take_local()
             if self.socket.poll(100):
                 yield from run.handle(wire.decode(self.socket.recv_multipart()))
         self.resubmitted += run.resubmitted
@@ -172,8 +197,11 @@ class _Submission:
     reply from another pid (a restarted daemon, which lost what it had accepted) sends
     every open request again."""
 
-    def __init__(self, socket: zmq.Socket, requests: list[wire.Request]) -> None:
+    def __init__(self, socket: zmq.Socket, requests: list[wire.Request],
+                 upload: UploadSide | None = None) -> None:
         self.socket = socket
+        self.upload = upload
+        self.local: list[Answer] = []         # answered here (an upload unreadable, too big)
         self.by_id = {r.id: r for r in requests}
         self.order = {r.id: i for i, r in enumerate(requests)}
         self.open_ids = set(self.by_id)
@@ -228,6 +256,17 @@ class _Submission:
         previous one was acknowledged and any busy back-off has passed."""
         if not self.to_send or self.unacked or now < self.resend_after or self.cancel_at:
             return
+        if self.upload is not None:
+            chunk = self.upload.chunk(self.to_send, self._answer_here)
+            if chunk is None:                 # the daemon's upload limit not known yet
+                return
+            if chunk:
+                self.socket.send_multipart(wire.encode(wire.Submit(tuple(chunk))),
+                                           copy=False)
+            for r in chunk:
+                self.sent_at.setdefault(r.id, now)
+                self.unacked.add(r.id)
+            return
         chunk = [self.to_send.popleft()]
         size = _wire_size(chunk[0])
         while self.to_send and len(chunk) < CHUNK and \
@@ -238,6 +277,14 @@ class _Submission:
         for r in chunk:
             self.sent_at.setdefault(r.id, now)
             self.unacked.add(r.id)
+
+    def _answer_here(self, r: wire.Request, error: str) -> None:
+        self.open_ids.discard(r.id)
+        self.local.append(Answer(r.id, r.path, wire.ERROR, None, error, 0.0))
+
+    def take_local(self) -> Iterator[Answer]:
+        local, self.local = self.local, []
+        yield from local
 
     def handle(self, msg: wire.Message) -> Iterator[Answer]:
         self.heard, self.last_heard, self.ping_at = True, time.monotonic(), None
@@ -251,12 +298,18 @@ class _Submission:
         elif isinstance(msg, wire.Result) and msg.id in self.open_ids:
             self.open_ids.discard(msg.id)
             self.unacked.discard(msg.id)
-            yield Answer(msg.id, self.by_id[msg.id].path, msg.status, msg.mask, msg.error,
-                         (time.monotonic() - self.sent_at.get(msg.id, self.start)) * 1e3,
-                         msg.size, msg.found)
+            answer = Answer(msg.id, self.by_id[msg.id].path, msg.status, msg.mask,
+                            msg.error,
+                            (time.monotonic() - self.sent_at.get(msg.id, self.start)) * 1e3,
+                            msg.size, msg.found)
+            if self.upload is not None:
+                answer = returned_answer(answer, msg, self.upload.options)
+            yield answer
 
     def _status(self, body: dict[str, Any]) -> None:
         pid = (body.get("daemon") or {}).get("pid")
+        if self.upload is not None:
+            self.upload.heard(body)
         if self.daemon_pid is not None and pid != self.daemon_pid and self.cancel_at is None:
             queued = {r.id for r in self.to_send}
             again = [r for rid, r in self.by_id.items()

@@ -23,6 +23,8 @@ from pspnet.core import wire
 from pspnet.core.logs import json_safe
 from pspnet.core.status import ClientCounts, Status, Tally
 from pspnet.daemon.front import Front
+from pspnet.daemon.serve_config import DEFAULT_MAX_INFLIGHT_BYTES
+from pspnet.daemon.upload_budget import BUSY, UploadBudget
 
 READS_PER_TURN = 64          # client messages per loop turn
 WARN_EVERY_S = 60.0          # malformed messages: one warning per sender per minute,
@@ -33,12 +35,15 @@ REPEAT_ELSEWHERE = "repeat elsewhere"   # a pending id reused for another image
 
 class Clients:
     def __init__(self, socket: zmq.Socket, front: Front, max_queue: int,
-                 allow_roots: tuple[Path, ...], status: Callable[[], Status]) -> None:
+                 allow_roots: tuple[Path, ...], status: Callable[[], Status],
+                 uploads: UploadBudget | None = None) -> None:
         self.socket = socket                  # the door's ROUTER: clients' DEALERs
         self.front = front
         self.max_queue = max_queue
         self.allow_roots = allow_roots
         self.status = status
+        self.uploads = uploads or UploadBudget(DEFAULT_MAX_INFLIGHT_BYTES,
+                                               front.cfg.max_upload_bytes)
         self.stopping = False                 # set by the server: intake closed
         self.log = structlog.get_logger().bind(component="supervisor")
         self.counts = Tally(ClientCounts)
@@ -68,6 +73,9 @@ class Clients:
                 self.send(client, wire.Reply("error", message=f"internal error: {exc}"))
 
     def send(self, client: bytes, msg: wire.Message) -> None:
+        if self.uploads.held and isinstance(msg, wire.Result | wire.Results):
+            for result in msg.results if isinstance(msg, wire.Results) else (msg,):
+                self.uploads.release(client, result.id)      # answered: bytes free
         self._send_frames(client, wire.encode(msg))
 
     # ---- inside ------------------------------------------------------------------------
@@ -91,6 +99,8 @@ class Clients:
         elif isinstance(msg, wire.Cancel):
             dropped = self.front.ledger.cancel(client, msg.ids)
             self.counts["cancelled"] += len(dropped)
+            for entry in dropped:
+                self.uploads.release(client, entry.client_id)
             self.send(client, wire.Reply("cancelled", tuple(e.client_id for e in dropped)))
         else:
             self.send(client, wire.Reply("error", message=f"unexpected {type(msg).__name__}"))
@@ -110,9 +120,13 @@ class Clients:
             if not requests:
                 return
         accepted: list[str] = []
+        busy: list[str] = []
         for r in requests:
             try:
                 problem = self._admit(client, r)
+                if problem == BUSY:                 # its bytes do not fit now: later
+                    busy.append(r.id)
+                    continue
             except Exception as exc:        # e.g. a path the checks choke on
                 self.log.exception("request not handled", id=r.id)
                 problem = f"internal error: {type(exc).__name__}: {exc}"
@@ -126,6 +140,10 @@ class Clients:
                 self.counts["refused"] += 1
                 self.send(client, wire.Result(r.id, 0, wire.ERROR, r.path, error=problem,
                                               stage="front"))
+        if busy:
+            self.counts["upload_busy"] += len(busy)
+            self.send(client, wire.Reply("busy", tuple(busy), "uploads in flight at "
+                                         "--max-upload-inflight, retry later"))
         if accepted:
             self.send(client, wire.Reply("accepted", tuple(accepted)))
 
@@ -136,9 +154,16 @@ class Clients:
         if pending is not None:
             same = (pending.request.path, pending.request.ann) == (r.path, r.ann)
             return None if same else REPEAT_ELSEWHERE
+        if r.data is not None:                      # an upload: its bytes, not a path
+            problem = upload_problem(r) or self.uploads.admit(client, r.id, r.data.nbytes)
+            if problem is None:
+                self.counts["uploads"] += 1
+                self.front.submit(r, origin=client)
+            return problem
         problem = refusal(r, self.allow_roots)
         if problem is None:
-            self.front.submit(wire.Request(r.id, r.path, r.ann), origin=client)
+            self.front.submit(wire.Request(r.id, r.path, r.ann, want=r.want, write=r.write),
+                              origin=client)
         return problem
 
     def _status_frames(self) -> list[Any]:
@@ -174,6 +199,15 @@ class Clients:
         self.log.warning("malformed client message", client=client.hex(), error=error,
                          suppressed=self._warn_suppressed)
         self._warn_suppressed = 0
+
+
+def upload_problem(r: wire.Request) -> str | None:
+    """Why an upload is refused before its bytes are looked at; None: it is not. Its path
+    only names it (the mask's name); ground truths are read by path, on the daemon's
+    host."""
+    if r.ann is not None:
+        return "a ground truth is read by path on the daemon's host: not with an upload"
+    return None
 
 
 def refusal(r: wire.Request, allow_roots: tuple[Path, ...]) -> str | None:

@@ -87,9 +87,8 @@ class ControlGate:
 
     def dispatched(self, request: wire.Request, executor: str) -> wire.Request:
         """The request as dispatched for `executor`: with its token."""
-        r = request
-        return wire.Request(r.id, r.path, r.ann, r.attempt,
-                            self.trust.token(r.id, r.attempt, executor))
+        r = request                    # an upload keeps its bytes, want and write
+        return dataclasses.replace(r, token=self.trust.token(r.id, r.attempt, executor))
 
     # ---- what comes in -----------------------------------------------------------------
 

@@ -76,9 +76,12 @@ class DoorState:
 
 class Door:
     def __init__(self, endpoint: str, budget: FdBudget | None = None, *,
-                 keys_dir: Path | None = None) -> None:
+                 keys_dir: Path | None = None,
+                 max_frame_bytes: int = MAX_CLIENT_FRAME_BYTES) -> None:
         """`keys_dir`: a tcp endpoint speaks CurveZMQ with its server key and admits only
-        its client key (core.keys); required for tcp."""
+        its client key (core.keys); required for tcp. `max_frame_bytes`: the largest frame
+        a client may send (a header; an upload: core.uploads.door_frame_limit)."""
+        self.max_frame_bytes = max_frame_bytes
         self.endpoint = endpoint
         self.budget = budget or FdBudget()
         self.keys_dir = keys_dir
@@ -132,7 +135,7 @@ class Door:
                                              {CLIENTS: keys.client_public or b""})
         sock.setsockopt(zmq.LINGER, ANSWER_LINGER_MS)   # last answers get out
         sock.setsockopt(zmq.ROUTER_MANDATORY, 0)        # a gone client's answers drop
-        sock.setsockopt(zmq.MAXMSGSIZE, MAX_CLIENT_FRAME_BYTES)
+        sock.setsockopt(zmq.MAXMSGSIZE, self.max_frame_bytes)
         sock.setsockopt(zmq.BACKLOG, BACKLOG)          # what can slip in once it closes
         where = self.endpoint
         if path is not None:

@@ -37,6 +37,7 @@ from pspnet.core.config import Addresses, PipelineConfig, private_dir, start_doc
 from pspnet.core.keys import KeysError
 from pspnet.core.pipeline import Stage
 from pspnet.core.status import FrontCounts, FrontStatus, Status, Tally
+from pspnet.core.uploads import front_frame_limit, is_upload
 from pspnet.daemon.answers import Answers
 from pspnet.daemon.control_gate import ControlGate, Forged
 from pspnet.daemon.ledger import Ledger
@@ -150,7 +151,8 @@ class Front:
         """Queue one request; False if this origin already has one pending under its id."""
         if self.ledger.find(origin, request.id) is not None:
             return False
-        self.ledger.add(request.id, request.path, request.ann, origin)
+        self.ledger.add(request.id, request.path, request.ann, origin,
+                        request if is_upload(request) else None)   # its bytes, want, write
         self.totals["submitted"] += 1
         return True
 
@@ -227,7 +229,8 @@ class Front:
         self.ledger.answer(result.id)
         self.storage.saw(result)
         self.answers.deliver(entry, result.status, result.mask, result.error, result.stage,
-                             result.areas, result.cause, (result.size, result.found))
+                             result.areas, result.cause, (result.size, result.found),
+                             returned=(result.payload, result.returned))
 
     def _malformed(self, exc: wire.WireError) -> None:
         self.totals["malformed"] += 1
@@ -330,7 +333,8 @@ def bind_control(ctx: zmq.Context, cfg: PipelineConfig, address: str, gate: Cont
     control.setsockopt(zmq.ROUTER_MANDATORY, 1)
     control.setsockopt(zmq.SNDHWM, 0)      # bounded by credits, not by ZeroMQ
     control.setsockopt(zmq.RCVHWM, 0)
-    control.setsockopt(zmq.MAXMSGSIZE, wire.MAX_CONTROL_FRAME_BYTES)   # before malloc
+    control.setsockopt(zmq.MAXMSGSIZE, front_frame_limit(cfg.max_pixels))   # before malloc:
+                                           # control, or a returned mask (core.uploads)
     try:
         gate.secure(ctx, control)          # tcp: CurveZMQ, the worker key
     except (KeysError, OSError) as exc:    # --keys unreadable

@@ -23,6 +23,7 @@ the executor's "took" for the same ids, and is then passed over.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -72,13 +73,17 @@ class Ledger:
         rid = self._by_client.get((origin, client_id))
         return None if rid is None else self.entries.get(rid)
 
-    def add(self, client_id: str, path: str, ann: str | None, origin: Any) -> Entry:
-        """Accept a request (the caller has checked `find` for a repeat)."""
+    def add(self, client_id: str, path: str, ann: str | None, origin: Any,
+            upload: wire.Request | None = None) -> Entry:
+        """Accept a request (the caller has checked `find` for a repeat). `upload`: the
+        client's request whose bytes, want and write it keeps (held until answered: a
+        retry dispatches them again)."""
         self._next_id += 1
         rid = format(self._next_id, "x")
         now = self.clock()
-        entry = Entry(wire.Request(rid, path, ann), client_id, origin, since=now,
-                      accepted=now)
+        request = wire.Request(rid, path, ann) if upload is None else \
+            dataclasses.replace(upload, id=rid, path=path, ann=ann, attempt=0, token="")
+        entry = Entry(request, client_id, origin, since=now, accepted=now)
         self.entries[rid] = entry
         self._by_client[(origin, client_id)] = rid
         self.queue.append(rid)
@@ -197,7 +202,7 @@ class Ledger:
                 given_up.append(entry)
                 continue
             r = entry.request
-            entry.request = wire.Request(r.id, r.path, r.ann, r.attempt + 1)
+            entry.request = dataclasses.replace(r, attempt=r.attempt + 1, token="")
             self._move(entry, QUEUED, (), None)
             retried.append(entry)
         self.queue.extendleft(e.rid for e in reversed(retried))   # first, in their order

@@ -17,6 +17,8 @@ from pspnet.core.cli_args import (
 )
 from pspnet.core.config import PipelineConfig
 
+DEFAULT_MAX_INFLIGHT_BYTES = 256 << 20   # one client's uploads accepted, not answered
+
 
 @dataclass(frozen=True)
 class ServeConfig:
@@ -34,6 +36,11 @@ class ServeConfig:
         1024, flag="--max-queue", type=positive_int,
         help="requests accepted but not answered; beyond it clients are told `busy` and "
              "slow down")
+    max_upload_inflight: int = setting(
+        DEFAULT_MAX_INFLIGHT_BYTES, flag="--max-upload-inflight", type=positive_int,
+        metavar="BYTES",
+        help="bytes of uploaded images one client may have accepted and not yet answered; "
+             "beyond it its uploads are told `busy` and wait (all clients: 4 x this)")
     drain_timeout_s: float = setting(
         120.0, flag="--drain-timeout", type=non_negative_float, metavar="S",
         help="on SIGTERM, wait at most this long for accepted requests; then answer the "

@@ -41,6 +41,7 @@ from pspnet.core.exits import EXIT_CANNOT_START, EXIT_FAILED, EXIT_OK, EXIT_USAG
 from pspnet.core.logs import json_safe
 from pspnet.core.plan import describe
 from pspnet.core.status import DaemonStatus, Status
+from pspnet.core.uploads import door_frame_limit
 from pspnet.daemon.answers import deliver_turn
 from pspnet.daemon.clients import Clients
 from pspnet.daemon.door import ANSWER_LINGER_MS, Door
@@ -51,6 +52,7 @@ from pspnet.daemon.front import Front, PipelineError, StartInterrupted
 from pspnet.daemon.intake import WATCH, WatchIntake
 from pspnet.daemon.serve_config import ServeConfig
 from pspnet.daemon.supervisor import STOP_ALL_GRACE_S
+from pspnet.daemon.upload_budget import UploadBudget
 
 LOOP_MS = 50
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
@@ -99,7 +101,8 @@ class Server:
         self.stopping = False
         self.deadline = Deadline()
         self.fds = FdBudget()           # one budget: the door, /metrics, restarts
-        self.door = Door(cfg.endpoint, self.fds, keys_dir=cfg.pipeline.keys_dir)
+        self.door = Door(cfg.endpoint, self.fds, keys_dir=cfg.pipeline.keys_dir,
+                         max_frame_bytes=door_frame_limit(cfg.pipeline.max_upload_bytes))
         self.exporter = Exporter(cfg.metrics_port, cfg.metrics_host, self.fds)
         self.front: Front | None = None
         self.clients: Clients | None = None
@@ -159,7 +162,8 @@ class Server:
             return EXIT_CANNOT_START
         self.front = front
         self.clients = Clients(self.door.socket, front, cfg.max_queue, cfg.allow_roots,
-                               self.status)
+                               self.status, UploadBudget(cfg.max_upload_inflight,
+                                                         pipe.max_upload_bytes))
         if cfg.watch is not None:
             self.intake = WatchIntake(cfg.watch, pipe.out_dir, front, cfg.max_queue,
                                       cfg.allow_roots)
@@ -264,7 +268,8 @@ class Server:
             **self.clients.counts, pid=os.getpid(), endpoint=self.cfg.endpoint,
             stopping=self.stopping, watch=str(self.cfg.watch or "") or None,
             client_connections=self.door.state.connections,
-            accepting_connections=self.door.state.open, client_connections_cap=self.door.cap)
+            accepting_connections=self.door.state.open, client_connections_cap=self.door.cap,
+            max_upload_bytes=self.cfg.pipeline.max_upload_bytes)
         status.plan = self.cfg.pipeline.plan        # how workers and threads were chosen
         status.ready = status.readiness() is None
         return status

@@ -98,6 +98,14 @@ def write_mask(labels: np.ndarray, path: Path, palette: Sequence[Sequence[int]],
     A free name is taken with link(2), which fails when the name exists, so of several
     workers racing for it one wins and the others see its source: no shared state.
     """
+    png = mask_png(labels, palette, source)
+    store_mask(png, path, None if source is None else mask_source(source))
+
+
+def mask_png(labels: np.ndarray, palette: Sequence[Sequence[int]],
+             source: str | os.PathLike[str] | None = None) -> bytes:
+    """The palette PNG `write_mask` writes, as bytes: what an upload's answer carries back
+    (`store_mask` writes them on the client's side), so both are the same file."""
     if labels.ndim != 2 or labels.dtype != np.uint8:
         raise ValueError(f"labels must be uint8 H x W, got {labels.dtype} {labels.shape}")
     flat = [int(v) for colour in palette for v in colour]
@@ -107,12 +115,17 @@ def write_mask(labels: np.ndarray, path: Path, palette: Sequence[Sequence[int]],
     im.putpalette(flat)                  # L -> P, indices unchanged
     info = None
     if source is not None:
-        source = mask_source(source)
         info = PngImagePlugin.PngInfo()
-        info.add_itxt(SOURCE_KEY, source)
+        info.add_itxt(SOURCE_KEY, mask_source(source))
     buf = io.BytesIO()
     im.save(buf, format="PNG", compress_level=PNG_LEVEL, compress_type=PNG_STRATEGY,
             pnginfo=info)
+    return buf.getvalue()
+
+
+def store_mask(png: bytes | memoryview, path: Path, source: str | None = None) -> None:
+    """`png` at `path`, atomically (see `write_mask`); `source` (as `mask_source` gives
+    it): the name is claimed for that image."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
@@ -120,7 +133,7 @@ def write_mask(labels: np.ndarray, path: Path, palette: Sequence[Sequence[int]],
                  0o644)
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(buf.getbuffer())
+            f.write(png)
         if source is None:
             os.replace(tmp, path)
         else:

@@ -50,6 +50,7 @@ from pspnet.core.keys import (
 from pspnet.core.logs import configure_logging
 from pspnet.core.pipeline import Stage
 from pspnet.core.trust import Refusals, Trust
+from pspnet.core.uploads import worker_frame_limit
 
 SEND_LINGER_MS = 2000   # on exit, let queued answers reach the front
 POLL_S = 0.2            # a work loop waits at most this long before it turns again
@@ -150,7 +151,8 @@ class Child:
         sock.setsockopt(zmq.IDENTITY, self.trust.identity(self.name, role))
         sock.setsockopt(zmq.LINGER, SEND_LINGER_MS)
         sock.setsockopt(zmq.SNDHWM, 0)       # notes are bounded by the work the front routes
-        sock.setsockopt(zmq.MAXMSGSIZE, wire.MAX_CONTROL_FRAME_BYTES)   # refused unallocated
+        sock.setsockopt(zmq.MAXMSGSIZE,                # refused unallocated; preprocess
+                        worker_frame_limit(self.stage, self.cfg.max_upload_bytes))  # uploads
         if self.keys is not None:
             self.connect_keyed(sock, self.keys.server_public)
         sock.connect(self.addrs.control)
@@ -272,6 +274,10 @@ class Notes:
         return self.since is not None
 
     def result(self, result: wire.Result) -> None:
+        if result.payload is not None:     # a returned mask: its own message (one frame
+            self.flush()                   # of its own, which Results do not carry)
+            self.child.send(result)
+            return
         self._first()
         self.results.append(result)
         self.size += wire.result_size(result)

@@ -31,7 +31,7 @@ from pspnet.model.labels import (
     read_ground_truth,
 )
 from pspnet.model.manifest import Manifest
-from pspnet.model.masks import is_storage_error, mask_path, write_mask
+from pspnet.model.masks import is_storage_error, mask_path, mask_png, write_mask
 from pspnet.stages.child import POLL_S, Child, Notes, error_result
 
 STAGE = Stage.POSTPROCESS
@@ -158,10 +158,11 @@ def finish(output: wire.Output, manifest: Manifest, out_dir: Path | None,
         else:
             labels = labels_from_labels(output.data, output.placement)
         mask = None
-        if out_dir is not None:
+        if out_dir is not None and request.write:
             target = mask_path(out_dir, request.path)
             write_mask(labels, target, manifest.palette, source=request.path)
             mask = str(target)
+        payload = returned(labels, request, manifest)
         found = found_classes(labels, manifest.class_names)
         areas = None
         if request.ann:
@@ -177,7 +178,19 @@ def finish(output: wire.Output, manifest: Manifest, out_dir: Path | None,
                        areas=np.ascontiguousarray(areas, dtype=np.int64)
                        if areas is not None else None,
                        size=(int(labels.shape[0]), int(labels.shape[1])),
-                       found=found)
+                       found=found, payload=payload,
+                       returned=request.want if payload is not None else "")
+
+
+def returned(labels: np.ndarray, request: wire.Request, manifest: Manifest,
+             ) -> bytes | np.ndarray | None:
+    """What the request asked back in its answer: the palette PNG (the same bytes as the
+    mask file the daemon writes for it), the raw label map, or nothing."""
+    if request.want == wire.WANT_PNG:
+        return mask_png(labels, manifest.palette, source=request.path)
+    if request.want == wire.WANT_LABELS:
+        return np.ascontiguousarray(labels, dtype=np.uint8)
+    return None
 
 
 def found_classes(labels: np.ndarray, class_names: Sequence[str],

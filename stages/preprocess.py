@@ -1,4 +1,5 @@
-"""Preprocess worker: image path -> letterboxed uint8 pixels, straight to an executor.
+"""Preprocess worker: image path (or an upload's bytes) -> letterboxed uint8 pixels,
+straight to an executor.
 
 The front hands it groups of requests (one message each), at most `ROOM` requests at a
 time, each group naming the executor whose room the front has set aside for it; the pixels
@@ -12,14 +13,16 @@ adds nothing to a request's latency (and a group of one, on an idle daemon, is o
 from __future__ import annotations
 
 import collections
+import dataclasses
 import time
 
 import cv2
+import numpy as np
 import zmq
 
 from pspnet.core import wire
 from pspnet.core.pipeline import Stage
-from pspnet.model.image_io import ImageError, decode_image, letterbox
+from pspnet.model.image_io import ImageError, decode_bytes, decode_image, letterbox
 from pspnet.model.manifest import Manifest
 from pspnet.stages.child import POLL_S, Child, Notes, error_result
 
@@ -65,8 +68,9 @@ def prepare(child: Child, manifest: Manifest, senders: ExecutorSenders, work: wi
         # the size is known only once the header is read: the budget is what
         # --max-pixels allows
         with child.long_step("decode", child.cfg.max_pixels):
-            rgb = decode_image(request.path, child.cfg.max_pixels)
+            rgb = decode_request(request, child.cfg.max_pixels)
             pixels, placement = letterbox(rgb, manifest.input_size)
+        request = dataclasses.replace(request, data=None)   # the bytes go no further
     except ImageError as exc:
         notes.result(error_result(request, STAGE, str(exc),
                                   wire.INCOMPLETE if exc.incomplete else None))
@@ -81,6 +85,14 @@ def prepare(child: Child, manifest: Manifest, senders: ExecutorSenders, work: wi
         notes.handed(request.id, work.to)
         child.count(processed=1)
     child.count(busy_s=time.perf_counter() - started)
+
+
+def decode_request(request: wire.Request, max_pixels: int) -> np.ndarray:
+    """The request's image as RGB: its upload's bytes when it has one (a client that sent
+    the image, not a path), else the file at its path."""
+    if request.data is not None:
+        return decode_bytes(bytes(request.data), max_pixels)
+    return decode_image(request.path, max_pixels)
 
 
 class ExecutorSenders:

@@ -1,0 +1,131 @@
+"""The client's side of uploads: encoded images sent instead of paths, and the masks that
+come back in their answers, written where the client asked, named as the daemon names
+them (model.masks.mask_path) and byte for byte the file it would write.
+
+Why apart from client.py: what is read, how it is chunked and what is done with an
+answer's mask is its own job; the submission's flow (acks, busy, cancel, liveness) is the
+same for paths and uploads and stays there. Uploads go as raw frames of a `submit`
+(core.wire), at most MAX_DATA_FRAMES and about UPLOAD_CHUNK_BYTES a message, each file read
+as it is sent (not all at once); one larger than the daemon's --max-upload-bytes (the
+status reply says it) is answered here with the reason, never sent.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import os
+import stat
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pspnet.core import wire
+from pspnet.core.uploads import upload_refusal
+from pspnet.model.masks import mask_path, mask_source, store_mask
+
+UPLOAD_CHUNK_BYTES = 16 << 20    # bytes of images in one submit message (at least one image)
+
+
+@dataclass(frozen=True)
+class Upload:
+    """What an upload asks: `want` back in the answer (wire.WANT_PNG, WANT_LABELS,
+    WANT_CLASSES), whether the daemon also writes the mask under its --out (`write`), and
+    a folder of this host to write the returned PNGs into (`out_dir`)."""
+
+    want: str = wire.WANT_PNG
+    write: bool = False
+    out_dir: Path | None = None
+
+
+class UploadSide:
+    """One submission's uploads: what to send, and what its answers bring back."""
+
+    def __init__(self, options: Upload, blobs: dict[str, bytes] | None = None) -> None:
+        if options.want not in wire.WANTS[1:]:
+            raise ValueError(f"want must be one of {wire.WANTS[1:]}, not {options.want!r}")
+        self.options = options
+        self.blobs = blobs or {}            # path -> bytes given in memory (Client.upload)
+        self.max_upload: int | None = None  # the daemon's, from its status reply
+
+    def requests(self, requests: list[wire.Request]) -> list[wire.Request]:
+        return [dataclasses.replace(r, want=self.options.want, write=self.options.write)
+                for r in requests]
+
+    def heard(self, body: dict[str, Any]) -> None:
+        limit = (body.get("daemon") or {}).get("max_upload_bytes")
+        if isinstance(limit, int) and limit > 0:
+            self.max_upload = limit
+
+    def chunk(self, to_send: collections.deque[wire.Request],
+              refuse: Callable[[wire.Request, str], None]) -> list[wire.Request] | None:
+        """The next submit's requests, with their bytes; None until the daemon's limit is
+        known. One that cannot be read or is too large is `refuse`d (answered here)."""
+        if self.max_upload is None:
+            return None
+        chunk: list[wire.Request] = []
+        size = 0
+        while to_send and len(chunk) < wire.MAX_DATA_FRAMES:
+            r = to_send[0]
+            data, problem = self._bytes(r.path)
+            if problem is None:
+                problem = upload_refusal(len(data), self.max_upload)
+            if problem is not None:
+                to_send.popleft()
+                refuse(r, problem)
+                continue
+            if chunk and size + len(data) > UPLOAD_CHUNK_BYTES:
+                break                        # the next message's
+            to_send.popleft()
+            chunk.append(dataclasses.replace(r, data=data))
+            size += len(data)
+        return chunk
+
+    def _bytes(self, path: str) -> tuple[bytes, str | None]:
+        if path in self.blobs:
+            data = self.blobs[path]
+            return data, None if data else "an empty image (0 bytes)"
+        return read_upload(path, self.max_upload or 0)
+
+
+def read_upload(path: str, max_bytes: int) -> tuple[bytes, str | None]:
+    """A file's bytes, or why not (one line): a regular file, not empty, at most one byte
+    over `max_bytes` read (enough to say it is too large)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except OSError as exc:
+        return b"", f"cannot read {path}: {exc.strerror or exc}"
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+            return b"", f"{path} is not a regular file"
+        try:
+            data = f.read(max_bytes + 1)
+        except OSError as exc:
+            return b"", f"cannot read {path}: {exc.strerror or exc}"
+    return data, None if data else "an empty image (0 bytes)"
+
+
+def returned_answer(answer: Any, result: wire.Result, options: Upload) -> Any:
+    """The answer with the mask its result carries back: `png` (written under
+    `options.out_dir` as the daemon would name it, `mask` then its path there) or
+    `labels` (uint8 height x width)."""
+    if result.payload is None:
+        return answer
+    png = labels = None
+    if result.returned == wire.WANT_PNG:
+        png = bytes(result.payload)
+    elif result.size is not None:
+        labels = np.frombuffer(result.payload, np.uint8).reshape(result.size)
+    mask = answer.mask
+    if png is not None and options.out_dir is not None:
+        try:
+            target = mask_path(options.out_dir, answer.path)
+            store_mask(png, target, mask_source(answer.path))
+        except (OSError, ValueError) as exc:
+            return dataclasses.replace(answer, status=wire.ERROR, png=png,
+                                       error=f"cannot write the returned mask: {exc}")
+        mask = str(target)
+    return dataclasses.replace(answer, png=png, labels=labels, mask=mask)

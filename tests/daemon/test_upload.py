@@ -1,0 +1,169 @@
+"""Issue 26, parts 2-4: a client sends the encoded image, not a path, and gets its mask
+back in the answer; bounded (--max-upload-bytes, --max-upload-inflight, --max-queue), and
+over CurveZMQ on tcp."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zmq
+
+from pspnet.core import wire
+from pspnet.daemon.client import Client
+from pspnet.daemon.upload_budget import BUSY, UploadBudget
+from pspnet.daemon.uploads_client import Upload
+from pspnet.model.masks import mask_path
+from tests.conftest import copy_files
+from tests.kit import mask_pixels, submit_all
+
+ARGS = ("--batch-size", "4", "--preprocess-workers", "1", "--postprocess-workers", "1")
+
+
+# ---- the wire ----------------------------------------------------------------------------
+
+def test_uploads_and_returned_masks_travel_as_raw_frames() -> None:
+    jpeg, png = b"\xff\xd8\xff" + bytes(range(256)) * 40, b"\x89PNG" + b"x" * 5000
+    submit = wire.Submit((wire.Request("a", "/c/a.jpg", want="png", write=False, data=jpeg),
+                          wire.Request("b", "/c/b.jpg")))
+    frames = wire.encode(submit)
+    assert len(frames) == 2 and frames[1] == jpeg          # the bytes: a frame of their own
+    assert len(frames[0]) < 200                            # not in the header
+    back = wire.decode(frames)
+    assert bytes(back.requests[0].data) == jpeg and back.requests[0].want == "png"
+    assert back.requests[0].write is False and back.requests[1].data is None
+    result = wire.Result("a", 0, wire.OK, "/c/a.jpg", size=(2, 3), payload=png,
+                         returned=wire.WANT_PNG)
+    frames = wire.encode(result)
+    assert len(frames) == 2 and len(frames[0]) < 300
+    assert bytes(wire.decode(frames).payload) == png
+    labels = wire.Result("a", 0, wire.OK, "/c/a.jpg", size=(2, 3), payload=b"\x01" * 5,
+                         returned=wire.WANT_LABELS)
+    with pytest.raises(wire.WireError, match="height x width"):
+        wire.decode(wire.encode(labels))
+    with pytest.raises(ValueError, match="alone"):
+        wire.encode(wire.Results((result, result)))
+    orphan = wire.encode(submit)
+    with pytest.raises(wire.WireError, match="exactly one request"):
+        wire.decode([orphan[0], orphan[1], b"extra"])
+
+
+def test_the_upload_budget_is_per_client_and_frees_on_answer() -> None:
+    budget = UploadBudget(per_client=1000, max_upload=600)
+    assert budget.admit(b"A", "1", 600) is None
+    assert budget.admit(b"A", "2", 500) == BUSY              # A's share is full
+    assert budget.admit(b"B", "1", 500) is None              # B has its own
+    assert "--max-upload-bytes" in budget.admit(b"A", "3", 601)   # never fits: an error
+    budget.release(b"A", "1")
+    assert budget.admit(b"A", "2", 500) is None
+    budget.release(b"A", "2")
+    budget.release(b"B", "1")
+    assert budget.total == 0 and budget.by_client == {}
+
+
+# ---- a daemon ----------------------------------------------------------------------------
+
+def test_uploads_come_back_as_the_masks_the_daemon_writes_by_path(
+        tiny_models, photo_files, tmp_path, daemons) -> None:
+    """The must-show: a client whose folder the daemon never reads (deleted once the bytes
+    are in memory, before they are sent) gets masks byte for byte the files the daemon
+    writes for the same images by path; named as the daemon names them, in the client's
+    folder; labels and classes as asked; nothing written by the daemon unless asked."""
+    out = tmp_path / "masks"
+    daemon = daemons(tiny_models["logits"], out, tmp_path, *ARGS)
+    daemon.wait_ready()
+    src = copy_files(photo_files[:12], tmp_path / "client-src")
+    by_path, _ = submit_all(daemon.endpoint, src)
+    assert sorted(a.status for a in by_path) == ["ok"] * len(src)
+    written = {a.path: Path(a.mask).read_bytes() for a in by_path}
+    found = {a.path: a.found for a in by_path}
+    shutil.rmtree(out)
+    images = [(str(p), p.read_bytes()) for p in src]
+    shutil.rmtree(tmp_path / "client-src")                  # the daemon cannot read them
+    mine = tmp_path / "client-masks"
+    with Client(daemon.endpoint) as client:
+        answers = list(client.upload(images, Upload(out_dir=mine)))
+        labels = list(client.upload(images[:3], Upload(want=wire.WANT_LABELS)))
+        classes = list(client.upload(images[:3], Upload(want=wire.WANT_CLASSES)))
+    assert sorted(a.status for a in answers) == ["ok"] * len(src), answers
+    for a in answers:
+        assert a.png == written[a.path], a.path              # byte for byte
+        assert a.mask == str(mask_path(mine, a.path))
+        assert Path(a.mask).read_bytes() == written[a.path]
+        assert a.found == found[a.path]
+    assert not out.exists() or not any(out.rglob("*.png"))   # write not asked: none
+    for a in labels:
+        assert a.png is None and a.labels.dtype == np.uint8
+        assert np.array_equal(a.labels, mask_pixels(mine / Path(a.mask or
+                              mask_path(mine, a.path)).relative_to(mine)))
+    for a in classes:
+        assert a.png is None and a.labels is None and a.found == found[a.path]
+    with Client(daemon.endpoint) as client:
+        (kept,) = client.upload(images[:1], Upload(write=True))
+    assert kept.mask == str(mask_path(out, kept.path))
+    assert Path(kept.mask).read_bytes() == written[kept.path]
+    status = daemon.status()
+    assert status["daemon"]["uploads"] == len(src) + 7
+    assert daemon.stop() == 0, daemon.tail()
+
+
+def test_oversized_and_garbage_uploads_are_one_error_each_and_limits_hold(
+        tiny_models, photo_files, tmp_path, daemons) -> None:
+    """--max-upload-bytes: a larger file is answered with the reason and never sent;
+    bytes that are no image: one error from preprocess; the others are answered ok. With
+    --max-upload-inflight at two images' bytes, 24 uploads all finish: the rest were told
+    `busy` and sent again."""
+    sizes = sorted(p.stat().st_size for p in photo_files[:24])
+    limit = sizes[-1] + 1
+    daemon = daemons(tiny_models["logits"], tmp_path / "masks", tmp_path, *ARGS,
+                     "--max-upload-bytes", str(limit),
+                     "--max-upload-inflight", str(2 * limit))
+    daemon.wait_ready()
+    big = tmp_path / "big.jpg"
+    big.write_bytes(photo_files[0].read_bytes() + b"\0" * limit)
+    junk = tmp_path / "junk.jpg"
+    junk.write_bytes(os.urandom(5000))
+    paths = [*photo_files[:24], big, junk]
+    with Client(daemon.endpoint) as client:
+        answers = {a.path: a for a in client.submit(paths, upload=Upload(want="classes"))}
+    assert len(answers) == len(paths)
+    assert answers[str(big)].status == wire.ERROR
+    assert "--max-upload-bytes" in answers[str(big)].error
+    assert answers[str(junk)].status == wire.ERROR and answers[str(junk)].error
+    ok = [a for a in answers.values() if a.status == wire.OK]
+    assert len(ok) == 24
+    status = daemon.status()
+    assert status["daemon"]["upload_busy"] > 0, status["daemon"]      # the bound bit
+    assert status["front"]["errors"] == 1                              # junk: one answer
+    assert daemon.stop() == 0, daemon.tail()
+
+
+def test_uploads_over_tcp_need_the_client_key(tiny_models, photo_files, tmp_path,
+                                             daemons) -> None:
+    """With a tcp endpoint the bytes travel over the door's CurveZMQ: a client with the
+    key gets its masks; a peer without it is refused at the handshake, and nothing it
+    sent is accepted."""
+    port = 20000 + (os.getpid() * 13) % 20000
+    daemon = daemons(tiny_models["logits"], tmp_path / "masks", tmp_path, *ARGS,
+                     endpoint=f"tcp://127.0.0.1:{port}")
+    daemon.wait_ready()
+    images = [(str(p), p.read_bytes()) for p in photo_files[:4]]
+    with Client(daemon.endpoint) as client:
+        answers = list(client.upload(images))
+    assert sorted(a.status for a in answers) == ["ok"] * 4
+    assert all(a.png and a.png.startswith(b"\x89PNG") for a in answers)
+    ctx = zmq.Context()
+    plain = ctx.socket(zmq.DEALER)                          # no CURVE: refused
+    plain.setsockopt(zmq.LINGER, 0)
+    plain.connect(daemon.endpoint)
+    plain.send_multipart(wire.encode(wire.Submit((wire.Request(
+        "x", "/x.jpg", want="png", write=False, data=images[0][1]),))), copy=False)
+    assert not plain.poll(2000), "an unauthenticated peer was answered"
+    plain.close(0)
+    ctx.term()
+    status = daemon.status()
+    assert status["daemon"]["uploads"] == 4, status["daemon"]
+    assert daemon.stop() == 0, daemon.tail()
