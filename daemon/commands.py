@@ -69,6 +69,21 @@ def add_daemon_parsers(sub: argparse._SubParsersAction) -> None:
     submit.add_argument("--timeout", type=positive_float, default=None, metavar="S",
                         help="give up on images not answered after S seconds "
                              "(reported as errors)")
+    # uploads (issue 26): the images' bytes instead of their paths, masks back
+    submit.add_argument("--upload", action="store_true",
+                        help="send each image's bytes, not its path, for a daemon that "
+                             "cannot read this host's files (automatic when --endpoint is "
+                             "on another host); each mask comes back in its answer")
+    submit.add_argument("--out", type=Path, default=None, metavar="DIR",
+                        help="with --upload: write the returned masks here, named as the "
+                             "daemon names them (DIR/data/a/x.jpg.png for /data/a/x.jpg)")
+    submit.add_argument("--want", choices=("png", "classes"), default=None,
+                        help="with --upload: what each answer brings back: the mask (png; "
+                             "the default with --out) or only the classes found (the default "
+                             "without)")
+    submit.add_argument("--daemon-out", action="store_true",
+                        help="with --upload: the daemon also writes the mask under its own "
+                             "--out")
     submit.set_defaults(run=run_submit)
 
     status = sub.add_parser(

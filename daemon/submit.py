@@ -20,7 +20,8 @@ from pspnet.core.config import IMAGE_SUFFIXES
 from pspnet.core.exits import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_UNAVAILABLE, EXIT_USAGE
 from pspnet.core.logs import json_safe
 from pspnet.daemon.client import CANCELLED, Answer, Client, DaemonUnavailable
-from pspnet.daemon.endpoint import default_endpoint, where_daemons_are
+from pspnet.daemon.endpoint import default_endpoint, is_local, where_daemons_are
+from pspnet.daemon.uploads_client import Upload
 
 PROGRESS_FROM = 10           # a progress bar (stderr, a terminal) from this many images on
 TOP_CLASSES = 3              # classes named on a readable line
@@ -133,18 +134,23 @@ def _submit(args: argparse.Namespace) -> int:
         return _usage("no images given (paths, a folder, --list FILE or - for stdin)")
     if args.ann is not None and len(args.ann) != len(paths):
         return _usage(f"{len(paths)} images but {len(args.ann)} --ann files")
+    endpoint = args.endpoint or default_endpoint()
+    try:
+        upload = upload_options(args, endpoint)
+    except ValueError as exc:
+        return _usage(str(exc))
     as_json = args.json or not sys.stdout.isatty()
     counts: Counter[str] = Counter()
     try:
         try:
-            client = Client(args.endpoint or default_endpoint(), args.keys)
+            client = Client(endpoint, args.keys)
         except ValueError as exc:          # a malformed --endpoint, before any socket
             return _usage(str(exc))
         with client, Interrupts() as interrupts, tqdm(
                 total=len(paths), unit="img", file=sys.stderr, leave=False,
                 disable=len(paths) < PROGRESS_FROM or not sys.stderr.isatty()) as bar:
             for answer in client.submit(paths, args.ann, timeout_s=args.timeout,
-                                        interrupts=interrupts):
+                                        interrupts=interrupts, upload=upload):
                 counts[answer.status] += 1
                 bar.update()
                 if answer.status != CANCELLED:
@@ -157,6 +163,32 @@ def _submit(args: argparse.Namespace) -> int:
                          f"{counts[CANCELLED]} cancelled, {counts['error']} failed\n")
         return EXIT_INTERRUPTED
     return EXIT_FAILED if counts["error"] else 0
+
+
+def upload_options(args: argparse.Namespace, endpoint: str) -> Upload | None:
+    """--upload's options, or None to send paths; ValueError (one line) for flags that do
+    not go together. A daemon on another host gets the bytes without being asked: it
+    cannot read this host's files."""
+    upload = args.upload or on_another_host(endpoint)
+    if not upload:
+        if args.out is not None or args.want is not None or args.daemon_out:
+            raise ValueError("--out, --want and --daemon-out go with --upload (a path's "
+                             "mask is written under the daemon's --out)")
+        return None
+    if args.ann is not None:
+        raise ValueError("--ann files are read by the daemon, on its host: not with "
+                         "--upload")
+    want = args.want or ("png" if args.out is not None else "classes")
+    return Upload(want=want, write=args.daemon_out, out_dir=args.out)
+
+
+def on_another_host(endpoint: str) -> bool:
+    """tcp to a host that is not this one's loopback (an ipc socket, abstract or not, is
+    on this host). A malformed endpoint is not: the client says what is wrong with it."""
+    try:
+        return endpoint.startswith("tcp://") and not is_local(endpoint)
+    except ValueError:
+        return False
 
 
 def _print(answer: Answer, paths: list[str], as_json: bool, bar: tqdm) -> None:

@@ -4,8 +4,11 @@ over CurveZMQ on tcp."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -51,6 +54,16 @@ def test_uploads_and_returned_masks_travel_as_raw_frames() -> None:
         wire.decode([orphan[0], orphan[1], b"extra"])
 
 
+def test_upload_flags_that_do_not_go_together_are_refused_in_one_line(tmp_path) -> None:
+    for flags, words in ((["--out", str(tmp_path)], "go with --upload"),
+                         (["--upload", "--ann", "a.png"], "not with --upload")):
+        run = subprocess.run([sys.executable, "-m", "pspnet", "submit", "x.jpg", *flags,
+                              "--endpoint", f"ipc://{tmp_path}/none"],
+                             capture_output=True, text=True, timeout=60)
+        assert run.returncode == 2 and words in run.stderr, run.stderr
+        assert len(run.stderr.strip().splitlines()) == 1
+
+
 def test_the_upload_budget_is_per_client_and_frees_on_answer() -> None:
     budget = UploadBudget(per_client=1000, max_upload=600)
     assert budget.admit(b"A", "1", 600) is None
@@ -81,6 +94,16 @@ def test_uploads_come_back_as_the_masks_the_daemon_writes_by_path(
     written = {a.path: Path(a.mask).read_bytes() for a in by_path}
     found = {a.path: a.found for a in by_path}
     shutil.rmtree(out)
+    cli_out = tmp_path / "cli-masks"                        # pspnet submit --upload --out
+    run = subprocess.run([sys.executable, "-m", "pspnet", "submit", "--upload", "--out",
+                          str(cli_out), "--endpoint", daemon.endpoint, "--json",
+                          *map(str, src[:4])], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    lines = [json.loads(line) for line in run.stdout.splitlines()]
+    assert [d["status"] for d in lines] == ["ok"] * 4
+    for d in lines:
+        assert d["mask"] == str(mask_path(cli_out, d["path"]))
+        assert Path(d["mask"]).read_bytes() == written[d["path"]]
     images = [(str(p), p.read_bytes()) for p in src]
     shutil.rmtree(tmp_path / "client-src")                  # the daemon cannot read them
     mine = tmp_path / "client-masks"
@@ -97,8 +120,7 @@ def test_uploads_come_back_as_the_masks_the_daemon_writes_by_path(
     assert not out.exists() or not any(out.rglob("*.png"))   # write not asked: none
     for a in labels:
         assert a.png is None and a.labels.dtype == np.uint8
-        assert np.array_equal(a.labels, mask_pixels(mine / Path(a.mask or
-                              mask_path(mine, a.path)).relative_to(mine)))
+        assert np.array_equal(a.labels, mask_pixels(mask_path(mine, a.path)))
     for a in classes:
         assert a.png is None and a.labels is None and a.found == found[a.path]
     with Client(daemon.endpoint) as client:
@@ -106,7 +128,7 @@ def test_uploads_come_back_as_the_masks_the_daemon_writes_by_path(
     assert kept.mask == str(mask_path(out, kept.path))
     assert Path(kept.mask).read_bytes() == written[kept.path]
     status = daemon.status()
-    assert status["daemon"]["uploads"] == len(src) + 7
+    assert status["daemon"]["uploads"] == 4 + len(src) + 3 + 3 + 1
     assert daemon.stop() == 0, daemon.tail()
 
 
