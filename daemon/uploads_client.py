@@ -50,6 +50,7 @@ class UploadSide:
         self.options = options
         self.blobs = blobs or {}            # path -> bytes given in memory (Client.upload)
         self.max_upload: int | None = None  # the daemon's, from its status reply
+        self.unsupported = False            # a daemon older than uploads
 
     def requests(self, requests: list[wire.Request]) -> list[wire.Request]:
         return [dataclasses.replace(r, want=self.options.want, write=self.options.write)
@@ -59,6 +60,8 @@ class UploadSide:
         limit = (body.get("daemon") or {}).get("max_upload_bytes")
         if isinstance(limit, int) and limit > 0:
             self.max_upload = limit
+        elif self.max_upload is None:       # it says no limit: it takes no uploads
+            self.max_upload, self.unsupported = 0, True
 
     def chunk(self, to_send: collections.deque[wire.Request],
               refuse: Callable[[wire.Request, str], None]) -> list[wire.Request] | None:
@@ -68,6 +71,9 @@ class UploadSide:
             return None
         chunk: list[wire.Request] = []
         size = 0
+        while to_send and self.unsupported:
+            refuse(to_send.popleft(), "this daemon takes no uploads (a version before "
+                                      "them): send paths, or upgrade it")
         while to_send and len(chunk) < wire.MAX_DATA_FRAMES:
             r = to_send[0]
             data, problem = self._bytes(r.path)

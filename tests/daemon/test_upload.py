@@ -136,13 +136,13 @@ def test_oversized_and_garbage_uploads_are_one_error_each_and_limits_hold(
         tiny_models, photo_files, tmp_path, daemons) -> None:
     """--max-upload-bytes: a larger file is answered with the reason and never sent;
     bytes that are no image: one error from preprocess; the others are answered ok. With
-    --max-upload-inflight at two images' bytes, 24 uploads all finish: the rest were told
-    `busy` and sent again."""
+    --max-upload-inflight at two images' bytes and --max-queue 4, 24 uploads all finish:
+    the rest were told `busy` and sent again."""
     sizes = sorted(p.stat().st_size for p in photo_files[:24])
     limit = sizes[-1] + 1
     daemon = daemons(tiny_models["logits"], tmp_path / "masks", tmp_path, *ARGS,
                      "--max-upload-bytes", str(limit),
-                     "--max-upload-inflight", str(2 * limit))
+                     "--max-upload-inflight", str(2 * limit), "--max-queue", "4")
     daemon.wait_ready()
     big = tmp_path / "big.jpg"
     big.write_bytes(photo_files[0].read_bytes() + b"\0" * limit)
@@ -159,6 +159,7 @@ def test_oversized_and_garbage_uploads_are_one_error_each_and_limits_hold(
     assert len(ok) == 24
     status = daemon.status()
     assert status["daemon"]["upload_busy"] > 0, status["daemon"]      # the bound bit
+    assert status["daemon"]["busy_replies"] > 0, status["daemon"]     # --max-queue too
     assert status["front"]["errors"] == 1                              # junk: one answer
     assert daemon.stop() == 0, daemon.tail()
 
