@@ -9,6 +9,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +22,7 @@ from pspnet.daemon.upload_budget import BUSY, UploadBudget
 from pspnet.daemon.uploads_client import Upload
 from pspnet.model.masks import mask_path
 from tests.conftest import copy_files
-from tests.kit import mask_pixels, submit_all
+from tests.kit import Submitter, kill9, mask_pixels, submit_all
 
 ARGS = ("--batch-size", "4", "--preprocess-workers", "1", "--postprocess-workers", "1")
 
@@ -161,6 +162,40 @@ def test_oversized_and_garbage_uploads_are_one_error_each_and_limits_hold(
     assert status["daemon"]["upload_busy"] > 0, status["daemon"]      # the bound bit
     assert status["daemon"]["busy_replies"] > 0, status["daemon"]     # --max-queue too
     assert status["front"]["errors"] == 1                              # junk: one answer
+    assert daemon.stop() == 0, daemon.tail()
+
+
+def test_uploads_held_by_a_killed_worker_are_retried_with_their_bytes(
+        tiny_models, photo_files, tmp_path, daemons) -> None:
+    """The front keeps an upload's bytes until its answer: the preprocess worker killed
+    (kill -9) while it holds uploads, they are dispatched again to its replacement, and
+    every image is answered once, its mask the one the daemon writes by path."""
+    daemon = daemons(tiny_models["logits"], tmp_path / "masks", tmp_path, *ARGS)
+    daemon.wait_ready()
+    src = copy_files(photo_files[:60], tmp_path / "src")
+    by_path, _ = submit_all(daemon.endpoint, src)
+    written = {a.path: Path(a.mask).read_bytes() for a in by_path}
+    job = Submitter(daemon.endpoint, src, upload=Upload())
+    job.start()
+    deadline = time.monotonic() + 60
+    while True:
+        status = daemon.status()
+        if status["front"]["at"].get("preprocess", 0) > 0:
+            kill9(status["stages"]["preprocess"]["pids"][0])
+            break
+        assert time.monotonic() < deadline and job.is_alive(), "no upload at preprocess"
+        time.sleep(0.01)
+    job.join(180)
+    assert job.error is None, job.error
+    assert sorted(a.path for a in job.answers) == sorted(map(str, src))
+    retried = [a for a in job.answers if a.status != wire.OK]
+    assert all("retry" in (a.error or "") for a in retried), retried
+    assert all(a.png == written[a.path] for a in job.answers if a.status == wire.OK)
+    status = daemon.wait_all_alive()
+    assert status["front"]["restarts"] == 1
+    assert status["front"]["retried"] > 0, status["front"]
+    print(f"\nFIGURE preprocess killed holding uploads: {status['front']['retried']} "
+          f"retried, {len(job.answers) - len(retried)} of {len(src)} masks back")
     assert daemon.stop() == 0, daemon.tail()
 
 
