@@ -50,7 +50,8 @@ def add_daemon_parsers(sub: argparse._SubParsersAction) -> None:
                     "classes). Ctrl-C cancels the images not yet started, waits briefly for "
                     "those running, prints a summary and exits 130. Exit status 0 only if "
                     "every image succeeded.",
-        epilog="examples: pspnet submit photos/ -r;  find . -name '*.jpg' | pspnet submit -")
+        epilog="examples: pspnet submit photos/ -r;  find . -name '*.jpg' | pspnet submit -;  "
+               "pspnet submit --upload --out masks/ photos/")
     submit.add_argument("paths", nargs="*", metavar="PATH",
                         help="images, folders of images, or - for paths on stdin")
     submit.add_argument("-r", "--recursive", action="store_true",

@@ -33,8 +33,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pspnet.core import wire
+from pspnet.core.uploads import door_frame_limit
 from pspnet.daemon import clients as clients_module
-from pspnet.daemon import door as door_module
 from pspnet.model.manifest import voc_palette
 from pspnet.model.masks import mask_path, write_mask
 from tests.kit import (
@@ -300,6 +300,9 @@ def test_runtime_dir_is_private_and_not_adopted(tmp_path, monkeypatch):
 # the daemon's client endpoint
 
 
+UPLOAD_LIMIT = 1 << 20     # the hostile daemon's --max-upload-bytes: the door's largest frame
+
+
 @pytest.fixture(scope="module")
 def hostile(tiny_models, photo_files, tmp_path_factory):
     """A daemon whose ipc socket sits in a world-writable directory, watched for memory."""
@@ -308,7 +311,7 @@ def hostile(tiny_models, photo_files, tmp_path_factory):
     shared.mkdir()
     shared.chmod(0o777)
     daemon = Daemon(tiny_models["logits"], tmp / "masks", tmp, "--batch-size", "4",
-                    endpoint=f"ipc://{shared}/front")
+                    "--max-upload-bytes", str(UPLOAD_LIMIT), endpoint=f"ipc://{shared}/front")
     watch = MemoryWatch(daemon)
     try:
         daemon.wait_ready()
@@ -389,9 +392,10 @@ def attack(hostile: dict, ctx: zmq.Context) -> None:
         expected_malformed += 1
     assert status_over(nasty)["front"]["malformed"] == expected_malformed
 
-    # a frame over the limit: ZeroMQ hangs up on that peer before buffering it
+    # a frame over the limit (an upload's, --max-upload-bytes): ZeroMQ hangs up on that
+    # peer before buffering it
     big = dealer(ctx, endpoint, b"oversize-1")
-    big.send_multipart([b"\x80" + b"x" * (door_module.MAX_CLIENT_FRAME_BYTES + 10)])
+    big.send_multipart([b"\x80" + b"x" * (door_frame_limit(UPLOAD_LIMIT) + 10)])
     # a raw socket announcing a 1 GB frame and streaming 64 MB of it
     ipc_path = endpoint[len("ipc://"):]
     streamed_mb = zmtp_huge_frame(ipc_path, 1 << 30, 64)
