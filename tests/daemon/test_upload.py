@@ -18,6 +18,7 @@ import zmq
 
 from pspnet.core import wire
 from pspnet.daemon.client import Client
+from pspnet.daemon.submit import on_another_host
 from pspnet.daemon.upload_budget import BUSY, UploadBudget
 from pspnet.daemon.uploads_client import Upload
 from pspnet.model.masks import mask_path
@@ -63,6 +64,15 @@ def test_upload_flags_that_do_not_go_together_are_refused_in_one_line(tmp_path) 
                              capture_output=True, text=True, timeout=60)
         assert run.returncode == 2 and words in run.stderr, run.stderr
         assert len(run.stderr.strip().splitlines()) == 1
+
+
+def test_a_daemon_on_another_host_gets_the_bytes_without_being_asked() -> None:
+    assert on_another_host("tcp://10.0.0.5:5555")
+    assert on_another_host("tcp://gpu-host.example:5555")
+    assert not on_another_host("tcp://127.0.0.1:5555")
+    assert not on_another_host("tcp://localhost:5555")
+    assert not on_another_host("ipc:///run/pspnet/front")
+    assert not on_another_host("ipc://@pspnet")             # abstract: this host's
 
 
 def test_the_upload_budget_is_per_client_and_frees_on_answer() -> None:
