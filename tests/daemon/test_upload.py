@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -185,16 +186,15 @@ def test_uploads_held_by_a_killed_worker_are_retried_with_their_bytes(
     src = copy_files(photo_files[:60], tmp_path / "src")
     by_path, _ = submit_all(daemon.endpoint, src)
     written = {a.path: Path(a.mask).read_bytes() for a in by_path}
+    worker = daemon.status()["stages"]["preprocess"]["pids"][0]
+    os.kill(worker, signal.SIGSTOP)          # it holds what it is given, then dies
     job = Submitter(daemon.endpoint, src, upload=Upload())
     job.start()
     deadline = time.monotonic() + 60
-    while True:
-        status = daemon.status()
-        if status["front"]["at"].get("preprocess", 0) > 0:
-            kill9(status["stages"]["preprocess"]["pids"][0])
-            break
+    while daemon.status()["front"]["at"].get("preprocess", 0) == 0:
         assert time.monotonic() < deadline and job.is_alive(), "no upload at preprocess"
         time.sleep(0.01)
+    kill9(worker)
     job.join(180)
     assert job.error is None, job.error
     assert sorted(a.path for a in job.answers) == sorted(map(str, src))
