@@ -63,6 +63,7 @@ MONITOR_JOIN_S = 2.0         # the monitor thread sees the stop within its 100 m
 MAX_CLIENT_FRAME_BYTES = wire.MAX_HEADER_BYTES
 REOPEN_FDS = 32              # a closed door opens again this far under its threshold
 BACKLOG = 8                  # connections the kernel queues for the client socket
+CLIENT_RCVHWM = 16           # messages read ahead per client connection (libzmq: 1000)
 HIDDEN_SUFFIX = ".bound"     # ipc: the name ZeroMQ binds; clients use the hard link
 SWITCH_INTERVAL_S = 0.0005
 
@@ -136,6 +137,10 @@ class Door:
         sock.setsockopt(zmq.LINGER, ANSWER_LINGER_MS)   # last answers get out
         sock.setsockopt(zmq.ROUTER_MANDATORY, 0)        # a gone client's answers drop
         sock.setsockopt(zmq.MAXMSGSIZE, self.max_frame_bytes)
+        # what libzmq reads ahead of the daemon on one connection: with uploads a message
+        # may be --max-upload-bytes, so a client that ignores `busy` waits on its socket
+        # once this many are queued, instead of filling the daemon's memory
+        sock.setsockopt(zmq.RCVHWM, CLIENT_RCVHWM)
         sock.setsockopt(zmq.BACKLOG, BACKLOG)          # what can slip in once it closes
         where = self.endpoint
         if path is not None:
