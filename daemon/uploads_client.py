@@ -104,9 +104,10 @@ def read_upload(path: str, max_bytes: int) -> tuple[bytes, str | None]:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
     except OSError as exc:
         return b"", f"cannot read {path}: {exc.strerror or exc}"
+    if not stat.S_ISREG(os.fstat(fd).st_mode):    # a folder, a FIFO: never read
+        os.close(fd)
+        return b"", f"{path} is not a regular file"
     with os.fdopen(fd, "rb") as f:
-        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
-            return b"", f"{path} is not a regular file"
         try:
             data = f.read(max_bytes + 1)
         except OSError as exc:

@@ -4,6 +4,7 @@ over CurveZMQ on tcp."""
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 import shutil
@@ -19,9 +20,10 @@ import zmq
 
 from pspnet.core import wire
 from pspnet.daemon.client import Client
+from pspnet.daemon.clients import upload_problem
 from pspnet.daemon.submit import on_another_host
 from pspnet.daemon.upload_budget import BUSY, UploadBudget
-from pspnet.daemon.uploads_client import Upload
+from pspnet.daemon.uploads_client import Upload, UploadSide
 from pspnet.model.masks import mask_path
 from tests.conftest import copy_files
 from tests.kit import Submitter, kill9, mask_pixels, submit_all
@@ -74,6 +76,33 @@ def test_a_daemon_on_another_host_gets_the_bytes_without_being_asked() -> None:
     assert not on_another_host("tcp://localhost:5555")
     assert not on_another_host("ipc:///run/pspnet/front")
     assert not on_another_host("ipc://@pspnet")             # abstract: this host's
+
+
+def test_the_client_side_answers_what_it_cannot_send(tmp_path) -> None:
+    """A file that cannot be read, one over the daemon's limit, and every upload to a
+    daemon that states no limit (older than uploads) are answered here, never sent."""
+    ok, big = tmp_path / "ok.jpg", tmp_path / "big.jpg"
+    ok.write_bytes(b"\xff\xd8\xff" + b"x" * 100)
+    big.write_bytes(b"x" * 1000)
+    reqs = [wire.Request(str(i), str(p)) for i, p in
+            enumerate([ok, big, tmp_path / "missing.jpg", tmp_path])]
+    side = UploadSide(Upload())
+    queue = collections.deque(side.requests(reqs))
+    assert side.chunk(queue, lambda r, why: None) is None     # the limit not known yet
+    side.heard({"daemon": {"max_upload_bytes": 500}})
+    refused: dict[str, str] = {}
+    chunk = side.chunk(queue, lambda r, why: refused.update({r.path: why}))
+    assert [r.path for r in chunk] == [str(ok)] and bytes(chunk[0].data) == ok.read_bytes()
+    assert chunk[0].want == "png" and chunk[0].write is False
+    assert "--max-upload-bytes 500" in refused[str(big)]
+    assert "No such file" in refused[str(tmp_path / "missing.jpg")]
+    assert "not a regular file" in refused[str(tmp_path)]
+    old = UploadSide(Upload())
+    old.heard({"daemon": {"pid": 1}})
+    gone: list[str] = []
+    assert old.chunk(collections.deque(reqs), lambda r, why: gone.append(why)) == []
+    assert len(gone) == 4 and "takes no uploads" in gone[0]
+    assert upload_problem(wire.Request("a", "/x.jpg", ann="/x.png", data=b"x"))
 
 
 def test_the_upload_budget_is_per_client_and_frees_on_answer() -> None:
