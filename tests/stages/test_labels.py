@@ -17,13 +17,16 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from pspnet.core.wire import Placement
+from pspnet.model import labels as labels_mod
 from pspnet.model import masks as masks_mod
 from pspnet.model.image_io import letterbox_size
 from pspnet.model.labels import (
     GroundTruthError,
+    class_pixels,
     intersect_and_union,
     labels_from_labels,
     labels_from_logits,
+    pixels_and_areas,
     read_ground_truth,
 )
 from pspnet.model.manifest import VOC_CLASSES, voc_palette
@@ -391,6 +394,48 @@ def test_fast_path_equals_generic_path(num_classes: int, ignore: int, seed: int)
     slow = intersect_and_union(pred.astype(np.int64), label.astype(np.int64), num_classes,
                                ignore)
     assert np.array_equal(fast, slow)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(1, 256), st.integers(-2, 260), st.integers(0, 2**31 - 1),
+       st.integers(1, 40))
+def test_pixels_and_areas_is_the_count_and_the_areas(num_classes: int, ignore: int,
+                                                     seed: int, band: int) -> None:
+    """One 2-D histogram gives what class_pixels and the generic areas give apart, also
+    when it is counted in bands of rows (as a large map is)."""
+    rng = np.random.default_rng(seed)
+    pred = rng.integers(0, 256, (23, 17), np.uint8)
+    label = rng.integers(0, 256, (23, 17), np.uint8)
+    same = rng.random(label.shape) < 0.5
+    label[same] = pred[same]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(labels_mod, "HIST_ROWS_PIXELS", band * 17)
+        counts, areas = pixels_and_areas(pred, label, num_classes, ignore)
+    assert np.array_equal(counts, np.bincount(pred.ravel(), minlength=256))
+    assert np.array_equal(counts, class_pixels(pred))
+    slow = intersect_and_union(pred.astype(np.int64), label.astype(np.int64), num_classes,
+                               ignore)
+    assert np.array_equal(areas, slow)
+    with pytest.raises(ValueError, match="uint8"):      # class_pixels: uint8 maps only
+        pixels_and_areas(pred.astype(np.int64), label, num_classes, ignore)
+
+
+def test_mask_png_is_what_pillow_reads(tmp_path: Path) -> None:
+    """The hand-written PNG: Pillow reads it as a palette image with the labels, the
+    palette and the recorded source; the source survives non-ASCII names."""
+    labels = np.random.default_rng(5).integers(0, 21, (41, 29), np.uint8)
+    labels[:, :10] = 7                                      # runs, as masks have
+    source = tmp_path / "bild-ü.jpg"
+    source.write_bytes(b"x")
+    target = tmp_path / "m.png"
+    write_mask(labels, target, voc_palette(21), source=source)
+    with Image.open(target) as im:
+        im.load()
+        assert im.mode == "P" and im.format == "PNG" and im.size == (29, 41)
+        assert im.getpalette()[:63] == [v for c in voc_palette(21) for v in c]
+        assert np.array_equal(np.asarray(im), labels)
+    assert masks_mod.recorded_source(target) == masks_mod.mask_source(source)
+    assert np.array_equal(read_ground_truth(target), labels)
 
 
 def test_accumulator_merge_and_validation() -> None:
