@@ -133,12 +133,15 @@ def model_logits(model: Path, shots: list[tuple[str, np.ndarray]],
     from pspnet.stages.backends import open_backend
 
     manifest = Manifest.read(model)
-    images = np.zeros((1, *manifest.input_size, 3), np.uint8)
+    batch = min(manifest.batch_sizes)        # one photo a batch, in its first row
+    images = np.zeros((batch, *manifest.input_size, 3), np.uint8)
+    boxes = np.zeros((batch, 4), np.int32)
     out = []
-    with open_backend("ort", model, 1) as backend:
+    with open_backend("ort", model, batch) as backend:
         for name, rgb in shots:
             _, place = letterbox(rgb, manifest.input_size, out=images[0])
-            backend.upload(0, images, np.array([place.box()], np.int32))
+            boxes[0] = place.box()
+            backend.upload(0, images, boxes)
             out.append((name, np.array(backend.execute(0)[0], np.float32), place))
     return out
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import io
 import os
 from pathlib import Path
 from typing import Any
@@ -262,6 +263,61 @@ def test_ground_truth_corpus(corpus: dict[str, Path], kind: str) -> None:
     with pytest.raises(GroundTruthError) as info:
         intersect_and_union(pred, read_ground_truth(corpus[kind]), 21)
     assert expected in str(info.value) and "\n" not in str(info.value)
+
+
+def _pngs(tmp_path: Path) -> dict[str, Path]:
+    """Ground truths the plain-PNG path reads itself and ones it leaves to Pillow."""
+    rng = np.random.default_rng(11)
+    ids = rng.integers(0, 21, (37, 52), np.uint8)
+    ids[5:20] = 3
+    out = {}
+
+    def save(name: str, data: bytes) -> None:
+        out[name] = tmp_path / f"{name}.png"
+        out[name].write_bytes(data)
+
+    write_mask(ids, tmp_path / "mask.png", voc_palette(21))
+    out["mask (palette, unfiltered)"] = tmp_path / "mask.png"
+    for mode in ("L", "P"):
+        buf = io.BytesIO()
+        Image.fromarray(ids).convert(mode).save(buf, format="PNG", optimize=True)
+        save(f"pillow {mode} optimize", buf.getvalue())
+    save("cv2 gray (filtered rows)", cv2.imencode(".png", ids)[1].tobytes())
+    save("cv2 16-bit", cv2.imencode(".png", ids.astype(np.uint16) * 300)[1].tobytes())
+    buf = io.BytesIO()
+    Image.fromarray(ids > 5).save(buf, format="PNG")
+    save("1-bit", buf.getvalue())
+    good = out["mask (palette, unfiltered)"].read_bytes()
+    at = good.index(b"IDAT")
+    save("bad IDAT CRC", good[:at + 4] + bytes([good[at + 4] ^ 1]) + good[at + 5:])
+    save("truncated", good[:len(good) - 30])
+    save("no IEND", good[:good.index(b"IEND") - 4])
+    return out
+
+
+def test_ground_truth_plain_png_path_reads_what_pillow_reads(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The fast path returns Pillow's pixels or steps aside; the errors stay Pillow's."""
+    files = _pngs(tmp_path)
+
+    def read(path: Path) -> np.ndarray | str:
+        try:
+            return read_ground_truth(path)
+        except GroundTruthError as exc:
+            return str(exc)
+
+    fast = {name: read(path) for name, path in files.items()}
+    taken = [name for name, path in files.items()
+             if labels_mod._plain_png_pixels(path.read_bytes(), 37, 52) is not None]
+    monkeypatch.setattr(labels_mod, "_plain_png_pixels", lambda *args: None)
+    for name, path in files.items():
+        pillow = read(path)
+        if isinstance(pillow, str):
+            assert fast[name] == pillow, name
+        else:
+            assert isinstance(fast[name], np.ndarray) and np.array_equal(fast[name], pillow)
+    assert "mask (palette, unfiltered)" in taken
+    assert not {"bad IDAT CRC", "truncated", "cv2 16-bit", "1-bit"} & set(taken)
 
 
 def test_ground_truth_grayscale_taken_as_is(tmp_path: Path) -> None:
