@@ -31,6 +31,7 @@ PNG_LEVEL = 1
 PNG_STRATEGY = zlib.Z_RLE
 PNG_MEM_LEVEL = 9                # as Pillow's encoder
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+PNG_BAND_BYTES = 1 << 18         # rows copied (filter byte added) and compressed at a time
 MAX_NAME_BYTES = 200             # mask file name, leaves room for temp names (255 at most)
 SOURCE_KEY = "pspnet-source"     # iTXt keyword: the image a mask was made from
 # link(2) errors that mean "no hard links on this file system" (vfat, some FUSE)
@@ -141,18 +142,24 @@ def png_bytes(labels: np.ndarray, palette: Sequence[Sequence[int]],
     if len(flat) % 3 or not 0 < len(flat) <= 768 or not all(0 <= v <= 255 for v in flat):
         raise ValueError("palette must be 1..256 [r, g, b] entries of 0..255")
     h, w = labels.shape
-    rows = np.empty((h, w + 1), np.uint8)       # each row: filter byte 0, then the indices
-    rows[:, 0] = 0
-    rows[:, 1:] = labels
     deflate = zlib.compressobj(PNG_LEVEL, zlib.DEFLATED, zlib.MAX_WBITS, PNG_MEM_LEVEL,
                                PNG_STRATEGY)
+    band = max(1, min(h, PNG_BAND_BYTES // (w + 1)))
+    rows = np.empty((band, w + 1), np.uint8)    # each row: filter byte 0, then the indices
+    rows[:, 0] = 0
+    stream = []
+    for top in range(0, h, band):               # a band at a time: the copy stays in cache
+        n = min(band, h - top)
+        rows[:n, 1:] = labels[top:top + n]
+        stream.append(deflate.compress(rows[:n]))
+    stream.append(deflate.flush())
     chunks = [PNG_SIGNATURE,
               _chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 3, 0, 0, 0))]
     if source is not None:                      # keyword, no compression, no language
         chunks.append(_chunk(b"iTXt", SOURCE_KEY.encode("latin-1") + b"\0\0\0\0\0"
                              + source.encode("utf-8")))
     chunks += [_chunk(b"PLTE", bytes(flat)),
-               _chunk(b"IDAT", deflate.compress(rows) + deflate.flush()),
+               _chunk(b"IDAT", b"".join(stream)),
                _chunk(b"IEND", b"")]
     return b"".join(chunks)
 
