@@ -476,9 +476,13 @@ def test_pixels_and_areas_is_the_count_and_the_areas(num_classes: int, ignore: i
         pixels_and_areas(pred.astype(np.int64), label, num_classes, ignore)
 
 
-def test_mask_png_is_what_pillow_reads(tmp_path: Path) -> None:
+@pytest.mark.parametrize("band_bytes", [1, 3 * 30, 1 << 18])
+def test_mask_png_is_what_pillow_reads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                       band_bytes: int) -> None:
     """The hand-written PNG: Pillow reads it as a palette image with the labels, the
-    palette and the recorded source; the source survives non-ASCII names."""
+    palette and the recorded source; the source survives non-ASCII names; compressed a
+    row, three rows or the whole map at a time."""
+    monkeypatch.setattr(masks_mod, "PNG_BAND_BYTES", band_bytes)
     labels = np.random.default_rng(5).integers(0, 21, (41, 29), np.uint8)
     labels[:, :10] = 7                                      # runs, as masks have
     source = tmp_path / "bild-ü.jpg"
