@@ -148,6 +148,7 @@ def read_ground_truth(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS,
 
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+PLAIN_PNG_CHUNKS = 4096          # more chunks than this: not a plain PNG (bounds the loop)
 
 
 def _plain_png_pixels(data: bytes, height: int, width: int) -> np.ndarray | None:
@@ -160,7 +161,7 @@ def _plain_png_pixels(data: bytes, height: int, width: int) -> np.ndarray | None
     if not data.startswith(PNG_SIGNATURE):
         return None
     pos, idat, header = len(PNG_SIGNATURE), [], None
-    while True:
+    for _ in range(PLAIN_PNG_CHUNKS):
         if pos + 12 > len(data):
             return None
         size = int.from_bytes(data[pos:pos + 4], "big")
@@ -178,6 +179,8 @@ def _plain_png_pixels(data: bytes, height: int, width: int) -> np.ndarray | None
         elif kind == b"IEND":
             break
         pos = end
+    else:
+        return None                              # a file of many tiny chunks: Pillow's
     if header is None or len(header) != 13 or not idat:
         return None
     w, h = int.from_bytes(header[0:4], "big"), int.from_bytes(header[4:8], "big")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 import io
 import os
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -292,6 +293,9 @@ def _pngs(tmp_path: Path) -> dict[str, Path]:
     save("bad IDAT CRC", good[:at + 4] + bytes([good[at + 4] ^ 1]) + good[at + 5:])
     save("truncated", good[:len(good) - 30])
     save("no IEND", good[:good.index(b"IEND") - 4])
+    at = good.index(b"IDAT") - 4                            # 5,000 empty tEXt chunks first
+    empty = b"\0\0\0\0tEXt" + zlib.crc32(b"tEXt").to_bytes(4, "big")
+    save("many chunks", good[:at] + empty * 5000 + good[at:])
     return out
 
 
@@ -317,7 +321,7 @@ def test_ground_truth_plain_png_path_reads_what_pillow_reads(
         else:
             assert isinstance(fast[name], np.ndarray) and np.array_equal(fast[name], pillow)
     assert "mask (palette, unfiltered)" in taken
-    assert not {"bad IDAT CRC", "truncated", "cv2 16-bit", "1-bit"} & set(taken)
+    assert not {"bad IDAT CRC", "truncated", "cv2 16-bit", "1-bit", "many chunks"} & set(taken)
 
 
 def test_ground_truth_grayscale_taken_as_is(tmp_path: Path) -> None:
