@@ -49,6 +49,7 @@ from pspnet.model.metrics import IoUAccumulator
 
 CHECK_EVERY_S = 0.1             # supervision, liveness and stall checks
 CONTROL_READS_PER_TURN = 1024   # bounded: the loop also serves clients and supervision
+WIDS_KEPT = 4096                # proven worker names parsed, kept (bounded)
 EVENTS, POLLIN = int(zmq.EVENTS), int(zmq.POLLIN)   # plain ints: no enum per message
 
 
@@ -82,6 +83,7 @@ class Front:
         self.started = False
         self._next_check = 0.0
         self._own_run_dir = cfg.run_dir is None
+        self._wids: dict[str, wire.WorkerId] = {}
 
     # ---- start and stop ----------------------------------------------------------------
 
@@ -187,7 +189,12 @@ class Front:
             self.bytes_in += len(identity) + sum(len(f) for f in frames)
             try:
                 name, own = self.gate.sender(identity, frames)   # proven, or Forged
-                self._handle(wire.WorkerId.parse(name), own, frames)
+                wid = self._wids.get(name)
+                if wid is None:                            # parsed once per worker life
+                    if len(self._wids) >= WIDS_KEPT:
+                        self._wids.clear()
+                    wid = self._wids[name] = wire.WorkerId.parse(name)
+                self._handle(wid, own, frames)
             except Forged as exc:                  # counted, dropped, never delivered
                 self.totals["forged_dropped"] += 1
                 self.gate.refused(identity, exc)

@@ -319,7 +319,10 @@ class BatchNotes:
     trickle in, and a note per batch would then be a note per image. Whoever sends, sends
     every pending "took" before any "handed", on the worker's one socket, so the front
     never hears a request handed on before it heard it taken. The first note after a quiet
-    slice leaves at once; neither note delays an answer (they free room and name holders)."""
+    slice leaves at once; neither note delays an answer (they free room and name holders).
+    Ids taken and handed on in the same slice go in the "handed" note alone: it implies the
+    "took" (the ledger moves them both steps), so a device that runs its batches at once
+    sends one note per slice, not two."""
 
     def __init__(self, child: Child) -> None:
         self.child = child
@@ -357,6 +360,9 @@ class BatchNotes:
         full = len(self.took_ids) + sum(map(len, self.handed_to.values())) >= wire.MAX_IDS
         if now < self.sent + self.wait_s and not full:
             return
+        if self.handed_to and self.took_ids:    # a "handed" implies the "took" (ledger)
+            handed = {i for ids in self.handed_to.values() for i in ids}
+            self.took_ids = [i for i in self.took_ids if i not in handed]
         if self.took_ids:
             self.child.send(wire.Took(tuple(self.took_ids)))
         for to, ids in self.handed_to.items():

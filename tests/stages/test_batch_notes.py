@@ -1,0 +1,43 @@
+"""The executor's notes per time slice (stages.child.BatchNotes), with a fake worker that
+records what it sends: "took" before "handed", one message of each per slice at most, and
+no "took" for ids handed on in the same slice (the "handed" implies it)."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+from pspnet.core import wire
+from pspnet.stages.child import BatchNotes
+
+Q0 = "postprocess-0-300"
+
+
+def notes(coalesce_ms: float) -> tuple[BatchNotes, list[wire.Message]]:
+    sent: list[wire.Message] = []
+    child = SimpleNamespace(cfg=SimpleNamespace(coalesce_ms=coalesce_ms), send=sent.append)
+    return BatchNotes(child), sent        # type: ignore[arg-type]
+
+
+def test_the_first_note_after_a_quiet_slice_leaves_at_once():
+    batch, sent = notes(1000.0)
+    batch.took(("1", "2"))
+    assert sent == [wire.Took(("1", "2"))]
+
+
+def test_ids_taken_and_handed_in_one_slice_go_in_the_handed_note_alone():
+    batch, sent = notes(1000.0)
+    batch.took(("1",))                           # leaves at once: the slice was quiet
+    batch.took(("2", "3"))                       # the slice is not over: held
+    batch.handed(("1", "2"), Q0)
+    assert sent == [wire.Took(("1",))]
+    batch.sent = -1e9                            # the slice is over
+    batch.flush_if_due()
+    assert sent[1:] == [wire.Took(("3",)), wire.Handed(("1", "2"), Q0)]
+    assert batch.due_in() is None
+
+
+def test_without_coalescing_every_note_leaves_as_it_comes():
+    batch, sent = notes(0.0)
+    batch.took(("1",))
+    batch.handed(("1",), Q0)
+    assert sent == [wire.Took(("1",)), wire.Handed(("1",), Q0)]
