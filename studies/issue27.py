@@ -42,7 +42,6 @@ from studies.front_compare import (
     _loadavg,
     checkout,
     existing_tree,
-    git,
     machine,
     remove_worktree,
     tree_env,
@@ -117,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
         + (" + uncommitted changes" if new.dirty else ""))
     doc: dict[str, Any] = {
         "study": "studies/issue27.py", "created": datetime.datetime.now(
-            datetime.timezone.utc).isoformat(timespec="seconds"),
+            datetime.UTC).isoformat(timespec="seconds"),
         "machine": machine(), "loadavg_start": _loadavg(),
         "trees": {"old": old.describe(), "new": new.describe()},
         "order": "each measurement old then new, the next new then old (A/B/B/A)",
