@@ -28,6 +28,7 @@ import signal
 import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 PHOTO = "astronaut_500x375.jpg"
@@ -78,7 +79,7 @@ print(json.dumps(out))
 
 
 def daemon_latencies(tree: Path, model_dir: Path, photo: Path, work: Path, warm: int,
-                     repeats: int) -> list[float]:
+                     repeats: int, serve_args: tuple[str, ...] = ()) -> list[float]:
     """latency_ms of `repeats` lone submissions to a daemon started from `tree` with only
     `--model` and `--endpoint` (options every tree's serve has), sent by its own client."""
     run_dir = work / f"run-{os.getpid()}-{tree.name}"
@@ -89,7 +90,7 @@ def daemon_latencies(tree: Path, model_dir: Path, photo: Path, work: Path, warm:
     log_path = work / f"daemon-{tree.name}.log"
     with open(log_path, "w") as log:
         daemon = subprocess.Popen([sys.executable, "-m", "pspnet", "serve", "--model",
-                                   str(model_dir), "--endpoint", endpoint],
+                                   str(model_dir), "--endpoint", endpoint, *serve_args],
                                   cwd=tree, env=env, stdout=log, stderr=subprocess.STDOUT)
         try:
             done = subprocess.run([sys.executable, "-c", LONE_SUBMISSIONS, endpoint,
@@ -108,8 +109,11 @@ def daemon_latencies(tree: Path, model_dir: Path, photo: Path, work: Path, warm:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def serial_ms(model_dir: Path, photo: Path, warm: int, repeats: int) -> list[float]:
-    """The serial loop's ms per image at batch 1, one photo at a time."""
+def serial_ms(model_dir: Path, photo: Path, warm: int, repeats: int, gap_s: float = 0.0,
+              ) -> list[float]:
+    """The serial loop's ms per image at batch 1, one photo at a time; `gap_s`: idle
+    between images, as the daemon's lone submissions have (caches and threads go cold:
+    the figure the daemon could reach at best, shown beside the bound's back-to-back one)."""
     import cv2
 
     from pspnet.bench.serial import SerialRunner
@@ -128,6 +132,8 @@ def serial_ms(model_dir: Path, photo: Path, warm: int, repeats: int) -> list[flo
             raise RuntimeError(f"serial loop failed on {photo}")
         if i >= warm:
             out.append(wall * 1e3)
+        if gap_s:
+            time.sleep(gap_s)
     backend.close()
     return out
 
@@ -140,6 +146,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warm", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=8)
     parser.add_argument("--json", type=Path, default=None, help="write the figures here")
+    parser.add_argument("--serve-arg", action="append", default=[], metavar="ARG",
+                        help="one more argument for every daemon (repeat it; e.g. "
+                             "--serve-arg=--coalesce-ms --serve-arg=0 to see what a knob "
+                             "costs); only options every tree given has")
     args = parser.parse_args(argv)
     from pspnet.build_model.samples import SAMPLE_DIR
 
@@ -150,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     for tree in args.trees:
         serial = serial_ms(model_dir, photo, args.warm, args.repeats)
         got = daemon_latencies(tree.absolute(), model_dir, photo, args.work, args.warm,
-                               args.repeats)
+                               args.repeats, tuple(args.serve_arg))
         serial += serial_ms(model_dir, photo, args.warm, args.repeats)
         row = {"latency_ms": [round(x, 1) for x in got],
                "median_ms": round(statistics.median(got), 1),

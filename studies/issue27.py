@@ -160,11 +160,14 @@ def main(argv: list[str] | None = None) -> int:
             got = idle_latency.daemon_latencies(tree.path, demo, photo, args.work, 2,
                                                 args.repeats)
             serial += idle_latency.serial_ms(demo, photo, 2, args.repeats)
+            gapped = idle_latency.serial_ms(demo, photo, 2, args.repeats, gap_s=0.3)
             median, base = statistics.median(got), statistics.median(serial)
             doc["idle"][tree.label] = {
                 "latency_ms": [round(x, 1) for x in got], "median_ms": round(median, 1),
                 "serial_ms_per_image": round(base, 1),
-                "over_serial_ms": round(median - base, 1)}
+                "over_serial_ms": round(median - base, 1),
+                "serial_after_idle_ms": round(statistics.median(gapped), 1),
+                "over_serial_after_idle_ms": round(median - statistics.median(gapped), 1)}
     finally:
         remove_worktree(repo, old)
     doc["loadavg_end"] = _loadavg()
@@ -191,7 +194,8 @@ def summary(doc: dict[str, Any]) -> str:
     for label, row in doc["idle"].items():
         lines.append(f"idle latency {label}: median {row['median_ms']} ms, serial "
                      f"{row['serial_ms_per_image']} ms, over serial {row['over_serial_ms']:+} ms"
-                     f" ({row['latency_ms']})")
+                     f"; serial after the same 0.3 s idle {row['serial_after_idle_ms']} ms, "
+                     f"over it {row['over_serial_after_idle_ms']:+} ms ({row['latency_ms']})")
     return "\n".join(lines)
 
 
