@@ -102,6 +102,8 @@ class Front:
         except PipelineError:               # the context is destroyed already
             self._remove_run_dir()
             raise
+        self._poller = zmq.Poller()
+        self._poller.register(self.control, zmq.POLLIN)   # workers: notes, answers, beats
         self.supervisor = Supervisor(self.cfg, start_document(
             self.cfg, self.addrs, self.gate.trust, self.gate.curve), self.around_spawn)
         self.roster = Roster(self.supervisor, self._send, self.cfg.postprocess_workers or 1,
@@ -164,7 +166,7 @@ class Front:
     def poll(self, timeout_ms: float, starting: bool = False,
              ) -> list[tuple[wire.Result, Any]]:
         """One turn without clients: wait for workers, read, supervise, dispatch."""
-        if self.control.poll(timeout_ms):
+        if self._poller.poll(timeout_ms):     # made once: Socket.poll makes one per call
             self.read()
         self.supervise(starting=starting)
         self.dispatch()

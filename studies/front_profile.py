@@ -146,7 +146,9 @@ def main(argv: list[str] | None = None) -> int:
               + f"; the rest {row['main_ms_per_image'] - sum(spent.values()) / n:.4f}")
     if profile is not None:
         out = io.StringIO()
-        pstats.Stats(profile, stream=out).sort_stats("tottime").print_stats(args.top)
+        stats = pstats.Stats(profile, stream=out).sort_stats("tottime")
+        stats.print_stats(args.top)
+        stats.sort_stats("cumulative").print_callees(r"front.py.*\((read|_handle|_answer|dispatch)\)")
         print(out.getvalue())
     return 0
 
