@@ -21,10 +21,12 @@ from __future__ import annotations
 import argparse
 import collections
 import cProfile
+import gc
 import io
 import pstats
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -72,6 +74,29 @@ def timing_steps(front: Front, spent: collections.Counter[str]) -> None:
     front.control.poll = timed("control.poll", front.control.poll)   # type: ignore
 
 
+class GcTime:
+    """Main-thread CPU spent in the cyclic garbage collector, by generation (gc.callbacks)."""
+
+    def __init__(self) -> None:
+        self.spent_ms: collections.Counter[int] = collections.Counter()
+        self.runs: collections.Counter[int] = collections.Counter()
+        self._t = 0.0
+
+    def __call__(self, phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            self._t = time.thread_time()
+        else:
+            self.spent_ms[info["generation"]] += (time.thread_time() - self._t) * 1e3
+            self.runs[info["generation"]] += 1
+
+
+def user_system_ticks() -> tuple[int, int]:
+    """This (main) thread's user and system CPU, in clock ticks (/proc)."""
+    with open(f"/proc/self/task/{threading.get_native_id()}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return int(fields[11]), int(fields[12])
+
+
 def one_pass(front: Front, paths: list[Path], truths: list[Path | None], backlog: int,
              tag: str, profile: cProfile.Profile | None) -> dict[str, float]:
     requests = [wire.Request(f"{tag}-{i}", str(p), None if t is None else str(t))
@@ -85,6 +110,7 @@ def one_pass(front: Front, paths: list[Path], truths: list[Path | None], backlog
         return poll(timeout_ms, starting)
 
     front.poll = counted_poll                        # type: ignore[method-assign]
+    ticks0 = user_system_ticks()
     cpu0, wall0 = time.thread_time(), time.perf_counter()
     if profile is not None:
         profile.enable()
@@ -92,9 +118,11 @@ def one_pass(front: Front, paths: list[Path], truths: list[Path | None], backlog
     if profile is not None:
         profile.disable()
     cpu, wall = time.thread_time() - cpu0, time.perf_counter() - wall0
+    user, system = (b - a for a, b in zip(ticks0, user_system_ticks(), strict=True))
     del front.poll
     return {"images": answered, "main_ms_per_image": cpu * 1e3 / answered,
-            "img_s": answered / wall, "turns_per_image": turns / answered}
+            "img_s": answered / wall, "turns_per_image": turns / answered,
+            "kernel_share": system / (user + system) if user + system else None}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -106,15 +134,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--images", type=int, default=2048)
     parser.add_argument("--synthetic", type=int, default=96)
     parser.add_argument("--img-s", default="20000", help="each simulated device's rate")
+    parser.add_argument("--coalesce-ms", type=float, default=5.0,
+                        help="the workers' --coalesce-ms (serve's default: 5)")
     parser.add_argument("--profile", action="store_true", help="cProfile the timed pass")
     parser.add_argument("--steps", action="store_true",
                         help="the main thread's CPU per step of the loop (thread_time)")
+    parser.add_argument("--gc-freeze", action="store_true",
+                        help="gc.freeze() before the timed pass (start-up's objects are "
+                             "never traversed by a collection again)")
     parser.add_argument("--top", type=int, default=30)
     args = parser.parse_args(argv)
     cfg = PipelineConfig(model_dir=args.model, backend="sim",
                          devices=("sim",) * args.executors,
                          backend_options={"img_s": args.img_s, "head": "labels"},
-                         write_masks=False)
+                         write_masks=False, coalesce_ms=args.coalesce_ms)
     cfg = replace(cfg, batch_size=args.batch)
     with tempfile.TemporaryDirectory(prefix="front-profile-") as tmp:
         feed = sources.synthetic(args.synthetic, Path(tmp))
@@ -131,15 +164,26 @@ def main(argv: list[str] | None = None) -> int:
             if args.steps:
                 timing_steps(front, spent)
             profile = cProfile.Profile(time.thread_time) if args.profile else None
+            if args.gc_freeze:
+                gc.freeze()                 # what start-up made: never traversed again
+            collections_timed = GcTime()
+            gc.callbacks.append(collections_timed)
             row = one_pass(front, paths, truths, backlog, "timed", profile)
+            gc.callbacks.remove(collections_timed)
     n = row["images"]
     print(f"{args.executors} executors, batch {args.batch}: front main thread "
           f"{row['main_ms_per_image']:.3f} ms/image (ceiling "
           f"{1000 / row['main_ms_per_image']:.0f} img/s), e2e {row['img_s']:.0f} img/s, "
-          f"{row['turns_per_image']:.2f} loop turns/image"
+          f"{row['turns_per_image']:.2f} loop turns/image, "
+          f"{row['kernel_share']:.0%} of it in the kernel"
           + (" [profiled]" if profile is not None else ""))
     print("messages per image: " + ", ".join(
         f"{k} {v / n:.3f}" for k, v in sorted(counts.items())))
+    frozen = f", frozen {gc.get_freeze_count()}" if args.gc_freeze else ""
+    print("garbage collector: " + ", ".join(
+        f"gen{g} {collections_timed.runs[g]} runs {collections_timed.spent_ms[g] / n:.4f} "
+        "ms/image" for g in sorted(collections_timed.runs))
+          + f" (tracked objects at the end: {len(gc.get_objects())}{frozen})")
     if spent:
         print("main-thread CPU per image by step (ms): " + ", ".join(
             f"{k} {v / n:.4f}" for k, v in spent.most_common())
