@@ -39,19 +39,19 @@ from pspnet.daemon.front import Front
 
 
 def counting(front: Front, counts: collections.Counter[str]) -> None:
-    """Wrap the front's decode and send so each message is counted by kind."""
-    decode, send = wire.decode, front._send
+    """Wrap the front's message handling and send so each message is counted by kind and
+    by the sender's stage (the message is decoded twice: counting costs CPU too)."""
+    handle, send = front._handle, front._send
 
-    def counted_decode(frames, *a, **k):          # type: ignore[no-untyped-def]
-        msg = decode(frames, *a, **k)
-        counts["in " + type(msg).__name__] += 1
-        return msg
+    def counted_handle(wid, own, frames):          # type: ignore[no-untyped-def]
+        counts[f"in {type(wire.decode(frames)).__name__} ({wid.stage.value})"] += 1
+        return handle(wid, own, frames)
 
     def counted_send(worker, frames):              # type: ignore[no-untyped-def]
-        counts["out"] += 1
+        counts[f"out ({worker.stage.value})"] += 1
         return send(worker, frames)
 
-    wire.decode = counted_decode                    # the front module reads wire.decode
+    front._handle = counted_handle                  # type: ignore[method-assign]
     front._send = counted_send                      # type: ignore[method-assign]
 
 
