@@ -373,6 +373,7 @@ def stream(front: Front, requests: Iterable[wire.Request], backlog: int,
                 front.submit(request)
         if exhausted and not front.ledger.pending:
             return
+        front.dispatch()         # what was just submitted goes out now, not after the wait
         for result, _origin in front.poll(50):
             yield result
 
