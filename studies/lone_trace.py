@@ -43,12 +43,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warm", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=8)
     parser.add_argument("--gap-s", type=float, default=0.3, help="idle between images")
+    parser.add_argument("--front-run", action="store_true",
+                        help="instead: ms of one image through Front.run on the idle "
+                             "pipeline (the in-process path of bench, eval and batch)")
     args = parser.parse_args(argv)
     if args.photo is None:
         from pspnet.build_model.samples import SAMPLE_DIR
         from studies.idle_latency import PHOTO
 
         args.photo = SAMPLE_DIR / PHOTO
+    if args.front_run:
+        return front_run(args)
     seen: dict[str, float] = {}
     with Front(PipelineConfig(model_dir=args.model)) as front:
         handle, send = front._handle, front._send
@@ -94,6 +99,24 @@ def main(argv: list[str] | None = None) -> int:
         at = statistics.median(got)
         print(f"  {key:10s} {at:7.2f}  (+{at - last:.2f})  seen {len(got)}/{len(rows)}")
         last = at
+    return 0
+
+
+def front_run(args: argparse.Namespace) -> int:
+    """One image at a time through Front.run, `gap_s` apart (what came in while idle, the
+    workers' heartbeats, is read first, so the run starts with nothing waiting)."""
+    out = []
+    with Front(PipelineConfig(model_dir=args.model)) as front:
+        settle(front)
+        for i in range(args.warm + args.repeats):
+            front.poll(0)
+            start = time.perf_counter()
+            list(front.run([wire.Request(str(i), str(args.photo.absolute()))]))
+            if i >= args.warm:
+                out.append((time.perf_counter() - start) * 1e3)
+            time.sleep(args.gap_s)
+    print(f"one image through Front.run: median {statistics.median(out):.1f} ms of "
+          f"{len(out)} ({', '.join(f'{x:.1f}' for x in out)})")
     return 0
 
 
