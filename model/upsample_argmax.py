@@ -347,18 +347,21 @@ def boundary_labels(logits: np.ndarray, placement: Placement, input_size: tuple[
 
 
 def _leader(r: np.ndarray, margin: np.float32) -> tuple[np.ndarray, np.ndarray]:
-    """Per point of R (out_h x w): the leading class and whether it leads every other
-    class by more than `margin` (exactly one class above top - margin)."""
-    top_value = r.max(axis=0)
-    threshold = top_value - margin
-    leader = np.zeros(top_value.shape, np.uint8)
-    above_count = np.zeros(top_value.shape, np.uint8)
-    above = np.empty(top_value.shape, np.bool_)
-    for c in range(r.shape[0]):
-        np.greater(r[c], threshold, out=above)
-        np.add(above_count, above, out=above_count)
-        np.copyto(leader, c, where=above)      # the only one where the count ends at 1
-    return leader, above_count == 1
+    """Per point of R (out_h x w): whether one class leads every other by more than
+    `margin` (exactly one class above top - margin), and that class where it does
+    (elsewhere the value means nothing: no decision reads it there).
+
+    Whole-array passes, not a loop over classes (0.15 against 0.23 ms at 500 x 375): the
+    count of classes above the threshold, and the sum of their ids, which is the leader's
+    id where the count is 1 (uint8 sums may wrap only where the count is over 1)."""
+    classes = r.shape[0]
+    flat = r.reshape(classes, -1)
+    threshold = flat.max(axis=0) - margin
+    above = np.greater(flat, threshold).view(np.uint8)
+    count = np.add.reduce(above, axis=0, dtype=np.uint8)
+    above *= np.arange(classes, dtype=np.uint8)[:, None]
+    leader = np.add.reduce(above, axis=0, dtype=np.uint8)
+    return leader.reshape(r.shape[1:]), (count == 1).reshape(r.shape[1:])
 
 
 def _decided_runs(top: np.ndarray, clear: np.ndarray, plan: ColumnPlan) -> np.ndarray:
