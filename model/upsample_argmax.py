@@ -399,23 +399,26 @@ def _decide_cells(r: np.ndarray, plan: ColumnPlan, uy: np.ndarray, ur: np.ndarra
     Candidates are visited by rank (the k-th class of each run), so each pass touches each
     run at most once and updates need no scatter-add; every run here has two candidates
     or more, so the first two passes cover all runs in order (slices, not gathers)."""
-    run_of, cls_of = np.nonzero(candidates.T)            # by run, classes ascending
+    run_of, cls_of = np.nonzero(np.ascontiguousarray(candidates.T))  # by run, ascending
     firsts = np.flatnonzero(np.r_[True, run_of[1:] != run_of[:-1]])
     rank = np.arange(len(run_of)) - np.repeat(firsts, np.diff(np.r_[firsts, len(run_of)]))
     _, out_h, width = r.shape
     flat = r.reshape(-1)
     slots = plan.slots
     floor = np.full((len(ur), slots), -np.inf, F32)      # best smallest R1 of a class
+    # each run's points in R's class-0 plane and their weights, gathered once for all passes
+    row_base = (uy * width)[:, None]
+    at_a0, at_a1 = plan.point_a0[ur] + row_base, plan.point_a1[ur] + row_base
+    at_w0, at_w1 = plan.point_w0[ur], plan.point_w1[ur]
     passes = []
     for k in range(int(rank.max()) + 1):
         pick = np.flatnonzero(rank == k)
         runs, cls = run_of[pick], cls_of[pick]
-        plan_rows = ur[runs]
-        base = (cls.astype(np.int64) * (out_h * width) + uy[runs] * width)[:, None]
-        at = (plan.point_w0[plan_rows] * flat[base + plan.point_a0[plan_rows]]
-              + plan.point_w1[plan_rows] * flat[base + plan.point_a1[plan_rows]])
-        at0, at1 = at[:, plan.first], at[:, plan.second]
         rows = slice(None) if len(runs) == len(ur) else runs
+        plane = (cls.astype(np.int64) * (out_h * width))[:, None]
+        at = (at_w0[rows] * flat[at_a0[rows] + plane]
+              + at_w1[rows] * flat[at_a1[rows] + plane])
+        at0, at1 = at[:, plan.first], at[:, plan.second]
         floor[rows] = np.maximum(floor[rows], np.minimum(at0, at1))
         passes.append((runs, rows, cls, at0, at1))
     left = np.zeros((len(ur), slots), np.uint8)          # classes left per cell
@@ -424,7 +427,10 @@ def _decide_cells(r: np.ndarray, plan: ColumnPlan, uy: np.ndarray, ur: np.ndarra
     for _, rows, cls, at0, at1 in passes:
         keep = (floor[rows] - np.maximum(at0, at1)) <= margin
         left[rows] += keep
-        last[rows] = np.where(keep, cls[:, None].astype(np.uint8), last[rows])
+        if isinstance(rows, slice):
+            np.copyto(last, cls[:, None].astype(np.uint8), where=keep)
+        else:
+            last[rows] = np.where(keep, cls[:, None].astype(np.uint8), last[rows])
         keeps.append(keep)
     valid = plan.valid[ur]
     one = (left == 1) & valid
@@ -453,7 +459,9 @@ def _decide_cells(r: np.ndarray, plan: ColumnPlan, uy: np.ndarray, ur: np.ndarra
         better = value > current
         np.copyto(current, value, where=better)
         best[ids] = current
-        best_class[ids] = np.where(better, cls[e][:, None].astype(np.uint8), best_class[ids])
+        current_class = best_class[ids]
+        np.copyto(current_class, cls[e][:, None].astype(np.uint8), where=better)
+        best_class[ids] = current_class
     return uy[oi], x0, cell_width, best_class
 
 
