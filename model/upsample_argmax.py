@@ -381,10 +381,13 @@ def _decided_runs(top: np.ndarray, clear: np.ndarray, plan: ColumnPlan) -> np.nd
 def _candidates(r: np.ndarray, uy: np.ndarray, lo: np.ndarray, hi: np.ndarray,
                 margin: np.float32) -> np.ndarray:
     """C x runs: the classes that may still win somewhere in each (row, run)."""
-    low = r[:, uy, lo]
+    planes = r.reshape(r.shape[0], -1)              # one flat index per point: np.take
+    row = uy * r.shape[2]
+    low = np.take(planes, row + lo, axis=1)
     high = low.copy()
+    values = np.empty_like(low)
     for t in range(1, int((hi - lo).max()) + 1):
-        values = r[:, uy, np.minimum(lo + t, hi)]
+        np.take(planes, row + np.minimum(lo + t, hi), axis=1, out=values)
         np.minimum(low, values, out=low)
         np.maximum(high, values, out=high)
     return (low.max(axis=0) - high) <= margin
