@@ -368,13 +368,17 @@ def _decided_runs(top: np.ndarray, clear: np.ndarray, plan: ColumnPlan) -> np.nd
     """out_h x runs: the class of each (row, run) whose whole window has one clear
     leader, UNDECIDED elsewhere."""
     out_h, width = top.shape
-    unclear = np.zeros((out_h, width + 1), np.int32)
-    np.cumsum(~clear, axis=1, out=unclear[:, 1:])
-    changes = np.zeros((out_h, width), np.int32)
-    np.cumsum(top[:, 1:] != top[:, :-1], axis=1, out=changes[:, 1:])
+    # one running count of breaks: point x unclear, or its leader not the one at x - 1;
+    # a window lo..hi is decided when none of its points breaks, the break of lo's own
+    # leader change (with lo - 1, outside the window) aside
+    breaks = np.zeros((out_h, width + 1), np.int32)
+    step = np.empty((out_h, width), np.int32)
+    np.logical_not(clear, out=step)
+    step[:, 1:] += top[:, 1:] != top[:, :-1]
+    np.cumsum(step, axis=1, out=breaks[:, 1:])
     lo, hi = plan.run_lo, plan.run_hi
-    decided = ((unclear[:, hi + 1] == unclear[:, lo])
-               & (changes[:, hi] == changes[:, lo]))
+    own = step[:, lo] - ~clear[:, lo]          # lo's leader change, 0 or 1
+    decided = breaks[:, hi + 1] - breaks[:, lo] == own
     return np.where(decided, top[:, lo], UNDECIDED).astype(np.uint8)
 
 
