@@ -111,10 +111,15 @@ def write_mask(labels: np.ndarray, path: Path, palette: Sequence[Sequence[int]],
         source = mask_source(source)
     data = png_bytes(labels, palette, source)
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0),
-                 0o644)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
+    try:
+        fd = os.open(tmp, flags, 0o644)
+    except (FileNotFoundError, NotADirectoryError):
+        # a new folder (or a file in the way, which mkdir reports): made only when needed,
+        # not tried (mkdir, EEXIST, stat) for every mask
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(tmp, flags, 0o644)
     try:
         try:
             _write_all(fd, data)                 # no file object: 2 syscalls fewer
