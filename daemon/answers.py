@@ -31,10 +31,11 @@ class Answers:
 
     def deliver(self, entry: Entry, status: str, mask: str | None, error: str | None,
                 stage: str, areas: Any = None, cause: str | None = None,
-                found: tuple[Any, Any] = (None, ()), quiet: bool = False) -> None:
+                found: tuple[Any, Any] = (None, ()), quiet: bool = False,
+                model: str = "") -> None:
         """One answer for one accepted request (the ledger has removed it). `found`: the
         image's size and the classes in its mask. `quiet`: a failure the caller logs once
-        for all (abandoned at shutdown)."""
+        for all (abandoned at shutdown). `model`: the version of the model that answered."""
         if status == wire.OK and areas is not None:
             self.metrics.add(areas)
         self.totals["ok" if status == wire.OK else "errors"] += 1
@@ -51,7 +52,7 @@ class Answers:
         self.ready.append((wire.Result(entry.client_id, entry.request.attempt, status,
                                        entry.request.path, mask=mask, error=error,
                                        stage=stage, areas=areas, cause=cause,
-                                       size=found[0], found=found[1]),
+                                       size=found[0], found=found[1], model=model),
                            entry.origin))
 
     def failed(self, entry: Entry, error: str, quiet: bool = False) -> None:
