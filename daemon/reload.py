@@ -12,10 +12,12 @@ client that asked is answered; the old generation finishes what the ledger says 
 then is retired (stopped, never restarted). A new model that cannot start (a missing or
 broken directory, a backend that cannot open it, a first batch that fails, no report
 within the start-up timeout) fails the reload with the worker's reason: its workers are
-stopped and the old model serves on. At most two models run at once: a second reload is
-refused until the first is done. Every answer names its model's version (the digest of
-its manifest, `model.manifest.model_version`), stamped by the front from the generation
-of the worker that answered, never taken from the worker's word.
+stopped and the old model serves on. At most two models run at once: a reload asked while
+the previous one's old model still finishes its requests waits for it to be gone (one
+waits; another is refused), one asked while a new model loads is refused. Every answer
+names its model's version (the digest of its manifest, `model.manifest.model_version`),
+stamped by the front from the generation of the worker that answered, never taken from
+the worker's word.
 """
 
 from __future__ import annotations
@@ -75,6 +77,7 @@ class Reloader:
                                  model_version(cfg.model_dir))
         front.roster.versions[self.active.number] = self.active.version
         self.swap: Swap | None = None
+        self.queued: tuple[Generation, Any, bool] | None = None   # waits for the swap
         self.replies: list[tuple[Any, wire.Reply]] = []
         self.reloads = self.failures = 0
         self.last: dict[str, Any] | None = None
@@ -97,10 +100,11 @@ class Reloader:
         """Start a reload to `model_dir` (None or "": the served directory, read again).
         None: started, the outcome comes as a reply for `origin`; else why not (the
         running model serves on)."""
-        if self.swap is not None:
-            return (f"a reload to {self.swap.new.cfg.model_dir} is in progress "
-                    f"({self.swap.state}); at most two models run at once: reload again once "
-                    "it is done (`pspnet status` shows it)")
+        swap = self.swap
+        if swap is not None and (swap.state == LOADING or self.queued is not None):
+            return (f"a reload to {swap.new.cfg.model_dir} is in progress ({swap.state})"
+                    f"{' and another waits' if self.queued else ''}; at most two models run "
+                    "at once: reload again once it is done (`pspnet status` shows it)")
         directory = Path(model_dir) if model_dir else self.active.cfg.model_dir
         try:
             manifest = Manifest.read(directory)
@@ -115,19 +119,32 @@ class Reloader:
             return (f"{directory} {problem}: refused, the running model "
                     f"{self.active.version} serves on; pass --force to serve it anyway "
                     "(answers then name other classes, and the running mIoU restarts)")
-        number = self.active.number + 1
         cfg = dataclasses.replace(self.active.cfg, model_dir=directory, batch_size=batch,
-                                  generation=number, first_batch_check=True)
-        new = Generation(number, cfg, manifest, version)
+                                  first_batch_check=True)
+        new = Generation(-1, cfg, manifest, version)        # numbered when it starts
+        if swap is not None:            # the old model still finishing: started after it
+            self.queued = (new, origin, bool(problem))
+            self.log.info("reload: waits until the replaced model has finished",
+                          model=str(directory), version=version, asked_by=_who(origin))
+        else:
+            self._start(new, origin, bool(problem))
+        return None
+
+    def _start(self, new: Generation, origin: Any, forced: bool) -> None:
+        """Its workers started beside the running model's; the generation after the
+        active one (the two that run at once take turns between two index ranges)."""
+        number = self.active.number + 1
+        new = dataclasses.replace(new, number=number,
+                                  cfg=dataclasses.replace(new.cfg, generation=number))
         front = self.front
-        front.roster.versions[number] = version
-        front.supervisor.add_generation(cfg, start_document(
-            cfg, front.addrs, front.gate.trust, front.gate.curve))
+        front.roster.versions[new.number] = new.version
+        front.supervisor.add_generation(new.cfg, start_document(
+            new.cfg, front.addrs, front.gate.trust, front.gate.curve))
         self.swap = Swap(self.active, new, origin, time.monotonic())
         self.log.info("reload: starting the new model beside the running one",
-                      model=str(directory), version=version, running=self.active.version,
-                      batch_size=batch, asked_by=_who(origin), force=bool(problem))
-        return None
+                      model=str(new.cfg.model_dir), version=new.version,
+                      running=self.active.version, batch_size=new.cfg.batch_size,
+                      asked_by=_who(origin), force=forced)
 
     # ---- each supervision pass ---------------------------------------------------------
 
@@ -155,6 +172,10 @@ class Reloader:
             self.log.info("reload done" if swap.state == RETIRING else "reload abandoned",
                           serving=self.active.version, model=str(self.active.cfg.model_dir),
                           took_s=round(now - swap.started, 2))
+            if self.queued is not None:
+                new, origin, forced = self.queued
+                self.queued = None
+                self._start(new, origin, forced)
 
     def _switch(self, swap: Swap, now: float) -> None:
         front, new, old = self.front, swap.new, swap.old
