@@ -1,0 +1,152 @@
+"""Issue 26, part 1: a live model reload. `pspnet reload` (and SIGHUP) swap the daemon's
+model under a stream of requests: none lost, none an error, every answer names the model
+that made it, and none made by the replaced model once the reload has returned. A model
+that cannot start, or has other classes, is refused; the old one serves on.
+
+Model B is a second build of the tiny test model at another input size and batch sizes
+(96x96, 1 and 4): its manifest, so its version, differs from A's (64x64, 1/4/16)."""
+
+from __future__ import annotations
+
+import collections
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from pspnet.daemon.client import Client, ReloadFailed
+from pspnet.model.manifest import model_version
+from tests.kit import Submitter, linked_stream
+
+
+@pytest.fixture(scope="module")
+def model_b(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from tests.tiny_model import make_tiny_model_dir
+
+    return make_tiny_model_dir(tmp_path_factory.mktemp("model_b"), batch_sizes=(1, 4),
+                               input_size=(96, 96))
+
+
+def wait_model(daemon, version: str, reloads: int, timeout_s: float = 60) -> dict:
+    """The status once the daemon serves `version` after `reloads` reloads, the old gone."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        model = daemon.status()["model"]
+        if model["version"] == version and model["reloads"] == reloads \
+                and model["reload"] is None:
+            return model
+        assert time.monotonic() < deadline, model
+        time.sleep(0.1)
+
+
+def test_reload_a_b_a_b_under_a_stream(tiny_models, model_b, photo_files, tmp_path,
+                                       daemons):
+    """Two clients stream 2 x 150 requests while the model goes A -> B -> A -> B: every
+    answer ok and named, both models answered, and a probe sent after each reload returned
+    is answered by the new model only; at the end only B's workers are left."""
+    model_a = tiny_models["logits"]
+    versions = {model_version(model_a): "A", model_version(model_b): "B"}
+    assert len(versions) == 2
+    daemon = daemons(model_a, tmp_path / "masks", tmp_path, "--batch-size", "4",
+                     "--max-wait-ms", "5")
+    daemon.wait_ready()
+    jobs = [Submitter(daemon.endpoint, linked_stream(photo_files, tmp_path / f"in{i}", 150,
+                                                     prefix=f"c{i}"))
+            for i in range(2)]
+    for job in jobs:
+        job.start()
+    probes: list[tuple[str, list]] = []
+    with Client(daemon.endpoint) as client:
+        for step, model in enumerate((model_b, model_a, model_b)):
+            jobs[0].wait_for(20 * (step + 1), timeout_s=120)
+            body = client.reload(model)
+            assert body["version"] == model_version(model), body
+            probe = list(client.submit(photo_files[:6]))
+            probes.append((body["version"], probe))
+    for job in jobs:
+        job.join(180)
+        assert not job.is_alive() and job.error is None, job.error
+    answers = [a for job in jobs for a in job.answers]
+    assert len(answers) == 300
+    assert collections.Counter(a.status for a in answers) == {"ok": 300}, \
+        [a.error for a in answers if a.status != "ok"][:3]
+    assert all(a.model in versions for a in answers)
+    per_model = collections.Counter(versions[a.model] for a in answers)
+    assert set(per_model) == {"A", "B"}, per_model
+    for version, probe in probes:       # accepted after the reload returned: the new model
+        assert [a.status for a in probe] == ["ok"] * 6
+        assert {a.model for a in probe} == {version}, (version, probe)
+    wait_model(daemon, model_version(model_b), 3)    # the last replaced model gone too
+    status = daemon.status()
+    assert status["model"]["reloads"] == 3 and status["ready"]
+    assert status["front"]["errors"] == 0 and status["front"]["ok"] == 300 + 3 * 6
+    started = [e for e in daemon.events() if e.get("event") == "child started"]
+    retired = [e for e in daemon.events() if e.get("event") == "child retired"]
+    assert len(retired) == 3 * 3, retired           # each reload: the old three retired
+    assert len(started) == 4 * 3                    # and no restart
+    assert not [e for e in daemon.events() if e.get("event") == "child died"]
+    print(f"FIGURE reload A-B-A-B under 2 x 150 requests: 300 ok, per model {dict(per_model)}")
+    assert daemon.stop() == 0, daemon.tail()
+
+
+def test_broken_or_other_classes_refused_old_serves_on(tiny_models, model_b, photo_files,
+                                                       tmp_path, daemons):
+    """A model directory whose ONNX files are garbage: `pspnet reload` exits 1 naming the
+    executor's reason, the old model serves on through it (a stream of 120: 0 lost, 0
+    errors, all named A). A model that names its classes otherwise is refused at once
+    unless --force. Then SIGHUP reloads the served directory, live."""
+    model_a = tiny_models["logits"]
+    version_a = model_version(model_a)
+    broken = tmp_path / "broken"
+    shutil.copytree(model_b, broken)
+    for onnx in broken.glob("*.onnx"):
+        onnx.write_bytes(b"not an onnx file" * 64)
+    renamed = tmp_path / "renamed"
+    shutil.copytree(model_a, renamed)
+    manifest = json.loads((renamed / "manifest.json").read_text())
+    manifest["class_names"][15] = "pedestrian"
+    (renamed / "manifest.json").write_text(json.dumps(manifest))
+
+    daemon = daemons(model_a, tmp_path / "masks", tmp_path, "--batch-size", "4")
+    daemon.wait_ready()
+    job = Submitter(daemon.endpoint, linked_stream(photo_files, tmp_path / "in", 120))
+    job.start()
+    job.wait_for(10)
+    cli = [sys.executable, "-m", "pspnet", "reload", "--endpoint", daemon.endpoint]
+    run = subprocess.run([*cli, "--model", str(broken)], capture_output=True, text=True,
+                         timeout=120)
+    assert run.returncode == 1, run
+    assert "executor-" in run.stderr and "cannot start" in run.stderr, run.stderr
+    assert "serves on" in run.stderr and run.stdout == ""
+    with Client(daemon.endpoint) as client:
+        with pytest.raises(ReloadFailed, match="pass --force"):
+            client.reload(renamed)
+    job.join(120)
+    assert job.error is None and len(job.answers) == 120
+    assert collections.Counter(a.status for a in job.answers) == {"ok": 120}
+    assert {a.model for a in job.answers} == {version_a}
+    model = wait_model(daemon, version_a, 0)       # the failed model's workers gone
+    assert model["failed_reloads"] == 1 and not model["last_reload"]["ok"]
+
+    run = subprocess.run([*cli, "--model", str(renamed), "--force"], capture_output=True,
+                         text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    forced = json.loads(run.stdout)
+    assert forced["previous"] == version_a and forced["version"] == model_version(renamed)
+    wait_model(daemon, forced["version"], 1)
+
+    daemon.signal(signal.SIGHUP)                # the same directory, read again, live
+    model = wait_model(daemon, forced["version"], 2)
+    assert model["dir"] == str(renamed)
+    with Client(daemon.endpoint) as client:
+        answers = list(client.submit(photo_files[:8]))
+    assert [a.status for a in answers] == ["ok"] * 8
+    assert {a.model for a in answers} == {forced["version"]}
+    assert {c[1] for a in answers for c in a.found} <= set(manifest["class_names"])
+    assert daemon.proc.poll() is None
+    assert daemon.stop() == 0, daemon.tail()
