@@ -82,6 +82,7 @@ class Front:
         self.bytes_in = self.bytes_out = 0
         self.storage = StorageEpisode(self.log)
         self.gate = ControlGate(cfg, self.log)      # keys, identities, tokens
+        self.reloader = Reloader(self)              # live model reload: the served model
         self.started = False
         self._next_check = 0.0
         self._own_run_dir = cfg.run_dir is None
@@ -107,7 +108,7 @@ class Front:
             self.cfg, self.addrs, self.gate.trust, self.gate.curve), self.around_spawn)
         self.roster = Roster(self.supervisor, self._send, self.cfg.postprocess_workers or 1,
                              self.log)
-        self.reloader = Reloader(self)         # live model reload: the served model
+        self.roster.versions = self.reloader.versions     # each generation's model
         self.started = True
         try:
             self.log.info("starting", run_dir=str(self.run_dir), control=self.addrs.control,

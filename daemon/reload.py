@@ -69,13 +69,14 @@ class Swap:
 
 class Reloader:
     def __init__(self, front: Any) -> None:
-        """`front`: the started Front (its supervisor, roster, ledger, metrics, gate)."""
+        """`front`: the Front (its supervisor, roster, ledger, metrics and gate are used
+        once it has started)."""
         self.front = front
         self.log = structlog.get_logger().bind(component="reload")
         cfg = front.cfg
         self.active = Generation(cfg.generation, cfg, front.manifest,
                                  model_version(cfg.model_dir))
-        front.roster.versions[self.active.number] = self.active.version
+        self.versions = {self.active.number: self.active.version}   # generation -> version
         self.swap: Swap | None = None
         self.queued: tuple[Generation, Any, bool] | None = None   # waits for the swap
         self.replies: list[tuple[Any, wire.Reply]] = []
@@ -84,7 +85,7 @@ class Reloader:
 
     def version_of(self, generation: int | None) -> str:
         """The version of the model a generation serves ("" none: not one of ours)."""
-        return self.front.roster.versions.get(generation, "")
+        return self.versions.get(generation, "")
 
     def classes(self, generation: int | None) -> int | None:
         """How many classes the model of a generation has (None: not one of ours)."""
@@ -137,7 +138,7 @@ class Reloader:
         new = dataclasses.replace(new, number=number,
                                   cfg=dataclasses.replace(new.cfg, generation=number))
         front = self.front
-        front.roster.versions[new.number] = new.version
+        self.versions[new.number] = new.version
         front.supervisor.add_generation(new.cfg, start_document(
             new.cfg, front.addrs, front.gate.trust, front.gate.curve))
         self.swap = Swap(self.active, new, origin, time.monotonic())
@@ -167,7 +168,7 @@ class Reloader:
             swap.state = RETIRING
         gone = swap.new if swap.state == FAILED else swap.old
         if swap.state in (RETIRING, FAILED) and not sup.of(gone.number):
-            self.front.roster.versions.pop(gone.number, None)
+            self.versions.pop(gone.number, None)
             self.swap = None
             self.log.info("reload done" if swap.state == RETIRING else "reload abandoned",
                           serving=self.active.version, model=str(self.active.cfg.model_dir),

@@ -34,7 +34,7 @@ class Roster:
         self.supervisor, self.send, self.pool, self.log = supervisor, send, postprocess_pool, log
         self.workers = Workers()
         self.past: collections.Counter[tuple[str, str]] = collections.Counter()
-        self.active = supervisor.cfg.generation   # the generation new requests go to
+        self.active = 0                           # the generation new requests go to
         self.versions: dict[int, str] = {}        # generation -> its model's version
 
     def heard(self, wid: wire.WorkerId, own: bool, hb: wire.Heartbeat, now: float,

@@ -3,8 +3,9 @@
 Each test is the behaviour the rewritten front must have, against `pspnet serve` as a real
 process (tiny model, ort backend, real sockets): a symbolic-link loop under --allow-root, a
 flood of status queries and garbage from one connection, running the daemon out of file
-descriptors, signals to the process group, a request id repeated, an abstract ipc endpoint. Each docstring says
-what the test proves and how the front before the redesign failed it.
+descriptors, signals to the process group, a request id repeated, an abstract ipc
+endpoint. Each docstring says what the test proves and how the front before the redesign
+failed it.
 """
 
 from __future__ import annotations
