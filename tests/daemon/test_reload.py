@@ -21,7 +21,7 @@ import pytest
 
 from pspnet.daemon.client import Client, ReloadFailed
 from pspnet.model.manifest import model_version
-from tests.kit import Submitter, linked_stream
+from tests.kit import Submitter, linked_stream, watch_record
 
 
 @pytest.fixture(scope="module")
@@ -46,14 +46,18 @@ def wait_model(daemon, version: str, reloads: int, timeout_s: float = 60) -> dic
 
 def test_reload_a_b_a_b_under_a_stream(tiny_models, model_b, photo_files, tmp_path,
                                        daemons):
-    """Two clients stream 2 x 150 requests while the model goes A -> B -> A -> B: every
-    answer ok and named, both models answered, and a probe sent after each reload returned
-    is answered by the new model only; at the end only B's workers are left."""
+    """Two clients stream 2 x 150 requests, and 3 x 10 images land in a watched folder,
+    while the model goes A -> B -> A -> B: every answer ok and named, both models
+    answered, and a probe sent after each reload returned is answered by the new model
+    only; every watched image recorded ok once, with its model; at the end only B's
+    workers are left."""
     model_a = tiny_models["logits"]
     versions = {model_version(model_a): "A", model_version(model_b): "B"}
     assert len(versions) == 2
+    watched = tmp_path / "watched"
+    watched.mkdir()
     daemon = daemons(model_a, tmp_path / "masks", tmp_path, "--batch-size", "4",
-                     "--max-wait-ms", "5")
+                     "--max-wait-ms", "5", "--watch", str(watched))
     daemon.wait_ready()
     jobs = [Submitter(daemon.endpoint, linked_stream(photo_files, tmp_path / f"in{i}", 150,
                                                      prefix=f"c{i}"))
@@ -64,6 +68,8 @@ def test_reload_a_b_a_b_under_a_stream(tiny_models, model_b, photo_files, tmp_pa
     with Client(daemon.endpoint) as client:
         for step, model in enumerate((model_b, model_a, model_b)):
             jobs[0].wait_for(20 * (step + 1), timeout_s=120)
+            for i in range(10):             # the watched folder fills across the reload
+                shutil.copy(photo_files[100 + 10 * step + i], watched / f"w{step}-{i}.jpg")
             body = client.reload(model)
             assert body["version"] == model_version(model), body
             probe = list(client.submit(photo_files[:6]))
@@ -82,9 +88,17 @@ def test_reload_a_b_a_b_under_a_stream(tiny_models, model_b, photo_files, tmp_pa
         assert [a.status for a in probe] == ["ok"] * 6
         assert {a.model for a in probe} == {version}, (version, probe)
     wait_model(daemon, model_version(model_b), 3)    # the last replaced model gone too
+    deadline = time.monotonic() + 60
+    while len(watch_record(tmp_path / "masks")) < 30 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    record = watch_record(tmp_path / "masks")
+    assert sorted(e["name"] for e in record) == sorted(f"w{s}-{i}.jpg" for s in range(3)
+                                                       for i in range(10))
+    assert {e["status"] for e in record} == {"ok"} and {e["model"] for e in record} <= \
+        set(versions), record
     status = daemon.status()
     assert status["model"]["reloads"] == 3 and status["ready"]
-    assert status["front"]["errors"] == 0 and status["front"]["ok"] == 300 + 3 * 6
+    assert status["front"]["errors"] == 0 and status["front"]["ok"] == 300 + 3 * 6 + 30
     started = [e for e in daemon.events() if e.get("event") == "child started"]
     retired = [e for e in daemon.events() if e.get("event") == "child retired"]
     assert len(retired) == 3 * 3, retired           # each reload: the old three retired
