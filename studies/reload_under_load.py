@@ -39,6 +39,7 @@ from pspnet.model.manifest import model_version
 
 SIZE_A, SIZE_B = 257, 225        # sides of 8k + 1 keep the network's padding exact
 RSS_EVERY_S = 0.05
+WINDOW = 16                      # requests per submit call, per client
 
 
 def say(message: str) -> None:
@@ -177,8 +178,10 @@ class RssWatch(threading.Thread):
 
 
 class Stream(threading.Thread):
-    """One client's requests through the library client; each answer with its arrival
-    and the time its request was sent (arrival less its latency)."""
+    """One client's requests through the library client, WINDOW at a time (a stream: the
+    next are sent as the last are answered, so requests keep being sent across each
+    reload); each answer with its arrival and the time its request was sent (arrival
+    less its latency)."""
 
     def __init__(self, endpoint: str, paths: list[Path]) -> None:
         super().__init__(daemon=True)
@@ -189,9 +192,10 @@ class Stream(threading.Thread):
     def run(self) -> None:
         try:
             with Client(self.endpoint) as client:
-                for answer in client.submit(self.paths):
-                    now = time.monotonic()
-                    self.answers.append((answer, now - answer.latency_ms / 1e3, now))
+                for i in range(0, len(self.paths), WINDOW):
+                    for answer in client.submit(self.paths[i:i + WINDOW]):
+                        now = time.monotonic()
+                        self.answers.append((answer, now - answer.latency_ms / 1e3, now))
         except BaseException as exc:   # reported in the results
             self.error = exc
 
@@ -244,8 +248,12 @@ def under_load(daemon: Daemon, rss: RssWatch, models: dict[str, Path], work: Pat
     took = time.monotonic() - started
     answers = [a for s in streams for a in s.answers]
     names = {model_version(folder): name for name, folder in models.items()}
-    late = late_old(answers, reloads, names[model_version(models["A"])])
+    late = late_old(answers, reloads, model_version(models["A"]))
+    after = sum(sent > reloads[0]["returned"] for _, sent, _ in answers)
     swaps = [(r["asked"], r["done"]) for r in reloads]
+    arrivals = sorted(arrived for _, _, arrived in answers)
+    in_swaps = [t for t in arrivals if any(a <= t <= b for a, b in swaps)]
+    before = [t for t in arrivals if t < swaps[0][0]]
     return {
         "requests": n, "answers": len(answers),
         "errors": sum(a.status != "ok" for a, _, _ in answers),
@@ -253,14 +261,28 @@ def under_load(daemon: Daemon, rss: RssWatch, models: dict[str, Path], work: Pat
         "per_model": dict(collections.Counter(names.get(a.model, a.model or "none")
                                               for a, _, _ in answers)),
         "unnamed": sum(not a.model for a, _, _ in answers),
-        "late_old": late,
+        "late_old": late, "sent_after_first_reload": after,
         "seconds": round(took, 1), "images_per_s": round(len(answers) / took, 1),
+        "images_per_s_before_first_reload": rate(before, started, swaps[0][0]),
+        "images_per_s_during_swaps": round(len(in_swaps) / sum(b - a for a, b in swaps), 1),
+        "longest_gap_s": {"before_first_reload": longest_gap(before),
+                          "during_swaps": max(longest_gap([t for t in arrivals if a <= t <= b])
+                                              for a, b in swaps)},
         "reloads": [{k: v for k, v in r.items() if k not in ("asked", "returned", "done")}
                     for r in reloads],
         "rss_mb": {"before_first_reload_peak": rss.peak_mb(0, swaps[0][0]),
                    "during_swaps_peak": max(rss.peak_mb(a, b) or 0 for a, b in swaps),
                    "after_last_swap_peak": rss.peak_mb(swaps[-1][1])},
     }
+
+
+def rate(times: list[float], start: float, end: float) -> float | None:
+    return round(len(times) / (end - start), 1) if end > start else None
+
+
+def longest_gap(times: list[float]) -> float:
+    """The longest wait between two answers: how long the daemon answered nothing."""
+    return round(max((b - a for a, b in zip(times, times[1:], strict=False)), default=0.0), 3)
 
 
 def late_old(answers: list[tuple[Answer, float, float]], reloads: list[dict], first: str,
