@@ -32,6 +32,21 @@ def model_b(tmp_path_factory: pytest.TempPathFactory) -> Path:
                                input_size=(96, 96))
 
 
+def poison(model: Path) -> None:
+    """The first convolution's weights set to NaN in every ONNX file: the model loads,
+    and every logit it computes is NaN (a bad weights file)."""
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+
+    for path in model.glob("*.onnx"):
+        graph = onnx.load(str(path))
+        weight = next(i for i in graph.graph.initializer if len(i.dims) == 4)
+        nan = np.full(tuple(weight.dims), np.nan, np.float32)
+        weight.CopyFrom(numpy_helper.from_array(nan, weight.name))
+        onnx.save(graph, str(path))
+
+
 def wait_model(daemon, version: str, reloads: int, timeout_s: float = 60) -> dict:
     """The status once the daemon serves `version` after `reloads` reloads, the old gone."""
     deadline = time.monotonic() + timeout_s
@@ -112,14 +127,18 @@ def test_broken_or_other_classes_refused_old_serves_on(tiny_models, model_b, pho
                                                        tmp_path, daemons):
     """A model directory whose ONNX files are garbage: `pspnet reload` exits 1 naming the
     executor's reason, the old model serves on through it (a stream of 120: 0 lost, 0
-    errors, all named A). A model that names its classes otherwise is refused at once
-    unless --force. Then SIGHUP reloads the served directory, live."""
+    errors, all named A). One that loads but whose first batch gives NaN logits is refused
+    likewise. A model that names its classes otherwise is refused at once unless --force.
+    Then SIGHUP reloads the served directory, live."""
     model_a = tiny_models["logits"]
     version_a = model_version(model_a)
     broken = tmp_path / "broken"
     shutil.copytree(model_b, broken)
     for onnx in broken.glob("*.onnx"):
         onnx.write_bytes(b"not an onnx file" * 64)
+    poisoned = tmp_path / "poisoned"
+    shutil.copytree(model_b, poisoned)
+    poison(poisoned)
     renamed = tmp_path / "renamed"
     shutil.copytree(model_a, renamed)
     manifest = json.loads((renamed / "manifest.json").read_text())
@@ -138,6 +157,8 @@ def test_broken_or_other_classes_refused_old_serves_on(tiny_models, model_b, pho
     assert "executor-" in run.stderr and "cannot start" in run.stderr, run.stderr
     assert "serves on" in run.stderr and run.stdout == ""
     with Client(daemon.endpoint) as client:
+        with pytest.raises(ReloadFailed, match="first batch failed: .*not finite"):
+            client.reload(poisoned)
         with pytest.raises(ReloadFailed, match="pass --force"):
             client.reload(renamed)
     job.join(120)
@@ -145,7 +166,7 @@ def test_broken_or_other_classes_refused_old_serves_on(tiny_models, model_b, pho
     assert collections.Counter(a.status for a in job.answers) == {"ok": 120}
     assert {a.model for a in job.answers} == {version_a}
     model = wait_model(daemon, version_a, 0)       # the failed model's workers gone
-    assert model["failed_reloads"] == 1 and not model["last_reload"]["ok"]
+    assert model["failed_reloads"] == 2 and not model["last_reload"]["ok"]
 
     run = subprocess.run([*cli, "--model", str(renamed), "--force"], capture_output=True,
                          text=True, timeout=120)
