@@ -185,3 +185,19 @@ def test_broken_or_other_classes_refused_old_serves_on(tiny_models, model_b, pho
     assert {c[1] for a in answers for c in a.found} <= set(manifest["class_names"])
     assert daemon.proc.poll() is None
     assert daemon.stop() == 0, daemon.tail()
+
+
+def test_classes_are_compared_by_number_and_name(tiny_models):
+    from dataclasses import replace
+
+    from pspnet.daemon.reload import classes_problem
+    from pspnet.model.manifest import Manifest
+
+    running = Manifest.read(tiny_models["logits"])
+    assert classes_problem(running, running) is None
+    assert classes_problem(running, replace(running, head="labels")) is None
+    fewer = replace(running, num_classes=20, class_names=running.class_names[:20])
+    assert classes_problem(running, fewer) == "has 20 classes, the running model 21"
+    names = (*running.class_names[:15], "pedestrian", *running.class_names[16:])
+    assert "names class 15 'pedestrian'" in classes_problem(running,
+                                                            replace(running, class_names=names))
