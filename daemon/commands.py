@@ -48,8 +48,9 @@ def add_daemon_parsers(sub: argparse._SubParsersAction) -> None:
                     "their subfolders' too), the paths in --list FILE, or - to read paths "
                     "from stdin. On a terminal each finished image gets a readable line "
                     "(path, size, largest classes, mask, time); otherwise, or with --json, "
-                    "a JSON line (id, path, status, mask, error, latency_ms, height, width, "
-                    "classes). Ctrl-C cancels the images not yet started, waits briefly for "
+                    "a JSON line (id, path, status, mask, error, latency_ms, model: the "
+                    "version of the model that made it, height, width, classes). Ctrl-C "
+                    "cancels the images not yet started, waits briefly for "
                     "those running, prints a summary and exits 130. Exit status 0 only if "
                     "every image succeeded.",
         epilog="examples: pspnet submit photos/ -r;  find . -name '*.jpg' | pspnet submit -")
