@@ -139,7 +139,10 @@ class Client:
         where = "" if model is None else str(Path(model).absolute())
         self.socket.send_multipart(wire.encode(wire.Reload(where, force)))
         deadline = time.monotonic() + timeout_s
-        while self.socket.poll(max(0, deadline - time.monotonic()) * 1e3):
+        while time.monotonic() < deadline:
+            if not self.socket.poll(min(1.0, max(0.0, deadline - time.monotonic())) * 1e3):
+                self._check_socket_file()           # the daemon went away meanwhile
+                continue
             msg = wire.decode(self.socket.recv_multipart())
             if isinstance(msg, wire.Reply) and msg.status == "reloaded":
                 return msg.body

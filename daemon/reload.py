@@ -178,6 +178,15 @@ class Reloader:
                 self.queued = None
                 self._start(new, origin, forced)
 
+    def stop(self, reason: str) -> None:
+        """The daemon stops: a model still loading is given up (its workers stopped) and
+        whoever asked for it, or for one waiting, is told why."""
+        if self.queued is not None:
+            self._reply(self.queued[1], wire.Reply("error", message=f"no reload: {reason}"))
+            self.queued = None
+        if self.swap is not None and self.swap.state == LOADING:
+            self._fail(self.swap, reason, f"no reload: {reason}")
+
     def _switch(self, swap: Swap, now: float) -> None:
         front, new, old = self.front, swap.new, swap.old
         front.supervisor.trial = None
@@ -199,7 +208,7 @@ class Reloader:
             "previous": old.version, "previous_model": str(old.cfg.model_dir),
             "load_s": load_s, "batch_size": new.cfg.batch_size}))
 
-    def _fail(self, swap: Swap, why: str) -> None:
+    def _fail(self, swap: Swap, why: str, message: str | None = None) -> None:
         sup = self.front.supervisor
         sup.trial = None
         sup.retire(swap.new.number, f"reload to {swap.new.version} failed")
@@ -209,7 +218,7 @@ class Reloader:
                      "dir": str(swap.new.cfg.model_dir)}
         self.log.error("reload failed; the running model serves on", error=why,
                        model=str(swap.new.cfg.model_dir), serving=self.active.version)
-        self._reply(swap.origin, wire.Reply("error", message=(
+        self._reply(swap.origin, wire.Reply("error", message=message or (
             f"the new model {swap.new.cfg.model_dir} failed: {why}; the running model "
             f"{self.active.version} serves on (fix the model directory, e.g. build it "
             "again with `pspnet build`, and reload)")))

@@ -245,6 +245,7 @@ class Server:
 
     def _begin_drain(self) -> None:
         self.stopping = self.clients.stopping = True
+        self.front.reloader.stop("the daemon is shutting down")     # a reload under way
         self.deadline.start(self.cfg.drain_timeout_s)
         if self.intake is not None:
             self.intake.stop(WATCH_STOP_S)
