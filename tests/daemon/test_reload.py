@@ -14,6 +14,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -59,13 +60,41 @@ def wait_model(daemon, version: str, reloads: int, timeout_s: float = 60) -> dic
         time.sleep(0.1)
 
 
+class Stream(threading.Thread):
+    """A client that keeps sending WINDOW requests at a time until told to stop (and at
+    least `least` in all), so requests are sent before, during and after each reload;
+    each window kept with when it was sent and when its last answer came."""
+
+    def __init__(self, endpoint: str, paths: list[Path], least: int) -> None:
+        super().__init__(daemon=True)
+        self.endpoint, self.paths, self.least = endpoint, paths, least
+        self.windows: list[tuple[float, float, list]] = []     # sent, done, answers
+        self.stop, self.error = threading.Event(), None
+
+    def run(self) -> None:
+        sent = 0
+        try:
+            with Client(self.endpoint) as client:
+                while not self.stop.is_set() or sent < self.least:
+                    paths = [self.paths[(sent + i) % len(self.paths)] for i in range(WINDOW)]
+                    began = time.monotonic()
+                    answers = list(client.submit(paths))
+                    self.windows.append((began, time.monotonic(), answers))
+                    sent += WINDOW
+        except BaseException as exc:  # the test reads it
+            self.error = exc
+
+
+WINDOW = 6
+
+
 def test_reload_a_b_a_b_under_a_stream(tiny_models, model_b, photo_files, tmp_path,
                                        daemons):
-    """Two clients stream 2 x 150 requests, and 3 x 10 images land in a watched folder,
-    while the model goes A -> B -> A -> B: every answer ok and named, both models
-    answered, and a probe sent after each reload returned is answered by the new model
-    only; every watched image recorded ok once, with its model; at the end only B's
-    workers are left."""
+    """Two clients stream (6 requests at a time each, at least 2 x 150) and 3 x 10 images
+    land in a watched folder while the model goes A -> B -> A -> B: every answer ok and
+    named, both models answered, and no request sent after a reload returned answered by
+    the model it replaced (unless a later reload had switched back to it); every watched
+    image recorded ok once, with its model; at the end only B's workers are left."""
     model_a = tiny_models["logits"]
     versions = {model_version(model_a): "A", model_version(model_b): "B"}
     assert len(versions) == 2
@@ -74,34 +103,41 @@ def test_reload_a_b_a_b_under_a_stream(tiny_models, model_b, photo_files, tmp_pa
     daemon = daemons(model_a, tmp_path / "masks", tmp_path, "--batch-size", "4",
                      "--max-wait-ms", "5", "--watch", str(watched))
     daemon.wait_ready()
-    jobs = [Submitter(daemon.endpoint, linked_stream(photo_files, tmp_path / f"in{i}", 150,
-                                                     prefix=f"c{i}"))
+    jobs = [Stream(daemon.endpoint, linked_stream(photo_files, tmp_path / f"in{i}", 150,
+                                                  prefix=f"c{i}"), 150)
             for i in range(2)]
     for job in jobs:
         job.start()
-    probes: list[tuple[str, list]] = []
+    served = [(0.0, model_version(model_a))]        # (when a reload returned, its model)
     with Client(daemon.endpoint) as client:
         for step, model in enumerate((model_b, model_a, model_b)):
-            jobs[0].wait_for(20 * (step + 1), timeout_s=120)
+            deadline = time.monotonic() + 120
+            while len(jobs[0].windows) < 3 * (step + 1):      # some answers in between
+                assert time.monotonic() < deadline and jobs[0].error is None, jobs[0].error
+                time.sleep(0.02)
             for i in range(10):             # the watched folder fills across the reload
                 shutil.copy(photo_files[100 + 10 * step + i], watched / f"w{step}-{i}.jpg")
             body = client.reload(model)
+            served.append((time.monotonic(), body["version"]))
             assert body["version"] == model_version(model), body
-            probe = list(client.submit(photo_files[:6]))
-            probes.append((body["version"], probe))
     for job in jobs:
+        job.stop.set()
         job.join(180)
         assert not job.is_alive() and job.error is None, job.error
-    answers = [a for job in jobs for a in job.answers]
-    assert len(answers) == 300
-    assert collections.Counter(a.status for a in answers) == {"ok": 300}, \
+    windows = [w for job in jobs for w in job.windows]
+    answers = [a for _, _, window in windows for a in window]
+    assert len(answers) == WINDOW * len(windows) >= 300
+    assert collections.Counter(a.status for a in answers) == {"ok": len(answers)}, \
         [a.error for a in answers if a.status != "ok"][:3]
     assert all(a.model in versions for a in answers)
     per_model = collections.Counter(versions[a.model] for a in answers)
     assert set(per_model) == {"A", "B"}, per_model
-    for version, probe in probes:       # accepted after the reload returned: the new model
-        assert [a.status for a in probe] == ["ok"] * 6
-        assert {a.model for a in probe} == {version}, (version, probe)
+    late = []       # the model served when a window was sent, or one a reload switched to
+    for began, done, window in windows:                     # before its answers came
+        allowed = {[v for t, v in served if t <= began][-1]} | \
+            {v for t, v in served if began < t <= done + 1.0}
+        late += [a for a in window if a.model not in allowed]
+    assert not late, late[:3]
     wait_model(daemon, model_version(model_b), 3)    # the last replaced model gone too
     deadline = time.monotonic() + 60
     while len(watch_record(tmp_path / "masks")) < 30 and time.monotonic() < deadline:
@@ -113,13 +149,15 @@ def test_reload_a_b_a_b_under_a_stream(tiny_models, model_b, photo_files, tmp_pa
         set(versions), record
     status = daemon.status()
     assert status["model"]["reloads"] == 3 and status["ready"]
-    assert status["front"]["errors"] == 0 and status["front"]["ok"] == 300 + 3 * 6 + 30
+    assert status["front"]["errors"] == 0
+    assert status["front"]["ok"] == len(answers) + 30
     started = [e for e in daemon.events() if e.get("event") == "child started"]
     retired = [e for e in daemon.events() if e.get("event") == "child retired"]
     assert len(retired) == 3 * 3, retired           # each reload: the old three retired
     assert len(started) == 4 * 3                    # and no restart
     assert not [e for e in daemon.events() if e.get("event") == "child died"]
-    print(f"FIGURE reload A-B-A-B under 2 x 150 requests: 300 ok, per model {dict(per_model)}")
+    print(f"FIGURE reload A-B-A-B under two streams: {len(answers)} ok, per model "
+          f"{dict(per_model)}, 0 late")
     assert daemon.stop() == 0, daemon.tail()
 
 
@@ -129,7 +167,8 @@ def test_broken_or_other_classes_refused_old_serves_on(tiny_models, model_b, pho
     executor's reason, the old model serves on through it (a stream of 120: 0 lost, 0
     errors, all named A). One that loads but whose first batch gives NaN logits is refused
     likewise. A model that names its classes otherwise is refused at once unless --force.
-    Then SIGHUP reloads the served directory, live."""
+    Then SIGHUP reloads the served directory, live; a stop while a model loads gives it
+    up and tells the client that asked."""
     model_a = tiny_models["logits"]
     version_a = model_version(model_a)
     broken = tmp_path / "broken"
@@ -184,7 +223,26 @@ def test_broken_or_other_classes_refused_old_serves_on(tiny_models, model_b, pho
     assert {a.model for a in answers} == {forced["version"]}
     assert {c[1] for a in answers for c in a.found} <= set(manifest["class_names"])
     assert daemon.proc.poll() is None
+
+    outcome: list[BaseException] = []           # a stop while a model loads: given up,
+    asker = threading.Thread(target=ask_reload, args=(daemon.endpoint, renamed, outcome))
+    asker.start()                               # and the client that asked told why
+    deadline = time.monotonic() + 30
+    while daemon.status()["model"]["reload"] is None:
+        assert time.monotonic() < deadline and asker.is_alive(), outcome
+        time.sleep(0.02)
     assert daemon.stop() == 0, daemon.tail()
+    asker.join(30)
+    assert len(outcome) == 1 and isinstance(outcome[0], ReloadFailed), outcome
+    assert "shutting down" in str(outcome[0])
+
+
+def ask_reload(endpoint: str, model: Path, outcome: list[BaseException]) -> None:
+    try:
+        with Client(endpoint) as client:
+            client.reload(model, timeout_s=60)
+    except BaseException as exc:  # the test reads it
+        outcome.append(exc)
 
 
 def test_classes_are_compared_by_number_and_name(tiny_models):
