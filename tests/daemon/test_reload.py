@@ -259,3 +259,42 @@ def test_classes_are_compared_by_number_and_name(tiny_models):
     names = (*running.class_names[:15], "pedestrian", *running.class_names[16:])
     assert "names class 15 'pedestrian'" in classes_problem(running,
                                                             replace(running, class_names=names))
+
+
+class Exited:
+    """A worker process that has exited with `code` (what the supervisor reaps)."""
+
+    def __init__(self, pid: int, code: int) -> None:
+        self.pid, self.code = pid, code
+
+    def poll(self) -> int:
+        return self.code
+
+
+def test_the_supervisor_fails_a_reload_not_the_daemon_and_retires_without_restarts(
+        tmp_path):
+    """A worker of the generation a reload starts that cannot start records the reload's
+    failure (no CannotStart: the daemon serves on) and is not restarted; a retired worker
+    is dropped once reaped, never restarted; one of the serving model that cannot start
+    still stops the daemon, as before reloads."""
+    from pspnet.core.config import PipelineConfig
+    from pspnet.core.exits import EXIT_CANNOT_START
+    from pspnet.daemon.supervisor import CannotStart, Slot, Supervisor
+
+    supervisor = Supervisor(PipelineConfig(model_dir=tmp_path, preprocess_workers=1,
+                                           postprocess_workers=1), "{}")
+    supervisor.trial = 1
+    supervisor.slots = [Slot("executor", 0, proc=Exited(10, 0), started=1.0, heard=1.0),
+                        Slot("executor", 1, proc=Exited(11, EXIT_CANNOT_START), started=1.0,
+                             generation=1, fatal="ort backend on cpu: bad model")]
+    supervisor.slots[0].retiring = True
+    deaths = supervisor.check(2.0)
+    assert [(d.slot.label, d.retired) for d in deaths] == [("executor-0", True),
+                                                           ("executor-1", True)]
+    assert supervisor.slots == [] and supervisor.restarts == 0
+    assert supervisor.trial_failures == {1: "executor-1 cannot start: ort backend on cpu: "
+                                            "bad model"}
+    supervisor.trial = None
+    supervisor.slots = [Slot("executor", 0, proc=Exited(12, EXIT_CANNOT_START), started=1.0)]
+    with pytest.raises(CannotStart, match="executor-0 cannot start"):
+        supervisor.check(3.0)
