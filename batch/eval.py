@@ -159,6 +159,9 @@ def print_report(outcome: EvalOutcome, doc: dict[str, Any], manifest: Manifest,
     given = f"listed in {doc['split']}.txt" if doc["split"] else f"given ({doc['root']})"
     out.write(f"scored {doc['images']} of {doc['listed']} images {given}, "
               f"{doc['segmented']} segmented ({doc['images_per_s'] or 0:.1f} img/s)\n")
+    if len(doc.get("models", {})) > 1:     # the daemon's model was reloaded midway
+        out.write("masks per model version: " + ", ".join(
+            f"{version} {n}" for version, n in doc["models"].items()) + "\n")
     if doc["failed"]:
         out.write(f"not scored ({len(doc['failed'])}):\n")
         for item in doc["failed"]:
