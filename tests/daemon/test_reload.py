@@ -228,9 +228,11 @@ def test_broken_or_other_classes_refused_old_serves_on(tiny_models, model_b, pho
     asker = threading.Thread(target=ask_reload, args=(daemon.endpoint, renamed, outcome))
     asker.start()                               # and the client that asked told why
     deadline = time.monotonic() + 30
-    while daemon.status()["model"]["reload"] is None:
+    while (status := daemon.status())["model"]["reload"] is None:
         assert time.monotonic() < deadline and asker.is_alive(), outcome
         time.sleep(0.02)
+    assert status["ready"], status          # a model loading beside it: still ready
+    assert status["model"]["reload"]["state"] == "loading"
     assert daemon.stop() == 0, daemon.tail()
     asker.join(30)
     assert len(outcome) == 1 and isinstance(outcome[0], ReloadFailed), outcome
