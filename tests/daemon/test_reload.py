@@ -300,3 +300,37 @@ def test_the_supervisor_fails_a_reload_not_the_daemon_and_retires_without_restar
     supervisor.slots = [Slot("executor", 0, proc=Exited(12, EXIT_CANNOT_START), started=1.0)]
     with pytest.raises(CannotStart, match="executor-0 cannot start"):
         supervisor.check(3.0)
+
+
+def test_eval_through_the_daemon_runs_on_across_a_reload(tiny_models, model_b, photos,
+                                                         tmp_path, daemons):
+    """`pspnet eval --endpoint` over 180 images while the daemon swaps A for B (a simulated
+    device at 15 images/s, so the reload lands mid-run): every image scored, none failed,
+    and the report counts the masks of each model."""
+    from pspnet.cli import main
+    from tests.voc_folder import make_voc_folder
+
+    voc = make_voc_folder(tmp_path / "voc", photos=[(f"{i}_{name}", rgb) for i in range(20)
+                                                    for name, rgb in photos])
+    daemon = daemons(tiny_models["logits"], tmp_path / "daemon-masks", tmp_path,
+                     "--batch-size", "4", "--backend-option", "img_s=15", backend="sim")
+    daemon.wait_ready()
+    report = tmp_path / "eval.json"
+    codes: list[int] = []
+    runner = threading.Thread(target=lambda: codes.append(main([
+        "eval", "--voc", str(voc.root), "--model", str(tiny_models["logits"]),
+        "--endpoint", daemon.endpoint, "--json", str(report)])))
+    runner.start()
+    deadline = time.monotonic() + 60
+    while daemon.status()["front"]["ok"] < 10:
+        assert time.monotonic() < deadline and runner.is_alive()
+        time.sleep(0.05)
+    with Client(daemon.endpoint) as client:
+        body = client.reload(model_b)
+    runner.join(120)
+    assert codes == [0]
+    doc = json.loads(report.read_text())
+    assert doc["images"] == len(voc.images) == 180 and doc["failed"] == []
+    assert doc["models"].keys() == {model_version(tiny_models["logits"]), body["version"]}
+    assert sum(doc["models"].values()) == 180
+    assert daemon.stop() == 0, daemon.tail()
