@@ -25,9 +25,9 @@ from pspnet.core.pipeline import Stage
 from pspnet.model.labels import (
     GroundTruthError,
     class_pixels,
-    intersect_and_union,
     labels_from_labels,
     labels_from_logits,
+    pixels_and_areas,
     read_ground_truth,
 )
 from pspnet.model.manifest import Manifest
@@ -162,11 +162,13 @@ def finish(output: wire.Output, manifest: Manifest, out_dir: Path | None,
             target = mask_path(out_dir, request.path)
             write_mask(labels, target, manifest.palette, source=request.path)
             mask = str(target)
-        found = found_classes(labels, manifest.class_names)
         areas = None
-        if request.ann:
+        if request.ann:                     # the class counts and the areas in one pass
             truth = read_ground_truth(request.ann, max_pixels, expected=labels.shape)
-            areas = intersect_and_union(labels, truth, manifest.num_classes)
+            counts, areas = pixels_and_areas(labels, truth, manifest.num_classes)
+        else:
+            counts = class_pixels(labels)
+        found = found_classes(counts, manifest.class_names)
     except OSError as exc:
         cause = wire.STORAGE if is_storage_error(exc) else None
         return error_result(request, STAGE, str(exc), cause)
@@ -180,12 +182,12 @@ def finish(output: wire.Output, manifest: Manifest, out_dir: Path | None,
                        found=found)
 
 
-def found_classes(labels: np.ndarray, class_names: Sequence[str],
+def found_classes(counts: np.ndarray, class_names: Sequence[str],
                   ) -> tuple[tuple[int, str, int], ...]:
-    """(class id, name, pixels) of every class in the mask, largest first: what the answer
-    says was found. A class without a usable name (none, past the model's classes, not
-    printable) is named by its number."""
-    counts = class_pixels(labels)
+    """(class id, name, pixels) of every class in the mask (`counts`: its
+    `model.labels.class_pixels`), largest first: what the answer says was found. A class
+    without a usable name (none, past the model's classes, not printable) is named by its
+    number."""
     order = sorted(np.flatnonzero(counts).tolist(), key=lambda k: (-counts[k], k))
     return tuple((k, _class_name(class_names, k), int(counts[k])) for k in order)
 

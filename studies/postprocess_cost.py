@@ -9,6 +9,7 @@ a shared machine hits both alike.
       [--model /tmp/pspnet500] [--json FILE]
   python -m studies.postprocess_cost png --model /tmp/demo-out/model
   python -m studies.postprocess_cost big-jpegs /tmp/big6     # six 4000 x 3000 JPEGs
+  python -m studies.postprocess_cost worker --model /tmp/demo-out/model [--json FILE]
 
 `labels`: CPU ms per image of today's torch path (F.interpolate, crop, F.interpolate,
 per-class running argmax) and of `labels_from_logits` now, on the sample photos (and the
@@ -18,6 +19,11 @@ directory gives its real logits (onnxruntime, batch 1); `smooth63` adds the firs
 logits resized to 63 x 63 under a 500 x 500 input: PSPNet's shape with align_corners=False
 and a trained network's smoothness (the calibrated test PSPNet's logits are noise-like).
 `png`: the mask PNG at several zlib settings on real masks, ms and bytes.
+`worker`: the postprocess worker's whole CPU per image, step by step, on the bench's own
+synthetic inputs (`pspnet bench --synthetic 48`: VOC-sized crops with stand-in ground
+truths) and the model's real logits: the Output frames received from a socket and
+decoded, labels, the mask PNG (encode and the atomic file write apart), the class counts,
+the ground truth read, the IoU areas, the answer encoded; and `finish` as a whole.
 """
 
 from __future__ import annotations
@@ -37,6 +43,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from pspnet.core import wire
 from pspnet.core.wire import Placement
 from pspnet.model.image_io import letterbox, letterbox_size
 from pspnet.model.labels import labels_from_logits
@@ -126,12 +133,15 @@ def model_logits(model: Path, shots: list[tuple[str, np.ndarray]],
     from pspnet.stages.backends import open_backend
 
     manifest = Manifest.read(model)
-    images = np.zeros((1, *manifest.input_size, 3), np.uint8)
+    batch = min(manifest.batch_sizes)        # one photo a batch, in its first row
+    images = np.zeros((batch, *manifest.input_size, 3), np.uint8)
+    boxes = np.zeros((batch, 4), np.int32)
     out = []
-    with open_backend("ort", model, 1) as backend:
+    with open_backend("ort", model, batch) as backend:
         for name, rgb in shots:
             _, place = letterbox(rgb, manifest.input_size, out=images[0])
-            backend.upload(0, images, np.array([place.box()], np.int32))
+            boxes[0] = place.box()
+            backend.upload(0, images, boxes)
             out.append((name, np.array(backend.execute(0)[0], np.float32), place))
     return out
 
@@ -234,6 +244,144 @@ def run_png(args: argparse.Namespace) -> dict[str, Any]:
     return doc
 
 
+def synthetic_items(model: Path, count: int, folder: Path,
+                    ) -> list[tuple[wire.Request, np.ndarray, Placement]]:
+    """The bench's synthetic inputs (same generator, same seed) with the model's logits."""
+    from pspnet.bench.inputs import synthetic
+    from pspnet.model.image_io import decode_image
+
+    inputs = synthetic(count, folder)
+    shots = [(str(p), decode_image(p)) for p in inputs.paths]
+    logits = model_logits(model, shots)
+    return [(wire.Request(f"r{i}", path, str(truth), token="t" * 16), lg, place)
+            for i, ((path, lg, place), truth)
+            in enumerate(zip(logits, inputs.truths, strict=True))]
+
+
+def worker_steps(items: list[tuple[wire.Request, np.ndarray, Placement]], manifest: Manifest,
+                 out_dir: Path, repeats: int) -> dict[str, Any]:
+    """CPU ms per image of each step of the postprocess worker's `finish` and around it,
+    the best of `repeats` passes over the images for each step (interleaved: pass k of
+    every step runs before pass k + 1 of any), and `finish` whole."""
+    import zmq
+
+    from pspnet.model.labels import (
+        class_pixels,
+        intersect_and_union,
+        pixels_and_areas,
+        read_ground_truth,
+    )
+    from pspnet.model.masks import mask_path, write_mask
+    from pspnet.stages.postprocess import finish, found_classes
+
+    palette = manifest.palette
+    flat_palette = [v for colour in palette for v in colour]
+    outputs = [wire.Output(req, place, "logits", lg) for req, lg, place in items]
+    frames = [wire.encode(o) for o in outputs]
+    labels = [labels_from_logits(lg, place, manifest.input_size, manifest.align_corners)
+              for _, lg, place in items]
+    truths = [read_ground_truth(req.ann, expected=lab.shape)
+              for (req, _, _), lab in zip(items, labels, strict=True)]
+    results = [finish(o, manifest, out_dir) for o in outputs]
+    ctx = zmq.Context.instance()
+    pull = ctx.socket(zmq.PULL)                  # outputs in <- push (this process)
+    push = ctx.socket(zmq.PUSH)                  # outputs out -> pull
+    for sock in (pull, push):
+        sock.setsockopt(zmq.SNDHWM, 0)
+        sock.setsockopt(zmq.RCVHWM, 0)
+    endpoint = f"ipc://{out_dir}/study.sock"
+    pull.bind(endpoint)
+    push.connect(endpoint)
+
+    def receive() -> None:                       # the worker's side of the socket only
+        for f in frames:
+            push.send_multipart(f, copy=False)
+        time.sleep(0.05)
+        started = time.process_time()
+        for _ in frames:
+            pull.recv_multipart(copy=False)
+        receive.ms = (time.process_time() - started) * 1e3   # type: ignore[attr-defined]
+
+    received = []
+
+    def decode() -> None:
+        for f in frames:
+            received.append(wire.decode_as([zmq.Frame(bytes(x)) for x in f], wire.Output))
+
+    def png(options: dict[str, int]) -> Callable[[], None]:
+        def run() -> None:
+            for lab in labels:
+                encode_png(lab, flat_palette, io.BytesIO(), options)
+        return run
+
+    def write() -> None:
+        for (req, _, _), lab in zip(items, labels, strict=True):
+            write_mask(lab, mask_path(out_dir, req.path), palette, source=req.path)
+
+    steps: dict[str, Callable[[], None]] = {
+        "labels": lambda: [labels_from_logits(lg, place, manifest.input_size,
+                                              manifest.align_corners)
+                           for _, lg, place in items],
+        "mask PNG encode (as write_mask)": png({"compress_level": 1, "compress_type": 3}),
+        "mask write (mask_path + write_mask: encode, temp file, link)": write,
+        "class counts and IoU areas (pixels_and_areas, one pass)": lambda: [
+            found_classes(pixels_and_areas(lab, t, manifest.num_classes)[0],
+                          manifest.class_names)
+            for lab, t in zip(labels, truths, strict=True)],
+        "class counts alone (class_pixels: no ground truth)": lambda: [
+            class_pixels(lab) for lab in labels],
+        "ground truth read": lambda: [read_ground_truth(req.ann, expected=lab.shape)
+                                      for (req, _, _), lab in zip(items, labels,
+                                                                  strict=True)],
+        "IoU areas alone (intersect_and_union)": lambda: [
+            intersect_and_union(lab, t, manifest.num_classes)
+            for lab, t in zip(labels, truths, strict=True)],
+        "answer encode (wire.Result)": lambda: [wire.encode(r) for r in results],
+        "output decode (wire)": decode,
+        "finish (labels, mask, counts, truth, areas)": lambda: [
+            finish(o, manifest, out_dir) for o in outputs],
+    }
+    best = {name: float("inf") for name in [*steps, "output receive (zmq, ipc)"]}
+    for _ in range(repeats):
+        for name, fn in steps.items():
+            received.clear()
+            best[name] = min(best[name], cpu_ms(fn) / len(items))
+        receive()
+        best["output receive (zmq, ipc)"] = min(best["output receive (zmq, ipc)"],
+                                                receive.ms / len(items))  # type: ignore
+    pull.close(0)
+    push.close(0)
+    sizes = [len(encode_bytes(lab, flat_palette)) for lab in labels]
+    parts = [n for n in best if not n.startswith(("finish", "class counts alone",
+                                                  "IoU areas alone", "mask PNG encode"))]
+    doc = {name: round(ms, 3) for name, ms in best.items()}
+    doc["sum of the worker's steps (finish's parts + receive, decode, answer)"] = round(
+        sum(best[n] for n in parts), 3)
+    doc["mask bytes per image"] = int(np.mean(sizes))
+    doc["images"] = len(items)
+    return doc
+
+
+def encode_bytes(mask: np.ndarray, palette: list[int]) -> bytes:
+    buf = io.BytesIO()
+    encode_png(mask, palette, buf, {"compress_level": 1, "compress_type": 3})
+    return buf.getvalue()
+
+
+def run_worker(args: argparse.Namespace) -> dict[str, Any]:
+    import tempfile
+
+    torch.set_num_threads(1)                 # as a postprocess worker
+    manifest = Manifest.read(args.model[0])
+    with tempfile.TemporaryDirectory(prefix="pp-cost-") as tmp:
+        items = synthetic_items(args.model[0], args.images, Path(tmp) / "inputs")
+        say(f"{len(items)} synthetic images and their logits ready")
+        doc = worker_steps(items, manifest, Path(tmp) / "masks", args.repeats)
+    for name, value in doc.items():
+        say(f"{name}: {value}")
+    return {"model": str(args.model[0]), "cpu_ms_per_image": doc}
+
+
 def big_jpegs(folder: Path) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     for name, rgb in photos(big=True):
@@ -244,11 +392,12 @@ def big_jpegs(folder: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m studies.postprocess_cost",
                                 description=__doc__.split("\n\n")[0])
-    p.add_argument("what", choices=("labels", "png", "big-jpegs"))
+    p.add_argument("what", choices=("labels", "png", "big-jpegs", "worker"))
     p.add_argument("folder", nargs="?", type=Path, help="big-jpegs: where to write them")
     p.add_argument("--model", action="append", type=Path, default=[], metavar="DIR",
                    help="a model directory with a logits head (repeatable)")
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--images", type=int, default=48, help="worker: synthetic images")
     p.add_argument("--json", type=Path, default=None, metavar="FILE")
     args = p.parse_args(argv)
     if args.what == "big-jpegs":
@@ -258,7 +407,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if not args.model:
         p.error(f"{args.what} needs --model DIR")
-    doc = run_labels(args) if args.what == "labels" else run_png(args)
+    run = {"labels": run_labels, "png": run_png, "worker": run_worker}[args.what]
+    doc = run(args)
     text = json.dumps(doc, indent=1)
     if args.json:
         args.json.write_text(text + "\n")

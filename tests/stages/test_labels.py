@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import importlib
+import io
 import os
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -17,13 +19,16 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from pspnet.core.wire import Placement
+from pspnet.model import labels as labels_mod
 from pspnet.model import masks as masks_mod
 from pspnet.model.image_io import letterbox_size
 from pspnet.model.labels import (
     GroundTruthError,
+    class_pixels,
     intersect_and_union,
     labels_from_labels,
     labels_from_logits,
+    pixels_and_areas,
     read_ground_truth,
 )
 from pspnet.model.manifest import VOC_CLASSES, voc_palette
@@ -261,6 +266,64 @@ def test_ground_truth_corpus(corpus: dict[str, Path], kind: str) -> None:
     assert expected in str(info.value) and "\n" not in str(info.value)
 
 
+def _pngs(tmp_path: Path) -> dict[str, Path]:
+    """Ground truths the plain-PNG path reads itself and ones it leaves to Pillow."""
+    rng = np.random.default_rng(11)
+    ids = rng.integers(0, 21, (37, 52), np.uint8)
+    ids[5:20] = 3
+    out = {}
+
+    def save(name: str, data: bytes) -> None:
+        out[name] = tmp_path / f"{name}.png"
+        out[name].write_bytes(data)
+
+    write_mask(ids, tmp_path / "mask.png", voc_palette(21))
+    out["mask (palette, unfiltered)"] = tmp_path / "mask.png"
+    for mode in ("L", "P"):
+        buf = io.BytesIO()
+        Image.fromarray(ids).convert(mode).save(buf, format="PNG", optimize=True)
+        save(f"pillow {mode} optimize", buf.getvalue())
+    save("cv2 gray (filtered rows)", cv2.imencode(".png", ids)[1].tobytes())
+    save("cv2 16-bit", cv2.imencode(".png", ids.astype(np.uint16) * 300)[1].tobytes())
+    buf = io.BytesIO()
+    Image.fromarray(ids > 5).save(buf, format="PNG")
+    save("1-bit", buf.getvalue())
+    good = out["mask (palette, unfiltered)"].read_bytes()
+    at = good.index(b"IDAT")
+    save("bad IDAT CRC", good[:at + 4] + bytes([good[at + 4] ^ 1]) + good[at + 5:])
+    save("truncated", good[:len(good) - 30])
+    save("no IEND", good[:good.index(b"IEND") - 4])
+    at = good.index(b"IDAT") - 4                            # 5,000 empty tEXt chunks first
+    empty = b"\0\0\0\0tEXt" + zlib.crc32(b"tEXt").to_bytes(4, "big")
+    save("many chunks", good[:at] + empty * 5000 + good[at:])
+    return out
+
+
+def test_ground_truth_plain_png_path_reads_what_pillow_reads(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The fast path returns Pillow's pixels or steps aside; the errors stay Pillow's."""
+    files = _pngs(tmp_path)
+
+    def read(path: Path) -> np.ndarray | str:
+        try:
+            return read_ground_truth(path)
+        except GroundTruthError as exc:
+            return str(exc)
+
+    fast = {name: read(path) for name, path in files.items()}
+    taken = [name for name, path in files.items()
+             if labels_mod._plain_png_pixels(path.read_bytes(), 37, 52) is not None]
+    monkeypatch.setattr(labels_mod, "_plain_png_pixels", lambda *args: None)
+    for name, path in files.items():
+        pillow = read(path)
+        if isinstance(pillow, str):
+            assert fast[name] == pillow, name
+        else:
+            assert isinstance(fast[name], np.ndarray) and np.array_equal(fast[name], pillow)
+    assert "mask (palette, unfiltered)" in taken
+    assert not {"bad IDAT CRC", "truncated", "cv2 16-bit", "1-bit", "many chunks"} & set(taken)
+
+
 def test_ground_truth_grayscale_taken_as_is(tmp_path: Path) -> None:
     ids = np.random.default_rng(5).integers(0, 256, (20, 30), np.uint8)
     Image.fromarray(ids).save(tmp_path / "gt.png")
@@ -391,6 +454,52 @@ def test_fast_path_equals_generic_path(num_classes: int, ignore: int, seed: int)
     slow = intersect_and_union(pred.astype(np.int64), label.astype(np.int64), num_classes,
                                ignore)
     assert np.array_equal(fast, slow)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(1, 256), st.integers(-2, 260), st.integers(0, 2**31 - 1),
+       st.integers(1, 40))
+def test_pixels_and_areas_is_the_count_and_the_areas(num_classes: int, ignore: int,
+                                                     seed: int, band: int) -> None:
+    """One 2-D histogram gives what class_pixels and the generic areas give apart, also
+    when it is counted in bands of rows (as a large map is)."""
+    rng = np.random.default_rng(seed)
+    pred = rng.integers(0, 256, (23, 17), np.uint8)
+    label = rng.integers(0, 256, (23, 17), np.uint8)
+    same = rng.random(label.shape) < 0.5
+    label[same] = pred[same]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(labels_mod, "HIST_ROWS_PIXELS", band * 17)
+        counts, areas = pixels_and_areas(pred, label, num_classes, ignore)
+    assert np.array_equal(counts, np.bincount(pred.ravel(), minlength=256))
+    assert np.array_equal(counts, class_pixels(pred))
+    slow = intersect_and_union(pred.astype(np.int64), label.astype(np.int64), num_classes,
+                               ignore)
+    assert np.array_equal(areas, slow)
+    with pytest.raises(ValueError, match="uint8"):      # class_pixels: uint8 maps only
+        pixels_and_areas(pred.astype(np.int64), label, num_classes, ignore)
+
+
+@pytest.mark.parametrize("band_bytes", [1, 3 * 30, 1 << 18])
+def test_mask_png_is_what_pillow_reads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                       band_bytes: int) -> None:
+    """The hand-written PNG: Pillow reads it as a palette image with the labels, the
+    palette and the recorded source; the source survives non-ASCII names; compressed a
+    row, three rows or the whole map at a time."""
+    monkeypatch.setattr(masks_mod, "PNG_BAND_BYTES", band_bytes)
+    labels = np.random.default_rng(5).integers(0, 21, (41, 29), np.uint8)
+    labels[:, :10] = 7                                      # runs, as masks have
+    source = tmp_path / "bild-ü.jpg"
+    source.write_bytes(b"x")
+    target = tmp_path / "m.png"
+    write_mask(labels, target, voc_palette(21), source=source)
+    with Image.open(target) as im:
+        im.load()
+        assert im.mode == "P" and im.format == "PNG" and im.size == (29, 41)
+        assert im.getpalette()[:63] == [v for c in voc_palette(21) for v in c]
+        assert np.array_equal(np.asarray(im), labels)
+    assert masks_mod.recorded_source(target) == masks_mod.mask_source(source)
+    assert np.array_equal(read_ground_truth(target), labels)
 
 
 def test_accumulator_merge_and_validation() -> None:
