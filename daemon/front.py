@@ -226,6 +226,8 @@ class Front:
             return
         worker = self.roster.workers.by_name.get(sender)
         generation = None if worker is None else worker.generation
+        ran = self.roster.workers.by_name.get(entry.executor or "")   # the model that ran
+        model = self.reloader.version_of(ran.generation if ran is not None else generation)
         classes = self.reloader.classes(generation) or self.metrics.areas.shape[-1]
         result = self.gate.admitted(result, sender, entry, worker is not None,
                                     (4, classes))
@@ -239,7 +241,7 @@ class Front:
             areas = None
         self.answers.deliver(entry, result.status, result.mask, result.error, result.stage,
                              areas, result.cause, (result.size, result.found),
-                             model=self.reloader.version_of(generation))
+                             model=model)
 
     def _malformed(self, exc: wire.WireError) -> None:
         self.totals["malformed"] += 1
@@ -256,8 +258,9 @@ class Front:
         how big a group is and why)."""
         ledger, workers = self.ledger, self.roster.workers
         while ledger.queue and ledger.inflight < self.max_inflight:
-            active = self.roster.active                 # the model being served
-            preps = workers.with_room(Stage.PREPROCESS, ledger.load, active)
+            active = self.roster.active                 # the model being served, and
+            fed_by = self.roster.feeds.get(active, active)   # whose preprocess serves it
+            preps = workers.with_room(Stage.PREPROCESS, ledger.load, fed_by)
             executors = workers.with_room(Stage.EXECUTOR, ledger.load, active)
             if not preps or not executors:
                 return

@@ -2,22 +2,25 @@
 request lost or a second of not serving.
 
 nginx and gunicorn are the model: `pspnet reload [--model DIR]` or SIGHUP (the same
-directory, read again). The front starts a second generation of workers (preprocess,
-executors, postprocess: each stage follows the model, its input size, classes, palette and
-`align_corners`) with the new model, on indices and ipc paths of their own; the running
-generation serves on. Each new executor runs one batch before it reports (the config's
-`first_batch_check`), so "heard from" means loaded and able to run. Once every new worker
-has reported, new batches are routed to the new generation only (`Roster.active`) and the
-client that asked is answered; the old generation finishes what the ledger says it holds,
-then is retired (stopped, never restarted). A new model that cannot start (a missing or
-broken directory, a backend that cannot open it, a first batch that fails, no report
-within the start-up timeout) fails the reload with the worker's reason: its workers are
-stopped and the old model serves on. At most two models run at once: a reload asked while
-the previous one's old model still finishes its requests waits for it to be gone (one
-waits; another is refused), one asked while a new model loads is refused. Every answer
-names its model's version (the digest of its manifest, `model.manifest.model_version`),
-stamped by the front from the generation of the worker that answered, never taken from
-the worker's word.
+directory, read again). The front starts a second generation of workers with the new
+model, on indices and ipc paths of their own; the running generation serves on. Each
+stage follows the model (preprocess its input size, postprocess its classes, palette and
+`align_corners`): a model of another geometry gets all three stages anew; one of the same
+geometry and classes (new weights, other batch sizes) only new executors, the running
+preprocess and postprocess workers serving both models, then the new one (`kept`). Each
+new executor runs one batch before it reports (the config's `first_batch_check`), so
+"heard from" means loaded and able to run. Once every new worker has reported, new
+batches are routed to the new generation only (`Roster.active`) and the client that
+asked is answered; the old generation finishes what the ledger says it holds, then is
+retired (stopped, never restarted). A new model that cannot start (a missing or broken
+directory, a backend that cannot open it, a first batch that fails, no report within the
+start-up timeout) fails the reload with the worker's reason: its workers are stopped and
+the old model serves on. At most two models run at once: a reload asked while the
+previous one's old model still finishes its requests waits for it to be gone (one waits;
+another is refused), one asked while a new model loads is refused. Every answer names its
+model's version (the digest of its manifest, `model.manifest.model_version`), stamped by
+the front from the generation of the executor that ran it, never taken from a worker's
+word.
 """
 
 from __future__ import annotations
@@ -32,9 +35,11 @@ import structlog
 
 from pspnet.core import wire
 from pspnet.core.config import PipelineConfig, start_document
+from pspnet.core.pipeline import Stage
 from pspnet.model.manifest import Manifest, model_version, pick_batch_size
 
 LOADING, DRAINING, RETIRING, FAILED = "loading", "draining", "retiring", "failed"
+SHAREABLE = (Stage.PREPROCESS, Stage.POSTPROCESS)   # kept for a model of the same geometry
 SIGHUP_ORIGIN = "SIGHUP"       # a reload asked by signal: its outcome is logged only
 
 
@@ -62,6 +67,7 @@ class Swap:
     new: Generation
     origin: Any                    # the client's identity (bytes), or SIGHUP_ORIGIN
     started: float
+    kept: tuple[Stage, ...] = ()   # the running workers' stages that serve the new model
     state: str = LOADING
     switched: float | None = None  # when new requests began to go to the new model
     why: str | None = None         # FAILED: the reason
@@ -78,7 +84,7 @@ class Reloader:
                                  model_version(cfg.model_dir))
         self.versions = {self.active.number: self.active.version}   # generation -> version
         self.swap: Swap | None = None
-        self.queued: tuple[Generation, Any, bool] | None = None   # waits for the swap
+        self.queued: tuple[Generation, Any, bool, tuple] | None = None   # waits for it
         self.replies: list[tuple[Any, wire.Reply]] = []
         self.reloads = self.failures = 0
         self.last: dict[str, Any] | None = None
@@ -123,15 +129,17 @@ class Reloader:
         cfg = dataclasses.replace(self.active.cfg, model_dir=directory, batch_size=batch,
                                   first_batch_check=True)
         new = Generation(-1, cfg, manifest, version)        # numbered when it starts
+        kept = SHAREABLE if same_geometry(self.active.manifest, manifest) else ()
         if swap is not None:            # the old model still finishing: started after it
-            self.queued = (new, origin, bool(problem))
+            self.queued = (new, origin, bool(problem), kept)
             self.log.info("reload: waits until the replaced model has finished",
                           model=str(directory), version=version, asked_by=_who(origin))
         else:
-            self._start(new, origin, bool(problem))
+            self._start(new, origin, bool(problem), kept)
         return None
 
-    def _start(self, new: Generation, origin: Any, forced: bool) -> None:
+    def _start(self, new: Generation, origin: Any, forced: bool,
+               kept: tuple[Stage, ...]) -> None:
         """Its workers started beside the running model's; the generation after the
         active one (the two that run at once take turns between two index ranges)."""
         number = self.active.number + 1
@@ -139,13 +147,17 @@ class Reloader:
                                   cfg=dataclasses.replace(new.cfg, generation=number))
         front = self.front
         self.versions[new.number] = new.version
+        if kept:                        # the running preprocess/postprocess serve it too
+            front.roster.feeds[new.number] = self.active.number
         front.supervisor.add_generation(new.cfg, start_document(
-            new.cfg, front.addrs, front.gate.trust, front.gate.curve))
-        self.swap = Swap(self.active, new, origin, time.monotonic())
+            new.cfg, front.addrs, front.gate.trust, front.gate.curve),
+            (Stage.EXECUTOR,) if kept else None)
+        self.swap = Swap(self.active, new, origin, time.monotonic(), kept)
         self.log.info("reload: starting the new model beside the running one",
                       model=str(new.cfg.model_dir), version=new.version,
                       running=self.active.version, batch_size=new.cfg.batch_size,
-                      asked_by=_who(origin), force=forced)
+                      asked_by=_who(origin), force=forced,
+                      new_workers="executors" if kept else "every stage")
 
     # ---- each supervision pass ---------------------------------------------------------
 
@@ -162,9 +174,8 @@ class Reloader:
                 self._fail(swap, failure)
             elif all(s.heard is not None for s in sup.of(swap.new.number)):
                 self._switch(swap, now)
-        if swap.state == DRAINING and not self._holds(swap.old):
-            sup.retire(swap.old.number, f"model {swap.old.version} replaced by "
-                                        f"{swap.new.version}")
+        if swap.state == DRAINING and not self._holds(swap.old, swap.kept):
+            self._retire_old(swap)
             swap.state = RETIRING
         gone = swap.new if swap.state == FAILED else swap.old
         if swap.state in (RETIRING, FAILED) and not sup.of(gone.number):
@@ -174,9 +185,24 @@ class Reloader:
                           serving=self.active.version, model=str(self.active.cfg.model_dir),
                           took_s=round(now - swap.started, 2))
             if self.queued is not None:
-                new, origin, forced = self.queued
+                new, origin, forced, kept = self.queued
                 self.queued = None
-                self._start(new, origin, forced)
+                self._start(new, origin, forced, kept)
+
+    def _retire_old(self, swap: Swap) -> None:
+        """The old model's workers stopped for good; those of kept stages serve the new
+        model from now on (its generation, its start document when restarted)."""
+        front, old, new = self.front, swap.old.number, swap.new.number
+        front.supervisor.retire(old, f"model {swap.old.version} replaced by "
+                                     f"{swap.new.version}",
+                                None if not swap.kept else (Stage.EXECUTOR,))
+        if swap.kept:
+            front.supervisor.adopt(old, new, swap.kept)
+            for worker in front.roster.workers:
+                if worker.generation == old and worker.stage in swap.kept:
+                    worker.generation = new
+            front.roster.feeds.pop(new, None)
+            front.roster.send_peers(front.roster.workers.of(Stage.POSTPROCESS))
 
     def stop(self, reason: str) -> None:
         """The daemon stops: a model still loading is given up (its workers stopped) and
@@ -212,6 +238,7 @@ class Reloader:
         sup = self.front.supervisor
         sup.trial = None
         sup.retire(swap.new.number, f"reload to {swap.new.version} failed")
+        self.front.roster.feeds.pop(swap.new.number, None)
         swap.state, swap.why = FAILED, why
         self.failures += 1
         self.last = {"ok": False, "version": swap.new.version, "error": why,
@@ -223,10 +250,13 @@ class Reloader:
             f"{self.active.version} serves on (fix the model directory, e.g. build it "
             "again with `pspnet build`, and reload)")))
 
-    def _holds(self, old: Generation) -> bool:
-        """Whether any pending request is held by, or bound for, the old model's workers."""
-        names = {s.name for s in self.front.supervisor.of(old.number) if s.name}
-        names |= {w.name for w in self.front.roster.workers if w.generation == old.number}
+    def _holds(self, old: Generation, kept: tuple[Stage, ...]) -> bool:
+        """Whether any pending request is held by, or bound for, the old model's workers
+        (but those of kept stages, which serve on)."""
+        names = {s.name for s in self.front.supervisor.of(old.number)
+                 if s.name and s.stage not in kept}
+        names |= {w.name for w in self.front.roster.workers
+                  if w.generation == old.number and w.stage not in kept}
         return any(e.executor in names or names.intersection(e.holders)
                    for e in self.front.ledger.entries.values())
 
@@ -248,8 +278,17 @@ class Reloader:
         if self.swap is not None:
             doc["reload"] = {"state": self.swap.state, "to": self.swap.new.version,
                              "dir": str(self.swap.new.cfg.model_dir),
+                             "new_workers": "executors" if self.swap.kept else "every stage",
                              "running_s": round(time.monotonic() - self.swap.started, 2)}
         return doc
+
+
+def same_geometry(old: Manifest, new: Manifest) -> bool:
+    """Whether the running preprocess and postprocess workers can serve the new model:
+    the same input and output sizes, head, classes, palette and `align_corners`."""
+    return all(getattr(old, key) == getattr(new, key) for key in (
+        "input_size", "logits_size", "head", "num_classes", "class_names", "palette",
+        "align_corners"))
 
 
 def classes_problem(old: Manifest, new: Manifest) -> str | None:

@@ -36,6 +36,9 @@ class Roster:
         self.past: collections.Counter[tuple[str, str]] = collections.Counter()
         self.active = 0                           # the generation new requests go to
         self.versions: dict[int, str] = {}        # generation -> its model's version
+        # a reload to a model of the same geometry and classes: its generation -> the
+        # one whose preprocess and postprocess workers serve it too (daemon.reload)
+        self.feeds: dict[int, int] = {}
 
     def heard(self, wid: wire.WorkerId, own: bool, hb: wire.Heartbeat, now: float,
               forget: Callable[[str, str], None]) -> None:
@@ -80,6 +83,12 @@ class Roster:
                              reason=why)
             forget(worker.name, why)
 
+    def serves(self, generation: int | None, stage: Stage) -> bool:
+        """Whether a worker of `generation` and `stage` serves the active model."""
+        if stage == Stage.EXECUTOR:
+            return generation == self.active
+        return generation == self.feeds.get(self.active, self.active)
+
     def generation_of(self, version: str) -> int | None:
         """A remote worker's generation: the one serving its model (the active first), the
         active one for a worker that names none (an older version); None: no model the
@@ -96,7 +105,7 @@ class Roster:
         for worker in to:
             if worker.generation not in frames:
                 frames[worker.generation] = wire.encode(
-                    self.workers.peers(self.pool, worker.generation))
+                    self.workers.peers(self.pool, worker.generation, self.feeds))
             if not self.send(worker, frames[worker.generation]):
                 worker.reachable = False
 
@@ -122,8 +131,9 @@ class Roster:
         """Each stage of the pipeline table as the supervisor and the beats see it."""
         out = {}
         for stage in STAGES:      # the model being served: a reload's trial is not "down"
-            slots = [s for s in self.supervisor.slots if s.stage == stage
-                     and s.generation == self.active and not s.retiring]
+            slots = [s for s in self.supervisor.slots
+                     if s.stage == stage and self.serves(s.generation, stage)
+                     and not s.retiring]
             out[stage.value] = StageStatus(
                 **summed([w.counters for w in self.workers.of(stage) if w.local],
                          {key: n for (s, key), n in self.past.items() if s == stage}),

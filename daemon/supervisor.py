@@ -127,24 +127,47 @@ class Supervisor:
         for slot in self.slots:
             self.spawn(slot)
 
-    def add_generation(self, cfg: PipelineConfig, start_document: str) -> list[Slot]:
+    def add_generation(self, cfg: PipelineConfig, start_document: str,
+                       stages: tuple[Stage, ...] | None = None) -> list[Slot]:
         """Start a new generation's workers (`cfg.generation`, its own model) beside the
-        running ones, on its own indices; they are on trial until `trial` is cleared."""
+        running ones, of `stages` (default all); they are on trial until `trial` is
+        cleared. Executors take their generation's index range (their devices and ipc
+        paths follow it); the other stages the lowest indices free."""
         gen = cfg.generation
         self.documents[gen] = start_document
         self.trial = gen
         self.trial_failures.pop(gen, None)
-        added = [Slot(spec.stage, first_index(spec.stage, cfg) + i, generation=gen)
-                 for spec in PIPELINE for i in range(spec.workers(cfg))]
+        added = []
+        for spec in PIPELINE:
+            if stages is not None and spec.stage not in stages:
+                continue
+            if spec.stage == Stage.EXECUTOR:
+                indices = [first_index(spec.stage, cfg) + i for i in range(spec.workers(cfg))]
+            else:
+                used = {s.index for s in self.slots if s.stage == spec.stage}
+                free = (i for i in range(len(used) + spec.workers(cfg)) if i not in used)
+                indices = [next(free) for _ in range(spec.workers(cfg))]
+            added += [Slot(spec.stage, i, generation=gen) for i in indices]
         self.slots.extend(added)
         for slot in added:
             self.spawn(slot)
         return added
 
-    def retire(self, generation: int, reason: str) -> None:
-        """Stop a generation's workers for good (STOP_SIGNAL, SIGKILL after the grace);
-        `check` drops each slot once reaped, and one waiting for a restart at once."""
+    def adopt(self, old: int, new: int, stages: tuple[Stage, ...]) -> None:
+        """The old generation's workers of `stages` serve the new model from now on (the
+        same geometry and classes): restarted, they start with its document."""
+        for slot in self.of(old):
+            if slot.stage in stages and not slot.retiring:
+                slot.generation = new
+
+    def retire(self, generation: int, reason: str,
+               stages: tuple[Stage, ...] | None = None) -> None:
+        """Stop a generation's workers (of `stages`, default all) for good (STOP_SIGNAL,
+        SIGKILL after the grace); `check` drops each slot once reaped, and one waiting
+        for a restart at once."""
         for slot in self.of(generation):
+            if stages is not None and slot.stage not in stages:
+                continue
             slot.retiring = True
             if slot.proc is None:
                 self.slots.remove(slot)

@@ -85,14 +85,18 @@ class Workers:
         ready = self.with_room(stage, load)
         return ready[0][1] if ready else None
 
-    def peers(self, pool: int = 1, generation: int | None = 0) -> wire.Peers:
+    def peers(self, pool: int = 1, generation: int | None = 0,
+              feeds: Mapping[int, int] | None = None) -> wire.Peers:
         """What postprocess workers are told: where every executor hands out outputs, and
         how many to ask each for (two of its batches over the postprocess pool: `pool`
         workers are expected, or as many as have joined if more). Not over those heard so
         far: the first to start would be granted the whole room and keep it. Only the
-        executors of the postprocess workers' own model (`generation`)."""
-        executors = [w for w in self.of(Stage.EXECUTOR)
-                     if w.outputs and w.generation == generation]
+        executors of the postprocess workers' own model (`generation`), and those of a
+        model whose outputs they serve too (`feeds`: a new model of the same geometry
+        and classes, during a reload)."""
+        feeds = feeds or {}
+        executors = [w for w in self.of(Stage.EXECUTOR) if w.outputs
+                     and feeds.get(w.generation, w.generation) == generation]
         batch = max((w.batch for w in executors), default=1)
         posts = max(1, pool, len([w for w in self.of(Stage.POSTPROCESS)
                                   if w.generation == generation]))

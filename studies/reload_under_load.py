@@ -4,7 +4,9 @@ to a broken model directory under a stream of its own.
 
 A is the demo model (the shipped DeepLabV3-MobileNetV2 at 257x257, batch sizes 1 and 4,
 as `pspnet demo` builds it); B is a second build of it at 225x225: another manifest, so
-another version, and another input size, so every stage changes with it. The requests are
+another version, and another input size, so every stage changes with it (`--b
+same-size`: at 257x257 with batch sizes 1 and 2 instead, so a reload starts executors
+only). The requests are
 paths (the sample photos, linked under distinct names); uploads are not on this branch.
 
 What it prints and writes (--json): errors, answers per model, answers without a model,
@@ -55,6 +57,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--broken-requests", type=int, default=200,
                    help="the stream during the broken reload")
     p.add_argument("--backend", default="ort")
+    p.add_argument("--b", choices=("other-size", "same-size"), default="other-size",
+                   help="model B: the demo at 225x225, or at 257x257 with batch sizes 1, 2")
     p.add_argument("--json", type=Path, default=None, help="write the results here")
     return p.parse_args(argv)
 
@@ -62,17 +66,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 # ---- models and inputs ---------------------------------------------------------------
 
 
-def build_models(work: Path) -> tuple[Path, Path]:
-    """The demo model (A) and a second build at another input size (B); reused."""
+def build_models(work: Path, same_size: bool) -> tuple[Path, Path]:
+    """The demo model (A) and a second build (B): at another input size, or at the same
+    one with other batch sizes; reused."""
     from pspnet.build_model.export import build
     from pspnet.build_model.trained import CHECKPOINT, CONFIG
 
     out = []
-    for name, side in (("a", SIZE_A), ("b", SIZE_B)):
-        folder = work / f"model-{name}-{side}"
+    b = ("b", SIZE_A, (1, 2)) if same_size else ("b", SIZE_B, (1, 4))
+    for name, side, sizes in (("a", SIZE_A, (1, 4)), b):
+        folder = work / f"model-{name}-{side}-bs{'-'.join(map(str, sizes))}"
         if not (folder / "manifest.json").exists():
-            say(f"building model {name.upper()} at {side}x{side}")
-            build(CONFIG, CHECKPOINT, folder, batch_sizes=(1, 4), input_size=side,
+            say(f"building model {name.upper()} at {side}x{side}, batch sizes {sizes}")
+            build(CONFIG, CHECKPOINT, folder, batch_sizes=sizes, input_size=side,
                   head="logits")
         out.append(folder)
     return out[0], out[1]
@@ -326,7 +332,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     work = args.work.absolute()
     work.mkdir(parents=True, exist_ok=True)
-    model_a, model_b = build_models(work)
+    model_a, model_b = build_models(work, args.b == "same-size")
     shutil.rmtree(work / "masks", ignore_errors=True)
     daemon = Daemon(model_a, work, args.backend)
     try:
@@ -347,7 +353,8 @@ def main(argv: list[str] | None = None) -> int:
            "models": {"A": {"dir": str(model_a), "version": model_version(model_a),
                             "input": SIZE_A},
                       "B": {"dir": str(model_b), "version": model_version(model_b),
-                            "input": SIZE_B}},
+                            "input": SIZE_A if args.b == "same-size" else SIZE_B}},
+           "b": args.b,
            "workers": {k: v["processes"] for k, v in status["stages"].items()},
            "under_load": load, "broken": broken_run, "daemon_exit": code,
            "note": "paths only: uploads (issue 26 part 2) are another branch's; the machine "

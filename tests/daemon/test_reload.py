@@ -88,14 +88,28 @@ class Stream(threading.Thread):
 WINDOW = 6
 
 
-def test_reload_a_b_a_b_under_a_stream(tiny_models, model_b, photo_files, tmp_path,
-                                       daemons):
+@pytest.fixture(scope="module")
+def model_b_same_size(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Other weights (seed 1) and batch sizes (1, 4) at A's input size: the same geometry
+    and classes, so a reload to it starts new executors only."""
+    from tests.tiny_model import make_tiny_model_dir
+
+    return make_tiny_model_dir(tmp_path_factory.mktemp("model_b_same"), batch_sizes=(1, 4),
+                               input_size=(64, 64), seed=1)
+
+
+@pytest.mark.parametrize("kind", ["other-size", "same-size"])
+def test_reload_a_b_a_b_under_a_stream(tiny_models, model_b, model_b_same_size, photo_files,
+                                       tmp_path, daemons, kind):
     """Two clients stream (6 requests at a time each, at least 2 x 150) and 3 x 10 images
     land in a watched folder while the model goes A -> B -> A -> B: every answer ok and
     named, both models answered, and no request sent after a reload returned answered by
     the model it replaced (unless a later reload had switched back to it); every watched
-    image recorded ok once, with its model; at the end only B's workers are left."""
+    image recorded ok once, with its model; at the end only B's workers are left. B at
+    another input size: every stage starts anew at each reload; B of the same size:
+    executors only, the preprocess and postprocess workers serve on."""
     model_a = tiny_models["logits"]
+    model_b = model_b if kind == "other-size" else model_b_same_size
     versions = {model_version(model_a): "A", model_version(model_b): "B"}
     assert len(versions) == 2
     watched = tmp_path / "watched"
@@ -153,8 +167,11 @@ def test_reload_a_b_a_b_under_a_stream(tiny_models, model_b, photo_files, tmp_pa
     assert status["front"]["ok"] == len(answers) + 30
     started = [e for e in daemon.events() if e.get("event") == "child started"]
     retired = [e for e in daemon.events() if e.get("event") == "child retired"]
-    assert len(retired) == 3 * 3, retired           # each reload: the old three retired
-    assert len(started) == 4 * 3                    # and no restart
+    anew = 3 if kind == "other-size" else 1         # every stage, or the executor only
+    assert len(retired) == 3 * anew, retired        # each reload: the old ones retired
+    assert len(started) == 3 + 3 * anew             # and no restart
+    assert {e["child"].split("-")[0] for e in retired} == \
+        ({"preprocess", "executor", "postprocess"} if anew == 3 else {"executor"})
     assert not [e for e in daemon.events() if e.get("event") == "child died"]
     print(f"FIGURE reload A-B-A-B under two streams: {len(answers)} ok, per model "
           f"{dict(per_model)}, 0 late")
