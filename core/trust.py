@@ -21,7 +21,6 @@ is counted (`forged_dropped`), logged at most once per REFUSAL_LOG_S per peer, a
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 import secrets
 import time
@@ -59,8 +58,8 @@ class Trust:
         return self.own if self.own is not None and role != "credits" else self.secret
 
     def _mac(self, *parts: str, key: bytes | None = None) -> str:
-        text = "\0".join(parts).encode("utf-8", "surrogatepass")
-        return hmac.new(key or self.secret, text, hashlib.sha256).hexdigest()[:TOKEN_HEX]
+        text = "\0".join(parts).encode("utf-8", "surrogatepass")   # one-shot: C only
+        return hmac.digest(key or self.secret, text, "sha256").hex()[:TOKEN_HEX]
 
     # ---- per-request tokens --------------------------------------------------------------
 

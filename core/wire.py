@@ -700,26 +700,41 @@ def _result(h: dict[str, Any], areas: np.ndarray | None) -> Result:
 def _size(size: Any) -> tuple[int, int] | None:
     if size is None:
         return None
-    if not (isinstance(size, list) and len(size) == 2
-            and all(_is_int(v) and 1 <= v <= 1 << 20 for v in size)):
-        raise WireError("result size must be [height, width]")
-    return size[0], size[1]
+    if type(size) is list and len(size) == 2:
+        h, w = size
+        if type(h) is int and type(w) is int and 1 <= h <= 1 << 20 and 1 <= w <= 1 << 20:
+            return h, w
+    raise WireError("result size must be [height, width]")
 
 
 def _found(found: Any) -> tuple[tuple[int, str, int], ...]:
-    """The classes in a mask: [id, name, pixels] each, at most MAX_CLASSES."""
-    if not isinstance(found, list) or len(found) > MAX_CLASSES:
+    """The classes in a mask: [id, name, pixels] each, at most MAX_CLASSES. The front
+    decodes one per answer, so the checks are exact types (`type(x) is int` refuses a
+    bool) and a class name is checked once (`_NAMES_SEEN`), not once per answer."""
+    if type(found) is not list or len(found) > MAX_CLASSES:
         raise WireError(f"result found must be a list of at most {MAX_CLASSES} classes")
     out = []
     for f in found:
-        if not (isinstance(f, list) and len(f) == 3 and _is_int(f[0])
-                and 0 <= f[0] < MAX_CLASSES and isinstance(f[1], str)
-                and 0 < len(f[1]) <= MAX_NAME_CHARS and f[1].isprintable()
-                and _is_int(f[2]) and 0 < f[2] <= 1 << 40):
-            raise WireError("a found class is [id, name (printable, at most "
-                            f"{MAX_NAME_CHARS} characters), pixels]")
-        out.append((f[0], f[1], f[2]))
+        if type(f) is not list or len(f) != 3:
+            raise WireError(_FOUND_SHAPE)
+        cid, name, pixels = f
+        if (type(cid) is not int or not 0 <= cid < MAX_CLASSES or type(pixels) is not int
+                or not 0 < pixels <= 1 << 40 or type(name) is not str):
+            raise WireError(_FOUND_SHAPE)
+        if name not in _NAMES_SEEN:
+            if not (0 < len(name) <= MAX_NAME_CHARS and name.isprintable()):
+                raise WireError(_FOUND_SHAPE)
+            if len(_NAMES_SEEN) >= _NAMES_KEPT:
+                _NAMES_SEEN.clear()
+            _NAMES_SEEN.add(name)
+        out.append((cid, name, pixels))
     return tuple(out)
+
+
+_FOUND_SHAPE = (f"a found class is [id, name (printable, at most {MAX_NAME_CHARS} "
+                "characters), pixels]")
+_NAMES_SEEN: set[str] = set()       # class names already checked (a model has a few dozen)
+_NAMES_KEPT = 4 * MAX_CLASSES
 
 
 def _decode_heartbeat(h: dict[str, Any], frames: Sequence[Any], _: int) -> Heartbeat:

@@ -52,6 +52,7 @@ from pspnet.model.metrics import IoUAccumulator
 
 CHECK_EVERY_S = 0.1             # supervision, liveness and stall checks
 CONTROL_READS_PER_TURN = 1024   # bounded: the loop also serves clients and supervision
+WIDS_KEPT = 4096                # proven worker names parsed, kept (bounded)
 EVENTS, POLLIN = int(zmq.EVENTS), int(zmq.POLLIN)   # plain ints: no enum per message
 
 
@@ -86,6 +87,7 @@ class Front:
         self.started = False
         self._next_check = 0.0
         self._own_run_dir = cfg.run_dir is None
+        self._wids: dict[str, wire.WorkerId] = {}
 
     # ---- start and stop ----------------------------------------------------------------
 
@@ -104,6 +106,8 @@ class Front:
         except PipelineError:               # the context is destroyed already
             self._remove_run_dir()
             raise
+        self._poller = zmq.Poller()
+        self._poller.register(self.control, zmq.POLLIN)   # workers: notes, answers, beats
         self.supervisor = Supervisor(self.cfg, start_document(
             self.cfg, self.addrs, self.gate.trust, self.gate.curve), self.around_spawn)
         self.roster = Roster(self.supervisor, self._send, self.cfg.postprocess_workers or 1,
@@ -167,7 +171,7 @@ class Front:
     def poll(self, timeout_ms: float, starting: bool = False,
              ) -> list[tuple[wire.Result, Any]]:
         """One turn without clients: wait for workers, read, supervise, dispatch."""
-        if self.control.poll(timeout_ms):
+        if self._poller.poll(timeout_ms):     # made once: Socket.poll makes one per call
             self.read()
         self.supervise(starting=starting)
         self.dispatch()
@@ -192,7 +196,12 @@ class Front:
             self.bytes_in += len(identity) + sum(len(f) for f in frames)
             try:
                 name, own = self.gate.sender(identity, frames)   # proven, or Forged
-                self._handle(wire.WorkerId.parse(name), own, frames)
+                wid = self._wids.get(name)
+                if wid is None:                            # parsed once per worker life
+                    if len(self._wids) >= WIDS_KEPT:
+                        self._wids.clear()
+                    wid = self._wids[name] = wire.WorkerId.parse(name)
+                self._handle(wid, own, frames)
             except Forged as exc:                  # counted, dropped, never delivered
                 self.totals["forged_dropped"] += 1
                 self.gate.refused(identity, exc)
@@ -388,6 +397,7 @@ def stream(front: Front, requests: Iterable[wire.Request], backlog: int,
                 front.submit(request)
         if exhausted and not front.ledger.pending:
             return
+        front.dispatch()         # what was just submitted goes out now, not after the wait
         for result, _origin in front.poll(50):
             yield result
 

@@ -16,8 +16,11 @@ Control comes per group, not per image: a dispatch, a "handed" or a "took" note 
 ids, and each moves every listed request its sender still holds at once. Ids the sender no
 longer holds (retried after a death, answered, moved on by a faster note) are passed over,
 so a late or repeated note cannot move a request backwards. An executor's notes come in
-order (one socket: "took" before "handed"); a preprocess worker's "handed" may come after
-the executor's "took" for the same ids, and is then passed over.
+order (one socket: "took" before "handed"), and a "handed" from the executor implies its
+"took" (an executor hands on only what it took; it leaves out a "took" for ids it hands
+on in the same time slice, so a batch run at once costs one note, not two); a preprocess
+worker's "handed" may come after the executor's notes for the same ids, and is then
+passed over.
 """
 
 from __future__ import annotations
@@ -125,6 +128,9 @@ class Ledger:
                            now)
             elif entry.state == EXECUTOR:          # its "took" came first: same socket
                 self._move(entry, TO_POSTPROCESS, (worker, to), worker, now)
+            elif entry.executor == worker:         # an executor hands on only what it
+                self._move(entry, TO_POSTPROCESS, (worker, to), worker, now)   # took:
+                # its "took" for these ids is implied (BatchNotes leaves it out)
 
     def took(self, executor: str, rids: Iterable[str]) -> None:
         """`executor` put these requests into a batch: its room is free again."""

@@ -54,6 +54,8 @@ from pspnet.core.trust import Refusals, Trust
 from pspnet.model.manifest import model_version
 
 SEND_LINGER_MS = 2000   # on exit, let queued answers reach the front
+NOTE_SLICES = 4         # an executor's notes wait up to this many --coalesce-ms slices
+ROOM_SHARE = 4          # ... while they free less than 1/ROOM_SHARE of its room
 POLL_S = 0.2            # a work loop waits at most this long before it turns again
 # a long step's budget beyond --liveness-timeout, per million pixels: decoding runs at about
 # 0.1 s per Mpx on a quiet core (a 49 Mpx JPEG: 4.9 s), so ten times that for a loaded host
@@ -324,7 +326,10 @@ class BatchNotes:
     trickle in, and a note per batch would then be a note per image. Whoever sends, sends
     every pending "took" before any "handed", on the worker's one socket, so the front
     never hears a request handed on before it heard it taken. The first note after a quiet
-    slice leaves at once; neither note delays an answer (they free room and name holders)."""
+    slice leaves at once; neither note delays an answer (they free room and name holders).
+    Ids taken and handed on in the same slice go in the "handed" note alone: it implies the
+    "took" (the ledger moves them both steps), so a device that runs its batches at once
+    sends one note per slice, not two."""
 
     def __init__(self, child: Child) -> None:
         self.child = child
@@ -332,41 +337,57 @@ class BatchNotes:
         self.lock = threading.Lock()
         self.took_ids: list[str] = []
         self.handed_to: dict[str, list[str]] = {}
+        self.pending = 0                   # ids in took_ids and handed_to (room they free)
         self.sent = -math.inf
 
     def took(self, ids: tuple[str, ...]) -> None:
         with self.lock:
             self.took_ids.extend(ids)
+            self.pending += len(ids)
             self._flush_if_due()
 
     def handed(self, ids: tuple[str, ...], to: str) -> None:
         with self.lock:
             self.handed_to.setdefault(to, []).extend(ids)
+            self.pending += len(ids)
             self._flush_if_due()
 
     def due_in(self) -> float | None:
         """Seconds until the pending notes should leave; None: none pending."""
         with self.lock:
-            if not self.took_ids and not self.handed_to:
+            if not self.pending:
                 return None
-            return max(0.0, self.sent + self.wait_s - time.monotonic())
+            return max(0.0, self.sent + self._slice_s() - time.monotonic())
 
     def flush_if_due(self) -> None:
         with self.lock:
             self._flush_if_due()
 
+    def _slice_s(self) -> float:
+        """How long notes may wait after the last ones left: one slice while the room they
+        would free matters (ROOM_SHARE of the executor's room or more, so a device is never
+        starved of images by a note held back), else NOTE_SLICES slices (the front's cost
+        is per message: a fast device that runs a batch of one or two every few hundred
+        microseconds then says so a few times per slice's worth of batches, not each)."""
+        if self.pending * ROOM_SHARE >= self.child.capacity:
+            return self.wait_s
+        return self.wait_s * NOTE_SLICES
+
     def _flush_if_due(self) -> None:
-        if not self.took_ids and not self.handed_to:
+        if not self.pending:
             return
         now = time.monotonic()
-        full = len(self.took_ids) + sum(map(len, self.handed_to.values())) >= wire.MAX_IDS
-        if now < self.sent + self.wait_s and not full:
+        full = self.pending >= wire.MAX_IDS
+        if now < self.sent + self._slice_s() and not full:
             return
+        if self.handed_to and self.took_ids:    # a "handed" implies the "took" (ledger)
+            handed = {i for ids in self.handed_to.values() for i in ids}
+            self.took_ids = [i for i in self.took_ids if i not in handed]
         if self.took_ids:
             self.child.send(wire.Took(tuple(self.took_ids)))
         for to, ids in self.handed_to.items():
             self.child.send(wire.Handed(tuple(ids), to))
-        self.took_ids, self.handed_to, self.sent = [], {}, now
+        self.took_ids, self.handed_to, self.pending, self.sent = [], {}, 0, now
 
 
 def error_result(request: wire.Request, stage: str, message: str,

@@ -4,7 +4,8 @@ Why: a lone image on an idle device should cost its own compute plus a few milli
 not a wait for companions that are not coming. For each source tree given (old main, this
 branch), a daemon from that tree is started with the defaults on the demo model
 (`pspnet demo`'s: the trained DeepLabV3-MobileNetV2 at 257, batch sizes 1 and 4), and the
-500 x 375 sample photo is submitted alone, one request after the other's answer, `--warm`
+500 x 375 sample photo is submitted alone by that tree's own client (a subprocess: each
+tree speaks its own wire version), one request after the other's answer, `--warm`
 times to warm up and `--repeats` times measured; `latency_ms` is the client's (send to
 answer). The serial loop (bench.serial: decode, letterbox, ort at batch 1, postprocess,
 one process, the daemon plan's ort threads) runs the same photo in this process with the
@@ -44,47 +45,75 @@ def demo_model(work: Path) -> Path:
     return model_dir
 
 
-def daemon_latencies(tree: Path, model_dir: Path, photo: Path, work: Path, warm: int,
-                     repeats: int) -> list[float]:
-    """latency_ms of `repeats` lone submissions to a daemon started from `tree`."""
+# Run by the tree's own Python (cwd and PYTHONPATH = the tree): a client speaks its own
+# daemon's wire version (an old tree's daemon refuses today's client: "wire version 3,
+# this side speaks 2"), so the submissions come from the tree's client, not this one's.
+LONE_SUBMISSIONS = """
+import json, sys, time
+try:
     from pspnet.daemon.client import Client
+except ImportError:                     # trees before the one-namespace layout
+    from daemon.client import Client
 
+endpoint, photo, warm, repeats = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+with Client(endpoint) as client:
+    deadline = time.monotonic() + 180
+    while True:                         # answers once serving: every worker up and beating
+        try:
+            client.status(timeout_s=2.0)
+            break
+        except Exception:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
+    out = []
+    for i in range(warm + repeats):
+        (answer,) = list(client.submit([photo], timeout_s=60))
+        if answer.status != "ok":
+            raise SystemExit(f"{answer.status}: {answer.error}")
+        if i >= warm:
+            out.append(answer.latency_ms)
+        time.sleep(0.3)                 # idle again: no batch on the device
+print(json.dumps(out))
+"""
+
+
+def daemon_latencies(tree: Path, model_dir: Path, photo: Path, work: Path, warm: int,
+                     repeats: int, serve_args: tuple[str, ...] = ()) -> list[float]:
+    """latency_ms of `repeats` lone submissions to a daemon started from `tree` with only
+    `--model` and `--endpoint` (options every tree's serve has), sent by its own client."""
     run_dir = work / f"run-{os.getpid()}-{tree.name}"
     run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     endpoint = f"ipc://{run_dir}/front"
     env = dict(os.environ, PYTHONPATH=str(tree))
-    log = open(work / f"daemon-{tree.name}.log", "w")
-    daemon = subprocess.Popen([sys.executable, "-m", "pspnet", "serve", "--model",
-                               str(model_dir), "--endpoint", endpoint],
-                              cwd=tree, env=env, stdout=log, stderr=subprocess.STDOUT)
-    try:
-        with Client(endpoint) as client:
-            deadline = time.monotonic() + 180
-            while True:                # answers once serving: every worker up and beating
-                try:
-                    client.status(timeout_s=2.0)
-                    break
-                except Exception:
-                    if time.monotonic() > deadline or daemon.poll() is not None:
-                        raise
-                    time.sleep(0.5)
-            out = []
-            for i in range(warm + repeats):
-                (answer,) = list(client.submit([photo], timeout_s=60))
-                if answer.status != "ok":
-                    raise RuntimeError(f"{tree}: {answer.error}")
-                if i >= warm:
-                    out.append(answer.latency_ms)
-                time.sleep(0.3)                 # idle again: no batch on the device
-            return out
-    finally:
-        daemon.send_signal(signal.SIGTERM)
-        daemon.wait(60)
-        log.close()
+    env.pop("PYTHONSAFEPATH", None)
+    log_path = work / f"daemon-{tree.name}.log"
+    with open(log_path, "w") as log:
+        daemon = subprocess.Popen([sys.executable, "-m", "pspnet", "serve", "--model",
+                                   str(model_dir), "--endpoint", endpoint, *serve_args],
+                                  cwd=tree, env=env, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            done = subprocess.run([sys.executable, "-c", LONE_SUBMISSIONS, endpoint,
+                                   str(photo), str(warm), str(repeats)], cwd=tree, env=env,
+                                  capture_output=True, text=True, timeout=600)
+        finally:
+            daemon.send_signal(signal.SIGTERM)
+            try:
+                daemon.wait(60)
+            except subprocess.TimeoutExpired:
+                daemon.kill()
+                daemon.wait()
+    if done.returncode != 0:
+        raise RuntimeError(f"{tree}: the lone submissions failed: {done.stderr.strip()[-600:]}"
+                           f" (the daemon's log: {log_path})")
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def serial_ms(model_dir: Path, photo: Path, warm: int, repeats: int) -> list[float]:
-    """The serial loop's ms per image at batch 1, one photo at a time."""
+def serial_ms(model_dir: Path, photo: Path, warm: int, repeats: int, gap_s: float = 0.0,
+              ) -> list[float]:
+    """The serial loop's ms per image at batch 1, one photo at a time; `gap_s`: idle
+    between images, as the daemon's lone submissions have (caches and threads go cold:
+    the figure the daemon could reach at best, shown beside the bound's back-to-back one)."""
     import cv2
 
     from pspnet.bench.serial import SerialRunner
@@ -103,6 +132,8 @@ def serial_ms(model_dir: Path, photo: Path, warm: int, repeats: int) -> list[flo
             raise RuntimeError(f"serial loop failed on {photo}")
         if i >= warm:
             out.append(wall * 1e3)
+        if gap_s:
+            time.sleep(gap_s)
     backend.close()
     return out
 
@@ -115,6 +146,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warm", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=8)
     parser.add_argument("--json", type=Path, default=None, help="write the figures here")
+    parser.add_argument("--serve-arg", action="append", default=[], metavar="ARG",
+                        help="one more argument for every daemon (repeat it; e.g. "
+                             "--serve-arg=--coalesce-ms --serve-arg=0 to see what a knob "
+                             "costs); only options every tree given has")
     args = parser.parse_args(argv)
     from pspnet.build_model.samples import SAMPLE_DIR
 
@@ -125,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     for tree in args.trees:
         serial = serial_ms(model_dir, photo, args.warm, args.repeats)
         got = daemon_latencies(tree.absolute(), model_dir, photo, args.work, args.warm,
-                               args.repeats)
+                               args.repeats, tuple(args.serve_arg))
         serial += serial_ms(model_dir, photo, args.warm, args.repeats)
         row = {"latency_ms": [round(x, 1) for x in got],
                "median_ms": round(statistics.median(got), 1),

@@ -298,3 +298,32 @@ def test_a_process_that_exits_with_its_pipeline_open_does_not_hang(tiny_models):
     alive = [pid for pid in pids if os.path.exists(f"/proc/{pid}")
              and "Z" not in Path(f"/proc/{pid}/stat").read_text().split()[2]]
     assert alive == [], f"children left: {alive}"
+
+
+def test_front_run_dispatches_what_it_submitted_before_it_waits():
+    """Front.run (bench, eval, batch) submits between turns; what it submitted goes out
+    before the turn's wait for workers, not after the next message (on an idle pipeline
+    that wait was the poll's whole timeout: 50 ms on a lone image's path)."""
+    from pspnet.daemon.front import stream
+
+    class Recorder:
+        def __init__(self) -> None:
+            self.events: list[str] = []
+            self.ledger = self
+            self.pending = 0
+
+        def submit(self, request: wire.Request) -> None:
+            self.events.append("submit")
+            self.pending += 1
+
+        def dispatch(self) -> None:
+            self.events.append("dispatch")
+
+        def poll(self, timeout_ms: float) -> list[tuple[wire.Result, object]]:
+            self.events.append("wait")
+            self.pending = 0
+            return [(wire.Result("0", 0, wire.OK), None)]
+
+    front = Recorder()
+    assert [r.id for r in stream(front, [wire.Request("0", "/x.jpg")], 4)] == ["0"]
+    assert front.events[:3] == ["submit", "dispatch", "wait"]

@@ -265,3 +265,24 @@ def test_a_note_for_ids_already_retried_moves_nothing(ledger):
     assert [ledger.entries[r].holders for r in again] == [(P1, E1)] * 4
     assert ledger.answer(rids[0]) is not None and ledger.answer(rids[0]) is None
     assert ledger.pending == 3
+
+
+def test_an_executors_handed_note_implies_its_took(ledger):
+    """An executor that takes and hands on ids in one time slice sends only "handed"
+    (stages.child.BatchNotes): the ledger moves them both steps, frees the executor's
+    room, and a late "took" or another executor's note moves nothing."""
+    accept(ledger, 6)
+    rids = dispatch_group(ledger, 6, P0, E0)
+    ledger.handed(P0, rids[:3], E0)              # three on their way, three decoding
+    ledger.handed(E1, rids, Q0)                  # not their executor: passed over
+    assert [ledger.entries[r].state for r in rids] == [TO_EXECUTOR] * 3 + [PREPROCESS] * 3
+    ledger.handed(E0, rids[:4], Q0)              # took and handed in one slice
+    assert [ledger.entries[r].state for r in rids] == [TO_POSTPROCESS] * 4 + [PREPROCESS] * 2
+    assert [ledger.entries[r].holders for r in rids[:4]] == [(E0, Q0)] * 4
+    assert ledger.load == {P0: 2, E0: 2}         # the four no longer take room
+    ledger.took(E0, rids[:4])                    # late: passed over
+    ledger.handed(P0, rids[3:4], E0)             # the preprocess note, late: passed over
+    assert [ledger.entries[r].state for r in rids[:4]] == [TO_POSTPROCESS] * 4
+    retried, given_up = ledger.lost(E0)          # the executor dies: all six were its
+    assert sorted(e.rid for e in retried) == sorted(rids) and not given_up
+    assert not ledger.load
