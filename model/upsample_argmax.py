@@ -347,41 +347,51 @@ def boundary_labels(logits: np.ndarray, placement: Placement, input_size: tuple[
 
 
 def _leader(r: np.ndarray, margin: np.float32) -> tuple[np.ndarray, np.ndarray]:
-    """Per point of R (out_h x w): the leading class and whether it leads every other
-    class by more than `margin` (exactly one class above top - margin)."""
-    top_value = r.max(axis=0)
-    threshold = top_value - margin
-    leader = np.zeros(top_value.shape, np.uint8)
-    above_count = np.zeros(top_value.shape, np.uint8)
-    above = np.empty(top_value.shape, np.bool_)
-    for c in range(r.shape[0]):
-        np.greater(r[c], threshold, out=above)
-        np.add(above_count, above, out=above_count)
-        np.copyto(leader, c, where=above)      # the only one where the count ends at 1
-    return leader, above_count == 1
+    """Per point of R (out_h x w): whether one class leads every other by more than
+    `margin` (exactly one class above top - margin), and that class where it does
+    (elsewhere the value means nothing: no decision reads it there).
+
+    Whole-array passes, not a loop over classes (0.15 against 0.23 ms at 500 x 375): the
+    count of classes above the threshold, and the sum of their ids, which is the leader's
+    id where the count is 1 (uint8 sums may wrap only where the count is over 1)."""
+    classes = r.shape[0]
+    flat = r.reshape(classes, -1)
+    threshold = flat.max(axis=0) - margin
+    above = np.greater(flat, threshold).view(np.uint8)
+    count = np.add.reduce(above, axis=0, dtype=np.uint8)
+    above *= np.arange(classes, dtype=np.uint8)[:, None]
+    leader = np.add.reduce(above, axis=0, dtype=np.uint8)
+    return leader.reshape(r.shape[1:]), (count == 1).reshape(r.shape[1:])
 
 
 def _decided_runs(top: np.ndarray, clear: np.ndarray, plan: ColumnPlan) -> np.ndarray:
     """out_h x runs: the class of each (row, run) whose whole window has one clear
     leader, UNDECIDED elsewhere."""
     out_h, width = top.shape
-    unclear = np.zeros((out_h, width + 1), np.int32)
-    np.cumsum(~clear, axis=1, out=unclear[:, 1:])
-    changes = np.zeros((out_h, width), np.int32)
-    np.cumsum(top[:, 1:] != top[:, :-1], axis=1, out=changes[:, 1:])
+    # one running count of breaks: point x unclear, or its leader not the one at x - 1;
+    # a window lo..hi is decided when none of its points breaks, the break of lo's own
+    # leader change (with lo - 1, outside the window) aside
+    breaks = np.zeros((out_h, width + 1), np.int32)
+    step = np.empty((out_h, width), np.int32)
+    np.logical_not(clear, out=step)
+    step[:, 1:] += top[:, 1:] != top[:, :-1]
+    np.cumsum(step, axis=1, out=breaks[:, 1:])
     lo, hi = plan.run_lo, plan.run_hi
-    decided = ((unclear[:, hi + 1] == unclear[:, lo])
-               & (changes[:, hi] == changes[:, lo]))
+    own = step[:, lo] - ~clear[:, lo]          # lo's leader change, 0 or 1
+    decided = breaks[:, hi + 1] - breaks[:, lo] == own
     return np.where(decided, top[:, lo], UNDECIDED).astype(np.uint8)
 
 
 def _candidates(r: np.ndarray, uy: np.ndarray, lo: np.ndarray, hi: np.ndarray,
                 margin: np.float32) -> np.ndarray:
     """C x runs: the classes that may still win somewhere in each (row, run)."""
-    low = r[:, uy, lo]
+    planes = r.reshape(r.shape[0], -1)              # one flat index per point: np.take
+    row = uy * r.shape[2]
+    low = np.take(planes, row + lo, axis=1)
     high = low.copy()
+    values = np.empty_like(low)
     for t in range(1, int((hi - lo).max()) + 1):
-        values = r[:, uy, np.minimum(lo + t, hi)]
+        np.take(planes, row + np.minimum(lo + t, hi), axis=1, out=values)
         np.minimum(low, values, out=low)
         np.maximum(high, values, out=high)
     return (low.max(axis=0) - high) <= margin
@@ -396,23 +406,26 @@ def _decide_cells(r: np.ndarray, plan: ColumnPlan, uy: np.ndarray, ur: np.ndarra
     Candidates are visited by rank (the k-th class of each run), so each pass touches each
     run at most once and updates need no scatter-add; every run here has two candidates
     or more, so the first two passes cover all runs in order (slices, not gathers)."""
-    run_of, cls_of = np.nonzero(candidates.T)            # by run, classes ascending
+    run_of, cls_of = np.nonzero(np.ascontiguousarray(candidates.T))  # by run, ascending
     firsts = np.flatnonzero(np.r_[True, run_of[1:] != run_of[:-1]])
     rank = np.arange(len(run_of)) - np.repeat(firsts, np.diff(np.r_[firsts, len(run_of)]))
     _, out_h, width = r.shape
     flat = r.reshape(-1)
     slots = plan.slots
     floor = np.full((len(ur), slots), -np.inf, F32)      # best smallest R1 of a class
+    # each run's points in R's class-0 plane and their weights, gathered once for all passes
+    row_base = (uy * width)[:, None]
+    at_a0, at_a1 = plan.point_a0[ur] + row_base, plan.point_a1[ur] + row_base
+    at_w0, at_w1 = plan.point_w0[ur], plan.point_w1[ur]
     passes = []
     for k in range(int(rank.max()) + 1):
         pick = np.flatnonzero(rank == k)
         runs, cls = run_of[pick], cls_of[pick]
-        plan_rows = ur[runs]
-        base = (cls.astype(np.int64) * (out_h * width) + uy[runs] * width)[:, None]
-        at = (plan.point_w0[plan_rows] * flat[base + plan.point_a0[plan_rows]]
-              + plan.point_w1[plan_rows] * flat[base + plan.point_a1[plan_rows]])
-        at0, at1 = at[:, plan.first], at[:, plan.second]
         rows = slice(None) if len(runs) == len(ur) else runs
+        plane = (cls.astype(np.int64) * (out_h * width))[:, None]
+        at = (at_w0[rows] * flat[at_a0[rows] + plane]
+              + at_w1[rows] * flat[at_a1[rows] + plane])
+        at0, at1 = at[:, plan.first], at[:, plan.second]
         floor[rows] = np.maximum(floor[rows], np.minimum(at0, at1))
         passes.append((runs, rows, cls, at0, at1))
     left = np.zeros((len(ur), slots), np.uint8)          # classes left per cell
@@ -421,7 +434,10 @@ def _decide_cells(r: np.ndarray, plan: ColumnPlan, uy: np.ndarray, ur: np.ndarra
     for _, rows, cls, at0, at1 in passes:
         keep = (floor[rows] - np.maximum(at0, at1)) <= margin
         left[rows] += keep
-        last[rows] = np.where(keep, cls[:, None].astype(np.uint8), last[rows])
+        if isinstance(rows, slice):
+            np.copyto(last, cls[:, None].astype(np.uint8), where=keep)
+        else:
+            last[rows] = np.where(keep, cls[:, None].astype(np.uint8), last[rows])
         keeps.append(keep)
     valid = plan.valid[ur]
     one = (left == 1) & valid
@@ -450,7 +466,9 @@ def _decide_cells(r: np.ndarray, plan: ColumnPlan, uy: np.ndarray, ur: np.ndarra
         better = value > current
         np.copyto(current, value, where=better)
         best[ids] = current
-        best_class[ids] = np.where(better, cls[e][:, None].astype(np.uint8), best_class[ids])
+        current_class = best_class[ids]
+        np.copyto(current_class, cls[e][:, None].astype(np.uint8), where=better)
+        best_class[ids] = current_class
     return uy[oi], x0, cell_width, best_class
 
 

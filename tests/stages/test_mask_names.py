@@ -239,3 +239,52 @@ def test_watch_mode_masks_x_jpg_and_x_png_apart_and_does_not_redo_them(
     (watching,) = [e for e in daemon.events() if e.get("event") == "watching"]
     assert watching["final"] == 2 and submitted == 0
     assert len(watch_record(out)) == 2
+
+
+def _pillow_source(path: Path) -> str | None:
+    """What recorded_source said before its fast path: Pillow's reading of the chunks."""
+    from PIL import PngImagePlugin
+    try:
+        with open(path, "rb") as f, PngImagePlugin.PngImageFile(f) as im:
+            text = im.info.get(SOURCE_KEY)
+    except (SyntaxError, OSError, ValueError):
+        return None
+    return str(text) if isinstance(text, str) else None
+
+
+def test_the_recorded_source_read_without_pillow_agrees_with_pillow(tmp_path: Path) -> None:
+    """recorded_source reads our own masks' chunks itself (masks_mod._own_source) and
+    leaves every other file to Pillow: on masks, damaged masks (each byte of the chunks
+    before the pixels changed in turn), a source that is not UTF-8 and other PNGs, it
+    says what Pillow says, and it is sure only of files shaped as png_bytes writes them."""
+    (image,) = images(tmp_path, "caf\u00e9 x.jpg")
+    values = np.random.default_rng(7).integers(0, 21, (9, 11), np.uint8)
+    files, intact = [], []
+    for source in (str(image), None):
+        data = masks_mod.png_bytes(values, PALETTE, None if source is None
+                                   else mask_source(source))
+        assert masks_mod._own_source(data)[0]
+        head = data.index(b"IDAT") - 4
+        for k in range(head):                        # every byte before the pixels
+            broken = bytearray(data)
+            broken[k] ^= 0x41
+            files.append(bytes(broken))
+        intact.append(len(files))
+        files.append(data)
+    assert masks_mod._own_source(files[-1]) == (True, None)
+    bad_utf8 = masks_mod.png_bytes(values, PALETTE, "x").replace(
+        b"\0\0\0\0\0x", b"\0\0\0\0\0\xff")
+    files.append(bad_utf8)
+    for mode in ("L", "P", "RGB"):
+        other = tmp_path / f"other-{mode}.png"
+        Image.new(mode, (4, 3)).save(other, pnginfo=None)
+        files.append(other.read_bytes())
+    sure = 0
+    for n, data in enumerate(files):
+        path = tmp_path / f"f{n}.png"
+        path.write_bytes(data)
+        assert recorded_source(path) == _pillow_source(path), n
+        sure += masks_mod._own_source(data)[0]
+    assert recorded_source(tmp_path / f"f{intact[0]}.png") == mask_source(image)
+    assert recorded_source(tmp_path / f"f{intact[1]}.png") is None
+    assert 2 <= sure < len(files) // 2
