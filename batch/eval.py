@@ -36,6 +36,7 @@ class EvalOutcome:
     failed: list[dict[str, str]] = field(default_factory=list)   # {id, path, reason}
     masks: dict[str, str] = field(default_factory=dict)          # image id -> mask file
     segmented: int = 0                                            # answered with a mask
+    models: dict[str, int] = field(default_factory=dict)  # via a daemon: version -> masks
     elapsed_s: float = 0.0
 
 
@@ -82,6 +83,8 @@ def evaluate_endpoint(endpoint: str, split: VocSplit, manifest: Manifest,
     with Client(endpoint) as client:
         for answer in client.submit(split.images):
             item = by_path[answer.path]
+            if answer.model:           # a live reload midway: which model made how many
+                outcome.models[answer.model] = outcome.models.get(answer.model, 0) + 1
             problem = _score_answer(answer, item, manifest, out_dir, outcome)
             if problem is not None:
                 outcome.failed.append({"id": item.id, "path": problem[0],
@@ -139,6 +142,7 @@ def report(outcome: EvalOutcome, split: VocSplit, manifest: Manifest,
         "root": str(split.root), "split": split.split,
         "elapsed_s": round(outcome.elapsed_s, 3),
         "images_per_s": round(images / outcome.elapsed_s, 2) if outcome.elapsed_s else None,
+        **({"models": dict(outcome.models)} if outcome.models else {}),
         **(extra or {}),
     }
 
@@ -155,6 +159,9 @@ def print_report(outcome: EvalOutcome, doc: dict[str, Any], manifest: Manifest,
     given = f"listed in {doc['split']}.txt" if doc["split"] else f"given ({doc['root']})"
     out.write(f"scored {doc['images']} of {doc['listed']} images {given}, "
               f"{doc['segmented']} segmented ({doc['images_per_s'] or 0:.1f} img/s)\n")
+    if len(doc.get("models", {})) > 1:     # the daemon's model was reloaded midway
+        out.write("masks per model version: " + ", ".join(
+            f"{version} {n}" for version, n in doc["models"].items()) + "\n")
     if doc["failed"]:
         out.write(f"not scored ({len(doc['failed'])}):\n")
         for item in doc["failed"]:

@@ -126,6 +126,10 @@ class PipelineConfig:
              "stopped, a device call stuck past its allowance) is stopped and restarted, "
              "and what it held is retried once")
     start_timeout_s: float = 120.0             # first heartbeat (model load) within this
+    generation: int = 0                        # which model the front started this with:
+                                               # a live reload starts the next (daemon.reload)
+    first_batch_check: bool = False            # executor: run one batch before its first
+                                               # beat (a reload's model must pass it)
     run_dir: Path | None = None                # ipc sockets; None: private temp dir (0700)
     transport: str = setting("ipc", flag="--transport", choices=("ipc", "tcp"),
                              help="between the daemon's own processes")

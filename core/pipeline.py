@@ -51,3 +51,10 @@ STAGES: tuple[Stage, ...] = tuple(spec.stage for spec in PIPELINE)
 
 def spec_of(stage: Stage) -> StageSpec:
     return next(spec for spec in PIPELINE if spec.stage == stage)
+
+
+def first_index(stage: Stage, cfg: Any) -> int:
+    """The first worker index of `stage` in the config's generation: a live reload runs
+    two generations at once, on indices (and so ipc data paths) of their own; they take
+    turns between the two ranges."""
+    return (cfg.generation % 2) * spec_of(stage).workers(cfg)

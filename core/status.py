@@ -229,6 +229,7 @@ class Status:
     daemon: DaemonStatus | None = None
     plan: dict[str, Any] | None = None         # how workers and threads were chosen
     ready: bool = False                        # serving: see `readiness`
+    model: dict[str, Any] | None = None        # the served model: version, dir; a reload
 
     def readiness(self) -> str | None:
         """Why this daemon is not ready (None: it is): ready is every configured worker
@@ -246,6 +247,8 @@ class Status:
             del doc["daemon"]
         if self.plan is None:
             del doc["plan"]
+        if self.model is None:
+            del doc["model"]
         return doc
 
     @classmethod
@@ -260,7 +263,8 @@ class Status:
                        images_per_s=doc.get("images_per_s", 0.0),
                        metrics=doc.get("metrics"),
                        daemon=None if daemon is None else _section(DaemonStatus, daemon),
-                       plan=doc.get("plan"), ready=bool(doc.get("ready", False)))
+                       plan=doc.get("plan"), ready=bool(doc.get("ready", False)),
+                       model=doc.get("model"))
         except (KeyError, TypeError, AttributeError) as exc:
             raise ValueError(f"not a status document: {type(exc).__name__}: {exc}") from None
 

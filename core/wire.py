@@ -60,9 +60,10 @@ SUBMIT = "submit"        # client -> daemon: run these paths
 STATUS = "status"        # client -> daemon: how are things
 REPLY = "reply"          # daemon -> client: answer to submit (accepted/busy), status, cancel
 CANCEL = "cancel"        # client -> daemon: drop these requests of mine that have not started
+RELOAD = "reload"        # client -> daemon: serve this model directory from now on (live)
 
 KINDS = (DISPATCH, IMAGE, OUTPUT, CREDIT, TOOK, HANDED, RESULT, RESULTS, HEARTBEAT, PEERS,
-         SUBMIT, STATUS, REPLY, CANCEL)
+         SUBMIT, STATUS, REPLY, CANCEL, RELOAD)
 OK, ERROR = "ok", "error"
 STORAGE = "storage"          # the mask could not be stored: disk full, quota, read-only, EIO
 INCOMPLETE = "incomplete"    # the input looked unfinished (empty, truncated): it may change
@@ -215,6 +216,8 @@ class Result:
     payload: Any = None           # what the request wanted back (a buffer): PNG bytes or
                                   # the uint8 label map of `size`, a raw frame
     returned: str = ""            # WANT_PNG or WANT_LABELS when `payload` is set
+    model: str = ""               # an answer to a client: the version of the model that
+                                  # made it (model.manifest.model_version); "" none did
 
 
 @dataclass(frozen=True)
@@ -255,6 +258,8 @@ class Heartbeat:
     batch: int = 0                # executor: its static batch size
     stuck: str | None = None      # a thread of its work loop stopped making progress: why
     fatal: str | None = None      # set once by a worker that cannot start, just before exit
+    model: str = ""               # the version of the model it serves (a live reload runs
+                                  # two: the front routes each request within one)
 
 
 @dataclass(frozen=True)
@@ -285,6 +290,17 @@ class StatusQuery:
 
 
 @dataclass(frozen=True)
+class Reload:
+    """Client -> daemon: load `model` (a directory on the daemon's host; "" the one it
+    serves, read again) beside the running one and switch to it; the daemon replies
+    `reloaded` once new requests go to it, or `error` with the reason (the old one keeps
+    serving). `force`: even if its classes differ."""
+
+    model: str = ""
+    force: bool = False
+
+
+@dataclass(frozen=True)
 class Reply:
     """Daemon -> client: `accepted`/`busy`/`error` for a submit, or a status document."""
 
@@ -297,7 +313,7 @@ class Reply:
 M = TypeVar("M")
 
 Message = (Dispatch | Image | Output | Credit | Result | Results | Took | Handed | Heartbeat
-           | Peers | Submit | StatusQuery | Reply | Cancel)
+           | Peers | Submit | StatusQuery | Reply | Cancel | Reload)
 
 
 # ---------------------------------------------------------------------------------------
@@ -356,7 +372,7 @@ def encode(msg: Message) -> list[Any]:
         header |= {"kind": HEARTBEAT, "stage": msg.stage, "index": msg.index, "pid": msg.pid,
                    "counters": dict(msg.counters), "inputs": msg.inputs,
                    "outputs": msg.outputs, "capacity": msg.capacity, "batch": msg.batch,
-                   "stuck": msg.stuck, "fatal": msg.fatal}
+                   "stuck": msg.stuck, "fatal": msg.fatal, "model": msg.model}
     elif isinstance(msg, Peers):
         header |= {"kind": PEERS, "executors": [list(e) for e in msg.executors],
                    "credits": msg.credits}
@@ -366,6 +382,8 @@ def encode(msg: Message) -> list[Any]:
         header |= {"kind": STATUS}
     elif isinstance(msg, Cancel):
         header |= {"kind": CANCEL, "ids": list(msg.ids)}
+    elif isinstance(msg, Reload):
+        header |= {"kind": RELOAD, "model": msg.model, "force": msg.force}
     elif isinstance(msg, Reply):
         header |= {"kind": REPLY, "status": msg.status, "ids": list(msg.ids),
                    "message": msg.message, "body": msg.body}
@@ -396,14 +414,14 @@ def _result_fields(r: Result) -> dict[str, Any]:
     return {"id": r.id, "attempt": r.attempt, "status": r.status, "path": r.path,
             "mask": r.mask, "error": r.error, "stage": r.stage, "cause": r.cause,
             "size": None if r.size is None else list(r.size),
-            "found": [list(f) for f in r.found], "token": r.token}
+            "found": [list(f) for f in r.found], "token": r.token, "model": r.model}
 
 
 def result_size(r: Result) -> int:
     """About how many header bytes a result takes (a sender keeps a message under
     MAX_HEADER_BYTES by it)."""
     return 128 + sum(len(s) for s in (r.id, r.path, r.mask or "", r.error or "", r.stage,
-                                      r.token)) + sum(24 + len(f[1]) for f in r.found)
+                                      r.token, r.model)) + sum(24 + len(f[1]) for f in r.found)
 
 
 def _request_fields(r: Request) -> dict[str, Any]:
@@ -751,7 +769,8 @@ def _result(h: dict[str, Any], areas: np.ndarray | None) -> Result:
     return Result(id=_string(h, "id"), attempt=_int(h, "attempt", 0, 100), status=status,
                   path=_string(h, "path", empty=True), mask=_string(h, "mask", optional=True),
                   error=_string(h, "error", optional=True), stage=_string(h, "stage", empty=True),
-                  areas=areas, cause=cause, size=size, found=found, token=_token(h))
+                  areas=areas, cause=cause, size=size, found=found, token=_token(h),
+                  model=_version(h))
 
 
 def _size(size: Any) -> tuple[int, int] | None:
@@ -812,7 +831,7 @@ def _decode_heartbeat(h: dict[str, Any], frames: Sequence[Any], _: int) -> Heart
                      outputs=_string(h, "outputs", empty=True),
                      capacity=_int(h, "capacity", 0, MAX_IDS), batch=_int(h, "batch", 0, 4096),
                      stuck=_string(h, "stuck", optional=True),
-                     fatal=_string(h, "fatal", optional=True))
+                     fatal=_string(h, "fatal", optional=True), model=_version(h))
 
 
 def _decode_peers(h: dict[str, Any], frames: Sequence[Any], _: int) -> Peers:
@@ -845,6 +864,23 @@ def _decode_cancel(h: dict[str, Any], frames: Sequence[Any], _: int) -> Cancel:
     return Cancel(ids=_ids(h, "ids"))
 
 
+def _decode_reload(h: dict[str, Any], frames: Sequence[Any], _: int) -> Reload:
+    _no_arrays(frames)
+    force = h.get("force", False)
+    if not isinstance(force, bool):
+        raise WireError("reload force must be true or false")
+    return Reload(model=_string(h, "model", empty=True), force=force)
+
+
+def _version(h: dict[str, Any]) -> str:
+    """A model version: "" (absent: none, or an older sender) or a few hex digits."""
+    version = h.get("model", "")
+    if not (isinstance(version, str) and len(version) <= MAX_NAME_CHARS
+            and all(c in "0123456789abcdef" for c in version)):
+        raise WireError("model version must be hex digits")
+    return version
+
+
 def _decode_reply(h: dict[str, Any], frames: Sequence[Any], _: int) -> Reply:
     _no_arrays(frames)
     ids = h.get("ids")
@@ -863,4 +899,5 @@ _DECODERS = {
     TOOK: _decode_took, HANDED: _decode_handed,
     HEARTBEAT: _decode_heartbeat, PEERS: _decode_peers, SUBMIT: _decode_submit,
     STATUS: _decode_status, REPLY: _decode_reply, CANCEL: _decode_cancel,
+    RELOAD: _decode_reload,
 }

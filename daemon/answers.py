@@ -32,11 +32,11 @@ class Answers:
     def deliver(self, entry: Entry, status: str, mask: str | None, error: str | None,
                 stage: str, areas: Any = None, cause: str | None = None,
                 found: tuple[Any, Any] = (None, ()), quiet: bool = False,
-                returned: tuple[Any, str] = (None, "")) -> None:
+                model: str = "", returned: tuple[Any, str] = (None, "")) -> None:
         """One answer for one accepted request (the ledger has removed it). `found`: the
         image's size and the classes in its mask. `quiet`: a failure the caller logs once
-        for all (abandoned at shutdown). `returned`: the mask the request asked back (a
-        buffer) and what it is."""
+        for all (abandoned at shutdown). `model`: the version of the model that answered.
+        `returned`: the mask the request asked back (a buffer) and what it is."""
         if status == wire.OK and areas is not None:
             self.metrics.add(areas)
         self.totals["ok" if status == wire.OK else "errors"] += 1
@@ -53,7 +53,7 @@ class Answers:
         self.ready.append((wire.Result(entry.client_id, entry.request.attempt, status,
                                        entry.request.path, mask=mask, error=error,
                                        stage=stage, areas=areas, cause=cause,
-                                       size=found[0], found=found[1],
+                                       size=found[0], found=found[1], model=model,
                                        payload=returned[0], returned=returned[1]),
                            entry.origin))
 

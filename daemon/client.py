@@ -32,10 +32,15 @@ PING_TIMEOUT_S = 10.0        # no status reply this long after asking: the daemo
 CANCEL_WAIT_S = 5.0          # after a cancel, wait this long for the requests already running
 CANCEL_CHUNK = 1024          # ids per cancel message (the daemon reads at most 1024 a list)
 CANCELLED = "cancelled"      # an Answer's status: dropped before it started, never run
+RELOAD_TIMEOUT_S = 300.0     # a reload's answer: a new model's load and first batch
 
 
 class DaemonUnavailable(RuntimeError):
     """No daemon answered at the endpoint."""
+
+
+class ReloadFailed(RuntimeError):
+    """The daemon refused a reload, or the new model failed; the message says why."""
 
 
 @dataclass(frozen=True)
@@ -48,6 +53,7 @@ class Answer:
     latency_ms: float
     size: tuple[int, int] | None = None           # height, width
     found: tuple[tuple[int, str, int], ...] = ()  # (class id, name, pixels), largest first
+    model: str = ""                               # the version of the model that made it
     png: bytes | None = None                      # an upload's mask, as the daemon writes it
     labels: Any = None                            # or its uint8 H x W label map (numpy)
 
@@ -61,6 +67,8 @@ class Answer:
     def as_dict(self) -> dict[str, Any]:
         doc = {"id": self.id, "path": self.path, "status": self.status, "mask": self.mask,
                "error": self.error, "latency_ms": round(self.latency_ms, 2)}
+        if self.model:
+            doc["model"] = self.model
         if self.size is not None:
             doc |= {"height": self.size[0], "width": self.size[1],
                     "classes": [{"id": k, "name": name, "share": round(share, 5)}
@@ -125,6 +133,28 @@ class Client:
             if isinstance(msg, wire.Reply) and msg.status == "status":
                 return msg.body
         raise DaemonUnavailable(f"no daemon answered at {self.endpoint} within {timeout_s} s")
+
+    def reload(self, model: str | Path | None = None, force: bool = False,
+               timeout_s: float = RELOAD_TIMEOUT_S) -> dict[str, Any]:
+        """Ask the daemon to serve `model` (a directory on its host; None: the one it
+        serves, read again) from now on, live: returns once new requests go to it (the
+        reply's body: version, previous, load_s); ReloadFailed with the daemon's reason
+        when it refused or the new model failed (the old one serves on)."""
+        self._check_socket_file()
+        where = "" if model is None else str(Path(model).absolute())
+        self.socket.send_multipart(wire.encode(wire.Reload(where, force)))
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if not self.socket.poll(min(1.0, max(0.0, deadline - time.monotonic())) * 1e3):
+                self._check_socket_file()           # the daemon went away meanwhile
+                continue
+            msg = wire.decode(self.socket.recv_multipart())
+            if isinstance(msg, wire.Reply) and msg.status == "reloaded":
+                return msg.body
+            if isinstance(msg, wire.Reply) and msg.status == "error":
+                raise ReloadFailed(msg.message)
+        raise DaemonUnavailable(f"no answer to the reload from {self.endpoint} within "
+                                f"{timeout_s:g} s (the daemon may still switch to the model)")
 
     def upload(self, images: Sequence[tuple[str | Path, bytes]], options: Upload | None = None,
                timeout_s: float | None = None, connect_timeout_s: float = 10.0,
@@ -301,7 +331,7 @@ class _Submission:
             answer = Answer(msg.id, self.by_id[msg.id].path, msg.status, msg.mask,
                             msg.error,
                             (time.monotonic() - self.sent_at.get(msg.id, self.start)) * 1e3,
-                            msg.size, msg.found)
+                            msg.size, msg.found, msg.model)
             if self.upload is not None:
                 answer = returned_answer(answer, msg, self.upload.options)
             yield answer

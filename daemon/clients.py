@@ -96,6 +96,8 @@ class Clients:
         self._status = None                          # a reply after this one sees it
         if isinstance(msg, wire.Submit):
             self._accept(client, msg.requests)
+        elif isinstance(msg, wire.Reload):
+            self._reload(client, msg)
         elif isinstance(msg, wire.Cancel):
             dropped = self.front.ledger.cancel(client, msg.ids)
             self.counts["cancelled"] += len(dropped)
@@ -146,6 +148,19 @@ class Clients:
                                          "--max-upload-inflight, retry later"))
         if accepted:
             self.send(client, wire.Reply("accepted", tuple(accepted)))
+
+    def _reload(self, client: bytes, msg: wire.Reload) -> None:
+        """A live reload (daemon.reload): refused at once with the reason, or started and
+        answered when it switched or failed. A model directory a client names is held to
+        --allow-root like any path it names."""
+        problem = "the daemon is shutting down" if self.stopping else None
+        if problem is None and msg.model:
+            problem = refusal(wire.Request("reload", msg.model), self.allow_roots)
+        if problem is None:
+            problem = self.front.reloader.request(msg.model or None, msg.force, client)
+        if problem is not None:
+            self.counts["refused"] += 1
+            self.send(client, wire.Reply("error", message=problem))
 
     def _admit(self, client: bytes, r: wire.Request) -> str | None:
         """None: accepted (a repeat of a pending id for the same image is the same

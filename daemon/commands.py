@@ -1,4 +1,5 @@
-"""`pspnet serve`, `pspnet submit`, `pspnet status`: arguments and what each runs; and the
+"""`pspnet serve`, `pspnet submit`, `pspnet status`, `pspnet reload`: arguments and what each
+runs; and the
 pipeline flags that eval, bench and worker share with serve."""
 
 from __future__ import annotations
@@ -29,7 +30,8 @@ def add_daemon_parsers(sub: argparse._SubParsersAction) -> None:
         help="run the daemon: decode pool -> batched executor -> postprocess",
         description="Run the segmentation daemon until SIGTERM/Ctrl-C (the first drains every "
                     "accepted request and exits 0; a second, or --drain-timeout running out, "
-                    "answers what is left with an error and exits 1). Clients reach it "
+                    "answers what is left with an error and exits 1). SIGHUP reloads the "
+                    "model directory live (see `pspnet reload`). Clients reach it "
                     "with `pspnet submit`; with --watch it also processes every image that "
                     "lands in a folder.",
         epilog="example: pspnet serve --model models/r50 --backend ort --out masks/ "
@@ -46,8 +48,9 @@ def add_daemon_parsers(sub: argparse._SubParsersAction) -> None:
                     "their subfolders' too), the paths in --list FILE, or - to read paths "
                     "from stdin. On a terminal each finished image gets a readable line "
                     "(path, size, largest classes, mask, time); otherwise, or with --json, "
-                    "a JSON line (id, path, status, mask, error, latency_ms, height, width, "
-                    "classes). Ctrl-C cancels the images not yet started, waits briefly for "
+                    "a JSON line (id, path, status, mask, error, latency_ms, model: the "
+                    "version of the model that made it, height, width, classes). Ctrl-C "
+                    "cancels the images not yet started, waits briefly for "
                     "those running, prints a summary and exits 130. Exit status 0 only if "
                     "every image succeeded.",
         epilog="examples: pspnet submit photos/ -r;  find . -name '*.jpg' | pspnet submit -;  "
@@ -102,6 +105,32 @@ def add_daemon_parsers(sub: argparse._SubParsersAction) -> None:
                         help="daemon address (default: the local daemon's ipc socket)")
     status.add_argument("--keys", type=Path, default=None, metavar="DIR", help=KEYS_HELP)
     status.set_defaults(run=run_status)
+
+    reload = sub.add_parser(
+        "reload", formatter_class=fmt,
+        help="swap the running daemon's model live: no request lost, none refused",
+        description="Load a model beside the running one (the daemon starts its workers "
+                    "for it; each executor runs one batch first), switch new requests to "
+                    "it, and let the old one finish what it holds and stop. Without --model "
+                    "the served directory is read again (as SIGHUP does). Every answer "
+                    "names its model's version (the manifest's digest). Prints one JSON "
+                    "line (version, previous, load_s) and exits 0 once new requests go to "
+                    "the new model; if it cannot load or fails its first batch, or has "
+                    "other classes without --force, the old model serves on and this exits "
+                    "1 with the reason; 4 when no daemon answered.",
+        epilog="example: pspnet reload --model models/r50-v2")
+    reload.add_argument("--model", type=Path, default=None, metavar="DIR",
+                        help="a directory made by `pspnet build`, on the daemon's host "
+                             "(default: the one it serves, read again)")
+    reload.add_argument("--force", action="store_true",
+                        help="serve it even if its classes differ from the running model's "
+                             "(the running mIoU restarts)")
+    reload.add_argument("--endpoint", default=None,
+                        help="daemon address (default: the local daemon's ipc socket)")
+    reload.add_argument("--keys", type=Path, default=None, metavar="DIR", help=KEYS_HELP)
+    reload.add_argument("--timeout", type=positive_float, default=300.0, metavar="S",
+                        help="wait this long for the switch (default 300)")
+    reload.set_defaults(run=run_reload)
 
     keys = sub.add_parser(
         "keys", formatter_class=fmt,
@@ -233,6 +262,29 @@ def print_json(doc: object) -> None:
     """One JSON line on stdout, flushed at once: a reader sees each answer as it comes."""
     sys.stdout.write(json.dumps(json_safe(doc), default=str) + "\n")
     sys.stdout.flush()
+
+
+def run_reload(args: argparse.Namespace) -> int:
+    """Ask the running daemon to swap its model (daemon.reload); the outcome on stdout
+    (JSON), a failure's reason on stderr."""
+    from pspnet.daemon.client import Client, DaemonUnavailable, ReloadFailed
+
+    endpoint = args.endpoint or default_endpoint()
+    try:
+        try:
+            client = Client(endpoint, args.keys)
+        except ValueError as exc:
+            return usage_error("reload", str(exc))
+        with client:
+            body = client.reload(args.model, args.force, args.timeout)
+    except DaemonUnavailable as exc:
+        sys.stderr.write(f"pspnet reload: error: {exc}{where_daemons_are(endpoint)}\n")
+        return EXIT_UNAVAILABLE
+    except ReloadFailed as exc:
+        sys.stderr.write(f"pspnet reload: error: {exc}\n")
+        return EXIT_FAILED
+    print_json(body)
+    return 0
 
 
 def run_status(args: argparse.Namespace) -> int:

@@ -275,6 +275,23 @@ class StatusCollector:
             yield GaugeMetricFamily("pspnet_miou_percent", "Running mIoU of the requests "
                                     "that came with a ground truth",
                                     value=status.metrics["mIoU"])
+        if status.model:                    # live reloads (daemon.reload)
+            yield from _model_metrics(status.model)
+
+
+def _model_metrics(model: dict[str, Any]) -> Iterator[Metric]:
+    """The served model's version (an info-style gauge: 1 for the one served) and the
+    reloads so far, done and failed."""
+    served = GaugeMetricFamily("pspnet_model_info", "The model served (its manifest's "
+                               "digest and directory); a reload changes it",
+                               labels=["version", "dir"])
+    served.add_metric([str(model.get("version")), str(model.get("dir"))], 1)
+    yield served
+    reloads = CounterMetricFamily("pspnet_reloads", "Live model reloads, by outcome",
+                                  labels=["outcome"])
+    reloads.add_metric(["switched"], model.get("reloads", 0))
+    reloads.add_metric(["failed"], model.get("failed_reloads", 0))
+    yield reloads
 
 
 def declared(status: Status) -> Iterator[Metric]:

@@ -16,7 +16,9 @@ little room there is would shrink every later group). Its liveness side is the `
 its answers the `Answers`, its checks of who speaks the `ControlGate`; answers
 come out of `take_answers`; the daemon's `Server` drives the
 steps (`read`, `supervise`, `dispatch`) from its loop, and `run` drives them for callers
-in the same process (bench, eval, tests).
+in the same process (bench, eval, tests). A live reload (`reloader`, daemon.reload) runs
+a second model's workers beside the first: requests are dispatched within the active one,
+and each answer is stamped with the version of the model whose worker answered.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ from pspnet.core.uploads import front_frame_limit, is_upload
 from pspnet.daemon.answers import Answers
 from pspnet.daemon.control_gate import ControlGate, Forged
 from pspnet.daemon.ledger import Ledger
+from pspnet.daemon.reload import Reloader
 from pspnet.daemon.roster import Roster, send_to
 from pspnet.daemon.storage import StorageEpisode
 from pspnet.daemon.supervisor import CannotStart, Supervisor
@@ -81,6 +84,7 @@ class Front:
         self.bytes_in = self.bytes_out = 0
         self.storage = StorageEpisode(self.log)
         self.gate = ControlGate(cfg, self.log)      # keys, identities, tokens
+        self.reloader = Reloader(self)              # live model reload: the served model
         self.started = False
         self._next_check = 0.0
         self._own_run_dir = cfg.run_dir is None
@@ -109,6 +113,7 @@ class Front:
             self.cfg, self.addrs, self.gate.trust, self.gate.curve), self.around_spawn)
         self.roster = Roster(self.supervisor, self._send, self.cfg.postprocess_workers or 1,
                              self.log)
+        self.roster.versions = self.reloader.versions     # each generation's model
         self.started = True
         try:
             self.log.info("starting", run_dir=str(self.run_dir), control=self.addrs.control,
@@ -230,16 +235,24 @@ class Front:
         if entry is None or result.attempt < entry.request.attempt:
             self.totals["duplicates_dropped"] += 1       # answered, or an earlier attempt's
             return
-        result = self.gate.admitted(result, sender, entry, sender in self.roster.workers,
-                                    self.metrics.areas.shape)
+        worker = self.roster.workers.by_name.get(sender)
+        generation = None if worker is None else worker.generation
+        ran = self.roster.workers.by_name.get(entry.executor or "")   # the model that ran
+        model = self.reloader.version_of(ran.generation if ran is not None else generation)
+        classes = self.reloader.classes(generation) or self.metrics.areas.shape[-1]
+        result = self.gate.admitted(result, sender, entry, worker is not None,
+                                    (4, classes))
         if result is None:                  # forged: counted, dropped, never delivered
             self.totals["forged_dropped"] += 1
             return
         self.ledger.answer(result.id)
         self.storage.saw(result)
+        areas = result.areas    # a replaced model's, of other classes (--force): not summed
+        if areas is not None and areas.shape != self.metrics.areas.shape:
+            areas = None
         self.answers.deliver(entry, result.status, result.mask, result.error, result.stage,
-                             result.areas, result.cause, (result.size, result.found),
-                             returned=(result.payload, result.returned))
+                             areas, result.cause, (result.size, result.found),
+                             model=model, returned=(result.payload, result.returned))
 
     def _malformed(self, exc: wire.WireError) -> None:
         self.totals["malformed"] += 1
@@ -256,8 +269,10 @@ class Front:
         how big a group is and why)."""
         ledger, workers = self.ledger, self.roster.workers
         while ledger.queue and ledger.inflight < self.max_inflight:
-            preps = workers.with_room(Stage.PREPROCESS, ledger.load)
-            executors = workers.with_room(Stage.EXECUTOR, ledger.load)
+            active = self.roster.active                 # the model being served, and
+            fed_by = self.roster.feeds.get(active, active)   # whose preprocess serves it
+            preps = workers.with_room(Stage.PREPROCESS, ledger.load, fed_by)
+            executors = workers.with_room(Stage.EXECUTOR, ledger.load, active)
             if not preps or not executors:
                 return
             (prep_room, prep), (executor_room, executor) = preps[0], executors[0]
@@ -292,11 +307,19 @@ class Front:
             self.read()                    # its last words may say why
             raise PipelineError(cannot_start_reason(self.supervisor, exc)) from exc
         for death in deaths:
-            self._forget(death.name, f"{death.slot.label} died (exit status {death.exitcode})")
+            self._forget(death.name, f"{death.slot.label} died (exit status {death.exitcode})"
+                         if not death.retired else f"{death.slot.label} retired")
+        self.reloader.step(now)
         for worker in self.roster.silent_remote(now, self.cfg.liveness_timeout_s):  # logged
             self._forget(worker.name, f"remote {worker.name} went silent")
         self._retried(*self.ledger.stalled(self.cfg.stall_timeout_s),
                       f"no progress for {self.cfg.stall_timeout_s:.0f} s")
+
+    def restart_metrics(self, num_classes: int) -> None:
+        """A reload to a model of other classes (forced): the running mIoU starts again."""
+        self.log.warning("running mIoU restarted: the new model has other classes",
+                         classes=num_classes, images_before=self.metrics.images)
+        self.metrics = self.answers.metrics = IoUAccumulator(num_classes)
 
     def _forget(self, name: str, reason: str) -> None:
         """A worker is gone: keep its counts, retry what it held, re-route."""
@@ -394,7 +417,8 @@ def front_status(front: Front) -> Status:
     return Status(stages=front.roster.stages(), front=summary,
                   remote=front.roster.remote(time.monotonic()),
                   images_per_s=front.answers.per_second(),
-                  metrics=front.metrics.summary() if front.metrics.images else None)
+                  metrics=front.metrics.summary() if front.metrics.images else None,
+                  model=front.reloader.describe())
 
 
 def cannot_start_reason(supervisor: Supervisor, exc: CannotStart) -> str:

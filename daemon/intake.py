@@ -111,7 +111,8 @@ class WatchIntake:
                      mask=result.mask if current else None, error=result.error,
                      cause=result.cause, attempt=result.attempt, final=result.cause is None,
                      size=list(result.size) if result.size and current else None,
-                     found=[list(f) for f in result.found] if current else [])
+                     found=[list(f) for f in result.found] if current else [],
+                     model=result.model or None)     # which model made it (a reload)
 
     # ---- the record -----------------------------------------------------------------------
 

@@ -4,7 +4,9 @@ The front's liveness side, kept apart from its request side: a worker introduces
 with its first heartbeat (checked against the identity it speaks under), a stuck one is
 stopped (its own) or routed around (a remote one), a remote one that falls silent is
 forgotten, and postprocess workers are told where the executors are whenever that
-changes. A dead worker's counters are kept (`past`), so the status stays monotonic.
+changes. A dead worker's counters are kept (`past`), so the status stays monotonic. During
+a live reload each worker belongs to one model's generation: the supervisor's slot says
+for its own, the version in its heartbeat for a remote one (`versions`).
 """
 
 from __future__ import annotations
@@ -32,6 +34,11 @@ class Roster:
         self.supervisor, self.send, self.pool, self.log = supervisor, send, postprocess_pool, log
         self.workers = Workers()
         self.past: collections.Counter[tuple[str, str]] = collections.Counter()
+        self.active = 0                           # the generation new requests go to
+        self.versions: dict[int, str] = {}        # generation -> its model's version
+        # a reload to a model of the same geometry and classes: its generation -> the
+        # one whose preprocess and postprocess workers serve it too (daemon.reload)
+        self.feeds: dict[int, int] = {}
 
     def heard(self, wid: wire.WorkerId, own: bool, hb: wire.Heartbeat, now: float,
               forget: Callable[[str, str], None]) -> None:
@@ -55,13 +62,16 @@ class Roster:
             slot.heard = now                # only the work loop's beat is liveness
         worker, new, moved = self.workers.heard(str(wid), wid.stage, wid.index, wid.pid, hb,
                                                 local, now)
+        generation = slot.generation if slot is not None else self.generation_of(hb.model)
+        joined = new or generation != worker.generation    # (a remote one: another model)
+        worker.generation = generation
         if new and not local:
             self.log.info("remote worker joined", worker=str(wid), inputs=hb.inputs or None)
         if hb.stuck:
             self._stuck(worker, hb.stuck, forget)
-        elif wid.stage == Stage.EXECUTOR and moved:     # a new executor, or a new address
+        elif wid.stage == Stage.EXECUTOR and (moved or joined):  # new, or a new address
             self.send_peers(self.workers.of(Stage.POSTPROCESS))
-        elif wid.stage == Stage.POSTPROCESS and new:
+        elif wid.stage == Stage.POSTPROCESS and joined:
             self.send_peers([worker])
 
     def _stuck(self, worker: Worker, why: str, forget: Callable[[str, str], None]) -> None:
@@ -73,11 +83,30 @@ class Roster:
                              reason=why)
             forget(worker.name, why)
 
+    def serves(self, generation: int | None, stage: Stage) -> bool:
+        """Whether a worker of `generation` and `stage` serves the active model."""
+        if stage == Stage.EXECUTOR:
+            return generation == self.active
+        return generation == self.feeds.get(self.active, self.active)
+
+    def generation_of(self, version: str) -> int | None:
+        """A remote worker's generation: the one serving its model (the active first), the
+        active one for a worker that names none (an older version); None: no model the
+        front serves, so nothing is routed to it."""
+        if not version:
+            return self.active
+        mine = sorted(self.versions.items(), key=lambda gv: gv[0] != self.active)
+        return next((gen for gen, v in mine if v == version), None)
+
     def send_peers(self, to: list[Worker]) -> None:
-        """Tell postprocess workers where the executors hand out outputs."""
-        frames = wire.encode(self.workers.peers(self.pool))
+        """Tell postprocess workers where the executors of their own model hand out
+        outputs."""
+        frames: dict[int | None, list] = {}
         for worker in to:
-            if not self.send(worker, frames):
+            if worker.generation not in frames:
+                frames[worker.generation] = wire.encode(
+                    self.workers.peers(self.pool, worker.generation, self.feeds))
+            if not self.send(worker, frames[worker.generation]):
                 worker.reachable = False
 
     def forget(self, name: str) -> Worker | None:
@@ -101,15 +130,18 @@ class Roster:
     def stages(self) -> dict[str, StageStatus]:
         """Each stage of the pipeline table as the supervisor and the beats see it."""
         out = {}
-        for stage in STAGES:
-            slots = [s for s in self.supervisor.slots if s.stage == stage]
+        for stage in STAGES:      # the model being served: a reload's trial is not "down"
+            slots = [s for s in self.supervisor.slots
+                     if s.stage == stage and self.serves(s.generation, stage)
+                     and not s.retiring]
             out[stage.value] = StageStatus(
                 **summed([w.counters for w in self.workers.of(stage) if w.local],
                          {key: n for (s, key), n in self.past.items() if s == stage}),
                 processes=len(slots), alive=sum(s.alive for s in slots),
                 up=sum(s.alive and s.heard is not None for s in slots),
                 restarts=sum(s.restarts for s in slots),
-                pids=[s.proc.pid for s in slots if s.proc is not None])
+                pids=[s.proc.pid for s in self.supervisor.slots
+                      if s.stage == stage and s.proc is not None])
         return out
 
     def remote(self, now: float) -> list[RemoteWorker]:

@@ -9,7 +9,10 @@ folder, dispatch, check the drain. Signal handlers only record the signal. One c
 bad message, or one request that cannot be handled, costs that message or request an error
 answer, never the daemon.
 
-Stopping has one deadline. The first SIGTERM, SIGINT or SIGHUP closes intake and sets it
+SIGHUP reloads the model from the same directory, live (daemon.reload; `pspnet reload`
+does the same for any directory): nothing stops, every accepted request is answered.
+
+Stopping has one deadline. The first SIGTERM or SIGINT closes intake and sets it
 --drain-timeout ahead: the drain (every accepted request answered, the partial batch
 flushed) may use all of it but the shutdown's reserve (STOP_RESERVE_S, at most half of
 it); then what is left is answered with an error saying why. The shutdown is one numbered
@@ -50,12 +53,14 @@ from pspnet.daemon.exporter import Exporter
 from pspnet.daemon.fd_budget import FdBudget
 from pspnet.daemon.front import Front, PipelineError, StartInterrupted
 from pspnet.daemon.intake import WATCH, WatchIntake
+from pspnet.daemon.reload import SIGHUP_ORIGIN
 from pspnet.daemon.serve_config import ServeConfig
 from pspnet.daemon.supervisor import STOP_ALL_GRACE_S
 from pspnet.daemon.upload_budget import UploadBudget
 
 LOOP_MS = 50
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+RELOAD_SIGNAL = signal.SIGHUP    # as nginx and gunicorn: read the model directory again
 STOP_RESERVE_S = 1.0         # of --drain-timeout, kept for the shutdown's steps
 HURRY_S = 0.5                # after a second signal, the shutdown's steps get this long
 ANSWERS_LEAVE_S = 0.2        # answers already sent get this long to leave, deadline or not
@@ -98,6 +103,7 @@ class Server:
         self.cfg = cfg
         self.log = structlog.get_logger().bind(component="supervisor")
         self.signals: list[int] = []
+        self.reload_asked = False               # SIGHUP seen, not yet acted on
         self.stopping = False
         self.deadline = Deadline()
         self.fds = FdBudget()           # one budget: the door, /metrics, restarts
@@ -113,11 +119,14 @@ class Server:
 
     # signal handlers only record
     def _on_signal(self, signum: int, _frame: object) -> None:
-        self.signals.append(signum)
+        if signum == RELOAD_SIGNAL:
+            self.reload_asked = True       # acted on in the loop, never a stop
+        else:
+            self.signals.append(signum)
 
     def serve(self) -> int:
         """Start-up, the loop, the shutdown (always). The exit status: see the module."""
-        for sig in STOP_SIGNALS:
+        for sig in (*STOP_SIGNALS, RELOAD_SIGNAL):
             signal.signal(sig, self._on_signal)
         problem = self.door.claim()        # before any worker: a bad endpoint fails fast
         if problem is not None:            # (nothing was started, nothing is left)
@@ -190,6 +199,7 @@ class Server:
             if clients.socket in ready:
                 clients.read()
             front.supervise()
+            self._reload_replies()
             self._check_parts()
             deliver_turn(front.take_answers(), self.clients.send, self._deliver)
             try:
@@ -205,6 +215,9 @@ class Server:
                 return code
 
     def _handle_signals(self) -> int | None:
+        if self.reload_asked:
+            self.reload_asked = False
+            self._reload_on_signal()
         while self.signals:
             signum = self.signals.pop(0)
             name = signal.Signals(signum).name
@@ -219,8 +232,24 @@ class Server:
             self._begin_drain()
         return None
 
+    def _reload_on_signal(self) -> None:
+        """SIGHUP: the served model directory, read again and swapped in live."""
+        if self.stopping:
+            self.log.warning("SIGHUP while draining: no reload")
+            return
+        problem = self.front.reloader.request(None, False, SIGHUP_ORIGIN)
+        if problem is not None:
+            self.log.error("SIGHUP: no reload", error=problem)
+
+    def _reload_replies(self) -> None:
+        """A reload's outcome to the client that asked (daemon.reload)."""
+        for origin, reply in self.front.reloader.take_replies():
+            if isinstance(origin, bytes):
+                self.clients.send(origin, reply)
+
     def _begin_drain(self) -> None:
         self.stopping = self.clients.stopping = True
+        self.front.reloader.stop("the daemon is shutting down")     # a reload under way
         self.deadline.start(self.cfg.drain_timeout_s)
         if self.intake is not None:
             self.intake.stop(WATCH_STOP_S)

@@ -21,6 +21,11 @@ def status_table(status: Status) -> str:
         rows.append(("plan", f"{plan.get('backend')} {plan.get('precision') or ''} on "
                      f"{','.join(plan.get('devices') or ())}"
                      + (f" ({plan['choice']})" if plan.get("choice") else "")))
+    model = status.model or {}
+    if model:
+        swap = model.get("reload")
+        rows.append(("model", f"{model.get('version')} ({model.get('dir')})"
+                     + (f", reloading to {swap['to']}: {swap['state']}" if swap else "")))
     rows += [
         ("queue", f"{front.queued} queued, {front.inflight} in flight"),
         ("images/s", f"{status.images_per_s:g} (last 10 s)"),

@@ -87,7 +87,8 @@ def readable(answer: Answer, shown: str) -> str:
         more = len(shares) - TOP_CLASSES
         parts.append(top + (f" (+{more} more)" if more > 0 else ""))
     parts.append(f"-> {answer.mask}" if answer.mask else "(no mask written)")
-    return "  ".join(parts) + f"  ({ms})"
+    model = f", model {answer.model}" if answer.model else ""
+    return "  ".join(parts) + f"  ({ms}{model})"
 
 
 def _percent(share: float) -> str:

@@ -7,6 +7,11 @@ keeps dying young), stop the silent and the stuck (STOP_SIGNAL, then SIGKILL aft
 grace), start what is due. A worker that cannot start (bad model, missing backend) says
 so and exits with EXIT_CANNOT_START: the daemon stops instead of restarting it for ever.
 Liveness is the worker's work loop speaking (`heard`), not its pid existing.
+
+A live reload (daemon.reload) adds a second generation of workers beside the first, each
+started with its own model's document: one of the new generation that cannot start, or
+dies before it was heard, fails the reload (`trial_failures`), not the daemon; the old
+generation is then retired (stopped, never restarted, its slots dropped once reaped).
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ import structlog
 
 from pspnet.core.config import STOP_SIGNAL, PipelineConfig
 from pspnet.core.exits import EXIT_CANNOT_START
-from pspnet.core.pipeline import PIPELINE, Stage
+from pspnet.core.pipeline import PIPELINE, Stage, first_index
 from pspnet.core.wire import WorkerId
 
 RESTART_BACKOFF_S = (0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
@@ -54,6 +59,8 @@ class Slot:
     restart_at: float | None = None
     stop_sent: float | None = None      # when STOP_SIGNAL went out
     fatal: str | None = None
+    generation: int = 0                 # which model it serves (a reload starts the next)
+    retiring: bool = False              # stopped for good: its model was replaced
 
     @property
     def label(self) -> str:
@@ -78,6 +85,7 @@ class Death:
     name: str
     exitcode: int
     lived_s: float
+    retired: bool = False               # stopped for good (a reload): not restarted
 
 
 class Supervisor:
@@ -90,6 +98,9 @@ class Supervisor:
         self.log = structlog.get_logger().bind(component="supervisor")
         self.slots = [Slot(spec.stage, i) for spec in PIPELINE for i in range(spec.workers(cfg))]
         self.restarts = 0
+        self.documents = {cfg.generation: start_document}   # per generation
+        self.trial: int | None = None           # the generation a reload is starting
+        self.trial_failures: dict[int, str] = {}  # its generation -> why it cannot start
 
     def by_pid(self, pid: int) -> Slot | None:
         return next((s for s in self.slots if s.proc is not None and s.proc.pid == pid), None)
@@ -103,7 +114,7 @@ class Supervisor:
                 [sys.executable, "-m", "pspnet.stages.worker", slot.stage, str(slot.index)],
                 stdin=subprocess.PIPE, close_fds=True)
         try:
-            slot.proc.stdin.write(self.start_document.encode())
+            slot.proc.stdin.write(self.documents[slot.generation].encode())
             slot.proc.stdin.close()
         except OSError:
             pass                                # it died at once: reaped by check()
@@ -116,12 +127,65 @@ class Supervisor:
         for slot in self.slots:
             self.spawn(slot)
 
+    def add_generation(self, cfg: PipelineConfig, start_document: str,
+                       stages: tuple[Stage, ...] | None = None) -> list[Slot]:
+        """Start a new generation's workers (`cfg.generation`, its own model) beside the
+        running ones, of `stages` (default all); they are on trial until `trial` is
+        cleared. Executors take their generation's index range (their devices and ipc
+        paths follow it); the other stages the lowest indices free."""
+        gen = cfg.generation
+        self.documents[gen] = start_document
+        self.trial = gen
+        self.trial_failures.pop(gen, None)
+        added = []
+        for spec in PIPELINE:
+            if stages is not None and spec.stage not in stages:
+                continue
+            if spec.stage == Stage.EXECUTOR:
+                indices = [first_index(spec.stage, cfg) + i for i in range(spec.workers(cfg))]
+            else:
+                used = {s.index for s in self.slots if s.stage == spec.stage}
+                free = (i for i in range(len(used) + spec.workers(cfg)) if i not in used)
+                indices = [next(free) for _ in range(spec.workers(cfg))]
+            added += [Slot(spec.stage, i, generation=gen) for i in indices]
+        self.slots.extend(added)
+        for slot in added:
+            self.spawn(slot)
+        return added
+
+    def adopt(self, old: int, new: int, stages: tuple[Stage, ...]) -> None:
+        """The old generation's workers of `stages` serve the new model from now on (the
+        same geometry and classes): restarted, they start with its document."""
+        for slot in self.of(old):
+            if slot.stage in stages and not slot.retiring:
+                slot.generation = new
+
+    def retire(self, generation: int, reason: str,
+               stages: tuple[Stage, ...] | None = None) -> None:
+        """Stop a generation's workers (of `stages`, default all) for good (STOP_SIGNAL,
+        SIGKILL after the grace); `check` drops each slot once reaped, and one waiting
+        for a restart at once."""
+        for slot in self.of(generation):
+            if stages is not None and slot.stage not in stages:
+                continue
+            slot.retiring = True
+            if slot.proc is None:
+                self.slots.remove(slot)
+            else:
+                self.stop(slot, reason)
+        if not self.of(generation):
+            self.documents.pop(generation, None)
+
+    def of(self, generation: int) -> list[Slot]:
+        return [s for s in self.slots if s.generation == generation]
+
     def stop(self, slot: Slot, reason: str) -> None:
         """The polite step: SIGCONT (a stopped process acts on nothing else), then
         STOP_SIGNAL, whose default action ends it; SIGKILL follows in check()."""
         if slot.proc is None or slot.stop_sent is not None or not slot.alive:
             return
-        self.log.warning("stopping child", child=slot.label, pid=slot.proc.pid, reason=reason)
+        log = self.log.info if slot.retiring else self.log.warning
+        log("stopping child", child=slot.label, pid=slot.proc.pid, reason=reason)
         _kill(slot.proc.pid, signal.SIGCONT)
         _kill(slot.proc.pid, STOP_SIGNAL)
         slot.stop_sent = time.monotonic()
@@ -161,7 +225,7 @@ class Supervisor:
         CannotStart for a worker that cannot start (and, `starting`, one that did not
         report within the start-up timeout)."""
         deaths = []
-        for slot in self.slots:
+        for slot in list(self.slots):
             if slot.proc is None:
                 if slot.restart_at is not None and now >= slot.restart_at:
                     self.spawn(slot)
@@ -183,6 +247,8 @@ class Supervisor:
                 why = f"not started within {self.cfg.start_timeout_s:.0f} s"
                 if starting:
                     raise CannotStart(f"{slot.label} {why}")
+                if slot.generation == self.trial:
+                    slot.fatal = why            # the reload fails, the daemon serves on
                 self.stop(slot, why)
             return
         silent = now - slot.heard
@@ -192,6 +258,18 @@ class Supervisor:
 
     def _died(self, slot: Slot, code: int, now: float) -> Death:
         name, lived = slot.name, now - slot.started
+        if slot.retiring:                       # stopped for good: dropped, not restarted
+            self.slots.remove(slot)
+            if not self.of(slot.generation):
+                self.documents.pop(slot.generation, None)
+            self.log.info("child retired", child=slot.label, pid=slot.proc.pid, exitcode=code)
+            return Death(slot, name, code, lived, retired=True)
+        if slot.generation == self.trial and (code == EXIT_CANNOT_START or slot.fatal
+                                              or slot.heard is None):
+            why = slot.fatal or f"exit status {code} before it reported"
+            self.trial_failures.setdefault(slot.generation, f"{slot.label} cannot start: {why}")
+            slot.retiring = True                # the reload retires the rest
+            return self._died(slot, code, now)
         if code == EXIT_CANNOT_START or slot.fatal:
             raise CannotStart(f"{slot.label} cannot start: {slot.fatal or f'exit status {code}'}")
         slot.proc = None

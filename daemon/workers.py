@@ -4,7 +4,9 @@ A worker introduces itself with its first heartbeat (its name is stage-index-pid
 life is a new worker), and every beat says where it receives data and how many requests
 may be routed to it beyond what it runs (`capacity`). Its room is that capacity less the
 ledger's count of requests routed to it and not yet taken (`load`): the front routes by
-room, so a slow worker is never sent more than it can take.
+room, so a slow worker is never sent more than it can take. Each worker serves one model
+(its `generation`): during a live reload two run, and a request's preprocess worker,
+executor and postprocess worker are always of one.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ class Worker:
     seen: float = 0.0
     counters: dict[str, float] = field(default_factory=dict)
     reachable: bool = True              # false after a send to it failed, until it beats
+    generation: int | None = 0          # the model it serves; None: none the front serves
 
 
 class Workers:
@@ -66,11 +69,14 @@ class Workers:
     def forget(self, name: str) -> Worker | None:
         return self.by_name.pop(name, None)
 
-    def with_room(self, stage: Stage, load: Mapping[str, int]) -> list[tuple[int, Worker]]:
+    def with_room(self, stage: Stage, load: Mapping[str, int], generation: int | None = None,
+                  ) -> list[tuple[int, Worker]]:
         """(room, worker) of each reachable worker of `stage` that has room, most room
-        first (an executor also needs an address to be sent images)."""
+        first (an executor also needs an address to be sent images); of `generation`
+        only, when given."""
         ready = [(w.capacity - load.get(w.name, 0), w) for w in self.by_name.values()
                  if w.stage == stage and w.reachable
+                 and (generation is None or w.generation == generation)
                  and (stage != Stage.EXECUTOR or w.inputs)]
         return sorted([(room, w) for room, w in ready if room > 0], key=lambda rw: -rw[0])
 
@@ -79,13 +85,20 @@ class Workers:
         ready = self.with_room(stage, load)
         return ready[0][1] if ready else None
 
-    def peers(self, pool: int = 1) -> wire.Peers:
+    def peers(self, pool: int = 1, generation: int | None = 0,
+              feeds: Mapping[int, int] | None = None) -> wire.Peers:
         """What postprocess workers are told: where every executor hands out outputs, and
         how many to ask each for (two of its batches over the postprocess pool: `pool`
         workers are expected, or as many as have joined if more). Not over those heard so
-        far: the first to start would be granted the whole room and keep it."""
-        executors = [w for w in self.of(Stage.EXECUTOR) if w.outputs]
+        far: the first to start would be granted the whole room and keep it. Only the
+        executors of the postprocess workers' own model (`generation`), and those of a
+        model whose outputs they serve too (`feeds`: a new model of the same geometry
+        and classes, during a reload)."""
+        feeds = feeds or {}
+        executors = [w for w in self.of(Stage.EXECUTOR) if w.outputs
+                     and feeds.get(w.generation, w.generation) == generation]
         batch = max((w.batch for w in executors), default=1)
-        posts = max(1, pool, len(self.of(Stage.POSTPROCESS)))
+        posts = max(1, pool, len([w for w in self.of(Stage.POSTPROCESS)
+                                  if w.generation == generation]))
         credits = max(2, math.ceil(POST_CREDIT_BATCHES * batch / posts))
         return wire.Peers(tuple((w.name, w.outputs) for w in executors), credits)

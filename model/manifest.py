@@ -5,6 +5,7 @@ Written by build_model, read by every backend, the postprocessors and the daemon
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -16,6 +17,7 @@ MANIFEST_FORMAT = 1
 # force_fp16, so an OM whose script set none (manifests without om_precision) computes in fp16
 OM_PRECISION_MODES = {"fp16": "force_fp16", "fp32": "must_keep_origin_dtype"}
 OM_DEFAULT_PRECISION = "fp16"
+VERSION_CHARS = 12                 # a model's short version: this many hex of its digest
 
 VOC_CLASSES = (
     "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat",
@@ -155,3 +157,17 @@ def pick_batch_size(manifest: Manifest, wanted: int | None) -> int:
         manifest.model_file(wanted)               # raises with the sizes on offer
         return wanted
     return 16 if 16 in manifest.models else max(manifest.models)
+
+
+def model_version(directory: Path) -> str:
+    """The model's short version: the first VERSION_CHARS hex digits of the sha256 of its
+    manifest.json's bytes. Every answer names it, so a client can tell which model made a
+    mask across a live reload; two builds that differ in anything the manifest records
+    (batch sizes, input size, weights' checksum) have different versions."""
+    path = Path(directory) / MANIFEST_NAME
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise FileNotFoundError(
+            f"{path}: no manifest; make the model directory with `pspnet build`") from None
+    return hashlib.sha256(raw).hexdigest()[:VERSION_CHARS]

@@ -18,6 +18,7 @@ commands in the order a new user meets them:
   pspnet serve --model models/ --out masks/ the daemon (Ctrl-C drains and stops it)
   pspnet submit photos/ -r          send images to the running daemon, a line per image
   pspnet status                     what the daemon is doing
+  pspnet reload --model models/v2   swap the daemon's model live (SIGHUP: the same one again)
   pspnet eval --voc VOC2012 --model models/     the seed's mIoU table
   pspnet bench --model models/ --synthetic 64   throughput per batch size
   pspnet batch --images DIR --model models/     many images on Ray Data (one machine or a cluster)

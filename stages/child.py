@@ -31,6 +31,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import NoReturn
 
 import structlog
@@ -51,6 +52,7 @@ from pspnet.core.logs import configure_logging
 from pspnet.core.pipeline import Stage
 from pspnet.core.trust import Refusals, Trust
 from pspnet.core.uploads import worker_frame_limit
+from pspnet.model.manifest import model_version
 
 SEND_LINGER_MS = 2000   # on exit, let queued answers reach the front
 NOTE_SLICES = 4         # an executor's notes wait up to this many --coalesce-ms slices
@@ -112,6 +114,7 @@ class Child:
         self.stage = Stage(self.stage)
         self.id = wire.WorkerId(self.stage, self.index, self.pid)
         self.name = str(self.id)
+        self.model = _version(self.cfg.model_dir)   # named in every heartbeat
         configure_logging(self.cfg.log_level, self.cfg.log_json, stage=self.stage,
                           index=self.index, pid=self.pid)
         self.log = structlog.get_logger()
@@ -211,7 +214,8 @@ class Child:
         counters["cpu_s"] = time.process_time()     # every thread: what the host pays
         beat = wire.Heartbeat(
             self.stage, self.index, self.pid, counters, inputs=self.inputs,
-            outputs=self.outputs, capacity=self.capacity, batch=self.batch, stuck=stuck)
+            outputs=self.outputs, capacity=self.capacity, batch=self.batch, stuck=stuck,
+            model=self.model)
         if sock is None:
             self.send(beat)
         else:
@@ -247,7 +251,8 @@ class Child:
     def fatal(self, message: str) -> NoReturn:
         """Tell the front why this worker cannot start, then exit with EXIT_CANNOT_START."""
         self.log.error("cannot start", error=message)
-        self.send(wire.Heartbeat(self.stage, self.index, self.pid, {}, fatal=message))
+        self.send(wire.Heartbeat(self.stage, self.index, self.pid, {}, fatal=message,
+                                 model=self.model))
         self.ctx.destroy(linger=SEND_LINGER_MS)
         sys.exit(EXIT_CANNOT_START)
 
@@ -396,3 +401,12 @@ def error_result(request: wire.Request, stage: str, message: str,
     return wire.Result(id=request.id, attempt=request.attempt, status=wire.ERROR,
                        path=request.path, error=message, stage=stage, cause=cause,
                        token=request.token)
+
+
+def _version(model_dir: Path) -> str:
+    """The model's version for the heartbeat; "" where it cannot be read (the stage's own
+    start says why, as a fatal)."""
+    try:
+        return model_version(model_dir)
+    except OSError:
+        return ""

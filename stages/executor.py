@@ -34,7 +34,7 @@ import zmq
 
 from pspnet.core import wire
 from pspnet.core.exits import EXIT_FAILED
-from pspnet.core.pipeline import Stage
+from pspnet.core.pipeline import Stage, first_index
 from pspnet.model.manifest import Manifest, pick_batch_size
 from pspnet.stages.backends import Backend
 from pspnet.stages.backends.ladder import open_ladder
@@ -67,7 +67,8 @@ class Slot:
 def main(child: Child) -> None:
     """Run until stopped."""
     cfg = child.cfg
-    device = cfg.devices[child.index] if child.index < len(cfg.devices) else cfg.devices[-1]
+    place = child.index - first_index(STAGE, cfg)     # its device within its generation
+    device = cfg.devices[place] if 0 <= place < len(cfg.devices) else cfg.devices[-1]
     try:
         manifest = Manifest.read(cfg.model_dir)
         batch = pick_batch_size(manifest, cfg.batch_size)
@@ -76,6 +77,12 @@ def main(child: Child) -> None:
                               options=cfg.executor_options())
     except Exception as exc:  # any start-up failure is "cannot start", not a restart loop
         child.fatal(f"{cfg.backend} backend on {device}: {exc}")
+    if cfg.first_batch_check:     # a live reload's model: fail here, the old one serving
+        try:
+            first_batch(backend)
+        except Exception as exc:
+            child.fatal(f"{cfg.backend} backend on {device}: the model's first batch "
+                        f"failed: {type(exc).__name__}: {exc}")
     # a compile or a cold cache makes this the slowest part of a start; say how slow
     compile_s = backend.compile_seconds
     child.log.info("backend open", backend=cfg.backend, device=device, batch=batch,
@@ -89,6 +96,21 @@ def main(child: Child) -> None:
     # of an 80 ms batch (a sleep-as-device experiment on 2 cores). Hand over faster.
     sys.setswitchinterval(SWITCH_INTERVAL_S)
     Executor(child, backend).run()
+
+
+def first_batch(backend: Backend) -> None:
+    """One batch of blank images through the backend, its outputs checked for shape and
+    finite values: a model that loads but cannot run is refused before it serves."""
+    images, boxes = backend.host_buffers(0)
+    images[:] = 0
+    boxes[:] = (0, 0, images.shape[1], images.shape[2])
+    backend.upload(0, images, boxes)
+    backend.launch(0)
+    out = np.asarray(backend.collect(0))
+    if out.shape[0] < len(images):
+        raise ValueError(f"{out.shape[0]} outputs for a batch of {len(images)}")
+    if out.dtype.kind == "f" and not np.isfinite(out).all():
+        raise ValueError("outputs that are not finite numbers")
 
 
 def exit_for_restart(child: Child, reason: str) -> None:

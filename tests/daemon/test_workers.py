@@ -78,3 +78,28 @@ def test_the_first_postprocess_worker_heard_is_not_granted_the_whole_room():
     workers.heard("postprocess-1-11", "postprocess", 1, 11, beat("postprocess", 1, 11),
                   True, 0.0)
     assert first == workers.peers(pool=2).credits == 16
+
+
+def test_during_a_reload_each_model_is_routed_and_peered_within_itself():
+    """Two generations (a live reload): the front dispatches within the active one, and a
+    postprocess worker is told only its own model's executors (their outputs are that
+    model's logits: its input size, its classes)."""
+    workers = Workers()
+    for gen, (index, pid) in enumerate(((0, 10), (1, 20))):
+        for stage, extra in (("executor", {"inputs": f"ipc:///r/exec{index}-in",
+                                           "outputs": f"ipc:///r/exec{index}-out",
+                                           "batch": 4 * (gen + 1)}),
+                             ("postprocess", {}), ("preprocess", {})):
+            worker, _, _ = workers.heard(f"{stage}-{index}-{pid}", stage, index, pid,
+                                         beat(stage, index, pid, capacity=8, **extra),
+                                         True, 0.0)
+            worker.generation = gen
+    for gen, (index, pid) in enumerate(((0, 10), (1, 20))):
+        assert [w.name for _, w in workers.with_room("executor", {}, gen)] == \
+            [f"executor-{index}-{pid}"]
+        assert [w.name for _, w in workers.with_room("preprocess", {}, gen)] == \
+            [f"preprocess-{index}-{pid}"]
+        peers = workers.peers(1, gen)
+        assert peers.executors == ((f"executor-{index}-{pid}", f"ipc:///r/exec{index}-out"),)
+        assert peers.credits == 8 * (gen + 1)            # two of its own batches
+    assert len(workers.with_room("executor", {})) == 2    # no generation: all of them

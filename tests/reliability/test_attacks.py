@@ -3,8 +3,9 @@
 Each test is the behaviour the rewritten front must have, against `pspnet serve` as a real
 process (tiny model, ort backend, real sockets): a symbolic-link loop under --allow-root, a
 flood of status queries and garbage from one connection, running the daemon out of file
-descriptors, SIGHUP, a request id repeated, an abstract ipc endpoint. Each docstring says
-what the test proves and how the front before the redesign failed it.
+descriptors, signals to the process group, a request id repeated, an abstract ipc
+endpoint. Each docstring says what the test proves and how the front before the redesign
+failed it.
 """
 
 from __future__ import annotations
@@ -376,24 +377,24 @@ def test_connections_beyond_a_hard_descriptor_limit(tiny_models, photo_files, tm
 
 
 # ---------------------------------------------------------------------------------------
-# 4. SIGHUP
+# 4. signals to the whole group (SIGHUP: a live reload, tests/daemon/test_reload.py)
 
 
-@pytest.mark.parametrize(("sig", "to"), [(signal.SIGHUP, "front"),
-                                         (signal.SIGHUP, "process-group"),
+@pytest.mark.parametrize(("sig", "to"), [(signal.SIGINT, "process-group"),
                                          (signal.SIGTERM, "process-group")],
-                         ids=["SIGHUP-front", "SIGHUP-process-group", "SIGTERM-process-group"])
-def test_sighup_and_group_signals_drain_like_sigterm(tiny_models, photo_files, tmp_path,
-                                                     daemons, sig, to):
-    """SIGHUP (a closed terminal, `kill -HUP`) mid-stream, to the daemon or to its whole
-    process group, and SIGTERM to the whole group (systemd's stop, `timeout`, Ctrl-C): it
-    drains like SIGTERM to the front: each of the 100 accepted requests answered once and
-    ok, exit status 0, no worker killed or restarted during the drain (the workers ignore
-    the group's signal), and none left after the exit (the front stops them).
+                         ids=["SIGINT-process-group", "SIGTERM-process-group"])
+def test_group_signals_drain_like_sigterm(tiny_models, photo_files, tmp_path, daemons, sig,
+                                          to):
+    """SIGINT or SIGTERM mid-stream to the daemon's whole process group (Ctrl-C, systemd's
+    stop, `timeout`): it drains like SIGTERM to the front: each of the 100 accepted
+    requests answered once and ok, exit status 0, no worker killed or restarted during the
+    drain (the workers ignore the group's signal), and none left after the exit (the front
+    stops them).
 
     Before the redesign: SIGHUP's default action ended the front at once (killed by
     SIGHUP, status -1), to the front or to the group: 5-10 of 100 answered when signalled,
-    the other 90-95 accepted requests never answered (the issue: 92)."""
+    the other 90-95 accepted requests never answered (the issue: 92). SIGHUP now reloads
+    the model live (issue 26)."""
     paths = linked_stream(photo_files, tmp_path / "in", 100)
     daemon = daemons(tiny_models["logits"], tmp_path / "masks", tmp_path, *ARGS)
     daemon.wait_ready()

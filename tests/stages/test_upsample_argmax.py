@@ -110,6 +110,44 @@ def test_boundary_equals_dense(case, align_corners: bool, kind: str, monkeypatch
     assert not (differ & ~near_ties(torch_resized(logits, p, (side, side), align_corners))).any()
 
 
+GROUPING_CASES = [*CASES, (33, 33, 257, 477, 211), (33, 33, 257, 424, 641),
+                  (33, 33, 257, 901, 1203), (33, 33, 257, 97, 3)]
+
+
+@pytest.mark.parametrize("case", GROUPING_CASES, ids=lambda c: "x".join(map(str, c)))
+@pytest.mark.parametrize("align_corners", [False, True])
+@pytest.mark.parametrize("kind", ["smooth", "noise", "near-ties"])
+def test_row_cells_equal_the_per_row_test(case, align_corners: bool, kind: str,
+                                          monkeypatch) -> None:
+    """Steps a and b per row cell (on the crop rows) give the labels of the per-row path,
+    bit for bit, on the sparse path (SPARSE_COST 0: no hand-over to the dense one)."""
+    lh, lw, side, h, w = case
+    rng = np.random.default_rng(zlib.crc32(repr(("rows", case, align_corners, kind)).encode()))
+    if kind == "noise":
+        logits = rng.standard_normal((21, lh, lw)).astype(np.float32)
+    else:
+        logits = smooth_logits(rng, 21, lh, lw)
+    if kind == "near-ties":
+        logits[3] = logits[0] + rng.integers(-2, 3, (lh, lw)) * np.spacing(np.abs(logits[0]))
+    p = placement_for(h, w, (side, side))
+    monkeypatch.setattr(ua, "SPARSE_COST", 0)
+    monkeypatch.setattr(ua, "GROUP_ROWS", False)
+    old = ua.boundary_labels(logits, p, (side, side), align_corners)
+    monkeypatch.setattr(ua, "GROUP_ROWS", True)
+    monkeypatch.setattr(ua, "ROW_GROUP_MIN", 0)         # at every size, not only large ones
+    new = ua.boundary_labels(logits, p, (side, side), align_corners)
+    assert np.array_equal(new, old)
+
+
+def test_row_plan_covers_every_row() -> None:
+    axis = ua.AxisResize(33, 257, 32, 193, 375, False)
+    plan = ua.row_plan(axis)
+    assert ua.row_plan(ua.AxisResize(33, 257, 32, 193, 375, False)) is plan
+    assert plan.width.sum() == 375 and (plan.width >= 1).all()
+    assert len(plan.q0) <= 193 and (plan.q1 >= plan.q0).all()
+    assert len(plan.a0) == 193 and not plan.a0.flags.writeable
+
+
 def test_ties_go_to_the_first_class() -> None:
     p = placement_for(40, 60, (64, 64))
     flat = np.zeros((5, 9, 9), np.float32)
@@ -189,3 +227,17 @@ def test_trained_logits_boundary_dense_and_torch(trained_model, trained_logits) 
     print(f"FIGURE trained logits, {len(trained_logits)} photos, {pixels} pixels: "
           f"{ties} near-tie pixels (top-2 within {NEAR_TIE}), {differ} labels differ from "
           "torch's, 0 elsewhere")
+
+
+def test_trained_logits_row_cells_equal_the_per_row_test(trained_model, trained_logits,
+                                                         monkeypatch) -> None:
+    """The row grouping on real logits (align_corners=True, sample photos and enlarged
+    ones): the same labels as step a per output row, on the sparse path."""
+    size = Manifest.read(trained_model).input_size
+    monkeypatch.setattr(ua, "SPARSE_COST", 0)
+    for name, logits, place in trained_logits:
+        monkeypatch.setattr(ua, "GROUP_ROWS", False)
+        old = ua.boundary_labels(logits, place, size, True)
+        monkeypatch.setattr(ua, "GROUP_ROWS", True)
+        monkeypatch.setattr(ua, "ROW_GROUP_MIN", 0)         # at every size, not only large ones
+        assert np.array_equal(ua.boundary_labels(logits, place, size, True), old), name

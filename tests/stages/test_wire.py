@@ -89,6 +89,9 @@ def test_a_worker_id_is_written_and_read_in_one_place():
     wire.Peers((("executor-0-44", "tcp://10.0.0.5:40002"),), 8),
     wire.Submit((REQ, wire.Request("y", "/q"))), wire.StatusQuery(),
     wire.Reply("accepted", ("a",), "", {"k": 1}),
+    wire.Reload(), wire.Reload("/models/v2", force=True),
+    wire.Heartbeat("postprocess", 2, 45, {}, model="0123456789ab"),
+    wire.Result("a", 0, wire.OK, "/p", model="0123456789ab"),
 ])
 def test_small_messages_roundtrip(msg):
     assert roundtrip(msg) == msg
@@ -127,6 +130,11 @@ def header(**fields):
              place=[10, 10, 1.0, 0, 0, 10, 10], head="labels",
              arrays=[["uint8", [100000, 100000]]]), b""], "shape"),
     ([b"\0" * (wire.MAX_HEADER_BYTES + 1)], "header of"),
+    ([header(kind="reload", model="/m", force="yes")], "force"),
+    ([header(kind="result", id="a", attempt=0, status="ok", path="/p", stage="front",
+             model="../x",
+             arrays=[])],
+     "model version"),
 ])
 def test_malformed_messages_are_refused_with_a_reason(frames, words):
     with pytest.raises(wire.WireError, match=words):
