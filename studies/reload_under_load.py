@@ -6,8 +6,9 @@ A is the demo model (the shipped DeepLabV3-MobileNetV2 at 257x257, batch sizes 1
 as `pspnet demo` builds it); B is a second build of it at 225x225: another manifest, so
 another version, and another input size, so every stage changes with it (`--b
 same-size`: at 257x257 with batch sizes 1 and 2 instead, so a reload starts executors
-only). The requests are
-paths (the sample photos, linked under distinct names); uploads are not on this branch.
+only). The requests are the sample photos, linked under distinct names; each client sends
+every other window of 16 as uploads (the bytes in, the palette PNG back in the answer) and
+the rest as paths (`--paths-only`: all paths).
 
 What it prints and writes (--json): errors, answers per model, answers without a model,
 "late-old" answers (a request sent after a reload had returned, answered by the model that
@@ -37,6 +38,7 @@ from typing import Any
 
 from pspnet.bench import machine
 from pspnet.daemon.client import Answer, Client, DaemonUnavailable
+from pspnet.daemon.uploads_client import Upload
 from pspnet.model.manifest import model_version
 
 SIZE_A, SIZE_B = 257, 225        # sides of 8k + 1 keep the network's padding exact
@@ -59,6 +61,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--backend", default="ort")
     p.add_argument("--b", choices=("other-size", "same-size"), default="other-size",
                    help="model B: the demo at 225x225, or at 257x257 with batch sizes 1, 2")
+    p.add_argument("--paths-only", action="store_true",
+                   help="every request by path (default: every other window of each client "
+                        "uploads its images' bytes and gets the PNG back)")
     p.add_argument("--json", type=Path, default=None, help="write the results here")
     return p.parse_args(argv)
 
@@ -189,17 +194,24 @@ class Stream(threading.Thread):
     reload); each answer with its arrival and the time its request was sent (arrival
     less its latency)."""
 
-    def __init__(self, endpoint: str, paths: list[Path]) -> None:
+    def __init__(self, endpoint: str, paths: list[Path], mixed: bool = False) -> None:
         super().__init__(daemon=True)
-        self.endpoint, self.paths = endpoint, paths
+        self.endpoint, self.paths, self.mixed = endpoint, paths, mixed
         self.answers: list[tuple[Answer, float, float]] = []   # answer, sent, arrived
+        self.uploaded = 0
         self.error: BaseException | None = None
 
     def run(self) -> None:
         try:
             with Client(self.endpoint) as client:
-                for i in range(0, len(self.paths), WINDOW):
-                    for answer in client.submit(self.paths[i:i + WINDOW]):
+                for k, i in enumerate(range(0, len(self.paths), WINDOW)):
+                    window = self.paths[i:i + WINDOW]
+                    upload = Upload() if self.mixed and k % 2 else None  # bytes, PNG back
+                    self.uploaded += len(window) if upload else 0
+                    for answer in client.submit(window, upload=upload):
+                        if upload and not answer.png:
+                            raise RuntimeError(f"{answer.path}: an upload came back "
+                                               "without its mask")
                         now = time.monotonic()
                         self.answers.append((answer, now - answer.latency_ms / 1e3, now))
         except BaseException as exc:   # reported in the results
@@ -228,9 +240,11 @@ def wait_swap_done(daemon: Daemon, timeout_s: float = 300) -> float:
 
 
 def under_load(daemon: Daemon, rss: RssWatch, models: dict[str, Path], work: Path,
-               n: int) -> dict[str, Any]:
-    """Two clients, n requests, reloads A -> B -> A -> B spread over the stream."""
-    streams = [Stream(daemon.endpoint, inputs(work, f"in{c}", n // 2)) for c in range(2)]
+               n: int, mixed: bool = True) -> dict[str, Any]:
+    """Two clients, n requests, reloads A -> B -> A -> B spread over the stream; `mixed`:
+    every other window of each client goes as uploads (bytes in, the PNG back)."""
+    streams = [Stream(daemon.endpoint, inputs(work, f"in{c}", n // 2), mixed)
+               for c in range(2)]
     started = time.monotonic()
     for s in streams:
         s.start()
@@ -261,7 +275,7 @@ def under_load(daemon: Daemon, rss: RssWatch, models: dict[str, Path], work: Pat
     in_swaps = [t for t in arrivals if any(a <= t <= b for a, b in swaps)]
     before = [t for t in arrivals if t < swaps[0][0]]
     return {
-        "requests": n, "answers": len(answers),
+        "requests": n, "answers": len(answers), "uploads": sum(s.uploaded for s in streams),
         "errors": sum(a.status != "ok" for a, _, _ in answers),
         "client_errors": [repr(s.error) for s in streams if s.error],
         "per_model": dict(collections.Counter(names.get(a.model, a.model or "none")
@@ -340,7 +354,8 @@ def main(argv: list[str] | None = None) -> int:
         rss = RssWatch(daemon.proc.pid)
         rss.start()
         time.sleep(1.0)                               # a baseline before any load
-        load = under_load(daemon, rss, {"A": model_a, "B": model_b}, work, args.requests)
+        load = under_load(daemon, rss, {"A": model_a, "B": model_b}, work, args.requests,
+                          mixed=not args.paths_only)
         broken_run = broken(daemon, model_b, work, args.broken_requests)
         rss.done.set()
         status = daemon.status()
