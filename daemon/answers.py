@@ -15,7 +15,7 @@ from typing import Any
 
 from pspnet.core import wire
 from pspnet.core.status import Tally
-from pspnet.daemon.ledger import Entry
+from pspnet.daemon.ledger import Entry, Ledger
 from pspnet.model.metrics import IoUAccumulator
 
 RATE_WINDOW_S = 10.0
@@ -56,6 +56,30 @@ class Answers:
                                        size=found[0], found=found[1], model=model,
                                        payload=returned[0], returned=returned[1]),
                            entry.origin))
+
+    def from_worker(self, entry: Entry, result: wire.Result, model: str) -> None:
+        """A worker's admitted answer, stamped with the version of the model that ran it."""
+        areas = result.areas    # a replaced model's, of other classes (--force): not summed
+        if areas is not None and areas.shape != self.metrics.areas.shape:
+            areas = None
+        self.deliver(entry, result.status, result.mask, result.error, result.stage, areas,
+                     result.cause, (result.size, result.found), model=model,
+                     returned=(result.payload, result.returned))
+
+    def malformed(self, ledger: Ledger, exc: wire.WireError) -> None:
+        """A worker's message that does not decode: dropped, and its request (where its id
+        could be read) answered with the error."""
+        self.totals["malformed"] += 1
+        self.log.warning("malformed message dropped", socket="control", error=str(exc))
+        entry = ledger.answer(exc.request_id) if exc.request_id else None
+        if entry is not None:
+            self.failed(entry, f"internal message malformed: {exc}")
+
+    def abandon(self, entries: list[Entry], reason: str) -> None:
+        """Stopping without them: each answered once with `reason` (logged by the caller)."""
+        for entry in entries:
+            self.failed(entry, reason, quiet=True)
+        self.totals["abandoned"] += len(entries)
 
     def failed(self, entry: Entry, error: str, quiet: bool = False) -> None:
         """The front's own error answer (malformed, given up, abandoned)."""

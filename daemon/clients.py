@@ -78,6 +78,12 @@ class Clients:
                 self.uploads.release(client, result.id)      # answered: bytes free
         self._send_frames(client, wire.encode(msg))
 
+    def send_replies(self, replies: list[tuple[Any, wire.Reply]]) -> None:
+        """Replies to clients (a reload's outcome); others (SIGHUP's) are not a client's."""
+        for origin, reply in replies:
+            if isinstance(origin, bytes):
+                self.send(origin, reply)
+
     # ---- inside ------------------------------------------------------------------------
 
     def _message(self, client: bytes, frames: list[zmq.Frame]) -> None:

@@ -51,7 +51,7 @@ class ControlGate:
         self.curve: dict[str, str] | None = None     # the workers' keys, for their start
         self._auth: KeyAuthenticator | None = None
         self._handshakes: HandshakeLog | None = None
-        self._proven: dict[bytes, tuple[str, bool]] = {}   # identity -> (name, own)
+        self._proven: dict[bytes, tuple[wire.WorkerId, bool]] = {}   # identity -> (who, own)
 
     # ---- the socket ------------------------------------------------------------------
 
@@ -92,21 +92,20 @@ class ControlGate:
 
     # ---- what comes in -----------------------------------------------------------------
 
-    def sender(self, identity: zmq.Frame, frames: list[zmq.Frame]) -> tuple[str, bool]:
-        """(the worker name a message comes from, whether the front started it)."""
+    def sender(self, identity: zmq.Frame, frames: list[zmq.Frame]) -> tuple[wire.WorkerId, bool]:
+        """(the worker a message comes from, whether the front started it)."""
         proven = self._proven.get(identity.bytes)
-        if proven is None:                   # one HMAC per identity, not per message
-            proven = self.trust.origin(identity.bytes)
-            if proven is not None:
-                if len(self._proven) >= PROVEN_KEPT:
-                    self._proven.clear()
-                self._proven[identity.bytes] = proven
-        match = None if proven is None else NAME.match(proven[0])
-        if proven is None or match is None:
-            raise Forged("an identity the front did not hand out")
+        if proven is None:          # one HMAC and one parse per identity, not per message
+            origin = self.trust.origin(identity.bytes)
+            if origin is None or NAME.match(origin[0]) is None:
+                raise Forged("an identity the front did not hand out")
+            proven = (wire.WorkerId.parse(origin[0]), origin[1])
+            if len(self._proven) >= PROVEN_KEPT:
+                self._proven.clear()
+            self._proven[identity.bytes] = proven
         pid = peer_pid(frames[0]) if frames and self.cfg.transport == "ipc" else None
-        if pid is not None and pid != int(match[3]):
-            raise Forged(f"{proven[0]} speaking from pid {pid}")
+        if pid is not None and pid != proven[0].pid:
+            raise Forged(f"{proven[0].text} speaking from pid {pid}")
         return proven
 
     def check_answer(self, result: wire.Result, sender: str, attempt: int,

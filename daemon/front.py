@@ -53,7 +53,6 @@ from pspnet.model.metrics import IoUAccumulator
 
 CHECK_EVERY_S = 0.1             # supervision, liveness and stall checks
 CONTROL_READS_PER_TURN = 1024   # bounded: the loop also serves clients and supervision
-WIDS_KEPT = 4096                # proven worker names parsed, kept (bounded)
 EVENTS, POLLIN = int(zmq.EVENTS), int(zmq.POLLIN)   # plain ints: no enum per message
 
 
@@ -88,7 +87,6 @@ class Front:
         self.started = False
         self._next_check = 0.0
         self._own_run_dir = cfg.run_dir is None
-        self._wids: dict[str, wire.WorkerId] = {}
 
     # ---- start and stop ----------------------------------------------------------------
 
@@ -197,18 +195,12 @@ class Front:
             identity, *frames = self.control.recv_multipart(zmq.NOBLOCK, copy=False)
             self.bytes_in += len(identity) + sum(len(f) for f in frames)
             try:
-                name, own = self.gate.sender(identity, frames)   # proven, or Forged
-                wid = self._wids.get(name)
-                if wid is None:                            # parsed once per worker life
-                    if len(self._wids) >= WIDS_KEPT:
-                        self._wids.clear()
-                    wid = self._wids[name] = wire.WorkerId.parse(name)
-                self._handle(wid, own, frames)
+                self._handle(*self.gate.sender(identity, frames), frames)   # or Forged
             except Forged as exc:                  # counted, dropped, never delivered
                 self.totals["forged_dropped"] += 1
                 self.gate.refused(identity, exc)
             except wire.WireError as exc:
-                self._malformed(exc)
+                self.answers.malformed(self.ledger, exc)
             except Exception:              # a bug must cost one message, not the daemon
                 self.totals["malformed"] += 1
                 self.log.exception("internal message not handled")
@@ -235,31 +227,14 @@ class Front:
         if entry is None or result.attempt < entry.request.attempt:
             self.totals["duplicates_dropped"] += 1       # answered, or an earlier attempt's
             return
-        worker = self.roster.workers.by_name.get(sender)
-        generation = None if worker is None else worker.generation
-        ran = self.roster.workers.by_name.get(entry.executor or "")   # the model that ran
-        model = self.reloader.version_of(ran.generation if ran is not None else generation)
-        classes = self.reloader.classes(generation) or self.metrics.areas.shape[-1]
-        result = self.gate.admitted(result, sender, entry, worker is not None,
-                                    (4, classes))
+        known, model, classes = self.reloader.stamp(sender, entry)
+        result = self.gate.admitted(result, sender, entry, known, (4, classes))
         if result is None:                  # forged: counted, dropped, never delivered
             self.totals["forged_dropped"] += 1
             return
         self.ledger.answer(result.id)
         self.storage.saw(result)
-        areas = result.areas    # a replaced model's, of other classes (--force): not summed
-        if areas is not None and areas.shape != self.metrics.areas.shape:
-            areas = None
-        self.answers.deliver(entry, result.status, result.mask, result.error, result.stage,
-                             areas, result.cause, (result.size, result.found),
-                             model=model, returned=(result.payload, result.returned))
-
-    def _malformed(self, exc: wire.WireError) -> None:
-        self.totals["malformed"] += 1
-        self.log.warning("malformed message dropped", socket="control", error=str(exc))
-        entry = self.ledger.answer(exc.request_id) if exc.request_id else None
-        if entry is not None:
-            self.answers.failed(entry, f"internal message malformed: {exc}")
+        self.answers.from_worker(entry, result, model)
 
     # ---- routing ---------------------------------------------------------------------
 
@@ -315,12 +290,6 @@ class Front:
         self._retried(*self.ledger.stalled(self.cfg.stall_timeout_s),
                       f"no progress for {self.cfg.stall_timeout_s:.0f} s")
 
-    def restart_metrics(self, num_classes: int) -> None:
-        """A reload to a model of other classes (forced): the running mIoU starts again."""
-        self.log.warning("running mIoU restarted: the new model has other classes",
-                         classes=num_classes, images_before=self.metrics.images)
-        self.metrics = self.answers.metrics = IoUAccumulator(num_classes)
-
     def _forget(self, name: str, reason: str) -> None:
         """A worker is gone: keep its counts, retry what it held, re-route."""
         self.roster.forget(name)
@@ -340,12 +309,8 @@ class Front:
     def abandon(self, reason: str) -> list[tuple[wire.Result, Any]]:
         """Answer every pending request with the error `reason` (stopping without them):
         each is still answered exactly once, and later answers for them are dropped."""
-        entries = self.ledger.abandon()
-        for entry in entries:
-            self.answers.failed(entry, reason, quiet=True)  # logged once, by the caller
-        self.totals["abandoned"] += len(entries)
+        self.answers.abandon(self.ledger.abandon(), reason)
         return self.take_answers()
-
 
 def requests_for(paths: Iterable[str | Path], anns: Iterable[str | None] | None = None,
                  ) -> list[wire.Request]:

@@ -37,6 +37,7 @@ from pspnet.core import wire
 from pspnet.core.config import PipelineConfig, start_document
 from pspnet.core.pipeline import Stage
 from pspnet.model.manifest import Manifest, model_version, pick_batch_size
+from pspnet.model.metrics import IoUAccumulator
 
 LOADING, DRAINING, RETIRING, FAILED = "loading", "draining", "retiring", "failed"
 SHAREABLE = (Stage.PREPROCESS, Stage.POSTPROCESS)   # kept for a model of the same geometry
@@ -88,6 +89,18 @@ class Reloader:
         self.replies: list[tuple[Any, wire.Reply]] = []
         self.reloads = self.failures = 0
         self.last: dict[str, Any] | None = None
+
+    def stamp(self, sender: str, entry: Any) -> tuple[bool, str, int]:
+        """For an answer from `sender`: whether it is a worker the front knows, the version
+        of the model that ran the request (its executor's, else the sender's), and how
+        many classes the sender's model has (its areas' width)."""
+        by_name = self.front.roster.workers.by_name
+        worker = by_name.get(sender)
+        generation = None if worker is None else worker.generation
+        ran = by_name.get(entry.executor or "")
+        model = self.version_of(ran.generation if ran is not None else generation)
+        return (worker is not None, model,
+                self.classes(generation) or self.front.metrics.areas.shape[-1])
 
     def version_of(self, generation: int | None) -> str:
         """The version of the model a generation serves ("" none: not one of ours)."""
@@ -219,7 +232,10 @@ class Reloader:
         front.roster.active = new.number
         front.manifest = new.manifest
         if new.manifest.num_classes != old.manifest.num_classes:    # --force: other classes
-            front.restart_metrics(new.manifest.num_classes)
+            self.log.warning("running mIoU restarted: the new model has other classes",
+                             classes=new.manifest.num_classes,
+                             images_before=front.metrics.images)
+            front.metrics = front.answers.metrics = IoUAccumulator(new.manifest.num_classes)
         self.active = new
         swap.state, swap.switched = DRAINING, now
         self.reloads += 1
@@ -263,6 +279,15 @@ class Reloader:
     def _reply(self, origin: Any, reply: wire.Reply) -> None:
         if origin != SIGHUP_ORIGIN:
             self.replies.append((origin, reply))
+
+    def on_sighup(self, stopping: bool) -> None:
+        """SIGHUP: the served model directory, read again and swapped in live."""
+        if stopping:
+            self.log.warning("SIGHUP while draining: no reload")
+            return
+        problem = self.request(None, False, SIGHUP_ORIGIN)
+        if problem is not None:
+            self.log.error("SIGHUP: no reload", error=problem)
 
     def take_replies(self) -> list[tuple[Any, wire.Reply]]:
         replies, self.replies = self.replies, []

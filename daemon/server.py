@@ -53,7 +53,6 @@ from pspnet.daemon.exporter import Exporter
 from pspnet.daemon.fd_budget import FdBudget
 from pspnet.daemon.front import Front, PipelineError, StartInterrupted
 from pspnet.daemon.intake import WATCH, WatchIntake
-from pspnet.daemon.reload import SIGHUP_ORIGIN
 from pspnet.daemon.serve_config import ServeConfig
 from pspnet.daemon.supervisor import STOP_ALL_GRACE_S
 from pspnet.daemon.upload_budget import UploadBudget
@@ -103,7 +102,6 @@ class Server:
         self.cfg = cfg
         self.log = structlog.get_logger().bind(component="supervisor")
         self.signals: list[int] = []
-        self.reload_asked = False               # SIGHUP seen, not yet acted on
         self.stopping = False
         self.deadline = Deadline()
         self.fds = FdBudget()           # one budget: the door, /metrics, restarts
@@ -119,10 +117,7 @@ class Server:
 
     # signal handlers only record
     def _on_signal(self, signum: int, _frame: object) -> None:
-        if signum == RELOAD_SIGNAL:
-            self.reload_asked = True       # acted on in the loop, never a stop
-        else:
-            self.signals.append(signum)
+        self.signals.append(signum)       # a stop, or RELOAD_SIGNAL (never a stop)
 
     def serve(self) -> int:
         """Start-up, the loop, the shutdown (always). The exit status: see the module."""
@@ -160,10 +155,11 @@ class Server:
         front = Front(pipe, around_spawn=self.fds.reserve)
         front.answers.on_answer = self.exporter.answered
         try:
-            front.start(interrupted=lambda: bool(self.signals))
+            front.start(interrupted=lambda: any(s != RELOAD_SIGNAL for s in self.signals))
         except StartInterrupted:
             self.log.warning("signal during start-up: children stopped, exiting; nothing was "
-                             "served", signal=signal.Signals(self.signals[0]).name)
+                             "served", signal=signal.Signals(next(
+                                 s for s in self.signals if s != RELOAD_SIGNAL)).name)
             return EXIT_FAILED
         except PipelineError as exc:
             self.log.error("cannot start", error=str(exc))
@@ -199,7 +195,7 @@ class Server:
             if clients.socket in ready:
                 clients.read()
             front.supervise()
-            self._reload_replies()
+            clients.send_replies(front.reloader.take_replies())   # a reload's outcome
             self._check_parts()
             deliver_turn(front.take_answers(), self.clients.send, self._deliver)
             try:
@@ -215,11 +211,11 @@ class Server:
                 return code
 
     def _handle_signals(self) -> int | None:
-        if self.reload_asked:
-            self.reload_asked = False
-            self._reload_on_signal()
         while self.signals:
             signum = self.signals.pop(0)
+            if signum == RELOAD_SIGNAL:     # the served directory, read again, swapped live
+                self.front.reloader.on_sighup(self.stopping)
+                continue
             name = signal.Signals(signum).name
             if self.stopping:
                 self.log.warning("second signal, exiting now", signal=name,
@@ -231,21 +227,6 @@ class Server:
             self.log.info("signal, draining", signal=name, pending=self.front.pending)
             self._begin_drain()
         return None
-
-    def _reload_on_signal(self) -> None:
-        """SIGHUP: the served model directory, read again and swapped in live."""
-        if self.stopping:
-            self.log.warning("SIGHUP while draining: no reload")
-            return
-        problem = self.front.reloader.request(None, False, SIGHUP_ORIGIN)
-        if problem is not None:
-            self.log.error("SIGHUP: no reload", error=problem)
-
-    def _reload_replies(self) -> None:
-        """A reload's outcome to the client that asked (daemon.reload)."""
-        for origin, reply in self.front.reloader.take_replies():
-            if isinstance(origin, bytes):
-                self.clients.send(origin, reply)
 
     def _begin_drain(self) -> None:
         self.stopping = self.clients.stopping = True
@@ -291,17 +272,7 @@ class Server:
             self.intake.answered(result, record)
 
     def status(self) -> Status:
-        status = self.front.status()
-        status.front.malformed += self.clients.counts["malformed"]    # workers' and clients'
-        status.daemon = DaemonStatus(
-            **self.clients.counts, pid=os.getpid(), endpoint=self.cfg.endpoint,
-            stopping=self.stopping, watch=str(self.cfg.watch or "") or None,
-            client_connections=self.door.state.connections,
-            accepting_connections=self.door.state.open, client_connections_cap=self.door.cap,
-            max_upload_bytes=self.cfg.pipeline.max_upload_bytes)
-        status.plan = self.cfg.pipeline.plan        # how workers and threads were chosen
-        status.ready = status.readiness() is None
-        return status
+        return server_status(self)
 
     # ---- shutdown ----------------------------------------------------------------------
 
@@ -374,6 +345,21 @@ class Server:
             self.log.warning("answered unfinished requests as errors", count=len(answers),
                              reason=self.stop_reason)
         return len(answers)
+
+
+def server_status(server: Server) -> Status:
+    """The status document: the front's part, the clients', the daemon's."""
+    status = server.front.status()
+    status.front.malformed += server.clients.counts["malformed"]    # workers' and clients'
+    status.daemon = DaemonStatus(
+        **server.clients.counts, pid=os.getpid(), endpoint=server.cfg.endpoint,
+        stopping=server.stopping, watch=str(server.cfg.watch or "") or None,
+        client_connections=server.door.state.connections,
+        accepting_connections=server.door.state.open, client_connections_cap=server.door.cap,
+        max_upload_bytes=server.cfg.pipeline.max_upload_bytes)
+    status.plan = server.cfg.pipeline.plan        # how workers and threads were chosen
+    status.ready = status.readiness() is None
+    return status
 
 
 def log_config(log: Any, cfg: ServeConfig, connections_cap: int) -> None:
