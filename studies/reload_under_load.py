@@ -372,8 +372,8 @@ def main(argv: list[str] | None = None) -> int:
            "b": args.b,
            "workers": {k: v["processes"] for k, v in status["stages"].items()},
            "under_load": load, "broken": broken_run, "daemon_exit": code,
-           "note": "paths only: uploads (issue 26 part 2) are another branch's; the machine "
-                   "is shared with other engineers' runs (2 cores): times are noisy"}
+           "note": ("paths only" if args.paths_only else "each client: every other window "
+                    "of 16 as uploads (bytes in, PNG back), the rest as paths")}
     print(json.dumps({k: doc[k] for k in ("models", "workers", "under_load", "broken",
                                           "daemon_exit")}, indent=1))
     if args.json is not None:
