@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from pspnet.core.backend_rules import RULES, SPIN, THREADS
+from pspnet.core.backend_rules import RULES, RUN_SPIN, SPIN, THREADS
 from pspnet.stages.backends.base import (
     NUM_SLOTS,
     BackendBase,
@@ -85,11 +85,19 @@ class OrtBackend(BackendBase):
         threads = option_int(options, THREADS)
         if threads:
             session_options.intra_op_num_threads = threads
-        if SPIN in options:
+        run_spin = option_flag(options, RUN_SPIN)
+        if SPIN in options or run_spin:
             # idle pool threads spin by default: they burn the cores the workers need
             spin = "1" if option_flag(options, SPIN) else "0"
-            session_options.add_session_config_entry("session.intra_op.allow_spinning", spin)
+            session_options.add_session_config_entry("session.intra_op.allow_spinning",
+                                                     "1" if run_spin else spin)
             session_options.add_session_config_entry("session.inter_op.allow_spinning", spin)
+        if run_spin:
+            # within a run the pool's threads spin between operators instead of parking on
+            # a futex (after idle, each park and wake crosses a halted vCPU: the demo at
+            # batch 1 ran 8.9 ms back to back, 13.3 after 0.3 s of sleep,
+            # studies/idle_penalty.py), and they stop spinning as soon as the run ends
+            session_options.add_session_config_entry("session.force_spinning_stop", "1")
         self._session = ort.InferenceSession(str(path), session_options, providers=providers)
         active = self._session.get_providers()
         if active[0] != wanted[0]:

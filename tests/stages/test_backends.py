@@ -268,6 +268,28 @@ def test_ort_spinning_is_set_on_the_session(tiny_models, spin):
     backend.close()
 
 
+def test_ort_run_spin_spins_within_a_run_only(tiny_models):
+    """run_spin=1: the intra-op pool spins between operators and is told to stop when a run
+    ends (session.force_spinning_stop), so idle threads sleep; the inter-op pool keeps
+    spin's value. It answers as the sleeping session does."""
+    spun = open_backend("ort", tiny_models["labels"], 1,
+                        options={"threads": "2", "spin": "0", "run_spin": "1"})
+    entry = spun._session.get_session_options().get_session_config_entry
+    assert entry("session.intra_op.allow_spinning") == "1"
+    assert entry("session.force_spinning_stop") == "1"
+    assert entry("session.inter_op.allow_spinning") == "0"
+    plain = open_backend("ort", tiny_models["labels"], 1, options={"threads": "2", "spin": "0"})
+    images, boxes = plain.host_buffers(0)
+    images[:] = np.arange(images.size, dtype=np.uint64).reshape(images.shape) % 251
+    boxes[:] = (0, 0, images.shape[1], images.shape[2])         # top, left, height, width
+    got = []
+    for backend in (plain, spun):
+        backend.upload(0, images, boxes)
+        got.append(backend.execute(0))
+        backend.close()
+    np.testing.assert_array_equal(got[0], got[1])
+
+
 # ---- torch -------------------------------------------------------------------------------
 
 def test_torch_cpu_rejects_cuda_only_settings(tiny_models):
