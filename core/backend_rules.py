@@ -96,8 +96,9 @@ RULES: dict[str, BackendRules] = {
                        "default; 0: they sleep (the plan's choice where processes share "
                        "cores)",
                  RUN_SPIN: "1: intra-op threads spin while a batch runs and sleep as soon "
-                           "as it ends (no wake-up per operator, no CPU burnt while idle; "
-                           "the plan's on a CPU device); 0: as spin says"},
+                           "as it ends: no wake-up per operator, no CPU burnt while idle; "
+                           "faster alone on a quiet host, slower where processes share the "
+                           "cores (so not the plan's); 0 (default): as spin says"},
         artefact=ONNX),
     "torch": BackendRules(
         "torch", "PyTorch (CPU or CUDA)",
@@ -185,20 +186,17 @@ def is_on(options: Mapping[str, str], key: str) -> bool:
 def with_plan(backend: str, options: Mapping[str, str], threads: int | None,
               spinning: bool | None) -> dict[str, str]:
     """`options` plus the plan's thread count and spinning, where this backend takes
-    them; what the user set wins. Spinning off (and more than one thread) also turns on
-    ort's `run_spin`: threads spin within a batch, sleep between batches."""
+    them; what the user set wins. Not ort's `run_spin`: it speeds a lone image on a quiet
+    host but doubles the executor's CPU per image where processes share the cores
+    (docs/performance.md, "Idle latency, round 3")."""
     out = dict(options)
     rules = RULES.get(backend)
     if rules is None:
         return out
     if threads and rules.takes(THREADS):
         out.setdefault(THREADS, str(threads))
-    if spinning is not None and rules.takes(SPIN) and SPIN not in out:
-        out[SPIN] = "1" if spinning else "0"
-        if not spinning and threads != 1 and rules.takes(RUN_SPIN):
-            # sleeping between batches, spinning within one: a lone image after idle does
-            # not pay a thread wake-up per operator (studies/idle_penalty.py)
-            out.setdefault(RUN_SPIN, "1")
+    if spinning is not None and rules.takes(SPIN):
+        out.setdefault(SPIN, "1" if spinning else "0")
     return out
 
 

@@ -94,9 +94,8 @@ class OrtBackend(BackendBase):
             session_options.add_session_config_entry("session.inter_op.allow_spinning", spin)
         if run_spin:
             # within a run the pool's threads spin between operators instead of parking on
-            # a futex (after idle, each park and wake crosses a halted vCPU: the demo at
-            # batch 1 ran 8.9 ms back to back, 13.3 after 0.3 s of sleep,
-            # studies/idle_penalty.py), and they stop spinning as soon as the run ends
+            # a futex (after idle, each wake crosses a halted vCPU: studies/idle_penalty.py),
+            # and they stop spinning as soon as the run ends
             session_options.add_session_config_entry("session.force_spinning_stop", "1")
         self._session = ort.InferenceSession(str(path), session_options, providers=providers)
         active = self._session.get_providers()

@@ -69,14 +69,11 @@ def test_open_backend_checks_the_same_table(tiny_models):
 
 
 def test_the_plan_reaches_only_backends_that_take_it():
-    assert with_plan("ort", {}, 2, False) == {"threads": "2", "spin": "0", "run_spin": "1"}
+    assert with_plan("ort", {}, 2, False) == {"threads": "2", "spin": "0"}
     assert with_plan("ort", {"spin": "1"}, 2, False) == {"spin": "1", "threads": "2"}
-    # the user's spin=0 means no spinning at all; one thread has no pool to spin
-    assert with_plan("ort", {"spin": "0"}, 2, False) == {"spin": "0", "threads": "2"}
-    assert with_plan("ort", {}, 1, False) == {"threads": "1", "spin": "0"}
-    assert with_plan("ort", {"run_spin": "0"}, 2, False) == {"run_spin": "0", "threads": "2",
+    # run_spin is the user's to set: the plan leaves it off
+    assert with_plan("ort", {"run_spin": "1"}, 2, False) == {"run_spin": "1", "threads": "2",
                                                              "spin": "0"}
-    assert with_plan("ort", {}, 2, True) == {"threads": "2", "spin": "1"}
     assert with_plan("torch", {}, 2, False) == {"threads": "2"}
     assert with_plan("acl", {}, 2, False) == {} and with_plan("sim", {}, 2, True) == {}
 

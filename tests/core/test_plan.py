@@ -122,11 +122,10 @@ def test_a_config_is_planned_where_flags_left_it_open(tmp_path):
 
 def test_the_executor_gets_the_plan_only_where_its_backend_takes_it(tmp_path):
     ort = PipelineConfig(model_dir=tmp_path, executor_threads=2, executor_spin=False)
-    assert ort.executor_options() == {"threads": "2", "spin": "0", "run_spin": "1"}
+    assert ort.executor_options() == {"threads": "2", "spin": "0"}
     mine = PipelineConfig(model_dir=tmp_path, executor_threads=2, executor_spin=False,
-                          backend_options={"threads": "1", "run_spin": "0"})
-    assert mine.executor_options() == {"threads": "1", "spin": "0",     # the user's wins
-                                       "run_spin": "0"}
+                          backend_options={"threads": "1"})
+    assert mine.executor_options() == {"threads": "1", "spin": "0"}      # the user's wins
     torch = PipelineConfig(model_dir=tmp_path, backend="torch", executor_threads=2,
                            executor_spin=False)
     assert torch.executor_options() == {"threads": "2"}               # no spinning to set
