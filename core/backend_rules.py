@@ -97,8 +97,8 @@ RULES: dict[str, BackendRules] = {
                        "cores)",
                  RUN_SPIN: "1: intra-op threads spin while a batch runs and sleep as soon "
                            "as it ends: no wake-up per operator, no CPU burnt while idle; "
-                           "faster alone on a quiet host, slower where processes share the "
-                           "cores (so not the plan's); 0 (default): as spin says"},
+                           "default on the batch-size-1 session where the plan has spinning "
+                           "off (a lone image on an idle executor); 0: as spin says"},
         artefact=ONNX),
     "torch": BackendRules(
         "torch", "PyTorch (CPU or CUDA)",
@@ -186,9 +186,8 @@ def is_on(options: Mapping[str, str], key: str) -> bool:
 def with_plan(backend: str, options: Mapping[str, str], threads: int | None,
               spinning: bool | None) -> dict[str, str]:
     """`options` plus the plan's thread count and spinning, where this backend takes
-    them; what the user set wins. Not ort's `run_spin`: it speeds a lone image on a quiet
-    host but doubles the executor's CPU per image where processes share the cores
-    (docs/performance.md, "Idle latency, round 3")."""
+    them; what the user set wins. ort's `run_spin` is set only for a lone image's session
+    (`lone_options`)."""
     out = dict(options)
     rules = RULES.get(backend)
     if rules is None:
@@ -197,6 +196,21 @@ def with_plan(backend: str, options: Mapping[str, str], threads: int | None,
         out.setdefault(THREADS, str(threads))
     if spinning is not None and rules.takes(SPIN):
         out.setdefault(SPIN, "1" if spinning else "0")
+    return out
+
+
+def lone_options(backend: str, options: Mapping[str, str]) -> dict[str, str]:
+    """The options of the session that runs one image alone (a ladder's batch-size-1
+    rung): ort's `run_spin` on where the plan left the pool's threads sleeping, so a lone
+    image on an idle executor does not wait for a thread wake-up per operator (the demo:
+    29.9 -> 24.9 ms idle latency, docs/performance.md "Idle latency, round 3"). Only
+    there: in a full batch under load the spinning doubled the executor's CPU per image.
+    What the user set wins; one thread has no pool to spin."""
+    out = dict(options)
+    rules = RULES.get(backend)
+    if (rules is not None and rules.takes(RUN_SPIN) and out.get(SPIN) == "0"
+            and out.get(THREADS) != "1"):
+        out.setdefault(RUN_SPIN, "1")
     return out
 
 

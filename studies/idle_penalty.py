@@ -137,7 +137,7 @@ def summary(trials: list[dict[str, float]], parts: tuple[str, ...]) -> dict[str,
 
 
 def measure(model_dir: Path, photo: Path, rounds: int, gap_s: float,
-            threads: tuple[int, ...], spins: tuple[str, ...], quiet_share: float,
+            sessions: tuple[tuple[int, str], ...], quiet_share: float,
             ) -> dict[str, Any]:
     """{condition: {all: medians, quiet: medians, total_all: [...]}}."""
     import cv2
@@ -148,7 +148,7 @@ def measure(model_dir: Path, photo: Path, rounds: int, gap_s: float,
     helper.start()                             # forked before any session opens
     cv2.setNumThreads(1)                       # as a preprocess worker
     torch.set_num_threads(1)                   # as a postprocess worker
-    loops = {(t, s): Loop(model_dir, photo, t, s) for t in threads for s in spins}
+    loops = {(t, s): Loop(model_dir, photo, t, s) for t, s in sessions}
     for loop in loops.values():                # first runs: allocations, not idle
         for _ in range(3):
             loop.once()
@@ -179,10 +179,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="the demo model (pspnet demo's build, batch size 1 in it)")
     parser.add_argument("--rounds", type=int, default=8)
     parser.add_argument("--gap-s", type=float, default=0.3)
-    parser.add_argument("--threads", default="1,2")
-    parser.add_argument("--spin", default="0,run",
-                        help="0: pool threads sleep (the plan's before), 1: they spin, run: "
-                             "they spin within a run only (the run_spin option)")
+    parser.add_argument("--sessions", default="1:0,2:0,2:1,2:run",
+                        help="THREADS:SPIN, comma-separated; SPIN 0: idle pool threads "
+                             "sleep (the plan's), 1: they spin, run: they spin within a run "
+                             "only (the ort backend's run_spin option)")
     parser.add_argument("--quiet-share", type=float, default=0.1,
                         help="a trial is quiet if other processes used at most this share "
                              "of the VM's CPUs over its gap and image")
@@ -191,8 +191,8 @@ def main(argv: list[str] | None = None) -> int:
     from pspnet.build_model.samples import SAMPLE_DIR
 
     got = measure(args.model, SAMPLE_DIR / PHOTO, args.rounds, args.gap_s,
-                  tuple(int(x) for x in args.threads.split(",")),
-                  tuple(args.spin.split(",")), args.quiet_share)
+                  tuple((int(t), spin) for t, spin in
+                        (x.split(":") for x in args.sessions.split(","))), args.quiet_share)
     for which in ("all", "quiet", "min"):
         print(f"{which + ' trials':30} {'n':>3} " + " ".join(f"{p:>9}" for p in PARTS)
               + "  (median ms)")

@@ -5,7 +5,9 @@ image on an idle device costs one image, the executor opens the model at every b
 batch size up to the one it runs (`pspnet build --batch-sizes 1,4`: both), and each
 batch goes to the smallest that holds it: `upload(slot, images[:size], boxes[:size])`.
 The assembling thread fills the largest size's host buffers; a smaller size's upload
-copies the first rows from there (as it would from any host array).
+copies the first rows from there (as it would from any host array). The batch-size-1
+rung (below the top) serves lone images, so it may take other session options
+(`lone_options`: onnxruntime threads that spin within a run, not between runs).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pspnet.core.backend_rules import lone_options
 from pspnet.stages.backends.base import NUM_SLOTS, Backend
 
 
@@ -75,9 +78,12 @@ class Ladder:
 
 def open_ladder(kind: str, model_dir: Path, built: list[int], top: int, *, device: str,
                 precision: str, options: Mapping[str, str]) -> Ladder:
-    """The model opened at each built size up to `top` (the size the executor runs)."""
+    """The model opened at each built size up to `top` (the size the executor runs).
+    Batch size 1 below the top runs a lone image on an idle executor: it gets
+    `lone_options` (ort: threads that spin within a run, core.backend_rules)."""
     from pspnet.stages.backends import open_backend
 
     sizes = sorted(s for s in built if s <= top)
     return Ladder({s: open_backend(kind, model_dir, s, device=device, precision=precision,
-                                   options=options) for s in sizes})
+                                   options=lone_options(kind, options)
+                                   if s == 1 < top else options) for s in sizes})

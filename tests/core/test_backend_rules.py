@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from pspnet.core.backend_rules import BACKENDS, RULES, check_backend, with_plan
+from pspnet.core.backend_rules import BACKENDS, RULES, check_backend, lone_options, with_plan
 from tests.kit import REPO
 
 
@@ -76,6 +76,19 @@ def test_the_plan_reaches_only_backends_that_take_it():
                                                              "spin": "0"}
     assert with_plan("torch", {}, 2, False) == {"threads": "2"}
     assert with_plan("acl", {}, 2, False) == {} and with_plan("sim", {}, 2, True) == {}
+
+
+def test_a_lone_images_session_spins_within_a_run_where_the_plan_sleeps():
+    """lone_options: ort's run_spin on the batch-size-1 session where the plan turned
+    spinning off; the user's run_spin wins; spin=1 or one thread: nothing to add."""
+    assert lone_options("ort", {"threads": "2", "spin": "0"}) == {
+        "threads": "2", "spin": "0", "run_spin": "1"}
+    assert lone_options("ort", {"threads": "2", "spin": "0", "run_spin": "0"})[
+        "run_spin"] == "0"
+    assert "run_spin" not in lone_options("ort", {"threads": "2", "spin": "1"})
+    assert "run_spin" not in lone_options("ort", {"threads": "1", "spin": "0"})
+    assert lone_options("torch", {"threads": "2"}) == {"threads": "2"}
+    assert lone_options("sim", {"img_s": "50"}) == {"img_s": "50"}
 
 
 def test_auto_picks_by_what_the_model_directory_and_host_have():

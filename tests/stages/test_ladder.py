@@ -41,6 +41,33 @@ def test_a_partial_batch_runs_on_the_smallest_size_and_matches_the_full_one(tiny
     full.close()
 
 
+def test_the_lone_image_rung_spins_within_a_run_and_the_others_sleep(tiny_models):
+    """With the plan's sleeping threads, the batch-size-1 rung below the top gets
+    run_spin (a lone image on an idle executor pays no wake-up per operator); the full
+    batch keeps threads that sleep, and a ladder of size 1 alone runs as the plan says."""
+    options = {"threads": "2", "spin": "0"}
+    ladder = open_ladder("ort", tiny_models["labels"], [1, 4], 4, device="cpu",
+                         precision="fp32", options=options)
+    spins = {size: (entry(backend, "session.intra_op.allow_spinning"),
+                    entry(backend, "session.force_spinning_stop"))
+             for size, backend in ladder.by_size.items()}
+    assert spins == {1: ("1", "1"), 4: ("0", None)}
+    ladder.close()
+    alone = open_ladder("ort", tiny_models["labels"], [1, 4], 1, device="cpu",
+                        precision="fp32", options=options)
+    assert (entry(alone.by_size[1], "session.intra_op.allow_spinning"),
+            entry(alone.by_size[1], "session.force_spinning_stop")) == ("0", None)
+    alone.close()
+
+
+def entry(backend, key: str) -> str | None:
+    """A session config entry of an ort backend; None where it was never set."""
+    try:
+        return backend._session.get_session_options().get_session_config_entry(key)
+    except RuntimeError:
+        return None
+
+
 def test_a_size_the_ladder_does_not_run_is_refused(tiny_models):
     ladder = open_ladder("sim", tiny_models["labels"], [1, 4, 16], 16, device="sim",
                          precision="fp32", options={"img_s": "100000"})
