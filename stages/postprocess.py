@@ -15,6 +15,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+import cv2
 import numpy as np
 import torch
 import zmq
@@ -41,6 +42,7 @@ def main(child: Child) -> None:
     """Run until stopped."""
     cfg = child.cfg
     torch.set_num_threads(max(1, cfg.worker_threads))
+    cv2.setNumThreads(max(1, cfg.worker_threads))  # calcHist: no pool waking beside ort
     try:
         manifest = Manifest.read(cfg.model_dir)
     except (OSError, ValueError) as exc:

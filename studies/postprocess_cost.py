@@ -372,6 +372,7 @@ def run_worker(args: argparse.Namespace) -> dict[str, Any]:
     import tempfile
 
     torch.set_num_threads(1)                 # as a postprocess worker
+    cv2.setNumThreads(1)
     manifest = Manifest.read(args.model[0])
     with tempfile.TemporaryDirectory(prefix="pp-cost-") as tmp:
         items = synthetic_items(args.model[0], args.images, Path(tmp) / "inputs")
