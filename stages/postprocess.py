@@ -32,7 +32,7 @@ from pspnet.model.labels import (
     read_ground_truth,
 )
 from pspnet.model.manifest import Manifest
-from pspnet.model.masks import is_storage_error, mask_path, mask_png, write_mask
+from pspnet.model.masks import is_storage_error, mask_png, mask_target, png_bytes, store_mask
 from pspnet.stages.child import POLL_S, Child, Notes, error_result
 
 STAGE = Stage.POSTPROCESS
@@ -161,8 +161,8 @@ def finish(output: wire.Output, manifest: Manifest, out_dir: Path | None,
             labels = labels_from_labels(output.data, output.placement)
         mask = None
         if out_dir is not None and request.write:
-            target = mask_path(out_dir, request.path)
-            write_mask(labels, target, manifest.palette, source=request.path)
+            target, source = mask_target(out_dir, request.path)   # one realpath for both
+            store_mask(png_bytes(labels, manifest.palette, source), target, source)
             mask = str(target)
         payload = returned(labels, request, manifest)
         areas = None
