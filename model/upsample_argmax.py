@@ -188,6 +188,7 @@ class ColumnPlan:
     run_lo: np.ndarray           # window of each run in R's columns, inclusive
     run_hi: np.ndarray
     run_cells: np.ndarray        # cells in each run
+    run_width: np.ndarray        # output columns of each run
     cells: np.ndarray            # run x RUN_CELLS: cell index
     valid: np.ndarray            # run x RUN_CELLS: a real cell (not padding)
     # the crop columns whose R1 values a run's cells need ("points"), run x points, with
@@ -249,6 +250,7 @@ def column_plan(axis: AxisResize) -> ColumnPlan:
         run_valid=np.repeat(valid[:, :, None], columns.shape[1], axis=2),
         run_v0=v0[columns][cells], run_v1=v1[columns][cells],
         run_lo=lo[run_start], run_hi=hi[run_start], run_cells=run_cells,
+        run_width=np.add.reduceat(cell_width, run_start),
         cells=cells, valid=valid, point_a0=a0[points], point_a1=a1[points],
         point_w0=w0[points], point_w1=w1[points], first=first, second=second,
         crop_only=axis.n_crop == axis.n_out)
@@ -381,13 +383,13 @@ def boundary_labels(logits: np.ndarray, placement: Placement, input_size: tuple[
             run_labels[uy[alone], ur[alone]] = candidates[:, alone].argmax(axis=0)
             several = ~alone
             uy, ur, candidates = uy[several], ur[several], candidates[:, several]
-        cell_labels = np.repeat(run_labels, plan.run_cells, axis=1)
-        if len(uy) and not RUN_PIXELS:
-            pixels = _decide_cells(r, plan, uy, ur, candidates, margin, cell_labels)
-        elif len(uy):
-            labels = _expand(cell_labels, plan.cell_width)
-            _run_pixels(r, plan, uy, ur, candidates, labels)
+        if RUN_PIXELS or not len(uy):       # a run's cells share its label: one expansion
+            labels = _expand(run_labels, plan.run_width)
+            if len(uy):
+                _run_pixels(r, plan, uy, ur, candidates, labels)
             return labels
+        cell_labels = np.repeat(run_labels, plan.run_cells, axis=1)
+        pixels = _decide_cells(r, plan, uy, ur, candidates, margin, cell_labels)
     labels = _expand(cell_labels, plan.cell_width)
     if pixels is not None:
         y, x0, width, values = pixels
