@@ -224,7 +224,7 @@ class HandshakeLog:
 
 
 CLIENT_REFUSALS = {
-    zmq.EVENT_HANDSHAKE_FAILED_AUTH: "the daemon refused this client's key at the CurveZMQ "
+    zmq.EVENT_HANDSHAKE_FAILED_AUTH: "the daemon refused our key at the CurveZMQ "
                                      "handshake",
     zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL: "the CurveZMQ handshake failed (server.key is not "
                                          "this daemon's, or the endpoint does not speak CURVE)",
