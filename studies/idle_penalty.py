@@ -14,16 +14,18 @@ every condition visited once per round, rounds repeated (the host's load drifts)
 timed image is split into decode + letterbox, ort run and postprocess (wall), with the
 run's CPU time (this process, all threads: CPU that grows is slower work, cold caches or
 a slow clock; wall that grows alone is waiting) and the main thread's time runnable but
-not running (/proc/self/schedstat: other processes had the CPU). The machine is shared:
+not running (/proc/thread-self/schedstat: other processes had the CPU). The machine is shared:
 each trial records the CPU other processes used from the gap's start to its end
 (/proc/stat), and the summary gives medians over all trials and over the quiet ones
 (others under `--quiet-share` of the VM's CPUs), and the minimum of each part: what a
 trial costs when nothing else held the CPUs.
 
-    python -m studies.idle_penalty --model /tmp/idle28/model --rounds 8 --json out.json
+    python -m studies.idle_penalty --model /tmp/idle28/model --rounds 30 --json out.json
 
 If busy-wait gaps are as fast as back to back and sleep gaps slow whatever the session's
-threads and spinning, the penalty is the VM's idle state, not the software.
+threads and spinning, the penalty is the VM's idle state, not the software. What it
+showed (docs/performance.md, "Idle latency, round 3"): neither; on a quiet host the
+plan's session pays about 1 ms after idle, and the large penalty is run-queue wait.
 """
 
 from __future__ import annotations
