@@ -17,6 +17,7 @@ What fails raises `Forged`: the front counts it and drops it, never delivers it.
 from __future__ import annotations
 
 import dataclasses
+import hmac
 import re
 from typing import Any
 
@@ -88,7 +89,10 @@ class ControlGate:
     def dispatched(self, request: wire.Request, executor: str) -> wire.Request:
         """The request as dispatched for `executor`: with its token."""
         r = request                    # an upload keeps its bytes, want and write
-        return dataclasses.replace(r, token=self.trust.token(r.id, r.attempt, executor))
+        token = self.trust.token(r.id, r.attempt, executor)
+        if r.data is None and not r.want and r.write:      # a path: made directly, not
+            return wire.Request(r.id, r.path, r.ann, r.attempt, token)   # by replace()
+        return dataclasses.replace(r, token=token)
 
     # ---- what comes in -----------------------------------------------------------------
 
@@ -109,11 +113,16 @@ class ControlGate:
         return proven
 
     def check_answer(self, result: wire.Result, sender: str, attempt: int,
-                     executor: str | None, holders: tuple[str, ...], known: bool) -> None:
+                     executor: str | None, holders: tuple[str, ...], known: bool,
+                     handed_out: str = "") -> None:
         """An answer to the current attempt: its token, and a sender that holds it (or, a
         postprocess worker the front knows (`known`): the executor's note that handed it
-        the request may still be on its way)."""
-        if not self.trust.answers(result, attempt, executor):
+        the request may still be on its way). `handed_out`: the token this attempt was
+        dispatched with, compared as it is (else made again: Trust.answers)."""
+        if handed_out and executor is not None and result.attempt == attempt:
+            if not hmac.compare_digest(result.token, handed_out):
+                raise Forged(f"an answer to {result.id} without its token")
+        elif not self.trust.answers(result, attempt, executor):
             raise Forged(f"an answer to {result.id} without its token")
         if sender not in holders and not (sender.startswith("postprocess-") and known):
             raise Forged(f"{sender} answers {result.id}, held by {holders}")
@@ -126,7 +135,7 @@ class ControlGate:
         adds them: the request is answered, never lost."""
         try:
             self.check_answer(result, sender, entry.request.attempt, entry.executor,
-                              entry.holders, known)
+                              entry.holders, known, entry.request.token)
         except Forged as exc:
             self.refusals.refuse(sender, str(exc))
             return None

@@ -261,7 +261,7 @@ class Front:
             frames = wire.encode(wire.Dispatch(requests, executor.name, executor.inputs))
             if not self._send(prep, frames):    # gone: not sent to until it beats again
                 continue
-            ledger.dispatched(entries, prep.name, executor.name)
+            ledger.dispatched(entries, prep.name, executor.name, requests)
 
     def _send(self, worker: Worker, frames: list[Any]) -> bool:
         sent = send_to(self.control, self.gate.route(worker.name), worker, frames)
