@@ -170,11 +170,14 @@ class Front:
 
     def poll(self, timeout_ms: float, starting: bool = False,
              ) -> list[tuple[wire.Result, Any]]:
-        """One turn without clients: wait for workers, read, supervise, dispatch."""
+        """One turn without clients: dispatch, wait for workers, read, supervise. Dispatch
+        comes first, once a turn: what the caller submitted since the last turn leaves
+        before the wait, and the room this turn's notes free is used at the next one,
+        which follows at once (the caller only takes the answers in between)."""
+        self.dispatch()
         if self._poller.poll(timeout_ms):     # made once: Socket.poll makes one per call
             self.read()
         self.supervise(starting=starting)
-        self.dispatch()
         return self.take_answers()
 
     def take_answers(self) -> list[tuple[wire.Result, Any]]:
@@ -246,12 +249,11 @@ class Front:
         while ledger.queue and ledger.inflight < self.max_inflight:
             active = self.roster.active                 # the model being served, and
             fed_by = self.roster.feeds.get(active, active)   # whose preprocess serves it
-            preps = workers.with_room(Stage.PREPROCESS, ledger.load, fed_by)
-            executors = workers.with_room(Stage.EXECUTOR, ledger.load, active)
-            if not preps or not executors:
+            prep_room, prep, preps = workers.most_room(Stage.PREPROCESS, ledger.load, fed_by)
+            executor_room, executor, _ = workers.most_room(Stage.EXECUTOR, ledger.load, active)
+            if prep is None or executor is None:
                 return
-            (prep_room, prep), (executor_room, executor) = preps[0], executors[0]
-            want = min(math.ceil(len(ledger.queue) / len(preps)), max(1, prep.capacity // 2),
+            want = min(math.ceil(len(ledger.queue) / preps), max(1, prep.capacity // 2),
                        max(1, executor.capacity // 2))
             n = min(want, prep_room, executor_room, self.max_inflight - ledger.inflight)
             if n < want:
@@ -365,8 +367,7 @@ def stream(front: Front, requests: Iterable[wire.Request], backlog: int,
                 front.submit(request)
         if exhausted and not front.ledger.pending:
             return
-        front.dispatch()         # what was just submitted goes out now, not after the wait
-        for result, _origin in front.poll(50):
+        for result, _origin in front.poll(50):     # dispatches what was just submitted
             yield result
 
 
