@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import hmac
 import re
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import zmq
@@ -126,6 +127,35 @@ class ControlGate:
             raise Forged(f"an answer to {result.id} without its token")
         if sender not in holders and not (sender.startswith("postprocess-") and known):
             raise Forged(f"{sender} answers {result.id}, held by {holders}")
+
+    def admit(self, results: Sequence[wire.Result], sender: str, entries: Mapping[str, Entry],
+              stamp: Callable[[str, Entry], tuple[bool, str, int]],
+              ) -> tuple[list[tuple[Entry, wire.Result, str]], int, int]:
+        """A worker's answers, each checked alone (a forged one is dropped, not the rest):
+        (those the front may deliver, as (entry, answer, model version)), how many answer
+        no pending attempt (answered already, an earlier attempt's, twice in one message),
+        how many are forged). `stamp(sender, entry)`: Reloader.stamp (whether the sender
+        is known, the model's version and classes), asked once per executor."""
+        admitted: list[tuple[Entry, wire.Result, str]] = []
+        stamps: dict[str | None, tuple[bool, str, int]] = {}
+        seen: set[str] = set()
+        duplicates = forged = 0
+        for result in results:
+            entry = entries.get(result.id)
+            if entry is None or result.attempt < entry.request.attempt or result.id in seen:
+                duplicates += 1
+                continue
+            stamped = stamps.get(entry.executor)
+            if stamped is None:
+                stamped = stamps[entry.executor] = stamp(sender, entry)
+            known, model, classes = stamped
+            checked = self.admitted(result, sender, entry, known, (4, classes))
+            if checked is None:
+                forged += 1
+                continue
+            seen.add(result.id)
+            admitted.append((entry, checked, model))
+        return admitted, duplicates, forged
 
     def admitted(self, result: wire.Result, sender: str, entry: Entry, known: bool,
                  areas_shape: tuple[int, ...]) -> wire.Result | None:

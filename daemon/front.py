@@ -211,9 +211,8 @@ class Front:
 
     def _handle(self, wid: wire.WorkerId, own: bool, frames: list[zmq.Frame]) -> None:
         msg = wire.decode(frames)
-        if isinstance(msg, wire.Result | wire.Results):    # each checked alone: a forged
-            for result in msg.results if isinstance(msg, wire.Results) else (msg,):   # one
-                self._answer(result, wid.text)                  # is dropped, not the rest
+        if isinstance(msg, wire.Result | wire.Results):
+            self._answer(msg.results if isinstance(msg, wire.Results) else (msg,), wid.text)
         elif isinstance(msg, wire.Took):
             self.ledger.took(wid.text, msg.ids)
         elif isinstance(msg, wire.Handed):
@@ -225,19 +224,16 @@ class Front:
         else:
             raise wire.WireError(f"{type(msg).__name__} is not a message for the front")
 
-    def _answer(self, result: wire.Result, sender: str) -> None:
-        entry = self.ledger.entries.get(result.id)
-        if entry is None or result.attempt < entry.request.attempt:
-            self.totals["duplicates_dropped"] += 1       # answered, or an earlier attempt's
-            return
-        known, model, classes = self.reloader.stamp(sender, entry)
-        result = self.gate.admitted(result, sender, entry, known, (4, classes))
-        if result is None:                  # forged: counted, dropped, never delivered
-            self.totals["forged_dropped"] += 1
-            return
-        self.ledger.answer(result.id)
-        self.storage.saw(result)
-        self.answers.from_worker(entry, result, model)
+    def _answer(self, results: tuple[wire.Result, ...], sender: str) -> None:
+        """A worker's answers: those the gate admits are answered, together."""
+        admitted, duplicates, forged = self.gate.admit(results, sender, self.ledger.entries,
+                                                       self.reloader.stamp)
+        self.totals["duplicates_dropped"] += duplicates  # answered, or an earlier attempt's
+        self.totals["forged_dropped"] += forged      # counted, dropped, never delivered
+        for _, result, _ in admitted:
+            self.ledger.answer(result.id)
+            self.storage.saw(result)
+        self.answers.from_workers(admitted)
 
     # ---- routing ---------------------------------------------------------------------
 
