@@ -221,3 +221,38 @@ class HandshakeLog:
     def stop(self) -> None:
         self.sock.disable_monitor()           # the thread hears MONITOR_STOPPED and ends
         self.thread.join(timeout=1.0)
+
+
+CLIENT_REFUSALS = {
+    zmq.EVENT_HANDSHAKE_FAILED_AUTH: "the daemon refused our key at the CurveZMQ "
+                                     "handshake",
+    zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL: "the CurveZMQ handshake failed (server.key is not "
+                                         "this daemon's, or the endpoint does not speak CURVE)",
+    zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL: "the CurveZMQ handshake failed (server.key is not "
+                                          "this daemon's?)",
+}
+
+
+class ClientHandshakes:
+    """A CURVE client's own failed handshakes, read only when no answer came, so that a
+    wrong key names the fix instead of 'no daemon answered'. No thread: libzmq's events
+    wait in the monitor's PAIR socket until asked."""
+
+    def __init__(self, sock: zmq.Socket) -> None:
+        events = 0
+        for event in CLIENT_REFUSALS:
+            events |= event
+        self.sock = sock
+        self.monitor = sock.get_monitor_socket(events)    # PAIR <- libzmq: sock's events
+        self.monitor.setsockopt(zmq.LINGER, 0)
+        self.why: str | None = None
+
+    def refused(self) -> str | None:
+        """Why the daemon refused us, if a handshake failed so far."""
+        while self.why is None and self.monitor.poll(0):
+            self.why = CLIENT_REFUSALS.get(recv_monitor_message(self.monitor)["event"])
+        return self.why
+
+    def close(self) -> None:
+        self.sock.disable_monitor()
+        self.monitor.close(0)

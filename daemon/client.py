@@ -19,7 +19,7 @@ from typing import Any
 import zmq
 
 from pspnet.core import wire
-from pspnet.core.keys import ENV_KEYS, KeysError, client_keys, connect_curve
+from pspnet.core.keys import ENV_KEYS, ClientHandshakes, KeysError, client_keys, connect_curve
 from pspnet.daemon.endpoint import ABSENT, NOT_A_SOCKET, STALE, ipc_state, parse_endpoint
 from pspnet.daemon.uploads_client import Upload, UploadSide, returned_answer
 
@@ -33,10 +33,15 @@ CANCEL_WAIT_S = 5.0          # after a cancel, wait this long for the requests a
 CANCEL_CHUNK = 1024          # ids per cancel message (the daemon reads at most 1024 a list)
 CANCELLED = "cancelled"      # an Answer's status: dropped before it started, never run
 RELOAD_TIMEOUT_S = 300.0     # a reload's answer: a new model's load and first batch
+SEND_TIMEOUT_MS = 5000       # a send that cannot leave (no peer: a refused handshake)
 
 
 class DaemonUnavailable(RuntimeError):
     """No daemon answered at the endpoint."""
+
+
+class KeyRefused(DaemonUnavailable):
+    """A daemon is there, but it refused this client's keys at the handshake."""
 
 
 class ReloadFailed(RuntimeError):
@@ -98,13 +103,27 @@ class Client:
         self.ctx = zmq.Context()
         self.socket = self.ctx.socket(zmq.DEALER)    # submits and queries -> daemon ROUTER
         self.socket.setsockopt(zmq.LINGER, 0)
+        self.socket.setsockopt(zmq.SNDTIMEO, SEND_TIMEOUT_MS)    # refused: no peer to block on
+        self.handshakes: ClientHandshakes | None = None
         if curve is not None:
             connect_curve(self.socket, *curve)
+            self.handshakes = ClientHandshakes(self.socket)
         self.socket.connect(endpoint)
 
     def close(self) -> None:
+        if self.handshakes is not None:
+            self.handshakes.close()
         self.socket.close(0)
         self.ctx.term()
+
+    def _unavailable(self, text: str) -> DaemonUnavailable:
+        """'No answer', or the handshake's refusal with the fix when that is why."""
+        why = self.handshakes.refused() if self.handshakes is not None else None
+        if why is None:
+            return DaemonUnavailable(text)
+        return KeyRefused(f"{why} at {self.endpoint}: pass --keys DIR (or set {ENV_KEYS}) "
+                          "with client.key_secret and server.key copied from the daemon's "
+                          "keys folder (`pspnet keys DIR` on its host)")
 
     def __enter__(self) -> Client:
         return self
@@ -126,13 +145,16 @@ class Client:
 
     def status(self, timeout_s: float = STATUS_TIMEOUT_S) -> dict[str, Any]:
         self._check_socket_file()
-        self.socket.send_multipart(wire.encode(wire.StatusQuery()))
         deadline = time.monotonic() + timeout_s
+        try:
+            self.socket.send_multipart(wire.encode(wire.StatusQuery()))
+        except zmq.Again:
+            raise self._unavailable(f"could not send to {self.endpoint}") from None
         while self.socket.poll(max(0, deadline - time.monotonic()) * 1e3):
             msg = wire.decode(self.socket.recv_multipart())
             if isinstance(msg, wire.Reply) and msg.status == "status":
                 return msg.body
-        raise DaemonUnavailable(f"no daemon answered at {self.endpoint} within {timeout_s} s")
+        raise self._unavailable(f"no daemon answered at {self.endpoint} within {timeout_s} s")
 
     def reload(self, model: str | Path | None = None, force: bool = False,
                timeout_s: float = RELOAD_TIMEOUT_S) -> dict[str, Any]:
@@ -142,7 +164,10 @@ class Client:
         when it refused or the new model failed (the old one serves on)."""
         self._check_socket_file()
         where = "" if model is None else str(Path(model).absolute())
-        self.socket.send_multipart(wire.encode(wire.Reload(where, force)))
+        try:
+            self.socket.send_multipart(wire.encode(wire.Reload(where, force)))
+        except zmq.Again:
+            raise self._unavailable(f"could not send to {self.endpoint}") from None
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if not self.socket.poll(min(1.0, max(0.0, deadline - time.monotonic())) * 1e3):
@@ -153,7 +178,7 @@ class Client:
                 return msg.body
             if isinstance(msg, wire.Reply) and msg.status == "error":
                 raise ReloadFailed(msg.message)
-        raise DaemonUnavailable(f"no answer to the reload from {self.endpoint} within "
+        raise self._unavailable(f"no answer to the reload from {self.endpoint} within "
                                 f"{timeout_s:g} s (the daemon may still switch to the model)")
 
     def upload(self, images: Sequence[tuple[str | Path, bytes]], options: Upload | None = None,
@@ -192,30 +217,34 @@ class Client:
             requests = side.requests(requests)
         run = _Submission(self.socket, requests, None if upload is None else side)
         yield from run.refuse_unsendable()      # the daemon would refuse the whole chunk
-        self.socket.send_multipart(wire.encode(wire.StatusQuery()))   # who answers: its pid
-        while run.open_ids:
-            now = time.monotonic()
-            asked = interrupts() if interrupts is not None else 0
-            if asked and run.cancel_at is None:
-                yield from run.cancel(now)
-            if run.cancel_at is not None and (asked > 1 or now - run.cancel_at > CANCEL_WAIT_S):
-                yield from run.fail_open("interrupted while running: not waited for (its mask "
-                                         "may still be written)", now, None)
-                return
-            if timeout_s is not None and now - run.start > timeout_s:
-                yield from run.fail_open(f"timed out after {timeout_s} s", now, run.start)
-                return
-            if not run.heard and now - run.start > connect_timeout_s:
-                raise DaemonUnavailable(f"no daemon answered at {self.endpoint}")
-            if run.daemon_gone(now):
-                yield from run.fail_open(
-                    f"the daemon stopped answering (no reply for {now - run.last_heard:.0f} "
-                    "s): not processed, or its result was lost", now, None)
-                return
-            run.send_next_chunk(now)
-            yield from run.take_local()
-            if self.socket.poll(100):
-                yield from run.handle(wire.decode(self.socket.recv_multipart()))
+        try:
+            self.socket.send_multipart(wire.encode(wire.StatusQuery()))   # who answers: its pid
+            while run.open_ids:
+                now = time.monotonic()
+                asked = interrupts() if interrupts is not None else 0
+                if asked and run.cancel_at is None:
+                    yield from run.cancel(now)
+                if run.cancel_at is not None and (asked > 1 or now - run.cancel_at > CANCEL_WAIT_S):
+                    yield from run.fail_open("interrupted while running: not waited for (its mask "
+                                             "may still be written)", now, None)
+                    return
+                if timeout_s is not None and now - run.start > timeout_s:
+                    yield from run.fail_open(f"timed out after {timeout_s} s", now, run.start)
+                    return
+                if not run.heard and now - run.start > connect_timeout_s:
+                    raise self._unavailable(f"no daemon answered at {self.endpoint}")
+                if run.daemon_gone(now):
+                    yield from run.fail_open(
+                        f"the daemon stopped answering (no reply for {now - run.last_heard:.0f} "
+                        "s): not processed, or its result was lost", now, None)
+                    return
+                run.send_next_chunk(now)
+                yield from run.take_local()
+                if self.socket.poll(100):
+                    yield from run.handle(wire.decode(self.socket.recv_multipart()))
+        except zmq.Again:    # nothing can leave: no daemon took the connection
+            raise self._unavailable(f"could not send to {self.endpoint} for "
+                                    f"{SEND_TIMEOUT_MS / 1000:g} s") from None
         self.resubmitted += run.resubmitted
 
 

@@ -267,7 +267,7 @@ def print_json(doc: object) -> None:
 def run_reload(args: argparse.Namespace) -> int:
     """Ask the running daemon to swap its model (daemon.reload); the outcome on stdout
     (JSON), a failure's reason on stderr."""
-    from pspnet.daemon.client import Client, DaemonUnavailable, ReloadFailed
+    from pspnet.daemon.client import Client, DaemonUnavailable, KeyRefused, ReloadFailed
 
     endpoint = args.endpoint or default_endpoint()
     try:
@@ -278,7 +278,8 @@ def run_reload(args: argparse.Namespace) -> int:
         with client:
             body = client.reload(args.model, args.force, args.timeout)
     except DaemonUnavailable as exc:
-        sys.stderr.write(f"pspnet reload: error: {exc}{where_daemons_are(endpoint)}\n")
+        hint = "" if isinstance(exc, KeyRefused) else where_daemons_are(endpoint)
+        sys.stderr.write(f"pspnet reload: error: {exc}{hint}\n")
         return EXIT_UNAVAILABLE
     except ReloadFailed as exc:
         sys.stderr.write(f"pspnet reload: error: {exc}\n")
@@ -291,7 +292,7 @@ def run_status(args: argparse.Namespace) -> int:
     """The daemon's status: a table on a terminal; else the document as it came, once it
     reads as one (keys a newer daemon added stay in the output)."""
     from pspnet.core.status import Status
-    from pspnet.daemon.client import Client, DaemonUnavailable
+    from pspnet.daemon.client import Client, DaemonUnavailable, KeyRefused
 
     endpoint = args.endpoint or default_endpoint()
     try:
@@ -302,7 +303,8 @@ def run_status(args: argparse.Namespace) -> int:
         with client:
             doc = client.status()
     except DaemonUnavailable as exc:
-        sys.stderr.write(f"pspnet status: error: {exc}{where_daemons_are(endpoint)}\n")
+        hint = "" if isinstance(exc, KeyRefused) else where_daemons_are(endpoint)
+        sys.stderr.write(f"pspnet status: error: {exc}{hint}\n")
         return EXIT_UNAVAILABLE
     try:
         status = Status.from_document(doc)

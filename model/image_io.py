@@ -14,11 +14,12 @@ Decoding
     Pillow, restricted to a few raster formats (never EPS and friends, which would run
     external programs). The pixel limit is checked on the header before `load()`, and
     Pillow's own decompression-bomb limit is set to the same value.
-  * EXIF orientation is NOT applied: pixels are returned as stored. cv2.imread (the
-    reference) would rotate by default, but VOC images carry no orientation tag and their
-    ground truths are aligned with the stored pixels, so both readers agree on VOC; for a
-    rotated phone photo the mask is aligned with the stored pixels, which is what a
-    consumer reading the file with most libraries will see.
+  * EXIF orientation is applied, as cv2.imread (the reference's reader) and mmcv.imread
+    apply it (checked for JPEG, PNG, WebP and TIFF against cv2 5.1): a phone photo
+    taken upright is stored sideways with a tag saying so, and its mask comes out upright,
+    the way the photo is shown, and the same as the reference's. The tag is read only where
+    the file has EXIF data (a JPEG's APP1 segment; Pillow for other formats), so a photo
+    without it costs nothing more. VOC images carry no tag.
 
 Letterbox: the reference step exactly (scale = min(W/w, H/h), floor sizes, cv2 INTER_LINEAR,
 centre padding), with sizes computed in integers: the reference's int(w * (500 / w)) gives
@@ -53,6 +54,19 @@ from pspnet.core.config import DEFAULT_MAX_PIXELS
 from pspnet.core.wire import Placement
 
 JPEG_MAGIC = b"\xff\xd8\xff"
+EXIF_HEADER = b"Exif\x00\x00"    # an APP1 segment's start: where a JPEG keeps its EXIF tags
+EXIF_SEARCH = 1 << 17           # APP segments come first; each is at most 64 KB
+ORIENTATION = 0x0112            # EXIF's orientation tag: 1 as stored ... 8
+# orientation -> the cv2 steps that show the stored pixels upright (as ImageOps.exif_transpose)
+UPRIGHT = {
+    2: lambda a: cv2.flip(a, 1),
+    3: lambda a: cv2.rotate(a, cv2.ROTATE_180),
+    4: lambda a: cv2.flip(a, 0),
+    5: lambda a: cv2.transpose(a),
+    6: lambda a: cv2.rotate(a, cv2.ROTATE_90_CLOCKWISE),
+    7: lambda a: cv2.transpose(cv2.flip(a, -1)),
+    8: lambda a: cv2.rotate(a, cv2.ROTATE_90_COUNTERCLOCKWISE),
+}
 # Formats Pillow may open for us; others (EPS, PDF...) are refused as unrecognised.
 PILLOW_FORMATS = ("PNG", "JPEG", "BMP", "GIF", "TIFF", "WEBP", "PPM")
 
@@ -149,8 +163,37 @@ def decode_bytes(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarra
     if data[:3] == JPEG_MAGIC:
         rgb = _decode_jpeg(data, max_pixels)
         if rgb is not None:
-            return rgb
+            if data.find(EXIF_HEADER, 0, EXIF_SEARCH) < 0:
+                return rgb
+            return upright(rgb, _jpeg_orientation(data, max_pixels))
     return _decode_pillow(data, max_pixels)
+
+
+def upright(rgb: np.ndarray, orientation: int) -> np.ndarray:
+    """The pixels as shown: `rgb` turned as EXIF `orientation` (1-8) says."""
+    turn = UPRIGHT.get(orientation)
+    return rgb if turn is None else np.ascontiguousarray(turn(rgb))
+
+
+def _jpeg_orientation(data: bytes, max_pixels: int) -> int:
+    """The EXIF orientation of a JPEG already decoded (Pillow reads the headers only)."""
+    try:
+        with pillow_pixel_limit(max_pixels), \
+                Image.open(io.BytesIO(data), formats=("JPEG", "MPO")) as im:
+            return _orientation(im)
+    except Exception:             # a broken header here must not lose a decoded photo
+        return 1
+
+
+def _orientation(im: Image.Image) -> int:
+    """1 where the tag is missing or unreadable: the pixels are then used as stored."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            value = im.getexif().get(ORIENTATION, 1)
+    except Exception:             # a broken EXIF block must not lose the photo
+        return 1
+    return value if isinstance(value, int) else 1
 
 
 def _decode_jpeg(data: bytes, max_pixels: int) -> np.ndarray | None:
@@ -209,7 +252,7 @@ def _decode_pillow(data: bytes, max_pixels: int) -> np.ndarray:
             fmt = im.format or fmt
             _check_pixels(im.width, im.height, max_pixels)
             im.load()
-            return _to_rgb(im)
+            return upright(_to_rgb(im), _orientation(im))
     except UnidentifiedImageError:
         raise ImageError("not an image (unrecognised format)") from None
     except Image.DecompressionBombError as e:

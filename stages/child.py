@@ -42,6 +42,7 @@ from pspnet.core.config import Addresses, PipelineConfig
 from pspnet.core.exits import EXIT_CANNOT_START, EXIT_FAILED
 from pspnet.core.keys import (
     WORKERS,
+    ClientHandshakes,
     KeyAuthenticator,
     Keys,
     connect_curve,
@@ -55,6 +56,7 @@ from pspnet.core.uploads import worker_frame_limit
 from pspnet.model.manifest import model_version
 
 SEND_LINGER_MS = 2000   # on exit, let queued answers reach the front
+SEND_TIMEOUT_MS = 10_000  # tcp: a send to the front that cannot leave (a refused key)
 NOTE_SLICES = 4         # an executor's notes wait up to this many --coalesce-ms slices
 ROOM_SHARE = 4          # ... while they free less than 1/ROOM_SHARE of its room
 POLL_S = 0.2            # a work loop waits at most this long before it turns again
@@ -119,6 +121,7 @@ class Child:
                           index=self.index, pid=self.pid)
         self.log = structlog.get_logger()
         self.ctx = zmq.Context()
+        self.handshakes: ClientHandshakes | None = None   # tcp: the front's refusal, if any
         self.control = self.connect_control("main")
         self.counters.update(processed=0, errors=0, busy_s=0.0, queue=0)
         self.refusals = Refusals(self.log.warning)   # forged data: counted, dropped
@@ -160,6 +163,10 @@ class Child:
                         worker_frame_limit(self.stage, self.cfg.max_upload_bytes))  # uploads
         if self.keys is not None:
             self.connect_keyed(sock, self.keys.server_public)
+            # a refused handshake leaves a DEALER no peer, and a send would wait for ever
+            sock.setsockopt(zmq.SNDTIMEO, SEND_TIMEOUT_MS)
+            if role == "main":
+                self.handshakes = ClientHandshakes(sock)
         sock.connect(self.addrs.control)
         return sock
 
@@ -168,7 +175,20 @@ class Child:
         it receives there): one socket, so the front hears them in the order sent."""
         frames = wire.encode(msg)
         with self.send_lock:
-            self.control.send_multipart(frames)
+            try:
+                self.control.send_multipart(frames)
+            except zmq.Again:
+                self.unreachable()
+
+    def unreachable(self) -> NoReturn:
+        """Nothing could be sent to the front for SEND_TIMEOUT_MS (tcp only): say why, with
+        the fix where the front refused this worker's key, and exit."""
+        why = self.handshakes.refused() if self.handshakes is not None else None
+        self.log.error("cannot reach the front; exiting", front=self.addrs.control,
+                       why=why or f"nothing left for {SEND_TIMEOUT_MS / 1000:g} s",
+                       fix="pass --keys with worker.key_secret and server.key copied from "
+                           "the daemon's keys folder (`pspnet keys DIR`)" if why else None)
+        os._exit(EXIT_FAILED)
 
     def count(self, **deltas: float) -> None:
         with self.lock:
@@ -219,7 +239,10 @@ class Child:
         if sock is None:
             self.send(beat)
         else:
-            sock.send_multipart(wire.encode(beat))
+            try:
+                sock.send_multipart(wire.encode(beat))
+            except zmq.Again:
+                self.unreachable()
 
     @contextmanager
     def long_step(self, what: str, pixels: int) -> Iterator[None]:

@@ -30,6 +30,7 @@ import os
 import resource
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -93,6 +94,14 @@ def wait_dead(pids: list[int], timeout_s: float = 10) -> list[int]:
         if not alive or time.monotonic() > deadline:
             return alive
         time.sleep(0.1)
+
+
+def free_port() -> int:
+    """A tcp port on 127.0.0.1 that the OS says is free now (a port derived from the pid
+    can be one a leftover process or an outgoing connection holds)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def kill9(pid: int) -> None:

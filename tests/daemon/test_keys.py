@@ -72,7 +72,10 @@ def test_only_the_admitted_key_gets_through_and_refusals_are_logged_once(tmp_pat
                 connect_curve(peer, keys.server_public, *pair)
             peer.connect(f"tcp://127.0.0.1:{port}")
             for _ in range(5):
-                peer.send(name.encode())
+                try:    # a refused peer's DEALER has no pipe left: a send would block
+                    peer.send(name.encode(), zmq.NOBLOCK)
+                except zmq.Again:
+                    assert name != "worker"
             sent.append(peer)
         heard = []
         while server.poll(1500):
@@ -88,3 +91,57 @@ def test_only_the_admitted_key_gets_through_and_refusals_are_logged_once(tmp_pat
         auth.stop()
         ctx.term()
         peers.destroy(0)
+
+
+@pytest.mark.parametrize("wrong", ["client key", "server key"])
+def test_a_refused_client_is_told_which_keys_to_use(tmp_path, wrong):
+    """A stand-in daemon (CURVE, ZAP admitting the client key of `pspnet keys`): the
+    right keys are answered; a client whose key it does not admit, or that holds another
+    daemon's server.key, gets KeyRefused naming --keys and the files, within the status
+    timeout, not 'no daemon answered' (and never a send that blocks for ever)."""
+    import shutil
+    import threading
+
+    from pspnet.core import wire
+    from pspnet.core.keys import CLIENTS
+    from pspnet.daemon.client import KeyRefused
+
+    good, other = tmp_path / "good", tmp_path / "other"
+    write_keys(good)
+    write_keys(other)
+    mixed = tmp_path / "mixed"                  # the other folder, one file from the good
+    shutil.copytree(other, mixed)
+    keep = "server.key" if wrong == "client key" else "client.key_secret"
+    shutil.copy(good / keep, mixed / keep)
+    keys = Keys.for_daemon(good)
+    ctx = zmq.Context()
+    auth = start_authenticator(ctx, Refusals(lambda event, **fields: None),
+                               {CLIENTS: keys.client_public or b""})
+    server = ctx.socket(zmq.ROUTER)             # plays the daemon's door: queries in, replies out
+    server.setsockopt(zmq.LINGER, 0)
+    serve_curve(server, keys.server_public, keys.server_secret or b"", CLIENTS)
+    endpoint = f"tcp://127.0.0.1:{server.bind_to_random_port('tcp://127.0.0.1')}"
+    stop = threading.Event()
+
+    def answer() -> None:
+        while not stop.is_set():
+            if server.poll(100):
+                peer, *_ = server.recv_multipart()
+                server.send_multipart([peer, *wire.encode(wire.Reply("status", body={}))])
+
+    thread = threading.Thread(target=answer)
+    thread.start()
+    try:
+        with Client(endpoint, good) as client:
+            assert client.status(timeout_s=10) == {}
+        with Client(endpoint, mixed) as client:
+            with pytest.raises(KeyRefused, match=r"--keys DIR .*client.key_secret and "
+                                                 r"server.key"):
+                client.status(timeout_s=3)
+            with pytest.raises(KeyRefused):     # and the next send does not block
+                list(client.submit(["/x.jpg"], connect_timeout_s=3))
+    finally:
+        stop.set()
+        thread.join()
+        auth.stop()
+        ctx.destroy(linger=0)

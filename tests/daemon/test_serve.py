@@ -13,7 +13,9 @@ import shutil
 import subprocess
 import sys
 import time
+from pathlib import Path
 
+from pspnet.core.keys import write_keys
 from tests.kit import Submitter, mask_pixels
 
 
@@ -80,6 +82,14 @@ def test_two_executors_over_tcp_loopback_and_a_remote_one(tiny_models, photo_fil
          "--max-wait-ms", "5", "--index", "100", "--log-format", "json",
          "--keys", os.environ["PSPNET_KEYS"]],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    stranger = tmp_path / "stranger-keys"     # its own worker key, the daemon's server.key
+    write_keys(stranger)
+    shutil.copy(Path(os.environ["PSPNET_KEYS"]) / "server.key", stranger / "server.key")
+    refused = subprocess.Popen(
+        [sys.executable, "-m", "pspnet", "worker", "executor", "--front", "127.0.0.2",
+         "--tcp-base-port", str(port + 1), "--model", str(model), "--batch-size", "4",
+         "--index", "101", "--log-format", "json", "--keys", str(stranger)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         daemon.wait_ready()
         deadline = time.monotonic() + 60
@@ -96,8 +106,14 @@ def test_two_executors_over_tcp_loopback_and_a_remote_one(tiny_models, photo_fil
         print(f"local executors {executors['processed']} images, remote {joined['processed']}")
         assert joined["processed"] > 0 and executors["processed"] > 0
         assert executors["processed"] + joined["processed"] == 60
+        # the worker with another key is refused at the handshake: it says so and exits
+        _, err = refused.communicate(timeout=60)
+        assert refused.returncode == 1, err
+        assert "cannot reach the front" in err and "refused our key" in err, err
+        assert [r["index"] for r in status["remote"]] == [100]
     finally:
         remote.kill()
+        refused.kill()
         assert daemon.stop() == 0, daemon.logs()
 
 

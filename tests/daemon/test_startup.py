@@ -30,7 +30,7 @@ import pytest
 import pspnet.daemon.client
 from pspnet.daemon.client import Client, DaemonUnavailable
 from pspnet.daemon.endpoint import EndpointLocked, lock_file, lock_socket_file, unlock_socket_file
-from tests.kit import REPO, pid_alive
+from tests.kit import REPO, free_port, pid_alive
 
 
 def serve(model: Path, tmp_path: Path, endpoint: str, *flags: str, timeout_s: float = 30,
@@ -60,12 +60,6 @@ def test_a_tcp_endpoint_without_keys_is_refused_in_one_line(tiny_models, tmp_pat
 def run_dirs(tmp_path: Path) -> list[Path]:
     """The daemon's internal run directories (pspnet-XXXX) under the temp dir serve() gave."""
     return list((tmp_path / "tmp").glob("pspnet-*"))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def one_line_error(out: subprocess.CompletedProcess) -> str:

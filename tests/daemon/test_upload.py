@@ -26,7 +26,7 @@ from pspnet.daemon.upload_budget import BUSY, UploadBudget
 from pspnet.daemon.uploads_client import Upload, UploadSide
 from pspnet.model.masks import mask_path
 from tests.conftest import copy_files
-from tests.kit import Submitter, kill9, mask_pixels, submit_all
+from tests.kit import Submitter, free_port, kill9, mask_pixels, submit_all
 
 ARGS = ("--batch-size", "4", "--preprocess-workers", "1", "--postprocess-workers", "1")
 
@@ -243,24 +243,28 @@ def test_uploads_over_tcp_need_the_client_key(tiny_models, photo_files, tmp_path
     """With a tcp endpoint the bytes travel over the door's CurveZMQ: a client with the
     key gets its masks; a peer without it is refused at the handshake, and nothing it
     sent is accepted."""
-    port = 20000 + (os.getpid() * 13) % 20000
     daemon = daemons(tiny_models["logits"], tmp_path / "masks", tmp_path, *ARGS,
-                     endpoint=f"tcp://127.0.0.1:{port}")
+                     endpoint=f"tcp://127.0.0.1:{free_port()}")
     daemon.wait_ready()
     images = [(str(p), p.read_bytes()) for p in photo_files[:4]]
     with Client(daemon.endpoint) as client:
-        answers = list(client.upload(images))
-    assert sorted(a.status for a in answers) == ["ok"] * 4
+        answers = list(client.upload(images, timeout_s=120))   # a stall fails, not hangs
+    assert sorted(a.status for a in answers) == ["ok"] * 4, (answers, daemon.tail())
     assert all(a.png and a.png.startswith(b"\x89PNG") for a in answers)
     ctx = zmq.Context()
-    plain = ctx.socket(zmq.DEALER)                          # no CURVE: refused
-    plain.setsockopt(zmq.LINGER, 0)
-    plain.connect(daemon.endpoint)
-    plain.send_multipart(wire.encode(wire.Submit((wire.Request(
-        "x", "/x.jpg", want="png", write=False, data=images[0][1]),))), copy=False)
-    assert not plain.poll(2000), "an unauthenticated peer was answered"
-    plain.close(0)
-    ctx.term()
+    try:
+        plain = ctx.socket(zmq.DEALER)                      # no CURVE: refused
+        plain.setsockopt(zmq.LINGER, 0)
+        plain.connect(daemon.endpoint)
+        try:    # once the handshake has failed a DEALER has no peer, and a send would block
+            plain.send_multipart(wire.encode(wire.Submit((wire.Request(
+                "x", "/x.jpg", want="png", write=False, data=images[0][1]),))),
+                flags=zmq.NOBLOCK, copy=False)
+        except zmq.Again:
+            pass                                            # refused before it could send
+        assert not plain.poll(2000), "an unauthenticated peer was answered"
+    finally:
+        ctx.destroy(linger=0)
     status = daemon.status()
     assert status["daemon"]["uploads"] == 4, status["daemon"]
     assert daemon.stop() == 0, daemon.tail()

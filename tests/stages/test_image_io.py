@@ -115,12 +115,31 @@ def test_more_modes() -> None:
         assert _max_diff(rgb[..., 0], want.astype(np.uint8)) <= 1, im.mode
 
 
-def test_exif_orientation_is_not_applied() -> None:
-    photo = skimage.data.chelsea()  # 300 x 451
-    exif = Image.Exif()
-    exif[0x0112] = 6  # "rotate 90 CW to display"
-    data = _jpeg(Image.fromarray(photo), exif=exif.tobytes())
-    assert decode_bytes(data).shape == photo.shape  # stored pixels, not rotated
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "WEBP", "TIFF"])
+def test_exif_orientation_is_applied_as_cv2_imread_does(fmt: str) -> None:
+    """The reference reads with cv2.imread, which shows a phone photo upright: each of the
+    eight orientations gives cv2's pixels (shape exactly; values within JPEG's rounding)."""
+    photo = skimage.data.chelsea()[:120, :170]      # not square: a turn changes the shape
+    for orientation in range(1, 9):
+        exif = Image.Exif()
+        exif[0x0112] = orientation
+        buf = io.BytesIO()
+        Image.fromarray(photo).save(buf, fmt, exif=exif.tobytes(),
+                                    **({"quality": 95} if fmt in ("JPEG", "WEBP") else {}))
+        data = buf.getvalue()
+        want = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)[:, :, ::-1]
+        got = decode_bytes(data)
+        assert got.shape == want.shape, (fmt, orientation)
+        assert got.flags.c_contiguous
+        assert _max_diff(got, want) <= 2, (fmt, orientation)
+        if orientation in (5, 6, 7, 8):
+            assert got.shape == (photo.shape[1], photo.shape[0], 3)
+
+
+def test_a_broken_exif_block_leaves_the_pixels_as_stored() -> None:
+    photo = skimage.data.chelsea()
+    data = _jpeg(Image.fromarray(photo), exif=b"Exif\x00\x00MM\x00*garbage")
+    assert np.array_equal(decode_bytes(data), decode_bytes(_jpeg(Image.fromarray(photo))))
 
 
 # ---------------------------------------------------------------------------------------
