@@ -63,10 +63,18 @@ def mask_path(out_dir: Path, image: str | os.PathLike[str]) -> Path:
     cannot redirect the write. The one clash left, a folder named like a mask (`x.jpg.png/`
     beside `x.jpg`), fails the write instead of replacing anything.
     """
+    return mask_target(out_dir, image)[0]
+
+
+def mask_target(out_dir: Path, image: str | os.PathLike[str]) -> tuple[Path, str]:
+    """(`mask_path(out_dir, image)`, `mask_source(image)`) from one realpath of the image:
+    the postprocess worker needs both for every mask, and each realpath is an lstat per
+    folder on the way."""
     image = os.fspath(image)
     if "\x00" in image:
         raise ValueError("image path contains a NUL byte")
-    *folders, name = Path(os.path.realpath(image)).parts[1:] or ("",)
+    real = os.path.realpath(image)
+    *folders, name = Path(real).parts[1:] or ("",)
     if not image or not name:
         raise ValueError(f"no usable file name in {image!r}")
     root = Path(out_dir).resolve()
@@ -75,7 +83,7 @@ def mask_path(out_dir: Path, image: str | os.PathLike[str]) -> Path:
         raise ValueError(f"mask path for {image!r} leaves the output directory through a link")
     if target.is_symlink():
         raise ValueError(f"{target} is a symbolic link; refusing to write through it")
-    return target
+    return target, _source_text(real)
 
 
 def _mask_name(name: str) -> str:
@@ -197,7 +205,11 @@ def _chunk(kind: bytes, body: bytes) -> bytes:
 def mask_source(image: str | os.PathLike[str]) -> str:
     """The source a mask records for an image: its real path (links resolved, so two names
     of one file are one source), as valid UTF-8 (undecodable bytes escaped)."""
-    return os.fsencode(os.path.realpath(image)).decode("utf-8", "backslashreplace")
+    return _source_text(os.path.realpath(image))
+
+
+def _source_text(real: str) -> str:
+    return os.fsencode(real).decode("utf-8", "backslashreplace")
 
 
 def recorded_source(path: Path) -> str | None:

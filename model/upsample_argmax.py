@@ -46,6 +46,7 @@ SPARSE_COST = 90                 # CPU of one (class, row, run) left undecided b
 GROUP_ROWS = True                # steps a, b per row cell (output rows sharing crop rows)
 ROW_GROUP_MIN = 4                # ... when out_h >= this x crop rows (measured: pays at 15 x,
                                  # a 4000 x 3000 photo; costs ~0.2 ms at 2 x, 500 x 375)
+RUN_PIXELS = True                # step c on every pixel of an undecided run, no step b
 PLAN_CACHE = 64                  # axis plans kept: one per (photo side, box) seen lately
 
 F32 = np.float32
@@ -179,9 +180,15 @@ class ColumnPlan:
     cell_v0: np.ndarray          # cell x widest cell: stage-2 weights of its columns
     cell_v1: np.ndarray          # (narrower cells padded with their last column's)
     cell_run: np.ndarray         # the run of each cell
+    run_columns: np.ndarray      # run x RUN_CELLS x widest cell: output column of each
+                                 # (slot, column), a narrow cell's padding repeating its last
+    run_valid: np.ndarray        # run x RUN_CELLS x widest cell: a real cell (`valid`)
+    run_v0: np.ndarray           # run x RUN_CELLS x widest cell: stage-2 weights (cell_v0)
+    run_v1: np.ndarray
     run_lo: np.ndarray           # window of each run in R's columns, inclusive
     run_hi: np.ndarray
     run_cells: np.ndarray        # cells in each run
+    run_width: np.ndarray        # output columns of each run
     cells: np.ndarray            # run x RUN_CELLS: cell index
     valid: np.ndarray            # run x RUN_CELLS: a real cell (not padding)
     # the crop columns whose R1 values a run's cells need ("points"), run x points, with
@@ -239,7 +246,11 @@ def column_plan(axis: AxisResize) -> ColumnPlan:
         cell_start=cell_start, cell_width=cell_width,
         cell_v0=v0[columns], cell_v1=v1[columns],
         cell_run=np.repeat(np.arange(len(run_start)), run_cells),
+        run_columns=columns[cells],
+        run_valid=np.repeat(valid[:, :, None], columns.shape[1], axis=2),
+        run_v0=v0[columns][cells], run_v1=v1[columns][cells],
         run_lo=lo[run_start], run_hi=hi[run_start], run_cells=run_cells,
+        run_width=np.add.reduceat(cell_width, run_start),
         cells=cells, valid=valid, point_a0=a0[points], point_a1=a1[points],
         point_w0=w0[points], point_w1=w1[points], first=first, second=second,
         crop_only=axis.n_crop == axis.n_out)
@@ -372,9 +383,13 @@ def boundary_labels(logits: np.ndarray, placement: Placement, input_size: tuple[
             run_labels[uy[alone], ur[alone]] = candidates[:, alone].argmax(axis=0)
             several = ~alone
             uy, ur, candidates = uy[several], ur[several], candidates[:, several]
+        if RUN_PIXELS or not len(uy):       # a run's cells share its label: one expansion
+            labels = _expand(run_labels, plan.run_width)
+            if len(uy):
+                _run_pixels(r, plan, uy, ur, candidates, labels)
+            return labels
         cell_labels = np.repeat(run_labels, plan.run_cells, axis=1)
-        if len(uy):
-            pixels = _decide_cells(r, plan, uy, ur, candidates, margin, cell_labels)
+        pixels = _decide_cells(r, plan, uy, ur, candidates, margin, cell_labels)
     labels = _expand(cell_labels, plan.cell_width)
     if pixels is not None:
         y, x0, width, values = pixels
@@ -614,6 +629,56 @@ def _decide_cells(r: np.ndarray, plan: ColumnPlan, uy: np.ndarray, ur: np.ndarra
         np.copyto(current_class, cls[e][:, None].astype(np.uint8), where=better)
         best_class[ids] = current_class
     return uy[oi], x0, cell_width, best_class
+
+
+def _run_pixels(r: np.ndarray, plan: ColumnPlan, uy: np.ndarray, ur: np.ndarray,
+                candidates: np.ndarray, labels: np.ndarray) -> None:
+    """Step c straight after a, without b: every pixel of the undecided (row, run)s gets
+    V of its run's remaining classes, first maximum in class order, written in `labels`.
+
+    At the photo's own scale (cells one or two columns wide) a run's pixels are few, and
+    computing them all costs less than the cell test's bookkeeping that would spare some
+    (studies/postprocess_cost.py). A narrow cell's padding columns repeat its last column
+    with the same numbers (the same label written twice); padding slots interpolate other
+    points, so they are not written."""
+    run_of, cls_of = np.nonzero(np.ascontiguousarray(candidates.T))  # by run, ascending
+    firsts = np.flatnonzero(np.r_[True, run_of[1:] != run_of[:-1]])
+    rank = np.arange(len(run_of)) - np.repeat(firsts, np.diff(np.r_[firsts, len(run_of)]))
+    _, out_h, width = r.shape
+    flat = r.reshape(-1)
+    row_base = (uy * width)[:, None]
+    at_a0 = np.take(plan.point_a0, ur, axis=0) + row_base    # takes along one axis:
+    at_a1 = np.take(plan.point_a1, ur, axis=0) + row_base    # faster than fancy indexing
+    at_w0, at_w1 = np.take(plan.point_w0, ur, axis=0), np.take(plan.point_w1, ur, axis=0)
+    weight0 = np.take(plan.run_v0, ur, axis=0)               # runs x slots x columns
+    weight1 = np.take(plan.run_v1, ur, axis=0)
+    best = best_class = None
+    for k in range(int(rank.max()) + 1):
+        pick = np.flatnonzero(rank == k)
+        runs, cls = run_of[pick], cls_of[pick]
+        rows = slice(None) if len(runs) == len(ur) else runs
+        plane = (cls.astype(np.int64) * (out_h * width))[:, None]
+        at = (at_w0[rows] * flat[at_a0[rows] + plane]
+              + at_w1[rows] * flat[at_a1[rows] + plane])
+        value = weight0[rows] * at[:, plan.first, None]
+        value += weight1[rows] * at[:, plan.second, None]
+        label = cls.astype(np.uint8)[:, None, None]
+        if best is None:                    # rank 0: every run, its smallest class
+            best, best_class = value, np.broadcast_to(label, value.shape).copy()
+            continue
+        if isinstance(rows, slice):
+            better = value > best
+            np.copyto(best, value, where=better)
+            np.copyto(best_class, label, where=better)
+            continue
+        current, current_class = best[rows], best_class[rows]
+        better = value > current
+        np.copyto(current, value, where=better)
+        np.copyto(current_class, label, where=better)
+        best[rows], best_class[rows] = current, current_class
+    where = (uy * labels.shape[1])[:, None, None] + np.take(plan.run_columns, ur, axis=0)
+    real = np.take(plan.run_valid, ur, axis=0)
+    labels.reshape(-1)[where[real]] = best_class[real]
 
 
 def _expand(cell_labels: np.ndarray, widths: np.ndarray) -> np.ndarray:

@@ -15,6 +15,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+import cv2
 import numpy as np
 import torch
 import zmq
@@ -31,7 +32,7 @@ from pspnet.model.labels import (
     read_ground_truth,
 )
 from pspnet.model.manifest import Manifest
-from pspnet.model.masks import is_storage_error, mask_path, mask_png, write_mask
+from pspnet.model.masks import is_storage_error, mask_png, mask_target, png_bytes, store_mask
 from pspnet.stages.child import POLL_S, Child, Notes, error_result
 
 STAGE = Stage.POSTPROCESS
@@ -41,6 +42,7 @@ def main(child: Child) -> None:
     """Run until stopped."""
     cfg = child.cfg
     torch.set_num_threads(max(1, cfg.worker_threads))
+    cv2.setNumThreads(max(1, cfg.worker_threads))  # calcHist: no pool waking beside ort
     try:
         manifest = Manifest.read(cfg.model_dir)
     except (OSError, ValueError) as exc:
@@ -159,8 +161,8 @@ def finish(output: wire.Output, manifest: Manifest, out_dir: Path | None,
             labels = labels_from_labels(output.data, output.placement)
         mask = None
         if out_dir is not None and request.write:
-            target = mask_path(out_dir, request.path)
-            write_mask(labels, target, manifest.palette, source=request.path)
+            target, source = mask_target(out_dir, request.path)   # one realpath for both
+            store_mask(png_bytes(labels, manifest.palette, source), target, source)
             mask = str(target)
         payload = returned(labels, request, manifest)
         areas = None

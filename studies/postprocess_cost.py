@@ -271,7 +271,7 @@ def worker_steps(items: list[tuple[wire.Request, np.ndarray, Placement]], manife
         pixels_and_areas,
         read_ground_truth,
     )
-    from pspnet.model.masks import mask_path, write_mask
+    from pspnet.model.masks import mask_target, png_bytes, store_mask
     from pspnet.stages.postprocess import finish, found_classes
 
     palette = manifest.palette
@@ -314,16 +314,17 @@ def worker_steps(items: list[tuple[wire.Request, np.ndarray, Placement]], manife
                 encode_png(lab, flat_palette, io.BytesIO(), options)
         return run
 
-    def write() -> None:
+    def write() -> None:                         # as finish writes a mask
         for (req, _, _), lab in zip(items, labels, strict=True):
-            write_mask(lab, mask_path(out_dir, req.path), palette, source=req.path)
+            target, source = mask_target(out_dir, req.path)
+            store_mask(png_bytes(lab, palette, source), target, source)
 
     steps: dict[str, Callable[[], None]] = {
         "labels": lambda: [labels_from_logits(lg, place, manifest.input_size,
                                               manifest.align_corners)
                            for _, lg, place in items],
         "mask PNG encode (as write_mask)": png({"compress_level": 1, "compress_type": 3}),
-        "mask write (mask_path + write_mask: encode, temp file, link)": write,
+        "mask write (mask_target + store_mask: encode, temp file, link)": write,
         "class counts and IoU areas (pixels_and_areas, one pass)": lambda: [
             found_classes(pixels_and_areas(lab, t, manifest.num_classes)[0],
                           manifest.class_names)
@@ -372,6 +373,7 @@ def run_worker(args: argparse.Namespace) -> dict[str, Any]:
     import tempfile
 
     torch.set_num_threads(1)                 # as a postprocess worker
+    cv2.setNumThreads(1)
     manifest = Manifest.read(args.model[0])
     with tempfile.TemporaryDirectory(prefix="pp-cost-") as tmp:
         items = synthetic_items(args.model[0], args.images, Path(tmp) / "inputs")

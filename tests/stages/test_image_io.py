@@ -322,3 +322,19 @@ def test_letterbox_size_is_exact_floor(h: int, w: int, th: int, tw: int) -> None
     s = min(Fraction(tw, w), Fraction(th, h))
     assert nh == max(1, int(h * s)) and nw == max(1, int(w * s))
     assert nh <= th and nw <= tw and (nh == th or nw == tw)
+
+
+@pytest.mark.parametrize(("first", "limit", "expect"), [
+    (100_001, 100_002, 100_000),      # the size fstat gave: the whole file
+    (11, 200_000, 100_000),           # grown since fstat: read on to the end
+    (11, 50_001, 50_001),             # grown past the limit: limit bytes, read_file refuses
+])
+def test_read_all_reads_to_the_end_or_the_limit(tmp_path: Path, first: int, limit: int,
+                                                expect: int) -> None:
+    data = os.urandom(100_000)
+    (tmp_path / "f").write_bytes(data)
+    fd = os.open(tmp_path / "f", os.O_RDONLY)
+    try:
+        assert image_io._read_all(fd, first, limit) == data[:expect]
+    finally:
+        os.close(fd)

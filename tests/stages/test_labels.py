@@ -296,6 +296,8 @@ def _pngs(tmp_path: Path) -> dict[str, Path]:
     at = good.index(b"IDAT") - 4                            # 5,000 empty tEXt chunks first
     empty = b"\0\0\0\0tEXt" + zlib.crc32(b"tEXt").to_bytes(4, "big")
     save("many chunks", good[:at] + empty * 5000 + good[at:])
+    at = good.index(b"PLTE") - 4                            # palette indices, no palette
+    save("no PLTE", good[:at] + good[at + 12 + int.from_bytes(good[at:at + 4], "big"):])
     return out
 
 

@@ -139,6 +139,31 @@ def test_row_cells_equal_the_per_row_test(case, align_corners: bool, kind: str,
     assert np.array_equal(new, old)
 
 
+@pytest.mark.parametrize("case", GROUPING_CASES, ids=lambda c: "x".join(map(str, c)))
+@pytest.mark.parametrize("align_corners", [False, True])
+@pytest.mark.parametrize("kind", ["smooth", "noise", "near-ties"])
+def test_run_pixels_equal_the_cell_test(case, align_corners: bool, kind: str,
+                                        monkeypatch) -> None:
+    """Step c on every pixel of an undecided run (RUN_PIXELS) and the cell test before it
+    give the dense path's labels, bit for bit, on the per-row sparse path."""
+    lh, lw, side, h, w = case
+    rng = np.random.default_rng(zlib.crc32(repr(("pixels", case, align_corners, kind)).encode()))
+    if kind == "noise":
+        logits = rng.standard_normal((21, lh, lw)).astype(np.float32)
+    else:
+        logits = smooth_logits(rng, 21, lh, lw)
+    if kind == "near-ties":
+        logits[3] = logits[0] + rng.integers(-2, 3, (lh, lw)) * np.spacing(np.abs(logits[0]))
+    p = placement_for(h, w, (side, side))
+    dense = ua.dense_labels(logits, p, (side, side), align_corners)
+    monkeypatch.setattr(ua, "SPARSE_COST", 0)
+    monkeypatch.setattr(ua, "GROUP_ROWS", False)
+    for run_pixels in (False, True):
+        monkeypatch.setattr(ua, "RUN_PIXELS", run_pixels)
+        assert np.array_equal(ua.boundary_labels(logits, p, (side, side), align_corners),
+                              dense), run_pixels
+
+
 def test_row_plan_covers_every_row() -> None:
     axis = ua.AxisResize(33, 257, 32, 193, 375, False)
     plan = ua.row_plan(axis)
