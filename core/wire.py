@@ -759,18 +759,39 @@ def _decode_result_areas(h: dict[str, Any], frames: Sequence[Any]) -> Result:
 
 
 def _result(h: dict[str, Any], areas: np.ndarray | None) -> Result:
-    status = h.get("status")
+    """One answer's fields. The front decodes one per image: the common case (an ok answer
+    of plain fields) is checked in one expression, the rest field by field (which field,
+    and why)."""
+    get = h.get
+    rid, path, stage, token, attempt = (get("id"), get("path"), get("stage"),
+                                        get("token", ""), get("attempt"))
+    mask, error, cause, model = get("mask"), get("error"), get("cause"), get("model", "")
+    if (type(rid) is str and type(path) is str and type(stage) is str
+            and type(token) is str and type(attempt) is int and type(model) is str
+            and (mask is None or type(mask) is str) and error is None and cause is None
+            and get("status") == OK and 0 < len(rid) <= MAX_STRING_CHARS
+            and len(path) <= MAX_STRING_CHARS and len(stage) <= MAX_STRING_CHARS
+            and (mask is None or 0 < len(mask) <= MAX_STRING_CHARS)
+            and 0 <= attempt <= 100 and len(token) <= MAX_NAME_CHARS and token.isascii()
+            and len(model) <= MAX_NAME_CHARS and _HEX.issuperset(model)
+            and "\x00" not in rid and "\x00" not in path and "\x00" not in stage
+            and (mask is None or "\x00" not in mask)):
+        return Result(rid, attempt, OK, path, mask, None, stage, areas, None,
+                      _size(get("size")), _found(get("found", [])), token, None, "", model)
+    status = get("status")
     if status not in (OK, ERROR):
         raise WireError(f"result status {status!r}")
-    cause = h.get("cause")
     if cause is not None and cause not in CAUSES:
         raise WireError(f"result cause {cause!r}")
-    size, found = _size(h.get("size")), _found(h.get("found", []))
+    size, found = _size(get("size")), _found(get("found", []))
     return Result(id=_string(h, "id"), attempt=_int(h, "attempt", 0, 100), status=status,
                   path=_string(h, "path", empty=True), mask=_string(h, "mask", optional=True),
                   error=_string(h, "error", optional=True), stage=_string(h, "stage", empty=True),
                   areas=areas, cause=cause, size=size, found=found, token=_token(h),
                   model=_version(h))
+
+
+_HEX = frozenset("0123456789abcdef")
 
 
 def _size(size: Any) -> tuple[int, int] | None:

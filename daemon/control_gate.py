@@ -17,7 +17,9 @@ What fails raises `Forged`: the front counts it and drops it, never delivers it.
 from __future__ import annotations
 
 import dataclasses
+import hmac
 import re
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import zmq
@@ -88,7 +90,10 @@ class ControlGate:
     def dispatched(self, request: wire.Request, executor: str) -> wire.Request:
         """The request as dispatched for `executor`: with its token."""
         r = request                    # an upload keeps its bytes, want and write
-        return dataclasses.replace(r, token=self.trust.token(r.id, r.attempt, executor))
+        token = self.trust.token(r.id, r.attempt, executor)
+        if r.data is None and not r.want and r.write:      # a path: made directly, not
+            return wire.Request(r.id, r.path, r.ann, r.attempt, token)   # by replace()
+        return dataclasses.replace(r, token=token)
 
     # ---- what comes in -----------------------------------------------------------------
 
@@ -109,14 +114,48 @@ class ControlGate:
         return proven
 
     def check_answer(self, result: wire.Result, sender: str, attempt: int,
-                     executor: str | None, holders: tuple[str, ...], known: bool) -> None:
+                     executor: str | None, holders: tuple[str, ...], known: bool,
+                     handed_out: str = "") -> None:
         """An answer to the current attempt: its token, and a sender that holds it (or, a
         postprocess worker the front knows (`known`): the executor's note that handed it
-        the request may still be on its way)."""
-        if not self.trust.answers(result, attempt, executor):
+        the request may still be on its way). `handed_out`: the token this attempt was
+        dispatched with, compared as it is (else made again: Trust.answers)."""
+        if handed_out and executor is not None and result.attempt == attempt:
+            if not hmac.compare_digest(result.token, handed_out):
+                raise Forged(f"an answer to {result.id} without its token")
+        elif not self.trust.answers(result, attempt, executor):
             raise Forged(f"an answer to {result.id} without its token")
         if sender not in holders and not (sender.startswith("postprocess-") and known):
             raise Forged(f"{sender} answers {result.id}, held by {holders}")
+
+    def admit(self, results: Sequence[wire.Result], sender: str, entries: Mapping[str, Entry],
+              stamp: Callable[[str, Entry], tuple[bool, str, int]],
+              ) -> tuple[list[tuple[Entry, wire.Result, str]], int, int]:
+        """A worker's answers, each checked alone (a forged one is dropped, not the rest):
+        (those the front may deliver, as (entry, answer, model version)), how many answer
+        no pending attempt (answered already, an earlier attempt's, twice in one message),
+        how many are forged). `stamp(sender, entry)`: Reloader.stamp (whether the sender
+        is known, the model's version and classes), asked once per executor."""
+        admitted: list[tuple[Entry, wire.Result, str]] = []
+        stamps: dict[str | None, tuple[bool, str, int]] = {}
+        seen: set[str] = set()
+        duplicates = forged = 0
+        for result in results:
+            entry = entries.get(result.id)
+            if entry is None or result.attempt < entry.request.attempt or result.id in seen:
+                duplicates += 1
+                continue
+            stamped = stamps.get(entry.executor)
+            if stamped is None:
+                stamped = stamps[entry.executor] = stamp(sender, entry)
+            known, model, classes = stamped
+            checked = self.admitted(result, sender, entry, known, (4, classes))
+            if checked is None:
+                forged += 1
+                continue
+            seen.add(result.id)
+            admitted.append((entry, checked, model))
+        return admitted, duplicates, forged
 
     def admitted(self, result: wire.Result, sender: str, entry: Entry, known: bool,
                  areas_shape: tuple[int, ...]) -> wire.Result | None:
@@ -126,7 +165,7 @@ class ControlGate:
         adds them: the request is answered, never lost."""
         try:
             self.check_answer(result, sender, entry.request.attempt, entry.executor,
-                              entry.holders, known)
+                              entry.holders, known, entry.request.token)
         except Forged as exc:
             self.refusals.refuse(sender, str(exc))
             return None

@@ -170,11 +170,14 @@ class Front:
 
     def poll(self, timeout_ms: float, starting: bool = False,
              ) -> list[tuple[wire.Result, Any]]:
-        """One turn without clients: wait for workers, read, supervise, dispatch."""
+        """One turn without clients: dispatch, wait for workers, read, supervise. Dispatch
+        comes first, once a turn: what the caller submitted since the last turn leaves
+        before the wait, and the room this turn's notes free is used at the next one,
+        which follows at once (the caller only takes the answers in between)."""
+        self.dispatch()
         if self._poller.poll(timeout_ms):     # made once: Socket.poll makes one per call
             self.read()
         self.supervise(starting=starting)
-        self.dispatch()
         return self.take_answers()
 
     def take_answers(self) -> list[tuple[wire.Result, Any]]:
@@ -208,9 +211,8 @@ class Front:
 
     def _handle(self, wid: wire.WorkerId, own: bool, frames: list[zmq.Frame]) -> None:
         msg = wire.decode(frames)
-        if isinstance(msg, wire.Result | wire.Results):    # each checked alone: a forged
-            for result in msg.results if isinstance(msg, wire.Results) else (msg,):   # one
-                self._answer(result, wid.text)                  # is dropped, not the rest
+        if isinstance(msg, wire.Result | wire.Results):
+            self._answer(msg.results if isinstance(msg, wire.Results) else (msg,), wid.text)
         elif isinstance(msg, wire.Took):
             self.ledger.took(wid.text, msg.ids)
         elif isinstance(msg, wire.Handed):
@@ -222,19 +224,16 @@ class Front:
         else:
             raise wire.WireError(f"{type(msg).__name__} is not a message for the front")
 
-    def _answer(self, result: wire.Result, sender: str) -> None:
-        entry = self.ledger.entries.get(result.id)
-        if entry is None or result.attempt < entry.request.attempt:
-            self.totals["duplicates_dropped"] += 1       # answered, or an earlier attempt's
-            return
-        known, model, classes = self.reloader.stamp(sender, entry)
-        result = self.gate.admitted(result, sender, entry, known, (4, classes))
-        if result is None:                  # forged: counted, dropped, never delivered
-            self.totals["forged_dropped"] += 1
-            return
-        self.ledger.answer(result.id)
-        self.storage.saw(result)
-        self.answers.from_worker(entry, result, model)
+    def _answer(self, results: tuple[wire.Result, ...], sender: str) -> None:
+        """A worker's answers: those the gate admits are answered, together."""
+        admitted, duplicates, forged = self.gate.admit(results, sender, self.ledger.entries,
+                                                       self.reloader.stamp)
+        self.totals["duplicates_dropped"] += duplicates  # answered, or an earlier attempt's
+        self.totals["forged_dropped"] += forged      # counted, dropped, never delivered
+        for _, result, _ in admitted:
+            self.ledger.answer(result.id)
+            self.storage.saw(result)
+        self.answers.from_workers(admitted)
 
     # ---- routing ---------------------------------------------------------------------
 
@@ -246,12 +245,11 @@ class Front:
         while ledger.queue and ledger.inflight < self.max_inflight:
             active = self.roster.active                 # the model being served, and
             fed_by = self.roster.feeds.get(active, active)   # whose preprocess serves it
-            preps = workers.with_room(Stage.PREPROCESS, ledger.load, fed_by)
-            executors = workers.with_room(Stage.EXECUTOR, ledger.load, active)
-            if not preps or not executors:
+            prep_room, prep, preps = workers.most_room(Stage.PREPROCESS, ledger.load, fed_by)
+            executor_room, executor, _ = workers.most_room(Stage.EXECUTOR, ledger.load, active)
+            if prep is None or executor is None:
                 return
-            (prep_room, prep), (executor_room, executor) = preps[0], executors[0]
-            want = min(math.ceil(len(ledger.queue) / len(preps)), max(1, prep.capacity // 2),
+            want = min(math.ceil(len(ledger.queue) / preps), max(1, prep.capacity // 2),
                        max(1, executor.capacity // 2))
             n = min(want, prep_room, executor_room, self.max_inflight - ledger.inflight)
             if n < want:
@@ -261,7 +259,7 @@ class Front:
             frames = wire.encode(wire.Dispatch(requests, executor.name, executor.inputs))
             if not self._send(prep, frames):    # gone: not sent to until it beats again
                 continue
-            ledger.dispatched(entries, prep.name, executor.name)
+            ledger.dispatched(entries, prep.name, executor.name, requests)
 
     def _send(self, worker: Worker, frames: list[Any]) -> bool:
         sent = send_to(self.control, self.gate.route(worker.name), worker, frames)
@@ -365,8 +363,7 @@ def stream(front: Front, requests: Iterable[wire.Request], backlog: int,
                 front.submit(request)
         if exhausted and not front.ledger.pending:
             return
-        front.dispatch()         # what was just submitted goes out now, not after the wait
-        for result, _origin in front.poll(50):
+        for result, _origin in front.poll(50):     # dispatches what was just submitted
             yield result
 
 

@@ -28,7 +28,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -116,33 +116,62 @@ class Ledger:
         """The first `n` queued requests (fewer if fewer are queued), still queued."""
         return [self.entries[self.queue[i]] for i in range(min(n, len(self.queue)))]
 
-    def dispatched(self, entries: list[Entry], preprocess: str, executor: str) -> None:
-        """The head of the queue went to `preprocess`, its pixels bound for `executor`."""
+    def dispatched(self, entries: list[Entry], preprocess: str, executor: str,
+                   sent: Sequence[wire.Request] | None = None) -> None:
+        """The head of the queue went to `preprocess`, its pixels bound for `executor`.
+        `sent`: the requests as dispatched (with their tokens), kept so that an answer's
+        token is compared with the one handed out, not computed again per answer."""
         now = self.clock()
-        for entry in entries:
+        holders, load = (preprocess, executor), self.load
+        for i, entry in enumerate(entries):
             rid = self.queue.popleft()
             assert rid == entry.rid, "dispatch takes the head of the queue"
-            self._move(entry, PREPROCESS, (preprocess, executor), executor, now)
+            entry.state, entry.holders, entry.executor, entry.since = (
+                PREPROCESS, holders, executor, now)   # queued ones take no room: none freed
+            if sent is not None:
+                entry.request = sent[i]
+        load[preprocess] += len(entries)
+        load[executor] += len(entries)
 
     def handed(self, worker: str, rids: Iterable[str], to: str) -> None:
-        """`worker` sent these requests' data on to `to`."""
-        now = self.clock()
-        for entry in self._held(rids, worker):
-            if entry.state == PREPROCESS and entry.holders[0] == worker:
-                self._move(entry, TO_EXECUTOR, (worker, entry.executor or to), entry.executor,
-                           now)
-            elif entry.state == EXECUTOR:          # its "took" came first: same socket
-                self._move(entry, TO_POSTPROCESS, (worker, to), worker, now)
-            elif entry.executor == worker:         # an executor hands on only what it
-                self._move(entry, TO_POSTPROCESS, (worker, to), worker, now)   # took:
-                # its "took" for these ids is implied (BatchNotes leaves it out)
+        """`worker` sent these requests' data on to `to`. The room each move frees is
+        summed over the note and given back once (`_free`)."""
+        now, entries, freed = self.clock(), self.entries, collections.Counter[str]()
+        for rid in rids:
+            entry = entries.get(rid)
+            if entry is None or worker not in entry.holders:
+                continue
+            state, executor = entry.state, entry.executor
+            if state == PREPROCESS and entry.holders[0] == worker:
+                if executor is None:           # never: dispatch names the executor
+                    self._move(entry, TO_EXECUTOR, (worker, to), None, now)
+                    continue
+                entry.state, entry.holders, entry.since = TO_EXECUTOR, (worker, executor), now
+                freed[worker] += 1             # the preprocess worker's room; the
+            elif state == EXECUTOR or executor == worker:   # executor's until it takes it
+                if state == PREPROCESS:        # an executor hands on only what it took:
+                    freed.update(entry.holders)   # its "took" is implied (BatchNotes
+                elif state == TO_EXECUTOR:        # leaves it out), and the preprocess
+                    freed[worker] += 1            # worker's "handed" may come later
+                entry.state, entry.holders, entry.executor, entry.since = (
+                    TO_POSTPROCESS, (worker, to), worker, now)
+        self._free(freed)
 
     def took(self, executor: str, rids: Iterable[str]) -> None:
         """`executor` put these requests into a batch: its room is free again."""
-        now = self.clock()
-        for entry in self._held(rids, executor):
-            if entry.executor == executor and entry.state in (PREPROCESS, TO_EXECUTOR):
-                self._move(entry, EXECUTOR, (executor,), executor, now)
+        now, entries, freed = self.clock(), self.entries, collections.Counter[str]()
+        for rid in rids:
+            entry = entries.get(rid)
+            if entry is None or entry.executor != executor or executor not in entry.holders:
+                continue
+            if entry.state == PREPROCESS:
+                freed.update(entry.holders)
+            elif entry.state == TO_EXECUTOR:
+                freed[executor] += 1
+            else:
+                continue
+            entry.state, entry.holders, entry.since = EXECUTOR, (executor,), now
+        self._free(freed)
 
     def answer(self, rid: str) -> Entry | None:
         """The request answered: removed. None when it was answered already (or unknown):
@@ -222,6 +251,14 @@ class Ledger:
         entry.since = self.clock() if now is None else now
         for worker in _room_taken(entry):
             self.load[worker] += 1
+
+    def _free(self, freed: collections.Counter[str]) -> None:
+        """Room given back, by worker."""
+        load = self.load
+        for worker, n in freed.items():
+            load[worker] -= n
+            if load[worker] <= 0:
+                del load[worker]
 
     def _unload(self, entry: Entry) -> None:
         for worker in _room_taken(entry):

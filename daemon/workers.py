@@ -80,6 +80,23 @@ class Workers:
                  and (stage != Stage.EXECUTOR or w.inputs)]
         return sorted([(room, w) for room, w in ready if room > 0], key=lambda rw: -rw[0])
 
+    def most_room(self, stage: Stage, load: Mapping[str, int], generation: int | None,
+                  ) -> tuple[int, Worker | None, int]:
+        """(room, worker) of the worker `with_room` would list first, and how many it
+        would list: one pass and no list, since the front asks on every turn."""
+        best, best_room, count = None, 0, 0
+        executor = stage == Stage.EXECUTOR
+        for w in self.by_name.values():
+            if (w.stage != stage or not w.reachable or (executor and not w.inputs)
+                    or (generation is not None and w.generation != generation)):
+                continue
+            room = w.capacity - load.get(w.name, 0)
+            if room > 0:
+                count += 1
+                if room > best_room:            # the first of the most room: sorted()'s
+                    best, best_room = w, room   # stable order
+        return best_room, best, count
+
     def with_most_room(self, stage: Stage, load: Mapping[str, int]) -> Worker | None:
         """The reachable worker of `stage` with the most room, if any has room."""
         ready = self.with_room(stage, load)

@@ -36,6 +36,15 @@ class IoUAccumulator:
         self.areas += areas
         self.images += 1
 
+    def add_many(self, areas: Sequence[np.ndarray]) -> None:
+        """Add several images' 4 x C areas at once (one sum: the front adds a message's)."""
+        total = np.sum(areas, axis=0) if len(areas) > 1 else np.asarray(areas[0])
+        if total.shape != self.areas.shape or total.dtype.kind not in "iu":
+            raise ValueError(f"areas must be integer 4 x {self.num_classes}, got "
+                             f"{total.dtype} {total.shape}")
+        self.areas += total
+        self.images += len(areas)
+
     def merge(self, other: IoUAccumulator) -> None:
         """Fold in another accumulator (e.g. one per postprocess worker)."""
         if other.num_classes != self.num_classes:

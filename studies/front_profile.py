@@ -12,6 +12,10 @@ started Front as the bench's e2e pass does, and reports for that pass alone:
 
     python -m studies.front_profile --model /tmp/f27/demo-labels --executors 2 --batch 64
 
+- with --by-kind, the CPU per message kind, and each message's decode in situ against
+  the same frames decoded again afterwards, back to back (the cold-cache factor);
+- with --no-count, without counting messages (counting decodes each one twice).
+
 (py-spy is not installed on the shared host; cProfile sees only the main thread, which
 is the thread the figure is about.)
 """
@@ -72,6 +76,60 @@ def timing_steps(front: Front, spent: collections.Counter[str]) -> None:
     for name in ("read", "supervise", "dispatch", "take_answers"):
         setattr(front, name, timed(name, getattr(front, name)))
     front.control.poll = timed("control.poll", front.control.poll)   # type: ignore
+
+
+class ByKind:
+    """--by-kind: the main thread's CPU in `Front._handle` per message kind, and each
+    message's decode timed where it ran (in situ) and again afterwards, replayed back to
+    back from a copy of its frames (hot caches): their ratio is what running among the
+    workers on a shared core costs the same code."""
+
+    def __init__(self, front: Front) -> None:
+        self.handle_ms: collections.Counter[str] = collections.Counter()
+        self.count: collections.Counter[str] = collections.Counter()
+        self.decoded: list[tuple[list[bytes], float, str]] = []
+        self._decode, self._kind = wire.decode, ""
+        handle, clock = front._handle, time.thread_time
+
+        def decode(frames, *a, **k):                   # type: ignore[no-untyped-def]
+            t = clock()
+            msg = self._decode(frames, *a, **k)
+            spent = clock() - t
+            self._kind = type(msg).__name__
+            self.decoded.append(([bytes(getattr(f, "buffer", f)) for f in frames], spent,
+                                 self._kind))
+            return msg
+
+        def timed_handle(wid, own, frames):            # type: ignore[no-untyped-def]
+            t = clock()
+            try:
+                return handle(wid, own, frames)
+            finally:
+                self.handle_ms[self._kind] += (clock() - t) * 1e3
+                self.count[self._kind] += 1
+
+        wire.decode = decode                            # type: ignore[assignment]
+        front._handle = timed_handle                    # type: ignore[method-assign]
+
+    def report(self, n: int) -> str:
+        wire.decode = self._decode                      # type: ignore[assignment]
+        in_situ: collections.Counter[str] = collections.Counter()
+        hot: collections.Counter[str] = collections.Counter()
+        for _, spent, kind in self.decoded:
+            in_situ[kind] += spent
+        for _ in range(3):
+            for frames, _, kind in self.decoded:
+                t = time.thread_time()
+                self._decode(frames)
+                hot[kind] += (time.thread_time() - t) / 3
+        lines = ["by kind: messages/image, handled ms/image, us/message; decode in situ / "
+                 "replayed hot, us/message"]
+        for kind, ms in self.handle_ms.most_common():
+            c = self.count[kind]
+            lines.append(f"  {kind:10s} {c / n:.3f} {ms / n:.4f} {ms * 1e3 / c:6.1f}; decode "
+                         f"{in_situ[kind] * 1e6 / c:6.1f} / {hot[kind] * 1e6 / c:5.1f} "
+                         f"(x{in_situ[kind] / max(hot[kind], 1e-9):.1f})")
+        return "\n".join(lines)
 
 
 class GcTime:
@@ -142,6 +200,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gc-freeze", action="store_true",
                         help="gc.freeze() before the timed pass (start-up's objects are "
                              "never traversed by a collection again)")
+    parser.add_argument("--by-kind", action="store_true",
+                        help="CPU per message kind, and each decode in situ against the "
+                             "same frames replayed hot afterwards (implies --no-count)")
+    parser.add_argument("--no-count", action="store_true",
+                        help="no messages by kind (counting decodes each message twice, "
+                             "which adds to the main thread's figure)")
     parser.add_argument("--top", type=int, default=30)
     args = parser.parse_args(argv)
     cfg = PipelineConfig(model_dir=args.model, backend="sim",
@@ -159,7 +223,9 @@ def main(argv: list[str] | None = None) -> int:
             settle(front)
             one_pass(front, paths[:256], truths[:256], backlog, "warm", None)
             counts: collections.Counter[str] = collections.Counter()
-            counting(front, counts)
+            if not (args.no_count or args.by_kind):
+                counting(front, counts)
+            kinds = ByKind(front) if args.by_kind else None
             spent: collections.Counter[str] = collections.Counter()
             if args.steps:
                 timing_steps(front, spent)
@@ -184,6 +250,8 @@ def main(argv: list[str] | None = None) -> int:
         f"gen{g} {collections_timed.runs[g]} runs {collections_timed.spent_ms[g] / n:.4f} "
         "ms/image" for g in sorted(collections_timed.runs))
           + f" (tracked objects at the end: {len(gc.get_objects())}{frozen})")
+    if kinds is not None:
+        print(kinds.report(n))
     if spent:
         print("main-thread CPU per image by step (ms): " + ", ".join(
             f"{k} {v / n:.4f}" for k, v in spent.most_common())

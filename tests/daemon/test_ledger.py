@@ -286,3 +286,39 @@ def test_an_executors_handed_note_implies_its_took(ledger):
     retried, given_up = ledger.lost(E0)          # the executor dies: all six were its
     assert sorted(e.rid for e in retried) == sorted(rids) and not given_up
     assert not ledger.load
+
+
+def test_room_stays_the_sum_of_what_each_request_takes_under_any_order_of_notes(ledger):
+    """Notes give room back once per note, not per id (issue 27): whatever order groups of
+    notes, repeats, deaths and answers come in, each worker's load is exactly the room its
+    requests take (the preprocess worker's until it hands them on, the executor's until it
+    takes them), and no worker is left with a zero or negative count."""
+    import random
+
+    from pspnet.daemon.ledger import _room_taken
+
+    rng = random.Random(27)
+    accept(ledger, 400)
+    for _ in range(600):
+        move = rng.random()
+        if move < 0.25 and ledger.queue:
+            dispatch_group(ledger, rng.randint(1, 6), rng.choice((P0, P1)),
+                           rng.choice((E0, E1)))
+        else:
+            rids = rng.sample(sorted(ledger.entries), min(len(ledger.entries), 8))
+            if move < 0.45:
+                ledger.handed(rng.choice((P0, P1)), rids, rng.choice((E0, E1)))
+            elif move < 0.65:
+                ledger.took(rng.choice((E0, E1)), rids)
+            elif move < 0.85:
+                ledger.handed(rng.choice((E0, E1)), rids, rng.choice((Q0, Q1)))
+            elif move < 0.97:
+                for rid in rids[:3]:
+                    ledger.answer(rid)
+            else:
+                ledger.lost(rng.choice((P0, P1, E0, E1)))
+        expected: dict[str, int] = {}
+        for entry in ledger.entries.values():
+            for worker in _room_taken(entry):
+                expected[worker] = expected.get(worker, 0) + 1
+        assert dict(ledger.load) == expected

@@ -25,6 +25,25 @@ def test_room_is_capacity_less_load_and_the_roomiest_is_picked():
     assert workers.with_most_room("executor", load) is None
 
 
+def test_most_room_is_with_rooms_first_and_count_in_one_pass():
+    """The front asks every turn: `most_room` answers as `with_room`'s head and length,
+    ties to the first heard, without an address or unreachable left out, by generation."""
+    workers = Workers()
+    for i, capacity in enumerate((8, 6, 8, 8)):
+        worker, _, _ = workers.heard(
+            f"executor-{i}-{100 + i}", "executor", i, 100 + i,
+            beat("executor", i, 100 + i, inputs="" if i == 3 else f"ipc:///r/exec{i}-in",
+                 capacity=capacity), True, 0.0)
+        worker.generation = i % 2
+    for load in ({}, {"executor-0-100": 2}, {"executor-0-100": 8, "executor-2-102": 8},
+                 {"executor-1-101": 1}):
+        for gen in (None, 0, 1):
+            listed = workers.with_room("executor", load, gen)
+            room, worker, count = workers.most_room("executor", load, gen)
+            assert count == len(listed)
+            assert (room, worker) == (listed[0] if listed else (0, None))
+
+
 def test_an_executor_without_an_address_or_unreachable_gets_nothing():
     workers = Workers()
     workers.heard("executor-0-1", "executor", 0, 1, beat("executor", 0, 1, capacity=8),
