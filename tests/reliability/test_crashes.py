@@ -37,12 +37,12 @@ from tests.kit import (
 )
 
 N = 1000
-VICTIMS = [("preprocess", 0), ("preprocess", 1), ("executor", 0), ("postprocess", 0),
-           ("postprocess", 1)]
+VICTIMS = [("preprocess", 0), ("executor", 0), ("postprocess", 0), ("preprocess", 1),
+           ("postprocess", 1)]          # each stage's first kill early: the library streams
 FIRST_KILL, KILL_EVERY, AHEAD = 150, 170, 60   # kill k when ~FIRST_KILL + k*KILL_EVERY answered
 ARGS = ("--batch-size", "16", "--max-inflight", "64", "--max-queue", "256",
         "--preprocess-workers", "2", "--postprocess-workers", "2")   # two of each to kill
-LIBRARY_N = 750        # the library client's images, submitted as the crash run starts
+LIBRARY_N = 1200       # the library client's images, submitted as the crash run starts
 
 
 @pytest.fixture(scope="module")
@@ -145,8 +145,9 @@ def test_kill_9_each_stage_process_during_1000_images(tiny_models, stream, photo
     assert lib.error is None and not lib.is_alive(), lib.error
     lib_counts = collections.Counter(a.id for a in lib.answers)
     assert len(lib_counts) == LIBRARY_N and set(lib_counts.values()) == {1}
-    for k in (0, 2, 3):                  # the first kill of each stage: while it streamed
-        assert kills[k][5] < LIBRARY_N, f"the library client was done before {kills[k][:2]}"
+    for k in (0, 1, 2):                  # the first kill of each stage: while it streamed
+        assert kills[k][5] < LIBRARY_N, f"the library client was done before {kills[k][:2]}: " \
+            f"{kills}"
     lib_failed = [a.error for a in lib.answers if a.status != "ok"]
     assert all("retry" in (e or "") for e in lib_failed), lib_failed
     for a in lib.answers:
