@@ -42,7 +42,7 @@ VICTIMS = [("preprocess", 0), ("executor", 0), ("postprocess", 0), ("preprocess"
 FIRST_KILL, KILL_EVERY, AHEAD = 150, 170, 60   # kill k when ~FIRST_KILL + k*KILL_EVERY answered
 ARGS = ("--batch-size", "16", "--max-inflight", "64", "--max-queue", "256",
         "--preprocess-workers", "2", "--postprocess-workers", "2")   # two of each to kill
-LIBRARY_N = 1200       # the library client's images, submitted as the crash run starts
+LIBRARY_N = 2000       # the library client's images, submitted as the crash run starts
 
 
 @pytest.fixture(scope="module")
