@@ -28,8 +28,10 @@ pixels whose two best logits are within about 2^-19 of the largest logit magnitu
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import Any
 
 import numpy as np
 import torch
@@ -473,6 +475,33 @@ def _grouped(arr: np.ndarray, r: np.ndarray, rows: RowPlan, plan: ColumnPlan,
     return cell_labels, pixels
 
 
+def _rank_passes(flat: np.ndarray, plane_size: int,
+                 points: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray],
+                 run_of: np.ndarray, cls_of: np.ndarray, rank: np.ndarray, n_runs: int,
+                 ) -> Iterator[tuple[np.ndarray, Any, np.ndarray, np.ndarray]]:
+    """Per rank: the runs, their rows (a slice where the pass covers every run), their
+    classes, and each run's points of that class interpolated from R's rows (`points`:
+    the two points' flat indices in the class-0 plane and their weights)."""
+    at_a0, at_a1, at_w0, at_w1 = points
+    for k in range(int(rank.max()) + 1):
+        pick = np.flatnonzero(rank == k)
+        runs, cls = run_of[pick], cls_of[pick]
+        rows: Any = slice(None) if len(runs) == n_runs else runs
+        plane = (cls.astype(np.int64) * plane_size)[:, None]
+        yield runs, rows, cls, (at_w0[rows] * flat[at_a0[rows] + plane]
+                                + at_w1[rows] * flat[at_a1[rows] + plane])
+
+
+def ranked_candidates(candidates: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(run, class, rank) of each True in `candidates` (classes x runs), by run ascending;
+    rank is the k-th class of its run, so a pass over one rank touches a run at most once
+    and its updates need no scatter-add."""
+    run_of, cls_of = np.nonzero(np.ascontiguousarray(candidates.T))
+    firsts = np.flatnonzero(np.r_[True, run_of[1:] != run_of[:-1]])
+    rank = np.arange(len(run_of)) - np.repeat(firsts, np.diff(np.r_[firsts, len(run_of)]))
+    return run_of, cls_of, rank
+
+
 def _decided_cell_pairs(crop: np.ndarray, plan: ColumnPlan, rows: RowPlan, cy: np.ndarray,
                         ur: np.ndarray, candidates: np.ndarray, margin: np.float32,
                         cell_rc: np.ndarray) -> np.ndarray:
@@ -489,9 +518,7 @@ def _decided_cell_pairs(crop: np.ndarray, plan: ColumnPlan, rows: RowPlan, cy: n
         bounds.append((plan.point_a0[ur] + base, plan.point_a1[ur] + base))
     at_w0, at_w1 = plan.point_w0[ur], plan.point_w1[ur]
     passes = []
-    run_of, cls_of = np.nonzero(np.ascontiguousarray(candidates.T))
-    firsts = np.flatnonzero(np.r_[True, run_of[1:] != run_of[:-1]])
-    rank = np.arange(len(run_of)) - np.repeat(firsts, np.diff(np.r_[firsts, len(run_of)]))
+    run_of, cls_of, rank = ranked_candidates(candidates)
     for k in range(int(rank.max()) + 1):
         pick = np.flatnonzero(rank == k)
         runs, cls = run_of[pick], cls_of[pick]
@@ -565,9 +592,7 @@ def _decide_cells(r: np.ndarray, plan: ColumnPlan, uy: np.ndarray, ur: np.ndarra
     Candidates are visited by rank (the k-th class of each run), so each pass touches each
     run at most once and updates need no scatter-add; every run here has two candidates
     or more, so the first two passes cover all runs in order (slices, not gathers)."""
-    run_of, cls_of = np.nonzero(np.ascontiguousarray(candidates.T))  # by run, ascending
-    firsts = np.flatnonzero(np.r_[True, run_of[1:] != run_of[:-1]])
-    rank = np.arange(len(run_of)) - np.repeat(firsts, np.diff(np.r_[firsts, len(run_of)]))
+    run_of, cls_of, rank = ranked_candidates(candidates)
     _, out_h, width = r.shape
     flat = r.reshape(-1)
     slots = plan.slots
@@ -577,13 +602,8 @@ def _decide_cells(r: np.ndarray, plan: ColumnPlan, uy: np.ndarray, ur: np.ndarra
     at_a0, at_a1 = plan.point_a0[ur] + row_base, plan.point_a1[ur] + row_base
     at_w0, at_w1 = plan.point_w0[ur], plan.point_w1[ur]
     passes = []
-    for k in range(int(rank.max()) + 1):
-        pick = np.flatnonzero(rank == k)
-        runs, cls = run_of[pick], cls_of[pick]
-        rows = slice(None) if len(runs) == len(ur) else runs
-        plane = (cls.astype(np.int64) * (out_h * width))[:, None]
-        at = (at_w0[rows] * flat[at_a0[rows] + plane]
-              + at_w1[rows] * flat[at_a1[rows] + plane])
+    for runs, rows, cls, at in _rank_passes(flat, out_h * width, (at_a0, at_a1, at_w0, at_w1),
+                                            run_of, cls_of, rank, len(ur)):
         at0, at1 = at[:, plan.first], at[:, plan.second]
         floor[rows] = np.maximum(floor[rows], np.minimum(at0, at1))
         passes.append((runs, rows, cls, at0, at1))
@@ -641,9 +661,7 @@ def _run_pixels(r: np.ndarray, plan: ColumnPlan, uy: np.ndarray, ur: np.ndarray,
     (studies/postprocess_cost.py). A narrow cell's padding columns repeat its last column
     with the same numbers (the same label written twice); padding slots interpolate other
     points, so they are not written."""
-    run_of, cls_of = np.nonzero(np.ascontiguousarray(candidates.T))  # by run, ascending
-    firsts = np.flatnonzero(np.r_[True, run_of[1:] != run_of[:-1]])
-    rank = np.arange(len(run_of)) - np.repeat(firsts, np.diff(np.r_[firsts, len(run_of)]))
+    run_of, cls_of, rank = ranked_candidates(candidates)
     _, out_h, width = r.shape
     flat = r.reshape(-1)
     row_base = (uy * width)[:, None]
@@ -653,13 +671,8 @@ def _run_pixels(r: np.ndarray, plan: ColumnPlan, uy: np.ndarray, ur: np.ndarray,
     weight0 = np.take(plan.run_v0, ur, axis=0)               # runs x slots x columns
     weight1 = np.take(plan.run_v1, ur, axis=0)
     best = best_class = None
-    for k in range(int(rank.max()) + 1):
-        pick = np.flatnonzero(rank == k)
-        runs, cls = run_of[pick], cls_of[pick]
-        rows = slice(None) if len(runs) == len(ur) else runs
-        plane = (cls.astype(np.int64) * (out_h * width))[:, None]
-        at = (at_w0[rows] * flat[at_a0[rows] + plane]
-              + at_w1[rows] * flat[at_a1[rows] + plane])
+    for _, rows, cls, at in _rank_passes(flat, out_h * width, (at_a0, at_a1, at_w0, at_w1),
+                                         run_of, cls_of, rank, len(ur)):
         value = weight0[rows] * at[:, plan.first, None]
         value += weight1[rows] * at[:, plan.second, None]
         label = cls.astype(np.uint8)[:, None, None]

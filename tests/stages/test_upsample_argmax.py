@@ -114,6 +114,16 @@ GROUPING_CASES = [*CASES, (33, 33, 257, 477, 211), (33, 33, 257, 424, 641),
                   (33, 33, 257, 901, 1203), (33, 33, 257, 97, 3)]
 
 
+def case_logits(rng: np.random.Generator, kind: str, lh: int, lw: int) -> np.ndarray:
+    """21 classes of smooth, noise or near-tie logits (class 3 within 2 ulps of class 0)."""
+    if kind == "noise":
+        return rng.standard_normal((21, lh, lw)).astype(np.float32)
+    logits = smooth_logits(rng, 21, lh, lw)
+    if kind == "near-ties":
+        logits[3] = logits[0] + rng.integers(-2, 3, (lh, lw)) * np.spacing(np.abs(logits[0]))
+    return logits
+
+
 @pytest.mark.parametrize("case", GROUPING_CASES, ids=lambda c: "x".join(map(str, c)))
 @pytest.mark.parametrize("align_corners", [False, True])
 @pytest.mark.parametrize("kind", ["smooth", "noise", "near-ties"])
@@ -123,12 +133,7 @@ def test_row_cells_equal_the_per_row_test(case, align_corners: bool, kind: str,
     bit for bit, on the sparse path (SPARSE_COST 0: no hand-over to the dense one)."""
     lh, lw, side, h, w = case
     rng = np.random.default_rng(zlib.crc32(repr(("rows", case, align_corners, kind)).encode()))
-    if kind == "noise":
-        logits = rng.standard_normal((21, lh, lw)).astype(np.float32)
-    else:
-        logits = smooth_logits(rng, 21, lh, lw)
-    if kind == "near-ties":
-        logits[3] = logits[0] + rng.integers(-2, 3, (lh, lw)) * np.spacing(np.abs(logits[0]))
+    logits = case_logits(rng, kind, lh, lw)
     p = placement_for(h, w, (side, side))
     monkeypatch.setattr(ua, "SPARSE_COST", 0)
     monkeypatch.setattr(ua, "GROUP_ROWS", False)
@@ -148,12 +153,7 @@ def test_run_pixels_equal_the_cell_test(case, align_corners: bool, kind: str,
     give the dense path's labels, bit for bit, on the per-row sparse path."""
     lh, lw, side, h, w = case
     rng = np.random.default_rng(zlib.crc32(repr(("pixels", case, align_corners, kind)).encode()))
-    if kind == "noise":
-        logits = rng.standard_normal((21, lh, lw)).astype(np.float32)
-    else:
-        logits = smooth_logits(rng, 21, lh, lw)
-    if kind == "near-ties":
-        logits[3] = logits[0] + rng.integers(-2, 3, (lh, lw)) * np.spacing(np.abs(logits[0]))
+    logits = case_logits(rng, kind, lh, lw)
     p = placement_for(h, w, (side, side))
     dense = ua.dense_labels(logits, p, (side, side), align_corners)
     monkeypatch.setattr(ua, "SPARSE_COST", 0)
