@@ -897,7 +897,7 @@ def _version(h: dict[str, Any]) -> str:
     """A model version: "" (absent: none, or an older sender) or a few hex digits."""
     version = h.get("model", "")
     if not (isinstance(version, str) and len(version) <= MAX_NAME_CHARS
-            and all(c in "0123456789abcdef" for c in version)):
+            and _HEX.issuperset(version)):
         raise WireError("model version must be hex digits")
     return version
 

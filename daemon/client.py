@@ -20,7 +20,14 @@ import zmq
 
 from pspnet.core import wire
 from pspnet.core.keys import ENV_KEYS, ClientHandshakes, KeysError, client_keys, connect_curve
-from pspnet.daemon.endpoint import ABSENT, NOT_A_SOCKET, STALE, ipc_state, parse_endpoint
+from pspnet.daemon.endpoint import (
+    ABSENT,
+    NOT_A_SOCKET,
+    STALE,
+    ipc_state,
+    parse_endpoint,
+    where_daemons_are,
+)
 from pspnet.daemon.uploads_client import Upload, UploadSide, returned_answer
 
 CHUNK = 64                   # requests per submit message
@@ -42,6 +49,12 @@ class DaemonUnavailable(RuntimeError):
 
 class KeyRefused(DaemonUnavailable):
     """A daemon is there, but it refused this client's keys at the handshake."""
+
+
+def unavailable_text(exc: DaemonUnavailable, endpoint: str) -> str:
+    """The error, and where this user's daemons run: not for a refused key (that daemon is
+    there; the error names the fix)."""
+    return f"{exc}" if isinstance(exc, KeyRefused) else f"{exc}{where_daemons_are(endpoint)}"
 
 
 class ReloadFailed(RuntimeError):
@@ -125,6 +138,12 @@ class Client:
                           "with client.key_secret and server.key copied from the daemon's "
                           "keys folder (`pspnet keys DIR` on its host)")
 
+    def _send(self, msg: wire.Message) -> None:
+        try:
+            self.socket.send_multipart(wire.encode(msg))
+        except zmq.Again:               # SEND_TIMEOUT_MS and no peer took it
+            raise self._unavailable(f"could not send to {self.endpoint}") from None
+
     def __enter__(self) -> Client:
         return self
 
@@ -146,10 +165,7 @@ class Client:
     def status(self, timeout_s: float = STATUS_TIMEOUT_S) -> dict[str, Any]:
         self._check_socket_file()
         deadline = time.monotonic() + timeout_s
-        try:
-            self.socket.send_multipart(wire.encode(wire.StatusQuery()))
-        except zmq.Again:
-            raise self._unavailable(f"could not send to {self.endpoint}") from None
+        self._send(wire.StatusQuery())
         while self.socket.poll(max(0, deadline - time.monotonic()) * 1e3):
             msg = wire.decode(self.socket.recv_multipart())
             if isinstance(msg, wire.Reply) and msg.status == "status":
@@ -164,10 +180,7 @@ class Client:
         when it refused or the new model failed (the old one serves on)."""
         self._check_socket_file()
         where = "" if model is None else str(Path(model).absolute())
-        try:
-            self.socket.send_multipart(wire.encode(wire.Reload(where, force)))
-        except zmq.Again:
-            raise self._unavailable(f"could not send to {self.endpoint}") from None
+        self._send(wire.Reload(where, force))
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if not self.socket.poll(min(1.0, max(0.0, deadline - time.monotonic())) * 1e3):

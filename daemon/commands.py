@@ -14,7 +14,7 @@ from pspnet.core.cli_args import HelpFormatter, add_flags, flag_names, from_args
 from pspnet.core.config import PipelineConfig, outputs_problem
 from pspnet.core.exits import EXIT_FAILED, EXIT_UNAVAILABLE, EXIT_USAGE
 from pspnet.core.logs import json_safe
-from pspnet.daemon.endpoint import default_endpoint, parse_endpoint, where_daemons_are
+from pspnet.daemon.endpoint import default_endpoint, parse_endpoint
 from pspnet.daemon.serve_config import ServeConfig
 
 # what every command that runs the pipeline takes (serve adds --tcp-host)
@@ -267,7 +267,7 @@ def print_json(doc: object) -> None:
 def run_reload(args: argparse.Namespace) -> int:
     """Ask the running daemon to swap its model (daemon.reload); the outcome on stdout
     (JSON), a failure's reason on stderr."""
-    from pspnet.daemon.client import Client, DaemonUnavailable, KeyRefused, ReloadFailed
+    from pspnet.daemon.client import Client, DaemonUnavailable, ReloadFailed, unavailable_text
 
     endpoint = args.endpoint or default_endpoint()
     try:
@@ -278,8 +278,7 @@ def run_reload(args: argparse.Namespace) -> int:
         with client:
             body = client.reload(args.model, args.force, args.timeout)
     except DaemonUnavailable as exc:
-        hint = "" if isinstance(exc, KeyRefused) else where_daemons_are(endpoint)
-        sys.stderr.write(f"pspnet reload: error: {exc}{hint}\n")
+        sys.stderr.write(f"pspnet reload: error: {unavailable_text(exc, endpoint)}\n")
         return EXIT_UNAVAILABLE
     except ReloadFailed as exc:
         sys.stderr.write(f"pspnet reload: error: {exc}\n")
@@ -292,7 +291,7 @@ def run_status(args: argparse.Namespace) -> int:
     """The daemon's status: a table on a terminal; else the document as it came, once it
     reads as one (keys a newer daemon added stay in the output)."""
     from pspnet.core.status import Status
-    from pspnet.daemon.client import Client, DaemonUnavailable, KeyRefused
+    from pspnet.daemon.client import Client, DaemonUnavailable, unavailable_text
 
     endpoint = args.endpoint or default_endpoint()
     try:
@@ -303,8 +302,7 @@ def run_status(args: argparse.Namespace) -> int:
         with client:
             doc = client.status()
     except DaemonUnavailable as exc:
-        hint = "" if isinstance(exc, KeyRefused) else where_daemons_are(endpoint)
-        sys.stderr.write(f"pspnet status: error: {exc}{hint}\n")
+        sys.stderr.write(f"pspnet status: error: {unavailable_text(exc, endpoint)}\n")
         return EXIT_UNAVAILABLE
     try:
         status = Status.from_document(doc)

@@ -310,6 +310,7 @@ class Front:
         self.answers.abandon(self.ledger.abandon(), reason)
         return self.take_answers()
 
+
 def requests_for(paths: Iterable[str | Path], anns: Iterable[str | None] | None = None,
                  ) -> list[wire.Request]:
     """Requests with ids 0..n-1 for a list of paths (and optional ground truths)."""

@@ -19,8 +19,14 @@ from tqdm import tqdm
 from pspnet.core.config import IMAGE_SUFFIXES
 from pspnet.core.exits import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_UNAVAILABLE, EXIT_USAGE
 from pspnet.core.logs import json_safe
-from pspnet.daemon.client import CANCELLED, Answer, Client, DaemonUnavailable, KeyRefused
-from pspnet.daemon.endpoint import default_endpoint, is_local, where_daemons_are
+from pspnet.daemon.client import (
+    CANCELLED,
+    Answer,
+    Client,
+    DaemonUnavailable,
+    unavailable_text,
+)
+from pspnet.daemon.endpoint import default_endpoint, is_local
 from pspnet.daemon.uploads_client import Upload
 
 PROGRESS_FROM = 10           # a progress bar (stderr, a terminal) from this many images on
@@ -157,8 +163,7 @@ def _submit(args: argparse.Namespace) -> int:
                 if answer.status != CANCELLED:
                     _print(answer, paths, as_json, bar)
     except DaemonUnavailable as exc:
-        hint = "" if isinstance(exc, KeyRefused) else where_daemons_are(client.endpoint)
-        sys.stderr.write(f"pspnet submit: error: {exc}{hint}\n")
+        sys.stderr.write(f"pspnet submit: error: {unavailable_text(exc, client.endpoint)}\n")
         return EXIT_UNAVAILABLE
     if interrupts.count:
         sys.stderr.write(f"pspnet submit: interrupted: {counts['ok']} answered, "

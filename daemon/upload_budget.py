@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from pspnet.core.uploads import upload_refusal
+
 BUSY = "busy"
 
 
@@ -31,9 +33,9 @@ class UploadBudget:
 
     def admit(self, client: bytes, client_id: str, nbytes: int) -> str | None:
         """None: counted (hold it until `release`); BUSY: not now; else why never."""
-        if nbytes > self.max_upload:
-            return (f"upload of {nbytes} bytes is over the daemon's --max-upload-bytes "
-                    f"{self.max_upload}")
+        too_large = upload_refusal(nbytes, self.max_upload)
+        if too_large is not None:
+            return too_large
         if nbytes > self.per_client:
             return (f"upload of {nbytes} bytes is over the daemon's --max-upload-inflight "
                     f"{self.per_client}")

@@ -74,10 +74,7 @@ class Workers:
         """(room, worker) of each reachable worker of `stage` that has room, most room
         first (an executor also needs an address to be sent images); of `generation`
         only, when given."""
-        ready = [(w.capacity - load.get(w.name, 0), w) for w in self.by_name.values()
-                 if w.stage == stage and w.reachable
-                 and (generation is None or w.generation == generation)
-                 and (stage != Stage.EXECUTOR or w.inputs)]
+        ready = [(w.capacity - load.get(w.name, 0), w) for w in self._able(stage, generation)]
         return sorted([(room, w) for room, w in ready if room > 0], key=lambda rw: -rw[0])
 
     def most_room(self, stage: Stage, load: Mapping[str, int], generation: int | None,
@@ -85,11 +82,7 @@ class Workers:
         """(room, worker) of the worker `with_room` would list first, and how many it
         would list: one pass and no list, since the front asks on every turn."""
         best, best_room, count = None, 0, 0
-        executor = stage == Stage.EXECUTOR
-        for w in self.by_name.values():
-            if (w.stage != stage or not w.reachable or (executor and not w.inputs)
-                    or (generation is not None and w.generation != generation)):
-                continue
+        for w in self._able(stage, generation):
             room = w.capacity - load.get(w.name, 0)
             if room > 0:
                 count += 1
@@ -99,8 +92,16 @@ class Workers:
 
     def with_most_room(self, stage: Stage, load: Mapping[str, int]) -> Worker | None:
         """The reachable worker of `stage` with the most room, if any has room."""
-        ready = self.with_room(stage, load)
-        return ready[0][1] if ready else None
+        return self.most_room(stage, load, None)[1]
+
+    def _able(self, stage: Stage, generation: int | None) -> Iterator[Worker]:
+        """The workers of `stage` that may be sent work: reachable, an executor with an
+        address for images, of `generation` when given."""
+        executor = stage == Stage.EXECUTOR
+        for w in self.by_name.values():
+            if (w.stage == stage and w.reachable and (not executor or w.inputs)
+                    and (generation is None or w.generation == generation)):
+                yield w
 
     def peers(self, pool: int = 1, generation: int | None = 0,
               feeds: Mapping[int, int] | None = None) -> wire.Peers:

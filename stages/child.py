@@ -32,7 +32,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import structlog
 import zmq
@@ -175,10 +175,13 @@ class Child:
         it receives there): one socket, so the front hears them in the order sent."""
         frames = wire.encode(msg)
         with self.send_lock:
-            try:
-                self.control.send_multipart(frames)
-            except zmq.Again:
-                self.unreachable()
+            self._push(self.control, frames)
+
+    def _push(self, sock: zmq.Socket, frames: list[Any]) -> None:
+        try:
+            sock.send_multipart(frames)
+        except zmq.Again:               # SEND_TIMEOUT_MS (tcp) and the front took nothing
+            self.unreachable()
 
     def unreachable(self) -> NoReturn:
         """Nothing could be sent to the front for SEND_TIMEOUT_MS (tcp only): say why, with
@@ -239,10 +242,7 @@ class Child:
         if sock is None:
             self.send(beat)
         else:
-            try:
-                sock.send_multipart(wire.encode(beat))
-            except zmq.Again:
-                self.unreachable()
+            self._push(sock, wire.encode(beat))
 
     @contextmanager
     def long_step(self, what: str, pixels: int) -> Iterator[None]:

@@ -159,12 +159,13 @@ def finish(output: wire.Output, manifest: Manifest, out_dir: Path | None,
                                         manifest.align_corners)
         else:
             labels = labels_from_labels(output.data, output.placement)
-        mask = None
+        mask = png = None
         if out_dir is not None and request.write:
             target, source = mask_target(out_dir, request.path)   # one realpath for both
-            store_mask(png_bytes(labels, manifest.palette, source), target, source)
+            png = png_bytes(labels, manifest.palette, source)
+            store_mask(png, target, source)
             mask = str(target)
-        payload = returned(labels, request, manifest)
+        payload = returned(labels, request, manifest, png)
         areas = None
         if request.ann:                     # the class counts and the areas in one pass
             truth = read_ground_truth(request.ann, max_pixels, expected=labels.shape)
@@ -187,10 +188,13 @@ def finish(output: wire.Output, manifest: Manifest, out_dir: Path | None,
 
 
 def returned(labels: np.ndarray, request: wire.Request, manifest: Manifest,
-             ) -> bytes | np.ndarray | None:
+             written: bytes | None = None) -> bytes | np.ndarray | None:
     """What the request asked back in its answer: the palette PNG (the same bytes as the
-    mask file the daemon writes for it), the raw label map, or nothing."""
+    mask file the daemon writes for it: `written`, when it wrote one), the raw label map,
+    or nothing."""
     if request.want == wire.WANT_PNG:
+        if written is not None:
+            return written
         return mask_png(labels, manifest.palette, source=request.path)
     if request.want == wire.WANT_LABELS:
         return np.ascontiguousarray(labels, dtype=np.uint8)
