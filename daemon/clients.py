@@ -74,7 +74,7 @@ class Clients:
 
     def send(self, client: bytes, msg: wire.Message) -> None:
         if self.uploads.held and isinstance(msg, wire.Result | wire.Results):
-            for result in msg.results if isinstance(msg, wire.Results) else (msg,):
+            for result in msg.each() if isinstance(msg, wire.Results) else (msg,):
                 self.uploads.release(client, result.id)      # answered: bytes free
         self._send_frames(client, wire.encode(msg))
 

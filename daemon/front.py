@@ -212,7 +212,7 @@ class Front:
     def _handle(self, wid: wire.WorkerId, own: bool, frames: list[zmq.Frame]) -> None:
         msg = wire.decode(frames)
         if isinstance(msg, wire.Result | wire.Results):
-            self._answer(msg.results if isinstance(msg, wire.Results) else (msg,), wid.text)
+            self._answer(msg.each() if isinstance(msg, wire.Results) else (msg,), wid.text)
         elif isinstance(msg, wire.Took):
             self.ledger.took(wid.text, msg.ids)
         elif isinstance(msg, wire.Handed):
