@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -923,33 +924,61 @@ def _ok_answers(cols: Any, rows: np.ndarray) -> OkAnswers:
     _text_column("models", models, 0, MAX_NAME_CHARS)
     if not _HEX.issuperset("".join(models)):
         raise WireError("results column 'models' must be hex digits")
-    _int_column("attempts", attempts, 0, 100)
-    _int_column("sizes", sizes, 0, 1 << 20)
+    if set(map(type, itertools.chain(attempts, sizes, counts, classes, pixels,
+                                     answer_rows))) != {int}:      # one pass: all ints
+        for key, column in (("attempts", attempts), ("sizes", sizes), ("counts", counts),
+                            ("classes", classes), ("pixels", pixels), ("rows", answer_rows)):
+            if set(map(type, column)) - {int}:                          # which one
+                raise WireError(f"results column {key!r} must hold integers")
+    _in_range("attempts", attempts, 0, 100)
+    _in_range("sizes", sizes, 0, 1 << 20)
     if 0 in sizes and any((sizes[i] == 0) != (sizes[i + 1] == 0) for i in range(0, 2 * n, 2)):
         raise WireError("results column 'sizes': a height and width both, or neither")
-    _int_column("counts", counts, 0, MAX_CLASSES)
+    _in_range("counts", counts, 0, MAX_CLASSES)
     if sum(counts) != len(classes):
         raise WireError(f"results column 'classes' holds {len(classes)} entries, the counts "
                         f"say {sum(counts)}")
-    _int_column("name_ids", name_ids, 0, MAX_CLASSES - 1)
-    table = dict(zip(name_ids, names, strict=True))
-    if len(table) != len(name_ids):
-        raise WireError("results column 'name_ids' names a class twice")
-    for name in names:                     # a model has a few dozen: once per message
-        if type(name) is not str or not 0 < len(name) <= MAX_NAME_CHARS \
-                or not name.isprintable():
-            raise WireError(f"results column 'names': a class name is printable, at most "
-                            f"{MAX_NAME_CHARS} characters")
-    _int_column("classes", classes, 0, MAX_CLASSES - 1)
-    if not table.keys() >= set(classes):
+    table = _names_table(name_ids, names)
+    if not table.keys() >= set(classes):   # ints (above), each one a named class
         raise WireError("results column 'classes' has a class the 'names' table lacks")
-    _int_column("pixels", pixels, 1, 1 << 40)
-    _int_column("rows", answer_rows, -1, len(rows) - 1)
+    _in_range("pixels", pixels, 1, 1 << 40)
+    _in_range("rows", answer_rows, -1, len(rows) - 1)
     used = [r for r in answer_rows if r >= 0]
     if len(set(used)) != len(used):
         raise WireError("results column 'rows' names a row of the areas frame twice")
     return OkAnswers(ids, attempts, tokens, paths, masks, stages, models, sizes, counts,
                      classes, pixels, table, answer_rows, rows if len(rows) else None)
+
+
+def _names_table(name_ids: list[Any], names: list[Any]) -> dict[int, str]:
+    """A Results' class names table, checked once per distinct table (a model has one;
+    a worker sends the same table in each message), not once per message."""
+    key = (tuple(name_ids), tuple(names))
+    table = _TABLES_SEEN.get(key)
+    if table is not None:
+        return table
+    _int_column("name_ids", name_ids, 0, MAX_CLASSES - 1)
+    table = dict(zip(name_ids, names, strict=True))
+    if len(table) != len(name_ids):
+        raise WireError("results column 'name_ids' names a class twice")
+    for name in names:
+        if type(name) is not str or not 0 < len(name) <= MAX_NAME_CHARS \
+                or not name.isprintable():
+            raise WireError(f"results column 'names': a class name is printable, at most "
+                            f"{MAX_NAME_CHARS} characters")
+    if len(_TABLES_SEEN) >= _TABLES_KEPT:
+        _TABLES_SEEN.clear()
+    _TABLES_SEEN[key] = table
+    return table
+
+
+_TABLES_SEEN: dict[tuple[tuple[Any, ...], tuple[Any, ...]], dict[int, str]] = {}
+_TABLES_KEPT = 256
+
+
+def _in_range(key: str, column: list[int], lo: int, hi: int) -> None:
+    if column and (min(column) < lo or max(column) > hi):
+        raise WireError(f"results column {key!r} must hold integers in [{lo}, {hi}]")
 
 
 def _text_column(key: str, column: list[Any], shortest: int, longest: int) -> None:
