@@ -313,10 +313,12 @@ class OkAnswers:
 
     def found(self) -> list[tuple[tuple[int, str, int], ...]]:
         """Each answer's found classes as Result.found has them."""
-        names, classes, pixels, out, at = self.names, self.classes, self.pixels, [], 0
+        classes = self.classes           # every (id, name, pixels) made at C level, then cut
+        triples = list(zip(classes, map(self.names.__getitem__, classes), self.pixels,
+                           strict=True))
+        out, at = [], 0
         for n in self.counts:
-            out.append(tuple((classes[j], names[classes[j]], pixels[j])
-                             for j in range(at, at + n)))
+            out.append(tuple(triples[at:at + n]))
             at += n
         return out
 
