@@ -14,7 +14,8 @@ requests are spread, not queued behind each other on one worker; while the queue
 a group waits for room for all of it (notes free room a group at a time: sending what
 little room there is would shrink every later group). Its liveness side is the `Roster`,
 its answers the `Answers`, its checks of who speaks the `ControlGate`; answers
-come out of `take_answers`; the daemon's `Server` drives the
+come out of `take_answers` (one Result each) or `take_messages` (a worker's ok answers
+still in columns, for the daemon to send a client as they are); the daemon's `Server` drives the
 steps (`read`, `supervise`, `dispatch`) from its loop, and `run` drives them for callers
 in the same process (bench, eval, tests). A live reload (`reloader`, daemon.reload) runs
 a second model's workers beside the first: requests are dispatched within the active one,
