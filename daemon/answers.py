@@ -101,8 +101,9 @@ class Answers:
         if fits:
             rows = ok.rows
             summed = [rows[i] for i, _, _ in admitted if rows[i] >= 0]
-            if summed:
-                self.metrics.add_many(ok.areas[summed])   # one call: K x 4 x C
+            if summed:                                    # one call: K x 4 x C (the
+                self.metrics.add_many(ok.areas if len(summed) == len(ok.areas)   # frame's
+                                      else ok.areas[summed])                    # own rows)
         if self.on_answer is not None:
             now, hook, stages = time.monotonic(), self.on_answer, ok.stages
             for i, entry, _ in admitted:
