@@ -69,21 +69,51 @@ def mask_path(out_dir: Path, image: str | os.PathLike[str]) -> Path:
 def mask_target(out_dir: Path, image: str | os.PathLike[str]) -> tuple[Path, str]:
     """(`mask_path(out_dir, image)`, `mask_source(image)`) from one realpath of the image:
     the postprocess worker needs both for every mask, and each realpath is an lstat per
-    folder on the way."""
+    folder on the way. Plain strings, not pathlib's objects, and the mirrored folders below
+    the resolved `out_dir` looked at alone (it is real already): the worker pays this for
+    every mask."""
     image = os.fspath(image)
     if "\x00" in image:
         raise ValueError("image path contains a NUL byte")
     real = os.path.realpath(image)
-    *folders, name = Path(real).parts[1:] or ("",)
+    *folders, name = [part for part in real.split("/") if part] or [""]
     if not image or not name:
         raise ValueError(f"no usable file name in {image!r}")
-    root = Path(out_dir).resolve()
-    target = root.joinpath(*folders, _mask_name(name))
-    if not Path(os.path.realpath(target.parent)).is_relative_to(root):
+    root = os.path.realpath(out_dir)
+    if not _within(_real_below(root, folders), root):
         raise ValueError(f"mask path for {image!r} leaves the output directory through a link")
-    if target.is_symlink():
+    target = os.path.join(root, *folders, _mask_name(name))
+    try:
+        link = stat.S_ISLNK(os.lstat(target).st_mode)
+    except OSError as exc:                 # as pathlib's is_symlink: these mean "no link"
+        if exc.errno not in (errno.ENOENT, errno.ENOTDIR, errno.EBADF, errno.ELOOP):
+            raise
+        link = False
+    if link:
         raise ValueError(f"{target} is a symbolic link; refusing to write through it")
-    return target, _source_text(real)
+    return Path(target), _source_text(real)
+
+
+def _real_below(root: str, folders: Sequence[str]) -> str:
+    """`os.path.realpath(root/folders...)` where `root` is real already and the folders are
+    plain names (from a realpath): only the folders are looked at; at a link among them
+    realpath resolves the rest, and a missing one ends the walk (realpath keeps the rest
+    as written)."""
+    path = root
+    for k, folder in enumerate(folders):
+        path = os.path.join(path, folder)
+        try:
+            mode = os.lstat(path).st_mode
+        except OSError:
+            return os.path.join(path, *folders[k + 1:])
+        if stat.S_ISLNK(mode):
+            return os.path.realpath(os.path.join(path, *folders[k + 1:]))
+    return path
+
+
+def _within(path: str, root: str) -> bool:
+    """Whether `path` is `root` or lies below it (both real and absolute)."""
+    return path == root or path.startswith(root if root.endswith("/") else root + "/")
 
 
 def _mask_name(name: str) -> str:
@@ -130,15 +160,16 @@ def mask_png(labels: np.ndarray, palette: Sequence[Sequence[int]],
 def store_mask(png: bytes | memoryview, path: Path, source: str | None = None) -> None:
     """`png` at `path`, atomically (see `write_mask`); `source` (as `mask_source` gives
     it): the name is claimed for that image."""
-    path = Path(path)
-    tmp = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+    path = os.fspath(path)                     # strings: pathlib's objects cost more here
+    folder, name = os.path.split(path)
+    tmp = os.path.join(folder, f".{name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
     try:
         fd = os.open(tmp, flags, 0o644)
     except (FileNotFoundError, NotADirectoryError):
         # a new folder (or a file in the way, which mkdir reports): made only when needed,
         # not tried (mkdir, EEXIST, stat) for every mask
-        path.parent.mkdir(parents=True, exist_ok=True)
+        Path(folder).mkdir(parents=True, exist_ok=True)
         fd = os.open(tmp, flags, 0o644)
     try:
         try:
@@ -226,20 +257,26 @@ def recorded_source(path: Path) -> str | None:
         if exc.errno == errno.ELOOP:             # a link planted after mask_path's check
             return None
         raise
-    with os.fdopen(fd, "rb", buffering=0) as f:
-        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+    try:                                         # ours: read with no file object
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
             return None
-        sure, text = _own_source(f.read(SOURCE_HEAD_BYTES))
+        sure, text = _own_source(os.read(fd, SOURCE_HEAD_BYTES))
         if sure:
             return text
-        f.seek(0)
-        try:
-            # the plugin class reads the chunks before the first IDAT, no pixels, and
-            # (unlike Image.open) applies no decompression-bomb limit to the header
-            with PngImagePlugin.PngImageFile(f) as im:
-                text = im.info.get(SOURCE_KEY)
-        except (SyntaxError, OSError, ValueError, struct.error):
-            return None                          # not a PNG, or a torn one: records none
+        os.lseek(fd, 0, os.SEEK_SET)
+        f = os.fdopen(fd, "rb", buffering=0)     # closes fd from here on
+        fd = -1
+        with f:
+            try:
+                # the plugin class reads the chunks before the first IDAT, no pixels, and
+                # (unlike Image.open) applies no decompression-bomb limit to the header
+                with PngImagePlugin.PngImageFile(f) as im:
+                    text = im.info.get(SOURCE_KEY)
+            except (SyntaxError, OSError, ValueError, struct.error):
+                return None                      # not a PNG, or a torn one: records none
+    finally:
+        if fd >= 0:
+            os.close(fd)
     return str(text) if isinstance(text, str) else None
 
 
@@ -285,7 +322,7 @@ def _own_source(head: bytes) -> tuple[bool, str | None]:
     return True, text
 
 
-def _claim(tmp: Path, path: Path, source: str) -> None:
+def _claim(tmp: str, path: str, source: str) -> None:
     """Move the finished temp file to `path` unless that holds another source's mask."""
     try:
         os.link(tmp, path)                       # atomic: fails when the name exists
@@ -301,6 +338,6 @@ def _claim(tmp: Path, path: Path, source: str) -> None:
         return
     holder = recorded_source(path)
     if holder is not None and holder != source:
-        raise MaskNameTaken(f"mask name {path.name} already holds the mask of {holder}; "
-                            "rename one of them")
+        raise MaskNameTaken(f"mask name {os.path.basename(path)} already holds the mask of "
+                            f"{holder}; rename one of them")
     os.replace(tmp, path)

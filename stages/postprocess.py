@@ -2,11 +2,14 @@
 
 It asks each executor for work: one DEALER per executor (the front's `Peers` list says
 where they listen), and credits on it for as many outputs as it can hold; each output
-done returns one credit to the executor it came from. So a slow worker is never sent more
-than it can take, and the answer (with the areas: intersect, union, pred, label per class)
-goes to the front, which sums them, so a crashed worker loses no metric state. Answers go
-out together (`Notes`): all it finished while more outputs were waiting, at most
---coalesce-ms after the first, and at once when nothing more is waiting.
+done returns one credit to the executor it came from, in one `Credit` for all it finished
+while more of that executor's outputs were already waiting (a batch arrives together: one
+message back per batch, not per image; at most half the grant is held back). So a slow
+worker is never sent more than it can take, and the answer (with the areas: intersect,
+union, pred, label per class) goes to the front, which sums them, so a crashed worker loses
+no metric state. Answers go out together (`Notes`): all it finished while more outputs
+were waiting, at most --coalesce-ms after the first, and at once when nothing more is
+waiting.
 """
 
 from __future__ import annotations
@@ -61,6 +64,7 @@ def main(child: Child) -> None:
         due_in = notes.due_in()             # answers pending: wake when their slice ends
         ready = inboxes.poll(POLL_S * 1e3 if due_in is None else min(POLL_S, due_in) * 1e3)
         if not ready:
+            inboxes.repay_all()             # nothing waiting: no credit held back (a guard)
             notes.flush_if_due()
             continue
         if child.control in ready:
@@ -89,7 +93,7 @@ def main(child: Child) -> None:
                 result = finish(output, manifest, out_dir, cfg.max_pixels)
             notes.result(result)
             notes.flush_if_due()            # a quiet worker answers at once
-            sock.send_multipart(wire.encode(wire.Credit(1)))
+            inboxes.done(sock)              # its credit: now, or with the next ones
             child.count(processed=int(result.status == wire.OK),
                         errors=int(result.status != wire.OK),
                         busy_s=time.perf_counter() - started)
@@ -105,6 +109,8 @@ class Inboxes:
         self.child = child
         self.max_frame_bytes = max_frame_bytes
         self.by_executor: dict[str, zmq.Socket] = {}
+        self.owed: dict[zmq.Socket, int] = {}   # outputs done, credit not yet returned
+        self.hold = 1                           # at most this many credits held back
         self.poller = zmq.Poller()
         self.poller.register(child.control, zmq.POLLIN)
 
@@ -118,6 +124,25 @@ class Inboxes:
     def poll(self, timeout_ms: float) -> list[zmq.Socket]:
         return [sock for sock, _ in self.poller.poll(timeout_ms)]
 
+    def done(self, sock: zmq.Socket) -> None:
+        """One output from `sock` finished: its credit goes back at once when nothing more
+        from that executor is waiting (it may be idle for want of room), else with the next
+        ones (they came as one batch; the executor still holds the rest of its grant), so
+        one `Credit` per batch, not per image. A worker that dies owing credits loses only
+        them: its outputs are the front's to retry, and its successor is granted afresh."""
+        owed = self.owed.get(sock, 0) + 1
+        if owed < self.hold and sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+            self.owed[sock] = owed
+            return
+        self.owed.pop(sock, None)
+        sock.send_multipart(wire.encode(wire.Credit(owed)))
+
+    def repay_all(self) -> None:
+        """Every credit held back, returned (nothing is waiting any more)."""
+        while self.owed:
+            sock, owed = self.owed.popitem()
+            sock.send_multipart(wire.encode(wire.Credit(owed)))
+
     def read_peers(self) -> None:
         frames = self.child.control.recv_multipart(copy=False)
         try:
@@ -126,8 +151,10 @@ class Inboxes:
             self.child.log.warning("malformed message dropped", error=str(exc))
             return
         wanted = dict(peers.executors)
+        self.hold = max(1, peers.credits // 2)  # the executor keeps at least half its grant
         for name in [n for n in self.by_executor if n not in wanted]:
             sock = self.by_executor.pop(name)
+            self.owed.pop(sock, None)
             self.poller.unregister(sock)
             sock.close(0)                       # what it still held is retried by the front
         for name, address in wanted.items():
