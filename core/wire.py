@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -221,11 +222,133 @@ class Result:
 
 
 @dataclass(frozen=True)
+class OkAnswers:
+    """Ok answers without a returned payload, column by column (issue 27): what a Results
+    message carries for the common case, so that the front reads a message's answers
+    without a Python object per answer. Answer `i` is `ids[i]`, `attempts[i]`, ...; its
+    found classes are the next `counts[i]` entries of `classes` and `pixels` (largest
+    first), named once per message in `names`; its areas are row `rows[i]` of `areas`
+    (-1: none)."""
+
+    ids: list[str]
+    attempts: list[int]
+    tokens: list[str]
+    paths: list[str]
+    masks: list[str | None]
+    stages: list[str]
+    models: list[str]
+    sizes: list[int]              # height, width of each, flat; 0, 0: none
+    counts: list[int]             # found classes per answer
+    classes: list[int]            # their class ids, flat
+    pixels: list[int]             # and pixels, flat
+    names: dict[int, str]         # class id -> name, once per message
+    rows: list[int]               # each answer's row of `areas`; -1: none
+    areas: np.ndarray | None      # int64 K x 4 x C
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    @classmethod
+    def of(cls, results: Sequence[Result], rows: list[np.ndarray]) -> OkAnswers:
+        """Columns of `results` (ok, no error, no payload); each one's areas appended to
+        `rows`, which the caller stacks into the message's one areas frame."""
+        sizes: list[int] = []
+        counts, classes, pixels, names, answer_rows = [], [], [], {}, []
+        for r in results:
+            sizes.extend(r.size if r.size is not None else (0, 0))
+            counts.append(len(r.found))
+            for cid, name, n in r.found:
+                classes.append(cid)
+                pixels.append(n)
+                names[cid] = name
+            if r.areas is None:
+                answer_rows.append(-1)
+            else:
+                answer_rows.append(len(rows))
+                rows.append(r.areas)
+        return cls([r.id for r in results], [r.attempt for r in results],
+                   [r.token for r in results], [r.path for r in results],
+                   [r.mask for r in results], [r.stage for r in results],
+                   [r.model for r in results], sizes, counts, classes, pixels, names,
+                   answer_rows, None)
+
+    def pick(self, chosen: list[int], areas: bool = True) -> OkAnswers:
+        """The answers at indices `chosen` (in that order), as a message of their own: the
+        flat columns sliced, the areas rows taken into a frame of their own (`areas`
+        False: none)."""
+        if chosen == list(range(len(self.ids))):
+            picked = self
+        else:
+            sizes, starts, at = self.sizes, [], 0
+            for n in self.counts:
+                starts.append(at)
+                at += n
+            classes: list[int] = []
+            pixels: list[int] = []
+            counts = [self.counts[i] for i in chosen]
+            for i, n in zip(chosen, counts, strict=True):
+                classes += self.classes[starts[i]:starts[i] + n]
+                pixels += self.pixels[starts[i]:starts[i] + n]
+            picked = OkAnswers(
+                [self.ids[i] for i in chosen], [self.attempts[i] for i in chosen],
+                [self.tokens[i] for i in chosen], [self.paths[i] for i in chosen],
+                [self.masks[i] for i in chosen], [self.stages[i] for i in chosen],
+                [self.models[i] for i in chosen],
+                [v for i in chosen for v in (sizes[2 * i], sizes[2 * i + 1])], counts,
+                classes, pixels, self.names, [self.rows[i] for i in chosen], self.areas)
+        rows = picked.rows
+        have = [r for r in rows if r >= 0] if areas and picked.areas is not None else []
+        if have == list(range(len(picked.areas) if picked.areas is not None else 0)) \
+                and len(have) == len(rows) - rows.count(-1):
+            return picked                       # the frame is exactly theirs already
+        new_rows, k = [], 0
+        for r in rows:
+            if r >= 0 and have:
+                new_rows.append(k)
+                k += 1
+            else:
+                new_rows.append(-1)
+        return dataclasses.replace(picked, rows=new_rows,
+                                   areas=picked.areas[have] if have else None)
+
+    def found(self) -> list[tuple[tuple[int, str, int], ...]]:
+        """Each answer's found classes as Result.found has them."""
+        classes = self.classes           # every (id, name, pixels) made at C level, then cut
+        triples = list(zip(classes, map(self.names.__getitem__, classes), self.pixels,
+                           strict=True))
+        out, at = [], 0
+        for n in self.counts:
+            out.append(tuple(triples[at:at + n]))
+            at += n
+        return out
+
+    def each(self) -> list[Result]:
+        """One Result per answer (a client's library, tests; the front reads columns)."""
+        sizes, rows, areas, found = self.sizes, self.rows, self.areas, self.found()
+        return [Result(rid, self.attempts[i], OK, self.paths[i], self.masks[i], None,
+                       self.stages[i],
+                       None if rows[i] < 0 or areas is None else areas[rows[i]], None,
+                       (sizes[2 * i], sizes[2 * i + 1]) if sizes[2 * i] else None,
+                       found[i], self.tokens[i], None, "", self.models[i])
+                for i, rid in enumerate(self.ids)]
+
+
+@dataclass(frozen=True)
 class Results:
     """Several answers in one message: a postprocess worker's results of a few ms, the
-    daemon's answers to one client in one turn. Each is answered as if sent alone."""
+    daemon's answers to one client in one turn. Each is answered as if sent alone. On
+    the wire, ok answers without a payload go as columns (`OkAnswers`); decoded, they
+    are `ok` and `results` holds the others (errors) alone; `each()` gives them all."""
 
     results: tuple[Result, ...]
+    ok: OkAnswers | None = None
+
+    def each(self) -> tuple[Result, ...]:
+        """Every answer as a Result, the columns' first."""
+        return self.results if self.ok is None else (*self.ok.each(), *self.results)
+
+    def __len__(self) -> int:
+        return len(self.results) + (0 if self.ok is None else len(self.ok))
 
 
 @dataclass(frozen=True)
@@ -348,22 +471,7 @@ def encode(msg: Message) -> list[Any]:
             header["ret"] = msg.returned
             arrays.append(msg.payload)
     elif isinstance(msg, Results):
-        rows = [r.areas for r in msg.results if r.areas is not None]
-        fields, row = [], 0
-        for r in msg.results:
-            if r.payload is not None:
-                raise ValueError("a result with a payload is sent alone (a Result)")
-            fields.append({**_result_fields(r), "areas": None if r.areas is None else row})
-            row += r.areas is not None
-        header |= {"kind": RESULTS, "results": fields}
-        if rows:                   # one frame: every areas array stacked, K x 4 x C
-            stacked = np.stack(rows) if len({a.shape for a in rows}) == 1 else None
-            if stacked is None:
-                raise ValueError("the results of one message count the same classes")
-            header["arrays"] = [_describe(stacked)]
-            arrays.append(stacked)
-        else:
-            header["arrays"] = []
+        header |= {"kind": RESULTS, **_results_fields(msg.results, arrays, msg.ok)}
     elif isinstance(msg, Took):
         header |= {"kind": TOOK, "ids": list(msg.ids)}
     elif isinstance(msg, Handed):
@@ -408,6 +516,50 @@ def _requests_with_data(requests: Sequence[Request], frames: list[Any]) -> list[
     if len(frames) > MAX_DATA_FRAMES:
         raise ValueError(f"at most {MAX_DATA_FRAMES} uploads in one message")
     return out
+
+
+def _results_fields(results: Sequence[Result], arrays: list[Any],
+                    ok: OkAnswers | None = None) -> dict[str, Any]:
+    """A Results header: its ok answers without a payload as columns ("ok": `ok` as it
+    is, else made of `results`), the others one map each ("results"), every areas array
+    stacked in one frame (K x 4 x C) that both name rows of."""
+    plain = [r for r in results if r.status == OK and r.error is None and r.cause is None
+             and r.payload is None]
+    others = [r for r in results if not (r.status == OK and r.error is None
+                                         and r.cause is None and r.payload is None)]
+    if any(r.payload is not None for r in others):
+        raise ValueError("a result with a payload is sent alone (a Result)")
+    rows: list[np.ndarray] = []
+    fields: dict[str, Any] = {}
+    if ok is not None and plain:
+        raise ValueError("a Results with columns carries only other answers one by one")
+    if ok is None and plain:
+        ok = OkAnswers.of(plain, rows)
+    elif ok is not None and ok.areas is not None:
+        ok = ok.pick(list(range(len(ok))))          # its frame holds only its own rows
+        rows.extend(ok.areas if ok.areas is not None else ())
+    if ok is not None:
+        fields["ok"] = {"ids": ok.ids, "attempts": ok.attempts, "tokens": ok.tokens,
+                        "paths": ok.paths, "masks": ok.masks, "stages": ok.stages,
+                        "models": ok.models, "sizes": ok.sizes, "counts": ok.counts,
+                        "classes": ok.classes, "pixels": ok.pixels,
+                        "name_ids": list(ok.names), "names": list(ok.names.values()),
+                        "rows": ok.rows}
+    one = []
+    for r in others:
+        one.append({**_result_fields(r), "areas": None if r.areas is None else len(rows)})
+        if r.areas is not None:
+            rows.append(r.areas)
+    fields["results"] = one
+    if rows:                       # one frame: every areas array stacked, K x 4 x C
+        if len({a.shape for a in rows}) != 1:
+            raise ValueError("the results of one message count the same classes")
+        stacked = np.stack(rows)
+        fields["arrays"] = [_describe(stacked)]
+        arrays.append(stacked)
+    else:
+        fields["arrays"] = []
+    return fields
 
 
 def _result_fields(r: Result) -> dict[str, Any]:
@@ -702,8 +854,8 @@ def _decode_output(h: dict[str, Any], frames: Sequence[Any], _: int) -> Output:
 
 def _decode_results(h: dict[str, Any], frames: Sequence[Any], _: int) -> Results:
     fields = h.get("results")
-    if not isinstance(fields, list) or not 1 <= len(fields) <= MAX_IDS:
-        raise WireError(f"results carries 1..{MAX_IDS} answers")
+    if not isinstance(fields, list) or len(fields) > MAX_IDS:
+        raise WireError(f"results carries at most {MAX_IDS} answers one by one")
     specs = h.get("arrays")
     if not isinstance(specs, list) or len(specs) > 1:
         raise WireError("results carry at most one array")
@@ -712,7 +864,15 @@ def _decode_results(h: dict[str, Any], frames: Sequence[Any], _: int) -> Results
                     or stacked[0].shape[1] != 4):
         raise WireError("areas must be int64 K x 4 x C")
     rows = stacked[0] if stacked else np.empty((0, 4, 0), np.int64)
-    results, used = [], set()
+    ok = _ok_answers(h["ok"], rows) if "ok" in h else None
+    used: set[int | None] = set()
+    if ok is not None:
+        used.update(r for r in ok.rows if r >= 0)
+    if not fields and ok is None:
+        raise WireError("results carries no answer")
+    if len(fields) + (0 if ok is None else len(ok)) > MAX_IDS:
+        raise WireError(f"results carries at most {MAX_IDS} answers")
+    results = []
     for f in fields:
         if not isinstance(f, dict):
             raise WireError("each result is a map")
@@ -724,7 +884,115 @@ def _decode_results(h: dict[str, Any], frames: Sequence[Any], _: int) -> Results
         results.append(_result(f, None if row is None else rows[row]))
     if len(used - {None}) != len(rows):
         raise WireError("rows of the areas frame that no result names")
-    return Results(tuple(results))
+    return Results(tuple(results), ok)
+
+
+_COLUMNS = ("ids", "attempts", "tokens", "paths", "masks", "stages", "models", "sizes",
+            "counts", "classes", "pixels", "name_ids", "names", "rows")
+_NONE = type(None)
+
+
+def _ok_answers(cols: Any, rows: np.ndarray) -> OkAnswers:
+    """The columns of a Results' ok answers, checked column by column (C-level passes:
+    types, extremes, one join for NUL and ASCII), as strictly as `_result` checks one
+    answer; the error names the column."""
+    if type(cols) is not dict or set(cols) != set(_COLUMNS):
+        raise WireError(f"results 'ok' must be a map of exactly {', '.join(_COLUMNS)}")
+    for key in _COLUMNS:
+        if type(cols[key]) is not list:
+            raise WireError(f"results column {key!r} must be a list")
+    ids, attempts, tokens, paths, masks, stages, models, sizes, counts, classes, pixels, \
+        name_ids, names, answer_rows = (cols[k] for k in _COLUMNS)
+    n = len(ids)
+    if not 1 <= n <= MAX_IDS:
+        raise WireError(f"results column 'ids' must hold 1..{MAX_IDS} answers")
+    for key, column, want in (("attempts", attempts, n), ("tokens", tokens, n),
+                              ("paths", paths, n), ("masks", masks, n), ("stages", stages, n),
+                              ("models", models, n), ("sizes", sizes, 2 * n),
+                              ("counts", counts, n), ("rows", answer_rows, n),
+                              ("pixels", pixels, len(classes)),
+                              ("names", names, len(name_ids))):
+        if len(column) != want:
+            raise WireError(f"results column {key!r} holds {len(column)} entries, "
+                            f"the answers need {want}")
+    _text_column("ids", ids, 1, MAX_STRING_CHARS)
+    _text_column("paths", paths, 0, MAX_STRING_CHARS)
+    _text_column("stages", stages, 0, MAX_STRING_CHARS)
+    _text_column("masks", [m for m in masks if m is not None]
+                 if _NONE in set(map(type, masks)) else masks, 1, MAX_STRING_CHARS)
+    _text_column("tokens", tokens, 0, MAX_NAME_CHARS)
+    if not "".join(tokens).isascii():
+        raise WireError("results column 'tokens' must be ASCII")
+    _text_column("models", models, 0, MAX_NAME_CHARS)
+    if not _HEX.issuperset("".join(models)):
+        raise WireError("results column 'models' must be hex digits")
+    if set(map(type, itertools.chain(attempts, sizes, counts, classes, pixels,
+                                     answer_rows))) != {int}:      # one pass: all ints
+        for key, column in (("attempts", attempts), ("sizes", sizes), ("counts", counts),
+                            ("classes", classes), ("pixels", pixels), ("rows", answer_rows)):
+            if set(map(type, column)) - {int}:                          # which one
+                raise WireError(f"results column {key!r} must hold integers")
+    _in_range("attempts", attempts, 0, 100)
+    _in_range("sizes", sizes, 0, 1 << 20)
+    if 0 in sizes and any((sizes[i] == 0) != (sizes[i + 1] == 0) for i in range(0, 2 * n, 2)):
+        raise WireError("results column 'sizes': a height and width both, or neither")
+    _in_range("counts", counts, 0, MAX_CLASSES)
+    if sum(counts) != len(classes):
+        raise WireError(f"results column 'classes' holds {len(classes)} entries, the counts "
+                        f"say {sum(counts)}")
+    table = _names_table(name_ids, names)
+    if not table.keys() >= set(classes):   # ints (above), each one a named class
+        raise WireError("results column 'classes' has a class the 'names' table lacks")
+    _in_range("pixels", pixels, 1, 1 << 40)
+    _in_range("rows", answer_rows, -1, len(rows) - 1)
+    used = [r for r in answer_rows if r >= 0]
+    if len(set(used)) != len(used):
+        raise WireError("results column 'rows' names a row of the areas frame twice")
+    return OkAnswers(ids, attempts, tokens, paths, masks, stages, models, sizes, counts,
+                     classes, pixels, table, answer_rows, rows if len(rows) else None)
+
+
+def _names_table(name_ids: list[Any], names: list[Any]) -> dict[int, str]:
+    """A Results' class names table, checked once per distinct table (a model has one;
+    a worker sends the same table in each message), not once per message."""
+    key = (tuple(name_ids), tuple(names))
+    table = _TABLES_SEEN.get(key)
+    if table is not None:
+        return table
+    _int_column("name_ids", name_ids, 0, MAX_CLASSES - 1)
+    table = dict(zip(name_ids, names, strict=True))
+    if len(table) != len(name_ids):
+        raise WireError("results column 'name_ids' names a class twice")
+    for name in names:
+        if type(name) is not str or not 0 < len(name) <= MAX_NAME_CHARS \
+                or not name.isprintable():
+            raise WireError(f"results column 'names': a class name is printable, at most "
+                            f"{MAX_NAME_CHARS} characters")
+    if len(_TABLES_SEEN) >= _TABLES_KEPT:
+        _TABLES_SEEN.clear()
+    _TABLES_SEEN[key] = table
+    return table
+
+
+_TABLES_SEEN: dict[tuple[tuple[Any, ...], tuple[Any, ...]], dict[int, str]] = {}
+_TABLES_KEPT = 256
+
+
+def _in_range(key: str, column: list[int], lo: int, hi: int) -> None:
+    if column and (min(column) < lo or max(column) > hi):
+        raise WireError(f"results column {key!r} must hold integers in [{lo}, {hi}]")
+
+
+def _text_column(key: str, column: list[Any], shortest: int, longest: int) -> None:
+    if column and (set(map(type, column)) != {str} or min(map(len, column)) < shortest
+                   or max(map(len, column)) > longest or "\x00" in "".join(column)):
+        raise WireError(f"results column {key!r} must hold strings of {shortest}..{longest} "
+                        "characters without NUL")
+
+
+def _int_column(key: str, column: list[Any], lo: int, hi: int) -> None:
+    if column and (set(map(type, column)) != {int} or min(column) < lo or max(column) > hi):
+        raise WireError(f"results column {key!r} must hold integers in [{lo}, {hi}]")
 
 
 def _decode_result(h: dict[str, Any], frames: Sequence[Any], _: int) -> Result:

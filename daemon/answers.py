@@ -9,6 +9,7 @@ request is answered; this decides *what* the answer is and who hears of it.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import time
 from collections.abc import Callable
 from typing import Any
@@ -25,6 +26,7 @@ class Answers:
     def __init__(self, totals: Tally, metrics: IoUAccumulator, log: Any) -> None:
         self.totals, self.metrics, self.log = totals, metrics, log
         self.ready: list[tuple[wire.Result, Any]] = []
+        self.blocks: list[tuple[wire.OkAnswers, Any]] = []   # ok answers in columns
         self.answered_at: collections.deque[float] = collections.deque()
         # called with (status, stage, seconds since accepted) for each answer: metrics
         self.on_answer: Callable[[str, str, float], None] | None = None
@@ -87,6 +89,39 @@ class Answers:
             self.totals["ok"] += n
             self._answered(n)
 
+    def from_ok(self, ok: wire.OkAnswers, admitted: list[tuple[int, Entry, str]]) -> None:
+        """A message's admitted ok answers in columns (index, entry, model version), with
+        no object per answer (issue 27): their areas summed in one numpy call, counted
+        once, and queued for whoever asked as columns too (one block per origin: ids,
+        attempts and paths the ledger's, the model's version stamped)."""
+        if not admitted:
+            return
+        shape = self.metrics.areas.shape
+        fits = ok.areas is not None and ok.areas.shape[1:] == shape
+        if fits:
+            rows = ok.rows
+            summed = [rows[i] for i, _, _ in admitted if rows[i] >= 0]
+            if summed:                                    # one call: K x 4 x C (the
+                self.metrics.add_many(ok.areas if len(summed) == len(ok.areas)   # frame's
+                                      else ok.areas[summed])                    # own rows)
+        if self.on_answer is not None:
+            now, hook, stages = time.monotonic(), self.on_answer, ok.stages
+            for i, entry, _ in admitted:
+                hook(wire.OK, stages[i], now - entry.accepted)
+        n = len(admitted)
+        self.totals["ok"] += n
+        self._answered(n)
+        by_origin: dict[Any, list[tuple[int, Entry, str]]] = {}
+        for answer in admitted:
+            by_origin.setdefault(answer[1].origin, []).append(answer)
+        for origin, mine in by_origin.items():
+            block = ok.pick([i for i, _, _ in mine], areas=fits)
+            requests = [entry.request for _, entry, _ in mine]
+            self.blocks.append((dataclasses.replace(
+                block, ids=[entry.client_id for _, entry, _ in mine],
+                attempts=[r.attempt for r in requests], paths=[r.path for r in requests],
+                tokens=[""] * len(mine), models=[model for _, _, model in mine]), origin))
+
     def _answered(self, n: int) -> None:
         """`n` answers now, for the rate over the last RATE_WINDOW_S."""
         now = time.monotonic()
@@ -115,8 +150,24 @@ class Answers:
         self.deliver(entry, wire.ERROR, None, error, "front", quiet=quiet)
 
     def take(self) -> list[tuple[wire.Result, Any]]:
+        """Every answer since the last take, one Result each (the in-process API)."""
         ready, self.ready = self.ready, []
+        if self.blocks:
+            blocks, self.blocks = self.blocks, []
+            for block, origin in blocks:
+                ready.extend((result, origin) for result in block.each())
         return ready
+
+    def take_messages(self) -> list[tuple[list[wire.Result], list[wire.OkAnswers], Any]]:
+        """Every answer since the last take, by who asked: (answers one by one, blocks of
+        ok answers in columns, origin). The daemon sends a client's as they are."""
+        grouped: dict[Any, tuple[list[wire.Result], list[wire.OkAnswers], Any]] = {}
+        for result, origin in self.ready:
+            grouped.setdefault(origin, ([], [], origin))[0].append(result)
+        for block, origin in self.blocks:
+            grouped.setdefault(origin, ([], [], origin))[1].append(block)
+        self.ready, self.blocks = [], []
+        return list(grouped.values())
 
     def per_second(self) -> float:
         """Answers per second over the last RATE_WINDOW_S."""
@@ -125,18 +176,34 @@ class Answers:
                      / RATE_WINDOW_S, 2)
 
 
-def deliver_turn(answers: list[tuple[wire.Result, Any]],
+def deliver_turn(answers: list[tuple[list[wire.Result], list[wire.OkAnswers], Any]],
                  to_client: Callable[[bytes, wire.Message], None],
                  elsewhere: Callable[[wire.Result, Any], None]) -> None:
-    """One turn's answers to whoever asked: a client (its socket identity) with many gets
-    them in one message (issue 27); others (watch mode) one by one."""
-    for origin, results in by_origin(answers).items():
+    """One turn's answers (`Answers.take_messages`) to whoever asked: a client (its socket
+    identity) gets its ok answers in columns as they came, a message per block, and the
+    others in as few messages as fit (issue 27); others (watch mode) one by one."""
+    for results, blocks, origin in answers:
         if isinstance(origin, bytes):
+            for block in blocks:
+                for part in in_parts(block):
+                    to_client(origin, wire.Results((), part))
             for msg in in_messages(results):
                 to_client(origin, msg)
         else:
-            for result in results:
+            for result in [r for block in blocks for r in block.each()] + results:
                 elsewhere(result, origin)
+
+
+def in_parts(block: wire.OkAnswers) -> list[wire.OkAnswers]:
+    """A block of answers in columns as messages within decode's limits: a client's ids
+    may be longer than the front's, for which its worker sized the message."""
+    size = 64 * len(block) + 12 * len(block.classes) + sum(map(len, block.ids)) \
+        + sum(map(len, block.paths)) + sum(len(m) for m in block.masks if m)
+    if size <= wire.MAX_HEADER_BYTES // 2 or len(block) == 1:
+        return [block]
+    half = len(block) // 2
+    return [*in_parts(block.pick(list(range(half)))),
+            *in_parts(block.pick(list(range(half, len(block)))))]
 
 
 def by_origin(answers: list[tuple[wire.Result, Any]],

@@ -365,7 +365,7 @@ class _Submission:
         elif isinstance(msg, wire.Reply):
             yield from self._reply(msg)
         elif isinstance(msg, wire.Results):
-            for result in msg.results:
+            for result in msg.each():         # columns back to Results, here
                 yield from self.handle(result)
         elif isinstance(msg, wire.Result) and msg.id in self.open_ids:
             self.open_ids.discard(msg.id)

@@ -74,8 +74,10 @@ class Clients:
 
     def send(self, client: bytes, msg: wire.Message) -> None:
         if self.uploads.held and isinstance(msg, wire.Result | wire.Results):
-            for result in msg.results if isinstance(msg, wire.Results) else (msg,):
-                self.uploads.release(client, result.id)      # answered: bytes free
+            ids = [msg.id] if isinstance(msg, wire.Result) else \
+                [r.id for r in msg.results] + (msg.ok.ids if msg.ok is not None else [])
+            for rid in ids:
+                self.uploads.release(client, rid)            # answered: bytes free
         self._send_frames(client, wire.encode(msg))
 
     def send_replies(self, replies: list[tuple[Any, wire.Reply]]) -> None:

@@ -120,13 +120,25 @@ class ControlGate:
         postprocess worker the front knows (`known`): the executor's note that handed it
         the request may still be on its way). `handed_out`: the token this attempt was
         dispatched with, compared as it is (else made again: Trust.answers)."""
-        if handed_out and executor is not None and result.attempt == attempt:
-            if not hmac.compare_digest(result.token, handed_out):
-                raise Forged(f"an answer to {result.id} without its token")
-        elif not self.trust.answers(result, attempt, executor):
-            raise Forged(f"an answer to {result.id} without its token")
+        why = self.forgery(result.id, result.attempt, result.token, sender, attempt,
+                           executor, holders, known, handed_out)
+        if why is not None:
+            raise Forged(why)
+
+    def forgery(self, rid: str, answered: int, token: str, sender: str, attempt: int,
+                executor: str | None, holders: tuple[str, ...], known: bool,
+                handed_out: str = "") -> str | None:
+        """`check_answer` on an answer's fields (`answered`: its attempt): why it is
+        forged, or None. The columns of a Results are checked with it, one call each."""
+        if handed_out and executor is not None and answered == attempt:
+            if not hmac.compare_digest(token, handed_out):
+                return f"an answer to {rid} without its token"
+        elif executor is None or answered != attempt or not hmac.compare_digest(
+                token, self.trust.token(rid, attempt, executor)):     # Trust.answers
+            return f"an answer to {rid} without its token"
         if sender not in holders and not (sender.startswith("postprocess-") and known):
-            raise Forged(f"{sender} answers {result.id}, held by {holders}")
+            return f"{sender} answers {rid}, held by {holders}"
+        return None
 
     def admit(self, results: Sequence[wire.Result], sender: str, entries: Mapping[str, Entry],
               stamp: Callable[[str, Entry], tuple[bool, str, int]],
@@ -156,6 +168,54 @@ class ControlGate:
             seen.add(result.id)
             admitted.append((entry, checked, model))
         return admitted, duplicates, forged
+
+    def admit_ok(self, ok: wire.OkAnswers, sender: str, entries: Mapping[str, Entry],
+                 stamp: Callable[[str, Entry], tuple[bool, str, int]],
+                 ) -> tuple[list[tuple[int, Entry, str]], list[tuple[Entry, wire.Result, str]],
+                            int, int]:
+        """`admit` for a message's ok answers in columns (issue 27): the same rules, per
+        answer only the ledger's (its entry, attempt, token and holder), no object made
+        for it. Returns (those the front may deliver as (index, entry, model version)),
+        (those whose areas do not fit their model: error answers, as `admit` gives
+        them), how many answer no pending attempt, how many are forged."""
+        admitted: list[tuple[int, Entry, str]] = []
+        misfits: list[tuple[Entry, wire.Result, str]] = []
+        stamps: dict[str | None, tuple[bool, str, int]] = {}
+        seen: set[str] = set()
+        duplicates = forged = 0
+        attempts, tokens, rows = ok.attempts, ok.tokens, ok.rows
+        width = -1 if ok.areas is None else ok.areas.shape[-1]
+        get, forgery, compare_digest = entries.get, self.forgery, hmac.compare_digest
+        for i, rid in enumerate(ok.ids):
+            entry = get(rid)
+            if entry is None or attempts[i] < entry.request.attempt or rid in seen:
+                duplicates += 1
+                continue
+            stamped = stamps.get(entry.executor)
+            if stamped is None:
+                stamped = stamps[entry.executor] = stamp(sender, entry)
+            known, model, classes = stamped
+            request = entry.request
+            if not (attempts[i] == request.attempt and request.token   # the common case,
+                    and entry.executor is not None and sender in entry.holders   # inline
+                    and compare_digest(tokens[i], request.token)):
+                why = forgery(rid, attempts[i], tokens[i], sender, request.attempt,
+                              entry.executor, entry.holders, known, request.token)
+            else:
+                why = None
+            if why is not None:
+                self.refusals.refuse(sender, why)
+                forged += 1
+                continue
+            seen.add(rid)
+            if rows[i] >= 0 and width != classes:
+                misfits.append((entry, wire.Result(
+                    rid, attempts[i], wire.ERROR, ok.paths[i], stage=ok.stages[i],
+                    error=f"areas (4, {width}), the model has {classes} classes",
+                    token=tokens[i]), model))
+                continue
+            admitted.append((i, entry, model))
+        return admitted, misfits, duplicates, forged
 
     def admitted(self, result: wire.Result, sender: str, entry: Entry, known: bool,
                  areas_shape: tuple[int, ...]) -> wire.Result | None:

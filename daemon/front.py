@@ -14,7 +14,8 @@ requests are spread, not queued behind each other on one worker; while the queue
 a group waits for room for all of it (notes free room a group at a time: sending what
 little room there is would shrink every later group). Its liveness side is the `Roster`,
 its answers the `Answers`, its checks of who speaks the `ControlGate`; answers
-come out of `take_answers`; the daemon's `Server` drives the
+come out of `take_answers` (one Result each) or `take_messages` (a worker's ok answers
+still in columns, for the daemon to send a client as they are); the daemon's `Server` drives the
 steps (`read`, `supervise`, `dispatch`) from its loop, and `run` drives them for callers
 in the same process (bench, eval, tests). A live reload (`reloader`, daemon.reload) runs
 a second model's workers beside the first: requests are dispatched within the active one,
@@ -183,6 +184,10 @@ class Front:
     def take_answers(self) -> list[tuple[wire.Result, Any]]:
         return self.answers.take()
 
+    def take_messages(self) -> list[tuple[list[wire.Result], list[wire.OkAnswers], Any]]:
+        """take_answers for the daemon: by who asked, ok answers still in columns."""
+        return self.answers.take_messages()
+
     @property
     def pending(self) -> int:
         return self.ledger.pending
@@ -211,8 +216,13 @@ class Front:
 
     def _handle(self, wid: wire.WorkerId, own: bool, frames: list[zmq.Frame]) -> None:
         msg = wire.decode(frames)
-        if isinstance(msg, wire.Result | wire.Results):
-            self._answer(msg.results if isinstance(msg, wire.Results) else (msg,), wid.text)
+        if isinstance(msg, wire.Results):
+            if msg.ok is not None:              # the common answers: columns, in bulk
+                self._answer_ok(msg.ok, wid.text)
+            if msg.results:
+                self._answer(msg.results, wid.text)
+        elif isinstance(msg, wire.Result):
+            self._answer((msg,), wid.text)
         elif isinstance(msg, wire.Took):
             self.ledger.took(wid.text, msg.ids)
         elif isinstance(msg, wire.Handed):
@@ -234,6 +244,22 @@ class Front:
             self.ledger.answer(result.id)
             self.storage.saw(result)
         self.answers.from_workers(admitted)
+
+    def _answer_ok(self, ok: wire.OkAnswers, sender: str) -> None:
+        """A worker's ok answers in columns: admitted by the same rules as `_answer`'s,
+        answered together with no object per answer (issue 27)."""
+        admitted, misfits, duplicates, forged = self.gate.admit_ok(
+            ok, sender, self.ledger.entries, self.reloader.stamp)
+        self.totals["duplicates_dropped"] += duplicates
+        self.totals["forged_dropped"] += forged
+        answer, masks = self.ledger.answer, ok.masks
+        for _, entry, _ in admitted:
+            answer(entry.request.id)
+        self.storage.stored(sum(1 for i, _, _ in admitted if masks[i]))
+        self.answers.from_ok(ok, admitted)
+        for entry, _, _ in misfits:
+            self.ledger.answer(entry.request.id)
+        self.answers.from_workers(misfits)
 
     # ---- routing ---------------------------------------------------------------------
 

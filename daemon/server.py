@@ -197,7 +197,7 @@ class Server:
             front.supervise()
             clients.send_replies(front.reloader.take_replies())   # a reload's outcome
             self._check_parts()
-            deliver_turn(front.take_answers(), self.clients.send, self._deliver)
+            deliver_turn(front.take_messages(), self.clients.send, self._deliver)
             try:
                 if self.intake is not None:
                     self.intake.feed()

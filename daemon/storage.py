@@ -35,8 +35,13 @@ class StorageEpisode:
             self.failed += 1
             self.stored_since = 0
             self.last_failure = self.clock()
-        elif result.status == wire.OK and result.mask and self.failed:
-            self.stored_since += 1
+        elif result.status == wire.OK and result.mask:
+            self.stored(1)
+
+    def stored(self, masks: int) -> None:
+        """`masks` ok answers with a stored mask (a message's columns at once)."""
+        if self.failed and masks:
+            self.stored_since += masks
             if (self.stored_since >= self.calm_masks
                     or self.clock() - self.last_failure >= self.calm_s):
                 self.log.info("masks are stored again", failed_meanwhile=self.failed)

@@ -59,6 +59,7 @@ SEND_LINGER_MS = 2000   # on exit, let queued answers reach the front
 SEND_TIMEOUT_MS = 10_000  # tcp: a send to the front that cannot leave (a refused key)
 NOTE_SLICES = 4         # an executor's notes wait up to this many --coalesce-ms slices
 ROOM_SHARE = 4          # ... while they free less than 1/ROOM_SHARE of its room
+FAST_ANSWERS = 2        # answers pending at once: they stream, and may wait NOTE_SLICES
 POLL_S = 0.2            # a work loop waits at most this long before it turns again
 # a long step's budget beyond --liveness-timeout, per million pixels: decoding runs at about
 # 0.1 s per Mpx on a quiet core (a 49 Mpx JPEG: 4.9 s), so ten times that for a loaded host
@@ -288,7 +289,10 @@ class Notes:
     finishes many images in a row says so once: at most one message per `--coalesce-ms`
     (a time slice; 0: one message per image). Nothing waits on a quiet worker: the first
     answer after a slice without one leaves at once, so a lone image (an idle daemon) is
-    answered without delay; under load an answer waits at most one slice."""
+    answered without delay; while answers trickle (one at a time) each waits at most one
+    slice. While they stream (FAST_ANSWERS or more pending when the slice ends: a batch's
+    outputs finished back to back) they wait for up to NOTE_SLICES slices, so that a
+    message carries a batch's answers, not two or three of them."""
 
     def __init__(self, child: Child) -> None:
         self.child = child
@@ -325,7 +329,8 @@ class Notes:
         """Seconds until what is pending should leave (0: now); None: nothing pending."""
         if self.since is None:
             return None
-        return max(0.0, self.sent + self.wait_s - time.monotonic())
+        hold = self.wait_s if len(self.results) < FAST_ANSWERS else self.wait_s * NOTE_SLICES
+        return max(0.0, self.sent + hold - time.monotonic())
 
     def flush_if_due(self) -> None:
         if self.since is not None and self.due_in() == 0.0:

@@ -389,7 +389,7 @@ class RawClient:
 
     def handle(self, msg: wire.Message) -> None:
         if isinstance(msg, wire.Results):         # a turn's answers to this client
-            for result in msg.results:
+            for result in msg.each():
                 self.handle(result)
         elif isinstance(msg, wire.Result):
             self.result_count[msg.id] += 1

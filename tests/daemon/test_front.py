@@ -18,6 +18,7 @@ from PIL import Image
 from pspnet.build_model.reference import Reference
 from pspnet.core import wire
 from pspnet.core.config import PipelineConfig
+from pspnet.daemon.answers import deliver_turn
 from pspnet.daemon.front import Front, PipelineError, requests_for
 from pspnet.daemon.roster import Roster
 from pspnet.model.manifest import voc_palette
@@ -157,6 +158,89 @@ def test_a_forged_answer_inside_results_is_dropped_and_the_others_delivered(tiny
     assert front.totals["forged_dropped"] == 1 and front.pending == 1
     front._handle(sender, True, wire.encode(answer(rids[1], "executor-0-2")))
     assert [r.id for r, _ in front.take_answers()] == ["c1"] and front.pending == 0
+
+
+def columns_front(tiny_models, n: int = 4):
+    """A front (not started) with `n` requests handed to postprocess-0-3 by executor-0-2,
+    and an ok answer maker for them."""
+    front = Front(PipelineConfig(model_dir=tiny_models["labels"]))
+    front.roster = Roster(None, lambda worker, frames: True, 1, front.log)   # not started
+    for i in range(n):
+        assert front.submit(wire.Request(f"c{i}", f"/p/{i}.jpg"), origin="me")
+    group = front.ledger.next_group(n)
+    rids = [e.rid for e in group]
+    front.ledger.dispatched(group, "preprocess-0-1", "executor-0-2")
+    front.ledger.took("executor-0-2", rids)
+    front.ledger.handed("executor-0-2", rids, "postprocess-0-3")
+    trust = front.gate.trust
+    classes = front.metrics.areas.shape[-1]
+
+    def answer(rid: str, attempt: int = 0, width: int = classes) -> wire.Result:
+        return wire.Result(rid, attempt, wire.OK, "/p.jpg", mask=f"/m/{rid}.png",
+                           stage="postprocess", token=trust.token(rid, attempt, "executor-0-2"),
+                           areas=np.ones((4, width), np.int64), size=(4, 5),
+                           found=((0, "background", 20),))
+    return front, rids, answer
+
+
+def test_answers_in_columns_are_admitted_by_the_ledger_rule_alone(tiny_models):
+    """Issue 27: a Results' ok answers come in columns and are admitted in bulk, by the same
+    rule as one answer: only from the worker holding the request, with its token and
+    attempt; the first answer wins; a forged one is dropped, its request still pending."""
+    front, rids, answer = columns_front(tiny_models)
+    holder, stranger = (wire.WorkerId.parse(w) for w in ("postprocess-0-3", "postprocess-0-7"))
+    front._handle(stranger, True, wire.encode(wire.Results((answer(rids[0]),
+                                                            answer(rids[1])))))
+    assert front.take_answers() == [] and front.totals["forged_dropped"] == 2
+    assert front.pending == 4                       # nothing answered by a non-holder
+    before = front.metrics.areas.sum()
+    front._handle(holder, True, wire.encode(wire.Results(
+        (answer(rids[0]), answer(rids[0]), answer(rids[1], attempt=1), answer(rids[2]),
+         wire.Result(rids[3], 0, wire.ERROR, "/p.jpg", error="bad", stage="postprocess",
+                     token=front.gate.trust.token(rids[3], 0, "executor-0-2"))))))
+    taken = {r.id: r for r, _ in front.take_answers()}
+    # rids[1]'s answer names attempt 1, which was never dispatched: its token cannot match
+    assert sorted(taken) == ["c0", "c2", "c3"] and taken["c3"].status == wire.ERROR
+    assert taken["c0"].status == wire.OK and taken["c0"].found == ((0, "background", 20),)
+    assert taken["c0"].mask == f"/m/{rids[0]}.png" and taken["c0"].size == (4, 5)
+    assert front.totals["duplicates_dropped"] == 1 and front.totals["forged_dropped"] == 3
+    assert front.metrics.areas.sum() - before == 2 * front.metrics.areas.size   # c0, c2
+    front._handle(holder, True, wire.encode(wire.Results((answer(rids[0]),
+                                                          answer(rids[1])))))
+    assert [r.id for r, _ in front.take_answers()] == ["c1"] and front.pending == 0
+    assert front.totals["duplicates_dropped"] == 2     # c0 again: answered already
+
+
+def test_answers_in_columns_whose_areas_do_not_fit_the_model_are_errors(tiny_models):
+    front, rids, answer = columns_front(tiny_models, 2)
+    holder = wire.WorkerId.parse("postprocess-0-3")
+    width = front.metrics.areas.shape[-1] + 1
+    front._handle(holder, True, wire.encode(wire.Results((answer(rids[0], width=width),
+                                                          answer(rids[1], width=width)))))
+    taken = [r for r, _ in front.take_answers()]
+    assert sorted(r.id for r in taken) == ["c0", "c1"] and front.pending == 0
+    assert all(r.status == wire.ERROR and "classes" in (r.error or "") for r in taken)
+    assert front.metrics.images == 0
+
+
+def test_a_clients_answers_leave_in_columns_and_come_back_whole(tiny_models):
+    """The daemon's answers to a client: a block of ok answers in columns as it came
+    (ids, attempts and paths the ledger's, tokens none), a message per block."""
+    front, rids, answer = columns_front(tiny_models, 3)
+    for e in front.ledger.entries.values():
+        e.origin = b"client"
+    holder = wire.WorkerId.parse("postprocess-0-3")
+    front._handle(holder, True, wire.encode(wire.Results(tuple(answer(r) for r in rids))))
+    sent: list[wire.Message] = []
+    deliver_turn(front.take_messages(), lambda client, msg: sent.append(msg),
+                 lambda result, origin: None)
+    (msg,) = sent
+    assert isinstance(msg, wire.Results) and msg.ok is not None and msg.results == ()
+    back = wire.decode([bytes(f) for f in wire.encode(msg)])
+    got = {r.id: r for r in back.each()}
+    assert sorted(got) == ["c0", "c1", "c2"]
+    assert all(r.token == "" and r.path == f"/p/{r.id[1]}.jpg" and r.size == (4, 5)
+               for r in got.values())
 
 
 def test_an_idle_daemon_runs_a_lone_image_at_once_at_the_smallest_size(tiny_models,

@@ -9,7 +9,7 @@ import time
 from types import SimpleNamespace
 
 from pspnet.core import wire
-from pspnet.stages.child import NOTE_SLICES, ROOM_SHARE, BatchNotes
+from pspnet.stages.child import FAST_ANSWERS, NOTE_SLICES, ROOM_SHARE, BatchNotes, Notes
 
 Q0 = "postprocess-0-300"
 
@@ -63,3 +63,48 @@ def test_notes_that_free_little_room_wait_longer_and_never_past_their_bound():
     batch.sent = time.monotonic() - NOTE_SLICES * 0.010    # the bound: it leaves
     batch.flush_if_due()
     assert sent[-1] == wire.Took(("x",))
+
+
+def answers(coalesce_ms: float) -> tuple[Notes, list[wire.Message]]:
+    sent: list[wire.Message] = []
+    child = SimpleNamespace(cfg=SimpleNamespace(coalesce_ms=coalesce_ms), send=sent.append)
+    return Notes(child), sent             # type: ignore[arg-type]
+
+
+def ok(rid: str) -> wire.Result:
+    return wire.Result(rid, 0, wire.OK, f"/{rid}.jpg", stage="postprocess")
+
+
+def test_a_lone_answer_leaves_at_once_and_a_trickle_waits_one_slice_at_most():
+    """A postprocess worker's answers (stages.child.Notes): the first after a quiet slice
+    at once (an idle daemon's lone image), one pending at a time within one slice."""
+    notes, sent = answers(10.0)
+    notes.result(ok("a"))
+    notes.flush_if_due()
+    assert sent == [ok("a")] and notes.due_in() is None
+    notes.sent = time.monotonic() - 0.004          # 4 ms after the last message
+    notes.result(ok("b"))
+    notes.flush_if_due()
+    assert sent == [ok("a")] and 0.0 < notes.due_in() <= 0.006     # the slice's end
+    notes.sent = time.monotonic() - 0.011          # the slice is over
+    notes.flush_if_due()
+    assert sent[1:] == [ok("b")]
+
+
+def test_answers_that_stream_wait_for_a_batch_of_them_within_their_bound():
+    """FAST_ANSWERS or more pending at a slice's end: a batch's outputs finished back to
+    back, held up to NOTE_SLICES slices so that one message carries them, never longer."""
+    notes, sent = answers(10.0)
+    notes.result(ok("0"))
+    notes.flush_if_due()                           # after a quiet slice: at once
+    notes.sent = time.monotonic() - 0.004          # within the slice, answers stream
+    for i in range(1, 1 + FAST_ANSWERS):
+        notes.result(ok(str(i)))
+        notes.flush_if_due()
+    notes.sent = time.monotonic() - 0.011          # the slice is over: still held
+    notes.flush_if_due()
+    assert len(sent) == 1
+    assert 0.0 < notes.due_in() <= NOTE_SLICES * 0.010 - 0.011
+    notes.sent = time.monotonic() - NOTE_SLICES * 0.010    # the bound
+    notes.flush_if_due()
+    assert isinstance(sent[1], wire.Results) and len(sent[1]) == FAST_ANSWERS

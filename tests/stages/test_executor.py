@@ -120,7 +120,7 @@ class ExecutorAlone:
         failed: dict[str, str] = {}
         while len(failed) < n:
             message = self.next_note(wire.Results)   # a batch's errors: one message
-            failed.update((r.id, r.error or "") for r in message.results)
+            failed.update((r.id, r.error or "") for r in message.each())
         return failed
 
     def control_notes(self, n: int, timeout_s: float = 10) -> list[wire.Message]:
@@ -221,7 +221,7 @@ def test_a_batch_that_fails_to_launch_is_answered_and_the_executor_goes_on(tiny_
         while alone.front.poll(0):
             message = wire.decode(alone.front.recv_multipart()[1:])
             if isinstance(message, wire.Results | wire.Result):
-                results = message.results if isinstance(message, wire.Results) else (message,)
+                results = message.each() if isinstance(message, wire.Results) else (message,)
                 failed.update((r.id, r.error or "") for r in results)
             elif isinstance(message, wire.Took):
                 took.update(message.ids)

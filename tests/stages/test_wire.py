@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import msgpack
 import numpy as np
 import pytest
@@ -48,12 +50,100 @@ def test_results_carry_many_answers_and_their_areas_in_one_message():
     frames = wire.encode(wire.Results(results))
     assert len(frames) == 2                       # the header and one areas frame
     out = wire.decode([bytes(f) for f in frames])
-    assert [r.id for r in out.results] == ["a", "b", "c", "d"]
-    assert out.results[1] == results[1]
-    for got, sent in zip([out.results[i] for i in (0, 2, 3)], areas, strict=True):
-        np.testing.assert_array_equal(got.areas, sent)
+    assert out.ok is not None and out.ok.ids == ["a", "c", "d"]   # the ok ones: columns
+    assert out.results == (results[1],)                          # an error: alone
+    got = {r.id: r for r in out.each()}
+    assert sorted(got) == ["a", "b", "c", "d"] and got["b"] == results[1]
+    for rid, sent in zip("acd", areas, strict=True):
+        np.testing.assert_array_equal(got[rid].areas, sent)
     no_areas = wire.Results(tuple(wire.Result(i, 0, wire.OK, f"/{i}") for i in "xyz"))
-    assert roundtrip(no_areas) == no_areas
+    assert roundtrip(no_areas).each() == no_areas.results
+
+
+def ok_answers() -> tuple[wire.Result, ...]:
+    rng = np.random.default_rng(3)
+    return tuple(
+        wire.Result(f"r{i}", i % 2, wire.OK, f"/d/{i}.jpg", f"/m/{i}.png" if i % 3 else None,
+                    None, "postprocess", rng.integers(0, 99, (4, 21)).astype(np.int64)
+                    if i % 2 else None, None, (300 + i, 400 + i),
+                    ((0, "background", 900 + i), (15, "person", 40)) if i % 4 else (),
+                    f"tok{i}", model="ab12" if i == 2 else "")
+        for i in range(8))
+
+
+def test_ok_answers_go_as_columns_and_come_back_whole():
+    """Issue 27: the common answers (ok, no payload) as columns, the class names once per
+    message; every field and areas row comes back on its own answer."""
+    results = ok_answers()
+    frames = wire.encode(wire.Results(results))
+    head = msgpack.unpackb(bytes(frames[0]))
+    assert head["results"] == [] and head["ok"]["ids"] == [r.id for r in results]
+    assert head["ok"]["names"] == ["background", "person"]       # once, not per answer
+    out = wire.decode([bytes(f) for f in frames])
+    assert out.ok is not None and len(out) == 8 and out.results == ()
+    for got, sent in zip(out.each(), results, strict=True):
+        assert (got.areas is None) == (sent.areas is None)
+        if sent.areas is not None:
+            np.testing.assert_array_equal(got.areas, sent.areas)
+        assert replace(got, areas=None) == replace(sent, areas=None)
+
+
+def columns_frames(**change):
+    """A valid columnar Results of ok_answers(), its "ok" map's entries replaced."""
+    frames = [bytes(f) for f in wire.encode(wire.Results(ok_answers()))]
+    head = msgpack.unpackb(frames[0])
+    head["ok"].update(change)
+    return [msgpack.packb(head, use_bin_type=True), *frames[1:]]
+
+
+@pytest.mark.parametrize("change, field", [
+    ({"ids": ["r0", "r1", 2, "r3", "r4", "r5", "r6", "r7"]}, "ids"),
+    ({"ids": ["r0", "", "r2", "r3", "r4", "r5", "r6", "r7"]}, "ids"),
+    ({"ids": ["r0", "r1\x00", "r2", "r3", "r4", "r5", "r6", "r7"]}, "ids"),
+    ({"attempts": [0, 1, 0, 1, 0, 1, 0, True]}, "attempts"),
+    ({"attempts": [0, 1, 0, 1, 0, 1, 0, 101]}, "attempts"),
+    ({"tokens": ["t"] * 7 + ["\u00e9"]}, "tokens"),
+    ({"tokens": ["t" * 65] * 8}, "tokens"),
+    ({"paths": ["/a"] * 7 + [None]}, "paths"),
+    ({"masks": [None] * 7 + [""]}, "masks"),
+    ({"stages": ["postprocess"] * 7 + [3]}, "stages"),
+    ({"models": [""] * 7 + ["xyz"]}, "models"),
+    ({"sizes": [1] * 15 + [0]}, "sizes"),
+    ({"sizes": [1] * 15 + [-1]}, "sizes"),
+    ({"counts": [2] * 8}, "classes"),
+    ({"classes": [0, 15] * 5 + [0, 16]}, "classes"),
+    ({"pixels": [1] * 11 + [0]}, "pixels"),
+    ({"names": ["background", "per\nson"]}, "names"),
+    ({"name_ids": [0, 0]}, "name_ids"),
+    ({"rows": [-1, 0, -1, 0, -1, 2, -1, 3]}, "rows"),
+    ({"rows": [-1, 0, -1, 1, -1, 2, -1, 9]}, "rows"),
+    ({"rows": ["x"] * 8}, "rows"),
+])
+def test_malformed_columns_are_refused_naming_the_column(change, field):
+    with pytest.raises(wire.WireError, match=f"column '{field}'"):
+        wire.decode(columns_frames(**change))
+
+
+@pytest.mark.parametrize("field", ["attempts", "tokens", "paths", "masks", "stages",
+                                   "models", "counts", "rows", "sizes"])
+def test_columns_whose_lengths_disagree_are_refused(field):
+    frames = [bytes(f) for f in wire.encode(wire.Results(ok_answers()))]
+    head = msgpack.unpackb(frames[0])
+    head["ok"][field] = head["ok"][field][:-1]
+    with pytest.raises(wire.WireError, match=f"column '{field}' holds"):
+        wire.decode([msgpack.packb(head, use_bin_type=True), *frames[1:]])
+
+
+def test_columns_missing_or_extra_or_an_unnamed_areas_row_are_refused():
+    frames = [bytes(f) for f in wire.encode(wire.Results(ok_answers()))]
+    head = msgpack.unpackb(frames[0])
+    del head["ok"]["names"]
+    with pytest.raises(wire.WireError, match="exactly"):
+        wire.decode([msgpack.packb(head, use_bin_type=True), *frames[1:]])
+    with pytest.raises(wire.WireError, match="no result names"):   # a row left unnamed
+        wire.decode(columns_frames(rows=[-1, 0, -1, 1, -1, 2, -1, -1]))
+    with pytest.raises(wire.WireError, match="no answer"):
+        wire.decode([header(kind="results", results=[], arrays=[])])
 
 
 @pytest.mark.parametrize("row, words", [(5, "row"), (-1, "row"), ("0", "row"), (None, "no result")])
