@@ -153,14 +153,11 @@ class ControlGate:
         seen: set[str] = set()
         duplicates = forged = 0
         for result in results:
-            entry = entries.get(result.id)
-            if entry is None or result.attempt < entry.request.attempt or result.id in seen:
+            pending = _pending(result.id, result.attempt, entries, seen, stamps, stamp, sender)
+            if pending is None:
                 duplicates += 1
                 continue
-            stamped = stamps.get(entry.executor)
-            if stamped is None:
-                stamped = stamps[entry.executor] = stamp(sender, entry)
-            known, model, classes = stamped
+            entry, (known, model, classes) = pending
             checked = self.admitted(result, sender, entry, known, (4, classes))
             if checked is None:
                 forged += 1
@@ -185,16 +182,13 @@ class ControlGate:
         duplicates = forged = 0
         attempts, tokens, rows = ok.attempts, ok.tokens, ok.rows
         width = -1 if ok.areas is None else ok.areas.shape[-1]
-        get, forgery, compare_digest = entries.get, self.forgery, hmac.compare_digest
+        forgery, compare_digest = self.forgery, hmac.compare_digest
         for i, rid in enumerate(ok.ids):
-            entry = get(rid)
-            if entry is None or attempts[i] < entry.request.attempt or rid in seen:
+            pending = _pending(rid, attempts[i], entries, seen, stamps, stamp, sender)
+            if pending is None:
                 duplicates += 1
                 continue
-            stamped = stamps.get(entry.executor)
-            if stamped is None:
-                stamped = stamps[entry.executor] = stamp(sender, entry)
-            known, model, classes = stamped
+            entry, (known, model, classes) = pending
             request = entry.request
             if not (attempts[i] == request.attempt and request.token   # the common case,
                     and entry.executor is not None and sender in entry.holders   # inline
@@ -237,3 +231,19 @@ class ControlGate:
 
     def refused(self, identity: zmq.Frame, why: Forged) -> None:
         self.refusals.refuse(identity.bytes[:40].decode("ascii", "replace"), str(why))
+
+
+def _pending(rid: str, attempt: int, entries: Mapping[str, Entry], seen: set[str],
+             stamps: dict[str | None, tuple[bool, str, int]],
+             stamp: Callable[[str, Entry], tuple[bool, str, int]], sender: str,
+             ) -> tuple[Entry, tuple[bool, str, int]] | None:
+    """The entry an answer is about and its executor's stamp (asked once per executor per
+    message), or None when it answers no pending attempt (answered already, an earlier
+    attempt's, twice in one message)."""
+    entry = entries.get(rid)
+    if entry is None or attempt < entry.request.attempt or rid in seen:
+        return None
+    stamped = stamps.get(entry.executor)
+    if stamped is None:
+        stamped = stamps[entry.executor] = stamp(sender, entry)
+    return entry, stamped
