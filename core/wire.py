@@ -360,10 +360,13 @@ class Took:
 
 @dataclass(frozen=True)
 class Handed:
-    """Preprocess / executor -> front: these requests' data left me for worker `to`."""
+    """Preprocess / executor -> front: these requests' data left me for worker `to`.
+    `took`: an executor's "took" ids of the same slice, moved first (one message for both
+    notes, not two: the front's cost is per message)."""
 
     ids: tuple[str, ...]
     to: str
+    took: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -476,6 +479,8 @@ def encode(msg: Message) -> list[Any]:
         header |= {"kind": TOOK, "ids": list(msg.ids)}
     elif isinstance(msg, Handed):
         header |= {"kind": HANDED, "ids": list(msg.ids), "to": msg.to}
+        if msg.took:
+            header["took"] = list(msg.took)
     elif isinstance(msg, Heartbeat):
         header |= {"kind": HEARTBEAT, "stage": msg.stage, "index": msg.index, "pid": msg.pid,
                    "counters": dict(msg.counters), "inputs": msg.inputs,
@@ -810,7 +815,8 @@ def _decode_took(h: dict[str, Any], frames: Sequence[Any], _: int) -> Took:
 
 def _decode_handed(h: dict[str, Any], frames: Sequence[Any], _: int) -> Handed:
     _no_arrays(frames)
-    return Handed(ids=_ids(h, "ids"), to=_name(h, "to"))
+    return Handed(ids=_ids(h, "ids"), to=_name(h, "to"),
+                  took=_ids(h, "took") if "took" in h else ())
 
 
 def _ids(h: dict[str, Any], key: str) -> tuple[str, ...]:

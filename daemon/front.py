@@ -226,6 +226,8 @@ class Front:
         elif isinstance(msg, wire.Took):
             self.ledger.took(wid.text, msg.ids)
         elif isinstance(msg, wire.Handed):
+            if msg.took:                         # the same slice's "took", in order: first
+                self.ledger.took(wid.text, msg.took)
             self.ledger.handed(wid.text, msg.ids, msg.to)
             if msg.to not in self.roster.workers:    # gone before this note came: what it
                 self._retried(*self.ledger.lost(msg.to), f"{msg.to} is gone")   # got, lost

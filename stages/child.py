@@ -362,8 +362,9 @@ class BatchNotes:
     never hears a request handed on before it heard it taken. The first note after a quiet
     slice leaves at once; neither note delays an answer (they free room and name holders).
     Ids taken and handed on in the same slice go in the "handed" note alone: it implies the
-    "took" (the ledger moves them both steps), so a device that runs its batches at once
-    sends one note per slice, not two."""
+    "took" (the ledger moves them both steps); ids taken and not yet handed on ride in the
+    same message as the slice's first "handed" (`Handed.took`, moved first), so an
+    executor sends one message per slice, not two."""
 
     def __init__(self, child: Child) -> None:
         self.child = child
@@ -417,10 +418,12 @@ class BatchNotes:
         if self.handed_to and self.took_ids:    # a "handed" implies the "took" (ledger)
             handed = {i for ids in self.handed_to.values() for i in ids}
             self.took_ids = [i for i in self.took_ids if i not in handed]
-        if self.took_ids:
-            self.child.send(wire.Took(tuple(self.took_ids)))
-        for to, ids in self.handed_to.items():
-            self.child.send(wire.Handed(tuple(ids), to))
+        took = tuple(self.took_ids)
+        if took and not self.handed_to:
+            self.child.send(wire.Took(took))
+        for to, ids in self.handed_to.items():   # the first carries the "took" ids: the
+            self.child.send(wire.Handed(tuple(ids), to, took))   # front moves them first
+            took = ()
         self.took_ids, self.handed_to, self.pending, self.sent = [], {}, 0, now
 
 

@@ -35,7 +35,7 @@ def test_ids_taken_and_handed_in_one_slice_go_in_the_handed_note_alone():
     assert sent == [wire.Took(("1",))]
     batch.sent = -1e9                            # the slice is over
     batch.flush_if_due()
-    assert sent[1:] == [wire.Took(("3",)), wire.Handed(("1", "2"), Q0)]
+    assert sent[1:] == [wire.Handed(("1", "2"), Q0, took=("3",))]   # one message
     assert batch.due_in() is None
 
 
@@ -57,7 +57,8 @@ def test_notes_that_free_little_room_wait_longer_and_never_past_their_bound():
     assert len(sent) == 1
     assert 0.0 < batch.due_in() <= NOTE_SLICES * 0.010 - 0.015
     batch.took(tuple(str(i) for i in range(2, 128 // ROOM_SHARE + 2)))   # a quarter
-    assert [type(m) for m in sent[1:]] == [wire.Took, wire.Handed]
+    assert [type(m) for m in sent[1:]] == [wire.Handed]      # "took" ids ride in it
+    assert len(sent[1].took) == 128 // ROOM_SHARE            # "0" left before; "1" handed
     assert batch.due_in() is None
     batch.took(("x",))
     batch.sent = time.monotonic() - NOTE_SLICES * 0.010    # the bound: it leaves
