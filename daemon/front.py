@@ -283,11 +283,13 @@ class Front:
             if n < want:
                 return
             entries = ledger.next_group(n)
-            requests = tuple(self.gate.dispatched(e.request, executor.name) for e in entries)
-            frames = wire.encode(wire.Dispatch(requests, executor.name, executor.inputs))
+            requests = tuple(e.request for e in entries)
+            tokens = self.gate.tokens(requests, executor.name)   # beside, in columns: no
+            frames = wire.encode(wire.Dispatch(requests, executor.name, executor.inputs,
+                                               tokens))         # Request made per image
             if not self._send(prep, frames):    # gone: not sent to until it beats again
                 continue
-            ledger.dispatched(entries, prep.name, executor.name, requests)
+            ledger.dispatched(entries, prep.name, executor.name, tokens)
 
     def _send(self, worker: Worker, frames: list[Any]) -> bool:
         sent = send_to(self.control, self.gate.route(worker.name), worker, frames)
