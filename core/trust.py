@@ -21,6 +21,8 @@ is counted (`forged_dropped`), logged at most once per REFUSAL_LOG_S per peer, a
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import hmac
 import secrets
 import time
@@ -63,9 +65,19 @@ class Trust:
 
     # ---- per-request tokens --------------------------------------------------------------
 
+    @functools.cached_property
+    def _request_mac(self) -> Any:
+        """HMAC(secret) over the tokens' common prefix, made once: each token copies it
+        (the front makes one per dispatched request; a new HMAC object costs 5 x a copy)."""
+        return hmac.new(self.secret, b"request\0", hashlib.sha256)
+
     def token(self, rid: str, attempt: int, executor: str) -> str:
-        """The token of request `rid`'s attempt, dispatched with its pixels for `executor`."""
-        return self._mac("request", rid, str(attempt), executor)
+        """The token of request `rid`'s attempt, dispatched with its pixels for `executor`:
+        HMAC(secret, "request" NUL id NUL attempt NUL executor), the same bytes `_mac` would
+        join, from the prefix's HMAC copied."""
+        mac = self._request_mac.copy()
+        mac.update(f"{rid}\0{attempt}\0{executor}".encode("utf-8", "surrogatepass"))
+        return mac.hexdigest()[:TOKEN_HEX]
 
     def holds(self, request: wire.Request, executor: str) -> bool:
         """Whether `request` carries the token the front handed out for it and `executor`."""

@@ -174,6 +174,9 @@ class Dispatch:
     requests: tuple[Request, ...]
     to: str                       # the executor's name, stage-index-pid
     address: str                  # where that executor receives images
+    tokens: tuple[str, ...] | None = None   # the front's: each request's token on the
+                                  # wire (the requests carry none yet: no Request made per
+                                  # image to add it); decoded, each Request holds its own
 
 
 @dataclass(frozen=True)
@@ -360,10 +363,13 @@ class Took:
 
 @dataclass(frozen=True)
 class Handed:
-    """Preprocess / executor -> front: these requests' data left me for worker `to`."""
+    """Preprocess / executor -> front: these requests' data left me for worker `to`.
+    `took`: an executor's "took" ids of the same slice, moved first (one message for both
+    notes, not two: the front's cost is per message)."""
 
     ids: tuple[str, ...]
     to: str
+    took: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -448,8 +454,8 @@ def encode(msg: Message) -> list[Any]:
     arrays: list[np.ndarray] = []
     header: dict[str, Any] = {"v": WIRE_VERSION}
     if isinstance(msg, Dispatch):
-        header |= {"kind": DISPATCH, "reqs": _requests_with_data(msg.requests, arrays),
-                   "to": msg.to, "address": msg.address}
+        header |= {"kind": DISPATCH, **_dispatched(msg, arrays), "to": msg.to,
+                   "address": msg.address}
     elif isinstance(msg, Image):
         header |= {"kind": IMAGE, "req": _request_fields(msg.request),
                    "place": _placement_fields(msg.placement), "to": msg.to,
@@ -476,6 +482,8 @@ def encode(msg: Message) -> list[Any]:
         header |= {"kind": TOOK, "ids": list(msg.ids)}
     elif isinstance(msg, Handed):
         header |= {"kind": HANDED, "ids": list(msg.ids), "to": msg.to}
+        if msg.took:
+            header["took"] = list(msg.took)
     elif isinstance(msg, Heartbeat):
         header |= {"kind": HEARTBEAT, "stage": msg.stage, "index": msg.index, "pid": msg.pid,
                    "counters": dict(msg.counters), "inputs": msg.inputs,
@@ -501,6 +509,23 @@ def encode(msg: Message) -> list[Any]:
     frames.extend(a if not isinstance(a, np.ndarray) else np.ascontiguousarray(a).data
                   for a in arrays)
     return frames
+
+
+def _dispatched(msg: Dispatch, frames: list[Any]) -> dict[str, Any]:
+    """A dispatch's requests: plain path requests (the common case) as columns ("cols":
+    ids, paths, anns, attempts, tokens), with no map per request; a group with an upload,
+    or one that wants something back, one map each ("reqs")."""
+    requests, tokens = msg.requests, msg.tokens
+    if tokens is not None and len(tokens) != len(requests):
+        raise ValueError("a dispatch's tokens name its requests one for one")
+    if all(r.data is None and not r.want and r.write for r in requests):
+        return {"cols": [[r.id for r in requests], [r.path for r in requests],
+                         [r.ann for r in requests], [r.attempt for r in requests],
+                         list(tokens) if tokens is not None else [r.token for r in requests]]}
+    if tokens is not None:
+        requests = tuple(dataclasses.replace(r, token=t)
+                         for r, t in zip(requests, tokens, strict=True))
+    return {"reqs": _requests_with_data(requests, frames)}
 
 
 def _requests_with_data(requests: Sequence[Request], frames: list[Any]) -> list[Any]:
@@ -791,11 +816,34 @@ def _name(h: dict[str, Any], key: str, empty: bool = False) -> str:
 
 
 def _decode_dispatch(h: dict[str, Any], frames: Sequence[Any], _: int) -> Dispatch:
+    if "cols" in h:
+        return Dispatch(_request_columns(h.get("cols"), frames), to=_name(h, "to"),
+                        address=_string(h, "address"))
     reqs = h.get("reqs")
     if not isinstance(reqs, list) or not 1 <= len(reqs) <= MAX_IDS:
         raise WireError(f"dispatch carries 1..{MAX_IDS} requests")
     return Dispatch(_requests(reqs, frames), to=_name(h, "to"),
                     address=_string(h, "address"))
+
+
+def _request_columns(cols: Any, frames: Sequence[Any]) -> tuple[Request, ...]:
+    """A dispatch's plain path requests in columns, each column checked at once as
+    strictly as `_request` checks one request (no uploads: no data frames)."""
+    if not (isinstance(cols, list) and len(cols) == 5
+            and all(isinstance(c, list) for c in cols)):
+        raise WireError("dispatch 'cols' must be 5 lists: ids, paths, anns, attempts, tokens")
+    ids, paths, anns, attempts, tokens = cols
+    if not 1 <= len(ids) <= MAX_IDS or {len(c) for c in cols} != {len(ids)}:
+        raise WireError(f"dispatch columns carry 1..{MAX_IDS} requests, one row each")
+    _no_arrays(frames)
+    _text_column("ids", ids, 1, MAX_STRING_CHARS, "dispatch")
+    _text_column("paths", paths, 1, MAX_STRING_CHARS, "dispatch")
+    _text_column("anns", [a for a in anns if a is not None], 1, MAX_STRING_CHARS, "dispatch")
+    _int_column("attempts", attempts, 0, 100, "dispatch")
+    _text_column("tokens", tokens, 0, MAX_NAME_CHARS, "dispatch")
+    if not "".join(tokens).isascii():
+        raise WireError("dispatch column 'tokens' must hold ASCII strings")
+    return tuple(map(Request, ids, paths, anns, attempts, tokens))
 
 
 def _decode_credit(h: dict[str, Any], frames: Sequence[Any], _: int) -> Credit:
@@ -810,7 +858,8 @@ def _decode_took(h: dict[str, Any], frames: Sequence[Any], _: int) -> Took:
 
 def _decode_handed(h: dict[str, Any], frames: Sequence[Any], _: int) -> Handed:
     _no_arrays(frames)
-    return Handed(ids=_ids(h, "ids"), to=_name(h, "to"))
+    return Handed(ids=_ids(h, "ids"), to=_name(h, "to"),
+                  took=_ids(h, "took") if "took" in h else ())
 
 
 def _ids(h: dict[str, Any], key: str) -> tuple[str, ...]:
@@ -983,16 +1032,18 @@ def _in_range(key: str, column: list[int], lo: int, hi: int) -> None:
         raise WireError(f"results column {key!r} must hold integers in [{lo}, {hi}]")
 
 
-def _text_column(key: str, column: list[Any], shortest: int, longest: int) -> None:
+def _text_column(key: str, column: list[Any], shortest: int, longest: int,
+                 message: str = "results") -> None:
     if column and (set(map(type, column)) != {str} or min(map(len, column)) < shortest
                    or max(map(len, column)) > longest or "\x00" in "".join(column)):
-        raise WireError(f"results column {key!r} must hold strings of {shortest}..{longest} "
+        raise WireError(f"{message} column {key!r} must hold strings of {shortest}..{longest} "
                         "characters without NUL")
 
 
-def _int_column(key: str, column: list[Any], lo: int, hi: int) -> None:
+def _int_column(key: str, column: list[Any], lo: int, hi: int,
+                message: str = "results") -> None:
     if column and (set(map(type, column)) != {int} or min(column) < lo or max(column) > hi):
-        raise WireError(f"results column {key!r} must hold integers in [{lo}, {hi}]")
+        raise WireError(f"{message} column {key!r} must hold integers in [{lo}, {hi}]")
 
 
 def _decode_result(h: dict[str, Any], frames: Sequence[Any], _: int) -> Result:

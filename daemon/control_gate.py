@@ -19,7 +19,7 @@ from __future__ import annotations
 import dataclasses
 import hmac
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import zmq
@@ -87,13 +87,11 @@ class ControlGate:
         """The identity the front sends to worker `worker` under."""
         return self.trust.identity(worker)
 
-    def dispatched(self, request: wire.Request, executor: str) -> wire.Request:
-        """The request as dispatched for `executor`: with its token."""
-        r = request                    # an upload keeps its bytes, want and write
-        token = self.trust.token(r.id, r.attempt, executor)
-        if r.data is None and not r.want and r.write:      # a path: made directly, not
-            return wire.Request(r.id, r.path, r.ann, r.attempt, token)   # by replace()
-        return dataclasses.replace(r, token=token)
+    def tokens(self, requests: Iterable[wire.Request], executor: str) -> tuple[str, ...]:
+        """The requests' tokens as dispatched for `executor` (the wire carries them beside
+        the requests: `wire.Dispatch.tokens`)."""
+        token = self.trust.token
+        return tuple(token(r.id, r.attempt, executor) for r in requests)
 
     # ---- what comes in -----------------------------------------------------------------
 
@@ -190,11 +188,11 @@ class ControlGate:
                 continue
             entry, (known, model, classes) = pending
             request = entry.request
-            if not (attempts[i] == request.attempt and request.token   # the common case,
+            if not (attempts[i] == request.attempt and entry.token   # the common case,
                     and entry.executor is not None and sender in entry.holders   # inline
-                    and compare_digest(tokens[i], request.token)):
+                    and compare_digest(tokens[i], entry.token)):
                 why = forgery(rid, attempts[i], tokens[i], sender, request.attempt,
-                              entry.executor, entry.holders, known, request.token)
+                              entry.executor, entry.holders, known, entry.token)
             else:
                 why = None
             if why is not None:
@@ -219,7 +217,7 @@ class ControlGate:
         adds them: the request is answered, never lost."""
         try:
             self.check_answer(result, sender, entry.request.attempt, entry.executor,
-                              entry.holders, known, entry.request.token)
+                              entry.holders, known, entry.token)
         except Forged as exc:
             self.refusals.refuse(sender, str(exc))
             return None

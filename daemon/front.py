@@ -54,7 +54,8 @@ from pspnet.model.metrics import IoUAccumulator
 
 CHECK_EVERY_S = 0.1             # supervision, liveness and stall checks
 CONTROL_READS_PER_TURN = 1024   # bounded: the loop also serves clients and supervision
-EVENTS, POLLIN = int(zmq.EVENTS), int(zmq.POLLIN)   # plain ints: no enum per message
+# plain ints: no enum made per message
+EVENTS, POLLIN, NOBLOCK = int(zmq.EVENTS), int(zmq.POLLIN), int(zmq.NOBLOCK)
 
 
 class PipelineError(RuntimeError):
@@ -197,11 +198,17 @@ class Front:
     def read(self, budget: int = CONTROL_READS_PER_TURN) -> int:
         """Up to `budget` messages from workers. One that cannot be handled is logged and
         dropped; it never ends the daemon."""
+        control, recv = self.control, self.control.recv
         for n in range(budget):
-            if not self.control.get(EVENTS) & POLLIN:           # no exception per turn
+            if not control.get(EVENTS) & POLLIN:                # no exception per turn
                 return n
-            identity, *frames = self.control.recv_multipart(zmq.NOBLOCK, copy=False)
-            self.bytes_in += len(identity) + sum(len(f) for f in frames)
+            identity = part = recv(NOBLOCK, copy=False)         # a message's parts come
+            frames, size = [], len(identity)                    # together; each says if
+            while part.more:                                    # more follow (no option
+                part = recv(NOBLOCK, copy=False)                # read per part, as
+                frames.append(part)                             # recv_multipart does)
+                size += len(part)
+            self.bytes_in += size
             try:
                 self._handle(*self.gate.sender(identity, frames), frames)   # or Forged
             except Forged as exc:                  # counted, dropped, never delivered
@@ -226,6 +233,8 @@ class Front:
         elif isinstance(msg, wire.Took):
             self.ledger.took(wid.text, msg.ids)
         elif isinstance(msg, wire.Handed):
+            if msg.took:                         # the same slice's "took", in order: first
+                self.ledger.took(wid.text, msg.took)
             self.ledger.handed(wid.text, msg.ids, msg.to)
             if msg.to not in self.roster.workers:    # gone before this note came: what it
                 self._retried(*self.ledger.lost(msg.to), f"{msg.to} is gone")   # got, lost
@@ -281,11 +290,13 @@ class Front:
             if n < want:
                 return
             entries = ledger.next_group(n)
-            requests = tuple(self.gate.dispatched(e.request, executor.name) for e in entries)
-            frames = wire.encode(wire.Dispatch(requests, executor.name, executor.inputs))
+            requests = tuple(e.request for e in entries)
+            tokens = self.gate.tokens(requests, executor.name)   # beside, in columns: no
+            frames = wire.encode(wire.Dispatch(requests, executor.name, executor.inputs,
+                                               tokens))         # Request made per image
             if not self._send(prep, frames):    # gone: not sent to until it beats again
                 continue
-            ledger.dispatched(entries, prep.name, executor.name, requests)
+            ledger.dispatched(entries, prep.name, executor.name, tokens)
 
     def _send(self, worker: Worker, frames: list[Any]) -> bool:
         sent = send_to(self.control, self.gate.route(worker.name), worker, frames)

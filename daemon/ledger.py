@@ -53,6 +53,7 @@ class Entry:
     executor: str | None = None         # whose room it takes, from dispatch on
     since: float = 0.0                  # last move (monotonic)
     accepted: float = 0.0
+    token: str = ""                     # the current attempt's, as dispatched (core.trust)
 
     @property
     def rid(self) -> str:
@@ -117,10 +118,10 @@ class Ledger:
         return [self.entries[self.queue[i]] for i in range(min(n, len(self.queue)))]
 
     def dispatched(self, entries: list[Entry], preprocess: str, executor: str,
-                   sent: Sequence[wire.Request] | None = None) -> None:
+                   tokens: Sequence[str] | None = None) -> None:
         """The head of the queue went to `preprocess`, its pixels bound for `executor`.
-        `sent`: the requests as dispatched (with their tokens), kept so that an answer's
-        token is compared with the one handed out, not computed again per answer."""
+        `tokens`: the requests' tokens as dispatched, kept so that an answer's token is
+        compared with the one handed out, not computed again per answer."""
         now = self.clock()
         holders, load = (preprocess, executor), self.load
         for i, entry in enumerate(entries):
@@ -128,8 +129,8 @@ class Ledger:
             assert rid == entry.rid, "dispatch takes the head of the queue"
             entry.state, entry.holders, entry.executor, entry.since = (
                 PREPROCESS, holders, executor, now)   # queued ones take no room: none freed
-            if sent is not None:
-                entry.request = sent[i]
+            if tokens is not None:
+                entry.token = tokens[i]
         load[preprocess] += len(entries)
         load[executor] += len(entries)
 
@@ -238,6 +239,7 @@ class Ledger:
                 continue
             r = entry.request
             entry.request = dataclasses.replace(r, attempt=r.attempt + 1, token="")
+            entry.token = ""
             self._move(entry, QUEUED, (), None)
             retried.append(entry)
         self.queue.extendleft(e.rid for e in reversed(retried))   # first, in their order

@@ -57,7 +57,8 @@ from pspnet.model.manifest import model_version
 
 SEND_LINGER_MS = 2000   # on exit, let queued answers reach the front
 SEND_TIMEOUT_MS = 10_000  # tcp: a send to the front that cannot leave (a refused key)
-NOTE_SLICES = 4         # an executor's notes wait up to this many --coalesce-ms slices
+NOTE_SLICES = 4         # streaming answers wait up to this many --coalesce-ms slices
+BATCH_NOTE_SLICES = 8   # an executor's notes, up to this many
 ROOM_SHARE = 4          # ... while they free less than 1/ROOM_SHARE of its room
 FAST_ANSWERS = 2        # answers pending at once: they stream, and may wait NOTE_SLICES
 POLL_S = 0.2            # a work loop waits at most this long before it turns again
@@ -362,8 +363,9 @@ class BatchNotes:
     never hears a request handed on before it heard it taken. The first note after a quiet
     slice leaves at once; neither note delays an answer (they free room and name holders).
     Ids taken and handed on in the same slice go in the "handed" note alone: it implies the
-    "took" (the ledger moves them both steps), so a device that runs its batches at once
-    sends one note per slice, not two."""
+    "took" (the ledger moves them both steps); ids taken and not yet handed on ride in the
+    same message as the slice's first "handed" (`Handed.took`, moved first), so an
+    executor sends one message per slice, not two."""
 
     def __init__(self, child: Child) -> None:
         self.child = child
@@ -400,12 +402,14 @@ class BatchNotes:
     def _slice_s(self) -> float:
         """How long notes may wait after the last ones left: one slice while the room they
         would free matters (ROOM_SHARE of the executor's room or more, so a device is never
-        starved of images by a note held back), else NOTE_SLICES slices (the front's cost
-        is per message: a fast device that runs a batch of one or two every few hundred
-        microseconds then says so a few times per slice's worth of batches, not each)."""
-        if self.pending * ROOM_SHARE >= self.child.capacity:
-            return self.wait_s
-        return self.wait_s * NOTE_SLICES
+        starved of images by a note held back), else BATCH_NOTE_SLICES slices (the front's
+        cost is per message: a fast device that runs a batch of one or two every few hundred
+        microseconds then says so once per 40 ms, not per batch). A "handed" held so does
+        not lose a request to a postprocess worker's death: the note, when it comes, names
+        the dead worker, and the front retries what it handed it (Front._handle)."""
+        if len(self.took_ids) * ROOM_SHARE >= self.child.capacity:   # only a "took" frees
+            return self.wait_s                                       # room (an id handed
+        return self.wait_s * BATCH_NOTE_SLICES                       # on was taken first)
 
     def _flush_if_due(self) -> None:
         if not self.pending:
@@ -417,10 +421,12 @@ class BatchNotes:
         if self.handed_to and self.took_ids:    # a "handed" implies the "took" (ledger)
             handed = {i for ids in self.handed_to.values() for i in ids}
             self.took_ids = [i for i in self.took_ids if i not in handed]
-        if self.took_ids:
-            self.child.send(wire.Took(tuple(self.took_ids)))
-        for to, ids in self.handed_to.items():
-            self.child.send(wire.Handed(tuple(ids), to))
+        took = tuple(self.took_ids)
+        if took and not self.handed_to:
+            self.child.send(wire.Took(took))
+        for to, ids in self.handed_to.items():   # the first carries the "took" ids: the
+            self.child.send(wire.Handed(tuple(ids), to, took))   # front moves them first
+            took = ()
         self.took_ids, self.handed_to, self.pending, self.sent = [], {}, 0, now
 
 

@@ -27,7 +27,8 @@ from pspnet.model.manifest import Manifest
 from pspnet.stages.child import POLL_S, Child, Notes, error_result
 
 STAGE = Stage.PREPROCESS
-ROOM = 32                    # requests a worker holds: a group working, the next waiting
+ROOM = 64                    # requests a worker holds: a group working, the next waiting
+                             # (a group of up to 32: one dispatch and one note per 32 images)
 MAX_EXECUTOR_SOCKETS = 64    # executors (by address) kept connected; least recent closed
 IMAGES_HWM = 1024            # images queued for one executor before a send gives up
 

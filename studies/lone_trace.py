@@ -62,6 +62,8 @@ def main(argv: list[str] | None = None) -> int:
             now = time.perf_counter()
             msg = wire.decode(frames)
             if isinstance(msg, wire.Handed):
+                if msg.took:                         # a "took" riding in it
+                    seen.setdefault("in batch", now)
                 seen.setdefault("decoded" if wid.stage == Stage.PREPROCESS else "inferred",
                                 now)
             elif isinstance(msg, wire.Took):

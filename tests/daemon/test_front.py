@@ -421,3 +421,29 @@ def test_front_run_dispatches_what_it_submitted_before_it_waits():
     front._poller = type("Poller", (), {"poll": lambda _, t: front.wait(t)})()
     assert [r.id for r in stream(front, [wire.Request("0", "/x.jpg")], 4)] == ["0"]
     assert front.events[:3] == ["submit", "dispatch", "wait"]
+
+
+def test_an_executors_took_riding_in_its_handed_note_is_moved_first(tiny_models):
+    """An executor's one message per slice (Handed.took): the ids it took and has not
+    handed on leave its room first, then the handed ones move to postprocess; a stranger's
+    "took" ids in such a note move nothing."""
+    front = Front(PipelineConfig(model_dir=tiny_models["labels"]))
+    front.roster = Roster(None, lambda worker, frames: True, 1, front.log)   # not started
+    front.roster.workers.by_name["postprocess-0-3"] = None   # type: ignore[assignment]
+    for i in range(4):
+        assert front.submit(wire.Request(f"c{i}", f"/p/{i}.jpg"), origin="me")
+    group = front.ledger.next_group(4)
+    rids = [e.rid for e in group]
+    front.ledger.dispatched(group, "preprocess-0-1", "executor-0-2")
+    front.ledger.handed("preprocess-0-1", rids, "executor-0-2")
+    assert front.ledger.load["executor-0-2"] == 4
+    stranger = wire.WorkerId.parse("executor-1-9")
+    front._handle(stranger, True, wire.encode(wire.Handed((), "postprocess-0-3",
+                                                          took=tuple(rids))))
+    assert front.ledger.load["executor-0-2"] == 4
+    executor = wire.WorkerId.parse("executor-0-2")
+    front._handle(executor, True, wire.encode(wire.Handed(tuple(rids[:2]), "postprocess-0-3",
+                                                          took=tuple(rids[2:]))))
+    assert "executor-0-2" not in front.ledger.load
+    assert [front.ledger.entries[r].state for r in rids] == [
+        "to-postprocess", "to-postprocess", "executor", "executor"]

@@ -166,7 +166,8 @@ def test_an_executors_notes_come_in_order_each_id_taken_then_handed_once(tiny_mo
     """Control per batch (issue 27), in order from one socket (issue 25): every id is in
     one "handed" note, after the "took" that names it, if one does (several batches may
     share a note within a --coalesce-ms slice; ids taken and handed in one slice go in the
-    "handed" alone, which implies the "took"), so a "handed" never overtakes its "took"."""
+    "handed" alone, which implies the "took", and the slice's other "took" ids ride in the
+    "handed" message), so a "handed" never overtakes its "took"."""
     manifest = Manifest.read(tiny_models["labels"])
     batch, n = 4, 12
     backend = SlowBackend(batch, manifest.input_size, 0.0, 0.05)
@@ -183,6 +184,8 @@ def test_an_executors_notes_come_in_order_each_id_taken_then_handed_once(tiny_mo
             took.extend(note.ids)
         else:
             assert isinstance(note, wire.Handed) and note.to == "postprocess-0-1"
+            assert not set(note.took) & set(handed), "a took after its handed"
+            took.extend(note.took)                   # a slice's "took" riding in it
             handed.extend(note.ids)
     assert sorted(handed, key=int) == [str(i) for i in range(n)]   # each once
     assert len(set(took)) == len(took) and set(took) <= set(handed)
@@ -226,6 +229,7 @@ def test_a_batch_that_fails_to_launch_is_answered_and_the_executor_goes_on(tiny_
             elif isinstance(message, wire.Took):
                 took.update(message.ids)
             elif isinstance(message, wire.Handed):
+                took.update(message.took)            # a slice's "took" riding in it
                 handed.update(message.ids)
     assert 1 <= len(failed) <= 4                 # the batch the device refused, however filled
     assert not done & set(failed) and done | set(failed) == {str(i) for i in range(12)}

@@ -172,6 +172,7 @@ def test_a_worker_id_is_written_and_read_in_one_place():
     wire.Dispatch((REQ,), "executor-0-42", "ipc:///run/exec0-in"), wire.Credit(3),
     wire.Dispatch((REQ, wire.Request("y", "/q", None, 1)), "executor-0-42", "ipc:///x"),
     wire.Took(("a", "b")), wire.Handed(("a",), "postprocess-1-43"),
+    wire.Handed(("a",), "postprocess-1-43", took=("b", "c")),
     wire.Heartbeat("preprocess", 1, 42, {"processed": 3, "busy_s": 0.5}),
     wire.Heartbeat("executor", 0, 44, {}, inputs="tcp://10.0.0.5:40001",
                    outputs="tcp://10.0.0.5:40002", capacity=32, batch=16,
@@ -191,6 +192,58 @@ def header(**fields):
     return msgpack.packb({"v": wire.WIRE_VERSION, **fields})
 
 
+def test_a_dispatch_of_path_requests_goes_in_columns_with_the_fronts_tokens_beside():
+    """The front's dispatch (wire.Dispatch.tokens): plain path requests as five columns,
+    each request's token from `tokens`; decoded, each Request holds its own. A group with
+    an upload keeps one map per request, the tokens applied the same."""
+    reqs = (wire.Request("a", "/a.jpg"), wire.Request("b", "/b.jpg", "/b.png", 1))
+    frames = wire.encode(wire.Dispatch(reqs, "executor-0-42", "ipc:///x", ("t" * 32, "u" * 32)))
+    assert "cols" in msgpack.unpackb(frames[0]) and "reqs" not in msgpack.unpackb(frames[0])
+    assert wire.decode(frames) == wire.Dispatch(
+        (wire.Request("a", "/a.jpg", token="t" * 32),
+         wire.Request("b", "/b.jpg", "/b.png", 1, "u" * 32)), "executor-0-42", "ipc:///x")
+    upload = wire.Request("c", "/c.jpg", want=wire.WANTS[1], data=b"\xff\xd8")
+    frames = wire.encode(wire.Dispatch((reqs[0], upload), "executor-0-42", "ipc:///x",
+                                       ("t" * 32, "v" * 32)))
+    assert "reqs" in msgpack.unpackb(frames[0])
+    got = wire.decode(frames)
+    assert [r.token for r in got.requests] == ["t" * 32, "v" * 32]
+    assert bytes(got.requests[1].data) == b"\xff\xd8"
+    with pytest.raises(ValueError, match="one for one"):
+        wire.encode(wire.Dispatch(reqs, "executor-0-42", "ipc:///x", ("t",)))
+
+
+def _cols(**change):
+    cols = {"ids": ["a", "b"], "paths": ["/a", "/b"], "anns": [None, "/b.png"],
+            "attempts": [0, 1], "tokens": ["t", ""]} | change
+    return header(kind="dispatch", to="executor-0-1", address="ipc:///x",
+                  cols=[cols["ids"], cols["paths"], cols["anns"], cols["attempts"],
+                        cols["tokens"]])
+
+
+@pytest.mark.parametrize("frames, words", [
+    ([_cols(ids=["a", ""])], "column 'ids'"),
+    ([_cols(ids=["a", 2])], "column 'ids'"),
+    ([_cols(ids=["a", "b\0"])], "column 'ids'"),
+    ([_cols(paths=["/a", "x" * (wire.MAX_STRING_CHARS + 1)])], "column 'paths'"),
+    ([_cols(anns=[None, 3])], "column 'anns'"),
+    ([_cols(attempts=[0, 101])], "column 'attempts'"),
+    ([_cols(attempts=[0, True])], "column 'attempts'"),
+    ([_cols(tokens=["t", "x" * 65])], "column 'tokens'"),
+    ([_cols(tokens=["t", "\u00e9"])], "ASCII"),
+    ([_cols(tokens=["t"])], "one row each"),
+    ([_cols(ids=[], paths=[], anns=[], attempts=[], tokens=[])], "1..4096"),
+    ([header(kind="dispatch", to="executor-0-1", address="ipc:///x", cols=[["a"]] * 4)],
+     "5 lists"),
+    ([header(kind="dispatch", to="executor-0-1", address="ipc:///x", cols={"ids": ["a"]})],
+     "5 lists"),
+    ([_cols(), b"stray"], "array frame"),
+])
+def test_malformed_dispatch_columns_are_refused_naming_the_column(frames, words):
+    with pytest.raises(wire.WireError, match=words):
+        wire.decode(frames)
+
+
 @pytest.mark.parametrize("frames, words", [
     ([], "empty"),
     ([b"\xc1"], "msgpack"),
@@ -204,6 +257,9 @@ def header(**fields):
     ([header(kind="dispatch", reqs=[{"id": "a", "path": "/x", "attempt": 0}], to="x" * 65,
              address="ipc:///x")], "worker name"),
     ([header(kind="took", ids="a")], "list of ids"),
+    ([header(kind="handed", ids=["a"], to="postprocess-0-1", took="b")], "'took'.*list of ids"),
+    ([header(kind="handed", ids=["a"], to="postprocess-0-1", took=["b", 7])], "took"),
+    ([header(kind="handed", ids=["a"], to="postprocess-0-1", took=None)], "'took'"),
     ([header(kind="credit", credits=0)], "credits"),
     ([header(kind="peers", executors=[["e-0-1"]], credits=2)], "name, address"),
     ([header(kind="heartbeat", stage="executor", index=0, pid=1, counters={},
