@@ -57,8 +57,8 @@ from pspnet.model.manifest import model_version
 
 SEND_LINGER_MS = 2000   # on exit, let queued answers reach the front
 SEND_TIMEOUT_MS = 10_000  # tcp: a send to the front that cannot leave (a refused key)
-NOTE_SLICES = 4         # streaming answers wait up to this many --coalesce-ms slices
-BATCH_NOTE_SLICES = 8   # an executor's notes, up to this many
+NOTE_SLICES = 4         # streaming answers and an executor's notes wait up to this
+                        # many --coalesce-ms slices (20 ms by default)
 ROOM_SHARE = 4          # ... while they free less than 1/ROOM_SHARE of its room
 FAST_ANSWERS = 2        # answers pending at once: they stream, and may wait NOTE_SLICES
 POLL_S = 0.2            # a work loop waits at most this long before it turns again
@@ -402,14 +402,15 @@ class BatchNotes:
     def _slice_s(self) -> float:
         """How long notes may wait after the last ones left: one slice while the room they
         would free matters (ROOM_SHARE of the executor's room or more, so a device is never
-        starved of images by a note held back), else BATCH_NOTE_SLICES slices (the front's
-        cost is per message: a fast device that runs a batch of one or two every few hundred
-        microseconds then says so once per 40 ms, not per batch). A "handed" held so does
-        not lose a request to a postprocess worker's death: the note, when it comes, names
-        the dead worker, and the front retries what it handed it (Front._handle)."""
+        starved of images by a note held back), else NOTE_SLICES slices (the front's cost
+        is per message: a fast device that runs a batch of one or two every few hundred
+        microseconds then says so once per NOTE_SLICES slices, not per batch). A "handed"
+        held so does not lose a request to a postprocess worker's death: the note, when it
+        comes, names the dead worker, and the front retries what it handed it
+        (Front._handle)."""
         if len(self.took_ids) * ROOM_SHARE >= self.child.capacity:   # only a "took" frees
             return self.wait_s                                       # room (an id handed
-        return self.wait_s * BATCH_NOTE_SLICES                       # on was taken first)
+        return self.wait_s * NOTE_SLICES                             # on was taken first)
 
     def _flush_if_due(self) -> None:
         if not self.pending:

@@ -1,7 +1,7 @@
 """The executor's notes per time slice (stages.child.BatchNotes), with a fake worker that
 records what it sends: "took" before "handed", one message of each per slice at most, no
 "took" for ids handed on in the same slice (the "handed" implies it), and notes that free
-little of the executor's room held for BATCH_NOTE_SLICES slices."""
+little of the executor's room held for NOTE_SLICES slices."""
 
 from __future__ import annotations
 
@@ -10,7 +10,6 @@ from types import SimpleNamespace
 
 from pspnet.core import wire
 from pspnet.stages.child import (
-    BATCH_NOTE_SLICES,
     FAST_ANSWERS,
     NOTE_SLICES,
     ROOM_SHARE,
@@ -55,20 +54,20 @@ def test_without_coalescing_every_note_leaves_as_it_comes():
 
 def test_notes_that_free_little_room_wait_longer_and_never_past_their_bound():
     """Capacity 128 (two batches of 64): a note or two frees little of it, so they wait up
-    to BATCH_NOTE_SLICES slices; a quarter of the room pending leaves after one slice."""
+    to NOTE_SLICES slices; a quarter of the room pending leaves after one slice."""
     batch, sent = notes(10.0, capacity=128)
     batch.took(("0",))                           # after a quiet slice: at once
     batch.sent = time.monotonic() - 0.015        # one and a half slices ago
     batch.took(("1",))
     batch.handed(("1",), Q0)
     assert len(sent) == 1
-    assert 0.0 < batch.due_in() <= BATCH_NOTE_SLICES * 0.010 - 0.015
+    assert 0.0 < batch.due_in() <= NOTE_SLICES * 0.010 - 0.015
     batch.took(tuple(str(i) for i in range(2, 128 // ROOM_SHARE + 2)))   # a quarter
     assert [type(m) for m in sent[1:]] == [wire.Handed]      # "took" ids ride in it
     assert len(sent[1].took) == 128 // ROOM_SHARE            # "0" left before; "1" handed
     assert batch.due_in() is None
     batch.took(("x",))
-    batch.sent = time.monotonic() - BATCH_NOTE_SLICES * 0.010    # the bound: it leaves
+    batch.sent = time.monotonic() - NOTE_SLICES * 0.010    # the bound: it leaves
     batch.flush_if_due()
     assert sent[-1] == wire.Took(("x",))
 
