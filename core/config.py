@@ -112,8 +112,9 @@ class PipelineConfig:
     coalesce_ms: float = setting(
         5.0, flag="--coalesce-ms", type=non_negative_float, metavar="MS",
         help="control per batch: a worker sends what it finished in one note, at most this "
-             "long after the first of it while more work is waiting (an idle worker sends at "
-             "once; 0: one note per image)")
+             "long after the first of it while work trickles in, at most 4 times this long "
+             "while it streams (a batch's images finished back to back); an idle worker "
+             "sends at once; 0: one note per image")
     max_inflight: int | None = setting(
         None, flag="--max-inflight", type=positive_int,
         help="requests inside the pipeline at once (bounds memory; default: four batches "

@@ -8,8 +8,8 @@ message back per batch, not per image; at most half the grant is held back). So 
 worker is never sent more than it can take, and the answer (with the areas: intersect,
 union, pred, label per class) goes to the front, which sums them, so a crashed worker loses
 no metric state. Answers go out together (`Notes`): all it finished while more outputs
-were waiting, at most --coalesce-ms after the first, and at once when nothing more is
-waiting.
+were waiting, at most --coalesce-ms after the first (NOTE_SLICES times that while they
+stream), and at once when nothing more is waiting.
 """
 
 from __future__ import annotations
