@@ -12,8 +12,9 @@ work (issue 27). A dispatch group is half a worker's room (the next one waits be
 or the queue's fair share over the workers with room when less is queued, so a few
 requests are spread, not queued behind each other on one worker; while the queue is long,
 a group waits for room for all of it (notes free room a group at a time: sending what
-little room there is would shrink every later group). Its liveness side is the `Roster`,
-its answers the `Answers`, its checks of who speaks the `ControlGate`; answers
+little room there is would shrink every later group: `dispatch_queued`). Its liveness
+side is the `Roster`, its answers the `AnswerIntake` (admitted, let go) and `Answers`
+(delivered), its checks of who speaks the `ControlGate`; answers
 come out of `take_answers` (one Result each) or `take_messages` (a worker's ok answers
 still in columns, for the daemon to send a client as they are); the daemon's `Server` drives the
 steps (`read`, `supervise`, `dispatch`) from its loop, and `run` drives them for callers
@@ -24,7 +25,6 @@ and each answer is stamped with the version of the model whose worker answered.
 
 from __future__ import annotations
 
-import math
 import shutil
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -38,11 +38,12 @@ import zmq
 from pspnet.core import wire
 from pspnet.core.config import Addresses, PipelineConfig, private_dir, start_document
 from pspnet.core.keys import KeysError
-from pspnet.core.pipeline import Stage
 from pspnet.core.status import FrontCounts, FrontStatus, Status, Tally
 from pspnet.core.uploads import front_frame_limit, is_upload
+from pspnet.daemon.answer_intake import AnswerIntake
 from pspnet.daemon.answers import Answers
 from pspnet.daemon.control_gate import ControlGate, Forged
+from pspnet.daemon.dispatch import dispatch_queued
 from pspnet.daemon.ledger import Ledger
 from pspnet.daemon.reload import Reloader
 from pspnet.daemon.roster import Roster, send_to
@@ -86,6 +87,8 @@ class Front:
         self.storage = StorageEpisode(self.log)
         self.gate = ControlGate(cfg, self.log)      # keys, identities, tokens
         self.reloader = Reloader(self)              # live model reload: the served model
+        self.intake = AnswerIntake(self.gate, self.ledger, self.storage, self.answers,
+                                   self.totals, self.reloader.stamp)
         self.started = False
         self._next_check = 0.0
         self._own_run_dir = cfg.run_dir is None
@@ -225,11 +228,11 @@ class Front:
         msg = wire.decode(frames)
         if isinstance(msg, wire.Results):
             if msg.ok is not None:              # the common answers: columns, in bulk
-                self._answer_ok(msg.ok, wid.text)
+                self.intake.ok_answers(msg.ok, wid.text)
             if msg.results:
-                self._answer(msg.results, wid.text)
+                self.intake.answers(msg.results, wid.text)
         elif isinstance(msg, wire.Result):
-            self._answer((msg,), wid.text)
+            self.intake.answers((msg,), wid.text)
         elif isinstance(msg, wire.Took):
             self.ledger.took(wid.text, msg.ids)
         elif isinstance(msg, wire.Handed):
@@ -243,60 +246,11 @@ class Front:
         else:
             raise wire.WireError(f"{type(msg).__name__} is not a message for the front")
 
-    def _answer(self, results: tuple[wire.Result, ...], sender: str) -> None:
-        """A worker's answers: those the gate admits are answered, together."""
-        admitted, duplicates, forged = self.gate.admit(results, sender, self.ledger.entries,
-                                                       self.reloader.stamp)
-        self.totals["duplicates_dropped"] += duplicates  # answered, or an earlier attempt's
-        self.totals["forged_dropped"] += forged      # counted, dropped, never delivered
-        for _, result, _ in admitted:
-            self.ledger.answer(result.id)
-            self.storage.saw(result)
-        self.answers.from_workers(admitted)
-
-    def _answer_ok(self, ok: wire.OkAnswers, sender: str) -> None:
-        """A worker's ok answers in columns: admitted by the same rules as `_answer`'s,
-        answered together with no object per answer (issue 27)."""
-        admitted, misfits, duplicates, forged = self.gate.admit_ok(
-            ok, sender, self.ledger.entries, self.reloader.stamp)
-        self.totals["duplicates_dropped"] += duplicates
-        self.totals["forged_dropped"] += forged
-        answer, masks = self.ledger.answer, ok.masks
-        for _, entry, _ in admitted:
-            answer(entry.request.id)
-        self.storage.stored(sum(1 for i, _, _ in admitted if masks[i]))
-        self.answers.from_ok(ok, admitted)
-        for entry, _, _ in misfits:
-            self.ledger.answer(entry.request.id)
-        self.answers.from_workers(misfits)
-
     # ---- routing ---------------------------------------------------------------------
 
     def dispatch(self) -> None:
-        """Queued requests to preprocess workers with room, in groups (one message each),
-        each group bound for the executor with the most room (the module's docstring says
-        how big a group is and why)."""
-        ledger, workers = self.ledger, self.roster.workers
-        while ledger.queue and ledger.inflight < self.max_inflight:
-            active = self.roster.active                 # the model being served, and
-            fed_by = self.roster.feeds.get(active, active)   # whose preprocess serves it
-            prep_room, prep, preps = workers.most_room(Stage.PREPROCESS, ledger.load, fed_by)
-            executor_room, executor, _ = workers.most_room(Stage.EXECUTOR, ledger.load, active)
-            if prep is None or executor is None:
-                return
-            want = min(math.ceil(len(ledger.queue) / preps), max(1, prep.capacity // 2),
-                       max(1, executor.capacity // 2))
-            n = min(want, prep_room, executor_room, self.max_inflight - ledger.inflight)
-            if n < want:
-                return
-            entries = ledger.next_group(n)
-            requests = tuple(e.request for e in entries)
-            tokens = self.gate.tokens(requests, executor.name)   # beside, in columns: no
-            frames = wire.encode(wire.Dispatch(requests, executor.name, executor.inputs,
-                                               tokens))         # Request made per image
-            if not self._send(prep, frames):    # gone: not sent to until it beats again
-                continue
-            ledger.dispatched(entries, prep.name, executor.name, tokens)
+        """Queued requests to preprocess workers with room, in groups (daemon/dispatch.py)."""
+        dispatch_queued(self.ledger, self.roster, self.gate, self.max_inflight, self._send)
 
     def _send(self, worker: Worker, frames: list[Any]) -> bool:
         sent = send_to(self.control, self.gate.route(worker.name), worker, frames)
