@@ -548,10 +548,11 @@ def _results_fields(results: Sequence[Result], arrays: list[Any],
     """A Results header: its ok answers without a payload as columns ("ok": `ok` as it
     is, else made of `results`), the others one map each ("results"), every areas array
     stacked in one frame (K x 4 x C) that both name rows of."""
-    plain = [r for r in results if r.status == OK and r.error is None and r.cause is None
-             and r.payload is None]
-    others = [r for r in results if not (r.status == OK and r.error is None
-                                         and r.cause is None and r.payload is None)]
+    plain: list[Result] = []
+    others: list[Result] = []
+    for r in results:
+        plain_ok = r.status == OK and r.error is None and r.cause is None and r.payload is None
+        (plain if plain_ok else others).append(r)
     if any(r.payload is not None for r in others):
         raise ValueError("a result with a payload is sent alone (a Result)")
     rows: list[np.ndarray] = []
@@ -1027,9 +1028,11 @@ _TABLES_SEEN: dict[tuple[tuple[Any, ...], tuple[Any, ...]], dict[int, str]] = {}
 _TABLES_KEPT = 256
 
 
-def _in_range(key: str, column: list[int], lo: int, hi: int) -> None:
+def _in_range(key: str, column: list[int], lo: int, hi: int,
+              message: str = "results") -> None:
+    """A column of integers (types checked already) within [lo, hi]."""
     if column and (min(column) < lo or max(column) > hi):
-        raise WireError(f"results column {key!r} must hold integers in [{lo}, {hi}]")
+        raise WireError(f"{message} column {key!r} must hold integers in [{lo}, {hi}]")
 
 
 def _text_column(key: str, column: list[Any], shortest: int, longest: int,
@@ -1042,8 +1045,9 @@ def _text_column(key: str, column: list[Any], shortest: int, longest: int,
 
 def _int_column(key: str, column: list[Any], lo: int, hi: int,
                 message: str = "results") -> None:
-    if column and (set(map(type, column)) != {int} or min(column) < lo or max(column) > hi):
+    if column and set(map(type, column)) != {int}:
         raise WireError(f"{message} column {key!r} must hold integers in [{lo}, {hi}]")
+    _in_range(key, column, lo, hi, message)
 
 
 def _decode_result(h: dict[str, Any], frames: Sequence[Any], _: int) -> Result:

@@ -206,15 +206,6 @@ def in_parts(block: wire.OkAnswers) -> list[wire.OkAnswers]:
             *in_parts(block.pick(list(range(half, len(block)))))]
 
 
-def by_origin(answers: list[tuple[wire.Result, Any]],
-              ) -> dict[Any, list[wire.Result]]:
-    """The answers of one turn grouped by who asked, in order: one message per client."""
-    grouped: dict[Any, list[wire.Result]] = {}
-    for result, origin in answers:
-        grouped.setdefault(origin, []).append(result)
-    return grouped
-
-
 def in_messages(results: list[wire.Result]) -> list[wire.Result | wire.Results]:
     """One client's answers as few messages as decode's limits allow."""
     if len(results) == 1:
