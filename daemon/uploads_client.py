@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import os
-import stat
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from pspnet.core import wire
+from pspnet.core.files import FileReadError, read_regular_file
 from pspnet.core.uploads import upload_refusal
 from pspnet.model.masks import mask_path, mask_source, store_mask
 
@@ -98,21 +97,14 @@ class UploadSide:
 
 
 def read_upload(path: str, max_bytes: int) -> tuple[bytes, str | None]:
-    """A file's bytes, or why not (one line): a regular file, not empty, at most one byte
-    over `max_bytes` read (enough to say it is too large)."""
+    """A file's bytes, or why not (one line naming the path): read as the workers read an
+    image (core.files); one over `max_bytes` is refused in the daemon's words."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
-    except OSError as exc:
-        return b"", f"cannot read {path}: {exc.strerror or exc}"
-    if not stat.S_ISREG(os.fstat(fd).st_mode):    # a folder, a FIFO: never read
-        os.close(fd)
-        return b"", f"{path} is not a regular file"
-    with os.fdopen(fd, "rb") as f:
-        try:
-            data = f.read(max_bytes + 1)
-        except OSError as exc:
-            return b"", f"cannot read {path}: {exc.strerror or exc}"
-    return data, None if data else "an empty image (0 bytes)"
+        return read_regular_file(path, max_bytes, "an upload"), None
+    except FileReadError as exc:
+        if exc.size is not None:
+            return b"", upload_refusal(exc.size, max_bytes)
+        return b"", f"cannot read {path}: {exc}"
 
 
 def returned_answer(answer: Any, result: wire.Result, options: Upload) -> Any:

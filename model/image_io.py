@@ -37,9 +37,7 @@ from __future__ import annotations
 
 import contextlib
 import io
-import os
 import re
-import stat
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -51,6 +49,7 @@ from PIL import Image, UnidentifiedImageError
 from turbojpeg import TJCS_CMYK, TJCS_YCCK, TJFLAG_STOPONWARNING, TJPF_RGB, TurboJPEG
 
 from pspnet.core.config import DEFAULT_MAX_PIXELS
+from pspnet.core.files import FileReadError, read_regular_file
 from pspnet.core.wire import Placement
 
 JPEG_MAGIC = b"\xff\xd8\xff"
@@ -95,63 +94,12 @@ def max_file_bytes(max_pixels: int) -> int:
 
 
 def read_file(path: str | Path, max_bytes: int) -> bytes:
-    """The whole file in one read, with one-line errors for the usual ways it goes wrong.
-
-    Opened non-blocking and checked to be a regular file first, so a FIFO or a device
-    named like an image cannot hang or flood a worker.
-    """
+    """The whole file in one read, with one-line errors for the usual ways it goes wrong
+    (core.files: a FIFO or a device named like an image cannot hang or flood a worker)."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
-    except FileNotFoundError:
-        raise ImageError("no such file") from None
-    except IsADirectoryError:
-        raise ImageError("is a directory") from None
-    except PermissionError:
-        raise ImageError("permission denied") from None
-    except NotADirectoryError:
-        raise ImageError("no such file (a parent is not a directory)") from None
-    except OSError as e:
-        raise ImageError(f"cannot open: {e.strerror or e}") from None
-    try:
-        st = os.fstat(fd)
-        if stat.S_ISDIR(st.st_mode):
-            raise ImageError("is a directory")
-        if not stat.S_ISREG(st.st_mode):
-            raise ImageError("not a regular file")
-        if st.st_size == 0:
-            raise ImageError("empty file (0 bytes)", incomplete=True)
-        if st.st_size > max_bytes:
-            raise ImageError(f"file is {st.st_size / 1e6:.1f} MB, over the "
-                             f"{max_bytes / 1e6:.1f} MB limit for an image")
-        data = _read_all(fd, min(st.st_size, max_bytes) + 1, max_bytes + 1)
-    except OSError as e:
-        if isinstance(e, PermissionError):
-            raise ImageError("permission denied") from None
-        raise ImageError(f"cannot read: {e.strerror or e}") from None
-    finally:
-        if fd >= 0:
-            os.close(fd)
-    if not data:
-        raise ImageError("empty file (0 bytes)", incomplete=True)
-    if len(data) > max_bytes:
-        raise ImageError(f"file is over the {max_bytes / 1e6:.1f} MB limit for an image")
-    return data
-
-
-def _read_all(fd: int, first: int, limit: int) -> bytes:
-    """Up to `limit` bytes of `fd`, asking `first` (the size fstat gave, plus one) at once:
-    two read(2)s for a file that did not change. A file object's read(limit) allocates
-    `limit` (hundreds of MB, mapped and unmapped) and asks the terminal and the offset
-    first: six syscalls more per ground truth or image."""
-    parts, size = [], 0
-    while size < limit:
-        want = first - size if size < first else 1 << 16      # then: grown since fstat
-        piece = os.read(fd, min(limit - size, want))
-        if not piece:
-            break
-        parts.append(piece)
-        size += len(piece)
-    return parts[0] if len(parts) == 1 else b"".join(parts)
+        return read_regular_file(path, max_bytes)
+    except FileReadError as e:
+        raise ImageError(str(e), incomplete=e.incomplete) from None
 
 
 def _check_pixels(width: int, height: int, max_pixels: int) -> None:

@@ -95,8 +95,8 @@ def test_the_client_side_answers_what_it_cannot_send(tmp_path) -> None:
     assert [r.path for r in chunk] == [str(ok)] and bytes(chunk[0].data) == ok.read_bytes()
     assert chunk[0].want == "png" and chunk[0].write is False
     assert "--max-upload-bytes 500" in refused[str(big)]
-    assert "No such file" in refused[str(tmp_path / "missing.jpg")]
-    assert "not a regular file" in refused[str(tmp_path)]
+    assert refused[str(tmp_path / "missing.jpg")].endswith("missing.jpg: no such file")
+    assert refused[str(tmp_path)] == f"cannot read {tmp_path}: is a directory"
     old = UploadSide(Upload())
     old.heard({"daemon": {"pid": 1}})
     gone: list[str] = []

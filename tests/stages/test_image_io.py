@@ -17,6 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
+from pspnet.core import files
 from pspnet.core.wire import Placement
 from pspnet.model import image_io
 from pspnet.model.image_io import ImageError, decode_bytes, decode_image, letterbox, letterbox_size
@@ -169,7 +170,7 @@ def test_permission_denied_simulated(corpus: dict[str, Path],
     def refuse(*_: object, **__: object) -> int:
         raise PermissionError(13, "Permission denied")
 
-    monkeypatch.setattr(image_io.os, "open", refuse)
+    monkeypatch.setattr(files.os, "open", refuse)
     with pytest.raises(ImageError, match="^permission denied$"):
         decode_image(corpus["unreadable"])
 
@@ -335,6 +336,6 @@ def test_read_all_reads_to_the_end_or_the_limit(tmp_path: Path, first: int, limi
     (tmp_path / "f").write_bytes(data)
     fd = os.open(tmp_path / "f", os.O_RDONLY)
     try:
-        assert image_io._read_all(fd, first, limit) == data[:expect]
+        assert files._read_all(fd, first, limit) == data[:expect]
     finally:
         os.close(fd)
