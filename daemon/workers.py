@@ -69,18 +69,12 @@ class Workers:
     def forget(self, name: str) -> Worker | None:
         return self.by_name.pop(name, None)
 
-    def with_room(self, stage: Stage, load: Mapping[str, int], generation: int | None = None,
-                  ) -> list[tuple[int, Worker]]:
-        """(room, worker) of each reachable worker of `stage` that has room, most room
-        first (an executor also needs an address to be sent images); of `generation`
-        only, when given."""
-        ready = [(w.capacity - load.get(w.name, 0), w) for w in self._able(stage, generation)]
-        return sorted([(room, w) for room, w in ready if room > 0], key=lambda rw: -rw[0])
-
     def most_room(self, stage: Stage, load: Mapping[str, int], generation: int | None,
                   ) -> tuple[int, Worker | None, int]:
-        """(room, worker) of the worker `with_room` would list first, and how many it
-        would list: one pass and no list, since the front asks on every turn."""
+        """(room, worker) of the reachable worker of `stage` with the most room (an
+        executor also needs an address to be sent images; the first heard of equals), and
+        how many have room; of `generation` only, when given. One pass and no list: the
+        front asks on every turn."""
         best, best_room, count = None, 0, 0
         for w in self._able(stage, generation):
             room = w.capacity - load.get(w.name, 0)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pspnet.core import wire
-from pspnet.daemon.workers import Workers
+from pspnet.daemon.workers import Worker, Workers
 
 
 def beat(stage: str, index: int, pid: int, **fields: object) -> wire.Heartbeat:
@@ -25,6 +25,14 @@ def test_room_is_capacity_less_load_and_the_roomiest_is_picked():
     assert workers.with_most_room("executor", load) is None
 
 
+def with_room(workers: Workers, stage: str, load: dict[str, int],
+              generation: int | None = None) -> list[tuple[int, Worker]]:
+    """The plain answer `most_room` must give in one pass: (room, worker) of each worker
+    that may be sent work and has room, most room first (sorted: ties in heard order)."""
+    ready = [(w.capacity - load.get(w.name, 0), w) for w in workers._able(stage, generation)]
+    return sorted([(room, w) for room, w in ready if room > 0], key=lambda rw: -rw[0])
+
+
 def test_most_room_is_with_rooms_first_and_count_in_one_pass():
     """The front asks every turn: `most_room` answers as `with_room`'s head and length,
     ties to the first heard, without an address or unreachable left out, by generation."""
@@ -38,7 +46,7 @@ def test_most_room_is_with_rooms_first_and_count_in_one_pass():
     for load in ({}, {"executor-0-100": 2}, {"executor-0-100": 8, "executor-2-102": 8},
                  {"executor-1-101": 1}):
         for gen in (None, 0, 1):
-            listed = workers.with_room("executor", load, gen)
+            listed = with_room(workers, "executor", load, gen)
             room, worker, count = workers.most_room("executor", load, gen)
             assert count == len(listed)
             assert (room, worker) == (listed[0] if listed else (0, None))
@@ -114,11 +122,11 @@ def test_during_a_reload_each_model_is_routed_and_peered_within_itself():
                                          True, 0.0)
             worker.generation = gen
     for gen, (index, pid) in enumerate(((0, 10), (1, 20))):
-        assert [w.name for _, w in workers.with_room("executor", {}, gen)] == \
+        assert [w.name for _, w in with_room(workers, "executor", {}, gen)] == \
             [f"executor-{index}-{pid}"]
-        assert [w.name for _, w in workers.with_room("preprocess", {}, gen)] == \
+        assert [w.name for _, w in with_room(workers, "preprocess", {}, gen)] == \
             [f"preprocess-{index}-{pid}"]
         peers = workers.peers(1, gen)
         assert peers.executors == ((f"executor-{index}-{pid}", f"ipc:///r/exec{index}-out"),)
         assert peers.credits == 8 * (gen + 1)            # two of its own batches
-    assert len(workers.with_room("executor", {})) == 2    # no generation: all of them
+    assert len(with_room(workers, "executor", {})) == 2    # no generation: all of them
