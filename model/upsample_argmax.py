@@ -28,6 +28,7 @@ pixels whose two best logits are within about 2^-19 of the largest logit magnitu
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import lru_cache
@@ -52,6 +53,7 @@ RUN_PIXELS = True                # step c on every pixel of an undecided run, no
 PLAN_CACHE = 64                  # axis plans kept: one per (photo side, box) seen lately
 
 F32 = np.float32
+BREAKS = np.int32                # running counts of breaks along a row of R (width + 1 at most)
 
 
 # ---------------------------------------------------------------------------------------
@@ -271,9 +273,12 @@ def checked_logits(logits: np.ndarray) -> tuple[np.ndarray, float]:
     if logits.ndim != 3 or logits.dtype.kind != "f":
         raise ValueError(f"logits must be float C x h x w, got {logits.dtype} {logits.shape}")
     arr = np.ascontiguousarray(logits, dtype=F32)
-    if not np.isfinite(arr).all():
+    # max |logit| = max(max, -min), and a NaN or an infinity makes one of them non-finite:
+    # two reductions, no |logits| temporary and no isfinite pass
+    high, low = (float(arr.max()), float(arr.min())) if arr.size else (0.0, 0.0)
+    if not (math.isfinite(high) and math.isfinite(low)):
         raise ValueError("logits contain NaN or infinity")
-    peak = float(np.abs(arr).max()) if arr.size else 0.0
+    peak = max(high, -low)
     if peak > MAX_LOGIT:
         raise ValueError(f"logits reach {peak:.3g} in magnitude (over 2^100): a broken model")
     return arr, peak
@@ -552,18 +557,20 @@ def _decided_runs(top: np.ndarray, clear: np.ndarray, plan: ColumnPlan) -> np.nd
     """out_h x runs: the class of each (row, run) whose whole window has one clear
     leader, UNDECIDED elsewhere."""
     out_h, width = top.shape
-    # one running count of breaks: point x unclear, or its leader not the one at x - 1;
-    # a window lo..hi is decided when none of its points breaks, the break of lo's own
-    # leader change (with lo - 1, outside the window) aside
-    breaks = np.zeros((out_h, width + 1), np.int32)
-    step = np.empty((out_h, width), np.int32)
-    np.logical_not(clear, out=step)
-    step[:, 1:] += top[:, 1:] != top[:, :-1]
-    np.cumsum(step, axis=1, out=breaks[:, 1:])
+    # one running count of breaks down each column of R's points (columns first: a run's
+    # gathers take whole rows; 0.15 -> 0.10 ms at 500 x 375): point x breaks where it is
+    # unclear or its leader is not the one at x - 1; a window lo..hi is decided when lo is
+    # clear and none of lo + 1..hi breaks (lo's own leader change, with lo - 1 outside the
+    # window, does not count)
+    top_t, clear_t = np.ascontiguousarray(top.T), np.ascontiguousarray(clear.T)
+    breaks = np.empty((width, out_h), BREAKS)
+    np.logical_not(clear_t, out=breaks)
+    breaks[1:] += top_t[1:] != top_t[:-1]
+    np.cumsum(breaks, axis=0, out=breaks)
     lo, hi = plan.run_lo, plan.run_hi
-    own = step[:, lo] - ~clear[:, lo]          # lo's leader change, 0 or 1
-    decided = breaks[:, hi + 1] - breaks[:, lo] == own
-    return np.where(decided, top[:, lo], UNDECIDED).astype(np.uint8)
+    decided = breaks[hi] == breaks[lo]
+    decided &= clear_t[lo]
+    return np.ascontiguousarray(np.where(decided, top_t[lo], np.uint8(UNDECIDED)).T)
 
 
 def _candidates(r: np.ndarray, uy: np.ndarray, lo: np.ndarray, hi: np.ndarray,
