@@ -491,7 +491,7 @@ def test_pixels_and_areas_is_the_count_and_the_areas(num_classes: int, ignore: i
     same = rng.random(label.shape) < 0.5
     label[same] = pred[same]
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(labels_mod, "HIST_ROWS_PIXELS", band * 17)
+        mp.setattr(labels_mod, "HIST_BAND_PIXELS", band * 17)
         counts, areas = pixels_and_areas(pred, label, num_classes, ignore)
     assert np.array_equal(counts, np.bincount(pred.ravel(), minlength=256))
     assert np.array_equal(counts, class_pixels(pred))
