@@ -258,7 +258,10 @@ def histogram(maps: Sequence[np.ndarray], bins: Sequence[int]) -> np.ndarray:
         bands = [np.ascontiguousarray(m[top:top + rows]) for m in maps]
         hist = cv2.calcHist([*bands, _phases(bands[0].shape)], list(range(dims + 1)), None,
                             sizes, ranges)
-        counts += hist.sum(axis=dims).astype(np.int64)   # at most 2**20 a bin: exact
+        # the phases summed by a matrix-vector product (numpy's sum over a last axis of 8
+        # cost 98 us for 256 x 21 x 8 bins, this 6): integers below 2**20 in all, so
+        # float32 adds them exactly in any order
+        counts += (hist.reshape(-1, HIST_PHASES) @ _ONES).reshape(bins).astype(np.int64)
     return counts
 
 
@@ -273,6 +276,7 @@ def _phases(shape: tuple[int, ...]) -> np.ndarray:
 
 
 _PHASES: list[np.ndarray] = []       # one read-only pattern, grown to the largest band
+_ONES = np.ones(HIST_PHASES, np.float32)
 
 
 # ---------------------------------------------------------------------------------------
