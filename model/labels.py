@@ -271,11 +271,12 @@ def histogram(maps: Sequence[np.ndarray], bins: Sequence[int]) -> np.ndarray:
 def _phases(shape: tuple[int, ...]) -> np.ndarray:
     """A band's map of phases: a view of one read-only pattern, made once."""
     pixels = shape[0] * shape[1]
-    if not _PHASES or _PHASES[0].size < pixels:
+    pattern = _PHASES[0] if _PHASES else None
+    if pattern is None or pattern.size < pixels:    # the local one is long enough, even
         pattern = (np.arange(max(pixels, HIST_BAND_PIXELS)) % HIST_PHASES).astype(np.uint8)
-        pattern.flags.writeable = False
+        pattern.flags.writeable = False              # if another thread swaps the cache
         _PHASES[:] = [pattern]
-    return _PHASES[0][:pixels].reshape(shape)
+    return pattern[:pixels].reshape(shape)
 
 
 _PHASES: list[np.ndarray] = []       # one read-only pattern, grown to the largest band
