@@ -28,6 +28,7 @@ pixels whose two best logits are within about 2^-19 of the largest logit magnitu
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import lru_cache
@@ -52,6 +53,7 @@ RUN_PIXELS = True                # step c on every pixel of an undecided run, no
 PLAN_CACHE = 64                  # axis plans kept: one per (photo side, box) seen lately
 
 F32 = np.float32
+BREAKS = np.int32                # running counts of breaks along a row of R (width + 1 at most)
 
 
 # ---------------------------------------------------------------------------------------
@@ -202,6 +204,11 @@ class ColumnPlan:
     first: slice
     second: slice
     crop_only: bool              # no stage 2: output column x is crop column x
+    # a one-cell run's two points alone (run x 2: first, second), for `_run_pixels`
+    one_a0: np.ndarray
+    one_a1: np.ndarray
+    one_w0: np.ndarray
+    one_w1: np.ndarray
 
     @property
     def slots(self) -> int:
@@ -243,6 +250,7 @@ def column_plan(axis: AxisResize) -> ColumnPlan:
     else:                                   # downscaling: two columns of their own
         points = np.concatenate([left, right], axis=1)
         first, second = slice(0, slots), slice(slots, 2 * slots)
+    pair = [first.start, second.start]          # slot 0's two points
     plan = ColumnPlan(
         a0=a0, a1=a1, w0=w0, w1=w1, b0=b0, b1=b1, v0=v0, v1=v1,
         cell_start=cell_start, cell_width=cell_width,
@@ -255,7 +263,9 @@ def column_plan(axis: AxisResize) -> ColumnPlan:
         run_width=np.add.reduceat(cell_width, run_start),
         cells=cells, valid=valid, point_a0=a0[points], point_a1=a1[points],
         point_w0=w0[points], point_w1=w1[points], first=first, second=second,
-        crop_only=axis.n_crop == axis.n_out)
+        crop_only=axis.n_crop == axis.n_out,
+        one_a0=a0[points[:, pair]], one_a1=a1[points[:, pair]],
+        one_w0=w0[points[:, pair]], one_w1=w1[points[:, pair]])
     for value in vars(plan).values():
         if isinstance(value, np.ndarray):
             value.flags.writeable = False
@@ -271,9 +281,12 @@ def checked_logits(logits: np.ndarray) -> tuple[np.ndarray, float]:
     if logits.ndim != 3 or logits.dtype.kind != "f":
         raise ValueError(f"logits must be float C x h x w, got {logits.dtype} {logits.shape}")
     arr = np.ascontiguousarray(logits, dtype=F32)
-    if not np.isfinite(arr).all():
+    # max |logit| = max(max, -min), and a NaN or an infinity makes one of them non-finite:
+    # two reductions, no |logits| temporary and no isfinite pass
+    high, low = (float(arr.max()), float(arr.min())) if arr.size else (0.0, 0.0)
+    if not (math.isfinite(high) and math.isfinite(low)):
         raise ValueError("logits contain NaN or infinity")
-    peak = float(np.abs(arr).max()) if arr.size else 0.0
+    peak = max(high, -low)
     if peak > MAX_LOGIT:
         raise ValueError(f"logits reach {peak:.3g} in magnitude (over 2^100): a broken model")
     return arr, peak
@@ -288,9 +301,10 @@ def axes(shape: tuple[int, ...], placement: Placement, input_size: tuple[int, in
 
 
 def output_rows(logits: np.ndarray, rows: AxisResize) -> np.ndarray:
-    """R: C x out_h x w, the logits resized along the rows (step 1)."""
-    with torch.inference_mode():
-        return torch.matmul(row_matrix(rows), torch.from_numpy(logits)).numpy()
+    """R: C x out_h x w, the logits resized along the rows (step 1). No inference_mode
+    around it: neither tensor requires grad, so no graph is built, and entering the mode
+    cost 15 of the 260 us (studies/postprocess_cost.py's inputs)."""
+    return torch.matmul(row_matrix(rows), torch.from_numpy(logits)).numpy()
 
 
 def dense_labels(logits: np.ndarray, placement: Placement, input_size: tuple[int, int],
@@ -552,18 +566,20 @@ def _decided_runs(top: np.ndarray, clear: np.ndarray, plan: ColumnPlan) -> np.nd
     """out_h x runs: the class of each (row, run) whose whole window has one clear
     leader, UNDECIDED elsewhere."""
     out_h, width = top.shape
-    # one running count of breaks: point x unclear, or its leader not the one at x - 1;
-    # a window lo..hi is decided when none of its points breaks, the break of lo's own
-    # leader change (with lo - 1, outside the window) aside
-    breaks = np.zeros((out_h, width + 1), np.int32)
-    step = np.empty((out_h, width), np.int32)
-    np.logical_not(clear, out=step)
-    step[:, 1:] += top[:, 1:] != top[:, :-1]
-    np.cumsum(step, axis=1, out=breaks[:, 1:])
+    # one running count of breaks down each column of R's points (columns first: a run's
+    # gathers take whole rows; 0.15 -> 0.10 ms at 500 x 375): point x breaks where it is
+    # unclear or its leader is not the one at x - 1; a window lo..hi is decided when lo is
+    # clear and none of lo + 1..hi breaks (lo's own leader change, with lo - 1 outside the
+    # window, does not count)
+    top_t, clear_t = np.ascontiguousarray(top.T), np.ascontiguousarray(clear.T)
+    breaks = np.empty((width, out_h), BREAKS)
+    np.logical_not(clear_t, out=breaks)
+    breaks[1:] += top_t[1:] != top_t[:-1]
+    np.cumsum(breaks, axis=0, out=breaks)
     lo, hi = plan.run_lo, plan.run_hi
-    own = step[:, lo] - ~clear[:, lo]          # lo's leader change, 0 or 1
-    decided = breaks[:, hi + 1] - breaks[:, lo] == own
-    return np.where(decided, top[:, lo], UNDECIDED).astype(np.uint8)
+    decided = breaks[hi] == breaks[lo]
+    decided &= clear_t[lo]
+    return np.ascontiguousarray(np.where(decided, top_t[lo], np.uint8(UNDECIDED)).T)
 
 
 def _candidates(r: np.ndarray, uy: np.ndarray, lo: np.ndarray, hi: np.ndarray,
@@ -660,21 +676,41 @@ def _run_pixels(r: np.ndarray, plan: ColumnPlan, uy: np.ndarray, ur: np.ndarray,
     computing them all costs less than the cell test's bookkeeping that would spare some
     (studies/postprocess_cost.py). A narrow cell's padding columns repeat its last column
     with the same numbers (the same label written twice); padding slots interpolate other
-    points, so they are not written."""
+    points, so they are not written. Runs of one cell (half the runs when the photo is
+    about twice the input, each between two runs of seven) go apart, through their one
+    slot's tables: in the run tables they would fill one slot of RUN_CELLS (labels 1.86
+    -> 1.79 ms on the bench's 48 logits, post31)."""
+    one = np.take(plan.run_cells, ur) == 1
+    if one.all() or not one.any():
+        return _pixels(r, plan, uy, ur, candidates, labels, one.all())
+    _pixels(r, plan, uy[one], ur[one], candidates[:, one], labels, True)
+    many = ~one
+    _pixels(r, plan, uy[many], ur[many], candidates[:, many], labels, False)
+
+
+def _pixels(r: np.ndarray, plan: ColumnPlan, uy: np.ndarray, ur: np.ndarray,
+            candidates: np.ndarray, labels: np.ndarray, one_cell: bool) -> None:
+    """`_run_pixels` for some runs: with `one_cell`, runs of one cell, on slot 0 alone."""
     run_of, cls_of, rank = ranked_candidates(candidates)
     _, out_h, width = r.shape
     flat = r.reshape(-1)
     row_base = (uy * width)[:, None]
-    at_a0 = np.take(plan.point_a0, ur, axis=0) + row_base    # takes along one axis:
-    at_a1 = np.take(plan.point_a1, ur, axis=0) + row_base    # faster than fancy indexing
-    at_w0, at_w1 = np.take(plan.point_w0, ur, axis=0), np.take(plan.point_w1, ur, axis=0)
-    weight0 = np.take(plan.run_v0, ur, axis=0)               # runs x slots x columns
-    weight1 = np.take(plan.run_v1, ur, axis=0)
+    if one_cell:
+        slots, first, second = slice(0, 1), slice(0, 1), slice(1, 2)
+        a0, a1, w0, w1 = plan.one_a0, plan.one_a1, plan.one_w0, plan.one_w1
+    else:
+        slots, first, second = slice(None), plan.first, plan.second
+        a0, a1, w0, w1 = plan.point_a0, plan.point_a1, plan.point_w0, plan.point_w1
+    at_a0 = np.take(a0, ur, axis=0) + row_base           # takes along one axis:
+    at_a1 = np.take(a1, ur, axis=0) + row_base           # faster than fancy indexing
+    at_w0, at_w1 = np.take(w0, ur, axis=0), np.take(w1, ur, axis=0)
+    weight0 = np.take(plan.run_v0[:, slots], ur, axis=0)     # runs x slots x columns
+    weight1 = np.take(plan.run_v1[:, slots], ur, axis=0)
     best = best_class = None
     for _, rows, cls, at in _rank_passes(flat, out_h * width, (at_a0, at_a1, at_w0, at_w1),
                                          run_of, cls_of, rank, len(ur)):
-        value = weight0[rows] * at[:, plan.first, None]
-        value += weight1[rows] * at[:, plan.second, None]
+        value = weight0[rows] * at[:, first, None]
+        value += weight1[rows] * at[:, second, None]
         label = cls.astype(np.uint8)[:, None, None]
         if best is None:                    # rank 0: every run, its smallest class
             best, best_class = value, np.broadcast_to(label, value.shape).copy()
@@ -689,8 +725,9 @@ def _run_pixels(r: np.ndarray, plan: ColumnPlan, uy: np.ndarray, ur: np.ndarray,
         np.copyto(current, value, where=better)
         np.copyto(current_class, label, where=better)
         best[rows], best_class[rows] = current, current_class
-    where = (uy * labels.shape[1])[:, None, None] + np.take(plan.run_columns, ur, axis=0)
-    real = np.take(plan.run_valid, ur, axis=0)
+    where = (uy * labels.shape[1])[:, None, None] + np.take(plan.run_columns[:, slots], ur,
+                                                             axis=0)
+    real = np.take(plan.run_valid[:, slots], ur, axis=0)
     labels.reshape(-1)[where[real]] = best_class[real]
 
 

@@ -298,6 +298,20 @@ def _pngs(tmp_path: Path) -> dict[str, Path]:
     save("many chunks", good[:at] + empty * 5000 + good[at:])
     at = good.index(b"PLTE") - 4                            # palette indices, no palette
     save("no PLTE", good[:at] + good[at + 12 + int.from_bytes(good[at:at + 4], "big"):])
+    at = good.index(b"IDAT") - 4                            # the zlib stream's own damage,
+    size = int.from_bytes(good[at:at + 4], "big")           # every chunk CRC right
+    stream = good[at + 8:at + 8 + size]
+
+    def idat(body: bytes) -> bytes:
+        crc = zlib.crc32(body, zlib.crc32(b"IDAT")).to_bytes(4, "big")
+        return (good[:at] + len(body).to_bytes(4, "big") + b"IDAT" + body + crc
+                + good[at + 12 + size:])
+
+    save("bad zlib header", idat(bytes([stream[0], stream[1] ^ 1]) + stream[2:]))
+    save("preset dictionary", idat(bytes([0x78, 0xBB]) + stream[2:]))
+    save("wrong Adler-32", idat(stream[:-1] + bytes([stream[-1] ^ 1])))
+    save("no Adler-32", idat(stream[:-4]))
+    save("raw deflate", idat(stream[2:-4]))
     return out
 
 
@@ -319,11 +333,14 @@ def test_ground_truth_plain_png_path_reads_what_pillow_reads(
     for name, path in files.items():
         pillow = read(path)
         if isinstance(pillow, str):
-            assert fast[name] == pillow, name
+            assert isinstance(fast[name], str) and fast[name] == pillow, name
         else:
             assert isinstance(fast[name], np.ndarray) and np.array_equal(fast[name], pillow)
     assert "mask (palette, unfiltered)" in taken
-    assert not {"bad IDAT CRC", "truncated", "cv2 16-bit", "1-bit", "many chunks"} & set(taken)
+    assert not {"bad IDAT CRC", "truncated", "cv2 16-bit", "1-bit", "many chunks",
+                "bad zlib header", "preset dictionary", "wrong Adler-32", "no Adler-32",
+                "raw deflate",
+                } & set(taken)
 
 
 def test_ground_truth_grayscale_taken_as_is(tmp_path: Path) -> None:
@@ -474,7 +491,7 @@ def test_pixels_and_areas_is_the_count_and_the_areas(num_classes: int, ignore: i
     same = rng.random(label.shape) < 0.5
     label[same] = pred[same]
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(labels_mod, "HIST_ROWS_PIXELS", band * 17)
+        mp.setattr(labels_mod, "HIST_BAND_PIXELS", band * 17)
         counts, areas = pixels_and_areas(pred, label, num_classes, ignore)
     assert np.array_equal(counts, np.bincount(pred.ravel(), minlength=256))
     assert np.array_equal(counts, class_pixels(pred))
