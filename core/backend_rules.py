@@ -18,6 +18,8 @@ SIMULATED = "sim"            # no model: a device of a given speed, for measurin
 TRUE_WORDS = ("1", "true", "yes", "on")
 FALSE_WORDS = ("0", "false", "no", "off", "")
 THREADS, SPIN = "threads", "spin"     # the options the CPU plan sets (core.plan)
+SCHED = "sched"                       # the executor process's scheduling class (core.plan)
+SCHED_CLASSES = ("batch", "normal")
 RUN_SPIN = "run_spin"                 # ort: pool threads spin within a run, sleep after it
 AUTO = "auto"                # --backend/--precision: chosen from the model directory
 # What a model directory holds (model.artefacts reads them) and what this host has
@@ -37,6 +39,7 @@ class BackendRules:
     options: Mapping[str, str]                    # option -> what it does
     device_only: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     exclusive: tuple[tuple[str, str], ...] = ()   # options that may not both be on
+    choices: Mapping[str, tuple[str, ...]] = field(default_factory=dict)  # option -> values
     precision_note: str = ""                      # said when a precision is refused
     artefact: str | None = None                   # what of a model directory it runs
 
@@ -61,6 +64,10 @@ class BackendRules:
         if unknown:
             raise ValueError(f"unknown {self.name} backend option(s) {', '.join(unknown)}; "
                              f"known: {', '.join(self.options)}")
+        for key, values in self.choices.items():
+            if key in options and str(options[key]).strip().lower() not in values:
+                raise ValueError(f"{self.name} backend option {key}={options[key]}: "
+                                 f"choose {' or '.join(values)}")
         for a, b in self.exclusive:
             if is_on(options, a) and is_on(options, b):
                 raise ValueError(f"options {a}=1 and {b}=1 do not combine on the "
@@ -98,13 +105,19 @@ RULES: dict[str, BackendRules] = {
                  RUN_SPIN: "1: intra-op threads spin while a batch runs and sleep as soon "
                            "as it ends: no wake-up per operator, no CPU burnt while idle; "
                            "default on the batch-size-1 session where the plan has spinning "
-                           "off (a lone image on an idle executor); 0: as spin says"},
-        artefact=ONNX),
+                           "off (a lone image on an idle executor); 0: as spin says",
+                 SCHED: "batch: the executor process runs as Linux SCHED_BATCH, so its "
+                        "threads do not preempt the workers when they wake (the plan's "
+                        "choice where they share cores); normal: as any process",},
+        choices={SCHED: SCHED_CLASSES}, artefact=ONNX),
     "torch": BackendRules(
         "torch", "PyTorch (CPU or CUDA)",
         devices={"cpu": ("fp32", "bf16"), "cuda": PRECISIONS},
         options={
             THREADS: "torch.set_num_threads on CPU (process-wide; default: the plan's)",
+            SCHED: "batch: the executor process runs as Linux SCHED_BATCH, so its threads "
+                   "do not preempt the workers when they wake (the plan's choice where "
+                   "they share cores); normal: as any process",
             "compile": "1: torch.compile the serving model (compile time in compile_seconds)",
             "compile_mode": "torch.compile mode (default, reduce-overhead, max-autotune...)",
             "compile_cache": "directory for torch.compile's on-disk caches (default: "
@@ -117,7 +130,8 @@ RULES: dict[str, BackendRules] = {
                           "both at open and keep the faster; 0 (default): off",
         },
         device_only={"cuda_graphs": ("cuda",), "fused_conv": ("cuda",)},
-        exclusive=(("fused_conv", "compile"),), artefact=TORCH_PROGRAM),
+        exclusive=(("fused_conv", "compile"),), choices={SCHED: SCHED_CLASSES},
+        artefact=TORCH_PROGRAM),
     # Ascend: stages/backends/acl.py adds what needs more than names (log_level's range,
     # feed's values, aclruntime's path rules for acl_json_path)
     "acl": BackendRules(

@@ -21,6 +21,7 @@ from pspnet.core.backend_rules import (
     FALSE_WORDS,
     PRECISIONS,
     RULES,
+    SCHED,
     SIMULATED,
     SPIN,
     THREADS,
@@ -159,8 +160,8 @@ class PipelineConfig:
     backend_options: dict[str, str] = setting(
         flag="--backend-option", type=key_value, action=CollectPairs, metavar="KEY=VALUE",
         default_factory=dict,
-        help="backend tuning, repeatable: threads=N, spin=0|1 (ort/torch: the plan sets "
-             "both), cuda_graphs=1, compile=1, compile_cache=DIR (torch), img_s=N, "
+        help="backend tuning, repeatable: threads=N, spin=0|1, sched=batch|normal "
+             "(ort/torch: the plan sets them), cuda_graphs=1, compile=1, compile_cache=DIR (torch), img_s=N, "
              "sync=1 (sim; and fault=hang|thread_exit, fault_after=N, fault_flag=FILE to "
              "simulate a stuck or broken device in reliability tests)")
     log_level: str = setting("info", flag="--log-level",
@@ -189,7 +190,8 @@ class PipelineConfig:
                       (int(threads) if threads.isdigit() else None),
                       self.executor_spin if self.executor_spin is not None else
                       (spin in TRUE_WORDS if spin and spin in TRUE_WORDS + FALSE_WORDS
-                       else None))
+                       else None),
+                      str(options.get(SCHED, "")).strip().lower() or None)
         planned = make_plan(this_machine(), self.backend, tuple(self.devices), given,
                             precision=self.precision, choice=self.choice)
         for name, value in (("preprocess_workers", planned.preprocess_workers),

@@ -21,7 +21,12 @@ than a plain loop (60 img/s against 64 serial); 1 + 1 workers with one executor 
   image (decode + letterbox ~2 ms, postprocess ~1.7 ms with the labels head: measured,
   /work/shared/reference/pipeline-notes.md), no more than it takes to reach the front's
   own ceiling;
-* idle onnxruntime threads spin only where every thread has a core of its own.
+* idle onnxruntime threads spin only where every thread has a core of its own;
+* where a host executor's threads share the cores with the workers, the executor runs as
+  Linux SCHED_BATCH (`--backend-option sched=normal` undoes it): a batch scheduled task
+  does not preempt others when it wakes, so the workers' short steps are not cut into by
+  the network's threads; the demo on 2 cores gave e2e +7 % (72.2 / 81.5 / 75.1 / 74.2
+  against 80.4 / 81.3 / 79.1 / 84.4 img/s, docs/performance.md "Postprocess, round 7").
 
 Every value a flag sets is kept as given (`given`) and the rest planned around it.
 Pure functions over a `Machine`, which `read_machine` fills from this host; tests give
@@ -102,6 +107,7 @@ class Given:
     postprocess_workers: int | None = None
     executor_threads: int | None = None    # --backend-option threads=N (0: the library's)
     spinning: bool | None = None           # --backend-option spin=0|1
+    sched: str | None = None               # --backend-option sched=batch|normal
 
 
 @dataclass(frozen=True)
@@ -120,6 +126,7 @@ class Plan:
     why: str = ""
     precision: str = ""
     choice: str = ""               # how backend and precision were chosen (--backend auto)
+    executor_sched: str = "normal"  # host executors' scheduling class: batch or normal
 
     def as_dict(self) -> dict[str, Any]:
         doc = asdict(self)
@@ -136,6 +143,8 @@ def describe(plan: Mapping[str, Any]) -> str:
             f"postprocess workers, executor threads "
             f"{plan['executor_threads'] or 'the library default'}, spinning "
             f"{'on' if plan['spinning'] else 'off'}"
+            + (", executor scheduled as batch" if plan.get("executor_sched") == "batch"
+               else "")
             + (f" (set by flags: {', '.join(plan['set_by_flags'])})"
                if plan["set_by_flags"] else "") + f": {plan['why']}")
 
@@ -177,9 +186,12 @@ def make_plan(machine: Machine, backend: str, devices: tuple[str, ...],
     spinning = given.spinning if given.spinning is not None else busy <= cpus
     if given.spinning is None and not spinning:
         why += f"; {busy} busy threads share {cpus} CPU(s)"
+    # a host executor that shares cores runs as SCHED_BATCH: waking, it does not preempt
+    # the workers (the demo on 2 cores: e2e +7 %, docs/performance.md "Postprocess, round 7")
+    sched = given.sched or ("batch" if on_host and busy > cpus else "normal")
     flags = tuple(k for k, v in asdict(given).items() if v is not None)
     return Plan(pre, post, threads, 1, spinning, cpus, machine.affinity, machine.quota,
-                backend, tuple(devices), flags, why, precision, choice)
+                backend, tuple(devices), flags, why, precision, choice, sched)
 
 
 def _pool(cores: float, ms_per_image: float) -> int:

@@ -33,6 +33,8 @@ import numpy as np
 import zmq
 
 from pspnet.core import wire
+from pspnet.core.backend_rules import SCHED
+from pspnet.core.config import PipelineConfig
 from pspnet.core.exits import EXIT_FAILED
 from pspnet.core.pipeline import Stage, first_index
 from pspnet.model.manifest import Manifest, pick_batch_size
@@ -69,6 +71,7 @@ def main(child: Child) -> None:
     cfg = child.cfg
     place = child.index - first_index(STAGE, cfg)     # its device within its generation
     device = cfg.devices[place] if 0 <= place < len(cfg.devices) else cfg.devices[-1]
+    schedule(child, cfg)        # before the backend's threads exist: they inherit it
     try:
         manifest = Manifest.read(cfg.model_dir)
         batch = pick_batch_size(manifest, cfg.batch_size)
@@ -96,6 +99,21 @@ def main(child: Child) -> None:
     # of an 80 ms batch (a sleep-as-device experiment on 2 cores). Hand over faster.
     sys.setswitchinterval(SWITCH_INTERVAL_S)
     Executor(child, backend).run()
+
+
+def schedule(child: Child, cfg: PipelineConfig) -> None:
+    """The scheduling class the plan (or --backend-option sched=) gives this executor:
+    SCHED_BATCH where its threads share the cores with the workers (core.plan). Set on
+    this thread before the backend opens, so the runtime's pool threads and the runner
+    inherit it; where the system cannot, the executor runs on as it is."""
+    sched = cfg.plan.get("executor_sched") or cfg.backend_options.get(SCHED) or ""
+    if str(sched).strip().lower() != "batch":
+        return
+    try:
+        os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
+    except (AttributeError, OSError) as exc:       # not Linux, or refused
+        child.log.warning("executor not scheduled as batch; running as it is",
+                          error=str(exc))
 
 
 def first_batch(backend: Backend) -> None:

@@ -23,6 +23,7 @@ from tests.kit import REPO
     ("acl", ("cuda:0",), "fp32", {}, "runs on npu[:N]"),
     ("sim", ("cpu",), "fp32", {"threads": "1"}, "unknown sim backend option(s) threads"),
     ("ort", ("cuda:x",), "fp32", {}, "the index after ':' must be a number"),
+    ("ort", ("cpu",), "fp32", {"sched": "fifo"}, "sched=fifo: choose batch or normal"),
 ])
 def test_refusals_name_the_fix(backend, devices, precision, options, words):
     with pytest.raises(ValueError, match="") as caught:
@@ -32,6 +33,8 @@ def test_refusals_name_the_fix(backend, devices, precision, options, words):
 
 @pytest.mark.parametrize("backend, devices, precision, options", [
     ("ort", ("cpu",), "fp32", {"threads": "2", "spin": "0"}),
+    ("ort", ("cpu",), "fp32", {"sched": "normal"}),
+    ("torch", ("cpu",), "fp32", {"sched": "batch"}),
     ("ort", ("tensorrt:0", "cann:1"), "fp16", {}),
     ("torch", ("cuda:0", "cuda:1"), "bf16", {"compile": "1", "cuda_graphs": "1"}),
     ("torch", ("cpu",), "bf16", {"fused_conv": "auto"}),

@@ -78,6 +78,21 @@ def test_a_host_executor_gets_a_thread_per_core_that_sleeps_while_idle(cores):
                 p.spinning) == (1, 1, 2, False)
 
 
+@pytest.mark.parametrize("machine, backend, devices, sched", [
+    (Machine(2), "ort", ("cpu",), "batch"),          # the workers share its cores
+    (Machine(16), "torch", ("cpu", "cpu"), "batch"),
+    (Machine(16), "torch", ("cuda:0",), "normal"),   # its loop feeds a device: no
+    (Machine(2), "sim", ("cpu",), "normal"),         # a simulated device computes nothing
+])
+def test_a_host_executor_sharing_cores_is_scheduled_as_batch(machine, backend, devices,
+                                                             sched):
+    p = make_plan(machine, backend, devices)
+    assert p.executor_sched == sched
+    assert ("scheduled as batch" in plans.describe(p.as_dict())) == (sched == "batch")
+    mine = make_plan(machine, backend, devices, Given(sched="normal"))   # the flag wins
+    assert mine.executor_sched == "normal" and "sched" in mine.set_by_flags
+
+
 def test_two_host_executors_share_the_executor_cores():
     p = make_plan(Machine(16), "torch", ("cpu", "cpu"))
     assert p.executor_threads == 8 and not p.spinning

@@ -384,3 +384,37 @@ def test_outputs_go_to_postprocess_workers_in_turn_not_to_the_one_with_most_cred
     del credits[b"p1"]
     credits[b"p0"] = 1
     assert next_with_credit(credits, b"p1") == b"p0"
+
+
+def test_the_plans_batch_scheduling_reaches_the_threads_the_backend_starts(tiny_models,
+                                                                           tmp_path):
+    """core.plan schedules a host executor that shares its cores as SCHED_BATCH: set on
+    the executor's thread before the backend opens, so the threads it starts (the
+    runtime's pool, the runner) inherit it; `sched=normal` leaves it as it was."""
+    import os
+    from types import SimpleNamespace
+
+    from pspnet.stages.executor import schedule
+
+    def policies(options: dict[str, str]) -> tuple[int, int]:
+        cfg = PipelineConfig(model_dir=tiny_models["logits"], backend="ort", devices=("cpu",),
+                             backend_options=options, run_dir=tmp_path)
+        seen: list[int] = []
+
+        def executor_thread() -> None:                 # the policy is per thread (Linux)
+            schedule(SimpleNamespace(log=None), cfg)   # type: ignore[arg-type]
+            seen.append(os.sched_getscheduler(0))
+            pool = threading.Thread(target=lambda: seen.append(os.sched_getscheduler(0)))
+            pool.start()
+            pool.join()
+
+        thread = threading.Thread(target=executor_thread)
+        thread.start()
+        thread.join()
+        return seen[0], seen[1]
+
+    assert PipelineConfig(model_dir=tiny_models["logits"], backend="ort", devices=("cpu",),
+                          run_dir=tmp_path).plan["executor_sched"] == "batch"
+    assert policies({}) == (os.SCHED_BATCH, os.SCHED_BATCH)           # the plan's
+    assert policies({"sched": "normal"}) == (os.SCHED_OTHER, os.SCHED_OTHER)
+    assert os.sched_getscheduler(0) == os.SCHED_OTHER                  # this thread: as it was
