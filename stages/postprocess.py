@@ -69,46 +69,35 @@ def main(child: Child) -> None:
             continue
         if child.control in ready:
             inboxes.read_peers()            # may close an inbox that was ready
-        for sock in ready:                  # one batch per executor per turn: fair
+        for sock in ready:                  # one output per executor per turn: fair
             if sock not in inboxes.open:
                 continue
-            turn_ends = time.monotonic() + POLL_S
-            while take(child, inboxes, notes, sock, manifest, out_dir) and (
-                    time.monotonic() < turn_ends):
-                pass                        # its batch's next output: no poll, no tick
+            frames = sock.recv_multipart(copy=False)
+            started = time.perf_counter()
+            try:
+                output = wire.decode_as(frames, wire.Output, cfg.max_pixels)
+            except wire.WireError as exc:
+                child.log.warning("malformed message dropped", error=str(exc),
+                                  id=exc.request_id)
+                child.count(errors=1)
+                sock.send_multipart(wire.encode(wire.Credit(1)))
+                continue
+            executor = inboxes.executor_of(sock)
+            if not child.trust.holds(output.request, executor):   # not handed out for it
+                child.forged(executor, "output without its request's token",
+                             id=output.request.id)
+                sock.send_multipart(wire.encode(wire.Credit(1)))
+                continue
+            size = min(output.placement.orig_h * output.placement.orig_w, cfg.max_pixels)
+            with child.long_step("labels and mask", size):   # resize, PNG: grow with size
+                result = finish(output, manifest, out_dir, cfg.max_pixels)
+            notes.result(result)
+            notes.flush_if_due()            # a quiet worker answers at once
+            inboxes.done(sock)              # its credit: now, or with the next ones
+            child.count(processed=int(result.status == wire.OK),
+                        errors=int(result.status != wire.OK),
+                        busy_s=time.perf_counter() - started)
         notes.flush_if_due()
-
-
-def take(child: Child, inboxes: Inboxes, notes: Notes, sock: zmq.Socket, manifest: Manifest,
-         out_dir: Path | None) -> bool:
-    """One output from `sock` finished and noted; True when another is already waiting on
-    it. A batch's outputs arrive together: the loop takes them back to back (for at most
-    POLL_S) rather than polling and ticking again before each one."""
-    cfg = child.cfg
-    frames = sock.recv_multipart(copy=False)
-    started = time.perf_counter()
-    try:
-        output = wire.decode_as(frames, wire.Output, cfg.max_pixels)
-    except wire.WireError as exc:
-        child.log.warning("malformed message dropped", error=str(exc), id=exc.request_id)
-        child.count(errors=1)
-        sock.send_multipart(wire.encode(wire.Credit(1)))
-        return False
-    executor = inboxes.executor_of(sock)
-    if not child.trust.holds(output.request, executor):   # not handed out for it
-        child.forged(executor, "output without its request's token", id=output.request.id)
-        sock.send_multipart(wire.encode(wire.Credit(1)))
-        return False
-    size = min(output.placement.orig_h * output.placement.orig_w, cfg.max_pixels)
-    with child.long_step("labels and mask", size):   # resize, PNG: grow with size
-        result = finish(output, manifest, out_dir, cfg.max_pixels)
-    notes.result(result)
-    notes.flush_if_due()                # a quiet worker answers at once
-    more = inboxes.done(sock)           # its credit: now, or with the next ones
-    child.count(processed=int(result.status == wire.OK),
-                errors=int(result.status != wire.OK),
-                busy_s=time.perf_counter() - started)
-    return more
 
 
 class Inboxes:
@@ -135,21 +124,18 @@ class Inboxes:
     def poll(self, timeout_ms: float) -> list[zmq.Socket]:
         return [sock for sock, _ in self.poller.poll(timeout_ms)]
 
-    def done(self, sock: zmq.Socket) -> bool:
+    def done(self, sock: zmq.Socket) -> None:
         """One output from `sock` finished: its credit goes back at once when nothing more
         from that executor is waiting (it may be idle for want of room), else with the next
         ones (they came as one batch; the executor still holds the rest of its grant), so
         one `Credit` per batch, not per image. A worker that dies owing credits loses only
-        them: its outputs are the front's to retry, and its successor is granted afresh.
-        True when another output from `sock` is already waiting."""
+        them: its outputs are the front's to retry, and its successor is granted afresh."""
         owed = self.owed.get(sock, 0) + 1
-        waiting = bool(sock.getsockopt(zmq.EVENTS) & zmq.POLLIN)
-        if owed < self.hold and waiting:
+        if owed < self.hold and sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
             self.owed[sock] = owed
-            return True
+            return
         self.owed.pop(sock, None)
         sock.send_multipart(wire.encode(wire.Credit(owed)))
-        return waiting
 
     def repay_all(self) -> None:
         """Every credit held back, returned (nothing is waiting any more)."""
