@@ -161,7 +161,8 @@ class PipelineConfig:
         flag="--backend-option", type=key_value, action=CollectPairs, metavar="KEY=VALUE",
         default_factory=dict,
         help="backend tuning, repeatable: threads=N, spin=0|1, sched=batch|normal "
-             "(ort/torch: the plan sets them), cuda_graphs=1, compile=1, compile_cache=DIR (torch), img_s=N, "
+             "(ort/torch: the plan sets them), cuda_graphs=1, compile=1, "
+             "compile_cache=DIR (torch), img_s=N, "
              "sync=1 (sim; and fault=hang|thread_exit, fault_after=N, fault_flag=FILE to "
              "simulate a stuck or broken device in reliability tests)")
     log_level: str = setting("info", flag="--log-level",
