@@ -108,7 +108,7 @@ RULES: dict[str, BackendRules] = {
                            "off (a lone image on an idle executor); 0: as spin says",
                  SCHED: "batch: the executor process runs as Linux SCHED_BATCH, so its "
                         "threads do not preempt the workers when they wake (the plan's "
-                        "choice where they share cores); normal: as any process",},
+                        "choice where they share cores); normal: as any process"},
         choices={SCHED: SCHED_CLASSES}, artefact=ONNX),
     "torch": BackendRules(
         "torch", "PyTorch (CPU or CUDA)",

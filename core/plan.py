@@ -25,8 +25,9 @@ than a plain loop (60 img/s against 64 serial); 1 + 1 workers with one executor 
 * where a host executor's threads share the cores with the workers, the executor runs as
   Linux SCHED_BATCH (`--backend-option sched=normal` undoes it): a batch scheduled task
   does not preempt others when it wakes, so the workers' short steps are not cut into by
-  the network's threads; the demo on 2 cores gave e2e +7 % (72.2 / 81.5 / 75.1 / 74.2
-  against 80.4 / 81.3 / 79.1 / 84.4 img/s, docs/performance.md "Postprocess, round 7").
+  the network's threads; the demo on 2 cores, six pairs against `sched=normal`: e2e 78.6
+  -> 80.4 img/s, the executor's CPU 16.6 -> 16.0 ms per image
+  (bench/results/cpu-2core-stop34-sched.json).
 
 Every value a flag sets is kept as given (`given`) and the rest planned around it.
 Pure functions over a `Machine`, which `read_machine` fills from this host; tests give
@@ -187,7 +188,7 @@ def make_plan(machine: Machine, backend: str, devices: tuple[str, ...],
     if given.spinning is None and not spinning:
         why += f"; {busy} busy threads share {cpus} CPU(s)"
     # a host executor that shares cores runs as SCHED_BATCH: waking, it does not preempt
-    # the workers (the demo on 2 cores: e2e +7 %, docs/performance.md "Postprocess, round 7")
+    # the workers (the demo on 2 cores: e2e +2 %, its CPU per image -4 %)
     sched = given.sched or ("batch" if on_host and busy > cpus else "normal")
     flags = tuple(k for k, v in asdict(given).items() if v is not None)
     return Plan(pre, post, threads, 1, spinning, cpus, machine.affinity, machine.quota,
