@@ -9,6 +9,7 @@ a shared machine hits both alike.
       [--model /tmp/pspnet500] [--json FILE]
   python -m studies.postprocess_cost png --model /tmp/demo-out/model
   python -m studies.postprocess_cost big-jpegs /tmp/big6     # six 4000 x 3000 JPEGs
+  python -m studies.postprocess_cost big-jpegs /tmp/big48 --size 8000x6000  # 48 Mpx
   python -m studies.postprocess_cost worker --model /tmp/demo-out/model [--json FILE]
 
 `labels`: CPU ms per image of today's torch path (F.interpolate, crop, F.interpolate,
@@ -115,16 +116,16 @@ def near_tie_mask(logits: np.ndarray, p: Placement, input_size: tuple[int, int],
     return ((first - second) < NEAR_TIE).numpy()
 
 
-def photos(big: bool) -> list[tuple[str, np.ndarray]]:
-    """The sample photos and the bird; `big`: six of them resized to 4000 x 3000."""
+def photos(big: bool, size: tuple[int, int] = BIG) -> list[tuple[str, np.ndarray]]:
+    """The sample photos and the bird; `big`: six of them resized to `size` (H, W)."""
     from pspnet.build_model import trained
     from pspnet.build_model.samples import sample_images
 
     shots = [*sample_images(), ("bird.png", trained.bird()[0])]
     if not big:
         return shots
-    return [(f"{Path(name).stem}_4000x3000",
-             cv2.resize(rgb, BIG[::-1], interpolation=cv2.INTER_CUBIC))
+    return [(f"{Path(name).stem}_{size[1]}x{size[0]}",
+             cv2.resize(rgb, size[::-1], interpolation=cv2.INTER_CUBIC))
             for name, rgb in shots[:6]]
 
 
@@ -384,9 +385,9 @@ def run_worker(args: argparse.Namespace) -> dict[str, Any]:
     return {"model": str(args.model[0]), "cpu_ms_per_image": doc}
 
 
-def big_jpegs(folder: Path) -> None:
+def big_jpegs(folder: Path, size: tuple[int, int] = BIG) -> None:
     folder.mkdir(parents=True, exist_ok=True)
-    for name, rgb in photos(big=True):
+    for name, rgb in photos(big=True, size=size):
         Image.fromarray(rgb).save(folder / f"{name}.jpg", quality=90)
         say(f"wrote {folder / name}.jpg")
 
@@ -401,11 +402,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--images", type=int, default=48, help="worker: synthetic images")
     p.add_argument("--json", type=Path, default=None, metavar="FILE")
+    p.add_argument("--size", default="4000x3000", metavar="WxH",
+                   help="big-jpegs: the photos' size (a 48 Mpx phone: 8000x6000)")
     args = p.parse_args(argv)
     if args.what == "big-jpegs":
         if args.folder is None:
             p.error("big-jpegs needs a folder")
-        big_jpegs(args.folder)
+        try:
+            width, height = (int(v) for v in args.size.lower().split("x"))
+        except ValueError:
+            p.error(f"--size {args.size!r}: give WIDTHxHEIGHT, e.g. 8000x6000")
+        big_jpegs(args.folder, (height, width))
         return 0
     if not args.model:
         p.error(f"{args.what} needs --model DIR")
