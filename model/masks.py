@@ -12,29 +12,28 @@ import os
 import secrets
 import stat
 import struct
-import zlib
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 from PIL import PngImagePlugin
+from zlib_ng import zlib_ng
 
-# zlib level 1 with run-length matching only (Z_RLE): label maps are long runs of one
+# Deflate level 1 with run-length matching only (Z_RLE): label maps are long runs of one
 # value. Measured on the trained model's masks (studies/postprocess_cost.py png): 4000 x
 # 3000, 32 ms and 22 KB against 41 ms and 75 KB at level 1 and 91 ms and 30 KB at the
 # default level 6; sample photos, 1.1 ms and 1.1 KB against 2.2 ms and 1.3 KB at level 6.
-# At 500 x 375 (the bench's synthetic masks, studies/postprocess_cost.py worker) the zlib
-# stream costs 0.25 ms at any level with Z_RLE (1,030 bytes), 0.29 ms at level 1 without
-# it (2,236 bytes), 0.12 ms stored (184 KB); Pillow's save around it added 0.09 ms, which
-# `png_bytes` (the chunks written here) does not.
+# Pillow's save around the stream added 0.09 ms at 500 x 375, which `png_bytes` (the
+# chunks written here) does not.
+# The stream is zlib-ng's (python-zlib-ng), not CPython's zlib: the same format and the
+# same settings, its RLE matcher and its block writer 3-4 x faster. The trained model's
+# masks, best of 5 (of 200 small), stop 34: 8000 x 6000 58.3 -> 14.7 ms, 500 x 375 192 ->
+# 56 us, the same sizes (70,382 and 1,717 bytes), the same pixels. memLevel 7: CPython's
+# zlib clears a hash table that Z_RLE never uses for every stream, sized by memLevel (at
+# 9, Pillow's, it cost 0.34 against 0.25 ms per bench mask, post31); zlib-ng's time does
+# not move with it (14.7 / 14.7 / 15.2 ms at 7 / 8 / 9).
 PNG_LEVEL = 1
-PNG_STRATEGY = zlib.Z_RLE
-# memLevel 7, not Pillow's 9: Z_RLE never uses the hash table that memLevel sizes, but
-# zlib clears it for every stream (128 KB at 9, 32 KB at 7), and its symbol buffer (a
-# block ends when it fills: 32 K symbols at 9, 8 K at 7) stays in cache: the bench's 48
-# masks 0.338 -> 0.251 ms each, byte for byte the same files; six 4000 x 3000 masks 24.8
-# -> 17.1 ms (more blocks there, so other bytes: 17,889 against 17,866 bytes, the same
-# pixels). Interleaved in one process, studies/postprocess_cost.py's inputs (post31).
+PNG_STRATEGY = zlib_ng.Z_RLE
 PNG_MEM_LEVEL = 7
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 PNG_BAND_BYTES = 1 << 18         # rows copied (filter byte added) and compressed at a time
@@ -205,15 +204,15 @@ def png_bytes(labels: np.ndarray, palette: Sequence[Sequence[int]],
     """A palette PNG (8-bit indices = the labels, PLTE = `palette`, `source` in an iTXt
     chunk under SOURCE_KEY), the chunks Pillow writes for it (IHDR, iTXt, PLTE, IDAT,
     IEND; filter 0 on every row, as Pillow uses for palette images), written here
-    because Pillow's save around the zlib stream cost a third as much as the stream."""
+    because Pillow's save around the deflate stream cost a third as much as the stream."""
     if labels.ndim != 2 or labels.dtype != np.uint8:
         raise ValueError(f"labels must be uint8 H x W, got {labels.dtype} {labels.shape}")
     flat = [int(v) for colour in palette for v in colour]
     if len(flat) % 3 or not 0 < len(flat) <= 768 or not all(0 <= v <= 255 for v in flat):
         raise ValueError("palette must be 1..256 [r, g, b] entries of 0..255")
     h, w = labels.shape
-    deflate = zlib.compressobj(PNG_LEVEL, zlib.DEFLATED, zlib.MAX_WBITS, PNG_MEM_LEVEL,
-                               PNG_STRATEGY)
+    deflate = zlib_ng.compressobj(PNG_LEVEL, zlib_ng.DEFLATED, zlib_ng.MAX_WBITS,
+                                  PNG_MEM_LEVEL, PNG_STRATEGY)
     band = max(1, min(h, PNG_BAND_BYTES // (w + 1)))
     rows = np.empty((band, w + 1), np.uint8)    # each row: filter byte 0, then the indices
     rows[:, 0] = 0
@@ -236,7 +235,7 @@ def png_bytes(labels: np.ndarray, palette: Sequence[Sequence[int]],
 
 def _chunk(kind: bytes, body: bytes) -> bytes:
     return (struct.pack(">I", len(body)) + kind + body
-            + struct.pack(">I", zlib.crc32(body, zlib.crc32(kind))))
+            + struct.pack(">I", zlib_ng.crc32(body, zlib_ng.crc32(kind))))
 
 
 def mask_source(image: str | os.PathLike[str]) -> str:
@@ -307,7 +306,7 @@ def _own_source(head: bytes) -> tuple[bool, str | None]:
         if end > len(head):
             return False, None
         body = head[pos + 8:end - 4]
-        if zlib.crc32(body, zlib.crc32(kind)) != int.from_bytes(head[end - 4:end], "big"):
+        if zlib_ng.crc32(body, zlib_ng.crc32(kind)) != int.from_bytes(head[end - 4:end], "big"):
             return False, None
         if kind == b"iTXt":
             if not body.startswith(prefix):
