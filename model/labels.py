@@ -33,7 +33,7 @@ from pspnet.model.image_io import (
     pillow_pixel_limit,
     read_file,
 )
-from pspnet.model.upsample_argmax import boundary_labels
+from pspnet.model.upsample_argmax import counted_boundary_labels
 
 MAX_LABEL_CLASSES = 255          # ids 0..254 fit uint8 and stay clear of 255 = ignore
 GT_FORMATS = ("PNG", "BMP", "TIFF", "GIF", "PPM")
@@ -73,6 +73,17 @@ def labels_from_logits(
     photo (a 12 Mpx photo never needs its 21 x 12 M logits). NaN or infinite logits are
     refused: they mean a broken model, and argmax would hide it.
     """
+    return counted_labels_from_logits(logits, placement, input_size, align_corners, False)[0]
+
+
+def counted_labels_from_logits(
+    logits: np.ndarray, placement: Placement, input_size: tuple[int, int],
+    align_corners: bool = False, count: bool = True,
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """`labels_from_logits`, and `class_pixels` of the labels where they were counted on
+    the way, from their compact form (a large photo: 48 Mpx, labels and counts 111 -> 70
+    ms); None where they were not: `class_pixels` counts them then, or a ground truth's
+    `pixels_and_areas` does, so nothing is counted twice."""
     if logits.ndim != 3 or logits.dtype.kind != "f":
         raise ValueError(f"logits must be float C x h x w, got {logits.dtype} {logits.shape}")
     num_classes = logits.shape[0]
@@ -80,7 +91,7 @@ def labels_from_logits(
         raise ValueError(f"{num_classes} classes do not fit a uint8 label map "
                          f"(at most {MAX_LABEL_CLASSES})")
     _check_box(placement, *input_size)
-    return boundary_labels(logits, placement, input_size, align_corners)
+    return counted_boundary_labels(logits, placement, input_size, align_corners, count)
 
 
 def labels_from_labels(labels: np.ndarray, placement: Placement) -> np.ndarray:

@@ -29,8 +29,8 @@ from pspnet.core.pipeline import Stage
 from pspnet.model.labels import (
     GroundTruthError,
     class_pixels,
+    counted_labels_from_logits,
     labels_from_labels,
-    labels_from_logits,
     pixels_and_areas,
     read_ground_truth,
 )
@@ -181,9 +181,11 @@ def finish(output: wire.Output, manifest: Manifest, out_dir: Path | None,
     retry later (cause STORAGE)."""
     request = output.request
     try:
-        if output.head == "logits":
-            labels = labels_from_logits(output.data, output.placement, manifest.input_size,
-                                        manifest.align_corners)
+        counts = None                       # a large photo's, counted with its labels
+        if output.head == "logits":         # (a ground truth counts them with the areas)
+            labels, counts = counted_labels_from_logits(
+                output.data, output.placement, manifest.input_size, manifest.align_corners,
+                count=not request.ann)
         else:
             labels = labels_from_labels(output.data, output.placement)
         mask = png = None
@@ -197,7 +199,7 @@ def finish(output: wire.Output, manifest: Manifest, out_dir: Path | None,
         if request.ann:                     # the class counts and the areas in one pass
             truth = read_ground_truth(request.ann, max_pixels, expected=labels.shape)
             counts, areas = pixels_and_areas(labels, truth, manifest.num_classes)
-        else:
+        elif counts is None:
             counts = class_pixels(labels)
         found = found_classes(counts, manifest.class_names)
     except OSError as exc:

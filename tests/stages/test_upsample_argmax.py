@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from pspnet.core.wire import Placement
 from pspnet.model import upsample_argmax as ua
 from pspnet.model.image_io import letterbox_size
-from pspnet.model.labels import labels_from_logits
+from pspnet.model.labels import class_pixels, labels_from_logits
 from pspnet.model.manifest import Manifest
 
 NEAR_TIE = 1e-4          # top-2 resized logits closer than this: a label either way is fair
@@ -266,3 +266,66 @@ def test_trained_logits_row_cells_equal_the_per_row_test(trained_model, trained_
         monkeypatch.setattr(ua, "GROUP_ROWS", True)
         monkeypatch.setattr(ua, "ROW_GROUP_MIN", 0)         # at every size, not only large ones
         assert np.array_equal(ua.boundary_labels(logits, place, size, True), old), name
+
+
+# class counts taken on the way (a large photo is not counted pixel by pixel)
+
+
+def counted_paths(monkeypatch):
+    """Every sparse path in turn, counting wherever a compact form exists."""
+    monkeypatch.setattr(ua, "SPARSE_COST", 0)
+    monkeypatch.setattr(ua, "COUNT_MIN_PIXELS", 0)
+    monkeypatch.setattr(ua, "COUNT_COMPACT", 1)
+    for group_rows, run_pixels in ((True, True), (False, True), (False, False)):
+        monkeypatch.setattr(ua, "GROUP_ROWS", group_rows)
+        monkeypatch.setattr(ua, "ROW_GROUP_MIN", 0 if group_rows else 4)
+        monkeypatch.setattr(ua, "RUN_PIXELS", run_pixels)
+        yield f"group_rows={group_rows} run_pixels={run_pixels}"
+
+
+@pytest.mark.parametrize("case", GROUPING_CASES, ids=lambda c: "x".join(map(str, c)))
+@pytest.mark.parametrize("align_corners", [False, True])
+@pytest.mark.parametrize("kind", ["smooth", "noise", "near-ties"])
+def test_counts_on_the_way_equal_class_pixels(case, align_corners: bool, kind: str,
+                                              monkeypatch) -> None:
+    """The counts from the compact form, corrected where step c wrote pixels, are
+    `class_pixels` of the labels, on every sparse path; the labels are unchanged."""
+    lh, lw, side, h, w = case
+    rng = np.random.default_rng(zlib.crc32(repr(("counts", case, align_corners, kind)).encode()))
+    logits = case_logits(rng, kind, lh, lw)
+    p = placement_for(h, w, (side, side))
+    dense = ua.dense_labels(logits, p, (side, side), align_corners)
+    for path in counted_paths(monkeypatch):
+        labels, counts = ua.counted_boundary_labels(logits, p, (side, side), align_corners)
+        assert np.array_equal(labels, dense), path
+        assert counts is not None and counts.dtype == np.int64 and counts.shape == (256,)
+        assert np.array_equal(counts, class_pixels(labels)), path
+
+
+def test_trained_logits_counts_on_the_way(trained_model, trained_logits, monkeypatch) -> None:
+    """Real logits (sample photos, enlarged ones): the counts taken on the way are
+    `class_pixels` of the labels, on every sparse path, and several classes are found."""
+    size = Manifest.read(trained_model).input_size
+    classes = set()
+    for path in counted_paths(monkeypatch):
+        for name, logits, place in trained_logits:
+            labels, counts = ua.counted_boundary_labels(logits, place, size, True)
+            assert counts is not None, (name, path)
+            assert np.array_equal(counts, class_pixels(labels)), (name, path)
+            classes |= set(np.flatnonzero(counts).tolist())
+    assert len(classes) >= 4
+
+
+def test_counts_on_the_way_only_for_large_photos() -> None:
+    """By default the labels are counted on the way from COUNT_MIN_PIXELS up (calcHist
+    costs as little below it), and `labels_from_logits` never counts."""
+    rng = np.random.default_rng(7)
+    logits = smooth_logits(rng, 21, 33, 33)
+    small = placement_for(375, 500, (257, 257))
+    assert ua.counted_boundary_labels(logits, small, (257, 257))[1] is None
+    large = placement_for(1200, 1600, (257, 257))
+    labels, counts = ua.counted_boundary_labels(logits, large, (257, 257))
+    assert labels.size >= ua.COUNT_MIN_PIXELS
+    assert counts is not None and np.array_equal(counts, class_pixels(labels))
+    assert ua.counted_boundary_labels(logits, large, (257, 257), count=False)[1] is None
+    assert np.array_equal(labels_from_logits(logits, large, (257, 257)), labels)

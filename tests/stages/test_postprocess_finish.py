@@ -1,0 +1,40 @@
+"""The postprocess worker's `finish` on a large photo: what it says was found is what its
+mask holds, whether the labels were counted on the way or by `class_pixels`."""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+from PIL import Image
+
+from pspnet.core import wire
+from pspnet.model import upsample_argmax as ua
+from pspnet.model.image_io import letterbox_size
+from pspnet.model.labels import class_pixels
+from pspnet.model.manifest import Manifest
+from pspnet.stages.postprocess import finish, found_classes
+
+
+def test_large_photo_found_classes_are_the_masks(trained_model, tmp_path, monkeypatch) -> None:
+    manifest = Manifest.read(trained_model)
+    size = manifest.input_size
+    coarse = np.random.default_rng(3).standard_normal((manifest.num_classes, 6, 6)) * 8
+    logits = np.stack([cv2.resize(c.astype(np.float32), (33, 33), interpolation=cv2.INTER_CUBIC)
+                       for c in coarse])                 # regions and boundaries, as a net's
+    scale, h, w = letterbox_size(1200, 1600, size)       # 1.9 Mpx: counted on the way
+    placement = wire.Placement(1200, 1600, scale, (size[0] - h) // 2, (size[1] - w) // 2, h, w)
+    results = {}
+    for label, min_pixels in (("on the way", 0), ("by class_pixels", 1 << 40)):
+        monkeypatch.setattr(ua, "COUNT_MIN_PIXELS", min_pixels)
+        request = wire.Request(f"r-{min_pixels}", f"/photos/{min_pixels}.jpg",
+                               want=wire.WANT_LABELS)
+        result = finish(wire.Output(request, placement, "logits", logits), manifest,
+                        tmp_path / "masks")
+        assert result.status == wire.OK, (label, result.error)
+        labels = result.payload
+        with Image.open(result.mask) as im:
+            assert np.array_equal(np.asarray(im), labels), label
+        expected = found_classes(class_pixels(labels), manifest.class_names)
+        assert result.found == expected and len(expected) >= 3, label
+        results[label] = result.found
+    assert results["on the way"] == results["by class_pixels"]
