@@ -111,19 +111,50 @@ def _check_pixels(width: int, height: int, max_pixels: int) -> None:
             f"{max_pixels / 1e6:.1f} Mpx limit (--max-pixels)")
 
 
-def decode_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+class DecodeScratch:
+    """Memory a worker decodes its JPEGs into, kept from one photo to the next.
+
+    Why: a new array for a large photo is fresh pages from the kernel, faulted in and
+    zeroed: 20 of the 101 ms of a 48 Mpx decode (27.4 -> 23.1 ms at 12 Mpx; the same
+    pixels). What it costs: the largest photo's RGB stays held until `release`, which a
+    worker calls when it has nothing to do. An array decoded here is valid until the
+    next decode into the same scratch."""
+
+    def __init__(self) -> None:
+        self._buffer = np.empty(0, np.uint8)
+
+    def take(self, height: int, width: int) -> np.ndarray:
+        """A C-contiguous height x width x 3 uint8 view, grown when it is too small."""
+        size = height * width * 3
+        if self._buffer.size < size:
+            self._buffer = np.empty(0, np.uint8)             # the old one goes first
+            self._buffer = np.empty(size, np.uint8)
+        return self._buffer[:size].reshape(height, width, 3)
+
+    def release(self) -> None:
+        self._buffer = np.empty(0, np.uint8)
+
+    @property
+    def held_bytes(self) -> int:
+        return int(self._buffer.size)
+
+
+def decode_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS,
+                 scratch: DecodeScratch | None = None) -> np.ndarray:
     """Read and decode one image file to H x W x 3 uint8 RGB (C-contiguous).
 
     The format is taken from the content, never from the name; see the module docstring.
+    A JPEG is decoded into `scratch` when one is given (valid until its next decode).
     """
     data = read_file(path, max_file_bytes(max_pixels))
-    return decode_bytes(data, max_pixels)
+    return decode_bytes(data, max_pixels, scratch)
 
 
-def decode_bytes(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+def decode_bytes(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS,
+                 scratch: DecodeScratch | None = None) -> np.ndarray:
     """`decode_image` for bytes already in memory."""
     if data[:3] == JPEG_MAGIC:
-        rgb = _decode_jpeg(data, max_pixels)
+        rgb = _decode_jpeg(data, max_pixels, scratch)
         if rgb is not None:
             if data.find(EXIF_HEADER, 0, EXIF_SEARCH) < 0:
                 return rgb
@@ -158,7 +189,8 @@ def _orientation(im: Image.Image) -> int:
     return value if isinstance(value, int) else 1
 
 
-def _decode_jpeg(data: bytes, max_pixels: int) -> np.ndarray | None:
+def _decode_jpeg(data: bytes, max_pixels: int,
+                 scratch: DecodeScratch | None = None) -> np.ndarray | None:
     """TurboJPEG decode; None for colour spaces it cannot turn into RGB (CMYK, YCCK)."""
     tj = _turbojpeg()
     # PyTurboJPEG reports libjpeg warnings (truncation, corrupt data) with warnings.warn
@@ -175,8 +207,9 @@ def _decode_jpeg(data: bytes, max_pixels: int) -> np.ndarray | None:
         _check_pixels(width, height, max_pixels)
         if colorspace in (TJCS_CMYK, TJCS_YCCK):
             return None
+        dst = None if scratch is None else scratch.take(height, width)
         try:
-            rgb = tj.decode(data, pixel_format=TJPF_RGB, flags=TJFLAG_STOPONWARNING)
+            rgb = tj.decode(data, pixel_format=TJPF_RGB, flags=TJFLAG_STOPONWARNING, dst=dst)
         except OSError as e:
             raise ImageError(f"truncated or corrupt JPEG: {e}", incomplete=True) from None
     if caught:

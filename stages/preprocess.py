@@ -22,7 +22,13 @@ import zmq
 
 from pspnet.core import wire
 from pspnet.core.pipeline import Stage
-from pspnet.model.image_io import ImageError, decode_bytes, decode_image, letterbox
+from pspnet.model.image_io import (
+    DecodeScratch,
+    ImageError,
+    decode_bytes,
+    decode_image,
+    letterbox,
+)
 from pspnet.model.manifest import Manifest
 from pspnet.stages.child import POLL_S, Child, Notes, error_result
 
@@ -43,10 +49,12 @@ def main(child: Child) -> None:
     child.capacity = ROOM
     senders = ExecutorSenders(child)
     notes = Notes(child)
+    scratch = DecodeScratch()                 # JPEGs decode here, photo after photo
     child.log.info("ready", input_size=manifest.input_size)
     while True:
         child.tick()
         if not child.control.poll(POLL_S * 1e3):
+            scratch.release()                 # nothing to do: give a large photo's memory back
             continue
         frames = child.control.recv_multipart(copy=False)
         try:
@@ -57,20 +65,20 @@ def main(child: Child) -> None:
             continue
         for request in work.requests:
             child.tick()                      # a group of large images takes a while
-            prepare(child, manifest, senders, work, request, notes)
+            prepare(child, manifest, senders, work, request, notes, scratch)
         notes.flush()                         # one note per group
 
 
 def prepare(child: Child, manifest: Manifest, senders: ExecutorSenders, work: wire.Dispatch,
-            request: wire.Request, notes: Notes) -> None:
+            request: wire.Request, notes: Notes, scratch: DecodeScratch | None = None) -> None:
     """One image: its pixels to the executor, or its error answered."""
     started = time.perf_counter()
     try:
         # the size is known only once the header is read: the budget is what
         # --max-pixels allows
         with child.long_step("decode", child.cfg.max_pixels):
-            rgb = decode_request(request, child.cfg.max_pixels)
-            pixels, placement = letterbox(rgb, manifest.input_size)
+            rgb = decode_request(request, child.cfg.max_pixels, scratch)
+            pixels, placement = letterbox(rgb, manifest.input_size)    # out of the scratch
         request = dataclasses.replace(request, data=None)   # the bytes go no further
     except ImageError as exc:
         notes.result(error_result(request, STAGE, str(exc),
@@ -88,12 +96,13 @@ def prepare(child: Child, manifest: Manifest, senders: ExecutorSenders, work: wi
     child.count(busy_s=time.perf_counter() - started)
 
 
-def decode_request(request: wire.Request, max_pixels: int) -> np.ndarray:
+def decode_request(request: wire.Request, max_pixels: int,
+                   scratch: DecodeScratch | None = None) -> np.ndarray:
     """The request's image as RGB: its upload's bytes when it has one (a client that sent
     the image, not a path), else the file at its path."""
     if request.data is not None:
-        return decode_bytes(bytes(request.data), max_pixels)
-    return decode_image(request.path, max_pixels)
+        return decode_bytes(bytes(request.data), max_pixels, scratch)
+    return decode_image(request.path, max_pixels, scratch)
 
 
 class ExecutorSenders:

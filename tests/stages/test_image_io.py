@@ -20,7 +20,14 @@ from PIL import Image
 from pspnet.core import files
 from pspnet.core.wire import Placement
 from pspnet.model import image_io
-from pspnet.model.image_io import ImageError, decode_bytes, decode_image, letterbox, letterbox_size
+from pspnet.model.image_io import (
+    DecodeScratch,
+    ImageError,
+    decode_bytes,
+    decode_image,
+    letterbox,
+    letterbox_size,
+)
 from tests.bad_images import EXPECT, HUGE_SIDE, patch_jpeg_size, write_corpus
 
 PHOTOS = ("astronaut", "chelsea", "coffee", "rocket")
@@ -35,6 +42,12 @@ def _jpeg(rgb: np.ndarray | Image.Image, **save: object) -> bytes:
     im = rgb if isinstance(rgb, Image.Image) else Image.fromarray(rgb)
     buf = io.BytesIO()
     im.save(buf, "JPEG", **{"quality": 90, **save})
+    return buf.getvalue()
+
+
+def _png(rgb: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(rgb).save(buf, "PNG")
     return buf.getvalue()
 
 
@@ -141,6 +154,31 @@ def test_a_broken_exif_block_leaves_the_pixels_as_stored() -> None:
     photo = skimage.data.chelsea()
     data = _jpeg(Image.fromarray(photo), exif=b"Exif\x00\x00MM\x00*garbage")
     assert np.array_equal(decode_bytes(data), decode_bytes(_jpeg(Image.fromarray(photo))))
+
+
+def test_decode_into_a_scratch_gives_the_same_pixels() -> None:
+    """A worker's scratch, photo after photo (larger, smaller, turned by EXIF, not a JPEG,
+    a corrupt JPEG): the pixels decoded without it; a JPEG's land in it, which grows to
+    the largest photo and is given back by `release`."""
+    photo = skimage.data.chelsea()
+    turned = Image.Exif()
+    turned[0x0112] = 6
+    inputs = [_jpeg(photo), _jpeg(photo[:100, :150]), _jpeg(cv2.resize(photo, (903, 601))),
+              _jpeg(photo[:50, :70]), _jpeg(Image.fromarray(photo), exif=turned.tobytes()),
+              _png(photo[:90, :120]), _jpeg(photo[:80, :60])]
+    scratch = DecodeScratch()
+    for i, data in enumerate(inputs):
+        got = decode_bytes(data, scratch=scratch)
+        assert np.array_equal(got, decode_bytes(data)), i
+        assert got.flags.c_contiguous
+        lands = data[:3] == b"\xff\xd8\xff" and i != 4      # a turned photo is a copy
+        assert np.shares_memory(got, scratch.take(1, 1)) == lands, i
+    assert scratch.held_bytes == 601 * 903 * 3
+    with pytest.raises(ImageError, match="truncated or corrupt"):
+        decode_bytes(inputs[0][:len(inputs[0]) // 2], scratch=scratch)
+    scratch.release()
+    assert scratch.held_bytes == 0
+    assert np.array_equal(decode_bytes(inputs[0], scratch=scratch), decode_bytes(inputs[0]))
 
 
 # ---------------------------------------------------------------------------------------
