@@ -3,20 +3,13 @@
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 from pspnet.daemon.client import Client
 from pspnet.stages.child import POLL_S
+from tests.kit import proc_kb
 from tests.photos import huge_jpeg
 
 SIDE = 5000                                 # 25 Mpx: 75 MB of RGB in the decode scratch
-
-
-def resident_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    raise AssertionError(f"no VmRSS for {pid}")
 
 
 def test_an_idle_preprocess_worker_holds_no_photo(tiny_models, tmp_path, daemons) -> None:
@@ -27,12 +20,12 @@ def test_an_idle_preprocess_worker_holds_no_photo(tiny_models, tmp_path, daemons
     daemon = daemons(tiny_models["logits"], tmp_path / "masks", tmp_path,
                      "--preprocess-workers", "1", "--postprocess-workers", "1")
     (pid,) = daemon.wait_ready()["stages"]["preprocess"]["pids"]
-    before = resident_mb(pid)
+    before = proc_kb(pid) / 1024
     with Client(daemon.endpoint) as client:
         (answer,) = list(client.submit([photo], timeout_s=300))
     assert answer.status == "ok", answer.error
     time.sleep(3 * POLL_S)
-    after = resident_mb(pid)
+    after = proc_kb(pid) / 1024
     print(f"\nFIGURE preprocess worker RSS before {before:.0f} MB, idle after a "
           f"{SIDE} x {SIDE} JPEG {after:.0f} MB")
     assert after < before + SIDE * SIDE * 3 / 2**20 / 2
