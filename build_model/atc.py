@@ -64,9 +64,15 @@ def write_atc_script(
         "set -e\n"
         'cd "$(dirname "$0")"\n'
         f'SOC="${{SOC:-{soc_version}}}"\n'
+        "# ATC of CANN 7 and later may name its file pspnet_bsN_<os>_<arch>.om: an older\n"
+        "# one of those would be taken for this run's, so it goes first\n"
+        f"rm -f pspnet_bs{n}_*.om\n"
         f"atc --framework=5 --model={onnx_file} --output=pspnet_bs{n} "
         f'--input_format=ND --input_shape="image:{n},{height},{width},3;box:{n},4" '
         f'--soc_version="${{SOC}}" --precision_mode={mode} --log=error\n'
+        f"for f in pspnet_bs{n}_*.om; do\n"
+        f'    if [ -f "$f" ]; then mv -f "$f" {om}; fi    # the name the daemon reads\n'
+        "done\n"
         "# aclruntime (2024-08 and later) refuses a group- or other-writable OM\n"
         f"chmod {OM_MODE:04o} {om}\n"
     )

@@ -71,6 +71,6 @@ def valid_mask(box: torch.Tensor, height: int, width: int) -> torch.Tensor:
     left = box[:, 1].view(-1, 1, 1)
     rows = torch.arange(height, dtype=torch.int32, device=box.device).view(1, height, 1)
     cols = torch.arange(width, dtype=torch.int32, device=box.device).view(1, 1, width)
-    inside_rows = (rows >= top) & (rows < top + box[:, 2].view(-1, 1, 1))
-    inside_cols = (cols >= left) & (cols < left + box[:, 3].view(-1, 1, 1))
+    inside_rows = (top <= rows) & (rows < top + box[:, 2].view(-1, 1, 1))
+    inside_cols = (left <= cols) & (cols < left + box[:, 3].view(-1, 1, 1))
     return inside_rows & inside_cols

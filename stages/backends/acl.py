@@ -17,6 +17,7 @@ no model, for a caller that validates flags before starting workers.
 from __future__ import annotations
 
 import importlib.util
+import os
 import re
 import stat
 import sys
@@ -52,6 +53,7 @@ OPTIONS = RULES["acl"].options         # pspnet.core.backend_rules: the CLI chec
 FEEDS = ("auto", "tensor")
 LOG_LEVELS = range(1, 5)                     # aclruntime since 2024-02 throws outside 1..4
 PATH_CHARS = re.compile(r"[A-Za-z0-9_./-]")  # what aclruntime since 2024-08 accepts
+MAX_PATH_CHARS, MAX_NAME_CHARS, MAX_PATH_DEPTH = 4096, 255, 32   # its File.h, the same
 
 
 def check(device: str, precision: str, options: Mapping[str, str]) -> int:
@@ -77,27 +79,42 @@ def check(device: str, precision: str, options: Mapping[str, str]) -> int:
     return device_id
 
 
-def check_model_path(path: Path, suffix: str, what: str = "the OM") -> None:
+def check_model_path(path: Path, suffix: str, what: str = "the OM") -> Path:
     """Refuse, with the fix, a path aclruntime (2024-08 and later) would refuse saying only
-    "please check model path": characters outside [A-Za-z0-9_./-], a symbolic link, a
-    group- or other-writable file, another suffix."""
-    text = str(path)
+    "please check model path"; return the path to give it. Its `CheckFileBeforeRead` checks
+    the absolute path (the working directory joined to a relative one, '.' and '..' folded,
+    links not followed): only [A-Za-z0-9_./-], at most 4,096 characters, names of at most
+    255, at most 32 '/', a regular file that is no symbolic link, not group- or
+    other-writable, readable by its owner, the suffix. The daemon hands it that absolute
+    path, so the process's working directory cannot change the answer."""
+    text = os.path.abspath(path)
     bad = "".join(sorted(set(PATH_CHARS.sub("", text))))
     if bad:
         raise ValueError(f"{what} {text!r}: aclruntime refuses paths with characters outside "
-                         f"[A-Za-z0-9_./-] (here {bad!r}); move or rename the model directory")
+                         f"[A-Za-z0-9_./-] (here {bad!r}), in the whole absolute path; move "
+                         "or rename the model directory")
+    if (len(text) > MAX_PATH_CHARS or text.count("/") > MAX_PATH_DEPTH
+            or any(len(name) > MAX_NAME_CHARS for name in text.split("/"))):
+        raise ValueError(f"{what} {text}: aclruntime refuses a path over {MAX_PATH_CHARS} "
+                         f"characters, a name over {MAX_NAME_CHARS} or more than "
+                         f"{MAX_PATH_DEPTH} '/'; move the model directory higher up")
     if not text.endswith(suffix):
         raise ValueError(f"{what} {text}: aclruntime wants a {suffix} file")
-    if path.is_symlink():
+    if os.path.islink(text):
         raise ValueError(f"{what} {text} is a symbolic link, which aclruntime refuses; put "
                          f"the file itself there: cp --remove-destination "
                          f"\"$(readlink -f {text})\" {text}")
-    if not path.is_file():
+    if not os.path.isfile(text):
         raise FileNotFoundError(f"{what} {text}: no such file")
-    mode = stat.S_IMODE(path.stat().st_mode)
+    mode = stat.S_IMODE(os.stat(text).st_mode)
     if mode & (stat.S_IWGRP | stat.S_IWOTH):
         raise ValueError(f"{what} {text} is group- or other-writable ({mode:04o}), which "
                          f"aclruntime refuses: chmod 640 {text}")
+    if not mode & stat.S_IRUSR or not os.access(text, os.R_OK):
+        raise ValueError(f"{what} {text} is not readable by its owner or by this user "
+                         f"({mode:04o}), which aclruntime refuses: chmod 640 {text}, as "
+                         "the user who runs the daemon")
+    return Path(text)
 
 
 class AclBackend(BackendBase):
@@ -123,7 +140,7 @@ class AclBackend(BackendBase):
         self.precision = self.manifest.om_compute_precision
         if precision != self.precision:
             raise ValueError(self._precision_problem(precision))
-        check_model_path(om, ".om")
+        om = check_model_path(om, ".om")
         if not _importable("aclruntime"):
             raise BackendUnavailable(MISSING_ACLRUNTIME)
         arrays = {"image": (self.image_shape, np.uint8), "box": (self.box_shape, np.int32),
@@ -131,7 +148,8 @@ class AclBackend(BackendBase):
         self._memory = SlotMemory.create(lay_out(NUM_SLOTS, arrays))
         start = {"model": str(om), "device": self.device_id, "sys_path": list(sys.path),
                  "log_level": option_int(options, "log_level"),
-                 "acl_json_path": options.get("acl_json_path") or None,
+                 "acl_json_path": os.path.abspath(options["acl_json_path"])
+                 if options.get("acl_json_path") else None,     # as check_model_path did
                  "feed": options.get("feed", "auto")}
         try:
             self._session: SessionProcess | None = SessionProcess(start, self._memory)
@@ -163,6 +181,11 @@ class AclBackend(BackendBase):
         name = self.model_file.om or str(Path(self.model_file.onnx).with_suffix(".om"))
         path = self.model_dir / name
         if not path.is_file() and not path.is_symlink():
+            named = sorted(path.parent.glob(f"{path.stem}_*.om"))   # ATC's <os>_<arch> name
+            if len(named) == 1:
+                raise FileNotFoundError(
+                    f"{path}: no such file, but ATC wrote {named[0].name} (CANN 7 and later "
+                    f"may add the OS and CPU to the name): mv {named[0]} {path}")
             script = self.model_file.atc or f"pspnet_bs{self.batch_size}.atc.sh"
             raise FileNotFoundError(
                 f"{path}: no Ascend OM for batch size {self.batch_size}; run "

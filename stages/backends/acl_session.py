@@ -46,6 +46,7 @@ PAGE = mmap.PAGESIZE
 READY_POLL_S = 0.5          # how often a start-up wait looks whether the child still lives
 CLOSE_TIMEOUT_S = 30.0      # free_resource of a large OM takes a while
 KILL_TIMEOUT_S = 5.0
+UNCLEARED_TIMES_MAX = 10_000    # runs whose times are read from a summary never cleared
 
 
 class SessionError(RuntimeError):
@@ -275,6 +276,14 @@ def exec_times_ms(entries: Sequence[Any]) -> list[float]:
     return out
 
 
+def _method(obj: Any, *names: str) -> Any:
+    """The first of `names` that `obj` has, bound; None if none."""
+    for name in names:
+        if hasattr(obj, name):
+            return getattr(obj, name)
+    return None
+
+
 def describe(desc: Any) -> dict[str, Any]:
     """A tensor descriptor as plain data for the parent's checks."""
     return {"name": str(desc.name), "shape": [int(d) for d in desc.shape],
@@ -303,8 +312,12 @@ class Session:
         self.output_names = [self.outputs[0]["name"]] if self.outputs else []
         self._feeds: dict[int, list[Any]] = {}
         self._times_seen = 0
-        if hasattr(self.session, "reset_sumaryinfo"):
-            self.session.reset_sumaryinfo()
+        # the summary's names: `sumary` and `reset_sumaryinfo` in the wheels of 2023-2025,
+        # `reset_summaryinfo` (and a `summary` alias) in the binding's newest source
+        self._summary = _method(self.session, "sumary", "summary")
+        self._reset = _method(self.session, "reset_sumaryinfo", "reset_summaryinfo")
+        if self._reset is not None:
+            self._reset()
 
     def ready(self) -> dict[str, Any]:
         features = {"set_context": hasattr(self.session, "set_context"),
@@ -349,14 +362,15 @@ class Session:
         return tensors
 
     def _new_times(self) -> list[float]:
-        """This run's execute time(s) from the runtime's own summary, then cleared."""
-        if not hasattr(self.session, "sumary"):
+        """This run's execute time(s) from the runtime's own summary, then cleared. Where
+        it cannot be cleared, the list grows by a run each run and is copied whole on every
+        read: the times stop being read after UNCLEARED_TIMES_MAX runs."""
+        if self._summary is None or self._times_seen >= UNCLEARED_TIMES_MAX:
             return []
-        times = list(self.session.sumary().exec_time_list)
+        times = list(self._summary().exec_time_list)
         new = exec_times_ms(times[self._times_seen:])
-        if hasattr(self.session, "reset_sumaryinfo"):
-            self.session.reset_sumaryinfo()
-            self._times_seen = 0
+        if self._reset is not None:
+            self._reset()
         else:
             self._times_seen = len(times)
         return new

@@ -19,8 +19,11 @@ from pspnet.model.manifest import VOC_CLASSES, Manifest, voc_palette
 MEAN, STD = (123.675, 116.28, 103.53), (58.395, 57.12, 57.375)
 FAKE_ATC = """#!/bin/sh
 echo "$@" >> "$(dirname "$0")/calls.txt"
-for arg in "$@"; do case "$arg" in --output=*) touch "${arg#--output=}.om";; esac; done
+for arg in "$@"; do case "$arg" in --output=*) touch "${arg#--output=}SUFFIX.om";; esac; done
 """
+# CANN 7's and 8's ATC documents its file as --output's name or that name with
+# _<os>_<arch> added (the `--output` page of the ATC guide)
+ATC_SUFFIXES = ("", "_linux_x86_64")
 
 
 class ToyCore(nn.Module):
@@ -52,14 +55,18 @@ def _write(core, out_dir, **overrides):
     return write_artifacts(core, out_dir, **kwargs)
 
 
-def test_atc_runs_when_on_path(tmp_path, monkeypatch):
+@pytest.mark.parametrize("suffix", ATC_SUFFIXES)
+def test_atc_runs_when_on_path(tmp_path, monkeypatch, suffix):
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     atc = bin_dir / "atc"
-    atc.write_text(FAKE_ATC)
+    atc.write_text(FAKE_ATC.replace("SUFFIX", suffix))
     atc.chmod(atc.stat().st_mode | stat.S_IXUSR)
     monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
-    manifest = _write(ToyCore(), tmp_path / "out", soc_version="Ascend310", torch_program=False)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "pspnet_bs2_linux_aarch64.om").write_bytes(b"stale")   # an older run's
+    manifest = _write(ToyCore(), out, soc_version="Ascend310", torch_program=False)
     assert {n: m.om for n, m in manifest.models.items()} == {1: "pspnet_bs1.om",
                                                              2: "pspnet_bs2.om"}
     calls = (bin_dir / "calls.txt").read_text().splitlines()
@@ -70,6 +77,9 @@ def test_atc_runs_when_on_path(tmp_path, monkeypatch):
     assert Manifest.read(tmp_path / "out").models[2].om == "pspnet_bs2.om"
     # aclruntime refuses a group- or other-writable OM: the script leaves it at 0640
     assert stat.S_IMODE((tmp_path / "out" / "pspnet_bs2.om").stat().st_mode) == 0o640
+    # whatever ATC called it, the OM is where the daemon looks, and it is this run's
+    assert sorted(p.name for p in out.glob("*.om")) == ["pspnet_bs1.om", "pspnet_bs2.om"]
+    assert (out / "pspnet_bs2.om").read_bytes() == b""
 
 
 @pytest.mark.parametrize(("atc_opset", "om_precision", "model", "mode"), [

@@ -100,3 +100,22 @@ def test_serving_graph_computes_its_mask_in_int32(head, tmp_path):
                           output_names=[head], opset_version=18)
     found = {op.split("(")[0] for op in int64_ops(onnx.load(str(path)))}
     assert found == ({"ArgMax", "Cast"} if head == "labels" else set())
+
+
+@pytest.mark.parametrize("head", ["logits", "labels"])
+def test_serving_graph_compares_only_with_ops_atc_parses_at_opset_13(head, tmp_path):
+    """The padding mask's comparisons, in the opset-13 copy the ATC scripts read: Less and
+    LessOrEqual. ATC's ONNX parser registers its ops per opset, and a Huawei plugin of
+    2020 has GreaterOrEqual at opsets 8 and 12 only, where Less and LessOrEqual have 13:
+    `rows >= top` would have been refused there."""
+    model = ServingModel(tiny_core(), MEAN, STD, head).eval()
+    args = (torch.zeros(2, 64, 64, 3, dtype=torch.uint8),
+            torch.tensor([[0, 0, 64, 64]] * 2, dtype=torch.int32))
+    path = tmp_path / "serving.onnx"
+    with torch.no_grad():
+        torch.onnx.export(model, args, str(path), dynamo=True, input_names=["image", "box"],
+                          output_names=[head], opset_version=18)
+    ops = [n.op_type for n in convert_opset(onnx.load(str(path)), 13).graph.node]
+    comparisons = {op for op in ops if op in {"Less", "LessOrEqual", "Greater",
+                                              "GreaterOrEqual", "Equal"}}
+    assert comparisons == {"Less", "LessOrEqual"}

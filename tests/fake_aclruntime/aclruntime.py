@@ -19,16 +19,22 @@ What it enforces, as the real module does:
   device inside `run`), exact byte sizes; outputs stay on the device until `to_host()`, and
   `np.array` of a device tensor is a 0-d object array (the binding's buffer error is
   swallowed by numpy). A Tensor's properties are `type`, `device`, `dtype` and `shape` only.
-- Since 2024: `session_options().log_level` outside 1..4 throws; model paths with a
-  character outside [A-Za-z0-9_./-], a symlinked final component, group/other write
-  permission or another suffix than `.om` are refused with "please check model path".
+- Since 2024: `session_options().log_level` outside 1..4 throws; model paths are
+  refused with "please check model path" when their absolute form (a relative path joined
+  to the working directory) has a character outside [A-Za-z0-9_./-], is over 4,096
+  characters, has a name over 255 or more than 32 '/', or when the file is not a regular
+  one, is a symbolic link, is group- or other-writable, is not readable by its owner, or
+  has another suffix than `.om`.
 
 Knobs (environment): FAKE_ACLRUNTIME_RELEASE "2023" (a 2023-06 wheel: no set_context,
-free_resource or log-level/path checks; run binds no context; times in ms) or "2025" (the
-default: all of those; times as (start, end) pairs); FAKE_ACLRUNTIME_NO_BASETENSOR=1 (a wheel
-older than BaseTensor); FAKE_ACLRUNTIME_EXECUTE_MS (device time per run, GIL held);
-FAKE_ACLRUNTIME_DEVICES (device count, default 1); FAKE_ACLRUNTIME_TRACE (a file to which
-every binding call appends a JSON line: op, pid, thread, start, end on CLOCK_MONOTONIC).
+free_resource or log-level/path checks; run binds no context; times in ms), "2025" (the
+default: all of those; times as (start, end) pairs) or "newest" (as 2025, with the summary
+methods of the binding's newest public source, PyInferenceSession.cpp: `sumary` and
+`summary`, and `reset_summaryinfo` where older wheels had `reset_sumaryinfo`);
+FAKE_ACLRUNTIME_NO_BASETENSOR=1 (a wheel older than BaseTensor); FAKE_ACLRUNTIME_EXECUTE_MS
+(device time per run, GIL held); FAKE_ACLRUNTIME_DEVICES (device count, default 1);
+FAKE_ACLRUNTIME_TRACE (a file to which every binding call appends a JSON line: op, pid,
+thread, start, end on CLOCK_MONOTONIC).
 """
 
 from __future__ import annotations
@@ -46,9 +52,10 @@ import numpy as np
 import onnxruntime
 
 RELEASE = os.environ.get("FAKE_ACLRUNTIME_RELEASE", "2025")
-if RELEASE not in ("2023", "2025"):
-    raise ImportError(f"FAKE_ACLRUNTIME_RELEASE={RELEASE!r}: 2023 or 2025")
-NEW = RELEASE == "2025"
+if RELEASE not in ("2023", "2025", "newest"):
+    raise ImportError(f"FAKE_ACLRUNTIME_RELEASE={RELEASE!r}: 2023, 2025 or newest")
+NEW = RELEASE != "2023"
+NEWEST = RELEASE == "newest"
 EXECUTE_MS = float(os.environ.get("FAKE_ACLRUNTIME_EXECUTE_MS", "0"))
 DEVICE_COUNT = int(os.environ.get("FAKE_ACLRUNTIME_DEVICES", "1"))
 TRACE = os.environ.get("FAKE_ACLRUNTIME_TRACE")
@@ -190,10 +197,17 @@ class _Summary:
 
 
 def _check_model_path(path: str, suffix: str) -> None:
-    """2024-08+: the wheel's own path check, and its one message."""
-    mode = os.lstat(path).st_mode if os.path.lexists(path) else 0
-    if (not PATH_CHARS.fullmatch(path) or stat.S_ISLNK(mode)
-            or mode & (stat.S_IWGRP | stat.S_IWOTH) or not path.endswith(suffix)):
+    """2024-08+: the wheel's own path check (File::CheckFileBeforeRead), and its one
+    message. It checks the absolute path: the working directory joined to a relative one,
+    '.' and '..' folded, links not followed (File::GetAbsPath)."""
+    full = os.path.abspath(path)
+    mode = os.lstat(full).st_mode if os.path.lexists(full) else 0
+    regular = os.path.isfile(full)
+    if (not regular or len(full) > 4096 or any(len(n) > 255 for n in full.split("/"))
+            or not PATH_CHARS.fullmatch(full) or full.count("/") > 32
+            or stat.S_ISLNK(mode) or os.stat(full).st_mode & (stat.S_IWGRP | stat.S_IWOTH)
+            or not os.access(full, os.R_OK) or not os.stat(full).st_mode & stat.S_IRUSR
+            or not full.endswith(suffix)):
         raise RuntimeError("please check model path")
 
 
@@ -309,9 +323,16 @@ class InferenceSession:
     def sumary(self) -> _Summary:
         return _Summary(list(self._times))
 
-    def reset_sumaryinfo(self) -> int:
+    def _reset(self) -> int:
+        _trace("reset_summary", time.monotonic())
         self._times.clear()
         return 0
+
+    if NEWEST:                      # the binding's newest source: one reset, spelled right
+        summary = sumary
+        reset_summaryinfo = _reset
+    else:
+        reset_sumaryinfo = _reset
 
     if NEW:
         def free_resource(self) -> None:
