@@ -38,6 +38,7 @@ from pspnet.core.trust import Refusals
 PAIRS = ("server", "worker", "client")
 ENV_KEYS = "PSPNET_KEYS"        # a client's --keys DIR when not given
 WORKERS, CLIENTS = "pspnet-workers", "pspnet-clients"     # ZAP domains
+SERVER_HANDSHAKE_MS = 5000      # a CURVE handshake is four small messages
 HANDSHAKE_FAILURES = {zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL: "handshake failed",
                       zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL: "not CURVE, or not this key"}
                                         # (a refused key: KeyAuthenticator logs it, by address)
@@ -138,7 +139,11 @@ def client_keys(folder: Path) -> tuple[bytes, bytes, bytes]:
 
 
 def serve_curve(sock: zmq.Socket, public: bytes, secret: bytes, domain: str) -> None:
-    """Make `sock` (before it binds) a CURVE server whose peers ZAP `domain` admits."""
+    """Make `sock` (before it binds) a CURVE server whose peers ZAP `domain` admits. A
+    peer that has not finished its handshake within SERVER_HANDSHAKE_MS is dropped: libzmq
+    allocates a handshake frame up to the socket's ZMQ_MAXMSGSIZE before CURVE has said
+    who sent it, and holds it until then (its default, 30 s)."""
+    sock.setsockopt(zmq.HANDSHAKE_IVL, SERVER_HANDSHAKE_MS)
     sock.setsockopt(zmq.CURVE_SERVER, 1)
     sock.setsockopt(zmq.CURVE_PUBLICKEY, public)
     sock.setsockopt(zmq.CURVE_SECRETKEY, secret)

@@ -57,7 +57,8 @@ class Trust:
     own: bytes | None = None
 
     def _key(self, role: str) -> bytes:
-        return self.own if self.own is not None and role != "credits" else self.secret
+        base = role.partition(".")[0]
+        return self.own if self.own is not None and base != "credits" else self.secret
 
     def _mac(self, *parts: str, key: bytes | None = None) -> str:
         text = "\0".join(parts).encode("utf-8", "surrogatepass")   # one-shot: C only
@@ -91,8 +92,13 @@ class Trust:
 
     # ---- workers' identities -------------------------------------------------------------
 
-    def identity(self, name: str, role: str = "main") -> bytes:
-        """The ZeroMQ identity of worker `name`'s `role` socket: name/role/tag."""
+    def identity(self, name: str, role: str = "main", connection: int | None = None) -> bytes:
+        """The ZeroMQ identity of worker `name`'s `role` socket: name/role/tag, or
+        name/role.N/tag for its N-th `connection` of that role, so that a socket made
+        again (to a peer that still holds the last one) is a new peer there, not a
+        refused duplicate of the old."""
+        if connection is not None:
+            role = f"{role}.{connection}"
         return f"{name}/{role}/{self._mac('identity', name, role, key=self._key(role))}".encode()
 
     def name_of(self, identity: bytes) -> str | None:
@@ -107,7 +113,8 @@ class Trust:
             name, role, tag = identity.decode("ascii").split("/")
         except (UnicodeDecodeError, ValueError):
             return None
-        if role not in ROLES:
+        base, dot, connection = role.partition(".")
+        if base not in ROLES or (dot and not (connection.isdigit() and len(connection) < 10)):
             return None
         for key in dict.fromkeys((self._key(role), self.secret)):
             if hmac.compare_digest(tag, self._mac("identity", name, role, key=key)):

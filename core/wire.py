@@ -14,6 +14,7 @@ import dataclasses
 import functools
 import itertools
 import math
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -28,6 +29,9 @@ MAX_HEADER_BYTES = 64 * 1024        # msgpack header frame
 MAX_STRING_CHARS = 4096             # paths, ids, error messages
 MAX_NAME_CHARS = 64                 # a worker's name: stage-index-pid
 MAX_SIDE_PIXELS = 8192              # model input side, output side
+MAX_PHOTO_SIDE = 1 << 20            # a photo's height or width (decoders refuse more)
+# where a worker's sockets are: tcp with a host (a name, IPv4 or [IPv6]) and a port, or ipc
+ADDRESS = re.compile(r"tcp://(\[[0-9A-Fa-f:.%]+\]|[A-Za-z0-9.:_%-]+):[0-9]{1,5}|ipc://[^\s]+")
 MAX_CLASSES = 1024
 MAX_DATA_FRAMES = 32               # encoded images in one submit or dispatch (uploads)
 MAX_FRAMES = 4 + MAX_DATA_FRAMES
@@ -742,6 +746,17 @@ def _string(h: dict[str, Any], key: str, optional: bool = False, empty: bool = F
     return value
 
 
+def _address(h: dict[str, Any], key: str, empty: bool = False) -> str:
+    """A ZeroMQ endpoint a worker will connect to: tcp://HOST:PORT or ipc://PATH (empty
+    where allowed: none). Anything else would make the connect raise in every worker it
+    is handed to."""
+    value = _string(h, key, empty=empty)
+    if value and not ADDRESS.fullmatch(value):
+        raise WireError(f"field {key!r} must be tcp://HOST:PORT or ipc://PATH, not "
+                        f"{value[:80]!r}")
+    return value
+
+
 def _int(h: dict[str, Any], key: str, lo: int, hi: int) -> int:
     value = h.get(key)
     if not _is_int(value) or not lo <= value <= hi:
@@ -791,7 +806,7 @@ def _placement(p: Any) -> Placement:
         raise WireError("placement must be 7 numbers")
     orig_h, orig_w, scale, top, left, height, width = p
     ints = (orig_h, orig_w, top, left, height, width)
-    if not all(_is_int(v) and 0 <= v <= 1 << 20 for v in ints):
+    if not all(_is_int(v) and 0 <= v <= MAX_PHOTO_SIDE for v in ints):
         raise WireError("placement sizes must be non-negative integers")
     if not isinstance(scale, float | int) or not 0 < scale < 1e6:
         raise WireError("placement scale must be a positive number")
@@ -819,12 +834,12 @@ def _name(h: dict[str, Any], key: str, empty: bool = False) -> str:
 def _decode_dispatch(h: dict[str, Any], frames: Sequence[Any], _: int) -> Dispatch:
     if "cols" in h:
         return Dispatch(_request_columns(h.get("cols"), frames), to=_name(h, "to"),
-                        address=_string(h, "address"))
+                        address=_address(h, "address"))
     reqs = h.get("reqs")
     if not isinstance(reqs, list) or not 1 <= len(reqs) <= MAX_IDS:
         raise WireError(f"dispatch carries 1..{MAX_IDS} requests")
     return Dispatch(_requests(reqs, frames), to=_name(h, "to"),
-                    address=_string(h, "address"))
+                    address=_address(h, "address"))
 
 
 def _request_columns(cols: Any, frames: Sequence[Any]) -> tuple[Request, ...]:
@@ -983,7 +998,7 @@ def _ok_answers(cols: Any, rows: np.ndarray) -> OkAnswers:
             if set(map(type, column)) - {int}:                          # which one
                 raise WireError(f"results column {key!r} must hold integers")
     _in_range("attempts", attempts, 0, 100)
-    _in_range("sizes", sizes, 0, 1 << 20)
+    _in_range("sizes", sizes, 0, MAX_PHOTO_SIDE)
     if 0 in sizes and any((sizes[i] == 0) != (sizes[i + 1] == 0) for i in range(0, 2 * n, 2)):
         raise WireError("results column 'sizes': a height and width both, or neither")
     _in_range("counts", counts, 0, MAX_CLASSES)
@@ -1122,7 +1137,8 @@ def _size(size: Any) -> tuple[int, int] | None:
         return None
     if type(size) is list and len(size) == 2:
         h, w = size
-        if type(h) is int and type(w) is int and 1 <= h <= 1 << 20 and 1 <= w <= 1 << 20:
+        if (type(h) is int and type(w) is int and 1 <= h <= MAX_PHOTO_SIDE
+                and 1 <= w <= MAX_PHOTO_SIDE):
             return h, w
     raise WireError("result size must be [height, width]")
 
@@ -1171,8 +1187,8 @@ def _decode_heartbeat(h: dict[str, Any], frames: Sequence[Any], _: int) -> Heart
         raise WireError(f"unknown stage {stage!r}")
     return Heartbeat(stage=Stage(stage), index=_int(h, "index", 0, 4096),
                      pid=_int(h, "pid", 0, 1 << 31), counters=counters,
-                     inputs=_string(h, "inputs", empty=True),
-                     outputs=_string(h, "outputs", empty=True),
+                     inputs=_address(h, "inputs", empty=True),
+                     outputs=_address(h, "outputs", empty=True),
                      capacity=_int(h, "capacity", 0, MAX_IDS), batch=_int(h, "batch", 0, 4096),
                      stuck=_string(h, "stuck", optional=True),
                      fatal=_string(h, "fatal", optional=True), model=_version(h))
@@ -1187,7 +1203,7 @@ def _decode_peers(h: dict[str, Any], frames: Sequence[Any], _: int) -> Peers:
     for e in executors:
         if not (isinstance(e, list) and len(e) == 2):
             raise WireError("a peer is [name, address]")
-        peers.append((_name({"name": e[0]}, "name"), _string({"address": e[1]}, "address")))
+        peers.append((_name({"name": e[0]}, "name"), _address({"address": e[1]}, "address")))
     return Peers(executors=tuple(peers), credits=_int(h, "credits", 1, MAX_IDS))
 
 

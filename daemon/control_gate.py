@@ -53,7 +53,14 @@ class ControlGate:
         self.curve: dict[str, str] | None = None     # the workers' keys, for their start
         self._auth: KeyAuthenticator | None = None
         self._handshakes: HandshakeLog | None = None
-        self._proven: dict[bytes, tuple[wire.WorkerId, bool]] = {}   # identity -> (who, own)
+        # identity -> (who, whether the front started it, whether it is the "main" socket)
+        self._proven: dict[bytes, tuple[wire.WorkerId, bool, bool]] = {}
+        # a remote worker's main socket: the identity it proved (made with the worker key,
+        # not the front's own secret), which is the one the front must send to
+        self._remote_main: dict[str, bytes] = {}
+        # whether a name is that of a worker the front started (the supervisor's children;
+        # the front sets it once it has one): no remote worker may speak under it
+        self.ours: Callable[[wire.WorkerId], bool] = lambda wid: False
 
     # ---- the socket ------------------------------------------------------------------
 
@@ -84,8 +91,13 @@ class ControlGate:
     # ---- what is handed out ------------------------------------------------------------
 
     def route(self, worker: str) -> bytes:
-        """The identity the front sends to worker `worker` under."""
-        return self.trust.identity(worker)
+        """The identity the front sends to worker `worker` under: the one its main socket
+        proved, for a remote worker; the one the front's own secret makes, for its own."""
+        return self._remote_main.get(worker) or self.trust.identity(worker)
+
+    def forget(self, worker: str) -> None:
+        """A worker is gone (its name is never reused: it holds its pid)."""
+        self._remote_main.pop(worker, None)
 
     def tokens(self, requests: Iterable[wire.Request], executor: str) -> tuple[str, ...]:
         """The requests' tokens as dispatched for `executor` (the wire carries them beside
@@ -96,20 +108,32 @@ class ControlGate:
     # ---- what comes in -----------------------------------------------------------------
 
     def sender(self, identity: zmq.Frame, frames: list[zmq.Frame]) -> tuple[wire.WorkerId, bool]:
-        """(the worker a message comes from, whether the front started it)."""
-        proven = self._proven.get(identity.bytes)
+        """(the worker a message comes from, whether the front started it). A remote
+        worker (tcp, the worker key) may not speak under the name of one of the front's
+        own: it would be heard as that worker (its notes, answers, a "stuck" beat that
+        stops it, a new address for its pixels)."""
+        key = identity.bytes
+        proven = self._proven.get(key)
         if proven is None:          # one HMAC and one parse per identity, not per message
-            origin = self.trust.origin(identity.bytes)
+            origin = self.trust.origin(key)
             if origin is None or NAME.match(origin[0]) is None:
                 raise Forged("an identity the front did not hand out")
-            proven = (wire.WorkerId.parse(origin[0]), origin[1])
+            proven = (wire.WorkerId.parse(origin[0]), origin[1], key.split(b"/")[1] == b"main")
             if len(self._proven) >= PROVEN_KEPT:
                 self._proven.clear()
-            self._proven[identity.bytes] = proven
+            self._proven[key] = proven
+        wid, own, main = proven
+        if not own:
+            if self.ours(wid):
+                raise Forged(f"a remote worker speaking as {wid.text}, one of the front's own")
+            if main:
+                if len(self._remote_main) >= PROVEN_KEPT and wid.text not in self._remote_main:
+                    self._remote_main.clear()       # each is heard again at its next beat
+                self._remote_main[wid.text] = key
         pid = peer_pid(frames[0]) if frames and self.cfg.transport == "ipc" else None
-        if pid is not None and pid != proven[0].pid:
-            raise Forged(f"{proven[0].text} speaking from pid {pid}")
-        return proven
+        if pid is not None and pid != wid.pid:
+            raise Forged(f"{wid.text} speaking from pid {pid}")
+        return wid, own
 
     def check_answer(self, result: wire.Result, sender: str, attempt: int,
                      executor: str | None, holders: tuple[str, ...], known: bool,

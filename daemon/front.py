@@ -117,6 +117,7 @@ class Front:
         self.roster = Roster(self.supervisor, self._send, self.cfg.postprocess_workers or 1,
                              self.log)
         self.roster.versions = self.reloader.versions     # each generation's model
+        self.gate.ours = self._ours
         self.started = True
         try:
             self.log.info("starting", run_dir=str(self.run_dir), control=self.addrs.control,
@@ -279,9 +280,15 @@ class Front:
         self._retried(*self.ledger.stalled(self.cfg.stall_timeout_s),
                       f"no progress for {self.cfg.stall_timeout_s:.0f} s")
 
+    def _ours(self, wid: wire.WorkerId) -> bool:
+        """Whether `wid` names a worker this front started (and still runs)."""
+        slot = self.supervisor.by_pid(wid.pid)
+        return slot is not None and slot.label == f"{wid.stage.value}-{wid.index}"
+
     def _forget(self, name: str, reason: str) -> None:
         """A worker is gone: keep its counts, retry what it held, re-route."""
         self.roster.forget(name)
+        self.gate.forget(name)
         self._retried(*self.ledger.lost(name), reason)
 
     def _retried(self, retried: list[Any], given_up: list[Any], reason: str) -> None:

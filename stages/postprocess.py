@@ -109,6 +109,7 @@ class Inboxes:
         self.child = child
         self.max_frame_bytes = max_frame_bytes
         self.by_executor: dict[str, zmq.Socket] = {}
+        self.connections = 0                    # credits sockets made so far (identities)
         self.owed: dict[zmq.Socket, int] = {}   # outputs done, credit not yet returned
         self.hold = 1                           # at most this many credits held back
         self.poller = zmq.Poller()
@@ -161,13 +162,24 @@ class Inboxes:
             if name in self.by_executor:
                 continue
             sock = self.child.ctx.socket(zmq.DEALER)  # credits out, outputs in <-> executor
-            # an identity the executor can verify: it sends outputs only to the front's
-            sock.setsockopt(zmq.IDENTITY, self.child.trust.identity(self.child.name,
-                                                                    "credits"))
+            # an identity the executor can verify (it sends outputs only to the front's),
+            # a new one per socket: an executor that went silent and came back may still
+            # hold the last socket's connection, and a ROUTER refuses an identity it holds
+            # (the new socket's credits would be lost, and the executor wait for ever)
+            self.connections += 1
+            sock.setsockopt(zmq.IDENTITY, self.child.trust.identity(
+                self.child.name, "credits", connection=self.connections))
             sock.setsockopt(zmq.LINGER, 0)
             sock.setsockopt(zmq.MAXMSGSIZE, self.max_frame_bytes)
             self.child.connect_keyed(sock)            # tcp: CurveZMQ with the worker key
-            sock.connect(address)
+            try:
+                sock.connect(address)
+            except zmq.ZMQError as exc:               # (the front checks addresses first)
+                sock.close(0)
+                self.child.log.warning("cannot connect to the executor; not taking its "
+                                       "outputs", executor=name, address=address,
+                                       error=str(exc))
+                continue
             sock.send_multipart(wire.encode(wire.Credit(peers.credits)))
             self.by_executor[name] = sock
             self.poller.register(sock, zmq.POLLIN)

@@ -123,7 +123,15 @@ class ExecutorSenders:
             sock.setsockopt(zmq.LINGER, 0)
             sock.setsockopt(zmq.SNDHWM, IMAGES_HWM)
             self.child.connect_keyed(sock)           # tcp: CurveZMQ with the worker key
-            sock.connect(work.address)
+            try:
+                sock.connect(work.address)
+            except zmq.ZMQError as exc:              # (the front checks addresses first)
+                sock.close(0)
+                self.child.log.warning("cannot connect to the executor; image dropped (the "
+                                       "front retries)", executor=work.to,
+                                       address=work.address, error=str(exc))
+                self.child.count(errors=1)
+                return
             self.sockets[work.address] = sock
             while len(self.sockets) > MAX_EXECUTOR_SOCKETS:
                 self.sockets.popitem(last=False)[1].close(0)

@@ -44,6 +44,23 @@ def test_identities_prove_a_name_and_whose_worker_it_is():
         assert ipc.origin(forged) is None, forged
 
 
+def test_each_connection_of_a_role_has_an_identity_of_its_own_that_proves_the_name():
+    """A postprocess worker's credits socket made again gets a new identity (an executor
+    that still holds the last one would refuse a duplicate), proving the same name; the
+    connection number is under the tag, so it cannot be changed."""
+    shared, own = new_secret(), new_secret()
+    front, remote = Trust(shared, own), Trust(shared)
+    first, second = (front.identity("postprocess-0-7", "credits", connection=n) for n in (1, 2))
+    assert first != second != front.identity("postprocess-0-7", "credits")
+    assert remote.name_of(first) == remote.name_of(second) == "postprocess-0-7"
+    assert front.origin(front.identity("executor-0-42", connection=3)) == ("executor-0-42",
+                                                                            True)
+    name, role, tag = first.split(b"/")
+    for forged in (b"/".join((name, b"credits.9", tag)), b"/".join((name, b"credits.", tag)),
+                   b"/".join((name, b"credits.x", tag)), b"/".join((name, b"evil.1", tag))):
+        assert remote.origin(forged) is None, forged
+
+
 def test_refusals_are_counted_each_time_and_logged_once_per_peer_and_window():
     lines, now = [], [0.0]
     refusals = Refusals(lambda event, **fields: lines.append(fields), clock=lambda: now[0])

@@ -738,6 +738,102 @@ def test_tcp_peers_without_the_key_are_refused_at_the_handshake(tiny_models, pho
     assert daemon.stop() == 0, daemon.tail()
 
 
+def test_a_worker_key_holder_cannot_speak_as_one_of_the_fronts_own(tiny_models, photo_files,
+                                                                   tmp_path, daemons):
+    """A holder of the worker key may join as a remote worker, but not as one of the
+    workers the front started: their names are in `pspnet status`, and a "stuck" heartbeat
+    under the executor's name made the front stop it (and a new address would have taken
+    its pixels). Now the front refuses the name from a remote identity (counted in
+    forged_dropped): no restart, every answer its image's."""
+    from pspnet.core.keys import Keys, connect_curve
+    from pspnet.core.trust import Trust
+
+    keys = tmp_path / "keys"
+    subprocess.run([sys.executable, "-m", "pspnet", "keys", str(keys)], check=True, cwd=REPO,
+                   stdout=subprocess.DEVNULL)
+    port = 20000 + (os.getpid() * 17) % 20000
+    tcp = daemons(tiny_models["labels"], tmp_path / "masks", tmp_path, *ARGS, "--transport",
+                  "tcp", "--tcp-base-port", str(port), "--keys", str(keys))
+    status = tcp.wait_ready()
+    (pid,) = status["stages"]["executor"]["pids"]
+    worker = Keys.for_worker(keys)
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.DEALER)          # -> the front's control ROUTER, as executor 0
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.IDENTITY, Trust(worker.token_secret()).identity(f"executor-0-{pid}"))
+    connect_curve(sock, worker.server_public, worker.worker_public, worker.worker_secret)
+    sock.connect(f"tcp://127.0.0.1:{port}")
+    try:
+        for _ in range(4):
+            sock.send_multipart(wire.encode(wire.Heartbeat(
+                "executor", 0, pid, {}, stuck="forged: stuck", inputs="tcp://127.0.0.1:9",
+                outputs="tcp://127.0.0.1:9", capacity=64, batch=4)))
+            time.sleep(0.5)
+        answers, _ = submit_all(tcp.endpoint, photo_files[:8])
+        assert sorted(a.status for a in answers) == ["ok"] * 8, answers
+        after = tcp.status()
+    finally:
+        ctx.destroy(linger=0)
+    assert after["stages"]["executor"]["pids"] == [pid], after["stages"]["executor"]
+    assert sum(s["restarts"] for s in after["stages"].values()) == 0, after["stages"]
+    assert after["front"]["forged_dropped"] >= 4, after["front"]
+    assert tcp.stop() == 0, tcp.tail()
+
+
+def test_a_remote_executor_paused_past_liveness_is_fed_again_when_it_comes_back(
+        tiny_models, photo_files, tmp_path, daemons):
+    """A remote executor stopped longer than --liveness-timeout (a network blip, a long GC
+    pause) is forgotten and taken back when it beats again. Before, the postprocess
+    worker's new socket to it came under the identity of its old one, which the executor
+    still held: the ROUTER refused it, its credits were lost, and the executor waited for
+    credits for ever with the requests routed to it (16 of 16 unanswered)."""
+    photos = photo_files[:16]
+    keys = tmp_path / "keys"
+    subprocess.run([sys.executable, "-m", "pspnet", "keys", str(keys)], check=True, cwd=REPO,
+                   stdout=subprocess.DEVNULL)
+    port = 20000 + (os.getpid() * 13) % 20000
+    model = tiny_models["labels"]
+    tcp = daemons(model, tmp_path / "masks", tmp_path, *ARGS, "--transport", "tcp",
+                  "--tcp-base-port", str(port), "--keys", str(keys), "--liveness-timeout", "2")
+    remote = subprocess.Popen(
+        [sys.executable, "-m", "pspnet", "worker", "executor", "--front", "127.0.0.1",
+         "--tcp-base-port", str(port), "--model", str(model), "--batch-size", "4",
+         "--index", "100", "--keys", str(keys), "--log-format", "json"],
+        cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        tcp.wait_ready()
+        deadline = time.monotonic() + 60
+        while not tcp.status()["remote"] and time.monotonic() < deadline:
+            time.sleep(0.2)
+        time.sleep(1.5)
+        os.kill(remote.pid, signal.SIGSTOP)
+        deadline = time.monotonic() + 30                 # forgotten: silent past 2 s
+        while tcp.status()["remote"] and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not tcp.status()["remote"], "the paused remote executor was not forgotten"
+        os.kill(remote.pid, signal.SIGCONT)
+        deadline = time.monotonic() + 30                 # and taken back
+        while not tcp.status()["remote"] and time.monotonic() < deadline:
+            time.sleep(0.2)
+        time.sleep(1.5)
+        before = after = tcp.status()["remote"][0]["processed"]
+        rounds = 0
+        while after == before and rounds < 10:   # until the front routes some to it
+            job = Submitter(tcp.endpoint, photos)
+            job.start()
+            job.wait_for(len(photos), timeout_s=30)
+            job.join(5)
+            assert sorted(a.status for a in job.answers) == ["ok"] * len(photos), job.answers
+            after = tcp.status()["remote"][0]["processed"]
+            rounds += 1
+        assert after > before, (before, after)            # it was fed again, and answered
+        print(f"\nFIGURE remote executor back after a pause: {after - before} images of "
+              f"{rounds * len(photos)}, all answered")
+    finally:
+        remote.kill()
+    assert tcp.stop() == 0, tcp.tail()
+
+
 def test_remote_workers_with_keys_give_the_masks_of_ipc_and_without_are_refused(
         tiny_models, photo_files, tmp_path, daemons):
     """Issue 23: workers on other hosts are what tcp is for. With the worker key (copied
@@ -773,12 +869,13 @@ def test_remote_workers_with_keys_give_the_masks_of_ipc_and_without_are_refused(
                                  "--index", str(index), "--keys", str(folder)],
                                 cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
                for stage, index, folder in (("executor", 100, keys), ("postprocess", 101, keys),
-                                            ("executor", 102, other))]
+                                            ("executor", 102, other), ("preprocess", 103, keys))]
     try:
         tcp.wait_ready()
         deadline = time.monotonic() + 60
-        while len(tcp.status()["remote"]) < 2 and time.monotonic() < deadline:
+        while len(tcp.status()["remote"]) < 3 and time.monotonic() < deadline:
             time.sleep(0.2)
+        time.sleep(1.5)       # the postprocess workers told where the executors are
         answers, _ = submit_all(tcp.endpoint, photos)
         assert sorted(a.status for a in answers) == ["ok"] * len(photos), answers
         differ = [a.path for a in answers
@@ -787,13 +884,17 @@ def test_remote_workers_with_keys_give_the_masks_of_ipc_and_without_are_refused(
         time.sleep(1.5)                                   # one more heartbeat
         status = tcp.status()
         joined = {r["index"]: r for r in status["remote"]}
-        assert set(joined) == {100, 101}, status["remote"]   # 102's key was refused
+        assert set(joined) == {100, 101, 103}, status["remote"]   # 102's key was refused
         assert joined[100]["processed"] + status["stages"]["executor"]["processed"] \
             == len(photos)
+        # each remote stage was given work: the front sends to a remote worker under the
+        # identity it proved (the worker key's), not the one its own workers use
+        assert all(joined[i]["processed"] > 0 for i in (100, 101, 103)), status["remote"]
         assert remotes[2].poll() is None or remotes[2].returncode != 0
         assert any(e.get("event") == "refused" for e in tcp.events()), tcp.tail()
         print(f"\nFIGURE remote executor {joined[100]['processed']} images, remote "
-              f"postprocess {joined[101]['processed']}; masks = ipc's; other key refused")
+              f"postprocess {joined[101]['processed']}, remote preprocess "
+              f"{joined[103]['processed']}; masks = ipc's; other key refused")
     finally:
         for remote in remotes:
             remote.kill()
