@@ -48,7 +48,7 @@ from pspnet.core.wire import DEFAULT_MAX_PIXELS as DEFAULT_MAX_PIXELS
 # the value, so that every placement on the wire meets the same bound.
 # What counts as an image file wherever a folder is read (watch, bench, batch): the formats
 # model.image_io decodes.
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".jfif", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif")
 STOP_SIGNAL = signal.SIGUSR1           # the front's "stop now" to its own workers: they ignore
                                        # SIGTERM/SIGINT/SIGHUP sent to the whole group, and
                                        # SIGUSR1's default action ends the process at once

@@ -50,9 +50,11 @@ from turbojpeg import TJCS_CMYK, TJCS_YCCK, TJFLAG_STOPONWARNING, TJPF_RGB, Turb
 
 from pspnet.core.config import DEFAULT_MAX_PIXELS
 from pspnet.core.files import FileReadError, read_regular_file
-from pspnet.core.wire import Placement
+from pspnet.core.wire import MAX_PHOTO_SIDE, Placement
 
 JPEG_MAGIC = b"\xff\xd8\xff"
+EOI = b"\xff\xd9"                 # a JPEG's last marker
+EOF_WARNING = "Premature end of JPEG file"   # libjpeg's, for data that end early
 EXIF_HEADER = b"Exif\x00\x00"    # an APP1 segment's start: where a JPEG keeps its EXIF tags
 EXIF_SEARCH = 1 << 17           # APP segments come first; each is at most 64 KB
 ORIENTATION = 0x0112            # EXIF's orientation tag: 1 as stored ... 8
@@ -105,6 +107,9 @@ def read_file(path: str | Path, max_bytes: int) -> bytes:
 def _check_pixels(width: int, height: int, max_pixels: int) -> None:
     if width < 1 or height < 1:
         raise ImageError(f"image has no pixels ({width}x{height})")
+    if max(width, height) > MAX_PHOTO_SIDE:       # the wire's bound on a photo's sides
+        raise ImageError(f"image is {width}x{height}: a side over {MAX_PHOTO_SIDE:,} "
+                         "pixels, which the daemon does not take; crop or split it")
     if width * height > max_pixels:
         raise ImageError(
             f"image is {width}x{height} = {width * height / 1e6:.1f} Mpx, over the "
@@ -212,10 +217,49 @@ def _decode_jpeg(data: bytes, max_pixels: int,
             rgb = tj.decode(data, pixel_format=TJPF_RGB, flags=TJFLAG_STOPONWARNING, dst=dst)
         except OSError as e:
             raise ImageError(f"truncated or corrupt JPEG: {e}", incomplete=True) from None
+    if caught and str(caught[0].message) == EOF_WARNING and _one_scan(data):
+        rgb = _decode_without_eoi(tj, data, dst)
+        if rgb is not None:
+            return rgb
     if caught:
         raise ImageError(f"truncated or corrupt JPEG: {caught[0].message}",
                              incomplete=True)
     return rgb
+
+
+def _decode_without_eoi(tj: Any, data: bytes, dst: np.ndarray | None) -> np.ndarray | None:
+    """A JPEG whose data end where its one scan ends, without the closing EOI marker
+    (some encoders, and files cut after the last byte of pixels): every pixel is there,
+    as cv2 and browsers show it. With the marker put back, libjpeg decodes it without a
+    warning only if the scan is complete: a file cut inside it still warns ("premature
+    end of data segment") and stays refused. None then."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            rgb = tj.decode(data + EOI, pixel_format=TJPF_RGB, flags=TJFLAG_STOPONWARNING,
+                            dst=dst)
+        except OSError:
+            return None
+    return None if caught else rgb
+
+
+def _one_scan(data: bytes) -> bool:
+    """Whether a JPEG's pixels are all in its first scan: a sequential frame (SOF0 or SOF1,
+    where each component is in exactly one scan) whose first scan holds every component.
+    A progressive file cut between two scans, or a sequential one between two
+    non-interleaved scans, would decode without a warning from its first scans alone.
+    Reads the markers up to the first scan."""
+    components, i = 0, 2
+    while i + 4 <= len(data) and data[i] == 0xFF:
+        marker = data[i + 1]
+        if marker in (0xC0, 0xC1) and i + 9 < len(data):
+            components = data[i + 9]                    # Nf
+        elif 0xC2 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
+            return False                                # progressive, lossless...
+        elif marker == 0xDA:
+            return 0 < components == (data[i + 4] if i + 4 < len(data) else -1)   # Ns
+        i += 2 + int.from_bytes(data[i + 2:i + 4], "big")
+    return False
 
 
 @contextlib.contextmanager

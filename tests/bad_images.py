@@ -39,6 +39,9 @@ EXPECT: dict[str, str | None] = {
     "palette_png": None,
     "gray16_png": None,
     "truncated_png": "truncated or corrupt PNG",
+    "wide_png": "a side over 1,048,576 pixels",   # 2 Mpx in a row: under --max-pixels
+    "jpeg_without_eoi": None,                     # every pixel there, the last marker not
+    "jpeg_cut_before_eoi": "truncated or corrupt JPEG",   # 4 bytes of pixels missing too
     "unreadable": "permission denied",       # not when running as root: root reads anything
 }
 
@@ -155,6 +158,9 @@ def write_corpus(folder: Path) -> dict[str, Path]:
     files["bmp.bmp"] = bmp.getvalue()
     png = files["png_named_jpg.jpg"]
     files["truncated_png.png"] = png[: len(png) // 2]
+    files["wide_png.png"] = _png(Image.new("L", (2_000_000, 1), 128))   # 2 KB, decodable
+    files["jpeg_without_eoi.jpg"] = good[:-2]
+    files["jpeg_cut_before_eoi.jpg"] = good[:-6]
     paths: dict[str, Path] = {}
     for name, data in files.items():
         path = folder / name

@@ -43,6 +43,9 @@ def build_cases(tmp: Path, photo: Path) -> tuple[dict[str, tuple[str, str | None
     corpus = write_corpus(root / "corpus")
     cases: dict[str, tuple[str, str | None, str | None]] = {
         kind: (str(corpus[kind]), None, EXPECT[kind]) for kind in EXPECT}
+    # 2 Mpx in one row: over this daemon's 0.25 Mpx before its side is looked at
+    # (tests/stages/test_image_io.py checks the side's refusal at the default limit)
+    cases["wide_png"] = (str(corpus["wide_png"]), None, "(--max-pixels)")
     # a real 20000x20000 image: 1-bit PNG, 50 MB in memory here, 1.2 GB as RGB
     real_huge = root / "real_20000x20000.png"
     Image.new("1", (HUGE_SIDE, HUGE_SIDE), 1).save(real_huge, optimize=False)

@@ -377,3 +377,20 @@ def test_read_all_reads_to_the_end_or_the_limit(tmp_path: Path, first: int, limi
         assert files._read_all(fd, first, limit) == data[:expect]
     finally:
         os.close(fd)
+
+
+def test_a_jpeg_without_its_last_marker_decodes_when_its_one_scan_is_whole(
+        corpus: dict[str, Path]) -> None:
+    """Some encoders, and files cut after their last byte of pixels, lack the closing EOI:
+    cv2 and browsers show them, and so does the daemon, with the same pixels as the whole
+    file. A file cut inside its scan, or a progressive one (it could be cut between two
+    scans), is still refused as truncated (and incomplete: watch mode waits for more)."""
+    whole = decode_image(corpus["good_jpeg"])
+    assert np.array_equal(decode_image(corpus["jpeg_without_eoi"]), whole)
+    with pytest.raises(ImageError, match="truncated or corrupt JPEG") as info:
+        decode_image(corpus["jpeg_cut_before_eoi"])
+    assert info.value.incomplete
+    progressive = corpus["progressive_jpeg"].read_bytes()
+    assert progressive.endswith(b"\xff\xd9")
+    with pytest.raises(ImageError, match="truncated or corrupt JPEG"):
+        decode_bytes(progressive[:-2])
