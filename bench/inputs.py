@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from pspnet.core.config import IMAGE_SUFFIXES
+from pspnet.core.files import name_problem
 
 VOC_LONG_SIDE = 500
 SYNTHETIC_CLASSES = 21
@@ -35,6 +36,9 @@ def from_images_dir(folder: Path) -> BenchInputs:
     """Every image file directly in `folder`, sorted by name; no ground truth."""
     paths = sorted(p for p in Path(folder).iterdir()
                    if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    unnamed = [p for p in paths if name_problem(p) is not None]
+    if unnamed:
+        raise ValueError(f"{name_problem(unnamed[0])} ({len(unnamed)} such in {folder})")
     if not paths:
         raise ValueError(f"{folder}: no image files ({', '.join(IMAGE_SUFFIXES)})")
     return BenchInputs(paths, [None] * len(paths), "images", str(folder))

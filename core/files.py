@@ -13,6 +13,24 @@ import stat
 from pathlib import Path
 
 
+def shown_path(path: str | Path) -> str:
+    """A path as it can be printed and logged: bytes of a name that is not UTF-8 (Python
+    keeps them as lone surrogates) written as \\xNN escapes."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
+def name_problem(path: str | Path) -> str | None:
+    """Why a path cannot travel in the daemon's messages (which carry names as UTF-8):
+    a file name in another encoding (an old Latin-1 archive's "caf\\xe9.jpg"); None if
+    it can. Refused for that file alone, with the fix."""
+    try:
+        str(path).encode("utf-8")
+    except UnicodeEncodeError:
+        return (f"file name is not UTF-8: {shown_path(path)}; rename it to UTF-8 (for a "
+                "Latin-1 name: convmv -f latin1 -t utf8 --notest FILE)")
+    return None
+
+
 class FileReadError(ValueError):
     """A file that cannot be read as an input; the message is a one-liner for the user.
     `incomplete`: it looked unfinished (empty), so the file may still change; `size`: its

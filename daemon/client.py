@@ -19,6 +19,7 @@ from typing import Any
 import zmq
 
 from pspnet.core import wire
+from pspnet.core.files import name_problem
 from pspnet.core.keys import ENV_KEYS, ClientHandshakes, KeysError, client_keys, connect_curve
 from pspnet.daemon.endpoint import (
     ABSENT,
@@ -379,7 +380,8 @@ class _Submission:
             yield answer
 
     def _status(self, body: dict[str, Any]) -> None:
-        pid = (body.get("daemon") or {}).get("pid")
+        daemon = body.get("daemon")         # (whatever answers here may be another program)
+        pid = daemon.get("pid") if isinstance(daemon, dict) else None
         if self.upload is not None:
             self.upload.heard(body)
         if self.daemon_pid is not None and pid != self.daemon_pid and self.cancel_at is None:
@@ -393,20 +395,24 @@ class _Submission:
         self.daemon_pid = pid
 
     def _reply(self, msg: wire.Reply) -> Iterator[Answer]:
-        self.unacked.difference_update(msg.ids)
+        # only ids this submit sent count: a reply naming others (a program that is not
+        # the daemon, or a bug) must not answer or resend what was never sent
+        sent = [rid for rid in dict.fromkeys(msg.ids) if rid in self.sent_at]
+        self.unacked.difference_update(sent)
         if msg.status in ("busy", CANCELLED) and self.cancel_at is not None:
-            for rid in msg.ids:                # not queued there, never to be sent again
+            for rid in sent:                   # not queued there, never to be sent again
                 if rid in self.open_ids:
                     self.open_ids.discard(rid)
                     yield Answer(rid, self.by_id[rid].path, CANCELLED, None, None,
                                  (time.monotonic() - self.sent_at[rid]) * 1e3)
         elif msg.status == "busy":             # back off, then resend these
-            self.to_send.extendleft(reversed([self.by_id[i] for i in msg.ids
-                                              if i in self.by_id]))
+            queued = {r.id for r in self.to_send}
+            self.to_send.extendleft(reversed([self.by_id[i] for i in sent
+                                              if i in self.open_ids and i not in queued]))
             self.resend_after = time.monotonic() + BUSY_BACKOFF_S
         elif msg.status == "error":
             # without ids (a malformed submit) it is about the chunk in flight
-            for rid in msg.ids or tuple(self.unacked):
+            for rid in (sent if msg.ids else tuple(self.unacked)):
                 self.unacked.discard(rid)
                 if rid in self.open_ids:
                     self.open_ids.discard(rid)
@@ -422,6 +428,9 @@ def _wire_size(r: wire.Request) -> int:
 
 def _unsendable(r: wire.Request) -> str | None:
     for what, value in (("path", r.path), ("ground-truth path", r.ann)):
+        problem = name_problem(value) if value is not None else None
+        if problem is not None:
+            return problem if what == "path" else f"ground truth: {problem}"
         if value is not None and len(value) > wire.MAX_STRING_CHARS:
             return f"{what} longer than {wire.MAX_STRING_CHARS} characters"
         if value is not None and "\x00" in value:

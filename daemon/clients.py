@@ -20,6 +20,7 @@ import structlog
 import zmq
 
 from pspnet.core import wire
+from pspnet.core.files import name_problem
 from pspnet.core.logs import json_safe
 from pspnet.core.status import ClientCounts, Status, Tally
 from pspnet.daemon.front import Front
@@ -235,6 +236,10 @@ def upload_problem(r: wire.Request) -> str | None:
 
 def refusal(r: wire.Request, allow_roots: tuple[Path, ...]) -> str | None:
     """Why a request is refused at the door, before any file is opened; None: it is not."""
+    for p in (r.path, r.ann):
+        problem = name_problem(p) if p is not None else None
+        if problem is not None:             # (watch mode's names: the door's are UTF-8)
+            return problem
     if not os.path.isabs(r.path) or (r.ann is not None and not os.path.isabs(r.ann)):
         return "paths must be absolute"
     for p in (r.path, r.ann) if allow_roots else ():

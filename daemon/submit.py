@@ -18,6 +18,7 @@ from tqdm import tqdm
 
 from pspnet.core.config import IMAGE_SUFFIXES
 from pspnet.core.exits import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_UNAVAILABLE, EXIT_USAGE
+from pspnet.core.files import shown_path
 from pspnet.core.logs import json_safe
 from pspnet.daemon.client import (
     CANCELLED,
@@ -69,12 +70,21 @@ def _lines(text: str) -> list[str]:
     return [line.strip() for line in text.splitlines() if line.strip()]
 
 
-def _images_in(folder: Path, recursive: bool) -> Iterator[str]:
+def _images_in(folder: Path, recursive: bool,
+               seen: set[tuple[int, int]] | None = None) -> Iterator[str]:
+    """The images in `folder` (and its subfolders), each folder once: a link back up the
+    tree (`up -> ..`) would otherwise send the same photos until the kernel's link limit,
+    and a link to / the whole disk."""
+    seen = set() if seen is None else seen
+    here = folder.stat()
+    if (here.st_dev, here.st_ino) in seen:
+        return
+    seen.add((here.st_dev, here.st_ino))
     for entry in sorted(folder.iterdir()):
         if entry.name.startswith("."):
             continue
         if entry.is_dir() and recursive:
-            yield from _images_in(entry, recursive)
+            yield from _images_in(entry, recursive, seen)
         elif entry.is_file() and entry.suffix.lower() in IMAGE_SUFFIXES:
             yield str(entry)
 
@@ -203,7 +213,7 @@ def _print(answer: Answer, paths: list[str], as_json: bool, bar: tqdm) -> None:
         line = json.dumps(json_safe(answer.as_dict()), default=str)
     else:
         index = int(answer.id.rsplit("-", 1)[1])  # the client numbers requests in order
-        line = readable(answer, paths[index])
+        line = readable(answer, shown_path(paths[index]))
     bar.write(line, file=sys.stdout)
     sys.stdout.flush()
 

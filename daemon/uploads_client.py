@@ -26,6 +26,7 @@ from pspnet.core.files import FileReadError, read_regular_file
 from pspnet.core.uploads import upload_refusal
 from pspnet.model.masks import mask_path, mask_source, store_mask
 
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 UPLOAD_CHUNK_BYTES = 16 << 20    # bytes of images in one submit message (at least one image)
 
 
@@ -116,7 +117,15 @@ def returned_answer(answer: Any, result: wire.Result, options: Upload) -> Any:
     png = labels = None
     if result.returned == wire.WANT_PNG:
         png = bytes(result.payload)
+        if not png.startswith(PNG_SIGNATURE):     # written under --out: a PNG, or nothing
+            return dataclasses.replace(answer, status=wire.ERROR, error=(
+                f"the returned mask is not a PNG ({len(png)} bytes): not written"))
     elif result.size is not None:
+        height, width = result.size
+        if len(result.payload) != height * width:
+            return dataclasses.replace(answer, status=wire.ERROR, error=(
+                f"the returned label map has {len(result.payload)} bytes, not {height} x "
+                f"{width}"))
         labels = np.frombuffer(result.payload, np.uint8).reshape(result.size)
     mask = answer.mask
     if png is not None and options.out_dir is not None:

@@ -25,6 +25,7 @@ from pspnet.daemon.client import Answer
 from pspnet.daemon.ledger import EXECUTOR, QUEUED, Ledger
 from pspnet.daemon.submit import NoImages, gather, readable
 from pspnet.model.masks import mask_path
+from tests.kit import watch_record
 
 
 def tree(root: Path, *names: str) -> list[Path]:
@@ -244,3 +245,68 @@ def test_the_client_cancels_what_has_not_started_and_a_second_interrupt_stops_wa
     assert "interrupted while running" in answers[-1].error
     assert [type(m).__name__ for m in seen] == ["StatusQuery", "Submit", "Cancel"]
     assert len(seen[1].requests) == 2 and seen[2].ids == tuple(r.id for r in seen[1].requests)
+
+
+def test_a_name_that_is_not_utf8_is_refused_alone_and_a_link_loop_sent_once(
+        tiny_models, photo_files, tmp_path, daemons):
+    """An old archive's Latin-1 name (b"caf\\xe9.jpg") and a link back up the tree: `submit
+    -r` answered a traceback and sent nothing, the link loop sent one photo 41 times, and
+    the same name dropped in a watched folder ended the daemon (exit 1, and again at every
+    start). Now that one file is refused with the fix, the others are answered once each,
+    and the watching daemon records the refusal and serves on."""
+    photos, watched, out = tmp_path / "photos", tmp_path / "inbox", tmp_path / "masks"
+    (photos / "sub").mkdir(parents=True)
+    watched.mkdir()
+    shutil.copy(photo_files[0], photos / "good.jpg")
+    latin1 = os.fsencode(photos) + b"/caf\xe9.jpg"
+    shutil.copy(photo_files[1], latin1)
+    (photos / "sub" / "up").symlink_to("..")               # a loop: sub/up/sub/up/...
+    daemon = daemons(tiny_models["logits"], out, tmp_path, "--batch-size", "4",
+                     "--preprocess-workers", "1", "--postprocess-workers", "1",
+                     "--watch", str(watched))
+    try:
+        daemon.wait_ready()
+        done = subprocess.run(
+            [sys.executable, "-m", "pspnet", "submit", str(photos), "-r",
+             "--endpoint", daemon.endpoint], capture_output=True, timeout=120)
+        shutil.copy(photo_files[0], watched / "good.jpg")
+        shutil.copy(photo_files[1], os.fsencode(watched) + b"/caf\xe9.jpg")
+        deadline = time.monotonic() + 60
+        while len(from_watch := [e for e in watch_record(out) if e.get("final")]) < 2:
+            assert time.monotonic() < deadline, watch_record(out)
+            assert daemon.proc.poll() is None, daemon.tail()
+            time.sleep(0.2)
+        assert daemon.proc.poll() is None, daemon.tail()
+    finally:
+        assert daemon.stop() == 0, daemon.logs()
+    assert b"Traceback" not in done.stderr, done.stderr.decode(errors="replace")
+    assert done.returncode == 1, done.stderr                   # one failed request
+    lines = [json.loads(line) for line in done.stdout.splitlines()]
+    assert [d["status"] for d in lines] == ["error", "ok"], lines
+    assert lines[0]["error"].startswith("file name is not UTF-8: ") and \
+        "caf\\xe9.jpg; rename it to UTF-8" in lines[0]["error"], lines[0]
+    assert lines[1]["path"] == str(photos / "good.jpg")        # once, not once per loop
+    by_status = sorted((e["status"], e.get("error") or "") for e in from_watch)
+    assert by_status[0] == ("error", by_status[0][1]) and "not UTF-8" in by_status[0][1]
+    assert by_status[1] == ("ok", "")
+
+
+def test_the_client_takes_no_orders_about_requests_it_never_sent() -> None:
+    """Whatever answers at the endpoint may not be the daemon: a status whose `daemon` is
+    not a map, and error and busy replies naming ids this submit never sent (or not yet),
+    crashed the client (AttributeError, KeyError) or queued a request twice. Now they are
+    passed over; a reply about what was sent still counts."""
+    from pspnet.daemon.client import _Submission
+
+    run = _Submission(None, [wire.Request(f"p-{i}", f"/x/{i}.jpg") for i in range(3)])
+    first = run.to_send.popleft()                       # sent, not yet acknowledged
+    run.sent_at[first.id] = time.monotonic()
+    run.unacked.add(first.id)
+    assert list(run.handle(wire.Reply("status", body={"daemon": [1, 2]}))) == []
+    assert run.daemon_pid is None
+    assert list(run.handle(wire.Reply("error", ids=("p-1", "nobody"), message="x"))) == []
+    assert list(run.handle(wire.Reply("busy", ids=("p-2", "p-2", "nobody")))) == []
+    assert [r.id for r in run.to_send] == ["p-1", "p-2"] and run.open_ids == {"p-0", "p-1",
+                                                                              "p-2"}
+    [answer] = run.handle(wire.Reply("error", ids=("p-0",), message="refused"))
+    assert (answer.id, answer.status, answer.error) == ("p-0", wire.ERROR, "refused")

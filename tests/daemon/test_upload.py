@@ -268,3 +268,27 @@ def test_uploads_over_tcp_need_the_client_key(tiny_models, photo_files, tmp_path
     status = daemon.status()
     assert status["daemon"]["uploads"] == 4, status["daemon"]
     assert daemon.stop() == 0, daemon.tail()
+
+
+def test_what_comes_back_is_checked_before_it_is_written_or_shaped(tmp_path) -> None:
+    """An endpoint that is not the daemon (or a bug) may answer an upload with anything:
+    a "PNG" that is not one was written under the client's --out as the mask, and a label
+    map of the wrong length crashed the client (numpy's reshape). Now each is that
+    answer's error, and nothing is written."""
+    from pspnet.daemon.client import Answer
+    from pspnet.daemon.uploads_client import returned_answer
+
+    asked = Answer("u-0", "/photos/a.jpg", wire.OK, None, None, 1.0)
+    out = tmp_path / "out"
+    not_png = wire.Result("u-0", 0, wire.OK, payload=b"#!/bin/sh\n" * 100,
+                          returned=wire.WANT_PNG, size=(10, 10))
+    answer = returned_answer(asked, not_png, Upload(out_dir=out))
+    assert answer.status == wire.ERROR and "not a PNG (1000 bytes)" in answer.error
+    assert not out.exists() or not any(out.rglob("*"))
+    short = wire.Result("u-0", 0, wire.OK, payload=b"\0" * 99, returned=wire.WANT_LABELS,
+                        size=(10, 10))
+    answer = returned_answer(asked, short, Upload(want=wire.WANT_LABELS))
+    assert answer.status == wire.ERROR and "99 bytes, not 10 x 10" in answer.error
+    good = wire.Result("u-0", 0, wire.OK, payload=b"\1" * 100, returned=wire.WANT_LABELS,
+                       size=(10, 10))
+    assert returned_answer(asked, good, Upload(want=wire.WANT_LABELS)).labels.shape == (10, 10)
