@@ -86,11 +86,8 @@ def test_target_range():
         convert_opset(model, 11)
 
 
-@pytest.mark.parametrize("head", ["logits", "labels"])
-def test_serving_graph_computes_its_mask_in_int32(head, tmp_path):
-    """The padding mask's adds and comparisons run on int32 (the box's own type); int64 at
-    run time is left only where ONNX mandates it (ArgMax's output, in the labels head).
-    With the mask in int64, the graph had a Cast, Gathers, Adds and comparisons on int64."""
+def serving_graph(head: str, tmp_path) -> onnx.ModelProto:
+    """The tiny network behind the serving wrapper, exported as `pspnet build` does."""
     model = ServingModel(tiny_core(), MEAN, STD, head).eval()
     args = (torch.zeros(2, 64, 64, 3, dtype=torch.uint8),
             torch.tensor([[0, 0, 64, 64]] * 2, dtype=torch.int32))
@@ -98,7 +95,15 @@ def test_serving_graph_computes_its_mask_in_int32(head, tmp_path):
     with torch.no_grad():
         torch.onnx.export(model, args, str(path), dynamo=True, input_names=["image", "box"],
                           output_names=[head], opset_version=18)
-    found = {op.split("(")[0] for op in int64_ops(onnx.load(str(path)))}
+    return onnx.load(str(path))
+
+
+@pytest.mark.parametrize("head", ["logits", "labels"])
+def test_serving_graph_computes_its_mask_in_int32(head, tmp_path):
+    """The padding mask's adds and comparisons run on int32 (the box's own type); int64 at
+    run time is left only where ONNX mandates it (ArgMax's output, in the labels head).
+    With the mask in int64, the graph had a Cast, Gathers, Adds and comparisons on int64."""
+    found = {op.split("(")[0] for op in int64_ops(serving_graph(head, tmp_path))}
     assert found == ({"ArgMax", "Cast"} if head == "labels" else set())
 
 
@@ -108,14 +113,7 @@ def test_serving_graph_compares_only_with_ops_atc_parses_at_opset_13(head, tmp_p
     LessOrEqual. ATC's ONNX parser registers its ops per opset, and a Huawei plugin of
     2020 has GreaterOrEqual at opsets 8 and 12 only, where Less and LessOrEqual have 13:
     `rows >= top` would have been refused there."""
-    model = ServingModel(tiny_core(), MEAN, STD, head).eval()
-    args = (torch.zeros(2, 64, 64, 3, dtype=torch.uint8),
-            torch.tensor([[0, 0, 64, 64]] * 2, dtype=torch.int32))
-    path = tmp_path / "serving.onnx"
-    with torch.no_grad():
-        torch.onnx.export(model, args, str(path), dynamo=True, input_names=["image", "box"],
-                          output_names=[head], opset_version=18)
-    ops = [n.op_type for n in convert_opset(onnx.load(str(path)), 13).graph.node]
+    ops = [n.op_type for n in convert_opset(serving_graph(head, tmp_path), 13).graph.node]
     comparisons = {op for op in ops if op in {"Less", "LessOrEqual", "Greater",
                                               "GreaterOrEqual", "Equal"}}
     assert comparisons == {"Less", "LessOrEqual"}
