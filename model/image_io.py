@@ -311,8 +311,9 @@ def _to_rgb(im: Image.Image) -> np.ndarray:
 
     Alpha is dropped (not composited), palettes are expanded, 16-bit samples keep their
     high byte (cv2 shifts by 8 as well), CMYK is converted by Pillow (which already undid
-    Adobe's inverted CMYK when it decoded the JPEG).
-    """
+    Adobe's inverted CMYK when it decoded the JPEG). Float samples (a 32-bit float TIFF,
+    which cv2 cannot read) are taken as 0..1 when none is above 1, else as 0..255:
+    Pillow's own conversion clipped 0..1 to black."""
     mode = im.mode
     if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
         a = np.asarray(im)
@@ -320,10 +321,14 @@ def _to_rgb(im: Image.Image) -> np.ndarray:
             a = np.clip(a, 0, 65535)
         gray = (a.astype(np.uint32) >> 8).astype(np.uint8)
         return np.ascontiguousarray(np.repeat(gray[:, :, None], 3, axis=2))
+    if mode == "F":                    # float samples: [0, 1] where none is above 1
+        a = np.nan_to_num(np.asarray(im, dtype=np.float32), nan=0.0)
+        if a.size and float(a.max()) <= 1.0:
+            a = a * 255.0
+        gray = np.clip(np.rint(a), 0, 255).astype(np.uint8)
+        return np.ascontiguousarray(np.repeat(gray[:, :, None], 3, axis=2))
     if mode in ("P", "PA"):
         im = im.convert("RGBA")
-    elif mode == "F":
-        im = im.convert("L")
     if im.mode != "RGB":
         im = im.convert("RGB")
     rgb = np.asarray(im)

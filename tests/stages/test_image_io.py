@@ -394,3 +394,17 @@ def test_a_jpeg_without_its_last_marker_decodes_when_its_one_scan_is_whole(
     assert progressive.endswith(b"\xff\xd9")
     with pytest.raises(ImageError, match="truncated or corrupt JPEG"):
         decode_bytes(progressive[:-2])
+
+
+def test_a_float_tiff_is_read_as_0_to_1_or_0_to_255() -> None:
+    """A 32-bit float TIFF (cv2 cannot read one) came out black: Pillow's conversion
+    clipped its 0..1 samples to 0 and 1. Now 0..1 is scaled, as 8-bit grey; larger
+    values are taken as 0..255."""
+    ramp = np.linspace(0, 1, 64 * 48, dtype=np.float32).reshape(48, 64)
+    for scale, top in ((1.0, 255), (200.0, 200)):
+        buf = io.BytesIO()
+        Image.fromarray(ramp * scale, mode="F").save(buf, "TIFF")
+        rgb = decode_bytes(buf.getvalue())
+        assert rgb.shape == (48, 64, 3) and rgb.dtype == np.uint8
+        assert (int(rgb.min()), int(rgb.max())) == (0, top)
+        assert np.array_equal(rgb[..., 0], rgb[..., 2])
