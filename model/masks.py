@@ -174,7 +174,12 @@ def store_mask(png: bytes | memoryview, path: Path, source: str | None = None) -
     except (FileNotFoundError, NotADirectoryError):
         # a new folder (or a file in the way, which mkdir reports): made only when needed,
         # not tried (mkdir, EEXIST, stat) for every mask
-        Path(folder).mkdir(parents=True, exist_ok=True)
+        try:
+            Path(folder).mkdir(parents=True, exist_ok=True)
+        except (FileExistsError, NotADirectoryError):
+            raise MaskNameTaken(_in_the_way(folder, "is the mask of a photo, not a folder "
+                                                    "for the masks of the photos in "
+                                                    "its namesake folder")) from None
         fd = os.open(tmp, flags, 0o644)
     try:
         try:
@@ -185,12 +190,23 @@ def store_mask(png: bytes | memoryview, path: Path, source: str | None = None) -
             os.replace(tmp, path)
         else:
             _claim(tmp, path, source)
-    except BaseException:
+    except BaseException as exc:
         try:
             os.unlink(tmp)
         except FileNotFoundError:
             pass
+        if isinstance(exc, IsADirectoryError):
+            raise MaskNameTaken(_in_the_way(path, "is a folder (the masks of the photos in "
+                                                  "a folder of that name)")) from None
         raise
+
+
+def _in_the_way(path: str, what: str) -> str:
+    """One line for a mask name that a photo's mask and a folder of masks both want:
+    `photos/a.jpg` and `photos/a.jpg.png/b.jpg` give `a.jpg.png` twice."""
+    while path and not os.path.lexists(path):
+        path = os.path.dirname(path)                # the part that is in the way
+    return f"mask path {path} {what}; rename one of the two"
 
 
 def _write_all(fd: int, data: bytes | memoryview) -> None:

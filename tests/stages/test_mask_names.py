@@ -288,3 +288,24 @@ def test_the_recorded_source_read_without_pillow_agrees_with_pillow(tmp_path: Pa
     assert recorded_source(tmp_path / f"f{intact[0]}.png") == mask_source(image)
     assert recorded_source(tmp_path / f"f{intact[1]}.png") is None
     assert 2 <= sure < len(files) // 2
+
+
+def test_a_photo_and_a_folder_that_want_one_mask_name_get_a_line_that_says_so(tmp_path):
+    """`a.jpg` and `a.jpg.png/b.jpg` both want `a.jpg.png` under --out: one as its mask,
+    one as the folder of its masks. Whichever comes second was an errno ("[Errno 21] Is a
+    directory", "[Errno 17] File exists"); now a line that names the path and the fix.
+    The first one's mask stays, and no temporary file is left."""
+    out = tmp_path / "out"
+    photo, inner = images(tmp_path / "in", "a.jpg", "a.jpg.png/b.jpg")
+    write_mask(labels(1), mask_path(out, photo), PALETTE, source=photo)
+    with pytest.raises(MaskNameTaken, match=r"mask path .*a\.jpg\.png is the mask of a "
+                                            r"photo, .* rename one of the two$"):
+        write_mask(labels(2), mask_path(out, inner), PALETTE, source=inner)
+    assert np.asarray(Image.open(mask_path(out, photo))).max() == 1
+
+    out2 = tmp_path / "out2"
+    write_mask(labels(2), mask_path(out2, inner), PALETTE, source=inner)
+    with pytest.raises(MaskNameTaken, match=r"mask path .*a\.jpg\.png is a folder .* "
+                                            r"rename one of the two$"):
+        write_mask(labels(1), mask_path(out2, photo), PALETTE, source=photo)
+    assert not [p for p in out2.rglob("*") if p.name.endswith(".tmp")]
