@@ -105,7 +105,12 @@ def write_artifacts(
     if onnx and not run_atc:
         _log.info("ATC scripts will be written but not run (%s)",
                   "atc is not on PATH" if not atc.atc_available() else "asked not to")
-    atc_onnx = _atc_onnx(paths, out_dir, atc_opset)
+    try:
+        atc_onnx = _atc_onnx(paths, out_dir, atc_opset)
+    except BuildError as exc:      # an op the older opset lacks: no reason to fail the build
+        _log.warning("%s: the ATC scripts read the opset-%d files instead (CANN 7 and 8 "
+                     "parse them op by op; CANN 6.0 documents opsets 9-13)", exc, OPSET)
+        atc_opset, atc_onnx = OPSET, {}
     for n, path in paths.items():
         script = atc.write_atc_script(out_dir, n, size, soc_version, rewrites,
                                       onnx_file=atc_onnx.get(n, path.name),
@@ -163,13 +168,18 @@ def _atc_onnx(paths: Mapping[int, Path], out_dir: Path, opset: int) -> dict[int,
 
     from pspnet.build_model.onnx_opset import convert_opset, int64_ops
 
-    names = {}
-    for n, path in paths.items():
-        name = atc_onnx_name(n, opset)
-        _log.info("writing %s for ATC (opset %d)", name, opset)
-        converted = convert_opset(onnx.load(str(path)), opset, path.name)
-        save_and_check(converted, out_dir / name)
-        names[n] = name
+    names: dict[int, str] = {}
+    try:
+        for n, path in paths.items():
+            name = atc_onnx_name(n, opset)
+            _log.info("writing %s for ATC (opset %d)", name, opset)
+            converted = convert_opset(onnx.load(str(path)), opset, path.name)
+            save_and_check(converted, out_dir / name)
+            names[n] = name
+    except BuildError:
+        for name in names.values():                 # no half set of copies left behind
+            (out_dir / name).unlink(missing_ok=True)
+        raise
     found = int64_ops(converted)
     _log.info("ops on int64 tensors at run time (ATC may put them on the AI CPU): %s",
               ", ".join(found) or "none")

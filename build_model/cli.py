@@ -65,9 +65,10 @@ def add_build_parser(subparsers: Any) -> None:
              "it (default: 500, as the reference; e.g. 512 or 512x1024)")
     p.add_argument(
         "--head", default="logits", choices=("logits", "labels"),
-        help="graph output: 'logits' = float32 N x C x h x w at 1/8 resolution (the daemon "
-             "resizes them); 'labels' = uint8 N x H x W, bilinear upsample + argmax inside "
-             "the graph, as the reference OM (default: logits)")
+        help="graph output: 'logits' = float32 N x C x h x w at the network's own "
+             "resolution (1/8 for PSPNet; the daemon resizes them); 'labels' = uint8 "
+             "N x H x W, bilinear upsample + argmax inside the graph, as the reference OM "
+             "(default: logits)")
     p.add_argument(
         "--verify", action="store_true",
         help="after building, run onnxruntime (smallest batch size; the ONNX model and the "

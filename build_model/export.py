@@ -13,7 +13,7 @@ from pathlib import Path
 from pspnet.build_model.artifacts import DEFAULT_SOC, write_artifacts
 from pspnet.build_model.network import load_network
 from pspnet.build_model.onnx_opset import ATC_OPSET
-from pspnet.model.manifest import OM_DEFAULT_PRECISION, Manifest, voc_palette
+from pspnet.model.manifest import OM_DEFAULT_PRECISION, Manifest
 
 __all__ = ["DEFAULT_BATCH_SIZES", "build", "write_artifacts"]
 DEFAULT_BATCH_SIZES = (1, 4, 8, 16, 32, 64)
@@ -66,7 +66,7 @@ def build(
     manifest = write_artifacts(
         core, Path(out_dir), input_size=size, batch_sizes=sizes, head=head, rewrites=rewrites,
         mean=network.mean, std=network.std, num_classes=network.num_classes,
-        class_names=network.class_names, palette=voc_palette(network.num_classes),
+        class_names=network.class_names, palette=network.palette,
         source=network.source, simplify=simplify, soc_version=soc_version,
         run_atc=run_atc, torch_program=torch_program, onnx=onnx,
         align_corners=network.align_corners, network=network.description,

@@ -113,6 +113,52 @@ def num_classes(segmentor: nn.Module) -> int:
     return int(segmentor.decode_head.num_classes)
 
 
+def unsupported(segmentor: nn.Module) -> str | None:
+    """Why the daemon cannot serve this segmentor as built (backbone, neck, one decode
+    head whose logits give a class per channel), in one line; None if it can."""
+    head = segmentor.decode_head
+    if isinstance(head, nn.ModuleList):
+        names = " -> ".join(type(h).__name__ for h in head)
+        return (f"{type(segmentor).__name__} with cascaded decode heads ({names}) is not "
+                "supported: the daemon runs backbone (+ neck) + one decode head, as "
+                "EncoderDecoder does (OCRNet and PointRend are cascades)")
+    classes, channels = int(head.num_classes), int(getattr(head, "out_channels", 0) or 0)
+    if channels and channels != classes:
+        return (f"a decode head with out_channels={channels} for {classes} classes (a "
+                "sigmoid head thresholded into two classes) is not supported: the daemon "
+                "takes the argmax of one logit per class; train or convert the head with "
+                f"out_channels={classes}")
+    return None
+
+
+def config_palette(cfg: Any, count: int) -> tuple[tuple[int, int, int], ...] | None:
+    """The colours of the config's dataset (its metainfo or the dataset class), if one
+    per class: the masks then look as that dataset's tools draw them."""
+    from mmseg.registry import DATASETS
+
+    for loader in ("test_dataloader", "val_dataloader", "train_dataloader"):
+        dataset = (cfg.get(loader) or {}).get("dataset") or {}
+        palette = (dataset.get("metainfo") or {}).get("palette")
+        if palette is None and dataset.get("type"):
+            dataset_class = DATASETS.get(dataset["type"])
+            palette = getattr(dataset_class, "METAINFO", {}).get("palette")
+        if palette is not None and len(palette) == count and all(
+                len(c) == 3 and all(0 <= int(v) <= 255 for v in c) for c in palette):
+            return tuple((int(c[0]), int(c[1]), int(c[2])) for c in palette)
+    return None
+
+
+def test_mode(cfg: Any) -> str | None:
+    """A note when the config's test pipeline is not what the daemon runs (one whole
+    letterboxed input per image): mmseg's 'slide' mode runs overlapping windows."""
+    test_cfg = cfg.model.get("test_cfg") or {}
+    if test_cfg.get("mode", "whole") == "slide":
+        return (f"the config tests in 'slide' mode (crop {test_cfg.get('crop_size')}, stride "
+                f"{test_cfg.get('stride')}); the daemon runs each image whole, letterboxed "
+                "into --input-size, so its masks are those of whole-image inference")
+    return None
+
+
 def config_class_names(cfg: Any, count: int) -> tuple[str, ...] | None:
     """Class names from the config's dataset (metainfo or the dataset class), if any fit."""
     from mmseg.registry import DATASETS

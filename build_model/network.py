@@ -15,7 +15,8 @@ from torch import nn
 
 from pspnet.build_model import checkpoint as ckpt
 from pspnet.build_model import mmseg_model
-from pspnet.model.manifest import VOC_CLASSES
+from pspnet.build_model.errors import BuildError
+from pspnet.model.manifest import VOC_CLASSES, voc_palette
 
 _log = logging.getLogger(__name__)
 
@@ -30,6 +31,7 @@ class Network:
     class_names: tuple[str, ...]
     source: dict[str, Any]        # for the manifest: config, checkpoint, sha256, versions
     align_corners: bool = False   # the decode head's: how its logits are resized
+    palette: tuple[tuple[int, int, int], ...] = ()   # the masks' colours, one per class
     description: dict[str, Any] = field(default_factory=dict)  # manifest.network
 
 
@@ -43,6 +45,9 @@ def load_network(
     cfg = mmseg_model.load_config(config_path)
     mean, std = mmseg_model.normalisation(cfg)
     segmentor = mmseg_model.build_segmentor(cfg)
+    problem = mmseg_model.unsupported(segmentor)
+    if problem is not None:
+        raise BuildError(problem)
     weights = ckpt.read_checkpoint(checkpoint, trust=trust_checkpoint)
     report = ckpt.load_into(segmentor, weights)
     segmentor.eval()
@@ -52,9 +57,13 @@ def load_network(
               config_path, count, sum(p.numel() for p in segmentor.parameters()) / 1e6)
     _log.info("%s", ckpt.describe(Path(checkpoint), weights))
     ckpt.log_report(report)
+    note = mmseg_model.test_mode(cfg)
+    if note is not None:
+        _log.warning("%s", note)
     return Network(
         segmentor=segmentor, core=mmseg_model.SegmentorCore(segmentor), mean=mean, std=std,
         num_classes=count, class_names=_class_names(cfg, weights.meta, count),
+        palette=_palette(cfg, count),
         source=_source(config, config_path, checkpoint, weights, report, mmseg.__version__),
         align_corners=bool(getattr(segmentor.decode_head, "align_corners", False)),
         description=describe_network(cfg, segmentor),
@@ -85,6 +94,16 @@ def _class_names(cfg: Any, meta: dict[str, Any], count: int) -> tuple[str, ...]:
         if classes is not None and len(classes) == count:
             names = tuple(map(str, classes))
     return names or tuple(f"class_{i}" for i in range(count))
+
+
+def _palette(cfg: Any, count: int) -> tuple[tuple[int, int, int], ...]:
+    """VOC's colours for 21 classes (and where the dataset gives none); else the
+    config's dataset's (Cityscapes, ADE20K...)."""
+    if count != len(VOC_CLASSES):
+        palette = mmseg_model.config_palette(cfg, count)
+        if palette is not None:
+            return palette
+    return tuple(tuple(c) for c in voc_palette(count))
 
 
 def _source(config, config_path, checkpoint, weights, report, mmseg_version) -> dict[str, Any]:
