@@ -9,6 +9,7 @@ N x 3 x H x W to logits at the decoder's resolution (1/8 for D8 backbones), whic
 from __future__ import annotations
 
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -134,15 +135,8 @@ def unsupported(segmentor: nn.Module) -> str | None:
 def config_palette(cfg: Any, count: int) -> tuple[tuple[int, int, int], ...] | None:
     """The colours of the config's dataset (its metainfo or the dataset class), if one
     per class: the masks then look as that dataset's tools draw them."""
-    from mmseg.registry import DATASETS
-
-    for loader in ("test_dataloader", "val_dataloader", "train_dataloader"):
-        dataset = (cfg.get(loader) or {}).get("dataset") or {}
-        palette = (dataset.get("metainfo") or {}).get("palette")
-        if palette is None and dataset.get("type"):
-            dataset_class = DATASETS.get(dataset["type"])
-            palette = getattr(dataset_class, "METAINFO", {}).get("palette")
-        if palette is not None and len(palette) == count and all(
+    for palette in _dataset_metainfo(cfg, "palette"):
+        if len(palette) == count and all(
                 len(c) == 3 and all(0 <= int(v) <= 255 for v in c) for c in palette):
             return tuple((int(c[0]), int(c[1]), int(c[2])) for c in palette)
     return None
@@ -161,17 +155,23 @@ def test_mode(cfg: Any) -> str | None:
 
 def config_class_names(cfg: Any, count: int) -> tuple[str, ...] | None:
     """Class names from the config's dataset (metainfo or the dataset class), if any fit."""
+    for classes in _dataset_metainfo(cfg, "classes"):
+        if len(classes) == count:
+            return tuple(map(str, classes))
+    return None
+
+
+def _dataset_metainfo(cfg: Any, key: str) -> Iterator[Any]:
+    """`key` of each dataloader's dataset: its metainfo's, else its dataset class's."""
     from mmseg.registry import DATASETS
 
     for loader in ("test_dataloader", "val_dataloader", "train_dataloader"):
         dataset = (cfg.get(loader) or {}).get("dataset") or {}
-        classes = (dataset.get("metainfo") or {}).get("classes")
-        if classes is None and dataset.get("type"):
-            dataset_class = DATASETS.get(dataset["type"])
-            classes = getattr(dataset_class, "METAINFO", {}).get("classes")
-        if classes is not None and len(classes) == count:
-            return tuple(map(str, classes))
-    return None
+        value = (dataset.get("metainfo") or {}).get(key)
+        if value is None and dataset.get("type"):
+            value = getattr(DATASETS.get(dataset["type"]), "METAINFO", {}).get(key)
+        if value is not None:
+            yield value
 
 
 class SegmentorCore(nn.Module):

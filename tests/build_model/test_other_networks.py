@@ -50,6 +50,8 @@ def test_the_palette_is_the_datasets_and_slide_testing_is_named():
     assert palette is not None and len(palette) == 19
     assert palette[0] == (128, 64, 128)                        # Cityscapes' road
     assert mmseg_model.config_palette(cfg, 21) is None         # not one per class
+    names = mmseg_model.config_class_names(cfg, 19)
+    assert names is not None and names[:2] == ("road", "sidewalk")
     note = mmseg_model.test_mode(cfg)
     assert note is not None and "'slide' mode (crop (769, 769), stride (513, 513))" in note
     assert mmseg_model.test_mode(Config(dict(model=dict(test_cfg=dict(mode="whole"))))) \
