@@ -120,8 +120,8 @@ def add_batch_parser(sub: argparse._SubParsersAction) -> None:
     batch.add_argument("--split", default="val", help="with --voc: which split")
     add_flags(batch, PipelineConfig, BATCH_PIPELINE_FLAGS, help={
         "model_dir": "a directory made by `pspnet build`, at the same path on every node",
-        "out_dir": "write masks here (palette PNGs named after each image's stem, as "
-                   "`pspnet serve --out`); without it none are written"})
+        "out_dir": "write masks here (palette PNGs at each image's own path with .png "
+                   "added, as `pspnet serve --out`); without it none are written"})
     add_flags(batch, BatchJob, [n for n in flag_names(BatchJob)
                                 if n not in BATCH_PIPELINE_FLAGS])
     batch.add_argument("--json", type=Path, default=None, metavar="FILE",

@@ -97,10 +97,10 @@ class PipelineConfig:
         help="upsample/argmax/mask/mIoU processes (default: the plan's)")
     out_dir: Path | None = setting(
         None, flag="--out", type=Path, metavar="MASKDIR",
-        help="write masks here as palette PNGs named after each image's stem; an image "
-             "whose mask name already holds another image's mask (b/x.jpg after a/x.jpg) "
-             "is answered with an error, the same image again replaces its own (without "
-             "--out no mask files are written; answers carry mask null)")
+        help="write masks here as palette PNGs at each image's own path with .png added "
+             "(/data/a/x.jpg -> MASKDIR/data/a/x.jpg.png), so a/x.jpg and b/x.jpg never "
+             "share one and the same image again replaces its own (without --out no mask "
+             "files are written; answers carry mask null)")
     write_masks: bool = setting(True, flag="--no-masks", action="store_false",
                                 help="do not write masks (benches)")
     max_pixels: int = setting(

@@ -751,7 +751,8 @@ def _address(h: dict[str, Any], key: str, empty: bool = False) -> str:
     where allowed: none). Anything else would make the connect raise in every worker it
     is handed to."""
     value = _string(h, key, empty=empty)
-    if value and not ADDRESS.fullmatch(value):
+    if value and (not ADDRESS.fullmatch(value) or value.startswith("tcp://")
+                  and not 0 < int(value.rpartition(":")[2]) < 65536):
         raise WireError(f"field {key!r} must be tcp://HOST:PORT or ipc://PATH, not "
                         f"{value[:80]!r}")
     return value
