@@ -269,9 +269,12 @@ def table(doc: dict[str, Any]) -> str:
             f"at {_f(row['bound_img_s'])} img/s, e2e reaches "
             f"{_f(row['e2e_over_bound'], 2)} of it")
     if row.get("front_main_ms_per_image"):
-        lines.append(f"front ceiling: 1000 / {row['front_main_ms_per_image']:.3f} ms of the "
-                     f"front's main thread per image = {row['front_ceiling_img_s']:.0f} img/s "
-                     f"(e2e {_f(row['e2e_img_s'])} img/s at batch {best['batch_size']})")
+        ms = row["front_main_ms_per_image"]
+        busy = f", the front busy {ms * row['e2e_img_s'] / 1000:.0%} of it" \
+            if row["e2e_img_s"] else ""
+        lines.append(f"front ceiling: 1000 / {ms:.3f} ms of the front's main thread per "
+                     f"image = {row['front_ceiling_img_s']:.0f} img/s (e2e "
+                     f"{_f(row['e2e_img_s'])} img/s at batch {best['batch_size']}{busy})")
     busiest = row.get("busiest_threads") or []
     if busiest:
         lines.append("busiest threads (ms per image, the rate each allows): " + ", ".join(

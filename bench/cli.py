@@ -56,7 +56,8 @@ examples:
       (the host side alone, against a simulated 400 img/s device)
   pspnet bench --model models/small --front-ceiling 4 --batch-sizes 16,64 --synthetic 96 \\
       --min-images 2048
-      (the front alone: 4 simulated 20,000 img/s executors, labels head, no masks)"""
+      (the front alone: 4 simulated 20,000 img/s executors, labels head, no masks,
+      96 photos of longest side 32)"""
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
@@ -74,7 +75,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                         help="a VOC root: the --split images with their ground truths")
     source.add_argument("--synthetic", type=positive_int, metavar="N",
                         help="N photo-like JPEGs (crops of the sample photos, longest side "
-                             "500) with stand-in ground truths, in a temporary folder")
+                             "500, or 32 with --front-ceiling) with stand-in ground truths, "
+                             "in a temporary folder")
     bench.add_argument("--split", default="val", help="with --voc: which split")
     bench.add_argument("--batch-sizes", default=None, metavar="LIST",
                        help="comma list of static batch sizes to measure, e.g. "
@@ -109,11 +111,13 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                             "executor threads up and down) at one batch size, --repeats "
                             "short e2e passes each, and print the best beside the plan")
     bench.add_argument("--front-ceiling", type=positive_int, default=None, metavar="N",
-                       help="measure the host side alone: N simulated executors (--backend "
-                            f"sim, each img_s={CEILING_IMG_S} unless --backend-option sets "
-                            "it, labels head: no logits resize) and no masks, so the "
-                            "front's main thread is what limits; the front ceiling column "
-                            "is the figure")
+                       help="measure the front: N simulated executors (--backend sim, each "
+                            f"img_s={CEILING_IMG_S} unless --backend-option sets it, labels "
+                            "head: no logits resize), no masks, and --synthetic photos of "
+                            "longest side 32, so the workers cost little and the front is "
+                            "fed as fast as this host allows (its work per image does not "
+                            "depend on a photo's size, and costs more per image the emptier "
+                            "the front is); the front ceiling column is the figure")
     # shared flags that mean a little more here; --batch-sizes replaces --batch-size
     add_pipeline_args(bench, hidden=("batch_size",), help={
         "out_dir": "keep the masks under MASKDIR/e2e-bsN/ and MASKDIR/serial-bsN/ "
@@ -173,7 +177,9 @@ def run_bench(args: argparse.Namespace) -> int:
             elif args.voc is not None:
                 feed = sources.from_voc(args.voc, args.split)
             else:
-                feed = sources.synthetic(args.synthetic, tmp)
+                side = sources.CEILING_LONG_SIDE if args.front_ceiling else \
+                    sources.VOC_LONG_SIDE
+                feed = sources.synthetic(args.synthetic, tmp, long_side=side)
         except (OSError, ValueError) as exc:
             return usage_error("bench", str(exc))
         settings = BenchSettings(

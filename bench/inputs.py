@@ -16,6 +16,7 @@ from pspnet.core.config import IMAGE_SUFFIXES
 from pspnet.core.files import name_problem
 
 VOC_LONG_SIDE = 500
+CEILING_LONG_SIDE = 32     # bench --front-ceiling: photos that cost the workers little
 SYNTHETIC_CLASSES = 21
 
 
@@ -54,10 +55,11 @@ def from_voc(root: Path, split: str) -> BenchInputs:
     return BenchInputs(voc.images, voc.truths, "voc", f"{root} {split}")
 
 
-def synthetic(count: int, folder: Path, seed: int = 0) -> BenchInputs:
-    """`count` JPEGs cut from the package's sample photos, longest side 500, with stand-in
-    ground truths (coarse blocks with 255 borders) so the mIoU step costs what it costs;
-    the mIoU itself means nothing."""
+def synthetic(count: int, folder: Path, seed: int = 0,
+              long_side: int = VOC_LONG_SIDE) -> BenchInputs:
+    """`count` JPEGs cut from the package's sample photos, longest side `long_side` (VOC's
+    500 by default), with stand-in ground truths (coarse blocks with 255 borders) so the
+    mIoU step costs what it costs; the mIoU itself means nothing."""
     import cv2
 
     from pspnet.build_model.samples import sample_images
@@ -79,7 +81,7 @@ def synthetic(count: int, folder: Path, seed: int = 0) -> BenchInputs:
         ch, cw = int(rng.integers(h // 2, h + 1)), int(rng.integers(w // 2, w + 1))
         top, left = int(rng.integers(0, h - ch + 1)), int(rng.integers(0, w - cw + 1))
         crop = rgb[top:top + ch, left:left + cw]
-        scale = VOC_LONG_SIDE / max(ch, cw)
+        scale = long_side / max(ch, cw)
         size = (max(1, round(cw * scale)), max(1, round(ch * scale)))
         crop = cv2.resize(crop, size, interpolation=cv2.INTER_AREA)
         path = folder / f"{i:05d}_{Path(name).stem}.jpg"
@@ -88,8 +90,9 @@ def synthetic(count: int, folder: Path, seed: int = 0) -> BenchInputs:
         write_mask(_blocks(crop.shape[:2], rng), truth, palette)
         paths.append(path)
         truths.append(truth)
+    sizes = "VOC sizes" if long_side == VOC_LONG_SIDE else f"longest side {long_side}"
     return BenchInputs(paths, truths, "synthetic",
-                       "crops of build_model/sample_images at VOC sizes; stand-in ground "
+                       f"crops of build_model/sample_images at {sizes}; stand-in ground "
                        "truth (mIoU is meaningless, its cost is real)")
 
 

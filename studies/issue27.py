@@ -11,7 +11,12 @@ What is measured, per tree:
 - front ceiling: `pspnet bench --front-ceiling N` (N simulated executors at 20,000 img/s
   each, labels head, no masks) on the demo network built with its labels head at 16,64:
   `front_main_ms_per_image` (the front's main-thread CPU per image, e2e pass) at batch 16
-  and 64, N = 2 and 4;
+  and 64, N = 2 and 4, for each of `--ceiling-sides`: the same 96 synthetic photos at that
+  longest side, given to both trees as a VOC-layout folder (`--voc`), so both read the
+  same files whatever their bench's own --synthetic makes. 32 is what the new bench's
+  --front-ceiling makes (the workers cost little, so the front is fed as fast as the host
+  allows); 500 is VOC's size, where this 2-core host's workers cap the rate near 700
+  img/s;
 - e2e with the real demo model (`pspnet demo`'s trained DeepLabV3-MobileNetV2 at 257,
   ort, batch sizes 1 and 4): `e2e_img_s` and `latency_p50_ms` at batch 1 and 4;
 - idle latency (studies.idle_latency): one photo to an idle daemon (defaults), median
@@ -90,6 +95,25 @@ def bench(tree: Tree, argv: list[str], out_json: Path) -> dict[str, Any]:
     return json.loads(out_json.read_text())
 
 
+def voc_photos(root: Path, side: int, count: int = 96) -> Path:
+    """`count` synthetic photos of longest side `side` with their stand-in ground truths,
+    laid out as VOC (JPEGImages/, SegmentationClass/, ImageSets/Segmentation/val.txt)."""
+    from pspnet.bench.inputs import synthetic
+
+    listing = root / "ImageSets" / "Segmentation" / "val.txt"
+    if listing.is_file():
+        return root
+    feed = synthetic(count, root / "made", long_side=side)
+    for sub in ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation"):
+        (root / sub).mkdir(parents=True, exist_ok=True)
+    for photo, truth in zip(feed.paths, feed.truths, strict=True):
+        assert truth is not None
+        photo.rename(root / "JPEGImages" / photo.name)
+        truth.rename(root / "SegmentationClass" / f"{photo.stem}.png")
+    listing.write_text("".join(f"{p.stem}\n" for p in feed.paths))
+    return root
+
+
 def rows(doc: dict[str, Any], keys: tuple[str, ...]) -> dict[str, dict[str, Any]]:
     return {str(r["batch_size"]): {k: r.get(k) for k in keys} for r in doc["results"]}
 
@@ -103,6 +127,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", type=Path, default=Path("/tmp/issue27-study"))
     parser.add_argument("--executors", default="2,4")
     parser.add_argument("--ceiling-images", type=int, default=1024)
+    parser.add_argument("--ceiling-sides", default="32,500",
+                        help="the front ceiling's photos: longest sides to measure")
     parser.add_argument("--demo-images", type=int, default=96)
     parser.add_argument("--repeats", type=int, default=8, help="idle latency: measured")
     parser.add_argument("--json", type=Path, required=True)
@@ -131,17 +157,20 @@ def main(argv: list[str] | None = None) -> int:
             flip = not flip
             return (old, new) if flip else (new, old)
 
-        for n in (int(x) for x in args.executors.split(",")):
-            for tree in pair():
-                say(f"{tree.label}: front ceiling, {n} simulated executors")
-                got = bench(tree, ["--model", str(labels), "--front-ceiling", str(n),
-                                   "--batch-sizes", "16,64", "--synthetic", "96",
-                                   "--min-images", str(args.ceiling_images),
-                                   "--baseline-images", "128", "--repeats", "1"],
-                            scratch / f"ceiling-{tree.label}-{n}.json")
-                doc["ceiling"].setdefault(f"{n}exe", {})[tree.label] = rows(
-                    got, ("front_main_ms_per_image", "front_ceiling_img_s", "e2e_img_s",
-                          "images_per_batch", "latency_p50_ms"))
+        for side in (int(x) for x in args.ceiling_sides.split(",")):
+            voc = voc_photos(args.work / f"photos-{side}", side)
+            for n in (int(x) for x in args.executors.split(",")):
+                for tree in pair():
+                    say(f"{tree.label}: front ceiling, {n} simulated executors, "
+                        f"photos of longest side {side}")
+                    got = bench(tree, ["--model", str(labels), "--front-ceiling", str(n),
+                                       "--batch-sizes", "16,64", "--voc", str(voc),
+                                       "--min-images", str(args.ceiling_images),
+                                       "--baseline-images", "128", "--repeats", "1"],
+                                scratch / f"ceiling-{tree.label}-{n}-{side}.json")
+                    doc["ceiling"].setdefault(f"{n}exe side {side}", {})[tree.label] = rows(
+                        got, ("front_main_ms_per_image", "front_ceiling_img_s", "e2e_img_s",
+                              "images_per_batch", "latency_p50_ms"))
         for tree in pair():
             say(f"{tree.label}: e2e, the demo model at batch 1 and 4")
             got = bench(tree, ["--model", str(demo), "--batch-sizes", "1,4", "--synthetic",

@@ -78,6 +78,20 @@ def test_bench_refuses_a_batch_size_that_was_not_built(tiny_models, capsys):
     assert "3" in capsys.readouterr().err
 
 
+def test_synthetic_photos_take_the_longest_side_asked(tmp_path):
+    """VOC's 500 by default; --front-ceiling asks for 32 (and ground truths to match)."""
+    import cv2
+
+    from pspnet.bench.inputs import synthetic
+
+    for side in (500, 32):
+        feed = synthetic(4, tmp_path / str(side), long_side=side)
+        for photo, truth in zip(feed.paths, feed.truths, strict=True):
+            shape = cv2.imread(str(photo)).shape[:2]
+            assert max(shape) == side
+            assert cv2.imread(str(truth), cv2.IMREAD_UNCHANGED).shape[:2] == shape
+
+
 def test_executor_only_alternates_the_two_slots(tiny_models, tmp_path):
     """ais_bench's figure from execute times; every batch executed once, slots reused."""
     from pspnet.bench.inputs import synthetic
@@ -282,6 +296,7 @@ def test_front_ceiling_drives_simulated_executors_with_the_labels_head(tiny_mode
     assert doc["backend"] == "sim" and doc["devices"] == ["sim", "sim"]
     assert doc["settings"]["backend_options"] == {"img_s": "20000", "head": "labels"}
     assert doc["settings"]["masks"] is False
+    assert "longest side 32" in doc["inputs"]["note"]       # the workers cost little
     [row] = doc["results"]
     assert row["errors"] == {"e2e": 0, "serial": 0}
     if Path("/proc/self/task").is_dir():
@@ -289,6 +304,7 @@ def test_front_ceiling_drives_simulated_executors_with_the_labels_head(tiny_mode
         assert ms > 0 and row["front_ceiling_img_s"] == pytest.approx(1000 / ms)
         assert "front ceiling: 1000 / " in out
     assert "front ceiling" in out.splitlines()[0]
+    assert "the front busy" in out
     assert 0 < row["batch_fill"] <= 1 and 1 <= row["images_per_batch"] <= 4
 
 
