@@ -29,6 +29,7 @@ pixels whose two best logits are within about 2^-19 of the largest logit magnitu
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import lru_cache
@@ -38,6 +39,12 @@ import numpy as np
 import torch
 
 from pspnet.core.wire import Placement
+
+# Logits arrive read-only (a ZeroMQ frame, a Ray block) and go to torch.from_numpy for the
+# row matmul, which only reads them; torch's warning about that (printed in every Ray
+# postprocess task of `pspnet batch`) is noise.
+warnings.filterwarnings("ignore", message="The given NumPy array is not writable",
+                        category=UserWarning)
 
 UNDECIDED = 255                  # never a class id (at most 255 classes: ids 0..254)
 MAX_LOGIT = 2.0 ** 100           # larger magnitudes mean a broken model (and would overflow)

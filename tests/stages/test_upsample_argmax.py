@@ -329,3 +329,26 @@ def test_counts_on_the_way_only_for_large_photos() -> None:
     assert counts is not None and np.array_equal(counts, class_pixels(labels))
     assert ua.counted_boundary_labels(logits, large, (257, 257), count=False)[1] is None
     assert np.array_equal(labels_from_logits(logits, large, (257, 257)), labels)
+
+
+def test_read_only_logits_are_labelled_without_a_warning() -> None:
+    """Ray and ZeroMQ hand the postprocess read-only logits; torch warns once per process
+    about such an array, so a fresh interpreter shows whether the warning reaches stderr
+    (it did in every `pspnet batch` run)."""
+    import subprocess
+    import sys
+
+    code = """
+import numpy as np
+from pspnet.core.wire import Placement
+from pspnet.model import upsample_argmax as ua
+logits = np.random.default_rng(1).standard_normal((5, 9, 9)).astype(np.float32)
+logits.flags.writeable = False
+p = Placement(orig_h=100, orig_w=100, scale=0.64, top=0, left=0, height=64, width=64)
+print(int(ua.dense_labels(logits, p, (64, 64)).max()))
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().isdigit()
+    assert "not writable" not in done.stderr and done.stderr.strip() == ""
