@@ -288,4 +288,5 @@ def cuda_torch_fix(version: str, python: str = "python") -> str:
     base = version.split("+", 1)[0]
     return (f"this torch ({version}) is a CPU build: install a CUDA build with "
             f"`{python} -m pip install --index-url {TORCH_CUDA_INDEX} torch=={base}` "
-            f"(or PSPNET_TORCH=cu126 with scripts/venv.sh)")
+            "(or, in the project's checkout, `PSPNET_TORCH=cu126 ./scripts/demo`, which "
+            "reinstalls torch in its .venv)")

@@ -18,3 +18,5 @@ EXIT_CANNOT_START = 3  # cannot start: serve or one of its children (bad model, 
 EXIT_UNAVAILABLE = 4   # daemon unavailable: nothing answers at the endpoint
 EXIT_INTERRUPTED = 130 # interrupted: Ctrl-C of a client (128 + SIGINT, the shell's own
                        # convention); `pspnet submit` has cancelled what had not started
+EXIT_BROKEN_PIPE = 141 # its output's reader went away (`pspnet submit ... | head -1`): it
+                       # stops quietly, as a tool killed by SIGPIPE would (128 + SIGPIPE)

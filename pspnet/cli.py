@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 
 from pspnet.batch.cli import add_parsers as add_batch_parsers
 from pspnet.bench.cli import add_parsers as add_bench_parsers
 from pspnet.build_model.cli import add_build_parser
+from pspnet.core.exits import EXIT_BROKEN_PIPE
 from pspnet.daemon.commands import add_daemon_parsers
 from pspnet.demo import add_parsers as add_demo_parser
 from pspnet.worker import add_worker_parser
@@ -33,15 +36,21 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    add_demo_parser(sub)                   # listed in the order a new user meets them
     add_build_parser(sub)
-    add_daemon_parsers(sub)                # serve, submit, status
-    add_worker_parser(sub)
+    add_daemon_parsers(sub)                # serve, submit, status, reload, keys
     add_batch_parsers(sub)                 # eval, batch
     add_bench_parsers(sub)                 # bench
-    add_demo_parser(sub)
+    add_worker_parser(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return int(args.run(args) or 0)
+    try:
+        code = int(args.run(args) or 0)
+        sys.stdout.flush()                 # inside: a reader gone at the last line counts
+    except BrokenPipeError:                # `pspnet submit ... | head -1`: the reader is gone
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # (exit's flush)
+        return EXIT_BROKEN_PIPE
+    return code

@@ -104,8 +104,10 @@ def test_cuda_of_a_cpu_torch_gives_the_install_command(tiny_models, capsys):
         f"pspnet serve: error: --devices cuda:0: this torch ({version}) is a CPU build: "
         f"install a CUDA build with `{sys.executable} -m pip install --index-url "
         f"https://download.pytorch.org/whl/cu126 torch=={version.split('+')[0]}` "
-        "(or PSPNET_TORCH=cu126 with scripts/venv.sh)")
+        "(or, in the project's checkout, `PSPNET_TORCH=cu126 ./scripts/demo`, which "
+        "reinstalls torch in its .venv)")
     assert "PSPNET_TORCH=cu" in (REPO / "scripts" / "venv.sh").read_text()
+    assert "venv.sh" in (REPO / "scripts" / "demo").read_text()
 
 
 @pytest.mark.parametrize("command", ["submit", "status"])
@@ -136,6 +138,25 @@ def test_no_daemon_names_endpoint_and_the_running_ones(tmp_path, monkeypatch, ca
     assert not dead.exists()
     endpoint.forget_daemon(record)
     assert endpoint.running_daemons() == []
+
+
+def test_a_reader_gone_from_the_pipe_ends_quietly(tmp_path):
+    """`pspnet submit ... | head -1`: once the reader has closed the pipe, the command stops
+    with 141 (as a tool killed by SIGPIPE) and no traceback. `keys` prints its JSON to
+    stdout and needs no daemon; the pipe's read end is closed before it starts."""
+    from pspnet.core.exits import EXIT_BROKEN_PIPE
+
+    read, write = os.pipe()
+    os.close(read)
+    try:
+        out = subprocess.run([sys.executable, "-m", "pspnet", "keys", str(tmp_path / "k")],
+                             stdout=write, stderr=subprocess.PIPE, text=True, timeout=120,
+                             cwd=REPO)
+    finally:
+        os.close(write)
+    assert out.returncode == EXIT_BROKEN_PIPE, out.stderr
+    assert out.stderr == ""
+    assert (tmp_path / "k" / "client.key").is_file()      # the work itself was done
 
 
 def test_serve_that_cannot_start_says_why_on_stderr(tiny_models, tmp_path):
