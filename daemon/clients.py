@@ -162,13 +162,15 @@ class Clients:
         """A live reload (daemon.reload): refused at once with the reason, or started and
         answered when it switched or failed. A model directory a client names is held to
         --allow-root like any path it names."""
+        reloader = self.front.reloader           # counts its refusals apart from images
         problem = "the daemon is shutting down" if self.stopping else None
         if problem is None and msg.model:
             problem = refusal(wire.Request("reload", msg.model), self.allow_roots)
-        if problem is None:
-            problem = self.front.reloader.request(msg.model or None, msg.force, client)
         if problem is not None:
-            self.counts["refused"] += 1
+            problem = reloader.refuse(problem)
+        else:
+            problem = reloader.request(msg.model or None, msg.force, client)
+        if problem is not None:
             self.send(client, wire.Reply("error", message=problem))
 
     def _admit(self, client: bytes, r: wire.Request) -> str | None:

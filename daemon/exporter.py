@@ -281,7 +281,7 @@ class StatusCollector:
 
 def _model_metrics(model: dict[str, Any]) -> Iterator[Metric]:
     """The served model's version (an info-style gauge: 1 for the one served) and the
-    reloads so far, done and failed."""
+    reloads so far: switched, failed while loading, refused at once."""
     served = GaugeMetricFamily("pspnet_model_info", "The model served (its manifest's "
                                "digest and directory); a reload changes it",
                                labels=["version", "dir"])
@@ -291,6 +291,7 @@ def _model_metrics(model: dict[str, Any]) -> Iterator[Metric]:
                                   labels=["outcome"])
     reloads.add_metric(["switched"], model.get("reloads", 0))
     reloads.add_metric(["failed"], model.get("failed_reloads", 0))
+    reloads.add_metric(["refused"], model.get("refused_reloads", 0))
     yield reloads
 
 

@@ -36,6 +36,7 @@ import structlog
 from pspnet.core import wire
 from pspnet.core.config import PipelineConfig, start_document
 from pspnet.core.pipeline import Stage
+from pspnet.model.artefacts import model_dir_problem
 from pspnet.model.manifest import Manifest, model_version, pick_batch_size
 from pspnet.model.metrics import IoUAccumulator
 
@@ -88,6 +89,7 @@ class Reloader:
         self.queued: tuple[Generation, Any, bool, tuple] | None = None   # waits for it
         self.replies: list[tuple[Any, wire.Reply]] = []
         self.reloads = self.failures = 0
+        self.refused = 0                # asked and refused at once, with the reason
         self.last: dict[str, Any] | None = None
 
     def stamp(self, sender: str, entry: Any) -> tuple[bool, str, int]:
@@ -119,13 +121,28 @@ class Reloader:
     def request(self, model_dir: str | Path | None, force: bool, origin: Any) -> str | None:
         """Start a reload to `model_dir` (None or "": the served directory, read again).
         None: started, the outcome comes as a reply for `origin`; else why not (the
-        running model serves on)."""
+        running model serves on), counted as refused."""
+        problem = self._start_or_why(model_dir, force, origin)
+        return None if problem is None else self.refuse(problem)
+
+    def refuse(self, problem: str) -> str:
+        """Count a reload refused at once (here, or at the door: a directory outside
+        --allow-root, a daemon draining); the status shows them apart from images."""
+        self.refused += 1
+        return problem
+
+    def _start_or_why(self, model_dir: str | Path | None, force: bool, origin: Any,
+                      ) -> str | None:
         swap = self.swap
         if swap is not None and (swap.state == LOADING or self.queued is not None):
             return (f"a reload to {swap.new.cfg.model_dir} is in progress ({swap.state})"
                     f"{' and another waits' if self.queued else ''}; at most two models run "
                     "at once: reload again once it is done (`pspnet status` shows it)")
         directory = Path(model_dir) if model_dir else self.active.cfg.model_dir
+        not_a_model = model_dir_problem(directory)     # a checkpoint, an ONNX file...
+        if not_a_model is not None:
+            return f"cannot reload: {not_a_model}; the running model {self.active.version} " \
+                   "serves on"
         try:
             manifest = Manifest.read(directory)
             version = model_version(directory)
@@ -299,6 +316,7 @@ class Reloader:
         """The status document's `model` section."""
         doc = self.active.describe() | {"reloads": self.reloads,
                                          "failed_reloads": self.failures,
+                                         "refused_reloads": self.refused,
                                          "last_reload": self.last, "reload": None}
         if self.swap is not None:
             doc["reload"] = {"state": self.swap.state, "to": self.swap.new.version,

@@ -24,8 +24,12 @@ def status_table(status: Status) -> str:
     model = status.model or {}
     if model:
         swap = model.get("reload")
+        done, failed, refused = (model.get(k) or 0 for k in
+                                 ("reloads", "failed_reloads", "refused_reloads"))
         rows.append(("model", f"{model.get('version')} ({model.get('dir')})"
-                     + (f", reloading to {swap['to']}: {swap['state']}" if swap else "")))
+                     + (f", reloading to {swap['to']}: {swap['state']}" if swap else "")
+                     + (f"; reloads {done} done, {failed} failed, {refused} refused"
+                        if done or failed or refused else "")))
     rows += [
         ("queue", f"{front.queued} queued, {front.inflight} in flight"),
         ("images/s", f"{status.images_per_s:g} (last 10 s)"),

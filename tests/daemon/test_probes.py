@@ -113,3 +113,15 @@ def test_readyz_says_why_not():
     assert probe("/health")[0] == "404 Not Found"
     assert status_table(status_of(up=1, stopping=True)).splitlines()[0].split() == \
         ["ready", "no", "(draining)"]
+
+
+def test_the_table_counts_reloads_apart_from_images():
+    """Refused reloads are not refused images: the model row counts them."""
+    status = status_of(up=1)
+    status.model = {"version": "abc123", "dir": "/m", "reload": None, "reloads": 1,
+                    "failed_reloads": 2, "refused_reloads": 3}
+    rows = {line.split()[0]: line for line in status_table(status).splitlines() if line.strip()}
+    assert rows["model"].endswith("abc123 (/m); reloads 1 done, 2 failed, 3 refused")
+    assert rows["answered"].split()[-2:] == ["0", "refused"]
+    status.model |= {"reloads": 0, "failed_reloads": 0, "refused_reloads": 0}
+    assert "reloads" not in status_table(status)

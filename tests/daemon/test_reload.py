@@ -217,12 +217,19 @@ def test_broken_or_other_classes_refused_old_serves_on(tiny_models, model_b, pho
             client.reload(poisoned)
         with pytest.raises(ReloadFailed, match="pass --force"):
             client.reload(renamed)
+        checkpoint = tmp_path / "weights.pth"
+        checkpoint.write_bytes(b"\0" * 64)
+        with pytest.raises(ReloadFailed, match="is a checkpoint, not a model directory: "
+                                               "make one with `pspnet build"):
+            client.reload(checkpoint)
     job.join(120)
     assert job.error is None and len(job.answers) == 120
     assert collections.Counter(a.status for a in job.answers) == {"ok": 120}
     assert {a.model for a in job.answers} == {version_a}
     model = wait_model(daemon, version_a, 0)       # the failed model's workers gone
     assert model["failed_reloads"] == 2 and not model["last_reload"]["ok"]
+    assert model["refused_reloads"] == 2             # counted apart from images:
+    assert daemon.status()["daemon"]["refused"] == 0  # no image was refused
 
     run = subprocess.run([*cli, "--model", str(renamed), "--force"], capture_output=True,
                          text=True, timeout=120)
