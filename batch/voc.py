@@ -61,8 +61,11 @@ def read_split(root: str | Path, split: str = "val") -> VocSplit:
     root = Path(root)
     listing = split_file(root, split)
     if not listing.is_file():
+        inner = [d for d in sorted(root.glob("*/")) if split_file(d, split).is_file()]
+        hint = f"; {inner[0]} has it: pass --voc {inner[0]}" if inner else ""
         raise VocLayoutError(f"{listing}: no such split file; expected the VOC layout "
-                             f"{IMAGE_DIR}/, {TRUTH_DIR}/, {SPLIT_DIR}/{split}.txt under {root}")
+                             f"{IMAGE_DIR}/, {TRUTH_DIR}/, {SPLIT_DIR}/{split}.txt under "
+                             f"{root}{hint}")
     out = VocSplit(root, split)
     seen: set[str] = set()
     for line in listing.read_text(encoding="utf-8", errors="replace").splitlines():

@@ -107,9 +107,10 @@ class Client:
             folder = keys_dir or (Path(os.environ[ENV_KEYS]) if os.environ.get(ENV_KEYS)
                                   else None)
             if folder is None:
-                raise ValueError(f"{endpoint} admits only clients with its key: pass --keys "
-                                 f"DIR or set {ENV_KEYS} (client.key_secret and server.key "
-                                 "from the daemon's `pspnet keys DIR`)")
+                raise ValueError(f"{endpoint}: every tcp endpoint of pspnet admits only "
+                                 f"clients with its keys: pass --keys DIR or set {ENV_KEYS} "
+                                 "(client.key_secret and server.key from the daemon's "
+                                 "`pspnet keys DIR`)")
             try:
                 curve = client_keys(folder)
             except KeysError as exc:

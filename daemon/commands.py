@@ -68,7 +68,8 @@ def add_daemon_parsers(sub: argparse._SubParsersAction) -> None:
                              "(the daemon then keeps a running mIoU); put --ann after the "
                              "images: it takes every path that follows it")
     submit.add_argument("--endpoint", default=None,
-                        help="daemon address (default: the local daemon's ipc socket)")
+                        help="the daemon's address, ipc://PATH or tcp://HOST:PORT (default: "
+                             "$PSPNET_ENDPOINT, else this user's local daemon's ipc socket)")
     submit.add_argument("--keys", type=Path, default=None, metavar="DIR", help=KEYS_HELP)
     submit.add_argument("--timeout", type=positive_float, default=None, metavar="S",
                         help="give up on images not answered after S seconds "
@@ -102,7 +103,8 @@ def add_daemon_parsers(sub: argparse._SubParsersAction) -> None:
     status.add_argument("--json", action="store_true",
                         help="print the status document as one JSON line, even on a terminal")
     status.add_argument("--endpoint", default=None,
-                        help="daemon address (default: the local daemon's ipc socket)")
+                        help="the daemon's address, ipc://PATH or tcp://HOST:PORT (default: "
+                             "$PSPNET_ENDPOINT, else this user's local daemon's ipc socket)")
     status.add_argument("--keys", type=Path, default=None, metavar="DIR", help=KEYS_HELP)
     status.set_defaults(run=run_status)
 
@@ -126,7 +128,8 @@ def add_daemon_parsers(sub: argparse._SubParsersAction) -> None:
                         help="serve it even if its classes differ from the running model's "
                              "(the running mIoU restarts)")
     reload.add_argument("--endpoint", default=None,
-                        help="daemon address (default: the local daemon's ipc socket)")
+                        help="the daemon's address, ipc://PATH or tcp://HOST:PORT (default: "
+                             "$PSPNET_ENDPOINT, else this user's local daemon's ipc socket)")
     reload.add_argument("--keys", type=Path, default=None, metavar="DIR", help=KEYS_HELP)
     reload.add_argument("--timeout", type=positive_float, default=300.0, metavar="S",
                         help="wait this long for the switch (default 300)")

@@ -297,7 +297,8 @@ def _in_use(endpoint: str, path: Path | None, otherwise: str | None = None) -> s
     except (DaemonUnavailable, ValueError, zmq.ZMQError, wire.WireError):
         pass                                      # not a daemon of ours, or a silent one
     if pid is not None:
-        return f"a daemon (pid {pid}) already answers at {endpoint}"
+        return (f"a daemon (pid {pid}) already answers at {endpoint}: stop it (`kill {pid}` "
+                "drains it first) or give this one another --endpoint")
     if otherwise is not None:
         return otherwise
     where = f"on {path}" if path is not None else "there"

@@ -70,6 +70,8 @@ UPRIGHT = {
 }
 # Formats Pillow may open for us; others (EPS, PDF...) are refused as unrecognised.
 PILLOW_FORMATS = ("PNG", "JPEG", "BMP", "GIF", "TIFF", "WEBP", "PPM")
+# where the limit is raised: the command that decodes (a client's submit has no such flag)
+LIMIT_FLAG = "(--max-pixels of pspnet serve, eval, bench or batch)"
 
 _turbo: Any = None  # one TurboJPEG per process, created on first use
 
@@ -113,7 +115,7 @@ def _check_pixels(width: int, height: int, max_pixels: int) -> None:
     if width * height > max_pixels:
         raise ImageError(
             f"image is {width}x{height} = {width * height / 1e6:.1f} Mpx, over the "
-            f"{max_pixels / 1e6:.1f} Mpx limit (--max-pixels)")
+            f"{max_pixels / 1e6:.1f} Mpx limit {LIMIT_FLAG}")
 
 
 class DecodeScratch:
@@ -298,7 +300,7 @@ def _decode_pillow(data: bytes, max_pixels: int) -> np.ndarray:
         m = _BOMB_PIXELS.search(str(e))
         size = f"{int(m.group(1)) / 1e6:.1f} Mpx" if m else "too large"
         raise ImageError(f"image is {size}, over the {max_pixels / 1e6:.1f} Mpx limit "
-                         "(--max-pixels)") from None
+                         f"{LIMIT_FLAG}") from None
     except ImageError:
         raise
     except (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError,

@@ -104,6 +104,10 @@ def test_eval_usage_errors(tiny_models, tmp_path, capsys):
     assert "no such split file" in capsys.readouterr().err
     voc = make_voc_folder(tmp_path / "voc", photos=[])
     assert main(["eval", "--voc", str(voc.root), "--model", str(tiny_models["logits"])]) == 2
+    capsys.readouterr()
+    # VOCdevkit/ given for VOCdevkit/VOC2012/: the line names the folder that has the split
+    assert main(["eval", "--voc", str(tmp_path), "--model", str(tiny_models["logits"])]) == 2
+    assert capsys.readouterr().err.strip().endswith(f"has it: pass --voc {voc.root}")
 
 
 def test_read_split_notes_what_is_missing(tmp_path):

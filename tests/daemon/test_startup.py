@@ -82,7 +82,9 @@ def test_second_serve_on_a_live_endpoint_is_refused(tiny_models, tmp_path, daemo
         out = serve(tiny_models["logits"], tmp_path, endpoint)
         took = time.monotonic() - t
         line = one_line_error(out)
-        assert line == f"pspnet serve: error: a daemon (pid {pid}) already answers at {endpoint}"
+        assert line == (f"pspnet serve: error: a daemon (pid {pid}) already answers at "
+                        f"{endpoint}: stop it (`kill {pid}` drains it first) or give this "
+                        "one another --endpoint")
         assert not run_dirs(tmp_path), "a run directory was made"
         assert first.status()["daemon"]["pid"] == pid, "the first daemon lost its endpoint"
         print(f"second serve refused in {took:.1f} s: {line}")

@@ -45,14 +45,14 @@ def build_cases(tmp: Path, photo: Path) -> tuple[dict[str, tuple[str, str | None
         kind: (str(corpus[kind]), None, EXPECT[kind]) for kind in EXPECT}
     # 2 Mpx in one row: over this daemon's 0.25 Mpx before its side is looked at
     # (tests/stages/test_image_io.py checks the side's refusal at the default limit)
-    cases["wide_png"] = (str(corpus["wide_png"]), None, "(--max-pixels)")
+    cases["wide_png"] = (str(corpus["wide_png"]), None, "(--max-pixels of pspnet serve")
     # a real 20000x20000 image: 1-bit PNG, 50 MB in memory here, 1.2 GB as RGB
     real_huge = root / "real_20000x20000.png"
     Image.new("1", (HUGE_SIDE, HUGE_SIDE), 1).save(real_huge, optimize=False)
     cases["real_20000x20000_png"] = (str(real_huge), None, "over the 0.2 Mpx limit")
     over = root / "over_limit_real.jpg"
     Image.fromarray(np.full((500, 600, 3), 90, np.uint8)).save(over, quality=90)
-    cases["over_max_pixels_real"] = (str(over), None, "(--max-pixels)")
+    cases["over_max_pixels_real"] = (str(over), None, "(--max-pixels of pspnet serve")
     fifo = root / "fifo.jpg"
     os.mkfifo(fifo)
     cases["fifo_named_jpg"] = (str(fifo), None, "not a regular file")

@@ -225,7 +225,8 @@ def test_huge_header_refused_before_decoding(corpus: dict[str, Path],
     with pytest.raises(ImageError) as info:
         decode_image(corpus["huge_header_jpeg"])
     assert str(info.value) == (f"image is {HUGE_SIDE}x{HUGE_SIDE} = 400.0 Mpx, over the "
-                               "50.0 Mpx limit (--max-pixels)")
+                               "50.0 Mpx limit (--max-pixels of pspnet serve, eval, bench "
+                               "or batch)")
     with pytest.raises(ImageError, match="over the 50.0 Mpx limit"):
         decode_image(corpus["huge_header_png"])
     # Between the limit and Pillow's 2x "bomb" threshold the check is ours, also pre-load.
