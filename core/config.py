@@ -49,6 +49,8 @@ from pspnet.core.wire import DEFAULT_MAX_PIXELS as DEFAULT_MAX_PIXELS
 # What counts as an image file wherever a folder is read (watch, bench, batch): the formats
 # model.image_io decodes.
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".jfif", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif")
+UNREAD_PHOTO_SUFFIXES = (".heic", ".heif", ".avif")   # phones' photos the daemon cannot read:
+                                                      # named when a folder walk skips them
 STOP_SIGNAL = signal.SIGUSR1           # the front's "stop now" to its own workers: they ignore
                                        # SIGTERM/SIGINT/SIGHUP sent to the whole group, and
                                        # SIGUSR1's default action ends the process at once

@@ -50,5 +50,7 @@ def upload_refusal(nbytes: int, max_upload_bytes: int) -> str | None:
     """Why an upload of `nbytes` is refused (None: it is not), in the user's words."""
     if nbytes > max_upload_bytes:
         return (f"upload of {nbytes} bytes is over the daemon's --max-upload-bytes "
-                f"{max_upload_bytes}")
+                f"{max_upload_bytes}: send it as a JPEG (a 48 Mpx one is about 20 MB), its "
+                "path where the daemon can read it, or restart the daemon with a higher "
+                "--max-upload-bytes")
     return None

@@ -16,7 +16,7 @@ from typing import Any, TextIO
 
 from tqdm import tqdm
 
-from pspnet.core.config import IMAGE_SUFFIXES
+from pspnet.core.config import IMAGE_SUFFIXES, UNREAD_PHOTO_SUFFIXES
 from pspnet.core.exits import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_UNAVAILABLE, EXIT_USAGE
 from pspnet.core.files import shown_path
 from pspnet.core.logs import json_safe
@@ -39,16 +39,17 @@ class NoImages(ValueError):
 
 
 def gather(paths: Iterable[str], recursive: bool = False, listing: str | None = None,
-           stdin: TextIO | None = None) -> list[str]:
+           stdin: TextIO | None = None, skipped: list[str] | None = None) -> list[str]:
     """Every image path the user gave, in order: files as they are (the daemon says what
     is wrong with one), folders' images (IMAGE_SUFFIXES, no hidden files; with
     `recursive` their subfolders' too), the lines of `listing`, and, for `-`, the lines
-    on stdin. A folder without `recursive` that holds only folders says so."""
+    on stdin. A folder without `recursive` that holds only folders says so. `skipped`
+    collects the folders' photos the daemon cannot read (HEIC...), for a note."""
     out: list[str] = []
     given = list(paths)
     if listing is not None:
         try:
-            given += _lines(Path(listing).read_text(encoding="utf-8",
+            given += _lines(Path(listing).read_text(encoding="utf-8-sig",   # Notepad's BOM
                                                     errors="surrogateescape"))
         except OSError as exc:
             raise NoImages(f"--list {listing}: {exc.strerror or exc}") from None
@@ -56,9 +57,12 @@ def gather(paths: Iterable[str], recursive: bool = False, listing: str | None = 
         if path == "-":
             out += _lines((stdin or sys.stdin).read())
         elif os.path.isdir(path):
-            found = list(_images_in(Path(path), recursive))
+            found = list(_images_in(Path(path), recursive, skipped=skipped))
             if not found:
                 more = "" if recursive else " (add -r for its subfolders)"
+                if skipped:
+                    more += (f"; its {len(skipped)} HEIC/HEIF/AVIF photos are not read: "
+                             "convert them to JPEG first")
                 raise NoImages(f"{path}: no images ({', '.join(IMAGE_SUFFIXES)}){more}")
             out += found
         else:
@@ -67,11 +71,12 @@ def gather(paths: Iterable[str], recursive: bool = False, listing: str | None = 
 
 
 def _lines(text: str) -> list[str]:
+    text = text.removeprefix("\ufeff")          # a list saved with a BOM, piped to -
     return [line.strip() for line in text.splitlines() if line.strip()]
 
 
-def _images_in(folder: Path, recursive: bool,
-               seen: set[tuple[int, int]] | None = None) -> Iterator[str]:
+def _images_in(folder: Path, recursive: bool, seen: set[tuple[int, int]] | None = None,
+               skipped: list[str] | None = None) -> Iterator[str]:
     """The images in `folder` (and its subfolders), each folder once: a link back up the
     tree (`up -> ..`) would otherwise send the same photos until the kernel's link limit,
     and a link to / the whole disk."""
@@ -84,9 +89,11 @@ def _images_in(folder: Path, recursive: bool,
         if entry.name.startswith("."):
             continue
         if entry.is_dir() and recursive:
-            yield from _images_in(entry, recursive, seen)
+            yield from _images_in(entry, recursive, seen, skipped)
         elif entry.is_file() and entry.suffix.lower() in IMAGE_SUFFIXES:
             yield str(entry)
+        elif skipped is not None and entry.suffix.lower() in UNREAD_PHOTO_SUFFIXES:
+            skipped.append(str(entry))
 
 
 def readable(answer: Answer, shown: str) -> str:
@@ -143,10 +150,16 @@ def run_submit(args: argparse.Namespace) -> int:
 
 
 def _submit(args: argparse.Namespace) -> int:
+    skipped: list[str] = []
     try:
-        paths = gather(args.paths, args.recursive, args.list)
+        paths = gather(args.paths, args.recursive, args.list, skipped=skipped)
     except (NoImages, OSError) as exc:       # OSError: a folder that cannot be listed
         return _usage(str(exc))
+    if skipped:
+        sys.stderr.write(f"pspnet submit: skipped {len(skipped)} HEIC/HEIF/AVIF file"
+                         f"{'s' * (len(skipped) > 1)} in the folders (e.g. "
+                         f"{shown_path(skipped[0])}): the daemon does not read them; "
+                         "convert them to JPEG first (e.g. heif-convert IMG.HEIC IMG.jpg)\n")
     if not paths:
         return _usage("no images given (paths, a folder, --list FILE or - for stdin)")
     if args.ann is not None and len(args.ann) != len(paths):

@@ -55,8 +55,11 @@ from pspnet.core.wire import MAX_PHOTO_SIDE, Placement
 JPEG_MAGIC = b"\xff\xd8\xff"
 EOI = b"\xff\xd9"                 # a JPEG's last marker
 EOF_WARNING = "Premature end of JPEG file"   # libjpeg's, for data that end early
+# libjpeg's for stray bytes it skipped to reach the closing EOI marker (0xd9): some
+# cameras pad there; every scan before the EOI was read whole
+PADDED_EOI = re.compile(r"Corrupt JPEG data: \d+ extraneous bytes before marker 0xd9")
 EXIF_HEADER = b"Exif\x00\x00"    # an APP1 segment's start: where a JPEG keeps its EXIF tags
-EXIF_SEARCH = 1 << 17           # APP segments come first; each is at most 64 KB
+APP1, SOS = 0xE1, 0xDA           # markers: the EXIF segment's; the first scan's (headers end)
 ORIENTATION = 0x0112            # EXIF's orientation tag: 1 as stored ... 8
 # orientation -> the cv2 steps that show the stored pixels upright (as ImageOps.exif_transpose)
 UPRIGHT = {
@@ -70,6 +73,8 @@ UPRIGHT = {
 }
 # Formats Pillow may open for us; others (EPS, PDF...) are refused as unrecognised.
 PILLOW_FORMATS = ("PNG", "JPEG", "BMP", "GIF", "TIFF", "WEBP", "PPM")
+HEIF_BRANDS = {b: "HEIC" for b in (b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx")} | {
+    b"mif1": "HEIF", b"msf1": "HEIF", b"avif": "AVIF", b"avis": "AVIF"}   # ftyp major brands
 # where the limit is raised: the command that decodes (a client's submit has no such flag)
 LIMIT_FLAG = "(--max-pixels of pspnet serve, eval, bench or batch)"
 
@@ -163,10 +168,29 @@ def decode_bytes(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS,
     if data[:3] == JPEG_MAGIC:
         rgb = _decode_jpeg(data, max_pixels, scratch)
         if rgb is not None:
-            if data.find(EXIF_HEADER, 0, EXIF_SEARCH) < 0:
+            if not _has_exif(data):
                 return rgb
             return upright(rgb, _jpeg_orientation(data, max_pixels))
     return _decode_pillow(data, max_pixels)
+
+
+def _has_exif(data: bytes) -> bool:
+    """Whether a JPEG's header segments (those before its first scan) hold an EXIF APP1,
+    walked marker by marker: an editor may write a large ICC profile or XMP block first,
+    and cv2 and Pillow find the EXIF after it too (a fixed window of 128 KB did not, and a
+    portrait came back sideways)."""
+    i = 2
+    while i + 4 <= len(data) and data[i] == 0xFF:
+        marker = data[i + 1]
+        if marker == 0xFF:                    # a fill byte before the marker
+            i += 1
+            continue
+        if marker == SOS:
+            return False
+        if marker == APP1 and data[i + 4:i + 4 + len(EXIF_HEADER)] == EXIF_HEADER:
+            return True
+        i += 2 + int.from_bytes(data[i + 2:i + 4], "big")
+    return False
 
 
 def upright(rgb: np.ndarray, orientation: int) -> np.ndarray:
@@ -223,6 +247,8 @@ def _decode_jpeg(data: bytes, max_pixels: int,
         rgb = _decode_without_eoi(tj, data, dst)
         if rgb is not None:
             return rgb
+    if caught and PADDED_EOI.fullmatch(str(caught[0].message)) and _one_scan(data):
+        return _decode_padded(tj, data, dst)
     if caught:
         raise ImageError(f"truncated or corrupt JPEG: {caught[0].message}",
                              incomplete=True)
@@ -243,6 +269,19 @@ def _decode_without_eoi(tj: Any, data: bytes, dst: np.ndarray | None) -> np.ndar
         except OSError:
             return None
     return None if caught else rgb
+
+
+def _decode_padded(tj: Any, data: bytes, dst: np.ndarray | None) -> np.ndarray:
+    """A JPEG with stray bytes between its scan and its EOI marker, as some cameras write
+    it: libjpeg warns only on reaching the marker, after the whole of its one scan (the
+    caller checked that it was the first warning), and cv2 and Pillow show it. Decoded
+    again without stopping at that warning: every pixel, as cv2 gives them."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            return tj.decode(data, pixel_format=TJPF_RGB, dst=dst)
+        except OSError as e:
+            raise ImageError(f"truncated or corrupt JPEG: {e}", incomplete=True) from None
 
 
 def _one_scan(data: bytes) -> bool:
@@ -295,6 +334,10 @@ def _decode_pillow(data: bytes, max_pixels: int) -> np.ndarray:
             im.load()
             return upright(_to_rgb(im), _orientation(im))
     except UnidentifiedImageError:
+        brand = data[8:12] if data[4:8] == b"ftyp" else b""        # ISO media: HEIF, AVIF
+        if brand in HEIF_BRANDS:
+            raise ImageError(f"a {HEIF_BRANDS[brand]} photo, which is not read: convert it to "
+                             "JPEG first (e.g. heif-convert IMG.HEIC IMG.jpg)") from None
         raise ImageError("not an image (unrecognised format)") from None
     except Image.DecompressionBombError as e:
         m = _BOMB_PIXELS.search(str(e))

@@ -51,6 +51,23 @@ def test_gather_takes_files_folders_lists_and_stdin(tmp_path: Path) -> None:
     assert gather(["-", "/no/such.jpg"], stdin=stdin) == [str(b), str(a), "/no/such.jpg"]
 
 
+def test_a_listing_with_a_bom_and_heic_photos_in_folders(tmp_path: Path) -> None:
+    """Notepad saves UTF-8 with a BOM: the first path keeps no U+FEFF (it used to come back
+    'no such file'). A folder's HEIC photos are not sent, and are collected for a note;
+    a folder of nothing else says so."""
+    a, b, heic = tree(tmp_path, "in/a.jpg", "in/b.jpg", "in/IMG_0001.HEIC")
+    listing = tmp_path / "todo.txt"
+    listing.write_bytes(f"\ufeff{a}\r\n{b}\r\n".encode())
+    assert gather([], listing=str(listing)) == [str(a), str(b)]
+    assert gather(["-"], stdin=io.StringIO(f"\ufeff{b}\n")) == [str(b)]
+    skipped: list[str] = []
+    assert gather([str(tmp_path / "in")], skipped=skipped) == [str(a), str(b)]
+    assert skipped == [str(heic)]
+    (only,) = tree(tmp_path, "phone/IMG_0002.heic")
+    with pytest.raises(NoImages, match="its 1 HEIC/HEIF/AVIF photos are not read: convert"):
+        gather([str(only.parent)], skipped=[])
+
+
 def test_a_folder_of_folders_without_r_names_the_flag(tmp_path: Path) -> None:
     tree(tmp_path, "in/sub/c.jpg")
     with pytest.raises(NoImages, match=r"no images .* \(add -r for its subfolders\)"):

@@ -94,7 +94,7 @@ def test_the_client_side_answers_what_it_cannot_send(tmp_path) -> None:
     chunk = side.chunk(queue, lambda r, why: refused.update({r.path: why}))
     assert [r.path for r in chunk] == [str(ok)] and bytes(chunk[0].data) == ok.read_bytes()
     assert chunk[0].want == "png" and chunk[0].write is False
-    assert "--max-upload-bytes 500" in refused[str(big)]
+    assert "--max-upload-bytes 500: send it as a JPEG" in refused[str(big)]
     assert refused[str(tmp_path / "missing.jpg")].endswith("missing.jpg: no such file")
     assert refused[str(tmp_path)] == f"cannot read {tmp_path}: is a directory"
     old = UploadSide(Upload())

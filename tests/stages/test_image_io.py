@@ -150,6 +150,27 @@ def test_exif_orientation_is_applied_as_cv2_imread_does(fmt: str) -> None:
             assert got.shape == (photo.shape[1], photo.shape[0], 3)
 
 
+def test_exif_after_a_large_icc_profile_still_turns_the_photo() -> None:
+    """An editor's JPEG: 240 KB of ICC profile segments, then the EXIF (orientation 6).
+    cv2 shows it upright; a search of the first 128 KB for the EXIF missed it."""
+    photo = skimage.data.chelsea()[:120, :170]
+    buf = io.BytesIO()
+    Image.fromarray(photo).save(buf, "JPEG", quality=95, icc_profile=bytes(240_000))
+    data = buf.getvalue()
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    payload = exif.tobytes()
+    assert payload.startswith(b"Exif\x00\x00")
+    app1 = b"\xff\xe1" + (len(payload) + 2).to_bytes(2, "big") + payload
+    tables = data.index(b"\xff\xdb")                 # after every APPn segment
+    data = data[:tables] + app1 + data[tables:]
+    assert data.index(b"Exif\x00\x00") > 1 << 17
+    want = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)[:, :, ::-1]
+    assert want.shape == (170, 120, 3)                 # cv2 turns it
+    got = decode_bytes(data)
+    assert got.shape == want.shape and _max_diff(got, want) <= 2
+
+
 def test_a_broken_exif_block_leaves_the_pixels_as_stored() -> None:
     photo = skimage.data.chelsea()
     data = _jpeg(Image.fromarray(photo), exif=b"Exif\x00\x00MM\x00*garbage")
@@ -397,6 +418,25 @@ def test_a_jpeg_without_its_last_marker_decodes_when_its_one_scan_is_whole(
         decode_bytes(progressive[:-2])
 
 
+@pytest.mark.parametrize("pad", [b"\x00" * 4, b"\x12\x34\x56\x78", b"\x00" * 100],
+                         ids=["zeros", "junk", "100-zeros"])
+def test_a_jpeg_padded_before_its_last_marker_decodes_as_cv2_shows_it(
+        corpus: dict[str, Path], pad: bytes) -> None:
+    """Some cameras write stray bytes between the scan and the EOI; libjpeg warns ("N
+    extraneous bytes before marker 0xd9") and cv2 and Pillow show every pixel. A
+    sequential file decodes to cv2's pixels; a progressive one stays refused (junk and
+    an EOI after a cut between two scans would read the same)."""
+    whole = corpus["good_jpeg"].read_bytes()
+    padded = whole[:-2] + pad + whole[-2:]
+    want = cv2.imdecode(np.frombuffer(padded, np.uint8), cv2.IMREAD_COLOR)[:, :, ::-1]
+    assert np.array_equal(decode_bytes(padded), want)
+    assert np.array_equal(want, decode_bytes(whole))
+    progressive = corpus["progressive_jpeg"].read_bytes()
+    if pad == b"\x00" * 100:                  # short pads are taken as scan bits: no warning
+        with pytest.raises(ImageError, match="extraneous bytes before marker 0xd9"):
+            decode_bytes(progressive[:-2] + pad + progressive[-2:])
+
+
 def test_a_float_tiff_is_read_as_0_to_1_or_0_to_255() -> None:
     """A 32-bit float TIFF (cv2 cannot read one) came out black: Pillow's conversion
     clipped its 0..1 samples to 0 and 1. Now 0..1 is scaled, as 8-bit grey; larger
@@ -409,3 +449,16 @@ def test_a_float_tiff_is_read_as_0_to_1_or_0_to_255() -> None:
         assert rgb.shape == (48, 64, 3) and rgb.dtype == np.uint8
         assert (int(rgb.min()), int(rgb.max())) == (0, top)
         assert np.array_equal(rgb[..., 0], rgb[..., 2])
+
+
+@pytest.mark.parametrize(("brand", "name"), [(b"heic", "HEIC"), (b"mif1", "HEIF"),
+                                             (b"avif", "AVIF")])
+def test_a_heic_photo_is_named_with_the_fix(brand: bytes, name: str) -> None:
+    """An iPhone's HEIC (or an AVIF) is not read; the answer says what it is and what to
+    do, not only 'unrecognised format'."""
+    data = b"\x00\x00\x00\x18ftyp" + brand + b"\x00\x00\x00\x00mif1heic" + bytes(64)
+    with pytest.raises(ImageError, match=f"a {name} photo, which is not read: convert it "
+                                         "to JPEG first"):
+        decode_bytes(data)
+    with pytest.raises(ImageError, match=r"not an image \(unrecognised format\)"):
+        decode_bytes(b"\x00\x00\x00\x18ftypisom" + bytes(64))     # an MP4 stays unnamed
