@@ -30,7 +30,8 @@ class ServeConfig:
              "PSPNET_ENDPOINT overrides)")
     watch: Path | None = setting(
         None, flag="--watch", type=Path, metavar="DIR",
-        help="also process images already in DIR and each one that lands there later; a "
+        help="also process images already in DIR and each one that lands there later (DIR's "
+             "own files, not its subfolders': the log names each subfolder skipped); a "
              "record next to the masks makes restarts neither lose nor redo images")
     max_queue: int = setting(
         1024, flag="--max-queue", type=positive_int,

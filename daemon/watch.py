@@ -54,14 +54,15 @@ RETRY_S = (1.0, 2.0, 5.0, 10.0, 30.0)   # storage failures: probe again after th
 OBSERVER_JOIN_S = 5.0        # the watchdog thread's end, at most (stop: the caller's bound)
 
 Version = tuple[int, int, int, int]      # device, inode, size, mtime in ns
+TEMPORARY_PARTS = frozenset({"tmp", "temp"})   # x.tmp.jpg, x.temp.jpg: not photo.tmpl.jpg
 
 
 def wanted(path: Path) -> bool:
     """Images only; no hidden files and no temporaries (a producer's write-then-rename)."""
     name = path.name
     return (not name.startswith(".") and not name.startswith("~") and not name.endswith("~")
-            and path.suffix.lower() in IMAGE_SUFFIXES and ".tmp" not in name.lower()
-            and not name.endswith(".part"))
+            and path.suffix.lower() in IMAGE_SUFFIXES and not name.endswith(".part")
+            and not TEMPORARY_PARTS.intersection(name.lower().split(".")[1:]))
 
 
 def version_of(path: Path) -> tuple[Version, float] | None:
@@ -179,16 +180,19 @@ class _Events(FileSystemEventHandler):
 
     def __init__(self, sink: queue.SimpleQueue, folder: Path) -> None:
         self.sink = sink
-        self.folder = os.fsencode(folder)
+        self.folder = os.fsencode(folder)           # as watched: the real path
         self.error: str | None = None
         self.folder_deleted = threading.Event()     # inotify's watch on it has ended
+        self.events_lost = threading.Event()        # the kernel's queue overflowed
 
     def dispatch(self, event: FileSystemEvent) -> None:
         try:
-            if event.is_directory and event.event_type == "deleted" \
+            if event.event_type == "events_lost":   # watchdog 7+ says so; the folder is
+                self.events_lost.set()              # listed again (Watcher.take)
+            elif event.is_directory and event.event_type == "deleted" \
                     and os.fsencode(event.src_path) == self.folder:
                 self.folder_deleted.set()
-            elif not event.is_directory:
+            elif not event.is_directory or event.event_type in ("created", "moved"):
                 self.sink.put(os.fsdecode(getattr(event, "dest_path", "") or event.src_path))
                 if event.event_type == "moved":
                     self.sink.put(os.fsdecode(event.src_path))
@@ -211,10 +215,11 @@ class Watcher:
 
     def __init__(self, folder: Path, record: Record, out_dir: Path) -> None:
         self.folder = folder.absolute()
-        self.record = record
+        self.real = Path(os.path.realpath(self.folder))    # what inotify watches (a link
+        self.record = record                                # to a folder gets no events)
         self.out_dir = out_dir
         self.events: queue.SimpleQueue[str] = queue.SimpleQueue()
-        self.handler = _Events(self.events, self.folder)
+        self.handler = _Events(self.events, self.real)
         self.observer: Any = None
         self.folder_id: tuple[int, int] | None = None
         self.missing_since: float | None = None
@@ -228,6 +233,7 @@ class Watcher:
         self.retry_at = 0.0
         self.retry_step = 0
         self.notices: list[tuple[str, dict[str, Any]]] = []   # (event, fields) to log
+        self.subfolders: set[str] = set()          # named in the log once: not watched
 
     # ---- start, stop, health -----------------------------------------------------------
 
@@ -237,9 +243,13 @@ class Watcher:
         self._attach()
 
     def _attach(self) -> None:
+        """Watch the folder's real path (the folder may be a link, retargeted since), then
+        list it through the name given: images keep the paths the user sees."""
         self.handler.folder_deleted.clear()
+        self.real = Path(os.path.realpath(self.folder))
+        self.handler.folder = os.fsencode(self.real)
         self.observer = Observer()
-        self.observer.schedule(self.handler, str(self.folder), recursive=False)
+        self.observer.schedule(self.handler, str(self.real), recursive=False)
         self.observer.start()
         st = os.stat(self.folder)
         self.folder_id = (st.st_dev, st.st_ino)
@@ -295,12 +305,13 @@ class Watcher:
                 self.notices.append(("watched folder gone; waiting for it to come back",
                                      {"folder": str(self.folder)}))
             return
+        before = self.folder_id
         self._detach()
         self._attach()
         if self.missing_since is None:          # removed and made again between two looks
             self.notices.append(("watched folder made again; watching it again",
                                  {"folder": str(self.folder),
-                                  "same_inode": self.folder_id == current}))
+                                  "same_inode": before == current}))
         else:
             self.notices.append(("watched folder back; watching it again",
                                  {"folder": str(self.folder),
@@ -319,6 +330,12 @@ class Watcher:
         """Up to `room` complete versions not processed yet."""
         now = time.monotonic() if now is None else now
         self.check_folder(now)
+        if self.handler.events_lost.is_set() and self.observer is not None:
+            self.handler.events_lost.clear()    # what landed meanwhile is in the folder:
+            self.scan = os.scandir(self.folder)  # list it again (done versions are skipped)
+            self.notices.append(("file events were lost (the kernel's inotify queue "
+                                 "overflowed); listing the watched folder again",
+                                 {"folder": str(self.folder)}))
         self._drain_events(now)
         self._retry_storage(now)
         ready: list[tuple[Path, Version]] = []
@@ -344,7 +361,7 @@ class Watcher:
             except queue.Empty:
                 return
             path = Path(raw)
-            if path.parent == self.folder:
+            if path.parent in (self.real, self.folder):
                 self._note(path.name, now, fresh=False)
 
     def _note(self, name: str, now: float, fresh: bool) -> None:
@@ -352,6 +369,11 @@ class Watcher:
         first met in the start-up listing whose mtime is already SETTLE_S old is settled."""
         path = self.folder / name
         if not wanted(path):
+            if name not in self.subfolders and not name.startswith(".") and path.is_dir():
+                self.subfolders.add(name)
+                self.notices.append(("subfolder not watched: watch mode takes the "
+                                     "folder's own files (pspnet submit -r takes a tree)",
+                                     {"subfolder": str(path)}))
             return
         found = version_of(path)
         if found is None:

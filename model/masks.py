@@ -122,11 +122,20 @@ def _within(path: str, root: str) -> bool:
 
 
 def _mask_name(name: str) -> str:
+    """The name itself with .png added; a long one cut at a character's start (a cut
+    inside "é" left half a character, which no answer could carry: the worker died on
+    every image of the batch) and given a hash of the whole name."""
     raw = os.fsencode(name)
     if len(raw) <= MAX_NAME_BYTES:
         return f"{name}.png"
     digest = hashlib.sha256(raw).hexdigest()[:16]
-    return f"{os.fsdecode(raw[:MAX_NAME_BYTES - 17])}~{digest}.png"
+    cut = raw[:MAX_NAME_BYTES - 17]
+    try:
+        cut.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        if exc.reason == "unexpected end of data":  # the cut character's first bytes
+            cut = cut[:exc.start]
+    return f"{os.fsdecode(cut)}~{digest}.png"
 
 
 def write_mask(labels: np.ndarray, path: Path, palette: Sequence[Sequence[int]],

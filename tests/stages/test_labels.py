@@ -220,6 +220,20 @@ def test_mask_path_cuts_a_long_name_and_keeps_it_apart(tmp_path: Path) -> None:
     assert first.name.startswith("x" * 150) and first.suffix == ".png"
 
 
+@pytest.mark.parametrize("char", ["é", "日", "🙂"])
+def test_a_long_name_is_cut_between_characters(tmp_path: Path, char: str) -> None:
+    """100 x "é" is 200 bytes: cut at byte 183 it ended inside a character, and the mask
+    path could not be sent in an answer (the postprocess worker died, its batch failed).
+    Every cut keeps whole characters, for 2-, 3- and 4-byte ones at each offset."""
+    for pad in range(4):
+        name = "a" * pad + char * (MAX_NAME_BYTES // len(char.encode()) + 1) + ".jpg"
+        path = mask_path(tmp_path, "/p/" + name)
+        path.name.encode("utf-8")                  # whole characters only: no surrogate
+        assert len(path.name.encode()) <= MAX_NAME_BYTES + len(".png")
+        stem = path.name.rsplit("~", 1)[0]
+        assert name.startswith(stem) and len(stem.encode()) >= MAX_NAME_BYTES - 17 - 3
+
+
 @pytest.mark.parametrize("name", ["", "/", "a\x00b.jpg"])
 def test_mask_path_refuses(tmp_path: Path, name: str) -> None:
     with pytest.raises(ValueError):
