@@ -25,6 +25,7 @@ import zmq
 
 from pspnet.core import wire
 from pspnet.core.config import DEFAULT_MAX_PIXELS, output_problem
+from pspnet.core.files import name_problem
 from pspnet.core.pipeline import Stage
 from pspnet.model.labels import (
     GroundTruthError,
@@ -203,6 +204,9 @@ def finish(output: wire.Output, manifest: Manifest, out_dir: Path | None,
         mask = png = None
         if out_dir is not None and request.write:
             target, source = mask_target(out_dir, request.path)   # one realpath for both
+            unsendable = name_problem(target)  # a link into a folder not named in UTF-8
+            if unsendable is not None:         # (no answer could carry this mask's path)
+                return error_result(request, STAGE, f"the image's real path: {unsendable}")
             png = png_bytes(labels, manifest.palette, source)
             store_mask(png, target, source)
             mask = str(target)

@@ -38,3 +38,26 @@ def test_large_photo_found_classes_are_the_masks(trained_model, tmp_path, monkey
         assert result.found == expected and len(expected) >= 3, label
         results[label] = result.found
     assert results["on the way"] == results["by class_pixels"]
+
+
+def test_a_photo_whose_real_path_is_not_utf8_is_answered_alone(trained_model, tmp_path):
+    """/in/x.jpg where /in is a link to a folder named in Latin-1 ("caf\\xe9"): the mask's
+    path (the image's real path mirrored) could not travel in an answer, and the worker
+    died on encoding it, failing the images sent with it. Now that image alone is
+    answered with the fix, and nothing is written for it."""
+    import os
+
+    manifest = Manifest.read(trained_model)
+    latin = os.fsdecode(bytes(tmp_path) + b"/caf\xe9")
+    os.mkdir(latin)
+    (tmp_path / "in").symlink_to(latin, target_is_directory=True)
+    size = manifest.input_size
+    placement = wire.Placement(40, 60, 1.0, 0, 0, 40, 60)
+    labels = np.zeros(size, np.uint8)
+    request = wire.Request("r", str(tmp_path / "in" / "x.jpg"))
+    result = finish(wire.Output(request, placement, "labels", labels), manifest,
+                    tmp_path / "masks")
+    assert result.status == wire.ERROR and result.mask is None
+    assert "file name is not UTF-8" in result.error and "convmv" in result.error
+    wire.encode(result)                                  # the answer travels
+    assert not (tmp_path / "masks").exists() or not any((tmp_path / "masks").rglob("*.png"))
