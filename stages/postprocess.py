@@ -14,6 +14,7 @@ stream), and at once when nothing more is waiting.
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -25,7 +26,7 @@ import zmq
 
 from pspnet.core import wire
 from pspnet.core.config import DEFAULT_MAX_PIXELS, output_problem
-from pspnet.core.files import name_problem
+from pspnet.core.files import name_problem, shown_path
 from pspnet.core.pipeline import Stage
 from pspnet.model.labels import (
     GroundTruthError,
@@ -204,9 +205,12 @@ def finish(output: wire.Output, manifest: Manifest, out_dir: Path | None,
         mask = png = None
         if out_dir is not None and request.write:
             target, source = mask_target(out_dir, request.path)   # one realpath for both
-            unsendable = name_problem(target)  # a link into a folder not named in UTF-8
-            if unsendable is not None:         # (no answer could carry this mask's path)
-                return error_result(request, STAGE, f"the image's real path: {unsendable}")
+            if name_problem(target) is not None:   # a link into a folder not named in
+                real = shown_path(os.path.realpath(request.path))   # UTF-8: no answer
+                return error_result(                                # could carry the mask
+                    request, STAGE, f"the image's real path is not UTF-8: {real}; rename "
+                    "the folder or file named in another encoding (for Latin-1: convmv -f "
+                    "latin1 -t utf8 --notest -r DIR)")
             png = png_bytes(labels, manifest.palette, source)
             store_mask(png, target, source)
             mask = str(target)

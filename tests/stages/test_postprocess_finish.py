@@ -58,6 +58,8 @@ def test_a_photo_whose_real_path_is_not_utf8_is_answered_alone(trained_model, tm
     result = finish(wire.Output(request, placement, "labels", labels), manifest,
                     tmp_path / "masks")
     assert result.status == wire.ERROR and result.mask is None
-    assert "file name is not UTF-8" in result.error and "convmv" in result.error
+    assert result.error == (f"the image's real path is not UTF-8: {tmp_path}/caf\\xe9/x.jpg; "
+                            "rename the folder or file named in another encoding (for "
+                            "Latin-1: convmv -f latin1 -t utf8 --notest -r DIR)")
     wire.encode(result)                                  # the answer travels
     assert not (tmp_path / "masks").exists() or not any((tmp_path / "masks").rglob("*.png"))
