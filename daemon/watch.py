@@ -174,6 +174,30 @@ def storage_works(folder: Path) -> bool:
     return True
 
 
+class StorageRetry:
+    """Watched images whose masks could not be stored, and when to look again: a probe
+    write in the mask folder on a bounded back-off (RETRY_S), so a full disk costs a
+    write every 30 s at most, not one per image."""
+
+    def __init__(self, out_dir: Path) -> None:
+        self.out_dir = out_dir
+        self.waiting: dict[str, Version] = {}     # name -> the version that failed
+        self.retry_at = 0.0
+        self.retry_step = 0
+
+    def due(self, now: float) -> list[str]:
+        """The names to take again once the storage works (each given once); else []."""
+        if not self.waiting or now < self.retry_at:
+            return []
+        if not storage_works(self.out_dir):
+            self.retry_at = now + RETRY_S[min(self.retry_step, len(RETRY_S) - 1)]
+            self.retry_step += 1
+            return []
+        self.retry_step, self.retry_at = 0, 0.0
+        names, self.waiting = list(self.waiting), {}
+        return names
+
+
 class _Events(FileSystemEventHandler):
     """Runs on watchdog's thread: only queues names. Its errors are kept (the front's loop
     logs them and stops when the thread dies), never lost in that thread."""
@@ -227,11 +251,9 @@ class Watcher:
         self.seen: dict[str, Seen] = {}            # names waiting to settle or for room
         self.inflight: dict[str, Version] = {}     # name -> version being processed
         self.tried: dict[str, Version] = {}        # name -> version answered this session
-        self.storage_waiting: dict[str, Version] = {}   # failed to store: retry later
         self.again: set[str] = set()               # take even if tried (storage retry)
         self.recovered: list[tuple[str, Version, str]] = []   # masked, not recorded: record
-        self.retry_at = 0.0
-        self.retry_step = 0
+        self.storage = StorageRetry(out_dir)     # masks that could not be stored
         self.notices: list[tuple[str, dict[str, Any]]] = []   # (event, fields) to log
         self.subfolders: set[str] = set()          # named in the log once: not watched
 
@@ -423,7 +445,7 @@ class Watcher:
         self.inflight.pop(name, None)
         self.tried[name] = version
         if cause == wire.STORAGE:
-            self.storage_waiting[name] = version
+            self.storage.waiting[name] = version
         found = version_of(self.folder / name)
         if found is None or found[0] == version:
             return True
@@ -440,15 +462,10 @@ class Watcher:
 
     def _retry_storage(self, now: float) -> None:
         """Once the mask folder takes a write again, every storage failure is looked at
-        again (its file as it is now). The probe runs on a bounded back-off."""
-        if not self.storage_waiting or now < self.retry_at:
+        again (its file as it is now)."""
+        names = self.storage.due(now)
+        if not names:
             return
-        if not storage_works(self.out_dir):
-            self.retry_at = now + RETRY_S[min(self.retry_step, len(RETRY_S) - 1)]
-            self.retry_step += 1
-            return
-        self.retry_step, self.retry_at = 0, 0.0
-        names, self.storage_waiting = list(self.storage_waiting), {}
         self.notices.append(("storage works again; retrying", {"images": len(names)}))
         for name in names:
             found = version_of(self.folder / name)
