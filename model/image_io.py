@@ -175,22 +175,26 @@ def decode_bytes(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS,
 
 
 def _has_exif(data: bytes) -> bool:
-    """Whether a JPEG's header segments (those before its first scan) hold an EXIF APP1,
-    walked marker by marker: an editor may write a large ICC profile or XMP block first,
-    and cv2 and Pillow find the EXIF after it too (a fixed window of 128 KB did not, and a
-    portrait came back sideways)."""
+    """Whether a JPEG's header segments hold an EXIF APP1: an editor may write a large ICC
+    profile or XMP block first, and cv2 and Pillow find the EXIF after it too (a fixed
+    window of 128 KB did not, and a portrait came back sideways)."""
+    return any(data[i + 1] == APP1 and data[i + 4:i + 4 + len(EXIF_HEADER)] == EXIF_HEADER
+               for i in _header_segments(data))
+
+
+def _header_segments(data: bytes) -> Iterator[int]:
+    """The offset of each marker of a JPEG from its first segment to its first scan's
+    (SOS, the last one given), walked by the segments' lengths, 0xFF fill bytes skipped:
+    the headers read without decoding."""
     i = 2
     while i + 4 <= len(data) and data[i] == 0xFF:
-        marker = data[i + 1]
-        if marker == 0xFF:                    # a fill byte before the marker
+        if data[i + 1] == 0xFF:               # a fill byte before the marker
             i += 1
             continue
-        if marker == SOS:
-            return False
-        if marker == APP1 and data[i + 4:i + 4 + len(EXIF_HEADER)] == EXIF_HEADER:
-            return True
+        yield i
+        if data[i + 1] == SOS:
+            return
         i += 2 + int.from_bytes(data[i + 2:i + 4], "big")
-    return False
 
 
 def upright(rgb: np.ndarray, orientation: int) -> np.ndarray:
@@ -290,16 +294,15 @@ def _one_scan(data: bytes) -> bool:
     A progressive file cut between two scans, or a sequential one between two
     non-interleaved scans, would decode without a warning from its first scans alone.
     Reads the markers up to the first scan."""
-    components, i = 0, 2
-    while i + 4 <= len(data) and data[i] == 0xFF:
+    components = 0
+    for i in _header_segments(data):
         marker = data[i + 1]
         if marker in (0xC0, 0xC1) and i + 9 < len(data):
             components = data[i + 9]                    # Nf
         elif 0xC2 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
             return False                                # progressive, lossless...
-        elif marker == 0xDA:
+        elif marker == SOS:
             return 0 < components == (data[i + 4] if i + 4 < len(data) else -1)   # Ns
-        i += 2 + int.from_bytes(data[i + 2:i + 4], "big")
     return False
 
 
