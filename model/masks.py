@@ -19,6 +19,8 @@ import numpy as np
 from PIL import PngImagePlugin
 from zlib_ng import zlib_ng
 
+from pspnet.core.files import shown_path
+
 # Deflate level 1 with run-length matching only (Z_RLE): label maps are long runs of one
 # value. Measured on the trained model's masks (studies/postprocess_cost.py png): 4000 x
 # 3000, 32 ms and 22 KB against 41 ms and 75 KB at level 1 and 91 ms and 30 KB at the
@@ -96,7 +98,7 @@ def mask_target(out_dir: Path, image: str | os.PathLike[str]) -> tuple[Path, str
         link = False
     if link:
         raise ValueError(f"{target} is a symbolic link; refusing to write through it")
-    return Path(target), _source_text(real)
+    return Path(target), shown_path(real)
 
 
 def _real_below(root: str, folders: Sequence[str]) -> str:
@@ -266,11 +268,9 @@ def _chunk(kind: bytes, body: bytes) -> bytes:
 def mask_source(image: str | os.PathLike[str]) -> str:
     """The source a mask records for an image: its real path (links resolved, so two names
     of one file are one source), as valid UTF-8 (undecodable bytes escaped)."""
-    return _source_text(os.path.realpath(image))
+    return shown_path(os.path.realpath(image))
 
 
-def _source_text(real: str) -> str:
-    return os.fsencode(real).decode("utf-8", "backslashreplace")
 
 
 def recorded_source(path: Path) -> str | None:

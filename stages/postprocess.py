@@ -14,7 +14,6 @@ stream), and at once when nothing more is waiting.
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -26,7 +25,7 @@ import zmq
 
 from pspnet.core import wire
 from pspnet.core.config import DEFAULT_MAX_PIXELS, output_problem
-from pspnet.core.files import name_problem, shown_path
+from pspnet.core.files import name_problem
 from pspnet.core.pipeline import Stage
 from pspnet.model.labels import (
     GroundTruthError,
@@ -206,11 +205,10 @@ def finish(output: wire.Output, manifest: Manifest, out_dir: Path | None,
         if out_dir is not None and request.write:
             target, source = mask_target(out_dir, request.path)   # one realpath for both
             if name_problem(target) is not None:   # a link into a folder not named in
-                real = shown_path(os.path.realpath(request.path))   # UTF-8: no answer
-                return error_result(                                # could carry the mask
-                    request, STAGE, f"the image's real path is not UTF-8: {real}; rename "
+                return error_result(                # UTF-8: no answer could carry the mask
+                    request, STAGE, f"the image's real path is not UTF-8: {source}; rename "
                     "the folder or file named in another encoding (for Latin-1: convmv -f "
-                    "latin1 -t utf8 --notest -r DIR)")
+                    "latin1 -t utf8 --notest -r DIR)")   # source: the real path, escaped
             png = png_bytes(labels, manifest.palette, source)
             store_mask(png, target, source)
             mask = str(target)
