@@ -57,12 +57,15 @@ def gather(paths: Iterable[str], recursive: bool = False, listing: str | None = 
         if path == "-":
             out += _lines((stdin or sys.stdin).read())
         elif os.path.isdir(path):
-            found = list(_images_in(Path(path), recursive, skipped=skipped))
+            skipped_here: list[str] = []
+            found = list(_images_in(Path(path), recursive, skipped=skipped_here))
+            if skipped is not None:
+                skipped += skipped_here
             if not found:
                 more = "" if recursive else " (add -r for its subfolders)"
-                if skipped:
-                    more += (f"; its {len(skipped)} HEIC/HEIF/AVIF photos are not read: "
-                             "convert them to JPEG first")
+                if skipped_here:
+                    more += (f"; its {len(skipped_here)} HEIC/HEIF/AVIF photos are not "
+                             "read: convert them to JPEG first")
                 raise NoImages(f"{path}: no images ({', '.join(IMAGE_SUFFIXES)}){more}")
             out += found
         else:

@@ -66,6 +66,8 @@ def test_a_listing_with_a_bom_and_heic_photos_in_folders(tmp_path: Path) -> None
     (only,) = tree(tmp_path, "phone/IMG_0002.heic")
     with pytest.raises(NoImages, match="its 1 HEIC/HEIF/AVIF photos are not read: convert"):
         gather([str(only.parent)], skipped=[])
+    with pytest.raises(NoImages, match="its 1 HEIC"):   # this folder's, not all folders'
+        gather([str(tmp_path / "in"), str(only.parent)], skipped=[])
 
 
 def test_a_folder_of_folders_without_r_names_the_flag(tmp_path: Path) -> None:
