@@ -239,11 +239,11 @@ class Watcher:
 
     def __init__(self, folder: Path, record: Record, out_dir: Path) -> None:
         self.folder = folder.absolute()
-        self.real = Path(os.path.realpath(self.folder))    # what inotify watches (a link
-        self.record = record                                # to a folder gets no events)
+        self.real = self.folder                 # what inotify watches: set by _attach (a
+        self.record = record                    # link to a folder gets no events)
         self.out_dir = out_dir
         self.events: queue.SimpleQueue[str] = queue.SimpleQueue()
-        self.handler = _Events(self.events, self.real)
+        self.handler = _Events(self.events, self.folder)
         self.observer: Any = None
         self.folder_id: tuple[int, int] | None = None
         self.missing_since: float | None = None
